@@ -1,0 +1,27 @@
+"""Pure tensor math on torch tensors: the decompositions rankcut builds layers from.
+
+Every function validates its arguments once, works on CPU and CUDA in float32 and float64, is
+deterministic given its ``seed``, and returns a small result object that can rebuild its
+approximation (``to_matrix()`` or ``to_tensor()``) and carries the relative Frobenius error.
+"""
+
+from ._checks import RankClampWarning
+from .cp import CPResult, cp
+from .cur import CURResult, cur
+from .svd import SVDResult, svd
+from .tucker import TuckerResult, tucker
+from .vbmf import EVBMFResult, evbmf
+
+__all__ = [
+    "CPResult",
+    "CURResult",
+    "EVBMFResult",
+    "RankClampWarning",
+    "SVDResult",
+    "TuckerResult",
+    "cp",
+    "cur",
+    "evbmf",
+    "svd",
+    "tucker",
+]

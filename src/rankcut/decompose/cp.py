@@ -1,0 +1,313 @@
+"""CP (CANDECOMP/PARAFAC) decomposition: X ≈ Σ_r w_r a_r^(1) ∘ a_r^(2) ∘ ... ∘ a_r^(N).
+
+Three solvers:
+
+``"als"``
+    Alternating least squares with normal equations (Carroll & Chang 1970; Kolda & Bader 2009,
+    SIAM Review 51(3), §3.4): each factor solves A_n (V_n + λI) = X_(n) (⊙_{m≠n} A_m) with V_n the
+    Hadamard product of the other factors' Gram matrices and λ a tiny ridge. The matricized
+    tensor times Khatri-Rao product (MTTKRP) is computed with a two-level dimension tree: one
+    full-tensor product updates the largest mode, a second contracts the tensor with that new
+    factor, and every other mode reuses the small contracted tensor. That is 2 passes over the
+    tensor a sweep instead of N.
+``"als_qr"``
+    ALS solved with QR factorizations (Minster, Viviano, Liu & Ballard 2023, "CP decomposition for
+    tensors via alternating least squares with QR decomposition", arXiv 2112.10855): A_m = Q_m R_m
+    for the other factors, ⊙R_m = Q_0 R_0, then A_n = (X ×_{m≠n} Q_mᵀ)_(n) Q_0 R_0^{-T}. Avoids
+    squaring the condition number; costs more than normal equations.
+``"tpm"``
+    Tensor power method with deflation (Astrid & Lee 2017, "CP-decomposition with tensor power
+    method for convolutional neural networks compression", arXiv 1701.07148; De Lathauwer et al.
+    2000 for the higher-order power iteration): rank-1 terms are extracted greedily from the
+    residual, each by alternating power updates a_n ∝ Res ×_{m≠n} a_m.
+
+Fit: ALS stops when the relative error changes by less than ``tol`` between sweeps (the rule
+tensorly's ``parafac`` uses). The final ``rel_error`` is recomputed exactly from the factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ._checks import (
+    check_choice,
+    check_positive,
+    check_rank,
+    check_tensor,
+    make_generator,
+)
+from ._tensor import cp_to_tensor, khatri_rao, leading_left_singular_vectors, unfold
+
+CP_METHODS = ("als", "als_qr", "tpm")
+CP_INITS = ("svd", "random")
+
+
+@dataclass(frozen=True)
+class CPResult:
+    """Weights (R,) and unit-norm factors [(I_n, R)]; ``errors`` is the per-sweep history."""
+
+    weights: torch.Tensor
+    factors: list[torch.Tensor]
+    rel_error: float
+    n_iter: int
+    converged: bool
+    method: str
+    init: str
+    errors: list[float] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.weights.shape[0]
+
+    def to_tensor(self) -> torch.Tensor:
+        return cp_to_tensor(self.weights, self.factors)
+
+
+def _initial_factors(X, rank, init, generator):
+    factors = []
+    for mode, size in enumerate(X.shape):
+        F = torch.randn(size, rank, generator=generator, dtype=torch.float64)
+        F = F.to(device=X.device, dtype=X.dtype)
+        if init == "svd":
+            k = min(rank, size)
+            F[:, :k] = leading_left_singular_vectors(unfold(X, mode), k)
+            if k < rank:  # more components than the mode has directions: random columns
+                F[:, k:] /= size**0.5
+        factors.append(F)
+    return factors
+
+
+def _normalise(F):
+    norms = F.norm(dim=0)
+    return F / norms.clamp_min(torch.finfo(F.dtype).tiny), norms
+
+
+def _hadamard(grams, skip):
+    out = None
+    for m, G in enumerate(grams):
+        if m != skip:
+            out = G if out is None else out * G
+    return out
+
+
+def _spd_solve(V, BT):
+    """X with V X = BT for symmetric positive definite V; pseudo-inverse if V is singular."""
+    chol, info = torch.linalg.cholesky_ex(V)
+    if bool(info):
+        return torch.linalg.pinv(V, hermitian=True) @ BT
+    return torch.cholesky_solve(BT, chol)
+
+
+def _als_sweeps(X, factors, max_iter, tol, ridge):
+    """Normal-equation ALS with a two-level dimension tree rooted at mode 0 (the largest).
+
+    Every factor is kept with unit-norm columns (the scale lives in the weights), so the Gram
+    products have a unit diagonal and the ridge is a plain λI. Each MTTKRP is held transposed,
+    (R, I_n), the shape the solve takes.
+    """
+    N = X.ndim
+    rank = factors[0].shape[1]
+    X0 = X.reshape(X.shape[0], -1)
+    norm_sq = X.pow(2).sum()
+    ridge_eye = ridge * torch.eye(rank, dtype=X.dtype, device=X.device)
+    factors = [_normalise(F)[0] for F in factors]
+    grams = [F.mT @ F for F in factors]
+    weights = torch.ones(rank, dtype=X.dtype, device=X.device)
+    errors: list[float] = []
+    converged = False
+    n_iter = 0
+    tiny = torch.finfo(X.dtype).tiny
+
+    def update(n, MT):
+        """Solve mode n from its transposed MTTKRP, keeping unit columns; returns the fit terms."""
+        V = _hadamard(grams, n)
+        AT = _spd_solve(V + ridge_eye, MT)
+        norms = AT.norm(dim=1)
+        factors[n] = (AT / norms.clamp_min(tiny)[:, None]).mT
+        grams[n] = factors[n].mT @ factors[n]
+        return V, AT, norms
+
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported after the loop
+        # Root mode: one full MTTKRP. Then contract the tensor with its new factor once
+        # into Z (R, I_1, ..., I_{N-1}); every other mode's MTTKRP is a batched product with Z.
+        MT = (X0 @ khatri_rao(factors[1:])).mT
+        V, AT, norms = update(0, MT)
+        Z = (factors[0].mT @ X0).reshape(rank, *X.shape[1:])
+        for n in range(1, N):
+            others = [factors[m] for m in range(1, N) if m != n]
+            if others:
+                Zn = Z.movedim(n, 1).reshape(rank, X.shape[n], -1)
+                MT = torch.bmm(Zn, khatri_rao(others).mT[:, :, None])[:, :, 0]
+            else:
+                MT = Z
+            V, AT, norms = update(n, MT)
+        weights = norms
+        # Fit from the last solve: ||X - X̂||² = ||X||² - 2<X, X̂> + ||X̂||².
+        inner = (MT * AT).sum()
+        est_sq = (V * (AT @ AT.mT)).sum()
+        err = float((norm_sq - 2 * inner + est_sq).clamp_min(0).sqrt() / norm_sq.sqrt())
+        errors.append(err)
+        if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
+            converged = True
+            break
+    return weights, factors, n_iter, converged, errors
+
+
+def _als_qr_sweeps(X, factors, max_iter, tol):
+    """ALS with QR-based least squares (Minster et al.); every mode is a full tensor pass."""
+    N = X.ndim
+    norm_sq = X.pow(2).sum()
+    errors: list[float] = []
+    converged = False
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007
+        for n in range(N):
+            qs, rs = {}, []
+            for m in range(N):
+                if m != n:
+                    Q, Rm = torch.linalg.qr(factors[m])
+                    qs[m] = Q
+                    rs.append(Rm)
+            Q0, R0 = torch.linalg.qr(khatri_rao(rs))
+            Y = X
+            for m in sorted(qs, key=lambda m: -X.shape[m]):
+                Y = torch.tensordot(Y, qs[m], dims=([m], [0])).movedim(-1, m)
+            B = unfold(Y, n) @ Q0
+            if R0.shape[0] == R0.shape[1]:
+                A = torch.linalg.solve_triangular(R0, B.mT, upper=True).mT
+            else:  # fewer rows than components: minimum-norm solution
+                A = B @ torch.linalg.pinv(R0.mT)
+            factors[n] = A if n == N - 1 else _normalise(A)[0]
+        # B is X projected on the span of the Khatri-Rao product: the residual is the rest.
+        err = float((norm_sq - B.pow(2).sum()).clamp_min(0).sqrt() / norm_sq.sqrt())
+        errors.append(err)
+        if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
+            converged = True
+            break
+    factors[-1], weights = _normalise(factors[-1])
+    return weights, factors, n_iter, converged, errors
+
+
+def _contract_all_but(T, vectors, skip):
+    """T contracted with vectors[m] along every mode m != skip (largest modes first)."""
+    order = sorted((m for m in range(T.ndim) if m != skip), key=lambda m: -T.shape[m])
+    remaining = list(range(T.ndim))
+    for m in order:
+        axis = remaining.index(m)
+        T = torch.tensordot(T, vectors[m], dims=([axis], [0]))
+        remaining.pop(axis)
+    return T
+
+
+def _tpm(X, rank, init, max_iter, tol, generator):
+    """Greedy rank-1 extraction by higher-order power iterations, with deflation."""
+    N = X.ndim
+    residual = X.clone()
+    norm = X.norm()
+    weights = torch.zeros(rank, dtype=X.dtype, device=X.device)
+    factors = [torch.zeros(s, rank, dtype=X.dtype, device=X.device) for s in X.shape]
+    total_iter = 0
+    all_converged = True
+    errors = []
+    for r in range(rank):
+        if init == "svd":
+            vecs = [leading_left_singular_vectors(unfold(residual, n), 1)[:, 0] for n in range(N)]
+        else:
+            vecs = [torch.randn(s, generator=generator, dtype=torch.float64).to(X) for s in X.shape]
+            vecs = [v / v.norm() for v in vecs]
+        lam_prev = None
+        converged = False
+        for _ in range(max_iter):
+            total_iter += 1
+            for n in range(N):
+                v = _contract_all_but(residual, vecs, n)
+                vn = v.norm()
+                vecs[n] = v / vn if vn > 0 else v
+            lam = float(torch.dot(v, vecs[N - 1]))
+            if lam_prev is not None and abs(lam - lam_prev) <= tol * max(abs(lam), 1e-300):
+                converged = True
+                break
+            lam_prev = lam
+        all_converged &= converged
+        weights[r] = lam
+        for n in range(N):
+            factors[n][:, r] = vecs[n]
+        residual = residual - cp_to_tensor(weights[r : r + 1], [v[:, None] for v in vecs])
+        errors.append(float(residual.norm() / norm) if norm > 0 else 0.0)
+    return weights, factors, total_iter, all_converged, errors
+
+
+@torch.no_grad()
+def cp(
+    X: torch.Tensor,
+    rank: int,
+    *,
+    method: str = "als",
+    init: str = "svd",
+    max_iter: int = 200,
+    tol: float = 1e-7,
+    seed=0,
+    ridge: float | None = None,
+) -> CPResult:
+    """Rank-``rank`` CP decomposition of an N-way tensor (N >= 2).
+
+    Args:
+        X: a float32/float64 tensor of order >= 2 (a conv kernel is (T, S, kh, kw)).
+        rank: number of rank-1 components R (may exceed every dimension).
+        method: ``"als"`` (normal equations, default), ``"als_qr"`` or ``"tpm"``.
+        init: ``"svd"`` (leading left singular vectors of each unfolding, HOSVD-style, with seeded
+            random columns where R exceeds a dimension) or ``"random"`` (seeded Gaussian).
+        max_iter: ALS sweeps, or power iterations per component for ``"tpm"``.
+        tol: ALS stops when the relative error changes by less than ``tol`` between sweeps;
+            TPM stops a component when its weight changes by less than ``tol`` relatively.
+        seed: int or ``torch.Generator`` for every random draw (draws are made on the CPU, so a
+            seed gives the same start on every device).
+        ridge: normal-equation regulariser λ, added to the (unit-diagonal) Gram product of the
+            other factors; default 10·machine epsilon of X's dtype.
+
+    Returns:
+        :class:`CPResult` (weights, unit-norm factors, exact relative error, sweeps run, whether
+        ``tol`` was met, and the per-sweep error history).
+    """
+    check_tensor(X, "X", min_ndim=2)
+    rank = check_rank(rank)
+    check_choice(method, "method", CP_METHODS)
+    check_choice(init, "init", CP_INITS)
+    check_positive(max_iter, "max_iter", integer=True)
+    check_positive(tol, "tol", allow_zero=True)
+    if ridge is None:
+        ridge = 10 * torch.finfo(X.dtype).eps
+    check_positive(ridge, "ridge", allow_zero=True)
+    generator = make_generator(seed)
+
+    if method == "tpm":
+        weights, factors, n_iter, converged, errors = _tpm(X, rank, init, max_iter, tol, generator)
+    else:
+        # Root the dimension tree at the largest mode: the contracted tensor is then smallest.
+        root = max(range(X.ndim), key=lambda m: X.shape[m])
+        Xp = X.movedim(root, 0)
+        factors = _initial_factors(Xp, rank, init, generator)
+        if method == "als":
+            out = _als_sweeps(Xp, factors, max_iter, tol, ridge)
+        else:
+            out = _als_qr_sweeps(Xp, factors, max_iter, tol)
+        weights, factors, n_iter, converged, errors = out
+        order = list(range(1, X.ndim))
+        order.insert(root, 0)
+        factors = [factors[i] for i in order]
+
+    norm = X.norm()
+    approx = cp_to_tensor(weights, factors)
+    rel_error = float((X - approx).norm() / norm) if norm > 0 else 0.0
+    return CPResult(
+        weights=weights,
+        factors=factors,
+        rel_error=rel_error,
+        n_iter=n_iter,
+        converged=converged,
+        method=method,
+        init=init,
+        errors=errors,
+    )

@@ -1,0 +1,127 @@
+"""Truncated SVD of a matrix, exact or randomized, returned as two factors W ≈ A @ B.
+
+The Eckart-Young theorem makes the rank-r truncated SVD the best rank-r approximation in the
+Frobenius and spectral norms. For a Linear layer (out x in) the factors become two layers:
+``in -> r`` with weight B and ``r -> out`` with weight A.
+
+The randomized variant is Halko, Martinsson & Tropp (2011), "Finding structure with randomness",
+as implemented by :func:`torch.svd_lowrank` (range finder with ``oversample`` extra columns and
+``n_iter`` power iterations). Both variants report the exact relative error from the singular
+values: the approximation is an orthogonal projection of W, so ||W - AB||² = ||W||² - Σ s_i².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import (
+    check_choice,
+    check_positive,
+    check_rank,
+    check_tensor,
+    clamp_rank,
+    make_generator,
+)
+
+SVD_METHODS = ("auto", "exact", "randomized")
+BALANCES = ("sqrt", "left", "right")
+
+# `method="auto"` switches to the randomized solver only where it is both faster and, with
+# `n_iter` power iterations, within a fraction of a percent of the exact error: matrices whose
+# short side is at least this long, at ranks up to this fraction of the short side.
+_AUTO_MIN_SIDE = 1024
+_AUTO_MAX_RANK_FRACTION = 0.125
+
+
+@dataclass(frozen=True)
+class SVDResult:
+    """W ≈ A @ B with A (m x r), B (r x n); S the r leading singular values (descending)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    S: torch.Tensor
+    rel_error: float
+    method: str
+
+    @property
+    def rank(self) -> int:
+        return self.S.shape[0]
+
+    def to_matrix(self) -> torch.Tensor:
+        return self.A @ self.B
+
+
+def _split_singular_values(U, S, Vh, balance):
+    if balance == "sqrt":
+        root = S.sqrt()
+        return U * root, root[:, None] * Vh
+    if balance == "left":
+        return U * S, Vh
+    return U, S[:, None] * Vh
+
+
+@torch.no_grad()
+def svd(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    method: str = "auto",
+    balance: str = "sqrt",
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed=0,
+) -> SVDResult:
+    """Rank-``rank`` truncated SVD of the matrix ``W`` as ``W ≈ A @ B``.
+
+    Args:
+        W: a float32/float64 matrix (m x n), on any device.
+        rank: the number of singular triplets kept; above ``min(m, n)`` it is clamped, with a
+            :class:`RankClampWarning`.
+        method: ``"exact"`` (LAPACK/cuSOLVER SVD), ``"randomized"`` (Halko et al.), or ``"auto"``
+            (randomized only for large matrices at small rank, where it is faster at equal error).
+        balance: where the singular values go: ``"sqrt"`` (A = U√S, B = √S Vᵀ, the default:
+            both factors get the same scale, which suits fine-tuning), ``"left"`` (A = U S,
+            B = Vᵀ) or ``"right"`` (A = U, B = S Vᵀ, the form of Mai et al.'s first layer).
+        oversample, n_iter: randomized range finder's extra columns and power iterations.
+        seed: seed (int or ``torch.Generator``) of the randomized variant's test matrix.
+
+    Returns:
+        :class:`SVDResult` with factors, singular values and the exact relative Frobenius error.
+    """
+    check_tensor(W, "W", ndim=2)
+    rank = check_rank(rank)
+    check_choice(method, "method", SVD_METHODS)
+    check_choice(balance, "balance", BALANCES)
+    check_positive(oversample, "oversample", allow_zero=True, integer=True)
+    check_positive(n_iter, "n_iter", allow_zero=True, integer=True)
+    m, n = W.shape
+    rank = clamp_rank(rank, min(m, n), why=f"min of the matrix shape {m}x{n}")
+
+    if method == "auto":
+        short = min(m, n)
+        use_randomized = short >= _AUTO_MIN_SIDE and rank <= _AUTO_MAX_RANK_FRACTION * short
+        method = "randomized" if use_randomized else "exact"
+
+    if method == "exact":
+        U, S_all, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :rank], S_all[:rank], Vh[:rank]
+        # The discarded singular values give the error without cancellation.
+        norm = S_all.norm()
+        rel_error = float(S_all[rank:].norm() / norm) if norm > 0 else 0.0
+    else:
+        q = min(rank + oversample, m, n)
+        generator = make_generator(seed)
+        devices = [W.device] if W.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            U, S, V = torch.svd_lowrank(W, q=q, niter=n_iter)
+        U, S, Vh = U[:, :rank], S[:rank], V[:, :rank].mT
+        # A projection of W: ||W - AB||² = ||W||² - Σ s². (Loses digits near zero error.)
+        total = W.pow(2).sum()
+        kept = S.pow(2).sum()
+        rel_error = float((total - kept).clamp_min(0).sqrt() / total.sqrt()) if total > 0 else 0.0
+
+    A, B = _split_singular_values(U, S, Vh, balance)
+    return SVDResult(A=A, B=B, S=S, rel_error=rel_error, method=method)

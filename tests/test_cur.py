@@ -1,0 +1,126 @@
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankcut.decompose import RankClampWarning, cur, svd
+
+from .conftest import DEVICES
+from .test_svd import decaying, planted
+
+
+def noisy_decaying(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return decaying(120, 100, rate=0.85) + 1e-3 * torch.randn(120, 100, generator=g,
+                                                              dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["leverage", "cx", "deim"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_c_and_r_are_actual_columns_and_rows(method, device):
+    W = torch.randn(30, 25, dtype=torch.float64, device=device)
+    res = cur(W, 4, method=method, n_cols=8, n_rows=8, seed=1)
+    assert torch.equal(res.C, W[:, res.col_idx])
+    if method == "cx":
+        assert res.R is None and res.row_idx is None
+        assert torch.allclose(res.to_matrix(), res.C @ res.U)
+    else:
+        assert torch.equal(res.R, W[res.row_idx])
+    assert abs(float((W - res.to_matrix()).norm() / W.norm()) - res.rel_error) < 1e-10
+
+
+def test_linear_time_scales_columns_and_rows_as_drineas_kannan_mahoney():
+    W = torch.randn(40, 30, dtype=torch.float64)
+    c, r = 12, 9
+    res = cur(W, 5, method="linear_time", n_cols=c, n_rows=r, seed=2)
+    total = W.pow(2).sum()
+    p = W.pow(2).sum(0) / total
+    q = W.pow(2).sum(1) / total
+    assert res.C.shape == (40, c) and res.R.shape == (r, 30) and res.U.shape == (c, r)
+    expected_C = W[:, res.col_idx] / (c * p[res.col_idx]).sqrt()
+    expected_R = W[res.row_idx] / (r * q[res.row_idx]).sqrt()[:, None]
+    assert torch.allclose(res.C, expected_C, atol=1e-12)
+    assert torch.allclose(res.R, expected_R, atol=1e-12)
+    # U = ([CᵀC]_k)⁺ Ψᵀ with Ψ the sampled, scaled rows of C.
+    psi = expected_C[res.row_idx] / (r * q[res.row_idx]).sqrt()[:, None]
+    evals, evecs = torch.linalg.eigh(expected_C.mT @ expected_C)
+    top = evecs[:, -5:]
+    U = (top / evals[-5:]) @ top.mT @ psi.mT
+    assert torch.allclose(res.U, U, atol=1e-9)
+
+
+def test_linear_time_error_falls_as_more_columns_are_sampled():
+    W = noisy_decaying()
+    few = [cur(W, 5, method="linear_time", n_cols=5, n_rows=5, seed=s).rel_error
+           for s in range(20)]
+    many = [cur(W, 5, method="linear_time", n_cols=60, n_rows=60, seed=s).rel_error
+            for s in range(20)]
+    assert sum(many) < 0.75 * sum(few)
+
+
+def test_leverage_cur_mean_error_is_within_two_plus_eps_of_best_rank_k():
+    W = noisy_decaying()
+    k = 5
+    best = svd(W, k).rel_error
+    errors = [cur(W, k, n_cols=4 * k, n_rows=4 * k, seed=s).rel_error for s in range(40)]
+    assert sum(errors) / len(errors) <= (2 + 0.1) * best
+
+
+def test_deim_is_deterministic_and_exact_on_low_rank_matrices():
+    W = planted(50, 40, 6)
+    a = cur(W, 6, method="deim")
+    b = cur(W, 6, method="deim")
+    assert torch.equal(a.col_idx, b.col_idx) and torch.equal(a.row_idx, b.row_idx)
+    assert len(set(a.col_idx.tolist())) == 6 and len(set(a.row_idx.tolist())) == 6
+    assert a.rel_error < 1e-8
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(2, 25), n=st.integers(2, 25), r=st.integers(1, 5), seed=st.integers(0, 99))
+def test_deim_and_leverage_recover_any_low_rank_matrix(m, n, r, seed):
+    r = min(r, m, n)
+    W = planted(m, n, r, seed=seed)
+    assert cur(W, r, method="deim").rel_error < 1e-7
+    # Leverage scores of an exactly rank-r matrix put all mass on a spanning set: with the
+    # expected count at the full width every column and row with nonzero leverage is kept.
+    res = cur(W, r, n_cols=n, n_rows=m, seed=seed)
+    assert res.rel_error < 1e-7
+
+
+def test_seed_makes_sampling_reproducible():
+    W = torch.randn(60, 50, dtype=torch.float64)
+    for method in ("leverage", "linear_time", "cx"):
+        a = cur(W, 5, method=method, n_cols=10, n_rows=10, seed=7)
+        b = cur(W, 5, method=method, n_cols=10, n_rows=10, seed=7)
+        c = cur(W, 5, method=method, n_cols=10, n_rows=10, seed=8)
+        assert torch.equal(a.col_idx, b.col_idx) and torch.equal(a.U, b.U)
+        assert not torch.equal(a.col_idx, c.col_idx) or (
+            a.row_idx is not None and not torch.equal(a.row_idx, c.row_idx)
+        )
+
+
+def test_counts_are_checked_and_clamped():
+    W = torch.randn(10, 6)
+    with pytest.raises(ValueError, match=r"n_cols: expected a count >= rank \(4\), got 2"):
+        cur(W, 4, n_cols=2)
+    with pytest.warns(RankClampWarning, match="n_cols=9 exceeds the maximum 6"):
+        res = cur(W, 3, method="deim", n_cols=9)
+    assert res.C.shape[1] == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cur(W, 3, method="linear_time", n_cols=6, n_rows=10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "random"}, "method: expected one of 'leverage', 'linear_time', 'cx', 'deim'"),
+        ({"seed": "x"}, "seed: expected an int"),
+        ({"n_rows": 0}, "n_rows: expected an integer >= 1, got 0"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cur(torch.randn(5, 5), 2, **kwargs)

@@ -1,0 +1,112 @@
+from contextlib import nullcontext
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankcut.decompose import RankClampWarning, svd
+
+from .conftest import DEVICES
+
+
+def planted(m, n, r, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, r, generator=g, dtype=dtype) @ torch.randn(r, n, generator=g, dtype=dtype)
+
+
+def decaying(m, n, seed=0, rate=0.9):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    s = rate ** torch.arange(min(m, n), dtype=torch.float64)
+    return (U * s) @ V.mT
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_planted_low_rank_is_recovered_exactly(device):
+    W = planted(60, 40, 7).to(device)
+    res = svd(W, 7)
+    assert res.A.shape == (60, 7) and res.B.shape == (7, 40)
+    assert res.rel_error < 1e-6
+    assert float((W - res.to_matrix()).norm() / W.norm()) < 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 30), n=st.integers(1, 30), rank=st.integers(1, 30),
+       balance=st.sampled_from(["sqrt", "left", "right"]))
+def test_error_is_the_discarded_spectrum(m, n, rank, balance):
+    W = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(m * 31 + n))
+    with pytest.warns(RankClampWarning) if rank > min(m, n) else nullcontext():
+        res = svd(W, rank, balance=balance)
+    k = min(rank, m, n)
+    s = torch.linalg.svdvals(W)
+    expected = float(s[k:].norm() / s.norm())
+    actual = float((W - res.to_matrix()).norm() / W.norm())
+    assert res.rank == k
+    assert abs(res.rel_error - expected) < 1e-10
+    assert abs(actual - expected) < 1e-10
+
+
+def test_balance_puts_singular_values_where_documented():
+    W = torch.randn(20, 12, dtype=torch.float64)
+    right = svd(W, 5, balance="right")
+    left = svd(W, 5, balance="left")
+    eye = torch.eye(5, dtype=torch.float64)
+    assert torch.allclose(right.A.mT @ right.A, eye, atol=1e-10)  # A = U
+    assert torch.allclose(left.B @ left.B.mT, eye, atol=1e-10)  # B = Vᵀ
+    sq = svd(W, 5)
+    assert torch.allclose(sq.A.norm(dim=0), sq.B.norm(dim=1), atol=1e-10)  # both scaled by √S
+    assert torch.allclose(right.to_matrix(), sq.to_matrix(), atol=1e-10)
+
+
+def test_randomized_matches_exact_on_decaying_spectrum_and_is_seeded():
+    W = decaying(400, 300)
+    exact = svd(W, 20, method="exact")
+    fast = svd(W, 20, method="randomized", seed=3)
+    again = svd(W, 20, method="randomized", seed=3)
+    assert fast.method == "randomized"
+    assert fast.rel_error <= exact.rel_error * 1.01
+    assert abs(float((W - fast.to_matrix()).norm() / W.norm()) - fast.rel_error) < 1e-8
+    assert torch.equal(fast.A, again.A)
+
+
+def test_auto_uses_randomized_only_for_large_matrices_at_small_rank():
+    assert svd(torch.randn(300, 200), 10).method == "exact"
+    W = decaying(1100, 1024, rate=0.97).float()
+    res = svd(W, 64)
+    assert res.method == "randomized"
+    assert res.rel_error <= svd(W, 64, method="exact").rel_error * 1.005
+    assert svd(W, 500).method == "exact"
+
+
+def test_rank_above_shape_is_clamped_with_a_warning():
+    W = torch.randn(5, 8)
+    with pytest.warns(RankClampWarning, match="rank=9 exceeds the maximum 5"):
+        res = svd(W, 9)
+    assert res.rank == 5 and res.rel_error < 1e-5
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((torch.ones(3, 3, dtype=torch.int64), 2), {}, "W: expected dtype float32 or float64"),
+        ((torch.ones(3, 3, 3), 2), {}, "W: expected a tensor of order 2"),
+        ((torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), 1), {}, "W: expected finite"),
+        ((torch.ones(3, 3), 0), {}, "rank: expected an integer >= 1, got 0"),
+        ((torch.ones(3, 3), 1.5), {}, "rank: expected an integer >= 1, got 1.5"),
+        ((torch.ones(3, 3), 2), {"method": "qr"}, "method: expected one of"),
+        ((torch.ones(3, 3), 2), {"balance": "up"}, "balance: expected one of"),
+        ((torch.ones(3, 3), 2), {"n_iter": -1}, "n_iter: expected a value >= 0"),
+        (([[1.0]], 1), {}, "W: expected a torch.Tensor, got list"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_clear_error(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        svd(*args, **kwargs)
+
+
+def test_parameters_are_accepted_and_no_graph_is_built():
+    W = torch.nn.Parameter(torch.randn(6, 4))
+    res = svd(W, 2)
+    assert not res.A.requires_grad and not res.B.requires_grad

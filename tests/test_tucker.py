@@ -1,0 +1,92 @@
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import partial_tucker
+
+from rankcut.decompose import RankClampWarning, tucker
+from rankcut.decompose._tensor import multi_mode_product
+
+from .conftest import DEVICES
+
+
+def planted_tucker(shape, ranks, modes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    core_shape = list(shape)
+    for m, r in zip(modes, ranks, strict=True):
+        core_shape[m] = r
+    core = torch.randn(core_shape, generator=g, dtype=torch.float64)
+    mats = {m: torch.randn(shape[m], r, generator=g, dtype=torch.float64)
+            for m, r in zip(modes, ranks, strict=True)}
+    return multi_mode_product(core, mats)
+
+
+@pytest.mark.parametrize("method", ["hosvd", "hooi"])
+@pytest.mark.parametrize(
+    "shape, ranks, modes",
+    [((20, 16, 3, 3), (5, 4), (0, 1)), ((12, 10, 8), (3, 4, 2), None), ((30, 9, 5, 5), (7, 3),
+                                                                         (1, 0))],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_planted_tucker_is_recovered_exactly(method, shape, ranks, modes, device):
+    X = planted_tucker(shape, ranks, modes or tuple(range(len(shape)))).to(device)
+    res = tucker(X, ranks, modes, method=method)
+    assert res.rel_error < 1e-6
+    assert float((X - res.to_tensor()).norm() / X.norm()) < 1e-6
+    assert res.ranks == tuple(ranks)
+    for f in res.factors:
+        eye = torch.eye(f.shape[1], dtype=f.dtype, device=device)
+        assert torch.allclose(f.mT @ f, eye, atol=1e-10)
+
+
+def test_tucker2_of_a_conv_kernel_has_the_layer_shapes():
+    X = torch.randn(32, 16, 3, 5)
+    res = tucker(X, (8, 6), modes=(0, 1))
+    assert res.core.shape == (8, 6, 3, 5)
+    assert res.factors[0].shape == (32, 8) and res.factors[1].shape == (16, 6)
+    assert res.modes == (0, 1)
+
+
+def test_full_channel_rank_is_exact_and_hooi_improves_on_hosvd():
+    X = torch.randn(10, 8, 3, 3, dtype=torch.float64)
+    assert tucker(X, (10, 8), modes=(0, 1)).rel_error < 1e-12
+    hosvd = tucker(X, (4, 3), modes=(0, 1), method="hosvd")
+    hooi = tucker(X, (4, 3), modes=(0, 1), method="hooi", max_iter=100, tol=0.0)
+    assert hooi.rel_error <= hosvd.rel_error + 1e-12
+    errs = torch.tensor(hooi.errors)
+    assert (errs[1:] <= errs[:-1] + 1e-12).all()
+    assert hosvd.converged and hosvd.n_iter == 0
+    assert hooi.n_iter == 100 and not hooi.converged
+
+
+def test_ranks_are_clamped_with_a_warning():
+    with pytest.warns(RankClampWarning, match=r"ranks\[mode 1\]=9 exceeds the maximum 4"):
+        res = tucker(torch.randn(6, 4, 3), (2, 9), modes=(0, 1))
+    assert res.ranks == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "ranks, modes, kwargs, match",
+    [
+        ((2, 2), (0, 0), {}, "modes: expected distinct mode indices"),
+        ((2, 2), (0, 4), {}, "modes: expected distinct mode indices in"),
+        ((2, 2, 2), (0, 1), {}, "ranks: expected an int or a sequence of 2 ints"),
+        ((2, 0), (0, 1), {}, r"ranks\[mode 1\]: expected an integer >= 1, got 0"),
+        ((2, 2), (0, 1), {"method": "als"}, "method: expected one of 'hooi', 'hosvd'"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_clear_error(ranks, modes, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tucker(torch.randn(5, 4, 3, 3), ranks, modes, **kwargs)
+
+
+def test_tucker2_matches_tensorly_partial_tucker_on_pretrained_resnet20_kernels(resnet20_kernels):
+    tl.set_backend("pytorch")
+    for X in resnet20_kernels.values():
+        X = X.double()
+        ranks = (max(1, X.shape[0] // 2), max(1, X.shape[1] // 2))
+        ours = tucker(X, ranks, modes=(0, 1), max_iter=20, tol=1e-7).rel_error
+        (core, factors), _ = partial_tucker(X, rank=ranks, modes=(0, 1), n_iter_max=20,
+                                            init="svd", tol=1e-7)
+        theirs = float((X - tl.tenalg.multi_mode_dot(core, factors, modes=(0, 1))).norm()
+                       / X.norm())
+        assert ours <= theirs * 1.01

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+
+from rankcut.decompose import evbmf
+from rankcut.decompose.vbmf import tau_bar
+
+
+def signal_plus_noise(L, M, rank, seed, noise=1.0):
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(L, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, M, generator=g, dtype=torch.float64)
+    return signal, signal + noise * torch.randn(L, M, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_planted_rank_is_found_in_both_orientations(seed):
+    _, Y = signal_plus_noise(100, 200, 10, seed)
+    res = evbmf(Y)
+    assert res.rank == 10
+    assert evbmf(Y.mT).rank == 10
+    assert abs(res.sigma2 - 1.0) < 0.1  # the noise variance is estimated, not given
+    assert res.U.shape == (100, 10) and res.Vh.shape == (10, 200)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pure_noise_has_rank_zero(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    assert evbmf(torch.randn(100, 200, generator=g, dtype=torch.float64)).rank == 0
+    assert evbmf(3.0 * torch.randn(150, 60, generator=g, dtype=torch.float64)).rank == 0
+
+
+def test_threshold_follows_the_paper():
+    _, Y = signal_plus_noise(80, 120, 5, 0)
+    res = evbmf(Y, sigma2=2.0)
+    alpha = 80 / 120
+    t = tau_bar(alpha)
+    assert res.sigma2 == 2.0
+    assert math.isclose(res.threshold, math.sqrt(120 * 2.0 * (1 + t) * (1 + alpha / t)))
+    assert res.rank == int((res.singular_values > res.threshold).sum())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.1, 0.01])
+def test_tau_bar_is_the_root_of_the_threshold_equation(alpha):
+    t = tau_bar(alpha)
+    assert abs(math.log1p(t) + alpha * math.log1p(t / alpha) - t) < 1e-12
+    assert abs(t / (2.5129 * math.sqrt(alpha)) - 1) < 0.15  # the usual approximation
+    if alpha == 1.0:
+        assert round(t, 4) == 2.5129
+
+
+def test_posterior_mean_denoises():
+    signal, Y = signal_plus_noise(100, 200, 10, 3)
+    res = evbmf(Y)
+    assert (res.to_matrix() - signal).norm() < 0.5 * (Y - signal).norm()
+
+
+def test_weakening_moves_the_rank_toward_full():
+    _, Y = signal_plus_noise(60, 90, 6, 1)
+    plain = evbmf(Y)
+    half = evbmf(Y, weakening=0.5)
+    full = evbmf(Y, weakening=1.0)
+    assert plain.rank == 6 and full.rank == 60
+    assert half.rank == 6 + round(0.5 * 54) and half.rank_unweakened == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"weakening": 1.5}, r"weakening: expected a number in \[0, 1\], got 1.5"),
+        ({"sigma2": -1.0}, "sigma2: expected a positive number or None, got -1.0"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evbmf(torch.randn(5, 6), **kwargs)
+
+
+def test_zero_matrix_has_rank_zero():
+    assert evbmf(torch.zeros(4, 7)).rank == 0
