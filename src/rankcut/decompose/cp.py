@@ -162,15 +162,11 @@ def _als_qr_sweeps(X, factors, max_iter, tol):
     errors: list[float] = []
     converged = False
     n_iter = 0
+    qr = [torch.linalg.qr(F) for F in factors]  # each factor's QR, renewed when it changes
     for n_iter in range(1, max_iter + 1):  # noqa: B007
         for n in range(N):
-            qs, rs = {}, []
-            for m in range(N):
-                if m != n:
-                    Q, Rm = torch.linalg.qr(factors[m])
-                    qs[m] = Q
-                    rs.append(Rm)
-            Q0, R0 = torch.linalg.qr(khatri_rao(rs))
+            qs = {m: qr[m][0] for m in range(N) if m != n}
+            Q0, R0 = torch.linalg.qr(khatri_rao([qr[m][1] for m in range(N) if m != n]))
             Y = X
             for m in sorted(qs, key=lambda m: -X.shape[m]):
                 Y = torch.tensordot(Y, qs[m], dims=([m], [0])).movedim(-1, m)
@@ -180,6 +176,7 @@ def _als_qr_sweeps(X, factors, max_iter, tol):
             else:  # fewer rows than components: minimum-norm solution
                 A = B @ torch.linalg.pinv(R0.mT)
             factors[n] = A if n == N - 1 else _normalise(A)[0]
+            qr[n] = torch.linalg.qr(factors[n])
         # B is X projected on the span of the Khatri-Rao product: the residual is the rest.
         err = float((norm_sq - B.pow(2).sum()).clamp_min(0).sqrt() / norm_sq.sqrt())
         errors.append(err)
@@ -190,15 +187,11 @@ def _als_qr_sweeps(X, factors, max_iter, tol):
     return weights, factors, n_iter, converged, errors
 
 
-def _contract_all_but(T, vectors, skip):
-    """T contracted with vectors[m] along every mode m != skip (largest modes first)."""
-    order = sorted((m for m in range(T.ndim) if m != skip), key=lambda m: -T.shape[m])
-    remaining = list(range(T.ndim))
-    for m in order:
-        axis = remaining.index(m)
-        T = torch.tensordot(T, vectors[m], dims=([axis], [0]))
-        remaining.pop(axis)
-    return T
+def _kron(vectors):
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = torch.outer(out, v).reshape(-1)
+    return out
 
 
 def _tpm(X, rank, init, max_iter, tol, generator):
@@ -219,10 +212,13 @@ def _tpm(X, rank, init, max_iter, tol, generator):
             vecs = [v / v.norm() for v in vecs]
         lam_prev = None
         converged = False
+        # The residual is fixed during this component's power iterations: unfold it once, so
+        # contracting all modes but n is one matrix-vector product with a Kronecker vector.
+        unfoldings = [unfold(residual, n).contiguous() for n in range(N)]
         for _ in range(max_iter):
             total_iter += 1
             for n in range(N):
-                v = _contract_all_but(residual, vecs, n)
+                v = unfoldings[n] @ _kron([vecs[m] for m in range(N) if m != n])
                 vn = v.norm()
                 vecs[n] = v / vn if vn > 0 else v
             lam = float(torch.dot(v, vecs[N - 1]))
