@@ -46,7 +46,12 @@ CP_INITS = ("svd", "random")
 
 @dataclass(frozen=True)
 class CPResult:
-    """Weights (R,) and unit-norm factors [(I_n, R)]; ``errors`` is the per-sweep history."""
+    """Weights (R,) and unit-norm factors [(I_n, R)], with how they were found.
+
+    ``n_iter`` counts ALS sweeps (TPM: power iterations over all components), ``converged`` says
+    whether ``tol`` was met before the iteration cap, ``errors`` is the per-sweep (TPM:
+    per-component) relative error history and ``rel_error`` the exact final one.
+    """
 
     weights: torch.Tensor
     factors: list[torch.Tensor]
@@ -55,6 +60,8 @@ class CPResult:
     converged: bool
     method: str
     init: str
+    tol: float
+    seed: int | None = None
     errors: list[float] = field(default_factory=list)
 
     @property
@@ -305,5 +312,7 @@ def cp(
         converged=converged,
         method=method,
         init=init,
+        tol=tol,
+        seed=seed if isinstance(seed, int) else None,
         errors=errors,
     )
