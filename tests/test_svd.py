@@ -76,7 +76,7 @@ def test_auto_uses_randomized_only_for_large_matrices_at_small_rank():
     W = decaying(1100, 1024, rate=0.97).float()
     res = svd(W, 64)
     assert res.method == "randomized"
-    assert res.rel_error <= svd(W, 64, method="exact").rel_error * 1.005
+    assert res.rel_error <= svd(W, 64, method="exact").rel_error * 1.0001
     assert svd(W, 500).method == "exact"
 
 

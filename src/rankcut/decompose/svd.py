@@ -28,9 +28,9 @@ from ._checks import (
 SVD_METHODS = ("auto", "exact", "randomized")
 BALANCES = ("sqrt", "left", "right")
 
-# `method="auto"` switches to the randomized solver only where it is both faster and, with
-# `n_iter` power iterations, within a fraction of a percent of the exact error: matrices whose
-# short side is at least this long, at ranks up to this fraction of the short side.
+# `method="auto"` switches to the randomized solver only where it is both faster and as accurate
+# (oversampled by the rank, with `n_iter` power iterations): matrices whose short side is at
+# least this long, at ranks up to this fraction of the short side.
 _AUTO_MIN_SIDE = 1024
 _AUTO_MAX_RANK_FRACTION = 0.125
 
@@ -80,7 +80,8 @@ def svd(
         rank: the number of singular triplets kept; above ``min(m, n)`` it is clamped, with a
             :class:`RankClampWarning`.
         method: ``"exact"`` (LAPACK/cuSOLVER SVD), ``"randomized"`` (Halko et al.), or ``"auto"``
-            (randomized only for large matrices at small rank, where it is faster at equal error).
+            (randomized, oversampled by at least the rank, only for large matrices at small rank,
+            where it is faster at equal error).
         balance: where the singular values go: ``"sqrt"`` (A = U√S, B = √S Vᵀ, the default:
             both factors get the same scale, which suits fine-tuning), ``"left"`` (A = U S,
             B = Vᵀ) or ``"right"`` (A = U, B = S Vᵀ, the form of Mai et al.'s first layer).
@@ -103,6 +104,10 @@ def svd(
         short = min(m, n)
         use_randomized = short >= _AUTO_MIN_SIDE and rank <= _AUTO_MAX_RANK_FRACTION * short
         method = "randomized" if use_randomized else "exact"
+        if use_randomized:
+            # Oversampling by the rank itself brings the error to within 1e-5 of the exact one
+            # on trained-layer-like spectra while staying 2.5-6x faster (docs/decompose.md).
+            oversample = max(oversample, rank)
 
     if method == "exact":
         U, S_all, Vh = torch.linalg.svd(W, full_matrices=False)
