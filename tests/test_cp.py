@@ -85,6 +85,8 @@ def test_rank_above_every_dimension_is_allowed():
     X = torch.randn(4, 3, 3, dtype=torch.float64)
     res = cp(X, 12, max_iter=300)
     assert res.rank == 12 and res.rel_error < 0.05
+    # an unfolding with fewer columns than rows and than the rank: (3, 2) for mode 3 here
+    assert cp(torch.randn(1, 2, 1, 3, dtype=torch.float64), 3).rel_error < 1e-6
 
 
 @pytest.mark.parametrize(

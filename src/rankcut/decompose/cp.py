@@ -78,8 +78,9 @@ def _initial_factors(X, rank, init, generator):
         F = torch.randn(size, rank, generator=generator, dtype=torch.float64)
         F = F.to(device=X.device, dtype=X.dtype)
         if init == "svd":
-            k = min(rank, size)
-            F[:, :k] = leading_left_singular_vectors(unfold(X, mode), k)
+            unfolding = unfold(X, mode)
+            k = min(rank, *unfolding.shape)  # an unfolding has at most min(rows, cols) directions
+            F[:, :k] = leading_left_singular_vectors(unfolding, k)
             if k < rank:  # more components than the mode has directions: random columns
                 F[:, k:] /= size**0.5
         factors.append(F)

@@ -1,0 +1,135 @@
+"""What every factorized layer shares: the dense geometry it replaces, and how to rebuild it.
+
+A factorized layer is built in two steps so that saved models can be rebuilt without running any
+decomposition: the constructor (``like(dense, **config)``) makes the sub-layers with the right
+shapes; ``from_dense`` then fills them from a decomposition of the dense weight. ``config()``
+returns the JSON-serialisable dict that ``like`` takes back (the layer type and its realised ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The options of an ``nn.Conv2d`` that a factorized replacement must honour exactly."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> ConvGeometry:
+        padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+        return cls(conv.in_channels, conv.out_channels, _pair(conv.kernel_size),
+                   _pair(conv.stride), padding, _pair(conv.dilation), conv.groups,
+                   conv.bias is not None, conv.padding_mode)
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    def axis(self, axis: int) -> dict[str, Any]:
+        """Conv2d options for a (kh, 1) (axis 0) or (1, kw) (axis 1) conv along one axis only.
+
+        Splitting a 2-D convolution into a height pass and a width pass is exact for every
+        padding mode: a 1-D convolution along one axis commutes with padding along the other.
+        """
+        def pick(pair, other):
+            return (pair[0], other) if axis == 0 else (other, pair[1])
+
+        padding = self.padding if isinstance(self.padding, str) else pick(self.padding, 0)
+        return {"kernel_size": pick(self.kernel_size, 1), "stride": pick(self.stride, 1),
+                "padding": padding, "dilation": pick(self.dilation, 1),
+                "padding_mode": self.padding_mode}
+
+    def spatial(self) -> dict[str, Any]:
+        """Conv2d options of the original spatial convolution."""
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation, "padding_mode": self.padding_mode}
+
+    def dense(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, bias=self.bias, groups=self.groups,
+                         **self.spatial())
+
+    def describe(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}", f"kernel_size={self.kernel_size}"]
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride}")
+        if self.padding not in ((0, 0), "valid"):
+            parts.append(f"padding={self.padding!r}" if isinstance(self.padding, str)
+                         else f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if not self.bias:
+            parts.append("bias=False")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
+        return ", ".join(parts)
+
+
+def pointwise(in_channels: int, out_channels: int, groups: int = 1, bias: bool = False):
+    """A 1x1 convolution (no padding, stride 1)."""
+    return nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)
+
+
+class FactorizedLayer(nn.Module):
+    """Base class: ``like``/``config`` rebuild the structure, ``from_dense``/``to_dense`` convert.
+
+    ``info`` holds what the decomposition reported (method, relative weight error, ...) when the
+    layer came from ``from_dense``; it is informational and not part of the state dict.
+    """
+
+    info: dict[str, Any]
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def like(cls, dense: nn.Module, **config) -> FactorizedLayer:
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _copy_bias(self, bias_target: nn.Parameter | None, dense: nn.Module) -> None:
+        if bias_target is not None and dense.bias is not None:
+            bias_target.data.copy_(dense.bias.detach())
+
+    def _set_info(self, **info) -> None:
+        self.info = info
+
+
+def grouped_weights(weight: torch.Tensor, groups: int):
+    """The dense conv weight split per group: yields (group index, (T/g, S/g, kh, kw) slice)."""
+    per_group = weight.shape[0] // groups
+    for g in range(groups):
+        yield g, weight[g * per_group:(g + 1) * per_group]
+
+
+def decomposition_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Half-precision weights are decomposed in float32 (what linear algebra needs), cast back."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

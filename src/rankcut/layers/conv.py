@@ -1,0 +1,396 @@
+"""Factorized replacements for ``nn.Conv2d``: CP (CP-4 and CP-3), Tucker-2, channel SVD/CUR and
+spatial SVD.
+
+Every layer honours the dense convolution's stride, padding (ints, tuples, "same", "valid"),
+dilation, bias, padding_mode and groups. A grouped convolution is factorized group by group into
+grouped sub-convolutions (ranks are per group); a depthwise one (one input channel per group) has
+nothing to factorize across channels and is refused with that reason.
+
+Shapes, for a dense kernel (T, S, kh, kw) and g = 1:
+
+=================  ==========================================================================
+``SVDConv2d``      kh x kw conv S->R, then 1x1 R->T (channel SVD or CUR of the (T, S·kh·kw)
+                   matrix; Zhang et al. 2016, Jaderberg et al.'s scheme 2 on channels)
+``SpatialConv2d``  kh x 1 conv S->R, then 1 x kw R->T (SVD of the (S·kh, T·kw) reshape;
+                   Jaderberg, Vedaldi & Zisserman 2014; AIMET's spatial SVD)
+``CPConv2d``       cp4: 1x1 S->R, depthwise kh x 1, depthwise 1 x kw, 1x1 R->T (Lebedev et al.
+                   2015); cp3: 1x1 S->R, depthwise kh x kw, 1x1 R->T (Astrid & Lee 2017)
+``TuckerConv2d``   1x1 S->R_S, kh x kw conv R_S->R_T (the core), 1x1 R_T->T (Kim et al. 2016)
+=================  ==========================================================================
+
+The original bias goes on the last sub-layer; the other sub-layers have none.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import decompose as dec
+from .base import (
+    ConvGeometry,
+    FactorizedLayer,
+    decomposition_dtype,
+    grouped_weights,
+    pointwise,
+)
+
+CP_FORMS = ("cp4", "cp3")
+CHANNEL_DECOMPOSITIONS = ("svd", "cur")
+
+
+def conv_skip_reason(conv: nn.Module) -> str | None:
+    """Why ``conv`` cannot be factorized as a Conv2d, or None if it can."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"not an nn.Conv2d ({type(conv).__name__})"
+    if conv.in_channels // conv.groups == 1:
+        return ("depthwise convolution: one input channel per group, nothing to factorize "
+                "across channels")
+    return None
+
+
+def _check_conv(conv) -> ConvGeometry:
+    reason = conv_skip_reason(conv)
+    if reason is not None:
+        raise ValueError(f"module: cannot factorize this layer: {reason}")
+    return ConvGeometry.of(conv)
+
+
+def _pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad dimension ``dim`` of ``t`` to ``width`` (CUR widths can differ between groups)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+class _ConvFactorized(FactorizedLayer):
+    """Shared plumbing of the conv layers: geometry, device/dtype handling and ``to_dense``."""
+
+    geometry: ConvGeometry
+
+    def _init_geometry(self, geometry: ConvGeometry) -> None:
+        self.geometry = geometry
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def _last(self) -> nn.Conv2d:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent plain ``nn.Conv2d`` (same geometry, composed weight, same bias)."""
+        ref = self._last.weight
+        conv = self.geometry.dense().to(device=ref.device, dtype=ref.dtype)
+        conv.weight.copy_(self.dense_weight())
+        if conv.bias is not None:
+            conv.bias.copy_(self._last.bias)
+        return conv
+
+    def _finish(self, dense: nn.Conv2d, decomposition: str, options: dict, **info) -> None:
+        """Copy the bias, then record the decomposition, its options and relative weight error."""
+        with torch.no_grad():
+            if dense.bias is not None:
+                self._last.bias.copy_(dense.bias)
+            W = dense.weight.detach()
+            err = (W - self.dense_weight()).norm() / W.norm().clamp_min(1e-30)
+        self._set_info(decomposition=decomposition, options=dict(options), rel_error=float(err),
+                       **info)
+
+    def _fill(self, module: nn.Conv2d, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.copy_(weight.to(module.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.geometry.describe()}, {self._rank_repr()}"
+
+    def _rank_repr(self) -> str:
+        raise NotImplementedError
+
+
+class SVDConv2d(_ConvFactorized):
+    """Channel decomposition: kh x kw conv S->g·R (grouped), then 1x1 g·R->T (grouped)."""
+
+    def __init__(self, geometry: ConvGeometry, rank: int, decomposition: str = "svd"):
+        super().__init__()
+        self._init_geometry(geometry)
+        g = geometry.groups
+        self.rank = int(rank)
+        self.decomposition = decomposition
+        self.first = nn.Conv2d(geometry.in_channels, g * self.rank, groups=g, bias=False,
+                               **geometry.spatial())
+        self.last = pointwise(g * self.rank, geometry.out_channels, groups=g, bias=geometry.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.first(x))
+
+    @property
+    def _last(self):
+        return self.last
+
+    def _rank_repr(self):
+        return f"rank={self.rank}, decomposition={self.decomposition!r}"
+
+    def config(self):
+        return {"layer": "SVDConv2d", "rank": self.rank, "decomposition": self.decomposition}
+
+    @classmethod
+    def like(cls, dense, rank, decomposition="svd"):
+        ref = dense.weight
+        return cls(_check_conv(dense), rank, decomposition).to(device=ref.device, dtype=ref.dtype)
+
+    def dense_weight(self):
+        geo, g, r = self.geometry, self.geometry.groups, self.rank
+        first = self.first.weight.reshape(g, r, -1)
+        last = self.last.weight.reshape(g, geo.out_per_group, r)
+        return (last @ first).reshape(geo.out_channels, geo.in_per_group, *geo.kernel_size)
+
+    @classmethod
+    def from_dense(cls, conv, rank, decomposition="svd", **options):
+        """Channel SVD (``decomposition="svd"``) or CUR (``"cur"``) of each group's kernel.
+
+        ``options`` go to :func:`rankcut.decompose.svd` or :func:`rankcut.decompose.cur`; with
+        CUR the layer width is the number of columns the method picked.
+        """
+        geo = _check_conv(conv)
+        if decomposition not in CHANNEL_DECOMPOSITIONS:
+            raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
+        W = conv.weight.detach()
+        pairs = []
+        for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
+            M = Wg.reshape(geo.out_per_group, -1)
+            if decomposition == "svd":
+                res = dec.svd(M, rank, **options)
+                pairs.append((res.A, res.B))
+            else:
+                res = dec.cur(M, rank, **options)
+                pairs.append((res.C, res.U if res.R is None else res.U @ res.R))
+        width = max(A.shape[1] for A, _ in pairs)
+        layer = cls.like(conv, width, decomposition)
+        first = torch.cat([_pad_to(B, width, 0) for _, B in pairs])
+        last = torch.cat([_pad_to(A, width, 1) for A, _ in pairs])
+        layer._fill(layer.first, first.reshape(layer.first.weight.shape))
+        layer._fill(layer.last, last.reshape(layer.last.weight.shape))
+        layer._finish(conv, decomposition, options)
+        return layer
+
+
+class SpatialConv2d(_ConvFactorized):
+    """Spatial SVD: kh x 1 conv S->g·R, then 1 x kw conv g·R->T (both grouped)."""
+
+    def __init__(self, geometry: ConvGeometry, rank: int):
+        super().__init__()
+        self._init_geometry(geometry)
+        g = geometry.groups
+        self.rank = int(rank)
+        self.first = nn.Conv2d(geometry.in_channels, g * self.rank, groups=g, bias=False,
+                               **geometry.axis(0))
+        self.last = nn.Conv2d(g * self.rank, geometry.out_channels, groups=g, bias=geometry.bias,
+                              **geometry.axis(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.first(x))
+
+    @property
+    def _last(self):
+        return self.last
+
+    def _rank_repr(self):
+        return f"rank={self.rank}"
+
+    def config(self):
+        return {"layer": "SpatialConv2d", "rank": self.rank}
+
+    @classmethod
+    def like(cls, dense, rank):
+        ref = dense.weight
+        return cls(_check_conv(dense), rank).to(device=ref.device, dtype=ref.dtype)
+
+    def dense_weight(self):
+        geo, g, r = self.geometry, self.geometry.groups, self.rank
+        kh, kw = geo.kernel_size
+        first = self.first.weight.reshape(g, r, geo.in_per_group, kh)
+        last = self.last.weight.reshape(g, geo.out_per_group, r, kw)
+        W = torch.einsum("gtrj,grsi->gtsij", last, first)
+        return W.reshape(geo.out_channels, geo.in_per_group, kh, kw)
+
+    @classmethod
+    def from_dense(cls, conv, rank, **options):
+        """SVD of each group's kernel reshaped to (S·kh, T·kw); ``options`` go to ``svd``."""
+        geo = _check_conv(conv)
+        kh, kw = geo.kernel_size
+        W = conv.weight.detach()
+        pairs = []
+        for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
+            M = Wg.permute(1, 2, 0, 3).reshape(geo.in_per_group * kh, geo.out_per_group * kw)
+            res = dec.svd(M, rank, **options)
+            pairs.append((res.A, res.B))
+        width = pairs[0][0].shape[1]
+        layer = cls.like(conv, width)
+        first = torch.cat([A.mT.reshape(width, geo.in_per_group, kh, 1) for A, _ in pairs])
+        last = torch.cat([B.reshape(width, geo.out_per_group, kw).permute(1, 0, 2)
+                          .reshape(geo.out_per_group, width, 1, kw) for _, B in pairs])
+        layer._fill(layer.first, first)
+        layer._fill(layer.last, last)
+        layer._finish(conv, "spatial_svd", options)
+        return layer
+
+
+class CPConv2d(_ConvFactorized):
+    """CP layer: 1x1 S->g·R, depthwise spatial pass(es) on g·R channels, 1x1 g·R->T."""
+
+    def __init__(self, geometry: ConvGeometry, rank: int, form: str = "cp4"):
+        super().__init__()
+        if form not in CP_FORMS:
+            raise ValueError(f"form: expected one of 'cp4', 'cp3', got {form!r}")
+        self._init_geometry(geometry)
+        g = geometry.groups
+        self.rank = int(rank)
+        self.form = form
+        width = g * self.rank
+        self.pointwise_in = pointwise(geometry.in_channels, width, groups=g)
+        if form == "cp4":
+            self.depthwise = nn.Sequential(
+                nn.Conv2d(width, width, groups=width, bias=False, **geometry.axis(0)),
+                nn.Conv2d(width, width, groups=width, bias=False, **geometry.axis(1)),
+            )
+        else:
+            self.depthwise = nn.Sequential(
+                nn.Conv2d(width, width, groups=width, bias=False, **geometry.spatial()))
+        self.pointwise_out = pointwise(width, geometry.out_channels, groups=g, bias=geometry.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise_out(self.depthwise(self.pointwise_in(x)))
+
+    @property
+    def _last(self):
+        return self.pointwise_out
+
+    def _rank_repr(self):
+        return f"rank={self.rank}, form={self.form!r}"
+
+    def config(self):
+        return {"layer": "CPConv2d", "rank": self.rank, "form": self.form}
+
+    @classmethod
+    def like(cls, dense, rank, form="cp4"):
+        ref = dense.weight
+        return cls(_check_conv(dense), rank, form).to(device=ref.device, dtype=ref.dtype)
+
+    def dense_weight(self):
+        geo, g, r = self.geometry, self.geometry.groups, self.rank
+        kh, kw = geo.kernel_size
+        w_in = self.pointwise_in.weight.reshape(g, r, geo.in_per_group)
+        w_out = self.pointwise_out.weight.reshape(g, geo.out_per_group, r)
+        if self.form == "cp4":
+            vert = self.depthwise[0].weight.reshape(g, r, kh)
+            horiz = self.depthwise[1].weight.reshape(g, r, kw)
+            W = torch.einsum("gtr,grs,gri,grj->gtsij", w_out, w_in, vert, horiz)
+        else:
+            spatial = self.depthwise[0].weight.reshape(g, r, kh, kw)
+            W = torch.einsum("gtr,grs,grij->gtsij", w_out, w_in, spatial)
+        return W.reshape(geo.out_channels, geo.in_per_group, kh, kw)
+
+    @classmethod
+    def from_dense(cls, conv, rank, form="cp4", **options):
+        """CP of each group's kernel: 4-way for ``cp4``, of the (T, S, kh·kw) reshape for ``cp3``.
+
+        ``options`` go to :func:`rankcut.decompose.cp` (method, init, max_iter, tol, seed). The
+        CP weights are spread evenly over the factors (each scaled by w^(1/N)), which keeps the
+        sub-layers at comparable scales for fine-tuning.
+        """
+        geo = _check_conv(conv)
+        if form not in CP_FORMS:
+            raise ValueError(f"form: expected one of 'cp4', 'cp3', got {form!r}")
+        kh, kw = geo.kernel_size
+        W = conv.weight.detach()
+        per_group = []
+        converged = True
+        for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
+            X = Wg if form == "cp4" else Wg.reshape(geo.out_per_group, geo.in_per_group, kh * kw)
+            res = dec.cp(X, rank, **options)
+            scale = res.weights.clamp_min(0) ** (1.0 / X.ndim)
+            per_group.append([f * scale for f in res.factors])
+            converged &= res.converged
+        layer = cls.like(conv, rank, form)
+
+        def stacked(mode):  # the mode's factor of every group, one row per sub-layer channel
+            return torch.cat([f[mode] if mode == 0 else f[mode].mT for f in per_group])
+
+        layer._fill(layer.pointwise_in, stacked(1)[..., None, None])
+        layer._fill(layer.pointwise_out, stacked(0)[..., None, None])
+        if form == "cp4":
+            layer._fill(layer.depthwise[0], stacked(2).reshape(-1, 1, kh, 1))
+            layer._fill(layer.depthwise[1], stacked(3).reshape(-1, 1, 1, kw))
+        else:
+            layer._fill(layer.depthwise[0], stacked(2).reshape(-1, 1, kh, kw))
+        layer._finish(conv, "cp", options, form=form, converged=converged)
+        return layer
+
+
+class TuckerConv2d(_ConvFactorized):
+    """Tucker-2 layer: 1x1 S->g·R_S, kh x kw core g·R_S->g·R_T (grouped), 1x1 g·R_T->T.
+
+    ``ranks`` are (R_T, R_S) = (output-channel rank, input-channel rank), the kernel's mode order.
+    """
+
+    def __init__(self, geometry: ConvGeometry, ranks: tuple[int, int]):
+        super().__init__()
+        self._init_geometry(geometry)
+        g = geometry.groups
+        self.ranks = (int(ranks[0]), int(ranks[1]))
+        r_out, r_in = self.ranks
+        self.first = pointwise(geometry.in_channels, g * r_in, groups=g)
+        self.core = nn.Conv2d(g * r_in, g * r_out, groups=g, bias=False, **geometry.spatial())
+        self.last = pointwise(g * r_out, geometry.out_channels, groups=g, bias=geometry.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+    @property
+    def _last(self):
+        return self.last
+
+    def _rank_repr(self):
+        return f"ranks={self.ranks}"
+
+    def config(self):
+        return {"layer": "TuckerConv2d", "ranks": list(self.ranks)}
+
+    @classmethod
+    def like(cls, dense, ranks):
+        ref = dense.weight
+        return cls(_check_conv(dense), tuple(ranks)).to(device=ref.device, dtype=ref.dtype)
+
+    def dense_weight(self):
+        geo, g = self.geometry, self.geometry.groups
+        r_out, r_in = self.ranks
+        first = self.first.weight.reshape(g, r_in, geo.in_per_group)
+        core = self.core.weight.reshape(g, r_out, r_in, *geo.kernel_size)
+        last = self.last.weight.reshape(g, geo.out_per_group, r_out)
+        W = torch.einsum("gta,gabij,gbs->gtsij", last, core, first)
+        return W.reshape(geo.out_channels, geo.in_per_group, *geo.kernel_size)
+
+    @classmethod
+    def from_dense(cls, conv, ranks, **options):
+        """Tucker-2 (modes T and S) of each group's kernel; ``options`` go to ``tucker``.
+
+        ``ranks``: (R_T, R_S), or one int for both; each is clamped, with a warning, to the
+        group's channel count.
+        """
+        geo = _check_conv(conv)
+        if isinstance(ranks, int):
+            ranks = (ranks, ranks)
+        W = conv.weight.detach()
+        results = [dec.tucker(Wg, tuple(ranks), modes=(0, 1), **options)
+                   for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups)]
+        layer = cls.like(conv, results[0].ranks)
+        layer._fill(layer.first, torch.cat([r.factors[1].mT for r in results])[..., None, None])
+        layer._fill(layer.core, torch.cat([r.core for r in results]))
+        layer._fill(layer.last, torch.cat([r.factors[0] for r in results])[..., None, None])
+        layer._finish(conv, "tucker", options)
+        return layer

@@ -1,0 +1,86 @@
+"""Count the parameters and multiply-accumulates (MACs) of models built from Conv2d and Linear.
+
+Factorized layers in rankcut are compositions of plain ``nn.Conv2d`` / ``nn.Linear`` children,
+so counting those layers is enough to compare a model with its compressed version. MACs are
+computed analytically from the shapes that forward hooks see during one forward pass:
+
+- Conv2d: every output element costs ``(C_in / groups) * kh * kw`` MACs, i.e.
+  ``N * H_out * W_out * C_out * (C_in / groups) * kh * kw`` in all. Stride, dilation, padding
+  (and its mode) only change ``H_out`` and ``W_out``, which are read from the output.
+- Linear: every output element costs ``in_features`` MACs, i.e.
+  ``rows * in_features * out_features`` where ``rows = input.numel() / in_features``.
+
+Bias additions are not MACs. Other layers (norms, activations, pooling) are not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["count_macs", "count_params", "layer_macs"]
+
+
+def count_params(module: nn.Module) -> int:
+    """The number of parameter elements of ``module``; a shared (tied) parameter counts once."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
+    return sum(p.numel() for p in module.parameters())  # parameters() yields each tensor once
+
+
+def _macs_per_output(module: nn.Module) -> int:
+    """MACs that one output element of a Conv2d or Linear costs."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.in_channels // module.groups * kh * kw
+    return module.in_features
+
+
+def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
+    """MACs of each Conv2d and Linear that ran in one forward pass of ``model(*example_inputs)``.
+
+    Keys are qualified module names (``"features.0"``; ``""`` when ``model`` itself is such a
+    layer). A layer called several times is summed under its name. ``example_inputs`` is a tensor
+    or a tuple of positional tensors. The forward runs under ``torch.no_grad()`` in eval mode (so
+    batch-norm statistics are left alone); every module's train/eval flag is restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not (
+        isinstance(inputs, tuple) and inputs and all(isinstance(x, torch.Tensor) for x in inputs)
+    ):
+        raise ValueError(
+            f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
+            f"{type(example_inputs).__name__}: {example_inputs!r:.80}"
+        )
+
+    macs: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, _args, output: torch.Tensor) -> None:
+            macs[name] = macs.get(name, 0) + output.numel() * _macs_per_output(module)
+
+        return record
+
+    handles = [
+        module.register_forward_hook(hook(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    ]
+    training = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training.items():
+            module.training = flag
+    return macs
+
+
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """Total MACs of the Conv2d and Linear layers in one forward pass (see ``layer_macs``)."""
+    return sum(layer_macs(model, example_inputs).values())

@@ -1,0 +1,177 @@
+"""Parameter and MAC counting, checked against torch.utils.flop_counter.FlopCounterMode.
+
+How FlopCounterMode (torch 2.14) counts the ops these layers run, which makes ``flops // 2``
+an exact oracle for our MACs:
+
+- convolution: ``2 * N * prod(out_spatial) * C_out * w.shape[1] * kh * kw``. ``w.shape[1]`` is
+  already ``C_in / groups``, so grouped and depthwise convs are right; the bias is ignored. The
+  padding of a non-"zeros" padding_mode (and the extra pad of an even kernel with "same") is a
+  separate F.pad, which it does not count.
+- mm / addmm: ``2 * m * k * n``; addmm's bias (its ``self`` operand) is ignored. F.linear on a
+  3-D input is flattened to a single 2-D mm/addmm, so it is counted the same way.
+
+Every formula is 2 * (multiplications), so the total is always even and ``// 2`` loses nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from rankcut.profile import count_macs, count_params, layer_macs
+
+from .conftest import DEVICES
+
+aten = torch.ops.aten
+
+
+def flop_counts(model: nn.Module, *inputs: torch.Tensor) -> dict:
+    """FlopCounterMode's per-op flop counts (op packet -> flops) of one forward pass."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return counter.get_flop_counts()["Global"]
+
+
+def oracle_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """MACs of the convolution and matmul ops only, as FlopCounterMode counts them."""
+    counts = flop_counts(model, *inputs)
+    flops = sum(counts.get(op, 0) for op in (aten.convolution, aten.mm, aten.addmm))
+    assert flops == sum(counts.values()), f"unexpected ops counted: {counts}"
+    assert flops % 2 == 0
+    return flops // 2
+
+
+@st.composite
+def conv_configs(draw):
+    groups = draw(st.sampled_from([1, 2, 3]))
+    in_channels = groups * draw(st.integers(1, 3))
+    depthwise = draw(st.booleans())
+    out_channels = in_channels if depthwise else groups * draw(st.integers(1, 3))
+    if depthwise:
+        groups = in_channels
+    kernel = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    dilation = draw(st.sampled_from([1, 2, (1, 2)]))
+    padding = draw(st.sampled_from([0, 1, 3, (2, 0), "same", "valid"]))
+    stride = 1 if padding == "same" else draw(st.sampled_from([1, 2, (2, 1), 3]))
+    return dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    cfg=conv_configs(),
+    batch=st.integers(1, 3),
+    size=st.tuples(st.integers(16, 20), st.integers(16, 20)),
+)
+def test_conv2d_macs_match_flop_counter(cfg, batch, size):
+    # Inputs of 16+ exceed the largest pad per side (6: "same", 7 taps, dilation 2), as reflect
+    # padding requires.
+    conv = nn.Conv2d(**cfg)
+    x = torch.randn(batch, cfg["in_channels"], *size)
+    out = conv(x)
+    kh, kw = cfg["kernel_size"]
+    expected = out.numel() * cfg["in_channels"] // cfg["groups"] * kh * kw
+    assert count_macs(conv, x) == expected == oracle_macs(conv, x)
+    assert layer_macs(conv, x) == {"": expected}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4, 8), (2, 5, 8), (8,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_macs_match_flop_counter(device, shape, bias):
+    linear = nn.Linear(8, 3, bias=bias).to(device)
+    x = torch.randn(*shape, device=device)
+    rows = x.numel() // 8
+    assert count_macs(linear, x) == rows * 8 * 3 == oracle_macs(linear, x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 4, 3, stride=2, groups=2),
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.pool(self.features(x))
+        return self.head(self.head(y))  # the head runs twice
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nested_model_names_and_values(device):
+    model = Net().to(device)
+    x = torch.randn(2, 3, 9, 9, device=device)
+    macs = layer_macs(model, x)
+    assert macs == {
+        "features.0": 2 * 9 * 9 * 8 * 3 * 3 * 3,  # N * H * W * C_out * C_in * kh * kw
+        "features.2": 2 * 4 * 4 * 4 * (8 // 2) * 3 * 3,  # 9 -> 4 with stride 2, no padding
+        "head": 2 * (2 * 4 * 4),  # two calls of 2 rows * 4 in * 4 out
+    }
+    assert count_macs(model, x) == sum(macs.values()) == oracle_macs(model, x)
+
+
+def test_resnet18_macs():
+    model = torchvision.models.resnet18(weights=None)
+    x = torch.randn(1, 3, 224, 224)
+    macs = count_macs(model, x)
+    assert macs == oracle_macs(model, x)
+    assert macs == pytest.approx(1.81e9, rel=0.01)  # the well-known 1.8 GMACs
+
+
+def test_count_params_counts_tied_parameters_once():
+    model = Net()
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+    tied = nn.Sequential(nn.Linear(5, 5, bias=False), nn.Linear(5, 5))
+    tied[1].weight = tied[0].weight
+    assert count_params(tied) == 25 + 5
+
+
+@pytest.mark.parametrize("bad", [None, [torch.ones(1, 4)], (), (torch.ones(1, 4), 3), 1.5])
+def test_bad_example_inputs_is_rejected(bad):
+    with pytest.raises(ValueError, match="example_inputs must be a tensor"):
+        count_macs(nn.Linear(4, 2), bad)
+
+
+def test_bad_model_is_rejected():
+    with pytest.raises(ValueError, match=r"model must be an nn\.Module"):
+        count_macs(lambda x: x, torch.ones(1))
+    with pytest.raises(ValueError, match=r"module must be an nn\.Module"):
+        count_params("resnet")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_model_state_is_unchanged(train):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(), nn.Linear(6, 2))
+    model.train(train)
+    model[2].eval()  # a mixed state must be restored module by module
+    stats = model[1].running_mean.clone()
+    assert count_macs(model, torch.randn(2, 3, 8, 8)) > 0
+    assert [m.training for m in model.modules()] == [train, train, train, False, train]
+    assert torch.equal(model[1].running_mean, stats)  # batch-norm statistics not updated
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_hooks_removed_when_forward_raises():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(5, 2))  # shapes do not chain
+    with pytest.raises(RuntimeError):
+        count_macs(model, torch.randn(1, 4))
+    assert not any(m._forward_hooks for m in model.modules())
+    assert model.training
