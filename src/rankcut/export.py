@@ -1,0 +1,301 @@
+"""Export a model to ONNX or TorchScript: checked against PyTorch, written atomically.
+
+:func:`export` is the one entry point. It exports the model in eval mode without changing the
+caller's module (parameters, buffers, device and every submodule's training flag stay as they
+were), writes to a temporary file beside the destination and moves it into place only once the
+export, and the round-trip check if asked for, succeeded: a failed export leaves no file behind
+and an existing file untouched.
+
+ONNX uses the TorchScript-based exporter of ``torch.onnx.export`` (``dynamo=False``) first; see
+:func:`_export_onnx` for why, and for the fallback to the dynamo-based one. The check runs the
+file with onnxruntime on the CPU and compares with PyTorch on the CPU, in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import numbers
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_path
+
+FORMATS = ("onnx", "torchscript")
+METHODS = ("script", "trace")
+MIN_OPSET = 17
+
+# Warnings torch emits on every use of the exporters chosen here. They say nothing about the model
+# at hand, so they are silenced for the duration of the export only; anything else (TracerWarning
+# included: it flags a trace that may not generalise) reaches the caller.
+_EXPECTED_WARNINGS = (
+    # the TorchScript-based ONNX exporter is deprecated in favour of the dynamo-based one
+    (DeprecationWarning, r"You are using the legacy TorchScript-based ONNX export"),
+    # ... and calls a deprecated helper of its own
+    (DeprecationWarning, r"The feature will be removed"),
+    # circular padding slices with a negative step, which constant folding skips (harmless)
+    (UserWarning, r"Constant folding - Only steps=1 can be constant folded"),
+    # torch.jit.script / trace / save / load are deprecated in favour of torch.export
+    (FutureWarning, r"`torch\.jit\.\w+` is deprecated"),
+)
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "onnx",
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    method: str = "script",
+    atol: float = 1e-4,
+) -> Path:
+    """Export ``model`` to ``path`` as ONNX or TorchScript and return the path written.
+
+    Args:
+        model: the module to export; it is exported in eval mode and left as it was.
+        path: the destination file; its parent directory is created if missing.
+        format: ``"onnx"`` or ``"torchscript"``.
+        example_inputs: a tensor or a tuple of tensors, the positional inputs of ``forward``.
+            Required for ONNX, for ``method="trace"`` and for ``check=True``.
+        opset: ONNX operator set version, at least 17.
+        dynamic_batch: ONNX only: make dimension 0 of every input (and output) dynamic.
+        check: ONNX: run ``onnx.checker`` on the file, then run it with onnxruntime (CPU) on
+            ``example_inputs``. TorchScript: load the file back and run it. Either way the
+            outputs must match PyTorch's to within ``atol * max(1, max |output|)`` in float32,
+            else a RuntimeError is raised and nothing is written.
+        method: TorchScript only: ``"script"`` (:func:`torch.jit.script`, keeps control flow)
+            or ``"trace"`` (:func:`torch.jit.trace`, records one run on ``example_inputs``).
+        atol: the tolerance of the check, relative to the output's scale when that exceeds 1.
+
+    Raises:
+        ValueError: an argument outside what is accepted (the message names it).
+        TypeError: ``example_inputs`` or the model's output is not a tensor or tuple of tensors.
+        RuntimeError: the exported model's output differs from PyTorch's.
+        ImportError: ``check=True`` for ONNX without onnx and onnxruntime installed.
+    """
+    _check_arguments(format, example_inputs, opset, method, check, atol)
+    inputs = _as_tensor_tuple(example_inputs, "example_inputs")
+    path, opset = Path(path), int(opset)
+    with _eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
+        with atomic_path(path) as tmp:
+            if format == "onnx":
+                _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol)
+            else:
+                _export_torchscript(model, inputs, tmp, method, check, atol)
+    return path
+
+
+def _check_arguments(format, example_inputs, opset, method, check, atol) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset < MIN_OPSET:
+        raise ValueError(f"opset: expected an integer >= {MIN_OPSET}, got {opset!r}")
+    if not atol >= 0:  # also rejects NaN
+        raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
+    if example_inputs is None:
+        needed_by = (
+            "format='onnx'" if format == "onnx"
+            else "method='trace'" if method == "trace"
+            else "check=True" if check
+            else None
+        )
+        if needed_by is not None:
+            raise ValueError(
+                f"example_inputs: expected a tensor or a tuple of tensors (required with "
+                f"{needed_by}), got None"
+            )
+
+
+def _as_tensor_tuple(value, name: str) -> tuple[torch.Tensor, ...]:
+    """``value`` as a tuple of tensors: a tensor, or a tuple or list of tensors (None: empty)."""
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise TypeError(f"{name}: expected a tensor or a tuple of tensors, got {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own training flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _expected_warnings_ignored() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for category, message in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
+# --------------------------------------------------------------------------------------------- ONNX
+
+
+def _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol) -> None:
+    """Export to ONNX from a CPU model, so that the check compares like with like.
+
+    Exporter choice, tried on torch 2.14 with convs of every kind (grouped, depthwise, padding
+    modes reflect / replicate / circular, ``padding="same"`` with a (3, 5) kernel, 1x1), BatchNorm
+    and Linear: both exporters give the right numbers, but the dynamo-based one (``dynamo=True``)
+    has no implementation below opset 18 and cannot convert the Pad of reflect / replicate /
+    circular convs down to 17, so it silently writes opset 18 when 17 is asked for; it also
+    specialises a batch of 1 unless told otherwise, writes weights to a side ``.data`` file by
+    default, and takes seconds where the TorchScript-based one takes tens of milliseconds. So the
+    TorchScript-based exporter (``dynamo=False``), which writes the opset asked for, goes first,
+    and the dynamo-based one is the fallback for models it cannot handle (or a torch without it).
+    """
+    cpu_model = _cpu_view(model)
+    cpu_inputs = tuple(x.detach().cpu() for x in inputs)
+    expected = _as_tensor_tuple(cpu_model(*cpu_inputs), "model output")
+    input_names = [f"input_{i}" for i in range(len(cpu_inputs))]
+    output_names = [f"output_{i}" for i in range(len(expected))]
+    batch_axes = _batch_axes(input_names, cpu_inputs) | _batch_axes(output_names, expected)
+    try:
+        torch.onnx.export(
+            cpu_model, cpu_inputs, str(tmp), dynamo=False, opset_version=opset,
+            input_names=input_names, output_names=output_names,
+            dynamic_axes=batch_axes if dynamic_batch else None,
+        )
+    except Exception as torchscript_error:
+        try:
+            _export_onnx_dynamo(
+                cpu_model, cpu_inputs, tmp, opset, dynamic_batch, input_names, output_names
+            )
+        except Exception as dynamo_error:
+            raise RuntimeError(
+                f"ONNX export failed with both exporters: TorchScript-based: {torchscript_error!r}"
+                f"; dynamo-based: {dynamo_error!r}"
+            ) from dynamo_error
+    if check:
+        _check_onnx(tmp, dict(zip(input_names, cpu_inputs, strict=True)), expected, atol)
+
+
+def _batch_axes(names, tensors) -> dict[str, dict[int, str]]:
+    """Dimension 0 of each tensor that has one, named "batch", as ``dynamic_axes`` wants it."""
+    return {name: {0: "batch"} for name, t in zip(names, tensors, strict=True) if t.ndim}
+
+
+def _export_onnx_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output_names):
+    dim = torch.export.Dim.DYNAMIC  # not a named Dim: those refuse an example batch of 1
+    torch.onnx.export(
+        model, inputs, str(tmp), dynamo=True, opset_version=opset, verbose=False,
+        input_names=input_names, output_names=output_names,
+        dynamic_shapes=(
+            tuple({0: dim} if x.ndim else None for x in inputs) if dynamic_batch else None
+        ),
+        external_data=False,  # a side file would be named after the temporary file
+    )
+    import onnx  # present: the dynamo-based exporter needs it
+
+    opsets = onnx.load(str(tmp)).opset_import
+    written = next(o.version for o in opsets if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        warnings.warn(
+            f"the dynamo-based ONNX exporter wrote opset {written}, not the {opset} asked for "
+            "(it could not convert the model down)",
+            stacklevel=4,
+        )
+
+
+def _cpu_view(model: nn.Module) -> nn.Module:
+    """``model`` itself when all its tensors are on the CPU, else a copy of it on the CPU.
+
+    The copy is made tensor by tensor straight to the CPU (deepcopy's memo maps each device
+    tensor to its CPU copy), so the device never holds two copies of the weights.
+    """
+    on_device = [t for t in (*model.parameters(), *model.buffers()) if t.device.type != "cpu"]
+    if not on_device:
+        return model
+    memo = {
+        id(t): (
+            nn.Parameter(t.detach().cpu(), t.requires_grad)
+            if isinstance(t, nn.Parameter) else t.cpu()
+        )
+        for t in on_device
+    }
+    return copy.deepcopy(model, memo)
+
+
+def _check_onnx(file: Path, feeds: dict[str, torch.Tensor], expected, atol: float) -> None:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(
+            "checking an ONNX export needs onnx and onnxruntime: pip install 'rankcut[export]' "
+            "(or pass check=False)"
+        ) from error
+    onnx.checker.check_model(str(file))  # given the path, it handles models over 2 GB too
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in session.get_inputs()}  # inputs forward ignores are dropped
+    actual = session.run(
+        None, {name: x.numpy() for name, x in feeds.items() if name in graph_inputs}
+    )
+    _compare("ONNX (onnxruntime)", [torch.from_numpy(a) for a in actual], expected, atol)
+
+
+# -------------------------------------------------------------------------------------- TorchScript
+
+
+def _export_torchscript(model, inputs, tmp, method, check, atol) -> None:
+    """Script or trace the model where it is (its device), save it, and optionally reload it."""
+    device = _device_of(model)
+    inputs = tuple(x.to(device) for x in inputs)
+    if method == "script":
+        compiled = torch.jit.script(model)
+    else:
+        compiled = torch.jit.trace(model, inputs)
+    torch.jit.save(compiled, str(tmp))
+    if check:
+        expected = _as_tensor_tuple(model(*inputs), "model output")
+        loaded = torch.jit.load(str(tmp))
+        actual = _as_tensor_tuple(loaded(*inputs), "TorchScript output")
+        _compare(f"TorchScript ({method})", actual, expected, atol)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(iter((*model.parameters(), *model.buffers())), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- check
+
+
+def _compare(what: str, actual, expected, atol: float) -> None:
+    """Raise a RuntimeError unless each output is within ``atol * max(1, max |expected|)``."""
+    if len(actual) != len(expected):
+        raise RuntimeError(f"{what} gives {len(actual)} outputs, PyTorch {len(expected)}")
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        a, e = a.detach().float().cpu(), e.detach().float().cpu()
+        if a.shape != e.shape:
+            raise RuntimeError(
+                f"{what} output {i} has shape {tuple(a.shape)}, PyTorch {tuple(e.shape)}"
+            )
+        if e.numel() == 0:
+            continue
+        scale = max(1.0, float(e.abs().max()))
+        diff = float((a - e).abs().max())
+        if not diff <= atol * scale:  # NaN fails too
+            raise RuntimeError(
+                f"{what} output {i} differs from PyTorch: max abs diff {diff:.3g} > "
+                f"{atol * scale:.3g} (atol={atol:g} x max(1, max |output|={scale:.3g}))"
+            )

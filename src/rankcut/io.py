@@ -1,0 +1,140 @@
+"""Save and load compressed models without pickles: a plan (JSON) plus weights (safetensors).
+
+``save(model, folder, plan=plan)`` writes ``plan.json`` and ``model.safetensors``, each
+atomically (temporary file, then rename). The stored plan holds the ranks the layers actually
+have (a CUR layer's width, a clamped rank) and the weights file's SHA-256.
+``load(base_model, folder)`` rebuilds the factorized structure on a copy of the original
+architecture from the plan, then loads the weights strictly. It never unpickles anything, and a
+missing, truncated or altered file is an error before any model is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .layers import FactorizedLayer
+from .plan import LayerPlan, Plan
+from .surgery import structure
+
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path``, moved onto ``path`` (after an fsync) if the block
+    succeeds and removed whatever happens: readers never see a half-written file, and a failure
+    leaves the folder as it was. The name is unique rather than made by ``mkstemp`` so that the
+    file gets the usual permissions (mkstemp's are owner-only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def layer_plan_of(layer: FactorizedLayer, module_type: str) -> LayerPlan:
+    """The LayerPlan that rebuilds ``layer`` (its realised ranks and form)."""
+    config = layer.config()
+    kind = config["layer"]
+    if kind in ("LowRankLinear", "SVDConv2d"):
+        return LayerPlan(config["decomposition"], (config["rank"],), module_type=module_type)
+    if kind == "SpatialConv2d":
+        return LayerPlan("spatial_svd", (config["rank"],), module_type=module_type)
+    if kind == "CPConv2d":
+        return LayerPlan("cp", (config["rank"],), form=config["form"], module_type=module_type)
+    return LayerPlan("tucker", tuple(config["ranks"]), module_type=module_type)
+
+
+def realized_plan(model: nn.Module, plan: Plan | None = None) -> Plan:
+    """``plan`` with the ranks the factorized layers of ``model`` really have; a layer the plan
+    does not mention is added. Refuses a plan whose layers ``model`` has not factorized."""
+    stored = Plan(meta=dict(plan.meta) if plan is not None else {})
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    for name, lp in (plan or {}).items():
+        if lp.skip:
+            stored[name] = lp
+            continue
+        if name not in layers:
+            raise ValueError(f"plan layer {name!r} is not factorized in this model: pass the "
+                             "model that rankcut.apply returned")
+        actual = layer_plan_of(layers[name], lp.module_type)
+        stored[name] = LayerPlan(actual.method, actual.ranks, actual.form, dict(lp.options),
+                                 dict(lp.predicted), lp.reason, lp.module_type)
+    for name, layer in layers.items():
+        if name not in stored:
+            dense_type = "Linear" if layer.config()["layer"] == "LowRankLinear" else "Conv2d"
+            stored[name] = layer_plan_of(layer, dense_type)
+    return stored
+
+
+def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) -> Path:
+    """Write ``plan.json`` and ``model.safetensors`` into the folder ``path``; returns it."""
+    from . import __version__
+
+    folder = Path(path)
+    stored = realized_plan(model, plan)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_model(model, str(tmp))
+        digest = _sha256(tmp)
+    stored.meta.update(weights_file=WEIGHTS_FILE, weights_sha256=digest,
+                       rankcut_version=__version__, model_class=type(model).__name__)
+    with atomic_path(folder / PLAN_FILE) as tmp:
+        tmp.write_text(stored.to_json() + "\n")
+    return folder
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """The plan stored in a save folder (or a plan.json file)."""
+    path = Path(path)
+    plan_file = path if path.suffix == ".json" else path / PLAN_FILE
+    if not plan_file.is_file():
+        raise FileNotFoundError(f"{plan_file}: not found (a rankcut save folder holds "
+                                f"{PLAN_FILE} and {WEIGHTS_FILE})")
+    try:
+        return Plan.from_json(plan_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{plan_file}: {err}") from None
+
+
+def load(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """The compressed model saved in ``path``, rebuilt on a copy of ``base_model`` (the original,
+    uncompressed architecture; its weights do not matter). ``base_model`` is not changed."""
+    folder = Path(path)
+    plan = load_plan(folder)
+    weights = folder / plan.meta.get("weights_file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found (saved beside {PLAN_FILE})")
+    expected = plan.meta.get("weights_sha256")
+    if expected is not None and _sha256(weights) != expected:
+        raise ValueError(f"{weights}: contents do not match {PLAN_FILE} (SHA-256 differs): the "
+                         "file was changed or truncated after saving")
+    model = structure(base_model, plan)
+    device = next((p.device for p in model.parameters()), "cpu")
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise ValueError(f"{weights}: cannot load into the rebuilt model: {err}") from None
+    return model

@@ -1,0 +1,172 @@
+"""Find the layers worth factorizing, and replace them by qualified name without touching the
+caller's model.
+
+``apply(model, plan)`` decomposes each planned layer and swaps in its factorized layer on a deep
+copy (``inplace=True`` edits ``model`` itself). Every check (names exist, types fit the method,
+solver options are ones the solver takes) runs before anything is changed, and a layer is
+located and replaced by its qualified name, so nested and repeated blocks work (seed 002's code
+attached new blocks beside the old convolutions; this cannot).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from . import decompose as dec
+from .layers import (
+    CPConv2d,
+    LowRankLinear,
+    SpatialConv2d,
+    SVDConv2d,
+    TuckerConv2d,
+    conv_skip_reason,
+    rebuild,
+)
+from .plan import LayerPlan, Plan
+
+Pattern = str | type
+
+
+def _matches(name: str, module: nn.Module, patterns: Iterable[Pattern]) -> Pattern | None:
+    for pattern in patterns:
+        if isinstance(pattern, type):
+            if isinstance(module, pattern):
+                return pattern
+        elif name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
+def _check_patterns(patterns, name) -> tuple[Pattern, ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str | type):
+        patterns = (patterns,)
+    patterns = tuple(patterns)
+    for p in patterns:
+        if not isinstance(p, str | type):
+            raise ValueError(f"{name}: expected module names, glob patterns or module types, "
+                             f"got {p!r}")
+    return patterns
+
+
+def target_layers(model: nn.Module, include=None, exclude=None, *,
+                  min_params: int = 1024) -> dict[str, str | None]:
+    """Every Conv2d and Linear of ``model``: qualified name -> None (eligible) or why not.
+
+    ``include``/``exclude``: qualified names, glob patterns (``"layer3.*"``) or module types
+    (``nn.Linear``). By default a layer is skipped when factorizing it cannot pay off: a
+    depthwise convolution, an input stem with at most 3 input channels, or fewer than
+    ``min_params`` parameters. Naming a layer exactly in ``include`` overrides the last two.
+    """
+    include = _check_patterns(include, "include")
+    exclude = _check_patterns(exclude, "exclude")
+    out: dict[str, str | None] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        if (hit := _matches(name, module, exclude)) is not None:
+            out[name] = f"excluded by {getattr(hit, '__name__', hit)!s}"
+            continue
+        if include and _matches(name, module, include) is None:
+            out[name] = "not matched by include"
+            continue
+        forced = name in include
+        reason = conv_skip_reason(module) if isinstance(module, nn.Conv2d) else None
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        if reason is None and not forced:
+            if isinstance(module, nn.Conv2d) and module.in_channels <= 3:
+                reason = f"input stem ({module.in_channels} input channels): too thin to pay off"
+            elif params < min_params:
+                reason = f"too small ({params} parameters < min_params={min_params})"
+        out[name] = reason
+    return out
+
+
+# The decomposition function each layer type forwards its options to (for early validation).
+_SOLVERS: dict[str, Callable] = {"SpatialConv2d": dec.svd, "CPConv2d": dec.cp,
+                                 "TuckerConv2d": dec.tucker}
+
+
+def factorize(module: nn.Module, lp: LayerPlan) -> nn.Module:
+    """The factorized layer ``lp`` describes, computed from ``module``'s weight."""
+    config = lp.layer_config(module)
+    kind = config.pop("layer")
+    if kind == "LowRankLinear":
+        return LowRankLinear.from_dense(module, config["rank"], config["decomposition"],
+                                        **lp.options)
+    if kind == "SVDConv2d":
+        return SVDConv2d.from_dense(module, config["rank"], config["decomposition"], **lp.options)
+    if kind == "SpatialConv2d":
+        return SpatialConv2d.from_dense(module, config["rank"], **lp.options)
+    if kind == "CPConv2d":
+        return CPConv2d.from_dense(module, config["rank"], form=config["form"], **lp.options)
+    return TuckerConv2d.from_dense(module, tuple(config["ranks"]), **lp.options)
+
+
+def _check_plan(model: nn.Module, plan: Plan) -> None:
+    """Reject a plan that does not fit ``model``, naming the layer, before anything changes."""
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
+    for name, lp in plan.active.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"plan layer {name!r}: the model has no such module") from None
+        if lp.module_type and type(module).__name__ != lp.module_type:
+            raise ValueError(f"plan layer {name!r}: planned for a {lp.module_type}, the model "
+                             f"has a {type(module).__name__}")
+        if isinstance(module, nn.Conv2d) and (reason := conv_skip_reason(module)):
+            raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
+        try:
+            config = lp.layer_config(module)
+        except ValueError as err:
+            raise ValueError(f"plan layer {name!r}: {err}") from None
+        solver = _SOLVERS.get(config["layer"]) or (
+            dec.cur if config.get("decomposition") == "cur" else dec.svd)
+        try:
+            inspect.signature(solver).bind(None, None, **lp.options)
+        except TypeError as err:
+            raise ValueError(f"plan layer {name!r}: options {lp.options} do not fit "
+                             f"rankcut.decompose.{solver.__name__}: {err}") from None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def _replace(model: nn.Module, plan: Plan, make: Callable, inplace: bool,
+             progress: bool = False) -> nn.Module:
+    _check_plan(model, plan)
+    target = model if inplace else copy.deepcopy(model)
+    items = list(plan.active.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="factorizing", unit="layer")
+    for name, lp in items:
+        _set_submodule(target, name, make(target.get_submodule(name), lp))
+    return target
+
+
+def apply(model: nn.Module, plan: Plan, *, inplace: bool = False,
+          progress: bool = False) -> nn.Module:
+    """A copy of ``model`` with every planned layer replaced by its factorized layer.
+
+    ``model`` is left untouched unless ``inplace=True``. ``progress=True`` shows a progress bar.
+    """
+    return _replace(model, plan, factorize, inplace, progress)
+
+
+def structure(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
+    """Like :func:`apply` but without decomposing: each planned layer gets the factorized
+    layer's shapes with fresh weights (``rankcut.load`` then loads the saved weights)."""
+    return _replace(model, plan, lambda module, lp: rebuild(module, lp.layer_config(module)),
+                    inplace)

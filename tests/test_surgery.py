@@ -1,0 +1,243 @@
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import rankcut as rc
+from rankcut.layers import CPConv2d, LowRankLinear, SpatialConv2d, SVDConv2d, TuckerConv2d
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x)) + x
+
+
+class Net(nn.Module):
+    """A stem, repeated nested blocks, a depthwise conv, a 1x1 conv and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(Block(16), Block(16), Block(16))
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.proj = nn.Conv2d(16, 32, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 40),
+                                  nn.ReLU(), nn.Linear(40, 10))
+
+    def forward(self, x):
+        return self.head(self.proj(self.dw(self.blocks(self.stem(x)))))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def full_plan():
+    return rc.Plan({
+        "blocks.0.conv": rc.LayerPlan("cp", (8,), form="cp3", options={"max_iter": 10}),
+        "blocks.1.conv": rc.LayerPlan("tucker", (8, 6), module_type="Conv2d"),
+        "blocks.2.conv": rc.LayerPlan("spatial_svd", (12,)),
+        "proj": rc.LayerPlan("svd", (8,)),
+        "head.2": rc.LayerPlan("cur", (10,), options={"method": "deim"}),
+        "head.4": rc.LayerPlan("svd", (4,), module_type="Linear"),
+        "stem": rc.LayerPlan.skipped("input stem"),
+    }, meta={"target": "params=2x"})
+
+
+def test_plan_json_round_trip_and_table():
+    plan = full_plan()
+    plan["proj"].predicted = {"params": 392, "macs": 25088, "error": 0.25}
+    again = rc.Plan.from_json(plan.to_json())
+    assert again == plan and again.meta == {"target": "params=2x"}
+    assert list(again) == list(plan)  # order kept
+    assert again["blocks.0.conv"].form == "cp3" and again["blocks.1.conv"].ranks == (8, 6)
+    table = str(plan)
+    assert "blocks.1.conv  tucker" in table and "25,088" in table and "input stem" in table
+    assert repr(plan) == "Plan(6 of 7 layers factorized)"
+    assert json.loads(plan.to_json())["schema"] == "rankcut.plan"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="qr"), "method: expected one of svd, cur, spatial_svd, cp, tucker, skip"),
+    (dict(method="tucker", ranks=(4,)), r"ranks: method 'tucker' expects 2 rank\(s\)"),
+    (dict(method="svd", ranks=(0,)), r"expects 1 rank\(s\) >= 1, got \(0,\)"),
+    (dict(method="cp", ranks=(4,), form="cp5"), "form: expected one of 'cp4', 'cp3'"),
+    (dict(method="svd", ranks=(4,), form="cp4"), "form: only method 'cp' takes a form"),
+])
+def test_bad_layer_plans_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rc.LayerPlan(**kwargs)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{", "plan: not valid JSON"),
+    ('{"schema": "other"}', 'expected a JSON object with "schema": "rankcut.plan"'),
+    ('{"schema": "rankcut.plan", "version": 99}', "schema version 99 is not supported"),
+    ('{"schema": "rankcut.plan", "version": 1, "layers": {"a": {"method": "svd", '
+     '"ranks": [2], "colour": 1}}}', r"plan layer 'a': layer plan: unknown keys \['colour'\]"),
+])
+def test_bad_plan_json_is_rejected(text, match):
+    with pytest.raises(ValueError, match=match):
+        rc.Plan.from_json(text)
+
+
+def test_apply_replaces_by_qualified_name_and_leaves_the_original_bitwise_unchanged(net):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    small = rc.apply(net, full_plan())
+    assert small is not net
+    assert net.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(isinstance(m, nn.Conv2d) for m in (net.blocks[0].conv, net.blocks[1].conv))
+    expected = {"blocks.0.conv": CPConv2d, "blocks.1.conv": TuckerConv2d,
+                "blocks.2.conv": SpatialConv2d, "proj": SVDConv2d, "head.2": LowRankLinear,
+                "head.4": LowRankLinear}
+    for name, kind in expected.items():
+        assert isinstance(small.get_submodule(name), kind), name
+    assert isinstance(small.stem, nn.Conv2d) and type(small.dw) is nn.Conv2d
+    n_before = sum(p.numel() for p in net.parameters())
+    assert sum(p.numel() for p in small.parameters()) < n_before
+    x = torch.randn(2, 3, 12, 12)
+    assert small(x).shape == (2, 10)
+
+
+def test_apply_at_full_rank_keeps_the_function(net):
+    plan = rc.Plan({"blocks.1.conv": rc.LayerPlan("tucker", (16, 16)),
+                    "head.2": rc.LayerPlan("svd", (32,))})
+    x = torch.randn(2, 3, 12, 12)
+    assert torch.allclose(rc.apply(net, plan)(x), net(x), atol=1e-5)
+
+
+def test_inplace_edits_the_model_itself(net):
+    out = rc.apply(net, rc.Plan({"proj": rc.LayerPlan("svd", (4,))}), inplace=True)
+    assert out is net and isinstance(net.proj, SVDConv2d)
+
+
+@pytest.mark.parametrize("plan, match", [
+    (rc.Plan({"blocks.9.conv": rc.LayerPlan("svd", (4,))}),
+     "plan layer 'blocks.9.conv': the model has no such module"),
+    (rc.Plan({"head.4": rc.LayerPlan("cp", (4,))}),
+     "plan layer 'head.4': method 'cp' does not apply to Linear"),
+    (rc.Plan({"proj": rc.LayerPlan("tucker", (4, 4))}),
+     "plan layer 'proj': method 'tucker' does not apply to a 1x1 convolution"),
+    (rc.Plan({"dw": rc.LayerPlan("svd", (4,))}),
+     "plan layer 'dw': cannot factorize: depthwise convolution"),
+    (rc.Plan({"head.4": rc.LayerPlan("svd", (4,), module_type="Conv2d")}),
+     "plan layer 'head.4': planned for a Conv2d, the model has a Linear"),
+    (rc.Plan({"blocks.0.conv": rc.LayerPlan("cp", (4,), options={"iterations": 3})}),
+     r"plan layer 'blocks.0.conv': options \{'iterations': 3\} do not fit "
+     "rankcut.decompose.cp"),
+])
+def test_a_plan_that_does_not_fit_is_rejected_before_any_change(net, plan, match):
+    plan["blocks.1.conv"] = rc.LayerPlan("svd", (4,))  # a valid entry alongside the bad one
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        rc.apply(net, plan, inplace=True)
+    assert isinstance(net.blocks[1].conv, nn.Conv2d)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_target_layers_default_skips_and_patterns(net):
+    t = rc.target_layers(net)
+    assert t["stem"].startswith("input stem (3 input channels)")
+    assert t["dw"].startswith("depthwise convolution")
+    assert t["head.4"] == "too small (410 parameters < min_params=1024)"
+    assert t["proj"] == "too small (544 parameters < min_params=1024)"
+    assert t["blocks.0.conv"] is None and t["head.2"] is None
+    t = rc.target_layers(net, include=["blocks.*", nn.Linear], exclude="blocks.1.*",
+                         min_params=100)
+    assert t["blocks.0.conv"] is None and t["head.4"] is None
+    assert t["blocks.1.conv"] == "excluded by blocks.1.*"
+    assert t["proj"] == "not matched by include" and t["head.2"] is None
+    forced = rc.target_layers(net, include=["stem", "dw"])
+    assert forced["stem"] is None  # named exactly: the stem heuristic is overridden
+    assert forced["dw"].startswith("depthwise")  # impossibilities are not
+    with pytest.raises(ValueError, match="include: expected module names, glob patterns"):
+        rc.target_layers(net, include=[3])
+
+
+def test_save_and_load_round_trip(net, tmp_path):
+    plan = full_plan()
+    small = rc.apply(net, plan)
+    rc.save(small, tmp_path / "out", plan=plan)
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors", "plan.json"]
+    fresh = Net().eval()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    loaded = rc.load(fresh, tmp_path / "out")
+    x = torch.randn(2, 3, 12, 12)
+    assert torch.equal(loaded(x), small(x))
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    stored = rc.load_plan(tmp_path / "out")
+    assert stored.meta["target"] == "params=2x" and len(stored.meta["weights_sha256"]) == 64
+    assert stored["head.2"].ranks == (small.head[2].rank,)  # CUR's realised width is stored
+
+
+def test_save_records_realised_ranks_and_layers_the_plan_omits(net, tmp_path):
+    small = rc.apply(net, rc.Plan({"blocks.0.conv": rc.LayerPlan("tucker", (99, 99)),
+                                   "proj": rc.LayerPlan("svd", (4,))}))
+    small.head[4] = LowRankLinear.from_dense(small.head[4], 3)  # done by hand, outside the plan
+    rc.save(small, tmp_path, plan=rc.Plan({"proj": rc.LayerPlan("svd", (4,))}))
+    stored = rc.load_plan(tmp_path)
+    assert stored["blocks.0.conv"].ranks == (16, 16)  # clamped to the channels
+    assert stored["head.4"].method == "svd" and stored["head.4"].ranks == (3,)
+    x = torch.randn(1, 3, 12, 12)
+    assert torch.equal(rc.load(Net().eval(), tmp_path)(x), small(x))
+
+
+def test_save_refuses_a_plan_the_model_does_not_carry_out(net, tmp_path):
+    with pytest.raises(ValueError, match="plan layer 'proj' is not factorized in this model"):
+        rc.save(net, tmp_path, plan=rc.Plan({"proj": rc.LayerPlan("svd", (4,))}))
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_damaged_saves_are_refused_with_a_clear_error(net, tmp_path):
+    small = rc.apply(net, full_plan())
+    rc.save(small, tmp_path, plan=full_plan())
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+
+    weights.write_bytes(data[:-100])  # truncated
+    with pytest.raises(ValueError, match="contents do not match plan.json"):
+        rc.load(Net(), tmp_path)
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit changed
+    with pytest.raises(ValueError, match="contents do not match plan.json"):
+        rc.load(Net(), tmp_path)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: not found"):
+        rc.load(Net(), tmp_path)
+    weights.write_bytes(data)
+    (tmp_path / "plan.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="plan.json: plan: not valid JSON"):
+        rc.load(Net(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="plan.json: not found"):
+        rc.load(Net(), tmp_path / "elsewhere")
+
+
+def test_a_plan_for_another_architecture_is_refused(net, tmp_path):
+    rc.save(rc.apply(net, full_plan()), tmp_path, plan=full_plan())
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3)
+
+    with pytest.raises(ValueError, match="plan layer 'blocks.0.conv': the model has no such"):
+        rc.load(Other(), tmp_path)
+
+
+def test_weights_that_do_not_fit_are_refused(net, tmp_path):
+    plan = rc.Plan({"proj": rc.LayerPlan("svd", (4,))})
+    rc.save(rc.apply(net, plan), tmp_path, plan=plan)
+    stored = rc.load_plan(tmp_path)
+    stored["proj"] = rc.LayerPlan("svd", (5,))  # hand-edited rank: shapes no longer match
+    (tmp_path / "plan.json").write_text(stored.to_json())
+    with pytest.raises(ValueError, match="cannot load into the rebuilt model"):
+        rc.load(Net(), tmp_path)
