@@ -1,11 +1,12 @@
 # Two commands for a fresh machine with only Python 3.11+ installed:
 #   make demo   creates .venv, installs rankcut, runs the embedded demo
 #   make test   creates .venv, installs rankcut with test extras, runs the test suite
+#               (tests marked slow are left out; make test-all runs them too)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-all lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: $(VENV)/.installed-runtime
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+test-all: $(VENV)/.installed-dev   # also the slow tests (more torchvision models; ~15 min)
+	$(BIN)/python -m pytest -m ''
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -240,3 +240,24 @@ def test_costs_agree_with_torch_flop_counter():
         assert layer_cost(dense, layer.config(), **kw).macs == counter.get_total_flops() // 2
         assert layer_cost(dense, layer.config(), **kw).params == sum(
             p.numel() for p in layer.parameters())
+
+
+def test_every_layer_compiles_with_torch_jit_script():
+    conv = nn.Conv2d(8, 6, (3, 5), stride=(2, 1), padding="valid", groups=2,
+                     padding_mode="reflect")
+    x = torch.randn(2, 8, 11, 13)
+    layers = [CPConv2d.from_dense(conv, 3, max_iter=5),
+              CPConv2d.from_dense(conv, 3, form="cp3", max_iter=5),
+              TuckerConv2d.from_dense(conv, (2, 3)), SVDConv2d.from_dense(conv, 4),
+              SpatialConv2d.from_dense(conv, 4)]
+    for layer in layers:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+            scripted = torch.jit.script(layer)
+        assert torch.allclose(scripted(x), layer(x), atol=1e-6), type(layer).__name__
+    lin = LowRankLinear.from_dense(nn.Linear(10, 7), 3)
+    v = torch.randn(4, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(lin)
+    assert torch.allclose(scripted(v), lin(v), atol=1e-6)

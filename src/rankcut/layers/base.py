@@ -100,10 +100,9 @@ class FactorizedLayer(nn.Module):
     """Base class: ``like``/``config`` rebuild the structure, ``from_dense``/``to_dense`` convert.
 
     ``info`` holds what the decomposition reported (method, relative weight error, ...) when the
-    layer came from ``from_dense``; it is informational and not part of the state dict.
+    layer came from ``from_dense``; it is informational and not part of the state dict. (No
+    class-level annotations here or in subclasses: TorchScript would try to compile them.)
     """
-
-    info: dict[str, Any]
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -69,8 +69,6 @@ def _pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class _ConvFactorized(FactorizedLayer):
     """Shared plumbing of the conv layers: geometry, device/dtype handling and ``to_dense``."""
 
-    geometry: ConvGeometry
-
     def _init_geometry(self, geometry: ConvGeometry) -> None:
         self.geometry = geometry
 
