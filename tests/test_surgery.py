@@ -241,3 +241,23 @@ def test_weights_that_do_not_fit_are_refused(net, tmp_path):
     (tmp_path / "plan.json").write_text(stored.to_json())
     with pytest.raises(ValueError, match="cannot load into the rebuilt model"):
         rc.load(Net(), tmp_path)
+
+
+def test_attention_output_projections_are_skipped_and_refused():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.mlp = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.mlp(self.attn(x, x, x)[0])
+
+    model = Attn()
+    t = rc.target_layers(model)
+    assert t["attn.out_proj"].startswith("output projection of nn.MultiheadAttention")
+    assert t["mlp"] is None
+    with pytest.raises(ValueError, match="plan layer 'attn.out_proj': cannot factorize"):
+        rc.apply(model, rc.Plan({"attn.out_proj": rc.LayerPlan("svd", (8,))}))
+    small = rc.apply(model, rc.Plan({"mlp": rc.LayerPlan("svd", (8,))}))
+    assert small(torch.randn(2, 5, 64)).shape == (2, 5, 64)

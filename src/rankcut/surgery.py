@@ -55,6 +55,16 @@ def _check_patterns(patterns, name) -> tuple[Pattern, ...]:
     return patterns
 
 
+def _parent_reads_weight(model: nn.Module, name: str) -> str | None:
+    """Why replacing ``name`` would break its parent, which uses the weight itself, or None."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else None
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("output projection of nn.MultiheadAttention, which reads its weight directly "
+                "instead of calling it")
+    return None
+
+
 def target_layers(model: nn.Module, include=None, exclude=None, *,
                   min_params: int = 1024) -> dict[str, str | None]:
     """Every Conv2d and Linear of ``model``: qualified name -> None (eligible) or why not.
@@ -78,6 +88,7 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
             continue
         forced = name in include
         reason = conv_skip_reason(module) if isinstance(module, nn.Conv2d) else None
+        reason = reason or _parent_reads_weight(model, name)
         params = sum(p.numel() for p in module.parameters(recurse=False))
         if reason is None and not forced:
             if isinstance(module, nn.Conv2d) and module.in_channels <= 3:
@@ -121,7 +132,8 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
         if lp.module_type and type(module).__name__ != lp.module_type:
             raise ValueError(f"plan layer {name!r}: planned for a {lp.module_type}, the model "
                              f"has a {type(module).__name__}")
-        if isinstance(module, nn.Conv2d) and (reason := conv_skip_reason(module)):
+        reason = conv_skip_reason(module) if isinstance(module, nn.Conv2d) else None
+        if reason := reason or _parent_reads_weight(model, name):
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         try:
             config = lp.layer_config(module)
