@@ -14,7 +14,7 @@ The decompositions live in :mod:`rankcut.decompose`, the factorized layers in
 from . import decompose, layers
 from .export import export
 from .io import load, load_plan, save
-from .plan import LayerPlan, Plan
+from .plans import LayerPlan, Plan
 from .surgery import apply, target_layers
 
 __version__ = "0.1.0"

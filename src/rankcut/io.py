@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .layers import FactorizedLayer
-from .plan import LayerPlan, Plan
+from .plans import LayerPlan, Plan
 from .surgery import structure
 
 PLAN_FILE = "plan.json"

@@ -27,7 +27,7 @@ from .layers import (
     conv_skip_reason,
     rebuild,
 )
-from .plan import LayerPlan, Plan
+from .plans import LayerPlan, Plan
 
 Pattern = str | type
 
