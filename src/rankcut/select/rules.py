@@ -1,0 +1,172 @@
+"""Per-layer rank rules, and the one way to say them in Python and on the command line.
+
+=====================  ========================================================================
+spec                   rank chosen for each layer
+=====================  ========================================================================
+``64`` or ``"64"``     that rank (Tucker: both channel ranks)
+``"params=0.25"``      the largest rank whose factorized layer keeps at most 25% of the dense
+                       layer's parameters (``"params=4x"`` says the same); for CP the rule of
+                       seed 000 / Astrid & Lee, R = p·floor(prod(dims) / sum(dims))
+``"macs=0.25"``        the same on MACs (needs the layer's input size)
+``"energy=0.95"``      the smallest rank keeping 95% of the squared singular values (Tucker:
+                       per channel unfolding)
+``"vbmf"``             the EVBMF rank (Nakajima et al. 2013) of the layer's matrix; Tucker: of the
+                       mode-T and mode-S unfoldings (Kim et al. 2016); ``"vbmf=0.3"`` weakens it
+                       toward the full rank (MUSCO)
+=====================  ========================================================================
+
+Energy and EVBMF need singular values, so they are defined for ``svd``, ``cur``,
+``spatial_svd`` and ``tucker``; CP takes a fixed rank or a params/MACs fraction. For a grouped
+convolution ranks are per group, and the data-driven rules take the largest over the groups.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import decompose as dec
+from ..layers import layer_cost
+from ..plans import LayerPlan
+
+KINDS = ("fixed", "params", "macs", "energy", "vbmf")
+SPEC_HELP = ("an int >= 1, 'vbmf', 'vbmf=W' (0 <= W <= 1), 'energy=E' (0 < E <= 1), "
+             "'params=F' or 'macs=F' (0 < F <= 1, or 'Nx' for 1/N)")
+
+
+@dataclass(frozen=True)
+class RankRule:
+    kind: str
+    value: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return str(int(self.value))
+        if self.kind == "vbmf":
+            return "vbmf" if self.value == 0 else f"vbmf={self.value:g}"
+        return f"{self.kind}={self.value:g}"
+
+
+def parse_rank(spec) -> RankRule:
+    """A :class:`RankRule` from an int or a spec string (see the module docstring)."""
+    if isinstance(spec, RankRule):
+        return spec
+    bad = ValueError(f"rank: expected {SPEC_HELP}; got {spec!r}")
+    if isinstance(spec, bool):
+        raise bad
+    if isinstance(spec, int):
+        if spec < 1:
+            raise bad
+        return RankRule("fixed", spec)
+    if not isinstance(spec, str):
+        raise bad
+    text = spec.strip().lower()
+    if re.fullmatch(r"\d+", text):
+        return parse_rank(int(text))
+    if text == "vbmf":
+        return RankRule("vbmf", 0.0)
+    m = re.fullmatch(r"(params|macs|energy|vbmf)\s*=\s*([0-9.]+)\s*(x?)", text)
+    if not m:
+        raise bad
+    kind, number, times = m.group(1), m.group(2), m.group(3)
+    try:
+        value = float(number)
+    except ValueError:
+        raise bad from None
+    if times:
+        if kind not in ("params", "macs") or value <= 1:
+            raise bad
+        value = 1.0 / value
+    if kind == "vbmf" and not 0 <= value <= 1:
+        raise bad
+    if kind in ("params", "macs", "energy") and not 0 < value <= 1:
+        raise bad
+    return RankRule(kind, value)
+
+
+def _group_matrices(module: nn.Module, method: str) -> list[torch.Tensor]:
+    """The matrices whose spectra decide the rank: one per group (a Linear is one group)."""
+    W = module.weight.detach().float()
+    if isinstance(module, nn.Linear):
+        return [W]
+    g = module.groups
+    t = module.out_channels // g
+    blocks = [W[i * t:(i + 1) * t] for i in range(g)]
+    if method == "spatial_svd":
+        return [b.permute(1, 2, 0, 3).reshape(b.shape[1] * b.shape[2], -1) for b in blocks]
+    return [b.reshape(t, -1) for b in blocks]
+
+
+def _energy_rank(M: torch.Tensor, energy: float) -> int:
+    s2 = torch.linalg.svdvals(M).double().pow(2)
+    cum = s2.cumsum(0) / s2.sum().clamp_min(1e-300)
+    return int((cum < energy - 1e-12).sum()) + 1
+
+
+def _spectral_rank(M: torch.Tensor, rule: RankRule) -> int:
+    if rule.kind == "energy":
+        return _energy_rank(M, rule.value)
+    return max(1, dec.evbmf(M, weakening=rule.value).rank)
+
+
+def _largest_within(budget: float, cost_of, upper: int) -> int:
+    """The largest r in [1, upper] with cost_of(r) <= budget (cost increasing in r); 1 if none."""
+    lo, hi = 1, upper
+    if cost_of(1) > budget:
+        return 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost_of(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
+                input_hw=None) -> tuple[int, ...]:
+    """The ranks ``rule`` gives ``module`` under ``method`` (Tucker: (R_out, R_in))."""
+    rule = parse_rank(rule)
+    if rule.kind == "fixed":
+        r = int(rule.value)
+        return (r, r) if method == "tucker" else (r,)
+    is_conv = isinstance(module, nn.Conv2d)
+    g = module.groups if is_conv else 1
+    t = (module.out_channels if is_conv else module.out_features) // g
+    s = (module.in_channels if is_conv else module.in_features) // g
+    kh, kw = module.kernel_size if is_conv else (1, 1)
+
+    if rule.kind in ("energy", "vbmf"):
+        if method == "cp":
+            raise ValueError(f"rank: {rule} is not defined for CP (no singular values); use a "
+                             "fixed rank, 'params=F' or 'macs=F'")
+        if method == "tucker":
+            W = module.weight.detach().float()
+            blocks = [W[i * t:(i + 1) * t] for i in range(g)]
+            r_out = max(_spectral_rank(b.reshape(t, -1), rule) for b in blocks)
+            r_in = max(_spectral_rank(b.transpose(0, 1).reshape(s, -1), rule) for b in blocks)
+            return (r_out, r_in)
+        return (max(_spectral_rank(M, rule) for M in _group_matrices(module, method)),)
+
+    # params / macs fractions
+    if rule.kind == "params" and method == "cp":
+        dims = (t, s, kh, kw) if form == "cp4" else (t, s, kh * kw)
+        return (max(1, int(rule.value * (math.prod(dims) // sum(dims)))),)
+    if rule.kind == "macs" and is_conv and input_hw is None:
+        raise ValueError("input_hw: the 'macs=' rule needs the convolution's input size")
+    budget = rule.value * getattr(layer_cost(module, input_hw=input_hw), rule.kind)
+
+    def cost(ranks):
+        lp = LayerPlan(method, ranks, form=form if method == "cp" else None)
+        return getattr(layer_cost(module, lp.layer_config(module), input_hw=input_hw), rule.kind)
+
+    if method == "tucker":
+        r_out = _largest_within(budget, lambda r: cost((r, max(1, round(r * s / t)))), t)
+        return (r_out, max(1, round(r_out * s / t)))
+    upper = {"svd": min(t, s * kh * kw), "cur": min(t, s * kh * kw),
+             "spatial_svd": min(s * kh, t * kw)}.get(method, t * s * kh * kw)
+    return (_largest_within(budget, lambda r: cost((r,)), upper),)
