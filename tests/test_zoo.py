@@ -14,15 +14,16 @@ FAST = {"cp": {"max_iter": 3}, "tucker": {"max_iter": 2}}
 
 
 def reduced_plan(model: nn.Module, method: str) -> rc.Plan:
-    """``method`` on every eligible layer it applies to (else channel SVD), at 1/4 rank."""
+    """``method`` on every eligible layer it applies to (else channel SVD), at 1/4 rank for
+    convolutions."""
     plan = rc.Plan()
     for name, reason in rc.target_layers(model).items():
         module = model.get_submodule(name)
         if reason is not None:
             plan[name] = rc.LayerPlan.skipped(reason)
             continue
-        if isinstance(module, nn.Linear):
-            rank = max(1, min(module.in_features, module.out_features) // 4)
+        if isinstance(module, nn.Linear):  # 1/8: large classifiers take the randomized SVD
+            rank = max(1, min(module.in_features, module.out_features) // 8)
             plan[name] = rc.LayerPlan(method if method in ("svd", "cur") else "svd", (rank,))
             continue
         g = module.groups

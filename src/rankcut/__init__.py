@@ -15,6 +15,7 @@ from . import decompose, layers
 from .export import export
 from .io import load, load_plan, save
 from .plans import LayerPlan, Plan
+from .select import plan
 from .surgery import apply, target_layers
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "layers",
     "load",
     "load_plan",
+    "plan",
     "save",
     "target_layers",
 ]

@@ -1,18 +1,24 @@
 """Strategies that choose ranks and methods, and produce Plans.
 
-Per-layer rules (:mod:`.rules`): fixed, params/MACs fraction, energy, EVBMF. Sensitivity
-allocation (:mod:`.sensitivity`): Astrid & Lee's / seed 000's total-rank budget split.
+The global planner :func:`plan` (also ``rankcut.plan``); per-layer rules (:mod:`.rules`): fixed,
+params/MACs fraction, energy, EVBMF; sensitivity allocation (:mod:`.sensitivity`): Astrid &
+Lee's / seed 000's total-rank budget split.
 """
 
+from .budget import allocate
+from .planner import parse_target, plan
 from .rules import RankRule, layer_ranks, parse_rank
 from .sensitivity import allocate_ranks, layer_sensitivities, mean_loss, sensitivity_plan
 
 __all__ = [
     "RankRule",
+    "allocate",
     "allocate_ranks",
     "layer_ranks",
     "layer_sensitivities",
     "mean_loss",
     "parse_rank",
+    "parse_target",
+    "plan",
     "sensitivity_plan",
 ]

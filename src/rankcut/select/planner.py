@@ -1,0 +1,263 @@
+"""``rankcut.plan``: from a model, example inputs and a target to a Plan.
+
+1. ``target_layers`` picks the eligible layers (the rest are recorded as skipped, with why).
+2. One forward pass on ``example_inputs`` records each layer's input size (for MACs).
+3. Each eligible layer gets error-versus-cost curves for the candidate methods (``method="auto"``:
+   channel SVD, spatial SVD, CP-3, CP-4 and Tucker-2 for a k x k convolution; SVD for Linear
+   and 1x1 layers), see :mod:`.curves`.
+4. With a ``target`` ("macs=4x", "params=0.3"), the budget is spent across layers by
+   :func:`.budget.allocate` (least total squared relative weight error); with only a ``rank`` rule,
+   each layer takes the rule's ranks under the method (for ``auto``: the method with the least
+   error at that rule). With both, the rule's ranks cap each layer's candidates.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from ..layers import layer_cost
+from ..plans import LayerPlan, Plan
+from ..profile import count_params
+from ..surgery import target_layers
+from .budget import allocate
+from .curves import (
+    Candidate,
+    cp_candidate,
+    cp_curve,
+    pareto,
+    spatial_curve,
+    svd_curve,
+    tucker_candidate,
+    tucker_errors,
+)
+from .curves import tucker_curve as _tucker_curve
+from .rules import layer_ranks, parse_rank
+
+METHODS = ("auto", "svd", "spatial_svd", "cp", "cp3", "cp4", "tucker")
+
+
+def parse_target(target) -> tuple[str, float]:
+    """("params" | "macs", fraction of the original cost to keep) from "macs=4x" or
+    "params=0.25"."""
+    m = re.fullmatch(r"\s*(params|macs)\s*=\s*([0-9.]+)\s*(x?)\s*", str(target).lower())
+    bad = ValueError(f"target: expected 'params=Nx', 'macs=Nx' (N > 1: the compressed cost is "
+                     f"1/N of the original) or 'params=F', 'macs=F' (0 < F < 1), got {target!r}")
+    if not m:
+        raise bad
+    try:
+        value = float(m.group(2))
+    except ValueError:
+        raise bad from None
+    if m.group(3):
+        if value <= 1:
+            raise bad
+        return m.group(1), 1.0 / value
+    if not 0 < value < 1:
+        raise bad
+    return m.group(1), value
+
+
+def _record_inputs(model: nn.Module, example_inputs) -> dict[str, tuple]:
+    """Per Conv2d/Linear: the input (H, W), or the rows per sample for a Linear."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+    batch = inputs[0].shape[0] if inputs and inputs[0].ndim > 0 else 1
+    seen: dict[str, tuple] = {}
+
+    def record(name):
+        def hook(module, args, output):  # returns None: the output is left alone
+            x = args[0]
+            if isinstance(module, nn.Conv2d):
+                seen.setdefault(name, tuple(x.shape[-2:]))
+            else:
+                seen.setdefault(name, (max(1, x.numel() // module.in_features // batch),))
+        return hook
+
+    hooks = [module.register_forward_hook(record(name))
+             for name, module in model.named_modules()
+             if isinstance(module, nn.Conv2d | nn.Linear)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _cost(module, shape, config=None):
+    if isinstance(module, nn.Conv2d):
+        return layer_cost(module, config, input_hw=shape)
+    return layer_cost(module, config, rows=shape[0])
+
+
+def _methods_for(module: nn.Module, method: str) -> list[str]:
+    if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
+        return ["svd"]
+    if method == "auto":
+        return ["svd", "spatial_svd", "cp3", "cp4", "tucker"]
+    return ["cp4" if method == "cp" else method]
+
+
+def _curve(module, method, shape, options, kind="params") -> list[Candidate]:
+    hw = shape if isinstance(module, nn.Conv2d) else None
+    if method == "svd":
+        cands = svd_curve(module, hw)
+    elif method == "spatial_svd":
+        cands = spatial_curve(module, hw)
+    elif method == "tucker":
+        cands = _tucker_curve(module, hw, kind)
+    else:
+        cands = cp_curve(module, hw, form=method, options=options.get("cp"))
+    if isinstance(module, nn.Linear):  # MACs per sample scale with the rows seen
+        rows = shape[0]
+        cands = [Candidate(c.method, c.ranks, c.form, c.params, c.macs * rows, c.error)
+                 for c in cands]
+    return cands
+
+
+def _within_rule(c: Candidate, cap: tuple[int, ...] | None) -> bool:
+    return cap is None or all(r <= m for r, m in zip(c.ranks, cap, strict=False))
+
+
+def _round_up(rank: int, multiple: int) -> int:
+    return -(-rank // multiple) * multiple
+
+
+def _candidate_at(module, method, ranks, shape, options) -> Candidate:
+    """The candidate at exactly ``ranks`` (clamped to what the layer holds)."""
+    hw = shape if isinstance(module, nn.Conv2d) else None
+    if method in ("svd", "spatial_svd"):
+        curve = _curve(module, method, shape, options)
+        return curve[min(ranks[0], len(curve)) - 1]
+    if method == "tucker":
+        E = tucker_errors(module)
+        r_out, r_in = min(ranks[0], E.shape[0]), min(ranks[1], E.shape[1])
+        return tucker_candidate(module, (r_out, r_in), E[r_out - 1, r_in - 1], hw)
+    return cp_candidate(module, hw, ranks[0], method, options.get("cp"))
+
+
+def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
+         calib_data=None, include=None, exclude=None, min_params: int = 1024,
+         rank_multiple: int = 1, options: dict | None = None) -> Plan:
+    """Plan the factorization of ``model`` (see the module docstring).
+
+    Args:
+        example_inputs: a tensor or tuple of tensors for one forward pass (shapes only).
+        method: ``"auto"`` or one of ``svd``, ``spatial_svd``, ``cp`` (= ``cp4``), ``cp3``,
+            ``tucker``.
+        rank: a rank rule (``64``, ``"vbmf"``, ``"energy=0.95"``, ``"params=0.25"``, ...).
+        target: ``"macs=4x"`` / ``"params=2x"`` (or a fraction, ``"macs=0.25"``) of the whole
+            model; met from below, within about 1% where the layers' ranks allow.
+        rank_multiple: keep only ranks that are multiples of this (8 suits real hardware).
+        options: solver options per method, e.g. ``{"cp": {"max_iter": 100}}``; passed on to
+            the layers through the plan.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if rank is None and target is None:
+        raise ValueError("rank, target: give a rank rule, a target, or both")
+    if calib_data is not None:
+        raise NotImplementedError("calib_data: data-aware planning is not implemented yet")
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple: expected an int >= 1, got {rank_multiple!r}")
+    rule = parse_rank(rank) if rank is not None else None
+    kind, fraction = parse_target(target) if target is not None else (None, None)
+    options = dict(options or {})
+
+    eligible = target_layers(model, include, exclude, min_params=min_params)
+    shapes = _record_inputs(model, example_inputs)
+    result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
+                        "target": None if target is None else str(target)})
+    frontiers: dict[str, list[Candidate]] = {}
+    fixed = {"params": count_params(model), "macs": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
+            fixed["macs"] += _cost(module, shapes[name]).macs
+    for name, reason in eligible.items():
+        module = model.get_submodule(name)
+        if reason is None and name not in shapes:
+            reason = "not called in the forward pass on example_inputs"
+        if reason is not None:
+            result[name] = LayerPlan.skipped(reason, type(module).__name__)
+            continue
+        shape = shapes[name]
+        hw = shape if isinstance(module, nn.Conv2d) else None
+        cands: list[Candidate] = []
+        for m in _methods_for(module, method):
+            ranks = None
+            if rule is not None:
+                base = "cp" if m in ("cp3", "cp4") else m
+                try:
+                    ranks = layer_ranks(module, base, rule, form=m if base == "cp" else "cp4",
+                                        input_hw=hw)
+                except ValueError:
+                    if method != "auto":
+                        raise
+                    continue  # energy / vbmf are not defined for CP: auto leaves CP out
+                ranks = tuple(_round_up(r, rank_multiple) for r in ranks)
+            if target is None:
+                cands.append(_candidate_at(module, m, ranks, shape, options))
+            else:
+                cands += [c for c in _curve(module, m, shape, options, kind)
+                          if all(r % rank_multiple == 0 for r in c.ranks)
+                          and _within_rule(c, ranks)]
+        if target is None:
+            best = min(cands, key=lambda c: c.error)
+            result[name] = _layer_plan(best, module, options)
+            continue
+        dense_cost = _cost(module, shape)
+        dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
+        frontiers[name] = pareto([*cands, dense], kind)
+        fixed[kind] -= dense.cost(kind)
+    if target is not None:
+        budget = fraction * (fixed[kind] + sum(f[-1].cost(kind) for f in frontiers.values()))
+        chosen = allocate(frontiers, kind, budget, fixed[kind])
+        for name, cand in chosen.items():
+            module = model.get_submodule(name)
+            if cand.method == "dense":
+                result[name] = LayerPlan.skipped(
+                    "kept dense: the budget does less damage elsewhere", type(module).__name__)
+            else:
+                result[name] = _layer_plan(cand, module, options)
+        result.meta["budget"] = {kind: budget}
+    _summarise(result, model, shapes)
+    return result
+
+
+def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
+    base = "cp" if c.method == "cp" else c.method
+    return c.layer_plan(options=dict(options.get(base, {})), module_type=type(module).__name__,
+                        reason=f"{c.method}{'/' + c.form if c.form else ''} at "
+                               f"{','.join(map(str, c.ranks))}: predicted error {c.error:.3f}")
+
+
+def _summarise(result: Plan, model: nn.Module, shapes) -> None:
+    """Predicted whole-model params and MACs before and after, into the plan's meta."""
+    before = {"params": count_params(model), "macs": 0}
+    after = {"params": before["params"], "macs": 0}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d | nn.Linear) or name not in shapes:
+            continue
+        dense = _cost(module, shapes[name])
+        lp = result.layers.get(name)
+        new = dense if lp is None or lp.skip else _cost(module, shapes[name],
+                                                         lp.layer_config(module))
+        before["macs"] += dense.macs
+        after["macs"] += new.macs
+        after["params"] += new.params - dense.params
+    result.meta["predicted"] = {
+        "params": [before["params"], after["params"]],
+        "macs": [before["macs"], after["macs"]],
+        "params_ratio": before["params"] / max(after["params"], 1),
+        "macs_ratio": before["macs"] / max(after["macs"], 1),
+        "error_sq_sum": math.fsum(lp.predicted.get("error", 0.0) ** 2
+                                  for lp in result.layers.values() if not lp.skip),
+    }

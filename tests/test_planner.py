@@ -1,0 +1,118 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import rankcut as rc
+from rankcut.decompose._tensor import cp_to_tensor, multi_mode_product
+from rankcut.models import create
+from rankcut.profile import count_macs, count_params
+from rankcut.select import parse_target
+
+
+def achieved(model, small, x, kind):
+    if kind == "params":
+        return count_params(small) / count_params(model)
+    return count_macs(small, x) / count_macs(model, x)
+
+
+@pytest.fixture(scope="module")
+def resnet20(shared_data):
+    weights = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    if not weights.is_file():
+        pytest.skip(f"pretrained weights not found at {weights}")
+    return create("resnet20_cifar", weights=weights).eval()
+
+
+@pytest.mark.parametrize("target", ["macs=2x", "params=3x", "macs=0.4"])
+@pytest.mark.parametrize("method", ["tucker", "svd"])
+def test_budget_is_met_within_one_percent_on_resnet20(resnet20, target, method):
+    x = torch.rand(1, 3, 32, 32)
+    plan = rc.plan(resnet20, x, method=method, target=target)
+    small = rc.apply(resnet20, plan)
+    kind, fraction = parse_target(target)
+    kept = achieved(resnet20, small, x, kind)
+    assert fraction * 0.99 <= kept <= fraction
+    predicted = plan.meta["predicted"][kind]
+    assert predicted[0] / predicted[1] == pytest.approx(1 / kept)  # the plan predicts it exactly
+
+
+@pytest.mark.parametrize("target", ["macs=3x", "params=4x"])
+def test_budget_is_met_within_one_percent_on_torchvision_resnet18(target):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.rand(1, 3, 64, 64)
+    plan = rc.plan(model, x, method="tucker", target=target)
+    kind, fraction = parse_target(target)
+    kept = achieved(model, rc.apply(model, plan), x, kind)
+    assert fraction * 0.99 <= kept <= fraction
+
+
+def one_layer(kernel):
+    model = nn.Sequential(nn.Conv2d(kernel.shape[1], kernel.shape[0], kernel.shape[2:]))
+    with torch.no_grad():
+        model[0].weight.copy_(kernel)
+    return model.eval()
+
+
+def test_auto_picks_cp_where_cp_is_exact_and_tucker_where_tucker_is():
+    """Budgets just above the exact form's cost, where no other form is exact.
+
+    A rank-4 CP-4 kernel (48, 40, 3, 3) costs 424 params as CP-4; exact Tucker-2 (4, 4) needs
+    544 and exact spatial SVD (rank 4) 1104, so at 2.6% of the dense 17,328 only CP is exact.
+    A Tucker (6, 6) kernel costs 900 as Tucker-2; exact CP or SVD forms cost thousands.
+    """
+    g = torch.Generator().manual_seed(0)
+    cp_kernel = cp_to_tensor(torch.ones(4), [torch.randn(s, 4, generator=g)
+                                             for s in (48, 40, 3, 3)])
+    core = torch.randn(6, 6, 3, 3, generator=g)
+    tucker_kernel = multi_mode_product(core, {0: torch.randn(48, 6, generator=g),
+                                              1: torch.randn(40, 6, generator=g)})
+    x = torch.rand(1, 40, 16, 16)
+    options = {"cp": {"max_iter": 500, "tol": 1e-10}}
+    for kernel, target, expected in [(cp_kernel, "params=0.026", ("cp", "cp4")),
+                                     (tucker_kernel, "params=0.055", ("tucker", None))]:
+        model = one_layer(kernel)
+        plan = rc.plan(model, x, target=target, options=options)
+        chosen = plan["0"]
+        assert (chosen.method, chosen.form) == expected, str(plan)
+        assert chosen.predicted["error"] < 1e-2
+        small = rc.apply(model, plan)
+        assert torch.allclose(small(x), model(x), atol=1e-2 * float(model(x).abs().max()))
+
+
+def test_rank_rule_alone_sets_every_eligible_layer(resnet20):
+    x = torch.rand(1, 3, 32, 32)
+    plan = rc.plan(resnet20, x, method="svd", rank="params=0.5")
+    assert plan["conv1"].skip and "input stem" in plan["conv1"].reason
+    for name, lp in plan.active.items():
+        assert lp.method == "svd"
+        assert lp.predicted["params"] <= 0.5 * resnet20.get_submodule(name).weight.numel()
+    fixed = rc.plan(resnet20, x, method="tucker", rank=8, rank_multiple=8)
+    assert {lp.ranks for lp in fixed.active.values()} == {(8, 8)}
+
+
+def test_auto_with_a_spectral_rule_leaves_cp_out():
+    model = one_layer(torch.randn(24, 16, 3, 3))
+    plan = rc.plan(model, torch.rand(1, 16, 8, 8), rank="energy=0.9")
+    assert plan["0"].method in ("svd", "spatial_svd", "tucker")
+
+
+def test_rank_multiple_rounds_ranks(resnet20):
+    plan = rc.plan(resnet20, torch.rand(1, 3, 32, 32), method="tucker", target="params=2x",
+                   rank_multiple=4)
+    assert all(r % 4 == 0 for lp in plan.active.values() for r in lp.ranks)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target="macs=0.5x"), "target: expected 'params=Nx', 'macs=Nx'"),
+    (dict(target="latency=2x"), "target: expected"),
+    (dict(target="macs=2x", method="qr"), "method: expected one of auto, svd"),
+    (dict(), "rank, target: give a rank rule, a target, or both"),
+    (dict(target="macs=2x", rank_multiple=0), "rank_multiple: expected an int >= 1"),
+    (dict(target="params=0.001", method="svd"), "target: cannot be met"),
+])
+def test_bad_planner_arguments(kwargs, match):
+    model = one_layer(torch.randn(24, 16, 3, 3))
+    with pytest.raises(ValueError, match=match):
+        rc.plan(model, torch.rand(1, 16, 8, 8), **kwargs)
