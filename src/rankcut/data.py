@@ -46,3 +46,40 @@ def load_conv_kernels(weights_file: str | os.PathLike) -> dict[str, torch.Tensor
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
     return {k.removeprefix("module."): v.float() for k, v in state.items() if v.ndim == 4}
+
+
+CIFAR10_BIN = "cifar10/cifar-10-batches-bin"
+
+
+def read_cifar10_bin(root: str | os.PathLike, split: str = "test",
+                     limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 in the binary format (``.bin`` or ``.bin.gz``): uint8 images (N, 3, 32, 32) and
+    int64 labels. ``root`` is the data root (holding ``cifar10/cifar-10-batches-bin``) or that
+    folder itself; ``split`` is "train" (data_batch_1..5) or "test"."""
+    import gzip
+
+    import numpy as np
+
+    folder = Path(root)
+    if (folder / CIFAR10_BIN).is_dir():
+        folder = folder / CIFAR10_BIN
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    stems = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    files = []
+    for stem in stems:
+        found = sorted(folder.glob(f"{stem}*.bin")) + sorted(folder.glob(f"{stem}*.bin.gz"))
+        if not found:
+            raise FileNotFoundError(f"{folder}: no {stem}.bin or {stem}*.bin.gz (CIFAR-10 binary "
+                                    "format)")
+        files.append(found[0])
+    records = []
+    for f in files:
+        raw = f.read_bytes()
+        raw = gzip.decompress(raw) if f.suffix == ".gz" else raw
+        records.append(np.frombuffer(raw, np.uint8).reshape(-1, 3073))
+        if limit is not None and sum(len(r) for r in records) >= limit:
+            break
+    data = np.concatenate(records)[:limit]
+    images = torch.from_numpy(data[:, 1:].reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(data[:, 0].astype(np.int64))

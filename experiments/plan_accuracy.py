@@ -1,0 +1,62 @@
+"""Top-1 of the pretrained CIFAR-10 ResNet-20 / ResNet-56 after planning, without fine-tuning.
+
+Test images 0..1016 of CIFAR-10 (the ones in ../shared/data), no calibration data, no
+fine-tuning: how much accuracy each plan keeps on its own. Run from the repository root:
+
+    .venv/bin/python experiments/plan_accuracy.py [--model resnet20_cifar] [--targets 1.5 2 3]
+"""
+
+import argparse
+import time
+
+import torch
+
+import rankcut as rc
+from rankcut.data import find_data_root, read_cifar10_bin
+from rankcut.models import create
+from rankcut.profile import count_macs
+
+WEIGHTS = {"resnet20_cifar": "resnet20-12fca82f.th", "resnet56_cifar": "resnet56-4bfd9763.th"}
+MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+@torch.no_grad()
+def top1(model, images, labels):
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), 256):
+        x = (images[i:i + 256].float() / 255 - MEAN) / STD
+        correct += int((model(x).argmax(1) == labels[i:i + 256]).sum())
+    return 100.0 * correct / len(images)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet20_cifar", choices=sorted(WEIGHTS))
+    parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    parser.add_argument("--methods", nargs="+", default=["svd", "tucker", "auto"])
+    args = parser.parse_args()
+    root = find_data_root()
+    if root is None:
+        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    images, labels = read_cifar10_bin(root, "test")
+    model = create(args.model, weights=root / "weights/resnet_cifar10_akamaster" /
+                   WEIGHTS[args.model]).eval()
+    x = torch.rand(1, 3, 32, 32)
+    print(f"{args.model}: {top1(model, images, labels):.2f}% top-1 on {len(images)} test images "
+          f"(dense, {count_macs(model, x):,} MACs)")
+    print(f"{'target':>8} {'method':>8} {'MACs ratio':>10} {'top-1 %':>8} {'plan s':>7}")
+    for ratio in args.targets:
+        for method in args.methods:
+            start = time.perf_counter()
+            plan = rc.plan(model, x, method=method, target=f"macs={ratio}x")
+            small = rc.apply(model, plan)
+            seconds = time.perf_counter() - start
+            achieved = count_macs(model, x) / count_macs(small, x)
+            print(f"{ratio:>7}x {method:>8} {achieved:10.3f} {top1(small, images, labels):8.2f} "
+                  f"{seconds:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
