@@ -69,31 +69,49 @@ def _pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class _ConvFactorized(FactorizedLayer):
     """Shared plumbing of the conv layers: geometry, device/dtype handling and ``to_dense``."""
 
+    # Subclasses name the constructor arguments that config() records and like() takes back,
+    # and the sub-layer that carries the bias. (Plain class attributes, not annotations:
+    # TorchScript would try to compile annotated ones.)
+    config_fields = ("rank",)
+    last_name = "last"
+
     def _init_geometry(self, geometry: ConvGeometry) -> None:
         self.geometry = geometry
 
     def dense_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    @property
     def _last(self) -> nn.Conv2d:
-        raise NotImplementedError
+        """The sub-layer that carries the bias (a method: TorchScript compiles properties)."""
+        return getattr(self, self.last_name)
+
+    def config(self):
+        out = {"layer": type(self).__name__}
+        for name in self.config_fields:
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def like(cls, dense, **config):
+        ref = dense.weight
+        return cls(_check_conv(dense), **config).to(device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
         """The equivalent plain ``nn.Conv2d`` (same geometry, composed weight, same bias)."""
-        ref = self._last.weight
+        ref = self._last().weight
         conv = self.geometry.dense().to(device=ref.device, dtype=ref.dtype)
         conv.weight.copy_(self.dense_weight())
         if conv.bias is not None:
-            conv.bias.copy_(self._last.bias)
+            conv.bias.copy_(self._last().bias)
         return conv
 
     def _finish(self, dense: nn.Conv2d, decomposition: str, options: dict, **info) -> None:
         """Copy the bias, then record the decomposition, its options and relative weight error."""
         with torch.no_grad():
             if dense.bias is not None:
-                self._last.bias.copy_(dense.bias)
+                self._last().bias.copy_(dense.bias)
             W = dense.weight.detach()
             err = (W - self.dense_weight()).norm() / W.norm().clamp_min(1e-30)
         self._set_info(decomposition=decomposition, options=dict(options), rel_error=float(err),
@@ -104,14 +122,14 @@ class _ConvFactorized(FactorizedLayer):
             module.weight.copy_(weight.to(module.weight.dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.geometry.describe()}, {self._rank_repr()}"
-
-    def _rank_repr(self) -> str:
-        raise NotImplementedError
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.config_fields)
+        return f"{self.geometry.describe()}, {fields}"
 
 
 class SVDConv2d(_ConvFactorized):
     """Channel decomposition: kh x kw conv S->g·R (grouped), then 1x1 g·R->T (grouped)."""
+
+    config_fields = ("rank", "decomposition")
 
     def __init__(self, geometry: ConvGeometry, rank: int, decomposition: str = "svd"):
         super().__init__()
@@ -125,21 +143,6 @@ class SVDConv2d(_ConvFactorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.first(x))
-
-    @property
-    def _last(self):
-        return self.last
-
-    def _rank_repr(self):
-        return f"rank={self.rank}, decomposition={self.decomposition!r}"
-
-    def config(self):
-        return {"layer": "SVDConv2d", "rank": self.rank, "decomposition": self.decomposition}
-
-    @classmethod
-    def like(cls, dense, rank, decomposition="svd"):
-        ref = dense.weight
-        return cls(_check_conv(dense), rank, decomposition).to(device=ref.device, dtype=ref.dtype)
 
     def dense_weight(self):
         geo, g, r = self.geometry, self.geometry.groups, self.rank
@@ -168,7 +171,7 @@ class SVDConv2d(_ConvFactorized):
                 res = dec.cur(M, rank, **options)
                 pairs.append((res.C, res.U if res.R is None else res.U @ res.R))
         width = max(A.shape[1] for A, _ in pairs)
-        layer = cls.like(conv, width, decomposition)
+        layer = cls.like(conv, rank=width, decomposition=decomposition)
         first = torch.cat([_pad_to(B, width, 0) for _, B in pairs])
         last = torch.cat([_pad_to(A, width, 1) for A, _ in pairs])
         layer._fill(layer.first, first.reshape(layer.first.weight.shape))
@@ -193,21 +196,6 @@ class SpatialConv2d(_ConvFactorized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.first(x))
 
-    @property
-    def _last(self):
-        return self.last
-
-    def _rank_repr(self):
-        return f"rank={self.rank}"
-
-    def config(self):
-        return {"layer": "SpatialConv2d", "rank": self.rank}
-
-    @classmethod
-    def like(cls, dense, rank):
-        ref = dense.weight
-        return cls(_check_conv(dense), rank).to(device=ref.device, dtype=ref.dtype)
-
     def dense_weight(self):
         geo, g, r = self.geometry, self.geometry.groups, self.rank
         kh, kw = geo.kernel_size
@@ -228,7 +216,7 @@ class SpatialConv2d(_ConvFactorized):
             res = dec.svd(M, rank, **options)
             pairs.append((res.A, res.B))
         width = pairs[0][0].shape[1]
-        layer = cls.like(conv, width)
+        layer = cls.like(conv, rank=width)
         first = torch.cat([A.mT.reshape(width, geo.in_per_group, kh, 1) for A, _ in pairs])
         last = torch.cat([B.reshape(width, geo.out_per_group, kw).permute(1, 0, 2)
                           .reshape(geo.out_per_group, width, 1, kw) for _, B in pairs])
@@ -240,6 +228,9 @@ class SpatialConv2d(_ConvFactorized):
 
 class CPConv2d(_ConvFactorized):
     """CP layer: 1x1 S->g·R, depthwise spatial pass(es) on g·R channels, 1x1 g·R->T."""
+
+    config_fields = ("rank", "form")
+    last_name = "pointwise_out"
 
     def __init__(self, geometry: ConvGeometry, rank: int, form: str = "cp4"):
         super().__init__()
@@ -263,21 +254,6 @@ class CPConv2d(_ConvFactorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise_out(self.depthwise(self.pointwise_in(x)))
-
-    @property
-    def _last(self):
-        return self.pointwise_out
-
-    def _rank_repr(self):
-        return f"rank={self.rank}, form={self.form!r}"
-
-    def config(self):
-        return {"layer": "CPConv2d", "rank": self.rank, "form": self.form}
-
-    @classmethod
-    def like(cls, dense, rank, form="cp4"):
-        ref = dense.weight
-        return cls(_check_conv(dense), rank, form).to(device=ref.device, dtype=ref.dtype)
 
     def dense_weight(self):
         geo, g, r = self.geometry, self.geometry.groups, self.rank
@@ -314,7 +290,7 @@ class CPConv2d(_ConvFactorized):
             scale = res.weights.clamp_min(0) ** (1.0 / X.ndim)
             per_group.append([f * scale for f in res.factors])
             converged &= res.converged
-        layer = cls.like(conv, rank, form)
+        layer = cls.like(conv, rank=rank, form=form)
 
         def stacked(mode):  # the mode's factor of every group, one row per sub-layer channel
             return torch.cat([f[mode] if mode == 0 else f[mode].mT for f in per_group])
@@ -336,6 +312,8 @@ class TuckerConv2d(_ConvFactorized):
     ``ranks`` are (R_T, R_S) = (output-channel rank, input-channel rank), the kernel's mode order.
     """
 
+    config_fields = ("ranks",)
+
     def __init__(self, geometry: ConvGeometry, ranks: tuple[int, int]):
         super().__init__()
         self._init_geometry(geometry)
@@ -348,21 +326,6 @@ class TuckerConv2d(_ConvFactorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.core(self.first(x)))
-
-    @property
-    def _last(self):
-        return self.last
-
-    def _rank_repr(self):
-        return f"ranks={self.ranks}"
-
-    def config(self):
-        return {"layer": "TuckerConv2d", "ranks": list(self.ranks)}
-
-    @classmethod
-    def like(cls, dense, ranks):
-        ref = dense.weight
-        return cls(_check_conv(dense), tuple(ranks)).to(device=ref.device, dtype=ref.dtype)
 
     def dense_weight(self):
         geo, g = self.geometry, self.geometry.groups
@@ -386,7 +349,7 @@ class TuckerConv2d(_ConvFactorized):
         W = conv.weight.detach()
         results = [dec.tucker(Wg, tuple(ranks), modes=(0, 1), **options)
                    for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups)]
-        layer = cls.like(conv, results[0].ranks)
+        layer = cls.like(conv, ranks=results[0].ranks)
         layer._fill(layer.first, torch.cat([r.factors[1].mT for r in results])[..., None, None])
         layer._fill(layer.core, torch.cat([r.core for r in results]))
         layer._fill(layer.last, torch.cat([r.factors[0] for r in results])[..., None, None])
