@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from . import decompose as dec
+from .calibrate import input_second_moments
 from .layers import (
     CPConv2d,
     LowRankLinear,
@@ -104,20 +105,30 @@ _SOLVERS: dict[str, Callable] = {"SpatialConv2d": dec.svd, "CPConv2d": dec.cp,
                                  "TuckerConv2d": dec.tucker}
 
 
-def factorize(module: nn.Module, lp: LayerPlan) -> nn.Module:
-    """The factorized layer ``lp`` describes, computed from ``module``'s weight."""
+def _solver_options(lp: LayerPlan) -> dict:
+    """The plan's options minus rankcut's own keys (``data_aware``)."""
+    return {k: v for k, v in lp.options.items() if k != "data_aware"}
+
+
+def factorize(module: nn.Module, lp: LayerPlan, cov=None) -> nn.Module:
+    """The factorized layer ``lp`` describes, computed from ``module``'s weight (data-aware
+    when ``cov``, the layer's input second moments, is given)."""
     config = lp.layer_config(module)
     kind = config.pop("layer")
+    options = _solver_options(lp)
     if kind == "LowRankLinear":
-        return LowRankLinear.from_dense(module, config["rank"], config["decomposition"],
-                                        **lp.options)
+        return LowRankLinear.from_dense(module, config["rank"], config["decomposition"], cov,
+                                        **options)
     if kind == "SVDConv2d":
-        return SVDConv2d.from_dense(module, config["rank"], config["decomposition"], **lp.options)
+        return SVDConv2d.from_dense(module, config["rank"], config["decomposition"], cov,
+                                    **options)
+    if cov is not None:
+        raise ValueError(f"data_aware: implemented for 'svd' only, not {lp.method!r}")
     if kind == "SpatialConv2d":
-        return SpatialConv2d.from_dense(module, config["rank"], **lp.options)
+        return SpatialConv2d.from_dense(module, config["rank"], **options)
     if kind == "CPConv2d":
-        return CPConv2d.from_dense(module, config["rank"], form=config["form"], **lp.options)
-    return TuckerConv2d.from_dense(module, tuple(config["ranks"]), **lp.options)
+        return CPConv2d.from_dense(module, config["rank"], form=config["form"], **options)
+    return TuckerConv2d.from_dense(module, tuple(config["ranks"]), **options)
 
 
 def _check_plan(model: nn.Module, plan: Plan) -> None:
@@ -141,8 +152,11 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
             raise ValueError(f"plan layer {name!r}: {err}") from None
         solver = _SOLVERS.get(config["layer"]) or (
             dec.cur if config.get("decomposition") == "cur" else dec.svd)
+        if lp.options.get("data_aware") and lp.method != "svd":
+            raise ValueError(f"plan layer {name!r}: data_aware is implemented for method 'svd' "
+                             f"only, not {lp.method!r}")
         try:
-            inspect.signature(solver).bind(None, None, **lp.options)
+            inspect.signature(solver).bind(None, None, **_solver_options(lp))
         except TypeError as err:
             raise ValueError(f"plan layer {name!r}: options {lp.options} do not fit "
                              f"rankcut.decompose.{solver.__name__}: {err}") from None
@@ -164,21 +178,33 @@ def _replace(model: nn.Module, plan: Plan, make: Callable, inplace: bool,
 
         items = tqdm(items, desc="factorizing", unit="layer")
     for name, lp in items:
-        _set_submodule(target, name, make(target.get_submodule(name), lp))
+        _set_submodule(target, name, make(target.get_submodule(name), lp, name=name))
     return target
 
 
-def apply(model: nn.Module, plan: Plan, *, inplace: bool = False,
-          progress: bool = False) -> nn.Module:
+def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
+          calib_data=None, max_batches: int | None = None) -> nn.Module:
     """A copy of ``model`` with every planned layer replaced by its factorized layer.
 
     ``model`` is left untouched unless ``inplace=True``. ``progress=True`` shows a progress bar.
+    Layers whose options say ``"data_aware": true`` are factorized to minimise their output
+    error on ``calib_data`` (batches of inputs, or (inputs, targets)); their input statistics
+    are collected from the dense model first (at most ``max_batches`` batches).
     """
-    return _replace(model, plan, factorize, inplace, progress)
+    aware = [n for n, lp in plan.active.items() if lp.options.get("data_aware")]
+    if aware and calib_data is None:
+        raise ValueError(f"calib_data: the plan asks for data-aware factorization of {aware} "
+                         "but no calibration data was given")
+    covs = {}
+    if aware:
+        _check_plan(model, plan)
+        covs = input_second_moments(model, aware, calib_data, max_batches=max_batches)
+    return _replace(model, plan, lambda module, lp, name=None: factorize(
+        module, lp, covs.get(name)), inplace, progress)
 
 
 def structure(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
     """Like :func:`apply` but without decomposing: each planned layer gets the factorized
     layer's shapes with fresh weights (``rankcut.load`` then loads the saved weights)."""
-    return _replace(model, plan, lambda module, lp: rebuild(module, lp.layer_config(module)),
-                    inplace)
+    return _replace(model, plan, lambda module, lp, name=None: rebuild(
+        module, lp.layer_config(module)), inplace)

@@ -72,6 +72,8 @@ def svd(
     oversample: int = 10,
     n_iter: int = 4,
     seed=0,
+    cov: torch.Tensor | None = None,
+    ridge: float = 1e-6,
 ) -> SVDResult:
     """Rank-``rank`` truncated SVD of the matrix ``W`` as ``W ≈ A @ B``.
 
@@ -87,6 +89,12 @@ def svd(
             B = Vᵀ) or ``"right"`` (A = U, B = S Vᵀ, the form of Mai et al.'s first layer).
         oversample, n_iter: randomized range finder's extra columns and power iterations.
         seed: seed (int or ``torch.Generator``) of the randomized variant's test matrix.
+        cov: the second moment Σ = E[x xᵀ] (n x n) of the inputs W multiplies. Given, the
+            factorization minimises the output error ||(W - AB) Σ^½||_F instead of the weight
+            error: with L the Cholesky factor of Σ + ridge·mean(diag Σ)·I, AB = [W L]_r L⁻¹
+            (the truncation-aware whitening of SVD-LLM). ``rel_error`` is then the relative
+            output error ||(W - AB) L||_F / ||W L||_F.
+        ridge: regulariser of Σ, relative to its mean diagonal (keeps L invertible).
 
     Returns:
         :class:`SVDResult` with factors, singular values and the exact relative Frobenius error.
@@ -99,6 +107,8 @@ def svd(
     check_positive(n_iter, "n_iter", allow_zero=True, integer=True)
     m, n = W.shape
     rank = clamp_rank(rank, min(m, n), why=f"min of the matrix shape {m}x{n}")
+    if cov is not None:
+        return _whitened_svd(W, rank, cov, ridge, balance)
 
     if method == "auto":
         short = min(m, n)
@@ -130,3 +140,28 @@ def svd(
 
     A, B = _split_singular_values(U, S, Vh, balance)
     return SVDResult(A=A, B=B, S=S, rel_error=rel_error, method=method)
+
+
+def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
+    n = W.shape[1]
+    check_tensor(cov, "cov", ndim=2)
+    if cov.shape != (n, n):
+        raise ValueError(f"cov: expected shape ({n}, {n}) (the input width of W), got "
+                         f"{tuple(cov.shape)}")
+    check_positive(ridge, "ridge")
+    C = cov.to(device=W.device, dtype=torch.float64)
+    C = (C + C.mT) / 2
+    C = C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(n, dtype=C.dtype,
+                                                                      device=C.device)
+    L, info = torch.linalg.cholesky_ex(C)
+    if bool(info):
+        raise ValueError("cov: not positive semi-definite (its Cholesky factorization failed "
+                         "even with the ridge); pass a second-moment matrix E[x xᵀ]")
+    U, S_all, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
+    U, S, Vh = U[:, :rank], S_all[:rank], Vh[:rank]
+    norm = S_all.norm()
+    rel_error = float(S_all[rank:].norm() / norm) if norm > 0 else 0.0
+    A, BL = _split_singular_values(U, S, Vh, balance)
+    B = torch.linalg.solve_triangular(L.mT, BL.mT, upper=True).mT  # B = (B L) L⁻¹
+    return SVDResult(A=A.to(W.dtype), B=B.to(W.dtype), S=S.to(W.dtype), rel_error=rel_error,
+                     method="whitened")

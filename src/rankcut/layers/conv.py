@@ -56,6 +56,16 @@ def _check_conv(conv) -> ConvGeometry:
     return ConvGeometry.of(conv)
 
 
+def _per_group(cov, groups: int) -> list:
+    """``cov`` as one matrix (or None) per group."""
+    if cov is None:
+        return [None] * groups
+    covs = [cov] if isinstance(cov, torch.Tensor) else list(cov)
+    if len(covs) != groups:
+        raise ValueError(f"cov: expected {groups} matrices (one per group), got {len(covs)}")
+    return covs
+
+
 def _pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zero-pad dimension ``dim`` of ``t`` to ``width`` (CUR widths can differ between groups)."""
     missing = width - t.shape[dim]
@@ -151,21 +161,26 @@ class SVDConv2d(_ConvFactorized):
         return (last @ first).reshape(geo.out_channels, geo.in_per_group, *geo.kernel_size)
 
     @classmethod
-    def from_dense(cls, conv, rank, decomposition="svd", **options):
+    def from_dense(cls, conv, rank, decomposition="svd", cov=None, **options):
         """Channel SVD (``decomposition="svd"``) or CUR (``"cur"``) of each group's kernel.
 
         ``options`` go to :func:`rankcut.decompose.svd` or :func:`rankcut.decompose.cur`; with
-        CUR the layer width is the number of columns the method picked.
+        CUR the layer width is the number of columns the method picked. ``cov``: the second
+        moment of each group's unfolded input patches (a list, one per group; see
+        :mod:`rankcut.calibrate`) for the data-aware SVD that minimises the output error.
         """
         geo = _check_conv(conv)
         if decomposition not in CHANNEL_DECOMPOSITIONS:
             raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
+        covs = _per_group(cov, geo.groups)
+        if cov is not None and decomposition != "svd":
+            raise ValueError("cov: data-aware factorization is implemented for 'svd' only")
         W = conv.weight.detach()
         pairs = []
-        for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
+        for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
             M = Wg.reshape(geo.out_per_group, -1)
             if decomposition == "svd":
-                res = dec.svd(M, rank, **options)
+                res = dec.svd(M, rank, cov=covs[gi], **options)
                 pairs.append((res.A, res.B))
             else:
                 res = dec.cur(M, rank, **options)
@@ -176,7 +191,7 @@ class SVDConv2d(_ConvFactorized):
         last = torch.cat([_pad_to(A, width, 1) for A, _ in pairs])
         layer._fill(layer.first, first.reshape(layer.first.weight.shape))
         layer._fill(layer.last, last.reshape(layer.last.weight.shape))
-        layer._finish(conv, decomposition, options)
+        layer._finish(conv, decomposition, options, data_aware=cov is not None)
         return layer
 
 

@@ -63,14 +63,15 @@ class LowRankLinear(FactorizedLayer):
         return dense
 
     @classmethod
-    def from_dense(cls, module, rank, decomposition="svd", **options):
+    def from_dense(cls, module, rank, decomposition="svd", cov=None, **options):
         """Factorize an ``nn.Linear`` (or a 1x1 ``nn.Conv2d``, returned as an ``SVDConv2d``).
 
         ``decomposition``: ``"svd"`` (``options`` go to :func:`rankcut.decompose.svd`) or
-        ``"cur"`` (to :func:`rankcut.decompose.cur`, e.g. ``method="deim"``).
+        ``"cur"`` (to :func:`rankcut.decompose.cur`, e.g. ``method="deim"``). ``cov``: the
+        second moment of the layer's inputs, for the data-aware SVD (:mod:`rankcut.calibrate`).
         """
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1):
-            return SVDConv2d.from_dense(module, rank, decomposition, **options)
+            return SVDConv2d.from_dense(module, rank, decomposition, cov, **options)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"module: expected an nn.Linear or a 1x1 nn.Conv2d, got "
                              f"{type(module).__name__}")
@@ -78,8 +79,12 @@ class LowRankLinear(FactorizedLayer):
             raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
         W = module.weight.detach()
         M = W.to(decomposition_dtype(W))
+        if cov is not None and decomposition != "svd":
+            raise ValueError("cov: data-aware factorization is implemented for 'svd' only")
+        if isinstance(cov, list | tuple):
+            (cov,) = cov
         if decomposition == "svd":
-            res = dec.svd(M, rank, **options)
+            res = dec.svd(M, rank, cov=cov, **options)
             A, B = res.A, res.B
         else:
             res = dec.cur(M, rank, **options)
@@ -91,5 +96,6 @@ class LowRankLinear(FactorizedLayer):
             if module.bias is not None:
                 layer.second.bias.copy_(module.bias)
             err = (W - layer.dense_weight()).norm() / W.norm().clamp_min(1e-30)
-        layer._set_info(decomposition=decomposition, options=dict(options), rel_error=float(err))
+        layer._set_info(decomposition=decomposition, options=dict(options), rel_error=float(err),
+                        data_aware=cov is not None)
         return layer

@@ -1,0 +1,94 @@
+"""Input statistics of layers on calibration data, for data-aware factorization.
+
+The second moment Σ = E[x xᵀ] of what a layer's weight multiplies: for a Linear its input
+features; for a Conv2d the unfolded input patches of each group ((S/g)·kh·kw wide), padded
+exactly as the layer pads (any padding mode, "same" included). Factorizing W to minimise
+||(W - W~) Σ^½|| minimises the layer's output error on such data (METHODS.md §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding that F.pad takes, from the conv's padding option."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        out = []
+        for axis in (1, 0):  # F.pad lists the last dimension (width) first
+            total = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The patches the conv's kernel sees, (N·L, S·kh·kw), in the order of ``weight.reshape(T,
+    -1)``'s columns (channel, then kernel row, then kernel column)."""
+    pad = _explicit_padding(conv)
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterable, *,
+                         max_batches: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """Σ = E[x xᵀ] (float64) of each named Conv2d/Linear's input over ``batches``, one matrix
+    per group. ``batches`` yields inputs, or (inputs, targets) pairs whose targets are ignored.
+    The model runs in eval mode under no_grad; its mode is restored."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+            if isinstance(module, nn.Conv2d):
+                rows = conv_patches(module, x).double()
+                groups = module.groups
+            else:
+                rows = x.reshape(-1, module.in_features).double()
+                groups = 1
+            width = rows.shape[1] // groups
+            parts = [rows[:, g * width:(g + 1) * width] for g in range(groups)]
+            acc = sums.setdefault(name, [torch.zeros(width, width, dtype=torch.float64,
+                                                     device=x.device) for _ in range(groups)])
+            for a, p in zip(acc, parts, strict=True):
+                a.addmm_(p.mT, p)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+        return hook
+
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            raise ValueError(f"names: {name!r} is a {type(module).__name__}, expected a Conv2d "
+                             "or Linear")
+        hooks.append(module.register_forward_hook(hook_for(name)))
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                model(x.to(device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    missing = [n for n in names if n not in counts]
+    if missing:
+        raise ValueError(f"batches: layers {missing} never ran (no batches, or not on the "
+                         "forward path)")
+    return {n: [a / counts[n] for a in acc] for n, acc in sums.items()}
