@@ -116,3 +116,31 @@ def test_bad_planner_arguments(kwargs, match):
     model = one_layer(torch.randn(24, 16, 3, 3))
     with pytest.raises(ValueError, match=match):
         rc.plan(model, torch.rand(1, 16, 8, 8), **kwargs)
+
+
+def test_planning_with_calibration_data_measures_output_error():
+    """With calib_data, SVD layers become data-aware and every predicted error is the output
+    error on the calibration statistics (checked against the applied layer's real output)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3),
+                          nn.Flatten(), nn.Linear(32 * 6 * 6, 64)).eval()
+    mix = torch.randn(12, 12) * torch.exp(-torch.arange(12.0) / 2)
+    batches = [torch.einsum("ij,njhw->nihw", mix, torch.randn(16, 12, 8, 8)) for _ in range(2)]
+    x = batches[0][:1]
+    plan = rc.plan(model, x, method="svd", target="macs=0.6", calib_data=batches,
+                   min_params=100)
+    assert plan.active and all(lp.options.get("data_aware") for lp in plan.active.values())
+    assert "0" in plan.active, str(plan)  # the first conv carries the most MACs
+    small = rc.apply(model, plan, calib_data=batches)
+    first = plan["0"]
+    data = torch.cat(batches)
+    with torch.no_grad():
+        dense_out, new_out = model[0](data), small[0](data)
+        bias = model[0].bias[None, :, None, None]
+        measured = float((new_out - dense_out).norm() / (dense_out - bias).norm())
+        plain = rc.apply(model, rc.Plan({"0": rc.LayerPlan("svd", first.ranks)}))[0](data)
+    assert first.predicted["error"] == pytest.approx(measured, rel=1e-3)
+    assert measured < float((plain - dense_out).norm() / (dense_out - bias).norm())
+    auto = rc.plan(model, x, target="params=0.5", calib_data=batches, min_params=100,
+                   options={"cp": {"max_iter": 10}})
+    assert auto.active

@@ -180,3 +180,35 @@ def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
         if not out or c.error < out[-1].error - 1e-12:
             out.append(c)
     return out
+
+
+def _whitened(W: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """W L with L the Cholesky factor of the (ridged) second moment: ||D L|| is D's output norm."""
+    C = (cov + cov.mT) / 2
+    C = C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(len(C), dtype=C.dtype,
+                                                                      device=C.device)
+    return W @ torch.linalg.cholesky(C)
+
+
+def whitened_svd_curve(module: nn.Module, covs: list[torch.Tensor], input_hw=None) -> list[
+        Candidate]:
+    """Data-aware channel SVD at every rank; errors in the output norm ||(W - W~) L||/||W L||."""
+    mats = [_whitened(b.reshape(b.shape[0], -1), c.to(b.device))
+            for b, c in zip(_groups(module), covs, strict=True)]
+    errs = _tail_errors(mats)
+    return [Candidate(c.method, c.ranks, c.form, c.params, c.macs, float(errs[c.ranks[0] - 1]),
+                      {"data_aware": True})
+            for c in svd_curve(module, input_hw)]
+
+
+def output_error(module: nn.Module, approx: torch.Tensor, covs: list[torch.Tensor]) -> float:
+    """||(W - W~) L|| / ||W L|| over the groups, for the dense weight W and an approximation."""
+    lost = kept = 0.0
+    t = approx.shape[0] // len(covs)
+    for g, (W, C) in enumerate(zip(_groups(module), covs, strict=True)):
+        D = (W - approx[g * t:(g + 1) * t].double()).reshape(t, -1)
+        Wm = W.reshape(t, -1)
+        C = C.to(W.device)
+        lost += float(((D @ C) * D).sum())
+        kept += float(((Wm @ C) * Wm).sum())
+    return math.sqrt(max(lost, 0.0) / max(kept, 1e-300))

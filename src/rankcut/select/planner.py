@@ -19,20 +19,23 @@ import re
 import torch
 from torch import nn
 
+from ..calibrate import input_second_moments
 from ..layers import layer_cost
 from ..plans import LayerPlan, Plan
 from ..profile import count_params
-from ..surgery import target_layers
+from ..surgery import factorize, target_layers
 from .budget import allocate
 from .curves import (
     Candidate,
     cp_candidate,
     cp_curve,
+    output_error,
     pareto,
     spatial_curve,
     svd_curve,
     tucker_candidate,
     tucker_errors,
+    whitened_svd_curve,
 )
 from .curves import tucker_curve as _tucker_curve
 from .rules import layer_ranks, parse_rank
@@ -144,9 +147,34 @@ def _candidate_at(module, method, ranks, shape, options) -> Candidate:
     return cp_candidate(module, hw, ranks[0], method, options.get("cp"))
 
 
+def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
+    """Candidates re-measured in the output norm on calibration statistics. SVD becomes the
+    data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
+    (spread over their weight-norm frontier) and measure ||(W - W~) L|| / ||W L||."""
+    if method == "svd":
+        hw = shape if isinstance(module, nn.Conv2d) else None
+        by_rank = {c.ranks: c for c in whitened_svd_curve(module, covs, hw)}
+        return [Candidate(c.method, c.ranks, c.form, c.params, c.macs, by_rank[c.ranks].error,
+                          {"data_aware": True}) for c in cands]
+    if len(cands) > most:
+        front = pareto(cands, kind)
+        step = (len(front) - 1) / (most - 1)
+        cands = [front[round(i * step)] for i in range(most)]
+    out = []
+    for c in cands:
+        lp = LayerPlan(c.method, c.ranks, form=c.form,
+                       options=dict(options.get("cp" if c.method == "cp" else c.method, {})))
+        layer = factorize(module, lp)
+        with torch.no_grad():
+            approx = layer.dense_weight()
+        out.append(Candidate(c.method, c.ranks, c.form, c.params, c.macs,
+                             output_error(module, approx, covs)))
+    return out
+
+
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
-         calib_data=None, include=None, exclude=None, min_params: int = 1024,
-         rank_multiple: int = 1, options: dict | None = None) -> Plan:
+         calib_data=None, max_batches: int | None = None, include=None, exclude=None,
+         min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None) -> Plan:
     """Plan the factorization of ``model`` (see the module docstring).
 
     Args:
@@ -159,13 +187,15 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         rank_multiple: keep only ranks that are multiples of this (8 suits real hardware).
         options: solver options per method, e.g. ``{"cp": {"max_iter": 100}}``; passed on to
             the layers through the plan.
+        calib_data: batches of inputs (or (inputs, targets)); the planner then measures every
+            candidate's error in the output norm on these inputs' statistics, and SVD layers
+            become data-aware (apply the plan with the same ``calib_data``).
+        max_batches: at most this many calibration batches.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if rank is None and target is None:
         raise ValueError("rank, target: give a rank rule, a target, or both")
-    if calib_data is not None:
-        raise NotImplementedError("calib_data: data-aware planning is not implemented yet")
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple: expected an int >= 1, got {rank_multiple!r}")
     rule = parse_rank(rank) if rank is not None else None
@@ -174,6 +204,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
 
     eligible = target_layers(model, include, exclude, min_params=min_params)
     shapes = _record_inputs(model, example_inputs)
+    covs = {}
+    if calib_data is not None:
+        names = [n for n, r in eligible.items() if r is None and n in shapes]
+        covs = input_second_moments(model, names, calib_data, max_batches=max_batches)
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
                         "target": None if target is None else str(target)})
     frontiers: dict[str, list[Candidate]] = {}
@@ -204,11 +238,14 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                     continue  # energy / vbmf are not defined for CP: auto leaves CP out
                 ranks = tuple(_round_up(r, rank_multiple) for r in ranks)
             if target is None:
-                cands.append(_candidate_at(module, m, ranks, shape, options))
+                found = [_candidate_at(module, m, ranks, shape, options)]
             else:
-                cands += [c for c in _curve(module, m, shape, options, kind)
-                          if all(r % rank_multiple == 0 for r in c.ranks)
-                          and _within_rule(c, ranks)]
+                found = [c for c in _curve(module, m, shape, options, kind)
+                         if all(r % rank_multiple == 0 for r in c.ranks)
+                         and _within_rule(c, ranks)]
+            if name in covs:
+                found = _rescore(module, m, found, covs[name], shape, options, kind)
+            cands += found
         if target is None:
             best = min(cands, key=lambda c: c.error)
             result[name] = _layer_plan(best, module, options)
@@ -234,7 +271,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
 
 def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
     base = "cp" if c.method == "cp" else c.method
-    return c.layer_plan(options=dict(options.get(base, {})), module_type=type(module).__name__,
+    opts = dict(options.get(base, {}))
+    if c.extra.get("data_aware"):
+        opts["data_aware"] = True
+    return c.layer_plan(options=opts, module_type=type(module).__name__,
                         reason=f"{c.method}{'/' + c.form if c.form else ''} at "
                                f"{','.join(map(str, c.ranks))}: predicted error {c.error:.3f}")
 
