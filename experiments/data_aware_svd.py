@@ -9,12 +9,14 @@ METHODS.md §5). Run from the repository root:
 
 import argparse
 
-from plan_accuracy import MEAN, STD, WEIGHTS, top1
 from torch import nn
 
 import rankcut as rc
 from rankcut.data import find_data_root, read_cifar10_bin
-from rankcut.models import create
+from rankcut.models import create, normalizer
+from rankcut.profile import top1_accuracy
+
+RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 
 
 def main():
@@ -25,15 +27,17 @@ def main():
     root = find_data_root()
     if root is None:
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    model = create("resnet20_cifar", weights=root / "weights/resnet_cifar10_akamaster" /
-                   WEIGHTS["resnet20_cifar"]).eval()
+    model = create("resnet20_cifar", weights=root / RESNET20).eval()
+    norm = normalizer("resnet20_cifar")
     train, _ = read_cifar10_bin(root, "train", limit=args.calib)
-    calib = (train.float() / 255 - MEAN) / STD
-    batches = [calib[i:i + 64] for i in range(0, len(calib), 64)]
+    batches = [norm(train[i:i + 64]) for i in range(0, len(train), 64)]
     images, labels = read_cifar10_bin(root, "test")
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and n != "conv1"]
-    print(f"dense: {top1(model, images, labels):.2f}% top-1 on {len(images)} test images")
+    def top1(m):
+        return top1_accuracy(m, images, labels, transform=norm)
+
+    print(f"dense: {top1(model):.2f}% top-1 on {len(images)} test images")
     print(f"{'MACs kept per layer':>20} {'plain SVD %':>12} {'data-aware SVD %':>17}")
     for fraction in args.fractions:
         plain, aware = rc.Plan(), rc.Plan()
@@ -42,8 +46,8 @@ def main():
                                             f"macs={fraction}", input_hw=(32, 32))
             plain[name] = rc.LayerPlan("svd", (rank,))
             aware[name] = rc.LayerPlan("svd", (rank,), options={"data_aware": True})
-        acc_plain = top1(rc.apply(model, plain), images, labels)
-        acc_aware = top1(rc.apply(model, aware, calib_data=batches), images, labels)
+        acc_plain = top1(rc.apply(model, plain))
+        acc_aware = top1(rc.apply(model, aware, calib_data=batches))
         print(f"{fraction:>20} {acc_plain:12.2f} {acc_aware:17.2f}")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["count_macs", "count_params", "layer_macs"]
+__all__ = ["count_macs", "count_params", "layer_macs", "top1_accuracy"]
 
 
 def count_params(module: nn.Module) -> int:
@@ -84,3 +84,26 @@ def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
 def count_macs(model: nn.Module, example_inputs) -> int:
     """Total MACs of the Conv2d and Linear layers in one forward pass (see ``layer_macs``)."""
     return sum(layer_macs(model, example_inputs).values())
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                  transform=None, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent of ``model`` (run in eval mode, mode restored) on ``images``
+    (optionally passed through ``transform`` batch by batch) against ``labels``."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"images, labels: expected equal non-zero lengths, got {len(images)} "
+                         f"and {len(labels)}")
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct = 0
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            x = transform(x) if transform is not None else x
+            pred = model(x.to(device)).argmax(1).cpu()
+            correct += int((pred == labels[i:i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / len(images)

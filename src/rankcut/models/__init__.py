@@ -24,6 +24,27 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
     f"resnet{depth}_cifar": partial(CifarResNet, depth) for depth in (20, 32, 44, 56, 110)
 }
 
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# The input normalisation (mean, std per channel, inputs in [0, 1]) each model's pretrained
+# weights expect.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    name: IMAGENET_STATS for name in REGISTRY if name.endswith("_cifar")
+}
+
+
+def normalizer(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (or [0, 1] float) images -> the normalised float inputs model ``name`` expects."""
+    if name not in NORMALIZATION:
+        raise ValueError(f"model: no normalisation known for {name!r}; known: "
+                         f"{', '.join(sorted(NORMALIZATION))}")
+    mean, std = (torch.tensor(v)[:, None, None] for v in NORMALIZATION[name])
+
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return (x - mean) / std
+
+    return normalize
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a (legacy) torch checkpoint, never unpickling
@@ -56,4 +77,4 @@ def create(name: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
     return model
 
 
-__all__ = ["REGISTRY", "CifarResNet", "create", "read_state_dict"]
+__all__ = ["NORMALIZATION", "REGISTRY", "CifarResNet", "create", "normalizer", "read_state_dict"]
