@@ -168,11 +168,6 @@ def cp_curve(module: nn.Conv2d, input_hw, form: str = "cp4", n_ranks: int = 8,
     return [cp_candidate(module, input_hw, r, form, options) for r in ranks]
 
 
-def dense_candidate(module: nn.Module, input_hw=None) -> Candidate:
-    cost = layer_cost(module, input_hw=input_hw)
-    return Candidate("dense", (), None, cost.params, cost.macs, 0.0)
-
-
 def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
     """The candidates not beaten on both cost and error, cheapest first."""
     out: list[Candidate] = []

@@ -172,6 +172,35 @@ def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
     return out
 
 
+def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multiple, options,
+                      covs) -> list[Candidate]:
+    """One layer's candidates: the rule's ranks exactly (no target), or every point of each
+    method's curve within the rule's ranks (with a target); rescored on data when ``covs``."""
+    hw = shape if isinstance(module, nn.Conv2d) else None
+    cands: list[Candidate] = []
+    for m in _methods_for(module, method):
+        ranks = None
+        if rule is not None:
+            base = "cp" if m in ("cp3", "cp4") else m
+            try:
+                ranks = layer_ranks(module, base, rule, form=m if base == "cp" else "cp4",
+                                    input_hw=hw)
+            except ValueError:
+                if method != "auto":
+                    raise
+                continue  # energy / vbmf are not defined for CP: auto leaves CP out
+            ranks = tuple(_round_up(r, rank_multiple) for r in ranks)
+        if not with_target:
+            found = [_candidate_at(module, m, ranks, shape, options)]
+        else:
+            found = [c for c in _curve(module, m, shape, options, kind)
+                     if all(r % rank_multiple == 0 for r in c.ranks) and _within_rule(c, ranks)]
+        if covs is not None:
+            found = _rescore(module, m, found, covs, shape, options, kind)
+        cands += found
+    return cands
+
+
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
          min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None) -> Plan:
@@ -223,29 +252,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             result[name] = LayerPlan.skipped(reason, type(module).__name__)
             continue
         shape = shapes[name]
-        hw = shape if isinstance(module, nn.Conv2d) else None
-        cands: list[Candidate] = []
-        for m in _methods_for(module, method):
-            ranks = None
-            if rule is not None:
-                base = "cp" if m in ("cp3", "cp4") else m
-                try:
-                    ranks = layer_ranks(module, base, rule, form=m if base == "cp" else "cp4",
-                                        input_hw=hw)
-                except ValueError:
-                    if method != "auto":
-                        raise
-                    continue  # energy / vbmf are not defined for CP: auto leaves CP out
-                ranks = tuple(_round_up(r, rank_multiple) for r in ranks)
-            if target is None:
-                found = [_candidate_at(module, m, ranks, shape, options)]
-            else:
-                found = [c for c in _curve(module, m, shape, options, kind)
-                         if all(r % rank_multiple == 0 for r in c.ranks)
-                         and _within_rule(c, ranks)]
-            if name in covs:
-                found = _rescore(module, m, found, covs[name], shape, options, kind)
-            cands += found
+        cands = _layer_candidates(module, shape, method, rule, target is not None, kind,
+                                  rank_multiple, options, covs.get(name))
         if target is None:
             best = min(cands, key=lambda c: c.error)
             result[name] = _layer_plan(best, module, options)
