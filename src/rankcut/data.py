@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .models import read_state_dict
+
 ENV_VAR = "RANKCUT_DATA"
 
 
@@ -32,20 +34,10 @@ def find_data_root(path: str | os.PathLike | None = None, *extra: str | os.PathL
 
 
 def load_conv_kernels(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The 4-D (conv) tensors of a checkpoint, by name with any ``module.`` prefix removed.
-
-    Reads legacy ``torch.save`` files with ``weights_only=True`` (never unpickling code) and
-    safetensors files; a checkpoint dict with a ``state_dict`` entry is unwrapped.
-    """
-    path = Path(weights_file)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    return {k.removeprefix("module."): v.float() for k, v in state.items() if v.ndim == 4}
+    """The 4-D (conv) tensors of a checkpoint as float32, by name without a ``module.`` prefix
+    (read by :func:`rankcut.models.read_state_dict`: safetensors, or torch files with
+    ``weights_only=True``, never unpickling code)."""
+    return {k: v.float() for k, v in read_state_dict(weights_file).items() if v.ndim == 4}
 
 
 CIFAR10_BIN = "cifar10/cifar-10-batches-bin"
