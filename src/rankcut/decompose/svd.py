@@ -142,6 +142,21 @@ def svd(
     return SVDResult(A=A, B=B, S=S, rel_error=rel_error, method=method)
 
 
+def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
+    """L (float64, lower triangular) with L Lᵀ = Σ + ridge·mean(diag Σ)·I for a second moment
+    Σ: ||D L||_F is the output norm of a weight difference D on inputs with that moment."""
+    C = cov.to(device=device or cov.device, dtype=torch.float64)
+    C = (C + C.mT) / 2
+    n = C.shape[0]
+    C = C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(n, dtype=C.dtype,
+                                                                      device=C.device)
+    L, info = torch.linalg.cholesky_ex(C)
+    if bool(info):
+        raise ValueError("cov: not positive semi-definite (its Cholesky factorization failed "
+                         "even with the ridge); pass a second-moment matrix E[x xᵀ]")
+    return L
+
+
 def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     n = W.shape[1]
     check_tensor(cov, "cov", ndim=2)
@@ -149,14 +164,7 @@ def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
         raise ValueError(f"cov: expected shape ({n}, {n}) (the input width of W), got "
                          f"{tuple(cov.shape)}")
     check_positive(ridge, "ridge")
-    C = cov.to(device=W.device, dtype=torch.float64)
-    C = (C + C.mT) / 2
-    C = C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(n, dtype=C.dtype,
-                                                                      device=C.device)
-    L, info = torch.linalg.cholesky_ex(C)
-    if bool(info):
-        raise ValueError("cov: not positive semi-definite (its Cholesky factorization failed "
-                         "even with the ridge); pass a second-moment matrix E[x xᵀ]")
+    L = whitening_factor(cov, ridge, device=W.device)
     U, S_all, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
     U, S, Vh = U[:, :rank], S_all[:rank], Vh[:rank]
     norm = S_all.norm()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import decompose as dec
+from ..decompose.svd import whitening_factor
 from ..layers import layer_cost
 from ..plans import LayerPlan
 
@@ -177,23 +178,12 @@ def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
     return out
 
 
-def _whitened(W: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """W L with L the Cholesky factor of the (ridged) second moment: ||D L|| is D's output norm."""
-    C = (cov + cov.mT) / 2
-    C = C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(len(C), dtype=C.dtype,
-                                                                      device=C.device)
-    return W @ torch.linalg.cholesky(C)
-
-
-def whitened_svd_curve(module: nn.Module, covs: list[torch.Tensor], input_hw=None) -> list[
-        Candidate]:
-    """Data-aware channel SVD at every rank; errors in the output norm ||(W - W~) L||/||W L||."""
-    mats = [_whitened(b.reshape(b.shape[0], -1), c.to(b.device))
+def whitened_svd_errors(module: nn.Module, covs: list[torch.Tensor]) -> torch.Tensor:
+    """err[r-1] = output-norm error ||(W - W~) L|| / ||W L|| of data-aware channel SVD at rank r
+    (every group at rank r), L the whitening factor of each group's input second moment."""
+    mats = [b.reshape(b.shape[0], -1) @ whitening_factor(c, device=b.device)
             for b, c in zip(_groups(module), covs, strict=True)]
-    errs = _tail_errors(mats)
-    return [Candidate(c.method, c.ranks, c.form, c.params, c.macs, float(errs[c.ranks[0] - 1]),
-                      {"data_aware": True})
-            for c in svd_curve(module, input_hw)]
+    return _tail_errors(mats)
 
 
 def output_error(module: nn.Module, approx: torch.Tensor, covs: list[torch.Tensor]) -> float:

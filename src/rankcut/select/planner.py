@@ -35,7 +35,7 @@ from .curves import (
     svd_curve,
     tucker_candidate,
     tucker_errors,
-    whitened_svd_curve,
+    whitened_svd_errors,
 )
 from .curves import tucker_curve as _tucker_curve
 from .rules import layer_ranks, parse_rank
@@ -151,11 +151,10 @@ def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
     """Candidates re-measured in the output norm on calibration statistics. SVD becomes the
     data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
     (spread over their weight-norm frontier) and measure ||(W - W~) L|| / ||W L||."""
-    if method == "svd":
-        hw = shape if isinstance(module, nn.Conv2d) else None
-        by_rank = {c.ranks: c for c in whitened_svd_curve(module, covs, hw)}
-        return [Candidate(c.method, c.ranks, c.form, c.params, c.macs, by_rank[c.ranks].error,
-                          {"data_aware": True}) for c in cands]
+    if method == "svd":  # the costs stand; only the errors change, all from one spectrum
+        errs = whitened_svd_errors(module, covs)
+        return [Candidate(c.method, c.ranks, c.form, c.params, c.macs,
+                          float(errs[c.ranks[0] - 1]), {"data_aware": True}) for c in cands]
     if len(cands) > most:
         front = pareto(cands, kind)
         step = (len(front) - 1) / (most - 1)
