@@ -125,3 +125,18 @@ def test_data_aware_svd_keeps_far_more_of_the_pretrained_resnet20(cifar):
     acc_plain = top1(rc.apply(model, plain), test, labels)
     acc_aware = top1(rc.apply(model, aware, calib_data=batches), test, labels)
     assert acc_aware > acc_plain + 20, (acc_plain, acc_aware)
+
+
+def test_calibration_and_evaluation_leave_mixed_train_eval_flags_alone():
+    """A training model with a frozen (eval) BatchNorm keeps exactly those flags."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 2)).train()
+    model[1].eval()
+    flags = [m.training for m in model.modules()]
+    x = torch.randn(4, 3, 6, 6)
+    input_second_moments(model, ["0"], [x])
+    rc.profile.top1_accuracy(model, x, torch.zeros(4, dtype=torch.long))
+    rc.select.mean_loss(model, [(x, torch.zeros(4, dtype=torch.long))],
+                        nn.functional.cross_entropy)
+    rc.plan(model, x, method="svd", rank=2, min_params=10)
+    assert [m.training for m in model.modules()] == flags

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._modes import eval_mode
+
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     """(left, right, top, bottom) padding that F.pad takes, from the conv's padding option."""
@@ -73,18 +75,15 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
             raise ValueError(f"names: {name!r} is a {type(module).__name__}, expected a Conv2d "
                              "or Linear")
         hooks.append(module.register_forward_hook(hook_for(name)))
-    was_training = model.training
-    model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
                 x = batch[0] if isinstance(batch, list | tuple) else batch
                 model(x.to(device))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     missing = [n for n in names if n not in counts]

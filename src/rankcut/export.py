@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._modes import eval_mode
 from .io import atomic_path
 
 FORMATS = ("onnx", "torchscript")
@@ -84,7 +85,7 @@ def export(
     _check_arguments(format, example_inputs, opset, method, check, atol)
     inputs = _as_tensor_tuple(example_inputs, "example_inputs")
     path, opset = Path(path), int(opset)
-    with _eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
+    with eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
         with atomic_path(path) as tmp:
             if format == "onnx":
                 _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol)
@@ -125,18 +126,6 @@ def _as_tensor_tuple(value, name: str) -> tuple[torch.Tensor, ...]:
     if isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
         return tuple(value)
     raise TypeError(f"{name}: expected a tensor or a tuple of tensors, got {type(value).__name__}")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own training flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._modes import eval_mode
+
 __all__ = ["count_macs", "count_params", "layer_macs", "top1_accuracy"]
 
 
@@ -68,16 +70,12 @@ def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
         for name, module in model.named_modules()
         if isinstance(module, (nn.Conv2d, nn.Linear))
     ]
-    training = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in training.items():
-            module.training = flag
     return macs
 
 
@@ -94,16 +92,12 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"images, labels: expected equal non-zero lengths, got {len(images)} "
                          f"and {len(labels)}")
-    was_training = model.training
-    model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     correct = 0
-    try:
+    with eval_mode(model):
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size]
             x = transform(x) if transform is not None else x
             pred = model(x.to(device)).argmax(1).cpu()
             correct += int((pred == labels[i:i + batch_size]).sum())
-    finally:
-        model.train(was_training)
     return 100.0 * correct / len(images)

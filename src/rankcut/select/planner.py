@@ -19,6 +19,7 @@ import re
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..calibrate import input_second_moments
 from ..layers import layer_cost
 from ..plans import LayerPlan, Plan
@@ -83,13 +84,10 @@ def _record_inputs(model: nn.Module, example_inputs) -> dict[str, tuple]:
     hooks = [module.register_forward_hook(record(name))
              for name, module in model.named_modules()
              if isinstance(module, nn.Conv2d | nn.Linear)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return seen

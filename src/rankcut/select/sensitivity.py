@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..plans import LayerPlan, Plan
 from ..surgery import apply
 
@@ -53,16 +54,12 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Iterable, loss_fn: Callable) -> float:
     """Mean of ``loss_fn(model(x), y)`` over ``(x, y)`` batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        total, count = 0.0, 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    total, count = 0.0, 0
+    with eval_mode(model):
         for x, y in batches:
             total += float(loss_fn(model(x.to(device)), y.to(device))) * len(x)
             count += len(x)
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("batches: expected at least one (inputs, targets) batch")
     return total / count
