@@ -1,0 +1,51 @@
+"""Turning the data arguments into batches: a Dataset is read through index batches this
+package chooses (so the order is a function of the seed, the epoch and the position in it),
+a DataLoader is used as given, and a pair of tensors is read as a TensorDataset."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+def as_data(data, what: str):
+    """A Dataset or DataLoader; an (inputs, targets) pair of tensors becomes a TensorDataset."""
+    if isinstance(data, (Dataset, DataLoader)):
+        return data
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        if len(data[0]) != len(data[1]):
+            raise ValueError(f"{what}: inputs and targets differ in length ({len(data[0])} and "
+                             f"{len(data[1])})")
+        return TensorDataset(data[0], data[1])
+    raise ValueError(f"{what}: expected a torch Dataset, a DataLoader or an (inputs, targets) "
+                     f"pair of tensors, got {type(data).__name__}")
+
+
+def fetch(dataset: Dataset, index_batches: Iterable[Sequence[int]], *, num_workers: int = 0,
+          pin_memory: bool = False) -> Iterator:
+    """The batches of ``dataset`` at ``index_batches``, collated. A TensorDataset is indexed
+    directly (one gather per tensor instead of one ``__getitem__`` per sample)."""
+    if isinstance(dataset, TensorDataset) and num_workers == 0:
+        for idx in index_batches:
+            i = torch.as_tensor(list(idx), dtype=torch.long)
+            yield tuple(t[i] for t in dataset.tensors)
+        return
+    loader = DataLoader(dataset, batch_sampler=list(index_batches), num_workers=num_workers,
+                        pin_memory=pin_memory)
+    yield from loader
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) from a collated batch (a tuple or list whose first two items they are)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"a batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    non_blocking = device.type == "cuda"
+    return (x.to(device, non_blocking=non_blocking),
+            y.to(device, non_blocking=non_blocking).long())

@@ -1,0 +1,71 @@
+"""Top-1 / top-5 accuracy and loss of a classifier, in eval mode and without gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .._modes import eval_mode
+from . import distributed as dist_util
+from .batches import as_data, fetch, split_batch, to_device
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size: int = 256,
+             num_workers: int = 0, distributed: bool = False) -> dict:
+    """``{"top1", "top5", "loss", "n"}`` of ``model`` on ``data``: accuracies in percent, the
+    mean cross-entropy (no label smoothing), and the number of samples.
+
+    ``data`` is a Dataset, a DataLoader, or an (inputs, targets) pair of tensors. The model runs
+    in eval mode under ``torch.no_grad()``, so BatchNorm uses and keeps its running statistics;
+    every module's train/eval flag is restored afterwards. ``device`` defaults to the model's;
+    ``transform`` is applied to each batch of inputs after it is moved there. With fewer than
+    five classes, top-5 counts the top min(5, classes).
+
+    ``distributed=True`` (inside a torch.distributed process group; every process must call it)
+    splits a Dataset across the processes and sums the counts, so each sample is seen once.
+    """
+    model = _unwrap(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    data = as_data(data, "data")
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    if isinstance(transform, nn.Module):
+        transform = transform.to(device)
+    env = dist_util.DistEnv()
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        env = dist_util.DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    if isinstance(data, DataLoader):
+        batches = iter(data)
+    else:
+        indices = list(range(env.rank, len(data), env.world_size))
+        chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        batches = fetch(data, chunks, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    # loss sum, top-1 hits, top-5 hits, samples: summed on the device, read once at the end
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    with eval_mode(model):
+        for batch in batches:
+            x, y = to_device(*split_batch(batch), device)
+            if transform is not None:
+                x = transform(x)
+            logits = model(x).float()
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == y[:, None]
+            totals += torch.stack([
+                F.cross_entropy(logits, y, reduction="sum").double(),
+                hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    dist_util.all_sum(totals, env)
+    loss, top1, top5, n = totals.tolist()
+    if n == 0:
+        raise ValueError("data: no samples to evaluate")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": int(n)}

@@ -1,0 +1,556 @@
+"""``finetune``: the training loop, on one device or under torchrun, with exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .._modes import eval_mode
+from ..io import atomic_path
+from ..layers import FactorizedLayer
+from . import checkpoint as ckpt
+from . import distributed as dist_util
+from .batches import as_data, fetch, split_batch, to_device
+from .evaluation import _unwrap, evaluate
+from .losses import training_loss
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+# Fine-tuning rates: a tenth of the usual from-scratch peak (SGD 0.1 on CIFAR, AdamW 1e-3).
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
+# SGD: the 5e-4 the CIFAR ResNets and the VGG-11 here were trained with; AdamW: PyTorch's 1e-2.
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}
+
+
+@dataclass
+class TrainResult:
+    """What ``finetune`` returns. ``model`` is the trained model (not wrapped, on the training
+    device); ``history`` holds every logged entry (the lines of the JSON-lines log); ``final``
+    the last training and validation figures; ``steps`` the optimizer steps taken in all."""
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    checkpoint: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "final": self.final, "steps": self.steps,
+                "checkpoint": None if self.checkpoint is None else str(self.checkpoint)}
+
+
+def factorized_parameters(model: nn.Module, parts: Iterable[str] | None = None) -> list[str]:
+    """Names of the parameters inside rankcut's factorized layers, for ``freeze=``.
+
+    ``parts`` keeps only the named children of each layer (``"first"``, ``"core"``, ``"last"``
+    of Tucker-2 and SVD layers; ``"pointwise_in"``, ``"depthwise"``, ``"pointwise_out"`` of CP;
+    ``"first"``, ``"second"`` of low-rank Linear). E.g. ``freeze=factorized_parameters(model,
+    ["first", "last"])`` trains only the Tucker cores (and everything outside factorized layers).
+    """
+    wanted = None if parts is None else set([parts] if isinstance(parts, str) else parts)
+    names, seen_parts = [], set()
+    for prefix, module in model.named_modules():
+        if not isinstance(module, FactorizedLayer):
+            continue
+        for name, _ in module.named_parameters():
+            part = name.split(".", 1)[0]
+            seen_parts.add(part)
+            if wanted is None or part in wanted:
+                names.append(f"{prefix}.{name}" if prefix else name)
+    if wanted is not None and wanted - seen_parts:
+        raise ValueError(f"parts: {sorted(wanted - seen_parts)} name no child of a factorized "
+                         f"layer in this model (its layers have {sorted(seen_parts)})")
+    return names
+
+
+def _frozen_names(model: nn.Module, freeze) -> set[str]:
+    names = [n for n, _ in model.named_parameters()]
+    if freeze is None:
+        return set()
+    if callable(freeze):
+        return {n for n in names if freeze(n)}
+    patterns = [freeze] if isinstance(freeze, str) else list(freeze)
+    frozen: set[str] = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"freeze: expected parameter-name patterns or a predicate, got "
+                             f"{type(pattern).__name__}")
+        hit = {n for n in names if fnmatchcase(n, pattern) or fnmatchcase(n, pattern + ".*")}
+        if not hit:
+            raise ValueError(f"freeze: pattern {pattern!r} matches no parameter of the model "
+                             f"(names look like {names[:3]})")
+        frozen |= hit
+    return frozen
+
+
+def _lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+    """The multiplier of the base learning rate at optimizer step k (0-based): a linear warm-up
+    over ``warmup`` steps, then constant or a cosine decay that reaches zero after ``total``."""
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (k - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def _make_optimizer(optimizer, groups, lr, momentum, nesterov) -> torch.optim.Optimizer:
+    if callable(optimizer):
+        opt = optimizer(groups)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ValueError("optimizer: the callable must return a torch.optim.Optimizer")
+        return opt
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+class _Run:
+    """One call of ``finetune``: the settings, the state that a checkpoint saves, the loop."""
+
+    def __init__(self, model: nn.Module, train_data, opts: dict[str, Any]):
+        self.o = opts
+        self.env, self.device = dist_util.setup(opts["device"])
+        self.model = _unwrap(model)
+        self.data = as_data(train_data, "train_data")
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self._setup_data()
+
+    # ---- data order -------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        o, env = self.o, self.env
+        if o["batch_size"] < 1:
+            raise ValueError(f"batch_size must be positive, got {o['batch_size']}")
+        self.loader = self.data if isinstance(self.data, DataLoader) else None
+        if self.loader is None:
+            if o["batch_size"] % env.world_size:
+                raise ValueError(f"batch_size {o['batch_size']} is not divisible by the "
+                                 f"{env.world_size} processes: the global batch is split evenly")
+            self.per_rank_batch = o["batch_size"] // env.world_size
+            # One sampler for every world size: with one process it is a seeded permutation;
+            # with W, rank r reads positions r, r+W, ... of the same permutation, so the W
+            # per-process batches of a step together are the single-process batch.
+            self.sampler = DistributedSampler(self.data, num_replicas=env.world_size,
+                                              rank=env.rank, shuffle=o["shuffle"],
+                                              seed=o["seed"], drop_last=True)
+            self.steps_per_epoch: int | None = len(self.sampler) // self.per_rank_batch
+            if self.steps_per_epoch == 0:
+                raise ValueError(f"train_data: {len(self.data)} samples are fewer than one "
+                                 f"batch of {o['batch_size']}")
+        else:
+            self.per_rank_batch = self.loader.batch_size
+            try:
+                self.steps_per_epoch = len(self.loader)
+            except TypeError:
+                self.steps_per_epoch = None
+        epochs, steps = o["epochs"], o["steps"]
+        if epochs is not None and steps is not None:
+            raise ValueError("give epochs or steps, not both")
+        if steps is not None:
+            self.total = int(steps)
+        else:
+            if self.steps_per_epoch is None:
+                raise ValueError("train_data: a loader without a length needs steps=")
+            self.total = int(epochs if epochs is not None else 1) * self.steps_per_epoch
+        if self.total < 1:
+            raise ValueError(f"nothing to train: {self.total} steps")
+
+    def _epoch_batches(self, epoch: int, start: int):
+        if self.loader is None:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            b = self.per_rank_batch
+            chunks = [order[i * b:(i + 1) * b] for i in range(start, self.steps_per_epoch)]
+            return fetch(self.data, chunks, num_workers=self.o["num_workers"],
+                         pin_memory=self.device.type == "cuda")
+        for sampler in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+        # A loader is used as given: resuming skips the batches already seen by reading them.
+        return itertools.islice(iter(self.loader), start, None)
+
+    # ---- setup ------------------------------------------------------------------------
+    def _setup_training(self) -> None:
+        o, device = self.o, self.device
+        kind = o["optimizer"]
+        if not callable(kind) and kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {OPTIMIZERS} or a callable, got {kind!r}")
+        if o["schedule"] not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {o['schedule']!r}")
+        if not 0.0 <= o["kd_alpha"] <= 1.0:
+            raise ValueError(f"kd_alpha must lie in [0, 1], got {o['kd_alpha']}")
+        if o["warmup_steps"] < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {o['warmup_steps']}")
+        name = kind if isinstance(kind, str) else "sgd"
+        lr = DEFAULT_LR[name] if o["lr"] is None else float(o["lr"])
+        wd = DEFAULT_WEIGHT_DECAY[name] if o["weight_decay"] is None else float(o["weight_decay"])
+
+        self.model.to(device)
+        if o["teacher"] is not None:
+            o["teacher"].to(device)
+        for t in ("transform", "val_transform"):
+            if isinstance(o[t], nn.Module):
+                o[t] = o[t].to(device)
+
+        frozen = _frozen_names(self.model, o["freeze"])
+        named = [(n, p) for n, p in self.model.named_parameters()
+                 if p.requires_grad and n not in frozen]
+        if not named:
+            raise ValueError("freeze: every parameter is frozen; nothing to train")
+        for n, p in self.model.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+        self.params = [p for _, p in named]
+        # No weight decay on biases and normalisation scales (1-D): decaying them regularises
+        # nothing and shrinks BatchNorm's gains.
+        groups = [{"params": [p for _, p in named if p.ndim > 1], "weight_decay": wd},
+                  {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = _make_optimizer(kind, groups, lr, o["momentum"], o["nesterov"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_factor(o["schedule"], self.total, o["warmup_steps"]))
+
+        amp = o["amp"] if o["amp"] is not None else device.type == "cuda"
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.autocast = (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if amp \
+            else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+        # loss sum, correct, samples, grad-norm sum: accumulated on the device between log lines
+        self.window = torch.zeros(4, dtype=torch.float64, device=device)
+        self.window_steps = 0
+        self.settings = {
+            "total_steps": self.total, "batch_size": o["batch_size"],
+            "world_size": self.env.world_size, "seed": o["seed"], "shuffle": o["shuffle"],
+            "steps_per_epoch": self.steps_per_epoch, "optimizer": name,
+            "train_size": None if self.loader is not None else len(self.data)}
+
+    def _seed(self) -> None:
+        seed = self.o["seed"] + self.env.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 (the global one user code draws from)
+        random.seed(seed)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _save(self) -> None:
+        states = dist_util.gather({"rng": ckpt.capture_rng(self.device),
+                                   "window": self.window.cpu(),
+                                   "window_steps": self.window_steps}, self.env)
+        if self.env.is_main:
+            ckpt.write(self.o["checkpoint_dir"], {
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "per_rank": states, "history": self.history, "settings": self.settings})
+        self.saved_at = self.step
+
+    def _load(self) -> bool:
+        payload = ckpt.read(self.o["checkpoint_dir"])
+        if payload is None:
+            return False
+        path = ckpt.path_in(self.o["checkpoint_dir"])
+        ckpt.check_compatible(payload["settings"], self.settings, path)
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as err:
+            raise ValueError(f"{path}: the checkpoint does not fit this model (pass the same "
+                             f"architecture, e.g. the same compressed model): {err}") from None
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        mine = payload["per_rank"][self.env.rank]
+        ckpt.restore_rng(mine["rng"], self.device)
+        self.window = mine["window"].to(self.device)
+        self.window_steps = mine["window_steps"]
+        self.step, self.epoch = payload["step"], payload["epoch"]
+        self.batch_in_epoch = payload["batch_in_epoch"]
+        self.history = list(payload["history"])
+        self.saved_at = self.step
+        return True
+
+    # ---- logging ------------------------------------------------------------------------
+    def _open_outputs(self, resumed: bool) -> None:
+        o = self.o
+        self.log_file = self.tb = self.bar = None
+        if not self.env.is_main:
+            return
+        if o["log"] is not None:
+            path = Path(o["log"])
+            # Start the file afresh, or (resuming) from the entries the checkpoint holds: lines
+            # a killed run wrote after its last checkpoint are dropped, not repeated.
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(e) + "\n" for e in self.history))
+            self.log_file = path.open("a")
+        if o["tensorboard"] is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard= was given but the tensorboard package is not "
+                              "installed; logging to TensorBoard is skipped", stacklevel=3)
+            else:
+                self.tb = SummaryWriter(str(o["tensorboard"]),
+                                        purge_step=self.step if resumed else None)
+        if o["progress"]:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.step, desc="finetune", unit="step",
+                            dynamic_ncols=True)
+
+    def _close_outputs(self) -> None:
+        for thing in (self.log_file, self.tb, self.bar):
+            if thing is not None:
+                thing.close()
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(entry) + "\n")
+            self.log_file.flush()
+        if self.tb is not None:
+            for key, value in entry.items():
+                if key not in ("split", "step", "epoch", "time") and isinstance(value, float):
+                    self.tb.add_scalar(f"{entry['split']}/{key}", value, entry["step"])
+        if self.bar is not None:
+            self.bar.set_postfix({f"{entry['split']}_{k}": f"{entry[k]:.4g}"
+                                  for k in ("loss", "accuracy")})
+
+    def _epoch_position(self) -> float:
+        if self.steps_per_epoch:
+            return round(self.step / self.steps_per_epoch, 4)
+        return float(self.epoch)
+
+    def _log_train(self, lr: float) -> None:
+        window = dist_util.all_sum(self.window.clone(), self.env)
+        loss_sum, correct, count, norm_sum = window.tolist()
+        loss = loss_sum / count
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {self.step}: lower lr, "
+                                     "add warmup_steps or clip_grad_norm")
+        entry = {"split": "train", "step": self.step, "epoch": self._epoch_position(),
+                 "loss": loss, "accuracy": 100.0 * correct / count, "lr": lr,
+                 "time": round(time.perf_counter() - self.t0, 3)}
+        if self.o["clip_grad_norm"] is not None:
+            entry["grad_norm"] = norm_sum / self.env.world_size / self.window_steps
+        self._record(entry)
+        self.window.zero_()
+        self.window_steps = 0
+
+    def _validate(self) -> None:
+        o = self.o
+        transform = o["val_transform"] if o["val_transform"] is not None else o["transform"]
+        metrics = evaluate(self.model, o["val_data"], device=self.device, transform=transform,
+                           batch_size=o["eval_batch_size"], num_workers=o["num_workers"],
+                           distributed=self.env.active)
+        self._record({"split": "val", "step": self.step, "epoch": self._epoch_position(),
+                      "loss": metrics["loss"], "accuracy": metrics["top1"],
+                      "top5": metrics["top5"], "n": metrics["n"],
+                      "time": round(time.perf_counter() - self.t0, 3)})
+        self.validated_at = self.step
+
+    # ---- training -----------------------------------------------------------------------
+    def _train_step(self, batch) -> float:
+        o = self.o
+        x, y = to_device(*split_batch(batch), self.device)
+        if o["transform"] is not None:
+            x = o["transform"](x)
+        with self.autocast():
+            logits = self.net(x)
+            teacher_logits = None
+            if o["teacher"] is not None:
+                with torch.no_grad():
+                    teacher_logits = o["teacher"](x)
+        loss = training_loss(logits, y, teacher_logits, label_smoothing=o["label_smoothing"],
+                             kd_alpha=o["kd_alpha"], kd_temperature=o["kd_temperature"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        norm = torch.zeros((), device=self.device)
+        if o["clip_grad_norm"] is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, o["clip_grad_norm"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        with torch.no_grad():
+            n = y.shape[0]
+            self.window += torch.stack([loss.detach().double() * n,
+                                        (logits.argmax(1) == y).sum().double(),
+                                        torch.tensor(float(n), dtype=torch.float64,
+                                                     device=self.device),
+                                        norm.detach().double()])
+        self.window_steps += 1
+        self.last_loss = loss.detach()
+        return lr
+
+    def _due(self, every: int | None) -> bool:
+        return every is not None and self.step % every == 0
+
+    def run(self) -> TrainResult:
+        o = self.o
+        # restored at the end: freezing and the train/eval switches are for this run only
+        flags = [(m, m.training) for m in self.model.modules()]
+        grads = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._setup_training()
+        self._seed()
+        self.saved_at = self.validated_at = None
+        resumed = bool(o["resume"]) and o["checkpoint_dir"] is not None and self._load()
+        self.net = self.model
+        if self.env.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.t0 = time.perf_counter()
+        self._open_outputs(resumed)
+        teacher_ctx = eval_mode(o["teacher"]) if o["teacher"] is not None \
+            else contextlib.nullcontext()
+        try:
+            with teacher_ctx:
+                self._loop()
+        finally:
+            self._close_outputs()
+            for m, training in flags:
+                m.training = training
+            for p, requires_grad in grads:
+                p.requires_grad_(requires_grad)
+        return self._result()
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.o["freeze_bn_stats"]:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def _loop(self) -> None:
+        o = self.o
+        self._train_mode()
+        stop = self.step >= self.total
+        while not stop:
+            seen = 0
+            for batch in self._epoch_batches(self.epoch, self.batch_in_epoch):
+                seen += 1
+                lr = self._train_step(batch)
+                self.step += 1
+                self.batch_in_epoch += 1
+                if self.bar is not None:
+                    self.bar.update(1)
+                last = self.step >= self.total
+                epoch_end = (self.steps_per_epoch is not None
+                             and self.batch_in_epoch >= self.steps_per_epoch)
+                if self._due(o["log_every"]) or last:
+                    self._log_train(lr)
+                if o["val_data"] is not None and (last or self._due(o["eval_every"]) or (
+                        o["eval_every"] is None and epoch_end)):
+                    self._validate()
+                if epoch_end:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if o["checkpoint_dir"] is not None and (
+                        last or self._due(o["checkpoint_every"])
+                        or (o["checkpoint_every"] is None and epoch_end)):
+                    self._save()
+                if o["callback"] is not None:
+                    wants = bool(o["callback"]({
+                        "step": self.step, "epoch": self.epoch, "loss": self.last_loss,
+                        "model": self.model, "optimizer": self.optimizer}))
+                    if dist_util.any_true(wants, self.env, self.device) and not last:
+                        stop = True
+                        if o["checkpoint_dir"] is not None and self.saved_at != self.step:
+                            self._save()
+                        if self.window_steps:
+                            self._log_train(lr)
+                        if o["val_data"] is not None and self.validated_at != self.step:
+                            self._validate()
+                        break
+                if last:
+                    stop = True
+                    break
+                if epoch_end:  # the next epoch draws a new order
+                    break
+            else:
+                if seen == 0:
+                    raise ValueError(f"train_data yielded no batch in epoch {self.epoch}")
+                if self.steps_per_epoch is None:  # a loader without a length ran out
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if self.env.active:
+            dist_util.barrier(self.env)
+
+    def _result(self) -> TrainResult:
+        final: dict[str, Any] = {"step": self.step, "epoch": self._epoch_position()}
+        for entry in self.history:
+            prefix = entry["split"]
+            for key in ("loss", "accuracy", "top5", "n"):
+                if key in entry:
+                    final[f"{prefix}_{key}"] = entry[key]
+        path = None
+        if self.o["checkpoint_dir"] is not None:
+            path = ckpt.path_in(self.o["checkpoint_dir"])
+        return TrainResult(self.model, self.history, final, self.step, path)
+
+
+def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
+             steps: int | None = None, batch_size: int = 128, optimizer="sgd",
+             lr: float | None = None, momentum: float = 0.9, nesterov: bool = False,
+             weight_decay: float | None = None, schedule: str = "cosine", warmup_steps: int = 0,
+             label_smoothing: float = 0.0, clip_grad_norm: float | None = None,
+             amp: bool | None = None, freeze=None, freeze_bn_stats: bool = False,
+             teacher: nn.Module | None = None, kd_alpha: float = 0.5,
+             kd_temperature: float = 4.0, transform: Callable | None = None, val_data=None,
+             val_transform: Callable | None = None, eval_every: int | None = None,
+             eval_batch_size: int = 256, device=None, seed: int = 0,
+             shuffle: bool = True, num_workers: int = 0, checkpoint_dir=None,
+             checkpoint_every: int | None = None, resume: bool = False, log=None,
+             log_every: int = 50, tensorboard=None, progress: bool = True,
+             callback: Callable[[dict], Any] | None = None) -> TrainResult:
+    """Fine-tune ``model`` (in place) on ``train_data``; see docs/training.md.
+
+    ``train_data`` is a Dataset (read in a seeded order that a resumed run reproduces exactly;
+    a DistributedSampler shards it under torchrun), a DataLoader (used as given), or an
+    (inputs, targets) pair of tensors. Training runs ``epochs`` epochs (default 1) or ``steps``
+    optimizer steps; ``batch_size`` is the global batch, split evenly over the processes. The
+    last incomplete batch of an epoch is dropped (each epoch reshuffles).
+
+    Loss: cross-entropy with ``label_smoothing``; with a ``teacher`` (run in eval mode without
+    gradients) ``(1 - kd_alpha) * CE + kd_alpha * T² KL(teacher/T ‖ student/T)``.
+    ``optimizer``: "sgd" (lr 0.01, weight decay 5e-4, ``momentum``), "adamw" (lr 1e-4, weight
+    decay 0.01) or a callable taking the parameter groups; biases and norm scales get no weight
+    decay. ``schedule``: "cosine" (to zero) or "constant", after ``warmup_steps`` of linear
+    warm-up. ``freeze``: parameter-name glob patterns (a pattern also matches the parameters
+    below a module name) or a predicate on names; frozen parameters are not updated.
+    ``transform`` is applied to each batch of inputs on the device (``val_transform``, default
+    ``transform``, to validation batches). ``amp``: autocast (+ GradScaler with float16) —
+    default on for CUDA, off on the CPU.
+
+    ``checkpoint_dir`` with ``checkpoint_every`` steps (default: every epoch) writes
+    ``last.pt`` atomically; ``resume=True`` continues from it (or starts afresh when there is
+    none) and ends where an uninterrupted run would. ``log``: JSON-lines file, one entry per
+    ``log_every`` steps and per validation. ``callback(info)`` runs after every step; returning
+    True stops the run (after a checkpoint, so it can be resumed).
+
+    The model's train/eval flags and ``requires_grad`` flags are restored afterwards; the model
+    and teacher stay on the training device. Returns a :class:`TrainResult`.
+    """
+    opts = {k: v for k, v in locals().items() if k not in ("model", "train_data")}
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        if opts[name] is not None and int(opts[name]) < 1:
+            raise ValueError(f"{name} must be a positive number of steps, got {opts[name]}")
+    if val_data is not None:
+        opts["val_data"] = as_data(val_data, "val_data")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    return _Run(model, train_data, opts).run()
