@@ -11,16 +11,26 @@ computed analytically from the shapes that forward hooks see during one forward 
   ``rows * in_features * out_features`` where ``rows = input.numel() / in_features``.
 
 Bias additions are not MACs. Other layers (norms, activations, pooling) are not counted.
+
+Latency is measured, not modelled: :func:`measure_latency` times whole forward passes (warm-up
+first, then repeats; CUDA synchronised around each pass) and reports the median and quartiles
+with the thread count and device, and :func:`compare_latency` times two modules interleaved so
+that drift in the machine's speed hits both alike.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ._modes import eval_mode
 
-__all__ = ["count_macs", "count_params", "layer_macs", "top1_accuracy"]
+__all__ = ["Latency", "compare_latency", "count_macs", "count_params", "layer_macs",
+           "measure_latency", "top1_accuracy"]
 
 
 def count_params(module: nn.Module) -> int:
@@ -101,3 +111,97 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             pred = model(x.to(device)).argmax(1).cpu()
             correct += int((pred == labels[i:i + batch_size]).sum())
     return 100.0 * correct / len(images)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall-clock time of one forward pass: median and quartiles over ``repeats`` timed passes."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    repeats: int
+    batch: int
+    threads: int
+    device: str
+
+    @property
+    def spread_ms(self) -> float:
+        """The interquartile range."""
+        return self.q3_ms - self.q1_ms
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.median_ms:.3f} ms (IQR {self.q1_ms:.3f}-{self.q3_ms:.3f}, batch "
+                f"{self.batch}, {self.repeats} runs, {self.threads} threads, {self.device})")
+
+
+def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not (isinstance(inputs, tuple | list) and inputs
+            and all(isinstance(x, torch.Tensor) for x in inputs)):
+        raise ValueError(f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
+                         f"{type(example_inputs).__name__}")
+    return tuple(inputs)
+
+
+def _timer(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
+    device = next((p.device for p in model.parameters()), inputs[0].device)
+    cuda = device.type == "cuda"
+    inputs = tuple(x.to(device) for x in inputs)
+
+    def run() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(*inputs)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    return run, str(device)
+
+
+def _summary(times: list[float], batch: int, device: str) -> Latency:
+    q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return Latency(median, q1, q3, len(times), batch, torch.get_num_threads(), device)
+
+
+def _check_counts(warmup: int, repeats: int) -> None:
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup, repeats: expected >= 0 and >= 1, got {warmup}, {repeats}")
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
+                    repeats: int = 50) -> Latency:
+    """Time ``model(*example_inputs)`` on the device of the model's parameters: ``warmup``
+    untimed passes, then ``repeats`` timed ones, in eval mode under no_grad (modes restored)."""
+    _check_counts(warmup, repeats)
+    inputs = _as_inputs(example_inputs)
+    with eval_mode(model):
+        run, device = _timer(model, inputs)
+        for _ in range(warmup):
+            run()
+        times = [run() for _ in range(repeats)]
+    return _summary(times, inputs[0].shape[0] if inputs[0].ndim else 1, device)
+
+
+@torch.no_grad()
+def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warmup: int = 5,
+                    repeats: int = 30) -> tuple[Latency, Latency]:
+    """Latencies of two modules on the same inputs, their timed passes interleaved (first,
+    second, first, ...), so that a change in the machine's speed affects both alike."""
+    _check_counts(warmup, repeats)
+    inputs = _as_inputs(example_inputs)
+    with eval_mode(first), eval_mode(second):
+        (run_a, dev_a), (run_b, dev_b) = _timer(first, inputs), _timer(second, inputs)
+        for _ in range(warmup):
+            run_a()
+            run_b()
+        pairs = [(run_a(), run_b()) for _ in range(repeats)]
+    batch = inputs[0].shape[0] if inputs[0].ndim else 1
+    return (_summary([a for a, _ in pairs], batch, dev_a),
+            _summary([b for _, b in pairs], batch, dev_b))

@@ -23,8 +23,8 @@ from .._modes import eval_mode
 from ..calibrate import input_second_moments
 from ..layers import layer_cost
 from ..plans import LayerPlan, Plan
-from ..profile import count_params
-from ..surgery import factorize, target_layers
+from ..profile import compare_latency, count_params
+from ..surgery import factorize, structure, target_layers
 from .budget import allocate
 from .curves import (
     Candidate,
@@ -39,17 +39,20 @@ from .curves import (
     whitened_svd_errors,
 )
 from .curves import tucker_curve as _tucker_curve
+from .latency import LatencyGuard, drop_slower
 from .rules import layer_ranks, parse_rank
 
 METHODS = ("auto", "svd", "spatial_svd", "cp", "cp3", "cp4", "tucker")
 
 
 def parse_target(target) -> tuple[str, float]:
-    """("params" | "macs", fraction of the original cost to keep) from "macs=4x" or
-    "params=0.25"."""
-    m = re.fullmatch(r"\s*(params|macs)\s*=\s*([0-9.]+)\s*(x?)\s*", str(target).lower())
-    bad = ValueError(f"target: expected 'params=Nx', 'macs=Nx' (N > 1: the compressed cost is "
-                     f"1/N of the original) or 'params=F', 'macs=F' (0 < F < 1), got {target!r}")
+    """("params" | "macs" | "latency", fraction of the original cost to keep) from "macs=4x",
+    "latency=2x" or "params=0.25"."""
+    m = re.fullmatch(r"\s*(params|macs|latency)\s*=\s*([0-9.]+)\s*(x?)\s*",
+                     str(target).lower())
+    bad = ValueError(f"target: expected 'params=Nx', 'macs=Nx', 'latency=Nx' (N > 1: the "
+                     f"compressed cost is 1/N of the original) or 'params=F', 'macs=F', "
+                     f"'latency=F' (0 < F < 1), got {target!r}")
     if not m:
         raise bad
     try:
@@ -200,16 +203,21 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
 
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
-         min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None) -> Plan:
+         min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None,
+         allow_slower: bool = False, latency_margin: float = 0.05) -> Plan:
     """Plan the factorization of ``model`` (see the module docstring).
 
     Args:
-        example_inputs: a tensor or tuple of tensors for one forward pass (shapes only).
+        example_inputs: a tensor or tuple of tensors for one forward pass (shapes, and the
+            user's batch size for latency).
         method: ``"auto"`` or one of ``svd``, ``spatial_svd``, ``cp`` (= ``cp4``), ``cp3``,
             ``tucker``.
         rank: a rank rule (``64``, ``"vbmf"``, ``"energy=0.95"``, ``"params=0.25"``, ...).
         target: ``"macs=4x"`` / ``"params=2x"`` (or a fraction, ``"macs=0.25"``) of the whole
-            model; met from below, within about 1% where the layers' ranks allow.
+            model, met from below within about 1% where the layers' ranks allow; or
+            ``"latency=2x"``: the model measured on this device at the batch of
+            ``example_inputs`` runs in at most half the dense time (MACs are allocated, and their
+            budget searched until the measured latency meets the target).
         rank_multiple: keep only ranks that are multiples of this (8 suits real hardware).
         options: solver options per method, e.g. ``{"cp": {"max_iter": 100}}``; passed on to
             the layers through the plan.
@@ -217,6 +225,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             candidate's error in the output norm on these inputs' statistics, and SVD layers
             become data-aware (apply the plan with the same ``calib_data``).
         max_batches: at most this many calibration batches.
+        allow_slower: by default every chosen factorization is timed against its dense layer
+            on the model's device (batch 1 and the batch of ``example_inputs``) and one measured
+            slower by more than ``latency_margin`` (a fraction, for timing noise) is vetoed;
+            the budget is then spent elsewhere. ``True`` skips the timing.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -226,7 +238,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         raise ValueError(f"rank_multiple: expected an int >= 1, got {rank_multiple!r}")
     rule = parse_rank(rank) if rank is not None else None
     kind, fraction = parse_target(target) if target is not None else (None, None)
+    cost_kind = "macs" if kind == "latency" else kind  # what the allocation spends
     options = dict(options or {})
+    guard = None if allow_slower else LatencyGuard((1, _batch_of(example_inputs)),
+                                                   margin=latency_margin)
 
     eligible = target_layers(model, include, exclude, min_params=min_params)
     shapes = _record_inputs(model, example_inputs)
@@ -236,11 +251,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         covs = input_second_moments(model, names, calib_data, max_batches=max_batches)
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
                         "target": None if target is None else str(target)})
-    frontiers: dict[str, list[Candidate]] = {}
-    fixed = {"params": count_params(model), "macs": 0}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
-            fixed["macs"] += _cost(module, shapes[name]).macs
+    layers: dict[str, _Layer] = {}
     for name, reason in eligible.items():
         module = model.get_submodule(name)
         if reason is None and name not in shapes:
@@ -249,29 +260,142 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             result[name] = LayerPlan.skipped(reason, type(module).__name__)
             continue
         shape = shapes[name]
-        cands = _layer_candidates(module, shape, method, rule, target is not None, kind,
+        cands = _layer_candidates(module, shape, method, rule, target is not None, cost_kind,
                                   rank_multiple, options, covs.get(name))
-        if target is None:
-            best = min(cands, key=lambda c: c.error)
-            result[name] = _layer_plan(best, module, options)
-            continue
         dense_cost = _cost(module, shape)
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
-        frontiers[name] = pareto([*cands, dense], kind)
-        fixed[kind] -= dense.cost(kind)
-    if target is not None:
-        budget = fraction * (fixed[kind] + sum(f[-1].cost(kind) for f in frontiers.values()))
-        chosen = allocate(frontiers, kind, budget, fixed[kind])
-        for name, cand in chosen.items():
-            module = model.get_submodule(name)
-            if cand.method == "dense":
-                result[name] = LayerPlan.skipped(
-                    "kept dense: the budget does less damage elsewhere", type(module).__name__)
-            else:
-                result[name] = _layer_plan(cand, module, options)
-        result.meta["budget"] = {kind: budget}
+        layers[name] = _Layer(module, shape, cands, dense)
+
+    choose = _Chooser(layers, cost_kind, guard)
+    if target is None:
+        chosen = choose(None)
+    else:
+        fixed = {"params": count_params(model), "macs": 0}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
+                fixed["macs"] += _cost(module, shapes[name]).macs
+        fixed[cost_kind] -= sum(layer.dense.cost(cost_kind) for layer in layers.values())
+        choose.fixed = fixed[cost_kind]
+        whole = fixed[cost_kind] + sum(layer.dense.cost(cost_kind) for layer in layers.values())
+        if kind == "latency":
+            chosen, budget, timing = _meet_latency(model, example_inputs, result, choose,
+                                                   whole, fraction, options)
+            result.meta["latency"] = timing
+        else:
+            budget = fraction * whole
+            chosen = choose(budget)
+        result.meta["budget"] = {cost_kind: budget}
+    _fill(result, chosen, layers, options, guard)
+    if guard is not None:
+        result.meta["latency_guard"] = {**guard.settings(), "vetoed": choose.vetoed}
     _summarise(result, model, shapes)
     return result
+
+
+def _batch_of(example_inputs) -> int:
+    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+    return int(first.shape[0]) if first.ndim else 1
+
+
+class _Layer:
+    def __init__(self, module, shape, cands, dense):
+        self.module, self.shape, self.cands, self.dense = module, shape, cands, dense
+
+
+class _Chooser:
+    """One candidate per layer: the least error (``budget=None``) or the allocation under a
+    budget; with a latency guard, repeated until no chosen factorization is measured slower
+    than its dense layer (each veto removes candidates, so this ends)."""
+
+    def __init__(self, layers: dict[str, _Layer], kind, guard: LatencyGuard | None):
+        self.layers, self.kind, self.guard = layers, kind, guard
+        self.fixed = 0.0
+        self.vetoed: dict[str, list[str]] = {}
+
+    def _pick(self, budget) -> dict[str, Candidate]:
+        if budget is None:
+            return {n: min(layer.cands, key=lambda c: c.error, default=layer.dense)
+                    for n, layer in self.layers.items()}
+        frontiers = {n: pareto([*layer.cands, layer.dense], self.kind)
+                     for n, layer in self.layers.items()}
+        try:
+            return allocate(frontiers, self.kind, budget, self.fixed)
+        except ValueError as err:
+            if self.vetoed:
+                raise ValueError(f"{err}; {sum(map(len, self.vetoed.values()))} factorizations "
+                                 "were vetoed as slower than dense on this device (pass "
+                                 "allow_slower=True to allow them)") from None
+            raise
+
+    def __call__(self, budget) -> dict[str, Candidate]:
+        while True:
+            chosen = self._pick(budget)
+            if self.guard is None:
+                return chosen
+            slow = [(n, c) for n, c in chosen.items() if c.method != "dense" and self.guard.slower(
+                n, self.layers[n].module, self.layers[n].shape, c)]
+            if not slow:
+                return chosen
+            for n, c in slow:
+                self.layers[n].cands = drop_slower(self.layers[n].cands, c)
+                self.vetoed.setdefault(n, []).append(_describe(c))
+
+
+def _describe(c: Candidate) -> str:
+    return f"{c.method}{'/' + c.form if c.form else ''} at {','.join(map(str, c.ranks))}"
+
+
+def _meet_latency(model, example_inputs, result, choose, whole, fraction, options):
+    """Bisection on the MACs budget for the largest one whose plan, timed on this device at the
+    batch of ``example_inputs`` interleaved with the dense model, runs within ``fraction`` of
+    the dense model's latency."""
+
+    def timed(budget):
+        chosen = choose(budget)
+        trial = Plan(dict(result.layers))
+        _fill(trial, chosen, choose.layers, options, None)
+        dense, small = compare_latency(model, structure(model, trial), example_inputs)
+        return chosen, small.median_ms / dense.median_ms, (dense, small)
+
+    lo = choose.fixed + sum(pareto([*layer.cands, layer.dense], choose.kind)[0].cost(choose.kind)
+                            for layer in choose.layers.values())
+    chosen, ratio, times = timed(lo)
+    if ratio > fraction:
+        raise ValueError(f"target: latency {1 / fraction:.3g}x cannot be met on this device: the "
+                         f"cheapest plan runs at {ratio:.2f} of the dense model's time "
+                         f"({times[1].median_ms:.3f} ms against {times[0]})")
+    best, hi = (chosen, lo, ratio, times), float(whole)
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        chosen, ratio, times = timed(mid)
+        if ratio <= fraction:
+            best, lo = (chosen, mid, ratio, times), mid
+        else:
+            hi = mid
+    chosen, budget, ratio, (dense, small) = best
+    return chosen, budget, {"dense_ms": dense.median_ms, "planned_ms": small.median_ms,
+                            "ratio": ratio, "goal_ratio": fraction, "batch": dense.batch,
+                            "threads": dense.threads, "device": dense.device}
+
+
+def _fill(result: Plan, chosen: dict[str, Candidate], layers: dict[str, _Layer], options,
+          guard: LatencyGuard | None) -> None:
+    for name, cand in chosen.items():
+        layer = layers[name]
+        module_type = type(layer.module).__name__
+        if cand.method != "dense":
+            result[name] = _layer_plan(cand, layer.module, options)
+            if guard is not None:
+                result[name].predicted.update(guard.measure(name, layer.module, layer.shape,
+                                                            cand))
+            continue
+        if not layer.cands and guard is not None:
+            why = "kept dense: every factorization was measured slower than dense"
+        elif not layer.cands:
+            why = "kept dense: no candidate within the rank rule"
+        else:
+            why = "kept dense: the budget does less damage elsewhere"
+        result[name] = LayerPlan.skipped(why, module_type)
 
 
 def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
