@@ -137,6 +137,8 @@ class _Run:
     # ---- data order -------------------------------------------------------------------
     def _setup_data(self) -> None:
         o, env = self.o, self.env
+        if o["epochs"] is not None and o["steps"] is not None:
+            raise ValueError("give epochs or steps, not both")
         if o["batch_size"] < 1:
             raise ValueError(f"batch_size must be positive, got {o['batch_size']}")
         self.loader = self.data if isinstance(self.data, DataLoader) else None
@@ -162,8 +164,6 @@ class _Run:
             except TypeError:
                 self.steps_per_epoch = None
         epochs, steps = o["epochs"], o["steps"]
-        if epochs is not None and steps is not None:
-            raise ValueError("give epochs or steps, not both")
         if steps is not None:
             self.total = int(steps)
         else:

@@ -1,0 +1,453 @@
+"""rankcut.train: the training loop's behaviour, the loss it optimises, evaluate, logs, freezing,
+checkpoints that resume exactly (also after SIGKILL), and a short real fine-tune of ResNet-20."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import rankcut as rc
+from rankcut.train import (
+    distillation_loss,
+    evaluate,
+    factorized_parameters,
+    finetune,
+    training_loss,
+)
+
+from .conftest import DEVICES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- small problems ----------------------------------------------------------------------
+def blobs(n: int = 256, dim: int = 8, classes: int = 4, seed: int = 0):
+    """Gaussian clusters (the same centers for every ``seed``, which draws the samples):
+    learnable to ~100% by a small MLP in a few epochs."""
+    centers = 3 * torch.randn(classes, dim, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = centers[y] + torch.randn(n, dim, generator=g)
+    return x, y
+
+
+def mlp(dim: int = 8, classes: int = 4, hidden: int = 32, bn: bool = True, dropout: float = 0.0,
+        seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(dim, hidden)]
+    if bn:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers.append(nn.ReLU())
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, classes))
+    return nn.Sequential(*layers)
+
+
+def noisy(x: torch.Tensor) -> torch.Tensor:
+    """A random per-batch augmentation drawing from torch, numpy and Python's generators (so an
+    exact resume needs all three restored)."""
+    jitter = 0.05 * torch.randn_like(x)
+    shift = 0.01 * float(np.random.rand()) + 0.01 * random.random()  # noqa: NPY002
+    return x + jitter + shift
+
+
+def resume_problem():
+    """Model, data and settings for the resume tests (shared with the killed subprocess):
+    dropout, momentum, warm-up + cosine, weight decay, random augmentation, validation, and a
+    kill in the middle of the second epoch."""
+    x, y = blobs(96)
+    kw = dict(steps=14, batch_size=16, lr=0.05, nesterov=True, warmup_steps=3,
+              transform=noisy, val_transform=lambda t: t, val_data=blobs(40, seed=1),
+              checkpoint_every=4, log_every=1, seed=3, progress=False)
+    return mlp(dropout=0.2), (x, y), kw
+
+
+def no_time(history):
+    return [{k: v for k, v in e.items() if k != "time"} for e in history]
+
+
+def state_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Same float reduction order in every process that takes part in a comparison."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- learning -----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_loss_decreases_on_a_learnable_problem(device, optimizer):
+    x, y = blobs(256)
+    model = mlp()
+    lr = 0.05 if optimizer == "sgd" else 1e-2
+    result = finetune(model, (x, y), epochs=4, batch_size=32, optimizer=optimizer, lr=lr,
+                      log_every=8, val_data=blobs(128, seed=1), device=device, progress=False)
+    train = [e for e in result.history if e["split"] == "train"]
+    assert train[-1]["loss"] < 0.5 * train[0]["loss"]
+    assert result.final["val_accuracy"] > 95
+    assert result.steps == 4 * (256 // 32)
+    assert next(model.parameters()).device.type == device
+
+
+def test_amp_on_cpu_runs_in_bfloat16():
+    x, y = blobs(64)
+    seen = []
+    model = mlp(bn=False)
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    finetune(model, (x, y), steps=2, batch_size=32, amp=True, device="cpu", progress=False)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert model[0].weight.dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_dataloader_is_used_as_given():
+    x, y = blobs(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    sizes = []
+    model = mlp(bn=False)
+    model.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
+    result = finetune(model, loader, epochs=2, lr=0.05, progress=False)
+    assert result.steps == 8 and sizes == [16] * 8
+
+
+# ---- the objective ------------------------------------------------------------------------
+def test_distillation_loss_matches_a_hand_computation():
+    s = [[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]
+    t = [[2.0, 0.0, -1.0], [-0.5, 1.5, 2.5]]
+    temperature = 3.0
+
+    def softmax(row):
+        e = [math.exp(v / temperature) for v in row]
+        return [v / sum(e) for v in e]
+
+    expected = 0.0
+    for srow, trow in zip(s, t, strict=True):
+        ps, pt = softmax(srow), softmax(trow)
+        expected += sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt, strict=True))
+    expected = expected / len(s) * temperature**2
+    got = distillation_loss(torch.tensor(s), torch.tensor(t), temperature)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    same = distillation_loss(torch.tensor(s), torch.tensor(s), temperature)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def smoothed_ce_by_hand(logits: torch.Tensor, y: torch.Tensor, eps: float) -> float:
+    """(1 - eps) * (-log p_y) + eps * mean_c(-log p_c), averaged over the batch."""
+    logp = logits.double().log_softmax(1)
+    nll = -logp[torch.arange(len(y)), y]
+    uniform = -logp.mean(1)
+    return float(((1 - eps) * nll + eps * uniform).mean())
+
+
+def test_finetune_optimises_label_smoothed_ce_mixed_with_distillation():
+    """The loss logged for step 1 (one batch holding the whole data set, the untouched model)
+    is (1 - alpha) * smoothed CE + alpha * T^2 KL, computed here by hand."""
+    x, y = blobs(64)
+    student, teacher = mlp(bn=False, seed=1), mlp(seed=2)
+    eps, alpha, temp = 0.1, 0.3, 2.0
+    with torch.no_grad():
+        s_logits, t_logits = student(x), teacher.eval()(x)
+    teacher.train()
+    teacher_modes = []
+    teacher.register_forward_hook(lambda m, i, o: teacher_modes.append(m[1].training))
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    ce = smoothed_ce_by_hand(s_logits, y, eps)
+    kd = distillation_loss(s_logits, t_logits, temp).item()
+    result = finetune(student, (x, y), steps=1, batch_size=64, label_smoothing=eps,
+                      teacher=teacher, kd_alpha=alpha, kd_temperature=temp, log_every=1,
+                      progress=False)
+    assert result.history[0]["loss"] == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
+    # label smoothing changes the objective
+    assert ce != pytest.approx(F.cross_entropy(s_logits, y).item(), rel=1e-3)
+    # the teacher ran in eval mode, was not trained, and got its mode back
+    assert teacher_modes == [False] and teacher.training and teacher[1].training
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    plain = training_loss(s_logits, y, label_smoothing=eps)
+    assert plain.item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_clip_grad_norm_bounds_the_update():
+    x, y = blobs(64)
+    kw = dict(steps=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0,
+              schedule="constant", log_every=1, progress=False)
+    base = mlp(bn=False)
+    free, clipped = copy.deepcopy(base), copy.deepcopy(base)
+    finetune(free, (x, y), **kw)
+    result = finetune(clipped, (x, y), clip_grad_norm=1e-3, **kw)
+
+    def moved(model):
+        return torch.cat([(p - q).flatten() for p, q in
+                          zip(model.parameters(), base.parameters(), strict=True)]).norm().item()
+
+    grad_norm = result.history[0]["grad_norm"]
+    assert moved(free) == pytest.approx(grad_norm, rel=1e-4)  # lr 1: the step is the gradient
+    assert grad_norm > 0.01
+    assert moved(clipped) == pytest.approx(1e-3, rel=1e-3)
+
+
+# ---- freezing and modes -------------------------------------------------------------------
+def test_freeze_leaves_frozen_parameters_bit_identical():
+    x, y = blobs(64)
+    model = mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    finetune(model, (x, y), epochs=2, batch_size=16, lr=0.1, freeze=["0", "1.bias"],
+             progress=False)
+    for name, p in model.named_parameters():
+        if name in ("0.weight", "0.bias", "1.bias"):
+            assert torch.equal(p, before[name]), name
+        else:
+            assert not torch.equal(p, before[name]), name
+        assert p.requires_grad  # restored afterwards
+    finetune(model, (x, y), steps=1, batch_size=16, freeze=lambda n: not n.startswith("3."),
+             progress=False)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        finetune(model, (x, y), steps=1, batch_size=16, freeze="conv*", progress=False)
+    with pytest.raises(ValueError, match="every parameter is frozen"):
+        finetune(model, (x, y), steps=1, batch_size=16, freeze="*", progress=False)
+
+
+def test_freeze_factor_groups_of_factorized_layers():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    model = rc.apply(dense, rc.Plan({"2": rc.LayerPlan("tucker", (6, 6))}))
+    x = torch.randn(32, 4, 8, 8)
+    y = torch.arange(32) % 3
+    frozen = factorized_parameters(model, ["first", "last"])
+    assert frozen == ["2.first.weight", "2.last.weight", "2.last.bias"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    finetune(model, (x, y), steps=3, batch_size=16, lr=0.1, freeze=frozen, progress=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == (name in frozen), name
+    assert factorized_parameters(model) == ["2.first.weight", "2.core.weight", "2.last.weight",
+                                            "2.last.bias"]
+    with pytest.raises(ValueError, match="name no child"):
+        factorized_parameters(model, ["pointwise_in"])
+
+
+def test_modes_during_and_after_training():
+    x, y = blobs(64)
+    model = mlp()
+    model.eval()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((m.training, m[1].training)))
+    finetune(model, (x, y), steps=2, batch_size=32, val_data=(x, y), eval_every=1,
+             progress=False)
+    # each step trains with BatchNorm in train mode; each validation runs in eval mode
+    assert seen[:2] == [(True, True), (False, False)]
+    assert not model.training and not model[1].training  # as the caller left them
+    seen.clear()
+    bn_stats = model[1].running_mean.clone()
+    finetune(model, (x, y), steps=2, batch_size=32, freeze_bn_stats=True, progress=False)
+    assert seen == [(True, False)] * 2 and torch.equal(model[1].running_mean, bn_stats)
+
+
+# ---- evaluate -----------------------------------------------------------------------------
+def test_evaluate_counts_top1_top5_and_loss_on_a_constructed_case():
+    # inputs are one-hot sample indices; the linear layer's weight is the logit table
+    table = torch.tensor([
+        [9.0, 1.0, 2.0, 3.0, 4.0, 5.0],   # label 0 ranks 1st        -> top-1 and top-5
+        [1.0, 8.0, 9.0, 3.0, 4.0, 5.0],   # label 1 ranks 2nd        -> top-5 only
+        [6.0, 5.0, 0.0, 3.0, 4.0, 2.0],   # label 2 ranks 6th (last) -> neither
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],   # label 1 ranks 5th        -> top-5 only
+        [0.0, 0.0, 0.0, 0.0, 0.0, 7.0],   # label 5 ranks 1st        -> top-1 and top-5
+    ])
+    labels = torch.tensor([0, 1, 2, 1, 5])
+    model = nn.Linear(5, 6, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(table.T)
+    metrics = evaluate(model, (torch.eye(5), labels), batch_size=2)
+    assert metrics["n"] == 5
+    assert metrics["top1"] == pytest.approx(40.0)
+    assert metrics["top5"] == pytest.approx(80.0)
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(table, labels).item(), rel=1e-6)
+    # a transform runs on each batch of inputs
+    shifted = evaluate(model, (torch.eye(5), labels), transform=lambda t: t.roll(1, dims=1))
+    assert shifted["top1"] != metrics["top1"]
+
+
+def test_evaluate_leaves_batchnorm_statistics_and_modes_alone():
+    """Seed 002 evaluated in train mode, so test batches leaked into BatchNorm's statistics."""
+    x, y = blobs(128)
+    model = mlp()
+    model.train()
+    with torch.no_grad():
+        model(x[:32])  # some statistics to keep
+    before = copy.deepcopy(model.state_dict())
+    metrics = evaluate(model, (x * 5 + 3, y), batch_size=32)  # far from the running stats
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # running stats, counter
+    assert model.training and model[1].training
+    assert metrics["n"] == 128 and 0 <= metrics["top1"] <= metrics["top5"] <= 100
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---- logs -------------------------------------------------------------------------------------
+def test_json_lines_log(tmp_path):
+    x, y = blobs(96)
+    log = tmp_path / "logs" / "train.jsonl"
+    result = finetune(mlp(), (x, y), epochs=2, batch_size=16, log=log, log_every=4,
+                      val_data=(x, y), clip_grad_norm=10.0, progress=False)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entries == result.history
+    train = [e for e in entries if e["split"] == "train"]
+    val = [e for e in entries if e["split"] == "val"]
+    assert [e["step"] for e in train] == [4, 8, 12]
+    assert [e["step"] for e in val] == [6, 12]  # every epoch (6 steps of 16 of 96 samples)
+    for e in train:
+        assert {"step", "epoch", "loss", "accuracy", "lr", "time", "grad_norm"} <= e.keys()
+        assert 0 <= e["accuracy"] <= 100 and e["lr"] > 0
+    for e in val:
+        assert {"step", "epoch", "loss", "accuracy", "top5", "n"} <= e.keys() and e["n"] == 96
+    assert result.final["val_accuracy"] == val[-1]["accuracy"]
+    assert result.final["train_loss"] == train[-1]["loss"]
+
+
+def test_tensorboard_is_optional(tmp_path):
+    x, y = blobs(32)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match="tensorboard package is not installed"):
+            finetune(mlp(), (x, y), steps=2, batch_size=16, tensorboard=tmp_path / "tb",
+                     progress=False)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            finetune(mlp(), (x, y), steps=2, batch_size=16, tensorboard=tmp_path / "tb",
+                     log_every=1, progress=False)
+        assert any((tmp_path / "tb").iterdir())
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+    model, data, kw = resume_problem()
+    full = finetune(copy.deepcopy(model), data, **kw)
+
+    first = copy.deepcopy(model)
+    stopped = finetune(first, data, checkpoint_dir=tmp_path, log=tmp_path / "log.jsonl",
+                       callback=lambda info: info["step"] == 5, **kw)
+    assert stopped.steps == 5 and (tmp_path / "last.pt").is_file()
+    resumed = finetune(copy.deepcopy(model), data, checkpoint_dir=tmp_path, resume=True,
+                       log=tmp_path / "log.jsonl", **kw)
+    assert resumed.steps == 14
+    assert state_equal(resumed.model, full.model)
+    assert no_time(resumed.history) == no_time(full.history)
+    # a finished run resumes to the same result without training
+    again = finetune(copy.deepcopy(model), data, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert state_equal(again.model, full.model)
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    """A subprocess trains and is SIGKILLed at step 10 (checkpoints every 4 steps, so the last
+    one is from step 8, mid-epoch 2); resuming from it ends where an uninterrupted run ends."""
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "torch.set_num_threads(1)\n"
+        "from tests.test_train import resume_problem\n"
+        "from rankcut.train import finetune\n"
+        "model, data, kw = resume_problem()\n"
+        "def kill(info):\n"
+        "    if info['step'] == 10:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "finetune(model, data, checkpoint_dir=sys.argv[1], log=sys.argv[2], callback=kill,\n"
+        "         **kw)\n")
+    ckpt_dir, log = tmp_path / "ckpt", tmp_path / "train.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(ckpt_dir), str(log)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    saved = torch.load(ckpt_dir / "last.pt", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (8, 1, 2)
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert max(logged) == 10  # the killed run logged past its last checkpoint
+    assert not list(ckpt_dir.glob(".*.tmp"))
+
+    model, data, kw = resume_problem()
+    full = finetune(copy.deepcopy(model), data, log=tmp_path / "full.jsonl", **kw)
+    resumed = finetune(model, data, checkpoint_dir=ckpt_dir, resume=True, log=log, **kw)
+    assert state_equal(resumed.model, full.model)
+    # the log holds each step once, as the uninterrupted run's does
+    read = [json.loads(line) for line in log.read_text().splitlines()]
+    full_read = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
+    assert no_time(read) == no_time(full_read) == no_time(full.history)
+
+
+def test_resume_refuses_a_changed_run(tmp_path):
+    x, y = blobs(64)
+    finetune(mlp(), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        finetune(mlp(), (x, y), steps=4, batch_size=32, checkpoint_dir=tmp_path, resume=True,
+                 progress=False)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        finetune(mlp(hidden=16), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path,
+                 resume=True, progress=False)
+    # resume=True without a checkpoint yet starts afresh
+    fresh = finetune(mlp(), (x, y), steps=2, batch_size=16, checkpoint_dir=tmp_path / "new",
+                     resume=True, progress=False)
+    assert fresh.steps == 2
+
+
+def test_argument_errors():
+    x, y = blobs(32)
+    with pytest.raises(ValueError, match="epochs or steps"):
+        finetune(mlp(), (x, y), epochs=1, steps=1, progress=False)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        finetune(mlp(), (x, y), batch_size=64, progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        finetune(mlp(), (x, y), optimizer="lion", batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        finetune(mlp(), (x, y), resume=True, batch_size=16, progress=False)
+
+
+# ---- real data --------------------------------------------------------------------------------
+def test_distilling_a_compressed_pretrained_resnet20(shared_data):
+    """Channel-SVD at rank 16 on layer3 of the pretrained ResNet-20 loses most of its accuracy;
+    eight steps of distillation from the original on 512 training images win much of it back."""
+    from rankcut.data import read_cifar10_bin
+    from rankcut.models import create, normalizer
+
+    weights = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    if not weights.is_file():
+        pytest.skip(f"pretrained weights not found at {weights}")
+    original = create("resnet20_cifar", weights=weights)
+    train = read_cifar10_bin(shared_data, "train", limit=512)
+    images, labels = read_cifar10_bin(shared_data, "test", limit=512)
+    normalize = normalizer("resnet20_cifar")
+    plan = rc.Plan({f"layer3.{b}.conv{c}": rc.LayerPlan("svd", (16,))
+                    for b in range(3) for c in (1, 2)})
+    small = rc.apply(original, plan)
+    teacher_state = copy.deepcopy(original.state_dict())
+    before = evaluate(small, (images, labels), transform=normalize)
+    result = finetune(small, train, steps=8, batch_size=64, lr=0.01, teacher=original,
+                      transform=normalize, log_every=4, progress=False)
+    after = evaluate(small, (images, labels), transform=normalize)
+    assert before["top1"] < 40
+    assert after["top1"] > before["top1"] + 20 and after["loss"] < before["loss"]
+    train_losses = [e["loss"] for e in result.history]
+    assert train_losses[-1] < train_losses[0]
+    assert all(torch.equal(v, teacher_state[k]) for k, v in original.state_dict().items())
