@@ -6,12 +6,14 @@
     rc.save(small, "out/", plan=plan)      # plan.json + model.safetensors
     small = rc.load(model, "out/")         # rebuilt from the original architecture
     rc.export(small, "small.onnx", example_inputs=x)   # checked with onnxruntime
+    result = rc.compress(model, x, target="macs=2x", train_data=train, epochs=1)  # + fine-tuning
 
 The decompositions live in :mod:`rankcut.decompose`, the factorized layers in
 :mod:`rankcut.layers`.
 """
 
 from . import decompose, layers
+from .compress import CompressResult, compress, transfer
 from .export import export
 from .io import load, load_plan, save
 from .plans import LayerPlan, Plan
@@ -21,10 +23,12 @@ from .surgery import apply, target_layers
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressResult",
     "LayerPlan",
     "Plan",
     "__version__",
     "apply",
+    "compress",
     "decompose",
     "export",
     "layers",
@@ -33,4 +37,5 @@ __all__ = [
     "plan",
     "save",
     "target_layers",
+    "transfer",
 ]

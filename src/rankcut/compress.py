@@ -1,0 +1,222 @@
+"""``rankcut.compress``: plan, apply and fine-tune, on one of three schedules.
+
+- ``one_shot`` (Kim et al.; seed 002): plan the whole model, apply every layer at once, then
+  fine-tune (``epochs`` / ``steps``).
+- ``layerwise`` (Astrid & Lee; seed 000, done right): plan once, then factorize one layer at a
+  time in forward order, fine-tuning ``steps_per_layer`` steps after each, the last layer
+  included. Data-aware layers take their input statistics from the model as compressed so far
+  (sequential calibration: each layer corrects for the error of those before it).
+- ``multistage`` (MUSCO): ``rounds`` rounds toward the target along a geometric path
+  (round i keeps ``fraction ** (i / rounds)`` of the cost), fine-tuning between rounds. Each round
+  folds the model's factorized layers back into dense ones (exactly: a factorized layer's
+  product is a dense kernel of low rank) and plans that model afresh, so later rounds
+  re-factorize the fine-tuned weights at lower rank. It stops early when the accuracy on
+  ``val_data`` falls below ``min_accuracy`` and returns the last round that stayed above it.
+
+Every schedule returns a model with the original architecture's layer names, so
+``rc.save(result.model, out, plan=result.plan)`` and ``rc.load(original, out)`` work as usual.
+Under ``torchrun`` the plan is made on rank 0 and sent to the other processes (timings, hence
+latency-guarded plans, differ between processes), and fine-tuning runs distributed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .layers import FactorizedLayer
+from .plans import Plan
+from .select import parse_target
+from .select import plan as make_plan
+from .surgery import _set_submodule, apply
+from .train import evaluate, finetune
+from .train.distributed import setup
+
+SCHEDULES = ("one_shot", "layerwise", "multistage")
+
+
+@dataclass
+class CompressResult:
+    """``model``: the compressed (and fine-tuned) model; ``plan``: what was applied (the last
+    accepted round's for ``multistage``); ``stages``: one entry per stage (what was factorized,
+    training figures, validation accuracy); ``met_target``: False when ``multistage`` stopped
+    before the target."""
+
+    model: nn.Module
+    plan: Plan
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    met_target: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(), "stages": self.stages,
+                "met_target": self.met_target}
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every factorized layer replaced by its equivalent dense layer."""
+    out = copy.deepcopy(model)
+    names = [n for n, m in out.named_modules() if isinstance(m, FactorizedLayer)]
+    for name in names:
+        _set_submodule(out, name, out.get_submodule(name).to_dense())
+    return out
+
+
+def _agreed(fn) -> Plan:
+    """``fn()``'s plan, made on rank 0 only and broadcast when running distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box = [fn().to_json() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return Plan.from_json(box[0])
+
+
+def compress(model: nn.Module, example_inputs, *, method: str = "auto", rank=None, target=None,
+             schedule: str = "one_shot", plan: Plan | None = None, calib_data=None,
+             max_batches: int | None = None, train_data=None, epochs: int | None = None,
+             steps: int | None = None, steps_per_layer: int | None = None, rounds: int = 3,
+             val_data=None, min_accuracy: float | None = None, distill: bool = True,
+             transform=None, plan_options: dict | None = None,
+             finetune_options: dict | None = None, progress: bool = True) -> CompressResult:
+    """Compress ``model`` (left untouched) on ``schedule`` (see the module docstring).
+
+    Args:
+        method, rank, target: as for :func:`rankcut.plan`; or give a ready ``plan`` (not with
+            ``multistage``, which plans every round).
+        calib_data: calibration batches for planning and data-aware layers.
+        train_data: fine-tuning data (a Dataset, DataLoader or (inputs, targets)); without it,
+            nothing is fine-tuned. ``epochs``/``steps``: fine-tuning after ``one_shot``, after
+            each ``multistage`` round, and at the end of ``layerwise``; ``steps_per_layer``:
+            after each layer of ``layerwise``.
+        distill: fine-tune with the original model as teacher (knowledge distillation).
+        transform: applied to every input batch when training and evaluating (e.g. the
+            normalisation the weights expect).
+        val_data, min_accuracy: ``multistage`` evaluates each round on ``val_data`` and stops
+            when its top-1 (percent) falls below ``min_accuracy``.
+        plan_options: more keyword arguments for :func:`rankcut.plan` (``allow_slower``,
+            ``rank_multiple``, ``include``, ``exclude``, ``options``, ...).
+        finetune_options: more keyword arguments for :func:`rankcut.train.finetune` (``lr``,
+            ``batch_size``, ``optimizer``, ``checkpoint_dir``, ``log``, ...).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "multistage" and (target is None or plan is not None):
+        raise ValueError("schedule 'multistage': needs a target (and plans every round itself; "
+                         "no plan=)")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
+    if min_accuracy is not None and val_data is None:
+        raise ValueError("min_accuracy: needs val_data to measure the accuracy on")
+    setup()  # under torchrun: the process group exists before planning needs it
+    job = _Job(model, example_inputs, dict(method=method, rank=rank, calib_data=calib_data,
+                                           max_batches=max_batches, **(plan_options or {})),
+               train_data, distill, transform, dict(finetune_options or {}), progress)
+    if schedule == "one_shot":
+        return job.one_shot(plan, target, epochs, steps)
+    if schedule == "layerwise":
+        return job.layerwise(plan, target, steps_per_layer, epochs, steps)
+    return job.multistage(target, rounds, epochs, steps, val_data, min_accuracy)
+
+
+class _Job:
+    def __init__(self, model, example_inputs, plan_kwargs, train_data, distill, transform,
+                 finetune_options, progress):
+        self.model, self.x = model, example_inputs
+        self.plan_kwargs = plan_kwargs
+        self.train_data, self.transform = train_data, transform
+        self.teacher = model if distill else None
+        self.finetune_options = {"progress": progress, **finetune_options}
+        self.progress = progress
+
+    def plan(self, target, model=None) -> Plan:
+        return _agreed(lambda: make_plan(model or self.model, self.x, target=target,
+                                         **self.plan_kwargs))
+
+    def tune(self, model, epochs=None, steps=None) -> dict | None:
+        if self.train_data is None or (epochs is None and steps is None):
+            return None
+        result = finetune(model, self.train_data, epochs=epochs, steps=steps,
+                          teacher=self.teacher, transform=self.transform,
+                          **self.finetune_options)
+        return {"steps": result.steps, "final": result.final}
+
+    def one_shot(self, plan, target, epochs, steps) -> CompressResult:
+        plan = plan or self.plan(target)
+        small = apply(self.model, plan, calib_data=self.plan_kwargs["calib_data"],
+                      max_batches=self.plan_kwargs["max_batches"], progress=self.progress)
+        stage = {"stage": "one_shot", "layers": list(plan.active)}
+        stage["train"] = self.tune(small, epochs, steps)
+        return CompressResult(small, plan, [stage])
+
+    def layerwise(self, plan, target, steps_per_layer, epochs, steps) -> CompressResult:
+        plan = plan or self.plan(target)
+        small = copy.deepcopy(self.model)
+        stages = []
+        for name, lp in plan.active.items():  # the plan lists layers in module (forward) order
+            apply(small, Plan({name: lp}), inplace=True,
+                  calib_data=self.plan_kwargs["calib_data"],
+                  max_batches=self.plan_kwargs["max_batches"])
+            stages.append({"stage": f"layer {name}", "layers": [name],
+                           "train": self.tune(small, None, steps_per_layer)})
+        if epochs is not None or steps is not None:
+            stages.append({"stage": "final", "layers": [], "train": self.tune(small, epochs,
+                                                                              steps)})
+        return CompressResult(small, plan, stages)
+
+    def multistage(self, target, rounds, epochs, steps, val_data, min_accuracy):
+        kind, fraction = parse_target(target)
+        current, accepted, stages = self.model, None, []
+        for i in range(1, rounds + 1):
+            keep = math.exp(math.log(fraction) * i / rounds)
+            round_target = f"{kind}={keep:.6g}" if keep < 1 else None
+            view = densify(current)
+            plan = self.plan(round_target, model=view)
+            small = apply(view, plan, calib_data=self.plan_kwargs["calib_data"],
+                          max_batches=self.plan_kwargs["max_batches"], progress=self.progress)
+            stage = {"stage": f"round {i}", "target": round_target,
+                     "layers": list(plan.active), "train": self.tune(small, epochs, steps)}
+            if val_data is not None:
+                stage["val"] = evaluate(small, val_data, transform=self.transform)
+            stages.append(stage)
+            if min_accuracy is not None and stage["val"]["top1"] < min_accuracy:
+                stage["stopped"] = (f"top-1 {stage['val']['top1']:.2f}% < min_accuracy "
+                                    f"{min_accuracy}%")
+                if accepted is None:  # even the first round fell below: return it, flagged
+                    accepted = (small, plan)
+                return CompressResult(*accepted, stages, met_target=False)
+            accepted, current = (small, plan), small
+        return CompressResult(*accepted, stages)
+
+
+def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None = None,
+             epochs: int | None = 1, steps: int | None = None, transform=None,
+             **finetune_options):
+    """Seed 000's transfer scenario: a copy of ``model`` (e.g. a compressed backbone) with its
+    classifier ``head`` (default: the last ``nn.Linear``) replaced by a fresh Linear to
+    ``num_classes``, everything else frozen (BatchNorm statistics included), and the head
+    trained on ``train_data``. Returns the :class:`rankcut.train.TrainResult` (``.model``)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    out = copy.deepcopy(model)
+    if head is None:
+        linears = [n for n, m in out.named_modules() if type(m) is nn.Linear]
+        if not linears:
+            raise ValueError("head: the model has no nn.Linear; name the classifier module")
+        head = linears[-1]
+    try:
+        old = out.get_submodule(head)
+    except AttributeError:
+        raise ValueError(f"head: the model has no module {head!r}") from None
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"head: {head!r} is a {type(old).__name__}, expected an nn.Linear")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    _set_submodule(out, head, new.to(old.weight.device, old.weight.dtype))
+    prefix = head + "."
+    return finetune(out, train_data, epochs=epochs, steps=steps, transform=transform,
+                    freeze=lambda name: not name.startswith(prefix), freeze_bn_stats=True,
+                    **finetune_options)

@@ -1,0 +1,147 @@
+"""rankcut.compress schedules (one_shot, layerwise, multistage) and rankcut.transfer."""
+
+import pytest
+import torch
+from torch import nn
+
+import rankcut as rc
+from rankcut.compress import densify
+from rankcut.layers import FactorizedLayer
+from rankcut.profile import count_macs
+from rankcut.train import evaluate
+
+PLAN = {"min_params": 100, "allow_slower": True, "options": {"cp": {"max_iter": 5}}}
+TUNE = {"batch_size": 32, "lr": 0.05, "progress": False}
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+
+
+def task(n=256):
+    """Labels a fixed function of the inputs, so a network can learn them."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() * 2 + (x[:, 1, :4].mean((1, 2)) > 0).long()
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, data = net(), task()
+    rc.train.finetune(model, data, epochs=8, **TUNE)
+    return model.eval(), data
+
+
+def factorized(model):
+    return {n for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+
+
+def test_one_shot_plans_applies_and_fine_tunes_with_the_original_untouched(trained):
+    model, data = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = data[0][:1]
+    result = rc.compress(model, x, target="macs=2x", train_data=data, steps=20,
+                         plan_options=PLAN, finetune_options=TUNE)
+    assert factorized(result.model) == set(result.plan.active) != set()
+    assert count_macs(result.model, x) <= count_macs(model, x) / 2
+    assert result.stages[0]["train"]["steps"] == 20
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    untuned = rc.apply(model, result.plan)
+    assert evaluate(result.model, data)["loss"] < evaluate(untuned, data)["loss"]
+
+
+def test_layerwise_factorizes_one_layer_at_a_time_and_tunes_after_the_last(trained):
+    model, data = trained
+    result = rc.compress(model, data[0][:1], method="svd", rank=4,
+                         schedule="layerwise", train_data=data, steps_per_layer=3,
+                         plan_options=PLAN, finetune_options=TUNE)
+    names = list(result.plan.active)
+    assert len(names) >= 2
+    assert [s["layers"] for s in result.stages] == [[n] for n in names]
+    assert all(s["train"]["steps"] == 3 for s in result.stages)  # the last layer included
+    assert factorized(result.model) == set(names)
+
+
+def test_layerwise_calibrates_each_layer_on_the_model_compressed_so_far(trained, monkeypatch):
+    """Data-aware layers take their input statistics from the partly compressed model."""
+    model, data = trained
+    calls = []
+    real = rc.surgery.input_second_moments
+
+    def spy(m, names, batches, max_batches=None):
+        calls.append((names, sorted(factorized(m))))
+        return real(m, names, batches, max_batches=max_batches)
+
+    monkeypatch.setattr(rc.surgery, "input_second_moments", spy)
+    calib = [data[0][:64]]
+    result = rc.compress(model, data[0][:1], method="svd", rank=4,
+                         schedule="layerwise", calib_data=calib, plan_options=PLAN)
+    names = list(result.plan.active)
+    assert [c[0] for c in calls] == [[n] for n in names]
+    assert [c[1] for c in calls] == [sorted(names[:i]) for i in range(len(names))]
+
+
+def test_multistage_reaches_the_target_in_rounds_and_saves_like_one_shot(trained, tmp_path):
+    model, data = trained
+    x = data[0][:1]
+    result = rc.compress(model, x, method="svd", target="macs=4x", schedule="multistage",
+                         rounds=2, train_data=data, steps=10, val_data=data,
+                         plan_options=PLAN, finetune_options=TUNE)
+    assert [s["target"] for s in result.stages] == ["macs=0.5", "macs=0.25"]
+    assert result.met_target
+    assert count_macs(result.model, x) <= 0.25 * count_macs(model, x) * 1.01
+    rc.save(result.model, tmp_path, plan=result.plan)
+    again = rc.load(net(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(data[0][:8]), result.model.eval()(data[0][:8]),
+                              atol=1e-5)
+
+
+def test_multistage_stops_below_the_accuracy_floor(trained):
+    model, data = trained
+    result = rc.compress(model, data[0][:1], method="svd", target="macs=4x",
+                         schedule="multistage", rounds=3, val_data=data, min_accuracy=101.0,
+                         plan_options=PLAN)
+    assert not result.met_target and len(result.stages) == 1
+    assert "min_accuracy" in result.stages[0]["stopped"]
+
+
+def test_densify_folds_factorized_layers_back_exactly(trained):
+    model, data = trained
+    small = rc.apply(model, rc.plan(model, data[0][:1], target="params=3x", **PLAN))
+    dense = densify(small)
+    assert not factorized(dense)
+    with torch.no_grad():
+        assert torch.allclose(dense.eval()(data[0][:16]), small.eval()(data[0][:16]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target="macs=2x", schedule="greedy"), "schedule: expected one of"),
+    (dict(rank=4, schedule="multistage"), "needs a target"),
+    (dict(target="macs=2x", schedule="multistage", rounds=0), "rounds: expected"),
+    (dict(target="macs=2x", min_accuracy=50), "min_accuracy: needs val_data"),
+])
+def test_bad_compress_arguments(kwargs, match):
+    model = net()
+    with pytest.raises(ValueError, match=match):
+        rc.compress(model, torch.rand(1, 3, 8, 8), **kwargs)
+
+
+def test_transfer_trains_only_a_new_head(trained):
+    model, _ = trained
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(128, 3, 8, 8, generator=g)
+    y = (x[:, 2].mean((1, 2)) > 0).long() + 4 * (x[:, 0].mean((1, 2)) > 0).long()  # 0,1,4,5
+    result = rc.transfer(model, (x, y), num_classes=6, epochs=5, **TUNE)
+    new = result.model
+    assert new[-1].out_features == 6 and model[-1].out_features == 4
+    for (name, p), (_, q) in zip(model.named_parameters(), new.named_parameters(), strict=True):
+        if not name.startswith("8."):
+            assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="head: the model has no module"):
+        rc.transfer(model, (x, y), num_classes=6, head="fc")
