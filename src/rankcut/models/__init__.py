@@ -1,15 +1,32 @@
 """Model constructors by name, and loading of pretrained weights without unpickling code.
 
     model = rankcut.models.create("resnet20_cifar", weights="path/to/resnet20-12fca82f.th")
+    model = rankcut.models.create("vgg11_bn_cifar",
+                                  weights="path/to/vgg11_bn_cifar10_fp16.safetensors")
+    model = rankcut.models.create("resnet18", num_classes=10)        # any torchvision classifier
+    model = rankcut.models.create("mypackage.nets:build", width=64)  # a function of your own
+
+Names, in the order they are looked up:
+
+- the registry (``REGISTRY``): the CIFAR ResNets 20-110 (He et al.), ``vgg11_bn_cifar`` ...
+  ``vgg19_bn_cifar`` (the layout of the project's pretrained CIFAR-10 VGG-11-BN),
+  ``vgg11_torchvision`` (seed 001's VGG-11 with the 25088-4096-4096 classifier) and
+  ``alexnet_cifar`` (seed 002's AlexNet with a 5x5 stride-1 first conv);
+- every torchvision classification model (``torchvision.models.list_models(module=
+  torchvision.models)``), always built with ``weights=None``: nothing is downloaded;
+- ``"package.module:function"``: the function is imported and called with the keyword arguments.
 
 Weights are read with ``torch.load(..., weights_only=True)`` (legacy checkpoints; a
 ``state_dict`` entry and the ``module.`` prefix of DataParallel are handled) or from
-safetensors files. The CIFAR ResNets expect inputs in [0, 1] normalised with the ImageNet mean
-(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), as their pretrained weights were trained.
+safetensors files; floating-point tensors are loaded as float32 (the VGG file stores float16).
+``NORMALIZATION`` gives the input normalisation each pretrained model expects: the CIFAR ResNets
+the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), as their weights were
+trained; the CIFAR VGGs the CIFAR-10 statistics.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from functools import partial
@@ -19,25 +36,48 @@ import torch
 from torch import nn
 
 from .cifar_resnet import CifarResNet
+from .cifar_vgg import VGG_CONFIGS, CifarVGG, alexnet_cifar, vgg11_torchvision
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    f"resnet{depth}_cifar": partial(CifarResNet, depth) for depth in (20, 32, 44, 56, 110)
+    **{f"resnet{depth}_cifar": partial(CifarResNet, depth) for depth in (20, 32, 44, 56, 110)},
+    **{f"{cfg}_bn_cifar": partial(CifarVGG, cfg) for cfg in VGG_CONFIGS},
+    "vgg11_torchvision": vgg11_torchvision,
+    "alexnet_cifar": alexnet_cifar,
 }
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 # The input normalisation (mean, std per channel, inputs in [0, 1]) each model's pretrained
-# weights expect.
+# weights expect. vgg11_torchvision and alexnet_cifar have no pretrained weights here: normalise
+# by the statistics of the data they are trained on (rankcut.data.DATASET_STATS).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    name: IMAGENET_STATS for name in REGISTRY if name.endswith("_cifar")
+    **{f"resnet{depth}_cifar": IMAGENET_STATS for depth in (20, 32, 44, 56, 110)},
+    **{f"{cfg}_bn_cifar": CIFAR10_STATS for cfg in VGG_CONFIGS},
 }
+
+
+def torchvision_names() -> list[str]:
+    """The classification models torchvision builds by name (``get_model``)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the inputs model ``name``'s pretrained weights expect: ``NORMALIZATION``,
+    else the ImageNet statistics for torchvision models (as their published weights)."""
+    if name in NORMALIZATION:
+        return NORMALIZATION[name]
+    if name not in REGISTRY and name in torchvision_names():
+        return IMAGENET_STATS
+    raise ValueError(f"model: no normalisation known for {name!r}; known: "
+                     f"{', '.join(sorted(NORMALIZATION))} and the torchvision models (ImageNet "
+                     "statistics)")
 
 
 def normalizer(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (or [0, 1] float) images -> the normalised float inputs model ``name`` expects."""
-    if name not in NORMALIZATION:
-        raise ValueError(f"model: no normalisation known for {name!r}; known: "
-                         f"{', '.join(sorted(NORMALIZATION))}")
-    mean, std = (torch.tensor(v)[:, None, None] for v in NORMALIZATION[name])
+    mean, std = (torch.tensor(v)[:, None, None] for v in normalization(name))
 
     def normalize(images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
@@ -51,7 +91,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     code; a ``state_dict`` wrapper and a ``module.`` prefix are removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights: {path} not found")
+        raise FileNotFoundError(f"weights: {path} not found (a safetensors or torch file; "
+                                "rankcut never downloads weights)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -65,11 +106,45 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def create(name: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.Module:
-    """Build the model registered as ``name``; load ``weights`` (strictly) when given."""
-    if name not in REGISTRY:
-        raise ValueError(f"model: unknown name {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    model = REGISTRY[name](**kwargs)
+def _user_model(name: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model: {name!r}: expected 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model: {name!r}: cannot import {module_name!r} ({e})") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model: {name!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model: {name!r} is not callable")
+    return obj
+
+
+def create(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
+           **kwargs) -> nn.Module:
+    """Build model ``name`` (registry, torchvision, or ``"package.module:function"``), with
+    ``num_classes`` outputs when given and further keyword arguments passed to the constructor;
+    load ``weights`` (a safetensors or torch state-dict file, strictly, as float32) when given.
+    torchvision models are always built with ``weights=None``: nothing is downloaded."""
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if name in REGISTRY:
+        model = REGISTRY[name](**kwargs)
+    elif ":" in name:
+        model = _user_model(name)(**kwargs)
+    elif name in torchvision_names():
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    else:
+        raise ValueError(f"model: unknown name {name!r}; known: {', '.join(REGISTRY)}; any "
+                         "torchvision classification model (rankcut.models.torchvision_names(), "
+                         "e.g. 'resnet18'); or 'package.module:function' for your own")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: {name!r} built a {type(model).__name__}, not an nn.Module")
     if weights is not None:
         state = {k: v.float() if v.is_floating_point() else v
                  for k, v in read_state_dict(weights).items()}
@@ -77,4 +152,16 @@ def create(name: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
     return model
 
 
-__all__ = ["NORMALIZATION", "REGISTRY", "CifarResNet", "create", "normalizer", "read_state_dict"]
+__all__ = [
+    "CIFAR10_STATS",
+    "IMAGENET_STATS",
+    "NORMALIZATION",
+    "REGISTRY",
+    "CifarResNet",
+    "CifarVGG",
+    "create",
+    "normalization",
+    "normalizer",
+    "read_state_dict",
+    "torchvision_names",
+]
