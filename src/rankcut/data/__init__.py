@@ -1,4 +1,12 @@
-"""Where real data lives: datasets and pretrained weights read in place, never downloaded.
+"""Real data: datasets read in place from their original files, transforms, splits, calibration
+batches; the data root lookup; pretrained conv kernels. Nothing is downloaded unless asked.
+
+    from rankcut import data
+    test = data.dataset("cifar10", "test",
+                        transform=data.transforms("cifar10", train=False,
+                                                  normalization="resnet20_cifar"))
+    train, val = data.train_val_split(data.dataset("cifar10", "train"), val=5000, seed=0)
+    calib = data.calibration(test, n=512)        # rankcut.plan(model, ..., calib_data=calib)
 
 The data root is, in order: the argument, ``$RANKCUT_DATA``, or ``../shared/data`` seen from the
 current directory (the layout of a rankcut checkout beside its shared data).
@@ -11,7 +19,25 @@ from pathlib import Path
 
 import torch
 
-from .models import read_state_dict
+from ..models import read_state_dict
+from ._datasets import (
+    NAMES,
+    ImageDataset,
+    calibration,
+    dataset,
+    loader,
+    train_val_split,
+    with_transform,
+)
+from ._formats import CIFAR, read_cifar_binary_batch, read_idx
+from ._transforms import (
+    DATASET_STATS,
+    RandomFlip,
+    RandomPadCrop,
+    ToChannels,
+    ToFloat,
+    transforms,
+)
 
 ENV_VAR = "RANKCUT_DATA"
 
@@ -48,30 +74,50 @@ def read_cifar10_bin(root: str | os.PathLike, split: str = "test",
     """CIFAR-10 in the binary format (``.bin`` or ``.bin.gz``): uint8 images (N, 3, 32, 32) and
     int64 labels. ``root`` is the data root (holding ``cifar10/cifar-10-batches-bin``) or that
     folder itself; ``split`` is "train" (data_batch_1..5) or "test"."""
-    import gzip
-
     import numpy as np
+
+    from ._formats import _find_binary
 
     folder = Path(root)
     if (folder / CIFAR10_BIN).is_dir():
         folder = folder / CIFAR10_BIN
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    stems = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    files = []
-    for stem in stems:
-        found = sorted(folder.glob(f"{stem}*.bin")) + sorted(folder.glob(f"{stem}*.bin.gz"))
-        if not found:
+    spec = CIFAR["cifar10"]
+    images, labels = [], []
+    for stem in spec.train if split == "train" else spec.test:
+        found = _find_binary(folder, stem)
+        if found is None:
             raise FileNotFoundError(f"{folder}: no {stem}.bin or {stem}*.bin.gz (CIFAR-10 binary "
                                     "format)")
-        files.append(found[0])
-    records = []
-    for f in files:
-        raw = f.read_bytes()
-        raw = gzip.decompress(raw) if f.suffix == ".gz" else raw
-        records.append(np.frombuffer(raw, np.uint8).reshape(-1, 3073))
-        if limit is not None and sum(len(r) for r in records) >= limit:
+        left = None if limit is None else limit - sum(len(y) for y in labels)
+        x, y = read_cifar_binary_batch(found, spec.label_bytes, left)
+        images.append(x)
+        labels.append(y)
+        if limit is not None and sum(len(y) for y in labels) >= limit:
             break
-    data = np.concatenate(records)[:limit]
-    images = torch.from_numpy(data[:, 1:].reshape(-1, 3, 32, 32).copy())
-    return images, torch.from_numpy(data[:, 0].astype(np.int64))
+    return (torch.from_numpy(np.concatenate(images).copy()),
+            torch.from_numpy(np.concatenate(labels)))
+
+
+__all__ = [
+    "CIFAR10_BIN",
+    "DATASET_STATS",
+    "ENV_VAR",
+    "NAMES",
+    "ImageDataset",
+    "RandomFlip",
+    "RandomPadCrop",
+    "ToChannels",
+    "ToFloat",
+    "calibration",
+    "dataset",
+    "find_data_root",
+    "load_conv_kernels",
+    "loader",
+    "read_cifar10_bin",
+    "read_idx",
+    "train_val_split",
+    "transforms",
+    "with_transform",
+]

@@ -1,0 +1,258 @@
+"""Datasets by name read from their original files in place, and the helpers around them:
+seeded train/validation splits, calibration batches, data loaders."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import _formats
+
+NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
+SPLITS = ("train", "test")
+
+# torchvision's dataset classes, used only when download=True
+_TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
+                "fashion_mnist": "FashionMNIST"}
+
+
+class ImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W) with int64 labels (N,).
+
+    ``ds[i]`` is ``(transform(images[i]), int(labels[i]))``, or the uint8 image itself when
+    ``transform`` is None. ``classes`` names the labels when known.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 transform: Callable | None = None, classes: list[str] | None = None,
+                 name: str | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images: expected uint8 (N, C, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(f"labels: expected shape ({len(images)},), got {tuple(labels.shape)}")
+        self.images, self.labels = images, labels.long()
+        self.transform, self.classes, self.name = transform, classes, name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.images.shape[1:]))
+        return (f"ImageDataset({self.name or 'images'}: {len(self)} images {shape}, "
+                f"transform={self.transform!r})")
+
+
+def _tensor_image(path: str) -> torch.Tensor:
+    """An image file (any format PIL reads) as a uint8 RGB tensor (3, H, W)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def _imagefolder(root, split: str, transform, download: bool, limit: int | None):
+    from torchvision.datasets import ImageFolder
+
+    if download:
+        raise ValueError("imagefolder: download=True is not supported (an image tree is local)")
+    if root is None:
+        raise ValueError("imagefolder: root= is required (a folder of class folders, or one "
+                         "holding train/ and test/ or val/)")
+    tree = Path(root)
+    if not tree.is_dir():
+        raise FileNotFoundError(f"imagefolder: {tree} is not a directory (expected class "
+                                "folders of images, or train/ and test/ or val/ holding them)")
+    for sub in ("train",) if split == "train" else ("test", "val"):
+        if (tree / sub).is_dir():
+            tree = tree / sub
+            break
+    ds = ImageFolder(str(tree), transform=transform, loader=_tensor_image)
+    if limit is not None:
+        ds.samples = ds.imgs = ds.samples[:limit]
+        ds.targets = ds.targets[:limit]
+    return ds
+
+
+def _download(key: str, root: Path, split: str) -> None:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, _TORCHVISION[key])
+    cls(str(root), train=split == "train", download=True)
+
+
+def dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
+            transform: Callable | None = None, download: bool = False,
+            limit: int | None = None) -> Dataset:
+    """A dataset by name, read from its original files: ``ds[i]`` is ``(image, int label)``.
+
+    Args:
+        name: "cifar10", "cifar100" (fine labels), "mnist", "fashion_mnist" or "imagefolder".
+        split: "train" or "test".
+        root: the data root; by default $RANKCUT_DATA, else ../shared/data (see
+            :func:`find_data_root`). The files are looked for in a dataset folder under it
+            ("cifar10", "mnist", "fashion_mnist", ... or torchvision's "MNIST/raw" layout) or in
+            the root itself. For "imagefolder" root is the image tree (class folders, or train/
+            and test/ or val/ holding them), read with torchvision.datasets.ImageFolder.
+        transform: applied to each uint8 image tensor (C, H, W), e.g. :func:`transforms`;
+            without one the dataset yields the uint8 tensors.
+        download: fetch missing files with torchvision's dataset class into ``root`` (never
+            otherwise); not for "imagefolder".
+        limit: only the first ``limit`` examples of the split.
+
+    Formats: CIFAR-10/100 in the python version (``cifar-10-batches-py/data_batch_1..5``,
+    ``test_batch``; ``cifar-100-python/train``, ``test``) or the binary version
+    (``cifar-10-batches-bin/data_batch_N.bin``, ``test_batch.bin``; ``cifar-100-binary/train.bin``,
+    ``test.bin``; plain or ``.gz``; a suffix such as ``test_batch_first1017.bin.gz`` is
+    accepted); MNIST and Fashion-MNIST as the four idx files (``train-images-idx3-ubyte`` ...,
+    plain or ``.gz``). The python version is a pickle (Python 2, read with encoding='latin1' as
+    the official files require) loaded by an unpickler that refuses every object but numpy
+    arrays; still, point it only at files you trust to be CIFAR batches.
+
+    CIFAR, MNIST and Fashion-MNIST are held in memory as uint8 tensors (an
+    :class:`ImageDataset`, with ``images``, ``labels`` and ``classes``); image folders are read
+    file by file as uint8 RGB tensors.
+
+    Raises:
+        ValueError: an unknown name or split.
+        FileNotFoundError: the files are missing; the message names those looked for and the
+            formats accepted.
+    """
+    from . import find_data_root
+
+    key = name.lower().replace("-", "_")
+    if key not in NAMES:
+        raise ValueError(f"dataset: unknown name {name!r}; known: {', '.join(NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
+    if key == "imagefolder":
+        return _imagefolder(root, split, transform, download, limit)
+    base = find_data_root(root)
+    if base is None:
+        if download:
+            raise ValueError(f"{key}: download=True needs root= (where to put the files)")
+        raise FileNotFoundError(f"{key}: no data root: pass root=, set $RANKCUT_DATA or place "
+                                "the data at ../shared/data")
+    try:
+        images, labels, classes = _read(key, base, split, limit)
+    except FileNotFoundError:
+        if not download:
+            raise
+        _download(key, base, split)
+        images, labels, classes = _read(key, base, split, limit)
+    return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), transform,
+                        classes, name=f"{key} {split}")
+
+
+def _read(key: str, root: Path, split: str, limit: int | None):
+    if key in _formats.CIFAR:
+        spec = _formats.CIFAR[key]
+        images, labels, fmt, folder = _formats.read_cifar(spec, root, split, limit)
+        return images, labels, _formats.cifar_classes(spec, fmt, folder)
+    spec = _formats.IDX[key]
+    images, labels = _formats.read_idx_split(spec, root, split, limit)
+    return images, labels, list(spec.classes)
+
+
+def with_transform(ds: Dataset, transform: Callable | None) -> Dataset:
+    """A shallow copy of ``ds`` (a dataset with a ``transform`` attribute, or a Subset of one)
+    that applies ``transform`` instead; the data itself is shared, not copied."""
+    if isinstance(ds, Subset):
+        return Subset(with_transform(ds.dataset, transform), ds.indices)
+    if not hasattr(ds, "transform"):
+        raise TypeError(f"{type(ds).__name__} has no transform attribute to replace")
+    new = copy.copy(ds)
+    new.transform = transform
+    if hasattr(new, "transforms") and hasattr(new, "target_transform"):  # torchvision datasets
+        from torchvision.datasets.vision import StandardTransform
+
+        new.transforms = StandardTransform(transform, new.target_transform)
+    return new
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def train_val_split(ds: Dataset, val: float | int = 0.1, seed: int = 0,
+                    val_transform: Callable | None = None) -> tuple[Subset, Subset]:
+    """A seeded random split of ``ds`` into (train, validation) Subsets, indices ascending.
+
+    ``val`` is a fraction in (0, 1) or a number of examples. The same ``seed`` and length give
+    the same split on every machine (torch's CPU generator). ``val_transform`` (e.g. the eval
+    transform) replaces the dataset's transform on the validation part only.
+    """
+    n = len(ds)
+    if isinstance(val, bool) or not isinstance(val, int | float):
+        raise ValueError(f"val: expected a fraction in (0, 1) or a count, got {val!r}")
+    if isinstance(val, float):
+        if not 0 < val < 1:
+            raise ValueError(f"val: a fraction must lie in (0, 1), got {val}")
+        n_val = round(n * val)
+    else:
+        n_val = val
+    if not 0 < n_val < n:
+        raise ValueError(f"val: {val!r} of {n} examples leaves an empty part")
+    order = torch.randperm(n, generator=_generator(seed))
+    val_idx = order[:n_val].sort().values.tolist()
+    train_idx = order[n_val:].sort().values.tolist()
+    val_ds = ds if val_transform is None else with_transform(ds, val_transform)
+    return Subset(ds, train_idx), Subset(val_ds, val_idx)
+
+
+def calibration(ds: Dataset, n: int = 512, batch_size: int = 128,
+                seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` examples of ``ds`` drawn at random (seeded; all of them when ``ds`` is smaller) as
+    a list of (inputs, labels) batches, ready for ``rankcut.plan(..., calib_data=...)`` and
+    ``rankcut.apply(..., calib_data=...)``.
+
+    ``ds`` must yield model inputs (give it a transform, normally the evaluation one, with the
+    model's normalisation). Random transforms draw from a generator seeded with ``seed``; torch's
+    global random state is left as it was.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if len(ds) == 0:
+        raise ValueError("calibration: the dataset is empty")
+    order = torch.randperm(len(ds), generator=_generator(seed))[:n].sort().values.tolist()
+    batches = []
+    with torch.random.fork_rng(devices=[]):  # CPU state only; CUDA generators untouched
+        torch.default_generator.manual_seed(int(seed))
+        for start in range(0, len(order), batch_size):
+            samples = [ds[i] for i in order[start:start + batch_size]]
+            x = torch.stack([s[0] for s in samples])
+            if not x.is_floating_point():
+                raise ValueError(f"calibration: the dataset yields {x.dtype} images, not model "
+                                 "inputs; give it a transform (rankcut.data.transforms(..., "
+                                 "normalization=<model name>))")
+            y = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.long)
+            batches.append((x, y))
+    return batches
+
+
+def loader(ds: Dataset, batch_size: int = 128, train: bool = False, seed: int = 0,
+           num_workers: int = 0, **kwargs) -> DataLoader:
+    """A DataLoader over ``ds``: shuffled by a generator seeded with ``seed`` when ``train``,
+    in order otherwise. Workers (``num_workers`` > 0) stay alive between epochs and are seeded
+    from the same generator; with ``num_workers=0`` random transforms draw from torch's global
+    generator. Further DataLoader arguments pass through."""
+    if num_workers > 0:
+        kwargs.setdefault("persistent_workers", True)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=_generator(seed),
+                      num_workers=num_workers, **kwargs)

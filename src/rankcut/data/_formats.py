@@ -1,0 +1,269 @@
+"""Readers of the original dataset file formats into uint8 arrays; no torchvision, no download.
+
+CIFAR-10/100 come in two official formats: the python version (pickled dicts, read here by an
+unpickler that only reconstructs numpy arrays) and the binary version (fixed-size records, plain
+or gzip-compressed). MNIST and Fashion-MNIST come as idx files (plain or gzip-compressed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _open(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read(path: Path, nbytes: int | None = None) -> bytes:
+    with _open(path) as f:
+        return f.read() if nbytes is None else f.read(nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    name: str
+    subdirs: tuple[str, ...]     # where under the data root the format folders may sit
+    python_dir: str              # the python (pickle) version's folder
+    binary_dir: str              # the binary version's folder
+    train: tuple[str, ...]       # file stems of the training split
+    test: tuple[str, ...]
+    label_bytes: int             # leading label bytes of a binary record; the last is the label
+    python_label_key: str
+
+
+CIFAR = {
+    "cifar10": CifarSpec("cifar10", ("cifar10", "cifar-10", "CIFAR10"), "cifar-10-batches-py",
+                         "cifar-10-batches-bin", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                         ("test_batch",), 1, "labels"),
+    "cifar100": CifarSpec("cifar100", ("cifar100", "cifar-100", "CIFAR100"), "cifar-100-python",
+                          "cifar-100-binary", ("train",), ("test",), 2, "fine_labels"),
+}
+CIFAR_PIXELS = 3 * 32 * 32
+
+
+def _find_python(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _find_binary(folder: Path, stem: str) -> Path | None:
+    # a stem may carry a suffix before .bin, as ../shared/data's test_batch_first1017.bin.gz
+    found = sorted(folder.glob(f"{stem}.bin")) + sorted(folder.glob(f"{stem}.bin.gz"))
+    found = found or sorted(folder.glob(f"{stem}_*.bin")) + sorted(folder.glob(f"{stem}_*.bin.gz"))
+    return found[0] if found else None
+
+
+def cifar_files(spec: CifarSpec, root: Path, split: str) -> tuple[str, list[Path]]:
+    """("python" or "binary", the split's files in order), looked for in ``root``'s format
+    folders (directly or under one of ``spec.subdirs``) and in ``root`` itself."""
+    stems = spec.train if split == "train" else spec.test
+    bases = [root / sub for sub in spec.subdirs if (root / sub).is_dir()] + [root]
+    incomplete = []
+    for base in bases:
+        for folder, direct in ((base / spec.python_dir, False), (base / spec.binary_dir, False),
+                               (base, True)):
+            if not folder.is_dir():
+                continue
+            for fmt, find in (("python", _find_python), ("binary", _find_binary)):
+                if direct or folder.name == (spec.python_dir if fmt == "python"
+                                             else spec.binary_dir):
+                    files = [find(folder, stem) for stem in stems]
+                    if all(files):
+                        return fmt, files
+                    if not direct:
+                        incomplete += [folder / _pattern(fmt, s)
+                                       for s, f in zip(stems, files, strict=True) if f is None]
+    looked = ", ".join(str(b) for b in bases)
+    missing = f"missing {', '.join(map(str, incomplete))}; " if incomplete else ""
+    raise FileNotFoundError(
+        f"{spec.name} ({split}): {missing}looked in {looked} for "
+        f"{spec.python_dir}/{{{','.join(stems)}}} (python pickle version) or "
+        f"{spec.binary_dir}/{{{','.join(_pattern('binary', s) for s in stems)}}} "
+        "(binary version, plain or .gz)")
+
+
+def _pattern(fmt: str, stem: str) -> str:
+    return stem if fmt == "python" else f"{stem}[_*].bin[.gz]"
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reconstructs numpy arrays and builtin containers only: any other global is refused, so a
+    crafted file cannot run code."""
+
+    ALLOWED = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                         ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy._core.multiarray", "scalar"),
+                         ("numpy._core.numeric", "_frombuffer")})
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("numpy.core."):  # written by numpy 1 (and Python 2) as numpy.core
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name}: a CIFAR batch holds numpy arrays and "
+                                         "lists only; refusing to load it")
+        return super().find_class(module, name)
+
+
+def read_cifar_python_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the CIFAR python version: uint8 (N, 3, 32, 32) and int64 labels.
+
+    The official files are Python-2 pickles of dicts ({'data': (N, 3072) uint8, 'labels' or
+    'fine_labels': list}); they are read with ``encoding='latin1'`` by an unpickler that only
+    rebuilds numpy arrays. Only read files you trust to be CIFAR batches."""
+    with _open(path) as f:
+        try:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise ValueError(f"{path}: not a CIFAR python batch ({e})") from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (no dict inside)")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or label_key not in batch:
+        raise ValueError(f"{path}: not a CIFAR python batch (keys {sorted(batch)}; expected "
+                         f"'data' and {label_key!r})")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    labels = np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != CIFAR_PIXELS or len(data) != len(labels):
+        raise ValueError(f"{path}: not a CIFAR python batch (data {data.shape}, "
+                         f"{len(labels)} labels)")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar_binary_batch(path: Path, label_bytes: int,
+                            limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the CIFAR binary version (plain or .gz): records of ``label_bytes`` label
+    bytes (CIFAR-100: coarse then fine; the last one is taken) and 3072 pixel bytes (the red,
+    green and blue 32x32 planes, row-major)."""
+    record = label_bytes + CIFAR_PIXELS
+    raw = _read(path, None if limit is None else limit * record)
+    if len(raw) % record:
+        raise ValueError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte "
+                         "CIFAR binary records")
+    data = np.frombuffer(raw, np.uint8).reshape(-1, record)
+    images = data[:, label_bytes:].reshape(-1, 3, 32, 32)
+    return images, data[:, label_bytes - 1].astype(np.int64)
+
+
+def read_cifar(spec: CifarSpec, root: Path, split: str,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str, Path]:
+    """uint8 images (N, 3, 32, 32) and int64 labels of one split, the format read ("python" or
+    "binary") and the folder read from."""
+    fmt, files = cifar_files(spec, root, split)
+    images, labels, count = [], [], 0
+    for f in files:
+        left = None if limit is None else limit - count
+        if fmt == "python":
+            x, y = read_cifar_python_batch(f, spec.python_label_key)
+            x, y = x[:left], y[:left]
+        else:
+            x, y = read_cifar_binary_batch(f, spec.label_bytes, left)
+        images.append(x)
+        labels.append(y)
+        count += len(y)
+        if limit is not None and count >= limit:
+            break
+    return np.concatenate(images), np.concatenate(labels), fmt, files[0].parent
+
+
+def cifar_classes(spec: CifarSpec, fmt: str, folder: Path) -> list[str] | None:
+    """Class names: CIFAR-10's are fixed; CIFAR-100's come from its meta file when present."""
+    if spec.name == "cifar10":
+        return list(CIFAR10_CLASSES)
+    try:
+        if fmt == "python":
+            with _open(folder / "meta") as f:
+                meta = _ArrayUnpickler(f, encoding="latin1").load()
+            return [str(n) for n in meta["fine_label_names"]]
+        return (folder / "fine_label_names.txt").read_text().split()
+    except (OSError, KeyError, TypeError, pickle.UnpicklingError):
+        return None
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
+
+# ---------------------------------------------------------------------------------------------
+# idx (MNIST, Fashion-MNIST)
+
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """An idx file (plain or .gz) as an array: a big-endian header (two zero bytes, a type code,
+    the number of dimensions, then each dimension as uint32) followed by the data. ``limit``
+    reads only the first entries along dimension 0."""
+    path = Path(path)
+    with _open(path) as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or head[3] == 0:
+            raise ValueError(f"{path}: not an idx file (header {head.hex()})")
+        dtype, ndim = _IDX_TYPES[head[2]], head[3]
+        dims = list(struct.unpack(f">{ndim}I", f.read(4 * ndim)))
+        if limit is not None:
+            dims[0] = min(dims[0], limit)
+        count = int(np.prod(dims))
+        raw = f.read(count * dtype.itemsize)
+    if len(raw) != count * dtype.itemsize:
+        raise ValueError(f"{path}: truncated idx file ({len(raw)} bytes of data, expected "
+                         f"{count * dtype.itemsize} for dims {dims})")
+    return np.frombuffer(raw, dtype).reshape(dims)
+
+
+@dataclass(frozen=True)
+class IdxSpec:
+    name: str
+    subdirs: tuple[str, ...]
+    classes: tuple[str, ...]
+
+
+IDX = {
+    "mnist": IdxSpec("mnist", ("mnist", "MNIST", "MNIST/raw"), tuple(str(d) for d in range(10))),
+    "fashion_mnist": IdxSpec(
+        "fashion_mnist", ("fashion_mnist", "fashion-mnist", "FashionMNIST", "FashionMNIST/raw"),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+         "Bag", "Ankle boot")),
+}
+
+
+def idx_files(spec: IdxSpec, root: Path, split: str) -> tuple[Path, Path]:
+    """(images, labels) files of a split, plain or .gz, in ``root`` (or a known subfolder)."""
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    bases = [root / sub for sub in spec.subdirs if (root / sub).is_dir()] + [root]
+    for base in bases:
+        found = [next((base / n for n in (s, s + ".gz") if (base / n).is_file()), None)
+                 for s in stems]
+        if all(found):
+            return found[0], found[1]
+    raise FileNotFoundError(
+        f"{spec.name} ({split}): looked in {', '.join(map(str, bases))} for {stems[0]}[.gz] and "
+        f"{stems[1]}[.gz] (idx format, plain or gzip-compressed)")
+
+
+def read_idx_split(spec: IdxSpec, root: Path, split: str,
+                   limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 1, 28, 28) and int64 labels of an idx dataset split."""
+    image_file, label_file = idx_files(spec, root, split)
+    images, labels = read_idx(image_file, limit), read_idx(label_file, limit)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{image_file}: expected uint8 images (N, H, W), got {images.dtype} "
+                         f"{images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{label_file}: expected {len(images)} labels, got shape {labels.shape}")
+    return images[:, None], labels.astype(np.int64)
