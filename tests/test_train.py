@@ -226,6 +226,7 @@ def test_freeze_leaves_frozen_parameters_bit_identical():
         finetune(model, (x, y), steps=1, batch_size=16, freeze="conv*", progress=False)
     with pytest.raises(ValueError, match="every parameter is frozen"):
         finetune(model, (x, y), steps=1, batch_size=16, freeze="*", progress=False)
+    assert all(p.requires_grad for p in model.parameters())  # restored after the error too
 
 
 def test_freeze_factor_groups_of_factorized_layers():

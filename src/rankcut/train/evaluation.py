@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .._modes import eval_mode
 from . import distributed as dist_util
@@ -29,7 +29,9 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     five classes, top-5 counts the top min(5, classes).
 
     ``distributed=True`` (inside a torch.distributed process group; every process must call it)
-    splits a Dataset across the processes and sums the counts, so each sample is seen once.
+    splits a Dataset across the processes and sums the counts, so each sample is seen once. A
+    DataLoader is used as given: its counts are summed only if it has a DistributedSampler;
+    otherwise every process evaluates all of it.
     """
     model = _unwrap(model)
     if batch_size < 1:
@@ -41,7 +43,11 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     if isinstance(transform, nn.Module):
         transform = transform.to(device)
     env = dist_util.DistEnv()
-    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+    # a loader is used as given: its counts are summed over the processes only when it shards
+    # the data itself (a DistributedSampler); an unsharded one is read whole by every process
+    shards = not isinstance(data, DataLoader) or isinstance(data.sampler, DistributedSampler)
+    if (distributed and shards and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
         env = dist_util.DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size())
     if isinstance(data, DataLoader):
         batches = iter(data)

@@ -158,6 +158,10 @@ class _Run:
                 raise ValueError(f"train_data: {len(self.data)} samples are fewer than one "
                                  f"batch of {o['batch_size']}")
         else:
+            if env.active and not isinstance(self.loader.sampler, DistributedSampler):
+                warnings.warn("train_data is a DataLoader without a DistributedSampler: every "
+                              "process reads all of it, so the processes train on the same "
+                              "batches. Pass a Dataset to have finetune shard it.", stacklevel=4)
             self.per_rank_batch = self.loader.batch_size
             try:
                 self.steps_per_epoch = len(self.loader)
@@ -407,19 +411,20 @@ class _Run:
         # restored at the end: freezing and the train/eval switches are for this run only
         flags = [(m, m.training) for m in self.model.modules()]
         grads = [(p, p.requires_grad) for p in self.model.parameters()]
-        self._setup_training()
-        self._seed()
-        self.saved_at = self.validated_at = None
-        resumed = bool(o["resume"]) and o["checkpoint_dir"] is not None and self._load()
-        self.net = self.model
-        if self.env.active:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.t0 = time.perf_counter()
-        self._open_outputs(resumed)
-        teacher_ctx = eval_mode(o["teacher"]) if o["teacher"] is not None \
-            else contextlib.nullcontext()
+        self.log_file = self.tb = self.bar = None
         try:
+            self._setup_training()
+            self._seed()
+            self.saved_at = self.validated_at = None
+            resumed = bool(o["resume"]) and o["checkpoint_dir"] is not None and self._load()
+            self.net = self.model
+            if self.env.active:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.t0 = time.perf_counter()
+            self._open_outputs(resumed)
+            teacher_ctx = eval_mode(o["teacher"]) if o["teacher"] is not None \
+                else contextlib.nullcontext()
             with teacher_ctx:
                 self._loop()
         finally:
@@ -466,7 +471,8 @@ class _Run:
                     self._save()
                 if o["callback"] is not None:
                     wants = bool(o["callback"]({
-                        "step": self.step, "epoch": self.epoch, "loss": self.last_loss,
+                        "step": self.step, "epoch": self._epoch_position(),
+                        "loss": self.last_loss,
                         "model": self.model, "optimizer": self.optimizer}))
                     if dist_util.any_true(wants, self.env, self.device) and not last:
                         stop = True
