@@ -1,12 +1,13 @@
-"""The embedded demo: every decomposition on real conv kernels at an equal parameter budget.
+"""Every decomposition on real conv kernels at an equal parameter budget (the first embedded demo).
 
 Reads the pretrained CIFAR-10 ResNet-20 from the shared data when it is there ($RANKCUT_DATA or
 ../shared/data) and otherwise uses seeded synthetic kernels of the same shapes, so it runs on a
 fresh machine with nothing downloaded. For each 3x3 kernel but the first (3 input channels), it
 sizes each method to keep a quarter of the kernel's parameters and prints the relative error of
 the reconstructed kernel; Tucker-2 also runs at the ranks EVBMF picks (Kim et al. 2016).
+Run from the repository root:
 
-    python -m rankcut.demo [--ratio 4] [--data-dir DIR]
+    .venv/bin/python experiments/kernel_errors.py [--ratio 4] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import time
 
 import torch
 
-from . import decompose as dec
-from .data import find_data_root, load_conv_kernels
+from rankcut import decompose as dec
+from rankcut.data import find_data_root, load_conv_kernels
 
 RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 
@@ -86,7 +87,7 @@ def methods_at(kernel: torch.Tensor, ratio: float):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rankcut.demo", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="experiments/kernel_errors.py", description=__doc__.split(
         "\n")[0])
     parser.add_argument("--ratio", type=float, default=4.0,
                         help="parameter compression per kernel, dense/compressed (default 4)")
