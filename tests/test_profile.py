@@ -23,7 +23,18 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from rankcut.profile import count_macs, count_params, layer_macs
+import rankcut as rc
+from rankcut.layers import FactorizedLayer
+from rankcut.profile import (
+    count_macs,
+    count_params,
+    layer_macs,
+    layer_units,
+    model_bytes,
+    param_bytes,
+    profile,
+    with_batch,
+)
 
 from .conftest import DEVICES
 
@@ -175,3 +186,151 @@ def test_hooks_removed_when_forward_raises():
         count_macs(model, torch.randn(1, 4))
     assert not any(m._forward_hooks for m in model.modules())
     assert model.training
+
+
+# ---- profile(): units, totals, bytes, latency; analytic MACs against FlopCounterMode ---------
+
+class Mixed(nn.Module):
+    """Convolutions for every factorization, a grouped conv, a Linear run on a 3-D input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 24, 3, padding=1)              # svd
+        self.b = nn.Conv2d(24, 24, (3, 5), padding=(1, 2))     # spatial_svd
+        self.c = nn.Conv2d(24, 32, 3, stride=2, padding=1)     # cp4
+        self.d = nn.Conv2d(32, 32, 3, padding=1, groups=2)     # cp3, grouped
+        self.e = nn.Conv2d(32, 32, 3, padding=1, bias=False)   # tucker
+        self.f = nn.Conv2d(32, 32, 1)                          # cur
+        self.head = nn.Linear(32, 10)                          # svd, on (N, 4, 32)
+        self.unused = nn.Linear(10, 10)                        # never called
+
+    def forward(self, x):
+        for conv in (self.stem, self.a, self.b, self.c, self.d, self.e, self.f):
+            x = torch.relu(conv(x))
+        tokens = x.flatten(2)[:, :, :4].transpose(1, 2)        # (N, 4, 32)
+        return self.head(tokens).mean(1)
+
+
+MIXED_PLAN = {
+    "a": rc.LayerPlan("svd", (6,)),
+    "b": rc.LayerPlan("spatial_svd", (8,)),
+    "c": rc.LayerPlan("cp", (10,), form="cp4", options={"max_iter": 5}),
+    "d": rc.LayerPlan("cp", (6,), form="cp3", options={"max_iter": 5}),
+    "e": rc.LayerPlan("tucker", (8, 6)),
+    "f": rc.LayerPlan("cur", (8,)),
+    "head": rc.LayerPlan("svd", (4,)),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_pair():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    small = rc.apply(model, rc.Plan(dict(MIXED_PLAN)))
+    return model, small
+
+
+def module_oracle(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """FlopCounterMode's MACs per module (keys as qualified names) and in total (key None)."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    prefix = type(model).__name__
+    out = {}
+    for key, ops in counter.get_flop_counts().items():
+        flops = sum(ops.values())
+        assert flops % 2 == 0
+        if key == "Global":
+            out[None] = flops // 2
+        elif key.startswith(prefix + "."):
+            out[key[len(prefix) + 1:]] = flops // 2
+    return out
+
+
+def check_against_flop_counter(model: nn.Module, x: torch.Tensor) -> None:
+    prof = profile(model, x, latency=False)
+    oracle = module_oracle(model, x[:1])  # profile counts MACs for one sample
+    assert prof.macs == oracle[None] == count_macs(model, x[:1])
+    for layer in prof.layers:
+        assert layer.macs == oracle.get(layer.name, 0), layer.name
+
+
+def test_profile_macs_match_flop_counter_on_factorized_model(mixed_pair):
+    model, small = mixed_pair
+    kinds = {layer.kind for layer in profile(small, torch.randn(1, 3, 12, 12),
+                                             latency=False).layers}
+    assert {"SVDConv2d", "SpatialConv2d", "CPConv2d", "TuckerConv2d", "LowRankLinear"} <= kinds
+    for m in (model, small):
+        check_against_flop_counter(m, torch.randn(3, 3, 12, 12))
+
+
+def test_profile_macs_match_flop_counter_on_resnet18():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    check_against_flop_counter(model, torch.randn(2, 3, 32, 32))
+
+
+def test_layer_units_count_factorized_layers_once(mixed_pair):
+    model, small = mixed_pair
+    assert list(layer_units(model)) == ["stem", "a", "b", "c", "d", "e", "f", "head", "unused"]
+    units = layer_units(small)
+    assert list(units) == list(layer_units(model))
+    assert all(isinstance(units[n], FactorizedLayer) for n in MIXED_PLAN)
+    lone = rc.apply(nn.Linear(20, 20), rc.Plan({"": rc.LayerPlan("svd", (3,))}))
+    assert list(layer_units(lone)) == [""]  # a factorized layer as the whole model
+
+
+def test_profile_totals_are_sums_and_bytes_match_saved_file(mixed_pair, tmp_path):
+    _, small = mixed_pair
+    x = torch.randn(3, 3, 12, 12)
+    prof = profile(small, x, latency=False)
+    assert prof.params == count_params(small) == prof.layer_params  # no params outside units
+    assert prof.macs == sum(layer.macs for layer in prof.layers)
+    assert prof.param_bytes == sum(layer.param_bytes for layer in prof.layers) == 4 * prof.params
+    for layer in prof.layers:
+        unit = small.get_submodule(layer.name)
+        assert layer.params == count_params(unit)
+        assert layer.param_bytes == param_bytes(unit)
+    assert prof.layer("unused").calls == 0 and prof.layer("unused").macs == 0
+    assert prof.layer("head").input_shape == [1, 4, 32]
+    rc.save(small, tmp_path, plan=rc.Plan(dict(MIXED_PLAN)))
+    assert prof.model_bytes == model_bytes(small) == (tmp_path / "model.safetensors").stat().st_size
+    assert prof.batch == 3 and prof.latency == {}
+    d = prof.to_dict()
+    assert d["macs"] == prof.macs and len(d["layers"]) == len(prof.layers)
+    assert "total" in str(prof)
+
+
+def test_profile_params_outside_units_and_bf16_bytes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 2))
+    prof = profile(model, torch.randn(2, 3, 3, 3), latency=False)
+    assert prof.params == prof.layer_params + 16  # the BatchNorm's weight and bias
+    half = nn.Linear(10, 10).to(torch.bfloat16)
+    assert param_bytes(half) == 2 * 110
+
+
+def test_profile_latency_per_unit_at_batch_one_and_user_batch(mixed_pair):
+    _, small = mixed_pair
+    prof = profile(small, torch.randn(3, 3, 12, 12), batches=(1, 2), warmup=0, repeats=2)
+    assert sorted(prof.latency) == [1, 2, 3]
+    for batch, lat in prof.latency.items():
+        assert lat.batch == batch and lat.repeats == 2 and lat.median_ms > 0
+        assert lat.threads == torch.get_num_threads() == prof.threads
+    for layer in prof.layers:
+        if layer.calls:
+            assert sorted(layer.latency) == [1, 2, 3]
+            assert layer.latency[2].batch == 2  # timed on its own input at batch 2
+        else:
+            assert layer.latency == {}
+    assert prof.device == "cpu"
+    assert prof.to_dict()["latency"]["3"]["batch"] == 3
+
+
+def test_with_batch_takes_and_repeats_samples():
+    x = torch.arange(3.0)[:, None]
+    assert with_batch(x, 2)[0].flatten().tolist() == [0, 1]
+    assert with_batch(x, 5)[0].flatten().tolist() == [0, 1, 2, 0, 1]
+    assert with_batch((x, torch.tensor(2.0)), 1)[1].item() == 2.0
+    with pytest.raises(ValueError, match="batch"):
+        with_batch(x, 0)

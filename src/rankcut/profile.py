@@ -16,21 +16,45 @@ Latency is measured, not modelled: :func:`measure_latency` times whole forward p
 first, then repeats; CUDA synchronised around each pass) and reports the median and quartiles
 with the thread count and device, and :func:`compare_latency` times two modules interleaved so
 that drift in the machine's speed hits both alike.
+
+:func:`profile` puts it together per layer: a *unit* is a Conv2d or Linear that is not part of a
+factorized layer, or a whole factorized layer (``rankcut.layers.FactorizedLayer``: its children
+are plain Conv2d/Linear and count under its name). Each unit gets its params, MACs of one sample,
+parameter bytes and, optionally, its latency timed on the input it really receives in the model
+(recorded by a forward hook) at each batch; the whole model gets the same plus the size of its
+safetensors file (:func:`model_bytes`).
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ._modes import eval_mode
+from .layers import FactorizedLayer
 
-__all__ = ["Latency", "compare_latency", "count_macs", "count_params", "layer_macs",
-           "measure_latency", "top1_accuracy"]
+__all__ = [
+    "Latency",
+    "LayerProfile",
+    "Profile",
+    "compare_latency",
+    "count_macs",
+    "count_params",
+    "layer_macs",
+    "layer_units",
+    "measure_latency",
+    "model_bytes",
+    "param_bytes",
+    "profile",
+    "top1_accuracy",
+    "with_batch",
+]
 
 
 def count_params(module: nn.Module) -> int:
@@ -205,3 +229,237 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
     batch = inputs[0].shape[0] if inputs[0].ndim else 1
     return (_summary([a for a, _ in pairs], batch, dev_a),
             _summary([b for _, b in pairs], batch, dev_b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer profile
+
+
+def param_bytes(module: nn.Module) -> int:
+    """Bytes that the parameters of ``module`` occupy (each tensor once; buffers excluded)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Size in bytes of ``model.state_dict()`` serialised as safetensors, as ``rankcut.save``
+    writes it (parameters and buffers, shared tensors once, plus the JSON header)."""
+    from safetensors.torch import save_model
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    with tempfile.TemporaryDirectory(prefix="rankcut-bytes-") as folder:
+        path = Path(folder) / "model.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
+def layer_units(model: nn.Module) -> dict[str, nn.Module]:
+    """The units :func:`profile` reports, in module order: every factorized layer
+    (``rankcut.layers.FactorizedLayer``) and every Conv2d / Linear outside one."""
+    units: dict[str, nn.Module] = {}
+    factorized: list[str] = []
+    for name, module in model.named_modules():
+        if any(p == "" or name.startswith(p + ".") for p in factorized):
+            continue
+        if isinstance(module, FactorizedLayer):
+            units[name] = module
+            factorized.append(name)
+        elif isinstance(module, nn.Conv2d | nn.Linear):
+            units[name] = module
+    return units
+
+
+def _batch_size(inputs: tuple[torch.Tensor, ...]) -> int:
+    return int(inputs[0].shape[0]) if inputs[0].ndim else 1
+
+
+def with_batch(example_inputs, batch: int) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` with ``batch`` samples along dim 0: the first ones, or the samples
+    repeated in order when more are asked for than given. 0-d tensors are left alone."""
+    inputs = _as_inputs(example_inputs)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+    out = []
+    for x in inputs:
+        if x.ndim == 0 or x.shape[0] == batch:
+            out.append(x)
+        else:
+            out.append(x[torch.arange(batch, device=x.device) % x.shape[0]])
+    return tuple(out)
+
+
+@torch.no_grad()
+def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                   units: dict[str, nn.Module]) -> dict[str, tuple[int, tuple]]:
+    """Per unit: (times called, positional arguments of its first call) in one forward pass."""
+    seen: dict[str, list] = {}
+
+    def hook(name: str):
+        def record(_module, args) -> None:
+            entry = seen.setdefault(name, [0, args])
+            entry[0] += 1
+
+        return record
+
+    handles = [unit.register_forward_pre_hook(hook(name)) for name, unit in units.items()]
+    try:
+        with eval_mode(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (calls, args) for name, (calls, args) in seen.items()}
+
+
+def _unit_of(leaf: str, units: dict[str, nn.Module]) -> str:
+    """The unit a Conv2d/Linear leaf belongs to: itself, or its enclosing factorized layer."""
+    if leaf in units:
+        return leaf
+    parts = leaf.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in units:
+            return prefix
+    raise KeyError(leaf)  # cannot happen: every leaf is a unit or inside a factorized one
+
+
+def _check_batches(batches) -> tuple[int, ...]:
+    if isinstance(batches, int):
+        batches = (batches,)
+    batches = tuple(batches)
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"batches: expected ints >= 1, got {batches!r}")
+    return batches
+
+
+@dataclass
+class LayerProfile:
+    """One unit of a model (see :func:`profile`).
+
+    ``macs``: for one sample, over all calls in a forward pass. ``calls``: how often the unit ran
+    in that pass (0: never, so no input to time it on). ``input_shape``: its first call's input at
+    batch 1. ``latency``: batch -> :class:`Latency` of one call at that batch.
+    """
+
+    name: str
+    kind: str
+    params: int
+    macs: int
+    param_bytes: int
+    calls: int
+    input_shape: list[int] | None = None
+    latency: dict[int, Latency] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["latency"] = {str(b): lat.to_dict() for b, lat in self.latency.items()}
+        return d
+
+
+@dataclass
+class Profile:
+    """What :func:`profile` measured: ``layers`` (units, in module order) and the whole model.
+
+    ``params``: all parameters of the model (``layer_params`` of them in the units, the rest in
+    norms, embeddings and the like); ``macs``: one sample, every Conv2d/Linear; ``model_bytes``:
+    the safetensors file; ``latency``: batch -> whole-model :class:`Latency`; ``batch``: the batch
+    of ``example_inputs`` (the user's batch).
+    """
+
+    layers: list[LayerProfile]
+    params: int
+    macs: int
+    param_bytes: int
+    model_bytes: int
+    batch: int
+    latency: dict[int, Latency]
+    threads: int
+    device: str
+    torch_version: str = torch.__version__
+
+    @property
+    def layer_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    def layer(self, name: str) -> LayerProfile:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no unit named {name!r} in this profile")
+
+    def to_dict(self) -> dict:
+        return {"layers": [layer.to_dict() for layer in self.layers], "params": self.params,
+                "layer_params": self.layer_params, "macs": self.macs,
+                "param_bytes": self.param_bytes, "model_bytes": self.model_bytes,
+                "batch": self.batch,
+                "latency": {str(b): lat.to_dict() for b, lat in self.latency.items()},
+                "threads": self.threads, "device": self.device,
+                "torch_version": self.torch_version}
+
+    def __str__(self) -> str:
+        batches = sorted(self.latency)
+        head = ["layer", "type", "params", "MACs", *[f"ms @{b}" for b in batches]]
+        rows = [head]
+        for layer in self.layers:
+            rows.append([layer.name, layer.kind, f"{layer.params:,}", f"{layer.macs:,}",
+                         *[f"{layer.latency[b].median_ms:.3f}" if b in layer.latency else ""
+                           for b in batches]])
+        rows.append(["total", "", f"{self.params:,}", f"{self.macs:,}",
+                     *[f"{self.latency[b].median_ms:.3f}" for b in batches]])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{self.model_bytes:,} bytes as safetensors; {self.threads} threads, "
+                     f"{self.device}, torch {self.torch_version}")
+        return "\n".join(lines)
+
+
+def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(1,),
+            warmup: int = 5, repeats: int = 30) -> Profile:
+    """Params, MACs, bytes and (``latency=True``) measured latency of every unit of ``model``
+    (see :func:`layer_units`) and of the whole model.
+
+    MACs are counted analytically (as :func:`layer_macs`) for one sample, on the first sample of
+    ``example_inputs``. Latency is timed with :func:`measure_latency` (``warmup`` untimed and
+    ``repeats`` timed passes, median and quartiles) at each of ``batches`` and at the batch of
+    ``example_inputs`` (the user's batch): the whole model on inputs of that batch (samples of
+    ``example_inputs`` taken in order, repeated if needed), and every unit on the input it
+    receives inside the model in that forward pass (one call; recorded by a hook). The model runs
+    in eval mode under no_grad on its own device; modes are restored.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = _as_inputs(example_inputs)
+    batches = _check_batches(batches)
+    if latency:
+        _check_counts(warmup, repeats)
+    user_batch = _batch_size(inputs)
+    one = with_batch(inputs, 1)
+    units = layer_units(model)
+
+    unit_macs = dict.fromkeys(units, 0)
+    for leaf, macs in layer_macs(model, one).items():
+        unit_macs[_unit_of(leaf, units)] += macs
+    first = _record_inputs(model, one, units)
+    layers = []
+    for name, unit in units.items():
+        calls, args = first.get(name, (0, None))
+        shape = list(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+        layers.append(LayerProfile(name, type(unit).__name__, count_params(unit),
+                                   unit_macs[name], param_bytes(unit), calls, shape))
+
+    device = str(next((p.device for p in model.parameters()), inputs[0].device))
+    whole: dict[int, Latency] = {}
+    if latency:
+        by_name = {layer.name: layer for layer in layers}
+        for batch in sorted({*batches, user_batch}):
+            x = with_batch(inputs, batch)
+            whole[batch] = measure_latency(model, x, warmup=warmup, repeats=repeats)
+            device = whole[batch].device
+            for name, (_, args) in _record_inputs(model, x, units).items():
+                by_name[name].latency[batch] = measure_latency(units[name], args, warmup=warmup,
+                                                               repeats=repeats)
+    return Profile(layers, count_params(model), sum(unit_macs.values()), param_bytes(model),
+                   model_bytes(model), user_batch, whole, torch.get_num_threads(), device)
