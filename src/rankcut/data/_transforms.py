@@ -1,6 +1,6 @@
 """Per-dataset transforms on uint8 image tensors: augmentation, channels, size, normalisation.
 
-The simple steps (pad-and-crop, flip, scale-and-normalise) are small tensor operations, about three
+The simple steps (pad-and-crop, flip, scale-and-normalise) are small tensor operations, two to three
 times faster per image than their torchvision.transforms.v2 counterparts; resizing and cropping of
 arbitrary images use v2 (imported when first needed: torchvision is slow to import). Every step
 also accepts a batch (N, C, H, W); a random step then draws once for the whole batch. Random draws
