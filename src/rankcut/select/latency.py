@@ -35,8 +35,8 @@ def layer_input(module: nn.Module, shape: tuple, batch: int) -> torch.Tensor:
 class LatencyGuard:
     """Remembers, per layer and candidate, the measured slow-down against the dense layer.
 
-    ``latency_ratio`` is the largest over ``batches`` of median(candidate) / median(dense); a candidate
-    is slower when that exceeds ``1 + margin`` (the margin absorbs timing noise: a candidate
+    ``latency_ratio`` is the largest over ``batches`` of median(candidate) / median(dense); a
+    candidate is slower when that exceeds ``1 + margin`` (the margin absorbs timing noise: a candidate
     that merely ties with dense is kept, as it saves params and MACs at no cost in time).
     """
 

@@ -1,0 +1,150 @@
+"""The rankcut command end to end: user errors, config files, and compress -> evaluate ->
+benchmark -> export on the pretrained ResNet-20 with the shared CIFAR-10 data."""
+
+import json
+
+import pytest
+import torch
+
+import rankcut as rc
+from rankcut.cli import main
+from rankcut.models import create
+from rankcut.train import evaluate
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", ["analyze", "compress", "evaluate", "benchmark", "export",
+                                     "sweep", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def weights(shared_data):
+    path = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    if not path.is_file():
+        pytest.skip(f"pretrained weights not found at {path}")
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--model", "resnet21", "--data", "cifar10"], "model: unknown name 'resnet21'"),
+    (["evaluate", "--model", "resnet20_cifar", "--weights", "missing.th", "--data", "cifar10"],
+     "missing.th not found"),
+    (["compress", "--model", "resnet20_cifar", "--input-shape", "3,32,32", "--rank",
+      "energy=2", "--out", "x"], "energy"),
+    (["compress", "--model", "resnet20_cifar", "--input-shape", "3,32,32", "--target",
+      "macs=0.5x", "--out", "x"], "target: expected"),
+    (["compress", "--model", "resnet20_cifar", "--input-shape", "3,32", "--target",
+      "macs=2x", "--out", "x"], None),
+    (["compress", "--model", "resnet20_cifar", "--target", "macs=2x", "--out", "x"],
+     "--input-shape"),
+    (["evaluate", "--model", "resnet20_cifar", "--data", "imagenet"], "imagenet"),
+    (["evaluate", "--model", "resnet20_cifar", "--data", "cifar10", "--config",
+      "missing.yaml"], "missing.yaml not found"),
+])
+def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rankcut: error: ")
+    assert "Traceback" not in err
+    if message:
+        assert message in lines[0]
+
+
+def test_incompatible_plan_is_a_user_error(capsys, tmp_path):
+    plan = rc.Plan({"layer9.conv1": rc.LayerPlan("svd", (4,))})
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    code, _, err = run(capsys, "compress", "--model", "resnet20_cifar", "--input-shape",
+                       "3,32,32", "--plan", tmp_path / "plan.json", "--out", tmp_path / "o")
+    assert code == 2 and "layer9.conv1" in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError, match="unknown name"):
+        main(["evaluate", "--model", "resnet21", "--data", "cifar10", "--debug"])
+
+
+def test_config_file_values_and_flags_overriding_them(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: resnet20_cifar\ninput-shape: 3,32,32\nmethod: svd\n"
+                      "target: macs=3x\nallow_slower: true\nno-latency: true\n")
+    code, _, err = run(capsys, "compress", "--config", config, "--target", "macs=2x",
+                         "--out", tmp_path / "o")
+    assert code == 0, err
+    plan = rc.load_plan(tmp_path / "o" / "plan.json")
+    assert plan.meta["target"] == "macs=2x" and plan.meta["method"] == "svd"
+    config.write_text("modle: resnet20_cifar\n")
+    code, _, err = run(capsys, "compress", "--config", config, "--out", tmp_path / "o")
+    assert code == 2 and "unknown key 'modle'" in err
+
+
+def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        capsys, "compress", "--model", "resnet20_cifar", "--weights", weights, "--data",
+        "cifar10", "--data-dir", shared_data, "--method", "tucker", "--target", "macs=2x",
+        "--calib", 64, "--eval-limit", 200, "--finetune-steps", 3, "--distill",
+        "--batch-size", 32, "--out", out, "--quiet")
+    assert code == 0, err
+    for name in ["plan.json", "model.safetensors", "report.json", "report.md"]:
+        assert (out / name).stat().st_size > 0, name
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == PNG and p.stat().st_size > 1000 for p in pngs)
+    small = rc.load(create("resnet20_cifar"), out).eval()
+    assert rc.load_plan(out / "plan.json").active
+    test = rc.data.dataset("cifar10", "test", root=shared_data, limit=200,
+                           transform=rc.data.transforms("cifar10", train=False,
+                                                        normalization="resnet20_cifar"))
+    direct = evaluate(small, test)
+    report = json.loads((out / "report.json").read_text())
+    text = json.dumps(report)
+    assert f"{direct['top1']:.2f}" in (out / "report.md").read_text()
+    assert str(round(direct["top1"], 4))[:5] in text
+
+    code, stdout, _ = run(capsys, "evaluate", "--model", "resnet20_cifar", "--compressed", out,
+                          "--data", "cifar10", "--data-dir", shared_data, "--eval-limit", 200)
+    assert code == 0 and f"top-1 {direct['top1']:.2f}%" in stdout
+    code, stdout, _ = run(capsys, "benchmark", "--model", "resnet20_cifar", "--compressed", out,
+                          "--input-shape", "3,32,32", "--batches", 1, 4, "--repeats", 5)
+    assert code == 0 and "speed-up" in stdout
+    code, _, err = run(capsys, "export", "--model", "resnet20_cifar", "--compressed", out,
+                       "--input-shape", "3,32,32", "--format", "torchscript", "--output",
+                       tmp_path / "m.pt")
+    assert code == 0, err
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), small(x), atol=1e-5)
+
+
+def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, tmp_path):
+    code, stdout, err = run(
+        capsys, "sweep", "--model", "resnet20_cifar", "--weights", weights, "--data", "cifar10",
+        "--data-dir", shared_data, "--eval-limit", 100, "--methods", "svd", "tucker",
+        "--targets", "macs=1.5x", "macs=2x", "--calib", 0, "--allow-slower", "--out",
+        tmp_path / "s", "--quiet")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert len(doc["points"]) == 4
+    assert all(p["macs_ratio"] >= float(p["target"][5:-1]) for p in doc["points"])
+    assert (tmp_path / "s" / "sweep.png").read_bytes()[:8] == PNG
+
+    code, stdout, err = run(
+        capsys, "analyze", "--model", "resnet20_cifar", "--weights", weights, "--data",
+        "cifar10", "--data-dir", shared_data, "--calib", 64, "--out", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "a" / "analysis.json").stat().st_size > 0
+    assert "layer1.0.conv1" in stdout
