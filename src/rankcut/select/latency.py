@@ -36,8 +36,9 @@ class LatencyGuard:
     """Remembers, per layer and candidate, the measured slow-down against the dense layer.
 
     ``latency_ratio`` is the largest over ``batches`` of median(candidate) / median(dense); a
-    candidate is slower when that exceeds ``1 + margin`` (the margin absorbs timing noise: a candidate
-    that merely ties with dense is kept, as it saves params and MACs at no cost in time).
+    candidate is slower when that exceeds ``1 + margin`` (the margin absorbs timing noise: a
+    candidate that merely ties with dense is kept, as it saves params and MACs at no cost in
+    time).
     """
 
     def __init__(self, batches: tuple[int, ...], margin: float = 0.05, warmup: int = 3,
