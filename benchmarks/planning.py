@@ -9,9 +9,13 @@ no fine-tuning, at whole-model MACs targets. Rows:
 - ``auto``: ``rc.plan(method="auto")``, no data;
 - ``auto+data``: the same with ``--calib`` training images as calibration data (output-norm
   errors, data-aware SVD layers).
+The planned rows run with the planner's latency guard (no layer timed slower than dense on this
+machine at batch 1) unless ``--allow-slower``. ``speed-up`` is the dense model's median latency
+over the compressed one's at batch 1 (interleaved runs, this machine).
 Run from the repository root:
 
     .venv/bin/python benchmarks/planning.py [--model resnet20_cifar] [--targets 1.5 2 3]
+        [--allow-slower]
 """
 
 import argparse
@@ -22,7 +26,7 @@ import torch
 import rankcut as rc
 from rankcut.data import find_data_root, read_cifar10_bin
 from rankcut.models import create, normalizer
-from rankcut.profile import count_macs, layer_macs, top1_accuracy
+from rankcut.profile import compare_latency, count_macs, layer_macs, top1_accuracy
 
 WEIGHTS = {"resnet20_cifar": "resnet20-12fca82f.th", "resnet56_cifar": "resnet56-4bfd9763.th"}
 ROWS = ["svd uniform", "tucker uniform", "svd planned", "tucker planned", "auto", "auto+data"]
@@ -37,16 +41,18 @@ def uniform_fraction(model, x, ratio):
     return (total / ratio - (total - planned)) / planned
 
 
-def make_plan(model, x, row, ratio, calib):
+def make_plan(model, x, row, ratio, calib, allow_slower):
     method, _, how = row.partition(" ")
     if row == "tucker vbmf":
-        return rc.plan(model, x, method="tucker", rank="vbmf"), None
-    if how == "uniform":
+        return rc.plan(model, x, method="tucker", rank="vbmf", allow_slower=True), None
+    if how == "uniform":  # the baseline: no guard, whatever the speed
         fraction = uniform_fraction(model, x, ratio)
-        return rc.plan(model, x, method=method, rank=f"macs={fraction:.6f}"), None
+        return rc.plan(model, x, method=method, rank=f"macs={fraction:.6f}",
+                       allow_slower=True), None
     data = calib if row == "auto+data" else None
     method = "auto" if row.startswith("auto") else method
-    return rc.plan(model, x, method=method, target=f"macs={ratio}x", calib_data=data), data
+    return rc.plan(model, x, method=method, target=f"macs={ratio}x", calib_data=data,
+                   allow_slower=allow_slower), data
 
 
 def main():
@@ -55,6 +61,8 @@ def main():
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--rows", nargs="+", default=[*ROWS, "tucker vbmf"], metavar="ROW")
     parser.add_argument("--calib", type=int, default=512, help="calibration training images")
+    parser.add_argument("--allow-slower", action="store_true",
+                        help="plan without the latency guard")
     args = parser.parse_args()
     root = find_data_root()
     if root is None:
@@ -69,21 +77,24 @@ def main():
     dense_macs = count_macs(model, x)
     print(f"{args.model}: {top1_accuracy(model, images, labels, transform=norm):.2f}% top-1 on "
           f"{len(images)} test images, {dense_macs:,} MACs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, no fine-tuning")
-    print(f"{'target':>7} {'row':>15} {'MACs ratio':>10} {'top-1 %':>8} {'plan s':>7}")
+          f"{torch.get_num_threads()} threads, no fine-tuning, latency guard "
+          f"{'off' if args.allow_slower else 'on'}")
+    print(f"{'target':>7} {'row':>15} {'MACs ratio':>10} {'top-1 %':>8} {'speed-up':>8} "
+          f"{'plan s':>7}")
     for i, ratio in enumerate(args.targets):
         for row in args.rows:
             if row == "tucker vbmf" and i > 0:
                 continue  # independent of the target: one row
             start = time.perf_counter()
-            plan, data = make_plan(model, x, row, ratio, calib)
+            plan, data = make_plan(model, x, row, ratio, calib, args.allow_slower)
             small = rc.apply(model, plan, calib_data=data)
             seconds = time.perf_counter() - start
             achieved = dense_macs / count_macs(small, x)
             label = "-" if row == "tucker vbmf" else f"{ratio}x"
+            dense_t, small_t = compare_latency(model, small, x, repeats=50)
             print(f"{label:>7} {row:>15} {achieved:10.3f} "
-                  f"{top1_accuracy(small, images, labels, transform=norm):8.2f} {seconds:7.1f}",
-                  flush=True)
+                  f"{top1_accuracy(small, images, labels, transform=norm):8.2f} "
+                  f"{dense_t.median_ms / small_t.median_ms:8.2f} {seconds:7.1f}", flush=True)
 
 
 if __name__ == "__main__":
