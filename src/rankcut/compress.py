@@ -66,14 +66,23 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def _agreed(fn) -> Plan:
-    """``fn()``'s plan, made on rank 0 only and broadcast when running distributed."""
+    """``fn()``'s plan, made on rank 0 only and broadcast when running distributed (an error
+    on rank 0 is raised on every process, so none waits forever)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return fn()
-    box = [fn().to_json() if dist.get_rank() == 0 else None]
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("plan", fn().to_json())]
+        except ValueError as err:
+            box = [("error", str(err))]
     dist.broadcast_object_list(box, src=0)
-    return Plan.from_json(box[0])
+    kind, text = box[0]
+    if kind == "error":
+        raise ValueError(text)
+    return Plan.from_json(text)
 
 
 def compress(model: nn.Module, example_inputs, *, method: str = "auto", rank=None, target=None,

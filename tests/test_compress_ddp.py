@@ -1,0 +1,55 @@
+"""rankcut.compress under torchrun: the plan is made on rank 0 and sent to the others (their
+own timings could plan differently), then fine-tuning runs distributed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import rankcut as rc
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import os, sys
+import torch
+from torch import nn
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(1)
+import rankcut as rc
+from rankcut.select.latency import LatencyGuard
+
+rank = int(os.environ["RANK"])
+ratio = 0.5 if rank == 0 else 9.0  # rank 1 alone would veto every factorization
+LatencyGuard.measure = lambda self, *a: {{"latency_ratio": ratio, "latency_ms": ratio,
+                                         "dense_latency_ms": 1.0}}
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+g = torch.Generator().manual_seed(1)
+x = torch.randn(64, 3, 8, 8, generator=g)
+y = (x[:, 0].mean((1, 2)) > 0).long()
+result = rc.compress(model, x[:1], method="svd", target="macs=2x", train_data=(x, y), steps=3,
+                     plan_options={{"min_params": 100}},
+                     finetune_options={{"batch_size": 16, "progress": False}})
+out = sys.argv[1]
+open(f"{{out}}/plan{{rank}}.json", "w").write(result.plan.to_json())
+torch.save(result.model.state_dict(), f"{{out}}/model{{rank}}.pt")
+"""
+
+
+def test_compress_under_torchrun_uses_rank_0s_plan_everywhere(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT.format(repo=str(REPO / "src")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", "2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plans = [rc.Plan.from_json((tmp_path / f"plan{r}.json").read_text()) for r in (0, 1)]
+    assert plans[0] == plans[1] and plans[0].active
+    states = [torch.load(tmp_path / f"model{r}.pt", weights_only=True) for r in (0, 1)]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
