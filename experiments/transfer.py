@@ -48,8 +48,9 @@ def main():
     start = time.perf_counter()
     plan = rc.plan(model, x, method="auto", target=args.target, calib_data=calib)
     small = rc.apply(model, plan, calib_data=calib)
-    print(f"{args.model}: compressed to {args.target} ({count_macs(model, x) / count_macs(small, x):.2f}x "
-          f"fewer MACs) in {time.perf_counter() - start:.0f} s; torch {torch.__version__}, "
+    ratio = count_macs(model, x) / count_macs(small, x)
+    print(f"{args.model}: compressed to {args.target} ({ratio:.2f}x fewer MACs) in "
+          f"{time.perf_counter() - start:.0f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     def digits(split, limit):  # grey 28x28 -> the backbone's 3-channel 32x32 inputs
