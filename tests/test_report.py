@@ -230,6 +230,7 @@ def test_markdown_holds_the_headline_numbers(setup, tmp_path):
         assert text in md, text
     for line in report.headline():
         assert f"- {line}" in md
+    assert report.summary().splitlines() == report.headline()
     assert report.write_markdown(tmp_path / "r.md").read_text() == md
 
 

@@ -20,10 +20,11 @@ _WORDS = {"params": ("fewer", "more"), "macs": ("fewer", "more"),
 
 
 def factor_text(factor: float) -> str:
-    """``3.1`` -> ``"3.1x"``: three significant digits, four when it would read as 1x."""
+    """``3.1`` -> ``"3.1x"``: three significant digits; three decimals below 1.01 (``"1.004x"``),
+    so a near tie does not read as "1x faster"."""
     if math.isinf(factor):
         return "inf x"
-    return f"{factor:.3g}x" if factor >= 1.01 else f"{factor:.4g}x"
+    return f"{factor:.3g}x" if factor >= 1.01 else f"{factor:.3f}x"
 
 
 def int_text(value) -> str:

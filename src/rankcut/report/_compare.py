@@ -147,6 +147,10 @@ class Report:
         """The report in sentences: every change with its direction, then the accuracies."""
         return [c.text for c in self.changes()] + self.accuracy_texts()
 
+    def summary(self) -> str:
+        """The headline, one change per line (what a command prints)."""
+        return "\n".join(self.headline())
+
     # ---- JSON ------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -204,9 +208,11 @@ class Report:
                   "model has a third of the original's cost. MACs are for one sample; latency is "
                   "the median of one forward pass.", ""]
         lines += ["## Layers", "", self._layer_table(), ""]
-        notes = [(row.name, row.reason) for row in self.layers if row.reason]
+        notes = [(row.name, row.reason) for row in self.layers
+                 if row.reason and not row.factorized]
         if notes:
-            lines += ["Notes:", ""] + [f"- `{name}`: {reason}" for name, reason in notes] + [""]
+            lines += ["Layers left dense:", ""]
+            lines += [f"- `{name}`: {reason}" for name, reason in notes] + [""]
         lines += ["## Machine", "", *(f"- {k}: {v}" for k, v in self.machine.items())]
         if self.timing:
             lines.append("- latency: " + ", ".join(f"{k} {v}" for k, v in self.timing.items()))
@@ -287,8 +293,9 @@ def _pair_text(pair, show, kind: str = "params") -> str:
 def _machine_line(machine: Mapping) -> str:
     if not machine:
         return "an unrecorded machine"
+    threads = machine.get("threads", "?")
     return (f"{machine.get('device', '?')} ({machine.get('device_name', '')}), "
-            f"{machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}")
+            f"{threads} thread{'' if threads == 1 else 's'}, torch {machine.get('torch', '?')}")
 
 
 def read_json(path: str | os.PathLike) -> Report:

@@ -262,7 +262,9 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
             s = src if src.ndim == 1 else torch.linalg.svdvals(src.double())
             s = s.double().sort(descending=True).values
         top = float(s[0]) if len(s) and float(s[0]) > 0 else 1.0
-        ax.semilogy(range(1, len(s) + 1), (s / top).clamp_min(1e-12).tolist(), linewidth=1.2)
+        values = (s / top).clamp_min(1e-12)
+        ax.semilogy(range(1, len(s) + 1), values.tolist(), linewidth=1.2)
+        ax.set_ylim(min(1e-2, 0.7 * float(values.min())), 1.3)  # two decades at least
         ax.yaxis.set_minor_formatter(NullFormatter())  # unlabelled minor ticks draw fast
         if isinstance(cuts, Mapping):
             marks = dict(cuts.get(name, {}))
