@@ -27,6 +27,7 @@ from ..profile import (
     profile,
     with_batch,
 )
+from ..select.rules import group_matrices
 from ._common import (
     Change,
     bytes_text,
@@ -273,19 +274,6 @@ def read_analysis(path: str | os.PathLike) -> Analysis:
         raise ValueError(f"{path}: {err}") from None
 
 
-def _group_matrices(module: nn.Module, method: str) -> list[torch.Tensor]:
-    """Per group, the matrix that channel SVD (or spatial SVD) truncates."""
-    W = module.weight.detach().double().cpu()
-    if isinstance(module, nn.Linear):
-        return [W]
-    g = module.groups
-    t = module.out_channels // g
-    blocks = [W[i * t:(i + 1) * t] for i in range(g)]
-    if method == "spatial_svd":
-        return [b.permute(1, 2, 0, 3).reshape(b.shape[1] * b.shape[2], -1) for b in blocks]
-    return [b.reshape(t, -1) for b in blocks]
-
-
 def _truncation_error(mats: list[torch.Tensor], rank: int) -> float:
     """Relative Frobenius error of keeping ``rank`` singular triplets of every matrix."""
     lost = total = 0.0
@@ -321,7 +309,7 @@ def _suggest(module: nn.Module, rule, method: str, shape) -> dict:
         return {**base, "note": str(err)}
     error = None
     if method in ("svd", "spatial_svd"):
-        error = _truncation_error(_group_matrices(module, method), ranks[0])
+        error = _truncation_error(group_matrices(module, method, torch.float64), ranks[0])
     elif method == "tucker":
         E = tucker_errors(module)
         error = float(E[min(ranks[0], E.shape[0]) - 1, min(ranks[1], E.shape[1]) - 1])
@@ -423,7 +411,7 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
                            count_params(module), macs.get(name, 0), param_bytes(module),
                            unit_latency.get(name, {}), reason)
         if reason is None:
-            s = torch.linalg.svdvals(_group_matrices(module, "svd")[0])
+            s = torch.linalg.svdvals(group_matrices(module, "svd", torch.float64)[0])
             la.spectrum = s.tolist()
             la.full_rank = len(s)
             la.stable_rank = float(s.pow(2).sum() / s[0].pow(2)) if float(s[0]) > 0 else 0.0

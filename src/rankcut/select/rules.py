@@ -88,9 +88,11 @@ def parse_rank(spec) -> RankRule:
     return RankRule(kind, value)
 
 
-def _group_matrices(module: nn.Module, method: str) -> list[torch.Tensor]:
-    """The matrices whose spectra decide the rank: one per group (a Linear is one group)."""
-    W = module.weight.detach().float()
+def group_matrices(module: nn.Module, method: str,
+                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The matrices channel SVD (or spatial SVD) truncates, whose spectra decide the rank: one
+    per group (a Linear is one group)."""
+    W = module.weight.detach().to(dtype)
     if isinstance(module, nn.Linear):
         return [W]
     g = module.groups
@@ -150,7 +152,7 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
             r_out = max(_spectral_rank(b.reshape(t, -1), rule) for b in blocks)
             r_in = max(_spectral_rank(b.transpose(0, 1).reshape(s, -1), rule) for b in blocks)
             return (r_out, r_in)
-        return (max(_spectral_rank(M, rule) for M in _group_matrices(module, method)),)
+        return (max(_spectral_rank(M, rule) for M in group_matrices(module, method)),)
 
     # params / macs fractions
     if rule.kind == "params" and method == "cp":
