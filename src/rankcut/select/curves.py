@@ -27,6 +27,8 @@ from ..layers import layer_cost
 from ..plans import LayerPlan
 
 AUTO_METHODS = ("svd", "spatial_svd", "cp3", "cp4", "tucker")
+# CP-ALS settings for scoring candidates: enough to rank them; the planned layer gets the full run
+CP_SCORING = {"max_iter": 50, "tol": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def cp_candidate(module: nn.Conv2d, input_hw, rank: int, form: str = "cp4",
     g = module.groups
     t, s = module.out_channels // g, module.in_channels // g
     kh, kw = module.kernel_size
-    opts = {"max_iter": 50, "tol": 1e-5, **(options or {})}
+    opts = {**CP_SCORING, **(options or {})}
     lost = total = 0.0
     for W in _groups(module):
         X = W.float() if form == "cp4" else W.float().reshape(t, s, kh * kw)

@@ -27,6 +27,7 @@ from ..profile import compare_latency, count_params
 from ..surgery import factorize, structure, target_layers
 from .budget import allocate
 from .curves import (
+    CP_SCORING,
     Candidate,
     cp_candidate,
     cp_curve,
@@ -162,8 +163,10 @@ def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
         cands = [front[round(i * step)] for i in range(most)]
     out = []
     for c in cands:
-        lp = LayerPlan(c.method, c.ranks, form=c.form,
-                       options=dict(options.get("cp" if c.method == "cp" else c.method, {})))
+        opts = dict(options.get(c.method, {}))
+        if c.method == "cp":  # scored with the curve's ALS budget, as in the weight norm
+            opts = {**CP_SCORING, **opts}
+        lp = LayerPlan(c.method, c.ranks, form=c.form, options=opts)
         layer = factorize(module, lp)
         with torch.no_grad():
             approx = layer.dense_weight()
