@@ -8,11 +8,12 @@ as teacher (KL at T=4 mixed half and half with the label loss). Top-1 on CIFAR-1
 0..1016 before and after. Run from the repository root:
 
     .venv/bin/python experiments/finetune_resnet20.py [--target macs=2x] [--epochs 1]
-        [--allow-slower] [--log out.jsonl]
+        [--allow-slower] [--log out.jsonl] [--save-plan plan.json | --plan plan.json]
 """
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,8 @@ def main():
     parser.add_argument("--allow-slower", action="store_true",
                         help="plan without the latency guard")
     parser.add_argument("--log", help="JSON-lines training log")
+    parser.add_argument("--save-plan", help="write the plan here (JSON)")
+    parser.add_argument("--plan", help="apply this plan (JSON) instead of planning")
     args = parser.parse_args()
     root = D.find_data_root()
     if root is None:
@@ -55,8 +58,13 @@ def main():
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     start = time.perf_counter()
-    plan = rc.plan(model, x, method=args.method, target=args.target, calib_data=calib,
-                   allow_slower=args.allow_slower)
+    if args.plan:
+        plan = rc.load_plan(args.plan)
+    else:
+        plan = rc.plan(model, x, method=args.method, target=args.target, calib_data=calib,
+                       allow_slower=args.allow_slower)
+    if args.save_plan:
+        Path(args.save_plan).write_text(plan.to_json())
     small = rc.apply(model, plan, calib_data=calib)
     planned = time.perf_counter() - start
     before = evaluate(small, test)
