@@ -5,9 +5,9 @@ Everything runs on the CPU from data that ships with scikit-learn (no download):
 1. the 1,797 8x8 handwritten digits of ``sklearn.datasets.load_digits``, split 80/20 into train
    and test sets (seeded);
 2. a small CNN trained with :func:`rankcut.train.finetune`: the digits upsampled to 16x16 inside
-   the model, three Conv2d/BatchNorm/ReLU blocks (1->32 and 32->64 channels at 16x16, max-pool,
+   the model, three Conv2d/BatchNorm/ReLU blocks (1->64 and 64->64 channels at 16x16, max-pool,
    64->128 at 8x8), average-pooled to 2x2, a Linear classifier. The upsampling makes the two
-   large convolutions (4.7M MACs each) big enough that a factorization can beat the dense layer
+   large convolutions (9.4M and 4.7M MACs) big enough that factorizations beat the dense layers
    at batch 1 on a CPU, so the latency guard leaves room to meet the target;
 3. :func:`rankcut.compress` with ``method="auto"`` to a MACs target (default 3x fewer),
    calibration images for data-aware planning, and a short fine-tuning with the dense model as
@@ -43,11 +43,11 @@ from .train import evaluate, finetune
 # The model: digits upsampled to SIZE x SIZE; conv blocks of these widths, max-pooling after the
 # blocks marked True. Sized so that factorized layers can beat dense ones at batch 1 on a CPU.
 SIZE = 16
-WIDTHS = (32, 64, 128)
+WIDTHS = (64, 64, 128)
 POOLS = (False, True, False)
 HEAD_POOL = 2  # the last feature map is average-pooled to HEAD_POOL x HEAD_POOL for the Linear
 TEST_FRACTION = 0.2
-CALIB_IMAGES = 256
+CALIB_IMAGES = 128
 TRAIN_OPTIONS = {"batch_size": 32, "lr": 0.05}
 FINETUNE_OPTIONS = {"batch_size": 32, "lr": 0.01}
 # ALS/HOOI sweeps for the planner's CP and Tucker candidates (and such layers, if chosen): fewer
@@ -205,7 +205,7 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     except ValueError as err:
         if allow_slower or "allow_slower" not in str(err):
             raise
-        _say(f"      note: {err}.\n      The latency guard leaves no way to {target} on this "
+        _say(f"      note: {err}.\n      The latency guard leaves no way to reach {target} on this "
              "machine; planning again with allow_slower=True (some factorized layers may then "
              "be slower than dense at batch 1).")
         needed_slower = True
