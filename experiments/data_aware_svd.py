@@ -1,26 +1,32 @@
-"""Plain against data-aware (whitened) channel SVD on the pretrained CIFAR-10 ResNet-20.
+"""Plain against data-aware channel SVD (whitened) or Tucker-2 on the pretrained CIFAR-10
+ResNet-20.
 
 Uniform ranks: every 3x3 conv but the first keeps a fraction of its MACs; no fine-tuning;
 256 training images for calibration; top-1 on CIFAR-10 test images 0..1016 (the setting of
-METHODS.md §5). Run from the repository root:
+METHODS.md §5). With ``--method tucker`` also the mean relative output error of the layers
+on the calibration statistics. Run from the repository root:
 
-    .venv/bin/python experiments/data_aware_svd.py [--fractions 0.5 0.73]
+    .venv/bin/python experiments/data_aware_svd.py [--method tucker] [--fractions 0.5 0.73]
 """
 
 import argparse
 
+import torch
 from torch import nn
 
 import rankcut as rc
+from rankcut.calibrate import input_second_moments
 from rankcut.data import find_data_root, read_cifar10_bin
 from rankcut.models import create, normalizer
 from rankcut.profile import top1_accuracy
+from rankcut.select.curves import output_error
 
 RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=["svd", "tucker"], default="svd")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.73])
     parser.add_argument("--calib", type=int, default=256, help="calibration images")
     args = parser.parse_args()
@@ -34,21 +40,34 @@ def main():
     images, labels = read_cifar10_bin(root, "test")
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and n != "conv1"]
+
     def top1(m):
         return top1_accuracy(m, images, labels, transform=norm)
 
+    method = args.method
+    label = {"svd": "SVD", "tucker": "Tucker-2"}[method]
+    covs = input_second_moments(model, names, batches)
+
+    def mean_output_error(compressed):  # over the layers, on the calibration statistics
+        with torch.no_grad():
+            errs = [output_error(model.get_submodule(n), compressed.get_submodule(n)
+                                 .dense_weight(), covs[n]) for n in names]
+        return sum(errs) / len(errs)
+
     print(f"dense: {top1(model):.2f}% top-1 on {len(images)} test images")
-    print(f"{'MACs kept per layer':>20} {'plain SVD %':>12} {'data-aware SVD %':>17}")
+    cols = [f"plain {label} %", f"data-aware {label} %", "plain out err", "data-aware out err"]
+    print(f"{'MACs kept per layer':>20}" + "".join(f" {c}" for c in cols))
     for fraction in args.fractions:
         plain, aware = rc.Plan(), rc.Plan()
         for name in names:
-            (rank,) = rc.select.layer_ranks(model.get_submodule(name), "svd",
-                                            f"macs={fraction}", input_hw=(32, 32))
-            plain[name] = rc.LayerPlan("svd", (rank,))
-            aware[name] = rc.LayerPlan("svd", (rank,), options={"data_aware": True})
-        acc_plain = top1(rc.apply(model, plain))
-        acc_aware = top1(rc.apply(model, aware, calib_data=batches))
-        print(f"{fraction:>20} {acc_plain:12.2f} {acc_aware:17.2f}")
+            ranks = rc.select.layer_ranks(model.get_submodule(name), method,
+                                          f"macs={fraction}", input_hw=(32, 32))
+            plain[name] = rc.LayerPlan(method, ranks)
+            aware[name] = rc.LayerPlan(method, ranks, options={"data_aware": True})
+        small = [rc.apply(model, plain), rc.apply(model, aware, calib_data=batches)]
+        values = [top1(m) for m in small] + [mean_output_error(m) for m in small]
+        print(f"{fraction:>20}" + "".join(f" {v:>{len(c)}.{2 if '%' in c else 4}f}"
+                                          for c, v in zip(cols, values, strict=True)))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     return out
 
 
+# The methods that can be factorized in the output norm (``"data_aware": true``).
+DATA_AWARE_METHODS = ("svd", "tucker")
+
 # The decomposition function each layer type forwards its options to (for early validation).
 _SOLVERS: dict[str, Callable] = {"SpatialConv2d": dec.svd, "CPConv2d": dec.cp,
                                  "TuckerConv2d": dec.tucker}
@@ -122,13 +125,14 @@ def factorize(module: nn.Module, lp: LayerPlan, cov=None) -> nn.Module:
     if kind == "SVDConv2d":
         return SVDConv2d.from_dense(module, config["rank"], config["decomposition"], cov,
                                     **options)
+    if kind == "TuckerConv2d":
+        return TuckerConv2d.from_dense(module, tuple(config["ranks"]), cov, **options)
     if cov is not None:
-        raise ValueError(f"data_aware: implemented for 'svd' only, not {lp.method!r}")
+        raise ValueError(f"data_aware: implemented for 'svd' and 'tucker' only, not "
+                         f"{lp.method!r}")
     if kind == "SpatialConv2d":
         return SpatialConv2d.from_dense(module, config["rank"], **options)
-    if kind == "CPConv2d":
-        return CPConv2d.from_dense(module, config["rank"], form=config["form"], **options)
-    return TuckerConv2d.from_dense(module, tuple(config["ranks"]), **options)
+    return CPConv2d.from_dense(module, config["rank"], form=config["form"], **options)
 
 
 def _check_plan(model: nn.Module, plan: Plan) -> None:
@@ -152,9 +156,9 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
             raise ValueError(f"plan layer {name!r}: {err}") from None
         solver = _SOLVERS.get(config["layer"]) or (
             dec.cur if config.get("decomposition") == "cur" else dec.svd)
-        if lp.options.get("data_aware") and lp.method != "svd":
-            raise ValueError(f"plan layer {name!r}: data_aware is implemented for method 'svd' "
-                             f"only, not {lp.method!r}")
+        if lp.options.get("data_aware") and lp.method not in DATA_AWARE_METHODS:
+            raise ValueError(f"plan layer {name!r}: data_aware is implemented for methods "
+                             f"'svd' and 'tucker' only, not {lp.method!r}")
         try:
             inspect.signature(solver).bind(None, None, **_solver_options(lp))
         except TypeError as err:

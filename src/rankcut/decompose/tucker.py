@@ -11,6 +11,22 @@
 A partial Tucker leaves the modes outside ``modes`` uncompressed: Tucker-2 of a conv kernel
 (T, S, kh, kw) uses ``modes=(0, 1)`` (Kim et al. 2016, arXiv 1511.06530). Because the factors are
 orthonormal, ||X - X̂||² = ||X||² - ||G||², so the error of every sweep is free.
+
+``cov`` (data-aware Tucker-2)
+    With Σ, the second moment of the patches a conv kernel X (T, S, kh, kw) multiplies (ordered
+    as the columns of X.reshape(T, -1)), the factors minimise the output error
+    ||(X - X̂)_(T) L||_F, L Lᵀ = Σ + ridge, instead of the weight error. X̂_(T) = U_T G (B ⊗ I)
+    with B (R_S x S) the input projection (the first 1x1 convolution) and U_T (T x R_T) the
+    output one. Given B the rest is a reduced-rank regression, solved exactly: with
+    K = (B⊗I) Σ (B⊗I)ᵀ and Y = X_(T) Σ (B⊗I)ᵀ, U_T = leading eigenvectors of Y K⁻¹ Yᵀ and
+    G = U_Tᵀ Y K⁻¹. Given U_T, B comes from the Kronecker model Σ ≈ A ⊗ P (A = Σ's channel block
+    summed over kernel positions, P = its position block averaged over channels), under which
+    the best input projection is closed form: with Gram = Σ_{p,q} P[p,q] V_pᵀ V_q of
+    V = U_Tᵀ X (V_p its (R_T x S) slice at kernel position p) and L_A = chol(A), the rows of B
+    span L_A⁻ᵀ × the leading R_S eigenvectors of L_Aᵀ Gram L_A (the truncated SVD of
+    Gram^½ L_A). The first B is computed from X itself; each sweep then alternates the two
+    steps and is kept only if it lowers the exact output error. B's rows are orthonormalised (only
+    their span matters), so both factors are orthonormal.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import torch
 
 from ._checks import check_choice, check_positive, check_rank, check_tensor, clamp_rank
 from ._tensor import leading_left_singular_vectors, multi_mode_product, unfold
+from .svd import whitening_factor
 
 TUCKER_METHODS = ("hooi", "hosvd")
 
@@ -91,6 +108,8 @@ def tucker(
     method: str = "hooi",
     max_iter: int = 50,
     tol: float = 1e-7,
+    cov: torch.Tensor | None = None,
+    ridge: float = 1e-6,
 ) -> TuckerResult:
     """Tucker decomposition of ``X`` over ``modes`` (all modes when None).
 
@@ -101,6 +120,15 @@ def tucker(
         modes: the modes to compress; Tucker-2 of a conv kernel is ``(0, 1)``.
         method: ``"hooi"`` (default) or ``"hosvd"``.
         max_iter, tol: HOOI sweeps and the stopping rule on the change of relative error.
+        cov: the second moment Σ (n x n, n = X.shape[1] · kh · kw) of the input patches the
+            kernel X (T, S, kh, ...) multiplies, in the order of X.reshape(T, -1)'s columns
+            (:func:`rankcut.calibrate.input_second_moments`). Given, the Tucker-2
+            (``modes=(0, 1)``) minimises the output error ||(X - X̂)_(T) L||_F (module docstring);
+            ``method="hosvd"`` stops after the closed-form start, ``"hooi"`` alternates up to
+            ``max_iter`` sweeps, each kept only if it lowers the error and stopping once a sweep
+            gains less than ``tol``; ``rel_error`` and ``errors`` are then relative output errors
+            ||(X - X̂)_(T) L|| / ||X_(T) L||, and the result's ``method`` is ``"whitened"``.
+        ridge: regulariser of Σ, relative to its mean diagonal (as in ``svd``).
 
     Returns:
         :class:`TuckerResult` with the core, factors, modes, exact relative error, sweeps run,
@@ -112,6 +140,12 @@ def tucker(
     check_choice(method, "method", TUCKER_METHODS)
     check_positive(max_iter, "max_iter", integer=True)
     check_positive(tol, "tol", allow_zero=True)
+    if cov is not None:
+        if modes != (0, 1):
+            raise ValueError(f"modes: data-aware Tucker (cov given) is the Tucker-2 of modes "
+                             f"(0, 1), got {modes}")
+        check_positive(ridge, "ridge")
+        return _whitened_tucker2(X, ranks, cov, ridge, method, max_iter, tol)
 
     factors = {m: leading_left_singular_vectors(unfold(X, m), r) for m, r in zip(modes, ranks,
                                                                                    strict=True)}
@@ -150,5 +184,72 @@ def tucker(
         n_iter=n_iter,
         converged=converged,
         method=method,
+        errors=errors,
+    )
+
+
+def _whitened_tucker2(X, ranks, cov, ridge, method, max_iter, tol) -> TuckerResult:
+    """Tucker-2 of X (T, S, ...) in the output norm on inputs of second moment ``cov``."""
+    T, S = X.shape[:2]
+    K = math.prod(X.shape[2:])
+    n = S * K
+    check_tensor(cov, "cov", ndim=2)
+    if cov.shape != (n, n):
+        raise ValueError(f"cov: expected shape ({n}, {n}) (input channels x kernel positions "
+                         f"of X), got {tuple(cov.shape)}")
+    r_out, r_in = ranks
+    W = X.detach().to(torch.float64).reshape(T, S, K)
+    Wm = W.reshape(T, n)
+    L = whitening_factor(cov, ridge, device=X.device)
+    C4 = (L @ L.mT).reshape(S, K, S, K)  # Σ + ridge, as (channel, position) x (channel, position)
+    L_A = torch.linalg.cholesky(torch.einsum("spqp->sq", C4))  # channel block, over positions
+    P = torch.einsum("spsq->pq", C4) / S  # position block, over channels
+    total = float((Wm @ L).pow(2).sum())
+
+    def input_step(V):  # B (R_S x S, orthonormal rows) from V (R, S, K) under Σ ≈ A ⊗ P
+        gram = torch.einsum("rsp,pq,ruq->su", V, P, V)
+        _, vecs = torch.linalg.eigh(L_A.mT @ gram @ L_A)
+        span = torch.linalg.solve_triangular(L_A.mT, vecs[:, -r_in:].flip(1), upper=True)
+        return torch.linalg.qr(span).Q.mT
+
+    def output_step(B):  # exact U_T and core given B; the output error (squared, relative)
+        BC = torch.einsum("bs,spuq->bpuq", B, C4)  # (B ⊗ I) Σ
+        K_ = torch.einsum("bpuq,cu->bpcq", BC, B).reshape(r_in * K, r_in * K)
+        Y = Wm @ BC.reshape(r_in * K, n).mT  # X_(T) Σ (B ⊗ I)ᵀ
+        chol = torch.linalg.cholesky((K_ + K_.mT) / 2)
+        Yw = torch.linalg.solve_triangular(chol, Y.mT, upper=False).mT
+        vals, vecs = torch.linalg.eigh(Yw @ Yw.mT)
+        U = vecs[:, -r_out:].flip(1)
+        G = torch.cholesky_solve((U.mT @ Y).mT, chol).mT  # U_Tᵀ Y K⁻¹
+        lost = max(total - float(vals[-r_out:].sum()), 0.0)
+        return U, G, lost / total if total > 0 else 0.0
+
+    B = input_step(W)
+    U, G, err = output_step(B)
+    errors = [math.sqrt(err)]
+    n_iter, converged = 0, True
+    if method == "hooi":
+        converged = False
+        for n_iter in range(1, max_iter + 1):  # noqa: B007 - reported after the loop
+            B_new = input_step(torch.einsum("ta,tsp->asp", U, W))
+            U_new, G_new, err_new = output_step(B_new)
+            gain = errors[-1] - math.sqrt(err_new)
+            if gain > 0:
+                B, U, G = B_new, U_new, G_new
+                errors.append(math.sqrt(err_new))
+            if gain <= tol:
+                converged = True
+                break
+    approx = torch.einsum("ta,abp,bs->tsp", U, G.reshape(r_out, r_in, K), B)
+    rel_error = (float(((Wm - approx.reshape(T, n)) @ L).norm()) / math.sqrt(total)
+                 if total > 0 else 0.0)
+    return TuckerResult(
+        core=G.reshape(r_out, r_in, *X.shape[2:]).to(X.dtype),
+        factors=[U.to(X.dtype), B.mT.contiguous().to(X.dtype)],
+        modes=(0, 1),
+        rel_error=rel_error,
+        n_iter=n_iter,
+        converged=converged,
+        method="whitened",
         errors=errors,
     )

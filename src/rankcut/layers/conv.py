@@ -352,21 +352,24 @@ class TuckerConv2d(_ConvFactorized):
         return W.reshape(geo.out_channels, geo.in_per_group, *geo.kernel_size)
 
     @classmethod
-    def from_dense(cls, conv, ranks, **options):
+    def from_dense(cls, conv, ranks, cov=None, **options):
         """Tucker-2 (modes T and S) of each group's kernel; ``options`` go to ``tucker``.
 
         ``ranks``: (R_T, R_S), or one int for both; each is clamped, with a warning, to the
-        group's channel count.
+        group's channel count. ``cov``: the second moment of each group's unfolded input patches
+        (a list, one per group; see :mod:`rankcut.calibrate`) for the data-aware Tucker-2 that
+        minimises the output error (the first 1x1 convolution is then the input projection B).
         """
         geo = _check_conv(conv)
         if isinstance(ranks, int):
             ranks = (ranks, ranks)
+        covs = _per_group(cov, geo.groups)
         W = conv.weight.detach()
-        results = [dec.tucker(Wg, tuple(ranks), modes=(0, 1), **options)
-                   for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups)]
+        results = [dec.tucker(Wg, tuple(ranks), modes=(0, 1), cov=covs[gi], **options)
+                   for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups)]
         layer = cls.like(conv, ranks=results[0].ranks)
         layer._fill(layer.first, torch.cat([r.factors[1].mT for r in results])[..., None, None])
         layer._fill(layer.core, torch.cat([r.core for r in results]))
         layer._fill(layer.last, torch.cat([r.factors[0] for r in results])[..., None, None])
-        layer._finish(conv, "tucker", options)
+        layer._finish(conv, "tucker", options, data_aware=cov is not None)
         return layer

@@ -152,7 +152,8 @@ def _candidate_at(module, method, ranks, shape, options) -> Candidate:
 def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
     """Candidates re-measured in the output norm on calibration statistics. SVD becomes the
     data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
-    (spread over their weight-norm frontier) and measure ||(W - W~) L|| / ||W L||."""
+    (spread over their weight-norm frontier; Tucker-2 factorized data-aware) and measure
+    ||(W - W~) L|| / ||W L||."""
     if method == "svd":  # the costs stand; only the errors change, all from one spectrum
         errs = whitened_svd_errors(module, covs)
         return [Candidate(c.method, c.ranks, c.form, c.params, c.macs,
@@ -167,11 +168,13 @@ def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
         if c.method == "cp":  # scored with the curve's ALS budget, as in the weight norm
             opts = {**CP_SCORING, **opts}
         lp = LayerPlan(c.method, c.ranks, form=c.form, options=opts)
-        layer = factorize(module, lp)
+        aware = c.method == "tucker"  # factorized in the output norm, as the plan will apply it
+        layer = factorize(module, lp, covs if aware else None)
         with torch.no_grad():
             approx = layer.dense_weight()
         out.append(Candidate(c.method, c.ranks, c.form, c.params, c.macs,
-                             output_error(module, approx, covs)))
+                             output_error(module, approx, covs),
+                             {"data_aware": True} if aware else {}))
     return out
 
 
@@ -225,8 +228,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         options: solver options per method, e.g. ``{"cp": {"max_iter": 100}}``; passed on to
             the layers through the plan.
         calib_data: batches of inputs (or (inputs, targets)); the planner then measures every
-            candidate's error in the output norm on these inputs' statistics, and SVD layers
-            become data-aware (apply the plan with the same ``calib_data``).
+            candidate's error in the output norm on these inputs' statistics, and SVD and
+            Tucker-2 layers become data-aware (apply the plan with the same ``calib_data``).
         max_batches: at most this many calibration batches.
         allow_slower: by default every chosen factorization is timed against its dense layer
             on the model's device (batch 1 and the batch of ``example_inputs``) and one measured
