@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import rankcut as rc
-from rankcut.compress import densify
+from rankcut.compress import CP_SGD_LR, densify
 from rankcut.layers import FactorizedLayer
 from rankcut.profile import count_macs
 from rankcut.train import evaluate
@@ -145,3 +145,16 @@ def test_transfer_trains_only_a_new_head(trained):
             assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="head: the model has no module"):
         rc.transfer(model, (x, y), num_classes=6, head="fc")
+
+
+def test_models_with_cp_layers_fine_tune_at_the_cp_rate_unless_told(trained):
+    model, data = trained
+    kw = dict(method="cp", rank=8, train_data=data, steps=2, plan_options=PLAN)
+    tune = {"batch_size": 32, "progress": False}
+    cp = rc.compress(model, data[0][:1], finetune_options=tune, **kw)
+    assert cp.stages[0]["train"]["lr"] == CP_SGD_LR
+    told = rc.compress(model, data[0][:1], finetune_options={**tune, "lr": 0.05}, **kw)
+    assert told.stages[0]["train"]["lr"] == 0.05
+    svd = rc.compress(model, data[0][:1], method="svd", rank=4, train_data=data, steps=2,
+                      plan_options=PLAN, finetune_options=tune)
+    assert svd.stages[0]["train"]["lr"] is None  # finetune's own default

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import FactorizedLayer
+from .layers import CPConv2d, FactorizedLayer
 from .plans import Plan
 from .select import parse_target
 from .select import plan as make_plan
@@ -37,6 +37,11 @@ from .train import evaluate, finetune
 from .train.distributed import setup
 
 SCHEDULES = ("one_shot", "layerwise", "multistage")
+# SGD's default 0.01 breaks CP layers (their rank-1 terms cancel, and a step that upsets the
+# balance costs a lot: ResNet-20 at 2x fewer MACs, mostly CP, fell from 89.6% to 57.4% in one
+# epoch at 0.01 and rose to 91.7% at 0.001; experiments/finetune_resnet20.py). Lebedev et al.
+# (2015) report the same instability. A model with CP layers gets this rate unless one is given.
+CP_SGD_LR = 1e-3
 
 
 @dataclass
@@ -149,10 +154,13 @@ class _Job:
     def tune(self, model, epochs=None, steps=None) -> dict | None:
         if self.train_data is None or (epochs is None and steps is None):
             return None
+        options = dict(self.finetune_options)
+        if "lr" not in options and options.get("optimizer", "sgd") == "sgd" and any(
+                isinstance(m, CPConv2d) for m in model.modules()):
+            options["lr"] = CP_SGD_LR
         result = finetune(model, self.train_data, epochs=epochs, steps=steps,
-                          teacher=self.teacher, transform=self.transform,
-                          **self.finetune_options)
-        return {"steps": result.steps, "final": result.final}
+                          teacher=self.teacher, transform=self.transform, **options)
+        return {"steps": result.steps, "final": result.final, "lr": options.get("lr")}
 
     def one_shot(self, plan, target, epochs, steps) -> CompressResult:
         plan = plan or self.plan(target)
