@@ -176,6 +176,8 @@ def test_extra_repr_states_the_geometry_and_ranks():
 def test_depthwise_and_other_modules_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="depthwise convolution"):
         TuckerConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=8), (2, 2))
+    with pytest.raises(ValueError, match="single-channel input: one input channel"):
+        TuckerConv2d.from_dense(nn.Conv2d(1, 8, 3), (2, 1))
     with pytest.raises(ValueError, match=r"not an nn.Conv2d \(Linear\)"):
         CPConv2d.from_dense(nn.Linear(4, 4), 2)
     with pytest.raises(ValueError, match="form: expected one of 'cp4', 'cp3', got 'cp5'"):

@@ -44,8 +44,9 @@ def conv_skip_reason(conv: nn.Module) -> str | None:
     if not isinstance(conv, nn.Conv2d):
         return f"not an nn.Conv2d ({type(conv).__name__})"
     if conv.in_channels // conv.groups == 1:
-        return ("depthwise convolution: one input channel per group, nothing to factorize "
-                "across channels")
+        kind = "single-channel input" if conv.groups == 1 else "depthwise convolution"
+        return (f"{kind}: one input channel per group, nothing to factorize across input "
+                "channels")
     return None
 
 
