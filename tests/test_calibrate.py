@@ -84,9 +84,10 @@ def test_apply_with_data_aware_plans():
         return float((m[0](x) - model[0](x)).norm() / model[0](x).norm())
 
     assert err(aware) < err(plain)
-    with pytest.raises(ValueError, match="data_aware is implemented for methods 'svd' and "
-                                         "'tucker' only, not 'cp'"):
-        rc.apply(model, rc.Plan({"2": rc.LayerPlan("cp", (4,), options={"data_aware": True})}),
+    with pytest.raises(ValueError, match="data_aware is implemented for methods 'svd', "
+                                         "'tucker', 'cp' only, not 'spatial_svd'"):
+        rc.apply(model, rc.Plan({"2": rc.LayerPlan("spatial_svd", (4,),
+                                                   options={"data_aware": True})}),
                  calib_data=batches)
 
 

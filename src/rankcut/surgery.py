@@ -101,7 +101,7 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
 
 
 # The methods that can be factorized in the output norm (``"data_aware": true``).
-DATA_AWARE_METHODS = ("svd", "tucker")
+DATA_AWARE_METHODS = ("svd", "tucker", "cp")
 
 # The decomposition function each layer type forwards its options to (for early validation).
 _SOLVERS: dict[str, Callable] = {"SpatialConv2d": dec.svd, "CPConv2d": dec.cp,
@@ -127,12 +127,13 @@ def factorize(module: nn.Module, lp: LayerPlan, cov=None) -> nn.Module:
                                     **options)
     if kind == "TuckerConv2d":
         return TuckerConv2d.from_dense(module, tuple(config["ranks"]), cov, **options)
+    if kind == "CPConv2d":
+        return CPConv2d.from_dense(module, config["rank"], form=config["form"], cov=cov,
+                                   **options)
     if cov is not None:
-        raise ValueError(f"data_aware: implemented for 'svd' and 'tucker' only, not "
-                         f"{lp.method!r}")
-    if kind == "SpatialConv2d":
-        return SpatialConv2d.from_dense(module, config["rank"], **options)
-    return CPConv2d.from_dense(module, config["rank"], form=config["form"], **options)
+        raise ValueError(f"data_aware: implemented for {', '.join(DATA_AWARE_METHODS)} only, "
+                         f"not {lp.method!r}")
+    return SpatialConv2d.from_dense(module, config["rank"], **options)
 
 
 def _check_plan(model: nn.Module, plan: Plan) -> None:
@@ -158,7 +159,8 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
             dec.cur if config.get("decomposition") == "cur" else dec.svd)
         if lp.options.get("data_aware") and lp.method not in DATA_AWARE_METHODS:
             raise ValueError(f"plan layer {name!r}: data_aware is implemented for methods "
-                             f"'svd' and 'tucker' only, not {lp.method!r}")
+                             f"{', '.join(map(repr, DATA_AWARE_METHODS))} only, not "
+                             f"{lp.method!r}")
         try:
             inspect.signature(solver).bind(None, None, **_solver_options(lp))
         except TypeError as err:

@@ -39,6 +39,7 @@ from ._checks import (
     make_generator,
 )
 from ._tensor import cp_to_tensor, khatri_rao, leading_left_singular_vectors, unfold
+from .svd import whitening_factor
 
 CP_METHODS = ("als", "als_qr", "tpm")
 CP_INITS = ("svd", "random")
@@ -254,6 +255,7 @@ def cp(
     tol: float = 1e-7,
     seed=0,
     ridge: float | None = None,
+    cov: torch.Tensor | None = None,
 ) -> CPResult:
     """Rank-``rank`` CP decomposition of an N-way tensor (N >= 2).
 
@@ -270,6 +272,11 @@ def cp(
             seed gives the same start on every device).
         ridge: normal-equation regulariser λ, added to the (unit-diagonal) Gram product of the
             other factors; default 10·machine epsilon of X's dtype.
+        cov: data-aware CP: the second moment Σ (I_1 x I_1) of the inputs that mode 1 of X
+            multiplies (a conv kernel's input channels). The CP is then fitted to X ×_1 Lᵀ
+            (L Lᵀ = Σ, ridge-regularised as :func:`whitening_factor`) and the mode-1 factor
+            mapped back, which minimises the output error on inputs of that moment when the
+            kernel positions are uncorrelated; ``rel_error`` is measured in that norm.
 
     Returns:
         :class:`CPResult` (weights, unit-norm factors, exact relative error, sweeps run, whether
@@ -284,6 +291,9 @@ def cp(
     if ridge is None:
         ridge = 10 * torch.finfo(X.dtype).eps
     check_positive(ridge, "ridge", allow_zero=True)
+    if cov is not None:
+        return _whitened_cp(X, rank, cov, method=method, init=init, max_iter=max_iter, tol=tol,
+                            seed=seed, ridge=ridge)
     generator = make_generator(seed)
 
     if method == "tpm":
@@ -317,3 +327,20 @@ def cp(
         seed=seed if isinstance(seed, int) else None,
         errors=errors,
     )
+
+
+def _whitened_cp(X, rank, cov, **options) -> CPResult:
+    """CP of X in the mode-1 norm of second moment ``cov`` (see ``cp``'s ``cov``)."""
+    n = X.shape[1]
+    check_tensor(cov, "cov", ndim=2)
+    if cov.shape != (n, n):
+        raise ValueError(f"cov: expected shape ({n}, {n}) (mode 1 of X), got {tuple(cov.shape)}")
+    L = whitening_factor(cov, device=X.device).to(X.dtype)
+    res = cp(torch.tensordot(X, L, dims=([1], [0])).movedim(-1, 1), rank, **options)
+    f1 = torch.linalg.solve_triangular(L.mT, res.factors[1], upper=True)
+    norms = f1.norm(dim=0).clamp_min(torch.finfo(f1.dtype).tiny)
+    factors = list(res.factors)
+    factors[1] = f1 / norms
+    return CPResult(weights=res.weights * norms, factors=factors, rel_error=res.rel_error,
+                    n_iter=res.n_iter, converged=res.converged, method=res.method,
+                    init=res.init, tol=res.tol, seed=res.seed, errors=res.errors)

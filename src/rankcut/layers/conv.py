@@ -50,6 +50,15 @@ def conv_skip_reason(conv: nn.Module) -> str | None:
     return None
 
 
+def _channel_moment(patch_moment: torch.Tensor, channels: int) -> torch.Tensor:
+    """The input channels' second moment (channels x channels) from that of the unfolded
+    patches ((channels·kh·kw) square, ordered channel-major as ``weight.reshape(T, -1)``):
+    the diagonal blocks of the kernel positions, averaged."""
+    k = patch_moment.shape[0] // channels
+    blocks = patch_moment.reshape(channels, k, channels, k)
+    return blocks.diagonal(dim1=1, dim2=3).mean(-1)
+
+
 def _check_conv(conv) -> ConvGeometry:
     reason = conv_skip_reason(conv)
     if reason is not None:
@@ -286,12 +295,15 @@ class CPConv2d(_ConvFactorized):
         return W.reshape(geo.out_channels, geo.in_per_group, kh, kw)
 
     @classmethod
-    def from_dense(cls, conv, rank, form="cp4", **options):
+    def from_dense(cls, conv, rank, form="cp4", cov=None, **options):
         """CP of each group's kernel: 4-way for ``cp4``, of the (T, S, kh·kw) reshape for ``cp3``.
 
         ``options`` go to :func:`rankcut.decompose.cp` (method, init, max_iter, tol, seed). The
         CP weights are spread evenly over the factors (each scaled by w^(1/N)), which keeps the
-        sub-layers at comparable scales for fine-tuning.
+        sub-layers at comparable scales for fine-tuning. ``cov``: the second moment of each
+        group's unfolded input patches (as for SVDConv2d); the CP is then fitted in the output
+        norm of the input channels' second moment (the patch moment averaged over the kernel
+        positions; data-aware CP, see ``rankcut.decompose.cp``'s ``cov``).
         """
         geo = _check_conv(conv)
         if form not in CP_FORMS:
@@ -300,9 +312,11 @@ class CPConv2d(_ConvFactorized):
         W = conv.weight.detach()
         per_group = []
         converged = True
-        for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
+        covs = _per_group(cov, geo.groups)
+        for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
             X = Wg if form == "cp4" else Wg.reshape(geo.out_per_group, geo.in_per_group, kh * kw)
-            res = dec.cp(X, rank, **options)
+            channel = None if covs[gi] is None else _channel_moment(covs[gi], geo.in_per_group)
+            res = dec.cp(X, rank, cov=channel, **options)
             scale = res.weights.clamp_min(0) ** (1.0 / X.ndim)
             per_group.append([f * scale for f in res.factors])
             converged &= res.converged
@@ -318,7 +332,8 @@ class CPConv2d(_ConvFactorized):
             layer._fill(layer.depthwise[1], stacked(3).reshape(-1, 1, 1, kw))
         else:
             layer._fill(layer.depthwise[0], stacked(2).reshape(-1, 1, kh, kw))
-        layer._finish(conv, "cp", options, form=form, converged=converged)
+        layer._finish(conv, "cp", options, form=form, converged=converged,
+                      data_aware=cov is not None)
         return layer
 
 

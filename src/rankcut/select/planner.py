@@ -152,7 +152,7 @@ def _candidate_at(module, method, ranks, shape, options) -> Candidate:
 def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
     """Candidates re-measured in the output norm on calibration statistics. SVD becomes the
     data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
-    (spread over their weight-norm frontier; Tucker-2 factorized data-aware) and measure
+    (spread over their weight-norm frontier; Tucker-2 and CP factorized data-aware) and measure
     ||(W - W~) L|| / ||W L||."""
     if method == "svd":  # the costs stand; only the errors change, all from one spectrum
         errs = whitened_svd_errors(module, covs)
@@ -168,7 +168,7 @@ def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
         if c.method == "cp":  # scored with the curve's ALS budget, as in the weight norm
             opts = {**CP_SCORING, **opts}
         lp = LayerPlan(c.method, c.ranks, form=c.form, options=opts)
-        aware = c.method == "tucker"  # factorized in the output norm, as the plan will apply it
+        aware = c.method in ("tucker", "cp")  # in the output norm, as the plan will apply it
         layer = factorize(module, lp, covs if aware else None)
         with torch.no_grad():
             approx = layer.dense_weight()
