@@ -79,9 +79,9 @@ def normalizer(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (or [0, 1] float) images -> the normalised float inputs model ``name`` expects."""
     mean, std = (torch.tensor(v)[:, None, None] for v in normalization(name))
 
-    def normalize(images: torch.Tensor) -> torch.Tensor:
+    def normalize(images: torch.Tensor) -> torch.Tensor:  # on the images' device (CPU or CUDA)
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        return (x - mean) / std
+        return (x - mean.to(x.device)) / std.to(x.device)
 
     return normalize
 
