@@ -355,7 +355,7 @@ def cmd_compress(args) -> int:
                                                                                      test)}
     rep = R.compare(model.cpu(), small.cpu(), x, plan=result.plan, accuracy=accuracy,
                     latency=not args.no_latency,
-                    meta={"command": "rankcut " + " ".join(sys.argv[1:]),
+                    meta={"model": args.model, "command": "rankcut " + " ".join(sys.argv[1:]),
                           "schedule": args.schedule, "stages": result.stages,
                           "met_target": result.met_target})
     rep.write_json(out / "report.json")

@@ -193,7 +193,7 @@ class Report:
         title = self.meta.get("title") or "rankcut report"
         lines = [f"# {title}", ""]
         model = self.meta.get("model")
-        what = f"`{model}`" if model else "the model"
+        what = f"`{model}`" if model else "The model"
         factorized = [row for row in self.layers if row.factorized]
         lines += [f"{what}: {len(factorized)} of {len(self.layers)} Conv2d/Linear layers "
                   f"factorized. Measured {self.machine.get('date', '')} on "
