@@ -4,7 +4,6 @@ suggest, and (with labelled calibration data) how sensitive each layer is. Nothi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -30,13 +29,13 @@ from ..profile import (
 from ..select.rules import group_matrices
 from ._common import (
     Change,
+    Document,
     bytes_text,
     check_schema,
     int_text,
     jsonable,
     machine_info,
     md_table,
-    write_text,
 )
 from ._plots import _figure, _save, _short, plot_sensitivity, plot_spectra
 
@@ -79,11 +78,13 @@ class LayerAnalysis:
 
 
 @dataclass
-class Analysis:
+class Analysis(Document):
     """Result of :func:`analyze`: ``layers`` and whole-model ``totals`` (``params``, ``macs``,
     ``param_bytes``, ``model_bytes``), ``latency`` (whole model per batch, as
     ``rankcut.profile.Latency.to_dict()``), the ``rules`` and ``methods`` asked about,
     ``sensitivity`` settings and the dense loss (empty without labelled calibration data)."""
+
+    KIND = "analysis"
 
     layers: list[LayerAnalysis]
     totals: dict[str, int]
@@ -124,12 +125,6 @@ class Analysis:
                 "rules": self.rules, "methods": self.methods, "sensitivity": self.sensitivity,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def write_json(self, path: str | os.PathLike) -> Path:
-        return write_text(path, self.to_json() + "\n")
-
     @classmethod
     def from_dict(cls, d: Mapping) -> Analysis:
         check_schema(d, SCHEMA, SCHEMA_VERSION, "analysis")
@@ -140,13 +135,6 @@ class Analysis:
         return cls(layers, dict(d["totals"]), list(d["rules"]), list(d["methods"]),
                    list(d.get("latency", [])), dict(d.get("sensitivity", {})),
                    dict(d.get("machine", {})), dict(d.get("meta", {})))
-
-    @classmethod
-    def from_json(cls, text: str) -> Analysis:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"analysis: not valid JSON ({err})") from None
 
     # ---- Markdown --------------------------------------------------------------------------
 
@@ -183,9 +171,6 @@ class Analysis:
                                 for n, v in ranked], "lrr"), ""]
         lines += ["## Machine", "", *(f"- {k}: {v}" for k, v in m.items())]
         return "\n".join(lines).rstrip() + "\n"
-
-    def write_markdown(self, path: str | os.PathLike) -> Path:
-        return write_text(path, self.to_markdown())
 
     def _layer_table(self) -> str:
         combos = [(r, mth) for r in self.rules for mth in self.methods
@@ -267,11 +252,8 @@ def _suggestion_text(s: dict, layer: LayerAnalysis) -> str:
 
 
 def read_analysis(path: str | os.PathLike) -> Analysis:
-    path = Path(path)
-    try:
-        return Analysis.from_json(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    """An analysis written by :meth:`Analysis.write_json`."""
+    return Analysis.read(path)
 
 
 def _truncation_error(mats: list[torch.Tensor], rank: int) -> float:

@@ -171,6 +171,38 @@ def write_text(path, text: str) -> Path:
     return path
 
 
+class Document:
+    """JSON and Markdown files of a report-like dataclass: subclasses define ``to_dict``,
+    ``from_dict``, ``to_markdown`` and ``KIND`` (the word their errors start with)."""
+
+    KIND = "document"
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        return write_text(path, self.to_json() + "\n")
+
+    def write_markdown(self, path: str | os.PathLike) -> Path:
+        return write_text(path, self.to_markdown())
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{cls.KIND}: not valid JSON ({err})") from None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike):
+        """The document written by :meth:`write_json` at ``path``; errors name the file."""
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
 def md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
     """A GitHub Markdown table. ``align``: one of 'l', 'r' per column (default: first left)."""
     align = align or "l" + "r" * (len(header) - 1)

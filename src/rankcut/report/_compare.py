@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -25,6 +23,7 @@ from ..profile import (
 )
 from ._common import (
     Change,
+    Document,
     accuracy_change_text,
     bytes_text,
     check_schema,
@@ -33,7 +32,6 @@ from ._common import (
     jsonable,
     machine_info,
     md_table,
-    write_text,
 )
 
 SCHEMA = "rankcut.report"
@@ -88,7 +86,7 @@ class LayerRow:
 
 
 @dataclass
-class Report:
+class Report(Document):
     """Before/after of a compression, per layer and in total (see :func:`compare`).
 
     ``totals``: ``{"params", "macs", "param_bytes", "model_bytes"}`` -> ``[original,
@@ -98,6 +96,8 @@ class Report:
     {...}}`` with ``top1``, ``top5`` (percent), ``loss``, ``n`` (may be empty). ``machine``:
     versions, device, threads, date. ``plan``: the plan's JSON (or None). ``meta``: free-form.
     """
+
+    KIND = "report"
 
     totals: dict[str, list]
     layers: list[LayerRow]
@@ -161,12 +161,6 @@ class Report:
                 "headline": self.headline(),
                 "layers": [row.to_dict() for row in self.layers], "plan": self.plan}
 
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def write_json(self, path: str | os.PathLike) -> Path:
-        return write_text(path, self.to_json() + "\n")
-
     @classmethod
     def from_dict(cls, d: Mapping) -> Report:
         """The report from its JSON (``changes`` and ``headline`` are derived, so not read)."""
@@ -179,13 +173,6 @@ class Report:
                    accuracy=dict(d.get("accuracy", {})), machine=dict(d.get("machine", {})),
                    plan=d.get("plan"), meta=dict(d.get("meta", {})),
                    timing=dict(d.get("timing", {})))
-
-    @classmethod
-    def from_json(cls, text: str) -> Report:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"report: not valid JSON ({err})") from None
 
     # ---- Markdown --------------------------------------------------------------------------
 
@@ -220,9 +207,6 @@ class Report:
             lines += ["", "## Meta", "", *(f"- {k}: {v}" for k, v in self.meta.items()
                                            if k != "title")]
         return "\n".join(lines).rstrip() + "\n"
-
-    def write_markdown(self, path: str | os.PathLike) -> Path:
-        return write_text(path, self.to_markdown())
 
     def _headline_table(self) -> str:
         t = self.totals
@@ -300,11 +284,7 @@ def _machine_line(machine: Mapping) -> str:
 
 def read_json(path: str | os.PathLike) -> Report:
     """A report written by :meth:`Report.write_json`."""
-    path = Path(path)
-    try:
-        return Report.from_json(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    return Report.read(path)
 
 
 # ---- compare ------------------------------------------------------------------------------
