@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._modes import eval_mode
+from ._modes import hooked
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -74,18 +74,14 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
         if not isinstance(module, nn.Conv2d | nn.Linear):
             raise ValueError(f"names: {name!r} is a {type(module).__name__}, expected a Conv2d "
                              "or Linear")
-        hooks.append(module.register_forward_hook(hook_for(name)))
+        hooks.append((module, hook_for(name)))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        with eval_mode(model), torch.no_grad():
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x = batch[0] if isinstance(batch, list | tuple) else batch
-                model(x.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
+    with hooked(model, hooks):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            model(x.to(device))
     missing = [n for n in names if n not in counts]
     if missing:
         raise ValueError(f"batches: layers {missing} never ran (no batches, or not on the "

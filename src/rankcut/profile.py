@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import eval_mode
+from ._modes import eval_mode, hooked
 from .layers import FactorizedLayer
 
 __all__ = [
@@ -99,17 +99,10 @@ def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
 
         return record
 
-    handles = [
-        module.register_forward_hook(hook(name))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    layers = [(module, hook(name)) for name, module in model.named_modules()
+              if isinstance(module, nn.Conv2d | nn.Linear)]
+    with hooked(model, layers):
+        model(*inputs)
     return macs
 
 
@@ -301,13 +294,8 @@ def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
         return record
 
-    handles = [unit.register_forward_pre_hook(hook(name)) for name, unit in units.items()]
-    try:
-        with eval_mode(model):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(model, [(unit, hook(name)) for name, unit in units.items()], pre=True):
+        model(*inputs)
     return {name: (calls, args) for name, (calls, args) in seen.items()}
 
 

@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from .._modes import eval_mode
+from .._modes import hooked
 from ..calibrate import input_second_moments
 from ..layers import layer_cost
 from ..plans import LayerPlan, Plan
@@ -85,15 +85,10 @@ def _record_inputs(model: nn.Module, example_inputs) -> dict[str, tuple]:
                 seen.setdefault(name, (max(1, x.numel() // module.in_features // batch),))
         return hook
 
-    hooks = [module.register_forward_hook(record(name))
-             for name, module in model.named_modules()
-             if isinstance(module, nn.Conv2d | nn.Linear)]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    layers = [(module, record(name)) for name, module in model.named_modules()
+              if isinstance(module, nn.Conv2d | nn.Linear)]
+    with hooked(model, layers):
+        model(*inputs)
     return seen
 
 
