@@ -221,6 +221,7 @@ class _Context:
 
         self.device = resolve_device(getattr(args, "device", None))
         self.progress = not args.quiet and sys.stderr.isatty()
+        self._read: dict[tuple, object] = {}  # (split, limit) -> the dataset as read, untransformed
 
     def model(self):
         from . import models
@@ -249,7 +250,10 @@ class _Context:
                             "fashion_mnist, imagefolder)")
         transform = D.transforms(a.data, train=train_transform,
                                  normalization=self.normalization(), size=a.image_size)
-        return D.dataset(a.data, split, root=a.data_dir, transform=transform, limit=limit)
+        key = (split, limit)  # read each split once; training, calibration and inputs share it
+        if key not in self._read:
+            self._read[key] = D.dataset(a.data, split, root=a.data_dir, limit=limit)
+        return D.with_transform(self._read[key], transform)
 
     def test_data(self):
         return self.dataset("test", limit=self.args.eval_limit)
