@@ -46,8 +46,7 @@ def main():
     norm = "resnet20_cifar"
     train = D.dataset("cifar10", "train", root=root,
                       transform=D.transforms("cifar10", train=True, normalization=norm))
-    plain = D.dataset("cifar10", "train", root=root,
-                      transform=D.transforms("cifar10", train=False, normalization=norm))
+    plain = D.with_transform(train, D.transforms("cifar10", train=False, normalization=norm))
     test = D.dataset("cifar10", "test", root=root,
                      transform=D.transforms("cifar10", train=False, normalization=norm))
     calib = D.calibration(plain, n=args.calib, seed=0)

@@ -400,13 +400,11 @@ def _fill(result: Plan, chosen: dict[str, Candidate], layers: dict[str, _Layer],
 
 
 def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
-    base = "cp" if c.method == "cp" else c.method
-    opts = dict(options.get(base, {}))
+    opts = dict(options.get(c.method, {}))
     if c.extra.get("data_aware"):
         opts["data_aware"] = True
     return c.layer_plan(options=opts, module_type=type(module).__name__,
-                        reason=f"{c.method}{'/' + c.form if c.form else ''} at "
-                               f"{','.join(map(str, c.ranks))}: predicted error {c.error:.3f}")
+                        reason=f"{_describe(c)}: predicted error {c.error:.3f}")
 
 
 def _summarise(result: Plan, model: nn.Module, shapes) -> None:
