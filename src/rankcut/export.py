@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._modes import eval_mode
-from .io import atomic_path
+from .atomic import atomic_path
 
 FORMATS = ("onnx", "torchscript")
 METHODS = ("script", "trace")

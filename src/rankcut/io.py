@@ -10,41 +10,21 @@ missing, truncated or altered file is an error before any model is returned.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .atomic import atomic_path
 from .layers import FactorizedLayer
 from .plans import LayerPlan, Plan
 from .surgery import structure
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``path``, moved onto ``path`` (after an fsync) if the block
-    succeeds and removed whatever happens: readers never see a half-written file, and a failure
-    leaves the folder as it was. The name is unique rather than made by ``mkstemp`` so that the
-    file gets the usual permissions (mkstemp's are owner-only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

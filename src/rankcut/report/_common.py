@@ -163,7 +163,7 @@ def check_schema(d: Mapping, schema: str, version: int, what: str) -> None:
 
 def write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see ``rankcut.io.atomic_path``); returns the path."""
-    from ..io import atomic_path
+    from ..atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

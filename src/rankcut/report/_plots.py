@@ -28,7 +28,7 @@ def _figure(width: float, height: float):
 def _save(fig, path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from ..io import atomic_path
+    from ..atomic import atomic_path
 
     path = Path(path)
     FigureCanvasAgg(fig)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_path
+from ..atomic import atomic_path
 
 FORMAT = "rankcut.train.checkpoint"
 VERSION = 1

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .._modes import eval_mode
-from ..io import atomic_path
+from ..atomic import atomic_path
 from ..layers import FactorizedLayer
 from . import checkpoint as ckpt
 from . import distributed as dist_util
