@@ -19,7 +19,7 @@ from rankcut.calibrate import input_second_moments
 from rankcut.data import find_data_root, read_cifar10_bin
 from rankcut.models import create, normalizer
 from rankcut.profile import top1_accuracy
-from rankcut.select.curves import output_error
+from rankcut.curves import output_error
 
 RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 

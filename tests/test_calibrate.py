@@ -85,7 +85,7 @@ def test_apply_with_data_aware_plans():
 
     assert err(aware) < err(plain)
     with pytest.raises(ValueError, match="data_aware is implemented for methods 'svd', "
-                                         "'tucker', 'cp' only, not 'spatial_svd'"):
+                                         "'cp', 'tucker' only, not 'spatial_svd'"):
         rc.apply(model, rc.Plan({"2": rc.LayerPlan("spatial_svd", (4,),
                                                    options={"data_aware": True})}),
                  calib_data=batches)

@@ -8,8 +8,8 @@ from torch import nn
 import rankcut as rc
 from rankcut import decompose as dec
 from rankcut.calibrate import input_second_moments
+from rankcut.curves import output_error
 from rankcut.layers import CPConv2d
-from rankcut.select.curves import output_error
 
 
 def correlated_batches(channels, n=3, size=10, seed=0):

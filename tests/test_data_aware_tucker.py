@@ -178,7 +178,7 @@ def test_pretrained_resnet20_keeps_far_more_with_data_aware_tucker(resnet20):
     for name in names:
         dense = model.get_submodule(name)
         with torch.no_grad():
-            errs = [rc.select.curves.output_error(dense, m.get_submodule(name).dense_weight(),
+            errs = [rc.curves.output_error(dense, m.get_submodule(name).dense_weight(),
                                                   covs[name]) for m in (small_plain, small_aware)]
         assert errs[1] < 0.9 * errs[0], (name, errs)  # measured: 0.36x to 0.81x
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import rankcut as rc
+from rankcut.curves import Candidate
 from rankcut.profile import compare_latency, measure_latency
 from rankcut.select import parse_target
-from rankcut.select.curves import Candidate
 from rankcut.select.latency import LatencyGuard, drop_slower
 
 

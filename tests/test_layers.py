@@ -94,7 +94,7 @@ def test_reduced_rank_layers_are_exactly_the_conv_of_their_approximated_kernel(c
                   TuckerConv2d.from_dense(conv, (rank, rank)),
                   CPConv2d.from_dense(conv, rank, max_iter=20),
                   CPConv2d.from_dense(conv, rank, form="cp3", max_iter=20),
-                  SVDConv2d.from_dense(conv, rank, "cur", method="deim")]
+                  SVDConv2d.from_dense(conv, rank, decomposition="cur", solver="deim")]
     for layer in layers:
         dense = layer.to_dense()
         assert rel(layer(x), dense(x)) < 1e-10, type(layer).__name__
@@ -148,7 +148,7 @@ def test_low_rank_linear(device):
     s = torch.linalg.svdvals(lin.weight.detach())
     assert abs(low.info["rel_error"] - float(s[5:].norm() / s.norm())) < 1e-10
     assert rel(low(x), low.to_dense()(x)) < 1e-12
-    cur = LowRankLinear.from_dense(lin, 12, "cur", method="deim")
+    cur = LowRankLinear.from_dense(lin, 12, decomposition="cur", solver="deim")
     assert rel(cur(x), lin(x)) < 1e-8 and cur.decomposition == "cur"
     nobias = LowRankLinear.from_dense(nn.Linear(6, 4, bias=False), 2)
     assert nobias.second.bias is None and nobias.to_dense().bias is None
@@ -183,7 +183,7 @@ def test_depthwise_and_other_modules_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="form: expected one of 'cp4', 'cp3', got 'cp5'"):
         CPConv2d.from_dense(nn.Conv2d(4, 4, 3), 2, form="cp5")
     with pytest.raises(ValueError, match="decomposition: expected one of 'svd', 'cur'"):
-        LowRankLinear.from_dense(nn.Linear(4, 4), 2, "qr")
+        LowRankLinear.from_dense(nn.Linear(4, 4), 2, decomposition="qr")
 
 
 def test_rebuild_gives_the_same_structure_and_loads_the_weights():
@@ -191,7 +191,7 @@ def test_rebuild_gives_the_same_structure_and_loads_the_weights():
     x = torch.randn(1, 12, 8, 8)
     for layer in [CPConv2d.from_dense(conv, 3, max_iter=5), TuckerConv2d.from_dense(conv, (2, 3)),
                   SVDConv2d.from_dense(conv, 4), SpatialConv2d.from_dense(conv, 4),
-                  SVDConv2d.from_dense(conv, 4, "cur", method="leverage", seed=0)]:
+                  SVDConv2d.from_dense(conv, 4, decomposition="cur", solver="leverage", seed=0)]:
         twin = rebuild(conv, layer.config())
         assert type(twin) is type(layer)
         assert {k: v.shape for k, v in twin.state_dict().items()} == {

@@ -155,7 +155,8 @@ def test_count_params_counts_tied_parameters_once():
     assert count_params(tied) == 25 + 5
 
 
-@pytest.mark.parametrize("bad", [None, [torch.ones(1, 4)], (), (torch.ones(1, 4), 3), 1.5])
+# a list of tensors is accepted as positional inputs (one reader of example_inputs everywhere)
+@pytest.mark.parametrize("bad", [None, [], (), (torch.ones(1, 4), 3), 1.5, [torch.ones(1, 4), 2]])
 def test_bad_example_inputs_is_rejected(bad):
     with pytest.raises(ValueError, match="example_inputs must be a tensor"):
         count_macs(nn.Linear(4, 2), bad)

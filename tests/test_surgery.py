@@ -47,7 +47,7 @@ def full_plan():
         "blocks.1.conv": rc.LayerPlan("tucker", (8, 6), module_type="Conv2d"),
         "blocks.2.conv": rc.LayerPlan("spatial_svd", (12,)),
         "proj": rc.LayerPlan("svd", (8,)),
-        "head.2": rc.LayerPlan("cur", (10,), options={"method": "deim"}),
+        "head.2": rc.LayerPlan("cur", (10,), options={"solver": "deim"}),
         "head.4": rc.LayerPlan("svd", (4,), module_type="Linear"),
         "stem": rc.LayerPlan.skipped("input stem"),
     }, meta={"target": "params=2x"})
@@ -67,11 +67,12 @@ def test_plan_json_round_trip_and_table():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(method="qr"), "method: expected one of svd, cur, spatial_svd, cp, tucker, skip"),
+    (dict(method="qr"), "method: expected one of svd, cur, spatial_svd, cp, cp4, cp3, tucker or "
+                        "'skip', got 'qr'"),
     (dict(method="tucker", ranks=(4,)), r"ranks: method 'tucker' expects 2 rank\(s\)"),
     (dict(method="svd", ranks=(0,)), r"expects 1 rank\(s\) >= 1, got \(0,\)"),
     (dict(method="cp", ranks=(4,), form="cp5"), "form: expected one of 'cp4', 'cp3'"),
-    (dict(method="svd", ranks=(4,), form="cp4"), "form: only method 'cp' takes a form"),
+    (dict(method="svd", ranks=(4,), form="cp4"), "form: only method.s. 'cp' take a form"),
 ])
 def test_bad_layer_plans_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -89,7 +89,7 @@ def test_pretrained_resnet20_compress_save_load_export(shared_data, tmp_path):
         "layer2.0.conv2": rc.LayerPlan("cp", (24,), form="cp3", options={"max_iter": 50}),
         "layer2.1.conv1": rc.LayerPlan("spatial_svd", (16,)),
         "layer3.0.conv1": rc.LayerPlan("svd", (24,)),
-        "layer3.1.conv2": rc.LayerPlan("cur", (32,), options={"method": "deim"}),
+        "layer3.1.conv2": rc.LayerPlan("cur", (32,), options={"solver": "deim"}),
         "linear": rc.LayerPlan("svd", (8,)),
     })
     small = rc.apply(model, plan)

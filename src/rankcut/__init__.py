@@ -9,10 +9,24 @@
     result = rc.compress(model, x, target="macs=2x", train_data=train, epochs=1)  # + fine-tuning
 
 The decompositions live in :mod:`rankcut.decompose`, the factorized layers in
-:mod:`rankcut.layers`.
+:mod:`rankcut.layers`, the registry of methods in :mod:`rankcut.methods`; ``rc.models``,
+``rc.data``, ``rc.train``, ``rc.select``, ``rc.report`` and ``rc.profile`` are there after
+``import rankcut as rc``, as ``torchvision.models`` is after ``import torchvision``.
 """
 
-from . import decompose, layers
+from . import (
+    curves,
+    data,
+    decompose,
+    defaults,
+    layers,
+    methods,
+    models,
+    profile,
+    report,
+    select,
+    train,
+)
 from .compress import CompressResult, compress, transfer
 from .export import export
 from .io import load, load_plan, save
@@ -29,13 +43,22 @@ __all__ = [
     "__version__",
     "apply",
     "compress",
+    "curves",
+    "data",
     "decompose",
+    "defaults",
     "export",
     "layers",
     "load",
     "load_plan",
+    "methods",
+    "models",
     "plan",
+    "profile",
+    "report",
     "save",
+    "select",
     "target_layers",
+    "train",
     "transfer",
 ]

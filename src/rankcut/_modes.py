@@ -1,5 +1,6 @@
-"""Running a model in eval mode for a while, leaving its train/eval flags as they were; and
-with forward hooks attached for a while (how profiling, planning and calibration watch layers)."""
+"""Running a model: reading ``example_inputs``; eval mode for a while, leaving its train/eval
+flags as they were; and with forward hooks attached for a while (how profiling, planning and
+calibration watch layers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+
+def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` (a tensor, or a tuple or list of positional tensors) as a tuple; any
+    other value is an error naming ``example_inputs``."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not (isinstance(inputs, tuple | list) and inputs
+            and all(isinstance(x, torch.Tensor) for x in inputs)):
+        raise ValueError(f"example_inputs must be a tensor or a non-empty tuple of tensors "
+                         f"(e.g. torch.rand(1, 3, 32, 32)), got {type(example_inputs).__name__}"
+                         f": {example_inputs!r:.80}")
+    return tuple(inputs)
+
+
+def batch_of(inputs: tuple[torch.Tensor, ...]) -> int:
+    """The batch size of positional inputs: the first tensor's leading dimension (1 if 0-d)."""
+    return int(inputs[0].shape[0]) if inputs[0].ndim else 1
 
 
 @contextlib.contextmanager

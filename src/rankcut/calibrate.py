@@ -8,11 +8,12 @@ exactly as the layer pads (any padding mode, "same" included). Factorizing W to 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from ._modes import hooked
 
@@ -40,6 +41,57 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, pad, mode=mode)
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def calibration_batches(calib_data, max_batches: int | None = None, *,
+                        transform: Callable | None = None, batch_size: int = 64,
+                        allow_empty: bool = False) -> Iterator:
+    """The batches of ``calib_data``, at most ``max_batches``: ``(inputs, targets)`` pairs
+    where it has labels, bare inputs where it has none (``transform``, if given, applied to the
+    inputs). ``calib_data`` is an iterable of batches (a DataLoader, a list), a Dataset, a tensor
+    of inputs or an ``(inputs, targets)`` pair of tensors (the last three cut into batches of
+    ``batch_size``). Inputs with NaN or infinite values are an error naming the batch; so are
+    no batches at all, unless ``allow_empty``."""
+    if calib_data is None:
+        raise ValueError("calib_data: expected batches of inputs or (inputs, targets), got None")
+    if isinstance(max_batches, bool) or (max_batches is not None and (
+            not isinstance(max_batches, int) or max_batches < 1)):
+        raise ValueError(f"max_batches: expected an int >= 1 or None, got {max_batches!r}")
+    if (isinstance(calib_data, tuple | list) and len(calib_data) == 2
+            and all(isinstance(t, torch.Tensor) for t in calib_data)
+            and calib_data[1].ndim == 1 and not calib_data[1].is_floating_point()
+            and len(calib_data[0]) == len(calib_data[1])):
+        x, y = calib_data
+        calib_data = [(x[i:i + batch_size], y[i:i + batch_size])
+                      for i in range(0, len(x), batch_size)]
+    elif isinstance(calib_data, torch.Tensor):
+        calib_data = list(calib_data.split(batch_size))
+    elif isinstance(calib_data, Dataset) and not isinstance(calib_data, DataLoader):
+        calib_data = DataLoader(calib_data, batch_size=batch_size)
+    elif not isinstance(calib_data, Iterable):
+        raise ValueError(f"calib_data: expected batches of inputs or (inputs, targets), got "
+                         f"a {type(calib_data).__name__}")
+    count = 0
+    for batch in calib_data:
+        if max_batches is not None and count >= max_batches:
+            return
+        if isinstance(batch, tuple | list) and len(batch) >= 2:
+            x, y = batch[0], batch[1]
+        elif isinstance(batch, torch.Tensor):
+            x, y = batch, None
+        else:
+            raise ValueError(f"calib_data: expected batches of inputs or (inputs, targets), "
+                             f"got a {type(batch).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"calib_data: batch {count}'s inputs are a {type(x).__name__}, "
+                             "expected a tensor")
+        if x.is_floating_point() and not bool(x.isfinite().all()):
+            raise ValueError(f"calib_data: batch {count} has NaN or infinite inputs")
+        x = transform(x) if transform is not None else x
+        yield x if y is None else (x, y)
+        count += 1
+    if count == 0 and not allow_empty:
+        raise ValueError("calib_data: no batches")
 
 
 def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterable, *,
@@ -77,10 +129,8 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
         hooks.append((module, hook_for(name)))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with hooked(model, hooks):
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, list | tuple) else batch
+        for batch in calibration_batches(batches, max_batches, allow_empty=True):
+            x = batch[0] if isinstance(batch, tuple) else batch
             model(x.to(device))
     missing = [n for n in names if n not in counts]
     if missing:

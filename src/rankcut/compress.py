@@ -22,17 +22,19 @@ latency-guarded plans, differ between processes), and fine-tuning runs distribut
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from .defaults import COMPRESS
 from .layers import CPConv2d, FactorizedLayer
 from .plans import Plan
 from .select import parse_target
 from .select import plan as make_plan
-from .surgery import _set_submodule, apply
+from .surgery import apply, set_submodule
 from .train import evaluate, finetune
 from .train.distributed import setup
 
@@ -66,7 +68,7 @@ def densify(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     names = [n for n, m in out.named_modules() if isinstance(m, FactorizedLayer)]
     for name in names:
-        _set_submodule(out, name, out.get_submodule(name).to_dense())
+        set_submodule(out, name, out.get_submodule(name).to_dense())
     return out
 
 
@@ -90,11 +92,13 @@ def _agreed(fn) -> Plan:
     return Plan.from_json(text)
 
 
-def compress(model: nn.Module, example_inputs, *, method: str = "auto", rank=None, target=None,
-             schedule: str = "one_shot", plan: Plan | None = None, calib_data=None,
-             max_batches: int | None = None, train_data=None, epochs: int | None = None,
-             steps: int | None = None, steps_per_layer: int | None = None, rounds: int = 3,
-             val_data=None, min_accuracy: float | None = None, distill: bool = True,
+def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method"], rank=None,
+             target=None, schedule: str = COMPRESS["schedule"], plan: Plan | None = None,
+             calib_data=None, max_batches: int | None = None, train_data=None,
+             epochs: int | None = None, steps: int | None = None,
+             steps_per_layer: int | None = None, rounds: int = COMPRESS["rounds"],
+             val_data=None, min_accuracy: float | None = None,
+             distill: bool = COMPRESS["distill"],
              transform=None, plan_options: dict | None = None,
              finetune_options: dict | None = None, progress: bool = True) -> CompressResult:
     """Compress ``model`` (left untouched) on ``schedule`` (see the module docstring).
@@ -116,7 +120,20 @@ def compress(model: nn.Module, example_inputs, *, method: str = "auto", rank=Non
             ``rank_multiple``, ``include``, ``exclude``, ``options``, ...).
         finetune_options: more keyword arguments for :func:`rankcut.train.finetune` (``lr``,
             ``batch_size``, ``optimizer``, ``checkpoint_dir``, ``log``, ...).
+
+    Both option dicts are checked against the functions they feed before any work starts. The
+    defaults are :data:`rankcut.defaults.COMPRESS`, shared with the command line.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if plan is not None and (rank is not None or target is not None):
+        raise ValueError("plan: a ready plan cannot be combined with rank= or target= (the plan "
+                         "already fixes every layer's method and ranks)")
+    _check_options(plan_options, make_plan, "plan_options",
+                   taken={"model", "example_inputs", "method", "rank", "target", "calib_data",
+                          "max_batches"})
+    _check_options(finetune_options, finetune, "finetune_options",
+                   taken={"model", "train_data", "epochs", "steps", "teacher", "transform"})
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "multistage" and (target is None or plan is not None):
@@ -135,6 +152,22 @@ def compress(model: nn.Module, example_inputs, *, method: str = "auto", rank=Non
     if schedule == "layerwise":
         return job.layerwise(plan, target, steps_per_layer, epochs, steps)
     return job.multistage(target, rounds, epochs, steps, val_data, min_accuracy)
+
+
+def _check_options(options, fn, what: str, taken: set[str]) -> None:
+    """Refuse keys of ``options`` that ``fn`` does not take, or that compress sets itself."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ValueError(f"{what}: expected a dict of keyword arguments, got "
+                         f"{type(options).__name__}")
+    accepted = set(inspect.signature(fn).parameters) - taken
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        own = [k for k in unknown if k in taken]
+        hint = (f" ({', '.join(own)}: pass to rankcut.compress itself)" if own else "")
+        raise ValueError(f"{what}: unknown keys {unknown} for {fn.__module__}.{fn.__name__}"
+                         f"{hint}; accepted: {', '.join(sorted(accepted))}")
 
 
 class _Job:
@@ -232,7 +265,7 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
     if not isinstance(old, nn.Linear):
         raise ValueError(f"head: {head!r} is a {type(old).__name__}, expected an nn.Linear")
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    _set_submodule(out, head, new.to(old.weight.device, old.weight.dtype))
+    set_submodule(out, head, new.to(old.weight.device, old.weight.dtype))
     prefix = head + "."
     return finetune(out, train_data, epochs=epochs, steps=steps, transform=transform,
                     freeze=lambda name: not name.startswith(prefix), freeze_bn_stats=True,

@@ -4,18 +4,8 @@ deciding (planners, a person editing JSON) and doing (``rankcut.apply``, ``rankc
 A :class:`Plan` is an ordered mapping from a module's qualified name to a :class:`LayerPlan`.
 It round-trips through JSON (schema ``rankcut.plan``, versioned) and prints as a table.
 
-Methods and the layers they make:
-
-==============  ===========================  ==============================================
-method          Linear / 1x1 Conv2d          Conv2d
-==============  ===========================  ==============================================
-``svd``         LowRankLinear / SVDConv2d    SVDConv2d (channel SVD of (T, S·kh·kw))
-``cur``         LowRankLinear / SVDConv2d    SVDConv2d with CUR factors
-``spatial_svd`` -                            SpatialConv2d (kh x 1 then 1 x kw)
-``cp``          -                            CPConv2d, ``form`` "cp4" (default) or "cp3"
-``tucker``      -                            TuckerConv2d, ranks (R_out, R_in)
-``skip``        left as is; ``reason`` says why
-==============  ===========================  ==============================================
+The methods a LayerPlan may name, their forms and the layers they make are the registry's
+(:mod:`rankcut.methods`); ``skip`` leaves a layer as it is, with ``reason`` saying why.
 """
 
 from __future__ import annotations
@@ -27,19 +17,23 @@ from typing import Any
 
 from torch import nn
 
+from . import methods
+
 SCHEMA = "rankcut.plan"
 SCHEMA_VERSION = 1
-METHODS = ("svd", "cur", "spatial_svd", "cp", "tucker", "skip")
-CP_FORMS = ("cp4", "cp3")
+SKIP = "skip"
 
 
 @dataclass
 class LayerPlan:
     """One layer's decision.
 
+    ``method``: a registered method (:func:`rankcut.methods.names`) or one of its forms
+    (``"cp3"`` is method ``cp`` with form ``cp3``), or ``"skip"``.
     ``ranks``: one rank, or (R_out, R_in) for ``tucker``; per group for grouped convolutions.
-    ``options``: passed to the layer's ``from_dense`` (solver options such as ``{"method":
-    "als_qr", "max_iter": 100}`` for CP or ``{"method": "deim"}`` for CUR).
+    ``options``: passed to the layer's ``from_dense``: the solver's options (``{"solver":
+    "als_qr", "max_iter": 100}`` for CP, ``{"solver": "deim"}`` for CUR) and rankcut's own
+    ``"data_aware": true`` (fit the output norm on calibration data).
     ``predicted``: what a planner expects (``params``, ``macs``, ``latency_ms``, ``error``, ...).
     ``reason``: why (a skip's reason, or the planner's rationale).
     """
@@ -53,54 +47,44 @@ class LayerPlan:
     module_type: str = ""
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         if isinstance(self.ranks, int):
             self.ranks = (self.ranks,)
-        self.ranks = tuple(int(r) for r in self.ranks)
-        if self.method == "skip":
+        if self.method == SKIP:
+            self.ranks = tuple(self.ranks)
             return
-        want = 2 if self.method == "tucker" else 1
-        if len(self.ranks) != want or any(r < 1 for r in self.ranks):
-            raise ValueError(
-                f"ranks: method {self.method!r} expects {want} rank(s) >= 1, got {self.ranks}")
-        if self.method == "cp":
-            self.form = self.form or "cp4"
-            if self.form not in CP_FORMS:
-                raise ValueError(f"form: expected one of 'cp4', 'cp3', got {self.form!r}")
-        elif self.form is not None:
-            raise ValueError(f"form: only method 'cp' takes a form, got {self.form!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options: expected a mapping, got {type(self.options).__name__}")
+        if "method" in self.options:  # plans written before the solver option was named
+            raise ValueError(f"options: the decomposition algorithm is chosen with 'solver' "
+                             f"(e.g. {{\"solver\": {self.options['method']!r}}}), not 'method'")
+        try:
+            spec, self.form = methods.resolve(self.method, self.form)
+        except ValueError as err:
+            if str(err).startswith("method:"):
+                raise ValueError(f"method: expected one of {', '.join(methods.aliases())} or "
+                                 f"'skip', got {self.method!r}") from None
+            raise
+        self.method = spec.name
+        self.ranks = spec.check_ranks(self.ranks)
 
     @classmethod
     def skipped(cls, reason: str, module_type: str = "") -> LayerPlan:
-        return cls("skip", reason=reason, module_type=module_type)
+        return cls(SKIP, reason=reason, module_type=module_type)
 
     @property
     def skip(self) -> bool:
-        return self.method == "skip"
+        return self.method == SKIP
+
+    @property
+    def spec(self) -> methods.Method:
+        """The registry's entry for this layer's method."""
+        return methods.get(self.method)
 
     def layer_config(self, module: nn.Module) -> dict[str, Any]:
         """The factorized layer's config (see ``rankcut.layers.rebuild``) for ``module``."""
-        kind = type(module).__name__
         if self.skip:
             raise ValueError("a skipped layer has no factorized config")
-        if isinstance(module, nn.Linear):
-            if self.method not in ("svd", "cur"):
-                raise ValueError(f"method {self.method!r} does not apply to Linear "
-                                 "(use 'svd' or 'cur')")
-            return {"layer": "LowRankLinear", "rank": self.ranks[0], "decomposition": self.method}
-        if not isinstance(module, nn.Conv2d):
-            raise ValueError(f"method {self.method!r} does not apply to {kind}")
-        if self.method in ("svd", "cur"):
-            return {"layer": "SVDConv2d", "rank": self.ranks[0], "decomposition": self.method}
-        if tuple(module.kernel_size) == (1, 1):
-            raise ValueError(f"method {self.method!r} does not apply to a 1x1 convolution "
-                             "(use 'svd' or 'cur')")
-        if self.method == "spatial_svd":
-            return {"layer": "SpatialConv2d", "rank": self.ranks[0]}
-        if self.method == "cp":
-            return {"layer": "CPConv2d", "rank": self.ranks[0], "form": self.form}
-        return {"layer": "TuckerConv2d", "ranks": list(self.ranks)}
+        return self.spec.config(module, self.ranks, self.form)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

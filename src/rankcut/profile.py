@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import eval_mode, hooked
+from ._modes import as_inputs, batch_of, eval_mode, hooked
 from .layers import FactorizedLayer
 
 __all__ = [
@@ -82,14 +82,7 @@ def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not (
-        isinstance(inputs, tuple) and inputs and all(isinstance(x, torch.Tensor) for x in inputs)
-    ):
-        raise ValueError(
-            f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(example_inputs).__name__}: {example_inputs!r:.80}"
-        )
+    inputs = as_inputs(example_inputs)
 
     macs: dict[str, int] = {}
 
@@ -155,15 +148,6 @@ class Latency:
                 f"{self.batch}, {self.repeats} runs, {self.threads} threads, {self.device})")
 
 
-def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not (isinstance(inputs, tuple | list) and inputs
-            and all(isinstance(x, torch.Tensor) for x in inputs)):
-        raise ValueError(f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
-                         f"{type(example_inputs).__name__}")
-    return tuple(inputs)
-
-
 def _timer(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
     device = next((p.device for p in model.parameters()), inputs[0].device)
     cuda = device.type == "cuda"
@@ -197,7 +181,7 @@ def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
     """Time ``model(*example_inputs)`` on the device of the model's parameters: ``warmup``
     untimed passes, then ``repeats`` timed ones, in eval mode under no_grad (modes restored)."""
     _check_counts(warmup, repeats)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     with eval_mode(model):
         run, device = _timer(model, inputs)
         for _ in range(warmup):
@@ -212,7 +196,7 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
     """Latencies of two modules on the same inputs, their timed passes interleaved (first,
     second, first, ...), so that a change in the machine's speed affects both alike."""
     _check_counts(warmup, repeats)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     with eval_mode(first), eval_mode(second):
         (run_a, dev_a), (run_b, dev_b) = _timer(first, inputs), _timer(second, inputs)
         for _ in range(warmup):
@@ -262,14 +246,10 @@ def layer_units(model: nn.Module) -> dict[str, nn.Module]:
     return units
 
 
-def _batch_size(inputs: tuple[torch.Tensor, ...]) -> int:
-    return int(inputs[0].shape[0]) if inputs[0].ndim else 1
-
-
 def with_batch(example_inputs, batch: int) -> tuple[torch.Tensor, ...]:
     """``example_inputs`` with ``batch`` samples along dim 0: the first ones, or the samples
     repeated in order when more are asked for than given. 0-d tensors are left alone."""
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
     out = []
@@ -282,7 +262,7 @@ def with_batch(example_inputs, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+def unit_call_args(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                    units: dict[str, nn.Module]) -> dict[str, tuple[int, tuple]]:
     """Per unit: (times called, positional arguments of its first call) in one forward pass."""
     seen: dict[str, list] = {}
@@ -419,18 +399,18 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     batches = _check_batches(batches)
     if latency:
         _check_counts(warmup, repeats)
-    user_batch = _batch_size(inputs)
+    user_batch = batch_of(inputs)
     one = with_batch(inputs, 1)
     units = layer_units(model)
 
     unit_macs = dict.fromkeys(units, 0)
     for leaf, macs in layer_macs(model, one).items():
         unit_macs[_unit_of(leaf, units)] += macs
-    first = _record_inputs(model, one, units)
+    first = unit_call_args(model, one, units)
     layers = []
     for name, unit in units.items():
         calls, args = first.get(name, (0, None))
@@ -446,7 +426,7 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
             x = with_batch(inputs, batch)
             whole[batch] = measure_latency(model, x, warmup=warmup, repeats=repeats)
             device = whole[batch].device
-            for name, (_, args) in _record_inputs(model, x, units).items():
+            for name, (_, args) in unit_call_args(model, x, units).items():
                 by_name[name].latency[batch] = measure_latency(units[name], args, warmup=warmup,
                                                                repeats=repeats)
     return Profile(layers, count_params(model), sum(unit_macs.values()), param_bytes(model),

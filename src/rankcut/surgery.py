@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from . import decompose as dec
 from .calibrate import input_second_moments
-from .layers import (
-    CPConv2d,
-    LowRankLinear,
-    SpatialConv2d,
-    SVDConv2d,
-    TuckerConv2d,
-    conv_skip_reason,
-    rebuild,
-)
+from .layers import conv_skip_reason
+from .methods import DATA_AWARE
 from .plans import LayerPlan, Plan
 
 Pattern = str | type
@@ -75,6 +66,8 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     depthwise convolution, an input stem with at most 3 input channels, or fewer than
     ``min_params`` parameters. Naming a layer exactly in ``include`` overrides the last two.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
     out: dict[str, str | None] = {}
@@ -97,49 +90,37 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
             elif params < min_params:
                 reason = f"too small ({params} parameters < min_params={min_params})"
         out[name] = reason
+    for label, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(_matches(n, model.get_submodule(n), (pattern,)) for n in out):
+                example = next(iter(out), "")
+                raise ValueError(f"{label}: {getattr(pattern, '__name__', pattern)!r} matches no "
+                                 f"Conv2d or Linear layer of the model (names look like "
+                                 f"{example!r})")
     return out
-
-
-# The methods that can be factorized in the output norm (``"data_aware": true``).
-DATA_AWARE_METHODS = ("svd", "tucker", "cp")
-
-# The decomposition function each layer type forwards its options to (for early validation).
-_SOLVERS: dict[str, Callable] = {"SpatialConv2d": dec.svd, "CPConv2d": dec.cp,
-                                 "TuckerConv2d": dec.tucker}
-
-
-def _solver_options(lp: LayerPlan) -> dict:
-    """The plan's options minus rankcut's own keys (``data_aware``)."""
-    return {k: v for k, v in lp.options.items() if k != "data_aware"}
 
 
 def factorize(module: nn.Module, lp: LayerPlan, cov=None) -> nn.Module:
     """The factorized layer ``lp`` describes, computed from ``module``'s weight (data-aware
     when ``cov``, the layer's input second moments, is given)."""
-    config = lp.layer_config(module)
-    kind = config.pop("layer")
-    options = _solver_options(lp)
-    if kind == "LowRankLinear":
-        return LowRankLinear.from_dense(module, config["rank"], config["decomposition"], cov,
-                                        **options)
-    if kind == "SVDConv2d":
-        return SVDConv2d.from_dense(module, config["rank"], config["decomposition"], cov,
-                                    **options)
-    if kind == "TuckerConv2d":
-        return TuckerConv2d.from_dense(module, tuple(config["ranks"]), cov, **options)
-    if kind == "CPConv2d":
-        return CPConv2d.from_dense(module, config["rank"], form=config["form"], cov=cov,
-                                   **options)
-    if cov is not None:
-        raise ValueError(f"data_aware: implemented for {', '.join(DATA_AWARE_METHODS)} only, "
-                         f"not {lp.method!r}")
-    return SpatialConv2d.from_dense(module, config["rank"], **options)
+    return lp.spec.from_dense(module, lp.ranks, lp.form, cov, lp.options)
+
+
+def check_weights(name: str, module: nn.Module) -> None:
+    """Refuse a layer whose weight holds NaN or infinite values, naming it."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and not bool(weight.detach().isfinite().all()):
+        bad = int((~weight.detach().isfinite()).sum())
+        raise ValueError(f"layer {name!r}: its weight has {bad} non-finite value(s) (NaN or "
+                         "inf); fix the weights or exclude the layer")
 
 
 def _check_plan(model: nn.Module, plan: Plan) -> None:
     """Reject a plan that does not fit ``model``, naming the layer, before anything changes."""
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     for name, lp in plan.active.items():
         try:
             module = model.get_submodule(name)
@@ -151,24 +132,18 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
         reason = conv_skip_reason(module) if isinstance(module, nn.Conv2d) else None
         if reason := reason or _parent_reads_weight(model, name):
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
+        if (reason := lp.spec.why_not(module)) is not None:
+            raise ValueError(f"plan layer {name!r}: {reason}")
+        check_weights(name, module)
         try:
-            config = lp.layer_config(module)
+            lp.layer_config(module)
+            lp.spec.check_options(lp.options)
         except ValueError as err:
             raise ValueError(f"plan layer {name!r}: {err}") from None
-        solver = _SOLVERS.get(config["layer"]) or (
-            dec.cur if config.get("decomposition") == "cur" else dec.svd)
-        if lp.options.get("data_aware") and lp.method not in DATA_AWARE_METHODS:
-            raise ValueError(f"plan layer {name!r}: data_aware is implemented for methods "
-                             f"{', '.join(map(repr, DATA_AWARE_METHODS))} only, not "
-                             f"{lp.method!r}")
-        try:
-            inspect.signature(solver).bind(None, None, **_solver_options(lp))
-        except TypeError as err:
-            raise ValueError(f"plan layer {name!r}: options {lp.options} do not fit "
-                             f"rankcut.decompose.{solver.__name__}: {err}") from None
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the qualified name ``name`` points in ``model``."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
@@ -184,7 +159,7 @@ def _replace(model: nn.Module, plan: Plan, make: Callable, inplace: bool,
 
         items = tqdm(items, desc="factorizing", unit="layer")
     for name, lp in items:
-        _set_submodule(target, name, make(target.get_submodule(name), lp, name=name))
+        set_submodule(target, name, make(target.get_submodule(name), lp, name=name))
     return target
 
 
@@ -197,7 +172,7 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
     error on ``calib_data`` (batches of inputs, or (inputs, targets)); their input statistics
     are collected from the dense model first (at most ``max_batches`` batches).
     """
-    aware = [n for n, lp in plan.active.items() if lp.options.get("data_aware")]
+    aware = [n for n, lp in plan.active.items() if lp.options.get(DATA_AWARE)]
     if aware and calib_data is None:
         raise ValueError(f"calib_data: the plan asks for data-aware factorization of {aware} "
                          "but no calibration data was given")
@@ -212,5 +187,5 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
 def structure(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
     """Like :func:`apply` but without decomposing: each planned layer gets the factorized
     layer's shapes with fresh weights (``rankcut.load`` then loads the saved weights)."""
-    return _replace(model, plan, lambda module, lp, name=None: rebuild(
-        module, lp.layer_config(module)), inplace)
+    return _replace(model, plan, lambda module, lp, name=None: lp.spec.structure(
+        module, lp.ranks, lp.form), inplace)

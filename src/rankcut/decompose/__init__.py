@@ -8,7 +8,7 @@ approximation (``to_matrix()`` or ``to_tensor()``) and carries the relative Frob
 from ._checks import RankClampWarning
 from .cp import CPResult, cp
 from .cur import CURResult, cur
-from .svd import SVDResult, svd
+from .svd import SVDResult, energy_rank, svd, truncation_errors
 from .tucker import TuckerResult, tucker
 from .vbmf import EVBMFResult, evbmf
 
@@ -21,7 +21,9 @@ __all__ = [
     "TuckerResult",
     "cp",
     "cur",
+    "energy_rank",
     "evbmf",
     "svd",
+    "truncation_errors",
     "tucker",
 ]

@@ -173,3 +173,26 @@ def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     B = torch.linalg.solve_triangular(L.mT, BL.mT, upper=True).mT  # B = (B L) L⁻¹
     return SVDResult(A=A.to(W.dtype), B=B.to(W.dtype), S=S.to(W.dtype), rel_error=rel_error,
                      method="whitened")
+
+
+def truncation_errors(mats: list[torch.Tensor]) -> torch.Tensor:
+    """err[r-1] = relative Frobenius error of keeping the r leading singular triplets of every
+    matrix in ``mats`` (Eckart-Young: the tail energy of the singular values), r = 1..max."""
+    tails = []
+    for M in mats:
+        s2 = torch.linalg.svdvals(M).pow(2)
+        tail = s2.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{i >= r} s_i²
+        tails.append(torch.cat([tail[1:], tail.new_zeros(1)]))
+    width = max(t.shape[0] for t in tails)
+    tails = [torch.cat([t, t.new_zeros(width - t.shape[0])]) for t in tails]
+    total = sum(M.pow(2).sum() for M in mats)
+    summed = torch.stack(tails).sum(0)
+    return (summed / total.clamp_min(1e-300)).clamp_min(0).sqrt()
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """The smallest rank whose singular values keep at least ``energy`` (a fraction) of the
+    squared total."""
+    s2 = singular_values.double().pow(2)
+    cum = s2.cumsum(0) / s2.sum().clamp_min(1e-300)
+    return int((cum < energy - 1e-12).sum()) + 1

@@ -1,14 +1,23 @@
 """Factorized nn.Modules that replace Linear and Conv2d layers.
 
-Each layer has ``from_dense(module, rank(s), **options)`` (decompose a dense layer),
+Each layer has ``from_dense(module, ranks, *, cov=None, **options)`` (decompose a dense layer;
+``options`` are the layer's own settings, ``form`` for CP and ``decomposition`` for SVD/CUR
+layers, and the decomposition's, with ``solver`` naming its algorithm),
 ``to_dense()`` (the equivalent plain layer), ``config()`` and ``like(dense, **config)`` (rebuild
 the structure from the dense layer and the config, without decomposing: how saved models load).
 """
 
 from torch import nn
 
-from .base import ConvGeometry, FactorizedLayer
-from .conv import CPConv2d, SpatialConv2d, SVDConv2d, TuckerConv2d, conv_skip_reason
+from .base import ConvGeometry, FactorizedLayer, group_matrices, weight_blocks
+from .conv import (
+    CPConv2d,
+    SpatialConv2d,
+    SVDConv2d,
+    TuckerConv2d,
+    conv_skip_reason,
+    cp_break_even,
+)
 from .costs import Cost, conv_output_hw, layer_cost
 from .linear import LowRankLinear
 
@@ -40,6 +49,9 @@ __all__ = [
     "TuckerConv2d",
     "conv_output_hw",
     "conv_skip_reason",
+    "cp_break_even",
+    "group_matrices",
     "layer_cost",
     "rebuild",
+    "weight_blocks",
 ]

@@ -129,6 +129,83 @@ def grouped_weights(weight: torch.Tensor, groups: int):
         yield g, weight[g * per_group:(g + 1) * per_group]
 
 
+# How each factorization reshapes one group's kernel (T, S, kh, kw) into the matrix it
+# truncates: channel SVD/CUR the (T, S·kh·kw) matrix, spatial SVD the (S·kh, T·kw) one, and
+# Tucker-2's input mode the (S, T·kh·kw) unfolding. One place, so that planning, layers and
+# reports truncate the same matrix.
+def channel_matrix(block: torch.Tensor) -> torch.Tensor:
+    return block.reshape(block.shape[0], -1)
+
+
+def spatial_matrix(block: torch.Tensor) -> torch.Tensor:
+    t, s, kh, kw = block.shape
+    return block.permute(1, 2, 0, 3).reshape(s * kh, t * kw)
+
+
+def input_matrix(block: torch.Tensor) -> torch.Tensor:
+    return block.transpose(0, 1).reshape(block.shape[1], -1)
+
+
+def weight_blocks(module: nn.Module, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """A Linear's weight, or a conv's weight split per group ((T/g, S/g, kh, kw) each),
+    detached and cast to ``dtype`` when given."""
+    W = module.weight.detach()
+    W = W if dtype is None else W.to(dtype)
+    if isinstance(module, nn.Linear):
+        return [W]
+    return [block for _, block in grouped_weights(W, module.groups)]
+
+
+def group_matrices(module: nn.Module, shape: str = "channel",
+                   dtype: torch.dtype | None = torch.float32) -> list[torch.Tensor]:
+    """One matrix per group (a Linear is one group): ``shape`` "channel" (channel SVD, CUR),
+    "spatial" (spatial SVD) or "input" (Tucker-2's input mode)."""
+    reshape = {"channel": channel_matrix, "spatial": spatial_matrix, "input": input_matrix}
+    if shape not in reshape:
+        raise ValueError(f"shape: expected one of {', '.join(reshape)}, got {shape!r}")
+    blocks = weight_blocks(module, dtype)
+    if isinstance(module, nn.Linear):
+        if shape != "channel":
+            raise ValueError(f"shape: a Linear layer has only the 'channel' matrix, not {shape!r}")
+        return blocks
+    return [reshape[shape](b) for b in blocks]
+
+
+def single_rank(ranks) -> int:
+    """One rank from an int or a one-element sequence (how plans store ranks)."""
+    if not isinstance(ranks, int):
+        ranks = tuple(ranks)
+        if len(ranks) != 1:
+            raise ValueError(f"ranks: expected one rank, got {ranks}")
+        ranks = ranks[0]
+    return int(ranks)
+
+
+def solver_kwargs(options: dict, decompose_fn) -> dict:
+    """A layer's solver options as keyword arguments of ``decompose_fn``: the layer calls the
+    decomposition's algorithm ``solver`` (``method`` is the compression method's name in rankcut,
+    and a decomposition's own argument name)."""
+    options = dict(options)
+    if "method" in options:
+        raise ValueError(f"method: a layer's decomposition algorithm is chosen with 'solver' "
+                         f"(e.g. solver={options['method']!r}), not 'method'")
+    if "solver" in options:
+        options["method"] = options.pop("solver")
+    return options
+
+
+def solve(decompose_fn, *args, **options):
+    """``decompose_fn(*args, **options)`` with ``solver`` for the algorithm (see
+    :func:`solver_kwargs`); its complaints about ``method`` are reported as ``solver``."""
+    try:
+        return decompose_fn(*args, **solver_kwargs(options, decompose_fn))
+    except ValueError as err:
+        text = str(err)
+        if text.startswith("method:") and "solver" in options:
+            raise ValueError("solver:" + text[len("method:"):]) from None
+        raise
+
+
 def decomposition_dtype(weight: torch.Tensor) -> torch.dtype:
     """Half-precision weights are decomposed in float32 (what linear algebra needs), cast back."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

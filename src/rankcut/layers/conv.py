@@ -23,6 +23,8 @@ The original bias goes on the last sub-layer; the other sub-layers have none.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -30,9 +32,13 @@ from .. import decompose as dec
 from .base import (
     ConvGeometry,
     FactorizedLayer,
+    channel_matrix,
     decomposition_dtype,
     grouped_weights,
     pointwise,
+    single_rank,
+    solve,
+    spatial_matrix,
 )
 
 CP_FORMS = ("cp4", "cp3")
@@ -48,6 +54,14 @@ def conv_skip_reason(conv: nn.Module) -> str | None:
         return (f"{kind}: one input channel per group, nothing to factorize across input "
                 "channels")
     return None
+
+
+def cp_break_even(geometry: ConvGeometry, form: str = "cp4") -> int:
+    """The largest CP rank (per group) whose layer has at most the dense layer's parameters."""
+    kh, kw = geometry.kernel_size
+    t, s = geometry.out_per_group, geometry.in_per_group
+    per_rank = s + t + (kh + kw if form == "cp4" else kh * kw)
+    return max(1, (t * s * kh * kw) // per_rank)
 
 
 def _channel_moment(patch_moment: torch.Tensor, channels: int) -> torch.Tensor:
@@ -171,14 +185,16 @@ class SVDConv2d(_ConvFactorized):
         return (last @ first).reshape(geo.out_channels, geo.in_per_group, *geo.kernel_size)
 
     @classmethod
-    def from_dense(cls, conv, rank, decomposition="svd", cov=None, **options):
+    def from_dense(cls, conv, ranks, *, cov=None, decomposition="svd", **options):
         """Channel SVD (``decomposition="svd"``) or CUR (``"cur"``) of each group's kernel.
 
-        ``options`` go to :func:`rankcut.decompose.svd` or :func:`rankcut.decompose.cur`; with
-        CUR the layer width is the number of columns the method picked. ``cov``: the second
-        moment of each group's unfolded input patches (a list, one per group; see
-        :mod:`rankcut.calibrate`) for the data-aware SVD that minimises the output error.
+        ``options`` go to :func:`rankcut.decompose.svd` or :func:`rankcut.decompose.cur`
+        (``solver`` names the algorithm: ``solver="deim"``); with CUR the layer width is the
+        number of columns the method picked. ``cov``: the second moment of each group's
+        unfolded input patches (a list, one per group; see :mod:`rankcut.calibrate`) for the
+        data-aware SVD that minimises the output error.
         """
+        rank = single_rank(ranks)
         geo = _check_conv(conv)
         if decomposition not in CHANNEL_DECOMPOSITIONS:
             raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
@@ -188,12 +204,12 @@ class SVDConv2d(_ConvFactorized):
         W = conv.weight.detach()
         pairs = []
         for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
-            M = Wg.reshape(geo.out_per_group, -1)
+            M = channel_matrix(Wg)
             if decomposition == "svd":
-                res = dec.svd(M, rank, cov=covs[gi], **options)
+                res = solve(dec.svd, M, rank, cov=covs[gi], **options)
                 pairs.append((res.A, res.B))
             else:
-                res = dec.cur(M, rank, **options)
+                res = solve(dec.cur, M, rank, **options)
                 pairs.append((res.C, res.U if res.R is None else res.U @ res.R))
         width = max(A.shape[1] for A, _ in pairs)
         layer = cls.like(conv, rank=width, decomposition=decomposition)
@@ -230,15 +246,18 @@ class SpatialConv2d(_ConvFactorized):
         return W.reshape(geo.out_channels, geo.in_per_group, kh, kw)
 
     @classmethod
-    def from_dense(cls, conv, rank, **options):
-        """SVD of each group's kernel reshaped to (S·kh, T·kw); ``options`` go to ``svd``."""
+    def from_dense(cls, conv, ranks, *, cov=None, **options):
+        """SVD of each group's kernel reshaped to (S·kh, T·kw); ``options`` go to ``svd``.
+        Not data-aware: ``cov`` must be None."""
+        rank = single_rank(ranks)
+        if cov is not None:
+            raise ValueError("cov: spatial SVD is not data-aware (use svd, tucker or cp)")
         geo = _check_conv(conv)
         kh, kw = geo.kernel_size
         W = conv.weight.detach()
         pairs = []
         for _, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
-            M = Wg.permute(1, 2, 0, 3).reshape(geo.in_per_group * kh, geo.out_per_group * kw)
-            res = dec.svd(M, rank, **options)
+            res = solve(dec.svd, spatial_matrix(Wg), rank, **options)
             pairs.append((res.A, res.B))
         width = pairs[0][0].shape[1]
         layer = cls.like(conv, rank=width)
@@ -295,7 +314,7 @@ class CPConv2d(_ConvFactorized):
         return W.reshape(geo.out_channels, geo.in_per_group, kh, kw)
 
     @classmethod
-    def from_dense(cls, conv, rank, form="cp4", cov=None, **options):
+    def from_dense(cls, conv, ranks, *, cov=None, form="cp4", **options):
         """CP of each group's kernel: 4-way for ``cp4``, of the (T, S, kh·kw) reshape for ``cp3``.
 
         ``options`` go to :func:`rankcut.decompose.cp` (method, init, max_iter, tol, seed). The
@@ -304,10 +323,20 @@ class CPConv2d(_ConvFactorized):
         group's unfolded input patches (as for SVDConv2d); the CP is then fitted in the output
         norm of the input channels' second moment (the patch moment averaged over the kernel
         positions; data-aware CP, see ``rankcut.decompose.cp``'s ``cov``).
+
+        A rank above :func:`cp_break_even` (where the layer would hold as many parameters as the
+        dense one) cannot save anything; it is clamped to that rank with a warning, as SVD ranks
+        are clamped to the matrix's size.
         """
+        rank = single_rank(ranks)
         geo = _check_conv(conv)
         if form not in CP_FORMS:
             raise ValueError(f"form: expected one of 'cp4', 'cp3', got {form!r}")
+        most = cp_break_even(geo, form)
+        if rank > most:
+            warnings.warn(f"rank: CP rank {rank} gives a layer larger than the dense one; "
+                          f"clamped to {most}", stacklevel=2)
+            rank = most
         kh, kw = geo.kernel_size
         W = conv.weight.detach()
         per_group = []
@@ -316,7 +345,7 @@ class CPConv2d(_ConvFactorized):
         for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
             X = Wg if form == "cp4" else Wg.reshape(geo.out_per_group, geo.in_per_group, kh * kw)
             channel = None if covs[gi] is None else _channel_moment(covs[gi], geo.in_per_group)
-            res = dec.cp(X, rank, cov=channel, **options)
+            res = solve(dec.cp, X, rank, cov=channel, **options)
             scale = res.weights.clamp_min(0) ** (1.0 / X.ndim)
             per_group.append([f * scale for f in res.factors])
             converged &= res.converged
@@ -368,7 +397,7 @@ class TuckerConv2d(_ConvFactorized):
         return W.reshape(geo.out_channels, geo.in_per_group, *geo.kernel_size)
 
     @classmethod
-    def from_dense(cls, conv, ranks, cov=None, **options):
+    def from_dense(cls, conv, ranks, *, cov=None, **options):
         """Tucker-2 (modes T and S) of each group's kernel; ``options`` go to ``tucker``.
 
         ``ranks``: (R_T, R_S), or one int for both; each is clamped, with a warning, to the
@@ -381,7 +410,7 @@ class TuckerConv2d(_ConvFactorized):
             ranks = (ranks, ranks)
         covs = _per_group(cov, geo.groups)
         W = conv.weight.detach()
-        results = [dec.tucker(Wg, tuple(ranks), modes=(0, 1), cov=covs[gi], **options)
+        results = [solve(dec.tucker, Wg, tuple(ranks), modes=(0, 1), cov=covs[gi], **options)
                    for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups)]
         layer = cls.like(conv, ranks=results[0].ranks)
         layer._fill(layer.first, torch.cat([r.factors[1].mT for r in results])[..., None, None])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import decompose as dec
-from .base import FactorizedLayer, decomposition_dtype
+from .base import FactorizedLayer, decomposition_dtype, single_rank, solve
 from .conv import CHANNEL_DECOMPOSITIONS, SVDConv2d
 
 
@@ -63,15 +63,17 @@ class LowRankLinear(FactorizedLayer):
         return dense
 
     @classmethod
-    def from_dense(cls, module, rank, decomposition="svd", cov=None, **options):
+    def from_dense(cls, module, ranks, *, cov=None, decomposition="svd", **options):
         """Factorize an ``nn.Linear`` (or a 1x1 ``nn.Conv2d``, returned as an ``SVDConv2d``).
 
         ``decomposition``: ``"svd"`` (``options`` go to :func:`rankcut.decompose.svd`) or
         ``"cur"`` (to :func:`rankcut.decompose.cur`, e.g. ``method="deim"``). ``cov``: the
         second moment of the layer's inputs, for the data-aware SVD (:mod:`rankcut.calibrate`).
         """
+        rank = single_rank(ranks)
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1):
-            return SVDConv2d.from_dense(module, rank, decomposition, cov, **options)
+            return SVDConv2d.from_dense(module, rank, cov=cov, decomposition=decomposition,
+                                        **options)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"module: expected an nn.Linear or a 1x1 nn.Conv2d, got "
                              f"{type(module).__name__}")
@@ -84,10 +86,10 @@ class LowRankLinear(FactorizedLayer):
         if isinstance(cov, list | tuple):
             (cov,) = cov
         if decomposition == "svd":
-            res = dec.svd(M, rank, cov=cov, **options)
+            res = solve(dec.svd, M, rank, cov=cov, **options)
             A, B = res.A, res.B
         else:
-            res = dec.cur(M, rank, **options)
+            res = solve(dec.cur, M, rank, **options)
             A, B = res.C, (res.U if res.R is None else res.U @ res.R)
         layer = cls.like(module, A.shape[1], decomposition)
         with torch.no_grad():

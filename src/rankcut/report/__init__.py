@@ -12,10 +12,13 @@ carries ``"schema": "rankcut.report"`` (or ``"rankcut.analysis"``) and ``"versio
 See docs/reports.md.
 """
 
+import os
+from pathlib import Path
+
 from ._analyze import Analysis, LayerAnalysis, analyze, read_analysis
 from ._common import Change, machine_info
 from ._compare import SCHEMA, SCHEMA_VERSION, LayerRow, Report, compare, read_json
-from ._plots import plot_layers, plot_sensitivity, plot_spectra, plot_sweep, write_plots
+from ._plots import plot_layers, plot_sensitivity, plot_spectra, plot_sweep
 
 __all__ = [
     "SCHEMA",
@@ -36,3 +39,26 @@ __all__ = [
     "read_json",
     "write_plots",
 ]
+
+
+def write_plots(report, out_dir: str | os.PathLike) -> list[Path]:
+    """Every plot that ``report`` has the data for, written into ``out_dir``; returns the paths.
+
+    A :class:`~rankcut.report.Report`: ``layers.png`` and, when its plan holds sensitivity
+    losses (``rankcut.select.sensitivity_plan``), ``sensitivity.png``. An
+    :class:`~rankcut.report.Analysis`: ``spectra.png``, ``costs.png`` and, with calibration
+    data, ``sensitivity.png``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(report, Analysis):
+        return report.write_plots(out)
+    if not isinstance(report, Report):
+        raise ValueError(f"report: expected a rankcut Report or Analysis, got "
+                         f"{type(report).__name__}")
+    paths = [plot_layers(report, out / "layers.png")]
+    losses = {row.name: row.predicted["sensitivity_loss"] for row in report.layers
+              if "sensitivity_loss" in row.predicted}
+    if losses:
+        paths.append(plot_sensitivity(losses, out / "sensitivity.png"))
+    return paths

@@ -13,20 +13,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from ..layers import layer_cost
-from ..plans import LayerPlan
+from .. import decompose as dec
+from .. import methods as registry
+from .._modes import as_inputs
+from ..calibrate import calibration_batches
+from ..curves import tucker_errors
+from ..layers import group_matrices
 from ..profile import (
-    _as_inputs,
-    _record_inputs,
     count_params,
     layer_macs,
     param_bytes,
     profile,
+    unit_call_args,
     with_batch,
 )
-from ..select.rules import group_matrices
 from ._common import (
     Change,
     Document,
@@ -37,7 +38,7 @@ from ._common import (
     machine_info,
     md_table,
 )
-from ._plots import _figure, _save, _short, plot_sensitivity, plot_spectra
+from ._plots import new_figure, plot_sensitivity, plot_spectra, save_figure, short_name
 
 SCHEMA = "rankcut.analysis"
 SCHEMA_VERSION = 1
@@ -213,7 +214,7 @@ class Analysis(Document):
     def plot_costs(self, path: str | os.PathLike) -> Path:
         """Each layer's share of the model's params and MACs (percent)."""
         names = [layer.name for layer in self.layers]
-        fig = _figure(6.4, max(2.5, 0.28 * len(names) + 1.2))
+        fig = new_figure(6.4, max(2.5, 0.28 * len(names) + 1.2))
         ax = fig.add_subplot()
         y = list(range(len(names)))
         p_total, m_total = max(self.totals["params"], 1), max(self.totals["macs"], 1)
@@ -221,13 +222,13 @@ class Analysis(Document):
                 label="params")
         ax.barh([i + 0.2 for i in y], [100 * la.macs / m_total for la in self.layers], 0.4,
                 label="MACs")
-        ax.set_yticks(y, [_short(n, 34) for n in names], fontsize="small")
+        ax.set_yticks(y, [short_name(n, 34) for n in names], fontsize="small")
         ax.invert_yaxis()
         ax.set_xlabel("share of the model (%)")
         ax.set_title("where the params and MACs are")
         ax.legend(fontsize="small")
         ax.grid(True, axis="x", alpha=0.3)
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     def write_plots(self, out_dir: str | os.PathLike) -> list[Path]:
         out = Path(out_dir)
@@ -256,75 +257,32 @@ def read_analysis(path: str | os.PathLike) -> Analysis:
     return Analysis.read(path)
 
 
-def _truncation_error(mats: list[torch.Tensor], rank: int) -> float:
-    """Relative Frobenius error of keeping ``rank`` singular triplets of every matrix."""
-    lost = total = 0.0
-    for M in mats:
-        s2 = torch.linalg.svdvals(M).pow(2)
-        lost += float(s2[rank:].sum())
-        total += float(s2.sum())
-    return math.sqrt(lost / total) if total > 0 else 0.0
-
-
-def _applies(module: nn.Module, method: str) -> bool:
-    if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
-        return method == "svd"
-    return True
-
-
 def _suggest(module: nn.Module, rule, method: str, shape) -> dict:
     from ..select import layer_ranks
-    from ..select.curves import tucker_errors
 
+    spec = registry.get(method)
     is_conv = isinstance(module, nn.Conv2d)
     hw = tuple(shape[-2:]) if is_conv and shape else None
     rows = max(1, math.prod(shape) // module.in_features) if not is_conv and shape else 1
     base = {"rule": str(rule), "method": method}
-    if not _applies(module, method):
-        return {**base, "note": f"{method} does not apply to a 1x1 conv or Linear"}
+    if (why := spec.why_not(module)) is not None:
+        return {**base, "note": why}
     try:
         ranks = layer_ranks(module, method, rule, form="cp4", input_hw=hw)
-        lp = LayerPlan(method, ranks, form="cp4" if method == "cp" else None)
-        cost = (layer_cost(module, lp.layer_config(module), input_hw=hw) if is_conv
-                else layer_cost(module, lp.layer_config(module), rows=rows))
+        cost = spec.cost(module, ranks, "cp4" if spec.forms else None, hw if is_conv else (rows,))
     except ValueError as err:
         return {**base, "note": str(err)}
     error = None
     if method in ("svd", "spatial_svd"):
-        error = _truncation_error(group_matrices(module, method, torch.float64), ranks[0])
+        matrices = group_matrices(module, "spatial" if method == "spatial_svd" else "channel",
+                                  torch.float64)
+        errors = dec.truncation_errors(matrices)
+        error = float(errors[min(ranks[0], len(errors)) - 1])
     elif method == "tucker":
         E = tucker_errors(module)
         error = float(E[min(ranks[0], E.shape[0]) - 1, min(ranks[1], E.shape[1]) - 1])
     return {**base, "ranks": list(ranks), "params": cost.params, "macs": cost.macs,
             "error": error}
-
-
-def _calib_batches(calib_data, transform, max_batches, batch_size: int = 64) -> list:
-    """A list of (inputs, targets) batches, or of inputs where there are no labels."""
-    if (isinstance(calib_data, tuple | list) and len(calib_data) == 2
-            and all(isinstance(t, torch.Tensor) for t in calib_data)
-            and calib_data[1].ndim == 1 and not calib_data[1].is_floating_point()
-            and len(calib_data[0]) == len(calib_data[1])):
-        x, y = calib_data
-        calib_data = [(x[i:i + batch_size], y[i:i + batch_size])
-                      for i in range(0, len(x), batch_size)]
-    elif isinstance(calib_data, Dataset) and not isinstance(calib_data, DataLoader):
-        calib_data = DataLoader(calib_data, batch_size=batch_size)
-    out = []
-    for batch in calib_data:
-        if max_batches is not None and len(out) >= max_batches:
-            break
-        if isinstance(batch, tuple | list) and len(batch) >= 2:
-            x, y = batch[0], batch[1]
-            out.append((transform(x) if transform is not None else x, y))
-        elif isinstance(batch, torch.Tensor):
-            out.append(transform(batch) if transform is not None else batch)
-        else:
-            raise ValueError(f"calib_data: expected batches of inputs or (inputs, targets), got "
-                             f"a {type(batch).__name__}")
-    if not out:
-        raise ValueError("calib_data: no batches")
-    return out
 
 
 def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.95"),
@@ -369,7 +327,7 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
     if sensitivity_method not in ANALYSIS_METHODS:
         raise ValueError(f"sensitivity_method: expected one of {', '.join(ANALYSIS_METHODS)}, "
                          f"got {sensitivity_method!r}")
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     meta = jsonable(dict(meta or {}), "meta")
 
     prof = profile(model, inputs, latency=latency, batches=batches, warmup=warmup,
@@ -378,7 +336,7 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
     modules = {name: model.get_submodule(name) for name in targets}
     one = with_batch(inputs, 1)
     macs = layer_macs(model, one)
-    seen = _record_inputs(model, one, modules)
+    seen = unit_call_args(model, one, modules)
     unit_latency = {layer.name: {str(b): lat.median_ms for b, lat in layer.latency.items()}
                     for layer in prof.layers}
 
@@ -393,26 +351,24 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
                            count_params(module), macs.get(name, 0), param_bytes(module),
                            unit_latency.get(name, {}), reason)
         if reason is None:
-            s = torch.linalg.svdvals(group_matrices(module, "svd", torch.float64)[0])
+            s = torch.linalg.svdvals(group_matrices(module, "channel", torch.float64)[0])
             la.spectrum = s.tolist()
             la.full_rank = len(s)
             la.stable_rank = float(s.pow(2).sum() / s[0].pow(2)) if float(s[0]) > 0 else 0.0
             la.suggested = [_suggest(module, rule, m, shape) for rule in rules for m in methods
-                            if _applies(module, m)]
+                            if registry.get(m).why_not(module) is None]
         layers.append(la)
 
     sensitivity: dict[str, Any] = {}
     if calib_data is not None:
-        calib = _calib_batches(calib_data, transform, max_batches)
+        calib = list(calibration_batches(calib_data, max_batches, transform=transform))
         if all(isinstance(b, tuple) for b in calib):
             dense_loss = mean_loss(model, calib, loss_fn)
             for la in layers:
                 if la.reason is not None:
                     continue
                 module = modules[la.name]
-                use = "svd" if isinstance(module, nn.Linear) else sensitivity_method
-                if use != "svd" and tuple(module.kernel_size) == (1, 1):
-                    use = "svd"
+                use = registry.variants(sensitivity_method, module)[0][0].name
                 rank = trial_rank
                 if not isinstance(trial_rank, int):
                     hw = tuple(la.input_shape[-2:]) if isinstance(module, nn.Conv2d) else None

@@ -9,16 +9,16 @@ from typing import Any
 
 from torch import nn
 
+from .._modes import as_inputs
 from ..io import layer_plan_of
 from ..layers import FactorizedLayer
 from ..plans import Plan
 from ..profile import (
-    _as_inputs,
-    _record_inputs,
     compare_latency,
     layer_units,
     measure_latency,
     profile,
+    unit_call_args,
     with_batch,
 )
 from ._common import (
@@ -330,8 +330,8 @@ def _time_units(original, compressed, units_o, units_c, inputs, batch, warmup, r
     """Per unit name: (original ms, compressed ms) of one call at ``batch``, timed interleaved
     where both models have the unit and see inputs of one shape."""
     x = with_batch(inputs, batch)
-    seen_o = _record_inputs(original, x, units_o)
-    seen_c = _record_inputs(compressed, x, units_c)
+    seen_o = unit_call_args(original, x, units_o)
+    seen_c = unit_call_args(compressed, x, units_c)
     out: dict[str, list] = {}
     for name in {*seen_o, *seen_c}:
         a, b = seen_o.get(name), seen_c.get(name)
@@ -376,7 +376,7 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     given = _check_accuracy(accuracy)
     meta = jsonable(dict(meta or {}), "meta")
     user_batch = batch_size or (int(inputs[0].shape[0]) if inputs[0].ndim else 1)

@@ -14,18 +14,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..layers import group_matrices
 from ..plans import Plan
 
 DPI = 110
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from ..atomic import atomic_path
@@ -67,7 +68,7 @@ def plot_sweep(points: Iterable, path: str | os.PathLike, *, baseline: float | N
         data.setdefault(method, []).append((ratio, acc))
     if not data:
         raise ValueError("points: expected at least one point")
-    fig = _figure(6.4, 4.2)
+    fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot()
     for method, pts in data.items():
         pts.sort()
@@ -83,13 +84,13 @@ def plot_sweep(points: Iterable, path: str | os.PathLike, *, baseline: float | N
     ax.set_title(title or "accuracy against compression")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- layers ---------------------------------------------------------------------------------
 
 
-def _short(name: str, width: int = 28) -> str:
+def short_name(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
@@ -119,7 +120,7 @@ def plot_layers(report_or_plan, path: str | os.PathLike) -> Path:
     if not names:
         raise ValueError("report_or_plan: no layers to plot")
     n = len(names)
-    fig = _figure(max(6.4, 0.32 * n + 2), 2.6 * len(panels) + 0.8)
+    fig = new_figure(max(6.4, 0.32 * n + 2), 2.6 * len(panels) + 0.8)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     x = list(range(n))
     for ax, panel in zip(axes, panels, strict=True):
@@ -160,27 +161,11 @@ def plot_layers(report_or_plan, path: str | os.PathLike) -> Path:
             ax.set_ylabel("relative error")
             ax.set_title("predicted relative error per layer")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[-1].set_xticks(x, [_short(nm) for nm in names], rotation=90, fontsize="small")
-    return _save(fig, path)
+    axes[-1].set_xticks(x, [short_name(nm) for nm in names], rotation=90, fontsize="small")
+    return save_figure(fig, path)
 
 
 # ---- spectra --------------------------------------------------------------------------------
-
-
-def channel_matrix(module: nn.Module) -> torch.Tensor:
-    """The matrix whose singular values channel SVD truncates: a Linear's weight, a conv's
-    (T, S·kh·kw) reshape (of the first group for a grouped conv)."""
-    W = module.weight.detach().float().cpu()
-    if isinstance(module, nn.Linear):
-        return W
-    t = module.out_channels // module.groups
-    return W[:t].reshape(t, -1)
-
-
-def _energy_rank(s: torch.Tensor, energy: float) -> int:
-    s2 = s.double().pow(2)
-    cum = s2.cumsum(0) / s2.sum().clamp_min(1e-300)
-    return int((cum < energy - 1e-12).sum()) + 1
 
 
 def _cut(source, rule) -> int | None:
@@ -199,7 +184,7 @@ def _cut(source, rule) -> int | None:
         return int(rule.value)
     if rule.kind == "energy":
         vals = source if source.ndim == 1 else torch.linalg.svdvals(source.double())
-        return _energy_rank(vals, rule.value)
+        return dec.energy_rank(vals, rule.value)
     if rule.kind == "vbmf" and source.ndim == 2:
         return max(1, dec.evbmf(source.double(), weakening=rule.value).rank)
     return None
@@ -239,7 +224,8 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
 
     ``model_or_layers``: a model (its layers that ``rankcut.target_layers`` finds eligible, the
     first ``max_layers``), a Conv2d/Linear, or a mapping name -> Conv2d/Linear, matrix, or 1-D
-    singular values. The spectrum is that of the channel-SVD matrix (:func:`channel_matrix`).
+    singular values. The spectrum is that of the channel-SVD matrix (of the first group for a
+    grouped conv).
     ``cuts``: rank rules (``"vbmf"``, ``"energy=0.95"``, ``64``: computed with
     ``rankcut.select.layer_ranks`` / ``rankcut.decompose.evbmf``; EVBMF needs a matrix, not bare
     singular values), or a mapping name -> {label: rank} of cuts already known.
@@ -252,12 +238,12 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
     n = len(sources)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig = _figure(3.2 * cols, 2.6 * rows + 0.4)
+    fig = new_figure(3.2 * cols, 2.6 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = ["tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
     for ax, (name, src) in zip(axes, sources.items(), strict=False):
         if isinstance(src, nn.Module):
-            s = torch.linalg.svdvals(channel_matrix(src).double())
+            s = torch.linalg.svdvals(group_matrices(src, "channel", torch.float64)[0].cpu())
         else:
             s = src if src.ndim == 1 else torch.linalg.svdvals(src.double())
             s = s.double().sort(descending=True).values
@@ -274,7 +260,7 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
             if rank is not None:
                 ax.axvline(rank, color=colors[k % len(colors)], linestyle="--", linewidth=1,
                            label=f"{label}: {rank}")
-        ax.set_title(_short(name or "layer", 34), fontsize="small")
+        ax.set_title(short_name(name or "layer", 34), fontsize="small")
         ax.set_xlabel("index", fontsize="small")
         ax.grid(True, alpha=0.3)
         if marks:
@@ -283,7 +269,7 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
         ax.set_visible(False)
     axes[0].set_ylabel(r"$\sigma_i / \sigma_1$")
     fig.suptitle("singular-value spectra (channel SVD)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- sensitivity ----------------------------------------------------------------------------
@@ -298,7 +284,7 @@ def plot_sensitivity(losses: Mapping[str, float], path: str | os.PathLike, *,
         raise ValueError("losses: expected a non-empty mapping of layer name -> loss")
     names = list(losses)
     values = [float(losses[n]) for n in names]
-    fig = _figure(6.4, max(2.5, 0.28 * len(names) + 1.2))
+    fig = new_figure(6.4, max(2.5, 0.28 * len(names) + 1.2))
     ax = fig.add_subplot()
     y = list(range(len(names)))
     ax.barh(y, values, color="tab:orange")
@@ -306,38 +292,12 @@ def plot_sensitivity(losses: Mapping[str, float], path: str | os.PathLike, *,
         ax.axvline(baseline, color="0.3", linestyle="--", linewidth=1,
                    label=f"dense loss ({baseline:.4f})")
         ax.legend(fontsize="small")
-    ax.set_yticks(y, [_short(n, 34) for n in names], fontsize="small")
+    ax.set_yticks(y, [short_name(n, 34) for n in names], fontsize="small")
     ax.invert_yaxis()
     ax.set_xlabel("loss with the layer alone factorized")
     ax.set_title(title or "layer sensitivity")
     ax.grid(True, axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- all that fit ---------------------------------------------------------------------------
-
-
-def write_plots(report, out_dir: str | os.PathLike) -> list[Path]:
-    """Every plot that ``report`` has the data for, written into ``out_dir``; returns the paths.
-
-    A :class:`~rankcut.report.Report`: ``layers.png`` and, when its plan holds sensitivity
-    losses (``rankcut.select.sensitivity_plan``), ``sensitivity.png``. An
-    :class:`~rankcut.report.Analysis`: ``spectra.png``, ``costs.png`` and, with calibration
-    data, ``sensitivity.png``.
-    """
-    from ._analyze import Analysis
-    from ._compare import Report
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(report, Analysis):
-        return report.write_plots(out)
-    if not isinstance(report, Report):
-        raise ValueError(f"report: expected a rankcut Report or Analysis, got "
-                         f"{type(report).__name__}")
-    paths = [plot_layers(report, out / "layers.png")]
-    losses = {row.name: row.predicted["sensitivity_loss"] for row in report.layers
-              if "sensitivity_loss" in row.predicted}
-    if losses:
-        paths.append(plot_sensitivity(losses, out / "sensitivity.png"))
-    return paths

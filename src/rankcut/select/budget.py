@@ -10,7 +10,7 @@ upgrades with the best damage reduction per unit cost that still fit.
 
 from __future__ import annotations
 
-from .curves import Candidate
+from ..curves import Candidate
 
 
 def _pick(frontier: list[Candidate], kind: str, price: float) -> int:

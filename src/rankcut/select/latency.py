@@ -7,7 +7,7 @@ or for a depthwise CP stage, it can be slower than the dense layer it replaces. 
 than dense by more than a noise margin; the planner then re-allocates without them.
 
 Timing uses each layer's real input shape (recorded on ``example_inputs``) and the candidate's
-structure with fresh weights (``rankcut.layers.rebuild``): the time of a forward pass does not
+structure with fresh weights (``Method.structure``): the time of a forward pass does not
 depend on the values, so no decomposition is computed to measure it.
 """
 
@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import rebuild
-from ..plans import LayerPlan
+from .. import methods
+from ..curves import Candidate
 from ..profile import compare_latency
-from .curves import Candidate
 
 
 def layer_input(module: nn.Module, shape: tuple, batch: int) -> torch.Tensor:
@@ -58,9 +57,8 @@ class LatencyGuard:
         """{"latency_ratio", "latency_ms", "dense_latency_ms"} for ``cand`` (batch-1 times)."""
         key = (name, cand.method, cand.form, cand.ranks)
         if key not in self.measured:
-            lp = LayerPlan(cand.method, cand.ranks, form=cand.form)
-            layer = rebuild(module, lp.layer_config(module)).to(module.weight.device,
-                                                                module.weight.dtype)
+            layer = methods.get(cand.method).structure(module, cand.ranks, cand.form).to(
+                module.weight.device, module.weight.dtype)
             worst, first = 0.0, None
             for batch in self.batches:
                 x = layer_input(module, shape, batch)

@@ -4,7 +4,7 @@
 2. One forward pass on ``example_inputs`` records each layer's input size (for MACs).
 3. Each eligible layer gets error-versus-cost curves for the candidate methods (``method="auto"``:
    channel SVD, spatial SVD, CP-3, CP-4 and Tucker-2 for a k x k convolution; SVD for Linear
-   and 1x1 layers), see :mod:`.curves`.
+   and 1x1 layers), see :mod:`rankcut.curves`.
 4. With a ``target`` ("macs=4x", "params=0.3"), the budget is spent across layers by
    :func:`.budget.allocate` (least total squared relative weight error); with only a ``rank`` rule,
    each layer takes the rule's ranks under the method (for ``auto``: the method with the least
@@ -19,31 +19,23 @@ import re
 import torch
 from torch import nn
 
-from .._modes import hooked
+from .. import methods
+from .._modes import as_inputs, batch_of, hooked
 from ..calibrate import input_second_moments
+from ..curves import CP_SCORING, Candidate, output_error, pareto, whitened_svd_errors
 from ..layers import layer_cost
+from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
 from ..profile import compare_latency, count_params
-from ..surgery import factorize, structure, target_layers
+from ..surgery import check_weights, structure, target_layers
 from .budget import allocate
-from .curves import (
-    CP_SCORING,
-    Candidate,
-    cp_candidate,
-    cp_curve,
-    output_error,
-    pareto,
-    spatial_curve,
-    svd_curve,
-    tucker_candidate,
-    tucker_errors,
-    whitened_svd_errors,
-)
-from .curves import tucker_curve as _tucker_curve
 from .latency import LatencyGuard, drop_slower
 from .rules import layer_ranks, parse_rank
 
-METHODS = ("auto", "svd", "spatial_svd", "cp", "cp3", "cp4", "tucker")
+
+def method_choices() -> tuple[str, ...]:
+    """What ``rc.plan(method=...)`` accepts: "auto" and every registered method and form."""
+    return ("auto", *methods.aliases())
 
 
 def parse_target(target) -> tuple[str, float]:
@@ -69,11 +61,11 @@ def parse_target(target) -> tuple[str, float]:
     return m.group(1), value
 
 
-def _record_inputs(model: nn.Module, example_inputs) -> dict[str, tuple]:
-    """Per Conv2d/Linear: the input (H, W), or the rows per sample for a Linear."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
-        example_inputs)
-    batch = inputs[0].shape[0] if inputs and inputs[0].ndim > 0 else 1
+def layer_input_shapes(model: nn.Module, example_inputs) -> dict[str, tuple]:
+    """Per Conv2d/Linear that runs on ``example_inputs``: its input (H, W), or for a Linear the
+    rows per sample (the sequence length of a transformer, 1 for a classifier)."""
+    inputs = as_inputs(example_inputs)
+    batch = batch_of(inputs)
     seen: dict[str, tuple] = {}
 
     def record(name):
@@ -92,35 +84,10 @@ def _record_inputs(model: nn.Module, example_inputs) -> dict[str, tuple]:
     return seen
 
 
-def _cost(module, shape, config=None):
+def _dense_cost(module, shape):
     if isinstance(module, nn.Conv2d):
-        return layer_cost(module, config, input_hw=shape)
-    return layer_cost(module, config, rows=shape[0])
-
-
-def _methods_for(module: nn.Module, method: str) -> list[str]:
-    if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
-        return ["svd"]
-    if method == "auto":
-        return ["svd", "spatial_svd", "cp3", "cp4", "tucker"]
-    return ["cp4" if method == "cp" else method]
-
-
-def _curve(module, method, shape, options, kind="params") -> list[Candidate]:
-    hw = shape if isinstance(module, nn.Conv2d) else None
-    if method == "svd":
-        cands = svd_curve(module, hw)
-    elif method == "spatial_svd":
-        cands = spatial_curve(module, hw)
-    elif method == "tucker":
-        cands = _tucker_curve(module, hw, kind)
-    else:
-        cands = cp_curve(module, hw, form=method, options=options.get("cp"))
-    if isinstance(module, nn.Linear):  # MACs per sample scale with the rows seen
-        rows = shape[0]
-        cands = [Candidate(c.method, c.ranks, c.form, c.params, c.macs * rows, c.error)
-                 for c in cands]
-    return cands
+        return layer_cost(module, input_hw=shape)
+    return layer_cost(module, rows=shape[0])
 
 
 def _within_rule(c: Candidate, cap: tuple[int, ...] | None) -> bool:
@@ -131,73 +98,70 @@ def _round_up(rank: int, multiple: int) -> int:
     return -(-rank // multiple) * multiple
 
 
-def _candidate_at(module, method, ranks, shape, options) -> Candidate:
-    """The candidate at exactly ``ranks`` (clamped to what the layer holds)."""
-    hw = shape if isinstance(module, nn.Conv2d) else None
-    if method in ("svd", "spatial_svd"):
-        curve = _curve(module, method, shape, options)
-        return curve[min(ranks[0], len(curve)) - 1]
-    if method == "tucker":
-        E = tucker_errors(module)
-        r_out, r_in = min(ranks[0], E.shape[0]), min(ranks[1], E.shape[1])
-        return tucker_candidate(module, (r_out, r_in), E[r_out - 1, r_in - 1], hw)
-    return cp_candidate(module, hw, ranks[0], method, options.get("cp"))
+def _solver_options(spec: methods.Method, options: dict) -> dict:
+    """The solver options a method's layers get: the registry's planning defaults (CUR plans
+    with the deterministic DEIM), overridden by the user's ``options[method]``."""
+    return {**spec.planning_options, **options.get(spec.name, {})}
 
 
-def _rescore(module, method, cands, covs, shape, options, kind, most: int = 24):
+def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
     """Candidates re-measured in the output norm on calibration statistics. SVD becomes the
     data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
     (spread over their weight-norm frontier; Tucker-2 and CP factorized data-aware) and measure
     ||(W - W~) L|| / ||W L||."""
-    if method == "svd":  # the costs stand; only the errors change, all from one spectrum
+    if spec.name == "svd":  # the costs stand; only the errors change, all from one spectrum
         errs = whitened_svd_errors(module, covs)
         return [Candidate(c.method, c.ranks, c.form, c.params, c.macs,
-                          float(errs[c.ranks[0] - 1]), {"data_aware": True}) for c in cands]
+                          float(errs[c.ranks[0] - 1]), {DATA_AWARE: True}) for c in cands]
     if len(cands) > most:
         front = pareto(cands, kind)
         step = (len(front) - 1) / (most - 1)
         cands = [front[round(i * step)] for i in range(most)]
     out = []
+    opts = _solver_options(spec, options)
+    if spec.name == "cp":  # scored with the curve's ALS budget, as in the weight norm
+        opts = {**CP_SCORING, **opts}
+    aware = spec.data_aware  # in the output norm, as the plan will apply it
     for c in cands:
-        opts = dict(options.get(c.method, {}))
-        if c.method == "cp":  # scored with the curve's ALS budget, as in the weight norm
-            opts = {**CP_SCORING, **opts}
-        lp = LayerPlan(c.method, c.ranks, form=c.form, options=opts)
-        aware = c.method in ("tucker", "cp")  # in the output norm, as the plan will apply it
-        layer = factorize(module, lp, covs if aware else None)
+        layer = spec.from_dense(module, c.ranks, c.form, covs if aware else None, opts)
         with torch.no_grad():
             approx = layer.dense_weight()
         out.append(Candidate(c.method, c.ranks, c.form, c.params, c.macs,
                              output_error(module, approx, covs),
-                             {"data_aware": True} if aware else {}))
+                             {DATA_AWARE: True} if aware else {}))
     return out
 
 
 def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multiple, options,
                       covs) -> list[Candidate]:
     """One layer's candidates: the rule's ranks exactly (no target), or every point of each
-    method's curve within the rule's ranks (with a target); rescored on data when ``covs``."""
+    method's curve within the rule's ranks (with a target); rescored on data when ``covs``.
+    Without a target, a candidate that would be no smaller than the dense layer (in params and
+    in MACs) is dropped before it is computed."""
     hw = shape if isinstance(module, nn.Conv2d) else None
+    dense = _dense_cost(module, shape)
     cands: list[Candidate] = []
-    for m in _methods_for(module, method):
+    for spec, form in methods.variants(method, module):
         ranks = None
         if rule is not None:
-            base = "cp" if m in ("cp3", "cp4") else m
             try:
-                ranks = layer_ranks(module, base, rule, form=m if base == "cp" else "cp4",
-                                    input_hw=hw)
+                ranks = layer_ranks(module, spec.name, rule, form=form or "cp4", input_hw=hw)
             except ValueError:
                 if method != "auto":
                     raise
                 continue  # energy / vbmf are not defined for CP: auto leaves CP out
             ranks = tuple(_round_up(r, rank_multiple) for r in ranks)
+        opts = _solver_options(spec, options)
         if not with_target:
-            found = [_candidate_at(module, m, ranks, shape, options)]
+            cost = spec.cost(module, ranks, form, shape)
+            if cost.params >= dense.params and cost.macs >= dense.macs:
+                continue
+            found = [spec.candidate_at(module, shape, ranks, form, opts)]
         else:
-            found = [c for c in _curve(module, m, shape, options, kind)
+            found = [c for c in spec.candidates(module, shape, form, opts, kind)
                      if all(r % rank_multiple == 0 for r in c.ranks) and _within_rule(c, ranks)]
         if covs is not None:
-            found = _rescore(module, m, found, covs, shape, options, kind)
+            found = _rescore(module, spec, found, covs, options, kind)
         cands += found
     return cands
 
@@ -231,8 +195,11 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             slower by more than ``latency_margin`` (a fraction, for timing noise) is vetoed;
             the budget is then spent elsewhere. ``True`` skips the timing.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if method not in method_choices():
+        raise ValueError(f"method: expected one of {', '.join(method_choices())}, got "
+                         f"{method!r}")
     if rank is None and target is None:
         raise ValueError("rank, target: give a rank rule, a target, or both")
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
@@ -241,11 +208,14 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     kind, fraction = parse_target(target) if target is not None else (None, None)
     cost_kind = "macs" if kind == "latency" else kind  # what the allocation spends
     options = dict(options or {})
-    guard = None if allow_slower else LatencyGuard((1, _batch_of(example_inputs)),
-                                                   margin=latency_margin)
+    inputs = as_inputs(example_inputs)
+    guard = None if allow_slower else LatencyGuard((1, batch_of(inputs)), margin=latency_margin)
 
     eligible = target_layers(model, include, exclude, min_params=min_params)
-    shapes = _record_inputs(model, example_inputs)
+    for name, reason in eligible.items():
+        if reason is None:
+            check_weights(name, model.get_submodule(name))
+    shapes = layer_input_shapes(model, inputs)
     covs = {}
     if calib_data is not None:
         names = [n for n, r in eligible.items() if r is None and n in shapes]
@@ -263,10 +233,15 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         shape = shapes[name]
         cands = _layer_candidates(module, shape, method, rule, target is not None, cost_kind,
                                   rank_multiple, options, covs.get(name))
-        dense_cost = _cost(module, shape)
+        dense_cost = _dense_cost(module, shape)
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
 
+    if target is not None and not layers:
+        why = sorted({r for r in (lp.reason for lp in result.values()) if r})
+        raise ValueError("target: nothing to factorize: " + (
+            f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
+            else "the model has no Conv2d or Linear layer"))
     choose = _Chooser(layers, cost_kind, guard)
     if target is None:
         chosen = choose(None)
@@ -274,7 +249,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         fixed = {"params": count_params(model), "macs": 0}
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
-                fixed["macs"] += _cost(module, shapes[name]).macs
+                fixed["macs"] += _dense_cost(module, shapes[name]).macs
         fixed[cost_kind] -= sum(layer.dense.cost(cost_kind) for layer in layers.values())
         choose.fixed = fixed[cost_kind]
         whole = fixed[cost_kind] + sum(layer.dense.cost(cost_kind) for layer in layers.values())
@@ -291,11 +266,6 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         result.meta["latency_guard"] = {**guard.settings(), "vetoed": choose.vetoed}
     _summarise(result, model, shapes)
     return result
-
-
-def _batch_of(example_inputs) -> int:
-    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-    return int(first.shape[0]) if first.ndim else 1
 
 
 class _Layer:
@@ -339,11 +309,7 @@ class _Chooser:
                 return chosen
             for n, c in slow:
                 self.layers[n].cands = drop_slower(self.layers[n].cands, c)
-                self.vetoed.setdefault(n, []).append(_describe(c))
-
-
-def _describe(c: Candidate) -> str:
-    return f"{c.method}{'/' + c.form if c.form else ''} at {','.join(map(str, c.ranks))}"
+                self.vetoed.setdefault(n, []).append(c.describe())
 
 
 def _meet_latency(model, example_inputs, result, choose, whole, fraction, options):
@@ -393,18 +359,21 @@ def _fill(result: Plan, chosen: dict[str, Candidate], layers: dict[str, _Layer],
         if not layer.cands and guard is not None:
             why = "kept dense: every factorization was measured slower than dense"
         elif not layer.cands:
-            why = "kept dense: no candidate within the rank rule"
+            why = ("kept dense: no candidate within the rank rule smaller than the dense "
+                   "layer")
         else:
             why = "kept dense: the budget does less damage elsewhere"
         result[name] = LayerPlan.skipped(why, module_type)
 
 
 def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
-    opts = dict(options.get(c.method, {}))
-    if c.extra.get("data_aware"):
-        opts["data_aware"] = True
-    return c.layer_plan(options=opts, module_type=type(module).__name__,
-                        reason=f"{_describe(c)}: predicted error {c.error:.3f}")
+    opts = _solver_options(methods.get(c.method), options)
+    if c.extra.get(DATA_AWARE):
+        opts[DATA_AWARE] = True
+    return LayerPlan(c.method, c.ranks, form=c.form, options=opts,
+                     predicted={"params": c.params, "macs": c.macs, "error": c.error, **c.extra},
+                     module_type=type(module).__name__,
+                     reason=f"{c.describe()}: predicted error {c.error:.3f}")
 
 
 def _summarise(result: Plan, model: nn.Module, shapes) -> None:
@@ -414,10 +383,10 @@ def _summarise(result: Plan, model: nn.Module, shapes) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear) or name not in shapes:
             continue
-        dense = _cost(module, shapes[name])
+        dense = _dense_cost(module, shapes[name])
         lp = result.layers.get(name)
-        new = dense if lp is None or lp.skip else _cost(module, shapes[name],
-                                                         lp.layer_config(module))
+        new = dense if lp is None or lp.skip else lp.spec.cost(module, lp.ranks, lp.form,
+                                                               shapes[name])
         before["macs"] += dense.macs
         after["macs"] += new.macs
         after["params"] += new.params - dense.params

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .. import decompose as dec
-from ..layers import layer_cost
-from ..plans import LayerPlan
+from .. import methods
+from ..layers import group_matrices, layer_cost
 
 KINDS = ("fixed", "params", "macs", "energy", "vbmf")
 SPEC_HELP = ("an int >= 1, 'vbmf', 'vbmf=W' (0 <= W <= 1), 'energy=E' (0 < E <= 1), "
@@ -88,30 +88,9 @@ def parse_rank(spec) -> RankRule:
     return RankRule(kind, value)
 
 
-def group_matrices(module: nn.Module, method: str,
-                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """The matrices channel SVD (or spatial SVD) truncates, whose spectra decide the rank: one
-    per group (a Linear is one group)."""
-    W = module.weight.detach().to(dtype)
-    if isinstance(module, nn.Linear):
-        return [W]
-    g = module.groups
-    t = module.out_channels // g
-    blocks = [W[i * t:(i + 1) * t] for i in range(g)]
-    if method == "spatial_svd":
-        return [b.permute(1, 2, 0, 3).reshape(b.shape[1] * b.shape[2], -1) for b in blocks]
-    return [b.reshape(t, -1) for b in blocks]
-
-
-def _energy_rank(M: torch.Tensor, energy: float) -> int:
-    s2 = torch.linalg.svdvals(M).double().pow(2)
-    cum = s2.cumsum(0) / s2.sum().clamp_min(1e-300)
-    return int((cum < energy - 1e-12).sum()) + 1
-
-
 def _spectral_rank(M: torch.Tensor, rule: RankRule) -> int:
     if rule.kind == "energy":
-        return _energy_rank(M, rule.value)
+        return dec.energy_rank(torch.linalg.svdvals(M), rule.value)
     return max(1, dec.evbmf(M, weakening=rule.value).rank)
 
 
@@ -147,12 +126,11 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
             raise ValueError(f"rank: {rule} is not defined for CP (no singular values); use a "
                              "fixed rank, 'params=F' or 'macs=F'")
         if method == "tucker":
-            W = module.weight.detach().float()
-            blocks = [W[i * t:(i + 1) * t] for i in range(g)]
-            r_out = max(_spectral_rank(b.reshape(t, -1), rule) for b in blocks)
-            r_in = max(_spectral_rank(b.transpose(0, 1).reshape(s, -1), rule) for b in blocks)
+            r_out = max(_spectral_rank(M, rule) for M in group_matrices(module, "channel"))
+            r_in = max(_spectral_rank(M, rule) for M in group_matrices(module, "input"))
             return (r_out, r_in)
-        return (max(_spectral_rank(M, rule) for M in group_matrices(module, method)),)
+        shape = "spatial" if method == "spatial_svd" else "channel"
+        return (max(_spectral_rank(M, rule) for M in group_matrices(module, shape)),)
 
     # params / macs fractions
     if rule.kind == "params" and method == "cp":
@@ -162,13 +140,13 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
         raise ValueError("input_hw: the 'macs=' rule needs the convolution's input size")
     budget = rule.value * getattr(layer_cost(module, input_hw=input_hw), rule.kind)
 
-    def cost(ranks):
-        lp = LayerPlan(method, ranks, form=form if method == "cp" else None)
-        return getattr(layer_cost(module, lp.layer_config(module), input_hw=input_hw), rule.kind)
+    spec, form = methods.resolve(method, form if method == "cp" else None)
 
-    if method == "tucker":
+    def cost(ranks):
+        return getattr(spec.cost(module, ranks, form, input_hw if is_conv else (1,)),
+                       rule.kind)
+
+    if spec.n_ranks == 2:
         r_out = _largest_within(budget, lambda r: cost((r, max(1, round(r * s / t)))), t)
         return (r_out, max(1, round(r_out * s / t)))
-    upper = {"svd": min(t, s * kh * kw), "cur": min(t, s * kh * kw),
-             "spatial_svd": min(s * kh, t * kw)}.get(method, t * s * kh * kw)
-    return (_largest_within(budget, lambda r: cost((r,)), upper),)
+    return (_largest_within(budget, lambda r: cost((r,)), spec.max_rank(module, form)[0]),)

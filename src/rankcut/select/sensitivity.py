@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .. import methods
 from .._modes import eval_mode
 from ..plans import LayerPlan, Plan
 from ..surgery import apply
@@ -65,6 +66,17 @@ def mean_loss(model: nn.Module, batches: Iterable, loss_fn: Callable) -> float:
     return total / count
 
 
+def _uniform(module: nn.Module, method: str, rank: int, form, options, **fields) -> LayerPlan:
+    """``method`` at ``rank`` (every rank of the method) for ``module``; a layer the method does
+    not apply to (a Linear under CP) gets the registry's fallback, channel SVD, without the
+    method's options."""
+    spec, default_form = methods.variants(method, module)[0]
+    asked = methods.resolve(method)[0]
+    return LayerPlan(spec.name, (rank,) * spec.n_ranks,
+                     form=(form or default_form) if spec.forms else None,
+                     options=dict(options or {}) if spec is asked else {}, **fields)
+
+
 def layer_sensitivities(model: nn.Module, names: Sequence[str], batches: Sequence,
                         loss_fn: Callable = nn.functional.cross_entropy, *,
                         method: str = "cp", trial_rank: int = 5, form: str | None = None,
@@ -73,10 +85,7 @@ def layer_sensitivities(model: nn.Module, names: Sequence[str], batches: Sequenc
     dense). Linear layers use SVD whatever ``method`` is (a CP of a matrix is its SVD)."""
     losses = {}
     for name in names:
-        module = model.get_submodule(name)
-        use = "svd" if isinstance(module, nn.Linear) else method
-        lp = LayerPlan(use, (trial_rank, trial_rank) if use == "tucker" else (trial_rank,),
-                       form=(form or "cp4") if use == "cp" else None, options=dict(options or {}))
+        lp = _uniform(model.get_submodule(name), method, trial_rank, form, options)
         losses[name] = mean_loss(apply(model, Plan({name: lp})), batches, loss_fn)
     return losses
 
@@ -94,10 +103,8 @@ def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence, 
     plan = Plan(meta={"rank": f"sensitivity total={total} lam={lam} trial_rank={trial_rank}"})
     for name, rank, size in zip(names, ranks, sizes, strict=True):
         module = model.get_submodule(name)
-        use = "svd" if isinstance(module, nn.Linear) else method
-        plan[name] = LayerPlan(
-            use, (rank, rank) if use == "tucker" else (rank,),
-            form=(form or "cp4") if use == "cp" else None, options=dict(options or {}),
+        plan[name] = _uniform(
+            module, method, rank, form, options,
             predicted={"sensitivity_loss": losses[name], "dense_params": size},
             reason=f"sensitivity: loss {losses[name]:.4f} at trial rank {trial_rank}",
             module_type=type(module).__name__)

@@ -1,0 +1,224 @@
+"""Error-versus-cost curves of one layer under each factorization, computed cheaply.
+
+A :class:`Candidate` is one way to replace a layer (method, ranks, form) with its predicted
+params, MACs and relative weight error ||W - W~||_F / ||W||_F. The curves come from one
+decomposition per layer and method wherever the mathematics allows:
+
+- channel SVD and spatial SVD: the tail energy of the singular values gives the error of every
+  rank at once (Eckart-Young);
+- Tucker-2: with U_T, U_S the full eigenbases of the mode-T and mode-S Gram matrices and
+  G = W ×_T U_Tᵀ ×_S U_Sᵀ, truncated HOSVD at (r_T, r_S) keeps G[:r_T, :r_S], so a 2-D cumulative
+  sum of the squared core gives the error of every rank pair (HOOI, used to build the layer,
+  can only do better);
+- CP and CUR: the decomposition at a handful of ranks (no closed form).
+
+Each method of the registry (:mod:`rankcut.methods`) names its ``curve_fn`` and ``at_fn``
+here; both take the :class:`~rankcut.methods.Method` itself first, which prices a candidate
+(``method.cost``), so no layer configuration is spelled out twice. ``shape`` is a layer's
+recorded input: (H, W) for a Conv2d, (rows per sample,) for a Linear.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import decompose as dec
+from .decompose.svd import truncation_errors, whitening_factor
+from .layers import group_matrices, weight_blocks
+from .layers.base import solve
+
+# CP-ALS settings for scoring candidates: enough to rank them; the planned layer gets the full run
+CP_SCORING = {"max_iter": 50, "tol": 1e-5}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str  # "dense" or a registry name ("svd", "cur", "spatial_svd", "cp", "tucker")
+    ranks: tuple[int, ...]
+    form: str | None
+    params: int
+    macs: int
+    error: float  # relative weight (or output) error; 0 for dense
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def cost(self, kind: str) -> int:
+        return self.params if kind == "params" else self.macs
+
+    def describe(self) -> str:
+        """``"cp/cp4 at 8"``: how reasons and vetoes name a candidate."""
+        return f"{self.method}{'/' + self.form if self.form else ''} at " \
+               f"{','.join(map(str, self.ranks))}"
+
+
+def priced(method, module, shape, ranks, form, error, extra=None) -> Candidate:
+    """The candidate ``method`` at ``ranks``, priced by the method's layer."""
+    cost = method.cost(module, ranks, form, shape)
+    return Candidate(method.name, tuple(ranks), form, cost.params, cost.macs, float(error),
+                     dict(extra or {}))
+
+
+def geometric_ranks(top: int, n: int = 8) -> list[int]:
+    """``n`` ranks spaced geometrically from 1 to ``top`` (fewer when they coincide)."""
+    return sorted({max(1, round(top ** (i / (n - 1)))) for i in range(n)})
+
+
+# ------------------------------------------------------------------------- SVD and spatial SVD
+
+def _spectral_curve(method, module, shape, matrices: str) -> list[Candidate]:
+    errs = truncation_errors(group_matrices(module, matrices, torch.float64))
+    return [priced(method, module, shape, (r,), None, errs[r - 1])
+            for r in range(1, len(errs) + 1)]
+
+
+def svd_curve(method, module, shape, form=None, options=None, kind="params"):
+    """Channel SVD at every rank."""
+    return _spectral_curve(method, module, shape, "channel")
+
+
+def spatial_curve(method, module, shape, form=None, options=None, kind="params"):
+    """Spatial SVD at every rank."""
+    return _spectral_curve(method, module, shape, "spatial")
+
+
+def from_curve_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
+    """The curve's candidate at ``ranks[0]`` (clamped to the full rank)."""
+    curve = method.candidates(module, shape, form, options)
+    return curve[min(ranks[0], len(curve)) - 1]
+
+
+# -------------------------------------------------------------------------------- Tucker-2
+
+def tucker_errors(module: nn.Conv2d) -> torch.Tensor:
+    """E[r_T-1, r_S-1] = relative error of truncated HOSVD at (r_T, r_S), all groups alike."""
+    kept = None
+    total = 0.0
+    for W in weight_blocks(module, torch.float64):
+        t, s = W.shape[:2]
+        _, Ut = torch.linalg.eigh(W.reshape(t, -1) @ W.reshape(t, -1).mT)
+        Ws = W.transpose(0, 1).reshape(s, -1)
+        _, Us = torch.linalg.eigh(Ws @ Ws.mT)
+        Ut, Us = Ut.flip(1), Us.flip(1)  # leading directions first
+        core = torch.einsum("ta,tsij,sb->abij", Ut, W, Us)
+        energy = core.pow(2).sum((2, 3)).cumsum(0).cumsum(1)
+        kept = energy if kept is None else kept + energy
+        total += float(W.pow(2).sum())
+    return ((total - kept) / max(total, 1e-300)).clamp_min(0).sqrt()
+
+
+def tucker_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
+    E = tucker_errors(module)
+    r_out, r_in = min(ranks[0], E.shape[0]), min(ranks[1], E.shape[1])
+    return priced(method, module, shape, (r_out, r_in), None, E[r_out - 1, r_in - 1])
+
+
+def tucker_curve(method, module, shape, form=None, options=None, kind="params"):
+    """The Pareto frontier (on ``kind``) of Tucker-2 over every rank pair (r_T, r_S).
+
+    A Tucker-2 layer's params and MACs are bilinear in the ranks, a·r_S + b·r_T·r_S + c·r_T + d,
+    so four priced configurations give the coefficients and every pair is priced at once.
+    """
+    E = tucker_errors(module)
+    t, s = E.shape
+
+    def price(r_t, r_s):
+        return getattr(method.cost(module, (r_t, r_s), None, shape), kind)
+
+    c11, c21, c12, c22 = price(1, 1), price(2, 1), price(1, 2), price(2, 2)
+    b = c22 - c21 - c12 + c11
+    c, a = c21 - c11 - b, c12 - c11 - b
+    d = c11 - a - b - c
+    r_t = torch.arange(1, t + 1, dtype=torch.float64)[:, None]
+    r_s = torch.arange(1, s + 1, dtype=torch.float64)[None, :]
+    cost = (a * r_s + b * r_t * r_s + c * r_t + d).flatten()
+    order = torch.argsort(cost * (1 + 1e-12) + E.flatten() * 1e-30, stable=True)
+    best = torch.cummin(E.flatten()[order], 0).values
+    improves = torch.cat([torch.tensor([True]), best[1:] < best[:-1] - 1e-12])
+    keep = order[improves & (E.flatten()[order] <= best + 1e-15)]
+    return [priced(method, module, shape, (int(i) // s + 1, int(i) % s + 1), None,
+                   E.flatten()[i]) for i in keep.tolist()]
+
+
+# -------------------------------------------------------------------------------------- CP
+
+def cp_at(method, module, shape, ranks, form="cp4", options=None) -> Candidate:
+    """CP-ALS of every group at ``ranks[0]``; the error is measured, not predicted."""
+    rank = ranks[0]
+    opts = {**CP_SCORING, **(options or {})}
+    lost = total = 0.0
+    for W in weight_blocks(module, torch.float64):
+        t, s, kh, kw = W.shape
+        X = W.float() if form == "cp4" else W.float().reshape(t, s, kh * kw)
+        res = solve(dec.cp, X, rank, **opts)
+        energy = float(W.pow(2).sum())
+        lost += res.rel_error**2 * energy
+        total += energy
+    return priced(method, module, shape, (rank,), form, math.sqrt(lost / max(total, 1e-300)))
+
+
+def cp_curve(method, module, shape, form="cp4", options=None, kind="params", n_ranks: int = 8):
+    """CP-ALS at ``n_ranks`` ranks spaced geometrically up to the rank whose layer has half the
+    dense layer's parameters (beyond that CP rarely pays)."""
+    top = max(1, method.max_rank(module, form)[0] // 2)
+    return [cp_at(method, module, shape, (r,), form, options)
+            for r in geometric_ranks(top, n_ranks)]
+
+
+# ------------------------------------------------------------------------------------- CUR
+
+def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
+    """CUR of every group's channel matrix at ``ranks[0]`` (the width is the number of columns
+    picked, the widest group's); the error is measured."""
+    lost = total = 0.0
+    width = 0
+    for M in group_matrices(module, "channel", torch.float64):
+        res = solve(dec.cur, M, ranks[0], **(options or {}))
+        energy = float(M.pow(2).sum())
+        lost += res.rel_error**2 * energy
+        total += energy
+        width = max(width, res.C.shape[1])
+    return priced(method, module, shape, (width,), None, math.sqrt(lost / max(total, 1e-300)))
+
+
+def cur_curve(method, module, shape, form=None, options=None, kind="params", n_ranks: int = 8):
+    """CUR at ``n_ranks`` ranks spaced geometrically up to the full rank."""
+    cands = {}
+    for r in geometric_ranks(method.max_rank(module)[0], n_ranks):
+        c = cur_at(method, module, shape, (r,), form, options)
+        cands.setdefault(c.ranks, c)
+    return list(cands.values())
+
+
+# ------------------------------------------------------------------------- scoring helpers
+
+def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
+    """The candidates not beaten on both cost and error, cheapest first."""
+    out: list[Candidate] = []
+    for c in sorted(cands, key=lambda c: (c.cost(kind), c.error)):
+        if not out or c.error < out[-1].error - 1e-12:
+            out.append(c)
+    return out
+
+
+def whitened_svd_errors(module: nn.Module, covs: list[torch.Tensor]) -> torch.Tensor:
+    """err[r-1] = output-norm error ||(W - W~) L|| / ||W L|| of data-aware channel SVD at rank r
+    (every group at rank r), L the whitening factor of each group's input second moment."""
+    mats = [M @ whitening_factor(c, device=M.device)
+            for M, c in zip(group_matrices(module, "channel", torch.float64), covs, strict=True)]
+    return truncation_errors(mats)
+
+
+def output_error(module: nn.Module, approx: torch.Tensor, covs: list[torch.Tensor]) -> float:
+    """||(W - W~) L|| / ||W L|| over the groups, for the dense weight W and an approximation."""
+    lost = kept = 0.0
+    t = approx.shape[0] // len(covs)
+    for g, (W, C) in enumerate(zip(weight_blocks(module, torch.float64), covs, strict=True)):
+        D = (W - approx[g * t:(g + 1) * t].double()).reshape(t, -1)
+        Wm = W.reshape(t, -1)
+        C = C.to(W.device)
+        lost += float(((D @ C) * D).sum())
+        kept += float(((Wm @ C) * Wm).sum())
+    return math.sqrt(max(lost, 0.0) / max(kept, 1e-300))

@@ -1,0 +1,312 @@
+"""The factorization methods rankcut knows, each declared once.
+
+A :class:`Method` says everything rankcut needs about one way of factorizing a layer: its name
+and forms, the factorized layer class it builds for a Linear and for a Conv2d, which layers it
+applies to, the :mod:`rankcut.decompose` function its solver options go to, whether it has a
+data-aware solver, whether ``method="auto"`` considers it, and how its error/cost curve is made
+(:mod:`rankcut.curves`). Plans (:mod:`rankcut.plans`), ``apply``/``structure``
+(:mod:`rankcut.surgery`), ``save``/``load`` (:mod:`rankcut.io`), the planner, the reports and
+the command line all read this table; none keeps its own list of methods.
+
+==============  ========================  =================  =====  ==========  ====
+method          Linear / 1x1 Conv2d       k x k Conv2d       forms  data-aware  auto
+==============  ========================  =================  =====  ==========  ====
+``svd``         LowRankLinear/SVDConv2d   SVDConv2d          -      yes         yes
+``cur``         LowRankLinear/SVDConv2d   SVDConv2d          -      no          no
+``spatial_svd`` -                         SpatialConv2d      -      no          yes
+``cp``          -                         CPConv2d           cp4,   yes         yes
+                                                             cp3
+``tucker``      -                         TuckerConv2d       -      yes         yes
+==============  ========================  =================  =====  ==========  ====
+
+A form is also a name: ``"cp3"`` means ``cp`` with form ``cp3`` (:func:`resolve`). CUR is not an
+``auto`` candidate: at equal width its error is never below the truncated SVD's (Eckart-Young),
+so ``auto`` would never choose it and scoring it would only cost time; ask for it by name when
+you want a layer made of actual rows and columns of the weight.
+
+Adding a method (say ``"tt"``): (1) the decomposition in ``rankcut/decompose/``; (2) the layer
+class in ``rankcut/layers/`` with ``from_dense(dense, ranks, *, cov=None, **options)``,
+``like``, ``config`` and ``dense_weight``, its cost in ``layers/costs.py``; (3) its curve in
+``rankcut/curves.py``; (4) one ``register(Method(...))`` below. Plans, apply, save/load, the
+planner, reports and the CLI then know it; ``tests/test_methods.py`` checks every registered
+method end to end.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from torch import nn
+
+from . import curves
+from . import decompose as dec
+from .layers import (
+    CPConv2d,
+    FactorizedLayer,
+    LowRankLinear,
+    SpatialConv2d,
+    SVDConv2d,
+    TuckerConv2d,
+    conv_skip_reason,
+    cp_break_even,
+    layer_cost,
+    rebuild,
+)
+from .layers.base import ConvGeometry, solver_kwargs
+from .layers.costs import Cost
+
+# The option key that is rankcut's own (fit in the output norm), not the solver's.
+DATA_AWARE = "data_aware"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One factorization method. See the module docstring for the table of methods."""
+
+    name: str
+    summary: str
+    conv: type[FactorizedLayer] | None  # the layer it builds for an nn.Conv2d
+    linear: type[FactorizedLayer] | None  # ... for an nn.Linear
+    solver: Callable  # the rankcut.decompose function that the layer's options go to
+    curve_fn: Callable  # (method, module, shape, form, options, kind) -> [Candidate]
+    at_fn: Callable  # (method, module, shape, ranks, form, options) -> Candidate
+    n_ranks: int = 1  # how many ranks a plan gives (Tucker-2: (R_out, R_in))
+    forms: tuple[str, ...] = ()  # the first is the default
+    kxk_only: bool = False  # needs a spatial kernel larger than 1x1
+    data_aware: bool = False  # has a solver that fits the output norm on calibration data
+    auto: bool = False  # a candidate of method="auto"
+    layer_options: Mapping = field(default_factory=dict)  # fixed layer settings
+    planning_options: Mapping = field(default_factory=dict)  # solver options plans default to
+    paper: str = ""
+
+    # ------------------------------------------------------------------ what it applies to
+    def why_not(self, module: nn.Module) -> str | None:
+        """Why this method cannot factorize ``module``, or None if it can."""
+        if isinstance(module, nn.Linear):
+            return None if self.linear is not None else (
+                f"method {self.name!r} does not apply to Linear (use {_names_for('linear')})")
+        if not isinstance(module, nn.Conv2d):
+            return f"method {self.name!r} does not apply to {type(module).__name__}"
+        if self.kxk_only and tuple(module.kernel_size) == (1, 1):
+            return (f"method {self.name!r} does not apply to a 1x1 convolution (use "
+                    f"{_names_for('pointwise')})")
+        return conv_skip_reason(module)
+
+    def _not_data_aware(self) -> str:
+        return (f"data_aware is implemented for methods {_names_for('data_aware')} only, not "
+                f"{self.name!r}")
+
+    def layer_class(self, module: nn.Module) -> type[FactorizedLayer]:
+        reason = self.why_not(module)
+        if reason is not None:
+            raise ValueError(reason)
+        return self.linear if isinstance(module, nn.Linear) else self.conv
+
+    # ------------------------------------------------------------------------ its settings
+    def check_form(self, form: str | None) -> str | None:
+        if not self.forms:
+            if form is not None:
+                raise ValueError(f"form: only method(s) {_names_with_forms()} take a form, "
+                                 f"got {form!r} for {self.name!r}")
+            return None
+        form = form or self.forms[0]
+        if form not in self.forms:
+            raise ValueError(f"form: expected one of {', '.join(map(repr, self.forms))}, got "
+                             f"{form!r}")
+        return form
+
+    def check_ranks(self, ranks) -> tuple[int, ...]:
+        ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+        if (len(ranks) != self.n_ranks or any(isinstance(r, bool) for r in ranks)
+                or any(int(r) != r or r < 1 for r in ranks)):
+            raise ValueError(f"ranks: method {self.name!r} expects {self.n_ranks} rank(s) >= 1, "
+                             f"got {ranks}")
+        return tuple(int(r) for r in ranks)
+
+    def check_options(self, options: Mapping) -> None:
+        """Refuse solver options that :attr:`solver` does not take (before any work)."""
+        opts = {k: v for k, v in options.items() if k != DATA_AWARE}
+        if options.get(DATA_AWARE) and not self.data_aware:
+            raise ValueError(self._not_data_aware())
+        try:
+            inspect.signature(self.solver).bind(None, None, **solver_kwargs(opts, self.solver))
+        except TypeError as err:
+            raise ValueError(f"options {dict(options)} do not fit rankcut.decompose."
+                             f"{self.solver.__name__}: {err}") from None
+
+    def max_rank(self, module: nn.Module, form: str | None = None) -> tuple[int, ...]:
+        """The largest ranks worth asking for: a full factorization (SVD, CUR, spatial SVD,
+        Tucker-2), or for CP the rank whose layer has as many parameters as the dense one."""
+        if isinstance(module, nn.Linear):
+            return (min(module.in_features, module.out_features),)
+        geo = ConvGeometry.of(module)
+        t, s = geo.out_per_group, geo.in_per_group
+        kh, kw = geo.kernel_size
+        if self.conv is TuckerConv2d:
+            return (t, s)
+        if self.conv is CPConv2d:
+            return (cp_break_even(geo, self.check_form(form)),)
+        if self.conv is SpatialConv2d:
+            return (min(s * kh, t * kw),)
+        return (min(t, s * kh * kw),)
+
+    # ---------------------------------------------------------------------- its layer
+    def config(self, module: nn.Module, ranks, form: str | None = None) -> dict:
+        """The factorized layer's config (``layer.config()``; see ``rankcut.layers.rebuild``)."""
+        cls = self.layer_class(module)
+        ranks = self.check_ranks(ranks)
+        out = {"layer": cls.__name__}
+        out.update({"ranks": list(ranks)} if self.n_ranks > 1 else {"rank": ranks[0]})
+        if self.forms:
+            out["form"] = self.check_form(form)
+        out.update(self.layer_options)
+        return out
+
+    def cost(self, module: nn.Module, ranks, form: str | None, shape) -> Cost:
+        """Params and MACs of the factorized layer; ``shape`` is the layer's input, (H, W) of a
+        Conv2d or (rows per sample,) of a Linear."""
+        config = self.config(module, ranks, form)
+        if isinstance(module, nn.Conv2d):
+            return layer_cost(module, config, input_hw=shape)
+        return layer_cost(module, config, rows=shape[0] if shape else 1)
+
+    def from_dense(self, module: nn.Module, ranks, form: str | None = None, cov=None,
+                   options: Mapping | None = None) -> FactorizedLayer:
+        """The factorized layer computed from ``module``'s weight (data-aware when ``cov``, the
+        layer's input second moments, is given)."""
+        if cov is not None and not self.data_aware:
+            raise ValueError(self._not_data_aware())
+        cls = self.layer_class(module)
+        kwargs = dict(self.layer_options)
+        if self.forms:
+            kwargs["form"] = self.check_form(form)
+        ranks = self.check_ranks(ranks)
+        opts = {k: v for k, v in (options or {}).items() if k != DATA_AWARE}
+        return cls.from_dense(module, ranks, cov=cov, **kwargs, **opts)
+
+    def structure(self, module: nn.Module, ranks, form: str | None = None) -> FactorizedLayer:
+        """The factorized layer's shapes with fresh weights (what ``load`` fills)."""
+        return rebuild(module, self.config(module, ranks, form))
+
+    # --------------------------------------------------------------------- its curve
+    def candidates(self, module, shape, form=None, options=None, kind="params") -> list:
+        """Error-versus-cost candidates of ``module`` (see :mod:`rankcut.curves`)."""
+        return self.curve_fn(self, module, shape, self.check_form(form), options, kind)
+
+    def candidate_at(self, module, shape, ranks, form=None, options=None):
+        """The candidate at exactly ``ranks`` (clamped to what the layer holds)."""
+        return self.at_fn(self, module, shape, self.check_ranks(ranks), self.check_form(form),
+                          options)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its name and forms must be new)."""
+    taken = set(REGISTRY) | {f for m in REGISTRY.values() for f in m.forms} | {"auto", "skip"}
+    for name in (method.name, *method.forms):
+        if name in taken:
+            raise ValueError(f"method {name!r} is already registered")
+    REGISTRY[method.name] = method
+    return method
+
+
+def names() -> tuple[str, ...]:
+    """The registered methods' names, in registration order."""
+    return tuple(REGISTRY)
+
+
+def aliases() -> tuple[str, ...]:
+    """Every name a method can be asked for by: the methods and their forms."""
+    return tuple(n for m in REGISTRY.values() for n in (m.name, *m.forms))
+
+
+def resolve(name: str, form: str | None = None) -> tuple[Method, str | None]:
+    """(method, form) for a method's name or one of its forms (``"cp3"`` -> cp, "cp3")."""
+    if name in REGISTRY:
+        method = REGISTRY[name]
+        return method, method.check_form(form)
+    for method in REGISTRY.values():
+        if name in method.forms:
+            if form not in (None, name):
+                raise ValueError(f"form: {name!r} is the form {name!r} of {method.name!r}, "
+                                 f"but form {form!r} was given")
+            return method, name
+    raise ValueError(f"method: expected one of {', '.join(aliases())}, got {name!r}")
+
+
+def get(name: str) -> Method:
+    return resolve(name)[0]
+
+
+def variants(name: str, module: nn.Module) -> list[tuple[Method, str | None]]:
+    """The (method, form) pairs to consider for ``module`` when ``name`` was asked for:
+    every form of every ``auto`` method that applies, for ``"auto"``; otherwise the named
+    method, or channel SVD where it does not apply (a Linear or 1x1 conv under a conv-only
+    method: :data:`FALLBACK`)."""
+    if name == "auto":
+        return [(m, f) for m in REGISTRY.values() if m.auto and m.why_not(module) is None
+                for f in (m.forms[::-1] if m.forms else (None,))]
+    method, form = resolve(name)
+    if method.why_not(module) is not None and REGISTRY[FALLBACK].why_not(module) is None:
+        return [(REGISTRY[FALLBACK], None)]
+    return [(method, form)]
+
+
+def plan_of(layer: FactorizedLayer) -> tuple[str, tuple[int, ...], str | None]:
+    """(method, ranks, form) that rebuild ``layer`` (its realised ranks and form)."""
+    config = layer.config()
+    for method in REGISTRY.values():
+        if type(layer) in (method.conv, method.linear) and all(
+                config.get(k) == v for k, v in method.layer_options.items()):
+            ranks = tuple(config["ranks"]) if "ranks" in config else (config["rank"],)
+            return method.name, ranks, config.get("form")
+    raise ValueError(f"layer: no registered method builds a {type(layer).__name__} with "
+                     f"config {config}")
+
+
+def _names_for(what: str) -> str:
+    picks = {"linear": lambda m: m.linear is not None,
+             "pointwise": lambda m: not m.kxk_only and m.conv is not None,
+             "data_aware": lambda m: m.data_aware}[what]
+    return ", ".join(repr(m.name) for m in REGISTRY.values() if picks(m))
+
+
+def _names_with_forms() -> str:
+    return ", ".join(repr(m.name) for m in REGISTRY.values() if m.forms)
+
+
+register(Method(
+    "svd", "truncated SVD of the (T, S·kh·kw) channel matrix (Linear: of the weight)",
+    conv=SVDConv2d, linear=LowRankLinear, solver=dec.svd, curve_fn=curves.svd_curve,
+    at_fn=curves.from_curve_at, data_aware=True, auto=True,
+    layer_options=MappingProxyType({"decomposition": "svd"}),
+    paper="Denton et al. 2014; Zhang et al. 2016; SVD-LLM whitening (Wang et al. 2024)"))
+register(Method(
+    "cur", "CUR of the channel matrix: actual columns (and rows) of the weight",
+    conv=SVDConv2d, linear=LowRankLinear, solver=dec.cur, curve_fn=curves.cur_curve,
+    at_fn=curves.cur_at, layer_options=MappingProxyType({"decomposition": "cur"}),
+    planning_options=MappingProxyType({"solver": "deim"}),
+    paper="Mahoney & Drineas 2009; Drineas, Kannan & Mahoney 2006; Sorensen & Embree 2016"))
+register(Method(
+    "spatial_svd", "SVD of the (S·kh, T·kw) reshape: a kh x 1 then a 1 x kw convolution",
+    conv=SpatialConv2d, linear=None, solver=dec.svd, curve_fn=curves.spatial_curve,
+    at_fn=curves.from_curve_at, kxk_only=True, auto=True,
+    paper="Jaderberg, Vedaldi & Zisserman 2014"))
+register(Method(
+    "cp", "CP: 1x1, depthwise kh x 1 and 1 x kw (cp4) or kh x kw (cp3), 1x1",
+    conv=CPConv2d, linear=None, solver=dec.cp, curve_fn=curves.cp_curve, at_fn=curves.cp_at,
+    forms=("cp4", "cp3"), kxk_only=True, data_aware=True, auto=True,
+    paper="Lebedev et al. 2015; Astrid & Lee 2017"))
+register(Method(
+    "tucker", "Tucker-2: 1x1 S->R_in, kh x kw core R_in->R_out, 1x1 R_out->T",
+    conv=TuckerConv2d, linear=None, solver=dec.tucker, curve_fn=curves.tucker_curve,
+    at_fn=curves.tucker_at, n_ranks=2, kxk_only=True, data_aware=True, auto=True,
+    paper="Kim et al. 2016 (ranks from EVBMF, Nakajima et al. 2013)"))
+
+# What a Linear or 1x1 conv gets when the asked-for method builds only k x k convolutions.
+FALLBACK = "svd"
