@@ -10,9 +10,9 @@ import torch
 from rankcut import data as D
 from rankcut import decompose as dec
 from rankcut.calibrate import input_second_moments
+from rankcut.curves import output_error
 from rankcut.layers.conv import _channel_moment
 from rankcut.models import create
-from rankcut.curves import output_error
 
 LAYERS = ["layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv2"]
 

@@ -16,10 +16,10 @@ from torch import nn
 
 import rankcut as rc
 from rankcut.calibrate import input_second_moments
+from rankcut.curves import output_error
 from rankcut.data import find_data_root, read_cifar10_bin
 from rankcut.models import create, normalizer
 from rankcut.profile import top1_accuracy
-from rankcut.curves import output_error
 
 RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 

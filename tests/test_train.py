@@ -191,7 +191,7 @@ def test_finetune_optimises_label_smoothed_ce_mixed_with_distillation():
 def test_clip_grad_norm_bounds_the_update():
     x, y = blobs(64)
     kw = dict(steps=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0,
-              schedule="constant", log_every=1, progress=False)
+              lr_schedule="constant", log_every=1, progress=False)
     base = mlp(bn=False)
     free, clipped = copy.deepcopy(base), copy.deepcopy(base)
     finetune(free, (x, y), **kw)

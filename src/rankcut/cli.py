@@ -5,19 +5,31 @@
         --out out/
 
 Every subcommand takes ``--config FILE.yaml`` (keys are the long flag names, ``-`` or ``_``);
-flags given on the command line override the file. User errors (a missing file, an unknown model,
-a bad rank or target, a plan that does not fit) print one line and exit with code 2; ``--debug``
-shows the traceback instead.
+flags given on the command line override the file. The compression flags take their defaults
+from :data:`rankcut.defaults.COMPRESS`, as the API does. User errors (a missing file, an unknown
+model, a bad rank or target, a number out of range, a plan that does not fit, an output path
+that cannot be written) print one line and exit with code 2; ``--debug`` shows the traceback
+instead. Every flag and every output path is checked before any work is done, and an output
+folder is written whole into a temporary sibling and renamed into place at the end, so it never
+holds files of two runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
+from .defaults import COMPRESS
+
 EXIT_USAGE = 2
+# the file that marks an existing folder as an earlier output of the subcommand (which may then
+# be replaced whole); any other non-empty folder needs --overwrite
+OUTPUT_MARKERS = {"compress": "plan.json", "sweep": "sweep.json", "analyze": "analysis.json",
+                  "demo": "plan.json"}
 
 
 class UserError(Exception):
@@ -32,7 +44,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="registry name (resnet20_cifar, vgg11_bn_cifar, ...), a torchvision "
                         "name (resnet18, ...) or package.module:function")
     g.add_argument("--weights", help="state dict to load (safetensors or torch file)")
-    g.add_argument("--num-classes", type=int, help="number of outputs of the model")
+    g.add_argument("--num-classes", type=int, help="number of outputs of the model (>= 1)")
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -45,26 +57,30 @@ def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                         "what the model's weights expect, else the dataset's)")
     g.add_argument("--image-size", type=int, help="resize inputs to this side length")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
-    g.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    g.add_argument("--batch-size", type=int, default=COMPRESS["batch_size"],
+                   help=f"batch size (default {COMPRESS['batch_size']})")
     g.add_argument("--input-shape",
                    help="C,H,W of one input when no --data is given (e.g. 3,32,32)")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("planning")
-    g.add_argument("--method", default="auto",
-                   help="auto, svd, spatial_svd, cp, cp3, tucker (default auto)")
+    g.add_argument("--method", default=COMPRESS["method"],
+                   help=f"auto or a method of rankcut.methods: svd, cur, spatial_svd, cp (cp4), "
+                        f"cp3, tucker (default {COMPRESS['method']})")
     g.add_argument("--rank", help="rank rule: 64, vbmf, energy=0.95, params=0.25, ...")
     g.add_argument("--target", help="macs=2x, params=3x, latency=1.5x, or a fraction (macs=0.4)")
-    g.add_argument("--calib", type=int, default=512,
+    g.add_argument("--calib", type=int, default=COMPRESS["calib"],
                    help="calibration training examples for data-aware planning (0: none; "
-                        "default 512 when --data is given)")
-    g.add_argument("--rank-multiple", type=int, default=1, help="round ranks to a multiple")
-    g.add_argument("--allow-slower", action="store_true",
+                        f"default {COMPRESS['calib']} when --data is given)")
+    g.add_argument("--rank-multiple", type=int, default=COMPRESS["rank_multiple"],
+                   help=f"round ranks to a multiple (default {COMPRESS['rank_multiple']})")
+    g.add_argument("--allow-slower", action="store_true", default=COMPRESS["allow_slower"],
                    help="allow layers measured slower than dense on this machine")
     g.add_argument("--exclude", nargs="+", help="layer names or glob patterns to leave dense")
-    g.add_argument("--min-params", type=int, default=1024,
-                   help="leave layers with fewer parameters dense (default 1024)")
+    g.add_argument("--min-params", type=int, default=COMPRESS["min_params"],
+                   help="leave layers with fewer parameters dense (default "
+                        f"{COMPRESS['min_params']})")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -90,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank rules to suggest ranks with")
     p.add_argument("--calib", type=int, default=256,
                    help="calibration examples for sensitivities (needs --data; 0: none)")
-    p.add_argument("--out", required=True, help="output folder for the report and plots")
+    _out_args(p, "output folder for the report and plots")
     _common(p)
 
     p = sub.add_parser("compress", help="plan, apply, optionally fine-tune; write the model, "
@@ -98,30 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p)
     _plan_args(p)
-    p.add_argument("--plan", help="apply this plan.json (e.g. hand-edited) instead of planning")
-    p.add_argument("--schedule", default="one_shot", choices=["one_shot", "layerwise",
-                                                              "multistage"])
-    p.add_argument("--rounds", type=int, default=3, help="multistage rounds")
+    p.add_argument("--plan", help="apply this plan.json (e.g. hand-edited), or the plan of a "
+                                  "rankcut output folder, instead of planning (not with "
+                                  "--method, --rank or --target)")
+    p.add_argument("--schedule", default=COMPRESS["schedule"],
+                   choices=["one_shot", "layerwise", "multistage"],
+                   help=f"default {COMPRESS['schedule']}")
+    p.add_argument("--rounds", type=int, default=COMPRESS["rounds"],
+                   help=f"multistage rounds (default {COMPRESS['rounds']})")
     p.add_argument("--steps-per-layer", type=int, help="layerwise fine-tuning steps per layer")
     p.add_argument("--min-accuracy", type=float,
                    help="multistage: stop when test top-1 (%%) falls below this")
     _finetune_args(p)
     p.add_argument("--no-latency", action="store_true", help="do not time the models")
-    p.add_argument("--out", required=True, help="output folder")
+    _out_args(p, "output folder (plan.json, model.safetensors, report.json, report.md, plots)")
     _common(p)
 
     p = sub.add_parser("evaluate", help="top-1/top-5/loss of a model or a compressed folder")
     _model_args(p)
     _data_args(p, required=True)
     p.add_argument("--compressed", help="a folder written by 'rankcut compress'")
+    _verify_args(p)
     _common(p)
 
     p = sub.add_parser("benchmark", help="latency of the original and the compressed model")
     _model_args(p)
     _data_args(p)
     p.add_argument("--compressed", required=True, help="a folder written by 'rankcut compress'")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
-    p.add_argument("--repeats", type=int, default=50)
+    _verify_args(p)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32],
+                   help="batch sizes (each >= 1)")
+    p.add_argument("--repeats", type=int, default=50, help="timed runs per batch size (>= 1)")
     _common(p)
 
     p = sub.add_parser("export", help="write a compressed model as ONNX or TorchScript")
@@ -129,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--compressed", help="a folder written by 'rankcut compress' (default: the "
                                         "model as given)")
+    _verify_args(p)
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
-    p.add_argument("--output", required=True, help="file to write")
+    p.add_argument("--output", required=True, help="file to write (not a folder)")
     _common(p)
 
     p = sub.add_parser("sweep", help="accuracy against compression across targets and methods")
@@ -140,53 +164,113 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=["macs=1.5x", "macs=2x", "macs=3x"])
     p.add_argument("--methods", nargs="+", default=["svd", "tucker", "auto"])
     _finetune_args(p)
-    p.add_argument("--out", required=True, help="output folder (sweep.json, sweep.md, "
-                                                "sweep.png)")
+    _out_args(p, "output folder (sweep.json, sweep.md, sweep.png)")
     _common(p)
 
     p = sub.add_parser("demo", help="the embedded demo: train a small CNN on scikit-learn's "
                                     "digits, compress it, report (no download)")
-    p.add_argument("--out", default="rankcut-demo", help="output folder (default rankcut-demo)")
+    _out_args(p, "output folder (default rankcut-demo)", default="rankcut-demo",
+              overwrite_help="write into an existing non-empty --out folder that is not an "
+                             "earlier demo output")
     _common(p)
     return parser
 
 
+def _out_args(p: argparse.ArgumentParser, help: str, default: str | None = None,
+              overwrite_help: str | None = None) -> None:
+    p.add_argument("--out", required=default is None, default=default, help=help)
+    p.add_argument("--overwrite", action="store_true",
+                   help=overwrite_help or "replace an existing non-empty --out folder that is "
+                        "not an earlier output of this command, and everything in it (an "
+                        "earlier output is replaced whole without it)")
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="load a --compressed folder whose plan.json has no weights_sha256 (a "
+                        "plan written by hand); rankcut's own outputs always have it")
+
+
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (needs --data)")
-    g.add_argument("--finetune-epochs", type=int, help="epochs of fine-tuning")
-    g.add_argument("--finetune-steps", type=int, help="optimizer steps of fine-tuning")
-    g.add_argument("--distill", action="store_true",
-                   help="distil from the original model (knowledge distillation)")
-    g.add_argument("--lr", type=float, help="learning rate (default: the optimizer's)")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    g.add_argument("--finetune-epochs", type=int, help="epochs of fine-tuning (>= 1)")
+    g.add_argument("--finetune-steps", type=int, help="optimizer steps of fine-tuning (>= 1)")
+    g.add_argument("--distill", action=argparse.BooleanOptionalAction,
+                   default=COMPRESS["distill"],
+                   help="distil from the original model (knowledge distillation; default "
+                        f"{'on' if COMPRESS['distill'] else 'off'})")
+    g.add_argument("--lr", type=float, help="learning rate, > 0 (default: the optimizer's)")
+    g.add_argument("--optimizer", default=COMPRESS["optimizer"], choices=["sgd", "adamw"],
+                   help=f"default {COMPRESS['optimizer']}")
     g.add_argument("--checkpoint-dir", help="checkpoints here; rerun with --resume to continue")
     g.add_argument("--resume", action="store_true")
 
 
 # ------------------------------------------------------------------------------------ config
 
-def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; values from ``--config`` become the subcommand's defaults, so flags on the
-    command line override them (and a required flag the file gives is no longer required)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
+def _subparser(parser: argparse.ArgumentParser, argv: list[str]):
+    """(the subcommand's name, its parser), or (None, None) when argv names none."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     command = next((a for a in argv if a in sub.choices), None)
-    if not known.config or command is None or "-h" in argv or "--help" in argv:
-        return parser.parse_args(argv)
+    return command, (sub.choices[command] if command is not None else None)
+
+
+def _config_value(key: str, action: argparse.Action, value):
+    """A config file's ``value`` for ``action``, checked as the command line would check it:
+    an on/off flag takes a YAML boolean only (the string "false" is not false), a number flag a
+    number, a list flag one value or a list, a choice one of its choices."""
+    where = f"--config: key {key!r}"
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true, BooleanOptionalAction
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*")
+    if isinstance(value, list) and not many:
+        raise UserError(f"{where}: expected a single value, got a list {value!r}")
+    values = value if isinstance(value, list) else [value]
+    if many and not values:
+        raise UserError(f"{where}: expected at least one value, got an empty list")
+    kind = {int: "an integer", float: "a number"}.get(action.type, "a string")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise UserError(f"{where}: expected {kind}, got {v!r}")
+        if action.type is int:
+            if isinstance(v, float):
+                raise UserError(f"{where}: expected an integer, got {v!r}")
+            try:
+                v = int(v)
+            except ValueError:
+                raise UserError(f"{where}: expected an integer, got {v!r}") from None
+        elif action.type is float:
+            try:
+                v = float(v)
+            except ValueError:
+                raise UserError(f"{where}: expected a number, got {v!r}") from None
+        elif action.type is None:
+            v = str(v)
+        if action.choices is not None and v not in action.choices:
+            raise UserError(f"{where}: expected one of {', '.join(map(str, action.choices))}, "
+                            f"got {v!r}")
+        out.append(v)
+    return out if many else out[0]
+
+
+def _read_config(path: Path, command: str, subparser) -> dict:
+    """The config file's values by dest, checked (see :func:`_config_value`)."""
     import yaml
 
-    path = Path(known.config)
     if not path.is_file():
         raise UserError(f"--config: {path} not found")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config: {path} is not valid YAML: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--config: {path} is not valid YAML: {first}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config: {path} must hold a mapping of flag names to values")
-    subparser = sub.choices[command]
     known_dests = {a.dest: a for a in subparser._actions if a.dest not in ("help", "config")}
     defaults = {}
     for key, value in values.items():
@@ -194,15 +278,240 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
         if dest not in known_dests:
             raise UserError(f"--config: unknown key {key!r} for 'rankcut {command}'; known: "
                             f"{', '.join(sorted(d.replace('_', '-') for d in known_dests))}")
-        action = known_dests[dest]
-        if action.type is not None and value is not None and not isinstance(value, list):
-            value = action.type(value)
-        defaults[dest] = value
-    subparser.set_defaults(**defaults)
-    for action in subparser._actions:
-        if action.dest in defaults:
-            action.required = False
-    return parser.parse_args(argv)
+        defaults[dest] = _config_value(str(key), known_dests[dest], value)
+    return defaults
+
+
+def _given(parser: argparse.ArgumentParser, subparser, argv: list[str]) -> set[str]:
+    """The dests that ``argv`` sets explicitly (their defaults do not count): parsed again with
+    every default of the subcommand suppressed."""
+    saved = [(a, a.default) for a in subparser._actions]
+    saved_defaults = dict(subparser._defaults)
+    try:
+        for action in subparser._actions:
+            action.default = argparse.SUPPRESS
+        subparser._defaults.clear()
+        given = parser.parse_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+        subparser._defaults.update(saved_defaults)
+    return set(vars(given)) - {"command"}
+
+
+def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config`` become the subcommand's defaults, so flags on the
+    command line override them (and a required flag the file gives is no longer required).
+    ``args.given`` is the set of dests given explicitly, on the command line or in the file."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    command, subparser = _subparser(parser, argv)
+    if command is None or "-h" in argv or "--help" in argv:
+        return parser.parse_args(argv)
+    defaults = {}
+    if known.config:
+        defaults = _read_config(Path(known.config), command, subparser)
+        subparser.set_defaults(**defaults)
+        for action in subparser._actions:
+            if action.dest in defaults:
+                action.required = False
+    args = parser.parse_args(argv)
+    args.given = _given(parser, subparser, argv) | set(defaults)
+    return args
+
+
+# ------------------------------------------------------------------------------ checks
+
+def _known_methods() -> tuple[str, ...]:
+    """The method names --method accepts: the registry's (``rankcut.methods``), and "auto"."""
+    from .select.planner import method_choices
+
+    return method_choices()
+
+
+def _check_method(flag: str, method) -> None:
+    known = _known_methods()
+    if method not in known:
+        raise UserError(f"{flag}: unknown method {method!r}; known: {', '.join(known)}")
+
+
+def _as_user_error(flag: str, fn, *args):
+    """``fn(*args)``, a ValueError of it reported as a mistake in ``flag``."""
+    try:
+        return fn(*args)
+    except ValueError as err:
+        raise UserError(f"{flag}: {err}") from None
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(v < 1 for v in shape):
+        raise UserError(f"--input-shape: expected C,H,W positive integers (e.g. 3,32,32), got "
+                        f"{text!r}")
+    return shape
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    at_least = {"batch_size": 1, "finetune_epochs": 1, "finetune_steps": 1, "eval_limit": 1,
+                "image_size": 1, "threads": 1, "rounds": 1, "steps_per_layer": 1, "repeats": 1,
+                "num_classes": 1, "rank_multiple": 1, "calib": 0, "min_params": 0}
+    for dest, low in at_least.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise UserError(f"{_flag(dest)}: expected an integer >= {low}, got {value}")
+    for batch in getattr(args, "batches", None) or []:
+        if batch < 1:
+            raise UserError(f"--batches: expected batch sizes >= 1, got {batch}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr: expected a finite number > 0, got {lr}")
+    accuracy = getattr(args, "min_accuracy", None)
+    if accuracy is not None and not (math.isfinite(accuracy) and 0 <= accuracy <= 100):
+        raise UserError(f"--min-accuracy: expected a top-1 in percent, 0 to 100, got {accuracy}")
+
+
+def _folder_problem(flag: str, path: Path, marker: str | None, overwrite: bool,
+                    replace: bool = True) -> None:
+    """Refuse an output folder that cannot be written, or (unless ``overwrite``) an existing
+    non-empty folder that is not an earlier output (holding ``marker``)."""
+    from .atomic import folder_target_problem
+
+    problem = folder_target_problem(path)
+    if problem is not None:
+        raise UserError(f"{flag}: {problem}")
+    if (path.is_dir() and not overwrite and any(path.iterdir())
+            and (marker is None or not (path / marker).is_file())):
+        earlier = f" (no {marker}: not an earlier output of this command)" if marker else ""
+        what = "write into it" if replace is False else "replace it and everything in it"
+        raise UserError(f"{flag}: {path} is a folder that is not empty{earlier}; give a new or "
+                        f"empty folder, or --overwrite to {what}")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(folder)))
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    from .atomic import file_target_problem, folder_target_problem
+
+    out = getattr(args, "out", None)
+    if out is not None:
+        _folder_problem("--out", Path(out), OUTPUT_MARKERS.get(args.command),
+                        getattr(args, "overwrite", False), replace=args.command != "demo")
+    output = getattr(args, "output", None)
+    if output is not None:
+        problem = file_target_problem(output)
+        if problem is not None:
+            raise UserError(f"--output: {problem}")
+    ckpt = getattr(args, "checkpoint_dir", None)
+    if ckpt is not None:
+        problem = folder_target_problem(ckpt)
+        if problem is not None:
+            raise UserError(f"--checkpoint-dir: {problem}")
+        if out is not None and _inside(Path(ckpt), Path(out)):
+            raise UserError(f"--checkpoint-dir: {ckpt} lies inside --out {out}, which is "
+                            "replaced whole at the end; keep checkpoints elsewhere")
+    if getattr(args, "resume", False) and ckpt is None:
+        raise UserError("--resume: needs --checkpoint-dir (where the checkpoint is)")
+    weights = getattr(args, "weights", None)
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"--weights: {weights} not found (a safetensors or torch state-dict "
+                        "file; rankcut never downloads weights)")
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"--data-dir: {data_dir} is not a folder (the data root: holding "
+                        "cifar10/, mnist/, ... or the dataset's files)")
+    compressed = getattr(args, "compressed", None)
+    if compressed is not None and not Path(compressed, "plan.json").is_file():
+        raise UserError(f"--compressed: {compressed} is not a folder written by 'rankcut "
+                        "compress' (no plan.json in it)")
+
+
+def _check_plan(args: argparse.Namespace):
+    """The --plan's Plan (None without one), refused when it cannot be read or conflicts with
+    planning flags given explicitly (a plan replaces planning: its method and ranks are used)."""
+    from .io import load_plan
+
+    if getattr(args, "plan", None) is None:
+        return None
+    path = Path(args.plan)
+    if not (path.is_file() or (path / "plan.json").is_file()):
+        raise UserError(f"--plan: {path} is neither a plan.json file nor a rankcut output "
+                        "folder holding one")
+    clash = [_flag(d) for d in ("method", "rank", "target") if d in args.given]
+    if clash:
+        raise UserError(f"--plan: a plan fixes each layer's method and ranks; it cannot be "
+                        f"combined with {', '.join(clash)} (drop {' and '.join(clash)}, or "
+                        "--plan to plan afresh)")
+    if args.schedule == "multistage":
+        raise UserError("--plan: --schedule multistage plans every round itself; use "
+                        "one_shot or layerwise with a plan")
+    try:
+        return load_plan(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(f"--plan: {err}") from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag checked before any work is done: numbers in range, names known, rank rules and
+    targets parsed, conflicting flags refused, output paths writable."""
+    _check_numbers(args)
+    command = args.command
+    if getattr(args, "input_shape", None):
+        _input_shape(args.input_shape)
+    if getattr(args, "data", None):
+        from .data import NAMES
+
+        if args.data.lower().replace("-", "_") not in NAMES:
+            raise UserError(f"--data: unknown dataset {args.data!r}; known: {', '.join(NAMES)}")
+    if command in ("compress", "sweep"):
+        from .select import parse_rank, parse_target
+
+        _check_method("--method", args.method)
+        if args.rank is not None:
+            _as_user_error("--rank", parse_rank, args.rank)
+        if args.target is not None:
+            _as_user_error("--target", parse_target, args.target)
+        if args.finetune_epochs is not None and args.finetune_steps is not None:
+            raise UserError("--finetune-epochs, --finetune-steps: give one, not both")
+        tuning = [f for f in ("finetune_epochs", "finetune_steps", "steps_per_layer")
+                  if getattr(args, f, None) is not None]
+        if tuning and not args.data:
+            raise UserError(f"{_flag(tuning[0])}: fine-tuning needs --data")
+    if command == "compress":
+        if args.min_accuracy is not None and args.schedule != "multistage":
+            raise UserError("--min-accuracy: only with --schedule multistage")
+        if args.min_accuracy is not None and not args.data:
+            raise UserError("--min-accuracy: needs --data (to measure the accuracy on)")
+        if args.steps_per_layer is not None and args.schedule != "layerwise":
+            raise UserError("--steps-per-layer: only with --schedule layerwise")
+        args.plan_obj = _check_plan(args)
+        if not (args.plan_obj is not None or args.rank or args.target):
+            raise UserError("compress: give --target, --rank, or --plan")
+    if command == "sweep":
+        from .select import parse_target
+
+        for dest in ("method", "target"):
+            if dest in args.given:
+                raise UserError(f"{_flag(dest)}: sweep takes {_flag(dest)}s (one or more)")
+        for method in args.methods:
+            _check_method("--methods", method)
+        for target in args.targets:
+            _as_user_error("--targets", parse_target, target)
+    if command == "analyze":
+        from .select import parse_rank
+
+        for rule in args.rules:
+            _as_user_error("--rules", parse_rank, rule)
+    _check_paths(args)
 
 
 # ------------------------------------------------------------------------------ shared steps
@@ -227,7 +536,10 @@ class _Context:
         from . import models
 
         a = self.args
-        return models.create(a.model, weights=a.weights, num_classes=a.num_classes).eval()
+        try:
+            return models.create(a.model, weights=a.weights, num_classes=a.num_classes).eval()
+        except TypeError as err:  # a constructor that returns something else, or takes no such
+            raise UserError(f"--model: {err}") from None  # arguments
 
     def normalization(self):
         from . import models
@@ -267,12 +579,7 @@ class _Context:
             return x.unsqueeze(0)
         if not a.input_shape:
             raise UserError("--input-shape: give C,H,W of one input (e.g. 3,32,32) or --data")
-        try:
-            shape = tuple(int(v) for v in a.input_shape.split(","))
-        except ValueError:
-            raise UserError(f"--input-shape: expected C,H,W integers, got "
-                            f"{a.input_shape!r}") from None
-        return torch.rand(1, *shape)
+        return torch.rand(1, *_input_shape(a.input_shape))
 
     def calib_data(self, n: int):
         from . import data as D
@@ -288,7 +595,7 @@ class _Context:
         if not Path(folder).is_dir():
             raise UserError(f"--compressed: {folder} is not a folder written by 'rankcut "
                             "compress'")
-        return load(self.model(), folder).eval()
+        return load(self.model(), folder, verify=not self.args.no_verify).eval()
 
     def finetune_options(self) -> dict:
         a = self.args
@@ -325,23 +632,24 @@ def _evaluate(ctx, model, data):
 
 def cmd_compress(args) -> int:
     from . import report as R
+    from .atomic import atomic_folder
     from .compress import compress
-    from .io import load_plan, save
+    from .io import save
 
     ctx = _Context(args)
-    if not (args.plan or args.rank or args.target):
-        raise UserError("compress: give --target, --rank, or --plan")
     model = ctx.model()
     x = ctx.example_inputs()
-    plan = load_plan(args.plan) if args.plan else None
+    plan = args.plan_obj
     epochs, steps = _epochs_steps(args)
     tune = epochs is not None or steps is not None or args.steps_per_layer
     train = ctx.dataset("train", train_transform=True) if tune else None
     test = ctx.test_data() if args.data else None
     calib = ctx.calib_data(args.calib) if plan is None or args.calib else None
-    _say(f"rankcut compress: {args.model}, method {args.method}, "
-         f"{'plan ' + args.plan if plan else 'target ' + str(args.target or args.rank)}, "
-         f"schedule {args.schedule}")
+    what = (f"plan {args.plan}" if plan is not None else
+            f"method {args.method}, " + (f"target {args.target}" if args.target else "")
+            + (", " if args.target and args.rank else "")
+            + (f"rank {args.rank}" if args.rank else ""))
+    _say(f"rankcut compress: {args.model}, {what}, schedule {args.schedule}")
     result = compress(
         model, x, method=args.method, rank=args.rank, target=args.target,
         schedule=args.schedule, plan=plan, calib_data=calib, train_data=train, epochs=epochs,
@@ -352,7 +660,6 @@ def cmd_compress(args) -> int:
         progress=ctx.progress)
     out = Path(args.out)
     small = result.model.cpu().eval()
-    save(small, out, plan=result.plan)
     accuracy = None
     if test is not None:
         accuracy = {"original": _evaluate(ctx, model, test), "compressed": _evaluate(ctx, small,
@@ -362,9 +669,13 @@ def cmd_compress(args) -> int:
                     meta={"model": args.model, "command": "rankcut " + " ".join(sys.argv[1:]),
                           "schedule": args.schedule, "stages": result.stages,
                           "met_target": result.met_target})
-    rep.write_json(out / "report.json")
-    rep.write_markdown(out / "report.md")
-    plots = R.write_plots(rep, out)
+    # the whole output set goes into a temporary sibling, renamed into place at the end: the
+    # folder never holds this run's model beside an earlier run's report
+    with atomic_folder(out) as tmp:
+        save(small, tmp, plan=result.plan)
+        rep.write_json(tmp / "report.json")
+        rep.write_markdown(tmp / "report.md")
+        plots = R.write_plots(rep, tmp)
     _say(rep.summary() if hasattr(rep, "summary") else rep.to_markdown().split("\n\n")[0])
     _say(f"wrote {out}/: plan.json, model.safetensors, report.json, report.md, "
          f"{', '.join(Path(p).name for p in plots)}")
@@ -412,6 +723,7 @@ def cmd_export(args) -> int:
 
 def cmd_sweep(args) -> int:
     from . import report as R
+    from .atomic import atomic_folder
     from .compress import compress
 
     ctx = _Context(args)
@@ -443,19 +755,19 @@ def cmd_sweep(args) -> int:
             _say(f"{method:>12} {target:>10} {point['params_ratio']:9.2f} "
                  f"{point['macs_ratio']:7.2f} {m['top1']:8.2f}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"schema": "rankcut.sweep", "version": 1, "model": args.model, "data": args.data,
            "dense": dense, "points": points}
-    (out / "sweep.json").write_text(json.dumps(doc, indent=2))
     lines = [f"# Sweep: {args.model} on {args.data} ({dense['n']} test examples)", "",
              f"Dense top-1: {dense['top1']:.2f}%", "",
              "| method | target | params (x fewer) | MACs (x fewer) | top-1 % |",
              "|---|---|---:|---:|---:|"]
     lines += [f"| {p['method']} | {p['target']} | {p['params_ratio']:.2f} | "
               f"{p['macs_ratio']:.2f} | {p['top1']:.2f} |" for p in points]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    R.plot_sweep([{**p, "ratio": p["macs_ratio"]} for p in points], out / "sweep.png",
-                 baseline=dense["top1"], title=f"{args.model} on {args.data}")
+    with atomic_folder(out) as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(doc, indent=2))
+        (tmp / "sweep.md").write_text("\n".join(lines) + "\n")
+        R.plot_sweep([{**p, "ratio": p["macs_ratio"]} for p in points], tmp / "sweep.png",
+                     baseline=dense["top1"], title=f"{args.model} on {args.data}")
     _say(f"wrote {out}/: sweep.json, sweep.md, sweep.png")
     return 0
 
@@ -467,12 +779,14 @@ def cmd_analyze(args) -> int:
     model = ctx.model()
     x = ctx.example_inputs()
     calib = ctx.calib_data(args.calib)
+    from .atomic import atomic_folder
+
     result = R.analyze(model, x, rank_rules=tuple(args.rules), calib_data=calib)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(result.to_dict(), indent=2))
-    (out / "analysis.md").write_text(result.to_markdown())
-    plots = result.write_plots(out) if hasattr(result, "write_plots") else []
+    with atomic_folder(out) as tmp:
+        (tmp / "analysis.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (tmp / "analysis.md").write_text(result.to_markdown())
+        plots = result.write_plots(tmp) if hasattr(result, "write_plots") else []
     _say(result.to_markdown())
     _say(f"wrote {out}/: analysis.json, analysis.md"
          + "".join(f", {Path(p).name}" for p in plots))
@@ -492,22 +806,29 @@ COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_ev
             "demo": cmd_demo}
 
 
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
         args = _with_config(parser, argv)
+        _check_args(args)
         return COMMANDS[args.command](args)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, OSError) as err:  # OSError: a file missing, not writable...
         if debug:
             raise
-        print(f"rankcut: error: {err}", file=sys.stderr)
+        text = _one_line(err) or type(err).__name__
+        print(f"rankcut: error: {text}", file=sys.stderr)
         return EXIT_USAGE
-    except RuntimeError as err:  # e.g. a model run on inputs of the wrong shape
-        if debug:
+    except (RuntimeError, ArithmeticError) as err:  # e.g. inputs of the wrong shape, a loss
+        if debug:                                    # gone non-finite
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _one_line(err) or type(err).__name__
         print(f"rankcut: error: {type(err).__name__}: {first} (--debug shows the traceback)",
               file=sys.stderr)
         return EXIT_USAGE

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._modes import eval_mode
-from .atomic import atomic_path
+from .atomic import atomic_path, file_target_problem
 
 FORMATS = ("onnx", "torchscript")
 METHODS = ("script", "trace")
@@ -77,7 +77,8 @@ def export(
         atol: the tolerance of the check, relative to the output's scale when that exceeds 1.
 
     Raises:
-        ValueError: an argument outside what is accepted (the message names it).
+        ValueError: an argument outside what is accepted (the message names it), or a ``path``
+            that is a folder or lies under a regular file (checked before any work).
         TypeError: ``example_inputs`` or the model's output is not a tensor or tuple of tensors.
         RuntimeError: the exported model's output differs from PyTorch's.
         ImportError: ``check=True`` for ONNX without onnx and onnxruntime installed.
@@ -85,6 +86,9 @@ def export(
     _check_arguments(format, example_inputs, opset, method, check, atol)
     inputs = _as_tensor_tuple(example_inputs, "example_inputs")
     path, opset = Path(path), int(opset)
+    problem = file_target_problem(path, probe=False)
+    if problem is not None:
+        raise ValueError(f"path: {problem}")
     with eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
         with atomic_path(path) as tmp:
             if format == "onnx":

@@ -5,7 +5,10 @@ atomically (temporary file, then rename). The stored plan holds the ranks the la
 have (a CUR layer's width, a clamped rank) and the weights file's SHA-256.
 ``load(base_model, folder)`` rebuilds the factorized structure on a copy of the original
 architecture from the plan, then loads the weights strictly. It never unpickles anything, and a
-missing, truncated or altered file is an error before any model is returned.
+missing, truncated or altered file is an error before any model is returned: the weights must
+match the plan's SHA-256 (a plan without one was altered, since ``save`` always writes it; only
+``verify=False`` loads such a hand-written plan), the weights file must lie inside the folder,
+and every loaded weight must be finite.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from . import methods
 from .atomic import atomic_path
-from .layers import FactorizedLayer
+from .layers import FactorizedLayer, LowRankLinear
 from .plans import LayerPlan, Plan
 from .surgery import structure
 
@@ -37,15 +41,8 @@ def _sha256(path: Path) -> str:
 
 def layer_plan_of(layer: FactorizedLayer, module_type: str) -> LayerPlan:
     """The LayerPlan that rebuilds ``layer`` (its realised ranks and form)."""
-    config = layer.config()
-    kind = config["layer"]
-    if kind in ("LowRankLinear", "SVDConv2d"):
-        return LayerPlan(config["decomposition"], (config["rank"],), module_type=module_type)
-    if kind == "SpatialConv2d":
-        return LayerPlan("spatial_svd", (config["rank"],), module_type=module_type)
-    if kind == "CPConv2d":
-        return LayerPlan("cp", (config["rank"],), form=config["form"], module_type=module_type)
-    return LayerPlan("tucker", tuple(config["ranks"]), module_type=module_type)
+    method, ranks, form = methods.plan_of(layer)
+    return LayerPlan(method, ranks, form, module_type=module_type)
 
 
 def realized_plan(model: nn.Module, plan: Plan | None = None) -> Plan:
@@ -65,7 +62,7 @@ def realized_plan(model: nn.Module, plan: Plan | None = None) -> Plan:
                                  dict(lp.predicted), lp.reason, lp.module_type)
     for name, layer in layers.items():
         if name not in stored:
-            dense_type = "Linear" if layer.config()["layer"] == "LowRankLinear" else "Conv2d"
+            dense_type = "Linear" if isinstance(layer, LowRankLinear) else "Conv2d"
             stored[name] = layer_plan_of(layer, dense_type)
     return stored
 
@@ -87,34 +84,80 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """The plan stored in a save folder (or a plan.json file)."""
+    """The plan stored in a save folder, or in a plan file (``plan.json``)."""
     path = Path(path)
-    plan_file = path if path.suffix == ".json" else path / PLAN_FILE
+    plan_file = path / PLAN_FILE if path.is_dir() or path.suffix != ".json" else path
+    if path.is_file():
+        plan_file = path
     if not plan_file.is_file():
-        raise FileNotFoundError(f"{plan_file}: not found (a rankcut save folder holds "
-                                f"{PLAN_FILE} and {WEIGHTS_FILE})")
+        raise FileNotFoundError(f"{plan_file}: not found (expected a {PLAN_FILE} file or a "
+                                f"rankcut save folder holding {PLAN_FILE} and {WEIGHTS_FILE})")
     try:
         return Plan.from_json(plan_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{plan_file}: {err}") from None
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{plan_file}: {err} (expected a {PLAN_FILE} file written by rankcut, "
+                         "or a rankcut save folder)") from None
 
 
-def load(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """The compressed model saved in ``path``, rebuilt on a copy of ``base_model`` (the original,
-    uncompressed architecture; its weights do not matter). ``base_model`` is not changed."""
-    folder = Path(path)
-    plan = load_plan(folder)
-    weights = folder / plan.meta.get("weights_file", WEIGHTS_FILE)
+def _weights_path(folder: Path, plan: Plan) -> Path:
+    """The weights file the plan names, which must lie inside ``folder`` (no absolute path, no
+    ``..``, no symbolic link leading out of it)."""
+    name = plan.meta.get("weights_file", WEIGHTS_FILE)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{folder / PLAN_FILE}: weights_file must be a file name, got {name!r}")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"{folder / PLAN_FILE}: weights_file {name!r} leaves the folder; it "
+                         f"must name a file inside {folder} (e.g. {WEIGHTS_FILE!r})")
+    weights = folder / relative
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found (saved beside {PLAN_FILE})")
-    expected = plan.meta.get("weights_sha256")
-    if expected is not None and _sha256(weights) != expected:
-        raise ValueError(f"{weights}: contents do not match {PLAN_FILE} (SHA-256 differs): the "
-                         "file was changed or truncated after saving")
+    if not weights.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder / PLAN_FILE}: weights_file {name!r} leads out of the folder "
+                         f"(to {weights.resolve()}); it must be a file inside {folder}")
+    return weights
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first floating-point parameter or buffer of ``model`` holding a NaN or
+    an infinity, or None when all are finite."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            return name
+    return None
+
+
+def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
+    """The compressed model saved in ``path``, rebuilt on a copy of ``base_model`` (the original,
+    uncompressed architecture; its weights do not matter). ``base_model`` is not changed.
+
+    The weights file must match the SHA-256 the plan records. ``save`` always records it, so a
+    plan without one was altered and is refused; ``verify=False`` skips the check (for a plan
+    written by hand). A weights file outside the folder and non-finite weights are refused
+    either way (ValueError)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: a file, not a folder (a rankcut save folder holds "
+                         f"{PLAN_FILE} and {WEIGHTS_FILE})")
+    plan = load_plan(folder)
+    weights = _weights_path(folder, plan)
+    if verify:
+        expected = plan.meta.get("weights_sha256")
+        if expected is None:
+            raise ValueError(f"{folder / PLAN_FILE}: no weights_sha256: rankcut always records "
+                             "the weights' hash, so this folder was altered; load it only if you "
+                             "wrote the plan yourself (verify=False, or --no-verify)")
+        if _sha256(weights) != expected:
+            raise ValueError(f"{weights}: contents do not match {PLAN_FILE} (SHA-256 differs): "
+                             "the file was changed or truncated after saving")
     model = structure(base_model, plan)
     device = next((p.device for p in model.parameters()), "cpu")
     try:
         load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as err:
         raise ValueError(f"{weights}: cannot load into the rebuilt model: {err}") from None
+    bad = first_non_finite(model)
+    if bad is not None:
+        raise ValueError(f"{weights}: tensor {bad!r} holds NaN or infinite values; refusing a "
+                         "model that cannot compute")
     return model

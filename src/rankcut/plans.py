@@ -56,7 +56,7 @@ class LayerPlan:
             raise ValueError(f"options: expected a mapping, got {type(self.options).__name__}")
         if "method" in self.options:  # plans written before the solver option was named
             raise ValueError(f"options: the decomposition algorithm is chosen with 'solver' "
-                             f"(e.g. {{\"solver\": {self.options['method']!r}}}), not 'method'")
+                             f"(e.g. {{'solver': {self.options['method']!r}}}), not 'method'")
         try:
             spec, self.form = methods.resolve(self.method, self.form)
         except ValueError as err:

@@ -159,7 +159,11 @@ def _replace(model: nn.Module, plan: Plan, make: Callable, inplace: bool,
 
         items = tqdm(items, desc="factorizing", unit="layer")
     for name, lp in items:
-        set_submodule(target, name, make(target.get_submodule(name), lp, name=name))
+        try:
+            new = make(target.get_submodule(name), lp, name=name)
+        except ValueError as err:
+            raise ValueError(f"plan layer {name!r}: {err}") from None
+        set_submodule(target, name, new)
     return target
 
 

@@ -76,7 +76,7 @@ def read_cifar10_bin(root: str | os.PathLike, split: str = "test",
     folder itself; ``split`` is "train" (data_batch_1..5) or "test"."""
     import numpy as np
 
-    from ._formats import _find_binary
+    from ._formats import find_binary
 
     folder = Path(root)
     if (folder / CIFAR10_BIN).is_dir():
@@ -86,12 +86,12 @@ def read_cifar10_bin(root: str | os.PathLike, split: str = "test",
     spec = CIFAR["cifar10"]
     images, labels = [], []
     for stem in spec.train if split == "train" else spec.test:
-        found = _find_binary(folder, stem)
+        found = find_binary(folder, stem)
         if found is None:
             raise FileNotFoundError(f"{folder}: no {stem}.bin or {stem}*.bin.gz (CIFAR-10 binary "
                                     "format)")
         left = None if limit is None else limit - sum(len(y) for y in labels)
-        x, y = read_cifar_binary_batch(found, spec.label_bytes, left)
+        x, y = read_cifar_binary_batch(found, spec.label_bytes, left, spec.num_classes)
         images.append(x)
         labels.append(y)
         if limit is not None and sum(len(y) for y in labels) >= limit:

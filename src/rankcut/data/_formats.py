@@ -41,6 +41,7 @@ class CifarSpec:
     test: tuple[str, ...]
     label_bytes: int             # leading label bytes of a binary record; the last is the label
     python_label_key: str
+    num_classes: int = 10        # labels lie in 0 .. num_classes - 1
 
 
 CIFAR = {
@@ -48,7 +49,7 @@ CIFAR = {
                          "cifar-10-batches-bin", tuple(f"data_batch_{i}" for i in range(1, 6)),
                          ("test_batch",), 1, "labels"),
     "cifar100": CifarSpec("cifar100", ("cifar100", "cifar-100", "CIFAR100"), "cifar-100-python",
-                          "cifar-100-binary", ("train",), ("test",), 2, "fine_labels"),
+                          "cifar-100-binary", ("train",), ("test",), 2, "fine_labels", 100),
 }
 CIFAR_PIXELS = 3 * 32 * 32
 
@@ -60,7 +61,9 @@ def _find_python(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _find_binary(folder: Path, stem: str) -> Path | None:
+def find_binary(folder: Path, stem: str) -> Path | None:
+    """The binary-version file of ``stem`` in ``folder`` (``stem.bin``, ``stem.bin.gz``, or
+    with a suffix: ``stem_*.bin[.gz]``), or None."""
     # a stem may carry a suffix before .bin, as ../shared/data's test_batch_first1017.bin.gz
     found = sorted(folder.glob(f"{stem}.bin")) + sorted(folder.glob(f"{stem}.bin.gz"))
     found = found or sorted(folder.glob(f"{stem}_*.bin")) + sorted(folder.glob(f"{stem}_*.bin.gz"))
@@ -78,7 +81,7 @@ def cifar_files(spec: CifarSpec, root: Path, split: str) -> tuple[str, list[Path
                                (base, True)):
             if not folder.is_dir():
                 continue
-            for fmt, find in (("python", _find_python), ("binary", _find_binary)):
+            for fmt, find in (("python", _find_python), ("binary", find_binary)):
                 if direct or folder.name == (spec.python_dir if fmt == "python"
                                              else spec.binary_dir):
                     files = [find(folder, stem) for stem in stems]
@@ -100,6 +103,16 @@ def _pattern(fmt: str, stem: str) -> str:
     return stem if fmt == "python" else f"{stem}[_*].bin[.gz]"
 
 
+def check_labels(path: Path, labels: np.ndarray, num_classes: int, what: str) -> None:
+    """Refuse labels outside 0 .. ``num_classes`` - 1: the file is not ``what`` (or damaged)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{path}: label {int(labels[i])} of record {i} is outside 0.."
+                         f"{num_classes - 1} ({len(bad)} such records): not {what}, or a "
+                         "damaged one")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Reconstructs numpy arrays and builtin containers only: any other global is refused, so a
     crafted file cannot run code."""
@@ -118,8 +131,10 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_cifar_python_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One file of the CIFAR python version: uint8 (N, 3, 32, 32) and int64 labels.
+def read_cifar_python_batch(path: Path, label_key: str,
+                            num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the CIFAR python version: uint8 (N, 3, 32, 32) and int64 labels (checked to
+    lie in 0 .. ``num_classes`` - 1 when that is given).
 
     The official files are Python-2 pickles of dicts ({'data': (N, 3072) uint8, 'labels' or
     'fine_labels': list}); they are read with ``encoding='latin1'`` by an unpickler that only
@@ -135,19 +150,27 @@ def read_cifar_python_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.
     if "data" not in batch or label_key not in batch:
         raise ValueError(f"{path}: not a CIFAR python batch (keys {sorted(batch)}; expected "
                          f"'data' and {label_key!r})")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != CIFAR_PIXELS or len(data) != len(labels):
-        raise ValueError(f"{path}: not a CIFAR python batch (data {data.shape}, "
-                         f"{len(labels)} labels)")
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{path}: not a CIFAR python batch ({e})") from None
+    if (data.ndim != 2 or data.shape[1] != CIFAR_PIXELS or labels.ndim != 1
+            or len(data) != len(labels)):
+        raise ValueError(f"{path}: not a CIFAR python batch (data {data.shape}, labels "
+                         f"{labels.shape})")
+    if num_classes is not None:
+        check_labels(path, labels, num_classes, "a CIFAR python batch")
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def read_cifar_binary_batch(path: Path, label_bytes: int,
-                            limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_binary_batch(path: Path, label_bytes: int, limit: int | None = None,
+                            num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One file of the CIFAR binary version (plain or .gz): records of ``label_bytes`` label
     bytes (CIFAR-100: coarse then fine; the last one is taken) and 3072 pixel bytes (the red,
-    green and blue 32x32 planes, row-major)."""
+    green and blue 32x32 planes, row-major). With ``num_classes``, a label outside
+    0 .. ``num_classes`` - 1 is an error naming the file (random bytes of whole-record size
+    are not a batch)."""
     record = label_bytes + CIFAR_PIXELS
     raw = _read(path, None if limit is None else limit * record)
     if len(raw) % record:
@@ -155,7 +178,10 @@ def read_cifar_binary_batch(path: Path, label_bytes: int,
                          "CIFAR binary records")
     data = np.frombuffer(raw, np.uint8).reshape(-1, record)
     images = data[:, label_bytes:].reshape(-1, 3, 32, 32)
-    return images, data[:, label_bytes - 1].astype(np.int64)
+    labels = data[:, label_bytes - 1].astype(np.int64)
+    if num_classes is not None:
+        check_labels(path, labels, num_classes, "a CIFAR binary batch")
+    return images, labels
 
 
 def read_cifar(spec: CifarSpec, root: Path, split: str,
@@ -167,10 +193,10 @@ def read_cifar(spec: CifarSpec, root: Path, split: str,
     for f in files:
         left = None if limit is None else limit - count
         if fmt == "python":
-            x, y = read_cifar_python_batch(f, spec.python_label_key)
+            x, y = read_cifar_python_batch(f, spec.python_label_key, spec.num_classes)
             x, y = x[:left], y[:left]
         else:
-            x, y = read_cifar_binary_batch(f, spec.label_bytes, left)
+            x, y = read_cifar_binary_batch(f, spec.label_bytes, left, spec.num_classes)
         images.append(x)
         labels.append(y)
         count += len(y)
@@ -266,4 +292,6 @@ def read_idx_split(spec: IdxSpec, root: Path, split: str,
                          f"{images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(f"{label_file}: expected {len(images)} labels, got shape {labels.shape}")
-    return images[:, None], labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    check_labels(label_file, labels, len(spec.classes), f"a {spec.name} idx label file")
+    return images[:, None], labels

@@ -86,24 +86,111 @@ def normalizer(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return normalize
 
 
+WEIGHT_FORMATS = ("a safetensors file, or a torch state-dict file (torch.save of a dict of "
+                  "tensors, optionally under 'state_dict') readable with weights_only=True")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length,
+    then a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return (len(head) == 9 and head[8:9] == b"{"
+            and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a (legacy) torch checkpoint, never unpickling
-    code; a ``state_dict`` wrapper and a ``module.`` prefix are removed."""
+    code; a ``state_dict`` wrapper and a ``module.`` prefix are removed. The format is told by
+    the contents, not the name. Anything else (an empty, truncated or foreign file, a pickle of
+    objects other than tensors) is a ValueError naming the file and the formats accepted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights: {path} not found (a safetensors or torch file; "
                                 "rankcut never downloads weights)")
-    if path.suffix == ".safetensors":
+    if path.stat().st_size == 0:
+        raise ValueError(f"weights: {path} is empty; expected {WEIGHT_FORMATS}")
+    if _is_safetensors(path):
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as err:  # SafetensorError and friends: a damaged file
+            raise ValueError(f"weights: {path} is not a readable safetensors file "
+                             f"({_first_line(err)}); expected {WEIGHT_FORMATS}") from None
+    elif path.suffix == ".safetensors":
+        raise ValueError(f"weights: {path} is named .safetensors but is not a safetensors file "
+                         f"(no safetensors header); expected {WEIGHT_FORMATS}")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        import pickle
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # torch's remarks on foreign pickles: the error says it
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"weights: {path} holds objects other than tensors; refused "
+                             "(unpickling them could run code); expected "
+                             f"{WEIGHT_FORMATS}") from None
+        except Exception as err:  # EOFError, KeyError, RuntimeError (truncated zip), ...
+            raise ValueError(f"weights: {path} is not a readable torch checkpoint "
+                             f"({_first_line(err)}); expected {WEIGHT_FORMATS}") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"weights: {path} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+        raise ValueError(f"weights: {path} holds a {type(state).__name__}, not a state dict; "
+                         f"expected {WEIGHT_FORMATS}")
+    others = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if others or not state:
+        what = f"entries that are not tensors ({', '.join(others[:5])})" if others \
+            else "no tensors"
+        raise ValueError(f"weights: {path} holds {what}; expected {WEIGHT_FORMATS}")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
+
+
+def _names(keys, most: int = 4) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:most])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > most else shown
+
+
+class WeightsMismatchError(ValueError, RuntimeError):
+    """Weights that do not fit the model. A ValueError (a bad input) that is also the
+    RuntimeError ``load_state_dict`` raises for the same mistake, so callers catching that one
+    still do."""
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a :class:`WeightsMismatchError` unless ``state`` fits ``model`` exactly, naming a
+    few missing and unexpected keys and the shape mismatches; a ValueError for non-finite
+    floating-point values, naming the first such tensor."""
+    own = model.state_dict()
+    # BatchNorm fills in a missing num_batches_tracked (checkpoints of older PyTorch lack it)
+    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_names(unexpected)}")
+        if shapes:
+            parts.append(f"size mismatch: {_names(shapes, 2)}")
+        raise WeightsMismatchError(f"{source} do not fit this model: {'; '.join(parts)} (are "
+                                   "they the weights of this model, with this number of "
+                                   "classes?)")
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise ValueError(f"{source}: tensor {key!r} holds NaN or infinite values; refusing "
+                             "weights that cannot compute")
 
 
 def _user_model(name: str) -> Callable[..., nn.Module]:
@@ -130,11 +217,18 @@ def create(name: str, weights: str | os.PathLike | None = None, num_classes: int
     load ``weights`` (a safetensors or torch state-dict file, strictly, as float32) when given.
     torchvision models are always built with ``weights=None``: nothing is downloaded."""
     if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
         kwargs["num_classes"] = num_classes
     if name in REGISTRY:
         model = REGISTRY[name](**kwargs)
     elif ":" in name:
-        model = _user_model(name)(**kwargs)
+        build = _user_model(name)
+        try:
+            model = build(**kwargs)
+        except TypeError as err:
+            given = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
+            raise TypeError(f"model: calling {name!r} with {given} failed: {err}") from err
     elif name in torchvision_names():
         import torchvision
 
@@ -148,6 +242,7 @@ def create(name: str, weights: str | os.PathLike | None = None, num_classes: int
     if weights is not None:
         state = {k: v.float() if v.is_floating_point() else v
                  for k, v in read_state_dict(weights).items()}
+        check_state_dict(model, state, f"weights: {weights}")
         model.load_state_dict(state, strict=True)
     return model
 
@@ -157,8 +252,11 @@ __all__ = [
     "IMAGENET_STATS",
     "NORMALIZATION",
     "REGISTRY",
+    "WEIGHT_FORMATS",
     "CifarResNet",
     "CifarVGG",
+    "WeightsMismatchError",
+    "check_state_dict",
     "create",
     "normalization",
     "normalizer",

@@ -42,7 +42,8 @@ from ._plots import new_figure, plot_sensitivity, plot_spectra, save_figure, sho
 
 SCHEMA = "rankcut.analysis"
 SCHEMA_VERSION = 1
-ANALYSIS_METHODS = ("svd", "spatial_svd", "tucker", "cp")
+# the methods whose ranks an analysis suggests: those that "auto" considers
+ANALYSIS_METHODS = tuple(m.name for m in registry.REGISTRY.values() if m.auto)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -262,6 +263,9 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             chosen = choose(budget)
         result.meta["budget"] = {cost_kind: budget}
     _fill(result, chosen, layers, options, guard)
+    if target is None and layers and not result.active:
+        warnings.warn(f"rank: at the ranks of {rule} no layer's factorization is smaller than "
+                      "the dense layer; nothing is factorized", stacklevel=2)
     if guard is not None:
         result.meta["latency_guard"] = {**guard.settings(), "vetoed": choose.vetoed}
     _summarise(result, model, shapes)

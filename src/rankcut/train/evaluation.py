@@ -12,7 +12,8 @@ from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper, or ``model`` itself."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -33,7 +34,7 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     DataLoader is used as given: its counts are summed only if it has a DistributedSampler;
     otherwise every process evaluates all of it.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     data = as_data(data, "data")

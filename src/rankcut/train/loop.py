@@ -26,11 +26,11 @@ from ..layers import FactorizedLayer
 from . import checkpoint as ckpt
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
-from .evaluation import _unwrap, evaluate
+from .evaluation import evaluate, unwrap
 from .losses import training_loss
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant")
 # Fine-tuning rates: a tenth of the usual from-scratch peak (SGD 0.1 on CIFAR, AdamW 1e-3).
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
 # SGD: the 5e-4 the CIFAR ResNets and the VGG-11 here were trained with; AdamW: PyTorch's 1e-2.
@@ -98,17 +98,78 @@ def _frozen_names(model: nn.Module, freeze) -> set[str]:
     return frozen
 
 
-def _lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+def _lr_factor(lr_schedule: str, total: int, warmup: int) -> Callable[[int], float]:
     """The multiplier of the base learning rate at optimizer step k (0-based): a linear warm-up
     over ``warmup`` steps, then constant or a cosine decay that reaches zero after ``total``."""
     def factor(k: int) -> float:
         if k < warmup:
             return (k + 1) / warmup
-        if schedule == "constant":
+        if lr_schedule == "constant":
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * (k - warmup) / max(1, total - warmup)))
 
     return factor
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def _check_arguments(o: dict[str, Any]) -> None:
+    """Refuse settings outside their range before anything is moved, built or trained: a NaN
+    learning rate would otherwise surface as a non-finite loss some steps later."""
+    def number(name, low=None, high=None, low_open=False, high_open=False, optional=False):
+        value = o[name]
+        if value is None and optional:
+            return
+        ok = _is_number(value) and math.isfinite(float(value))
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            lo = "" if low is None else f"{'(' if low_open else '['}{low:g}, "
+            hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+            raise ValueError(f"{name}: expected a finite number in {lo or '(-inf, '}{hi}, "
+                             f"got {value!r}")
+
+    def integer(name, low, optional=False):
+        value = o[name]
+        if value is None and optional:
+            return
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+    number("lr", 0.0, low_open=True, optional=True)
+    number("momentum", 0.0, 1.0, high_open=True)
+    number("weight_decay", 0.0, optional=True)
+    number("kd_alpha", 0.0, 1.0)
+    number("kd_temperature", 0.0, low_open=True)
+    number("label_smoothing", 0.0, 1.0, high_open=True)
+    number("clip_grad_norm", 0.0, low_open=True, optional=True)
+    integer("epochs", 1, optional=True)
+    integer("steps", 1, optional=True)
+    integer("batch_size", 1)
+    integer("eval_batch_size", 1)
+    integer("warmup_steps", 0)
+    integer("num_workers", 0)
+    if not _is_int(o["seed"]):
+        raise ValueError(f"seed: expected an int, got {o['seed']!r}")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        value = o[name]
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(f"{name} must be a positive number of steps, got {value!r}")
+    if o["lr_schedule"] not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {o['lr_schedule']!r}")
+    kind = o["optimizer"]
+    if not callable(kind) and kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS} or a callable, got {kind!r}")
+    if o["epochs"] is not None and o["steps"] is not None:
+        raise ValueError("give epochs or steps, not both")
 
 
 def _make_optimizer(optimizer, groups, lr, momentum, nesterov) -> torch.optim.Optimizer:
@@ -128,7 +189,7 @@ class _Run:
     def __init__(self, model: nn.Module, train_data, opts: dict[str, Any]):
         self.o = opts
         self.env, self.device = dist_util.setup(opts["device"])
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.data = as_data(train_data, "train_data")
         self.step = self.epoch = self.batch_in_epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -197,12 +258,6 @@ class _Run:
         kind = o["optimizer"]
         if not callable(kind) and kind not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {OPTIMIZERS} or a callable, got {kind!r}")
-        if o["schedule"] not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {o['schedule']!r}")
-        if not 0.0 <= o["kd_alpha"] <= 1.0:
-            raise ValueError(f"kd_alpha must lie in [0, 1], got {o['kd_alpha']}")
-        if o["warmup_steps"] < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {o['warmup_steps']}")
         name = kind if isinstance(kind, str) else "sgd"
         lr = DEFAULT_LR[name] if o["lr"] is None else float(o["lr"])
         wd = DEFAULT_WEIGHT_DECAY[name] if o["weight_decay"] is None else float(o["weight_decay"])
@@ -230,7 +285,7 @@ class _Run:
         groups = [g for g in groups if g["params"]]
         self.optimizer = _make_optimizer(kind, groups, lr, o["momentum"], o["nesterov"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_factor(o["schedule"], self.total, o["warmup_steps"]))
+            self.optimizer, _lr_factor(o["lr_schedule"], self.total, o["warmup_steps"]))
 
         amp = o["amp"] if o["amp"] is not None else device.type == "cuda"
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -512,7 +567,8 @@ class _Run:
 def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
              steps: int | None = None, batch_size: int = 128, optimizer="sgd",
              lr: float | None = None, momentum: float = 0.9, nesterov: bool = False,
-             weight_decay: float | None = None, schedule: str = "cosine", warmup_steps: int = 0,
+             weight_decay: float | None = None, lr_schedule: str = "cosine",
+             warmup_steps: int = 0,
              label_smoothing: float = 0.0, clip_grad_norm: float | None = None,
              amp: bool | None = None, freeze=None, freeze_bn_stats: bool = False,
              teacher: nn.Module | None = None, kd_alpha: float = 0.5,
@@ -535,9 +591,12 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
     gradients) ``(1 - kd_alpha) * CE + kd_alpha * T² KL(teacher/T ‖ student/T)``.
     ``optimizer``: "sgd" (lr 0.01, weight decay 5e-4, ``momentum``), "adamw" (lr 1e-4, weight
     decay 0.01) or a callable taking the parameter groups; biases and norm scales get no weight
-    decay. ``schedule``: "cosine" (to zero) or "constant", after ``warmup_steps`` of linear
-    warm-up. ``freeze``: parameter-name glob patterns (a pattern also matches the parameters
-    below a module name) or a predicate on names; frozen parameters are not updated.
+    decay. ``lr_schedule`` (the learning rate's; not to be confused with
+    :func:`rankcut.compress`'s ``schedule``): "cosine" (to zero) or "constant", after
+    ``warmup_steps`` of linear warm-up. ``freeze``: parameter-name glob patterns (a pattern
+    also matches the parameters below a module name) or a predicate on names; frozen
+    parameters are not updated. Every setting is checked before any work (a ValueError names
+    the one out of range: ``lr`` must be finite and > 0, ``momentum`` in [0, 1), ...).
     ``transform`` is applied to each batch of inputs on the device (``val_transform``, default
     ``transform``, to validation batches). ``amp``: autocast (+ GradScaler with float16) —
     default on for CUDA, off on the CPU.
@@ -552,9 +611,7 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
     and teacher stay on the training device. Returns a :class:`TrainResult`.
     """
     opts = {k: v for k, v in locals().items() if k not in ("model", "train_data")}
-    for name in ("log_every", "eval_every", "checkpoint_every"):
-        if opts[name] is not None and int(opts[name]) < 1:
-            raise ValueError(f"{name} must be a positive number of steps, got {opts[name]}")
+    _check_arguments(opts)
     if val_data is not None:
         opts["val_data"] = as_data(val_data, "val_data")
     if resume and checkpoint_dir is None:

@@ -1,0 +1,133 @@
+"""The registry of factorization methods: every registered method works end to end through
+plan, apply, save/load, costs and the planner, from its one declaration."""
+
+import pytest
+import torch
+from torch import nn
+
+import rankcut as rc
+from rankcut import methods
+from rankcut.layers import FactorizedLayer
+from rankcut.profile import count_macs, count_params
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 24, 3, padding=1)
+        self.point = nn.Conv2d(24, 24, 1)
+        self.head = nn.Linear(24 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        return self.head(torch.relu(self.point(x)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+X = torch.rand(2, 3, 8, 8)
+
+
+def every_variant():
+    return [(m.name, f) for m in methods.REGISTRY.values() for f in (m.forms or (None,))]
+
+
+def test_the_registry_names_each_method_once_with_its_forms():
+    assert methods.names() == ("svd", "cur", "spatial_svd", "cp", "tucker")
+    assert methods.aliases() == ("svd", "cur", "spatial_svd", "cp", "cp4", "cp3", "tucker")
+    assert methods.resolve("cp3") == (methods.get("cp"), "cp3")
+    assert methods.resolve("cp") == (methods.get("cp"), "cp4")
+    with pytest.raises(ValueError, match="method: expected one of svd, cur"):
+        methods.resolve("qr")
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(methods.get("svd"))
+    # plan() and LayerPlan accept the same vocabulary
+    assert set(rc.select.planner.method_choices()) == {"auto", *methods.aliases()}
+    for name in methods.aliases():
+        lp = rc.LayerPlan(name, (3, 3) if name == "tucker" else (3,))
+        assert lp.method in methods.names()
+
+
+@pytest.mark.parametrize("name, form", every_variant())
+def test_each_method_builds_prices_saves_and_reloads(net, name, form, tmp_path):
+    spec = methods.get(name)
+    layer_name = "conv"
+    ranks = (6, 6) if spec.n_ranks == 2 else (6,)
+    plan = rc.Plan({layer_name: rc.LayerPlan(name, ranks, form=form)})
+    small = rc.apply(net, plan)
+    layer = small.get_submodule(layer_name)
+    assert isinstance(layer, spec.conv) and isinstance(layer, FactorizedLayer)
+    # the registry's price is the built layer's count (at its realised ranks: a sampled CUR
+    # picks its own number of columns)
+    _, real, _ = methods.plan_of(layer)
+    cost = spec.cost(net.conv, real, form, (8, 8))
+    assert cost.params == count_params(layer)
+    assert cost.macs == count_macs(layer, torch.rand(1, 16, 8, 8))
+    # the layer tells which plan rebuilds it, and load rebuilds it from the plan alone
+    assert methods.plan_of(layer)[0] == name
+    rc.save(small, tmp_path, plan=plan)
+    again = rc.load(Net(), tmp_path)
+    assert torch.allclose(again(X), small(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_each_method_is_plannable_to_a_target(net, name):
+    plan = rc.plan(net, X, method=name, target="params=2x", allow_slower=True, min_params=100)
+    assert plan.active, plan
+    assert plan.meta["predicted"]["params_ratio"] >= 1.9
+    conv_methods = {lp.method for n, lp in plan.active.items() if n in ("conv",)}
+    assert conv_methods <= {name, methods.FALLBACK}
+    small = rc.apply(net, plan)
+    assert count_params(small) < count_params(net)
+
+
+def test_cur_is_planned_with_actual_columns_on_linear_layers(net):
+    plan = rc.plan(net, X, method="cur", target="params=3x", allow_slower=True)
+    head = plan["head"]
+    assert head.method == "cur" and head.options == {"solver": "deim"}
+    small = rc.apply(net, plan)
+    assert small.head.info["decomposition"] == "cur"
+    # CUR never beats SVD's error at the same width (Eckart-Young): auto does not score it
+    assert not methods.get("cur").auto
+    auto = [m.name for m, _ in methods.variants("auto", net.head)]
+    assert auto == ["svd"]
+
+
+def test_variants_fall_back_to_svd_where_a_method_does_not_apply(net):
+    assert [(m.name, f) for m, f in methods.variants("tucker", net.point)] == [("svd", None)]
+    assert [(m.name, f) for m, f in methods.variants("cp3", net.conv)] == [("cp", "cp3")]
+    assert [(m.name, f) for m, f in methods.variants("auto", net.conv)] == [
+        ("svd", None), ("spatial_svd", None), ("cp", "cp3"), ("cp", "cp4"), ("tucker", None)]
+
+
+def test_one_from_dense_signature_and_solver_option(net):
+    for spec in methods.REGISTRY.values():
+        layer = spec.conv.from_dense(net.conv, (4, 4) if spec.n_ranks == 2 else 4, cov=None,
+                                     **dict(spec.layer_options))
+        assert layer.info["rel_error"] > 0
+    layer = rc.layers.SVDConv2d.from_dense(net.conv, 4, decomposition="cur", solver="deim")
+    assert layer.info["options"] == {"solver": "deim"}
+    with pytest.raises(ValueError, match="chosen with 'solver'"):
+        rc.layers.CPConv2d.from_dense(net.conv, 4, method="als")
+    with pytest.raises(ValueError, match="solver: expected one of 'als'"):
+        rc.layers.CPConv2d.from_dense(net.conv, 4, solver="sgd")
+
+
+def test_cp_ranks_that_cannot_save_anything_are_clamped(net):
+    geo = rc.layers.ConvGeometry.of(net.conv)
+    most = rc.layers.cp_break_even(geo, "cp4")
+    with pytest.warns(UserWarning, match=f"clamped to {most}"):
+        layer = rc.layers.CPConv2d.from_dense(net.conv, 10 * most, max_iter=2)
+    assert layer.rank == most and count_params(layer) <= count_params(net.conv)
+
+
+def test_design_doc_shows_how_to_add_a_method():
+    from pathlib import Path
+
+    design = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
+    assert "rankcut.methods" in design and "register(Method(" in design
