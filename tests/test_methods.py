@@ -131,3 +131,13 @@ def test_design_doc_shows_how_to_add_a_method():
 
     design = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
     assert "rankcut.methods" in design and "register(Method(" in design
+
+
+@pytest.mark.parametrize("name, form", every_variant())
+def test_curve_candidates_are_priced_as_the_registry_prices_them(net, name, form):
+    spec = methods.get(name)
+    for kind in ("params", "macs"):
+        for c in spec.candidates(net.conv, (8, 8), form, {"max_iter": 3} if name == "cp" else {},
+                                 kind):
+            cost = spec.cost(net.conv, c.ranks, c.form, (8, 8))
+            assert (c.params, c.macs) == (cost.params, cost.macs), c

@@ -57,3 +57,13 @@ def hooked(model: nn.Module, hooks: Iterable[tuple[nn.Module, Callable]], *,
     finally:
         for handle in handles:
             handle.remove()
+
+
+def run_watching_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                        make_hook: Callable[[str], Callable]) -> None:
+    """One forward pass ``model(*inputs)`` (eval mode, no_grad) with ``make_hook(name)`` as a
+    forward hook on every Conv2d and Linear (how MACs and input shapes are recorded)."""
+    layers = [(module, make_hook(name)) for name, module in model.named_modules()
+              if isinstance(module, nn.Conv2d | nn.Linear)]
+    with hooked(model, layers):
+        model(*inputs)

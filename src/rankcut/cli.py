@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .defaults import COMPRESS
@@ -811,10 +812,16 @@ def _one_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"rankcut: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    if not debug:  # a warning is one line too; --debug shows where it came from
+        warnings.showwarning = _one_line_warning
     try:
         args = _with_config(parser, argv)
         _check_args(args)

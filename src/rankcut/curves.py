@@ -123,23 +123,26 @@ def tucker_curve(method, module, shape, form=None, options=None, kind="params"):
     """
     E = tucker_errors(module)
     t, s = E.shape
-
-    def price(r_t, r_s):
-        return getattr(method.cost(module, (r_t, r_s), None, shape), kind)
-
-    c11, c21, c12, c22 = price(1, 1), price(2, 1), price(1, 2), price(2, 2)
-    b = c22 - c21 - c12 + c11
-    c, a = c21 - c11 - b, c12 - c11 - b
-    d = c11 - a - b - c
+    priced_at = {(r_t, r_s): method.cost(module, (r_t, r_s), None, shape)
+                 for r_t, r_s in ((1, 1), (2, 1), (1, 2), (2, 2))}
     r_t = torch.arange(1, t + 1, dtype=torch.float64)[:, None]
     r_s = torch.arange(1, s + 1, dtype=torch.float64)[None, :]
-    cost = (a * r_s + b * r_t * r_s + c * r_t + d).flatten()
-    order = torch.argsort(cost * (1 + 1e-12) + E.flatten() * 1e-30, stable=True)
-    best = torch.cummin(E.flatten()[order], 0).values
+
+    def grid(which):  # every pair's params or MACs, from the bilinear form
+        c11, c21, c12, c22 = (getattr(priced_at[k], which) for k in priced_at)
+        b = c22 - c21 - c12 + c11
+        c, a = c21 - c11 - b, c12 - c11 - b
+        d = c11 - a - b - c
+        return (a * r_s + b * r_t * r_s + c * r_t + d).flatten()
+
+    cost, params, macs = grid(kind), grid("params"), grid("macs")
+    flat = E.flatten()
+    order = torch.argsort(cost * (1 + 1e-12) + flat * 1e-30, stable=True)
+    best = torch.cummin(flat[order], 0).values
     improves = torch.cat([torch.tensor([True]), best[1:] < best[:-1] - 1e-12])
-    keep = order[improves & (E.flatten()[order] <= best + 1e-15)]
-    return [priced(method, module, shape, (int(i) // s + 1, int(i) % s + 1), None,
-                   E.flatten()[i]) for i in keep.tolist()]
+    keep = order[improves & (flat[order] <= best + 1e-15)]
+    return [Candidate(method.name, (i // s + 1, i % s + 1), None, round(float(params[i])),
+                      round(float(macs[i])), float(flat[i])) for i in keep.tolist()]
 
 
 # -------------------------------------------------------------------------------------- CP

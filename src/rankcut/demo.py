@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import compress, save
+from .atomic import atomic_folder
 from .layers import FactorizedLayer
 from .profile import compare_latency, count_macs, count_params, layer_macs
 from .train import evaluate, finetune
@@ -219,15 +220,14 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     _say(f"[3/4] measuring (latency at batch 1, the two models timed interleaved) and writing "
          f"{out}/")
     t = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    save(small, out, plan=plan)
-    files = [out / "plan.json", out / "model.safetensors"]
     accuracy = {"original": before, "compressed": after}
     meta = {"demo": "rankcut.demo", "data": "sklearn digits", "seed": seed, "target": target,
             "method": method, "epochs": epochs, "finetune_epochs": finetune_epochs,
             "allow_slower": needed_slower}
-    rep, written = _report(model, small, x1, plan, test, accuracy, meta, out)
-    files += written
+    with atomic_folder(out) as tmp:  # the folder holds this run's files only, all or none
+        save(small, tmp, plan=plan)
+        rep, written = _report(model, small, x1, plan, test, accuracy, meta, tmp)
+    files = [out / f.name for f in (tmp / "plan.json", tmp / "model.safetensors", *written)]
     if rep is not None and rep.latency:  # the report timed both models at batch 1
         entry = rep.latency[0]
         lat = [entry["original"]["median_ms"], entry["compressed"]["median_ms"]]

@@ -119,8 +119,15 @@ class Method:
         return form
 
     def check_ranks(self, ranks) -> tuple[int, ...]:
-        ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
-        if (len(ranks) != self.n_ranks or any(isinstance(r, bool) for r in ranks)
+        if isinstance(ranks, int | float):
+            ranks = (ranks,)
+        try:
+            ranks = tuple(ranks)
+        except TypeError:
+            raise ValueError(f"ranks: method {self.name!r} expects {self.n_ranks} rank(s) >= 1, "
+                             f"got {ranks!r}") from None
+        if (len(ranks) != self.n_ranks
+                or any(isinstance(r, bool) or not isinstance(r, int | float) for r in ranks)
                 or any(int(r) != r or r < 1 for r in ranks)):
             raise ValueError(f"ranks: method {self.name!r} expects {self.n_ranks} rank(s) >= 1, "
                              f"got {ranks}")

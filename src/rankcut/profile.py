@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import as_inputs, batch_of, eval_mode, hooked
+from ._modes import as_inputs, batch_of, eval_mode, hooked, run_watching_layers
 from .layers import FactorizedLayer
 
 __all__ = [
@@ -92,10 +92,7 @@ def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
 
         return record
 
-    layers = [(module, hook(name)) for name, module in model.named_modules()
-              if isinstance(module, nn.Conv2d | nn.Linear)]
-    with hooked(model, layers):
-        model(*inputs)
+    run_watching_layers(model, inputs, hook)
     return macs
 
 

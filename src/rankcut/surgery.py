@@ -176,6 +176,8 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
     error on ``calib_data`` (batches of inputs, or (inputs, targets)); their input statistics
     are collected from the dense model first (at most ``max_batches`` batches).
     """
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
     aware = [n for n, lp in plan.active.items() if lp.options.get(DATA_AWARE)]
     if aware and calib_data is None:
         raise ValueError(f"calib_data: the plan asks for data-aware factorization of {aware} "

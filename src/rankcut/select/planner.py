@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import methods
-from .._modes import as_inputs, batch_of, hooked
+from .._modes import as_inputs, batch_of, run_watching_layers
 from ..calibrate import input_second_moments
 from ..curves import CP_SCORING, Candidate, output_error, pareto, whitened_svd_errors
 from ..layers import layer_cost
@@ -78,10 +78,7 @@ def layer_input_shapes(model: nn.Module, example_inputs) -> dict[str, tuple]:
                 seen.setdefault(name, (max(1, x.numel() // module.in_features // batch),))
         return hook
 
-    layers = [(module, record(name)) for name, module in model.named_modules()
-              if isinstance(module, nn.Conv2d | nn.Linear)]
-    with hooked(model, layers):
-        model(*inputs)
+    run_watching_layers(model, inputs, record)
     return seen
 
 
@@ -97,6 +94,27 @@ def _within_rule(c: Candidate, cap: tuple[int, ...] | None) -> bool:
 
 def _round_up(rank: int, multiple: int) -> int:
     return -(-rank // multiple) * multiple
+
+
+def _check_solver_options(options) -> dict:
+    """``options``: {method: {solver option: value}}, each method's options checked against its
+    solver before any work."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"options: expected a dict of solver options per method (e.g. "
+                         f"{{'cp': {{'max_iter': 100}}}}), got {type(options).__name__}")
+    for name, opts in options.items():
+        if name not in methods.names():
+            raise ValueError(f"options: {name!r} is not a method; keys are method names: "
+                             f"{', '.join(methods.names())}")
+        if not isinstance(opts, dict):
+            raise ValueError(f"options[{name!r}]: expected a dict, got {type(opts).__name__}")
+        try:
+            methods.get(name).check_options(opts)
+        except ValueError as err:
+            raise ValueError(f"options[{name!r}]: {err}") from None
+    return dict(options)
 
 
 def _solver_options(spec: methods.Method, options: dict) -> dict:
@@ -208,7 +226,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     rule = parse_rank(rank) if rank is not None else None
     kind, fraction = parse_target(target) if target is not None else (None, None)
     cost_kind = "macs" if kind == "latency" else kind  # what the allocation spends
-    options = dict(options or {})
+    options = _check_solver_options(options)
     inputs = as_inputs(example_inputs)
     guard = None if allow_slower else LatencyGuard((1, batch_of(inputs)), margin=latency_margin)
 

@@ -1,0 +1,234 @@
+"""Bad input to the Python API (planning, applying, compressing): a clear error naming the bad
+input, raised before any work, with the caller's model unchanged. The command line's catalogue
+is tests/test_bad_inputs_cli.py."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rankcut as rc
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        return self.head(x.flatten(1))
+
+
+X = torch.rand(2, 3, 8, 8)
+FAST = {"allow_slower": True}
+
+
+def fresh():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, before) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(
+        torch.equal(after[k], v) or (torch.isnan(after[k]).equal(torch.isnan(v)))
+        for k, v in before.items())
+
+
+def poisoned(value=float("nan")):
+    model = fresh()
+    with torch.no_grad():
+        model.conv.weight[0, 0, 0, 0] = value
+    return model
+
+
+PLAN_CASES = [
+    # (id, model factory, call(model), exception, message pattern)
+    ("example_inputs None", fresh, lambda m: rc.plan(m, None, target="macs=2x", **FAST),
+     ValueError, "example_inputs must be a tensor"),
+    ("example_inputs a number", fresh, lambda m: rc.plan(m, 3.0, target="macs=2x", **FAST),
+     ValueError, "example_inputs must be a tensor"),
+    ("example_inputs empty tuple", fresh, lambda m: rc.plan(m, (), target="macs=2x", **FAST),
+     ValueError, "example_inputs must be a tensor"),
+    ("model not a module", fresh, lambda m: rc.plan("resnet20", X, target="macs=2x"),
+     ValueError, "model: expected an nn.Module"),
+    ("unknown method", fresh, lambda m: rc.plan(m, X, method="qr", target="macs=2x"),
+     ValueError, "method: expected one of auto, svd, cur"),
+    ("no rank and no target", fresh, lambda m: rc.plan(m, X), ValueError, "rank, target"),
+    ("target 1x", fresh, lambda m: rc.plan(m, X, target="macs=1x"), ValueError, "target:"),
+    ("target garbage", fresh, lambda m: rc.plan(m, X, target="speed=2x"), ValueError,
+     "target:"),
+    ("target fraction above 1", fresh, lambda m: rc.plan(m, X, target="params=1.5"),
+     ValueError, "target:"),
+    ("rank rule garbage", fresh, lambda m: rc.plan(m, X, rank="lots"), ValueError, "rank"),
+    ("rank 0", fresh, lambda m: rc.plan(m, X, rank=0), ValueError, "rank"),
+    ("rank_multiple 0", fresh, lambda m: rc.plan(m, X, target="macs=2x", rank_multiple=0),
+     ValueError, "rank_multiple"),
+    ("include matches nothing", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", include=["layer9.*"], **FAST), ValueError,
+     "include: 'layer9.*' matches no Conv2d or Linear layer"),
+    ("exclude matches nothing", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", exclude=["nope"], **FAST), ValueError,
+     "exclude: 'nope' matches no Conv2d or Linear layer"),
+    ("include type absent", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", include=[nn.Conv1d], **FAST), ValueError,
+     "include: 'Conv1d' matches no"),
+    ("include not a pattern", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", include=[3], **FAST), ValueError, "include:"),
+    ("NaN weight", poisoned, lambda m: rc.plan(m, X, target="macs=2x", **FAST), ValueError,
+     "layer 'conv': its weight has 1 non-finite value"),
+    ("infinite weight", lambda: poisoned(float("inf")),
+     lambda m: rc.plan(m, X, rank=4, **FAST), ValueError, "layer 'conv': .*non-finite"),
+    ("NaN calibration data", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=[torch.full((4, 3, 8, 8), 1.0),
+                                                           torch.full((4, 3, 8, 8), 1e400)],
+                       **FAST), ValueError, "calib_data: batch 1 has NaN or infinite inputs"),
+    ("calibration data not batches", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=5, **FAST), ValueError,
+     "calib_data: expected batches"),
+    ("calibration batches of strings", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=["a", "b"], **FAST), ValueError,
+     "calib_data: expected batches"),
+    ("empty calibration data", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=[], **FAST), ValueError,
+     "never ran"),
+    ("target with nothing to factorize", lambda: nn.Sequential(nn.Conv1d(4, 8, 3),
+                                                               nn.Conv1d(8, 8, 3)),
+     lambda m: rc.plan(m, torch.rand(1, 4, 16), target="macs=2x", **FAST), ValueError,
+     "target: nothing to factorize: the model has no Conv2d or Linear layer"),
+    ("target when every layer is excluded", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", exclude=["*"], **FAST), ValueError,
+     "target: nothing to factorize: every Conv2d/Linear layer is skipped"),
+    ("unknown solver option", fresh,
+     lambda m: rc.plan(m, X, method="cp", rank=4, options={"cp": {"max_iterr": 3}}, **FAST),
+     ValueError, r"options\['cp'\]: options .*max_iterr"),
+    ("options keyed by a non-method", fresh,
+     lambda m: rc.plan(m, X, method="cp", rank=4, options={"max_iter": 3}, **FAST),
+     ValueError, "options: 'max_iter' is not a method"),
+    ("options not a dict", fresh,
+     lambda m: rc.plan(m, X, method="cp", rank=4, options=[("cp", {})], **FAST),
+     ValueError, "options: expected a dict of solver options per method"),
+]
+
+APPLY_CASES = [
+    ("plan not a Plan", fresh, lambda m: rc.apply(m, {"conv": "svd"}), ValueError,
+     "plan: expected a rankcut.Plan"),
+    ("layer not in the model", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv9": rc.LayerPlan("svd", 4)})), ValueError,
+     "plan layer 'conv9': the model has no such module"),
+    ("method does not apply", fresh,
+     lambda m: rc.apply(m, rc.Plan({"head": rc.LayerPlan("tucker", (4, 4))})), ValueError,
+     "plan layer 'head': method 'tucker' does not apply to Linear"),
+    ("planned for another type", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("svd", 4, module_type="Linear")})),
+     ValueError, "plan layer 'conv': planned for a Linear"),
+    ("solver option misnamed method", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("cp", 4, options={"method": "als"})})),
+     ValueError, "chosen with 'solver'"),
+    ("unknown solver", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("cp", 4, options={"solver": "sgd"})})),
+     ValueError, "plan layer 'conv': solver: expected one of 'als'"),
+    ("solver option the solver lacks", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("svd", 4, options={"max_iter": 3})})),
+     ValueError, "plan layer 'conv': options .* do not fit rankcut.decompose.svd"),
+    ("data_aware for spatial SVD", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("spatial_svd", 4,
+                                                         options={"data_aware": True})}),
+                        calib_data=[X]), ValueError,
+     "data_aware is implemented for methods 'svd', 'cp', 'tucker' only"),
+    ("data_aware without calibration data", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("svd", 4,
+                                                         options={"data_aware": True})})),
+     ValueError, "calib_data: the plan asks for data-aware"),
+    ("NaN weight", poisoned, lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("svd", 4)})),
+     ValueError, "layer 'conv': its weight has 1 non-finite value"),
+    ("form for svd", fresh, lambda m: rc.LayerPlan("svd", 4, form="cp3"), ValueError,
+     "form: only method.s. 'cp' take a form"),
+    ("form conflicts with the alias", fresh, lambda m: rc.LayerPlan("cp3", 4, form="cp4"),
+     ValueError, "form: 'cp3' is the form"),
+    ("ranks as a float", fresh, lambda m: rc.LayerPlan("svd", 2.5), ValueError, "ranks:"),
+    ("ranks as a bool", fresh, lambda m: rc.LayerPlan("svd", (True,)), ValueError, "ranks:"),
+    ("options not a mapping", fresh, lambda m: rc.LayerPlan("svd", 4, options=["x"]),
+     ValueError, "options: expected a mapping"),
+]
+
+COMPRESS_CASES = [
+    ("finetune_options typo", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", finetune_options={"lrr": 0.1}), ValueError,
+     r"finetune_options: unknown keys \['lrr'\]"),
+    ("finetune_options sets what compress sets", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", finetune_options={"epochs": 2}),
+     ValueError, "epochs: pass to rankcut.compress itself"),
+    ("old schedule name for the lr schedule", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", finetune_options={"schedule": "constant"}),
+     ValueError, r"finetune_options: unknown keys \['schedule'\]"),
+    ("plan_options typo", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", plan_options={"allow_slowr": True}),
+     ValueError, r"plan_options: unknown keys \['allow_slowr'\]"),
+    ("plan_options not a dict", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", plan_options=["allow_slower"]), ValueError,
+     "plan_options: expected a dict"),
+    ("a plan and a target", fresh,
+     lambda m: rc.compress(m, X, target="macs=3x",
+                           plan=rc.Plan({"conv": rc.LayerPlan("svd", 4)})), ValueError,
+     "plan: a ready plan cannot be combined with rank= or target="),
+    ("unknown schedule", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", schedule="twice"), ValueError,
+     "schedule: expected one of one_shot"),
+    ("rounds 0", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", schedule="multistage", rounds=0),
+     ValueError, "rounds"),
+    ("min_accuracy without val_data", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", min_accuracy=90.0), ValueError,
+     "min_accuracy: needs val_data"),
+    ("model not a module", fresh, lambda m: rc.compress(None, X, target="macs=2x"),
+     ValueError, "model: expected an nn.Module"),
+    ("nothing to factorize", lambda: nn.Sequential(nn.Conv1d(4, 8, 3)),
+     lambda m: rc.compress(m, torch.rand(1, 4, 16), target="macs=2x", plan_options=FAST),
+     ValueError, "target: nothing to factorize"),
+    ("transfer to 0 classes", fresh,
+     lambda m: rc.transfer(m, (X, torch.zeros(2, dtype=torch.long)), 0), ValueError,
+     "num_classes"),
+]
+
+
+@pytest.mark.parametrize("factory, call, error, match",
+                         [c[1:] for c in PLAN_CASES + APPLY_CASES + COMPRESS_CASES],
+                         ids=[c[0] for c in PLAN_CASES + APPLY_CASES + COMPRESS_CASES])
+def test_bad_api_input_is_a_clear_error_and_changes_nothing(factory, call, error, match):
+    model = factory()
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(error, match=match):
+            call(model)
+    assert unchanged(model, before)
+
+
+def test_cp_rank_far_above_break_even_neither_hangs_nor_grows_the_model():
+    model = fresh()
+    with pytest.warns(UserWarning, match="no layer's factorization is smaller"):
+        plan = rc.plan(model, X, method="cp", rank=5000, **FAST)
+    assert not plan.active
+    assert "smaller than the dense layer" in plan["conv"].reason
+    with pytest.warns(UserWarning, match="clamped to"):
+        small = rc.apply(model, rc.Plan({"conv": rc.LayerPlan("cp", 2000)}))
+    assert sum(p.numel() for p in small.conv.parameters()) <= model.conv.weight.numel() + 32
+
+
+def test_svd_rank_above_full_rank_keeps_layers_dense_with_a_warning():
+    model = fresh()
+    with pytest.warns(UserWarning, match="at the ranks of 10000"):
+        plan = rc.plan(model, X, method="svd", rank=10000, **FAST)
+    assert not plan.active
+    small = rc.apply(model, plan)
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in
+                                                             model.parameters())
