@@ -590,6 +590,11 @@ class _Context:
         return D.calibration(self.dataset("train"), n=n, batch_size=min(128, n),
                              seed=self.args.seed)
 
+    def subject(self):
+        """The model a command works on: the --compressed folder's, else --model's."""
+        folder = getattr(self.args, "compressed", None)
+        return self.compressed(folder) if folder else self.model()
+
     def compressed(self, folder):
         from .io import load
 
@@ -612,6 +617,12 @@ class _Context:
         a = self.args
         return {"rank_multiple": a.rank_multiple, "allow_slower": a.allow_slower,
                 "exclude": a.exclude, "min_params": a.min_params}
+
+
+def _start(args):
+    """The context, the model and its example inputs: how the subcommands that plan start."""
+    ctx = _Context(args)
+    return ctx, ctx.model(), ctx.example_inputs()
 
 
 def _say(*parts) -> None:
@@ -637,9 +648,7 @@ def cmd_compress(args) -> int:
     from .compress import compress
     from .io import save
 
-    ctx = _Context(args)
-    model = ctx.model()
-    x = ctx.example_inputs()
+    ctx, model, x = _start(args)
     plan = args.plan_obj
     epochs, steps = _epochs_steps(args)
     tune = epochs is not None or steps is not None or args.steps_per_layer
@@ -685,7 +694,7 @@ def cmd_compress(args) -> int:
 
 def cmd_evaluate(args) -> int:
     ctx = _Context(args)
-    model = ctx.compressed(args.compressed) if args.compressed else ctx.model()
+    model = ctx.subject()
     m = _evaluate(ctx, model, ctx.test_data())
     _say(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "
          f"on {m['n']} {args.data} test examples")
@@ -716,7 +725,7 @@ def cmd_export(args) -> int:
     from .export import export
 
     ctx = _Context(args)
-    model = ctx.compressed(args.compressed) if args.compressed else ctx.model()
+    model = ctx.subject()
     path = export(model, args.output, example_inputs=ctx.example_inputs(), format=args.format)
     _say(f"wrote {path}")
     return 0
@@ -727,9 +736,7 @@ def cmd_sweep(args) -> int:
     from .atomic import atomic_folder
     from .compress import compress
 
-    ctx = _Context(args)
-    model = ctx.model()
-    x = ctx.example_inputs()
+    ctx, model, x = _start(args)
     test = ctx.test_data()
     epochs, steps = _epochs_steps(args)
     train = ctx.dataset("train", train_transform=True) if epochs or steps else None
@@ -776,9 +783,7 @@ def cmd_sweep(args) -> int:
 def cmd_analyze(args) -> int:
     from . import report as R
 
-    ctx = _Context(args)
-    model = ctx.model()
-    x = ctx.example_inputs()
+    ctx, model, x = _start(args)
     calib = ctx.calib_data(args.calib)
     from .atomic import atomic_folder
 
