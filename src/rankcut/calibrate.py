@@ -137,3 +137,38 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
         raise ValueError(f"batches: layers {missing} never ran (no batches, or not on the "
                          "forward path)")
     return {n: [a / counts[n] for a in acc] for n, acc in sums.items()}
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, calib_data, *, max_batches: int | None = None) -> int:
+    """Recompute the running mean and variance of every BatchNorm in ``model`` (in place) from
+    ``calib_data``, as the model now computes them (every other module in eval mode; the exact
+    average over the batches, ``momentum=None``). Returns the number of BatchNorm layers
+    re-estimated; modes and momenta are restored.
+
+    Not applied by default: the inputs must be distributed as the training inputs were
+    (augmentation included). On the pretrained CIFAR-10 ResNet-20, re-estimating on 1024
+    un-augmented training images takes the *dense* model from 91.64% to 88.40% top-1, and a
+    3x-compressed one below where it was (experiments/bn_reestimation.py, docs/planning.md)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    model.eval()
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+            m.train()
+        for batch in calibration_batches(calib_data, max_batches):
+            x = batch[0] if isinstance(batch, tuple) else batch
+            model(x.to(device))
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        for m, training in flags:
+            m.training = training
+    return len(norms)

@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from .calibrate import calibration_batches, reestimate_batchnorm
 from .defaults import COMPRESS
 from .layers import CPConv2d, FactorizedLayer
 from .plans import Plan
@@ -44,6 +45,8 @@ SCHEDULES = ("one_shot", "layerwise", "multistage")
 # epoch at 0.01 and rose to 91.7% at 0.001; experiments/finetune_resnet20.py). Lebedev et al.
 # (2015) report the same instability. A model with CP layers gets this rate unless one is given.
 CP_SGD_LR = 1e-3
+# Training examples that BatchNorm statistics are re-estimated on after factorization.
+BN_SAMPLES = 2048
 
 
 @dataclass
@@ -100,7 +103,8 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
              val_data=None, min_accuracy: float | None = None,
              distill: bool = COMPRESS["distill"],
              transform=None, plan_options: dict | None = None,
-             finetune_options: dict | None = None, progress: bool = True) -> CompressResult:
+             finetune_options: dict | None = None, progress: bool = True,
+             reestimate_bn: bool | None = None) -> CompressResult:
     """Compress ``model`` (left untouched) on ``schedule`` (see the module docstring).
 
     Args:
@@ -120,6 +124,11 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
             ``rank_multiple``, ``include``, ``exclude``, ``options``, ...).
         finetune_options: more keyword arguments for :func:`rankcut.train.finetune` (``lr``,
             ``batch_size``, ``optimizer``, ``checkpoint_dir``, ``log``, ...).
+        reestimate_bn: after factorizing, recompute the BatchNorm statistics on up to
+            ``BN_SAMPLES`` examples of ``train_data`` (augmented as the model was trained), before
+            any fine-tuning; default: on when ``train_data`` is given. (Calibration data is not
+            used for this: without augmentation it moves the statistics away from the training
+            ones; see :func:`rankcut.calibrate.reestimate_batchnorm`.)
 
     Both option dicts are checked against the functions they feed before any work starts. The
     defaults are :data:`rankcut.defaults.COMPRESS`, shared with the command line.
@@ -143,10 +152,13 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
     if min_accuracy is not None and val_data is None:
         raise ValueError("min_accuracy: needs val_data to measure the accuracy on")
+    if reestimate_bn and train_data is None:
+        raise ValueError("reestimate_bn: needs train_data (examples distributed as in training)")
     setup()  # under torchrun: the process group exists before planning needs it
     job = _Job(model, example_inputs, dict(method=method, rank=rank, calib_data=calib_data,
                                            max_batches=max_batches, **(plan_options or {})),
-               train_data, distill, transform, dict(finetune_options or {}), progress)
+               train_data, distill, transform, dict(finetune_options or {}), progress,
+               train_data is not None if reestimate_bn is None else reestimate_bn)
     if schedule == "one_shot":
         return job.one_shot(plan, target, epochs, steps)
     if schedule == "layerwise":
@@ -172,13 +184,23 @@ def _check_options(options, fn, what: str, taken: set[str]) -> None:
 
 class _Job:
     def __init__(self, model, example_inputs, plan_kwargs, train_data, distill, transform,
-                 finetune_options, progress):
+                 finetune_options, progress, reestimate_bn=False):
         self.model, self.x = model, example_inputs
         self.plan_kwargs = plan_kwargs
         self.train_data, self.transform = train_data, transform
         self.teacher = model if distill else None
         self.finetune_options = {"progress": progress, **finetune_options}
         self.progress = progress
+        self.reestimate_bn = reestimate_bn
+
+    def repair_bn(self, model) -> dict | None:
+        """BatchNorm statistics recomputed on training examples (see ``reestimate_bn``)."""
+        if not self.reestimate_bn:
+            return None
+        batches = calibration_batches(self.train_data, BN_SAMPLES // 128,
+                                      transform=self.transform, batch_size=128)
+        count = reestimate_batchnorm(model, batches)
+        return {"batchnorms": count} if count else None
 
     def plan(self, target, model=None) -> Plan:
         return _agreed(lambda: make_plan(model or self.model, self.x, target=target,
@@ -199,7 +221,8 @@ class _Job:
         plan = plan or self.plan(target)
         small = apply(self.model, plan, calib_data=self.plan_kwargs["calib_data"],
                       max_batches=self.plan_kwargs["max_batches"], progress=self.progress)
-        stage = {"stage": "one_shot", "layers": list(plan.active)}
+        stage = {"stage": "one_shot", "layers": list(plan.active),
+                 "reestimated_bn": self.repair_bn(small)}
         stage["train"] = self.tune(small, epochs, steps)
         return CompressResult(small, plan, [stage])
 
@@ -213,9 +236,11 @@ class _Job:
                   max_batches=self.plan_kwargs["max_batches"])
             stages.append({"stage": f"layer {name}", "layers": [name],
                            "train": self.tune(small, None, steps_per_layer)})
+        final = {"stage": "final", "layers": [], "reestimated_bn": self.repair_bn(small)}
         if epochs is not None or steps is not None:
-            stages.append({"stage": "final", "layers": [], "train": self.tune(small, epochs,
-                                                                              steps)})
+            final["train"] = self.tune(small, epochs, steps)
+        if final["reestimated_bn"] or "train" in final:
+            stages.append(final)
         return CompressResult(small, plan, stages)
 
     def multistage(self, target, rounds, epochs, steps, val_data, min_accuracy):
@@ -229,7 +254,8 @@ class _Job:
             small = apply(view, plan, calib_data=self.plan_kwargs["calib_data"],
                           max_batches=self.plan_kwargs["max_batches"], progress=self.progress)
             stage = {"stage": f"round {i}", "target": round_target,
-                     "layers": list(plan.active), "train": self.tune(small, epochs, steps)}
+                     "layers": list(plan.active), "reestimated_bn": self.repair_bn(small),
+                     "train": self.tune(small, epochs, steps)}
             if val_data is not None:
                 stage["val"] = evaluate(small, val_data, transform=self.transform)
             stages.append(stage)

@@ -6,7 +6,9 @@
    channel SVD, spatial SVD, CP-3, CP-4 and Tucker-2 for a k x k convolution; SVD for Linear
    and 1x1 layers), see :mod:`rankcut.curves`.
 4. With a ``target`` ("macs=4x", "params=0.3"), the budget is spent across layers by
-   :func:`.budget.allocate` (least total squared relative weight error); with only a ``rank`` rule,
+   :func:`.budget.allocate` (least total squared relative error; with calibration data each
+   layer's squared error weighted by what it costs the network, :mod:`.damage`); with only a
+   ``rank`` rule,
    each layer takes the rule's ranks under the method (for ``auto``: the method with the least
    error at that rule). With both, the rule's ranks cap each layer's candidates.
 """
@@ -29,6 +31,7 @@ from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
 from ..profile import compare_latency, count_params
 from ..surgery import check_weights, structure, target_layers
+from . import damage
 from .budget import allocate
 from .latency import LatencyGuard, drop_slower
 from .rules import layer_ranks, parse_rank
@@ -188,7 +191,8 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
          min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None,
-         allow_slower: bool = False, latency_margin: float = 0.05) -> Plan:
+         allow_slower: bool = False, latency_margin: float = 0.05,
+         loss_aware: bool | None = None) -> Plan:
     """Plan the factorization of ``model`` (see the module docstring).
 
     Args:
@@ -209,6 +213,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             candidate's error in the output norm on these inputs' statistics, and SVD and
             Tucker-2 layers become data-aware (apply the plan with the same ``calib_data``).
         max_batches: at most this many calibration batches.
+        loss_aware: weigh each layer's errors by what they cost the whole network (measured on
+            ``calib_data`` by replacing each layer alone with a probe factorization, see
+            :mod:`.damage`), so the budget goes where it does least damage to the network's
+            output; default: on when ``calib_data`` and a ``target`` are given.
         allow_slower: by default every chosen factorization is timed against its dense layer
             on the model's device (batch 1 and the batch of ``example_inputs``) and one measured
             slower by more than ``latency_margin`` (a fraction, for timing noise) is vetoed;
@@ -256,6 +264,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
 
+    if loss_aware is None:
+        loss_aware = calib_data is not None and target is not None
+    if loss_aware and (calib_data is None or target is None):
+        raise ValueError("loss_aware: needs calib_data and a target")
     if target is not None and not layers:
         why = sorted({r for r in (lp.reason for lp in result.values()) if r})
         raise ValueError("target: nothing to factorize: " + (
@@ -272,6 +284,12 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         fixed[cost_kind] -= sum(layer.dense.cost(cost_kind) for layer in layers.values())
         choose.fixed = fixed[cost_kind]
         whole = fixed[cost_kind] + sum(layer.dense.cost(cost_kind) for layer in layers.values())
+        if loss_aware:
+            weights = _damage_weights(model, layers, covs, calib_data, cost_kind,
+                                      fraction * whole, choose.fixed, options)
+            for name, w in weights.items():
+                layers[name].cands = damage.weighted(layers[name].cands, w)
+            result.meta["damage_weights"] = weights
         if kind == "latency":
             chosen, budget, timing = _meet_latency(model, example_inputs, result, choose,
                                                    whole, fraction, options)
@@ -288,6 +306,34 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         result.meta["latency_guard"] = {**guard.settings(), "vetoed": choose.vetoed}
     _summarise(result, model, shapes)
     return result
+
+
+def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, options) -> dict:
+    """Each layer's network-damage weight (:func:`.damage.layer_weights`), probed at its
+    operating point: the candidate that the unweighted allocation picks for the budget (for a
+    layer it keeps dense, the candidate at the budget's cost fraction), factorized as the plan
+    would apply it."""
+    frontiers = {n: pareto([*layer.cands, layer.dense], kind) for n, layer in layers.items()}
+    try:
+        start = allocate(frontiers, kind, budget, fixed)
+    except ValueError:
+        start = {}
+    whole = fixed + sum(layer.dense.cost(kind) for layer in layers.values())
+    probes, errors = {}, {}
+    for name, layer in layers.items():
+        c = start.get(name)
+        if c is None or c.method == "dense":
+            c = damage.probe(layer.cands, layer.dense, kind, budget / max(whole, 1))
+        if c is None:
+            continue
+        spec = methods.get(c.method)
+        opts = _solver_options(spec, options)
+        if spec.name == "cp":
+            opts = {**CP_SCORING, **opts}
+        cov = covs.get(name) if c.extra.get(DATA_AWARE) else None
+        probes[name] = spec.from_dense(layer.module, c.ranks, c.form, cov, opts)
+        errors[name] = c.error
+    return damage.layer_weights(model, probes, errors, calib_data)
 
 
 class _Layer:
@@ -392,10 +438,14 @@ def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
     opts = _solver_options(methods.get(c.method), options)
     if c.extra.get(DATA_AWARE):
         opts[DATA_AWARE] = True
+    extra = dict(c.extra)
+    error = extra.pop("layer_error", c.error)
+    if "damage_weight" in extra:
+        extra["damage"] = c.error ** 2  # weight · error²: the predicted damage to the network
     return LayerPlan(c.method, c.ranks, form=c.form, options=opts,
-                     predicted={"params": c.params, "macs": c.macs, "error": c.error, **c.extra},
+                     predicted={"params": c.params, "macs": c.macs, "error": error, **extra},
                      module_type=type(module).__name__,
-                     reason=f"{c.describe()}: predicted error {c.error:.3f}")
+                     reason=f"{c.describe()}: predicted error {error:.3f}")
 
 
 def _summarise(result: Plan, model: nn.Module, shapes) -> None:
@@ -420,3 +470,6 @@ def _summarise(result: Plan, model: nn.Module, shapes) -> None:
         "error_sq_sum": math.fsum(lp.predicted.get("error", 0.0) ** 2
                                   for lp in result.layers.values() if not lp.skip),
     }
+    if "damage_weights" in result.meta:  # Σ weight·error²: the network damage predicted
+        result.meta["predicted"]["damage"] = math.fsum(
+            lp.predicted.get("damage", 0.0) for lp in result.layers.values() if not lp.skip)

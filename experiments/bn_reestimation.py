@@ -1,0 +1,77 @@
+"""What loss-aware allocation and BatchNorm re-estimation give, without fine-tuning (issue 11).
+
+Pretrained CIFAR-10 ResNet-20 (../shared/data). ``rc.plan(method="auto", target=...)`` with the
+first ``--calib`` training images (un-augmented) as calibration data, latency guard off, applied
+data-aware; ``loss_aware`` off and on. Each plan is then evaluated as applied, and after
+``rankcut.calibrate.reestimate_batchnorm`` on the first 2048 training images with the training
+augmentation (random crop and flip, seeded) and, for comparison, on the un-augmented calibration
+images. Top-1 on CIFAR-10 test images 0..1016; the dense model's row shows what re-estimation
+alone does. Run from the repository root:
+
+    .venv/bin/python experiments/bn_reestimation.py [--targets 2 3 4]
+"""
+
+import argparse
+import copy
+import time
+
+import torch
+
+import rankcut as rc
+from rankcut import data as D
+from rankcut.calibrate import reestimate_batchnorm
+from rankcut.data import find_data_root, read_cifar10_bin
+from rankcut.models import create, normalizer
+from rankcut.profile import count_macs, top1_accuracy
+
+WEIGHTS = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--calib", type=int, default=1024, help="calibration training images")
+    args = parser.parse_args()
+    root = find_data_root()
+    if root is None:
+        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    norm = normalizer("resnet20_cifar")
+    images, labels = read_cifar10_bin(root, "test")
+    train, _ = read_cifar10_bin(root, "train", limit=max(args.calib, 2048))
+    calib = [norm(train[i:i + 128]) for i in range(0, args.calib, 128)]
+    torch.manual_seed(0)
+    augment = D.transforms("cifar10", train=True, normalization="resnet20_cifar")
+    augmented = [augment(train[i:i + 128]) for i in range(0, 2048, 128)]
+    model = create("resnet20_cifar", weights=root / WEIGHTS).eval()
+    x = torch.rand(1, 3, 32, 32)
+
+    def top1(m):
+        return top1_accuracy(m, images, labels, transform=norm)
+
+    def repaired(m, batches):
+        m = copy.deepcopy(m)
+        reestimate_batchnorm(m, batches)
+        return top1(m)
+
+    print(f"resnet20_cifar, {len(images)} test images, {args.calib} calibration images, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, latency guard off, no "
+          "fine-tuning")
+    print(f"{'target':>7} {'loss-aware':>10} {'MACs x':>7} {'top-1 %':>8} {'+BN aug. %':>10} "
+          f"{'+BN plain %':>11} {'plan s':>7}")
+    print(f"{'dense':>7} {'-':>10} {1:7.2f} {top1(model):8.2f} {repaired(model, augmented):10.2f} "
+          f"{repaired(model, calib):11.2f} {'-':>7}", flush=True)
+    for ratio in args.targets:
+        for loss_aware in (False, True):
+            start = time.perf_counter()
+            plan = rc.plan(model, x, method="auto", target=f"macs={ratio}x", calib_data=calib,
+                           allow_slower=True, loss_aware=loss_aware)
+            small = rc.apply(model, plan, calib_data=calib)
+            seconds = time.perf_counter() - start
+            print(f"{ratio:>6}x {'on' if loss_aware else 'off':>10} "
+                  f"{count_macs(model, x) / count_macs(small, x):7.2f} {top1(small):8.2f} "
+                  f"{repaired(small, augmented):10.2f} {repaired(small, calib):11.2f} "
+                  f"{seconds:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

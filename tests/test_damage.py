@@ -1,0 +1,105 @@
+"""Loss-aware allocation (network damage per layer) and BatchNorm re-estimation."""
+
+import pytest
+import torch
+from torch import nn
+
+import rankcut as rc
+from rankcut.calibrate import reestimate_batchnorm
+from rankcut.select import damage
+
+
+class TwoPaths(nn.Module):
+    """``used`` feeds the output; ``ignored`` is computed and multiplied by zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.used = nn.Conv2d(16, 16, 3, padding=1)
+        self.ignored = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = torch.relu(self.used(h)) + 0.0 * self.ignored(h)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return TwoPaths().eval()
+
+
+CALIB = [torch.randn(32, 3, 8, 8) for _ in range(2)]
+X = torch.rand(1, 3, 8, 8)
+
+
+def test_a_layer_the_output_ignores_gets_the_least_weight(net):
+    probes = {name: rc.layers.SVDConv2d.from_dense(net.get_submodule(name), 2)
+              for name in ("used", "ignored")}
+    errors = {name: probes[name].info["rel_error"] for name in probes}
+    weights = damage.layer_weights(net, probes, errors, CALIB)
+    assert weights["ignored"] == pytest.approx(1 / damage.MAX_RATIO)
+    assert weights["used"] > 1 and weights["used"] <= damage.MAX_RATIO
+    # the caller's model is left as it was
+    assert isinstance(net.used, nn.Conv2d) and isinstance(net.ignored, nn.Conv2d)
+
+
+def test_loss_aware_planning_spends_the_budget_where_the_network_feels_it(net):
+    plan = rc.plan(net, X, method="svd", target="params=2x", calib_data=CALIB,
+                   allow_slower=True, min_params=100)
+    weights = plan.meta["damage_weights"]
+    assert weights["ignored"] < weights["used"]
+    assert plan["ignored"].ranks[0] <= plan["used"].ranks[0]
+    lp = plan["used"]
+    assert lp.predicted["damage"] == pytest.approx(lp.predicted["error"] ** 2
+                                                   * lp.predicted["damage_weight"])
+    assert plan.meta["predicted"]["damage"] > 0
+    plain = rc.plan(net, X, method="svd", target="params=2x", calib_data=CALIB,
+                    allow_slower=True, min_params=100, loss_aware=False)
+    assert "damage_weights" not in plain.meta
+    with pytest.raises(ValueError, match="loss_aware: needs calib_data and a target"):
+        rc.plan(net, X, method="svd", target="params=2x", loss_aware=True)
+
+
+class WithBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_reestimating_batchnorm_averages_the_statistics_and_restores_modes():
+    torch.manual_seed(0)
+    model = WithBN().train()
+    model.head.eval()
+    batches = [torch.randn(16, 3, 6, 6) + 2 for _ in range(3)]
+    assert reestimate_batchnorm(model, batches) == 1
+    with torch.no_grad():
+        out = torch.cat([model.conv(b) for b in batches]).transpose(0, 1).reshape(8, -1)
+    assert torch.allclose(model.bn.running_mean, out.mean(1), atol=1e-5)
+    assert model.bn.momentum == 0.1 and model.training and not model.head.training
+    assert reestimate_batchnorm(nn.Linear(3, 2), batches) == 0
+
+
+def test_compress_reestimates_batchnorm_on_training_examples():
+    torch.manual_seed(0)
+    model = WithBN().eval()
+    data = (torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,)))
+    before = model.bn.running_mean.clone()
+    result = rc.compress(model, data[0][:1], method="svd", rank=2, train_data=data,
+                         plan_options={"allow_slower": True, "min_params": 10})
+    assert result.stages[0]["reestimated_bn"] == {"batchnorms": 1}
+    assert not torch.equal(result.model.bn.running_mean, before)
+    assert torch.equal(model.bn.running_mean, before)  # the caller's model is untouched
+    off = rc.compress(model, data[0][:1], method="svd", rank=2, train_data=data,
+                      reestimate_bn=False, plan_options={"allow_slower": True,
+                                                         "min_params": 10})
+    assert off.stages[0]["reestimated_bn"] is None
+    with pytest.raises(ValueError, match="reestimate_bn: needs train_data"):
+        rc.compress(model, data[0][:1], method="svd", rank=2, reestimate_bn=True)
