@@ -103,3 +103,13 @@ def test_compress_reestimates_batchnorm_on_training_examples():
     assert off.stages[0]["reestimated_bn"] is None
     with pytest.raises(ValueError, match="reestimate_bn: needs train_data"):
         rc.compress(model, data[0][:1], method="svd", rank=2, reestimate_bn=True)
+
+
+def test_planning_shows_its_stages_and_layers_when_asked(net, capsys):
+    rc.plan(net, X, method="svd", target="params=2x", calib_data=CALIB, allow_slower=True,
+            min_params=100, progress=True)
+    err = capsys.readouterr().err
+    assert "planning: scoring candidates" in err and "planning: network damage" in err
+    assert "used" in err
+    rc.plan(net, X, method="svd", target="params=2x", allow_slower=True, min_params=100)
+    assert capsys.readouterr().err == ""

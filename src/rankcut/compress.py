@@ -140,7 +140,7 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
                          "already fixes every layer's method and ranks)")
     _check_options(plan_options, make_plan, "plan_options",
                    taken={"model", "example_inputs", "method", "rank", "target", "calib_data",
-                          "max_batches"})
+                          "max_batches", "progress"})
     _check_options(finetune_options, finetune, "finetune_options",
                    taken={"model", "train_data", "epochs", "steps", "teacher", "transform"})
     if schedule not in SCHEDULES:
@@ -156,7 +156,8 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         raise ValueError("reestimate_bn: needs train_data (examples distributed as in training)")
     setup()  # under torchrun: the process group exists before planning needs it
     job = _Job(model, example_inputs, dict(method=method, rank=rank, calib_data=calib_data,
-                                           max_batches=max_batches, **(plan_options or {})),
+                                           max_batches=max_batches, progress=progress,
+                                           **(plan_options or {})),
                train_data, distill, transform, dict(finetune_options or {}), progress,
                train_data is not None if reestimate_bn is None else reestimate_bn)
     if schedule == "one_shot":

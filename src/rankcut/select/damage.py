@@ -50,7 +50,8 @@ def probe(cands: list[Candidate], dense: Candidate, kind: str, fraction: float) 
 
 
 def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[str, float],
-                  calib_data, *, max_samples: int = 256) -> dict[str, float]:
+                  calib_data, *, max_samples: int = 256,
+                  progress: bool = False) -> dict[str, float]:
     """``{layer: KL(dense ‖ probed) / error²}``: the network damage per unit of squared output
     error of each layer, each replaced alone by its probe layer (``probes``, whose predicted
     relative errors are ``errors``), on the first ``max_samples`` calibration inputs. The
@@ -65,7 +66,12 @@ def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[s
     work = copy.deepcopy(model)
     reference = _log_probs(work, inputs)
     raw = {}
-    for name, layer in probes.items():
+    steps = probes.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="planning: network damage per layer", unit="layer")
+    for name, layer in steps:
         original = work.get_submodule(name)
         set_submodule(work, name, layer)
         try:

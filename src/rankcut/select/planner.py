@@ -192,7 +192,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
          min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None,
          allow_slower: bool = False, latency_margin: float = 0.05,
-         loss_aware: bool | None = None) -> Plan:
+         loss_aware: bool | None = None, progress: bool = False) -> Plan:
     """Plan the factorization of ``model`` (see the module docstring).
 
     Args:
@@ -217,6 +217,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             ``calib_data`` by replacing each layer alone with a probe factorization, see
             :mod:`.damage`), so the budget goes where it does least damage to the network's
             output; default: on when ``calib_data`` and a ``target`` are given.
+        progress: show a progress bar per stage (scoring candidates, probing the network),
+            with the layer at hand.
         allow_slower: by default every chosen factorization is timed against its dense layer
             on the model's device (batch 1 and the batch of ``example_inputs``) and one measured
             slower by more than ``latency_margin`` (a fraction, for timing noise) is vetoed;
@@ -250,7 +252,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
                         "target": None if target is None else str(target)})
     layers: dict[str, _Layer] = {}
-    for name, reason in eligible.items():
+    for name, reason in _steps(eligible.items(), progress, "planning: scoring candidates"):
         module = model.get_submodule(name)
         if reason is None and name not in shapes:
             reason = "not called in the forward pass on example_inputs"
@@ -286,7 +288,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         whole = fixed[cost_kind] + sum(layer.dense.cost(cost_kind) for layer in layers.values())
         if loss_aware:
             weights = _damage_weights(model, layers, covs, calib_data, cost_kind,
-                                      fraction * whole, choose.fixed, options)
+                                      fraction * whole, choose.fixed, options, progress)
             for name, w in weights.items():
                 layers[name].cands = damage.weighted(layers[name].cands, w)
             result.meta["damage_weights"] = weights
@@ -308,7 +310,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     return result
 
 
-def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, options) -> dict:
+def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, options,
+                    progress=False) -> dict:
     """Each layer's network-damage weight (:func:`.damage.layer_weights`), probed at its
     operating point: the candidate that the unweighted allocation picks for the budget (for a
     layer it keeps dense, the candidate at the budget's cost fraction), factorized as the plan
@@ -320,7 +323,7 @@ def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, option
         start = {}
     whole = fixed + sum(layer.dense.cost(kind) for layer in layers.values())
     probes, errors = {}, {}
-    for name, layer in layers.items():
+    for name, layer in _steps(layers.items(), progress, "planning: probing factorizations"):
         c = start.get(name)
         if c is None or c.method == "dense":
             c = damage.probe(layer.cands, layer.dense, kind, budget / max(whole, 1))
@@ -333,7 +336,22 @@ def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, option
         cov = covs.get(name) if c.extra.get(DATA_AWARE) else None
         probes[name] = spec.from_dense(layer.module, c.ranks, c.form, cov, opts)
         errors[name] = c.error
-    return damage.layer_weights(model, probes, errors, calib_data)
+    return damage.layer_weights(model, probes, errors, calib_data, progress=progress)
+
+
+def _steps(items, progress: bool, stage: str):
+    """``items`` ((layer name, ...) pairs), behind a progress bar naming ``stage`` and the
+    layer at hand when ``progress``."""
+    if not progress:
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    with tqdm(items, desc=stage, unit="layer") as bar:
+        for item in bar:
+            bar.set_postfix_str(item[0])
+            yield item
 
 
 class _Layer:
