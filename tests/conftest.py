@@ -24,9 +24,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def resnet20_kernels(shared_data) -> dict[str, torch.Tensor]:
-    """The conv kernels of the pretrained CIFAR-10 ResNet-20 (akamaster), by parameter name."""
+def resnet20_weights(shared_data) -> Path:
+    """The pretrained CIFAR-10 ResNet-20 (akamaster) weights file; the test skips without it."""
     path = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
     if not path.is_file():
-        pytest.skip(f"pretrained weights not found at {path}")
-    return load_conv_kernels(path)
+        pytest.skip(f"pretrained ResNet-20 weights not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet20_kernels(resnet20_weights) -> dict[str, torch.Tensor]:
+    """The conv kernels of the pretrained CIFAR-10 ResNet-20 (akamaster), by parameter name."""
+    return load_conv_kernels(resnet20_weights)

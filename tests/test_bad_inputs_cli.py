@@ -672,14 +672,6 @@ def test_cli_defaults_are_the_compress_table():
 
 # ---------------------------------------------------------- the real files in ../shared/data
 
-@pytest.fixture()
-def resnet20_weights(shared_data):
-    path = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
-    if not path.is_file():
-        pytest.skip(f"pretrained ResNet-20 weights not found at {path}")
-    return path
-
-
 def test_real_weights_of_the_wrong_model_name_the_keys(resnet20_weights, capsys, tmp_path):
     code, _, err = run(capsys, "compress", *S, "--model", "resnet32_cifar", "--weights",
                        resnet20_weights, "--out", tmp_path / "o")

@@ -30,11 +30,8 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 @pytest.fixture()
-def weights(shared_data):
-    path = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
-    if not path.is_file():
-        pytest.skip(f"pretrained weights not found at {path}")
-    return path
+def weights(resnet20_weights):
+    return resnet20_weights
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -268,8 +268,8 @@ def _read_config(path: Path, command: str, subparser) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--config: {path} is not valid YAML: {first}") from None
+        raise UserError(f"--config: {path} is not valid YAML: "
+                        f"{_one_line(err) or type(err).__name__}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config: {path} must hold a mapping of flag names to values")
     known_dests = {a.dest: a for a in subparser._actions if a.dest not in ("help", "config")}
@@ -825,8 +825,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    if not debug:  # a warning is one line too; --debug shows where it came from
-        warnings.showwarning = _one_line_warning
+    # a warning is one line too (--debug shows where it came from); restored on return, so a
+    # caller of main() keeps its own warning display
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _one_line_warning
+        return _run(parser, argv, debug)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str], debug: bool) -> int:
     try:
         args = _with_config(parser, argv)
         _check_args(args)

@@ -125,7 +125,8 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         finetune_options: more keyword arguments for :func:`rankcut.train.finetune` (``lr``,
             ``batch_size``, ``optimizer``, ``checkpoint_dir``, ``log``, ...).
         reestimate_bn: after factorizing, recompute the BatchNorm statistics on up to
-            ``BN_SAMPLES`` examples of ``train_data`` (augmented as the model was trained), before
+            ``BN_SAMPLES`` examples of ``train_data`` (of a DataLoader, its first
+            ``BN_SAMPLES // 128`` batches; augmented as the model was trained), before
             any fine-tuning; default: on when ``train_data`` is given. (Calibration data is not
             used for this: without augmentation it moves the statistics away from the training
             ones; see :func:`rankcut.calibrate.reestimate_batchnorm`.)

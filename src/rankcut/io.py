@@ -24,6 +24,7 @@ from torch import nn
 from . import methods
 from .atomic import atomic_path
 from .layers import FactorizedLayer, LowRankLinear
+from .models import first_non_finite
 from .plans import LayerPlan, Plan
 from .surgery import structure
 
@@ -86,9 +87,9 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
 def load_plan(path: str | os.PathLike) -> Plan:
     """The plan stored in a save folder, or in a plan file (``plan.json``)."""
     path = Path(path)
-    plan_file = path / PLAN_FILE if path.is_dir() or path.suffix != ".json" else path
-    if path.is_file():
-        plan_file = path
+    # a file is the plan itself; a missing *.json names the missing plan file; else a folder
+    plan_file = path if path.is_file() or (path.suffix == ".json" and not path.is_dir()) \
+        else path / PLAN_FILE
     if not plan_file.is_file():
         raise FileNotFoundError(f"{plan_file}: not found (expected a {PLAN_FILE} file or a "
                                 f"rankcut save folder holding {PLAN_FILE} and {WEIGHTS_FILE})")
@@ -116,15 +117,6 @@ def _weights_path(folder: Path, plan: Plan) -> Path:
         raise ValueError(f"{folder / PLAN_FILE}: weights_file {name!r} leads out of the folder "
                          f"(to {weights.resolve()}); it must be a file inside {folder}")
     return weights
-
-
-def first_non_finite(model: nn.Module) -> str | None:
-    """The name of the first floating-point parameter or buffer of ``model`` holding a NaN or
-    an infinity, or None when all are finite."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-            return name
-    return None
 
 
 def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
@@ -156,7 +148,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
         load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as err:
         raise ValueError(f"{weights}: cannot load into the rebuilt model: {err}") from None
-    bad = first_non_finite(model)
+    bad = first_non_finite(model.state_dict())
     if bad is not None:
         raise ValueError(f"{weights}: tensor {bad!r} holds NaN or infinite values; refusing a "
                          "model that cannot compute")

@@ -139,7 +139,7 @@ class Method:
         if options.get(DATA_AWARE) and not self.data_aware:
             raise ValueError(self._not_data_aware())
         try:
-            inspect.signature(self.solver).bind(None, None, **solver_kwargs(opts, self.solver))
+            inspect.signature(self.solver).bind(None, None, **solver_kwargs(opts))
         except TypeError as err:
             raise ValueError(f"options {dict(options)} do not fit rankcut.decompose."
                              f"{self.solver.__name__}: {err}") from None

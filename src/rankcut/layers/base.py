@@ -181,7 +181,7 @@ def single_rank(ranks) -> int:
     return int(ranks)
 
 
-def solver_kwargs(options: dict, decompose_fn) -> dict:
+def solver_kwargs(options: dict) -> dict:
     """A layer's solver options as keyword arguments of ``decompose_fn``: the layer calls the
     decomposition's algorithm ``solver`` (``method`` is the compression method's name in rankcut,
     and a decomposition's own argument name)."""
@@ -198,7 +198,7 @@ def solve(decompose_fn, *args, **options):
     """``decompose_fn(*args, **options)`` with ``solver`` for the algorithm (see
     :func:`solver_kwargs`); its complaints about ``method`` are reported as ``solver``."""
     try:
-        return decompose_fn(*args, **solver_kwargs(options, decompose_fn))
+        return decompose_fn(*args, **solver_kwargs(options))
     except ValueError as err:
         text = str(err)
         if text.startswith("method:") and "solver" in options:

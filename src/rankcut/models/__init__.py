@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -187,10 +187,19 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         raise WeightsMismatchError(f"{source} do not fit this model: {'; '.join(parts)} (are "
                                    "they the weights of this model, with this number of "
                                    "classes?)")
-    for key, value in state.items():
-        if value.is_floating_point() and not bool(value.isfinite().all()):
-            raise ValueError(f"{source}: tensor {key!r} holds NaN or infinite values; refusing "
-                             "weights that cannot compute")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ValueError(f"{source}: tensor {bad!r} holds NaN or infinite values; refusing "
+                         "weights that cannot compute")
+
+
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of a state dict holding a NaN or an
+    infinity, or None when all are finite (how loading refuses weights that cannot compute)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            return name
+    return None
 
 
 def _user_model(name: str) -> Callable[..., nn.Module]:
@@ -258,6 +267,7 @@ __all__ = [
     "WeightsMismatchError",
     "check_state_dict",
     "create",
+    "first_non_finite",
     "normalization",
     "normalizer",
     "read_state_dict",

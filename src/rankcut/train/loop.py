@@ -197,11 +197,7 @@ class _Run:
 
     # ---- data order -------------------------------------------------------------------
     def _setup_data(self) -> None:
-        o, env = self.o, self.env
-        if o["epochs"] is not None and o["steps"] is not None:
-            raise ValueError("give epochs or steps, not both")
-        if o["batch_size"] < 1:
-            raise ValueError(f"batch_size must be positive, got {o['batch_size']}")
+        o, env = self.o, self.env  # the settings were checked by finetune (_check_arguments)
         self.loader = self.data if isinstance(self.data, DataLoader) else None
         if self.loader is None:
             if o["batch_size"] % env.world_size:
@@ -256,8 +252,6 @@ class _Run:
     def _setup_training(self) -> None:
         o, device = self.o, self.device
         kind = o["optimizer"]
-        if not callable(kind) and kind not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {OPTIMIZERS} or a callable, got {kind!r}")
         name = kind if isinstance(kind, str) else "sgd"
         lr = DEFAULT_LR[name] if o["lr"] is None else float(o["lr"])
         wd = DEFAULT_WEIGHT_DECAY[name] if o["weight_decay"] is None else float(o["weight_decay"])
