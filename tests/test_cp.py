@@ -3,7 +3,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
 
-from rankcut.decompose import cp
+from rankcut.decompose import cp, cp_many
 from rankcut.decompose._tensor import cp_to_tensor
 
 from .conftest import DEVICES
@@ -124,3 +124,42 @@ def test_cp_als_matches_tensorly_parafac_on_pretrained_resnet20_kernels(resnet20
         ours_total += ours
         theirs_total += theirs
     assert ours_total <= theirs_total * 1.01
+
+
+@pytest.mark.parametrize("method", ["als", "als_qr", "tpm"])
+def test_cp_many_gives_what_each_tensor_alone_gives(method):
+    """The batch mixes shapes (two groups), converges at different sweeps (a planted tensor
+    stops early, random ones run on) and whitens each tensor with its own second moment."""
+    g = torch.Generator().manual_seed(1)
+    tensors = [planted_cp((6, 5, 3, 3), 4, seed=2), torch.randn(6, 5, 3, 3, generator=g,
+                                                                  dtype=torch.float64),
+               torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64),
+               torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64)]
+    opts = {"method": method, "max_iter": 40, "tol": 1e-6}
+    many = cp_many(tensors, 4, **opts)
+    iters = set()
+    for X, res in zip(tensors, many, strict=True):
+        alone = cp(X, 4, **opts)
+        assert res.n_iter == alone.n_iter and res.converged == alone.converged
+        assert res.rel_error == pytest.approx(alone.rel_error, rel=1e-6, abs=1e-9)
+        assert torch.allclose(res.to_tensor(), alone.to_tensor(), atol=1e-6)
+        iters.add(res.n_iter)
+    if method != "tpm":
+        assert len(iters) > 1  # the batch really held tensors stopping at different sweeps
+    covs = []
+    for X in tensors:
+        A = torch.randn(X.shape[1], 3 * X.shape[1], generator=g, dtype=torch.float64)
+        covs.append(A @ A.mT / A.shape[1])
+    for X, C, res in zip(tensors, covs, cp_many(tensors, 3, cov=covs, **opts), strict=True):
+        alone = cp(X, 3, cov=C, **opts)
+        assert res.rel_error == pytest.approx(alone.rel_error, rel=1e-6, abs=1e-9)
+        assert torch.allclose(res.to_tensor(), alone.to_tensor(), atol=1e-6)
+
+
+def test_cp_many_rejects_what_it_cannot_batch():
+    with pytest.raises(ValueError, match="tensors: expected a non-empty list"):
+        cp_many(torch.randn(2, 3, 3), 2)
+    with pytest.raises(ValueError, match="tensors: expected a non-empty list"):
+        cp_many([], 2)
+    with pytest.raises(ValueError, match=r"cov: expected one second moment per tensor \(2\)"):
+        cp_many([torch.randn(3, 3, 3)] * 2, 2, cov=[torch.eye(3)])

@@ -31,6 +31,9 @@ from .decompose.svd import truncation_errors, whitening_factor
 from .layers import group_matrices, weight_blocks
 from .layers.base import solve
 
+# The plan option (and candidate mark) of a layer factorized on its input statistics
+DATA_AWARE = "data_aware"
+
 # CP-ALS settings for scoring candidates: enough to rank them; the planned layer gets the full run
 CP_SCORING = {"max_iter": 50, "tol": 1e-5}
 
@@ -149,25 +152,52 @@ def tucker_curve(method, module, shape, form=None, options=None, kind="params"):
 
 def cp_at(method, module, shape, ranks, form="cp4", options=None) -> Candidate:
     """CP-ALS of every group at ``ranks[0]``; the error is measured, not predicted."""
-    rank = ranks[0]
-    opts = {**CP_SCORING, **(options or {})}
-    lost = total = 0.0
-    for W in weight_blocks(module, torch.float64):
-        t, s, kh, kw = W.shape
-        X = W.float() if form == "cp4" else W.float().reshape(t, s, kh * kw)
-        res = solve(dec.cp, X, rank, **opts)
-        energy = float(W.pow(2).sum())
-        lost += res.rel_error**2 * energy
-        total += energy
-    return priced(method, module, shape, (rank,), form, math.sqrt(lost / max(total, 1e-300)))
+    grid = [priced(method, module, shape, ranks[:1], form, math.nan)]
+    return measured(method, [(module, grid[0], None)], {**CP_SCORING, **(options or {})})[0]
+
+
+def cp_grid(method, module, shape, form="cp4", n_ranks: int = 8) -> list[Candidate]:
+    """The CP ranks worth scoring, priced but not yet measured (error NaN): ``n_ranks`` spaced
+    geometrically up to the rank whose layer has half the dense layer's parameters (beyond that
+    CP rarely pays). :func:`measured` gives their errors, for many layers at once."""
+    top = max(1, method.max_rank(module, form)[0] // 2)
+    return [priced(method, module, shape, (r,), form, math.nan)
+            for r in geometric_ranks(top, n_ranks)]
 
 
 def cp_curve(method, module, shape, form="cp4", options=None, kind="params", n_ranks: int = 8):
-    """CP-ALS at ``n_ranks`` ranks spaced geometrically up to the rank whose layer has half the
-    dense layer's parameters (beyond that CP rarely pays)."""
-    top = max(1, method.max_rank(module, form)[0] // 2)
-    return [cp_at(method, module, shape, (r,), form, options)
-            for r in geometric_ranks(top, n_ranks)]
+    """:func:`cp_grid`, measured in the weight norm."""
+    return measured(method, [(module, c, None) for c in cp_grid(method, module, shape, form,
+                                                                   n_ranks)],
+                    {**CP_SCORING, **(options or {})})
+
+
+def measured(method, jobs, options=None) -> list[Candidate]:
+    """Each ``(module, candidate, covs)`` of ``jobs`` with its error measured on the layer
+    ``method`` builds: relative output error ||(W - W~) L|| / ||W L|| where ``covs`` (the
+    layer's input moments; the layer is then factorized data-aware and the candidate marked so),
+    relative weight error otherwise. The layers of one (ranks, form) are built together
+    (``method.from_dense_many``: CP runs all their kernels of a shape as one batched solve)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, c, covs) in enumerate(jobs):
+        groups.setdefault((c.ranks, c.form, covs is None), []).append(i)
+    out: list = [None] * len(jobs)
+    for (ranks, form, plain), members in groups.items():
+        layers = method.from_dense_many([jobs[i][0] for i in members], ranks, form,
+                                        None if plain else [jobs[i][2] for i in members],
+                                        options)
+        for i, layer in zip(members, layers, strict=True):
+            module, c, covs = jobs[i]
+            with torch.no_grad():
+                approx = layer.dense_weight()
+            if covs is None:
+                W = module.weight.detach().double()
+                error = float((W - approx.double()).norm() / W.norm().clamp_min(1e-300))
+            else:
+                error = output_error(module, approx, covs)
+            out[i] = Candidate(c.method, c.ranks, c.form, c.params, c.macs, error,
+                               {**c.extra, **({} if covs is None else {DATA_AWARE: True})})
+    return out
 
 
 # ------------------------------------------------------------------------------------- CUR

@@ -59,7 +59,7 @@ from .layers.base import ConvGeometry, solver_kwargs
 from .layers.costs import Cost
 
 # The option key that is rankcut's own (fit in the output norm), not the solver's.
-DATA_AWARE = "data_aware"
+DATA_AWARE = curves.DATA_AWARE
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,10 @@ class Method:
     solver: Callable  # the rankcut.decompose function that the layer's options go to
     curve_fn: Callable  # (method, module, shape, form, options, kind) -> [Candidate]
     at_fn: Callable  # (method, module, shape, ranks, form, options) -> Candidate
+    # (method, module, shape, form) -> the candidates worth scoring, priced, error NaN: set for
+    # methods whose errors must be measured (CP); the planner measures them for all layers at
+    # once (curves.measured), so their solves batch
+    grid_fn: Callable | None = None
     n_ranks: int = 1  # how many ranks a plan gives (Tucker-2: (R_out, R_in))
     forms: tuple[str, ...] = ()  # the first is the default
     kxk_only: bool = False  # needs a spatial kernel larger than 1x1
@@ -184,15 +188,31 @@ class Method:
                    options: Mapping | None = None) -> FactorizedLayer:
         """The factorized layer computed from ``module``'s weight (data-aware when ``cov``, the
         layer's input second moments, is given)."""
-        if cov is not None and not self.data_aware:
+        return self.from_dense_many([module], ranks, form, None if cov is None else [cov],
+                                    options)[0]
+
+    def from_dense_many(self, modules, ranks, form: str | None = None, covs=None,
+                        options: Mapping | None = None) -> list[FactorizedLayer]:
+        """:meth:`from_dense` of each of ``modules`` (``covs``: one input moment per module, or
+        None), built together where the layer class batches its solver (CP)."""
+        if covs is not None and not self.data_aware:
             raise ValueError(self._not_data_aware())
-        cls = self.layer_class(module)
+        out: list = [None] * len(modules)
+        by_class: dict = {}
+        for i, module in enumerate(modules):
+            by_class.setdefault(self.layer_class(module), []).append(i)
         kwargs = dict(self.layer_options)
         if self.forms:
             kwargs["form"] = self.check_form(form)
         ranks = self.check_ranks(ranks)
         opts = {k: v for k, v in (options or {}).items() if k != DATA_AWARE}
-        return cls.from_dense(module, ranks, cov=cov, **kwargs, **opts)
+        for cls, members in by_class.items():
+            built = cls.from_dense_many([modules[i] for i in members], ranks,
+                                        covs=None if covs is None else [covs[i] for i in members],
+                                        **kwargs, **opts)
+            for i, layer in zip(members, built, strict=True):
+                out[i] = layer
+        return out
 
     def structure(self, module: nn.Module, ranks, form: str | None = None) -> FactorizedLayer:
         """The factorized layer's shapes with fresh weights (what ``load`` fills)."""
@@ -202,6 +222,10 @@ class Method:
     def candidates(self, module, shape, form=None, options=None, kind="params") -> list:
         """Error-versus-cost candidates of ``module`` (see :mod:`rankcut.curves`)."""
         return self.curve_fn(self, module, shape, self.check_form(form), options, kind)
+
+    def grid(self, module, shape, form=None) -> list:
+        """The unmeasured candidates of a method with a ``grid_fn`` (see there)."""
+        return self.grid_fn(self, module, shape, self.check_form(form))
 
     def candidate_at(self, module, shape, ranks, form=None, options=None):
         """The candidate at exactly ``ranks`` (clamped to what the layer holds)."""
@@ -307,6 +331,7 @@ register(Method(
 register(Method(
     "cp", "CP: 1x1, depthwise kh x 1 and 1 x kw (cp4) or kh x kw (cp3), 1x1",
     conv=CPConv2d, linear=None, solver=dec.cp, curve_fn=curves.cp_curve, at_fn=curves.cp_at,
+    grid_fn=curves.cp_grid,
     forms=("cp4", "cp3"), kxk_only=True, data_aware=True, auto=True,
     paper="Lebedev et al. 2015; Astrid & Lee 2017"))
 register(Method(

@@ -6,7 +6,7 @@ approximation (``to_matrix()`` or ``to_tensor()``) and carries the relative Frob
 """
 
 from ._checks import RankClampWarning
-from .cp import CPResult, cp
+from .cp import CPResult, cp, cp_many
 from .cur import CURResult, cur
 from .svd import SVDResult, energy_rank, svd, truncation_errors
 from .tucker import TuckerResult, tucker
@@ -20,6 +20,7 @@ __all__ = [
     "SVDResult",
     "TuckerResult",
     "cp",
+    "cp_many",
     "cur",
     "energy_rank",
     "evbmf",

@@ -31,26 +31,28 @@ def multi_mode_product(X: torch.Tensor, mats: dict[int, torch.Tensor]) -> torch.
 
 
 def khatri_rao(mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Column-wise Kronecker product of (I_k, R) matrices: (prod I_k, R), first factor slowest."""
+    """Column-wise Kronecker product of (..., I_k, R) matrices: (..., prod I_k, R), first factor
+    slowest; leading dimensions are a batch."""
     out = mats[0]
-    rank = out.shape[1]
+    rank = out.shape[-1]
     for M in mats[1:]:
-        out = (out[:, None, :] * M[None, :, :]).reshape(-1, rank)
+        out = (out[..., :, None, :] * M[..., None, :, :]).reshape(*out.shape[:-2], -1, rank)
     return out
 
 
 def leading_left_singular_vectors(M: torch.Tensor, k: int) -> torch.Tensor:
-    """The k leading left singular vectors of M (rows x cols), as a (rows, k) matrix.
+    """The k leading left singular vectors of M (..., rows, cols), as a (..., rows, k) matrix
+    (leading dimensions are a batch).
 
     Wide matrices go through the eigendecomposition of the small Gram matrix M Mᵀ, which is much
     cheaper than an SVD of M; the leading subspace is what Tucker and CP initialisations need.
     """
-    rows, cols = M.shape
+    rows, cols = M.shape[-2:]
     if rows <= cols:
         _, vecs = torch.linalg.eigh(M @ M.mT)
-        return vecs[:, -k:].flip(1)
+        return vecs[..., -k:].flip(-1)
     U, _, _ = torch.linalg.svd(M, full_matrices=False)
-    return U[:, :k]
+    return U[..., :k]
 
 
 def cp_to_tensor(weights: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:

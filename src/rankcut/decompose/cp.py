@@ -27,6 +27,7 @@ tensorly's ``parafac`` uses). The final ``rel_error`` is recomputed exactly from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,24 +74,31 @@ class CPResult:
         return cp_to_tensor(self.weights, self.factors)
 
 
-def _initial_factors(X, rank, init, generator):
+def _initial_factors(X, rank, init, generator, batch: bool = False):
+    """Starting factors (I_n, R) of each mode (with ``batch``: X is (B, I_1, ...) and each
+    factor (B, I_n, R), every tensor of the batch started from the same random draws, as a call
+    of its own with the same seed would be)."""
+    shape = X.shape[1:] if batch else X.shape
     factors = []
-    for mode, size in enumerate(X.shape):
+    for mode, size in enumerate(shape):
         F = torch.randn(size, rank, generator=generator, dtype=torch.float64)
         F = F.to(device=X.device, dtype=X.dtype)
+        if batch:
+            F = F.expand(X.shape[0], size, rank).clone()
         if init == "svd":
-            unfolding = unfold(X, mode)
-            k = min(rank, *unfolding.shape)  # an unfolding has at most min(rows, cols) directions
-            F[:, :k] = leading_left_singular_vectors(unfolding, k)
+            unfolding = (X.movedim(mode + 1, 1).reshape(X.shape[0], size, -1) if batch
+                         else unfold(X, mode))
+            k = min(rank, *unfolding.shape[-2:])  # an unfolding has at most min(rows, cols)
+            F[..., :k] = leading_left_singular_vectors(unfolding, k)
             if k < rank:  # more components than the mode has directions: random columns
-                F[:, k:] /= size**0.5
+                F[..., k:] /= size**0.5
         factors.append(F)
     return factors
 
 
 def _normalise(F):
-    norms = F.norm(dim=0)
-    return F / norms.clamp_min(torch.finfo(F.dtype).tiny), norms
+    norms = F.norm(dim=-2)
+    return F / norms.clamp_min(torch.finfo(F.dtype).tiny).unsqueeze(-2), norms
 
 
 def _hadamard(grams, skip):
@@ -102,66 +110,92 @@ def _hadamard(grams, skip):
 
 
 def _spd_solve(V, BT):
-    """X with V X = BT for symmetric positive definite V; pseudo-inverse if V is singular."""
+    """X with V X = BT for (a batch of) symmetric positive definite V; the pseudo-inverse where
+    V is singular."""
     chol, info = torch.linalg.cholesky_ex(V)
-    if bool(info):
-        return torch.linalg.pinv(V, hermitian=True) @ BT
-    return torch.cholesky_solve(BT, chol)
+    out = torch.cholesky_solve(BT, chol)
+    bad = info != 0
+    if bool(bad.any()):
+        out[bad] = torch.linalg.pinv(V[bad], hermitian=True) @ BT[bad]
+    return out
 
 
 def _als_sweeps(X, factors, max_iter, tol, ridge):
-    """Normal-equation ALS with a two-level dimension tree rooted at mode 0 (the largest).
+    """Normal-equation ALS on a batch X (B, I_0, ..., I_{N-1}) of same-shaped tensors, with a
+    two-level dimension tree rooted at mode 0 (the largest); returns per tensor (weights,
+    factors, sweeps, converged, errors), each exactly what a run on that tensor alone gives.
 
     Every factor is kept with unit-norm columns (the scale lives in the weights), so the Gram
     products have a unit diagonal and the ridge is a plain λI. Each MTTKRP is held transposed,
-    (R, I_n), the shape the solve takes.
+    (B, R, I_n), the shape the solve takes. A tensor that meets ``tol`` leaves the batch; the
+    rest go on, so small kernels share each sweep's kernel launches.
     """
-    N = X.ndim
-    rank = factors[0].shape[1]
-    X0 = X.reshape(X.shape[0], -1)
-    norm_sq = X.pow(2).sum()
+    N = X.ndim - 1
+    shape = X.shape[1:]
+    rank = factors[0].shape[-1]
     ridge_eye = ridge * torch.eye(rank, dtype=X.dtype, device=X.device)
+    tiny = torch.finfo(X.dtype).tiny
+    live = list(range(X.shape[0]))  # which tensors of the batch are still iterating
+    X0 = X.reshape(X.shape[0], shape[0], -1)
+    norm_sq = X0.pow(2).sum((1, 2))
     factors = [_normalise(F)[0] for F in factors]
     grams = [F.mT @ F for F in factors]
-    weights = torch.ones(rank, dtype=X.dtype, device=X.device)
-    errors: list[float] = []
-    converged = False
-    n_iter = 0
-    tiny = torch.finfo(X.dtype).tiny
+    weights = torch.ones(X.shape[0], rank, dtype=X.dtype, device=X.device)
+    errors: list[list[float]] = [[] for _ in live]
+    done: dict[int, tuple] = {}
 
     def update(n, MT):
         """Solve mode n from its transposed MTTKRP, keeping unit columns; returns the fit terms."""
         V = _hadamard(grams, n)
         AT = _spd_solve(V + ridge_eye, MT)
-        norms = AT.norm(dim=1)
-        factors[n] = (AT / norms.clamp_min(tiny)[:, None]).mT
+        norms = AT.norm(dim=-1)
+        factors[n] = (AT / norms.clamp_min(tiny)[..., None]).mT
         grams[n] = factors[n].mT @ factors[n]
         return V, AT, norms
 
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported after the loop
+    def finish(rows, n_iter, converged):
+        for i in rows:
+            b = live[i]
+            done[b] = (weights[i], [F[i] for F in factors], n_iter, converged, errors[b])
+
+    for n_iter in range(1, max_iter + 1):
         # Root mode: one full MTTKRP. Then contract the tensor with its new factor once
-        # into Z (R, I_1, ..., I_{N-1}); every other mode's MTTKRP is a batched product with Z.
+        # into Z (B, R, I_1, ..., I_{N-1}); every other mode's MTTKRP is a batched product with Z.
         MT = (X0 @ khatri_rao(factors[1:])).mT
         V, AT, norms = update(0, MT)
-        Z = (factors[0].mT @ X0).reshape(rank, *X.shape[1:])
+        Z = (factors[0].mT @ X0).reshape(len(live), rank, *shape[1:])
         for n in range(1, N):
             others = [factors[m] for m in range(1, N) if m != n]
             if others:
-                Zn = Z.movedim(n, 1).reshape(rank, X.shape[n], -1)
-                MT = torch.bmm(Zn, khatri_rao(others).mT[:, :, None])[:, :, 0]
+                Zn = Z.movedim(n + 1, 2).reshape(len(live) * rank, shape[n], -1)
+                kr = khatri_rao(others).mT.reshape(len(live) * rank, -1, 1)
+                MT = torch.bmm(Zn, kr)[:, :, 0].reshape(len(live), rank, shape[n])
             else:
                 MT = Z
             V, AT, norms = update(n, MT)
         weights = norms
         # Fit from the last solve: ||X - X̂||² = ||X||² - 2<X, X̂> + ||X̂||².
-        inner = (MT * AT).sum()
-        est_sq = (V * (AT @ AT.mT)).sum()
-        err = float((norm_sq - 2 * inner + est_sq).clamp_min(0).sqrt() / norm_sq.sqrt())
-        errors.append(err)
-        if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
-            converged = True
+        inner = (MT * AT).sum((1, 2))
+        est_sq = (V * (AT @ AT.mT)).sum((1, 2))
+        err = ((norm_sq - 2 * inner + est_sq).clamp_min(0).sqrt() / norm_sq.sqrt()).tolist()
+        stop = []
+        for i, b in enumerate(live):
+            errors[b].append(err[i])
+            if len(errors[b]) > 1 and abs(errors[b][-2] - errors[b][-1]) < tol:
+                stop.append(i)
+        finish(stop, n_iter, True)
+        if len(stop) == len(live):
             break
-    return weights, factors, n_iter, converged, errors
+        if stop:  # the converged leave the batch
+            keep = torch.tensor([i for i in range(len(live)) if i not in stop],
+                                device=X.device)
+            live = [live[i] for i in keep.tolist()]
+            X0, norm_sq, weights = X0[keep], norm_sq[keep], weights[keep]
+            factors = [F[keep] for F in factors]
+            grams = [G[keep] for G in grams]
+    else:
+        finish(range(len(live)), max_iter, False)
+    return [done[b] for b in range(X.shape[0])]
 
 
 def _als_qr_sweeps(X, factors, max_iter, tol):
@@ -282,61 +316,102 @@ def cp(
         :class:`CPResult` (weights, unit-norm factors, exact relative error, sweeps run, whether
         ``tol`` was met, and the per-sweep error history).
     """
-    check_tensor(X, "X", min_ndim=2)
+    return cp_many([X], rank, method=method, init=init, max_iter=max_iter, tol=tol, seed=seed,
+                   ridge=ridge, cov=None if cov is None else [cov], _names=("X", "cov"))[0]
+
+
+@torch.no_grad()
+def cp_many(
+    tensors: Sequence[torch.Tensor],
+    rank: int,
+    *,
+    method: str = "als",
+    init: str = "svd",
+    max_iter: int = 200,
+    tol: float = 1e-7,
+    seed=0,
+    ridge: float | None = None,
+    cov: Sequence[torch.Tensor] | None = None,
+    _names: tuple[str, str] = ("tensors", "cov"),
+) -> list[CPResult]:
+    """:func:`cp` of each tensor of ``tensors`` at ``rank`` (``cov``: one second moment per
+    tensor, or None), every result what ``cp`` gives for that tensor alone (with an int
+    ``seed``). ALS runs the tensors of one shape, dtype and device as one batch: each sweep is a
+    few batched kernels for all of them, which is what makes many small kernels (a ResNet's
+    3x3 convolutions) fast; a tensor that converges leaves the batch."""
+    x_name, cov_name = _names
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence) or not tensors:
+        raise ValueError(f"{x_name}: expected a non-empty list of tensors, got "
+                         f"{type(tensors).__name__}")
+    for i, X in enumerate(tensors):
+        check_tensor(X, x_name if len(tensors) == 1 else f"{x_name}[{i}]", min_ndim=2)
     rank = check_rank(rank)
     check_choice(method, "method", CP_METHODS)
     check_choice(init, "init", CP_INITS)
     check_positive(max_iter, "max_iter", integer=True)
     check_positive(tol, "tol", allow_zero=True)
-    if ridge is None:
-        ridge = 10 * torch.finfo(X.dtype).eps
-    check_positive(ridge, "ridge", allow_zero=True)
-    if cov is not None:
-        return _whitened_cp(X, rank, cov, method=method, init=init, max_iter=max_iter, tol=tol,
-                            seed=seed, ridge=ridge)
-    generator = make_generator(seed)
+    if ridge is not None:
+        check_positive(ridge, "ridge", allow_zero=True)
+    if cov is not None and (isinstance(cov, torch.Tensor) or len(cov) != len(tensors)):
+        raise ValueError(f"{cov_name}: expected one second moment per tensor "
+                         f"({len(tensors)}), got {type(cov).__name__}")
+    fitted = list(tensors)
+    whiten = [None] * len(tensors)
+    if cov is not None:  # fit X ×_1 Lᵀ, map the mode-1 factor back after
+        for i, (X, C) in enumerate(zip(tensors, cov, strict=True)):
+            n = X.shape[1]
+            check_tensor(C, cov_name, ndim=2)
+            if C.shape != (n, n):
+                raise ValueError(f"{cov_name}: expected shape ({n}, {n}) (mode 1 of X), got "
+                                 f"{tuple(C.shape)}")
+            whiten[i] = whitening_factor(C, device=X.device).to(X.dtype)
+            fitted[i] = torch.tensordot(X, whiten[i], dims=([1], [0])).movedim(-1, 1)
+    groups: dict[tuple, list[int]] = {}
+    for i, X in enumerate(fitted):
+        groups.setdefault((tuple(X.shape), X.dtype, X.device), []).append(i)
+    results: list[CPResult | None] = [None] * len(tensors)
+    for members in groups.values():
+        batch = torch.stack([fitted[i] for i in members])
+        lam = 10 * torch.finfo(batch.dtype).eps if ridge is None else ridge
+        for i, res in zip(members, _cp_batch(batch, rank, method, init, max_iter, tol, seed,
+                                             lam), strict=True):
+            results[i] = res if whiten[i] is None else _unwhiten(res, whiten[i])
+    return results
 
+
+def _cp_batch(X, rank, method, init, max_iter, tol, seed, ridge) -> list[CPResult]:
+    """CP of each tensor of the batch X (B, ...), see :func:`cp_many`."""
+    generator = make_generator(seed)
     if method == "tpm":
-        weights, factors, n_iter, converged, errors = _tpm(X, rank, init, max_iter, tol, generator)
+        runs = [_tpm(x, rank, init, max_iter, tol, make_generator(seed) if isinstance(seed, int)
+                     else generator) for x in X]
     else:
         # Root the dimension tree at the largest mode: the contracted tensor is then smallest.
-        root = max(range(X.ndim), key=lambda m: X.shape[m])
-        Xp = X.movedim(root, 0)
-        factors = _initial_factors(Xp, rank, init, generator)
+        shape = X.shape[1:]
+        root = max(range(len(shape)), key=lambda m: shape[m])
+        Xp = X.movedim(root + 1, 1)
+        factors = _initial_factors(Xp, rank, init, generator, batch=True)
         if method == "als":
-            out = _als_sweeps(Xp, factors, max_iter, tol, ridge)
+            runs = _als_sweeps(Xp, factors, max_iter, tol, ridge)
         else:
-            out = _als_qr_sweeps(Xp, factors, max_iter, tol)
-        weights, factors, n_iter, converged, errors = out
-        order = list(range(1, X.ndim))
+            runs = [_als_qr_sweeps(Xp[b], [F[b] for F in factors], max_iter, tol)
+                    for b in range(X.shape[0])]
+        order = list(range(1, len(shape)))
         order.insert(root, 0)
-        factors = [factors[i] for i in order]
-
-    norm = X.norm()
-    approx = cp_to_tensor(weights, factors)
-    rel_error = float((X - approx).norm() / norm) if norm > 0 else 0.0
-    return CPResult(
-        weights=weights,
-        factors=factors,
-        rel_error=rel_error,
-        n_iter=n_iter,
-        converged=converged,
-        method=method,
-        init=init,
-        tol=tol,
-        seed=seed if isinstance(seed, int) else None,
-        errors=errors,
-    )
+        runs = [(w, [fs[i] for i in order], *rest) for w, fs, *rest in runs]
+    out = []
+    for x, (weights, factors, n_iter, converged, errors) in zip(X, runs, strict=True):
+        norm = x.norm()
+        approx = cp_to_tensor(weights, factors)
+        rel_error = float((x - approx).norm() / norm) if norm > 0 else 0.0
+        out.append(CPResult(weights=weights, factors=factors, rel_error=rel_error, n_iter=n_iter,
+                            converged=converged, method=method, init=init, tol=tol,
+                            seed=seed if isinstance(seed, int) else None, errors=errors))
+    return out
 
 
-def _whitened_cp(X, rank, cov, **options) -> CPResult:
-    """CP of X in the mode-1 norm of second moment ``cov`` (see ``cp``'s ``cov``)."""
-    n = X.shape[1]
-    check_tensor(cov, "cov", ndim=2)
-    if cov.shape != (n, n):
-        raise ValueError(f"cov: expected shape ({n}, {n}) (mode 1 of X), got {tuple(cov.shape)}")
-    L = whitening_factor(cov, device=X.device).to(X.dtype)
-    res = cp(torch.tensordot(X, L, dims=([1], [0])).movedim(-1, 1), rank, **options)
+def _unwhiten(res: CPResult, L: torch.Tensor) -> CPResult:
+    """A CP fitted to X ×_1 Lᵀ, mapped back to X (its mode-1 factor solved through Lᵀ)."""
     f1 = torch.linalg.solve_triangular(L.mT, res.factors[1], upper=True)
     norms = f1.norm(dim=0).clamp_min(torch.finfo(f1.dtype).tiny)
     factors = list(res.factors)

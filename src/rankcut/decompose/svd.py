@@ -142,15 +142,20 @@ def svd(
     return SVDResult(A=A, B=B, S=S, rel_error=rel_error, method=method)
 
 
-def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
-    """L (float64, lower triangular) with L Lᵀ = Σ + ridge·mean(diag Σ)·I for a second moment
-    Σ: ||D L||_F is the output norm of a weight difference D on inputs with that moment."""
+def regularised_moment(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
+    """Σ + ridge·mean(diag Σ)·I (float64, symmetrised) for a second moment Σ: the matrix the
+    data-aware factorizations measure output errors with."""
     C = cov.to(device=device or cov.device, dtype=torch.float64)
     C = (C + C.mT) / 2
     n = C.shape[0]
-    C = C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(n, dtype=C.dtype,
-                                                                      device=C.device)
-    L, info = torch.linalg.cholesky_ex(C)
+    return C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(n, dtype=C.dtype,
+                                                                         device=C.device)
+
+
+def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
+    """L (float64, lower triangular) with L Lᵀ = :func:`regularised_moment` of a second moment
+    Σ: ||D L||_F is the output norm of a weight difference D on inputs with that moment."""
+    L, info = torch.linalg.cholesky_ex(regularised_moment(cov, ridge, device))
     if bool(info):
         raise ValueError("cov: not positive semi-definite (its Cholesky factorization failed "
                          "even with the ridge); pass a second-moment matrix E[x xᵀ]")

@@ -39,7 +39,7 @@ import torch
 
 from ._checks import check_choice, check_positive, check_rank, check_tensor, clamp_rank
 from ._tensor import leading_left_singular_vectors, multi_mode_product, unfold
-from .svd import whitening_factor
+from .svd import regularised_moment, whitening_factor
 
 TUCKER_METHODS = ("hooi", "hosvd")
 
@@ -200,11 +200,12 @@ def _whitened_tucker2(X, ranks, cov, ridge, method, max_iter, tol) -> TuckerResu
     r_out, r_in = ranks
     W = X.detach().to(torch.float64).reshape(T, S, K)
     Wm = W.reshape(T, n)
-    L = whitening_factor(cov, ridge, device=X.device)
-    C4 = (L @ L.mT).reshape(S, K, S, K)  # Σ + ridge, as (channel, position) x (channel, position)
+    whitening_factor(cov, ridge)  # only to check that cov is a second moment
+    C = regularised_moment(cov, ridge, device=X.device)  # Σ + ridge = L Lᵀ of the whitening
+    C4 = C.reshape(S, K, S, K)  # as (channel, position) x (channel, position)
     L_A = torch.linalg.cholesky(torch.einsum("spqp->sq", C4))  # channel block, over positions
     P = torch.einsum("spsq->pq", C4) / S  # position block, over channels
-    total = float((Wm @ L).pow(2).sum())
+    total = float(((Wm @ C) * Wm).sum())  # ||W L||², L Lᵀ = Σ + ridge
 
     def input_step(V):  # B (R_S x S, orthonormal rows) from V (R, S, K) under Σ ≈ A ⊗ P
         gram = torch.einsum("rsp,pq,ruq->su", V, P, V)
@@ -241,8 +242,8 @@ def _whitened_tucker2(X, ranks, cov, ridge, method, max_iter, tol) -> TuckerResu
                 converged = True
                 break
     approx = torch.einsum("ta,abp,bs->tsp", U, G.reshape(r_out, r_in, K), B)
-    rel_error = (float(((Wm - approx.reshape(T, n)) @ L).norm()) / math.sqrt(total)
-                 if total > 0 else 0.0)
+    D = Wm - approx.reshape(T, n)
+    rel_error = (math.sqrt(max(float(((D @ C) * D).sum()), 0.0) / total) if total > 0 else 0.0)
     return TuckerResult(
         core=G.reshape(r_out, r_in, *X.shape[2:]).to(X.dtype),
         factors=[U.to(X.dtype), B.mT.contiguous().to(X.dtype)],

@@ -114,6 +114,14 @@ class FactorizedLayer(nn.Module):
     def to_dense(self) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def from_dense_many(cls, modules, ranks, *, covs=None, **options) -> list[FactorizedLayer]:
+        """``from_dense`` of each of ``modules`` at the same ``ranks`` (``covs``: one input
+        moment per module, or None). A layer class whose solver batches (CP) overrides this."""
+        covs = [None] * len(modules) if covs is None else covs
+        return [cls.from_dense(m, ranks, cov=c, **options)
+                for m, c in zip(modules, covs, strict=True)]
+
     def _copy_bias(self, bias_target: nn.Parameter | None, dense: nn.Module) -> None:
         if bias_target is not None and dense.bias is not None:
             bias_target.data.copy_(dense.bias.detach())

@@ -328,27 +328,62 @@ class CPConv2d(_ConvFactorized):
         dense one) cannot save anything; it is clamped to that rank with a warning, as SVD ranks
         are clamped to the matrix's size.
         """
+        return cls.from_dense_many([conv], ranks, covs=None if cov is None else [cov],
+                                   form=form, **options)[0]
+
+    @classmethod
+    def from_dense_many(cls, modules, ranks, *, covs=None, form="cp4", **options):
+        """:meth:`from_dense` of each conv of ``modules`` at ``ranks`` (``covs``: one input moment
+        per conv, or None): every group kernel of every conv goes to one
+        :func:`rankcut.decompose.cp_many`, which runs those of a shape as one batch."""
         rank = single_rank(ranks)
-        geo = _check_conv(conv)
         if form not in CP_FORMS:
             raise ValueError(f"form: expected one of 'cp4', 'cp3', got {form!r}")
-        most = cp_break_even(geo, form)
-        if rank > most:
-            warnings.warn(f"rank: CP rank {rank} gives a layer larger than the dense one; "
-                          f"clamped to {most}", stacklevel=2)
-            rank = most
+        covs = [None] * len(modules) if covs is None else list(covs)
+        jobs = []  # (conv index, kernel to decompose, its channels' moment or None), per rank
+        clamped = []
+        for i, (conv, cov) in enumerate(zip(modules, covs, strict=True)):
+            geo = _check_conv(conv)
+            most = cp_break_even(geo, form)
+            if rank > most:
+                warnings.warn(f"rank: CP rank {rank} gives a layer larger than the dense one; "
+                              f"clamped to {most}", stacklevel=3)
+            clamped.append(min(rank, most))
+            kh, kw = geo.kernel_size
+            W = conv.weight.detach()
+            per_cov = _per_group(cov, geo.groups)
+            for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
+                X = Wg if form == "cp4" else Wg.reshape(geo.out_per_group, geo.in_per_group,
+                                                        kh * kw)
+                channel = (None if per_cov[gi] is None
+                           else _channel_moment(per_cov[gi], geo.in_per_group))
+                jobs.append((i, X, channel))
+        results: list = [None] * len(jobs)
+        for r in sorted(set(clamped)):
+            picked = [j for j, job in enumerate(jobs) if clamped[job[0]] == r]
+            with_cov = [j for j in picked if jobs[j][2] is not None]
+            for part in (with_cov, [j for j in picked if jobs[j][2] is None]):
+                if not part:
+                    continue
+                channels = [jobs[j][2] for j in part] if part is with_cov else None
+                found = solve(dec.cp_many, [jobs[j][1] for j in part], r, cov=channels,
+                              **options)
+                for j, res in zip(part, found, strict=True):
+                    results[j] = res
+        return [cls._from_cp(conv, clamped[i], form, [res for (k, _, _), res in
+                                                     zip(jobs, results, strict=True) if k == i],
+                             options, covs[i] is not None)
+                for i, conv in enumerate(modules)]
+
+    @classmethod
+    def _from_cp(cls, conv, rank, form, results, options, data_aware):
+        """The layer from each group's CP (its weights spread evenly over the factors)."""
+        geo = ConvGeometry.of(conv)
         kh, kw = geo.kernel_size
-        W = conv.weight.detach()
         per_group = []
-        converged = True
-        covs = _per_group(cov, geo.groups)
-        for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
-            X = Wg if form == "cp4" else Wg.reshape(geo.out_per_group, geo.in_per_group, kh * kw)
-            channel = None if covs[gi] is None else _channel_moment(covs[gi], geo.in_per_group)
-            res = solve(dec.cp, X, rank, cov=channel, **options)
-            scale = res.weights.clamp_min(0) ** (1.0 / X.ndim)
+        for res in results:
+            scale = res.weights.clamp_min(0) ** (1.0 / len(res.factors))
             per_group.append([f * scale for f in res.factors])
-            converged &= res.converged
         layer = cls.like(conv, rank=rank, form=form)
 
         def stacked(mode):  # the mode's factor of every group, one row per sub-layer channel
@@ -361,8 +396,8 @@ class CPConv2d(_ConvFactorized):
             layer._fill(layer.depthwise[1], stacked(3).reshape(-1, 1, 1, kw))
         else:
             layer._fill(layer.depthwise[0], stacked(2).reshape(-1, 1, kh, kw))
-        layer._finish(conv, "cp", options, form=form, converged=converged,
-                      data_aware=cov is not None)
+        layer._finish(conv, "cp", options, form=form,
+                      converged=all(res.converged for res in results), data_aware=data_aware)
         return layer
 
 

@@ -19,13 +19,12 @@ import math
 import re
 import warnings
 
-import torch
 from torch import nn
 
 from .. import methods
 from .._modes import as_inputs, batch_of, run_watching_layers
 from ..calibrate import input_second_moments
-from ..curves import CP_SCORING, Candidate, output_error, pareto, whitened_svd_errors
+from ..curves import CP_SCORING, Candidate, measured, pareto, whitened_svd_errors
 from ..layers import layer_cost
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
@@ -129,7 +128,7 @@ def _solver_options(spec: methods.Method, options: dict) -> dict:
 def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
     """Candidates re-measured in the output norm on calibration statistics. SVD becomes the
     data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
-    (spread over their weight-norm frontier; Tucker-2 and CP factorized data-aware) and measure
+    (spread over their weight-norm frontier; Tucker-2 factorized data-aware) and measure
     ||(W - W~) L|| / ||W L||."""
     if spec.name == "svd":  # the costs stand; only the errors change, all from one spectrum
         errs = whitened_svd_errors(module, covs)
@@ -139,30 +138,22 @@ def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
         front = pareto(cands, kind)
         step = (len(front) - 1) / (most - 1)
         cands = [front[round(i * step)] for i in range(most)]
-    out = []
     opts = _solver_options(spec, options)
-    if spec.name == "cp":  # scored with the curve's ALS budget, as in the weight norm
-        opts = {**CP_SCORING, **opts}
-    aware = spec.data_aware  # in the output norm, as the plan will apply it
-    for c in cands:
-        layer = spec.from_dense(module, c.ranks, c.form, covs if aware else None, opts)
-        with torch.no_grad():
-            approx = layer.dense_weight()
-        out.append(Candidate(c.method, c.ranks, c.form, c.params, c.macs,
-                             output_error(module, approx, covs),
-                             {DATA_AWARE: True} if aware else {}))
-    return out
+    return measured(spec, [(module, c, covs if spec.data_aware else None) for c in cands], opts)
 
 
 def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multiple, options,
-                      covs) -> list[Candidate]:
+                      covs) -> tuple[list[Candidate], list[tuple]]:
     """One layer's candidates: the rule's ranks exactly (no target), or every point of each
     method's curve within the rule's ranks (with a target); rescored on data when ``covs``.
     Without a target, a candidate that would be no smaller than the dense layer (in params and
-    in MACs) is dropped before it is computed."""
+    in MACs) is dropped before it is computed. Returned with the candidates still to measure
+    (``(method, candidate, covs)`` of methods with a grid, CP: measured for all layers at once,
+    :func:`_measure`)."""
     hw = shape if isinstance(module, nn.Conv2d) else None
     dense = _dense_cost(module, shape)
     cands: list[Candidate] = []
+    pending: list[tuple] = []
     for spec, form in methods.variants(method, module):
         ranks = None
         if rule is not None:
@@ -178,14 +169,40 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
             cost = spec.cost(module, ranks, form, shape)
             if cost.params >= dense.params and cost.macs >= dense.macs:
                 continue
-            found = [spec.candidate_at(module, shape, ranks, form, opts)]
+            if spec.grid_fn is not None:
+                found = [Candidate(spec.name, ranks, form, cost.params, cost.macs, math.nan)]
+            else:
+                found = [spec.candidate_at(module, shape, ranks, form, opts)]
         else:
-            found = [c for c in spec.candidates(module, shape, form, opts, kind)
+            grid = (spec.grid(module, shape, form) if spec.grid_fn is not None
+                    else spec.candidates(module, shape, form, opts, kind))
+            found = [c for c in grid
                      if all(r % rank_multiple == 0 for r in c.ranks) and _within_rule(c, ranks)]
-        if covs is not None:
-            found = _rescore(module, spec, found, covs, options, kind)
-        cands += found
-    return cands
+        if spec.grid_fn is not None:
+            pending += [(spec, c, covs if spec.data_aware else None) for c in found]
+        elif covs is not None:
+            cands += _rescore(module, spec, found, covs, options, kind)
+        else:
+            cands += found
+    return cands, pending
+
+
+def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options) -> None:
+    """The pending candidates of every layer measured (:func:`rankcut.curves.measured`: in the
+    output norm where the layer has calibration statistics), each method's at once so that its
+    solves batch across layers, and added to the layers' candidates."""
+    jobs: dict[str, list[tuple]] = {}
+    for name, items in pending.items():
+        for spec, c, covs in items:
+            jobs.setdefault(spec.name, []).append((name, c, covs))
+    for method_name, items in jobs.items():
+        spec = methods.get(method_name)
+        opts = _solver_options(spec, options)
+        if spec.name == "cp":  # scored with the curve's ALS budget, as in the weight norm
+            opts = {**CP_SCORING, **opts}
+        done = measured(spec, [(layers[n].module, c, covs) for n, c, covs in items], opts)
+        for (name, _, _), c in zip(items, done, strict=True):
+            layers[name].cands.append(c)
 
 
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
@@ -252,6 +269,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
                         "target": None if target is None else str(target)})
     layers: dict[str, _Layer] = {}
+    pending: dict[str, list[tuple]] = {}
     for name, reason in _steps(eligible.items(), progress, "planning: scoring candidates"):
         module = model.get_submodule(name)
         if reason is None and name not in shapes:
@@ -260,11 +278,13 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             result[name] = LayerPlan.skipped(reason, type(module).__name__)
             continue
         shape = shapes[name]
-        cands = _layer_candidates(module, shape, method, rule, target is not None, cost_kind,
-                                  rank_multiple, options, covs.get(name))
+        cands, pending[name] = _layer_candidates(module, shape, method, rule, target is not None,
+                                                 cost_kind, rank_multiple, options,
+                                                 covs.get(name))
         dense_cost = _dense_cost(module, shape)
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
+    _measure(layers, pending, options)
 
     if loss_aware is None:
         loss_aware = calib_data is not None and target is not None
