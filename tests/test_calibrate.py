@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -5,7 +7,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import rankcut as rc
-from rankcut.calibrate import conv_patches, input_second_moments
+from rankcut.calibrate import (
+    ROWS_PER_WIDTH,
+    conv_patches,
+    corrected_weight,
+    forward_order,
+    input_second_moments,
+    paired_moments,
+    sampled_rows,
+)
 from rankcut.data import read_cifar10_bin
 from rankcut.decompose import svd
 from rankcut.models import create
@@ -24,8 +34,28 @@ def test_patches_are_what_the_kernel_multiplies(kernel, padding, mode, dilation,
                      padding_mode=mode, bias=False).double()
     x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
     y = conv(x)
-    rows = conv_patches(conv, x) @ conv.weight.reshape(5, -1).mT  # (N·L, T)
+    patches = conv_patches(conv, x)
+    rows = patches @ conv.weight.reshape(5, -1).mT  # (N·L, T)
     assert torch.allclose(rows, y.permute(0, 2, 3, 1).reshape(-1, 5), atol=1e-10)
+    at = torch.randperm(len(patches), generator=torch.Generator().manual_seed(3))[:7]
+    assert torch.equal(conv_patches(conv, x, at), patches[at])  # gathered, not unfolded
+
+
+def test_moments_sample_rows_of_wide_inputs_only():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)  # width 18: at most 16 * 18 = 288 rows a batch
+    g = torch.Generator().manual_seed(0)
+    assert sampled_rows(conv, torch.randn(1, 2, 16, 18), g) is None  # 288 rows: all
+    at = sampled_rows(conv, torch.randn(2, 2, 16, 18), g)
+    assert len(at) == ROWS_PER_WIDTH * 18 and len(set(at.tolist())) == len(at)
+    assert int(at.max()) < 2 * 16 * 18
+    model = nn.Sequential(conv)
+    xs = [torch.randn(4, 2, 30, 30) for _ in range(3)]
+    full = torch.cat([conv_patches(conv, x) for x in xs]).double()
+    (moment,) = input_second_moments(model, ["0"], xs)["0"]
+    exact = full.mT @ full / len(full)
+    assert not torch.allclose(moment, exact)  # sampled, and close
+    assert float((moment - exact).norm() / exact.norm()) < 0.2  # ~ sqrt(18 / 864)
 
 
 def test_second_moments_per_group_and_for_linear():
@@ -141,3 +171,85 @@ def test_calibration_and_evaluation_leave_mixed_train_eval_flags_alone():
                         nn.functional.cross_entropy)
     rc.plan(model, x, method="svd", rank=2, min_params=10, allow_slower=True)
     assert [m.training for m in model.modules()] == flags
+
+
+class _Backwards(nn.Module):
+    """Registers its layers in the reverse of the order they run."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = nn.Linear(16 * 2 * 2, 10)
+        self.second = nn.Conv2d(16, 16, 3, padding=1)
+        self.first = nn.Conv2d(6, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.second(torch.relu(self.first(x))))
+        return self.last(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def _correlated_images(count, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(6, 6, generator=g) * torch.exp(-torch.arange(6.0))
+    return [torch.einsum("ij,njhw->nihw", mix, torch.randn(16, 6, 6, 6, generator=g))
+            for _ in range(count)]
+
+
+def test_paired_moments_and_the_corrected_weight():
+    torch.manual_seed(0)
+    model = _Backwards().eval()
+    batches = _correlated_images(2, 1)
+    assert forward_order(model, ["last", "first", "second"], batches) == [
+        "first", "second", "last"]
+    # the model against itself: both moments are the layer's input moment, and W' = W
+    moments, cross, count = paired_moments(model, model, "second", batches)
+    expected = input_second_moments(model, ["second"], batches)["second"]
+    assert torch.allclose(moments[0], expected[0]) and torch.allclose(cross[0], expected[0])
+    assert count == 2 * 16 * 6 * 6  # patches
+    assert torch.allclose(corrected_weight(model.second, moments, cross, count),
+                          model.second.weight, atol=1e-5)
+    # against a perturbed first layer: W' maps what the layer now gets to what it should give
+    small = rc.apply(model, rc.Plan({"first": rc.LayerPlan("svd", (2,))}))
+    moments, cross, count = paired_moments(model, small, "second", batches)
+    fixed = copy.deepcopy(model.second)
+    with torch.no_grad():
+        fixed.weight.copy_(corrected_weight(model.second, moments, cross, count))
+    x = torch.cat(batches)
+    want = model.second(torch.relu(model.first(x)))
+    seen = torch.relu(small.first(x))
+
+    def err(layer):
+        return float((layer(seen) - want).norm() / want.norm())
+
+    assert err(fixed) < 0.75 * err(model.second)
+
+
+def test_sequential_apply_fits_each_layer_to_the_compressed_inputs():
+    """Three layers in a reverse-registered module, the first cut hard: fitted in forward order to
+    what the factorized layers before them give, the network's output is much closer to the
+    dense one than when each layer is fitted to the dense inputs."""
+    torch.manual_seed(0)
+    model = _Backwards().eval()
+    batches = _correlated_images(4, 2)
+    plan = rc.Plan({"first": rc.LayerPlan("svd", (3,), options={"data_aware": True}),
+                    "second": rc.LayerPlan("tucker", (12, 12), options={"data_aware": True}),
+                    "last": rc.LayerPlan("svd", (10,))})
+    x = torch.cat(_correlated_images(2, 3))  # held-out inputs
+    dense = model(x)
+
+    def err(m):
+        return float((m(x) - dense).norm() / dense.norm())
+
+    one_shot = rc.apply(model, plan, calib_data=batches, sequential=False)
+    sequential = rc.apply(model, plan, calib_data=batches)
+    assert sequential.last.info["decomposition"] == "svd"
+    assert err(sequential) < 0.85 * err(one_shot), (err(sequential), err(one_shot))
+    assert not any(isinstance(m, nn.Linear | nn.Conv2d) and not isinstance(
+        m, rc.layers.FactorizedLayer) for m in (sequential.first, sequential.second,
+                                                sequential.last))
+    inplace = copy.deepcopy(model)
+    rc.apply(inplace, plan, calib_data=batches, inplace=True)
+    assert torch.allclose(inplace(x), sequential(x), atol=1e-5)
+    with pytest.raises(ValueError, match="sequential: needs calib_data"):
+        rc.apply(model, plan, sequential=True)
+    with pytest.raises(ValueError, match="reference: only sequential fitting"):
+        rc.apply(model, plan, calib_data=batches, sequential=False, reference=model)

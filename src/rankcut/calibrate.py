@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._modes import hooked
+from .decompose.svd import regularised_moment
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -32,15 +33,31 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _output_hw(conv: nn.Conv2d, padded_hw) -> tuple[int, int]:
+    """The conv's output height and width on an input already padded to ``padded_hw``."""
+    return tuple((n - d * (k - 1) - 1) // s + 1 for n, d, k, s in zip(
+        padded_hw, conv.dilation, conv.kernel_size, conv.stride, strict=True))
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor, at: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """The patches the conv's kernel sees, (N·L, S·kh·kw), in the order of ``weight.reshape(T,
-    -1)``'s columns (channel, then kernel row, then kernel column)."""
+    -1)``'s columns (channel, then kernel row, then kernel column); with ``at`` (indices into
+    the N·L output positions, image-major) only those rows, gathered without unfolding the
+    rest."""
     pad = _explicit_padding(conv)
     if any(pad):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, pad, mode=mode)
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if at is None:
+        cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    out_h, out_w = _output_hw(conv, x.shape[2:])
+    image, pos = at // (out_h * out_w), at % (out_h * out_w)
+    top, left = (pos // out_w) * sh, (pos % out_w) * sw
+    taps = [x[image, :, top + i * dh, left + j * dw] for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, dim=-1).reshape(len(at), -1)
 
 
 def calibration_batches(calib_data, max_batches: int | None = None, *,
@@ -94,40 +111,89 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
         raise ValueError("calib_data: no batches")
 
 
-def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterable, *,
-                         max_batches: int | None = None) -> dict[str, list[torch.Tensor]]:
-    """Σ = E[x xᵀ] (float64) of each named Conv2d/Linear's input over ``batches``, one matrix
-    per group. ``batches`` yields inputs, or (inputs, targets) pairs whose targets are ignored.
-    The model runs in eval mode under no_grad; its mode is restored."""
-    sums: dict[str, list[torch.Tensor]] = {}
-    counts: dict[str, int] = {}
+# What the moments average over, at most, per batch and layer: this many times the layer's
+# input width d of its N·L rows (patches or samples), drawn at random without replacement
+# (the same rows of two models' inputs in paired_moments). A d x d moment from 16·d rows of
+# every batch is as good as from all of them; the first layers of a CNN have thousands of
+# times more patches than that.
+ROWS_PER_WIDTH = 16
 
-    def hook_for(name):
-        def hook(module, args, output):
-            x = args[0].detach()
-            if isinstance(module, nn.Conv2d):
-                rows = conv_patches(module, x).double()
-                groups = module.groups
-            else:
-                rows = x.reshape(-1, module.in_features).double()
-                groups = 1
-            width = rows.shape[1] // groups
-            parts = [rows[:, g * width:(g + 1) * width] for g in range(groups)]
-            acc = sums.setdefault(name, [torch.zeros(width, width, dtype=torch.float64,
-                                                     device=x.device) for _ in range(groups)])
-            for a, p in zip(acc, parts, strict=True):
-                a.addmm_(p.mT, p)
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-        return hook
 
-    hooks = []
+def layer_rows(module: nn.Module, x: torch.Tensor, at: torch.Tensor | None = None
+               ) -> list[torch.Tensor]:
+    """What ``module``'s weight multiplies on input ``x``, float64, one (rows, width) matrix per
+    group: a Conv2d's unfolded patches (:func:`conv_patches`), a Linear's input features; with
+    ``at``, only those rows (see :func:`sampled_rows`)."""
+    if isinstance(module, nn.Conv2d):
+        rows = conv_patches(module, x.double(), at)
+        groups = module.groups
+    else:
+        rows = x.reshape(-1, module.in_features)
+        rows = (rows if at is None else rows[at]).double()
+        groups = 1
+    width = rows.shape[1] // groups
+    return [rows[:, g * width:(g + 1) * width] for g in range(groups)]
+
+
+def sampled_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator
+                 ) -> torch.Tensor | None:
+    """Indices of the rows of ``module``'s input ``x`` that the moments use: all (None) when
+    there are at most ``ROWS_PER_WIDTH`` times the group width, else that many drawn at
+    random."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        width = module.in_channels // module.groups * kh * kw
+        left, right, top, bottom = _explicit_padding(module)
+        out_h, out_w = _output_hw(module, (x.shape[2] + top + bottom, x.shape[3] + left + right))
+        count = x.shape[0] * out_h * out_w
+    else:
+        width = module.in_features
+        count = x.numel() // width
+    limit = ROWS_PER_WIDTH * width
+    if count <= limit:
+        return None
+    return torch.randperm(count, generator=generator)[:limit].sort().values.to(x.device)
+
+
+def _check_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    out = []
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, nn.Conv2d | nn.Linear):
             raise ValueError(f"names: {name!r} is a {type(module).__name__}, expected a Conv2d "
                              "or Linear")
-        hooks.append((module, hook_for(name)))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        out.append(module)
+    return out
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterable, *,
+                         max_batches: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """Σ = E[x xᵀ] (float64) of each named Conv2d/Linear's input over ``batches``, one matrix
+    per group (over at most ``ROWS_PER_WIDTH`` times its width of each batch's rows, seeded:
+    :func:`sampled_rows`). ``batches`` yields inputs, or (inputs, targets) pairs whose targets
+    are ignored. The model runs in eval mode under no_grad; its mode is restored."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+    generator = torch.Generator().manual_seed(0)
+
+    def hook_for(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+            parts = layer_rows(module, x, sampled_rows(module, x, generator))
+            acc = sums.setdefault(name, [torch.zeros(p.shape[1], p.shape[1], dtype=p.dtype,
+                                                     device=p.device) for p in parts])
+            for a, p in zip(acc, parts, strict=True):
+                a.addmm_(p.mT, p)
+            counts[name] = counts.get(name, 0) + parts[0].shape[0]
+        return hook
+
+    hooks = [(module, hook_for(name))
+             for name, module in zip(names, _check_layers(model, names), strict=True)]
+    device = _device(model)
     with hooked(model, hooks):
         for batch in calibration_batches(batches, max_batches, allow_empty=True):
             x = batch[0] if isinstance(batch, tuple) else batch
@@ -137,6 +203,95 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
         raise ValueError(f"batches: layers {missing} never ran (no batches, or not on the "
                          "forward path)")
     return {n: [a / counts[n] for a in acc] for n, acc in sums.items()}
+
+
+# ------------------------------------------------------------------ sequential calibration
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass at the layer it watches (nothing after it runs)."""
+
+
+def forward_order(model: nn.Module, names: Sequence[str], batches: Iterable) -> list[str]:
+    """``names`` in the order their layers first run on the first batch (each run once there;
+    a layer that does not run is an error naming it)."""
+    seen: list[str] = []
+    hooks = [(module, lambda m, args, n=name: seen.append(n))
+             for name, module in zip(names, _check_layers(model, names), strict=True)]
+    batch = next(iter(calibration_batches(batches, 1)))
+    x = batch[0] if isinstance(batch, tuple) else batch
+    with hooked(model, hooks, pre=True):
+        model(x.to(_device(model)))
+    order = list(dict.fromkeys(seen))
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise ValueError(f"batches: layers {missing} never ran (not on the forward path)")
+    return order
+
+
+def _input_at(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input ``module`` gets when ``model`` runs on ``x``; the pass stops there."""
+    got = []
+
+    def stop(m, args):
+        got.append(args[0].detach())
+        raise _Reached
+
+    with hooked(model, [(module, stop)], pre=True):
+        try:
+            model(x)
+        except _Reached:
+            pass
+    if not got:
+        raise ValueError("batches: the layer never ran (not on the forward path)")
+    return got[0]
+
+
+def paired_moments(reference: nn.Module, model: nn.Module, name: str, batches: Iterable, *,
+                   max_batches: int | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """For layer ``name`` (a Conv2d/Linear of both models): (Σ̃, Σ×) per group, float64, with
+    x̃ what the layer gets in ``model`` and x what it gets in ``reference`` on the same inputs:
+    Σ̃ = E[x̃ x̃ᵀ] and Σ× = E[x x̃ᵀ]; and the number of rows (patches or samples) they average.
+    Each pass stops at the layer."""
+    ref_module = _check_layers(reference, [name])[0]
+    module = _check_layers(model, [name])[0]
+    device = _device(model)
+    generator = torch.Generator().manual_seed(0)
+    moments = cross = None
+    count = 0
+    for batch in calibration_batches(batches, max_batches):
+        x = (batch[0] if isinstance(batch, tuple) else batch).to(device)
+        x_ref, x_seen = _input_at(reference, ref_module, x), _input_at(model, module, x)
+        at = sampled_rows(module, x_seen, generator)  # the same rows of both
+        wanted, seen = layer_rows(ref_module, x_ref, at), layer_rows(module, x_seen, at)
+        if moments is None:
+            moments = [q.new_zeros(q.shape[1], q.shape[1]) for q in seen]
+            cross = [q.new_zeros(q.shape[1], q.shape[1]) for q in seen]
+        for a, c, p, q in zip(moments, cross, wanted, seen, strict=True):
+            a.addmm_(q.mT, q)
+            c.addmm_(p.mT, q)
+        count += seen[0].shape[0]
+    return [a / count for a in moments], [c / count for c in cross], count
+
+
+def corrected_weight(module: nn.Module, moments: Sequence[torch.Tensor],
+                     cross: Sequence[torch.Tensor], count: int) -> torch.Tensor:
+    """The weight W' (shaped as ``module.weight``) that best reproduces the reference outputs W x
+    from the inputs x̃ the layer really gets, shrunk towards W: per group
+    W' = W (Σ× + λI)(Σ̃ + λI)⁻¹, the minimiser of E||W x - W' x̃||² + λ||W' - W||², with
+    λ = (d / ``count``)·mean(diag Σ̃) for d inputs (at least 10⁻⁶ of it): negligible with many
+    more rows than inputs, a pull back to W where the rows are too few to fit d·d numbers."""
+    W = module.weight.detach()
+    groups = len(moments)
+    t = W.shape[0] // groups
+    out = []
+    for g, (A, B) in enumerate(zip(moments, cross, strict=True)):
+        d = A.shape[0]
+        Wg = W[g * t:(g + 1) * t].reshape(t, -1).to(A)
+        ridge = max(d / max(count, 1), 1e-6)
+        reg = regularised_moment(A, ridge)
+        lam = reg.diagonal() - A.diagonal()  # λ on the diagonal, as regularised_moment adds it
+        out.append(torch.linalg.solve(reg, (Wg @ (B + torch.diag(lam))).mT).mT)
+    return torch.cat(out).reshape(W.shape).to(W.dtype)
 
 
 @torch.no_grad()

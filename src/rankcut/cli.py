@@ -74,6 +74,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", type=int, default=COMPRESS["calib"],
                    help="calibration training examples for data-aware planning (0: none; "
                         f"default {COMPRESS['calib']} when --data is given)")
+    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit each layer to the inputs the factorized layers before it give it, "
+                        "the dense outputs as target (default: on with calibration data)")
     g.add_argument("--rank-multiple", type=int, default=COMPRESS["rank_multiple"],
                    help=f"round ranks to a multiple (default {COMPRESS['rank_multiple']})")
     g.add_argument("--allow-slower", action="store_true", default=COMPRESS["allow_slower"],
@@ -667,7 +670,7 @@ def cmd_compress(args) -> int:
         val_data=test if args.min_accuracy is not None else None,
         min_accuracy=args.min_accuracy, distill=args.distill,
         plan_options=ctx.plan_options(), finetune_options=ctx.finetune_options(),
-        progress=ctx.progress)
+        progress=ctx.progress, sequential=args.sequential)
     out = Path(args.out)
     small = result.model.cpu().eval()
     accuracy = None
@@ -753,7 +756,8 @@ def cmd_sweep(args) -> int:
             result = compress(model, x, method=method, rank=args.rank, target=target,
                               calib_data=calib, train_data=train, epochs=epochs, steps=steps,
                               distill=args.distill, plan_options=ctx.plan_options(),
-                              finetune_options=ctx.finetune_options(), progress=ctx.progress)
+                              finetune_options=ctx.finetune_options(), progress=ctx.progress,
+                              sequential=args.sequential)
             small = result.model.cpu().eval()
             m = _evaluate(ctx, small, test)
             point = {"method": method, "target": target, "top1": m["top1"], "top5": m["top5"],

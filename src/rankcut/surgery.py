@@ -14,9 +14,15 @@ import copy
 import fnmatch
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
-from .calibrate import input_second_moments
+from .calibrate import (
+    corrected_weight,
+    forward_order,
+    input_second_moments,
+    paired_moments,
+)
 from .layers import conv_skip_reason
 from .methods import DATA_AWARE
 from .plans import LayerPlan, Plan
@@ -168,26 +174,74 @@ def _replace(model: nn.Module, plan: Plan, make: Callable, inplace: bool,
 
 
 def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
-          calib_data=None, max_batches: int | None = None) -> nn.Module:
+          calib_data=None, max_batches: int | None = None, sequential: bool | None = None,
+          reference: nn.Module | None = None) -> nn.Module:
     """A copy of ``model`` with every planned layer replaced by its factorized layer.
 
     ``model`` is left untouched unless ``inplace=True``. ``progress=True`` shows a progress bar.
     Layers whose options say ``"data_aware": true`` are factorized to minimise their output
-    error on ``calib_data`` (batches of inputs, or (inputs, targets)); their input statistics
-    are collected from the dense model first (at most ``max_batches`` batches).
+    error on ``calib_data`` (batches of inputs, or (inputs, targets); at most ``max_batches``).
+
+    ``sequential`` (default: on when ``calib_data`` is given): the layers are factorized one at a
+    time in the order they run, each fitted to the inputs x̃ that the layers before it, already
+    factorized, give it, with the ``reference`` model's outputs W x as its target (default: the
+    model as given): first the weight W' = W E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹ that best maps x̃ to W x, then its
+    factorization (data-aware on x̃'s statistics), so errors do not compound through the
+    network (:func:`rankcut.calibrate.paired_moments`). Off, every layer is fitted to the
+    dense model's own inputs (statistics collected once).
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
+    if sequential is None:
+        sequential = calib_data is not None
+    if not isinstance(sequential, bool):
+        raise ValueError(f"sequential: expected True, False or None, got {sequential!r}")
+    if sequential and calib_data is None:
+        raise ValueError("sequential: needs calib_data (the inputs each layer is fitted to)")
+    if reference is not None and not sequential:
+        raise ValueError("reference: only sequential fitting uses a reference model")
     aware = [n for n, lp in plan.active.items() if lp.options.get(DATA_AWARE)]
     if aware and calib_data is None:
         raise ValueError(f"calib_data: the plan asks for data-aware factorization of {aware} "
                          "but no calibration data was given")
+    if sequential:
+        return _apply_sequential(model, plan, inplace, progress, calib_data, max_batches,
+                                 reference)
     covs = {}
     if aware:
         _check_plan(model, plan)
         covs = input_second_moments(model, aware, calib_data, max_batches=max_batches)
     return _replace(model, plan, lambda module, lp, name=None: factorize(
         module, lp, covs.get(name)), inplace, progress)
+
+
+def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, reference):
+    """:func:`apply` with ``sequential``: layer by layer in the order they run."""
+    _check_plan(model, plan)
+    if reference is None:
+        reference = copy.deepcopy(model) if inplace else model
+    elif not isinstance(reference, nn.Module):
+        raise ValueError(f"reference: expected an nn.Module, got {type(reference).__name__}")
+    _check_plan(reference, plan)
+    target = model if inplace else copy.deepcopy(model)
+    order = forward_order(target, list(plan.active), calib_data)
+    if progress:
+        from tqdm.auto import tqdm
+
+        order = tqdm(order, desc="factorizing (sequential)", unit="layer")
+    for name in order:
+        lp = plan.layers[name]
+        moments, cross, count = paired_moments(reference, target, name, calib_data,
+                                               max_batches=max_batches)
+        fitted = copy.deepcopy(reference.get_submodule(name))
+        with torch.no_grad():
+            fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
+        try:
+            new = factorize(fitted, lp, moments if lp.options.get(DATA_AWARE) else None)
+        except ValueError as err:
+            raise ValueError(f"plan layer {name!r}: {err}") from None
+        set_submodule(target, name, new)
+    return target
 
 
 def structure(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
