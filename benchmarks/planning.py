@@ -1,100 +1,144 @@
-"""How much accuracy each way of choosing ranks keeps, without fine-tuning.
+"""How much accuracy each way of choosing ranks keeps, without fine-tuning (issue 11's table).
 
-Pretrained CIFAR-10 ResNet-20 / ResNet-56 (../shared/data), top-1 on CIFAR-10 test images 0..1016,
-no fine-tuning, at whole-model MACs targets. Rows:
-- ``svd uniform`` / ``tucker uniform``: every eligible layer keeps the same fraction of its MACs,
-  the fraction solved so the whole model meets the target;
-- ``tucker vbmf``: Tucker-2 at EVBMF ranks (Kim et al. 2016); its ratio is its own;
-- ``svd planned`` / ``tucker planned``: one method, ranks allocated by ``rc.plan``;
-- ``auto``: ``rc.plan(method="auto")``, no data;
-- ``auto+data``: the same with ``--calib`` training images as calibration data (output-norm
-  errors, data-aware SVD layers).
-The planned rows run with the planner's latency guard (no layer timed slower than dense on this
-machine at batch 1) unless ``--allow-slower``. ``speed-up`` is the dense model's median latency
-over the compressed one's at batch 1 (interleaved runs, this machine).
-Run from the repository root:
+Pretrained CIFAR-10 ResNet-20, ResNet-56 and VGG-11-BN (../shared/data), top-1 on CIFAR-10 test
+images 0..1016, no fine-tuning, at whole-model targets (default: 1.5x / 2x / 3x / 4x fewer MACs
+and 4x / 8x / 16x fewer params). Rows:
+- ``tucker uniform``: Tucker-2 on every eligible layer at the same fraction of its MACs (or
+  params), the fraction solved so that the whole model meets the target;
+- ``tucker vbmf``: Tucker-2 at EVBMF ranks (Kim et al. 2016); its ratio is its own (one row);
+- ``auto``: ``rc.plan(method="auto", target=...)`` with no data;
+- ``auto+data``: the same with the first ``--calib`` CIFAR-10 training images (un-augmented) as
+  calibration data: output-norm scoring, loss-aware allocation, and ``rc.apply`` fitting the
+  layers sequentially (each to the inputs the factorized layers before it give, the dense
+  outputs as target), BatchNorm statistics as trained.
+``auto`` and ``auto+data`` run with the latency guard off and on (``--guard``); the uniform and
+VBMF rows ignore speed. ``plan s`` is ``rc.plan``, ``apply s`` is ``rc.apply`` (with data: the
+sequential fitting). Run from the repository root, one heavy job at a time:
 
-    .venv/bin/python benchmarks/planning.py [--model resnet20_cifar] [--targets 1.5 2 3]
-        [--allow-slower]
+    .venv/bin/python benchmarks/planning.py [--models resnet20_cifar] [--targets macs=3x]
+        [--rows auto auto+data] [--guard off on] [--calib 1024] [--json out.jsonl]
 """
 
 import argparse
+import json
+import platform
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
 import rankcut as rc
 from rankcut.data import find_data_root, read_cifar10_bin
 from rankcut.models import create, normalizer
-from rankcut.profile import compare_latency, count_macs, layer_macs, top1_accuracy
+from rankcut.profile import count_macs, count_params, layer_macs, top1_accuracy
+from rankcut.select import parse_target
 
-WEIGHTS = {"resnet20_cifar": "resnet20-12fca82f.th", "resnet56_cifar": "resnet56-4bfd9763.th"}
-ROWS = ["svd uniform", "tucker uniform", "svd planned", "tucker planned", "auto", "auto+data"]
+WEIGHTS = {"resnet20_cifar": "resnet_cifar10_akamaster/resnet20-12fca82f.th",
+           "resnet56_cifar": "resnet_cifar10_akamaster/resnet56-4bfd9763.th",
+           "vgg11_bn_cifar": "vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors"}
+ROWS = ["tucker uniform", "tucker vbmf", "auto", "auto+data"]
+TARGETS = ["macs=1.5x", "macs=2x", "macs=3x", "macs=4x", "params=4x", "params=8x",
+           "params=16x"]
 
 
-def uniform_fraction(model, x, ratio):
-    """The per-layer MACs fraction that brings the whole model to 1/ratio of its MACs."""
+def uniform_fraction(model, x, kind, keep):
+    """The per-layer fraction of ``kind`` that brings the whole model to ``keep`` of it."""
     eligible = [n for n, r in rc.target_layers(model).items() if r is None]
-    per_layer = layer_macs(model, x)
+    if kind == "macs":
+        per_layer, total = layer_macs(model, x), count_macs(model, x)
+    else:
+        per_layer = {n: sum(p.numel() for p in model.get_submodule(n).parameters())
+                     for n in eligible}
+        total = count_params(model)
     planned = sum(per_layer[n] for n in eligible)
-    total = count_macs(model, x)
-    return (total / ratio - (total - planned)) / planned
+    return (total * keep - (total - planned)) / planned
 
 
-def make_plan(model, x, row, ratio, calib, allow_slower):
-    method, _, how = row.partition(" ")
+def make_plan(model, x, row, target, calib, guard):
+    """The row's plan and the calibration data to apply it with."""
     if row == "tucker vbmf":
         return rc.plan(model, x, method="tucker", rank="vbmf", allow_slower=True), None
-    if how == "uniform":  # the baseline: no guard, whatever the speed
-        fraction = uniform_fraction(model, x, ratio)
-        return rc.plan(model, x, method=method, rank=f"macs={fraction:.6f}",
+    if row == "tucker uniform":
+        kind, keep = parse_target(target)
+        fraction = uniform_fraction(model, x, kind, keep)
+        if fraction <= 0:
+            raise ValueError(f"the eligible layers cannot shrink enough for {target}")
+        return rc.plan(model, x, method="tucker", rank=f"{kind}={fraction:.6f}",
                        allow_slower=True), None
     data = calib if row == "auto+data" else None
-    method = "auto" if row.startswith("auto") else method
-    return rc.plan(model, x, method=method, target=f"macs={ratio}x", calib_data=data,
-                   allow_slower=allow_slower), data
+    return rc.plan(model, x, method="auto", target=target, calib_data=data,
+                   allow_slower=not guard), data
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet20_cifar", choices=sorted(WEIGHTS))
-    parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
-    parser.add_argument("--rows", nargs="+", default=[*ROWS, "tucker vbmf"], metavar="ROW")
-    parser.add_argument("--calib", type=int, default=512, help="calibration training images")
-    parser.add_argument("--allow-slower", action="store_true",
-                        help="plan without the latency guard")
+    parser.add_argument("--models", nargs="+", default=list(WEIGHTS), choices=sorted(WEIGHTS))
+    parser.add_argument("--targets", nargs="+", default=TARGETS)
+    parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW")
+    parser.add_argument("--guard", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--calib", type=int, default=1024, help="calibration training images")
+    parser.add_argument("--json", help="append one JSON line per result to this file")
     args = parser.parse_args()
+    for target in args.targets:
+        parse_target(target)
     root = find_data_root()
     if root is None:
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    norm = normalizer(args.model)
     images, labels = read_cifar10_bin(root, "test")
     train, _ = read_cifar10_bin(root, "train", limit=args.calib)
-    calib = [norm(train[i:i + 128]) for i in range(0, len(train), 128)]
-    model = create(args.model, weights=root / "weights/resnet_cifar10_akamaster" /
-                   WEIGHTS[args.model]).eval()
     x = torch.rand(1, 3, 32, 32)
-    dense_macs = count_macs(model, x)
-    print(f"{args.model}: {top1_accuracy(model, images, labels, transform=norm):.2f}% top-1 on "
-          f"{len(images)} test images, {dense_macs:,} MACs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, no fine-tuning, latency guard "
-          f"{'off' if args.allow_slower else 'on'}")
-    print(f"{'target':>7} {'row':>15} {'MACs ratio':>10} {'top-1 %':>8} {'speed-up':>8} "
-          f"{'plan s':>7}")
-    for i, ratio in enumerate(args.targets):
-        for row in args.rows:
-            if row == "tucker vbmf" and i > 0:
-                continue  # independent of the target: one row
-            start = time.perf_counter()
-            plan, data = make_plan(model, x, row, ratio, calib, args.allow_slower)
-            small = rc.apply(model, plan, calib_data=data)
-            seconds = time.perf_counter() - start
-            achieved = dense_macs / count_macs(small, x)
-            label = "-" if row == "tucker vbmf" else f"{ratio}x"
-            dense_t, small_t = compare_latency(model, small, x, repeats=50)
-            print(f"{label:>7} {row:>15} {achieved:10.3f} "
-                  f"{top1_accuracy(small, images, labels, transform=norm):8.2f} "
-                  f"{dense_t.median_ms / small_t.median_ms:8.2f} {seconds:7.1f}", flush=True)
+    print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.machine()}; CIFAR-10 test images "
+          f"0..{len(images) - 1}; calibration: the first {args.calib} training images; no "
+          "fine-tuning", flush=True)
+    for name in args.models:
+        norm = normalizer(name)
+        calib = [norm(train[i:i + 128]) for i in range(0, len(train), 128)]
+        model = create(name, weights=root / "weights" / WEIGHTS[name]).eval()
+        macs, params = count_macs(model, x), count_params(model)
+        dense = top1_accuracy(model, images, labels, transform=norm)
+        print(f"\n{name}: {dense:.2f}% top-1, {macs:,} MACs, {params:,} params", flush=True)
+        print(f"{'target':>10} {'row':>15} {'guard':>5} {'MACs x':>7} {'params x':>8} "
+              f"{'top-1 %':>8} {'plan s':>7} {'apply s':>7}", flush=True)
+        for i, target in enumerate(args.targets):
+            for row in args.rows:
+                if row == "tucker vbmf" and i > 0:
+                    continue  # independent of the target: one row
+                guards = args.guard if row.startswith("auto") else ["-"]
+                for guard in guards:
+                    label = "-" if row == "tucker vbmf" else target
+                    start = time.perf_counter()
+                    try:
+                        plan, data = make_plan(model, x, row, target, calib, guard == "on")
+                    except ValueError as err:
+                        print(f"{label:>10} {row:>15} {guard:>5}  not reachable: {err}",
+                              flush=True)
+                        continue
+                    planned = time.perf_counter()
+                    small = rc.apply(model, plan, calib_data=data)
+                    applied = time.perf_counter()
+                    result = {"model": name, "target": label, "row": row, "guard": guard,
+                              "macs_ratio": macs / count_macs(small, x),
+                              "params_ratio": params / count_params(small),
+                              "top1": top1_accuracy(small, images, labels, transform=norm),
+                              "plan_s": planned - start, "apply_s": applied - planned,
+                              "damage": plan.meta.get("predicted", {}).get("damage"),
+                              "dense_top1": dense, "commit": commit()}
+                    print(f"{label:>10} {row:>15} {guard:>5} {result['macs_ratio']:7.2f} "
+                          f"{result['params_ratio']:8.2f} {result['top1']:8.2f} "
+                          f"{result['plan_s']:7.1f} {result['apply_s']:7.1f}", flush=True)
+                    if args.json:
+                        with Path(args.json).open("a") as f:
+                            f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

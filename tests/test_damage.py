@@ -105,6 +105,40 @@ def test_compress_reestimates_batchnorm_on_training_examples():
         rc.compress(model, data[0][:1], method="svd", rank=2, reestimate_bn=True)
 
 
+def test_compress_fits_sequentially_with_calibration_data_and_then_keeps_batchnorm():
+    """With calibration data the layers are fitted in order to reproduce the dense outputs, so
+    the stored BatchNorm statistics are kept unless asked; without it they are re-estimated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    for bn in (model[1], model[4]):  # trained-looking statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+    data = (torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,)))
+    calib = [data[0][:32], data[0][32:]]
+    opts = {"allow_slower": True, "min_params": 10}
+    seq = rc.compress(model, data[0][:1], method="svd", rank=2, train_data=data,
+                      calib_data=calib, plan_options=opts)
+    assert len(seq.plan.active) >= 2 and seq.stages[0]["reestimated_bn"] is None
+    assert torch.equal(seq.model[1].running_mean, model[1].running_mean)
+    plain = rc.compress(model, data[0][:1], method="svd", rank=2, train_data=data,
+                        calib_data=calib, sequential=False, plan_options=opts)
+    assert plain.stages[0]["reestimated_bn"] == {"batchnorms": 2}
+    asked = rc.compress(model, data[0][:1], method="svd", rank=2, train_data=data,
+                        calib_data=calib, reestimate_bn=True, plan_options=opts)
+    assert asked.stages[0]["reestimated_bn"] == {"batchnorms": 2}
+    # the later layers, fitted to what the factorized ones before give, land closer to dense
+    fitted_alone = rc.compress(model, data[0][:1], method="svd", rank=2, calib_data=calib,
+                               sequential=False, plan_options=opts)
+    x = data[0]
+    with torch.no_grad():
+        dense = model(x)
+        assert float((seq.model(x) - dense).norm()) < float((fitted_alone.model(x) - dense).norm())
+    with pytest.raises(ValueError, match="sequential: needs calib_data"):
+        rc.compress(model, data[0][:1], method="svd", rank=2, sequential=True)
+
+
 def test_planning_shows_its_stages_and_layers_when_asked(net, capsys):
     rc.plan(net, X, method="svd", target="params=2x", calib_data=CALIB, allow_slower=True,
             min_params=100, progress=True)

@@ -121,7 +121,8 @@ def test_plan_apply_and_save_with_data_aware_tucker(tmp_path):
     assert plan.active, str(plan)
     for lp in plan.active.values():
         assert lp.method == "tucker" and lp.options.get("data_aware"), str(plan)
-    small = rc.apply(model, plan, calib_data=batches)
+    # each layer fitted to the dense model's inputs, the inputs its predicted error is measured on
+    small = rc.apply(model, plan, calib_data=batches, sequential=False)
     inputs = {}
     hooks = [model.get_submodule(n).register_forward_hook(
         lambda m, a, o, n=n: inputs.setdefault(n, []).append(a[0])) for n in plan.active]
@@ -162,7 +163,8 @@ def resnet20(shared_data):
 
 def test_pretrained_resnet20_keeps_far_more_with_data_aware_tucker(resnet20):
     """Uniform Tucker-2 at half the MACs of every 3x3 conv but the first, no fine-tuning: every
-    layer's output error is lower, and top-1 goes from about 21% (plain) to about 80%."""
+    layer's output error is lower, and top-1 goes from about 21% (plain) to about 80%; fitted
+    sequentially, to about 88%."""
     model, calib, images, labels = resnet20
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and n != "conv1"]
@@ -173,7 +175,8 @@ def test_pretrained_resnet20_keeps_far_more_with_data_aware_tucker(resnet20):
         plain[name] = rc.LayerPlan("tucker", ranks)
         aware[name] = rc.LayerPlan("tucker", ranks, options={"data_aware": True})
     small_plain = rc.apply(model, plain)
-    small_aware = rc.apply(model, aware, calib_data=calib)
+    # each layer fitted to the dense model's inputs, the inputs its output error is measured on
+    small_aware = rc.apply(model, aware, calib_data=calib, sequential=False)
     covs = input_second_moments(model, names, calib[:1])  # the output error on 64 images
     for name in names:
         dense = model.get_submodule(name)
@@ -188,3 +191,6 @@ def test_pretrained_resnet20_keeps_far_more_with_data_aware_tucker(resnet20):
 
     acc_plain, acc_aware = top1(small_plain), top1(small_aware)
     assert acc_aware > acc_plain + 40, (acc_plain, acc_aware)
+    # fitted in order to the inputs the factorized layers before give (the default)
+    acc_sequential = top1(rc.apply(model, aware, calib_data=calib))
+    assert acc_sequential > acc_aware + 3, (acc_aware, acc_sequential)  # measured: 81.0 -> 87.8

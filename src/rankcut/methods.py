@@ -84,6 +84,9 @@ class Method:
     auto: bool = False  # a candidate of method="auto"
     layer_options: Mapping = field(default_factory=dict)  # fixed layer settings
     planning_options: Mapping = field(default_factory=dict)  # solver options plans default to
+    # solver options for scoring candidates: enough to rank them (the planned layer gets the
+    # plan's own run); the user's options override them
+    scoring_options: Mapping = field(default_factory=dict)
     paper: str = ""
 
     # ------------------------------------------------------------------ what it applies to
@@ -331,13 +334,14 @@ register(Method(
 register(Method(
     "cp", "CP: 1x1, depthwise kh x 1 and 1 x kw (cp4) or kh x kw (cp3), 1x1",
     conv=CPConv2d, linear=None, solver=dec.cp, curve_fn=curves.cp_curve, at_fn=curves.cp_at,
-    grid_fn=curves.cp_grid,
+    grid_fn=curves.cp_grid, scoring_options=MappingProxyType(curves.CP_SCORING),
     forms=("cp4", "cp3"), kxk_only=True, data_aware=True, auto=True,
     paper="Lebedev et al. 2015; Astrid & Lee 2017"))
 register(Method(
     "tucker", "Tucker-2: 1x1 S->R_in, kh x kw core R_in->R_out, 1x1 R_out->T",
     conv=TuckerConv2d, linear=None, solver=dec.tucker, curve_fn=curves.tucker_curve,
     at_fn=curves.tucker_at, n_ranks=2, kxk_only=True, data_aware=True, auto=True,
+    scoring_options=MappingProxyType(curves.TUCKER_SCORING),
     paper="Kim et al. 2016 (ranks from EVBMF, Nakajima et al. 2013)"))
 
 # What a Linear or 1x1 conv gets when the asked-for method builds only k x k convolutions.

@@ -24,7 +24,7 @@ from torch import nn
 from .. import methods
 from .._modes import as_inputs, batch_of, run_watching_layers
 from ..calibrate import input_second_moments
-from ..curves import CP_SCORING, Candidate, measured, pareto, whitened_svd_errors
+from ..curves import Candidate, measured, pareto, whitened_svd_errors
 from ..layers import layer_cost
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
@@ -119,10 +119,12 @@ def _check_solver_options(options) -> dict:
     return dict(options)
 
 
-def _solver_options(spec: methods.Method, options: dict) -> dict:
+def _solver_options(spec: methods.Method, options: dict, scoring: bool = False) -> dict:
     """The solver options a method's layers get: the registry's planning defaults (CUR plans
-    with the deterministic DEIM), overridden by the user's ``options[method]``."""
-    return {**spec.planning_options, **options.get(spec.name, {})}
+    with the deterministic DEIM; with ``scoring``, the cheaper settings candidates are scored
+    with), overridden by the user's ``options[method]``."""
+    return {**spec.planning_options, **(spec.scoring_options if scoring else {}),
+            **options.get(spec.name, {})}
 
 
 def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
@@ -138,7 +140,7 @@ def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
         front = pareto(cands, kind)
         step = (len(front) - 1) / (most - 1)
         cands = [front[round(i * step)] for i in range(most)]
-    opts = _solver_options(spec, options)
+    opts = _solver_options(spec, options, scoring=True)
     return measured(spec, [(module, c, covs if spec.data_aware else None) for c in cands], opts)
 
 
@@ -197,9 +199,7 @@ def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options
             jobs.setdefault(spec.name, []).append((name, c, covs))
     for method_name, items in jobs.items():
         spec = methods.get(method_name)
-        opts = _solver_options(spec, options)
-        if spec.name == "cp":  # scored with the curve's ALS budget, as in the weight norm
-            opts = {**CP_SCORING, **opts}
+        opts = _solver_options(spec, options, scoring=True)
         done = measured(spec, [(layers[n].module, c, covs) for n, c, covs in items], opts)
         for (name, _, _), c in zip(items, done, strict=True):
             layers[name].cands.append(c)
@@ -350,9 +350,7 @@ def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, option
         if c is None:
             continue
         spec = methods.get(c.method)
-        opts = _solver_options(spec, options)
-        if spec.name == "cp":
-            opts = {**CP_SCORING, **opts}
+        opts = _solver_options(spec, options, scoring=True)
         cov = covs.get(name) if c.extra.get(DATA_AWARE) else None
         probes[name] = spec.from_dense(layer.module, c.ranks, c.form, cov, opts)
         errors[name] = c.error
