@@ -13,7 +13,9 @@ and 4x / 8x / 16x fewer params). Rows:
   outputs as target), BatchNorm statistics as trained.
 ``auto`` and ``auto+data`` run with the latency guard off and on (``--guard``); the uniform and
 VBMF rows ignore speed. ``plan s`` is ``rc.plan``, ``apply s`` is ``rc.apply`` (with data: the
-sequential fitting). Run from the repository root, one heavy job at a time:
+sequential fitting). Last, per model, the rank correlation between the planner's predicted network
+damage (``meta["predicted"]["damage"]`` of the loss-aware plans) and the top-1 they lose.
+Run from the repository root, one heavy job at a time:
 
     .venv/bin/python benchmarks/planning.py [--models resnet20_cifar] [--targets macs=3x]
         [--rows auto auto+data] [--guard off on] [--calib 1024] [--json out.jsonl]
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 import rankcut as rc
 from rankcut.data import find_data_root, read_cifar10_bin
@@ -87,7 +90,15 @@ def main():
     parser.add_argument("--guard", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--calib", type=int, default=1024, help="calibration training images")
     parser.add_argument("--json", help="append one JSON line per result to this file")
+    parser.add_argument("--summarise", metavar="JSONL",
+                        help="only print the damage rank correlation of a --json file's rows")
     args = parser.parse_args()
+    if args.summarise:
+        rows = [json.loads(line) for line in Path(args.summarise).read_text().splitlines()]
+        for name in dict.fromkeys(r["model"] for r in rows):
+            damage_correlation([(r["damage"], r["top1"]) for r in rows
+                                if r["model"] == name and r["damage"] is not None], name)
+        return
     for target in args.targets:
         parse_target(target)
     root = find_data_root()
@@ -107,6 +118,7 @@ def main():
         macs, params = count_macs(model, x), count_params(model)
         dense = top1_accuracy(model, images, labels, transform=norm)
         print(f"\n{name}: {dense:.2f}% top-1, {macs:,} MACs, {params:,} params", flush=True)
+        scored = []
         print(f"{'target':>10} {'row':>15} {'guard':>5} {'MACs x':>7} {'params x':>8} "
               f"{'top-1 %':>8} {'plan s':>7} {'apply s':>7}", flush=True)
         for i, target in enumerate(args.targets):
@@ -139,6 +151,17 @@ def main():
                     if args.json:
                         with Path(args.json).open("a") as f:
                             f.write(json.dumps(result) + "\n")
+                    if result["damage"] is not None:
+                        scored.append((result["damage"], result["top1"]))
+        damage_correlation(scored, name)
+
+
+def damage_correlation(scored, name):
+    """Does the predicted network damage order the plans as the top-1 they lose does?"""
+    if len(scored) >= 3:
+        rho = spearmanr([d for d, _ in scored], [-a for _, a in scored]).statistic
+        print(f"{name}: rank correlation (Spearman) of the predicted damage with the top-1 "
+              f"lost, over {len(scored)} loss-aware plans: {rho:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -334,6 +334,8 @@ CLI_CASES = [
     ("lr-nan", _compress("--lr", "nan"), ["--lr", "nan"]),
     ("lr-negative", _compress("--lr", "-0.1"), ["--lr", "-0.1"]),
     ("lr-inf", _compress("--lr", "inf"), ["--lr", "inf"]),
+    # sequential fitting needs calibration data (the tiny model has no --data here)
+    ("sequential-without-data", _compress("--sequential"), ["sequential", "calib_data"]),
     # 7. a plan together with explicit planning flags is a conflict
     ("plan-with-method", _plan_with("--method", "tucker"), ["--plan", "--method"]),
     ("plan-with-target", _plan_with("--target", "macs=3x"), ["--plan", "--target"]),

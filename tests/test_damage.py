@@ -145,5 +145,9 @@ def test_planning_shows_its_stages_and_layers_when_asked(net, capsys):
     err = capsys.readouterr().err
     assert "planning: scoring candidates" in err and "planning: network damage" in err
     assert "used" in err
+    rc.plan(net, X, method="cp", target="params=2x", allow_slower=True, min_params=100,
+            progress=True)  # CP candidates are measured for all layers at once, rank by rank
+    err = capsys.readouterr().err
+    assert "planning: measuring candidates" in err and "cp/cp4 at 1" in err
     rc.plan(net, X, method="svd", target="params=2x", allow_slower=True, min_params=100)
     assert capsys.readouterr().err == ""

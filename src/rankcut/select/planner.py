@@ -189,16 +189,18 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
     return cands, pending
 
 
-def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options) -> None:
+def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options,
+             progress: bool = False) -> None:
     """The pending candidates of every layer measured (:func:`rankcut.curves.measured`: in the
-    output norm where the layer has calibration statistics), each method's at once so that its
-    solves batch across layers, and added to the layers' candidates."""
-    jobs: dict[str, list[tuple]] = {}
+    output norm where the layer has calibration statistics), those of one method, ranks and form
+    together so that their solves batch across layers, and added to the layers' candidates."""
+    groups: dict[tuple, list[tuple]] = {}
     for name, items in pending.items():
         for spec, c, covs in items:
-            jobs.setdefault(spec.name, []).append((name, c, covs))
-    for method_name, items in jobs.items():
-        spec = methods.get(method_name)
+            groups.setdefault((spec.name, c.ranks, c.form), []).append((name, c, covs))
+    steps = [(items[0][1].describe(), methods.get(m), items)
+             for (m, _, _), items in groups.items()]
+    for _, spec, items in _steps(steps, progress, "planning: measuring candidates"):
         opts = _solver_options(spec, options, scoring=True)
         done = measured(spec, [(layers[n].module, c, covs) for n, c, covs in items], opts)
         for (name, _, _), c in zip(items, done, strict=True):
@@ -284,7 +286,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         dense_cost = _dense_cost(module, shape)
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
-    _measure(layers, pending, options)
+    _measure(layers, pending, options, progress)
 
     if loss_aware is None:
         loss_aware = calib_data is not None and target is not None
