@@ -1,0 +1,48 @@
+"""How long ``rc.plan`` takes on ImageNet-sized torchvision models (issue 11's planning-time rows).
+
+torchvision models built without weights (nothing is downloaded; planning time depends on the
+layer shapes, not on the values), input 1x3x224x224, ``rc.plan(method="auto", target=...)``
+with no calibration data, the default latency guard on unless ``--allow-slower``. Prints the
+seconds per model and what the plan achieved. Run from the repository root, one heavy job at a
+time:
+
+    .venv/bin/python benchmarks/planning_time.py [--models resnet18 resnet50]
+        [--target macs=2x] [--allow-slower]
+"""
+
+import argparse
+import platform
+import time
+
+import torch
+import torchvision
+
+import rankcut as rc
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18"])
+    parser.add_argument("--target", default="macs=2x")
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--allow-slower", action="store_true")
+    args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {platform.machine()}; auto, {args.target}, no data, latency guard "
+          f"{'off' if args.allow_slower else 'on'}, input 1x3x{args.size}x{args.size}")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        x = torch.rand(1, 3, args.size, args.size)
+        start = time.perf_counter()
+        plan = rc.plan(model, x, method="auto", target=args.target,
+                       allow_slower=args.allow_slower)
+        seconds = time.perf_counter() - start
+        predicted = plan.meta["predicted"]
+        print(f"{name:>16}: {seconds:7.1f} s, {len(plan.active)} layers factorized, "
+              f"{predicted['macs_ratio']:.2f}x fewer MACs, {predicted['params_ratio']:.2f}x "
+              "fewer params (predicted)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
