@@ -119,6 +119,13 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
 ROWS_PER_WIDTH = 16
 
 
+def calibration_inputs(calib_data, max_batches: int | None = None, **options) -> Iterator:
+    """The input tensors of :func:`calibration_batches` (targets, where there are any, dropped);
+    ``options`` as there."""
+    for batch in calibration_batches(calib_data, max_batches, **options):
+        yield batch[0] if isinstance(batch, tuple) else batch
+
+
 def layer_rows(module: nn.Module, x: torch.Tensor, at: torch.Tensor | None = None
                ) -> list[torch.Tensor]:
     """What ``module``'s weight multiplies on input ``x``, float64, one (rows, width) matrix per
@@ -195,8 +202,7 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
              for name, module in zip(names, _check_layers(model, names), strict=True)]
     device = _device(model)
     with hooked(model, hooks):
-        for batch in calibration_batches(batches, max_batches, allow_empty=True):
-            x = batch[0] if isinstance(batch, tuple) else batch
+        for x in calibration_inputs(batches, max_batches, allow_empty=True):
             model(x.to(device))
     missing = [n for n in names if n not in counts]
     if missing:
@@ -216,8 +222,7 @@ def forward_order(model: nn.Module, names: Sequence[str], batches: Iterable) -> 
     seen: list[str] = []
     hooks = [(module, lambda m, args, n=name: seen.append(n))
              for name, module in zip(names, _check_layers(model, names), strict=True)]
-    batch = next(iter(calibration_batches(batches, 1)))
-    x = batch[0] if isinstance(batch, tuple) else batch
+    x = next(calibration_inputs(batches, 1))
     with hooked(model, hooks, pre=True):
         model(x.to(_device(model)))
     order = list(dict.fromkeys(seen))
@@ -258,8 +263,8 @@ def paired_moments(reference: nn.Module, model: nn.Module, name: str, batches: I
     generator = torch.Generator().manual_seed(0)
     moments = cross = None
     count = 0
-    for batch in calibration_batches(batches, max_batches):
-        x = (batch[0] if isinstance(batch, tuple) else batch).to(device)
+    for x in calibration_inputs(batches, max_batches):
+        x = x.to(device)
         x_ref, x_seen = _input_at(reference, ref_module, x), _input_at(model, module, x)
         at = sampled_rows(module, x_seen, generator)  # the same rows of both
         wanted, seen = layer_rows(ref_module, x_ref, at), layer_rows(module, x_seen, at)
@@ -318,8 +323,7 @@ def reestimate_batchnorm(model: nn.Module, calib_data, *, max_batches: int | Non
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches
             m.train()
-        for batch in calibration_batches(calib_data, max_batches):
-            x = batch[0] if isinstance(batch, tuple) else batch
+        for x in calibration_inputs(calib_data, max_batches):
             model(x.to(device))
     finally:
         for m, momentum in momenta:

@@ -220,9 +220,11 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
     _check_plan(model, plan)
     if reference is None:
         reference = copy.deepcopy(model) if inplace else model
-    elif not isinstance(reference, nn.Module):
-        raise ValueError(f"reference: expected an nn.Module, got {type(reference).__name__}")
-    _check_plan(reference, plan)
+    else:
+        if not isinstance(reference, nn.Module):
+            raise ValueError(f"reference: expected an nn.Module, got "
+                             f"{type(reference).__name__}")
+        _check_plan(reference, plan)  # the model itself (or its copy) was checked just above
     target = model if inplace else copy.deepcopy(model)
     order = forward_order(target, list(plan.active), calib_data)
     if progress:

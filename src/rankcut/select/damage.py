@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._modes import eval_mode
-from ..calibrate import calibration_batches
+from ..calibrate import calibration_inputs
 from ..curves import Candidate
 from ..surgery import set_submodule
 
@@ -57,8 +57,7 @@ def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[s
     relative errors are ``errors``), on the first ``max_samples`` calibration inputs. The
     weights are normalised to mean 1 (only their ratios matter to the allocation)."""
     inputs, seen = [], 0
-    for batch in calibration_batches(calib_data):
-        x = batch[0] if isinstance(batch, tuple) else batch
+    for x in calibration_inputs(calib_data):
         inputs.append(x[:max_samples - seen])
         seen += len(inputs[-1])
         if seen >= max_samples:
