@@ -89,6 +89,22 @@ def test_rank_above_every_dimension_is_allowed():
     assert cp(torch.randn(1, 2, 1, 3, dtype=torch.float64), 3).rel_error < 1e-6
 
 
+def test_max_work_caps_the_sweeps_and_bounds_the_full_runs_error():
+    """Sweeps = max_work / (2·numel·R): the capped run is the full run stopped early (same start),
+    so its error is at least the full run's; a tensor that converges first stops as usual."""
+    X = torch.randn(10, 9, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    per_sweep = 2 * X.numel() * 5
+    capped = cp(X, 5, max_iter=200, tol=0.0, max_work=7.5 * per_sweep)
+    full = cp(X, 5, max_iter=200, tol=0.0)
+    assert capped.n_iter == 7 and not capped.converged and full.n_iter == 200
+    assert capped.errors == pytest.approx(full.errors[:7], rel=1e-9)
+    assert capped.rel_error >= full.rel_error
+    assert cp(X, 5, max_iter=200, tol=0.0, max_work=1.0).n_iter == 1  # at least one sweep
+    assert cp(X, 5, max_iter=4, tol=0.0, max_work=1e12).n_iter == 4  # max_iter still caps
+    planted = planted_cp((10, 9, 3, 3), 2)
+    assert cp(planted, 2, tol=1e-6, max_work=1e12).converged
+
+
 @pytest.mark.parametrize(
     "args, kwargs, match",
     [
@@ -98,6 +114,7 @@ def test_rank_above_every_dimension_is_allowed():
         ((torch.randn(3, 3, 3), 2), {"init": "hosvd"}, "init: expected one of 'svd', 'random'"),
         ((torch.randn(3, 3, 3), 2), {"max_iter": 0}, "max_iter: expected a value > 0"),
         ((torch.randn(3, 3, 3), 2), {"tol": -1.0}, "tol: expected a value >= 0"),
+        ((torch.randn(3, 3, 3), 2), {"max_work": 0}, "max_work: expected a value > 0"),
         ((torch.full((2, 2, 2), float("inf")), 2), {}, "X: expected finite entries, got 8"),
     ],
 )

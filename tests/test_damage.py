@@ -46,6 +46,59 @@ def test_a_layer_the_output_ignores_gets_the_least_weight(net):
     assert isinstance(net.used, nn.Conv2d) and isinstance(net.ignored, nn.Conv2d)
 
 
+class InPlace(nn.Module):
+    """Convolutions whose outputs are changed in place downstream, one of them called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()
+        y = self.shared(self.b(h))
+        y += h
+        z = self.c(y).relu_()
+        z = self.shared(z)
+        return self.head(z.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name, computed", [
+    ("a", {"b": 1, "shared": 2, "c": 1}), ("b", {"shared": 2, "c": 1}),
+    ("c", {"shared": 1}), ("shared", {"c": 1})])
+def test_probing_from_the_layer_on_gives_what_the_whole_network_gives(name, computed,
+                                                                     monkeypatch):
+    """Only the dense layers from the probed one on are computed again (``shared`` runs once
+    before ``c`` and once after); the result equals a whole run's, and in-place ops downstream
+    do not change the cache."""
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    x = torch.randn(6, 3, 8, 8)
+    names = {m: n for n, m in model.named_children()}
+    ran = []
+    real = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: (
+        ran.append(names.get(self)), real(self, *a))[1])
+    with torch.no_grad():
+        prefix = damage._Prefix(model, x)
+        assert torch.equal(prefix.reference, damage._log_probs(model, x))
+        original = model.get_submodule(name)
+        rc.surgery.set_submodule(model, name, rc.layers.SVDConv2d.from_dense(original, 2))
+        whole = damage._log_probs(model, x)
+        ran.clear()
+        reused = prefix.run(model, x, original)
+        again = prefix.run(model, x, original)
+    assert torch.allclose(reused, whole, atol=1e-12, rtol=0)
+    assert not torch.equal(whole, prefix.reference)  # the probe did change the output
+    dense_runs = [n for n in ran[:len(ran) // 2] if n is not None]
+    assert {n: dense_runs.count(n) for n in dense_runs} == computed
+    assert torch.equal(again, reused)
+
+
 def test_loss_aware_planning_spends_the_budget_where_the_network_feels_it(net):
     plan = rc.plan(net, X, method="svd", target="params=2x", calib_data=CALIB,
                    allow_slower=True, min_params=100)

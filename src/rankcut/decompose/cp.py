@@ -290,6 +290,7 @@ def cp(
     seed=0,
     ridge: float | None = None,
     cov: torch.Tensor | None = None,
+    max_work: float | None = None,
 ) -> CPResult:
     """Rank-``rank`` CP decomposition of an N-way tensor (N >= 2).
 
@@ -311,13 +312,19 @@ def cp(
             (L Lᵀ = Σ, ridge-regularised as :func:`whitening_factor`) and the mode-1 factor
             mapped back, which minimises the output error on inputs of that moment when the
             kernel positions are uncorrelated; ``rel_error`` is measured in that norm.
+        max_work: a bound on the work of the ALS solvers, in multiply-adds of the tensor
+            products (about 2·numel(X)·R a sweep): the sweeps are capped at
+            ``max_work / (2·numel·R)`` (at least one). ALS never raises the error from one
+            sweep to the next, so a capped run's error bounds the full run's from above: the
+            planner scores large CP candidates this way (:data:`rankcut.curves.CP_SCORING`).
 
     Returns:
         :class:`CPResult` (weights, unit-norm factors, exact relative error, sweeps run, whether
         ``tol`` was met, and the per-sweep error history).
     """
     return cp_many([X], rank, method=method, init=init, max_iter=max_iter, tol=tol, seed=seed,
-                   ridge=ridge, cov=None if cov is None else [cov], _names=("X", "cov"))[0]
+                   ridge=ridge, cov=None if cov is None else [cov], max_work=max_work,
+                   _names=("X", "cov"))[0]
 
 
 @torch.no_grad()
@@ -332,6 +339,7 @@ def cp_many(
     seed=0,
     ridge: float | None = None,
     cov: Sequence[torch.Tensor] | None = None,
+    max_work: float | None = None,
     _names: tuple[str, str] = ("tensors", "cov"),
 ) -> list[CPResult]:
     """:func:`cp` of each tensor of ``tensors`` at ``rank`` (``cov``: one second moment per
@@ -352,6 +360,8 @@ def cp_many(
     check_positive(tol, "tol", allow_zero=True)
     if ridge is not None:
         check_positive(ridge, "ridge", allow_zero=True)
+    if max_work is not None:
+        check_positive(max_work, "max_work")
     if cov is not None and (isinstance(cov, torch.Tensor) or len(cov) != len(tensors)):
         raise ValueError(f"{cov_name}: expected one second moment per tensor "
                          f"({len(tensors)}), got {type(cov).__name__}")
@@ -373,7 +383,10 @@ def cp_many(
     for members in groups.values():
         batch = torch.stack([fitted[i] for i in members])
         lam = 10 * torch.finfo(batch.dtype).eps if ridge is None else ridge
-        for i, res in zip(members, _cp_batch(batch, rank, method, init, max_iter, tol, seed,
+        sweeps = max_iter
+        if max_work is not None and method != "tpm":
+            sweeps = min(max_iter, max(1, int(max_work // (2 * batch[0].numel() * rank))))
+        for i, res in zip(members, _cp_batch(batch, rank, method, init, sweeps, tol, seed,
                                              lam), strict=True):
             results[i] = res if whiten[i] is None else _unwhiten(res, whiten[i])
     return results

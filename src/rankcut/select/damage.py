@@ -8,13 +8,13 @@ network runs on calibration inputs, and the damage is the mean KL divergence bet
 network's output distribution and the probed one's. For small errors that damage grows with the
 square of the layer's output error, so ``weight = KL / error²`` is the price of a unit of squared
 error in that layer; the allocation then minimises Σ weight·error², the predicted damage to the
-network. (Probing is one forward pass of the calibration inputs per layer.)
+network. (Probing is one forward pass of the calibration inputs per layer, from that layer on:
+the outputs of the layers before it are the dense run's, reused.)
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,58 @@ SHRINK = 0.5
 MAX_RATIO = 4.0
 
 
-def _log_probs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with eval_mode(model), torch.no_grad():
-        return [F.log_softmax(model(x.to(device)).flatten(1).double(), dim=1) for x in inputs]
+def _log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(x).flatten(1).double(), dim=1)
+
+
+class _Prefix:
+    """The dense network's Conv2d and Linear outputs on one batch, in the order they ran, so
+    that a run with one layer replaced reuses every output computed before that layer's first
+    call (those cannot differ) instead of recomputing it: probing a layer then costs the part of
+    the network from it on, not the whole network."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.modules = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        self.outputs: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
+        self.first: dict[nn.Module, int] = {}
+        handles = [m.register_forward_hook(self._record) for m in self.modules]
+        try:
+            self.reference = _log_probs(model, x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _record(self, module, args, output):  # returns None: the output is left alone
+        calls = sum(map(len, self.outputs.values()))
+        self.first.setdefault(module, calls)
+        # copies, here and when handed out: a later in-place op (ReLU(inplace=True), +=) must
+        # not change what the next run is given
+        self.outputs.setdefault(module, []).append((calls, output.clone()))
+
+    def run(self, model: nn.Module, x: torch.Tensor, replaced: nn.Module) -> torch.Tensor:
+        """``model`` (with ``replaced``, a dense layer of this batch's run, swapped out) on
+        ``x``, every layer call that came before ``replaced``'s first taken from the cache."""
+        start = self.first.get(replaced, 0)
+        counts = dict.fromkeys(self.outputs, 0)
+
+        def cached(module):
+            def forward(*args, **kwargs):
+                k = counts[module]
+                counts[module] += 1
+                calls = self.outputs[module]
+                if k < len(calls) and calls[k][0] < start:
+                    return calls[k][1].clone()
+                return type(module).forward(module, *args, **kwargs)
+            return forward
+
+        patched = [m for m in self.outputs if m is not replaced and self.first[m] < start]
+        for m in patched:
+            m.forward = cached(m)
+        try:
+            return _log_probs(model, x)
+        finally:
+            for m in patched:
+                del m.forward
 
 
 def probe(cands: list[Candidate], dense: Candidate, kind: str, fraction: float) -> Candidate | None:
@@ -63,24 +111,35 @@ def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[s
         if seen >= max_samples:
             break
     work = copy.deepcopy(model)
-    reference = _log_probs(work, inputs)
-    raw = {}
-    steps = probes.items()
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    kl = dict.fromkeys(probes, 0.0)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="planning: network damage per layer", unit="layer")
-    for name, layer in steps:
-        original = work.get_submodule(name)
-        set_submodule(work, name, layer)
-        try:
-            probed = _log_probs(work, inputs)
-        finally:
-            set_submodule(work, name, original)
-        kl = sum(float(F.kl_div(q, p, log_target=True, reduction="sum"))
-                 for p, q in zip(reference, probed, strict=True))
-        kl /= sum(len(x) for x in inputs)
-        raw[name] = max(kl, 0.0) / max(errors[name], MIN_PROBE_ERROR) ** 2
+        bar = tqdm(total=len(probes) * len(inputs), desc="planning: network damage per layer",
+                   unit="probe")
+    with eval_mode(work), torch.no_grad():
+        for x in inputs:  # batch by batch: one batch's layer outputs are cached at a time
+            x = x.to(device)
+            prefix = _Prefix(work, x)
+            for name, layer in probes.items():
+                original = work.get_submodule(name)
+                set_submodule(work, name, layer)
+                try:
+                    probed = prefix.run(work, x, original)
+                finally:
+                    set_submodule(work, name, original)
+                kl[name] += float(F.kl_div(probed, prefix.reference, log_target=True,
+                                           reduction="sum"))
+                if bar is not None:
+                    bar.set_postfix_str(name)
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    total = sum(len(x) for x in inputs)
+    raw = {name: max(kl[name] / total, 0.0) / max(errors[name], MIN_PROBE_ERROR) ** 2
+           for name in probes}
     mean = sum(raw.values()) / max(len(raw), 1)
     if mean <= 0:
         return {name: 1.0 for name in raw}
