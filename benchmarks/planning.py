@@ -15,10 +15,12 @@ and 4x / 8x / 16x fewer params). Rows:
 VBMF rows ignore speed. ``plan s`` is ``rc.plan``, ``apply s`` is ``rc.apply`` (with data: the
 sequential fitting). Last, per model, the rank correlation between the planner's predicted network
 damage (``meta["predicted"]["damage"]`` of the loss-aware plans) and the top-1 they lose.
-Run from the repository root, one heavy job at a time:
+``--plan-only`` times the planning alone (no apply, no accuracy). Run from the repository
+root, one heavy job at a time:
 
     .venv/bin/python benchmarks/planning.py [--models resnet20_cifar] [--targets macs=3x]
         [--rows auto auto+data] [--guard off on] [--calib 1024] [--json out.jsonl]
+        [--plan-only]
 """
 
 import argparse
@@ -90,6 +92,8 @@ def main():
     parser.add_argument("--guard", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--calib", type=int, default=1024, help="calibration training images")
     parser.add_argument("--json", help="append one JSON line per result to this file")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="time rc.plan only: no apply, no accuracy")
     parser.add_argument("--summarise", metavar="JSONL",
                         help="only print the damage rank correlation of a --json file's rows")
     args = parser.parse_args()
@@ -136,6 +140,12 @@ def main():
                               flush=True)
                         continue
                     planned = time.perf_counter()
+                    if args.plan_only:
+                        predicted = plan.meta["predicted"]
+                        print(f"{label:>10} {row:>15} {guard:>5} {predicted['macs_ratio']:7.2f} "
+                              f"{predicted['params_ratio']:8.2f} {'-':>8} "
+                              f"{planned - start:7.1f} {'-':>7}  (ratios predicted)", flush=True)
+                        continue
                     small = rc.apply(model, plan, calib_data=data)
                     applied = time.perf_counter()
                     result = {"model": name, "target": label, "row": row, "guard": guard,
