@@ -232,3 +232,11 @@ def test_svd_rank_above_full_rank_keeps_layers_dense_with_a_warning():
     small = rc.apply(model, plan)
     assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in
                                                              model.parameters())
+
+
+def test_a_rank_rule_whose_every_layer_is_vetoed_as_slower_says_so(monkeypatch):
+    monkeypatch.setattr(rc.select.latency.LatencyGuard, "slower", lambda *args: True)
+    with pytest.warns(UserWarning, match="measured slower than its dense layer on this device "
+                                         r"\(pass allow_slower=True"):
+        plan = rc.plan(fresh(), X, method="svd", rank=2)
+    assert not plan.active

@@ -122,9 +122,10 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
                        tmp_path / "m.pt")
     assert code == 0, err
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    assert not any(m.original_name.startswith("BatchNorm") for m in scripted.modules())
     x = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(scripted(x), small(x), atol=1e-5)
+    with torch.no_grad():  # BatchNorm folded into the convolutions: equal to rounding
+        assert torch.allclose(scripted(x), small(x), atol=1e-4)
 
 
 def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, tmp_path):

@@ -29,6 +29,7 @@ from . import (
 )
 from .compress import CompressResult, compress, transfer
 from .export import export
+from .fuse import fuse
 from .io import load, load_plan, save
 from .plans import LayerPlan, Plan
 from .select import plan
@@ -48,6 +49,7 @@ __all__ = [
     "decompose",
     "defaults",
     "export",
+    "fuse",
     "layers",
     "load",
     "load_plan",

@@ -67,3 +67,35 @@ def run_watching_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...],
               if isinstance(module, nn.Conv2d | nn.Linear)]
     with hooked(model, layers):
         model(*inputs)
+
+
+def as_tensor_tuple(value, name: str) -> tuple[torch.Tensor, ...]:
+    """``value`` as a tuple of tensors: a tensor, or a tuple or list of tensors (None: empty)."""
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise TypeError(f"{name}: expected a tensor or a tuple of tensors, got {type(value).__name__}")
+
+
+def compare_outputs(what: str, actual, expected, atol: float) -> None:
+    """Raise a RuntimeError unless each output is within ``atol * max(1, max |expected|)``."""
+    if len(actual) != len(expected):
+        raise RuntimeError(f"{what} gives {len(actual)} outputs, PyTorch {len(expected)}")
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        a, e = a.detach().float().cpu(), e.detach().float().cpu()
+        if a.shape != e.shape:
+            raise RuntimeError(
+                f"{what} output {i} has shape {tuple(a.shape)}, PyTorch {tuple(e.shape)}"
+            )
+        if e.numel() == 0:
+            continue
+        scale = max(1.0, float(e.abs().max()))
+        diff = float((a - e).abs().max())
+        if not diff <= atol * scale:  # NaN fails too
+            raise RuntimeError(
+                f"{what} output {i} differs from PyTorch: max abs diff {diff:.3g} > "
+                f"{atol * scale:.3g} (atol={atol:g} x max(1, max |output|={scale:.3g}))"
+            )

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "model as given)")
     _verify_args(p)
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the deployable copy: BatchNorm folded into the convolution "
+                        "before it, factorizations that save nothing made dense (default: on)")
     p.add_argument("--output", required=True, help="file to write (not a folder)")
     _common(p)
 
@@ -729,8 +732,9 @@ def cmd_export(args) -> int:
 
     ctx = _Context(args)
     model = ctx.subject()
-    path = export(model, args.output, example_inputs=ctx.example_inputs(), format=args.format)
-    _say(f"wrote {path}")
+    path = export(model, args.output, example_inputs=ctx.example_inputs(), format=args.format,
+                  fuse=args.fuse)
+    _say(f"wrote {path}" + (" (BatchNorm folded)" if args.fuse else ""))
     return 0
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import eval_mode
+from ._modes import as_tensor_tuple, compare_outputs, eval_mode
 from .atomic import atomic_path, file_target_problem
+from .fuse import fuse as fused_copy
 
 FORMATS = ("onnx", "torchscript")
 METHODS = ("script", "trace")
@@ -57,6 +58,7 @@ def export(
     check: bool = True,
     method: str = "script",
     atol: float = 1e-4,
+    fuse: bool = True,
 ) -> Path:
     """Export ``model`` to ``path`` as ONNX or TorchScript and return the path written.
 
@@ -75,6 +77,9 @@ def export(
         method: TorchScript only: ``"script"`` (:func:`torch.jit.script`, keeps control flow)
             or ``"trace"`` (:func:`torch.jit.trace`, records one run on ``example_inputs``).
         atol: the tolerance of the check, relative to the output's scale when that exceeds 1.
+        fuse: export :func:`rankcut.fuse`'s deployable copy of the model (BatchNorm folded into
+            the convolution before it, factorizations that save nothing made dense again);
+            the check still compares with ``model`` itself.
 
     Raises:
         ValueError: an argument outside what is accepted (the message names it), or a ``path``
@@ -84,13 +89,18 @@ def export(
         ImportError: ``check=True`` for ONNX without onnx and onnxruntime installed.
     """
     _check_arguments(format, example_inputs, opset, method, check, atol)
-    inputs = _as_tensor_tuple(example_inputs, "example_inputs")
+    if not isinstance(fuse, bool):
+        raise ValueError(f"fuse: expected True or False, got {fuse!r}")
+    inputs = as_tensor_tuple(example_inputs, "example_inputs")
     path, opset = Path(path), int(opset)
     problem = file_target_problem(path, probe=False)
     if problem is not None:
         raise ValueError(f"path: {problem}")
     with eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
         with atomic_path(path) as tmp:
+            if fuse:  # the fused copy is checked against the model, then the file against it
+                model = fused_copy(model, inputs or None, check=check and bool(inputs),
+                                   atol=atol)
             if format == "onnx":
                 _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol)
             else:
@@ -121,17 +131,6 @@ def _check_arguments(format, example_inputs, opset, method, check, atol) -> None
             )
 
 
-def _as_tensor_tuple(value, name: str) -> tuple[torch.Tensor, ...]:
-    """``value`` as a tuple of tensors: a tensor, or a tuple or list of tensors (None: empty)."""
-    if value is None:
-        return ()
-    if isinstance(value, torch.Tensor):
-        return (value,)
-    if isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
-        return tuple(value)
-    raise TypeError(f"{name}: expected a tensor or a tuple of tensors, got {type(value).__name__}")
-
-
 @contextlib.contextmanager
 def _expected_warnings_ignored() -> Iterator[None]:
     with warnings.catch_warnings():
@@ -158,7 +157,7 @@ def _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol) -> None:
     """
     cpu_model = _cpu_view(model)
     cpu_inputs = tuple(x.detach().cpu() for x in inputs)
-    expected = _as_tensor_tuple(cpu_model(*cpu_inputs), "model output")
+    expected = as_tensor_tuple(cpu_model(*cpu_inputs), "model output")
     input_names = [f"input_{i}" for i in range(len(cpu_inputs))]
     output_names = [f"output_{i}" for i in range(len(expected))]
     batch_axes = _batch_axes(input_names, cpu_inputs) | _batch_axes(output_names, expected)
@@ -243,7 +242,7 @@ def _check_onnx(file: Path, feeds: dict[str, torch.Tensor], expected, atol: floa
     actual = session.run(
         None, {name: x.numpy() for name, x in feeds.items() if name in graph_inputs}
     )
-    _compare("ONNX (onnxruntime)", [torch.from_numpy(a) for a in actual], expected, atol)
+    compare_outputs("ONNX (onnxruntime)", [torch.from_numpy(a) for a in actual], expected, atol)
 
 
 # -------------------------------------------------------------------------------------- TorchScript
@@ -259,36 +258,12 @@ def _export_torchscript(model, inputs, tmp, method, check, atol) -> None:
         compiled = torch.jit.trace(model, inputs)
     torch.jit.save(compiled, str(tmp))
     if check:
-        expected = _as_tensor_tuple(model(*inputs), "model output")
+        expected = as_tensor_tuple(model(*inputs), "model output")
         loaded = torch.jit.load(str(tmp))
-        actual = _as_tensor_tuple(loaded(*inputs), "TorchScript output")
-        _compare(f"TorchScript ({method})", actual, expected, atol)
+        actual = as_tensor_tuple(loaded(*inputs), "TorchScript output")
+        compare_outputs(f"TorchScript ({method})", actual, expected, atol)
 
 
 def _device_of(model: nn.Module) -> torch.device:
     tensor = next(iter((*model.parameters(), *model.buffers())), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------------- check
-
-
-def _compare(what: str, actual, expected, atol: float) -> None:
-    """Raise a RuntimeError unless each output is within ``atol * max(1, max |expected|)``."""
-    if len(actual) != len(expected):
-        raise RuntimeError(f"{what} gives {len(actual)} outputs, PyTorch {len(expected)}")
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        a, e = a.detach().float().cpu(), e.detach().float().cpu()
-        if a.shape != e.shape:
-            raise RuntimeError(
-                f"{what} output {i} has shape {tuple(a.shape)}, PyTorch {tuple(e.shape)}"
-            )
-        if e.numel() == 0:
-            continue
-        scale = max(1.0, float(e.abs().max()))
-        diff = float((a - e).abs().max())
-        if not diff <= atol * scale:  # NaN fails too
-            raise RuntimeError(
-                f"{what} output {i} differs from PyTorch: max abs diff {diff:.3g} > "
-                f"{atol * scale:.3g} (atol={atol:g} x max(1, max |output|={scale:.3g}))"
-            )

@@ -324,8 +324,11 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         result.meta["budget"] = {cost_kind: budget}
     _fill(result, chosen, layers, options, guard)
     if target is None and layers and not result.active:
-        warnings.warn(f"rank: at the ranks of {rule} no layer's factorization is smaller than "
-                      "the dense layer; nothing is factorized", stacklevel=2)
+        why = ("every factorization was measured slower than its dense layer on this device "
+               "(pass allow_slower=True to keep them)" if choose.vetoed
+               else "no layer's factorization is smaller than the dense layer")
+        warnings.warn(f"rank: at the ranks of {rule} {why}; nothing is factorized",
+                      stacklevel=2)
     if guard is not None:
         result.meta["latency_guard"] = {**guard.settings(), "vetoed": choose.vetoed}
     _summarise(result, model, shapes)

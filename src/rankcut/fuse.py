@@ -1,0 +1,180 @@
+"""``rankcut.fuse``: a compressed (or dense) model made ready to deploy.
+
+A compressed model still carries what training needed and inference does not: a BatchNorm after
+most convolutions (four reads and writes of every activation for an affine map), and sometimes a
+factorized layer that, after rank rounding or a later edit, saves neither parameters nor MACs.
+:func:`fuse` returns a copy with
+
+1. every BatchNorm2d folded into the convolution that feeds it, when that convolution's output
+   goes to the BatchNorm alone: a dense ``nn.Conv2d`` absorbs it
+   (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`), a factorized convolution absorbs it into its
+   last 1x1 (or 1 x kw) sub-convolution, which gains a bias; the BatchNorm becomes
+   ``nn.Identity``. Which convolution feeds which BatchNorm is read from the model's graph
+   (:mod:`torch.fx`, factorized layers kept whole); a model that ``torch.fx`` cannot trace falls
+   back to consecutive children of ``nn.Sequential`` containers;
+2. every factorized layer that saves nothing turned back into its dense layer: with
+   ``example_inputs``, one with at least the dense layer's parameters *and* MACs (at the input
+   it really gets); without, one with at least its parameters;
+3. with ``example_inputs`` and ``check=True``, its outputs compared with the original's.
+
+The result is in eval mode (folding uses the running statistics) and records what was done in
+``fused.rankcut_fuse``. :func:`rankcut.export` exports the fused model by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import warnings
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ._modes import as_inputs, as_tensor_tuple, compare_outputs, eval_mode, hooked
+from .layers import FactorizedLayer, layer_cost
+from .layers.conv import _ConvFactorized
+from .surgery import set_submodule
+
+
+def fuse(model: nn.Module, example_inputs=None, *, check: bool = True,
+         atol: float = 1e-4) -> nn.Module:
+    """A deployable copy of ``model`` (see the module docstring); ``model`` is left as it was.
+
+    Args:
+        example_inputs: a tensor or tuple of tensors for one forward pass: the input sizes for
+            the MACs of step 2, and the check of step 3.
+        check: compare the fused model's outputs with ``model``'s on ``example_inputs``
+            (within ``atol * max(1, max |output|)``, as :func:`rankcut.export` checks); a
+            RuntimeError if they differ.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(atol, bool) or not isinstance(atol, int | float) or not atol >= 0:
+        raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
+    inputs = None if example_inputs is None else as_inputs(example_inputs)
+    fused = copy.deepcopy(model).eval()
+    folded = [_fold(fused, conv, bn) for conv, bn in _conv_bn_pairs(fused)]
+    reverted = _revert_unprofitable(fused, inputs)
+    fused.rankcut_fuse = {"folded": [f for f in folded if f], "reverted": reverted}
+    if check and inputs is not None:
+        _check_outputs(model, fused, inputs, atol)
+    return fused
+
+
+# ------------------------------------------------------------------------------- which pairs
+
+class _KeepFactorized(fx.Tracer):
+    """Traces into user modules but keeps rankcut's factorized layers (and torch.nn's) whole."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, FactorizedLayer) or super().is_leaf_module(m, qualname)
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d | _ConvFactorized)
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BatchNorm2d name) for every BatchNorm2d fed by a convolution whose output goes
+    nowhere else, each module called once."""
+    try:
+        graph = _KeepFactorized().trace(model)
+    except Exception as err:  # any tracing failure means: no graph
+        warnings.warn(f"fuse: torch.fx cannot trace {type(model).__name__} ({err}); only "
+                      "convolutions followed by a BatchNorm2d in an nn.Sequential are folded",
+                      stacklevel=3)
+        return _sequential_pairs(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target),
+                                                      nn.BatchNorm2d):
+            continue
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and _is_conv(model.get_submodule(src.target))
+                and calls[src.target] == 1 and calls[node.target] == 1):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for (a, first), (b, second) in itertools.pairwise(seq.named_children()):
+            if _is_conv(first) and isinstance(second, nn.BatchNorm2d):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+# ------------------------------------------------------------------------------ the folding
+
+def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    if bn.running_mean is None or bn.running_var is None or bn.num_features != (
+            conv.out_channels if isinstance(conv, nn.Conv2d) else conv.geometry.out_channels):
+        return None  # batch statistics only, or not the conv's channels: nothing to fold
+    if isinstance(conv, nn.Conv2d):
+        set_submodule(model, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+    else:
+        last = fuse_conv_bn_eval(conv._last().eval(), bn.eval())
+        setattr(conv, conv.last_name, last)
+        conv.geometry = dataclasses.replace(conv.geometry, bias=True)
+    set_submodule(model, bn_name, nn.Identity())
+    return {"conv": conv_name, "batchnorm": bn_name}
+
+
+def _revert_unprofitable(model: nn.Module, inputs) -> dict[str, str]:
+    """Factorized layers that save nothing, replaced by their dense layers; {name: why}."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    shapes = _input_shapes(model, inputs, layers) if inputs is not None else {}
+    reverted = {}
+    for name, layer in layers.items():
+        dense = layer.to_dense()
+        params = sum(p.numel() for p in layer.parameters())
+        dense_params = sum(p.numel() for p in dense.parameters())
+        if params < dense_params:
+            continue
+        why = f"{params:,} params >= {dense_params:,} dense"
+        if name in shapes:
+            shape = shapes[name]
+            kw = {"input_hw": shape} if isinstance(dense, nn.Conv2d) else {"rows": shape[0]}
+            macs, dense_macs = (layer_cost(dense, layer.config(), **kw).macs,
+                                layer_cost(dense, **kw).macs)
+            if macs < dense_macs:
+                continue
+            why += f" and {macs:,} MACs >= {dense_macs:,} dense"
+        set_submodule(model, name, dense)
+        reverted[name] = why
+    return reverted
+
+
+def _input_shapes(model: nn.Module, inputs, layers: dict) -> dict[str, tuple]:
+    """Each factorized layer's input: (H, W) of a convolution, rows per sample of a Linear."""
+    shapes: dict[str, tuple] = {}
+
+    def record(name):
+        def hook(module, args):  # a pre-hook returning None: the input is left alone
+            x = args[0]
+            shapes.setdefault(name, tuple(x.shape[-2:]) if x.ndim == 4
+                              else (max(1, x.numel() // x.shape[-1] // max(x.shape[0], 1)),))
+        return hook
+
+    with hooked(model, [(m, record(n)) for n, m in layers.items()], pre=True):
+        model(*inputs)
+    return shapes
+
+
+def _check_outputs(model: nn.Module, fused: nn.Module, inputs, atol: float) -> None:
+    with eval_mode(model), torch.no_grad():
+        expected = as_tensor_tuple(model(*inputs), "model output")
+        actual = as_tensor_tuple(fused(*inputs), "fused model output")
+    compare_outputs("the fused model", actual, expected, atol)

@@ -1,0 +1,137 @@
+"""rc.fuse: BatchNorm folded into the convolution before it, factorizations that save nothing
+turned back into dense layers, outputs unchanged."""
+
+import pytest
+import torch
+from torch import nn
+
+import rankcut as rc
+from rankcut.layers import CPConv2d, FactorizedLayer, SVDConv2d, TuckerConv2d
+from rankcut.models import create
+
+
+def _randomise_batchnorm(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(create("resnet20_cifar").eval())
+    names = [n for n, r in rc.target_layers(model).items() if r is None]
+    x = torch.rand(1, 3, 32, 32)
+    # Tucker-2 and CP layers, each followed by a BatchNorm
+    tucker = rc.apply(model, rc.plan(model, x, method="tucker", rank=4, include=names[:6],
+                                         allow_slower=True))
+    small = rc.apply(tucker, rc.plan(tucker, x, method="cp", rank=6, include=names[6:10],
+                                        allow_slower=True))
+    return model, small
+
+
+def test_every_batchnorm_after_a_convolution_is_folded_and_the_outputs_stand(compressed):
+    _, small = compressed
+    x = torch.randn(4, 3, 32, 32)
+    fused = rc.fuse(small, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    folded = fused.rankcut_fuse["folded"]
+    assert len(folded) == sum(isinstance(m, nn.BatchNorm2d) for m in small.modules())
+    with torch.no_grad():
+        assert torch.allclose(fused(x), small.eval()(x), atol=1e-4, rtol=1e-4)
+    kinds = {type(m) for m in fused.modules() if isinstance(m, FactorizedLayer)}
+    assert {CPConv2d, TuckerConv2d} <= kinds
+    for m in fused.modules():
+        if isinstance(m, FactorizedLayer):  # the BatchNorm's shift is the last factor's bias
+            assert m._last().bias is not None and m.geometry.bias
+            dense = m.to_dense()  # still converts exactly, bias included
+            y = torch.randn(2, m.geometry.in_channels, 8, 8)
+            with torch.no_grad():
+                assert torch.allclose(dense(y), m(y), atol=1e-4, rtol=1e-4)
+    # the caller's model is untouched
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in small.modules()) == len(folded)
+
+
+def test_fused_model_exports_without_batchnorm_nodes(compressed, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    _, small = compressed
+    x = torch.randn(2, 3, 32, 32)
+    path = rc.export(rc.fuse(small, x), tmp_path / "fused.onnx", example_inputs=x)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+
+
+class SharedOutput(nn.Module):
+    """``a``'s output goes to its BatchNorm and to the sum: folding would change the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.bn_b(self.b(self.bn_a(h))) + h
+
+
+class Untraceable(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.body(x)
+        return self.body(-x)
+
+
+def test_only_batchnorms_that_alone_read_a_convolution_are_folded():
+    model = _randomise_batchnorm(SharedOutput().eval())
+    x = torch.randn(2, 3, 8, 8)
+    fused = rc.fuse(model, x)
+    assert [f["batchnorm"] for f in fused.rankcut_fuse["folded"]] == ["bn_b"]
+    assert isinstance(fused.bn_a, nn.BatchNorm2d) and isinstance(fused.bn_b, nn.Identity)
+
+
+def test_an_untraceable_model_falls_back_to_sequential_neighbours():
+    model = _randomise_batchnorm(Untraceable().eval())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="torch.fx cannot trace Untraceable"):
+        fused = rc.fuse(model, x)
+    assert isinstance(fused.body[1], nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
+def test_a_factorization_that_saves_nothing_becomes_dense_again():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    model[0] = SVDConv2d.from_dense(model[0], 8)  # rank 8: 8·72 + 8·8 params > 8·72 dense
+    model[1] = SVDConv2d.from_dense(model[1], 2)
+    x = torch.randn(1, 8, 16, 16)
+    fused = rc.fuse(model, x)
+    assert type(fused[0]) is nn.Conv2d and isinstance(fused[1], SVDConv2d)
+    assert "params" in fused.rankcut_fuse["reverted"]["0"]
+    assert "MACs" in fused.rankcut_fuse["reverted"]["0"]
+    without_inputs = rc.fuse(model)  # params alone decide; nothing checked
+    assert type(without_inputs[0]) is nn.Conv2d
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    (("model",), {}, "model: expected an nn.Module, got str"),
+    ((nn.Conv2d(3, 3, 1),), {"atol": -1}, "atol: expected a number >= 0"),
+    ((nn.Conv2d(3, 3, 1), "x"), {}, "example_inputs must be a tensor"),
+])
+def test_bad_arguments_are_refused_by_name(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rc.fuse(*args, **kwargs)
