@@ -1,6 +1,8 @@
 """rc.fuse: BatchNorm folded into the convolution before it, factorizations that save nothing
 turned back into dense layers, outputs unchanged."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,7 @@ from torch import nn
 import rankcut as rc
 from rankcut.layers import CPConv2d, FactorizedLayer, SVDConv2d, TuckerConv2d
 from rankcut.models import create
+from rankcut.profile import Latency
 
 
 def _randomise_batchnorm(model, seed=0):
@@ -127,10 +130,39 @@ def test_a_factorization_that_saves_nothing_becomes_dense_again():
     assert type(without_inputs[0]) is nn.Conv2d
 
 
+def test_revert_slower_times_each_factorized_layer_on_its_input(monkeypatch):
+    """Timing is replaced by a stand-in that calls the second layer's factorization slower."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1, stride=2))
+    model[0] = SVDConv2d.from_dense(model[0], 2)
+    model[1] = SVDConv2d.from_dense(model[1], 2)
+    timed = []
+
+    def fake(dense, layer, x, **kw):
+        timed.append(tuple(x.shape))
+        slow = 1.2 if layer.geometry.stride == (2, 2) else 1.0
+        return (Latency(1.0, 1.0, 1.0, 15, 3, 2, "cpu"), Latency(slow, slow, slow, 15, 3, 2, "cpu"))
+
+    monkeypatch.setattr(sys.modules["rankcut.fuse"], "compare_latency", fake)
+    x = torch.randn(3, 8, 16, 16)
+    kept = rc.fuse(model, x)  # no timing unless asked
+    assert not timed and isinstance(kept[1], SVDConv2d)
+    fused = rc.fuse(model, x, revert_slower=True)
+    assert timed == [(3, 8, 16, 16), (3, 6, 16, 16)]  # each layer on the input it gets
+    assert isinstance(fused[0], SVDConv2d) and type(fused[1]) is nn.Conv2d
+    assert "1.200 ms > 1.000 ms dense (batch 3" in fused.rankcut_fuse["reverted"]["1"]
+    timed.clear()
+    loose = rc.fuse(model, x, revert_slower=True, latency_margin=0.25)
+    assert isinstance(loose[1], SVDConv2d) and not loose.rankcut_fuse["reverted"]
+
+
 @pytest.mark.parametrize("args, kwargs, match", [
     (("model",), {}, "model: expected an nn.Module, got str"),
     ((nn.Conv2d(3, 3, 1),), {"atol": -1}, "atol: expected a number >= 0"),
     ((nn.Conv2d(3, 3, 1), "x"), {}, "example_inputs must be a tensor"),
+    ((nn.Conv2d(3, 3, 1),), {"revert_slower": True}, "revert_slower: needs example_inputs"),
+    ((nn.Conv2d(3, 3, 1),), {"revert_slower": 1}, "revert_slower: expected True or False"),
+    ((nn.Conv2d(3, 3, 1),), {"latency_margin": -0.1}, "latency_margin: expected a number >= 0"),
 ])
 def test_bad_arguments_are_refused_by_name(args, kwargs, match):
     with pytest.raises(ValueError, match=match):

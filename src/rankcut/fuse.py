@@ -14,7 +14,8 @@ factorized layer that, after rank rounding or a later edit, saves neither parame
    back to consecutive children of ``nn.Sequential`` containers;
 2. every factorized layer that saves nothing turned back into its dense layer: with
    ``example_inputs``, one with at least the dense layer's parameters *and* MACs (at the input
-   it really gets); without, one with at least its parameters;
+   it really gets); without, one with at least its parameters; with ``revert_slower``, also one
+   measured slower than its dense layer on this device;
 3. with ``example_inputs`` and ``check=True``, its outputs compared with the original's.
 
 The result is in eval mode (folding uses the running statistics) and records what was done in
@@ -35,16 +36,22 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ._modes import as_inputs, as_tensor_tuple, compare_outputs, eval_mode, hooked
 from .layers import FactorizedLayer, layer_cost
 from .layers.conv import _ConvFactorized
+from .profile import compare_latency
 from .surgery import set_submodule
 
 
-def fuse(model: nn.Module, example_inputs=None, *, check: bool = True,
-         atol: float = 1e-4) -> nn.Module:
+def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
+         latency_margin: float = 0.05, check: bool = True, atol: float = 1e-4) -> nn.Module:
     """A deployable copy of ``model`` (see the module docstring); ``model`` is left as it was.
 
     Args:
         example_inputs: a tensor or tuple of tensors for one forward pass: the input sizes for
-            the MACs of step 2, and the check of step 3.
+            the MACs of step 2, the timing of ``revert_slower`` and the check of step 3.
+        revert_slower: also make dense again every factorized layer measured slower than its
+            dense layer (after folding) by more than ``latency_margin`` (a fraction, for timing
+            noise), each timed on the input it gets from ``example_inputs`` on the model's
+            device (interleaved runs, medians). Needs ``example_inputs``; the result then
+            depends on the machine.
         check: compare the fused model's outputs with ``model``'s on ``example_inputs``
             (within ``atol * max(1, max |output|)``, as :func:`rankcut.export` checks); a
             RuntimeError if they differ.
@@ -53,10 +60,18 @@ def fuse(model: nn.Module, example_inputs=None, *, check: bool = True,
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     if isinstance(atol, bool) or not isinstance(atol, int | float) or not atol >= 0:
         raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
+    if not isinstance(revert_slower, bool):
+        raise ValueError(f"revert_slower: expected True or False, got {revert_slower!r}")
+    if (isinstance(latency_margin, bool) or not isinstance(latency_margin, int | float)
+            or not latency_margin >= 0):
+        raise ValueError(f"latency_margin: expected a number >= 0, got {latency_margin!r}")
+    if revert_slower and example_inputs is None:
+        raise ValueError("revert_slower: needs example_inputs (each layer is timed on the "
+                         "input it gets)")
     inputs = None if example_inputs is None else as_inputs(example_inputs)
     fused = copy.deepcopy(model).eval()
     folded = [_fold(fused, conv, bn) for conv, bn in _conv_bn_pairs(fused)]
-    reverted = _revert_unprofitable(fused, inputs)
+    reverted = _revert_unprofitable(fused, inputs, latency_margin if revert_slower else None)
     fused.rankcut_fuse = {"folded": [f for f in folded if f], "reverted": reverted}
     if check and inputs is not None:
         _check_outputs(model, fused, inputs, atol)
@@ -132,45 +147,57 @@ def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
     return {"conv": conv_name, "batchnorm": bn_name}
 
 
-def _revert_unprofitable(model: nn.Module, inputs) -> dict[str, str]:
-    """Factorized layers that save nothing, replaced by their dense layers; {name: why}."""
+def _revert_unprofitable(model: nn.Module, inputs, margin: float | None) -> dict[str, str]:
+    """Factorized layers that save nothing (with ``margin``: or run slower than dense by more
+    than it), replaced by their dense layers; {name: why}."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
-    shapes = _input_shapes(model, inputs, layers) if inputs is not None else {}
+    seen = _layer_inputs(model, inputs, layers) if inputs is not None else {}
     reverted = {}
     for name, layer in layers.items():
         dense = layer.to_dense()
-        params = sum(p.numel() for p in layer.parameters())
-        dense_params = sum(p.numel() for p in dense.parameters())
-        if params < dense_params:
-            continue
-        why = f"{params:,} params >= {dense_params:,} dense"
-        if name in shapes:
-            shape = shapes[name]
-            kw = {"input_hw": shape} if isinstance(dense, nn.Conv2d) else {"rows": shape[0]}
-            macs, dense_macs = (layer_cost(dense, layer.config(), **kw).macs,
-                                layer_cost(dense, **kw).macs)
-            if macs < dense_macs:
-                continue
-            why += f" and {macs:,} MACs >= {dense_macs:,} dense"
-        set_submodule(model, name, dense)
-        reverted[name] = why
+        why = _saves_nothing(layer, dense, seen.get(name))
+        if why is None and margin is not None and name in seen:
+            d, f = compare_latency(dense, layer, seen[name], warmup=3, repeats=15)
+            if f.median_ms > (1 + margin) * d.median_ms:
+                why = (f"{f.median_ms:.3f} ms > {d.median_ms:.3f} ms dense (batch {d.batch}, "
+                       f"{d.threads} threads, {d.device})")
+        if why is not None:
+            set_submodule(model, name, dense)
+            reverted[name] = why
     return reverted
 
 
-def _input_shapes(model: nn.Module, inputs, layers: dict) -> dict[str, tuple]:
-    """Each factorized layer's input: (H, W) of a convolution, rows per sample of a Linear."""
-    shapes: dict[str, tuple] = {}
+def _saves_nothing(layer: FactorizedLayer, dense: nn.Module, x) -> str | None:
+    """Why ``layer`` saves nothing over ``dense`` (params, and MACs on its input ``x`` where
+    known), or None."""
+    params = sum(p.numel() for p in layer.parameters())
+    dense_params = sum(p.numel() for p in dense.parameters())
+    if params < dense_params:
+        return None
+    why = f"{params:,} params >= {dense_params:,} dense"
+    if x is not None:
+        kw = ({"input_hw": tuple(x.shape[-2:])} if isinstance(dense, nn.Conv2d)
+              else {"rows": max(1, x.numel() // x.shape[-1] // max(x.shape[0], 1))})
+        macs, dense_macs = layer_cost(dense, layer.config(), **kw).macs, layer_cost(dense,
+                                                                                   **kw).macs
+        if macs < dense_macs:
+            return None
+        why += f" and {macs:,} MACs >= {dense_macs:,} dense"
+    return why
+
+
+def _layer_inputs(model: nn.Module, inputs, layers: dict) -> dict[str, torch.Tensor]:
+    """The input each of ``layers`` gets (its first call) when ``model`` runs on ``inputs``."""
+    seen: dict[str, torch.Tensor] = {}
 
     def record(name):
         def hook(module, args):  # a pre-hook returning None: the input is left alone
-            x = args[0]
-            shapes.setdefault(name, tuple(x.shape[-2:]) if x.ndim == 4
-                              else (max(1, x.numel() // x.shape[-1] // max(x.shape[0], 1)),))
+            seen.setdefault(name, args[0].detach().clone())
         return hook
 
     with hooked(model, [(m, record(n)) for n, m in layers.items()], pre=True):
         model(*inputs)
-    return shapes
+    return seen
 
 
 def _check_outputs(model: nn.Module, fused: nn.Module, inputs, atol: float) -> None:
