@@ -148,7 +148,7 @@ def test_revert_slower_times_each_factorized_layer_on_its_input(monkeypatch):
     kept = rc.fuse(model, x)  # no timing unless asked
     assert not timed and isinstance(kept[1], SVDConv2d)
     fused = rc.fuse(model, x, revert_slower=True)
-    assert timed == [(3, 8, 16, 16), (3, 6, 16, 16)]  # each layer on the input it gets
+    assert timed == [(3, 8, 16, 16), (3, 6, 16, 16)]  # each layer at the input shape it gets
     assert isinstance(fused[0], SVDConv2d) and type(fused[1]) is nn.Conv2d
     assert "1.200 ms > 1.000 ms dense (batch 3" in fused.rankcut_fuse["reverted"]["1"]
     timed.clear()

@@ -35,8 +35,8 @@ from .layers.base import solve
 DATA_AWARE = "data_aware"
 
 # Solver settings for scoring candidates: enough to rank them; the planned layer gets the full
-# run. CP-ALS: 50 sweeps, fewer where a sweep is large (at most 5e10 multiply-adds a candidate:
-# every CIFAR ResNet kernel gets its 50, a 512x512x3x3 kernel at rank 1145 gets 9). The planned
+# run. CP-ALS: 50 sweeps, fewer where a sweep is large (at most 2.5e10 multiply-adds a candidate:
+# every CIFAR ResNet kernel gets its 50, a 512x512x3x3 kernel at rank 1145 gets 4). The planned
 # layer starts from the same point and only improves on it, so a capped score is an upper bound
 # on the error the plan will have: large CP candidates are rated pessimistically, never
 # optimistically. Data-aware Tucker-2: the closed-form start and two alternating sweeps,

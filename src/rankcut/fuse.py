@@ -33,10 +33,11 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ._modes import as_inputs, as_tensor_tuple, compare_outputs, eval_mode, hooked
-from .layers import FactorizedLayer, layer_cost
+from ._modes import as_inputs, as_tensor_tuple, batch_of, compare_outputs, eval_mode, hooked
+from .layers import FactorizedLayer, cost_at, input_shape
 from .layers.conv import _ConvFactorized
 from .profile import compare_latency
+from .select.latency import layer_input
 from .surgery import set_submodule
 
 
@@ -49,9 +50,9 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
             the MACs of step 2, the timing of ``revert_slower`` and the check of step 3.
         revert_slower: also make dense again every factorized layer measured slower than its
             dense layer (after folding) by more than ``latency_margin`` (a fraction, for timing
-            noise), each timed on the input it gets from ``example_inputs`` on the model's
-            device (interleaved runs, medians). Needs ``example_inputs``; the result then
-            depends on the machine.
+            noise), each timed on a random input of the shape it gets from ``example_inputs``,
+            on the model's device (interleaved runs, medians). Needs ``example_inputs``; the
+            result then depends on the machine.
         check: compare the fused model's outputs with ``model``'s on ``example_inputs``
             (within ``atol * max(1, max |output|)``, as :func:`rankcut.export` checks); a
             RuntimeError if they differ.
@@ -67,7 +68,7 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
         raise ValueError(f"latency_margin: expected a number >= 0, got {latency_margin!r}")
     if revert_slower and example_inputs is None:
         raise ValueError("revert_slower: needs example_inputs (each layer is timed on the "
-                         "input it gets)")
+                         "input shape it gets)")
     inputs = None if example_inputs is None else as_inputs(example_inputs)
     fused = copy.deepcopy(model).eval()
     folded = [_fold(fused, conv, bn) for conv, bn in _conv_bn_pairs(fused)]
@@ -150,54 +151,57 @@ def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
 def _revert_unprofitable(model: nn.Module, inputs, margin: float | None) -> dict[str, str]:
     """Factorized layers that save nothing (with ``margin``: or run slower than dense by more
     than it), replaced by their dense layers; {name: why}."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
-    seen = _layer_inputs(model, inputs, layers) if inputs is not None else {}
+    dense = {n: m.to_dense() for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    shapes = _input_shapes(model, inputs, dense) if inputs is not None else {}
     reverted = {}
-    for name, layer in layers.items():
-        dense = layer.to_dense()
-        why = _saves_nothing(layer, dense, seen.get(name))
-        if why is None and margin is not None and name in seen:
-            d, f = compare_latency(dense, layer, seen[name], warmup=3, repeats=15)
+    for name, plain in dense.items():
+        layer = model.get_submodule(name)
+        why = _saves_nothing(layer, plain, shapes.get(name))
+        if why is None and margin is not None and name in shapes:
+            # timed as the planner's guard times a candidate: on a random input of the shape
+            # it gets (the time does not depend on the values)
+            x = layer_input(plain, shapes[name], batch_of(inputs))
+            d, f = compare_latency(plain, layer, x, warmup=3, repeats=15)
             if f.median_ms > (1 + margin) * d.median_ms:
                 why = (f"{f.median_ms:.3f} ms > {d.median_ms:.3f} ms dense (batch {d.batch}, "
                        f"{d.threads} threads, {d.device})")
         if why is not None:
-            set_submodule(model, name, dense)
+            set_submodule(model, name, plain)
             reverted[name] = why
     return reverted
 
 
-def _saves_nothing(layer: FactorizedLayer, dense: nn.Module, x) -> str | None:
-    """Why ``layer`` saves nothing over ``dense`` (params, and MACs on its input ``x`` where
-    known), or None."""
+def _saves_nothing(layer: FactorizedLayer, dense: nn.Module, shape) -> str | None:
+    """Why ``layer`` saves nothing over ``dense`` (params, and MACs at its input ``shape``
+    where known), or None."""
     params = sum(p.numel() for p in layer.parameters())
     dense_params = sum(p.numel() for p in dense.parameters())
     if params < dense_params:
         return None
     why = f"{params:,} params >= {dense_params:,} dense"
-    if x is not None:
-        kw = ({"input_hw": tuple(x.shape[-2:])} if isinstance(dense, nn.Conv2d)
-              else {"rows": max(1, x.numel() // x.shape[-1] // max(x.shape[0], 1))})
-        macs, dense_macs = layer_cost(dense, layer.config(), **kw).macs, layer_cost(dense,
-                                                                                   **kw).macs
+    if shape is not None:
+        macs, dense_macs = cost_at(dense, shape, layer.config()).macs, cost_at(dense, shape).macs
         if macs < dense_macs:
             return None
         why += f" and {macs:,} MACs >= {dense_macs:,} dense"
     return why
 
 
-def _layer_inputs(model: nn.Module, inputs, layers: dict) -> dict[str, torch.Tensor]:
-    """The input each of ``layers`` gets (its first call) when ``model`` runs on ``inputs``."""
-    seen: dict[str, torch.Tensor] = {}
+def _input_shapes(model: nn.Module, inputs, dense: dict[str, nn.Module]) -> dict[str, tuple]:
+    """The input of each factorized layer named in ``dense`` (its first call), in the shape
+    convention of :func:`rankcut.layers.cost_at` (as the planner records it)."""
+    shapes: dict[str, tuple] = {}
+    batch = batch_of(inputs)
 
     def record(name):
         def hook(module, args):  # a pre-hook returning None: the input is left alone
-            seen.setdefault(name, args[0].detach().clone())
+            shapes.setdefault(name, input_shape(dense[name], args[0], batch))
         return hook
 
-    with hooked(model, [(m, record(n)) for n, m in layers.items()], pre=True):
+    hooks = [(model.get_submodule(n), record(n)) for n in dense]
+    with hooked(model, hooks, pre=True):
         model(*inputs)
-    return seen
+    return shapes
 
 
 def _check_outputs(model: nn.Module, fused: nn.Module, inputs, atol: float) -> None:

@@ -51,8 +51,8 @@ from .layers import (
     SVDConv2d,
     TuckerConv2d,
     conv_skip_reason,
+    cost_at,
     cp_break_even,
-    layer_cost,
     rebuild,
 )
 from .layers.base import ConvGeometry, solver_kwargs
@@ -182,10 +182,7 @@ class Method:
     def cost(self, module: nn.Module, ranks, form: str | None, shape) -> Cost:
         """Params and MACs of the factorized layer; ``shape`` is the layer's input, (H, W) of a
         Conv2d or (rows per sample,) of a Linear."""
-        config = self.config(module, ranks, form)
-        if isinstance(module, nn.Conv2d):
-            return layer_cost(module, config, input_hw=shape)
-        return layer_cost(module, config, rows=shape[0] if shape else 1)
+        return cost_at(module, shape, self.config(module, ranks, form))
 
     def from_dense(self, module: nn.Module, ranks, form: str | None = None, cov=None,
                    options: Mapping | None = None) -> FactorizedLayer:

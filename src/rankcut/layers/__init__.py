@@ -18,7 +18,7 @@ from .conv import (
     conv_skip_reason,
     cp_break_even,
 )
-from .costs import Cost, conv_output_hw, layer_cost
+from .costs import Cost, conv_output_hw, cost_at, input_shape, layer_cost
 from .linear import LowRankLinear
 
 LAYER_TYPES: dict[str, type[FactorizedLayer]] = {
@@ -49,8 +49,10 @@ __all__ = [
     "TuckerConv2d",
     "conv_output_hw",
     "conv_skip_reason",
+    "cost_at",
     "cp_break_even",
     "group_matrices",
+    "input_shape",
     "layer_cost",
     "rebuild",
     "weight_blocks",

@@ -97,3 +97,21 @@ def layer_cost(dense: nn.Module, config: dict | None = None, *, input_hw=None,
         R = config["rank"]
         return Cost(R * (n + m) + bias, rows * R * (n + m))
     raise ValueError(f"dense: expected an nn.Conv2d or nn.Linear, got {type(dense).__name__}")
+
+
+def cost_at(dense: nn.Module, shape: tuple, config: dict | None = None) -> Cost:
+    """:func:`layer_cost` of ``dense`` (or of its replacement ``config``) at ``shape``, the
+    layer's recorded input: (H, W) of a Conv2d, (rows per sample,) of a Linear (see
+    :func:`input_shape`)."""
+    if isinstance(dense, nn.Conv2d):
+        return layer_cost(dense, config, input_hw=shape)
+    return layer_cost(dense, config, rows=shape[0] if shape else 1)
+
+
+def input_shape(dense: nn.Module, x, batch: int) -> tuple:
+    """The shape :func:`cost_at` takes, from the input ``x`` that a Conv2d or Linear ``dense``
+    (or its replacement) gets in a pass of ``batch`` samples: (H, W), or the rows per sample of
+    a Linear (the sequence length of a transformer, 1 for a classifier)."""
+    if isinstance(dense, nn.Conv2d):
+        return tuple(x.shape[-2:])
+    return (max(1, x.numel() // dense.in_features // batch),)

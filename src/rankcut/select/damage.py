@@ -43,10 +43,12 @@ class _Prefix:
     the network from it on, not the whole network."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor):
-        self.modules = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        # per layer, (position among all layer calls, output) of each of its calls
         self.outputs: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
         self.first: dict[nn.Module, int] = {}
-        handles = [m.register_forward_hook(self._record) for m in self.modules]
+        self.calls = 0
+        handles = [m.register_forward_hook(self._record) for m in model.modules()
+                   if isinstance(m, nn.Conv2d | nn.Linear)]
         try:
             self.reference = _log_probs(model, x)
         finally:
@@ -54,11 +56,11 @@ class _Prefix:
                 h.remove()
 
     def _record(self, module, args, output):  # returns None: the output is left alone
-        calls = sum(map(len, self.outputs.values()))
-        self.first.setdefault(module, calls)
+        self.first.setdefault(module, self.calls)
         # copies, here and when handed out: a later in-place op (ReLU(inplace=True), +=) must
         # not change what the next run is given
-        self.outputs.setdefault(module, []).append((calls, output.clone()))
+        self.outputs.setdefault(module, []).append((self.calls, output.clone()))
+        self.calls += 1
 
     def run(self, model: nn.Module, x: torch.Tensor, replaced: nn.Module) -> torch.Tensor:
         """``model`` (with ``replaced``, a dense layer of this batch's run, swapped out) on

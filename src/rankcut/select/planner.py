@@ -25,7 +25,7 @@ from .. import methods
 from .._modes import as_inputs, batch_of, run_watching_layers
 from ..calibrate import input_second_moments
 from ..curves import Candidate, measured, pareto, whitened_svd_errors
-from ..layers import layer_cost
+from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
 from ..profile import compare_latency, count_params
@@ -73,21 +73,11 @@ def layer_input_shapes(model: nn.Module, example_inputs) -> dict[str, tuple]:
 
     def record(name):
         def hook(module, args, output):  # returns None: the output is left alone
-            x = args[0]
-            if isinstance(module, nn.Conv2d):
-                seen.setdefault(name, tuple(x.shape[-2:]))
-            else:
-                seen.setdefault(name, (max(1, x.numel() // module.in_features // batch),))
+            seen.setdefault(name, input_shape(module, args[0], batch))
         return hook
 
     run_watching_layers(model, inputs, record)
     return seen
-
-
-def _dense_cost(module, shape):
-    if isinstance(module, nn.Conv2d):
-        return layer_cost(module, input_hw=shape)
-    return layer_cost(module, rows=shape[0])
 
 
 def _within_rule(c: Candidate, cap: tuple[int, ...] | None) -> bool:
@@ -153,7 +143,7 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
     (``(method, candidate, covs)`` of methods with a grid, CP: measured for all layers at once,
     :func:`_measure`)."""
     hw = shape if isinstance(module, nn.Conv2d) else None
-    dense = _dense_cost(module, shape)
+    dense = cost_at(module, shape)
     cands: list[Candidate] = []
     pending: list[tuple] = []
     for spec, form in methods.variants(method, module):
@@ -283,7 +273,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         cands, pending[name] = _layer_candidates(module, shape, method, rule, target is not None,
                                                  cost_kind, rank_multiple, options,
                                                  covs.get(name))
-        dense_cost = _dense_cost(module, shape)
+        dense_cost = cost_at(module, shape)
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
     _measure(layers, pending, options, progress)
@@ -304,7 +294,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         fixed = {"params": count_params(model), "macs": 0}
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
-                fixed["macs"] += _dense_cost(module, shapes[name]).macs
+                fixed["macs"] += cost_at(module, shapes[name]).macs
         fixed[cost_kind] -= sum(layer.dense.cost(cost_kind) for layer in layers.values())
         choose.fixed = fixed[cost_kind]
         whole = fixed[cost_kind] + sum(layer.dense.cost(cost_kind) for layer in layers.values())
@@ -496,7 +486,7 @@ def _summarise(result: Plan, model: nn.Module, shapes) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear) or name not in shapes:
             continue
-        dense = _dense_cost(module, shapes[name])
+        dense = cost_at(module, shapes[name])
         lp = result.layers.get(name)
         new = dense if lp is None or lp.skip else lp.spec.cost(module, lp.ranks, lp.form,
                                                                shapes[name])
