@@ -20,7 +20,7 @@ root, one heavy job at a time:
 
     .venv/bin/python benchmarks/planning.py [--models resnet20_cifar] [--targets macs=3x]
         [--rows auto auto+data] [--guard off on] [--calib 1024] [--json out.jsonl]
-        [--plan-only]
+        [--plan-only] [--batch 32]
 """
 
 import argparse
@@ -91,6 +91,9 @@ def main():
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW")
     parser.add_argument("--guard", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--calib", type=int, default=1024, help="calibration training images")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="batch of the example inputs (the batch the latency guard keeps "
+                             "the plan no slower than dense at)")
     parser.add_argument("--json", help="append one JSON line per result to this file")
     parser.add_argument("--plan-only", action="store_true",
                         help="time rc.plan only: no apply, no accuracy")
@@ -110,7 +113,7 @@ def main():
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
     images, labels = read_cifar10_bin(root, "test")
     train, _ = read_cifar10_bin(root, "train", limit=args.calib)
-    x = torch.rand(1, 3, 32, 32)
+    x = torch.rand(args.batch, 3, 32, 32)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}; CIFAR-10 test images "
           f"0..{len(images) - 1}; calibration: the first {args.calib} training images; no "

@@ -36,3 +36,22 @@ def resnet20_weights(shared_data) -> Path:
 def resnet20_kernels(resnet20_weights) -> dict[str, torch.Tensor]:
     """The conv kernels of the pretrained CIFAR-10 ResNet-20 (akamaster), by parameter name."""
     return load_conv_kernels(resnet20_weights)
+
+
+@pytest.fixture
+def fake_latency(monkeypatch):
+    """``install(ms)`` makes every time the planner's latency table takes ``ms(module)``
+    milliseconds (a primitive Conv2d/Linear, or a whole model for its rest time), so that tests
+    of latency-aware planning do not depend on the machine."""
+    import rankcut.select.latency as latency
+    from rankcut.profile import Latency
+
+    def install(ms):
+        def fake(module, example_inputs, *, warmup=0, repeats=1):
+            x = example_inputs if isinstance(example_inputs, torch.Tensor) else \
+                example_inputs[0]
+            v = float(ms(module))
+            return Latency(v, v, v, repeats, x.shape[0], torch.get_num_threads(), "cpu")
+        monkeypatch.setattr(latency, "measure_latency", fake)
+
+    return install

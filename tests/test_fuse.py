@@ -156,6 +156,26 @@ def test_revert_slower_times_each_factorized_layer_on_its_input(monkeypatch):
     assert isinstance(loose[1], SVDConv2d) and not loose.rankcut_fuse["reverted"]
 
 
+def test_memory_format_is_set_or_chosen_by_timing(compressed, monkeypatch):
+    _, small = compressed
+    x = torch.rand(2, 3, 32, 32)
+    cl = rc.fuse(small, x, memory_format="channels_last")
+    convs = [m for m in cl.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                         for m in convs)
+    assert cl.rankcut_fuse["memory_format"] == "channels_last"
+    assert torch.allclose(cl(x), small.eval()(x), atol=1e-4)
+    # "auto" keeps the faster format: a stand-in timer that calls the second (channels_last)
+    # model slower, then faster
+    for cl_ms, expected in ((2.0, "contiguous"), (0.5, "channels_last")):
+        def fake(a, b, x, cl_ms=cl_ms, **kw):
+            return (Latency(1.0, 1.0, 1.0, 15, 2, 2, "cpu"),
+                    Latency(cl_ms, cl_ms, cl_ms, 15, 2, 2, "cpu"))
+        monkeypatch.setattr(sys.modules["rankcut.fuse"], "compare_latency", fake)
+        assert rc.fuse(small, x, memory_format="auto").rankcut_fuse["memory_format"] == expected
+    assert "memory_format" not in rc.fuse(small, x).rankcut_fuse
+
+
 @pytest.mark.parametrize("args, kwargs, match", [
     (("model",), {}, "model: expected an nn.Module, got str"),
     ((nn.Conv2d(3, 3, 1),), {"atol": -1}, "atol: expected a number >= 0"),
@@ -163,6 +183,8 @@ def test_revert_slower_times_each_factorized_layer_on_its_input(monkeypatch):
     ((nn.Conv2d(3, 3, 1),), {"revert_slower": True}, "revert_slower: needs example_inputs"),
     ((nn.Conv2d(3, 3, 1),), {"revert_slower": 1}, "revert_slower: expected True or False"),
     ((nn.Conv2d(3, 3, 1),), {"latency_margin": -0.1}, "latency_margin: expected a number >= 0"),
+    ((nn.Conv2d(3, 3, 1),), {"memory_format": "nhwc"}, "memory_format: expected None, 'auto'"),
+    ((nn.Conv2d(3, 3, 1),), {"memory_format": "auto"}, "memory_format: needs example_inputs"),
 ])
 def test_bad_arguments_are_refused_by_name(args, kwargs, match):
     with pytest.raises(ValueError, match=match):

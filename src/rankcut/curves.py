@@ -55,8 +55,14 @@ class Candidate:
     macs: int
     error: float  # relative weight (or output) error; 0 for dense
     extra: dict = field(default_factory=dict, compare=False)
+    # predicted time as a fraction of the dense model's (rankcut.select.latency), once timed
+    latency: float | None = field(default=None, compare=False)
 
-    def cost(self, kind: str) -> int:
+    def cost(self, kind: str) -> float:
+        if kind == "latency":
+            if self.latency is None:
+                raise ValueError(f"{self.describe()}: not timed")
+            return self.latency
         return self.params if kind == "params" else self.macs
 
     def describe(self) -> str:

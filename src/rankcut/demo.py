@@ -243,16 +243,17 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     layers = _layer_rows(model, small, plan, x1)
     _say("[4/4] results\n")
     _print_summary(params, macs, lat, top1, len(test[0]), layers)
-    guard = plan.meta.get("latency_guard")
+    guard = plan.meta.get("latency")
     if guard is None:
-        _say("(latency guard off: allow_slower=True; factorizations were not timed against "
-             "dense)")
+        _say("(latency guard off: allow_slower=True; the plan was not timed)")
     else:
         vetoed = ", ".join(f"{name} {_plural(len(v), 'candidate')}"
-                           for name, v in guard["vetoed"].items()) or "none"
-        _say(f"time vs dense: the planner's latency guard timed each factorization against its "
-             f"dense layer at batch 1 on this CPU\n({_plural(guard['threads'], 'thread')}); "
-             f"vetoed as slower than dense: {vetoed}")
+                           for name, v in guard["vetoed"].items())
+        ratio = guard["predicted_ratio"][str(guard["batch"])]
+        _say(f"time vs dense: the planner's latency table timed each layer's candidates at "
+             f"batch {guard['batch']} on this CPU\n({_plural(guard['table']['threads'], 'thread')}"
+             f", {guard['table']['memory_format']}) and kept the plan no slower than dense "
+             f"(predicted: {ratio:.2f} of its time)" + (f"; vetoed: {vetoed}" if vetoed else ""))
     seconds["total"] = time.perf_counter() - start
     _say(f"\nwrote {out}/: {', '.join(f.name for f in files)}")
     if rep is None:

@@ -1,4 +1,4 @@
-"""Spend a global budget (params or MACs) across layers where it does the least damage.
+"""Spend a global budget (params, MACs or time) across layers where it does the least damage.
 
 Each layer offers a Pareto frontier of candidates (cost up, error down; the dense layer is the
 last, error 0). Choosing one per layer to minimise the total damage Σ error² under
@@ -6,60 +6,91 @@ last, error 0). Choosing one per layer to minimise the total damage Σ error² u
 price λ each layer independently takes argmin error² + λ·cost; a bisection on λ finds the
 cheapest price that fits), then the slack left by the discrete choice is spent greedily on the
 upgrades with the best damage reduction per unit cost that still fit.
+
+With a ``score`` other than error² (the planner adds μ·time to keep a MACs-budgeted plan no
+slower than dense), the frontiers are re-drawn on that score.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..curves import Candidate
 
 
-def _pick(frontier: list[Candidate], kind: str, price: float) -> int:
-    return min(range(len(frontier)),
-               key=lambda i: frontier[i].error ** 2 + price * frontier[i].cost(kind))
+def _damage(c: Candidate) -> float:
+    return c.error ** 2
+
+
+def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> list[Candidate]:
+    """The candidates not beaten on both cost and ``score``, cheapest first."""
+    out: list[Candidate] = []
+    for c in sorted(cands, key=lambda c: (c.cost(kind), score(c))):
+        if not out or score(c) < score(out[-1]) - 1e-15:
+            out.append(c)
+    return out
+
+
+def _pick(scores: list[float], costs: list[float], price: float) -> int:
+    return min(range(len(scores)), key=lambda i: scores[i] + price * costs[i])
 
 
 def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
-             fixed: float = 0.0) -> dict[str, Candidate]:
-    """One candidate per layer with ``fixed + Σ cost <= budget`` and least ``Σ error²``.
+             fixed: float = 0.0, score: Callable | None = None) -> dict[str, Candidate]:
+    """One candidate per layer with ``fixed + Σ cost <= budget`` and least ``Σ score``
+    (default: ``Σ error²``).
 
-    ``frontiers`` must each be Pareto-sorted (cheapest first). ``fixed`` is the cost of
-    everything not being planned. Raises ``ValueError`` when even the cheapest choice is over.
+    ``frontiers`` must each be Pareto-sorted (cheapest first) unless ``score`` is given (they
+    are then re-drawn on it). ``fixed`` is the cost of everything not being planned. Raises
+    ``ValueError`` when even the cheapest choice is over.
     """
+    if score is not None:
+        frontiers = {n: frontier(f, kind, score) for n, f in frontiers.items()}
+    score = score or _damage
     room = budget - fixed
     cheapest = sum(f[0].cost(kind) for f in frontiers.values())
     if cheapest > room:
+        def amount(v):
+            return f"{v:.3f} of the dense model's time" if kind == "latency" else \
+                f"{v:,.0f} {kind}"
         raise ValueError(
             f"target: cannot be met; the cheapest plan over the eligible layers costs "
-            f"{cheapest + fixed:,.0f} {kind} against a budget of {budget:,.0f} "
-            f"({fixed:,.0f} of it in layers left dense)")
+            f"{amount(cheapest + fixed)} against a budget of {amount(budget)} "
+            f"({amount(fixed)} of it outside the eligible layers)")
     if not frontiers:
         return {}
 
+    scores = {n: [score(c) for c in f] for n, f in frontiers.items()}
+    costs = {n: [c.cost(kind) for c in f] for n, f in frontiers.items()}
+
     def total(choice):
-        return sum(frontiers[n][i].cost(kind) for n, i in choice.items())
+        return sum(costs[n][i] for n, i in choice.items())
+
+    def picks(price):
+        return {n: _pick(scores[n], costs[n], price) for n in frontiers}
 
     lo, hi = 0.0, 1.0
-    while total({n: _pick(f, kind, hi) for n, f in frontiers.items()}) > room:
+    while total(picks(hi)) > room:
         hi *= 4.0
     for _ in range(100):  # bisection on the price of one unit of cost
         mid = (lo + hi) / 2
-        if total({n: _pick(f, kind, mid) for n, f in frontiers.items()}) > room:
+        if total(picks(mid)) > room:
             lo = mid
         else:
             hi = mid
-    choice = {n: _pick(f, kind, hi) for n, f in frontiers.items()}
+    choice = picks(hi)
 
     # Spend the slack: the best error² reduction per unit of cost that still fits.
     slack = room - total(choice)
     while True:
         best, best_gain = None, 0.0
         for name, i in choice.items():
-            frontier = frontiers[name]
-            for j in range(i + 1, len(frontier)):
-                extra = frontier[j].cost(kind) - frontier[i].cost(kind)
+            front = frontiers[name]
+            for j in range(i + 1, len(front)):
+                extra = costs[name][j] - costs[name][i]
                 if extra > slack:
                     break
-                gain = (frontier[i].error ** 2 - frontier[j].error ** 2) / max(extra, 1e-12)
+                gain = (scores[name][i] - scores[name][j]) / max(extra, 1e-12)
                 if gain > best_gain:
                     best, best_gain = (name, j, extra), gain
         if best is None:

@@ -15,6 +15,7 @@ the outputs of the layers before it are the dense run's, reused.)
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,6 @@ def weighted(cands: list[Candidate], weight: float) -> list[Candidate]:
     """``cands`` with errors scaled to predicted network damage (error·√weight), the layer's own
     error kept in ``extra["layer_error"]``."""
     scale = weight ** 0.5
-    return [Candidate(c.method, c.ranks, c.form, c.params, c.macs, c.error * scale,
-                      {**c.extra, "layer_error": c.error, "damage_weight": weight})
+    return [dataclasses.replace(c, error=c.error * scale,
+                                extra={**c.extra, "layer_error": c.error, "damage_weight": weight})
             for c in cands]

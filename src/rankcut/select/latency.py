@@ -1,82 +1,257 @@
-"""Latency awareness for the planner: measured, on the device the model lives on.
+"""Latency for the planner: a table of measured times, built once per device and reused.
 
-A factorized layer does fewer MACs but runs several smaller kernels in a row; on a CPU at batch 1,
-or for a depthwise CP stage, it can be slower than the dense layer it replaces. The
-:class:`LatencyGuard` times each candidate the allocation picks against its dense layer
-(interleaved runs, median of each, at batch 1 and at the user's batch) and vetoes those slower
-than dense by more than a noise margin; the planner then re-allocates without them.
+A factorized layer does fewer MACs but runs several smaller kernels in a row; on a CPU at
+batch 1, or for a depthwise CP stage, or at a rank that suits no kernel, it can be slower than
+the dense layer it replaces. MACs do not say which: the planner spends measured time instead.
 
-Timing uses each layer's real input shape (recorded on ``example_inputs``) and the candidate's
-structure with fresh weights (``Method.structure``): the time of a forward pass does not
-depend on the values, so no decomposition is computed to measure it.
+A :class:`LatencyTable` holds the median time of *primitives*: one ``nn.Conv2d`` or ``nn.Linear``
+configuration at one input size and batch, measured alone on one device (the device, torch
+threads, dtype, memory format and engine are the table's ``setting``). Every layer the planner
+prices is a chain of primitives: a dense layer is one, a factorized layer is its sub-layers (read
+off its structure, built on the ``meta`` device, so nothing is allocated), and its time is
+their sum. Primitives are shared widely -- by the blocks of a ResNet stage, by candidates of one
+method at neighbouring ranks (a Tucker-2 layer's first 1x1 conv is that of every Tucker-2 layer
+with the same input rank, and of CP at that rank) -- so a model's table is built in a few
+hundred small timings. The rest of a model (activations, additions, pooling) is measured once per
+model: the fused dense model's time less its layers'.
+
+Primitives are measured when first needed and kept; :meth:`LatencyTable.save` writes them as
+JSON and :meth:`LatencyTable.load` reads them back, so planning again (another target, another
+session) times nothing it has already timed, and the same table and inputs give the same plan.
 """
 
 from __future__ import annotations
 
+import json
+import platform
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from .. import methods
-from ..curves import Candidate
-from ..profile import compare_latency
+from .._modes import as_inputs, run_watching_layers
+from ..layers import input_shape, rebuild
+from ..profile import measure_latency, with_batch
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+FORMAT_VERSION = 1
+# Ranks are timed rounded up to a multiple of this. Convolution kernels work on blocks of
+# channels: on the 2-core x86 CPU we measured (channels_last, oneDNN) a 1x1 or 3x1 conv with
+# 29..32 or 37..40 output channels takes the time of 32 or 40 within noise, and steps between.
+# Pricing rank r as its block keeps the table small (a layer's ranks in steps of 8) and costs
+# the planner nothing: at equal time, the full block has the lower error.
+RANK_STEP = 8
 
 
-def layer_input(module: nn.Module, shape: tuple, batch: int) -> torch.Tensor:
+def layer_input(module: nn.Module, shape: tuple, batch: int,
+                memory_format: str = "contiguous") -> torch.Tensor:
     """A random input of ``batch`` samples for a layer whose recorded input is ``shape``
     ((H, W) of a Conv2d, or (rows,) per sample of a Linear)."""
     device = module.weight.device
     dtype = module.weight.dtype
     if isinstance(module, nn.Conv2d):
-        return torch.randn(batch, module.in_channels, *shape, device=device, dtype=dtype)
+        x = torch.randn(batch, module.in_channels, *shape, device=device, dtype=dtype)
+        return x.contiguous(memory_format=MEMORY_FORMATS[memory_format])
     return torch.randn(batch * shape[0], module.in_features, device=device, dtype=dtype)
 
 
-class LatencyGuard:
-    """Remembers, per layer and candidate, the measured slow-down against the dense layer.
+def primitive_key(module: nn.Module, shape: tuple) -> str:
+    """The table's key of a Conv2d or Linear at its recorded input ``shape``."""
+    if isinstance(module, nn.Conv2d):
+        pad = module.padding if isinstance(module.padding, str) else \
+            "x".join(map(str, module.padding))
+        return (f"conv {module.in_channels}>{module.out_channels} "
+                f"k{'x'.join(map(str, module.kernel_size))} s{'x'.join(map(str, module.stride))} "
+                f"p{pad} d{'x'.join(map(str, module.dilation))} g{module.groups} "
+                f"b{int(module.bias is not None)} @{'x'.join(map(str, shape))}")
+    return (f"linear {module.in_features}>{module.out_features} "
+            f"b{int(module.bias is not None)} @{shape[0] if shape else 1}")
 
-    ``latency_ratio`` is the largest over ``batches`` of median(candidate) / median(dense); a
-    candidate is slower when that exceeds ``1 + margin`` (the margin absorbs timing noise: a
-    candidate that merely ties with dense is kept, as it saves params and MACs at no cost in
-    time).
+
+def _leaves(layer: nn.Module, shape: tuple) -> list[tuple[str, nn.Module, tuple]]:
+    """(key, primitive, input shape) of every Conv2d/Linear that ``layer`` (a Conv2d, a Linear or
+    a factorized layer built on the meta device) runs, in order, for an input of ``shape``."""
+    if isinstance(layer, nn.Conv2d | nn.Linear) and not list(layer.children()):
+        return [(primitive_key(layer, shape), layer, shape)]
+    if isinstance(layer, nn.Conv2d) or hasattr(layer, "geometry"):
+        x = torch.empty(1, layer.geometry.in_channels, *shape, device="meta")
+    else:
+        x = torch.empty(shape[0] if shape else 1, layer.in_features, device="meta")
+    found = []
+
+    def record(name):
+        def hook(module, args, output):
+            s = input_shape(module, args[0], 1)
+            found.append((primitive_key(module, s), module, s))
+        return hook
+
+    run_watching_layers(layer, (x,), record)
+    return found
+
+
+def device_name(device: torch.device) -> str:
+    """``"cuda: NVIDIA H200"``, ``"cpu: <model name>"``: what a table was measured on."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{device.type}: {name}"
+
+
+class LatencyTable:
+    """Measured milliseconds of layers on one device (see the module docstring).
+
+    Args:
+        device: where to measure (a torch device or its name); the planner uses the device of
+            the model's parameters.
+        memory_format: ``"channels_last"`` (the faster one for convolutions on the CPUs and GPUs
+            we measured) or ``"contiguous"``; deploy the model in the same format
+            (``rc.fuse(memory_format=...)``).
+        warmup, repeats: untimed and timed runs of each primitive; the median is kept.
     """
 
-    def __init__(self, batches: tuple[int, ...], margin: float = 0.05, warmup: int = 3,
-                 repeats: int = 15):
-        if margin < 0:
-            raise ValueError(f"latency_margin: expected >= 0, got {margin!r}")
-        self.batches = tuple(sorted(set(batches)))
-        self.margin = margin
+    def __init__(self, device="cpu", *, memory_format: str = "channels_last",
+                 dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 9):
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
+                             f"{memory_format!r}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1 or \
+                isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup, repeats: expected ints >= 0 and >= 1, got {warmup!r}, "
+                             f"{repeats!r}")
+        self.device = torch.device(device)
+        self.memory_format = memory_format
+        self.dtype = dtype
         self.warmup, self.repeats = warmup, repeats
-        self.measured: dict[tuple, dict] = {}
+        self.setting = {"device": device_name(self.device), "threads": torch.get_num_threads(),
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "memory_format": memory_format, "engine": "eager",
+                        "torch": torch.__version__.split("+")[0]}
+        self.entries: dict[str, dict[str, float]] = {}  # key -> {str(batch): ms}
+        self.measured = 0  # timings taken by this object (not loaded)
+        self._chains: dict[tuple, list] = {}
 
-    def settings(self) -> dict:
-        return {"batches": list(self.batches), "margin": self.margin, "repeats": self.repeats,
-                "threads": torch.get_num_threads()}
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_VERSION, "setting": self.setting,
+                "timing": {"warmup": self.warmup, "repeats": self.repeats},
+                "entries": dict(sorted(self.entries.items()))}
 
-    def measure(self, name: str, module: nn.Module, shape: tuple, cand: Candidate) -> dict:
-        """{"latency_ratio", "latency_ms", "dense_latency_ms"} for ``cand`` (batch-1 times)."""
-        key = (name, cand.method, cand.form, cand.ranks)
-        if key not in self.measured:
-            layer = methods.get(cand.method).structure(module, cand.ranks, cand.form).to(
-                module.weight.device, module.weight.dtype)
-            worst, first = 0.0, None
-            for batch in self.batches:
-                x = layer_input(module, shape, batch)
-                dense, fact = compare_latency(module, layer, x, warmup=self.warmup,
-                                              repeats=self.repeats)
-                worst = max(worst, fact.median_ms / max(dense.median_ms, 1e-9))
-                first = first or (fact.median_ms, dense.median_ms)
-            self.measured[key] = {"latency_ratio": worst, "latency_ms": first[0],
-                                  "dense_latency_ms": first[1]}
-        return self.measured[key]
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
 
-    def slower(self, name: str, module: nn.Module, shape: tuple, cand: Candidate) -> bool:
-        return self.measure(name, module, shape, cand)["latency_ratio"] > 1 + self.margin
+    @classmethod
+    def load(cls, path, device="cpu") -> LatencyTable:
+        """A table saved by :meth:`save`, to be used (and extended) on ``device``. Raises
+        ValueError when it was measured in another setting (device, threads, dtype, engine):
+        its times would not hold here."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"latency table: cannot read {path}: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"latency table: {path} is not a rankcut latency table (format "
+                             f"{FORMAT_VERSION})")
+        setting = data["setting"]
+        table = cls(device, memory_format=setting["memory_format"],
+                    dtype=getattr(torch, setting["dtype"]), **data.get("timing", {}))
+        differs = {k: (setting.get(k), v) for k, v in table.setting.items()
+                   if k != "torch" and setting.get(k) != v}
+        if differs:
+            said = "; ".join(f"{k}: {a!r} in the table, {b!r} here" for k, (a, b) in
+                             differs.items())
+            raise ValueError(f"latency table: {path} was measured in another setting ({said}); "
+                             "build a table on this device")
+        table.entries = {k: dict(v) for k, v in data["entries"].items()}
+        return table
+
+    # ------------------------------------------------------------------ lookups
+    def _time(self, key: str, module: nn.Module, shape: tuple, batch: int) -> float:
+        times = self.entries.setdefault(key, {})
+        if str(batch) not in times:
+            prim = _materialise(module).to(self.device, self.dtype)
+            if isinstance(prim, nn.Conv2d):
+                prim = prim.to(memory_format=MEMORY_FORMATS[self.memory_format])
+            x = layer_input(prim, shape, batch, self.memory_format)
+            times[str(batch)] = measure_latency(prim, x, warmup=self.warmup,
+                                                repeats=self.repeats).median_ms
+            self.measured += 1
+        return times[str(batch)]
+
+    def layer_ms(self, module: nn.Module, shape: tuple, config: dict | None,
+                 batch: int) -> float:
+        """The time of ``module`` (``config=None``) or of its replacement ``config`` (a
+        factorized layer's ``config()``) at its recorded input ``shape`` and ``batch``; a
+        factorized layer is timed at its ranks rounded up to a multiple of :data:`RANK_STEP`."""
+        if config is not None:
+            config = {k: _rounded(v) if k in ("rank", "ranks") else v for k, v in config.items()}
+        cache = (primitive_key(module, shape), None if config is None else
+                 json.dumps(config, sort_keys=True))
+        chain = self._chains.get(cache)
+        if chain is None:
+            if config is None:
+                chain = _leaves(module, shape)
+            else:
+                with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
+                    chain = _leaves(rebuild(_materialise(module), config), shape)
+            self._chains[cache] = chain
+        return sum(self._time(key, prim, s, batch) for key, prim, s in chain)
+
+    def model_rest_ms(self, model: nn.Module, example_inputs, layer_ms: float,
+                      batch: int) -> float:
+        """The time of everything in ``model`` but its Conv2d/Linear layers, at ``batch``: the
+        fused dense model's measured time (in the table's memory format) less ``layer_ms``, the
+        table's sum over its layers; at least 0. Kept in the table per model and input shape."""
+        inputs = as_inputs(example_inputs)
+        shapes = "|".join("x".join(map(str, x.shape[1:])) for x in inputs)
+        key = (f"model {type(model).__name__} {sum(p.numel() for p in model.parameters())} "
+               f"@{shapes}")
+        times = self.entries.setdefault(key, {})
+        if str(batch) not in times:
+            from ..fuse import fuse  # fuse times layers with this module's layer_input
+
+            dense = fuse(model, check=False, memory_format=self.memory_format)
+            x = with_batch(inputs, batch)
+            times[str(batch)] = measure_latency(dense, x, warmup=self.warmup,
+                                                repeats=self.repeats).median_ms
+            self.measured += 1
+        return max(0.0, times[str(batch)] - layer_ms)
 
 
-def drop_slower(cands: list[Candidate], slow: Candidate) -> list[Candidate]:
-    """``cands`` without ``slow`` and every candidate of the same method and form whose ranks are
-    all at least as large (a larger factorization of the same form is not faster)."""
-    return [c for c in cands
-            if not (c.method == slow.method and c.form == slow.form
-                    and all(a >= b for a, b in zip(c.ranks, slow.ranks, strict=True)))]
+def _rounded(ranks):
+    if isinstance(ranks, int):
+        return -(-ranks // RANK_STEP) * RANK_STEP
+    return [_rounded(r) for r in ranks]
+
+
+def _materialise(module: nn.Module) -> nn.Module:
+    """A real Conv2d/Linear shaped like ``module`` (which may live on the meta device)."""
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                         module.stride, module.padding, module.dilation, module.groups,
+                         module.bias is not None, module.padding_mode).eval()
+    return nn.Linear(module.in_features, module.out_features, module.bias is not None).eval()
+
+
+def as_table(latency_table, device) -> LatencyTable:
+    """``latency_table`` as given to ``rc.plan``: a table, a path to load (an absent file: a new
+    table, to be saved there), or None (a new table, kept in memory)."""
+    if isinstance(latency_table, LatencyTable):
+        return latency_table
+    if latency_table is None:
+        return LatencyTable(device)
+    if isinstance(latency_table, str | Path):
+        if Path(latency_table).exists():
+            return LatencyTable.load(latency_table, device)
+        return LatencyTable(device)
+    raise ValueError(f"latency_table: expected a LatencyTable, a path or None, got "
+                     f"{type(latency_table).__name__}")

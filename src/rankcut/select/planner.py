@@ -11,13 +11,21 @@
    ``rank`` rule,
    each layer takes the rule's ranks under the method (for ``auto``: the method with the least
    error at that rule). With both, the rule's ranks cap each layer's candidates.
+5. Unless ``allow_slower``, every layer's dense form and candidates are timed through a
+   :class:`~.latency.LatencyTable` (measured once per device and reused), and the plan is kept
+   no slower than the dense model: with a rule, no factorization slower than its dense layer is
+   taken; with a params or MACs target, the allocation minimises Σ error² + μ·time, μ the least
+   price of time that brings the predicted model time within the dense model's. A ``latency``
+   target is a budget of time itself, spent by the same allocation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
+from pathlib import Path
 
 from torch import nn
 
@@ -28,11 +36,11 @@ from ..curves import Candidate, measured, pareto, whitened_svd_errors
 from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
-from ..profile import compare_latency, count_params
+from ..profile import compare_latency, count_params, with_batch
 from ..surgery import check_weights, structure, target_layers
 from . import damage
 from .budget import allocate
-from .latency import LatencyGuard, drop_slower
+from .latency import LatencyTable, as_table
 from .rules import layer_ranks, parse_rank
 
 
@@ -200,7 +208,8 @@ def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
          min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None,
-         allow_slower: bool = False, latency_margin: float = 0.05,
+         allow_slower: bool = False, latency_margin: float = 0.0,
+         latency_table: LatencyTable | str | Path | None = None,
          loss_aware: bool | None = None, progress: bool = False) -> Plan:
     """Plan the factorization of ``model`` (see the module docstring).
 
@@ -212,9 +221,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         rank: a rank rule (``64``, ``"vbmf"``, ``"energy=0.95"``, ``"params=0.25"``, ...).
         target: ``"macs=4x"`` / ``"params=2x"`` (or a fraction, ``"macs=0.25"``) of the whole
             model, met from below within about 1% where the layers' ranks allow; or
-            ``"latency=2x"``: the model measured on this device at the batch of
-            ``example_inputs`` runs in at most half the dense time (MACs are allocated, and their
-            budget searched until the measured latency meets the target).
+            ``"latency=2x"``: the model's predicted time on this device (from the latency
+            table, averaged over batch 1 and the batch of ``example_inputs``, each relative to
+            the dense model's) at most half the dense model's; the plan is then timed whole
+            and ``meta["latency"]`` reports the measured ratio beside the predicted one.
         rank_multiple: keep only ranks that are multiples of this (8 suits real hardware).
         options: solver options per method, e.g. ``{"cp": {"max_iter": 100}}``; passed on to
             the layers through the plan.
@@ -228,10 +238,14 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             output; default: on when ``calib_data`` and a ``target`` are given.
         progress: show a progress bar per stage (scoring candidates, probing the network),
             with the layer at hand.
-        allow_slower: by default every chosen factorization is timed against its dense layer
-            on the model's device (batch 1 and the batch of ``example_inputs``) and one measured
-            slower by more than ``latency_margin`` (a fraction, for timing noise) is vetoed;
-            the budget is then spent elsewhere. ``True`` skips the timing.
+        allow_slower: by default the plan is kept no slower than the dense model on the
+            model's device (step 5 of the module docstring; at batch 1 and the batch of
+            ``example_inputs``, averaged); ``True`` skips all timing (not with a latency target).
+        latency_margin: how much slower than dense (a fraction of its time) the predicted plan,
+            or a factorized layer under a rank rule, may be.
+        latency_table: the :class:`~.latency.LatencyTable` to price layers with (times missing
+            from it are measured and added), or a path to a saved table (loaded; created when
+            absent; saved back with what was added), or None (a new table for this call).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -244,10 +258,15 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         raise ValueError(f"rank_multiple: expected an int >= 1, got {rank_multiple!r}")
     rule = parse_rank(rank) if rank is not None else None
     kind, fraction = parse_target(target) if target is not None else (None, None)
-    cost_kind = "macs" if kind == "latency" else kind  # what the allocation spends
+    grid_kind = "macs" if kind == "latency" else kind  # what candidate grids are drawn on
     options = _check_solver_options(options)
     inputs = as_inputs(example_inputs)
-    guard = None if allow_slower else LatencyGuard((1, batch_of(inputs)), margin=latency_margin)
+    if (isinstance(latency_margin, bool) or not isinstance(latency_margin, int | float)
+            or not latency_margin >= 0):
+        raise ValueError(f"latency_margin: expected a number >= 0, got {latency_margin!r}")
+    timed = kind == "latency" or not allow_slower
+    table = as_table(latency_table, _device_of(model)) if timed else None
+    # allow_slower with a latency target: the target's batch is met, batch 1 may be slower
 
     eligible = target_layers(model, include, exclude, min_params=min_params)
     for name, reason in eligible.items():
@@ -271,12 +290,15 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             continue
         shape = shapes[name]
         cands, pending[name] = _layer_candidates(module, shape, method, rule, target is not None,
-                                                 cost_kind, rank_multiple, options,
+                                                 grid_kind, rank_multiple, options,
                                                  covs.get(name))
         dense_cost = cost_at(module, shape)
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
     _measure(layers, pending, options, progress)
+    clock = None
+    if table is not None and layers:
+        clock = _Clock(table, model, inputs, layers, grid_kind or "macs", progress)
 
     if loss_aware is None:
         loss_aware = calib_data is not None and target is not None
@@ -287,42 +309,58 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         raise ValueError("target: nothing to factorize: " + (
             f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
             else "the model has no Conv2d or Linear layer"))
-    choose = _Chooser(layers, cost_kind, guard)
+    limit = None if allow_slower or clock is None else 1 + latency_margin
+    choose = _Chooser(layers, kind, limit, clock)
     if target is None:
         chosen = choose(None)
     else:
-        fixed = {"params": count_params(model), "macs": 0}
+        fixed = {"params": count_params(model), "macs": 0,
+                 "latency": clock.rest if clock is not None else 0.0}
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
                 fixed["macs"] += cost_at(module, shapes[name]).macs
-        fixed[cost_kind] -= sum(layer.dense.cost(cost_kind) for layer in layers.values())
-        choose.fixed = fixed[cost_kind]
-        whole = fixed[cost_kind] + sum(layer.dense.cost(cost_kind) for layer in layers.values())
+        if kind != "latency":
+            fixed[kind] -= sum(layer.dense.cost(kind) for layer in layers.values())
+        choose.fixed = fixed[kind]
+        whole = fixed[kind] + sum(layer.dense.cost(kind) for layer in layers.values())
+        budget = fraction * whole
         if loss_aware:
-            weights = _damage_weights(model, layers, covs, calib_data, cost_kind,
-                                      fraction * whole, choose.fixed, options, progress)
+            weights = _damage_weights(model, layers, covs, calib_data, kind, budget,
+                                      choose.fixed, options, progress)
             for name, w in weights.items():
                 layers[name].cands = damage.weighted(layers[name].cands, w)
             result.meta["damage_weights"] = weights
+        chosen = choose(budget)
+        result.meta["budget"] = {kind: budget}
+        if choose.cost and not choose.cost["met"]:
+            ratio = sum(c.latency for c in chosen.values()) + clock.rest
+            warnings.warn(
+                f"target: the plan is predicted to run at {ratio:.2f} of the dense model's time "
+                f"at batch {clock.batch} on this device: keeping it no slower would raise its "
+                f"predicted error by more than {GUARD_DAMAGE - 1:.0%} (sum of squares). Plan "
+                f"with example_inputs of the batch the model will run at, ask for a latency "
+                f"target, or pass allow_slower=True to silence this", stacklevel=2)
+    _fill(result, chosen, layers, options, limit is not None)
+    if clock is not None:
+        result.meta["latency"] = {**clock.summary(chosen, limit, choose.vetoed),
+                                  **({"guard": choose.cost} if choose.cost else {})}
         if kind == "latency":
-            chosen, budget, timing = _meet_latency(model, example_inputs, result, choose,
-                                                   whole, fraction, options)
-            result.meta["latency"] = timing
-        else:
-            budget = fraction * whole
-            chosen = choose(budget)
-        result.meta["budget"] = {cost_kind: budget}
-    _fill(result, chosen, layers, options, guard)
+            result.meta["latency"]["goal_ratio"] = fraction
+            result.meta["latency"].update(_measured(model, result, inputs, clock))
+        if isinstance(latency_table, str | Path):
+            table.save(latency_table)
     if target is None and layers and not result.active:
         why = ("every factorization was measured slower than its dense layer on this device "
                "(pass allow_slower=True to keep them)" if choose.vetoed
                else "no layer's factorization is smaller than the dense layer")
         warnings.warn(f"rank: at the ranks of {rule} {why}; nothing is factorized",
                       stacklevel=2)
-    if guard is not None:
-        result.meta["latency_guard"] = {**guard.settings(), "vetoed": choose.vetoed}
     _summarise(result, model, shapes)
     return result
+
+
+def _device_of(model: nn.Module):
+    return next((p.device for p in model.parameters()), "cpu")
 
 
 def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, options,
@@ -372,90 +410,157 @@ class _Layer:
         self.module, self.shape, self.cands, self.dense = module, shape, cands, dense
 
 
+class _Clock:
+    """Every layer's dense form and candidates priced in time through ``table`` at ``batch``,
+    that of the example inputs. A candidate's ``latency`` is its time relative to the dense
+    model's (the cost a latency target spends: the dense layers and the rest of the model sum
+    to 1); its time in ms is kept in ``extra["latency_ms"]`` (keyed by batch)
+    Only each method's (and form's) Pareto candidates on ``kind`` and error are timed; the
+    others, no faster than the cheaper and better ones of their form, are dropped."""
+
+    def __init__(self, table: LatencyTable, model, inputs, layers: dict[str, _Layer], kind,
+                 progress: bool = False):
+        self.table = table
+        self.batch = batch_of(inputs)
+        self.batches = (self.batch,)
+        dense_ms = {n: self._times(layer, None) for n, layer in layers.items()}
+        self.rest_ms = {b: table.model_rest_ms(model, inputs, sum(
+            t[b] for t in dense_ms.values()), b) for b in self.batches}
+        self.model_ms = {b: self.rest_ms[b] + sum(t[b] for t in dense_ms.values())
+                         for b in self.batches}
+        self.rest = self.rest_ms[self.batch] / self.model_ms[self.batch]
+        for name, layer in _steps(layers.items(), progress, "planning: timing candidates"):
+            layer.dense = self._priced(layer.dense, dense_ms[name], dense_ms[name])
+            groups: dict[tuple, list[Candidate]] = {}
+            for c in layer.cands:
+                groups.setdefault((c.method, c.form), []).append(c)
+            layer.cands = [self._priced(c, self._times(layer, c), dense_ms[name])
+                           for group in groups.values() for c in pareto(group, kind)]
+
+    def _times(self, layer: _Layer, c: Candidate | None) -> dict[int, float]:
+        config = None if c is None else methods.get(c.method).config(layer.module, c.ranks,
+                                                                      c.form)
+        return {b: self.table.layer_ms(layer.module, layer.shape, config, b)
+                for b in self.batches}
+
+    def _priced(self, c: Candidate, ms: dict[int, float], dense: dict[int, float]) -> Candidate:
+        return dataclasses.replace(c, latency=ms[self.batch] / self.model_ms[self.batch], extra={
+            **c.extra, "latency_ms": {str(b): ms[b] for b in self.batches},
+            "dense_latency_ms": {str(b): dense[b] for b in self.batches},
+            "latency_ratio": max(ms[b] / max(dense[b], 1e-9) for b in self.batches)})
+
+    def ratios(self, chosen: dict[str, Candidate]) -> dict[int, float]:
+        """The predicted model time at each batch relative to the dense model's."""
+        return {b: (self.rest_ms[b] + math.fsum(c.extra["latency_ms"][str(b)]
+                                                for c in chosen.values())) / self.model_ms[b]
+                for b in self.batches}
+
+    def summary(self, chosen: dict[str, Candidate], limit, vetoed) -> dict:
+        ratios = self.ratios(chosen)
+        return {"table": self.table.setting, "batch": self.batch, "batches": list(self.batches),
+                "dense_ms": {str(b): v for b, v in self.model_ms.items()},
+                "predicted_ms": {str(b): ratios[b] * self.model_ms[b] for b in self.batches},
+                "predicted_ratio": {str(b): ratios[b] for b in self.batches},
+                "limit": limit, "vetoed": vetoed, "timings_taken": self.table.measured}
+
+
+def _measured(model, plan: Plan, inputs, clock: _Clock, repeats: int = 20) -> dict:
+    """The planned model (fresh weights: the time does not depend on them) and the dense model,
+    both fused in the table's memory format, timed whole at each batch (interleaved)."""
+    from ..fuse import fuse
+
+    fmt = clock.table.memory_format
+    dense = fuse(model, check=False, memory_format=fmt)
+    small = fuse(structure(model, plan), check=False, memory_format=fmt)
+    out = {"measured_ms": {}, "measured_ratio": {}}
+    for b in clock.batches:
+        d, p = compare_latency(dense, small, with_batch(inputs, b), repeats=repeats)
+        out["measured_ms"][str(b)] = [d.median_ms, p.median_ms]
+        out["measured_ratio"][str(b)] = p.median_ms / d.median_ms
+    out["ratio"] = out["measured_ratio"][str(clock.batch)]
+    return out
+
+
+# The latency guard may raise a budgeted plan's predicted damage (Σ error²) by at most this
+# factor; where keeping the plan no slower than dense would cost more, the plan is the fastest
+# within this bound and a warning says it is predicted slower.
+GUARD_DAMAGE = 1.25
+
+
 class _Chooser:
     """One candidate per layer: the least error (``budget=None``) or the allocation under a
-    budget; with a latency guard, repeated until no chosen factorization is measured slower
-    than its dense layer (each veto removes candidates, so this ends)."""
+    budget of ``kind``. With a ``limit`` (and the ``clock`` that timed the candidates), no
+    slower than dense at the batch of the example inputs: under a rule, each layer's
+    factorizations slower than its dense layer by more than ``limit`` are dropped; under a
+    budget, the predicted model time is held within ``limit`` by pricing time at the least μ
+    that does it, unless that raises the predicted damage beyond :data:`GUARD_DAMAGE` times
+    that of the plan without a limit: then the plan is the fastest within that bound
+    (``cost`` records the outcome and the damage with and without the limit)."""
 
-    def __init__(self, layers: dict[str, _Layer], kind, guard: LatencyGuard | None):
-        self.layers, self.kind, self.guard = layers, kind, guard
+    def __init__(self, layers: dict[str, _Layer], kind, limit: float | None = None,
+                 clock: _Clock | None = None):
+        self.layers, self.kind, self.limit, self.clock = layers, kind, limit, clock
         self.fixed = 0.0
         self.vetoed: dict[str, list[str]] = {}
+        self.cost: dict[str, float] = {}
 
-    def _pick(self, budget) -> dict[str, Candidate]:
-        if budget is None:
-            return {n: min(layer.cands, key=lambda c: c.error, default=layer.dense)
-                    for n, layer in self.layers.items()}
-        frontiers = {n: pareto([*layer.cands, layer.dense], self.kind)
-                     for n, layer in self.layers.items()}
-        try:
-            return allocate(frontiers, self.kind, budget, self.fixed)
-        except ValueError as err:
-            if self.vetoed:
-                raise ValueError(f"{err}; {sum(map(len, self.vetoed.values()))} factorizations "
-                                 "were vetoed as slower than dense on this device (pass "
-                                 "allow_slower=True to allow them)") from None
-            raise
+    def _time(self, chosen: dict[str, Candidate]) -> float:
+        return self.clock.rest + math.fsum(c.latency for c in chosen.values())
 
     def __call__(self, budget) -> dict[str, Candidate]:
-        while True:
-            chosen = self._pick(budget)
-            if self.guard is None:
-                return chosen
-            slow = [(n, c) for n, c in chosen.items() if c.method != "dense" and self.guard.slower(
-                n, self.layers[n].module, self.layers[n].shape, c)]
-            if not slow:
-                return chosen
-            for n, c in slow:
-                self.layers[n].cands = drop_slower(self.layers[n].cands, c)
-                self.vetoed.setdefault(n, []).append(c.describe())
+        if budget is None:
+            if self.limit is not None:
+                for n, layer in self.layers.items():
+                    slow = [c for c in layer.cands if c.latency > self.limit * layer.dense.latency]
+                    if slow:
+                        self.vetoed[n] = [c.describe() for c in slow]
+                        layer.cands = [c for c in layer.cands if c not in slow]
+            return {n: min(layer.cands, key=lambda c: c.error, default=layer.dense)
+                    for n, layer in self.layers.items()}
+        cands = {n: [*layer.cands, layer.dense] for n, layer in self.layers.items()}
+        chosen = allocate({n: pareto(c, self.kind) for n, c in cands.items()}, self.kind,
+                          budget, self.fixed)
+        if self.limit is None or self._time(chosen) <= self.limit:
+            return chosen
+        free = chosen
+        bound = GUARD_DAMAGE * _damage(free) + 1e-12
+
+        def at(price):
+            return allocate(cands, self.kind, budget, self.fixed,
+                            score=lambda c: c.error ** 2 + price * c.latency)
+
+        def too_slow(trial):  # and still within the damage bound: price time higher
+            return self._time(trial) > self.limit and _damage(trial) <= bound
+
+        lo, last, hi = 0.0, free, 1.0
+        while too_slow(chosen := at(hi)) and hi < 1e8:
+            lo, last, hi = hi, chosen, hi * 4
+        for _ in range(30):  # bisection on the price of time
+            mid = (lo + hi) / 2
+            if too_slow(trial := at(mid)):
+                lo, last = mid, trial
+            else:
+                hi, chosen = mid, trial
+        if _damage(chosen) > bound:  # the time limit costs too much error: the best within it
+            chosen = last
+        self.cost = {"met": self._time(chosen) <= self.limit, "damage": _damage(chosen),
+                     "damage_if_slower": _damage(free), "ratio_if_slower": self._time(free)}
+        return chosen
 
 
-def _meet_latency(model, example_inputs, result, choose, whole, fraction, options):
-    """Bisection on the MACs budget for the largest one whose plan, timed on this device at the
-    batch of ``example_inputs`` interleaved with the dense model, runs within ``fraction`` of
-    the dense model's latency."""
-
-    def timed(budget):
-        chosen = choose(budget)
-        trial = Plan(dict(result.layers))
-        _fill(trial, chosen, choose.layers, options, None)
-        dense, small = compare_latency(model, structure(model, trial), example_inputs)
-        return chosen, small.median_ms / dense.median_ms, (dense, small)
-
-    lo = choose.fixed + sum(pareto([*layer.cands, layer.dense], choose.kind)[0].cost(choose.kind)
-                            for layer in choose.layers.values())
-    chosen, ratio, times = timed(lo)
-    if ratio > fraction:
-        raise ValueError(f"target: latency {1 / fraction:.3g}x cannot be met on this device: the "
-                         f"cheapest plan runs at {ratio:.2f} of the dense model's time "
-                         f"({times[1].median_ms:.3f} ms against {times[0]})")
-    best, hi = (chosen, lo, ratio, times), float(whole)
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        chosen, ratio, times = timed(mid)
-        if ratio <= fraction:
-            best, lo = (chosen, mid, ratio, times), mid
-        else:
-            hi = mid
-    chosen, budget, ratio, (dense, small) = best
-    return chosen, budget, {"dense_ms": dense.median_ms, "planned_ms": small.median_ms,
-                            "ratio": ratio, "goal_ratio": fraction, "batch": dense.batch,
-                            "threads": dense.threads, "device": dense.device}
+def _damage(chosen: dict[str, Candidate]) -> float:
+    return math.fsum(c.error ** 2 for c in chosen.values())
 
 
 def _fill(result: Plan, chosen: dict[str, Candidate], layers: dict[str, _Layer], options,
-          guard: LatencyGuard | None) -> None:
+          guarded: bool = False) -> None:
     for name, cand in chosen.items():
         layer = layers[name]
         module_type = type(layer.module).__name__
         if cand.method != "dense":
             result[name] = _layer_plan(cand, layer.module, options)
-            if guard is not None:
-                result[name].predicted.update(guard.measure(name, layer.module, layer.shape,
-                                                            cand))
             continue
-        if not layer.cands and guard is not None:
+        if not layer.cands and guarded:
             why = "kept dense: every factorization was measured slower than dense"
         elif not layer.cands:
             why = ("kept dense: no candidate within the rank rule smaller than the dense "

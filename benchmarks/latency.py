@@ -1,0 +1,176 @@
+"""Do compressed models run faster than their originals? (issue 12's table)
+
+For each model and target: ``rc.plan(method="auto", target=...)`` without calibration data
+(``--guard on``: the default settings; ``off``: ``allow_slower=True``), on example inputs of
+``--plan-batch`` samples; the planned model is built with fresh weights (``rankcut.structure``:
+the time of a pass does not depend on the values), and both it and the dense model go through
+``rc.fuse`` (BatchNorm folded: what ``rc.export`` deploys). They are then timed against each
+other, interleaved, median of ``--repeats`` passes after warm-up:
+- ``eager``: PyTorch, under no_grad, on this machine's torch threads;
+- ``ort``: the ``rc.export`` ONNX files in ONNX Runtime (CPU, all graph optimisations, as many
+  intra-op threads as torch has);
+at batch 1 and 32 (``--batches``). speed-up = dense time / compressed time; eff = speed-up / MAC
+reduction (1.0: the time falls as fast as the MACs). ``plan s`` is ``rc.plan``.
+
+Models: the CIFAR-10 ResNet-20, ResNet-56 and VGG-11-BN at 32x32 (pretrained weights from
+../shared/data when there, else random: the plan then differs, the timing method not), and
+torchvision's ResNet-18, ResNet-50 and MobileNetV2 at 224x224 with random weights. Run from the
+repository root, nothing else running:
+
+    .venv/bin/python benchmarks/latency.py [--models resnet20_cifar] [--targets macs=2x]
+        [--guard on off] [--batches 1 32] [--engines eager ort] [--json out.jsonl]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import rankcut as rc
+from rankcut.data import find_data_root
+from rankcut.models import create
+from rankcut.profile import compare_latency, count_macs, with_batch
+from rankcut.select import parse_target
+from rankcut.surgery import structure
+
+CIFAR = {"resnet20_cifar": "resnet_cifar10_akamaster/resnet20-12fca82f.th",
+         "resnet56_cifar": "resnet_cifar10_akamaster/resnet56-4bfd9763.th",
+         "vgg11_bn_cifar": "vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors"}
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2"]
+TARGETS = ["macs=2x", "macs=4x", "latency=1.5x", "latency=2x"]
+
+
+def load(name: str):
+    """(model in eval mode, one 3xHxW input, where its weights came from)."""
+    if name in CIFAR:
+        root = find_data_root()
+        path = None if root is None else root / "weights" / CIFAR[name]
+        if path is not None and path.exists():
+            return create(name, weights=path).eval(), torch.rand(1, 3, 32, 32), "pretrained"
+        return create(name).eval(), torch.rand(1, 3, 32, 32), "random"
+    import torchvision
+
+    return getattr(torchvision.models, name)(weights=None).eval(), torch.rand(1, 3, 224, 224), \
+        "random"
+
+
+def ort_session(model, x, folder: Path, tag: str):
+    import onnxruntime as ort
+
+    path = rc.export(model, folder / f"{tag}.onnx", example_inputs=x)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_compare(dense, small, x, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median ms of the two sessions on ``x``, their runs interleaved."""
+    feeds = [{s.get_inputs()[0].name: x.numpy()} for s in (dense, small)]
+
+    def run(i):
+        start = time.perf_counter()
+        (dense, small)[i].run(None, feeds[i])
+        return (time.perf_counter() - start) * 1e3
+
+    for _ in range(warmup):
+        run(0), run(1)
+    pairs = [(run(0), run(1)) for _ in range(repeats)]
+    return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
+
+
+def timings(dense, small, x1, batches, engines, warmup, repeats) -> dict:
+    """{(engine, batch): (dense ms, compressed ms)} of the fused models."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = None
+        if "ort" in engines:
+            sessions = (ort_session(dense, x1, Path(tmp), "dense"),
+                        ort_session(small, x1, Path(tmp), "small"))
+        for batch in batches:
+            x = with_batch(x1, batch)[0]
+            if "eager" in engines:
+                a, b = compare_latency(dense, small, x, warmup=warmup, repeats=repeats)
+                out["eager", batch] = (a.median_ms, b.median_ms)
+            if sessions is not None:
+                out["ort", batch] = ort_compare(*sessions, x, warmup, repeats)
+    return out
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=[*CIFAR, *TORCHVISION],
+                        choices=[*CIFAR, *TORCHVISION])
+    parser.add_argument("--targets", nargs="+", default=TARGETS)
+    parser.add_argument("--guard", nargs="+", default=["on"], choices=["on", "off"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--engines", nargs="+", default=["eager", "ort"],
+                        choices=["eager", "ort"])
+    parser.add_argument("--plan-batch", type=int, default=32,
+                        help="batch of the example inputs given to rc.plan")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="append one JSON line per result to this file")
+    args = parser.parse_args()
+    for target in args.targets:
+        parse_target(target)
+    print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.machine()}, {platform.processor() or ''}"
+          f"; speed-up = dense / compressed (both fused), eff = speed-up / MAC reduction",
+          flush=True)
+    cells = [(e, b) for b in args.batches for e in args.engines]
+    head = " ".join(f"{e + ' b' + str(b):>15}" for e, b in cells)
+    for name in args.models:
+        model, x1, source = load(name)
+        dense = rc.fuse(model, x1, memory_format="auto")
+        macs = count_macs(model, x1)
+        print(f"\n{name} ({source} weights, input {tuple(x1.shape[1:])}), {macs:,} MACs",
+              flush=True)
+        print(f"{'target':>12} {'guard':>5} {'MACs x':>7} {'plan s':>7} {head}", flush=True)
+        xp = with_batch(x1, args.plan_batch)[0]
+        for target in args.targets:
+            for guard in args.guard:
+                start = time.perf_counter()
+                try:
+                    plan = rc.plan(model, xp, method="auto", target=target,
+                                   allow_slower=guard == "off")
+                except ValueError as err:
+                    print(f"{target:>12} {guard:>5}  no plan: {err}", flush=True)
+                    continue
+                plan_s = time.perf_counter() - start
+                small = rc.fuse(structure(model, plan), x1, memory_format="auto")
+                reduction = macs / count_macs(small, x1)
+                times = timings(dense, small, x1, args.batches, args.engines, args.warmup,
+                                args.repeats)
+                row = []
+                for cell in cells:
+                    a, b = times[cell]
+                    row.append(f"{a / b:.2f}x ({a / b / reduction:.2f})")
+                print(f"{target:>12} {guard:>5} {reduction:>6.2f}x {plan_s:>7.1f} "
+                      + " ".join(f"{c:>15}" for c in row), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps({
+                            "model": name, "target": target, "guard": guard,
+                            "macs_reduction": reduction, "plan_s": plan_s,
+                            "latency": plan.meta.get("latency"),
+                            "ms": {f"{e} b{b}": times[e, b] for e, b in cells},
+                            "commit": commit(), "date": time.strftime("%Y-%m-%d")}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
