@@ -80,7 +80,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-multiple", type=int, default=COMPRESS["rank_multiple"],
                    help=f"round ranks to a multiple (default {COMPRESS['rank_multiple']})")
     g.add_argument("--allow-slower", action="store_true", default=COMPRESS["allow_slower"],
-                   help="allow layers measured slower than dense on this machine")
+                   help="do not keep the plan no slower than dense on this machine (no timing)")
+    g.add_argument("--latency-batch", type=int,
+                   help="the batch the plan is timed and kept no slower than dense at "
+                        "(default 1)")
+    g.add_argument("--latency-table",
+                   help="JSON latency table of this machine: loaded when it exists, extended "
+                        "and saved (planning again then times nothing it has timed)")
     g.add_argument("--exclude", nargs="+", help="layer names or glob patterns to leave dense")
     g.add_argument("--min-params", type=int, default=COMPRESS["min_params"],
                    help="leave layers with fewer parameters dense (default "
@@ -621,8 +627,13 @@ class _Context:
 
     def plan_options(self) -> dict:
         a = self.args
-        return {"rank_multiple": a.rank_multiple, "allow_slower": a.allow_slower,
+        opts = {"rank_multiple": a.rank_multiple, "allow_slower": a.allow_slower,
                 "exclude": a.exclude, "min_params": a.min_params}
+        if a.latency_batch is not None:
+            opts["latency_batch"] = a.latency_batch
+        if a.latency_table:
+            opts["latency_table"] = a.latency_table
+        return opts
 
 
 def _start(args):

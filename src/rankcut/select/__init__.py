@@ -2,15 +2,18 @@
 
 The global planner :func:`plan` (also ``rankcut.plan``); per-layer rules (:mod:`.rules`): fixed,
 params/MACs fraction, energy, EVBMF; sensitivity allocation (:mod:`.sensitivity`): Astrid &
-Lee's / seed 000's total-rank budget split.
+Lee's / seed 000's total-rank budget split; the latency table the planner prices time with
+(:mod:`.latency`).
 """
 
 from .budget import allocate
+from .latency import LatencyTable
 from .planner import parse_target, plan
 from .rules import RankRule, layer_ranks, parse_rank
 from .sensitivity import allocate_ranks, layer_sensitivities, mean_loss, sensitivity_plan
 
 __all__ = [
+    "LatencyTable",
     "RankRule",
     "allocate",
     "allocate_ranks",

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .._modes import as_inputs, run_watching_layers
+from ..atomic import atomic_path, file_target_problem
 from ..layers import input_shape, rebuild
 from ..profile import measure_latency, with_batch
 
@@ -144,9 +145,13 @@ class LatencyTable:
                 "entries": dict(sorted(self.entries.items()))}
 
     def save(self, path) -> Path:
+        """Write the table to ``path`` as JSON (atomically: a reader never sees half a file)."""
+        problem = file_target_problem(path)
+        if problem is not None:
+            raise ValueError(f"latency table: {problem}")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
     @classmethod
@@ -250,8 +255,11 @@ def as_table(latency_table, device) -> LatencyTable:
     if latency_table is None:
         return LatencyTable(device)
     if isinstance(latency_table, str | Path):
-        if Path(latency_table).exists():
+        if Path(latency_table).is_file():
             return LatencyTable.load(latency_table, device)
+        problem = file_target_problem(latency_table)  # before the work, not after
+        if problem is not None:
+            raise ValueError(f"latency_table: {problem}")
         return LatencyTable(device)
     raise ValueError(f"latency_table: expected a LatencyTable, a path or None, got "
                      f"{type(latency_table).__name__}")
