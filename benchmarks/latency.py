@@ -1,16 +1,20 @@
 """Do compressed models run faster than their originals? (issue 12's table)
 
-For each model and target: ``rc.plan(method="auto", target=...)`` without calibration data
-(``--guard on``: the default settings; ``off``: ``allow_slower=True``), on example inputs of
-``--plan-batch`` samples; the planned model is built with fresh weights (``rankcut.structure``:
-the time of a pass does not depend on the values), and both it and the dense model go through
-``rc.fuse`` (BatchNorm folded: what ``rc.export`` deploys). They are then timed against each
-other, interleaved, median of ``--repeats`` passes after warm-up:
+For each model, target and batch: ``rc.plan(method="auto", target=...)`` without calibration
+data on example inputs of that batch (``--guard on``: the default settings, which keep the plan
+no slower than dense at that batch; ``off``: ``allow_slower=True``), one latency table per model
+shared by its plans (built by the first, so later plans time little: ``plan s`` shows both). The
+planned model is built with fresh weights (``rankcut.structure``: the time of a pass does not
+depend on the values); it and the dense model go through ``rc.fuse(memory_format="auto")``
+(BatchNorm folded, the faster memory format of each: what a deployment runs). They are then
+timed against each other at that batch, interleaved, median of ``--repeats`` passes after
+warm-up:
 - ``eager``: PyTorch, under no_grad, on this machine's torch threads;
 - ``ort``: the ``rc.export`` ONNX files in ONNX Runtime (CPU, all graph optimisations, as many
-  intra-op threads as torch has);
-at batch 1 and 32 (``--batches``). speed-up = dense time / compressed time; eff = speed-up / MAC
-reduction (1.0: the time falls as fast as the MACs). ``plan s`` is ``rc.plan``.
+  intra-op threads as torch has).
+speed-up = dense time / compressed time; eff = speed-up / MAC reduction (1.0: the time falls as
+fast as the MACs); ``pred`` = the planner's predicted time ratio (dense / planned) from its
+table, to set beside the eager speed-up it predicts.
 
 Models: the CIFAR-10 ResNet-20, ResNet-56 and VGG-11-BN at 32x32 (pretrained weights from
 ../shared/data when there, else random: the plan then differs, the timing method not), and
@@ -28,6 +32,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +41,7 @@ import rankcut as rc
 from rankcut.data import find_data_root
 from rankcut.models import create
 from rankcut.profile import compare_latency, count_macs, with_batch
-from rankcut.select import parse_target
+from rankcut.select import LatencyTable, parse_target
 from rankcut.surgery import structure
 
 CIFAR = {"resnet20_cifar": "resnet_cifar10_akamaster/resnet20-12fca82f.th",
@@ -85,21 +90,17 @@ def ort_compare(dense, small, x, warmup: int, repeats: int) -> tuple[float, floa
     return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
 
 
-def timings(dense, small, x1, batches, engines, warmup, repeats) -> dict:
-    """{(engine, batch): (dense ms, compressed ms)} of the fused models."""
+def timings(dense, small, x, engines, warmup, repeats) -> dict:
+    """{engine: (dense ms, compressed ms)} of the fused models on ``x``."""
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        sessions = None
-        if "ort" in engines:
-            sessions = (ort_session(dense, x1, Path(tmp), "dense"),
-                        ort_session(small, x1, Path(tmp), "small"))
-        for batch in batches:
-            x = with_batch(x1, batch)[0]
-            if "eager" in engines:
-                a, b = compare_latency(dense, small, x, warmup=warmup, repeats=repeats)
-                out["eager", batch] = (a.median_ms, b.median_ms)
-            if sessions is not None:
-                out["ort", batch] = ort_compare(*sessions, x, warmup, repeats)
+    if "eager" in engines:
+        a, b = compare_latency(dense, small, x, warmup=warmup, repeats=repeats)
+        out["eager"] = (a.median_ms, b.median_ms)
+    if "ort" in engines:
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions = (ort_session(dense, x[:1], Path(tmp), "dense"),
+                        ort_session(small, x[:1], Path(tmp), "small"))
+            out["ort"] = ort_compare(*sessions, x, warmup, repeats)
     return out
 
 
@@ -120,8 +121,6 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--engines", nargs="+", default=["eager", "ort"],
                         choices=["eager", "ort"])
-    parser.add_argument("--plan-batch", type=int, default=32,
-                        help="batch of the example inputs given to rc.plan")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="append one JSON line per result to this file")
@@ -130,46 +129,55 @@ def main():
         parse_target(target)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}, {platform.processor() or ''}"
-          f"; speed-up = dense / compressed (both fused), eff = speed-up / MAC reduction",
-          flush=True)
-    cells = [(e, b) for b in args.batches for e in args.engines]
-    head = " ".join(f"{e + ' b' + str(b):>15}" for e, b in cells)
+          f", {LatencyTable().setting['device']}; speed-up = dense / compressed (both fused), "
+          f"eff = speed-up / MAC reduction", flush=True)
+    head = " ".join(f"{e:>14}" for e in args.engines)
     for name in args.models:
         model, x1, source = load(name)
-        dense = rc.fuse(model, x1, memory_format="auto")
         macs = count_macs(model, x1)
+        table, fused = LatencyTable(), {}
         print(f"\n{name} ({source} weights, input {tuple(x1.shape[1:])}), {macs:,} MACs",
               flush=True)
-        print(f"{'target':>12} {'guard':>5} {'MACs x':>7} {'plan s':>7} {head}", flush=True)
-        xp = with_batch(x1, args.plan_batch)[0]
+        print(f"{'target':>12} {'guard':>5} {'batch':>5} {'MACs x':>7} {'plan s':>7} "
+              f"{'pred':>6} {head}", flush=True)
         for target in args.targets:
             for guard in args.guard:
-                start = time.perf_counter()
-                try:
-                    plan = rc.plan(model, xp, method="auto", target=target,
-                                   allow_slower=guard == "off")
-                except ValueError as err:
-                    print(f"{target:>12} {guard:>5}  no plan: {err}", flush=True)
-                    continue
-                plan_s = time.perf_counter() - start
-                small = rc.fuse(structure(model, plan), x1, memory_format="auto")
-                reduction = macs / count_macs(small, x1)
-                times = timings(dense, small, x1, args.batches, args.engines, args.warmup,
-                                args.repeats)
-                row = []
-                for cell in cells:
-                    a, b = times[cell]
-                    row.append(f"{a / b:.2f}x ({a / b / reduction:.2f})")
-                print(f"{target:>12} {guard:>5} {reduction:>6.2f}x {plan_s:>7.1f} "
-                      + " ".join(f"{c:>15}" for c in row), flush=True)
-                if args.json:
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps({
-                            "model": name, "target": target, "guard": guard,
-                            "macs_reduction": reduction, "plan_s": plan_s,
-                            "latency": plan.meta.get("latency"),
-                            "ms": {f"{e} b{b}": times[e, b] for e, b in cells},
-                            "commit": commit(), "date": time.strftime("%Y-%m-%d")}) + "\n")
+                for batch in args.batches:
+                    x = with_batch(x1, batch)[0]
+                    start = time.perf_counter()
+                    try:
+                        with warnings.catch_warnings(record=True) as said:
+                            warnings.simplefilter("always")
+                            plan = rc.plan(model, x, method="auto", target=target,
+                                           allow_slower=guard == "off", latency_table=table)
+                    except ValueError as err:
+                        print(f"{target:>12} {guard:>5} {batch:>5}  no plan: {err}", flush=True)
+                        continue
+                    plan_s = time.perf_counter() - start
+                    lat = plan.meta.get("latency") or {}
+                    pred = lat.get("predicted_ratio", {}).get(str(batch))
+                    if batch not in fused:  # the faster format at this batch, chosen once
+                        fused[batch] = rc.fuse(model, x, memory_format="auto")
+                    dense = fused[batch]
+                    small = rc.fuse(structure(model, plan), x, memory_format="auto")
+                    reduction = macs / count_macs(small, x1)
+                    times = timings(dense, small, x, args.engines, args.warmup, args.repeats)
+                    cells = [f"{a / b:.2f}x ({a / b / reduction:.2f})"
+                             for a, b in (times[e] for e in args.engines)]
+                    pred_s = "-" if pred is None else f"{1 / pred:.2f}x"
+                    print(f"{target:>12} {guard:>5} {batch:>5} {reduction:>6.2f}x {plan_s:>7.1f} "
+                          f"{pred_s:>6} " + " ".join(f"{c:>14}" for c in cells), flush=True)
+                    for w in said:
+                        if "predicted to run at" in str(w.message):
+                            print(f"{'':>20}(warned: {str(w.message).split(':')[1].strip()})",
+                                  flush=True)
+                    if args.json:
+                        with open(args.json, "a") as f:
+                            f.write(json.dumps({
+                                "model": name, "target": target, "guard": guard,
+                                "batch": batch, "macs_reduction": reduction, "plan_s": plan_s,
+                                "latency": lat, "ms": times, "commit": commit(),
+                                "date": time.strftime("%Y-%m-%d")}) + "\n")
 
 
 if __name__ == "__main__":

@@ -132,13 +132,18 @@ def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, 
     code, stdout, err = run(
         capsys, "sweep", "--model", "resnet20_cifar", "--weights", weights, "--data", "cifar10",
         "--data-dir", shared_data, "--eval-limit", 100, "--methods", "svd", "tucker",
-        "--targets", "macs=1.5x", "macs=2x", "--calib", 0, "--allow-slower", "--out",
-        tmp_path / "s", "--quiet")
+        "--targets", "macs=1.5x", "macs=2x", "--calib", 0, "--allow-slower", "--latency",
+        "--latency-batch", 4, "--out", tmp_path / "s", "--quiet")
     assert code == 0, err
     doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert len(doc["points"]) == 4
     assert all(p["macs_ratio"] >= float(p["target"][5:-1]) for p in doc["points"])
-    assert (tmp_path / "s" / "sweep.png").read_bytes()[:8] == PNG
+    assert all(p["speedup"] == pytest.approx(p["dense_latency_ms"] / p["latency_ms"])
+               for p in doc["points"])
+    assert doc["latency"]["batch"] == 4
+    assert "speed-up (measured)" in (tmp_path / "s" / "sweep.md").read_text()
+    for png in ("sweep.png", "sweep_latency.png"):
+        assert (tmp_path / "s" / png).read_bytes()[:8] == PNG
 
     code, stdout, err = run(
         capsys, "analyze", "--model", "resnet20_cifar", "--weights", weights, "--data",

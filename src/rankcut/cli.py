@@ -176,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_args(p)
     p.add_argument("--targets", nargs="+", default=["macs=1.5x", "macs=2x", "macs=3x"])
     p.add_argument("--methods", nargs="+", default=["svd", "tucker", "auto"])
+    p.add_argument("--latency", action="store_true",
+                   help="also time every plan against the dense model on this machine (both "
+                        "fused, at --latency-batch, default 1) and plot top-1 against speed-up "
+                        "(sweep_latency.png)")
     _finetune_args(p)
-    _out_args(p, "output folder (sweep.json, sweep.md, sweep.png)")
+    _out_args(p, "output folder (sweep.json, sweep.md, sweep.png[, sweep_latency.png])")
     _common(p)
 
     p = sub.add_parser("demo", help="the embedded demo: train a small CNN on scikit-learn's "
@@ -764,8 +768,11 @@ def cmd_sweep(args) -> int:
 
     base = {"params": count_params(model), "macs": count_macs(model, x)}
     points = []
-    _say(f"{'method':>12} {'target':>10} {'params x':>9} {'MACs x':>7} {'top-1 %':>8}")
-    _say(f"{'dense':>12} {'-':>10} {1:9.2f} {1:7.2f} {dense['top1']:8.2f}")
+    timer = _SpeedUp(model, x, args.latency_batch or 1) if args.latency else None
+    extra = f" {'speed-up':>8}" if timer else ""
+    _say(f"{'method':>12} {'target':>10} {'params x':>9} {'MACs x':>7} {'top-1 %':>8}{extra}")
+    _say(f"{'dense':>12} {'-':>10} {1:9.2f} {1:7.2f} {dense['top1']:8.2f}"
+         + (f" {1:8.2f}" if timer else ""))
     for method in args.methods:
         for target in args.targets:
             result = compress(model, x, method=method, rank=args.rank, target=target,
@@ -778,25 +785,72 @@ def cmd_sweep(args) -> int:
             point = {"method": method, "target": target, "top1": m["top1"], "top5": m["top5"],
                      "params_ratio": base["params"] / count_params(small),
                      "macs_ratio": base["macs"] / count_macs(small, x)}
+            if timer:
+                point.update(timer(small))
             points.append(point)
             _say(f"{method:>12} {target:>10} {point['params_ratio']:9.2f} "
-                 f"{point['macs_ratio']:7.2f} {m['top1']:8.2f}")
+                 f"{point['macs_ratio']:7.2f} {m['top1']:8.2f}"
+                 + (f" {point['speedup']:8.2f}" if timer else ""))
     out = Path(args.out)
     doc = {"schema": "rankcut.sweep", "version": 1, "model": args.model, "data": args.data,
            "dense": dense, "points": points}
+    if timer:
+        doc["latency"] = timer.setting
+    speed = " speed-up (measured) |" if timer else ""
     lines = [f"# Sweep: {args.model} on {args.data} ({dense['n']} test examples)", "",
              f"Dense top-1: {dense['top1']:.2f}%", "",
-             "| method | target | params (x fewer) | MACs (x fewer) | top-1 % |",
-             "|---|---|---:|---:|---:|"]
+             f"| method | target | params (x fewer) | MACs (x fewer) | top-1 % |{speed}",
+             "|---|---|---:|---:|---:|" + ("---:|" if timer else "")]
     lines += [f"| {p['method']} | {p['target']} | {p['params_ratio']:.2f} | "
-              f"{p['macs_ratio']:.2f} | {p['top1']:.2f} |" for p in points]
+              f"{p['macs_ratio']:.2f} | {p['top1']:.2f} |"
+              + (f" {p['speedup']:.2f} |" if timer else "") for p in points]
+    if timer:
+        lines += ["", f"Speed-up: dense time / compressed time, both fused, {timer.describe()}."]
+    files = ["sweep.json", "sweep.md", "sweep.png"]
     with atomic_folder(out) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(doc, indent=2))
         (tmp / "sweep.md").write_text("\n".join(lines) + "\n")
         R.plot_sweep([{**p, "ratio": p["macs_ratio"]} for p in points], tmp / "sweep.png",
                      baseline=dense["top1"], title=f"{args.model} on {args.data}")
-    _say(f"wrote {out}/: sweep.json, sweep.md, sweep.png")
+        if timer:
+            R.plot_sweep([{**p, "ratio": p["speedup"]} for p in points],
+                         tmp / "sweep_latency.png", baseline=dense["top1"],
+                         dense_point=(1.0, dense["top1"]),
+                         xlabel=f"speed-up (dense / compressed time, {timer.describe()})",
+                         title=f"{args.model} on {args.data}: accuracy against measured time")
+            files.append("sweep_latency.png")
+    _say(f"wrote {out}/: {', '.join(files)}")
     return 0
+
+
+class _SpeedUp:
+    """Times compressed models against the dense one on this machine: both fused (the faster
+    memory format of each), interleaved, median of 20 runs, at one batch."""
+
+    def __init__(self, model, x, batch: int):
+        import torch
+
+        from .fuse import fuse
+        from .profile import with_batch
+
+        self.x = with_batch(x, batch)
+        self.dense = fuse(model, self.x, memory_format="auto")
+        self.setting = {"batch": batch, "threads": torch.get_num_threads(),
+                        "device": str(next(model.parameters()).device)}
+
+    def describe(self) -> str:
+        s = self.setting
+        return f"batch {s['batch']}, {s['threads']} threads, {s['device']}"
+
+    def __call__(self, small) -> dict:
+        from .fuse import fuse
+        from .profile import compare_latency
+
+        small = fuse(small.to(next(self.dense.parameters()).device), self.x,
+                     memory_format="auto")
+        d, c = compare_latency(self.dense, small, self.x, repeats=20)
+        return {"speedup": d.median_ms / c.median_ms, "latency_ms": c.median_ms,
+                "dense_latency_ms": d.median_ms}
 
 
 def cmd_analyze(args) -> int:

@@ -38,8 +38,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ._modes import as_inputs, as_tensor_tuple, batch_of, compare_outputs, eval_mode, hooked
 from .layers import FactorizedLayer, cost_at, input_shape
 from .layers.conv import _ConvFactorized
-from .profile import compare_latency
-from .select.latency import MEMORY_FORMATS, layer_input
+from .profile import MEMORY_FORMATS, compare_latency, layer_input
 from .surgery import set_submodule
 
 

@@ -172,6 +172,22 @@ def _check_counts(warmup: int, repeats: int) -> None:
         raise ValueError(f"warmup, repeats: expected >= 0 and >= 1, got {warmup}, {repeats}")
 
 
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def layer_input(module: nn.Module, shape: tuple, batch: int,
+                memory_format: str = "contiguous") -> torch.Tensor:
+    """A random input of ``batch`` samples for a Conv2d or Linear whose recorded input is
+    ``shape`` ((H, W) of a Conv2d, or (rows,) per sample of a Linear): what a layer is timed
+    on (the time of a pass does not depend on the values)."""
+    device = module.weight.device
+    dtype = module.weight.dtype
+    if isinstance(module, nn.Conv2d):
+        x = torch.randn(batch, module.in_channels, *shape, device=device, dtype=dtype)
+        return x.contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    return torch.randn(batch * shape[0], module.in_features, device=device, dtype=dtype)
+
+
 @torch.no_grad()
 def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
                     repeats: int = 50) -> Latency:

@@ -55,12 +55,14 @@ def _sweep_point(p) -> tuple[str, float, float]:
 
 def plot_sweep(points: Iterable, path: str | os.PathLike, *, baseline: float | None = None,
                xlabel: str = "compression ratio (original / compressed MACs)",
-               ylabel: str = "top-1 accuracy (%)", title: str | None = None) -> Path:
-    """Accuracy against compression ratio, one line per method.
+               ylabel: str = "top-1 accuracy (%)", title: str | None = None,
+               dense_point: tuple[float, float] | None = None) -> Path:
+    """Accuracy against compression ratio (or speed-up), one line per method.
 
     ``points``: dicts with ``method``, ``ratio`` and ``accuracy`` (or ``top1``), or
     ``(method, ratio, accuracy)`` triples. ``baseline``: the original model's accuracy, drawn as
-    a dashed line. The x axis turns logarithmic when the ratios span more than 8x.
+    a dashed line; ``dense_point``: (x, accuracy) of the original model, marked. The x axis
+    turns logarithmic when the ratios span more than 8x.
     """
     data: dict[str, list[tuple[float, float]]] = {}
     for p in points:
@@ -76,6 +78,9 @@ def plot_sweep(points: Iterable, path: str | os.PathLike, *, baseline: float | N
     if baseline is not None:
         ax.axhline(baseline, color="0.3", linestyle="--", linewidth=1,
                    label=f"original ({baseline:.2f})")
+    if dense_point is not None:
+        ax.plot(*dense_point, marker="*", markersize=12, color="black", linestyle="none",
+                label="dense")
     ratios = [r for pts in data.values() for r, _ in pts]
     if min(ratios) > 0 and max(ratios) / min(ratios) > 8:
         ax.set_xscale("log")

@@ -31,10 +31,10 @@ from torch import nn
 
 from .._modes import as_inputs, run_watching_layers
 from ..atomic import atomic_path, file_target_problem
+from ..fuse import fuse
 from ..layers import input_shape, rebuild
-from ..profile import measure_latency, with_batch
+from ..profile import MEMORY_FORMATS, layer_input, measure_latency, with_batch
 
-MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 FORMAT_VERSION = 1
 # Ranks are timed rounded up to a multiple of this. Convolution kernels work on blocks of
 # channels: on the 2-core x86 CPU we measured (channels_last, oneDNN) a 1x1 or 3x1 conv with
@@ -42,18 +42,6 @@ FORMAT_VERSION = 1
 # Pricing rank r as its block keeps the table small (a layer's ranks in steps of 8) and costs
 # the planner nothing: at equal time, the full block has the lower error.
 RANK_STEP = 8
-
-
-def layer_input(module: nn.Module, shape: tuple, batch: int,
-                memory_format: str = "contiguous") -> torch.Tensor:
-    """A random input of ``batch`` samples for a layer whose recorded input is ``shape``
-    ((H, W) of a Conv2d, or (rows,) per sample of a Linear)."""
-    device = module.weight.device
-    dtype = module.weight.dtype
-    if isinstance(module, nn.Conv2d):
-        x = torch.randn(batch, module.in_channels, *shape, device=device, dtype=dtype)
-        return x.contiguous(memory_format=MEMORY_FORMATS[memory_format])
-    return torch.randn(batch * shape[0], module.in_features, device=device, dtype=dtype)
 
 
 def primitive_key(module: nn.Module, shape: tuple) -> str:
@@ -222,8 +210,6 @@ class LatencyTable:
                f"@{shapes}")
         times = self.entries.setdefault(key, {})
         if str(batch) not in times:
-            from ..fuse import fuse  # fuse times layers with this module's layer_input
-
             dense = fuse(model, check=False, memory_format=self.memory_format)
             x = with_batch(inputs, batch)
             times[str(batch)] = measure_latency(dense, x, warmup=self.warmup,

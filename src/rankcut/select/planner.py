@@ -33,6 +33,7 @@ from .. import methods
 from .._modes import as_inputs, batch_of, run_watching_layers
 from ..calibrate import input_second_moments
 from ..curves import Candidate, measured, pareto, whitened_svd_errors
+from ..fuse import fuse
 from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
@@ -475,8 +476,6 @@ class _Clock:
 def _measured(model, plan: Plan, inputs, clock: _Clock, repeats: int = 20) -> dict:
     """The planned model (fresh weights: the time does not depend on them) and the dense model,
     both fused in the table's memory format, timed whole at each batch (interleaved)."""
-    from ..fuse import fuse
-
     fmt = clock.table.memory_format
     dense = fuse(model, check=False, memory_format=fmt)
     small = fuse(structure(model, plan), check=False, memory_format=fmt)
