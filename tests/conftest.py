@@ -41,8 +41,8 @@ def resnet20_kernels(resnet20_weights) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def fake_latency(monkeypatch):
     """``install(ms)`` makes every time the planner's latency table takes ``ms(module)``
-    milliseconds (a primitive Conv2d/Linear, or a whole model for its rest time), so that tests
-    of latency-aware planning do not depend on the machine."""
+    milliseconds (a primitive Conv2d/Linear, or a whole model: its rest time, a plan's check),
+    so that tests of latency-aware planning do not depend on the machine."""
     import rankcut.select.latency as latency
     from rankcut.profile import Latency
 
@@ -52,6 +52,10 @@ def fake_latency(monkeypatch):
                 example_inputs[0]
             v = float(ms(module))
             return Latency(v, v, v, repeats, x.shape[0], torch.get_num_threads(), "cpu")
+        def fake_pair(first, second, example_inputs, **kw):
+            return fake(first, example_inputs), fake(second, example_inputs)
+
         monkeypatch.setattr(latency, "measure_latency", fake)
+        monkeypatch.setattr(latency, "compare_latency", fake_pair)
 
     return install

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import rankcut as rc
-from rankcut.layers import CPConv2d, FactorizedLayer, SVDConv2d, TuckerConv2d
+from rankcut.layers import CPConv2d, FactorizedLayer, LowRankLinear, SVDConv2d, TuckerConv2d
 from rankcut.models import create
 from rankcut.profile import Latency
 
@@ -154,6 +154,23 @@ def test_revert_slower_times_each_factorized_layer_on_its_input(monkeypatch):
     timed.clear()
     loose = rc.fuse(model, x, revert_slower=True, latency_margin=0.25)
     assert isinstance(loose[1], SVDConv2d) and not loose.rankcut_fuse["reverted"]
+
+
+def test_batchnorm1d_after_a_linear_or_a_low_rank_linear_is_folded():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU(),
+                          nn.Linear(10, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 3), nn.BatchNorm1d(3)).eval()
+    for bn in (model[1], model[4], model[7]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    model[3] = LowRankLinear.from_dense(model[3], 4)
+    x = torch.randn(5, 12)
+    fused = rc.fuse(model, x)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in fused.modules())
+    assert isinstance(fused[3], LowRankLinear) and fused[3].second.bias is not None
+    assert len(fused.rankcut_fuse["folded"]) == 3
+    assert torch.allclose(fused(x), model(x), atol=1e-5)
 
 
 def test_memory_format_is_set_or_chosen_by_timing(compressed, monkeypatch):

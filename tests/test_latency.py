@@ -135,6 +135,30 @@ def test_the_guard_gives_way_to_the_target_with_a_warning(fake_latency):
     assert plan.meta["latency"]["vetoed"]
 
 
+def test_a_plan_measured_slower_than_predicted_is_chosen_again(fake_latency):
+    """A fake world where a whole model pays 2 ms per conv on top of its layers' times (as
+    small kernels in a row do): the first plan for a latency target, predicted to meet it,
+    measures slower, so the budget is tightened until the measured time meets it. The checks
+    are kept in the table: planning again times nothing and gives the same plan."""
+    def ms(module):
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        return by_weights(module) + (2.0 * len(convs) if len(convs) > 1 else 0.0)
+
+    fake_latency(ms)
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(32, 32, 3, padding=1),
+                                                          nn.ReLU())]).eval()
+    x, table = torch.rand(2, 32, 8, 8), LatencyTable()
+    kw = {"method": "svd", "target": "latency=1.25x", "min_params": 100, "latency_table": table}
+    plan = rc.plan(model, x, **kw)
+    lat = plan.meta["latency"]
+    checks = lat["checks"]
+    assert len(checks) >= 2 and checks[0]["measured"] > 0.8 >= checks[0]["predicted"]
+    assert lat["ratio"] == checks[-1]["measured"] <= 0.8 == lat["goal_ratio"]
+    taken = table.measured
+    again = rc.plan(model, x, **kw)
+    assert table.measured == taken and again.active == plan.active
+
+
 def test_planning_with_a_full_table_times_nothing_and_repeats_itself(tmp_path):
     """Real timings: the first plan fills the table (saved to a path), the second, from the
     file, takes no timing and gives the same plan."""

@@ -8,7 +8,9 @@ factorized layer that, after rank rounding or a later edit, saves neither parame
 1. every BatchNorm2d folded into the convolution that feeds it, when that convolution's output
    goes to the BatchNorm alone: a dense ``nn.Conv2d`` absorbs it
    (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`), a factorized convolution absorbs it into its
-   last 1x1 (or 1 x kw) sub-convolution, which gains a bias; the BatchNorm becomes
+   last 1x1 (or 1 x kw) sub-convolution, which gains a bias; likewise every BatchNorm1d into
+   the ``nn.Linear`` (or low-rank Linear's second factor) that feeds it
+   (:func:`torch.nn.utils.fusion.fuse_linear_bn_eval`); the BatchNorm becomes
    ``nn.Identity``. Which convolution feeds which BatchNorm is read from the model's graph
    (:mod:`torch.fx`, factorized layers kept whole); a model that ``torch.fx`` cannot trace falls
    back to consecutive children of ``nn.Sequential`` containers;
@@ -33,11 +35,12 @@ import warnings
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ._modes import as_inputs, as_tensor_tuple, batch_of, compare_outputs, eval_mode, hooked
 from .layers import FactorizedLayer, cost_at, input_shape
 from .layers.conv import _ConvFactorized
+from .layers.linear import LowRankLinear
 from .profile import MEMORY_FORMATS, compare_latency, layer_input
 from .surgery import set_submodule
 
@@ -101,18 +104,24 @@ class _KeepFactorized(fx.Tracer):
         return isinstance(m, FactorizedLayer) or super().is_leaf_module(m, qualname)
 
 
-def _is_conv(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d | _ConvFactorized)
+def _folds_into(m: nn.Module):
+    """The BatchNorm class that folds into ``m`` (a conv: BatchNorm2d; a Linear: BatchNorm1d), or
+    None."""
+    if isinstance(m, nn.Conv2d | _ConvFactorized):
+        return nn.BatchNorm2d
+    if isinstance(m, nn.Linear | LowRankLinear):
+        return nn.BatchNorm1d
+    return None
 
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, BatchNorm2d name) for every BatchNorm2d fed by a convolution whose output goes
-    nowhere else, each module called once."""
+    """(layer name, BatchNorm name) for every BatchNorm2d fed by a convolution, or BatchNorm1d fed
+    by a Linear, whose output goes nowhere else, each module called once."""
     try:
         graph = _KeepFactorized().trace(model)
     except Exception as err:  # any tracing failure means: no graph
         warnings.warn(f"fuse: torch.fx cannot trace {type(model).__name__} ({err}); only "
-                      "convolutions followed by a BatchNorm2d in an nn.Sequential are folded",
+                      "layers followed by a BatchNorm in an nn.Sequential are folded",
                       stacklevel=3)
         return _sequential_pairs(model)
     calls: dict[str, int] = {}
@@ -122,11 +131,12 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(model.get_submodule(node.target),
-                                                      nn.BatchNorm2d):
+                                                      nn.BatchNorm2d | nn.BatchNorm1d):
             continue
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
-                and _is_conv(model.get_submodule(src.target))
+                and _folds_into(model.get_submodule(src.target)) is type(
+                    model.get_submodule(node.target))
                 and calls[src.target] == 1 and calls[node.target] == 1):
             pairs.append((src.target, node.target))
     return pairs
@@ -138,7 +148,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(seq, nn.Sequential):
             continue
         for (a, first), (b, second) in itertools.pairwise(seq.named_children()):
-            if _is_conv(first) and isinstance(second, nn.BatchNorm2d):
+            if _folds_into(first) is type(second):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + a, prefix + b))
     return pairs
@@ -148,10 +158,17 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
     conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-    if bn.running_mean is None or bn.running_var is None or bn.num_features != (
-            conv.out_channels if isinstance(conv, nn.Conv2d) else conv.geometry.out_channels):
-        return None  # batch statistics only, or not the conv's channels: nothing to fold
-    if isinstance(conv, nn.Conv2d):
+    if isinstance(conv, nn.Linear | LowRankLinear):
+        out = conv.out_features
+    else:
+        out = conv.out_channels if isinstance(conv, nn.Conv2d) else conv.geometry.out_channels
+    if bn.running_mean is None or bn.running_var is None or bn.num_features != out:
+        return None  # batch statistics only, or not the layer's channels: nothing to fold
+    if isinstance(conv, nn.Linear):
+        set_submodule(model, conv_name, fuse_linear_bn_eval(conv.eval(), bn.eval()))
+    elif isinstance(conv, LowRankLinear):
+        conv.second = fuse_linear_bn_eval(conv.second.eval(), bn.eval())
+    elif isinstance(conv, nn.Conv2d):
         set_submodule(model, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
     else:
         last = fuse_conv_bn_eval(conv._last().eval(), bn.eval())

@@ -22,6 +22,7 @@ session) times nothing it has already timed, and the same table and inputs give 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -33,7 +34,8 @@ from .._modes import as_inputs, run_watching_layers
 from ..atomic import atomic_path, file_target_problem
 from ..fuse import fuse
 from ..layers import input_shape, rebuild
-from ..profile import MEMORY_FORMATS, layer_input, measure_latency, with_batch
+from ..profile import MEMORY_FORMATS, compare_latency, layer_input, measure_latency, with_batch
+from ..surgery import structure
 
 FORMAT_VERSION = 1
 # Ranks are timed rounded up to a multiple of this. Convolution kernels work on blocks of
@@ -216,6 +218,28 @@ class LatencyTable:
                                                 repeats=self.repeats).median_ms
             self.measured += 1
         return max(0.0, times[str(batch)] - layer_ms)
+
+    def compare_plan(self, model: nn.Module, plan, example_inputs, batch: int,
+                     repeats: int = 15) -> tuple[float, float]:
+        """(dense ms, planned ms) of ``model`` and of ``plan`` applied to it (fresh weights:
+        the time does not depend on them), both fused in the table's memory format, timed whole
+        at ``batch``, interleaved. Kept in the table per model, input shape and plan, so a plan
+        checked once is not timed again."""
+        inputs = as_inputs(example_inputs)
+        shapes = "|".join("x".join(map(str, x.shape[1:])) for x in inputs)
+        layers = json.dumps({n: [lp.method, list(lp.ranks), lp.form]
+                             for n, lp in sorted(plan.active.items())})
+        key = (f"plan {type(model).__name__} {sum(p.numel() for p in model.parameters())} "
+               f"{hashlib.sha1(layers.encode()).hexdigest()[:16]} @{shapes}")
+        times = self.entries.setdefault(key, {})
+        if str(batch) not in times:
+            dense = fuse(model, check=False, memory_format=self.memory_format)
+            small = fuse(structure(model, plan), check=False, memory_format=self.memory_format)
+            d, p = compare_latency(dense, small, with_batch(inputs, batch), warmup=self.warmup,
+                                   repeats=repeats)
+            times[str(batch)] = [d.median_ms, p.median_ms]
+            self.measured += 1
+        return tuple(times[str(batch)])
 
 
 def _rounded(ranks):
