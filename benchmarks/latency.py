@@ -29,7 +29,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 import warnings
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 import rankcut as rc
+from _common import commit
 from rankcut.data import find_data_root
 from rankcut.models import create
 from rankcut.profile import compare_latency, count_macs, with_batch
@@ -104,14 +104,6 @@ def timings(dense, small, x, engines, warmup, repeats) -> dict:
     return out
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[*CIFAR, *TORCHVISION],
@@ -168,9 +160,9 @@ def main():
                     print(f"{target:>12} {guard:>5} {batch:>5} {reduction:>6.2f}x {plan_s:>7.1f} "
                           f"{pred_s:>6} " + " ".join(f"{c:>14}" for c in cells), flush=True)
                     for w in said:
-                        if "predicted to run at" in str(w.message):
-                            print(f"{'':>20}(warned: {str(w.message).split(':')[1].strip()})",
-                                  flush=True)
+                        if str(w.message).startswith("target: "):
+                            text = str(w.message).removeprefix("target: ").split(". ")[0]
+                            print(f"{'':>20}(warned: {text})", flush=True)
                     if args.json:
                         with open(args.json, "a") as f:
                             f.write(json.dumps({

@@ -26,7 +26,6 @@ root, one heavy job at a time:
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 from scipy.stats import spearmanr
 
 import rankcut as rc
+from _common import commit
 from rankcut.data import find_data_root, read_cifar10_bin
 from rankcut.models import create, normalizer
 from rankcut.profile import count_macs, count_params, layer_macs, top1_accuracy
@@ -74,14 +74,6 @@ def make_plan(model, x, row, target, calib, guard):
     data = calib if row == "auto+data" else None
     return rc.plan(model, x, method="auto", target=target, calib_data=data,
                    allow_slower=not guard), data
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():

@@ -159,6 +159,26 @@ def test_a_plan_measured_slower_than_predicted_is_chosen_again(fake_latency):
     assert table.measured == taken and again.active == plan.active
 
 
+def test_a_plan_measured_faster_than_a_latency_target_needs_is_loosened(fake_latency):
+    """The other way round: a whole model saves 0.4 ms per conv against its layers timed alone,
+    so the first plan for the target (more, smaller convs) beats it by far; the budget is
+    loosened (fewer MACs cut), and the plan returned still meets the target as measured."""
+    def ms(module):
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        return by_weights(module) - (0.4 * len(convs) if len(convs) > 1 else 0.0)
+
+    fake_latency(ms)
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(32, 32, 3, padding=1),
+                                                          nn.ReLU())]).eval()
+    x = torch.rand(2, 32, 8, 8)
+    plan = rc.plan(model, x, method="svd", target="latency=2x", min_params=100)
+    checks = plan.meta["latency"]["checks"]
+    assert checks[0]["measured"] < 0.95 * 0.5 and len(checks) >= 2
+    assert checks[-1]["measured"] <= 0.5 and plan.meta["latency"]["ratio"] == \
+        checks[-1]["measured"]
+    assert plan.meta["budget"]["latency"] > 0.5  # loosened: the prediction was pessimistic
+
+
 def test_planning_with_a_full_table_times_nothing_and_repeats_itself(tmp_path):
     """Real timings: the first plan fills the table (saved to a path), the second, from the
     file, takes no timing and gives the same plan."""
