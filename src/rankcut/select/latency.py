@@ -104,7 +104,9 @@ class LatencyTable:
         memory_format: ``"channels_last"`` (the faster one for convolutions on the CPUs and GPUs
             we measured) or ``"contiguous"``; deploy the model in the same format
             (``rc.fuse(memory_format=...)``).
-        warmup, repeats: untimed and timed runs of each primitive; the median is kept.
+        warmup, repeats: untimed and (at least) timed runs of each primitive; the median is
+            kept. A primitive faster than 25/``repeats`` ms gets more runs (up to 200, about
+            25 ms of them).
     """
 
     def __init__(self, device="cpu", *, memory_format: str = "channels_last",
@@ -177,8 +179,11 @@ class LatencyTable:
             if isinstance(prim, nn.Conv2d):
                 prim = prim.to(memory_format=MEMORY_FORMATS[self.memory_format])
             x = layer_input(prim, shape, batch, self.memory_format)
-            times[str(batch)] = measure_latency(prim, x, warmup=self.warmup,
-                                                repeats=self.repeats).median_ms
+            # small kernels (tens of microseconds) get more runs, up to about 25 ms of them:
+            # their medians are otherwise at the mercy of a few noisy runs
+            first = measure_latency(prim, x, warmup=self.warmup, repeats=3).median_ms
+            repeats = max(self.repeats, min(200, int(25 / max(first, 1e-3))))
+            times[str(batch)] = measure_latency(prim, x, warmup=0, repeats=repeats).median_ms
             self.measured += 1
         return times[str(batch)]
 

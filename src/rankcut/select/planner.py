@@ -497,6 +497,7 @@ class _Clock:
                  layers: dict[str, _Layer], kind, progress: bool = False):
         self.table, self.inputs = table, inputs
         self.batch = batch
+        self.taken = table.measured  # timings the table held before this plan
         self.batches = (self.batch,)
         dense_ms = {n: self._times(layer, None) for n, layer in layers.items()}
         self.rest_ms = {b: table.model_rest_ms(model, inputs, sum(
@@ -536,7 +537,8 @@ class _Clock:
                 "dense_ms": {str(b): v for b, v in self.model_ms.items()},
                 "predicted_ms": {str(b): ratios[b] * self.model_ms[b] for b in self.batches},
                 "predicted_ratio": {str(b): ratios[b] for b in self.batches},
-                "limit": limit, "vetoed": vetoed, "timings_taken": self.table.measured}
+                "limit": limit, "vetoed": vetoed,
+                "timings_taken": self.table.measured - self.taken}
 
 
 # The latency guard may raise a budgeted plan's predicted damage (Σ error²) by at most this
