@@ -318,6 +318,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             else "the model has no Conv2d or Linear layer"))
     limit = None if allow_slower or clock is None else 1 + latency_margin
     choose = _Chooser(layers, kind, limit, clock)
+    checks: list[dict] = []
     if target is None:
         chosen = choose(None)
     else:
@@ -338,38 +339,14 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                 layers[name].cands = damage.weighted(layers[name].cands, w)
             result.meta["damage_weights"] = weights
         chosen = choose(budget)
-        checks = []
         if clock is not None and (limit is not None or kind == "latency"):
             chosen, budget, checks = _checked(choose, chosen, budget, kind, fraction, clock,
                                               model, result, options)
         result.meta["budget"] = {kind: budget}
-        if choose.cost and not choose.cost["met"]:
-            ratio = sum(c.latency for c in chosen.values()) + clock.rest
-            warnings.warn(
-                f"target: the plan is predicted to run at {ratio:.2f} of the dense model's time "
-                f"at batch {clock.batch} on this device: keeping it no slower would raise its "
-                f"predicted error by more than {GUARD_DAMAGE - 1:.0%} (sum of squares), so it "
-                f"is the plan without that limit. Plan "
-                f"with example_inputs of the batch the model will run at, ask for a latency "
-                f"target, or pass allow_slower=True to silence this", stacklevel=2)
     _fill(result, chosen, layers, options, limit is not None)
     if clock is not None:
-        result.meta["latency"] = {**clock.summary(chosen, limit, choose.vetoed),
-                                  **({"guard": choose.cost} if choose.cost else {})}
-        if target is not None and checks:
-            last = checks[-1]
-            result.meta["latency"].update(
-                checks=checks, measured_ms={str(clock.batch): last["ms"]},
-                measured_ratio={str(clock.batch): last["measured"]}, ratio=last["measured"])
-            goal = fraction if kind == "latency" else limit
-            if last["measured"] > goal and not (choose.cost and not choose.cost["met"]):
-                warnings.warn(
-                    f"target: the plan measured {last['measured']:.2f} of the dense model's time "
-                    f"at batch {clock.batch} on this device, against a goal of {goal:.2f} "
-                    f"(predicted {last['predicted']:.2f}; {len(checks)} plans timed whole)",
-                    stacklevel=2)
-        if kind == "latency":
-            result.meta["latency"]["goal_ratio"] = fraction
+        result.meta["latency"] = _latency_meta(clock, choose, chosen, checks, kind, fraction,
+                                              limit)
         if isinstance(latency_table, str | Path):
             table.save(latency_table)
     if target is None and layers and not result.active:
@@ -433,6 +410,35 @@ class _Layer:
         self.module, self.shape, self.cands, self.dense = module, shape, cands, dense
 
 
+def _latency_meta(clock, choose, chosen, checks, kind, fraction, limit) -> dict:
+    """The plan's ``meta["latency"]``; warns when the guard gave way or the plan, timed whole,
+    missed its goal."""
+    meta = {**clock.summary(chosen, limit, choose.vetoed),
+            **({"guard": choose.cost} if choose.cost else {})}
+    gave_way = bool(choose.cost) and not choose.cost["met"]
+    if gave_way:
+        warnings.warn(
+            f"target: the plan is predicted to run at {clock.ratio(chosen):.2f} of the dense "
+            f"model's time at batch {clock.batch} on this device: keeping it no slower would "
+            f"raise its predicted error by more than {GUARD_DAMAGE - 1:.0%} (sum of squares), "
+            f"so it is the plan without that limit. Plan with example_inputs of the batch the "
+            f"model will run at, ask for a latency target, or pass allow_slower=True to silence "
+            f"this", stacklevel=3)
+    if checks:
+        last = checks[-1]
+        meta.update(checks=checks, measured_ms={str(clock.batch): last["ms"]},
+                    measured_ratio={str(clock.batch): last["measured"]}, ratio=last["measured"])
+        goal = fraction if kind == "latency" else limit
+        if last["measured"] > goal and not gave_way:
+            warnings.warn(
+                f"target: the plan measured {last['measured']:.2f} of the dense model's time at "
+                f"batch {clock.batch} on this device, against a goal of {goal:.2f} (predicted "
+                f"{last['predicted']:.2f}; {len(checks)} plans timed whole)", stacklevel=3)
+    if kind == "latency":
+        meta["goal_ratio"] = fraction
+    return meta
+
+
 def _checked(choose, chosen, budget, kind, fraction, clock, model, result, options,
              rounds: int = 3):
     """``chosen`` timed whole against the dense model (:meth:`LatencyTable.compare_plan`). Layers
@@ -449,7 +455,7 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
         trial = Plan(dict(result.layers))
         _fill(trial, chosen, choose.layers, options)
         dense_ms, planned_ms = clock.table.compare_plan(model, trial, clock.inputs, clock.batch)
-        predicted = clock.rest + math.fsum(c.latency for c in chosen.values())
+        predicted = clock.ratio(chosen)
         check = {"predicted": predicted, "measured": planned_ms / dense_ms,
                  "ms": [dense_ms, planned_ms]}
         checks.append(check)
@@ -531,6 +537,10 @@ class _Clock:
                                                 for c in chosen.values())) / self.model_ms[b]
                 for b in self.batches}
 
+    def ratio(self, chosen: dict[str, Candidate]) -> float:
+        """The predicted model time relative to the dense model's."""
+        return self.rest + math.fsum(c.latency for c in chosen.values())
+
     def summary(self, chosen: dict[str, Candidate], limit, vetoed) -> dict:
         ratios = self.ratios(chosen)
         return {"table": self.table.setting, "batch": self.batch, "batches": list(self.batches),
@@ -567,7 +577,7 @@ class _Chooser:
         self.cost: dict[str, float] = {}
 
     def _time(self, chosen: dict[str, Candidate]) -> float:
-        return self.clock.rest + math.fsum(c.latency for c in chosen.values())
+        return self.clock.ratio(chosen)
 
     def __call__(self, budget) -> dict[str, Candidate]:
         self.cost = {}
