@@ -433,7 +433,8 @@ def _latency_meta(clock, choose, chosen, checks, kind, fraction, limit) -> dict:
             warnings.warn(
                 f"target: the plan measured {last['measured']:.2f} of the dense model's time at "
                 f"batch {clock.batch} on this device, against a goal of {goal:.2f} (predicted "
-                f"{last['predicted']:.2f}; {len(checks)} plans timed whole)", stacklevel=3)
+                f"{last['predicted']:.2f}; {len(checks)} plan{'s' if len(checks) > 1 else ''} "
+                f"timed whole)", stacklevel=3)
     if kind == "latency":
         meta["goal_ratio"] = fraction
     return meta
