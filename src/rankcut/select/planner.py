@@ -445,8 +445,8 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
     """``chosen`` timed whole against the dense model (:meth:`LatencyTable.compare_plan`). Layers
     timed alone miss part of what a whole model costs, in either direction, so while the measured
     time misses the goal (a latency target's fraction, or the guard's limit), or beats a latency
-    target's by more than 5% (MACs spent for nothing), the goal the allocation aims at is scaled
-    by predicted / measured and the plan chosen again, at most ``rounds`` times; the plan
+    target's by more than 5% (MACs spent for nothing), the allocation aims at goal · predicted /
+    measured instead and the plan is chosen again, at most ``rounds`` times; the plan
     returned is the last that met the goal (else the last one). The timings are kept in the
     table, so a table that holds them gives the same plan. Returns (chosen, budget, the checks,
     the final plan's check last)."""
@@ -468,14 +468,16 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
         if (met and (not shaped or check["measured"] >= 0.95 * goal)) or round_ == rounds or (
                 choose.cost and not choose.cost["met"]):
             break
-        scale = predicted / check["measured"]
-        if abs(scale - 1) < 0.01:  # the prediction holds: choosing again changes nothing
-            break
+        # aim the prediction where the measurement would meet the goal: measured ≈ predicted
+        # times this plan's measured / predicted
+        aim = goal * predicted / check["measured"]
+        if abs(aim - (budget if kind == "latency" else choose.limit)) < 0.005 * goal:
+            break  # choosing again would change nothing
         try:
-            if kind == "latency":
-                again = choose(budget * scale)
+            if kind == "latency":  # the budget of a latency target is the fraction itself
+                again = choose(aim)
             else:
-                choose.limit *= scale
+                choose.limit = aim
                 again = choose(budget)
         except ValueError:  # nothing cheaper fits
             break
@@ -483,7 +485,7 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
             break
         chosen = again
         if kind == "latency":
-            budget *= scale
+            budget = aim
     if best is not None and best[-1] is not checks[-1]:
         chosen, budget, choose.limit, choose.cost, check = best
         checks.append(check)
