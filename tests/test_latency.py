@@ -90,6 +90,10 @@ def test_table_saves_loads_and_refuses_another_setting(tmp_path, fake_latency):
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a rankcut latency table"):
         LatencyTable.load(path)
+    del data["setting"]["dtype"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="a damaged setting"):
+        LatencyTable.load(path)
     with pytest.raises(ValueError, match="memory_format"):
         LatencyTable(memory_format="nhwc")
 

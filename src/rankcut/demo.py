@@ -250,10 +250,15 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
         vetoed = ", ".join(f"{name} {_plural(len(v), 'candidate')}"
                            for name, v in guard["vetoed"].items())
         ratio = guard["predicted_ratio"][str(guard["batch"])]
+        held = guard.get("guard", {}).get("met", True) and guard.get("ratio", ratio) <= 1
+        times = f"predicted {ratio:.2f}" + (f", measured {guard['ratio']:.2f}"
+                                             if "ratio" in guard else "")
         _say(f"time vs dense: the planner's latency table timed each layer's candidates at "
              f"batch {guard['batch']} on this CPU\n({_plural(guard['table']['threads'], 'thread')}"
-             f", {guard['table']['memory_format']}) and kept the plan no slower than dense "
-             f"(predicted: {ratio:.2f} of its time)" + (f"; vetoed: {vetoed}" if vetoed else ""))
+             f", {guard['table']['memory_format']}) and "
+             + ("kept the plan no slower than dense" if held else
+                "could not keep the plan no slower than dense without losing accuracy")
+             + f" ({times} of its time)" + (f"; vetoed: {vetoed}" if vetoed else ""))
     seconds["total"] = time.perf_counter() - start
     _say(f"\nwrote {out}/: {', '.join(f.name for f in files)}")
     if rep is None:

@@ -82,7 +82,7 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
                          "example_inputs (the model is timed on them)")
     inputs = None if example_inputs is None else as_inputs(example_inputs)
     fused = copy.deepcopy(model).eval()
-    folded = [_fold(fused, conv, bn) for conv, bn in _conv_bn_pairs(fused)]
+    folded = [_fold(fused, conv, bn) for conv, bn in _layer_bn_pairs(fused)]
     reverted = _revert_unprofitable(fused, inputs, latency_margin if revert_slower else None)
     fused.rankcut_fuse = {"folded": [f for f in folded if f], "reverted": reverted}
     if memory_format is not None:
@@ -114,7 +114,7 @@ def _folds_into(m: nn.Module):
     return None
 
 
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _layer_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(layer name, BatchNorm name) for every BatchNorm2d fed by a convolution, or BatchNorm1d fed
     by a Linear, whose output goes nowhere else, each module called once."""
     try:

@@ -64,7 +64,7 @@ def _leaves(layer: nn.Module, shape: tuple) -> list[tuple[str, nn.Module, tuple]
     a factorized layer built on the meta device) runs, in order, for an input of ``shape``."""
     if isinstance(layer, nn.Conv2d | nn.Linear) and not list(layer.children()):
         return [(primitive_key(layer, shape), layer, shape)]
-    if isinstance(layer, nn.Conv2d) or hasattr(layer, "geometry"):
+    if hasattr(layer, "geometry"):  # a factorized convolution
         x = torch.empty(1, layer.geometry.in_channels, *shape, device="meta")
     else:
         x = torch.empty(shape[0] if shape else 1, layer.in_features, device="meta")
@@ -155,12 +155,17 @@ class LatencyTable:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"latency table: cannot read {path}: {err}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        if (not isinstance(data, dict) or data.get("format") != FORMAT_VERSION
+                or not isinstance(data.get("setting"), dict)
+                or not isinstance(data.get("entries"), dict)):
             raise ValueError(f"latency table: {path} is not a rankcut latency table (format "
                              f"{FORMAT_VERSION})")
         setting = data["setting"]
-        table = cls(device, memory_format=setting["memory_format"],
-                    dtype=getattr(torch, setting["dtype"]), **data.get("timing", {}))
+        try:
+            table = cls(device, memory_format=setting["memory_format"],
+                        dtype=getattr(torch, setting["dtype"]), **data.get("timing", {}))
+        except (KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"latency table: {path}: a damaged setting ({err!r})") from None
         differs = {k: (setting.get(k), v) for k, v in table.setting.items()
                    if k != "torch" and setting.get(k) != v}
         if differs:
@@ -212,10 +217,7 @@ class LatencyTable:
         fused dense model's measured time (in the table's memory format) less ``layer_ms``, the
         table's sum over its layers; at least 0. Kept in the table per model and input shape."""
         inputs = as_inputs(example_inputs)
-        shapes = "|".join("x".join(map(str, x.shape[1:])) for x in inputs)
-        key = (f"model {type(model).__name__} {sum(p.numel() for p in model.parameters())} "
-               f"@{shapes}")
-        times = self.entries.setdefault(key, {})
+        times = self.entries.setdefault(_model_key("model", model, inputs), {})
         if str(batch) not in times:
             dense = fuse(model, check=False, memory_format=self.memory_format)
             x = with_batch(inputs, batch)
@@ -231,11 +233,9 @@ class LatencyTable:
         at ``batch``, interleaved. Kept in the table per model, input shape and plan, so a plan
         checked once is not timed again."""
         inputs = as_inputs(example_inputs)
-        shapes = "|".join("x".join(map(str, x.shape[1:])) for x in inputs)
         layers = json.dumps({n: [lp.method, list(lp.ranks), lp.form]
                              for n, lp in sorted(plan.active.items())})
-        key = (f"plan {type(model).__name__} {sum(p.numel() for p in model.parameters())} "
-               f"{hashlib.sha1(layers.encode()).hexdigest()[:16]} @{shapes}")
+        key = _model_key(f"plan {hashlib.sha1(layers.encode()).hexdigest()[:16]}", model, inputs)
         times = self.entries.setdefault(key, {})
         if str(batch) not in times:
             dense = fuse(model, check=False, memory_format=self.memory_format)
@@ -245,6 +245,13 @@ class LatencyTable:
             times[str(batch)] = [d.median_ms, p.median_ms]
             self.measured += 1
         return tuple(times[str(batch)])
+
+
+def _model_key(what: str, model: nn.Module, inputs: tuple) -> str:
+    """A whole-model entry's key: ``what``, the model (class and parameter count) and its
+    inputs' shapes per sample."""
+    shapes = "|".join("x".join(map(str, x.shape[1:])) for x in inputs)
+    return f"{what} {type(model).__name__} {sum(p.numel() for p in model.parameters())} @{shapes}"
 
 
 def _rounded(ranks):

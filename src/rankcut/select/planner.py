@@ -223,9 +223,9 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         target: ``"macs=4x"`` / ``"params=2x"`` (or a fraction, ``"macs=0.25"``) of the whole
             model, met from below within about 1% where the layers' ranks allow; or
             ``"latency=2x"``: the model's predicted time on this device (from the latency
-            table, averaged over batch 1 and the batch of ``example_inputs``, each relative to
-            the dense model's) at most half the dense model's; the plan is then timed whole
-            and ``meta["latency"]`` reports the measured ratio beside the predicted one.
+            table, at the batch of ``example_inputs`` or ``latency_batch``) at most half the
+            dense model's; the plan is then timed whole, chosen again while it misses, and
+            ``meta["latency"]`` reports the measured ratio beside the predicted one.
         rank_multiple: keep only ranks that are multiples of this (8 suits real hardware).
         options: solver options per method, e.g. ``{"cp": {"max_iter": 100}}``; passed on to
             the layers through the plan.
@@ -240,8 +240,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         progress: show a progress bar per stage (scoring candidates, probing the network),
             with the layer at hand.
         allow_slower: by default the plan is kept no slower than the dense model on the
-            model's device (step 5 of the module docstring; at batch 1 and the batch of
-            ``example_inputs``, averaged); ``True`` skips all timing (not with a latency target).
+            model's device (step 5 of the module docstring; at the batch of ``example_inputs``
+            or ``latency_batch``); ``True`` skips all timing (not with a latency target).
         latency_margin: how much slower than dense (a fraction of its time) the predicted plan,
             or a factorized layer under a rank rule, may be.
         latency_table: the :class:`~.latency.LatencyTable` to price layers with (times missing
@@ -272,7 +272,6 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         raise ValueError(f"latency_batch: expected an int >= 1, got {latency_batch!r}")
     timed = kind == "latency" or not allow_slower
     table = as_table(latency_table, _device_of(model)) if timed else None
-    # allow_slower with a latency target: the target's batch is met, batch 1 may be slower
 
     eligible = target_layers(model, include, exclude, min_params=min_params)
     for name, reason in eligible.items():
@@ -495,62 +494,49 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
 
 
 class _Clock:
-    """Every layer's dense form and candidates priced in time through ``table`` at ``batch``,
-    that of the example inputs. A candidate's ``latency`` is its time relative to the dense
-    model's (the cost a latency target spends: the dense layers and the rest of the model sum
-    to 1); its time in ms is kept in ``extra["latency_ms"]`` (keyed by batch)
-    Only each method's (and form's) Pareto candidates on ``kind`` and error are timed; the
+    """Every layer's dense form and candidates priced in time through ``table`` at ``batch``
+    (that of the example inputs, or ``latency_batch``). A candidate's ``latency`` is its time
+    relative to the dense model's (the cost a latency target spends: the dense layers and the
+    rest of the model sum to 1); its time in ms is kept in ``extra["latency_ms"]``, keyed by the
+    batch. Only each method's (and form's) Pareto candidates on ``kind`` and error are timed; the
     others, no faster than the cheaper and better ones of their form, are dropped."""
 
     def __init__(self, table: LatencyTable, model, inputs, batch: int,
                  layers: dict[str, _Layer], kind, progress: bool = False):
-        self.table, self.inputs = table, inputs
-        self.batch = batch
+        self.table, self.inputs, self.batch = table, inputs, batch
         self.taken = table.measured  # timings the table held before this plan
-        self.batches = (self.batch,)
-        dense_ms = {n: self._times(layer, None) for n, layer in layers.items()}
-        self.rest_ms = {b: table.model_rest_ms(model, inputs, sum(
-            t[b] for t in dense_ms.values()), b) for b in self.batches}
-        self.model_ms = {b: self.rest_ms[b] + sum(t[b] for t in dense_ms.values())
-                         for b in self.batches}
-        self.rest = self.rest_ms[self.batch] / self.model_ms[self.batch]
+        dense_ms = {n: self._ms(layer, None) for n, layer in layers.items()}
+        layers_ms = math.fsum(dense_ms.values())
+        self.model_ms = table.model_rest_ms(model, inputs, layers_ms, batch) + layers_ms
+        self.rest = 1 - layers_ms / self.model_ms
         for name, layer in _steps(layers.items(), progress, "planning: timing candidates"):
             layer.dense = self._priced(layer.dense, dense_ms[name], dense_ms[name])
             groups: dict[tuple, list[Candidate]] = {}
             for c in layer.cands:
                 groups.setdefault((c.method, c.form), []).append(c)
-            layer.cands = [self._priced(c, self._times(layer, c), dense_ms[name])
+            layer.cands = [self._priced(c, self._ms(layer, c), dense_ms[name])
                            for group in groups.values() for c in pareto(group, kind)]
 
-    def _times(self, layer: _Layer, c: Candidate | None) -> dict[int, float]:
+    def _ms(self, layer: _Layer, c: Candidate | None) -> float:
         config = None if c is None else methods.get(c.method).config(layer.module, c.ranks,
                                                                       c.form)
-        return {b: self.table.layer_ms(layer.module, layer.shape, config, b)
-                for b in self.batches}
+        return self.table.layer_ms(layer.module, layer.shape, config, self.batch)
 
-    def _priced(self, c: Candidate, ms: dict[int, float], dense: dict[int, float]) -> Candidate:
-        return dataclasses.replace(c, latency=ms[self.batch] / self.model_ms[self.batch], extra={
-            **c.extra, "latency_ms": {str(b): ms[b] for b in self.batches},
-            "dense_latency_ms": {str(b): dense[b] for b in self.batches},
-            "latency_ratio": max(ms[b] / max(dense[b], 1e-9) for b in self.batches)})
-
-    def ratios(self, chosen: dict[str, Candidate]) -> dict[int, float]:
-        """The predicted model time at each batch relative to the dense model's."""
-        return {b: (self.rest_ms[b] + math.fsum(c.extra["latency_ms"][str(b)]
-                                                for c in chosen.values())) / self.model_ms[b]
-                for b in self.batches}
+    def _priced(self, c: Candidate, ms: float, dense: float) -> Candidate:
+        b = str(self.batch)
+        return dataclasses.replace(c, latency=ms / self.model_ms, extra={
+            **c.extra, "latency_ms": {b: ms}, "dense_latency_ms": {b: dense},
+            "latency_ratio": ms / max(dense, 1e-9)})
 
     def ratio(self, chosen: dict[str, Candidate]) -> float:
         """The predicted model time relative to the dense model's."""
         return self.rest + math.fsum(c.latency for c in chosen.values())
 
     def summary(self, chosen: dict[str, Candidate], limit, vetoed) -> dict:
-        ratios = self.ratios(chosen)
-        return {"table": self.table.setting, "batch": self.batch, "batches": list(self.batches),
-                "dense_ms": {str(b): v for b, v in self.model_ms.items()},
-                "predicted_ms": {str(b): ratios[b] * self.model_ms[b] for b in self.batches},
-                "predicted_ratio": {str(b): ratios[b] for b in self.batches},
-                "limit": limit, "vetoed": vetoed,
+        b, ratio = str(self.batch), self.ratio(chosen)
+        return {"table": self.table.setting, "batch": self.batch,
+                "dense_ms": {b: self.model_ms}, "predicted_ms": {b: ratio * self.model_ms},
+                "predicted_ratio": {b: ratio}, "limit": limit, "vetoed": vetoed,
                 "timings_taken": self.table.measured - self.taken}
 
 
