@@ -60,7 +60,7 @@ def uniform_fraction(model, x, kind, keep):
     return (total * keep - (total - planned)) / planned
 
 
-def make_plan(model, x, row, target, calib, guard):
+def make_plan(model, x, row, target, calib, guard, rank_multiple=None):
     """The row's plan and the calibration data to apply it with."""
     if row == "tucker vbmf":
         return rc.plan(model, x, method="tucker", rank="vbmf", allow_slower=True), None
@@ -72,8 +72,9 @@ def make_plan(model, x, row, target, calib, guard):
         return rc.plan(model, x, method="tucker", rank=f"{kind}={fraction:.6f}",
                        allow_slower=True), None
     data = calib if row == "auto+data" else None
+    extra = {} if rank_multiple is None else {"rank_multiple": rank_multiple}
     return rc.plan(model, x, method="auto", target=target, calib_data=data,
-                   allow_slower=not guard), data
+                   allow_slower=not guard, **extra), data
 
 
 def main():
@@ -86,6 +87,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1,
                         help="batch of the example inputs (the batch the latency guard keeps "
                              "the plan no slower than dense at)")
+    parser.add_argument("--rank-multiple", type=int,
+                        help="rc.plan's rank_multiple for the auto rows (default: its own)")
     parser.add_argument("--json", help="append one JSON line per result to this file")
     parser.add_argument("--plan-only", action="store_true",
                         help="time rc.plan only: no apply, no accuracy")
@@ -129,7 +132,8 @@ def main():
                     label = "-" if row == "tucker vbmf" else target
                     start = time.perf_counter()
                     try:
-                        plan, data = make_plan(model, x, row, target, calib, guard == "on")
+                        plan, data = make_plan(model, x, row, target, calib, guard == "on",
+                                               args.rank_multiple)
                     except ValueError as err:
                         print(f"{label:>10} {row:>15} {guard:>5}  not reachable: {err}",
                               flush=True)

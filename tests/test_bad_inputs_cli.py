@@ -370,6 +370,7 @@ CLI_CASES = [
     ("steps-per-layer-0", _compress("--steps-per-layer", 0), ["--steps-per-layer", ">= 1"]),
     ("min-params-negative", _compress("--min-params", -1), ["--min-params", ">= 0"]),
     ("rank-multiple-0", _compress("--rank-multiple", 0), ["--rank-multiple", ">= 1"]),
+    ("speed-slack-negative", _compress("--speed-slack", -0.5), ["--speed-slack", ">= 0"]),
     ("min-accuracy-150", _compress("--min-accuracy", 150), ["--min-accuracy", "150"]),
     ("input-shape-zero", lambda tmp: ["compress", "--model", TINY, "--input-shape", "3,0,8",
                                       *PLAN_FLAGS, "--out", tmp / "o"], ["--input-shape"]),

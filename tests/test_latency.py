@@ -232,3 +232,26 @@ def test_allocate_with_a_price_on_time_trades_error_for_speed():
     # the tucker candidate, beaten on MACs and error, is off the plain frontier: only a price
     # on time brings it back
     assert [x.method for x in frontier(cands["a"], "macs")] == ["svd", "dense"]
+
+
+def test_speed_slack_buys_predicted_speed_with_a_bounded_share_of_damage(fake_latency):
+    """Time by weights, ranks timed at their multiple of RANK_STEP: the plan for the same MACs
+    target with speed_slack is predicted faster than the most accurate one, at most
+    (1 + slack) times its damage, and meta says what it traded; with 0 nothing is traded."""
+    fake_latency(by_weights)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(24, 40, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(40, 56, 3, padding=1)).eval()
+    x, table = torch.rand(2, 24, 8, 8), LatencyTable()
+    kw = {"method": "tucker", "target": "macs=2x", "min_params": 100, "latency_table": table}
+    base = rc.plan(model, x, speed_slack=0, **kw)
+    assert "speed" not in base.meta["latency"]
+    fast = rc.plan(model, x, speed_slack=0.5, **kw)
+    speed = fast.meta["latency"]["speed"]
+    assert speed["damage_before"] == pytest.approx(base.meta["predicted"]["error_sq_sum"])
+    assert speed["damage_before"] <= speed["damage"] <= 1.5 * speed["damage_before"] + 1e-12
+    assert speed["ratio"] < speed["ratio_before"]
+    assert fast.meta["latency"]["predicted_ratio"]["2"] == pytest.approx(speed["ratio"])
+    assert fast.meta["predicted"]["macs_ratio"] >= 2.0
+    with pytest.raises(ValueError, match="speed_slack"):
+        rc.plan(model, x, speed_slack=-0.1, **kw)

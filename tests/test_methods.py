@@ -141,3 +141,36 @@ def test_curve_candidates_are_priced_as_the_registry_prices_them(net, name, form
                                  kind):
             cost = spec.cost(net.conv, c.ranks, c.form, (8, 8))
             assert (c.params, c.macs) == (cost.params, cost.macs), c
+
+
+def test_tucker_curve_keeps_the_frontier_of_aligned_rank_pairs_beside_the_full_one():
+    """Every rank pair of multiples of RANK_ALIGN that no other such pair beats on MACs and
+    error is on the curve, with the frontier of all pairs; every candidate is on one of them."""
+    from rankcut.curves import aligned, pareto, tucker_errors
+
+    torch.manual_seed(0)
+    conv, spec = nn.Conv2d(24, 40, 3), methods.get("tucker")
+    curve = spec.candidates(conv, (8, 8), None, {}, "macs")
+    E = tucker_errors(conv)
+    every = [curves_candidate(spec, conv, (t, s), float(E[t - 1, s - 1]))
+             for t in range(1, 41) for s in range(1, 25)]
+    full = {c.ranks for c in pareto(every, "macs")}
+    on_grid = {c.ranks for c in pareto([c for c in every if aligned(c.ranks)], "macs")}
+    got = {c.ranks for c in curve}
+    assert on_grid <= got and full <= got and got <= full | on_grid | {(40, 24)}
+    assert on_grid - full  # the full frontier alone would miss them
+
+
+def curves_candidate(spec, conv, ranks, error):
+    from rankcut.curves import priced
+
+    return priced(spec, conv, (8, 8), ranks, None, error)
+
+
+def test_cp_is_scored_at_ranks_that_suit_the_kernels():
+    from rankcut.curves import RANK_ALIGN, cp_grid
+
+    for conv in (nn.Conv2d(64, 64, 3), nn.Conv2d(8, 16, 3)):
+        ranks = [c.ranks[0] for c in cp_grid(methods.get("cp"), conv, (8, 8))]
+        assert len(ranks) >= 4 and ranks == sorted(set(ranks))
+        assert all(r < RANK_ALIGN or r % RANK_ALIGN == 0 for r in ranks), ranks

@@ -81,6 +81,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help=f"round ranks to a multiple (default {COMPRESS['rank_multiple']})")
     g.add_argument("--allow-slower", action="store_true", default=COMPRESS["allow_slower"],
                    help="do not keep the plan no slower than dense on this machine (no timing)")
+    g.add_argument("--speed-slack", type=float, default=COMPRESS["speed_slack"],
+                   help="with a params/MACs target, the share of extra predicted damage the "
+                        "plan may take on to run faster by the latency table (default "
+                        f"{COMPRESS['speed_slack']}; 0: the most accurate plan no slower than "
+                        "dense)")
     g.add_argument("--latency-batch", type=int,
                    help="the batch the plan is timed and kept no slower than dense at "
                         "(default 1)")
@@ -390,6 +395,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     lr = getattr(args, "lr", None)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr: expected a finite number > 0, got {lr}")
+    slack = getattr(args, "speed_slack", None)
+    if slack is not None and not (math.isfinite(slack) and slack >= 0):
+        raise UserError(f"--speed-slack: expected a finite number >= 0, got {slack}")
     accuracy = getattr(args, "min_accuracy", None)
     if accuracy is not None and not (math.isfinite(accuracy) and 0 <= accuracy <= 100):
         raise UserError(f"--min-accuracy: expected a top-1 in percent, 0 to 100, got {accuracy}")
@@ -632,7 +640,8 @@ class _Context:
     def plan_options(self) -> dict:
         a = self.args
         opts = {"rank_multiple": a.rank_multiple, "allow_slower": a.allow_slower,
-                "exclude": a.exclude, "min_params": a.min_params}
+                "speed_slack": a.speed_slack, "exclude": a.exclude,
+                "min_params": a.min_params}
         if a.latency_batch is not None:
             opts["latency_batch"] = a.latency_batch
         if a.latency_table:

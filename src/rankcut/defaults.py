@@ -19,6 +19,7 @@ COMPRESS = {
     "rank_multiple": 1,        # keep every rank (8 suits many kernels)
     "min_params": 1024,        # layers with fewer parameters stay dense
     "allow_slower": False,     # the latency guard is on
+    "speed_slack": 0.1,        # up to 10% more predicted damage may be spent on speed
     "optimizer": "sgd",
     "batch_size": 128,
 }

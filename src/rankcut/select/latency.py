@@ -32,6 +32,7 @@ from torch import nn
 
 from .._modes import as_inputs, run_watching_layers
 from ..atomic import atomic_path, file_target_problem
+from ..curves import RANK_ALIGN
 from ..fuse import fuse
 from ..layers import input_shape, rebuild
 from ..profile import MEMORY_FORMATS, compare_latency, layer_input, measure_latency, with_batch
@@ -43,7 +44,7 @@ FORMAT_VERSION = 1
 # 29..32 or 37..40 output channels takes the time of 32 or 40 within noise, and steps between.
 # Pricing rank r as its block keeps the table small (a layer's ranks in steps of 8) and costs
 # the planner nothing: at equal time, the full block has the lower error.
-RANK_STEP = 8
+RANK_STEP = RANK_ALIGN
 
 
 def primitive_key(module: nn.Module, shape: tuple) -> str:

@@ -32,7 +32,8 @@ from torch import nn
 from .. import methods
 from .._modes import as_inputs, batch_of, run_watching_layers
 from ..calibrate import input_second_moments
-from ..curves import Candidate, measured, pareto, whitened_svd_errors
+from ..curves import Candidate, aligned, measured, pareto, whitened_svd_errors
+from ..defaults import COMPRESS
 from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
@@ -134,12 +135,20 @@ def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
         errs = whitened_svd_errors(module, covs)
         return [Candidate(c.method, c.ranks, c.form, c.params, c.macs,
                           float(errs[c.ranks[0] - 1]), {DATA_AWARE: True}) for c in cands]
-    if len(cands) > most:
-        front = pareto(cands, kind)
-        step = (len(front) - 1) / (most - 1)
-        cands = [front[round(i * step)] for i in range(most)]
+    if len(cands) > most:  # spread over the frontier, and over that of the aligned ranks
+        cands = list(dict.fromkeys(
+            _spread(pareto(cands, kind), most)
+            + _spread(pareto([c for c in cands if aligned(c.ranks)], kind), most // 3)))
     opts = _solver_options(spec, options, scoring=True)
     return measured(spec, [(module, c, covs if spec.data_aware else None) for c in cands], opts)
+
+
+def _spread(front: list, n: int) -> list:
+    """At most ``n`` of ``front``, evenly spaced along it, both ends included."""
+    if len(front) <= n:
+        return front
+    step = (len(front) - 1) / (n - 1)
+    return [front[round(i * step)] for i in range(n)]
 
 
 def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multiple, options,
@@ -209,6 +218,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
          min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None,
          allow_slower: bool = False, latency_margin: float = 0.0,
+         speed_slack: float = COMPRESS["speed_slack"],
          latency_table: LatencyTable | str | Path | None = None,
          latency_batch: int | None = None, loss_aware: bool | None = None,
          progress: bool = False) -> Plan:
@@ -244,6 +254,11 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             or ``latency_batch``); ``True`` skips all timing (not with a latency target).
         latency_margin: how much slower than dense (a fraction of its time) the predicted plan,
             or a factorized layer under a rank rule, may be.
+        speed_slack: with a params or MACs target and the guard on, how much more predicted
+            damage (Σ error², a fraction of that of the most accurate plan the target and the
+            guard allow) the plan may take on to run faster by the latency table: it is then
+            the fastest plan within that bound (``meta["latency"]["speed"]`` says what it
+            traded). 0: the most accurate plan no slower than dense.
         latency_table: the :class:`~.latency.LatencyTable` to price layers with (times missing
             from it are measured and added), or a path to a saved table (loaded; created when
             absent; saved back with what was added), or None (a new table for this call).
@@ -267,6 +282,9 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     if (isinstance(latency_margin, bool) or not isinstance(latency_margin, int | float)
             or not latency_margin >= 0):
         raise ValueError(f"latency_margin: expected a number >= 0, got {latency_margin!r}")
+    if (isinstance(speed_slack, bool) or not isinstance(speed_slack, int | float)
+            or not speed_slack >= 0 or speed_slack == math.inf):
+        raise ValueError(f"speed_slack: expected a finite number >= 0, got {speed_slack!r}")
     if latency_batch is not None and (isinstance(latency_batch, bool) or not isinstance(
             latency_batch, int) or latency_batch < 1):
         raise ValueError(f"latency_batch: expected an int >= 1, got {latency_batch!r}")
@@ -316,7 +334,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
             else "the model has no Conv2d or Linear layer"))
     limit = None if allow_slower or clock is None else 1 + latency_margin
-    choose = _Chooser(layers, kind, limit, clock)
+    choose = _Chooser(layers, kind, limit, clock, 0.0 if kind == "latency" else speed_slack)
     checks: list[dict] = []
     if target is None:
         chosen = choose(None)
@@ -413,7 +431,8 @@ def _latency_meta(clock, choose, chosen, checks, kind, fraction, limit) -> dict:
     """The plan's ``meta["latency"]``; warns when the guard gave way or the plan, timed whole,
     missed its goal."""
     meta = {**clock.summary(chosen, limit, choose.vetoed),
-            **({"guard": choose.cost} if choose.cost else {})}
+            **({"guard": choose.cost} if choose.cost else {}),
+            **({"speed": choose.speed} if choose.speed else {})}
     gave_way = bool(choose.cost) and not choose.cost["met"]
     if gave_way:
         warnings.warn(
@@ -459,7 +478,7 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
         check = {"predicted": predicted, "measured": planned_ms / dense_ms,
                  "ms": [dense_ms, planned_ms]}
         checks.append(check)
-        state = (chosen, budget, choose.limit, dict(choose.cost), check)
+        state = (chosen, budget, choose.limit, dict(choose.cost), dict(choose.speed), check)
         met = check["measured"] <= goal
         if met:
             best = state
@@ -486,10 +505,10 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
         if kind == "latency":
             budget = aim
     if best is not None and best[-1] is not checks[-1]:
-        chosen, budget, choose.limit, choose.cost, check = best
+        chosen, budget, choose.limit, choose.cost, choose.speed, check = best
         checks.append(check)
     else:
-        chosen, budget, choose.limit, choose.cost, _ = state
+        chosen, budget, choose.limit, choose.cost, choose.speed, _ = state
     return chosen, budget, checks
 
 
@@ -512,8 +531,8 @@ class _Clock:
         for name, layer in _steps(layers.items(), progress, "planning: timing candidates"):
             layer.dense = self._priced(layer.dense, dense_ms[name], dense_ms[name])
             groups: dict[tuple, list[Candidate]] = {}
-            for c in layer.cands:
-                groups.setdefault((c.method, c.form), []).append(c)
+            for c in layer.cands:  # aligned ranks apart: timed, they may win at equal cost
+                groups.setdefault((c.method, c.form, aligned(c.ranks)), []).append(c)
             layer.cands = [self._priced(c, self._ms(layer, c), dense_ms[name])
                            for group in groups.values() for c in pareto(group, kind)]
 
@@ -559,11 +578,13 @@ class _Chooser:
     and the damage with and without the limit)."""
 
     def __init__(self, layers: dict[str, _Layer], kind, limit: float | None = None,
-                 clock: _Clock | None = None):
+                 clock: _Clock | None = None, slack: float = 0.0):
         self.layers, self.kind, self.limit, self.clock = layers, kind, limit, clock
+        self.slack = slack
         self.fixed = 0.0
         self.vetoed: dict[str, list[str]] = {}
         self.cost: dict[str, float] = {}
+        self.speed: dict[str, float] = {}
 
     def _time(self, chosen: dict[str, Candidate]) -> float:
         return self.clock.ratio(chosen)
@@ -582,14 +603,25 @@ class _Chooser:
         cands = {n: [*layer.cands, layer.dense] for n, layer in self.layers.items()}
         chosen = allocate({n: pareto(c, self.kind) for n, c in cands.items()}, self.kind,
                           budget, self.fixed)
-        if self.limit is None or self._time(chosen) <= self.limit:
+        self.speed = {}
+        if self.limit is None:
             return chosen
-        free = chosen
-        bound = GUARD_DAMAGE * _damage(free) + 1e-12
 
         def at(price):
             return allocate(cands, self.kind, budget, self.fixed,
                             score=lambda c: c.error ** 2 + price * c.latency)
+
+        price = 0.0
+        if self._time(chosen) > self.limit:
+            chosen, price = self._guarded(chosen, at)
+        if self.slack > 0 and self._time(chosen) <= self.limit:
+            chosen = self._faster(chosen, at, price)
+        return chosen
+
+    def _guarded(self, free, at) -> tuple[dict, float]:
+        """The least price of time that brings the predicted time within the limit, and the
+        plan at it; ``free`` (and 0) if that raises the damage beyond GUARD_DAMAGE."""
+        bound = GUARD_DAMAGE * _damage(free) + 1e-12
 
         def too_slow(trial):  # and still within the damage bound: price time higher
             return self._time(trial) > self.limit and _damage(trial) <= bound
@@ -604,10 +636,34 @@ class _Chooser:
             else:
                 hi, chosen = mid, trial
         if _damage(chosen) > bound:  # the time limit costs too much error: the target wins
-            chosen = free
+            chosen, hi = free, 0.0
         self.cost = {"met": self._time(chosen) <= self.limit, "damage": _damage(chosen),
                      "damage_if_slower": _damage(free), "ratio_if_slower": self._time(free)}
-        return chosen
+        return chosen, hi
+
+    def _faster(self, base, at, price: float) -> dict:
+        """The fastest plan (by the table) at a higher price of time than ``price`` whose
+        predicted damage is at most (1 + slack) times ``base``'s: speed bought with a bounded
+        share of accuracy (``self.speed`` records the trade)."""
+        bound = (1 + self.slack) * _damage(base) + 1e-12
+        best = base
+
+        def fits(trial):
+            return _damage(trial) <= bound and self._time(trial) <= self._time(best)
+
+        lo, hi = price, max(2 * price, 1e-3)
+        while fits(trial := at(hi)) and hi < 1e8:
+            best, lo, hi = trial, hi, hi * 4
+        for _ in range(20):  # bisection on the price of time, geometric once above zero
+            mid = (lo + hi) / 2 if lo == 0 else math.sqrt(lo * hi)
+            if fits(trial := at(mid)):
+                best, lo = trial, mid
+            else:
+                hi = mid
+        self.speed = {"slack": self.slack, "damage_before": _damage(base),
+                      "ratio_before": self._time(base), "damage": _damage(best),
+                      "ratio": self._time(best)}
+        return best
 
 
 def _damage(chosen: dict[str, Candidate]) -> float:
