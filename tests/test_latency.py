@@ -255,3 +255,37 @@ def test_speed_slack_buys_predicted_speed_with_a_bounded_share_of_damage(fake_la
     assert fast.meta["predicted"]["macs_ratio"] >= 2.0
     with pytest.raises(ValueError, match="speed_slack"):
         rc.plan(model, x, speed_slack=-0.1, **kw)
+
+
+def test_a_slow_primitive_is_timed_by_few_runs_and_a_fast_one_by_many(monkeypatch):
+    """A kernel whose first 3 runs say it takes tens of ms keeps their median (the table of a
+    large model at batch 32 is otherwise most of the planning time); one of microseconds gets
+    about RUNS_MS of runs, at least ``repeats``."""
+    import rankcut.select.latency as latency
+    from rankcut.profile import Latency
+
+    calls = []
+
+    def fake(module, x, *, warmup=0, repeats=1):
+        calls.append(repeats)
+        v = 40.0 if module.out_channels == 64 else 0.01
+        return Latency(v, v, v, repeats, x.shape[0], 1, "cpu")
+
+    monkeypatch.setattr(latency, "measure_latency", fake)
+    table = LatencyTable(repeats=9)
+    assert table.layer_ms(nn.Conv2d(64, 64, 3), (8, 8), None, 2) == 40.0
+    assert calls == [3]
+    calls.clear()
+    assert table.layer_ms(nn.Conv2d(8, 8, 3), (8, 8), None, 2) == 0.01
+    assert calls[0] == 3 and calls[1] == min(200, int(latency.RUNS_MS / 0.01)) >= 9
+
+
+def test_ranks_are_timed_at_steps_of_8_then_at_most_an_eighth_of_the_rank():
+    from rankcut.select.latency import _rounded
+
+    assert [_rounded(r) for r in (1, 8, 9, 64, 65, 128, 129, 256, 257, 1000)] == \
+        [8, 8, 16, 64, 72, 128, 144, 256, 288, 1024]
+    for r in range(1, 2000):
+        t = _rounded(r)
+        assert r <= t <= max(r + RANK_STEP - 1, r * 1.125) and t % RANK_STEP == 0
+    assert _rounded([9, 300]) == [16, 320]

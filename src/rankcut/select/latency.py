@@ -43,8 +43,13 @@ FORMAT_VERSION = 1
 # channels: on the 2-core x86 CPU we measured (channels_last, oneDNN) a 1x1 or 3x1 conv with
 # 29..32 or 37..40 output channels takes the time of 32 or 40 within noise, and steps between.
 # Pricing rank r as its block keeps the table small (a layer's ranks in steps of 8) and costs
-# the planner nothing: at equal time, the full block has the lower error.
+# the planner nothing: at equal time, the full block has the lower error. Above 8 blocks the step
+# doubles with every doubling of the rank (16 from 128, 32 from 256, ...: at most 1/8 of it, so a
+# rank is priced at most 12.5% high): VGG-11-BN's 512-channel layers at batch 32 otherwise put
+# 3,495 primitives in its table, 189 s of its 304 s first plan at 2x fewer MACs.
 RANK_STEP = RANK_ALIGN
+# About this many milliseconds of timed runs per primitive (fewer runs than ``repeats`` above it)
+RUNS_MS = 25.0
 
 
 def primitive_key(module: nn.Module, shape: tuple) -> str:
@@ -107,7 +112,9 @@ class LatencyTable:
             (``rc.fuse(memory_format=...)``).
         warmup, repeats: untimed and (at least) timed runs of each primitive; the median is
             kept. A primitive faster than 25/``repeats`` ms gets more runs (up to 200, about
-            25 ms of them).
+            25 ms of them); a slower one is timed by the median of 3 runs after 1 untimed (on
+            VGG-11-BN at batch 32 its layers take tens of ms, and the table is most of the
+            planning time).
     """
 
     def __init__(self, device="cpu", *, memory_format: str = "channels_last",
@@ -185,11 +192,14 @@ class LatencyTable:
             if isinstance(prim, nn.Conv2d):
                 prim = prim.to(memory_format=MEMORY_FORMATS[self.memory_format])
             x = layer_input(prim, shape, batch, self.memory_format)
-            # small kernels (tens of microseconds) get more runs, up to about 25 ms of them:
-            # their medians are otherwise at the mercy of a few noisy runs
-            first = measure_latency(prim, x, warmup=self.warmup, repeats=3).median_ms
-            repeats = max(self.repeats, min(200, int(25 / max(first, 1e-3))))
-            times[str(batch)] = measure_latency(prim, x, warmup=0, repeats=repeats).median_ms
+            first = measure_latency(prim, x, warmup=1, repeats=3).median_ms
+            if first * self.repeats > RUNS_MS:  # a slow kernel: 3 runs tell its time
+                times[str(batch)] = first
+            else:  # small kernels (tens of microseconds) get more runs, about 25 ms of them:
+                # their medians are otherwise at the mercy of a few noisy runs
+                repeats = max(self.repeats, min(200, int(RUNS_MS / max(first, 1e-3))))
+                times[str(batch)] = measure_latency(prim, x, warmup=max(0, self.warmup - 1),
+                                                    repeats=repeats).median_ms
             self.measured += 1
         return times[str(batch)]
 
@@ -197,7 +207,7 @@ class LatencyTable:
                  batch: int) -> float:
         """The time of ``module`` (``config=None``) or of its replacement ``config`` (a
         factorized layer's ``config()``) at its recorded input ``shape`` and ``batch``; a
-        factorized layer is timed at its ranks rounded up to a multiple of :data:`RANK_STEP`."""
+        factorized layer is timed at its ranks rounded up (:data:`RANK_STEP`)."""
         if config is not None:
             config = {k: _rounded(v) if k in ("rank", "ranks") else v for k, v in config.items()}
         cache = (primitive_key(module, shape), None if config is None else
@@ -230,19 +240,22 @@ class LatencyTable:
     def compare_plan(self, model: nn.Module, plan, example_inputs, batch: int,
                      repeats: int = 15) -> tuple[float, float]:
         """(dense ms, planned ms) of ``model`` and of ``plan`` applied to it (fresh weights:
-        the time does not depend on them), both fused in the table's memory format, timed whole
-        at ``batch``, interleaved. Kept in the table per model, input shape and plan, so a plan
-        checked once is not timed again."""
+        the time does not depend on them), both fused as deployed (``rc.fuse``, each in the
+        memory format that runs it faster), timed whole at ``batch``, interleaved. Kept in the
+        table per model, input shape and plan, so a plan checked once is not timed again."""
         inputs = as_inputs(example_inputs)
         layers = json.dumps({n: [lp.method, list(lp.ranks), lp.form]
                              for n, lp in sorted(plan.active.items())})
-        key = _model_key(f"plan {hashlib.sha1(layers.encode()).hexdigest()[:16]}", model, inputs)
+        digest = hashlib.sha1(layers.encode()).hexdigest()[:16]
+        key = _model_key(f"deployed plan {digest}", model, inputs)
         times = self.entries.setdefault(key, {})
         if str(batch) not in times:
-            dense = fuse(model, check=False, memory_format=self.memory_format)
-            small = fuse(structure(model, plan), check=False, memory_format=self.memory_format)
-            d, p = compare_latency(dense, small, with_batch(inputs, batch), warmup=self.warmup,
-                                   repeats=repeats)
+            # each in its faster format, as deployed (and as benchmarks/latency.py times them):
+            # a factorized model's faster format need not be the dense model's
+            x = with_batch(inputs, batch)
+            dense = fuse(model, x, check=False, memory_format="auto")
+            small = fuse(structure(model, plan), x, check=False, memory_format="auto")
+            d, p = compare_latency(dense, small, x, warmup=self.warmup, repeats=repeats)
             times[str(batch)] = [d.median_ms, p.median_ms]
             self.measured += 1
         return tuple(times[str(batch)])
@@ -256,8 +269,11 @@ def _model_key(what: str, model: nn.Module, inputs: tuple) -> str:
 
 
 def _rounded(ranks):
+    """The rank (or ranks) a layer is timed at: the next multiple of the step (see
+    :data:`RANK_STEP`)."""
     if isinstance(ranks, int):
-        return -(-ranks // RANK_STEP) * RANK_STEP
+        step = max(RANK_STEP, (1 << (max(ranks, 1).bit_length() - 1)) // 8)
+        return -(-ranks // step) * step
     return [_rounded(r) for r in ranks]
 
 
