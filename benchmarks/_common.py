@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: how a result names the code it was measured at."""
+"""What the benchmark scripts share: how a result names the code it was measured at, and the
+CIFAR-10 images they evaluate and calibrate on."""
 
 import subprocess
 
@@ -10,3 +11,16 @@ def commit() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cifar_test_and_calib(calib: int):
+    """(CIFAR-10 test images, their labels, the first ``calib`` training images) from the shared
+    data; exits with the reason when it is absent."""
+    from rankcut.data import find_data_root, read_cifar10_bin
+
+    root = find_data_root()
+    if root is None:
+        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    images, labels = read_cifar10_bin(root, "test")
+    train, _ = read_cifar10_bin(root, "train", limit=calib)
+    return images, labels, train

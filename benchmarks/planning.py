@@ -33,8 +33,8 @@ import torch
 from scipy.stats import spearmanr
 
 import rankcut as rc
-from _common import commit
-from rankcut.data import find_data_root, read_cifar10_bin
+from _common import cifar_test_and_calib, commit
+from rankcut.data import find_data_root
 from rankcut.models import create, normalizer
 from rankcut.profile import count_macs, count_params, layer_macs, top1_accuracy
 from rankcut.select import parse_target
@@ -103,11 +103,8 @@ def main():
         return
     for target in args.targets:
         parse_target(target)
+    images, labels, train = cifar_test_and_calib(args.calib)
     root = find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    images, labels = read_cifar10_bin(root, "test")
-    train, _ = read_cifar10_bin(root, "train", limit=args.calib)
     x = torch.rand(args.batch, 3, 32, 32)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}; CIFAR-10 test images "

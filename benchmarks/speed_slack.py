@@ -22,9 +22,8 @@ import warnings
 import torch
 
 import rankcut as rc
-from _common import commit
+from _common import cifar_test_and_calib, commit
 from latency import load, timings
-from rankcut.data import find_data_root, read_cifar10_bin
 from rankcut.models import normalizer
 from rankcut.profile import count_macs, top1_accuracy, with_batch
 from rankcut.select import LatencyTable, parse_target
@@ -41,11 +40,7 @@ def main():
     args = parser.parse_args()
     for target in args.targets:
         parse_target(target)
-    root = find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    images, labels = read_cifar10_bin(root, "test")
-    train, _ = read_cifar10_bin(root, "train", limit=1024)
+    images, labels, train = cifar_test_and_calib(1024)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}, "
           f"{LatencyTable().setting['device']}; batch {args.batch}; CIFAR-10 test images "
