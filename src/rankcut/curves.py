@@ -45,8 +45,9 @@ DATA_AWARE = "data_aware"
 CP_SCORING = {"max_iter": 50, "tol": 1e-5, "max_work": 2.5e10}
 
 # Ranks that suit the kernels are multiples of this: on the development CPU a whole ResNet-20 or
-# VGG-11-BN at 2x fewer MACs with every rank a multiple of 8 ran 1.2-1.5x faster, eager and in
-# ONNX Runtime, than the same target at any rank (benchmarks/latency.py). The Tucker-2 curve
+# VGG-11-BN at batch 32 and 2x fewer MACs with every rank a multiple of 8 ran 1.1-1.5x faster in
+# eager and 1.5-2.4x in ONNX Runtime than the same target at any rank (an ad-hoc run with
+# rank_multiple=8, docs/planning.md). The Tucker-2 curve
 # keeps the best such rank pairs beside the best of all pairs, CP is scored at such ranks, and
 # the latency table times a rank as its next multiple (so the planner, pricing time, sees why).
 RANK_ALIGN = 8
