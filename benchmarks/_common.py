@@ -14,8 +14,8 @@ def commit() -> str:
 
 
 def cifar_test_and_calib(calib: int):
-    """(CIFAR-10 test images, their labels, the first ``calib`` training images) from the shared
-    data; exits with the reason when it is absent."""
+    """(the shared data's root, CIFAR-10 test images, their labels, the first ``calib`` training
+    images); exits with the reason when the data is absent."""
     from rankcut.data import find_data_root, read_cifar10_bin
 
     root = find_data_root()
@@ -23,4 +23,4 @@ def cifar_test_and_calib(calib: int):
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
     images, labels = read_cifar10_bin(root, "test")
     train, _ = read_cifar10_bin(root, "train", limit=calib)
-    return images, labels, train
+    return root, images, labels, train

@@ -34,7 +34,6 @@ from scipy.stats import spearmanr
 
 import rankcut as rc
 from _common import cifar_test_and_calib, commit
-from rankcut.data import find_data_root
 from rankcut.models import create, normalizer
 from rankcut.profile import count_macs, count_params, layer_macs, top1_accuracy
 from rankcut.select import parse_target
@@ -103,8 +102,7 @@ def main():
         return
     for target in args.targets:
         parse_target(target)
-    images, labels, train = cifar_test_and_calib(args.calib)
-    root = find_data_root()
+    root, images, labels, train = cifar_test_and_calib(args.calib)
     x = torch.rand(args.batch, 3, 32, 32)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}; CIFAR-10 test images "

@@ -40,7 +40,7 @@ def main():
     args = parser.parse_args()
     for target in args.targets:
         parse_target(target)
-    images, labels, train = cifar_test_and_calib(1024)
+    _, images, labels, train = cifar_test_and_calib(1024)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}, "
           f"{LatencyTable().setting['device']}; batch {args.batch}; CIFAR-10 test images "

@@ -137,6 +137,7 @@ class LatencyTable:
         self.entries: dict[str, dict[str, float]] = {}  # key -> {str(batch): ms}
         self.measured = 0  # timings taken by this object (not loaded)
         self._chains: dict[tuple, list] = {}
+        self._deployed: dict[tuple, nn.Module] = {}  # dense models fused for compare_plan
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -253,7 +254,10 @@ class LatencyTable:
             # each in its faster format, as deployed (and as benchmarks/latency.py times them):
             # a factorized model's faster format need not be the dense model's
             x = with_batch(inputs, batch)
-            dense = fuse(model, x, check=False, memory_format="auto")
+            deployed = (_model_key("model", model, inputs), batch)
+            if deployed not in self._deployed:  # fused, its format chosen, once for all plans
+                self._deployed[deployed] = fuse(model, x, check=False, memory_format="auto")
+            dense = self._deployed[deployed]
             small = fuse(structure(model, plan), x, check=False, memory_format="auto")
             d, p = compare_latency(dense, small, x, warmup=self.warmup, repeats=repeats)
             times[str(batch)] = [d.median_ms, p.median_ms]

@@ -590,7 +590,7 @@ class _Chooser:
         return self.clock.ratio(chosen)
 
     def __call__(self, budget) -> dict[str, Candidate]:
-        self.cost = {}
+        self.cost, self.speed = {}, {}
         if budget is None:
             if self.limit is not None:
                 for n, layer in self.layers.items():
@@ -603,7 +603,6 @@ class _Chooser:
         cands = {n: [*layer.cands, layer.dense] for n, layer in self.layers.items()}
         chosen = allocate({n: pareto(c, self.kind) for n, c in cands.items()}, self.kind,
                           budget, self.fixed)
-        self.speed = {}
         if self.limit is None:
             return chosen
 
