@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rankcut.data import find_data_root, load_conv_kernels
+from rankcut.models import PRETRAINED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def resnet20_weights(shared_data) -> Path:
     """The pretrained CIFAR-10 ResNet-20 (akamaster) weights file; the test skips without it."""
-    path = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    path = shared_data / PRETRAINED["resnet20_cifar"]
     if not path.is_file():
         pytest.skip(f"pretrained ResNet-20 weights not found at {path}")
     return path

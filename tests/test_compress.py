@@ -1,5 +1,7 @@
 """rankcut.compress schedules (one_shot, layerwise, multistage) and rankcut.transfer."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,71 @@ def test_models_with_cp_layers_fine_tune_at_the_cp_rate_unless_told(trained):
     svd = rc.compress(model, data[0][:1], method="svd", rank=4, train_data=data, steps=2,
                       plan_options=PLAN, finetune_options=tune)
     assert svd.stages[0]["train"]["lr"] is None  # finetune's own default
+
+
+def _stop_at(step):
+    return lambda info: info["step"] >= step
+
+
+def _forbid(monkeypatch, *names):
+    """Make rankcut.compress's planning (``"plan"``) or fitting (``"apply"``) fail if called."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed run planned or fitted again")
+
+    module = importlib.import_module("rankcut.compress")
+    for name in names:
+        monkeypatch.setattr(*((module._Job, "plan") if name == "plan" else (module, name)),
+                            refuse)
+
+
+def test_one_shot_resumes_without_planning_or_fitting_again(trained, tmp_path, monkeypatch):
+    """Killed mid fine-tuning and resumed, one_shot ends with the weights of a run never
+    stopped, reading its plan and factorized model back instead of making them again."""
+    model, data = trained
+    x = data[0][:1]
+    args = dict(target="macs=2x", train_data=data, steps=12, val_data=data, plan_options=PLAN)
+    whole = rc.compress(model, x, finetune_options={**TUNE, "checkpoint_dir": tmp_path / "a"},
+                        **args)
+    ckpt = {**TUNE, "checkpoint_dir": tmp_path / "b", "checkpoint_every": 4, "resume": True}
+    rc.compress(model, x, finetune_options={**ckpt, "callback": _stop_at(6)}, **args)
+    assert (tmp_path / "b" / "start" / "plan.json").is_file()
+    _forbid(monkeypatch, "plan", "apply")
+    resumed = rc.compress(model, x, finetune_options=ckpt, **args)
+    stage = resumed.stages[0]
+    assert stage["resumed"] and stage["train"]["steps"] == 12
+    assert stage["val_before"]["top1"] == whole.stages[0]["val_before"]["top1"]
+    assert stage["val"]["loss"] < stage["val_before"]["loss"]
+    assert resumed.plan.to_dict()["layers"] == whole.plan.to_dict()["layers"]
+    for (k, v), w in zip(resumed.model.state_dict().items(), whole.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_resuming_with_another_plan_is_refused(trained, tmp_path):
+    model, data = trained
+    x = data[0][:1]
+    opts = {**TUNE, "checkpoint_dir": tmp_path, "resume": True}
+    first = rc.compress(model, x, target="macs=2x", train_data=data, steps=2, plan_options=PLAN,
+                        finetune_options=opts)
+    other = rc.plan(model, x, method="svd", rank=2, **PLAN)
+    assert other.to_dict()["layers"] != first.plan.to_dict()["layers"]
+    with pytest.raises(ValueError, match="another plan"):
+        rc.compress(model, x, plan=other, train_data=data, steps=2, finetune_options=opts)
+
+
+def test_layerwise_resumes_each_layer_from_its_own_checkpoints(trained, tmp_path,
+                                                               monkeypatch):
+    model, data = trained
+    x = data[0][:1]
+    args = dict(method="svd", rank=4, schedule="layerwise", train_data=data, steps_per_layer=3,
+                steps=4, plan_options=PLAN)
+    opts = {**TUNE, "checkpoint_dir": tmp_path, "resume": True}
+    first = rc.compress(model, x, finetune_options=opts, **args)
+    names = list(first.plan.active)
+    assert sorted(p.name for p in tmp_path.glob("layer-*")) == [
+        f"layer-{i}" for i in range(1, len(names) + 1)]
+    _forbid(monkeypatch, "plan")
+    again = rc.compress(model, x, finetune_options=opts, **args)
+    for (k, v), w in zip(again.model.state_dict().items(), first.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(v, w), k

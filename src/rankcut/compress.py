@@ -24,13 +24,17 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .atomic import atomic_path
 from .calibrate import calibration_batches, reestimate_batchnorm
 from .defaults import COMPRESS
+from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save
 from .layers import CPConv2d, FactorizedLayer
 from .plans import Plan
 from .select import parse_target
@@ -47,6 +51,21 @@ SCHEDULES = ("one_shot", "layerwise", "multistage")
 CP_SGD_LR = 1e-3
 # Training examples that BatchNorm statistics are re-estimated on after factorization.
 BN_SAMPLES = 2048
+# With checkpoints, the subfolder of checkpoint_dir that keeps one_shot's factorized model as it
+# was before fine-tuning (rc.save's plan.json + model.safetensors), for resume=True.
+START = "start"
+
+
+def _layers(plan: Plan) -> dict:
+    return {n: (lp.method, tuple(lp.ranks), lp.form) for n, lp in plan.active.items()}
+
+
+def default_lr(model: nn.Module, optimizer="sgd") -> float | None:
+    """The learning rate rankcut fine-tunes ``model`` at when none is given: ``CP_SGD_LR`` for
+    SGD on a model with CP layers, else None (:func:`rankcut.train.finetune`'s own default)."""
+    if optimizer == "sgd" and any(isinstance(m, CPConv2d) for m in model.modules()):
+        return CP_SGD_LR
+    return None
 
 
 @dataclass
@@ -73,6 +92,24 @@ def densify(model: nn.Module) -> nn.Module:
     for name in names:
         set_submodule(out, name, out.get_submodule(name).to_dense())
     return out
+
+
+def _write_plan(plan: Plan, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(plan.to_json() + "\n")
+
+
+def _on_first_process(fn) -> None:
+    """``fn()`` on rank 0 only when running distributed (the others wait for it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        fn()
+        return
+    if dist.get_rank() == 0:
+        fn()
+    dist.barrier()
 
 
 def _agreed(fn) -> Plan:
@@ -119,12 +156,20 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         distill: fine-tune with the original model as teacher (knowledge distillation).
         transform: applied to every input batch when training and evaluating (e.g. the
             normalisation the weights expect).
-        val_data, min_accuracy: ``multistage`` evaluates each round on ``val_data`` and stops
-            when its top-1 (percent) falls below ``min_accuracy``.
+        val_data, min_accuracy: every schedule evaluates its result on ``val_data`` (a stage's
+            ``"val"``; ``one_shot`` also before fine-tuning, ``"val_before"``); ``multistage``
+            evaluates each round and stops when its top-1 (percent) falls below
+            ``min_accuracy``.
         plan_options: more keyword arguments for :func:`rankcut.plan` (``allow_slower``,
             ``rank_multiple``, ``include``, ``exclude``, ``options``, ...).
         finetune_options: more keyword arguments for :func:`rankcut.train.finetune` (``lr``,
-            ``batch_size``, ``optimizer``, ``checkpoint_dir``, ``log``, ...).
+            ``batch_size``, ``optimizer``, ``checkpoint_dir``, ``log``, ...). With
+            ``checkpoint_dir`` every stage can be resumed (``resume=True``): the plan is stored
+            there (``plan.json``; ``one_shot``'s in ``start/``, a round's in ``round-<i>/``)
+            and reused rather than made again; ``one_shot`` also keeps its factorized model
+            from before fine-tuning in ``start/``, so a resumed run neither plans nor fits
+            again; each ``layerwise`` layer and ``multistage`` round trains with its
+            checkpoints in its own subfolder (``layer-<i>/``, ``round-<i>/``).
         sequential: fit each layer, in the order they run, to the inputs the factorized
             layers before it give it, with the dense layer's outputs as its target
             (:func:`rankcut.apply`'s ``sequential``); default: on with ``calib_data``.
@@ -174,12 +219,12 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
                                            max_batches=max_batches, progress=progress,
                                            **(plan_options or {})),
                train_data, distill, transform, dict(finetune_options or {}), progress,
-               reestimate_bn, sequential)
+               reestimate_bn, sequential, val_data)
     if schedule == "one_shot":
         return job.one_shot(plan, target, epochs, steps)
     if schedule == "layerwise":
         return job.layerwise(plan, target, steps_per_layer, epochs, steps)
-    return job.multistage(target, rounds, epochs, steps, val_data, min_accuracy)
+    return job.multistage(target, rounds, epochs, steps, min_accuracy)
 
 
 def _check_options(options, fn, what: str, taken: set[str]) -> None:
@@ -200,7 +245,8 @@ def _check_options(options, fn, what: str, taken: set[str]) -> None:
 
 class _Job:
     def __init__(self, model, example_inputs, plan_kwargs, train_data, distill, transform,
-                 finetune_options, progress, reestimate_bn=False, sequential=False):
+                 finetune_options, progress, reestimate_bn=False, sequential=False,
+                 val_data=None):
         self.model, self.x = model, example_inputs
         self.plan_kwargs = plan_kwargs
         self.train_data, self.transform = train_data, transform
@@ -209,6 +255,39 @@ class _Job:
         self.progress = progress
         self.reestimate_bn = reestimate_bn
         self.sequential = sequential
+        self.val_data = val_data
+        ckpt = self.finetune_options.get("checkpoint_dir")
+        self.folder = None if ckpt is None else Path(ckpt)
+        self.resume = bool(self.finetune_options.get("resume"))
+
+    # ---- resuming: what each stage starts from is kept beside its training checkpoint -------
+    def stored_plan(self, folder: Path | None, plan: Plan | None, make) -> Plan:
+        """``plan``, or the one a resumed run stored in ``folder``, else ``make()`` (stored
+        there when training checkpoints are kept, so a resumed run factorizes the same layers
+        at the same ranks: a plan timed on the machine can differ between two calls)."""
+        path = None if folder is None else folder / PLAN_FILE
+        if path is not None and self.resume and path.is_file():
+            stored = load_plan(path)
+            if plan is not None and _layers(plan) != _layers(stored):
+                raise ValueError(f"resume: {path} holds another plan than the one given; "
+                                 "resume with the same plan, or use a fresh checkpoint_dir")
+            return stored
+        plan = plan if plan is not None else make()
+        if path is not None:
+            _on_first_process(lambda: _write_plan(plan, path))
+        return plan
+
+    def checkpointed(self, name: str | None) -> dict:
+        """Fine-tuning options whose checkpoints go to the stage's own subfolder ``name`` of
+        ``checkpoint_dir`` (None: the folder itself), so stages do not resume each other's."""
+        options = dict(self.finetune_options)
+        if self.folder is not None and name is not None:
+            options["checkpoint_dir"] = str(self.folder / name)
+        return options
+
+    def validate(self, model, stage: dict, key: str = "val") -> None:
+        if self.val_data is not None:
+            stage[key] = evaluate(model, self.val_data, transform=self.transform)
 
     def repair_bn(self, model) -> dict | None:
         """BatchNorm statistics recomputed on training examples (see ``reestimate_bn``)."""
@@ -223,60 +302,84 @@ class _Job:
         return _agreed(lambda: make_plan(model or self.model, self.x, target=target,
                                          **self.plan_kwargs))
 
-    def tune(self, model, epochs=None, steps=None) -> dict | None:
+    def tune(self, model, epochs=None, steps=None, folder: str | None = None) -> dict | None:
         if self.train_data is None or (epochs is None and steps is None):
             return None
-        options = dict(self.finetune_options)
-        if "lr" not in options and options.get("optimizer", "sgd") == "sgd" and any(
-                isinstance(m, CPConv2d) for m in model.modules()):
-            options["lr"] = CP_SGD_LR
+        options = self.checkpointed(folder)
+        if "lr" not in options:
+            lr = default_lr(model, options.get("optimizer", "sgd"))
+            if lr is not None:
+                options["lr"] = lr
+        start = time.perf_counter()
         result = finetune(model, self.train_data, epochs=epochs, steps=steps,
                           teacher=self.teacher, transform=self.transform, **options)
-        return {"steps": result.steps, "final": result.final, "lr": options.get("lr")}
+        return {"steps": result.steps, "final": result.final, "lr": options.get("lr"),
+                "seconds": round(time.perf_counter() - start, 1)}
 
     def one_shot(self, plan, target, epochs, steps) -> CompressResult:
-        plan = plan or self.plan(target)
-        small = apply(self.model, plan, calib_data=self.plan_kwargs["calib_data"],
-                      max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
-                      sequential=self.sequential)
-        stage = {"stage": "one_shot", "layers": list(plan.active),
-                 "reestimated_bn": self.repair_bn(small)}
+        tuning = self.train_data is not None and (epochs is not None or steps is not None)
+        folder = self.folder / START if self.folder is not None and tuning else None
+        start = time.perf_counter()
+        if folder is not None and self.resume and (folder / WEIGHTS_FILE).is_file():
+            # resumed: the factorized model as it was before fine-tuning (plan, weights, and
+            # the BatchNorm statistics), not planned and fitted again
+            plan = self.stored_plan(folder, plan, None)
+            small = load(self.model, folder)
+            stage = {"stage": "one_shot", "layers": list(plan.active), "resumed": True}
+        else:
+            plan = self.stored_plan(folder, plan, lambda: self.plan(target))
+            small = apply(self.model, plan, calib_data=self.plan_kwargs["calib_data"],
+                          max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
+                          sequential=self.sequential)
+            stage = {"stage": "one_shot", "layers": list(plan.active),
+                     "reestimated_bn": self.repair_bn(small)}
+            if folder is not None:
+                _on_first_process(lambda: save(small, folder, plan=plan))
+        stage["seconds"] = round(time.perf_counter() - start, 1)
+        if tuning:
+            self.validate(small, stage, "val_before")
         stage["train"] = self.tune(small, epochs, steps)
+        self.validate(small, stage)
         return CompressResult(small, plan, [stage])
 
     def layerwise(self, plan, target, steps_per_layer, epochs, steps) -> CompressResult:
-        plan = plan or self.plan(target)
+        plan = self.stored_plan(self.folder, plan, lambda: self.plan(target))
         small = copy.deepcopy(self.model)
         stages = []
-        for name, lp in plan.active.items():  # the plan lists layers in module (forward) order
+        # the plan lists layers in module (forward) order; each layer's fine-tuning keeps its
+        # checkpoints in its own subfolder: a resumed run factorizes each layer again (the same
+        # fit, from the same weights) and reads its finished fine-tuning back
+        for i, (name, lp) in enumerate(plan.active.items(), 1):
             apply(small, Plan({name: lp}), inplace=True,
                   calib_data=self.plan_kwargs["calib_data"],
                   max_batches=self.plan_kwargs["max_batches"], sequential=False)
             stages.append({"stage": f"layer {name}", "layers": [name],
-                           "train": self.tune(small, None, steps_per_layer)})
+                           "train": self.tune(small, None, steps_per_layer, f"layer-{i}")})
         final = {"stage": "final", "layers": [], "reestimated_bn": self.repair_bn(small)}
         if epochs is not None or steps is not None:
             final["train"] = self.tune(small, epochs, steps)
-        if final["reestimated_bn"] or "train" in final:
+        self.validate(small, final)
+        if final["reestimated_bn"] or "train" in final or "val" in final:
             stages.append(final)
         return CompressResult(small, plan, stages)
 
-    def multistage(self, target, rounds, epochs, steps, val_data, min_accuracy):
+    def multistage(self, target, rounds, epochs, steps, min_accuracy):
         kind, fraction = parse_target(target)
         current, accepted, stages = self.model, None, []
         for i in range(1, rounds + 1):
             keep = math.exp(math.log(fraction) * i / rounds)
             round_target = f"{kind}={keep:.6g}" if keep < 1 else None
             view = densify(current)
-            plan = self.plan(round_target, model=view)
+            folder = None if self.folder is None else self.folder / f"round-{i}"
+            plan = self.stored_plan(folder, None,
+                                    lambda v=view, t=round_target: self.plan(t, model=v))
             small = apply(view, plan, calib_data=self.plan_kwargs["calib_data"],
                           max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
-                      sequential=self.sequential)
+                          sequential=self.sequential)
             stage = {"stage": f"round {i}", "target": round_target,
                      "layers": list(plan.active), "reestimated_bn": self.repair_bn(small),
-                     "train": self.tune(small, epochs, steps)}
-            if val_data is not None:
-                stage["val"] = evaluate(small, val_data, transform=self.transform)
+                     "train": self.tune(small, epochs, steps, f"round-{i}")}
+            self.validate(small, stage)
             stages.append(stage)
             if min_accuracy is not None and stage["val"]["top1"] < min_accuracy:
                 stage["stopped"] = (f"top-1 {stage['val']['top1']:.2f}% < min_accuracy "

@@ -56,6 +56,28 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+# The pretrained weights in the project's shared data folder (``rankcut.data.find_data_root()``:
+# $RANKCUT_DATA, else ../shared/data), relative to it; the one place that names these files.
+PRETRAINED: dict[str, str] = {
+    "resnet20_cifar": "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th",
+    "resnet56_cifar": "weights/resnet_cifar10_akamaster/resnet56-4bfd9763.th",
+    "vgg11_bn_cifar": "weights/vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors",
+}
+
+
+def pretrained_path(name: str, root: str | os.PathLike) -> Path:
+    """The file of model ``name``'s pretrained weights under the data folder ``root``
+    (``PRETRAINED``); FileNotFoundError when that folder does not hold it."""
+    if name not in PRETRAINED:
+        raise ValueError(f"model: no pretrained weights are known for {name!r}; known: "
+                         f"{', '.join(PRETRAINED)}")
+    path = Path(root) / PRETRAINED[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"weights: {path} not found (the pretrained {name} of the "
+                                "shared data folder; rankcut never downloads weights)")
+    return path
+
+
 def torchvision_names() -> list[str]:
     """The classification models torchvision builds by name (``get_model``)."""
     import torchvision
@@ -260,6 +282,7 @@ __all__ = [
     "CIFAR10_STATS",
     "IMAGENET_STATS",
     "NORMALIZATION",
+    "PRETRAINED",
     "REGISTRY",
     "WEIGHT_FORMATS",
     "CifarResNet",
@@ -270,6 +293,7 @@ __all__ = [
     "first_non_finite",
     "normalization",
     "normalizer",
+    "pretrained_path",
     "read_state_dict",
     "torchvision_names",
 ]

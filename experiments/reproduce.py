@@ -1,0 +1,262 @@
+"""Reproduce a founding document's result: compress, fine-tune on real data, measure; every run
+resumable. One config file (YAML, under experiments/configs/) names the runs; one command runs
+them in turn, each in its own folder, and picks up where a killed run stopped:
+
+    .venv/bin/python experiments/reproduce.py experiments/configs/mtd_vgg11.yaml
+        [--only NAME ...] [--runs-dir runs] [--threads N] [--device cpu|cuda]
+        [--summary]                       # only print the table of the finished runs
+
+A config is a mapping of settings shared by its runs plus ``runs:``, a mapping from run name to
+the settings it changes (see ``SETTINGS`` for every key and its default). Each run is one
+``rankcut.compress`` call: plan (stored), apply (stored, before fine-tuning), fine-tune with
+checkpoints every ``checkpoint_every`` steps, ``resume=True``; then top-1 on the test split
+before and after fine-tuning, params and MACs against the dense model. Rerunning the command
+skips finished runs (their ``result.json``) and resumes the others exactly (rankcut.compress's
+checkpoints; see docs/compress.md). A run's ``export: results/NAME`` writes the fine-tuned model
+there with ``rc.save`` (float16 weights when that keeps top-1 on the test split within 0.1 point;
+``rc.load(rankcut.models.create(MODEL), FOLDER)`` reads it back as float32).
+
+Data and pretrained weights come from the shared data folder ($RANKCUT_DATA, else
+../shared/data); nothing is downloaded. CIFAR-10's test split there is images 0..1016.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import rankcut as rc
+from rankcut import data as D
+from rankcut.atomic import atomic_path
+from rankcut.models import PRETRAINED, create, pretrained_path
+from rankcut.profile import count_macs, count_params
+from rankcut.train import evaluate
+
+# Every key a config (or a run) may set, with its default.
+SETTINGS = {
+    "model": None,            # a rankcut.models name (required)
+    "weights": "pretrained",  # "pretrained" (rankcut.models.PRETRAINED) or a file
+    "data": "cifar10",
+    "calib": 1024,            # calibration images, drawn from the training split (eval transform)
+    "method": "auto",
+    "rank": None,
+    "target": None,
+    "schedule": "one_shot",
+    "steps_per_layer": None,  # layerwise
+    "sequential": None,       # rc.compress's default: on with calibration data
+    "allow_slower": True,     # the latency guard is off: the targets here are params and MACs
+    "plan_options": {},       # more rc.plan keyword arguments
+    "epochs": None,
+    "steps": None,
+    "lr": None,               # None: rankcut's default (1e-3 for SGD on models with CP layers)
+    "batch_size": 128,
+    "distill": True,
+    "finetune_options": {},   # more rankcut.train.finetune keyword arguments
+    "checkpoint_every": 100,  # optimizer steps between checkpoints
+    "seed": 0,
+    "export": None,           # a results/ folder to save the fine-tuned model into
+    "note": "",               # printed in the summary
+}
+RESULT = "result.json"
+
+
+def settings_of(config: dict, name: str) -> dict:
+    """The settings of run ``name``: the config's shared keys, then the run's own."""
+    shared = {k: v for k, v in config.items() if k != "runs"}
+    own = config["runs"][name] or {}
+    for where, keys in (("config", shared), (f"run {name!r}", own)):
+        unknown = sorted(set(keys) - set(SETTINGS))
+        if unknown:
+            raise SystemExit(f"{where}: unknown keys {unknown}; known: {', '.join(SETTINGS)}")
+    merged = {**SETTINGS, **shared, **own}
+    if not merged["model"]:
+        raise SystemExit(f"run {name!r}: no model")
+    return merged
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class _Wall:
+    """Wall time of a run summed over the invocations that worked on it (a killed invocation
+    counts up to its last update, at most ``every`` steps before it died)."""
+
+    def __init__(self, folder: Path, every: int = 20):
+        self.path = folder / "wall.json"
+        self.before = json.loads(self.path.read_text())["seconds"] if self.path.is_file() else 0.0
+        self.start = time.perf_counter()
+        self.every = every
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def save(self) -> None:
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({"seconds": round(self.seconds(), 1)}))
+
+    def callback(self, info) -> bool:
+        if info["step"] % self.every == 0:
+            self.save()
+        return False
+
+
+def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    wall = _Wall(folder)
+    torch.manual_seed(s["seed"])
+    weights = (pretrained_path(s["model"], root) if s["weights"] == "pretrained"
+               else Path(s["weights"]))
+    model = create(s["model"], weights=weights).eval()
+    norm = s["model"]
+    train = D.dataset(s["data"], "train", root=root,
+                      transform=D.transforms(s["data"], train=True, normalization=norm))
+    plain = D.with_transform(train, D.transforms(s["data"], train=False, normalization=norm))
+    test = D.dataset(s["data"], "test", root=root,
+                     transform=D.transforms(s["data"], train=False, normalization=norm))
+    calib = D.calibration(plain, n=s["calib"], seed=s["seed"]) if s["calib"] else None
+    x = test[0][0].unsqueeze(0)
+    dense = evaluate(model, test)
+    tune = {"batch_size": s["batch_size"], "checkpoint_dir": str(folder / "checkpoints"),
+            "resume": True, "checkpoint_every": s["checkpoint_every"], "seed": s["seed"],
+            "log": str(folder / "train.jsonl"), "progress": False, "device": device,
+            "callback": wall.callback, **s["finetune_options"]}
+    if s["lr"] is not None:
+        tune["lr"] = s["lr"]
+    tuning = s["epochs"] is not None or s["steps"] is not None or s["steps_per_layer"]
+    print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {s['method']} "
+          f"{s['target'] or s['rank']}, {s['schedule']}, "
+          f"{s['epochs'] or 0} epoch(s) / {s['steps'] or 0} step(s)", flush=True)
+    result = rc.compress(
+        model, x, method=s["method"], rank=s["rank"], target=s["target"],
+        schedule=s["schedule"], calib_data=calib, train_data=train if tuning else None,
+        epochs=s["epochs"], steps=s["steps"], steps_per_layer=s["steps_per_layer"],
+        val_data=test, distill=s["distill"], sequential=s["sequential"],
+        plan_options={"allow_slower": s["allow_slower"], **s["plan_options"]},
+        finetune_options=tune, progress=False)
+    small = result.model.cpu().eval()
+    final = result.stages[-1]
+    before = result.stages[0].get("val_before") or final.get("val")
+    out = {
+        "name": name, "model": s["model"], "method": s["method"], "target": s["target"],
+        "rank": s["rank"], "schedule": s["schedule"], "epochs": s["epochs"],
+        "steps": s["steps"], "steps_per_layer": s["steps_per_layer"],
+        "dense_top1": dense["top1"], "before_top1": before["top1"],
+        "after_top1": final["val"]["top1"], "test_images": dense["n"],
+        "params": count_params(small), "dense_params": count_params(model),
+        "macs": count_macs(small, x), "dense_macs": count_macs(model, x),
+        "layers": {m: sum(lp.method == m for lp in result.plan.active.values())
+                   for m in sorted({lp.method for lp in result.plan.active.values()})},
+        "lr": next((st["train"]["lr"] for st in result.stages if st.get("train")), None),
+        "resumed": bool(result.stages[0].get("resumed")),
+        "wall_s": round(wall.seconds(), 1), "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "device": device,
+        "machine": f"{platform.machine()}, {platform.processor() or platform.node()}",
+        "note": s["note"],
+    }
+    out["params_x"] = out["dense_params"] / out["params"]
+    out["macs_x"] = out["dense_macs"] / out["macs"]
+    rc.save(small, folder / "model", plan=result.plan)
+    if s["export"]:
+        out["export"] = export(small, result.plan, s["model"], Path(s["export"]), test,
+                               out["after_top1"])
+    wall.save()
+    with atomic_path(folder / RESULT) as tmp:
+        tmp.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def export(small, plan, model_name: str, folder: Path, test, top1: float) -> dict:
+    """Save ``small`` into ``folder`` (a results/ entry): with float16 weights when that keeps
+    top-1 on ``test`` within 0.1 point of ``top1`` (float32's), else float32; then load it back
+    as a user would, ``rc.load(create(model_name), folder)``, and measure it again."""
+    half = copy.deepcopy(small).half()
+    top1_half = evaluate(copy.deepcopy(half).float(), test)["top1"]
+    keep = abs(top1_half - top1) <= 0.1
+    rc.save(half if keep else small, folder, plan=plan)
+    loaded = evaluate(rc.load(create(model_name), folder), test)["top1"]
+    return {"folder": str(folder), "dtype": "float16" if keep else "float32",
+            "top1_float16": top1_half, "top1_loaded": loaded}
+
+
+def summary(rows: list[dict]) -> str:
+    head = ("| run | method | target | params x | MACs x | dense % | before % | after % | "
+            "epochs | wall min | commit |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['target'] or r['rank']} | "
+            f"{r['params_x']:.1f} | {r['macs_x']:.2f} | {r['dense_top1']:.2f} | "
+            f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | "
+            f"{r['epochs'] if r['epochs'] is not None else r['steps']} | "
+            f"{r['wall_s'] / 60:.0f} | {r['commit']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--only", nargs="+", help="run only these runs of the config")
+    parser.add_argument("--runs-dir", default="runs", help="where each run's folder goes")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the table of the finished runs and stop")
+    args = parser.parse_args()
+    config_path = Path(args.config)
+    config = yaml.safe_load(config_path.read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("runs"), dict):
+        raise SystemExit(f"{config_path}: expected a mapping with a 'runs:' mapping")
+    names = args.only or list(config["runs"])
+    missing = [n for n in names if n not in config["runs"]]
+    if missing:
+        raise SystemExit(f"--only: no runs {missing} in {config_path}; it has "
+                         f"{', '.join(config['runs'])}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = Path(args.runs_dir) / config_path.stem
+    rows = []
+    if not args.summary:
+        root = D.find_data_root()
+        if root is None:
+            raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "
+                             "../shared/data")
+        for name in names:
+            s = settings_of(config, name)
+            if s["weights"] == "pretrained" and s["model"] not in PRETRAINED:
+                raise SystemExit(f"run {name!r}: no pretrained weights for {s['model']}")
+            if (base / name / RESULT).is_file():
+                print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
+                continue
+            start = time.perf_counter()
+            r = run(name, s, base / name, root, args.device)
+            print(f"[{name}] {r['params_x']:.1f}x params, {r['macs_x']:.2f}x MACs: "
+                  f"{r['before_top1']:.2f}% -> {r['after_top1']:.2f}% "
+                  f"(dense {r['dense_top1']:.2f}%), {(time.perf_counter() - start) / 60:.1f} "
+                  "min in this invocation", flush=True)
+    for name in names:
+        path = base / name / RESULT
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+    print(summary(rows))
+    if rows:
+        (base / "summary.md").write_text(summary(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""experiments/reproduce.py: a config's runs end in result.json and a loadable results folder,
+and a finished run is not run again. On the real data (skipped without it)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import rankcut as rc
+from rankcut import data as D
+from rankcut.models import create
+from rankcut.train import evaluate
+
+from .conftest import REPO
+
+CONFIG = """
+model: resnet20_cifar
+method: svd
+rank: 8
+calib: 32
+steps: 3
+batch_size: 8
+checkpoint_every: 2
+runs:
+  tiny:
+    export: {export}
+"""
+
+
+def reproduce(config, runs, env):
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),
+                           str(config), "--runs-dir", str(runs), "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_data, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    export = tmp_path / "results" / "tiny"
+    config.write_text(CONFIG.format(export=export))
+    env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
+    done = reproduce(config, tmp_path / "runs", env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / "result.json").read_text())
+    assert result["params"] < result["dense_params"] and result["macs_x"] > 1
+    assert set(result["layers"]) == {"svd"}
+    assert 0 < result["before_top1"] <= 100 and 0 < result["after_top1"] <= 100
+    assert result["test_images"] == 1017
+    # the exported folder is what a user loads from the model's name alone
+    test = D.dataset("cifar10", "test", root=shared_data,
+                     transform=D.transforms("cifar10", train=False,
+                                            normalization="resnet20_cifar"))
+    loaded = rc.load(create("resnet20_cifar"), export)
+    assert evaluate(loaded, test)["top1"] == result["export"]["top1_loaded"]
+    assert abs(result["export"]["top1_loaded"] - result["after_top1"]) <= 0.1
+    stamp = (tmp_path / "runs" / "tiny" / "tiny" / "result.json").stat().st_mtime_ns
+    again = reproduce(config, tmp_path / "runs", env)
+    assert again.returncode == 0 and "finished earlier" in again.stdout
+    assert (tmp_path / "runs" / "tiny" / "tiny" / "result.json").stat().st_mtime_ns == stamp
+    assert "| tiny | svd | 8 |" in again.stdout
