@@ -27,6 +27,7 @@ from tensorly.decomposition import parafac, partial_tucker
 
 import rankcut as rc
 from rankcut.data import find_data_root, load_conv_kernels
+from rankcut.models import PRETRAINED
 
 warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
 
@@ -35,8 +36,8 @@ def load_cases():
     root = find_data_root()
     resnet = vgg = None
     if root is not None:
-        resnet_file = root / "weights/resnet_cifar10_akamaster/resnet56-4bfd9763.th"
-        vgg_file = root / "weights/vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors"
+        resnet_file = root / PRETRAINED["resnet56_cifar"]
+        vgg_file = root / PRETRAINED["vgg11_bn_cifar"]
         if resnet_file.is_file():
             resnet = [k for k in load_conv_kernels(resnet_file).values() if k.shape[2:] == (3, 3)]
         if vgg_file.is_file():

@@ -39,23 +39,20 @@ import torch
 import rankcut as rc
 from _common import commit
 from rankcut.data import find_data_root
-from rankcut.models import create
+from rankcut.models import PRETRAINED, create
 from rankcut.profile import compare_latency, count_macs, with_batch
 from rankcut.select import LatencyTable, parse_target
 from rankcut.surgery import structure
 
-CIFAR = {"resnet20_cifar": "resnet_cifar10_akamaster/resnet20-12fca82f.th",
-         "resnet56_cifar": "resnet_cifar10_akamaster/resnet56-4bfd9763.th",
-         "vgg11_bn_cifar": "vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors"}
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2"]
 TARGETS = ["macs=2x", "macs=4x", "latency=1.5x", "latency=2x"]
 
 
 def load(name: str):
     """(model in eval mode, one 3xHxW input, where its weights came from)."""
-    if name in CIFAR:
+    if name in PRETRAINED:
         root = find_data_root()
-        path = None if root is None else root / "weights" / CIFAR[name]
+        path = None if root is None else root / PRETRAINED[name]
         if path is not None and path.exists():
             return create(name, weights=path).eval(), torch.rand(1, 3, 32, 32), "pretrained"
         return create(name).eval(), torch.rand(1, 3, 32, 32), "random"
@@ -106,8 +103,8 @@ def timings(dense, small, x, engines, warmup, repeats) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=[*CIFAR, *TORCHVISION],
-                        choices=[*CIFAR, *TORCHVISION])
+    parser.add_argument("--models", nargs="+", default=[*PRETRAINED, *TORCHVISION],
+                        choices=[*PRETRAINED, *TORCHVISION])
     parser.add_argument("--targets", nargs="+", default=TARGETS)
     parser.add_argument("--guard", nargs="+", default=["on"], choices=["on", "off"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])

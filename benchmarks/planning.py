@@ -34,13 +34,10 @@ from scipy.stats import spearmanr
 
 import rankcut as rc
 from _common import cifar_test_and_calib, commit
-from rankcut.models import create, normalizer
+from rankcut.models import PRETRAINED, create, normalizer, pretrained_path
 from rankcut.profile import count_macs, count_params, layer_macs, top1_accuracy
 from rankcut.select import parse_target
 
-WEIGHTS = {"resnet20_cifar": "resnet_cifar10_akamaster/resnet20-12fca82f.th",
-           "resnet56_cifar": "resnet_cifar10_akamaster/resnet56-4bfd9763.th",
-           "vgg11_bn_cifar": "vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors"}
 ROWS = ["tucker uniform", "tucker vbmf", "auto", "auto+data"]
 TARGETS = ["macs=1.5x", "macs=2x", "macs=3x", "macs=4x", "params=4x", "params=8x",
            "params=16x"]
@@ -78,7 +75,8 @@ def make_plan(model, x, row, target, calib, guard, rank_multiple=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(WEIGHTS), choices=sorted(WEIGHTS))
+    parser.add_argument("--models", nargs="+", default=list(PRETRAINED),
+                        choices=sorted(PRETRAINED))
     parser.add_argument("--targets", nargs="+", default=TARGETS)
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW")
     parser.add_argument("--guard", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -111,7 +109,7 @@ def main():
     for name in args.models:
         norm = normalizer(name)
         calib = [norm(train[i:i + 128]) for i in range(0, len(train), 128)]
-        model = create(name, weights=root / "weights" / WEIGHTS[name]).eval()
+        model = create(name, weights=pretrained_path(name, root)).eval()
         macs, params = count_macs(model, x), count_params(model)
         dense = top1_accuracy(model, images, labels, transform=norm)
         print(f"\n{name}: {dense:.2f}% top-1, {macs:,} MACs, {params:,} params", flush=True)

@@ -25,10 +25,8 @@ import rankcut as rc
 from rankcut import data as D
 from rankcut.calibrate import reestimate_batchnorm
 from rankcut.data import find_data_root, read_cifar10_bin
-from rankcut.models import create, normalizer
+from rankcut.models import create, normalizer, pretrained_path
 from rankcut.profile import count_macs, top1_accuracy
-
-WEIGHTS = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 
 
 def main():
@@ -46,7 +44,7 @@ def main():
     torch.manual_seed(0)
     augment = D.transforms("cifar10", train=True, normalization="resnet20_cifar")
     augmented = [augment(train[i:i + 128]) for i in range(0, 2048, 128)]
-    model = create("resnet20_cifar", weights=root / WEIGHTS).eval()
+    model = create("resnet20_cifar", weights=pretrained_path("resnet20_cifar", root)).eval()
     x = torch.rand(1, 3, 32, 32)
 
     def top1(m):

@@ -12,7 +12,7 @@ from rankcut import decompose as dec
 from rankcut.calibrate import input_second_moments
 from rankcut.curves import output_error
 from rankcut.layers.conv import _channel_moment
-from rankcut.models import create
+from rankcut.models import create, pretrained_path
 
 LAYERS = ["layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv2"]
 
@@ -21,8 +21,8 @@ def main():
     root = D.find_data_root()
     if root is None:
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    model = create("resnet20_cifar", weights=root / "weights/resnet_cifar10_akamaster/"
-                   "resnet20-12fca82f.th").eval()
+    model = create("resnet20_cifar",
+                   weights=pretrained_path("resnet20_cifar", root)).eval()
     plain_ds = D.dataset("cifar10", "train", root=root, limit=1024, transform=D.transforms(
         "cifar10", train=False, normalization="resnet20_cifar"))
     covs = input_second_moments(model, LAYERS, D.calibration(plain_ds, n=256))

@@ -18,10 +18,8 @@ import rankcut as rc
 from rankcut.calibrate import input_second_moments
 from rankcut.curves import output_error
 from rankcut.data import find_data_root, read_cifar10_bin
-from rankcut.models import create, normalizer
+from rankcut.models import create, normalizer, pretrained_path
 from rankcut.profile import top1_accuracy
-
-RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 
 
 def main():
@@ -33,7 +31,7 @@ def main():
     root = find_data_root()
     if root is None:
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    model = create("resnet20_cifar", weights=root / RESNET20).eval()
+    model = create("resnet20_cifar", weights=pretrained_path("resnet20_cifar", root)).eval()
     norm = normalizer("resnet20_cifar")
     train, _ = read_cifar10_bin(root, "train", limit=args.calib)
     batches = [norm(train[i:i + 64]) for i in range(0, len(train), 64)]

@@ -19,11 +19,9 @@ import torch
 
 import rankcut as rc
 from rankcut import data as D
-from rankcut.models import create
+from rankcut.models import create, pretrained_path
 from rankcut.profile import compare_latency, count_macs, count_params
 from rankcut.train import evaluate
-
-WEIGHTS = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
 
 
 def main():
@@ -50,7 +48,7 @@ def main():
     test = D.dataset("cifar10", "test", root=root,
                      transform=D.transforms("cifar10", train=False, normalization=norm))
     calib = D.calibration(plain, n=args.calib, seed=0)
-    model = create("resnet20_cifar", weights=root / WEIGHTS).eval()
+    model = create("resnet20_cifar", weights=pretrained_path("resnet20_cifar", root)).eval()
     x = torch.rand(1, 3, 32, 32)
     dense = evaluate(model, test)
     print(f"resnet20_cifar dense: {dense['top1']:.2f}% top-1 on {dense['n']} test images; "

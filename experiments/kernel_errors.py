@@ -20,8 +20,9 @@ import torch
 
 from rankcut import decompose as dec
 from rankcut.data import find_data_root, load_conv_kernels
+from rankcut.models import PRETRAINED
 
-RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+RESNET20 = PRETRAINED["resnet20_cifar"]
 
 
 def load_kernels(data_dir=None) -> tuple[dict[str, torch.Tensor], str]:

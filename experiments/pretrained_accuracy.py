@@ -11,13 +11,7 @@ import time
 import torch
 
 from rankcut import data
-from rankcut.models import create
-
-WEIGHTS = {
-    "resnet20_cifar": "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th",
-    "resnet56_cifar": "weights/resnet_cifar10_akamaster/resnet56-4bfd9763.th",
-    "vgg11_bn_cifar": "weights/vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors",
-}
+from rankcut.models import PRETRAINED, create, pretrained_path
 
 
 def main():
@@ -29,11 +23,11 @@ def main():
     if root is None:
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
     print(f"{'model':<16} {'params':>10} {'top-1 %':>8} {'correct':>10} {'seconds':>8}")
-    for name, file in WEIGHTS.items():
+    for name in PRETRAINED:
         start = time.perf_counter()
         ds = data.dataset("cifar10", "test", root=root,
                           transform=data.transforms("cifar10", train=False, normalization=name))
-        model = create(name, weights=root / file).eval()
+        model = create(name, weights=pretrained_path(name, root)).eval()
         correct = 0
         with torch.no_grad():
             for x, y in data.loader(ds, batch_size=256):

@@ -10,7 +10,7 @@ import torch
 
 import rankcut as rc
 from rankcut.data import find_data_root, read_cifar10_bin
-from rankcut.models import create, normalizer
+from rankcut.models import create, normalizer, pretrained_path
 from rankcut.report import compare
 
 
@@ -18,8 +18,8 @@ def main():
     root = find_data_root()
     if root is None:
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    model = create("resnet20_cifar", weights=root / "weights/resnet_cifar10_akamaster/"
-                   "resnet20-12fca82f.th").eval()
+    model = create("resnet20_cifar",
+                   weights=pretrained_path("resnet20_cifar", root)).eval()
     norm = normalizer("resnet20_cifar")
     images, labels = read_cifar10_bin(root, "test", limit=1000)
     x = norm(images[:8])

@@ -20,15 +20,14 @@ import torch
 
 import rankcut as rc
 from rankcut import data as D
-from rankcut.models import create
+from rankcut.models import create, pretrained_path
 from rankcut.profile import count_macs
-
-WEIGHTS = {"resnet20_cifar": "resnet20-12fca82f.th", "resnet56_cifar": "resnet56-4bfd9763.th"}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet56_cifar", choices=sorted(WEIGHTS))
+    parser.add_argument("--model", default="resnet56_cifar",
+                        choices=["resnet20_cifar", "resnet56_cifar"])
     parser.add_argument("--data", default="fashion_mnist", choices=["mnist", "fashion_mnist"])
     parser.add_argument("--target", default="macs=2x")
     parser.add_argument("--train-limit", type=int, default=10000)
@@ -39,8 +38,7 @@ def main():
     root = D.find_data_root()
     if root is None:
         raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
-    model = create(args.model, weights=root / "weights/resnet_cifar10_akamaster" /
-                   WEIGHTS[args.model]).eval()
+    model = create(args.model, weights=pretrained_path(args.model, root)).eval()
     x = torch.rand(1, 3, 32, 32)
     cifar = D.dataset("cifar10", "train", root=root, limit=2048,
                       transform=D.transforms("cifar10", train=False, normalization=args.model))

@@ -18,7 +18,7 @@ from rankcut.calibrate import (
 )
 from rankcut.data import read_cifar10_bin
 from rankcut.decompose import svd
-from rankcut.models import create
+from rankcut.models import PRETRAINED, create
 
 
 @settings(max_examples=25, deadline=None)
@@ -124,7 +124,7 @@ def test_apply_with_data_aware_plans():
 @pytest.fixture(scope="module")
 def cifar(shared_data):
     folder = shared_data / "cifar10/cifar-10-batches-bin"
-    weights = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    weights = shared_data / PRETRAINED["resnet20_cifar"]
     if not folder.is_dir() or not weights.is_file():
         pytest.skip("CIFAR-10 binary batches or ResNet-20 weights not in the shared data")
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]

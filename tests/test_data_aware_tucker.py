@@ -10,9 +10,7 @@ from rankcut import data
 from rankcut.calibrate import input_second_moments
 from rankcut.decompose import tucker
 from rankcut.layers import TuckerConv2d
-from rankcut.models import create
-
-RESNET20 = "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+from rankcut.models import PRETRAINED, create
 
 
 def correlated_images(channels, count=2, n=8, size=12, seed=0):
@@ -149,7 +147,7 @@ def test_plan_apply_and_save_with_data_aware_tucker(tmp_path):
 
 @pytest.fixture(scope="module")
 def resnet20(shared_data):
-    weights = shared_data / RESNET20
+    weights = shared_data / PRETRAINED["resnet20_cifar"]
     if not weights.is_file() or not (shared_data / "cifar10").is_dir():
         pytest.skip("CIFAR-10 or the ResNet-20 weights not in the shared data")
     evaluate = data.transforms("cifar10", train=False, normalization="resnet20_cifar")

@@ -115,16 +115,13 @@ def test_normalization_by_model():
 # ---------------------------------------------------------------------------------------------
 # pretrained CIFAR-10 models on test images 0..1016, through rankcut.data
 
-PRETRAINED = {  # name: (weights file, top-1 % on test images 0..1016, ../shared/data/README.md)
-    "resnet20_cifar": ("weights/resnet_cifar10_akamaster/resnet20-12fca82f.th", 91.64),
-    "resnet56_cifar": ("weights/resnet_cifar10_akamaster/resnet56-4bfd9763.th", 92.72),
-    "vgg11_bn_cifar": ("weights/vgg_cifar10/vgg11_bn_cifar10_fp16.safetensors", 90.95),
-}
+# top-1 % on test images 0..1016 (../shared/data/README.md) of rankcut.models.PRETRAINED
+TOP1 = {"resnet20_cifar": 91.64, "resnet56_cifar": 92.72, "vgg11_bn_cifar": 90.95}
 
 
-@pytest.mark.parametrize("name", list(PRETRAINED))
+@pytest.mark.parametrize("name", list(TOP1))
 def test_pretrained_accuracy(shared_data, name):
-    file, expected = PRETRAINED[name]
+    file, expected = models.PRETRAINED[name], TOP1[name]
     if not (shared_data / file).is_file():
         pytest.skip(f"{file} not found")
     try:

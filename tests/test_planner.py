@@ -8,7 +8,7 @@ import rankcut as rc
 # These tests check the allocation; timing is tested in test_latency.py (allow_slower=True keeps
 # them independent of the machine's speed).
 from rankcut.decompose._tensor import cp_to_tensor, multi_mode_product
-from rankcut.models import create
+from rankcut.models import PRETRAINED, create
 from rankcut.profile import count_macs, count_params
 from rankcut.select import parse_target
 
@@ -21,7 +21,7 @@ def achieved(model, small, x, kind):
 
 @pytest.fixture(scope="module")
 def resnet20(shared_data):
-    weights = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    weights = shared_data / PRETRAINED["resnet20_cifar"]
     if not weights.is_file():
         pytest.skip(f"pretrained weights not found at {weights}")
     return create("resnet20_cifar", weights=weights).eval()

@@ -430,9 +430,9 @@ def test_distilling_a_compressed_pretrained_resnet20(shared_data):
     """Channel-SVD at rank 16 on layer3 of the pretrained ResNet-20 loses most of its accuracy;
     eight steps of distillation from the original on 512 training images win much of it back."""
     from rankcut.data import read_cifar10_bin
-    from rankcut.models import create, normalizer
+    from rankcut.models import PRETRAINED, create, normalizer
 
-    weights = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    weights = shared_data / PRETRAINED["resnet20_cifar"]
     if not weights.is_file():
         pytest.skip(f"pretrained weights not found at {weights}")
     original = create("resnet20_cifar", weights=weights)

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import rankcut as rc
-from rankcut.models import create
+from rankcut.models import PRETRAINED, create
 
 # Solver options kept small: these tests check plumbing on real layer mixes, not accuracy.
 FAST = {"cp": {"max_iter": 3}, "tucker": {"max_iter": 2}}
@@ -79,7 +79,7 @@ def test_more_torchvision_models_compress_save_load_export(name, method, tmp_pat
 
 
 def test_pretrained_resnet20_compress_save_load_export(shared_data, tmp_path):
-    weights = shared_data / "weights/resnet_cifar10_akamaster/resnet20-12fca82f.th"
+    weights = shared_data / PRETRAINED["resnet20_cifar"]
     if not weights.is_file():
         pytest.skip(f"pretrained weights not found at {weights}")
     model = create("resnet20_cifar", weights=weights).eval()
