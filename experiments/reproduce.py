@@ -64,6 +64,10 @@ SETTINGS = {
     "checkpoint_every": 100,  # optimizer steps between checkpoints
     "seed": 0,
     "export": None,           # a results/ folder to save the fine-tuned model into
+    "match_params": None,     # a finished run of this config: target its parameter count
+    "sensitivity": None,      # seed 000's ranks instead of `method`: {lam, trial_rank, form,
+                              # options} for rankcut.select.sensitivity_plan over every eligible
+                              # conv, to `target` (params=...)
     "note": "",               # printed in the summary
 }
 RESULT = "result.json"
@@ -140,9 +144,11 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {s['method']} "
           f"{s['target'] or s['rank']}, {s['schedule']}, "
           f"{s['epochs'] or 0} epoch(s) / {s['steps'] or 0} step(s)", flush=True)
+    plan = sensitivity(model, s, calib, folder) if s["sensitivity"] else None
     result = rc.compress(
-        model, x, method=s["method"], rank=s["rank"], target=s["target"],
-        schedule=s["schedule"], calib_data=calib, train_data=train if tuning else None,
+        model, x, method=s["method"], rank=None if plan else s["rank"],
+        target=None if plan else s["target"], plan=plan, schedule=s["schedule"],
+        calib_data=calib, train_data=train if tuning else None,
         epochs=s["epochs"], steps=s["steps"], steps_per_layer=s["steps_per_layer"],
         val_data=test, distill=s["distill"], sequential=s["sequential"],
         plan_options={"allow_slower": s["allow_slower"], **s["plan_options"]},
@@ -180,6 +186,29 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     return out
 
 
+def sensitivity(model, s: dict, calib, folder: Path):
+    """Seed 000's plan: CP ranks over every eligible conv by sensitivity (kept in the run's
+    folder, so a resumed run does not measure the sensitivities again)."""
+    from rankcut.select import sensitivity_plan
+    from rankcut.surgery import target_layers
+
+    path = folder / "sensitivity_plan.json"
+    if path.is_file():
+        return rc.load_plan(path)
+    opts = dict(s["sensitivity"])
+    names = [n for n, why in target_layers(model, exclude=torch.nn.Linear).items()
+             if why is None]
+    plan = sensitivity_plan(model, names, calib, target=s["target"], method="cp",
+                            lam=opts.pop("lam", 0.0), trial_rank=opts.pop("trial_rank", 5),
+                            form=opts.pop("form", None), options=opts.pop("options", None))
+    if opts:
+        raise SystemExit(f"sensitivity: unknown keys {sorted(opts)}; known: lam, trial_rank, "
+                         "form, options")
+    with atomic_path(path) as tmp:
+        tmp.write_text(plan.to_json() + "\n")
+    return plan
+
+
 def export(small, plan, model_name: str, folder: Path, test, top1: float) -> dict:
     """Save ``small`` into ``folder`` (a results/ entry): with float16 weights when that keeps
     top-1 on ``test`` within 0.1 point of ``top1`` (float32's), else float32; then load it back
@@ -191,6 +220,19 @@ def export(small, plan, model_name: str, folder: Path, test, top1: float) -> dic
     loaded = evaluate(rc.load(create(model_name), folder), test)["top1"]
     return {"folder": str(folder), "dtype": "float16" if keep else "float32",
             "top1_float16": top1_half, "top1_loaded": loaded}
+
+
+def matched_target(base: Path, name: str, s: dict) -> str:
+    """``params=F``: the fraction of the dense parameters that run ``s["match_params"]`` kept
+    (it must have finished: runs go in the config's order)."""
+    other = base / s["match_params"] / RESULT
+    if not other.is_file():
+        raise SystemExit(f"run {name!r}: match_params {s['match_params']!r} has not finished "
+                         f"({other} is missing); list it first, or run it with --only")
+    if s["target"] or s["rank"]:
+        raise SystemExit(f"run {name!r}: match_params sets the target; give no target or rank")
+    r = json.loads(other.read_text())
+    return f"params={r['params'] / r['dense_params']:.6f}"
 
 
 def summary(rows: list[dict]) -> str:
@@ -242,6 +284,8 @@ def main() -> int:
             if (base / name / RESULT).is_file():
                 print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
                 continue
+            if s["match_params"]:
+                s["target"] = matched_target(base, name, s)
             start = time.perf_counter()
             r = run(name, s, base / name, root, args.device)
             print(f"[{name}] {r['params_x']:.1f}x params, {r['macs_x']:.2f}x MACs: "

@@ -147,3 +147,30 @@ def test_sensitivity_plan_gives_the_fragile_layer_more_rank():
     assert plan["a"].method == "tucker" and plan["a"].module_type == "Conv2d"
     small = rc.apply(model, plan)
     assert small(xs[0]).shape == (8, 40)
+
+
+@pytest.mark.parametrize("form", ["cp4", "cp3"])
+def test_sensitivity_plan_to_a_params_target_takes_the_largest_total_that_fits(form):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 24, 3), nn.ReLU(), nn.Conv2d(24, 32, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+    names = ["0", "2"]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 8, 10, 10, generator=g), torch.randint(0, 5, (8,), generator=g))]
+    opts = dict(method="cp", form=form, options={"max_iter": 3})
+    plan = sensitivity_plan(model, names, batches, target="params=3x", **opts)
+    dense = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+
+    def params(p):
+        small = rc.apply(model, p)
+        return sum(q.numel() for n in names for q in small.get_submodule(n).parameters())
+
+    total = sum(plan[n].ranks[0] for n in names)
+    assert plan.meta["rank"].startswith(f"sensitivity total={total} ")
+    assert params(plan) <= dense / 3
+    more = sensitivity_plan(model, names, batches, total=total + 1, **opts)
+    assert params(more) > dense / 3
+    with pytest.raises(ValueError, match="not both"):
+        sensitivity_plan(model, names, batches, total=10, target="params=3x", **opts)
+    with pytest.raises(ValueError, match="params target"):
+        sensitivity_plan(model, names, batches, target="macs=3x", **opts)

@@ -21,8 +21,10 @@ from torch import nn
 
 from .. import methods
 from .._modes import eval_mode
+from ..layers import cost_at
 from ..plans import LayerPlan, Plan
 from ..surgery import apply
+from .planner import parse_target
 
 
 def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
@@ -90,17 +92,68 @@ def layer_sensitivities(model: nn.Module, names: Sequence[str], batches: Sequenc
     return losses
 
 
-def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence, total: int, *,
+def _params(model: nn.Module, names: Sequence[str], ranks: Sequence[int], method: str,
+            form) -> int:
+    """Parameters of ``names`` factorized by ``method`` at ``ranks`` (weights and biases)."""
+    total = 0
+    for name, rank in zip(names, ranks, strict=True):
+        module = model.get_submodule(name)
+        spec, default_form = methods.variants(method, module)[0]
+        config = spec.config(module, (rank,) * spec.n_ranks,
+                             (form or default_form) if spec.forms else None)
+        # parameters do not depend on the input size; (1, 1) stands in for a conv's
+        total += cost_at(module, (1, 1) if isinstance(module, nn.Conv2d) else (1,),
+                         config).params
+    return total
+
+
+def _total_for(model, names, losses, sizes, lam, method, form, target) -> int:
+    """The largest total rank whose allocation keeps ``names`` within ``target`` ("params=F"
+    or "params=Nx" of their dense parameters); ranks grow with the total, so a bisection."""
+    kind, fraction = parse_target(target)
+    if kind != "params":
+        raise ValueError(f"target: sensitivity ranks take a params target, got {target!r}")
+    budget = fraction * sum(sizes)
+
+    def fits(total: int) -> bool:
+        ranks = allocate_ranks(losses, sizes, total, lam)
+        return _params(model, names, ranks, method, form) <= budget
+
+    low = len(names)
+    if not fits(low):
+        raise ValueError(f"target: {target} is below even rank 1 in every layer")
+    high = low
+    while fits(high * 2):
+        high *= 2
+        if high > 1 << 24:
+            break
+    high *= 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence,
+                     total: int | None = None, *,
                      loss_fn: Callable = nn.functional.cross_entropy, method: str = "cp",
                      trial_rank: int = 5, lam: float = 0.0, form: str | None = None,
-                     options: dict | None = None) -> Plan:
+                     options: dict | None = None, target: str | None = None) -> Plan:
     """A plan giving ``names`` ranks summing to ``total`` by sensitivity (seed 000 splits the
-    convolutions (750) and the classifier layers (900) into two calls)."""
+    convolutions (750) and the classifier layers (900) into two calls); or, with ``target``
+    ("params=3x" or "params=0.33") instead of ``total``, the largest total whose plan keeps
+    those layers within that share of their dense parameters."""
+    if (total is None) == (target is None):
+        raise ValueError("give total (a total rank) or target (e.g. 'params=3x'), not both")
     losses = layer_sensitivities(model, names, batches, loss_fn, method=method,
                                  trial_rank=trial_rank, form=form, options=options)
     sizes = [sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names]
+    if target is not None:
+        total = _total_for(model, names, [losses[n] for n in names], sizes, lam, method, form,
+                           target)
     ranks = allocate_ranks([losses[n] for n in names], sizes, total, lam)
-    plan = Plan(meta={"rank": f"sensitivity total={total} lam={lam} trial_rank={trial_rank}"})
+    plan = Plan(meta={"rank": f"sensitivity total={total} lam={lam} trial_rank={trial_rank}",
+                      "target": None if target is None else str(target)})
     for name, rank, size in zip(names, ranks, sizes, strict=True):
         module = model.get_submodule(name)
         plan[name] = _uniform(
