@@ -1,5 +1,7 @@
 """Data-aware Tucker-2: factors fitted in the output norm on the layer's input statistics."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,8 @@ from rankcut.calibrate import input_second_moments
 from rankcut.decompose import tucker
 from rankcut.layers import TuckerConv2d
 from rankcut.models import PRETRAINED, create
+
+tucker_module = importlib.import_module("rankcut.decompose.tucker")
 
 
 def correlated_images(channels, count=2, n=8, size=12, seed=0):
@@ -86,6 +90,45 @@ def test_decomposition_reports_the_output_error_and_refines_it():
         tucker(W, (8, 6), modes=(0, 1), cov=torch.eye(16, dtype=torch.float64))
     with pytest.raises(ValueError, match="modes: data-aware Tucker"):
         tucker(W, (8, 6, 2), modes=(0, 1, 2), cov=cov)
+
+
+def _fresh(W, ranks, cov):
+    tucker_module._last_prepared.clear()
+    return tucker(W, ranks, modes=(0, 1), cov=cov)
+
+
+def _same(a, b):
+    return a.rel_error == b.rel_error and torch.equal(a.core, b.core) and all(
+        torch.equal(x, y) for x, y in zip(a.factors, b.factors, strict=True))
+
+
+def test_rank_independent_work_is_reused_only_for_the_same_kernel_and_moment():
+    """Scoring many rank pairs of one layer reuses the n x n work; a reused run gives what a
+    fresh one does, and another kernel or a moment changed in place is never served stale."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(12, 20, 3, padding=1, bias=False)
+    (cov,) = conv_covs(conv, correlated_images(12, count=3))
+    W = conv.weight.detach().double()
+    first = _fresh(W, (8, 6), cov)
+    assert len(tucker_module._last_prepared) == 1
+    kept = tucker_module._last_prepared[0]
+    for ranks in [(8, 6), (4, 5), (12, 9)]:
+        reused = tucker(W.clone(), ranks, modes=(0, 1), cov=cov)
+        assert tucker_module._last_prepared[0] is kept
+        assert _same(reused, _fresh(W, ranks, cov))
+        kept = tucker_module._last_prepared[0]
+    assert _same(tucker(W, (8, 6), modes=(0, 1), cov=cov), first)
+    other = W + 0.1 * torch.randn_like(W)
+    assert not _same(tucker(other, (8, 6), modes=(0, 1), cov=cov), first)
+    assert _same(tucker(other, (8, 6), modes=(0, 1), cov=cov), _fresh(other, (8, 6), cov))
+    cov.add_(torch.eye(cov.shape[0], dtype=cov.dtype) * cov.diagonal().mean())  # in place
+    changed = tucker(W, (8, 6), modes=(0, 1), cov=cov)
+    assert not _same(changed, first) and _same(changed, _fresh(W, (8, 6), cov))
+    del cov, changed
+    import gc
+
+    gc.collect()
+    assert tucker_module._last_prepared == []  # the large moment goes with the layer's cov
 
 
 def test_white_inputs_match_plain_tucker():
@@ -192,3 +235,19 @@ def test_pretrained_resnet20_keeps_far_more_with_data_aware_tucker(resnet20):
     # fitted in order to the inputs the factorized layers before give (the default)
     acc_sequential = top1(rc.apply(model, aware, calib_data=calib))
     assert acc_sequential > acc_aware + 3, (acc_aware, acc_sequential)  # measured: 81.0 -> 87.8
+
+
+def test_the_layer_records_the_output_error_the_planner_would_measure():
+    """Candidates are scored by the solver's own output error (no n x n product each); it is
+    the error curves.output_error measures on the built layer."""
+    from rankcut.curves import output_error
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(10, 14, 3, padding=1, bias=False)
+    covs = conv_covs(conv, correlated_images(10, count=3))
+    for ranks in [(4, 3), (8, 6), (14, 10)]:
+        layer = TuckerConv2d.from_dense(conv, ranks, cov=covs)
+        with torch.no_grad():
+            measured = output_error(conv, layer.dense_weight(), covs)
+        # abs: the built layer's float32 weights round at full rank
+        assert layer.info["output_error"] == pytest.approx(measured, rel=1e-4, abs=1e-6)

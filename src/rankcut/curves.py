@@ -223,6 +223,7 @@ def measured(method, jobs, options=None) -> list[Candidate]:
     for i, (_, c, covs) in enumerate(jobs):
         groups.setdefault((c.ranks, c.form, covs is None), []).append(i)
     out: list = [None] * len(jobs)
+    norms: dict[int, float] = {}  # output_norm per layer, shared by its candidates
     for (ranks, form, plain), members in groups.items():
         layers = method.from_dense_many([jobs[i][0] for i in members], ranks, form,
                                         None if plain else [jobs[i][2] for i in members],
@@ -234,8 +235,12 @@ def measured(method, jobs, options=None) -> list[Candidate]:
             if covs is None:
                 W = module.weight.detach().double()
                 error = float((W - approx.double()).norm() / W.norm().clamp_min(1e-300))
+            elif "output_error" in layer.info:  # the solver's own, exact for its solution
+                error = layer.info["output_error"]
             else:
-                error = output_error(module, approx, covs)
+                if id(module) not in norms:
+                    norms[id(module)] = output_norm(module, covs)
+                error = output_error(module, approx, covs, norms[id(module)])
             out[i] = Candidate(c.method, c.ranks, c.form, c.params, c.macs, error,
                                {**c.extra, **({} if covs is None else {DATA_AWARE: True})})
     return out
@@ -285,14 +290,25 @@ def whitened_svd_errors(module: nn.Module, covs: list[torch.Tensor]) -> torch.Te
     return truncation_errors(mats)
 
 
-def output_error(module: nn.Module, approx: torch.Tensor, covs: list[torch.Tensor]) -> float:
-    """||(W - W~) L|| / ||W L|| over the groups, for the dense weight W and an approximation."""
-    lost = kept = 0.0
+def output_norm(module: nn.Module, covs: list[torch.Tensor]) -> float:
+    """||W L||² over the groups: the dense layer's output energy on inputs of moments ``covs``
+    (the denominator of :func:`output_error`, the same for every candidate of the layer)."""
+    kept = 0.0
+    for W, C in zip(weight_blocks(module, torch.float64), covs, strict=True):
+        Wm = W.reshape(W.shape[0], -1)
+        kept += float(((Wm @ C.to(W.device)) * Wm).sum())
+    return kept
+
+
+def output_error(module: nn.Module, approx: torch.Tensor, covs: list[torch.Tensor],
+                 kept: float | None = None) -> float:
+    """||(W - W~) L|| / ||W L|| over the groups, for the dense weight W and an approximation
+    (``kept``: :func:`output_norm`, when already known)."""
+    lost = 0.0
     t = approx.shape[0] // len(covs)
     for g, (W, C) in enumerate(zip(weight_blocks(module, torch.float64), covs, strict=True)):
         D = (W - approx[g * t:(g + 1) * t].double()).reshape(t, -1)
-        Wm = W.reshape(t, -1)
-        C = C.to(W.device)
-        lost += float(((D @ C) * D).sum())
-        kept += float(((Wm @ C) * Wm).sum())
+        lost += float(((D @ C.to(W.device)) * D).sum())
+    if kept is None:
+        kept = output_norm(module, covs)
     return math.sqrt(max(lost, 0.0) / max(kept, 1e-300))

@@ -453,5 +453,8 @@ class TuckerConv2d(_ConvFactorized):
         layer._fill(layer.first, torch.cat([r.factors[1].mT for r in results])[..., None, None])
         layer._fill(layer.core, torch.cat([r.core for r in results]))
         layer._fill(layer.last, torch.cat([r.factors[0] for r in results])[..., None, None])
-        layer._finish(conv, "tucker", options, data_aware=cov is not None)
+        info = {"data_aware": cov is not None}
+        if cov is not None and len(results) == 1:  # ||(W - W~) L|| / ||W L||, as solved
+            info["output_error"] = results[0].rel_error
+        layer._finish(conv, "tucker", options, **info)
         return layer
