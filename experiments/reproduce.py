@@ -97,20 +97,25 @@ def _commit() -> str:
 
 class _Wall:
     """Wall time of a run summed over the invocations that worked on it (a killed invocation
-    counts up to its last update, at most ``every`` steps before it died)."""
+    counts up to its last update, at most ``every`` steps before it died), and the commits
+    they ran at."""
 
     def __init__(self, folder: Path, every: int = 20):
         self.path = folder / "wall.json"
-        self.before = json.loads(self.path.read_text())["seconds"] if self.path.is_file() else 0.0
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.before = old.get("seconds", 0.0)
+        self.commits = list(dict.fromkeys([*old.get("commits", []), _commit()]))
         self.start = time.perf_counter()
         self.every = every
+        self.save()
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.start
 
     def save(self) -> None:
         with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps({"seconds": round(self.seconds(), 1)}))
+            tmp.write_text(json.dumps({"seconds": round(self.seconds(), 1),
+                                       "commits": self.commits}))
 
     def callback(self, info) -> bool:
         if info["step"] % self.every == 0:
@@ -171,7 +176,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
                    for m in sorted({lp.method for lp in result.plan.active.values()})},
         "lr": next((st["train"]["lr"] for st in result.stages if st.get("train")), None),
         "resumed": bool(result.stages[0].get("resumed")),
-        "wall_s": round(wall.seconds(), 1), "commit": _commit(),
+        "wall_s": round(wall.seconds(), 1), "commit": "+".join(wall.commits),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "device": device,
         "machine": f"{platform.machine()}, {platform.processor() or platform.node()}",
