@@ -71,6 +71,9 @@ SETTINGS = {
     "note": "",               # printed in the summary
 }
 RESULT = "result.json"
+# The runs of one invocation share what planning measures before the target matters (the
+# calibration moments, every layer's candidates): a sweep of ratios of one model scores once.
+CACHE = rc.select.CandidateCache(max_entries=2)
 
 
 def settings_of(config: dict, name: str) -> dict:
@@ -156,7 +159,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         calib_data=calib, train_data=train if tuning else None,
         epochs=s["epochs"], steps=s["steps"], steps_per_layer=s["steps_per_layer"],
         val_data=test, distill=s["distill"], sequential=s["sequential"],
-        plan_options={"allow_slower": s["allow_slower"], **s["plan_options"]},
+        plan_options={"allow_slower": s["allow_slower"], "cache": CACHE, **s["plan_options"]},
         finetune_options=tune, progress=False)
     small = result.model.cpu().eval()
     final = result.stages[-1]

@@ -148,3 +148,50 @@ def test_planning_with_calibration_data_measures_output_error():
     auto = rc.plan(model, x, target="params=0.5", calib_data=batches, min_params=100,
                    options={"cp": {"max_iter": 10}}, allow_slower=True)
     assert auto.active
+
+
+def _cached_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_a_candidate_cache_plans_later_targets_without_scoring_again(monkeypatch):
+    """A sweep of ratios measures moments and candidates once; each plan equals the plan made
+    without the cache; a changed weight or other calibration data is a miss, never stale."""
+    import importlib
+
+    planner = importlib.import_module("rankcut.select.planner")
+    model = _cached_net()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g))]
+    x = calib[0][0][:1]
+    opts = dict(method="auto", calib_data=calib, allow_slower=True, min_params=100,
+                options={"cp": {"max_iter": 5}})
+    cache = rc.select.CandidateCache()
+    first = rc.plan(model, x, target="params=2x", cache=cache, **opts)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored again despite the cache")
+
+    cached = {}
+    with monkeypatch.context() as m:
+        m.setattr(planner, "_layer_candidates", refuse)
+        m.setattr(planner, "input_second_moments", refuse)
+        for target in ["params=3x", "params=2x"]:
+            cached[target] = rc.plan(model, x, target=target, cache=cache, **opts)
+    assert cache.hits == 2
+    assert cached["params=2x"].to_dict()["layers"] == first.to_dict()["layers"]
+    assert cached["params=3x"].to_dict()["layers"] == \
+        rc.plan(model, x, target="params=3x", **opts).to_dict()["layers"]
+    with torch.no_grad():
+        model[3].weight.mul_(1.5)
+    rc.plan(model, x, target="params=2x", cache=cache, **opts)
+    other = [(calib[0][0] * 2, calib[0][1])]
+    rc.plan(model, x, target="params=2x", cache=cache, **{**opts, "calib_data": other})
+    assert cache.misses == 3 and len(cache) == 3
+    with pytest.raises(ValueError, match="cache: expected"):
+        rc.plan(model, x, target="params=2x", cache={}, **opts)

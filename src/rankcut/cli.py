@@ -782,11 +782,15 @@ def cmd_sweep(args) -> int:
     _say(f"{'method':>12} {'target':>10} {'params x':>9} {'MACs x':>7} {'top-1 %':>8}{extra}")
     _say(f"{'dense':>12} {'-':>10} {1:9.2f} {1:7.2f} {dense['top1']:8.2f}"
          + (f" {1:8.2f}" if timer else ""))
+    from .select import CandidateCache
+
+    # plans of one method and target kind share their moments and candidates
+    options = {**ctx.plan_options(), "cache": CandidateCache(max_entries=2)}
     for method in args.methods:
         for target in args.targets:
             result = compress(model, x, method=method, rank=args.rank, target=target,
                               calib_data=calib, train_data=train, epochs=epochs, steps=steps,
-                              distill=args.distill, plan_options=ctx.plan_options(),
+                              distill=args.distill, plan_options=options,
                               finetune_options=ctx.finetune_options(), progress=ctx.progress,
                               sequential=args.sequential)
             small = result.model.cpu().eval()

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import warnings
@@ -41,6 +42,7 @@ from ..profile import count_params
 from ..surgery import check_weights, target_layers
 from . import damage
 from .budget import allocate
+from .cache import CandidateCache, data_fingerprint, model_fingerprint
 from .latency import LatencyTable, as_table
 from .rules import layer_ranks, parse_rank
 
@@ -221,7 +223,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
          speed_slack: float = COMPRESS["speed_slack"],
          latency_table: LatencyTable | str | Path | None = None,
          latency_batch: int | None = None, loss_aware: bool | None = None,
-         progress: bool = False) -> Plan:
+         cache: CandidateCache | None = None, progress: bool = False) -> Plan:
     """Plan the factorization of ``model`` (see the module docstring).
 
     Args:
@@ -264,7 +266,13 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             absent; saved back with what was added), or None (a new table for this call).
         latency_batch: the batch the plan is timed (and kept no slower than dense) at; default:
             that of ``example_inputs``.
+        cache: a :class:`~.cache.CandidateCache`: the calibration moments and every layer's
+            candidates are kept there and reused by later calls on the same model, inputs,
+            data and settings with any target of the same kind (a sweep of ratios plans once).
     """
+    if cache is not None and not isinstance(cache, CandidateCache):
+        raise ValueError(f"cache: expected a rankcut.select.CandidateCache or None, got "
+                         f"{type(cache).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     if method not in method_choices():
@@ -296,8 +304,17 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         if reason is None:
             check_weights(name, model.get_submodule(name))
     shapes = layer_input_shapes(model, inputs)
+    key = hit = None
+    if cache is not None:  # everything the moments and candidates depend on, not the target
+        key = (model_fingerprint(model), data_fingerprint(calib_data, max_batches),
+               tuple(sorted(shapes.items())), method, None if rule is None else str(rule),
+               target is not None, grid_kind, rank_multiple,
+               json.dumps(options, sort_keys=True, default=repr), tuple(eligible.items()))
+        hit = cache.get(key)
     covs = {}
-    if calib_data is not None:
+    if hit is not None:
+        covs = hit[0]
+    elif calib_data is not None:
         names = [n for n, r in eligible.items() if r is None and n in shapes]
         covs = input_second_moments(model, names, calib_data, max_batches=max_batches)
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
@@ -312,13 +329,18 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             result[name] = LayerPlan.skipped(reason, type(module).__name__)
             continue
         shape = shapes[name]
-        cands, pending[name] = _layer_candidates(module, shape, method, rule, target is not None,
-                                                 grid_kind, rank_multiple, options,
-                                                 covs.get(name))
+        if hit is not None:
+            cands, pending[name] = list(hit[1][name]), []
+        else:
+            cands, pending[name] = _layer_candidates(module, shape, method, rule,
+                                                     target is not None, grid_kind,
+                                                     rank_multiple, options, covs.get(name))
         dense_cost = cost_at(module, shape)
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
     _measure(layers, pending, options, progress)
+    if cache is not None and hit is None:
+        cache.put(key, (covs, {name: list(layer.cands) for name, layer in layers.items()}))
     clock = None
     if table is not None and layers:
         clock = _Clock(table, model, inputs, latency_batch or batch_of(inputs), layers,
