@@ -228,3 +228,22 @@ def test_layerwise_resumes_each_layer_from_its_own_checkpoints(trained, tmp_path
     for (k, v), w in zip(again.model.state_dict().items(), first.model.state_dict().values(),
                          strict=True):
         assert torch.equal(v, w), k
+
+
+def test_a_run_killed_while_saving_its_start_fits_again_from_the_stored_plan(trained, tmp_path,
+                                                                            monkeypatch):
+    """Killed after the factorized weights were written but before the plan recording their
+    hash: the resumed run fits the stored plan again (no planning) instead of failing."""
+    model, data = trained
+    x = data[0][:1]
+    opts = {**TUNE, "checkpoint_dir": tmp_path, "resume": True}
+    args = dict(target="macs=2x", train_data=data, steps=2, plan_options=PLAN)
+    rc.compress(model, x, finetune_options={**opts, "callback": _stop_at(1)}, **args)
+    start = tmp_path / "start" / "plan.json"
+    plan = rc.load_plan(start)
+    plan.meta.pop("weights_sha256")
+    start.write_text(plan.to_json())
+    _forbid(monkeypatch, "plan")
+    resumed = rc.compress(model, x, finetune_options=opts, **args)
+    assert "resumed" not in resumed.stages[0] and resumed.stages[0]["train"]["steps"] == 2
+    assert "weights_sha256" in rc.load_plan(start).meta

@@ -56,6 +56,14 @@ BN_SAMPLES = 2048
 START = "start"
 
 
+def _saved(folder: Path) -> bool:
+    """Whether ``rc.save`` finished writing into ``folder``: the weights, then the plan that
+    records their hash (a run killed between the two left the plan stored before applying)."""
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / PLAN_FILE).is_file():
+        return False
+    return "weights_sha256" in load_plan(folder).meta
+
+
 def _layers(plan: Plan) -> dict:
     return {n: (lp.method, tuple(lp.ranks), lp.form) for n, lp in plan.active.items()}
 
@@ -320,7 +328,7 @@ class _Job:
         tuning = self.train_data is not None and (epochs is not None or steps is not None)
         folder = self.folder / START if self.folder is not None and tuning else None
         start = time.perf_counter()
-        if folder is not None and self.resume and (folder / WEIGHTS_FILE).is_file():
+        if folder is not None and self.resume and _saved(folder):
             # resumed: the factorized model as it was before fine-tuning (plan, weights, and
             # the BatchNorm statistics), not planned and fitted again
             plan = self.stored_plan(folder, plan, None)
