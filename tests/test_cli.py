@@ -21,7 +21,7 @@ def run(capsys, *argv):
 
 
 @pytest.mark.parametrize("command", ["analyze", "compress", "evaluate", "benchmark", "export",
-                                     "sweep", "demo"])
+                                     "sweep", "transfer", "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -126,6 +126,23 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():  # BatchNorm folded into the convolutions: equal to rounding
         assert torch.allclose(scripted(x), small(x), atol=1e-4)
+
+    # seed 000's transfer learning: a new MNIST head on the frozen compressed backbone
+    code, stdout, err = run(
+        capsys, "transfer", "--model", "resnet20_cifar", "--compressed", out, "--data", "mnist",
+        "--data-dir", shared_data, "--image-size", 32, "--train-limit", 256, "--eval-limit",
+        200, "--finetune-steps", 4, "--batch-size", 32, "--lr", 0.05, "--out",
+        tmp_path / "t", "--quiet")
+    assert code == 0, err
+    moved = rc.load(create("resnet20_cifar", num_classes=10), tmp_path / "t").eval()
+    kept, new = small.state_dict(), moved.state_dict()
+    assert set(kept) == set(new)
+    assert all(torch.equal(new[k], v) for k, v in kept.items() if not k.startswith("linear."))
+    assert not torch.equal(new["linear.weight"], kept["linear.weight"])
+    mnist = rc.data.dataset("mnist", "test", root=shared_data, limit=200,
+                            transform=rc.data.transforms("mnist", train=False, size=32,
+                                                         normalization="resnet20_cifar"))
+    assert f"top-1 {evaluate(moved, mnist)['top1']:.2f}%" in stdout
 
 
 def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, tmp_path):

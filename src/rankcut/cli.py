@@ -30,7 +30,7 @@ EXIT_USAGE = 2
 # the file that marks an existing folder as an earlier output of the subcommand (which may then
 # be replaced whole); any other non-empty folder needs --overwrite
 OUTPUT_MARKERS = {"compress": "plan.json", "sweep": "sweep.json", "analyze": "analysis.json",
-                  "demo": "plan.json"}
+                  "demo": "plan.json", "transfer": "plan.json"}
 
 
 class UserError(Exception):
@@ -189,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     _out_args(p, "output folder (sweep.json, sweep.md, sweep.png[, sweep_latency.png])")
     _common(p)
 
+    p = sub.add_parser("transfer", help="train a new classifier head on a frozen backbone (a "
+                                        "compressed folder or the model): seed 000's transfer "
+                                        "learning")
+    _model_args(p)
+    _data_args(p, required=True)
+    p.add_argument("--compressed", help="the backbone: a folder written by 'rankcut compress' "
+                                        "(default: the model as given)")
+    _verify_args(p)
+    p.add_argument("--head", help="the classifier module to replace (default: the last "
+                                  "nn.Linear)")
+    p.add_argument("--train-limit", type=int,
+                   help="train the head on the first N training examples only")
+    _finetune_args(p, distill=False)
+    _out_args(p, "output folder (plan.json, model.safetensors: the backbone with its new head; "
+                 "load with rc.load(create(MODEL, num_classes=K), OUT))")
+    _common(p)
+
     p = sub.add_parser("demo", help="the embedded demo: train a small CNN on scikit-learn's "
                                     "digits, compress it, report (no download)")
     _out_args(p, "output folder (default rankcut-demo)", default="rankcut-demo",
@@ -213,14 +230,15 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
                         "plan written by hand); rankcut's own outputs always have it")
 
 
-def _finetune_args(p: argparse.ArgumentParser) -> None:
+def _finetune_args(p: argparse.ArgumentParser, distill: bool = True) -> None:
     g = p.add_argument_group("fine-tuning (needs --data)")
     g.add_argument("--finetune-epochs", type=int, help="epochs of fine-tuning (>= 1)")
     g.add_argument("--finetune-steps", type=int, help="optimizer steps of fine-tuning (>= 1)")
-    g.add_argument("--distill", action=argparse.BooleanOptionalAction,
-                   default=COMPRESS["distill"],
-                   help="distil from the original model (knowledge distillation; default "
-                        f"{'on' if COMPRESS['distill'] else 'off'})")
+    if distill:
+        g.add_argument("--distill", action=argparse.BooleanOptionalAction,
+                       default=COMPRESS["distill"],
+                       help="distil from the original model (knowledge distillation; default "
+                            f"{'on' if COMPRESS['distill'] else 'off'})")
     g.add_argument("--lr", type=float, help="learning rate, > 0 (default: the optimizer's)")
     g.add_argument("--optimizer", default=COMPRESS["optimizer"], choices=["sgd", "adamw"],
                    help=f"default {COMPRESS['optimizer']}")
@@ -384,7 +402,8 @@ def _flag(dest: str) -> str:
 def _check_numbers(args: argparse.Namespace) -> None:
     at_least = {"batch_size": 1, "finetune_epochs": 1, "finetune_steps": 1, "eval_limit": 1,
                 "image_size": 1, "threads": 1, "rounds": 1, "steps_per_layer": 1, "repeats": 1,
-                "num_classes": 1, "rank_multiple": 1, "calib": 0, "min_params": 0}
+                "num_classes": 1, "rank_multiple": 1, "calib": 0, "min_params": 0,
+                "train_limit": 1}
     for dest, low in at_least.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:
@@ -762,6 +781,54 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    from .atomic import atomic_folder
+    from .compress import transfer
+    from .io import save
+    from .profile import count_params
+
+    ctx = _Context(args)
+    backbone = ctx.subject()
+    train = ctx.dataset("train", train_transform=True, limit=args.train_limit)
+    test = ctx.test_data()
+    base = _base_dataset(train)
+    if getattr(base, "classes", None):
+        classes = len(base.classes)
+    else:
+        labels = [int(y) for y in getattr(base, "labels", [])]
+        if not labels:
+            raise UserError(f"--data: {args.data} gives no labels to count the classes of")
+        classes = max(labels) + 1
+    epochs, steps = _epochs_steps(args)
+    if epochs is None and steps is None:
+        epochs = 1
+    options = ctx.finetune_options()
+    what = f"{args.compressed} ({args.model})" if args.compressed else args.model
+    _say(f"rankcut transfer: a new {classes}-class head on {what}, frozen, trained on "
+         f"{len(train)} {args.data} examples")
+    result = transfer(backbone, train, num_classes=classes, head=args.head, epochs=epochs,
+                      steps=steps, **options)
+    model = result.model.cpu().eval()
+    m = _evaluate(ctx, model, test)
+    out = Path(args.out)
+    with atomic_folder(out) as tmp:  # the plan is read off the model's factorized layers
+        save(model, tmp)
+    _say(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  on {m['n']} "
+         f"{args.data} test examples; backbone {count_params(model):,} params in all")
+    _say(f"wrote {out}/: plan.json, model.safetensors (load with rc.load(create("
+         f"{args.model!r}, num_classes={classes}), {str(out)!r}))")
+    return 0
+
+
+def _base_dataset(ds):
+    """The dataset under Subsets (which keep only indices)."""
+    from torch.utils.data import Subset
+
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
 def cmd_sweep(args) -> int:
     from . import report as R
     from .atomic import atomic_folder
@@ -895,7 +962,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate,
             "benchmark": cmd_benchmark, "export": cmd_export, "sweep": cmd_sweep,
-            "demo": cmd_demo}
+            "transfer": cmd_transfer, "demo": cmd_demo}
 
 
 def _one_line(text: str) -> str:
