@@ -65,6 +65,9 @@ SETTINGS = {
     "seed": 0,
     "export": None,           # a results/ folder to save the fine-tuned model into
     "match_params": None,     # a finished run of this config: target its parameter count
+    "transfer": None,         # seed 000's transfer: {data, epochs, train_limit, lr}: a new head
+                              # trained on the frozen compressed backbone (and, once per config
+                              # and data, on the dense one)
     "sensitivity": None,      # seed 000's ranks instead of `method`: {lam, trial_rank, form,
                               # options} for rankcut.select.sensitivity_plan over every eligible
                               # conv, to `target` (params=...)
@@ -187,6 +190,14 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     }
     out["params_x"] = out["dense_params"] / out["params"]
     out["macs_x"] = out["dense_macs"] / out["macs"]
+    if s["transfer"]:
+        out["transfer"] = transfer_head(small, s, root, folder / "transfer", device)
+        dense_file = folder.parent / f"dense-transfer-{s['model']}-{s['transfer']['data']}.json"
+        if not dense_file.is_file():
+            dense_result = transfer_head(model, s, root, folder.parent / dense_file.stem, device)
+            with atomic_path(dense_file) as tmp:
+                tmp.write_text(json.dumps(dense_result))
+        out["transfer_dense"] = json.loads(dense_file.read_text())
     rc.save(small, folder / "model", plan=result.plan)
     if s["export"]:
         out["export"] = export(small, result.plan, s["model"], Path(s["export"]), test,
@@ -218,6 +229,26 @@ def sensitivity(model, s: dict, calib, folder: Path):
     with atomic_path(path) as tmp:
         tmp.write_text(plan.to_json() + "\n")
     return plan
+
+
+def transfer_head(backbone, s: dict, root: Path, folder: Path, device: str) -> dict:
+    """Top-1 of a new head trained on ``backbone``, frozen (rc.transfer), on the test split of
+    ``s["transfer"]["data"]`` (MNIST-style digits made 3-channel 32x32 by the transform);
+    checkpointed in ``folder`` so a killed run resumes it."""
+    t = {"epochs": 2, "train_limit": 10000, "lr": 0.05, **s["transfer"]}
+    unknown = sorted(set(t) - {"data", "epochs", "train_limit", "lr"})
+    if unknown:
+        raise SystemExit(f"transfer: unknown keys {unknown}; known: data, epochs, train_limit, "
+                         "lr")
+    tf = D.transforms(t["data"], train=False, normalization=s["model"], size=32)
+    train = D.dataset(t["data"], "train", root=root, transform=tf, limit=t["train_limit"])
+    test = D.dataset(t["data"], "test", root=root, transform=tf)
+    result = rc.transfer(backbone, train, num_classes=len(train.classes), epochs=t["epochs"],
+                         lr=t["lr"], batch_size=s["batch_size"], progress=False,
+                         checkpoint_dir=str(folder), resume=True, device=device)
+    head = [m for m in result.model.modules() if type(m) is torch.nn.Linear][-1]
+    return {**t, "top1": evaluate(result.model, test)["top1"], "test_images": len(test),
+            "backbone_params": count_params(result.model) - count_params(head)}
 
 
 def export(small, plan, model_name: str, folder: Path, test, top1: float) -> dict:
