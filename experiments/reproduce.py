@@ -65,7 +65,8 @@ SETTINGS = {
     "seed": 0,
     "export": None,           # a results/ folder to save the fine-tuned model into
     "match_params": None,     # a finished run of this config: target its parameter count
-    "transfer": None,         # seed 000's transfer: {data, epochs, train_limit, lr}: a new head
+    "transfer": None,         # seed 000's transfer: {data, epochs, train_limit, test_limit,
+                              # lr}: a new head
                               # trained on the frozen compressed backbone (and, once per config
                               # and data, on the dense one)
     "sensitivity": None,      # seed 000's ranks instead of `method`: {lam, trial_rank, form,
@@ -235,14 +236,14 @@ def transfer_head(backbone, s: dict, root: Path, folder: Path, device: str) -> d
     """Top-1 of a new head trained on ``backbone``, frozen (rc.transfer), on the test split of
     ``s["transfer"]["data"]`` (MNIST-style digits made 3-channel 32x32 by the transform);
     checkpointed in ``folder`` so a killed run resumes it."""
-    t = {"epochs": 2, "train_limit": 10000, "lr": 0.05, **s["transfer"]}
-    unknown = sorted(set(t) - {"data", "epochs", "train_limit", "lr"})
+    t = {"epochs": 2, "train_limit": 10000, "test_limit": None, "lr": 0.05, **s["transfer"]}
+    unknown = sorted(set(t) - {"data", "epochs", "train_limit", "test_limit", "lr"})
     if unknown:
         raise SystemExit(f"transfer: unknown keys {unknown}; known: data, epochs, train_limit, "
-                         "lr")
+                         "test_limit, lr")
     tf = D.transforms(t["data"], train=False, normalization=s["model"], size=32)
     train = D.dataset(t["data"], "train", root=root, transform=tf, limit=t["train_limit"])
-    test = D.dataset(t["data"], "test", root=root, transform=tf)
+    test = D.dataset(t["data"], "test", root=root, transform=tf, limit=t["test_limit"])
     result = rc.transfer(backbone, train, num_classes=len(train.classes), epochs=t["epochs"],
                          lr=t["lr"], batch_size=s["batch_size"], progress=False,
                          checkpoint_dir=str(folder), resume=True, device=device)

@@ -24,6 +24,9 @@ checkpoint_every: 2
 runs:
   tiny:
     export: {export}
+  head:
+    steps: null
+    transfer: {{data: mnist, epochs: 1, train_limit: 64, test_limit: 100}}
 """
 
 
@@ -57,3 +60,9 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert again.returncode == 0 and "finished earlier" in again.stdout
     assert (tmp_path / "runs" / "tiny" / "tiny" / "result.json").stat().st_mtime_ns == stamp
     assert "| tiny | svd | 8 |" in again.stdout
+    head = json.loads((tmp_path / "runs" / "tiny" / "head" / "result.json").read_text())
+    for key in ("transfer", "transfer_dense"):
+        assert head[key]["data"] == "mnist" and head[key]["test_images"] == 100
+        assert 0 <= head[key]["top1"] <= 100
+    assert head["transfer"]["backbone_params"] < head["transfer_dense"]["backbone_params"]
+    assert head["before_top1"] == head["after_top1"]  # no fine-tuning on CIFAR-10
