@@ -65,10 +65,9 @@ SETTINGS = {
     "seed": 0,
     "export": None,           # a results/ folder to save the fine-tuned model into
     "match_params": None,     # a finished run of this config: target its parameter count
-    "transfer": None,         # seed 000's transfer: {data, epochs, train_limit, test_limit,
-                              # lr}: a new head
-                              # trained on the frozen compressed backbone (and, once per config
-                              # and data, on the dense one)
+    "transfer": None,         # seed 000's transfer, {data, epochs, train_limit, test_limit,
+                              # lr}: a new head trained on the frozen compressed backbone (and,
+                              # once per config and data, on the dense one)
     "sensitivity": None,      # seed 000's ranks instead of `method`: {lam, trial_rank, form,
                               # options} for rankcut.select.sensitivity_plan over every eligible
                               # conv, to `target` (params=...)
@@ -183,7 +182,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
                    for m in sorted({lp.method for lp in result.plan.active.values()})},
         "lr": next((st["train"]["lr"] for st in result.stages if st.get("train")), None),
         "resumed": bool(result.stages[0].get("resumed")),
-        "wall_s": round(wall.seconds(), 1), "commit": "+".join(wall.commits),
+        "commit": "+".join(wall.commits),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "device": device,
         "machine": f"{platform.machine()}, {platform.processor() or platform.node()}",
@@ -204,6 +203,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         out["export"] = export(small, result.plan, s["model"], Path(s["export"]), test,
                                out["after_top1"])
     wall.save()
+    out["wall_s"] = round(wall.seconds(), 1)
     with atomic_path(folder / RESULT) as tmp:
         tmp.write_text(json.dumps(out, indent=1))
     return out
