@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,8 @@ SETTINGS = {
     "seed": 0,
     "export": None,           # a results/ folder to save the fine-tuned model into
     "match_params": None,     # a finished run of this config: target its parameter count
+    "start_from": None,       # a run of this config whose factorized model (checkpoints/start/)
+                              # this one fine-tunes, instead of planning and fitting again
     "transfer": None,         # seed 000's transfer, {data, epochs, train_limit, test_limit,
                               # lr}: a new head trained on the frozen compressed backbone (and,
                               # once per config and data, on the dense one)
@@ -155,6 +158,8 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {s['method']} "
           f"{s['target'] or s['rank']}, {s['schedule']}, "
           f"{s['epochs'] or 0} epoch(s) / {s['steps'] or 0} step(s)", flush=True)
+    if s["start_from"]:
+        reuse_start(folder, s["start_from"])
     plan = sensitivity(model, s, calib, folder) if s["sensitivity"] else None
     result = rc.compress(
         model, x, method=s["method"], rank=None if plan else s["rank"],
@@ -207,6 +212,19 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     with atomic_path(folder / RESULT) as tmp:
         tmp.write_text(json.dumps(out, indent=1))
     return out
+
+
+def reuse_start(folder: Path, other: str) -> None:
+    """Copy run ``other``'s factorized model before fine-tuning into this run's checkpoints, so
+    rc.compress resumes from it (same plan and fitted weights, another fine-tuning)."""
+    source = folder.parent / other / "checkpoints" / "start"
+    target = folder / "checkpoints" / "start"
+    if target.is_dir():
+        return
+    if not (source / "model.safetensors").is_file():
+        raise SystemExit(f"start_from: {source} holds no factorized model yet; run {other!r} "
+                         "first")
+    shutil.copytree(source, target)
 
 
 def sensitivity(model, s: dict, calib, folder: Path):
