@@ -24,6 +24,9 @@ checkpoint_every: 2
 runs:
   tiny:
     export: {export}
+  again:
+    start_from: tiny
+    steps: 2
   head:
     steps: null
     transfer: {{data: mnist, epochs: 1, train_limit: 64, test_limit: 100}}
@@ -60,6 +63,9 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert again.returncode == 0 and "finished earlier" in again.stdout
     assert (tmp_path / "runs" / "tiny" / "tiny" / "result.json").stat().st_mtime_ns == stamp
     assert "| tiny | svd | 8 |" in again.stdout
+    again = json.loads((tmp_path / "runs" / "tiny" / "again" / "result.json").read_text())
+    assert again["resumed"] and again["before_top1"] == result["before_top1"]
+    assert again["params"] == result["params"] and again["steps"] == 2
     head = json.loads((tmp_path / "runs" / "tiny" / "head" / "result.json").read_text())
     for key in ("transfer", "transfer_dense"):
         assert head[key]["data"] == "mnist" and head[key]["test_images"] == 100
