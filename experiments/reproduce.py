@@ -38,6 +38,7 @@ import yaml
 import rankcut as rc
 from rankcut import data as D
 from rankcut.atomic import atomic_path
+from rankcut.io import save_plan
 from rankcut.models import PRETRAINED, create, pretrained_path
 from rankcut.profile import count_macs, count_params
 from rankcut.train import evaluate
@@ -245,8 +246,7 @@ def sensitivity(model, s: dict, calib, folder: Path):
     if opts:
         raise SystemExit(f"sensitivity: unknown keys {sorted(opts)}; known: lam, trial_rank, "
                          "form, options")
-    with atomic_path(path) as tmp:
-        tmp.write_text(plan.to_json() + "\n")
+    save_plan(plan, path)
     return plan
 
 

@@ -31,10 +31,9 @@ from typing import Any
 
 from torch import nn
 
-from .atomic import atomic_path
 from .calibrate import calibration_batches, reestimate_batchnorm
 from .defaults import COMPRESS
-from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save
+from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save, save_plan
 from .layers import CPConv2d, FactorizedLayer
 from .plans import Plan
 from .select import parse_target
@@ -100,12 +99,6 @@ def densify(model: nn.Module) -> nn.Module:
     for name in names:
         set_submodule(out, name, out.get_submodule(name).to_dense())
     return out
-
-
-def _write_plan(plan: Plan, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(plan.to_json() + "\n")
 
 
 def _on_first_process(fn) -> None:
@@ -282,7 +275,7 @@ class _Job:
             return stored
         plan = plan if plan is not None else make()
         if path is not None:
-            _on_first_process(lambda: _write_plan(plan, path))
+            _on_first_process(lambda: save_plan(plan, path))
         return plan
 
     def checkpointed(self, name: str | None) -> dict:

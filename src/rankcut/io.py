@@ -79,9 +79,16 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
         digest = _sha256(tmp)
     stored.meta.update(weights_file=WEIGHTS_FILE, weights_sha256=digest,
                        rankcut_version=__version__, model_class=type(model).__name__)
-    with atomic_path(folder / PLAN_FILE) as tmp:
-        tmp.write_text(stored.to_json() + "\n")
+    save_plan(stored, folder / PLAN_FILE)
     return folder
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
+    """Write ``plan`` as JSON to the file ``path`` (atomically; its folder made if missing)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(plan.to_json() + "\n")
+    return path
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
