@@ -168,3 +168,19 @@ def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, 
     assert code == 0, err
     assert (tmp_path / "a" / "analysis.json").stat().st_size > 0
     assert "layer1.0.conv1" in stdout
+
+
+def test_multistage_accuracy_floor_is_checked_on_held_out_training_data(weights, shared_data,
+                                                                         capsys, tmp_path):
+    """--min-accuracy is a choice made on data: it is checked on --val-split examples held out
+    of the training split (and not trained on), never on the test images."""
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "compress", "--model", "resnet20_cifar", "--weights", weights, "--data",
+        "cifar10", "--data-dir", shared_data, "--method", "tucker", "--target", "macs=1.05x",
+        "--schedule", "multistage", "--rounds", 2, "--min-accuracy", 10, "--val-split", 96,
+        "--min-params", 30000, "--allow-slower", "--calib", 32, "--eval-limit", 50,
+        "--finetune-steps", 1, "--batch-size", 32, "--no-latency", "--out", out, "--quiet")
+    assert code == 0, err
+    stages = json.loads((out / "report.json").read_text())["meta"]["stages"]
+    assert len(stages) == 2 and all(s["val"]["n"] == 96 for s in stages)

@@ -139,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"multistage rounds (default {COMPRESS['rounds']})")
     p.add_argument("--steps-per-layer", type=int, help="layerwise fine-tuning steps per layer")
     p.add_argument("--min-accuracy", type=float,
-                   help="multistage: stop when test top-1 (%%) falls below this")
+                   help="multistage: stop when top-1 (%%) on a validation split held out of the "
+                        "training set falls below this")
+    p.add_argument("--val-split", type=float,
+                   help="with --min-accuracy: the fraction (0.1) or number (5000) of training "
+                        "examples held out to check it, not trained on (default 0.1)")
     _finetune_args(p)
     p.add_argument("--no-latency", action="store_true", help="do not time the models")
     _out_args(p, "output folder (plan.json, model.safetensors, report.json, report.md, plots)")
@@ -420,6 +424,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
     accuracy = getattr(args, "min_accuracy", None)
     if accuracy is not None and not (math.isfinite(accuracy) and 0 <= accuracy <= 100):
         raise UserError(f"--min-accuracy: expected a top-1 in percent, 0 to 100, got {accuracy}")
+    split = getattr(args, "val_split", None)
+    if split is not None and not (0 < split < 1 or (split >= 1 and split == int(split))):
+        raise UserError(f"--val-split: expected a fraction in (0, 1) or a whole number of "
+                        f"examples, got {split:g}")
 
 
 def _folder_problem(flag: str, path: Path, marker: str | None, overwrite: bool,
@@ -535,6 +543,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError("--min-accuracy: only with --schedule multistage")
         if args.min_accuracy is not None and not args.data:
             raise UserError("--min-accuracy: needs --data (to measure the accuracy on)")
+        if args.val_split is not None and args.min_accuracy is None:
+            raise UserError("--val-split: only with --min-accuracy (it holds out the data that "
+                            "checks it)")
         if args.steps_per_layer is not None and args.schedule != "layerwise":
             raise UserError("--steps-per-layer: only with --schedule layerwise")
         args.plan_obj = _check_plan(args)
@@ -597,6 +608,13 @@ class _Context:
         except ValueError:
             return a.data  # the dataset's own statistics
 
+    def transform(self, train: bool):
+        from . import data as D
+
+        a = self.args
+        return D.transforms(a.data, train=train, normalization=self.normalization(),
+                            size=a.image_size)
+
     def dataset(self, split: str, train_transform: bool = False, limit=None):
         from . import data as D
 
@@ -604,12 +622,24 @@ class _Context:
         if not a.data:
             raise UserError("--data: this needs a dataset (cifar10, cifar100, mnist, "
                             "fashion_mnist, imagefolder)")
-        transform = D.transforms(a.data, train=train_transform,
-                                 normalization=self.normalization(), size=a.image_size)
+        transform = self.transform(train=train_transform)
         key = (split, limit)  # read each split once; training, calibration and inputs share it
         if key not in self._read:
             self._read[key] = D.dataset(a.data, split, root=a.data_dir, limit=limit)
         return D.with_transform(self._read[key], transform)
+
+    def train_val(self, train, val):
+        """``train`` (the training split) less a seeded held-out part, and that part with the
+        evaluation transform: data to make choices on (an accuracy floor) without the test
+        split."""
+        from . import data as D
+
+        train = train if train is not None else self.dataset("train", train_transform=True)
+        try:
+            return D.train_val_split(train, val=val, seed=self.args.seed,
+                                     val_transform=self.transform(train=False))
+        except ValueError as e:
+            raise UserError(f"--val-split: {e}") from None
 
     def test_data(self):
         return self.dataset("test", limit=self.args.eval_limit)
@@ -703,6 +733,10 @@ def cmd_compress(args) -> int:
     tune = epochs is not None or steps is not None or args.steps_per_layer
     train = ctx.dataset("train", train_transform=True) if tune else None
     test = ctx.test_data() if args.data else None
+    val = None
+    if args.min_accuracy is not None:  # the floor is a choice made on data: not the test split
+        split = 0.1 if args.val_split is None else args.val_split
+        train, val = ctx.train_val(train, split if split < 1 else int(split))
     calib = ctx.calib_data(args.calib) if plan is None or args.calib else None
     what = (f"plan {args.plan}" if plan is not None else
             f"method {args.method}, " + (f"target {args.target}" if args.target else "")
@@ -713,7 +747,7 @@ def cmd_compress(args) -> int:
         model, x, method=args.method, rank=args.rank, target=args.target,
         schedule=args.schedule, plan=plan, calib_data=calib, train_data=train, epochs=epochs,
         steps=steps, steps_per_layer=args.steps_per_layer, rounds=args.rounds,
-        val_data=test if args.min_accuracy is not None else None,
+        val_data=val,
         min_accuracy=args.min_accuracy, distill=args.distill,
         plan_options=ctx.plan_options(), finetune_options=ctx.finetune_options(),
         progress=ctx.progress, sequential=args.sequential)
