@@ -77,6 +77,8 @@ SETTINGS = {
                               # conv, to `target` (params=...)
     "note": "",               # printed in the summary
 }
+# transfer's keys and their defaults ("data" has none: it must be given)
+TRANSFER = {"data": None, "epochs": 2, "train_limit": 10000, "test_limit": None, "lr": 0.05}
 RESULT = "result.json"
 # The runs of one invocation share what planning measures before the target matters (the
 # calibration moments, every layer's candidates): a sweep of ratios of one model scores once.
@@ -95,6 +97,56 @@ def settings_of(config: dict, name: str) -> dict:
     if not merged["model"]:
         raise SystemExit(f"run {name!r}: no model")
     return merged
+
+
+def check(config: dict, name: str, s: dict) -> None:
+    """Refuse, before any run starts, a run whose settings rankcut would refuse hours later:
+    an unknown model, method, rank rule, target or schedule; sensitivity or transfer keys or CP
+    options that do not exist; a match_params or start_from naming no run of the config."""
+    from rankcut.plans import LayerPlan
+    from rankcut.select.planner import parse_target
+    from rankcut.select.rules import parse_rank
+
+    def refuse(what: str, err) -> None:
+        raise SystemExit(f"run {name!r}: {what}: {err}")
+
+    if s["model"] not in PRETRAINED and s["weights"] == "pretrained":
+        refuse("model", f"no pretrained weights for {s['model']!r} (known: "
+                        f"{', '.join(PRETRAINED)}); give weights: FILE")
+    if s["method"] != "auto":
+        try:
+            rc.methods.resolve(s["method"])
+        except ValueError as err:
+            refuse("method", err)
+    for key, parse in (("rank", parse_rank), ("target", parse_target)):
+        if s[key] is not None:
+            try:
+                parse(s[key])
+            except ValueError as err:
+                refuse(key, err)
+    if s["schedule"] not in ("one_shot", "layerwise", "multistage"):
+        refuse("schedule", f"expected one_shot, layerwise or multistage, got {s['schedule']!r}")
+    for key in ("match_params", "start_from"):
+        if s[key] is not None and s[key] not in config["runs"]:
+            refuse(key, f"no run {s[key]!r} in this config")
+    if s["sensitivity"] is not None:
+        opts = dict(s["sensitivity"])
+        unknown = sorted(set(opts) - {"lam", "trial_rank", "form", "options"})
+        if unknown:
+            refuse("sensitivity", f"unknown keys {unknown}; known: lam, trial_rank, form, "
+                                  "options")
+        if s["target"] is None:
+            refuse("sensitivity", "needs a target (params=...)")
+        try:  # the CP options and form every layer of the plan will carry
+            LayerPlan("cp", (1,), form=opts.get("form"), options=opts.get("options") or {})
+            rc.methods.resolve("cp", opts.get("form"))
+        except (TypeError, ValueError) as err:
+            refuse("sensitivity", err)
+    if s["transfer"] is not None:
+        unknown = sorted(set(s["transfer"]) - set(TRANSFER))
+        if unknown or "data" not in s["transfer"]:
+            refuse("transfer", f"expected keys {', '.join(TRANSFER)} ('data' required), got "
+                               f"{sorted(s['transfer'])}")
 
 
 def _commit() -> str:
@@ -243,9 +295,6 @@ def sensitivity(model, s: dict, calib, folder: Path):
     plan = sensitivity_plan(model, names, calib, target=s["target"], method="cp",
                             lam=opts.pop("lam", 0.0), trial_rank=opts.pop("trial_rank", 5),
                             form=opts.pop("form", None), options=opts.pop("options", None))
-    if opts:
-        raise SystemExit(f"sensitivity: unknown keys {sorted(opts)}; known: lam, trial_rank, "
-                         "form, options")
     save_plan(plan, path)
     return plan
 
@@ -254,11 +303,7 @@ def transfer_head(backbone, s: dict, root: Path, folder: Path, device: str) -> d
     """Top-1 of a new head trained on ``backbone``, frozen (rc.transfer), on the test split of
     ``s["transfer"]["data"]`` (MNIST-style digits made 3-channel 32x32 by the transform);
     checkpointed in ``folder`` so a killed run resumes it."""
-    t = {"epochs": 2, "train_limit": 10000, "test_limit": None, "lr": 0.05, **s["transfer"]}
-    unknown = sorted(set(t) - {"data", "epochs", "train_limit", "test_limit", "lr"})
-    if unknown:
-        raise SystemExit(f"transfer: unknown keys {unknown}; known: data, epochs, train_limit, "
-                         "test_limit, lr")
+    t = {**TRANSFER, **s["transfer"]}
     tf = D.transforms(t["data"], train=False, normalization=s["model"], size=32)
     train = D.dataset(t["data"], "train", root=root, transform=tf, limit=t["train_limit"])
     test = D.dataset(t["data"], "test", root=root, transform=tf, limit=t["test_limit"])
@@ -334,14 +379,14 @@ def main() -> int:
     base = Path(args.runs_dir) / config_path.stem
     rows = []
     if not args.summary:
+        every = {name: settings_of(config, name) for name in names}
+        for name, s in every.items():
+            check(config, name, s)
         root = D.find_data_root()
         if root is None:
             raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "
                              "../shared/data")
-        for name in names:
-            s = settings_of(config, name)
-            if s["weights"] == "pretrained" and s["model"] not in PRETRAINED:
-                raise SystemExit(f"run {name!r}: no pretrained weights for {s['model']}")
+        for name, s in every.items():
             if (base / name / RESULT).is_file():
                 print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
                 continue

@@ -72,3 +72,55 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
         assert 0 <= head[key]["top1"] <= 100
     assert head["transfer"]["backbone_params"] < head["transfer_dense"]["backbone_params"]
     assert head["before_top1"] == head["after_top1"]  # no fine-tuning on CIFAR-10
+
+
+def _reproduce_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "reproduce", REPO / "experiments" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_committed_config_passes_the_checks_made_before_any_run():
+    import yaml
+
+    reproduce_ = _reproduce_module()
+    configs = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        for name in config["runs"]:
+            reproduce_.check(config, name, reproduce_.settings_of(config, name))
+
+
+def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
+    import pytest
+
+    reproduce_ = _reproduce_module()
+    base = {"model": "resnet20_cifar", "runs": {"ok": {"rank": 8, "method": "svd"}}}
+    bad = {
+        "method": ({"method": "tensor_train"}, "method"),
+        "rank": ({"rank": "energy=2"}, "energy"),
+        "target": ({"target": "macs=0.5x"}, "target"),
+        "schedule": ({"schedule": "twice"}, "schedule"),
+        "options": ({"target": "params=3x", "sensitivity": {"options": {"method": "als"}}},
+                    "solver"),
+        "sens-key": ({"target": "params=3x", "sensitivity": {"lambda": 0.5}}, "lambda"),
+        "transfer": ({"transfer": {"epochs": 1}}, "data"),
+        "match": ({"match_params": "nothing"}, "nothing"),
+        "model": ({"model": "resnet21_cifar"}, "resnet21_cifar"),
+    }
+    for key, (own, words) in bad.items():
+        config = {**base, "runs": {**base["runs"], key: own}}
+        with pytest.raises(SystemExit, match=words):
+            reproduce_.check(config, key, reproduce_.settings_of(config, key))
+    # on the command line: refused with that message before "ok", listed first, runs
+    path = tmp_path / "c.yaml"
+    path.write_text("model: resnet20_cifar\nruns:\n  ok: {rank: 8, method: svd}\n"
+                    "  late: {method: tensor_train}\n")
+    done = reproduce(path, tmp_path / "runs", {**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0 and "tensor_train" in done.stderr
+    assert not (tmp_path / "runs").exists()
