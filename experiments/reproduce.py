@@ -238,6 +238,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         "macs": count_macs(small, x), "dense_macs": count_macs(model, x),
         "layers": {m: sum(lp.method == m for lp in result.plan.active.values())
                    for m in sorted({lp.method for lp in result.plan.active.values()})},
+        "ranks": {n: list(lp.ranks) for n, lp in result.plan.active.items()},
         "lr": next((st["train"]["lr"] for st in result.stages if st.get("train")), None),
         "resumed": bool(result.stages[0].get("resumed")),
         "commit": "+".join(wall.commits),
@@ -352,6 +353,28 @@ def summary(rows: list[dict]) -> str:
             f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | "
             f"{r['epochs'] if r['epochs'] is not None else r['steps']} | "
             f"{r['wall_s'] / 60:.0f} | {r['commit']} |")
+    sens = [r for r in rows if r.get("sensitivity")]
+    if sens:  # seed 000's table: λ, solver, ranks
+        lines += ["", "| run | model | λ | form | solver | total rank | params x | before % | "
+                  "after % | wall min |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+        for r in sens:
+            t = r["sensitivity"]
+            solver = (t.get("options") or {}).get("solver", "als")
+            total = sum(sum(v) for v in r["ranks"].values()) if "ranks" in r else "-"
+            lines.append(f"| {r['name']} | {r['model']} | {t.get('lam', 0.0)} | "
+                         f"{t.get('form') or 'cp4'} | {solver} | {total} | {r['params_x']:.2f} | "
+                         f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | "
+                         f"{r['wall_s'] / 60:.0f} |")
+    moved = [r for r in rows if r.get("transfer")]
+    if moved:  # seed 000's transfer: a new head on the frozen backbone
+        lines += ["", "| run | data | backbone rank | backbone params | top-1 % | dense backbone "
+                  "params | dense top-1 % | test images |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in moved:
+            t, d = r["transfer"], r["transfer_dense"]
+            lines.append(f"| {r['name']} | {t['data']} | {r['rank'] or r['target']} | "
+                         f"{t['backbone_params']:,} | {t['top1']:.2f} | "
+                         f"{d['backbone_params']:,} | {d['top1']:.2f} | {t['test_images']} |")
     return "\n".join(lines)
 
 
@@ -412,13 +435,43 @@ def main() -> int:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Top-1 after fine-tuning against the parameter ratio, one line per method (and model),
-    the dense model's top-1 dashed: MTD's argument that mixing methods pays, made visible."""
+    the dense model's top-1 dashed: MTD's argument that mixing methods pays, made visible. For a
+    config of transfer runs, seed 000's figure instead (top-1 against backbone parameters)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    if all(r.get("transfer") for r in rows):
+        _plot_transfer(ax, rows)
+    else:
+        _plot_ratios(ax, rows)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_transfer(ax, rows: list[dict]) -> None:
+    """Seed 000's transfer figure: the new head's top-1 against the backbone's parameters, one
+    line per dataset, the dense backbone a star."""
+    for data in sorted({r["transfer"]["data"] for r in rows}):
+        rs = sorted((r for r in rows if r["transfer"]["data"] == data),
+                    key=lambda r: r["transfer"]["backbone_params"])
+        line, = ax.plot([r["transfer"]["backbone_params"] for r in rs],
+                        [r["transfer"]["top1"] for r in rs], "o-", label=data)
+        dense = rs[0]["transfer_dense"]
+        ax.plot([dense["backbone_params"]], [dense["top1"]], "*", ms=12,
+                color=line.get_color(), label=f"{data}, dense backbone")
+    ax.set_xscale("log")
+    ax.set_xlabel("backbone parameters")
+    ax.set_ylabel("top-1 % of the new head")
+    ax.set_title(f"{rows[0]['model']} backbone, frozen")
+    ax.legend(fontsize=8)
+
+
+def _plot_ratios(ax, rows: list[dict]) -> None:
     series: dict[str, list] = {}
     for r in rows:
         how = "sensitivity CP" if r.get("sensitivity") else r["method"]
@@ -435,10 +488,6 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("top-1 % after fine-tuning")
     ax.set_title("dense dashed, 1 point below dotted")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -59,10 +59,10 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert evaluate(loaded, test)["top1"] == result["export"]["top1_loaded"]
     assert abs(result["export"]["top1_loaded"] - result["after_top1"]) <= 0.1
     stamp = (tmp_path / "runs" / "tiny" / "tiny" / "result.json").stat().st_mtime_ns
-    again = reproduce(config, tmp_path / "runs", env)
-    assert again.returncode == 0 and "finished earlier" in again.stdout
+    rerun = reproduce(config, tmp_path / "runs", env)
+    assert rerun.returncode == 0 and "finished earlier" in rerun.stdout
     assert (tmp_path / "runs" / "tiny" / "tiny" / "result.json").stat().st_mtime_ns == stamp
-    assert "| tiny | svd | 8 |" in again.stdout
+    assert "| tiny | svd | 8 |" in rerun.stdout
     again = json.loads((tmp_path / "runs" / "tiny" / "again" / "result.json").read_text())
     assert again["resumed"] and again["before_top1"] == result["before_top1"]
     assert again["params"] == result["params"] and again["steps"] == 2
@@ -72,6 +72,8 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
         assert 0 <= head[key]["top1"] <= 100
     assert head["transfer"]["backbone_params"] < head["transfer_dense"]["backbone_params"]
     assert head["before_top1"] == head["after_top1"]  # no fine-tuning on CIFAR-10
+    assert f"| head | mnist | 8 | {head['transfer']['backbone_params']:,} |" in rerun.stdout
+    assert head["ranks"] == {n: [8] for n in head["ranks"]} and len(head["ranks"]) == 18
 
 
 def _reproduce_module():
@@ -124,3 +126,26 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
     done = reproduce(path, tmp_path / "runs", {**os.environ, "RANKCUT_DATA": str(tmp_path)})
     assert done.returncode != 0 and "tensor_train" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
+    reproduce_ = _reproduce_module()
+    common = {"model": "resnet56_cifar", "method": "cp", "target": "params=3x", "rank": None,
+              "params_x": 3.0, "macs_x": 2.5, "dense_top1": 92.7, "before_top1": 80.0,
+              "after_top1": 91.0, "epochs": 1, "steps": None, "wall_s": 600.0, "commit": "c"}
+    sens = [{**common, "name": f"lam{lam}", "ranks": {"a": [3], "b": [4 + i]},
+             "sensitivity": {"lam": lam, "form": "cp3", "options": {"solver": "tpm"}}}
+            for i, lam in enumerate((0.0, 0.5))]
+    table = reproduce_.summary(sens)
+    assert "| lam0.5 | resnet56_cifar | 0.5 | cp3 | tpm | 8 | 3.00 | 80.00 | 91.00 | 10 |" in table
+    moved = [{**common, "name": f"p{p}", "rank": f"params={p}", "target": None,
+              "transfer": {"data": "mnist", "top1": 90.0 + p, "backbone_params": int(1e5 * p),
+                           "test_images": 100},
+              "transfer_dense": {"data": "mnist", "top1": 99.0, "backbone_params": 850000}}
+             for p in (0.1, 0.5)]
+    table = reproduce_.summary(moved)
+    assert "| p0.5 | mnist | params=0.5 | 50,000 | 90.50 | 850,000 | 99.00 | 100 |" in table
+    for rows in (sens, moved):
+        path = reproduce_.plot(rows, tmp_path / "s.png")
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
+        path.unlink()
