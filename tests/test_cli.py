@@ -115,8 +115,13 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
                           "--data", "cifar10", "--data-dir", shared_data, "--eval-limit", 200)
     assert code == 0 and f"top-1 {direct['top1']:.2f}%" in stdout
     code, stdout, _ = run(capsys, "benchmark", "--model", "resnet20_cifar", "--compressed", out,
-                          "--input-shape", "3,32,32", "--batches", 1, 4, "--repeats", 5)
+                          "--input-shape", "3,32,32", "--batches", 1, 4, "--repeats", 5,
+                          "--fused")
     assert code == 0 and "speed-up" in stdout
+    rows = [line.split() for line in stdout.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("plain", "1"), ("fused", "1"), ("plain", "4"),
+                                            ("fused", "4")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("x") for r in rows)
     code, _, err = run(capsys, "export", "--model", "resnet20_cifar", "--compressed", out,
                        "--input-shape", "3,32,32", "--format", "torchscript", "--output",
                        tmp_path / "m.pt")

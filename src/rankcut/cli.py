@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32],
                    help="batch sizes (each >= 1)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per batch size (>= 1)")
+    p.add_argument("--fused", action="store_true",
+                   help="also time both models fused as 'rankcut export' writes them "
+                        "(BatchNorm folded, factorizations that save nothing made dense)")
     _common(p)
 
     p = sub.add_parser("export", help="write a compressed model as ONNX or TorchScript")
@@ -793,14 +796,21 @@ def cmd_benchmark(args) -> int:
     model = ctx.model().to(ctx.device)
     small = ctx.compressed(args.compressed).to(ctx.device)
     x = ctx.example_inputs()
+    pairs = [("", model, small)]
+    if args.fused:
+        from .fuse import fuse
+
+        xd = x.to(ctx.device)
+        pairs.append(("fused ", fuse(model, xd), fuse(small, xd)))
     _say(f"latency on {ctx.device}, {torch.get_num_threads()} threads, median of "
          f"{args.repeats} interleaved runs:")
-    _say(f"{'batch':>6} {'original ms':>12} {'compressed ms':>14} {'speed-up':>9}")
+    _say(f"{'':6} {'batch':>6} {'original ms':>12} {'compressed ms':>14} {'speed-up':>9}")
     for batch in args.batches:
         xb = x.expand(batch, *x.shape[1:]).contiguous().to(ctx.device)
-        a, b = compare_latency(model, small, xb, repeats=args.repeats)
-        _say(f"{batch:>6} {a.median_ms:12.3f} {b.median_ms:14.3f} "
-             f"{a.median_ms / b.median_ms:8.2f}x")
+        for label, dense, compressed in pairs:
+            a, b = compare_latency(dense, compressed, xb, repeats=args.repeats)
+            _say(f"{label or 'plain':6} {batch:>6} {a.median_ms:12.3f} {b.median_ms:14.3f} "
+                 f"{a.median_ms / b.median_ms:8.2f}x")
     return 0
 
 
