@@ -452,3 +452,67 @@ def test_distilling_a_compressed_pretrained_resnet20(shared_data):
     train_losses = [e["loss"] for e in result.history]
     assert train_losses[-1] < train_losses[0]
     assert all(torch.equal(v, teacher_state[k]) for k, v in original.state_dict().items())
+
+
+def conv_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4))
+
+
+class ViewHead(nn.Module):
+    """Flattens a 2x2 activation with .view, which a channels_last activation cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = nn.functional.adaptive_avg_pool2d(self.conv(x), 2)
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def images(n: int = 64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_auto_memory_format_trains_channels_last_and_puts_the_layout_back():
+    data = images()
+    model, teacher = conv_net(), conv_net(seed=1)
+    during = []
+
+    def look(info):
+        during.append([p.is_contiguous(memory_format=torch.channels_last)
+                       for m in (info["model"], teacher) for p in m.parameters() if p.ndim == 4]
+                      + [info["model"][0].weight.is_contiguous()])
+
+    auto = finetune(copy.deepcopy(model), data, steps=3, batch_size=16, teacher=teacher,
+                    callback=look, progress=False)
+    assert during == [[True] * 4 + [False]] * 3
+    assert all(p.is_contiguous() for m in (auto.model, teacher) for p in m.parameters())
+    plain = finetune(copy.deepcopy(model), data, steps=3, batch_size=16, teacher=teacher,
+                     memory_format=None, progress=False)
+    for (name, a), b in zip(auto.model.state_dict().items(), plain.model.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(auto.model[0].weight, model[0].weight)  # it did train
+
+
+def test_auto_memory_format_falls_back_when_the_forward_cannot_take_channels_last():
+    data = images()
+    with pytest.warns(UserWarning, match="channels_last"):
+        result = finetune(ViewHead(), data, steps=2, batch_size=16, progress=False)
+    assert result.steps == 2 and result.model.conv.weight.is_contiguous()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune(ViewHead(), data, steps=1, batch_size=16, memory_format="contiguous",
+                 progress=False)
+    with pytest.raises(RuntimeError, match="view"):  # asked for explicitly: not overruled
+        finetune(ViewHead(), data, steps=1, batch_size=16, memory_format="channels_last",
+                 progress=False)
+    with pytest.raises(ValueError, match="memory_format"):
+        finetune(ViewHead(), data, steps=1, memory_format="nhwc", progress=False)
