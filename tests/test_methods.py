@@ -144,8 +144,9 @@ def test_curve_candidates_are_priced_as_the_registry_prices_them(net, name, form
 
 
 def test_tucker_curve_keeps_the_frontier_of_aligned_rank_pairs_beside_the_full_one():
-    """Every rank pair of multiples of RANK_ALIGN that no other such pair beats on MACs and
-    error is on the curve, with the frontier of all pairs; every candidate is on one of them."""
+    """Every aligned rank pair (multiples of RANK_ALIGN, or a mode's full size) that no other
+    such pair beats on MACs and error is on the curve, with the frontier of all pairs; every
+    candidate is on one of them."""
     from rankcut.curves import aligned, pareto, tucker_errors
 
     torch.manual_seed(0)
@@ -155,10 +156,20 @@ def test_tucker_curve_keeps_the_frontier_of_aligned_rank_pairs_beside_the_full_o
     every = [curves_candidate(spec, conv, (t, s), float(E[t - 1, s - 1]))
              for t in range(1, 41) for s in range(1, 25)]
     full = {c.ranks for c in pareto(every, "macs")}
-    on_grid = {c.ranks for c in pareto([c for c in every if aligned(c.ranks)], "macs")}
+    on_grid = {c.ranks for c in pareto([c for c in every if aligned(c.ranks, (40, 24))],
+                                       "macs")}
     got = {c.ranks for c in curve}
-    assert on_grid <= got and full <= got and got <= full | on_grid | {(40, 24)}
+    assert on_grid <= got and full <= got and got <= full | on_grid
     assert on_grid - full  # the full frontier alone would miss them
+
+
+def test_a_rank_is_aligned_at_a_multiple_of_8_or_at_its_modes_full_size():
+    from rankcut.curves import RANK_ALIGN, aligned, aligned_ranks
+
+    assert RANK_ALIGN == 8
+    assert aligned((16, 8)) and not aligned((16, 3)) and aligned((16, 3), (64, 3))
+    assert not aligned((16, 3), (64, 4)) and aligned((), ())
+    assert aligned_ranks(20).nonzero().flatten().add(1).tolist() == [8, 16, 20]
 
 
 def curves_candidate(spec, conv, ranks, error):

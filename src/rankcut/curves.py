@@ -169,15 +169,17 @@ def tucker_curve(method, module, shape, form=None, options=None, kind="params"):
                       round(float(macs[i])), float(flat[i])) for i in keep]
 
 
-def aligned(ranks) -> bool:
-    """Whether every rank is a multiple of :data:`RANK_ALIGN`."""
-    return all(r % RANK_ALIGN == 0 for r in ranks)
+def aligned(ranks, full=()) -> bool:
+    """Whether every rank suits the kernels: a multiple of :data:`RANK_ALIGN`, or the full size
+    ``full[i]`` of its mode (nothing is cut there: a Tucker-2 rank equal to the channels); the one
+    definition the curves, the candidates' rescoring and the clock share."""
+    return all(r % RANK_ALIGN == 0 or (i < len(full) and r == full[i])
+               for i, r in enumerate(ranks))
 
 
 def aligned_ranks(n: int) -> torch.Tensor:
-    """Which of the ranks 1..n suit the kernels: the multiples of :data:`RANK_ALIGN`, and n."""
-    r = torch.arange(1, n + 1)
-    return (r % RANK_ALIGN == 0) | (r == n)
+    """Which of the ranks 1..n of a mode of size n are :func:`aligned`."""
+    return torch.tensor([aligned((r,), (n,)) for r in range(1, n + 1)])
 
 
 def _front(cost: torch.Tensor, error: torch.Tensor, among: torch.Tensor) -> torch.Tensor:

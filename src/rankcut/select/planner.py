@@ -138,9 +138,9 @@ def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
         return [Candidate(c.method, c.ranks, c.form, c.params, c.macs,
                           float(errs[c.ranks[0] - 1]), {DATA_AWARE: True}) for c in cands]
     if len(cands) > most:  # spread over the frontier, and over that of the aligned ranks
+        fit = [c for c in cands if aligned(c.ranks, spec.max_rank(module, c.form))]
         cands = list(dict.fromkeys(
-            _spread(pareto(cands, kind), most)
-            + _spread(pareto([c for c in cands if aligned(c.ranks)], kind), most // 3)))
+            _spread(pareto(cands, kind), most) + _spread(pareto(fit, kind), most // 3)))
     opts = _solver_options(spec, options, scoring=True)
     return measured(spec, [(module, c, covs if spec.data_aware else None) for c in cands], opts)
 
@@ -554,7 +554,8 @@ class _Clock:
             layer.dense = self._priced(layer.dense, dense_ms[name], dense_ms[name])
             groups: dict[tuple, list[Candidate]] = {}
             for c in layer.cands:  # aligned ranks apart: timed, they may win at equal cost
-                groups.setdefault((c.method, c.form, aligned(c.ranks)), []).append(c)
+                full = methods.get(c.method).max_rank(layer.module, c.form)
+                groups.setdefault((c.method, c.form, aligned(c.ranks, full)), []).append(c)
             layer.cands = [self._priced(c, self._ms(layer, c), dense_ms[name])
                            for group in groups.values() for c in pareto(group, kind)]
 
