@@ -40,7 +40,7 @@ from rankcut import data as D
 from rankcut.atomic import atomic_path
 from rankcut.io import save_plan
 from rankcut.models import PRETRAINED, create, pretrained_path
-from rankcut.profile import count_macs, count_params
+from rankcut.profile import count_macs, count_params, speedups
 from rankcut.train import evaluate
 
 # Every key a config (or a run) may set, with its default.
@@ -75,6 +75,8 @@ SETTINGS = {
     "sensitivity": None,      # seed 000's ranks instead of `method`: {lam, trial_rank, form,
                               # options} for rankcut.select.sensitivity_plan over every eligible
                               # conv, to `target` (params=...)
+    "latency": [1, 32],       # batches to time dense against compressed at, plain and fused
+                              # (rankcut.profile.speedups, after fine-tuning); [] to skip
     "note": "",               # printed in the summary
 }
 # transfer's keys and their defaults ("data" has none: it must be given)
@@ -124,6 +126,10 @@ def check(config: dict, name: str, s: dict) -> None:
                 parse(s[key])
             except ValueError as err:
                 refuse(key, err)
+    batches = s["latency"] or []
+    if not isinstance(batches, list) or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                and b >= 1 for b in batches):
+        refuse("latency", f"expected a list of batch sizes >= 1, got {s['latency']!r}")
     if s["schedule"] not in ("one_shot", "layerwise", "multistage"):
         refuse("schedule", f"expected one_shot, layerwise or multistage, got {s['schedule']!r}")
     for key in ("match_params", "start_from"):
@@ -257,6 +263,8 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
             with atomic_path(dense_file) as tmp:
                 tmp.write_text(json.dumps(dense_result))
         out["transfer_dense"] = json.loads(dense_file.read_text())
+    if s["latency"]:
+        out["latency"] = speedups(model, small, x, s["latency"], repeats=20)
     rc.save(small, folder / "model", plan=result.plan)
     if s["export"]:
         out["export"] = export(small, result.plan, s["model"], Path(s["export"]), test,
@@ -342,16 +350,23 @@ def matched_target(base: Path, name: str, s: dict) -> str:
     return f"params={r['params'] / r['dense_params']:.6f}"
 
 
+def _fused(r: dict) -> str:
+    """"1.9x b1, 2.4x b32": the fused speed-ups a run measured, or "-"."""
+    rows = [t for t in r.get("latency", []) if t["form"] == "fused"]
+    return ", ".join(f"{t['speedup']:.2f}x b{t['batch']}" for t in rows) or "-"
+
+
 def summary(rows: list[dict]) -> str:
     head = ("| run | method | target | params x | MACs x | dense % | before % | after % | "
-            "epochs | wall min | commit |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+            "epochs | fused speed-up | wall min | commit |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['method']} | {r['target'] or r['rank']} | "
             f"{r['params_x']:.1f} | {r['macs_x']:.2f} | {r['dense_top1']:.2f} | "
             f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | "
-            f"{r['epochs'] if r['epochs'] is not None else r['steps']} | "
+            f"{r['epochs'] if r['epochs'] is not None else r['steps']} | {_fused(r)} | "
             f"{r['wall_s'] / 60:.0f} | {r['commit']} |")
     sens = [r for r in rows if r.get("sensitivity")]
     if sens:  # seed 000's table: λ, solver, ranks

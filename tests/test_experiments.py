@@ -21,6 +21,7 @@ calib: 32
 steps: 3
 batch_size: 8
 checkpoint_every: 2
+latency: [2]
 runs:
   tiny:
     export: {export}
@@ -51,6 +52,8 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert set(result["layers"]) == {"svd"}
     assert 0 < result["before_top1"] <= 100 and 0 < result["after_top1"] <= 100
     assert result["test_images"] == 1017
+    assert [(t["batch"], t["form"]) for t in result["latency"]] == [(2, "plain"), (2, "fused")]
+    assert all(t["speedup"] == t["dense_ms"] / t["compressed_ms"] > 0 for t in result["latency"])
     # the exported folder is what a user loads from the model's name alone
     test = D.dataset("cifar10", "test", root=shared_data,
                      transform=D.transforms("cifar10", train=False,
@@ -108,6 +111,7 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "rank": ({"rank": "energy=2"}, "energy"),
         "target": ({"target": "macs=0.5x"}, "target"),
         "schedule": ({"schedule": "twice"}, "schedule"),
+        "latency": ({"latency": [0]}, "latency"),
         "options": ({"target": "params=3x", "sensitivity": {"options": {"method": "als"}}},
                     "solver"),
         "sens-key": ({"target": "params=3x", "sensitivity": {"lambda": 0.5}}, "lambda"),
@@ -138,6 +142,10 @@ def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
             for i, lam in enumerate((0.0, 0.5))]
     table = reproduce_.summary(sens)
     assert "| lam0.5 | resnet56_cifar | 0.5 | cp3 | tpm | 8 | 3.00 | 80.00 | 91.00 | 10 |" in table
+    timed = {**sens[0], "latency": [{"batch": 1, "form": "plain", "speedup": 1.5},
+                                    {"batch": 1, "form": "fused", "speedup": 1.25},
+                                    {"batch": 32, "form": "fused", "speedup": 2.0}]}
+    assert "| 1 | 1.25x b1, 2.00x b32 | 10 | c |" in reproduce_.summary([timed])
     moved = [{**common, "name": f"p{p}", "rank": f"params={p}", "target": None,
               "transfer": {"data": "mnist", "top1": 90.0 + p, "backbone_params": int(1e5 * p),
                            "test_images": 100},

@@ -790,27 +790,22 @@ def cmd_evaluate(args) -> int:
 def cmd_benchmark(args) -> int:
     import torch
 
-    from .profile import compare_latency
+    from .profile import speedups
 
     ctx = _Context(args)
     model = ctx.model().to(ctx.device)
     small = ctx.compressed(args.compressed).to(ctx.device)
     x = ctx.example_inputs()
-    pairs = [("", model, small)]
-    if args.fused:
-        from .fuse import fuse
-
-        xd = x.to(ctx.device)
-        pairs.append(("fused ", fuse(model, xd), fuse(small, xd)))
     _say(f"latency on {ctx.device}, {torch.get_num_threads()} threads, median of "
-         f"{args.repeats} interleaved runs:")
+         f"{args.repeats} interleaved runs" + (" (fused: as export writes them, each in its "
+                                               "faster memory format)" if args.fused else "")
+         + ":")
     _say(f"{'':6} {'batch':>6} {'original ms':>12} {'compressed ms':>14} {'speed-up':>9}")
     for batch in args.batches:
-        xb = x.expand(batch, *x.shape[1:]).contiguous().to(ctx.device)
-        for label, dense, compressed in pairs:
-            a, b = compare_latency(dense, compressed, xb, repeats=args.repeats)
-            _say(f"{label or 'plain':6} {batch:>6} {a.median_ms:12.3f} {b.median_ms:14.3f} "
-                 f"{a.median_ms / b.median_ms:8.2f}x")
+        for row in speedups(model, small, x.to(ctx.device), (batch,), fused=args.fused,
+                            repeats=args.repeats):
+            _say(f"{row['form']:6} {batch:>6} {row['dense_ms']:12.3f} "
+                 f"{row['compressed_ms']:14.3f} {row['speedup']:8.2f}x")
     return 0
 
 

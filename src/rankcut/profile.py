@@ -221,6 +221,29 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
             _summary([b for _, b in pairs], batch, dev_b))
 
 
+def speedups(dense: nn.Module, small: nn.Module, example_inputs, batches=(1, 32), *,
+             fused: bool = True, repeats: int = 30) -> list[dict]:
+    """``dense`` against ``small`` at each batch size (``example_inputs`` repeated to it): the
+    models as they are ("plain") and, with ``fused``, both as :func:`rankcut.export` deploys them
+    (:func:`rankcut.fuse`, each in the memory format that runs it faster at that batch).
+    One row per batch and form: dense and compressed medians (interleaved runs) and the speed-up
+    (dense time / compressed time, above 1 when the compressed model is faster)."""
+    from .fuse import fuse
+
+    rows = []
+    for batch in _check_batches(batches):
+        x = with_batch(example_inputs, batch)
+        pairs = [("plain", dense, small)]
+        if fused:
+            pairs.append(("fused", fuse(dense, x, memory_format="auto", check=False),
+                          fuse(small, x, memory_format="auto", check=False)))
+        for form, a_model, b_model in pairs:
+            a, b = compare_latency(a_model, b_model, x, repeats=repeats)
+            rows.append({"batch": batch, "form": form, "dense_ms": a.median_ms,
+                         "compressed_ms": b.median_ms, "speedup": a.median_ms / b.median_ms})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-layer profile
 
