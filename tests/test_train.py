@@ -487,12 +487,12 @@ def test_auto_memory_format_trains_channels_last_and_puts_the_layout_back():
 
     def look(info):
         during.append([p.is_contiguous(memory_format=torch.channels_last)
-                       for m in (info["model"], teacher) for p in m.parameters() if p.ndim == 4]
+                       for p in info["model"].parameters() if p.ndim == 4]
                       + [info["model"][0].weight.is_contiguous()])
 
     auto = finetune(copy.deepcopy(model), data, steps=3, batch_size=16, teacher=teacher,
                     callback=look, progress=False)
-    assert during == [[True] * 4 + [False]] * 3
+    assert during == [[True, True, False]] * 3
     assert all(p.is_contiguous() for m in (auto.model, teacher) for p in m.parameters())
     plain = finetune(copy.deepcopy(model), data, steps=3, batch_size=16, teacher=teacher,
                      memory_format=None, progress=False)
@@ -507,6 +507,12 @@ def test_auto_memory_format_falls_back_when_the_forward_cannot_take_channels_las
     with pytest.warns(UserWarning, match="channels_last"):
         result = finetune(ViewHead(), data, steps=2, batch_size=16, progress=False)
     assert result.steps == 2 and result.model.conv.weight.is_contiguous()
+    teacher = ViewHead()  # the teacher's forward is probed too
+    with pytest.warns(UserWarning, match="channels_last"):
+        result = finetune(conv_net(), data, steps=2, batch_size=16, teacher=teacher,
+                          progress=False)
+    assert result.steps == 2 and result.model[0].weight.is_contiguous()
+    assert teacher.conv.weight.is_contiguous()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         finetune(ViewHead(), data, steps=1, batch_size=16, memory_format="contiguous",
@@ -516,3 +522,31 @@ def test_auto_memory_format_falls_back_when_the_forward_cannot_take_channels_las
                  progress=False)
     with pytest.raises(ValueError, match="memory_format"):
         finetune(ViewHead(), data, steps=1, memory_format="nhwc", progress=False)
+
+
+def test_the_teacher_runs_as_a_fused_copy_and_is_left_as_it_was(monkeypatch):
+    """Distillation runs the teacher with its BatchNorms folded (a copy: the teacher itself is
+    not changed) and gives the same training as the unfused teacher, up to rounding."""
+    data = images()
+    model, teacher = conv_net(), conv_net(seed=1)
+    with torch.no_grad():  # statistics that make the folding matter
+        teacher[1].running_mean.uniform_(-1, 1)
+        teacher[1].running_var.uniform_(0.5, 2)
+    before = copy.deepcopy(teacher.state_dict())
+    calls = []
+    handle = teacher[1].register_forward_hook(lambda *a: calls.append(1))
+    fused = finetune(copy.deepcopy(model), data, steps=3, batch_size=16, teacher=teacher,
+                     memory_format=None, progress=False)
+    handle.remove()
+    assert not calls  # the BatchNorm of the teacher given never ran: its folded copy did
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert teacher.training  # modes left as they were
+    assert teacher[1].running_mean.abs().sum() > 0 and fused.steps == 3
+    import rankcut.train.loop as loop
+
+    monkeypatch.setattr(loop, "_inference_copy", lambda t: t)  # the teacher as given
+    plain = finetune(copy.deepcopy(model), data, steps=3, batch_size=16, teacher=teacher,
+                     memory_format=None, progress=False)
+    for a, b in zip(fused.model.state_dict().values(), plain.model.state_dict().values(),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
