@@ -103,8 +103,10 @@ def settings_of(config: dict, name: str) -> dict:
 
 def check(config: dict, name: str, s: dict) -> None:
     """Refuse, before any run starts, a run whose settings rankcut would refuse hours later:
-    an unknown model, method, rank rule, target or schedule; sensitivity or transfer keys or CP
-    options that do not exist; a match_params or start_from naming no run of the config."""
+    a model without pretrained weights (unless a weights file is given), an unknown method,
+    rank rule, target or schedule; sensitivity or transfer settings that are not mappings of
+    known keys, or CP options that do not exist; latency batches that are not sizes; a
+    match_params or start_from naming no run of the config."""
     from rankcut.plans import LayerPlan
     from rankcut.select.planner import parse_target
     from rankcut.select.rules import parse_rank
@@ -135,6 +137,9 @@ def check(config: dict, name: str, s: dict) -> None:
     for key in ("match_params", "start_from"):
         if s[key] is not None and s[key] not in config["runs"]:
             refuse(key, f"no run {s[key]!r} in this config")
+    for key in ("sensitivity", "transfer"):
+        if s[key] is not None and not isinstance(s[key], dict):
+            refuse(key, f"expected a mapping, got {s[key]!r}")
     if s["sensitivity"] is not None:
         opts = dict(s["sensitivity"])
         unknown = sorted(set(opts) - {"lam", "trial_rank", "form", "options"})

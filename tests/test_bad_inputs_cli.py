@@ -374,6 +374,7 @@ CLI_CASES = [
     ("min-accuracy-150", _compress("--min-accuracy", 150), ["--min-accuracy", "150"]),
     ("val-split-1.5", _compress("--val-split", 1.5), ["--val-split", "1.5"]),
     ("val-split-0", _compress("--val-split", 0), ["--val-split", "fraction"]),
+    ("val-split-inf", _compress("--val-split", "inf"), ["--val-split", "inf"]),
     ("val-split-without-floor", _compress("--val-split", 0.2), ["--val-split", "--min-accuracy"]),
     ("input-shape-zero", lambda tmp: ["compress", "--model", TINY, "--input-shape", "3,0,8",
                                       *PLAN_FLAGS, "--out", tmp / "o"], ["--input-shape"]),

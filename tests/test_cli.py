@@ -189,3 +189,14 @@ def test_multistage_accuracy_floor_is_checked_on_held_out_training_data(weights,
     assert code == 0, err
     stages = json.loads((out / "report.json").read_text())["meta"]["stages"]
     assert len(stages) == 2 and all(s["val"]["n"] == 96 for s in stages)
+    # the held-out part is neither trained nor calibrated on: the rest of the training split is
+    from rankcut.cli import _Context, build_parser
+
+    args = build_parser().parse_args(["compress", "--model", "resnet20_cifar", "--data",
+                                      "cifar10", "--data-dir", str(shared_data), "--target",
+                                      "macs=2x", "--out", str(tmp_path / "o")])
+    ctx = _Context(args)
+    held = ctx.hold_out(96)
+    rest = ctx.dataset("train", train_transform=True)
+    assert len(held) == 96 and len(rest) == 50000 - 96
+    assert not set(held.indices) & set(rest.indices)

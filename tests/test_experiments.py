@@ -116,6 +116,7 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
                     "solver"),
         "sens-key": ({"target": "params=3x", "sensitivity": {"lambda": 0.5}}, "lambda"),
         "transfer": ({"transfer": {"epochs": 1}}, "data"),
+        "transfer-text": ({"transfer": "mnist"}, "mapping"),
         "match": ({"match_params": "nothing"}, "nothing"),
         "model": ({"model": "resnet21_cifar"}, "resnet21_cifar"),
     }

@@ -504,9 +504,13 @@ def test_auto_memory_format_trains_channels_last_and_puts_the_layout_back():
 
 def test_auto_memory_format_falls_back_when_the_forward_cannot_take_channels_last():
     data = images()
-    with pytest.warns(UserWarning, match="channels_last"):
+    with pytest.warns(UserWarning, match="channels_last") as caught:
         result = finetune(ViewHead(), data, steps=2, batch_size=16, progress=False)
     assert result.steps == 2 and result.model.conv.weight.is_contiguous()
+    assert caught[0].filename == __file__  # it names the caller's line
+    volume = conv_net()
+    volume.register_parameter("extra", nn.Parameter(torch.zeros(1, 1, 1, 1, 1)))
+    assert finetune(volume, data, steps=1, batch_size=16, progress=False).steps == 1
     teacher = ViewHead()  # the teacher's forward is probed too
     with pytest.warns(UserWarning, match="channels_last"):
         result = finetune(conv_net(), data, steps=2, batch_size=16, teacher=teacher,

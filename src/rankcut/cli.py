@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="timed runs per batch size (>= 1)")
     p.add_argument("--fused", action="store_true",
                    help="also time both models fused as 'rankcut export' writes them "
-                        "(BatchNorm folded, factorizations that save nothing made dense)")
+                        "(BatchNorm folded, factorizations that save nothing made dense), each "
+                        "in the memory format that runs it faster")
     _common(p)
 
     p = sub.add_parser("export", help="write a compressed model as ONNX or TorchScript")
@@ -428,7 +429,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if accuracy is not None and not (math.isfinite(accuracy) and 0 <= accuracy <= 100):
         raise UserError(f"--min-accuracy: expected a top-1 in percent, 0 to 100, got {accuracy}")
     split = getattr(args, "val_split", None)
-    if split is not None and not (0 < split < 1 or (split >= 1 and split == int(split))):
+    if split is not None and not (math.isfinite(split) and (
+            0 < split < 1 or (split >= 1 and split == int(split)))):
         raise UserError(f"--val-split: expected a fraction in (0, 1) or a whole number of "
                         f"examples, got {split:g}")
 
@@ -589,6 +591,7 @@ class _Context:
         self.device = resolve_device(getattr(args, "device", None))
         self.progress = not args.quiet and sys.stderr.isatty()
         self._read: dict[tuple, object] = {}  # (split, limit) -> the dataset as read, untransformed
+        self.kept = None  # the training split less a held-out part (hold_out), once set
 
     def model(self):
         from . import models
@@ -626,23 +629,26 @@ class _Context:
             raise UserError("--data: this needs a dataset (cifar10, cifar100, mnist, "
                             "fashion_mnist, imagefolder)")
         transform = self.transform(train=train_transform)
+        if split == "train" and self.kept is not None:  # less a held-out part (hold_out)
+            return D.with_transform(self.kept, transform)
         key = (split, limit)  # read each split once; training, calibration and inputs share it
         if key not in self._read:
             self._read[key] = D.dataset(a.data, split, root=a.data_dir, limit=limit)
         return D.with_transform(self._read[key], transform)
 
-    def train_val(self, train, val):
-        """``train`` (the training split) less a seeded held-out part, and that part with the
-        evaluation transform: data to make choices on (an accuracy floor) without the test
-        split."""
+    def hold_out(self, val):
+        """A seeded part of the training split (``val``: a fraction or a count), with the
+        evaluation transform, set aside: data to make choices on (an accuracy floor) that is
+        neither the test split nor trained or calibrated on; from here on the "train" split is
+        the rest."""
         from . import data as D
 
-        train = train if train is not None else self.dataset("train", train_transform=True)
         try:
-            return D.train_val_split(train, val=val, seed=self.args.seed,
-                                     val_transform=self.transform(train=False))
+            self.kept, held = D.train_val_split(self.dataset("train"), val=val,
+                                                seed=self.args.seed)
         except ValueError as e:
             raise UserError(f"--val-split: {e}") from None
+        return held
 
     def test_data(self):
         return self.dataset("test", limit=self.args.eval_limit)
@@ -734,12 +740,12 @@ def cmd_compress(args) -> int:
     plan = args.plan_obj
     epochs, steps = _epochs_steps(args)
     tune = epochs is not None or steps is not None or args.steps_per_layer
-    train = ctx.dataset("train", train_transform=True) if tune else None
-    test = ctx.test_data() if args.data else None
     val = None
     if args.min_accuracy is not None:  # the floor is a choice made on data: not the test split
         split = 0.1 if args.val_split is None else args.val_split
-        train, val = ctx.train_val(train, split if split < 1 else int(split))
+        val = ctx.hold_out(split if split < 1 else int(split))
+    train = ctx.dataset("train", train_transform=True) if tune else None
+    test = ctx.test_data() if args.data else None
     calib = ctx.calib_data(args.calib) if plan is None or args.calib else None
     what = (f"plan {args.plan}" if plan is not None else
             f"method {args.method}, " + (f"target {args.target}" if args.target else "")

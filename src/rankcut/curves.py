@@ -172,7 +172,9 @@ def tucker_curve(method, module, shape, form=None, options=None, kind="params"):
 def aligned(ranks, full=()) -> bool:
     """Whether every rank suits the kernels: a multiple of :data:`RANK_ALIGN`, or the full size
     ``full[i]`` of its mode (nothing is cut there: a Tucker-2 rank equal to the channels); the one
-    definition the curves, the candidates' rescoring and the clock share."""
+    definition the curves, the candidates' rescoring and the clock share. ``full`` is meant for
+    the modes of a full factorization (``Method.max_rank`` of SVD, Tucker-2, ...); CP's is a
+    break-even rank, above any CP candidate scored."""
     return all(r % RANK_ALIGN == 0 or (i < len(full) and r == full[i])
                for i, r in enumerate(ranks))
 

@@ -120,13 +120,18 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
+def _tensors(module: nn.Module):
+    return itertools.chain(module.parameters(), module.buffers())
+
+
 def _layouts(module: nn.Module | None) -> list[tuple[torch.Tensor, torch.memory_format]]:
-    """Each 4-D parameter of ``module`` with its memory format, to put back after training."""
+    """Each 4-D parameter and buffer of ``module`` with its memory format (what
+    ``module.to(memory_format=...)`` changes), to put back after training."""
     if module is None:
         return []
     return [(p, torch.channels_last if not p.is_contiguous()
              and p.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-            for p in module.parameters() if p.ndim == 4]
+            for p in _tensors(module) if p.ndim == 4]
 
 
 def _restore_layouts(layouts) -> None:
@@ -150,8 +155,11 @@ def _inference_copy(teacher: nn.Module) -> nn.Module:
         return teacher
 
 
-def _has_conv(module: nn.Module) -> bool:
-    return any(p.ndim == 4 for p in module.parameters())
+def _suits_channels_last(*modules: nn.Module | None) -> bool:
+    """A 2-D convolution's weight among ``modules``' parameters, and no tensor channels_last
+    cannot take (5-D and up)."""
+    tensors = [p for m in modules if m is not None for p in _tensors(m)]
+    return any(p.ndim == 4 for p in tensors) and all(p.ndim <= 4 for p in tensors)
 
 
 def _check_arguments(o: dict[str, Any]) -> None:
@@ -302,7 +310,10 @@ class _Run:
         # the weights' (and inputs') memory format while training; "auto" is decided on the
         # first batch (_choose_layout)
         self.layout = None
-        self.layout_pending = o["memory_format"] == "auto" and _has_conv(self.model)
+        # under torchrun "auto" keeps the layout: DDP's gradient buckets take the parameters'
+        # strides when the model is wrapped, before the first batch could be probed
+        self.layout_pending = (o["memory_format"] == "auto" and not self.env.active
+                               and _suits_channels_last(self.model, self.teacher))
         if o["memory_format"] in MEMORY_FORMATS:
             self._set_layout(MEMORY_FORMATS[o["memory_format"]])
         for t in ("transform", "val_transform"):
@@ -517,8 +528,8 @@ class _Run:
         self.layout_pending = False
         if x.ndim != 4:
             return
-        self._set_layout(torch.channels_last)
         try:
+            self._set_layout(torch.channels_last)
             with torch.no_grad(), eval_mode(self.model), self.autocast():
                 for module in (self.model, self.teacher):
                     if module is not None:
@@ -529,7 +540,7 @@ class _Run:
             self.layout = None
             warnings.warn(f"memory_format='auto': a forward fails on channels_last "
                           f"inputs ({str(err).splitlines()[0]}); training in its own layout",
-                          stacklevel=4)
+                          stacklevel=6)  # finetune's caller
 
     def _due(self, every: int | None) -> bool:
         return every is not None and self.step % every == 0
