@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 import rankcut as rc
 from rankcut import data as D
@@ -41,12 +42,18 @@ from rankcut.atomic import atomic_path
 from rankcut.io import save_plan
 from rankcut.models import PRETRAINED, create, pretrained_path
 from rankcut.profile import count_macs, count_params, speedups
-from rankcut.train import evaluate
+from rankcut.train import evaluate, finetune
 
 # Every key a config (or a run) may set, with its default.
 SETTINGS = {
     "model": None,            # a rankcut.models name (required)
     "weights": "pretrained",  # "pretrained" (rankcut.models.PRETRAINED) or a file
+    "train": None,            # a recipe (rankcut.train.finetune keyword arguments: epochs, lr,
+                              # ...) that trains the model from scratch on `data` when the
+                              # `weights` file is missing; resumable, then saved there
+    "num_classes": None,      # outputs of a model built here (rankcut.models.create)
+    "normalization": None,    # input statistics (rankcut.data.transforms); None: the model's
+    "image_size": None,       # inputs resized to this side (MNIST's 28 to 32 for a VGG)
     "data": "cifar10",
     "calib": 1024,            # calibration images, drawn from the training split (eval transform)
     "method": "auto",
@@ -114,6 +121,17 @@ def check(config: dict, name: str, s: dict) -> None:
     def refuse(what: str, err) -> None:
         raise SystemExit(f"run {name!r}: {what}: {err}")
 
+    if s["train"] is not None:
+        import inspect
+
+        known = set(inspect.signature(finetune).parameters) - {
+            "model", "train_data", "checkpoint_dir", "resume", "log", "progress", "device",
+            "callback", "teacher", "val_data"}
+        if not isinstance(s["train"], dict) or set(s["train"]) - known:
+            refuse("train", f"expected a mapping of rankcut.train.finetune arguments "
+                            f"({', '.join(sorted(known))}), got {s['train']!r}")
+        if s["weights"] == "pretrained":
+            refuse("train", "needs weights: FILE, where the trained weights go")
     if s["model"] not in PRETRAINED and s["weights"] == "pretrained":
         refuse("model", f"no pretrained weights for {s['model']!r} (known: "
                         f"{', '.join(PRETRAINED)}); give weights: FILE")
@@ -196,19 +214,65 @@ class _Wall:
         return False
 
 
+def datasets(s: dict, root: Path):
+    """(training split with augmentation, the same without, test split) of ``s["data"]``,
+    normalised as ``s["normalization"]`` (default: as the model's weights expect)."""
+    def tf(train: bool):
+        norm = s["normalization"] if s["normalization"] is not None else s["model"]
+        if isinstance(norm, list):  # YAML's [[mean...], [std...]]
+            norm = tuple(tuple(v) for v in norm)
+        return D.transforms(s["data"], train=train, normalization=norm, size=s["image_size"])
+
+    train = D.dataset(s["data"], "train", root=root, transform=tf(True))
+    test = D.dataset(s["data"], "test", root=root, transform=tf(False))
+    return train, D.with_transform(train, tf(False)), test
+
+
+def trained_weights(s: dict, root: Path, device: str) -> dict:
+    """Train ``s["model"]`` from scratch by the recipe ``s["train"]`` (finetune's keyword
+    arguments; seeded, checkpointed beside the weights file, so a killed run resumes) unless its
+    ``s["weights"]`` file exists; save it there with a ``.json`` beside (top-1 on the test
+    split, the recipe, wall time, commit). Returns that record (None for a weights file that
+    was not trained here)."""
+    path = Path(s["weights"])
+    record = path.with_suffix(".json")
+    if path.is_file():  # trained earlier (its record), or a file of the user's (none)
+        return json.loads(record.read_text()) if record.is_file() else None
+    wall = _Wall(path.parent / f"{path.stem}-training")
+    torch.manual_seed(s["seed"])
+    model = create(s["model"], num_classes=s["num_classes"])
+    train, _, test = datasets(s, root)
+    recipe = {"batch_size": s["batch_size"], "seed": s["seed"], **s["train"]}
+    print(f"[weights] training {s['model']} on {s['data']} from scratch: {recipe} -> {path}",
+          flush=True)
+    folder = path.parent / f"{path.stem}-training"
+    result = finetune(model, train, checkpoint_dir=str(folder), resume=True,
+                      log=str(folder / "train.jsonl"), progress=False, device=device,
+                      callback=wall.callback, **recipe)
+    small = result.model.cpu().eval()
+    info = {"model": s["model"], "data": s["data"], "recipe": recipe,
+            "top1": evaluate(small, test)["top1"], "test_images": len(test),
+            "commit": "+".join(wall.commits), "date": time.strftime("%Y-%m-%d"),
+            "threads": torch.get_num_threads(), "device": device}
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+    wall.save()
+    info["wall_s"] = round(wall.seconds(), 1)
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(info, indent=1))
+    print(f"[weights] {path}: top-1 {info['top1']:.2f}% on {len(test)} test images, "
+          f"{info['wall_s'] / 60:.0f} min", flush=True)
+    return info
+
+
 def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
+    trained = trained_weights(s, root, device) if s["train"] else None
     wall = _Wall(folder)
     torch.manual_seed(s["seed"])
     weights = (pretrained_path(s["model"], root) if s["weights"] == "pretrained"
                else Path(s["weights"]))
-    model = create(s["model"], weights=weights).eval()
-    norm = s["model"]
-    train = D.dataset(s["data"], "train", root=root,
-                      transform=D.transforms(s["data"], train=True, normalization=norm))
-    plain = D.with_transform(train, D.transforms(s["data"], train=False, normalization=norm))
-    test = D.dataset(s["data"], "test", root=root,
-                     transform=D.transforms(s["data"], train=False, normalization=norm))
+    model = create(s["model"], weights=weights, num_classes=s["num_classes"]).eval()
+    train, plain, test = datasets(s, root)
     calib = D.calibration(plain, n=s["calib"], seed=s["seed"]) if s["calib"] else None
     x = test[0][0].unsqueeze(0)
     dense = evaluate(model, test)
@@ -256,7 +320,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "device": device,
         "machine": f"{platform.machine()}, {platform.processor() or platform.node()}",
-        "note": s["note"], "sensitivity": s["sensitivity"],
+        "note": s["note"], "sensitivity": s["sensitivity"], "trained_weights": trained,
     }
     out["params_x"] = out["dense_params"] / out["params"]
     out["macs_x"] = out["dense_macs"] / out["macs"]
@@ -272,8 +336,9 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         out["latency"] = speedups(model, small, x, s["latency"], repeats=20)
     rc.save(small, folder / "model", plan=result.plan)
     if s["export"]:
-        out["export"] = export(small, result.plan, s["model"], Path(s["export"]), test,
-                               out["after_top1"])
+        out["export"] = export(small, result.plan, create(s["model"],
+                                                          num_classes=s["num_classes"]),
+                               Path(s["export"]), test, out["after_top1"])
     wall.save()
     out["wall_s"] = round(wall.seconds(), 1)
     with atomic_path(folder / RESULT) as tmp:
@@ -329,15 +394,15 @@ def transfer_head(backbone, s: dict, root: Path, folder: Path, device: str) -> d
             "backbone_params": count_params(result.model) - count_params(head)}
 
 
-def export(small, plan, model_name: str, folder: Path, test, top1: float) -> dict:
+def export(small, plan, fresh: torch.nn.Module, folder: Path, test, top1: float) -> dict:
     """Save ``small`` into ``folder`` (a results/ entry): with float16 weights when that keeps
     top-1 on ``test`` within 0.1 point of ``top1`` (float32's), else float32; then load it back
-    as a user would, ``rc.load(create(model_name), folder)``, and measure it again."""
+    as a user would, ``rc.load(create(MODEL), folder)`` (``fresh``), and measure it again."""
     half = copy.deepcopy(small).half()
     top1_half = evaluate(copy.deepcopy(half).float(), test)["top1"]
     keep = abs(top1_half - top1) <= 0.1
     rc.save(half if keep else small, folder, plan=plan)
-    loaded = evaluate(rc.load(create(model_name), folder), test)["top1"]
+    loaded = evaluate(rc.load(fresh, folder), test)["top1"]
     return {"folder": str(folder), "dtype": "float16" if keep else "float32",
             "top1_float16": top1_half, "top1_loaded": loaded}
 

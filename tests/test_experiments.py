@@ -31,6 +31,10 @@ runs:
   head:
     steps: null
     transfer: {{data: mnist, epochs: 1, train_limit: 64, test_limit: 100}}
+  scratch:
+    weights: {scratch}
+    train: {{steps: 2, lr: 0.01}}
+    latency: []
 """
 
 
@@ -43,7 +47,8 @@ def reproduce(config, runs, env):
 def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_data, tmp_path):
     config = tmp_path / "tiny.yaml"
     export = tmp_path / "results" / "tiny"
-    config.write_text(CONFIG.format(export=export))
+    scratch = tmp_path / "weights" / "r20.safetensors"
+    config.write_text(CONFIG.format(export=export, scratch=scratch))
     env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
     done = reproduce(config, tmp_path / "runs", env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -75,6 +80,13 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
         assert 0 <= head[key]["top1"] <= 100
     assert head["transfer"]["backbone_params"] < head["transfer_dense"]["backbone_params"]
     assert head["before_top1"] == head["after_top1"]  # no fine-tuning on CIFAR-10
+    # weights trained here from scratch when the file is missing, then compressed
+    trained = json.loads((tmp_path / "runs" / "tiny" / "scratch" / "result.json").read_text())
+    assert trained["trained_weights"]["recipe"]["steps"] == 2 and "latency" not in trained
+    assert trained["trained_weights"] == json.loads(scratch.with_suffix(".json").read_text())
+    assert trained["dense_top1"] == trained["trained_weights"]["top1"]
+    assert abs(trained["dense_top1"] - result["dense_top1"]) > 30  # not the pretrained model
+    assert create("resnet20_cifar", weights=scratch) is not None
     assert f"| head | mnist | 8 | {head['transfer']['backbone_params']:,} |" in rerun.stdout
     assert head["ranks"] == {n: [8] for n in head["ranks"]} and len(head["ranks"]) == 18
 
@@ -119,6 +131,8 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "transfer-text": ({"transfer": "mnist"}, "mapping"),
         "match": ({"match_params": "nothing"}, "nothing"),
         "model": ({"model": "resnet21_cifar"}, "resnet21_cifar"),
+        "train-pretrained": ({"train": {"epochs": 1}}, "weights: FILE"),
+        "train-key": ({"weights": "w.safetensors", "train": {"epoch": 1}}, "epoch"),
     }
     for key, (own, words) in bad.items():
         config = {**base, "runs": {**base["runs"], key: own}}
