@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -407,6 +408,23 @@ def export(small, plan, fresh: torch.nn.Module, folder: Path, test, top1: float)
             "top1_float16": top1_half, "top1_loaded": loaded}
 
 
+def late_export(folder: Path, s: dict, root: Path) -> None:
+    """A finished run given ``export:`` after it ran (once its result was known to be the
+    headline): its fine-tuned model (``model/``) exported now, as a run exports at its end, and
+    recorded in its result.json."""
+    result = json.loads((folder / RESULT).read_text())
+    if not s["export"] or result.get("export", {}).get("folder") == str(s["export"]):
+        return
+    fresh = partial(create, s["model"], num_classes=s["num_classes"])
+    small = rc.load(fresh(), folder / "model").eval()
+    _, _, test = datasets(s, root)
+    result["export"] = export(small, rc.load_plan(folder / "model" / "plan.json"), fresh(),
+                              Path(s["export"]), test, result["after_top1"])
+    with atomic_path(folder / RESULT) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    print(f"[{folder.name}] exported to {s['export']}", flush=True)
+
+
 def matched_target(base: Path, name: str, s: dict) -> str:
     """``params=F``: the fraction of the dense parameters that run ``s["match_params"]`` kept
     (it must have finished: runs go in the config's order)."""
@@ -497,6 +515,7 @@ def main() -> int:
         for name, s in every.items():
             if (base / name / RESULT).is_file():
                 print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
+                late_export(base / name, s, root)
                 continue
             if s["match_params"]:
                 s["target"] = matched_target(base, name, s)

@@ -74,6 +74,17 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     again = json.loads((tmp_path / "runs" / "tiny" / "again" / "result.json").read_text())
     assert again["resumed"] and again["before_top1"] == result["before_top1"]
     assert again["params"] == result["params"] and again["steps"] == 2
+    # an export asked for after the run finished is made from its saved model
+    late = tmp_path / "results" / "again"
+    config.write_text(CONFIG.format(export=export, scratch=scratch).replace(
+        "    start_from: tiny", f"    start_from: tiny\n    export: {late}"))
+    rerun = reproduce(config, tmp_path / "runs", env)
+    assert rerun.returncode == 0 and "exported to" in rerun.stdout, rerun.stderr[-2000:]
+    exported = json.loads((tmp_path / "runs" / "tiny" / "again" / "result.json").read_text())
+    assert exported["export"]["folder"] == str(late)
+    assert abs(exported["export"]["top1_loaded"] - again["after_top1"]) <= 0.1
+    assert evaluate(rc.load(create("resnet20_cifar"), late), test)["top1"] == \
+        exported["export"]["top1_loaded"]
     head = json.loads((tmp_path / "runs" / "tiny" / "head" / "result.json").read_text())
     for key in ("transfer", "transfer_dense"):
         assert head[key]["data"] == "mnist" and head[key]["test_images"] == 100
