@@ -239,14 +239,14 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
     record = path.with_suffix(".json")
     if path.is_file():  # trained earlier (its record), or a file of the user's (none)
         return json.loads(record.read_text()) if record.is_file() else None
-    wall = _Wall(path.parent / f"{path.stem}-training")
+    folder = path.parent / f"{path.stem}-training"
+    wall = _Wall(folder)
     torch.manual_seed(s["seed"])
     model = create(s["model"], num_classes=s["num_classes"])
     train, _, test = datasets(s, root)
     recipe = {"batch_size": s["batch_size"], "seed": s["seed"], **s["train"]}
     print(f"[weights] training {s['model']} on {s['data']} from scratch: {recipe} -> {path}",
           flush=True)
-    folder = path.parent / f"{path.stem}-training"
     result = finetune(model, train, checkpoint_dir=str(folder), resume=True,
                       log=str(folder / "train.jsonl"), progress=False, device=device,
                       callback=wall.callback, **recipe)

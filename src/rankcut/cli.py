@@ -807,11 +807,10 @@ def cmd_benchmark(args) -> int:
                                                "faster memory format)" if args.fused else "")
          + ":")
     _say(f"{'':6} {'batch':>6} {'original ms':>12} {'compressed ms':>14} {'speed-up':>9}")
-    for batch in args.batches:
-        for row in speedups(model, small, x.to(ctx.device), (batch,), fused=args.fused,
-                            repeats=args.repeats):
-            _say(f"{row['form']:6} {batch:>6} {row['dense_ms']:12.3f} "
-                 f"{row['compressed_ms']:14.3f} {row['speedup']:8.2f}x")
+    for row in speedups(model, small, x.to(ctx.device), args.batches, fused=args.fused,
+                        repeats=args.repeats):
+        _say(f"{row['form']:6} {row['batch']:>6} {row['dense_ms']:12.3f} "
+             f"{row['compressed_ms']:14.3f} {row['speedup']:8.2f}x")
     return 0
 
 
