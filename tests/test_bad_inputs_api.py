@@ -116,11 +116,21 @@ PLAN_CASES = [
     ("options not a dict", fresh,
      lambda m: rc.plan(m, X, method="cp", rank=4, options=[("cp", {})], **FAST),
      ValueError, "options: expected a dict of solver options per method"),
+    # a bare layer was planned as layer "" and "replaced" by a child its forward never called
+    ("model a bare Linear", lambda: nn.Linear(64, 10),
+     lambda m: rc.plan(m, torch.rand(1, 64), rank=4, min_params=0, **FAST), ValueError,
+     r"model: a bare Linear; .* pass nn.Sequential\(layer\)"),
+    ("model a bare Conv2d", lambda: nn.Conv2d(16, 32, 3),
+     lambda m: rc.plan(m, torch.rand(1, 16, 8, 8), target="macs=2x", **FAST), ValueError,
+     "model: a bare Conv2d"),
 ]
 
 APPLY_CASES = [
     ("plan not a Plan", fresh, lambda m: rc.apply(m, {"conv": "svd"}), ValueError,
      "plan: expected a rankcut.Plan"),
+    ("plan for the model itself", lambda: nn.Linear(64, 10),
+     lambda m: rc.apply(m, rc.Plan({"": rc.LayerPlan("svd", 4)})), ValueError,
+     "model: a bare Linear"),
     ("layer not in the model", fresh,
      lambda m: rc.apply(m, rc.Plan({"conv9": rc.LayerPlan("svd", 4)})), ValueError,
      "plan layer 'conv9': the model has no such module"),

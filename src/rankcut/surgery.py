@@ -53,6 +53,10 @@ def _check_patterns(patterns, name) -> tuple[Pattern, ...]:
     return patterns
 
 
+_BARE_LAYER = ("model: a bare {0}; rankcut replaces layers inside a model and cannot replace "
+               "the model itself: pass nn.Sequential(layer)")
+
+
 def _parent_reads_weight(model: nn.Module, name: str) -> str | None:
     """Why replacing ``name`` would break its parent, which uses the weight itself, or None."""
     parent_name = name.rpartition(".")[0]
@@ -76,6 +80,8 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
+    if isinstance(model, nn.Conv2d | nn.Linear):
+        raise ValueError(_BARE_LAYER.format(type(model).__name__))
     out: dict[str, str | None] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear):
@@ -150,6 +156,8 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the qualified name ``name`` points in ``model``."""
+    if not name:  # setattr(model, "", new) would add a child that forward never calls
+        raise ValueError(_BARE_LAYER.format(type(model).__name__))
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
