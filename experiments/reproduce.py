@@ -7,7 +7,8 @@ them in turn, each in its own folder, and picks up where a killed run stopped:
         [--summary]                       # only print the table of the finished runs
 
 A config is a mapping of settings shared by its runs plus ``runs:``, a mapping from run name to
-the settings it changes (see ``SETTINGS`` for every key and its default). Each run is one
+the settings it changes (see ``SETTINGS`` for every key and its default); a ``sweep:`` section is
+experiments/classifier_sweep.py's. Each run is one
 ``rankcut.compress`` call: plan (stored), apply (stored, before fine-tuning), fine-tune with
 checkpoints every ``checkpoint_every`` steps, ``resume=True``; then top-1 on the test split
 before and after fine-tuning, params and MACs against the dense model. Rerunning the command
@@ -97,7 +98,7 @@ CACHE = rc.select.CandidateCache(max_entries=2)
 
 def settings_of(config: dict, name: str) -> dict:
     """The settings of run ``name``: the config's shared keys, then the run's own."""
-    shared = {k: v for k, v in config.items() if k != "runs"}
+    shared = {k: v for k, v in config.items() if k not in ("runs", "sweep")}
     own = config["runs"][name] or {}
     for where, keys in (("config", shared), (f"run {name!r}", own)):
         unknown = sorted(set(keys) - set(SETTINGS))

@@ -183,3 +183,102 @@ def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
         path = reproduce_.plot(rows, tmp_path / "s.png")
         assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
         path.unlink()
+
+
+SWEEP_CONFIG = """
+model: resnet20_cifar
+calib: 64
+sweep:
+  models: [r20]
+  part: linear
+  ratios: [1.5, 3]
+  methods:
+    svd: {}
+    svd-data: {data: true, modes: [rule]}
+    cur-leverage: {method: cur, options: {solver: leverage}, seeds: [0, 1], modes: [rule]}
+runs:
+  r20: {method: svd, rank: 8}
+"""
+
+
+def _sweep_module():
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location(
+        "classifier_sweep", REPO / "experiments" / "classifier_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep(config, runs, env, *extra):
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "classifier_sweep.py"),
+                           str(config), "--runs-dir", str(runs), "--threads", "1", *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weights, shared_data,
+                                                                 tmp_path):
+    config = tmp_path / "sw.yaml"
+    config.write_text(SWEEP_CONFIG)
+    env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
+    done = sweep(config, tmp_path / "runs", env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = tmp_path / "runs" / "sw" / "sweep"
+    lines = [json.loads(line) for line in (folder / "r20.jsonl").read_text().splitlines()]
+    head, points = lines[0], lines[1:]
+    # svd: 2 modes x 2 ratios; svd-data: 2 ratios; leverage CUR: 2 ratios x 2 seeds
+    assert len(points) == 10 and head["part_params"] == 650 and head["test_images"] == 1017
+    for p in points:
+        assert p["params"] < 650 and p["part_ratio"] == 650 / p["params"]
+        assert p["whole_ratio"] == head["total_params"] / (head["total_params"] - 650 +
+                                                           p["params"])
+    # a point's top-1 (the part run on stored inputs) is the whole model's with that part
+    test = D.dataset("cifar10", "test", root=shared_data,
+                     transform=D.transforms("cifar10", train=False,
+                                            normalization="resnet20_cifar"))
+    model = create("resnet20_cifar", weights=resnet20_weights).eval()
+    assert abs(evaluate(model, test)["top1"] - head["dense_top1"]) < 1e-9
+    x = test[0][0].unsqueeze(0)
+    whole = rc.apply(model, rc.plan(model, x, method="svd", rank="params=3x", include=["linear"],
+                                    allow_slower=True))
+    svd3 = next(p for p in points if (p["label"], p["mode"], p["ratio"]) == ("svd", "rule", 3))
+    assert abs(evaluate(whole, test)["top1"] - svd3["top1"]) < 1e-9
+    assert svd3["top1"] < head["dense_top1"]  # rank 2 of 10 classes costs accuracy
+    # leverage CUR samples: its two seeds pick different columns
+    cur = [p for p in points if p["label"] == "cur-leverage" and p["ratio"] == 1.5]
+    assert len(cur) == 2 and (cur[0]["params"], cur[0]["top1"]) != (cur[1]["params"],
+                                                                     cur[1]["top1"])
+    assert "| svd | rule | 1 |" in (folder / "r20.md").read_text()
+    assert (folder / "r20.png").read_bytes()[:4] == b"\x89PNG"
+    again = sweep(config, tmp_path / "runs", env)
+    assert again.returncode == 0 and "10 point(s) done earlier" in again.stdout
+    assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
+    # a part that holds no Linear layer is refused in one line, before any point
+    config.write_text(SWEEP_CONFIG.replace("part: linear", "part: layer1"))
+    bad = sweep(config, tmp_path / "other", env)
+    assert bad.returncode != 0 and "sweep.part" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_classifier_sweep_settings_are_checked_before_any_work():
+    import pytest
+    import yaml
+
+    sweep_ = _sweep_module()
+    committed = yaml.safe_load((REPO / "experiments" / "configs" /
+                                "seed001_vgg11.yaml").read_text())
+    s = sweep_.sweep_settings(committed)
+    assert set(s["methods"]) >= {"svd", "svd-data", "cur-deim", "cur-leverage", "cx"}
+    base = yaml.safe_load(SWEEP_CONFIG)
+    bad = {
+        "ratios": ({"ratios": [1, 4]}, "ratios"),
+        "key": ({"ratio": [4]}, "unknown keys"),
+        "models": ({"models": ["nothing"]}, "sweep.models"),
+        "option": ({"methods": {"c": {"method": "cur", "options": {"solvr": "x"}}}}, "solvr"),
+        "mode": ({"methods": {"s": {"modes": ["global"]}}}, "modes"),
+        "method-key": ({"methods": {"s": {"seed": 1}}}, "unknown keys"),
+    }
+    for change, words in bad.values():
+        with pytest.raises(SystemExit, match=words):
+            sweep_.sweep_settings({**base, "sweep": {**base["sweep"], **change}})

@@ -1,0 +1,323 @@
+"""Seed 001's experiment: top-1 against the compression ratio (CR) of a model's classifier, with
+no fine-tuning, for truncated SVD, data-aware SVD and the CUR family; resumable, one point at a
+time. It reads a reproduce.py config (experiments/configs/) and its ``sweep:`` section:
+
+    .venv/bin/python experiments/classifier_sweep.py experiments/configs/seed001_vgg11.yaml
+        [--only RUN ...] [--runs-dir runs] [--threads N] [--device cpu|cuda] [--summary]
+
+``sweep.models`` names runs of the config whose model, data, weights (trained from scratch by
+the run's ``train:`` recipe when the file is missing, as reproduce.py does), normalisation and
+calibration size the sweep uses; ``--only`` picks some of them. For each, the inputs of
+``sweep.part`` (a submodule holding the Linear layers, "classifier") are computed once on the
+test split and on the calibration images, so each point plans, factorizes and evaluates the part
+alone. A point is a method (``sweep.methods``: a label -> {method, data, options, seeds, modes}),
+a ratio and a mode:
+
+- ``rule``: every Linear of the part at the rank rule ``params=CRx`` (seed 001's per-layer CR);
+- ``target``: the plan's ``params=CRx`` target over the part (a global budget: the planner gives
+  each layer the rank that hurts least).
+
+Each point's top-1, the part's realised parameters and CR, the whole model's CR and the seconds
+it took (plan + apply) go to ``runs/<config>/sweep/<run>.jsonl`` as they finish; a rerun skips
+the points done. Then ``<run>.md`` (the seed's table: the largest CR within 0.1 and 0.5 point of
+the dense top-1, per method and mode, sampled methods as the mean over seeds) and ``<run>.png``
+(top-1 and parameters against CR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import rankcut as rc
+from rankcut import data as D
+from rankcut.atomic import atomic_path
+from rankcut.models import create, pretrained_path
+from rankcut.profile import count_params
+from rankcut.train import evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import check, datasets, settings_of, trained_weights
+
+# The sweep: section's keys and defaults.
+SWEEP = {
+    "models": None,          # runs of the config whose model and data the sweep uses (required)
+    "part": "classifier",    # the submodule whose Linear layers are compressed
+    "ratios": [2, 5, 10, 30, 100, 150, 225, 300],
+    "modes": ["rule", "target"],
+    "methods": {"svd": {"method": "svd"}},
+}
+# One method's keys and defaults: data = data-aware (fitted in the output norm on the part's
+# inputs from the calibration images); options = rankcut solver options (a CUR variant:
+# {solver: leverage | linear_time | cx | deim}); seeds = the seeds of a sampling method.
+METHOD = {"method": "svd", "data": False, "options": {}, "seeds": [0], "modes": None}
+# A method within this many points of the dense top-1 counts as keeping the accuracy.
+TOLERANCES = (0.1, 0.5)
+
+
+def sweep_settings(config: dict) -> dict:
+    """The ``sweep:`` section with defaults filled in and every method's keys checked."""
+    raw = config.get("sweep")
+    if not isinstance(raw, dict):
+        raise SystemExit("config: no 'sweep:' mapping")
+    unknown = sorted(set(raw) - set(SWEEP))
+    if unknown:
+        raise SystemExit(f"sweep: unknown keys {unknown}; known: {', '.join(SWEEP)}")
+    s = {**SWEEP, **raw}
+    if not s["models"] or any(m not in config.get("runs", {}) for m in s["models"]):
+        raise SystemExit(f"sweep.models: expected runs of this config, got {s['models']!r}")
+    ratios = s["ratios"]
+    if not ratios or not all(isinstance(r, int | float) and not isinstance(r, bool) and r > 1
+                             for r in ratios):
+        raise SystemExit(f"sweep.ratios: expected numbers > 1, got {ratios!r}")
+    methods = {}
+    for label, m in s["methods"].items():
+        bad = sorted(set(m or {}) - set(METHOD))
+        if bad:
+            raise SystemExit(f"sweep.methods.{label}: unknown keys {bad}; known: "
+                             f"{', '.join(METHOD)}")
+        m = {**METHOD, **(m or {})}
+        m["modes"] = m["modes"] or s["modes"]
+        if set(m["modes"]) - {"rule", "target"}:
+            raise SystemExit(f"sweep.methods.{label}.modes: expected rule and/or target, got "
+                             f"{m['modes']!r}")
+        try:
+            rc.methods.resolve(m["method"])[0].check_options(m["options"])
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"sweep.methods.{label}: {err}") from None
+        methods[label] = m
+    s["methods"] = methods
+    return s
+
+
+def part_inputs(model: torch.nn.Module, part: str, batches, device: str):
+    """(inputs of ``model.<part>``, labels) over ``batches`` of (images, labels), on the CPU."""
+    module = model.get_submodule(part)
+    seen = []
+    hook = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().cpu()))
+    labels = []
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                model(x.to(device))
+                labels.append(y)
+    finally:
+        hook.remove()
+    return torch.cat(seen), torch.cat(labels)
+
+
+def _batches(dataset, size: int = 256):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)
+    yield from loader
+
+
+def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test) -> dict:
+    """Plan and factorize ``part`` for one point; its top-1 on ``test`` (inputs, labels)."""
+    options = dict(method["options"])
+    if method["method"] == "cur":
+        options["seed"] = seed
+    start = time.perf_counter()
+    plan = rc.plan(part, x, method=method["method"],
+                   rank=f"params={ratio}x" if mode == "rule" else None,
+                   target=f"params={ratio}x" if mode == "target" else None,
+                   calib_data=calib if method["data"] else None, min_params=0,
+                   options={method["method"]: options} if options else None, allow_slower=True)
+    small = rc.apply(part, plan, calib_data=calib if method["data"] else None).eval()
+    seconds = time.perf_counter() - start
+    return {"top1": evaluate(small, test)["top1"], "params": count_params(small),
+            "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
+            "seconds": round(seconds, 2)}
+
+
+def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path, device: str) -> Path:
+    """Every point of run ``name``'s model not in its .jsonl yet; returns the .jsonl."""
+    s = settings_of(config, name)
+    check(config, name, s)
+    trained = trained_weights(s, root, device) if s["train"] else None
+    weights = (pretrained_path(s["model"], root) if s["weights"] == "pretrained"
+               else Path(s["weights"]))
+    model = create(s["model"], weights=weights, num_classes=s["num_classes"]).eval().to(device)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        found = model.get_submodule(sw["part"])
+    except AttributeError:
+        found = None
+    if found is None or not any(isinstance(m, torch.nn.Linear) for m in found.modules()):
+        raise SystemExit(f"sweep.part: {s['model']} has no submodule {sw['part']!r} holding "
+                         f"Linear layers; its Linear layers: {', '.join(linears) or 'none'}")
+    _, plain, test = datasets(s, root)
+    calib_batches = D.calibration(plain, n=s["calib"], seed=s["seed"])
+    test_x, test_y = part_inputs(model, sw["part"], _batches(test), device)
+    calib_x, calib_y = part_inputs(model, sw["part"], calib_batches, device)
+    calib = [(calib_x, calib_y)]
+    model = model.cpu()
+    part = model.get_submodule(sw["part"])
+    if isinstance(part, torch.nn.Linear):  # rankcut replaces layers inside a module
+        part = torch.nn.Sequential(part)
+    dense_top1 = evaluate(part, (test_x, test_y))["top1"]
+    part_params, total = count_params(part), count_params(model)
+    path = base / f"{name}.jsonl"
+    base.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if path.is_file():
+        done = {(p["label"], p["mode"], p["ratio"], p["seed"])
+                for p in map(json.loads, path.read_text().splitlines()) if "label" in p}
+    else:
+        path.write_text(json.dumps({"dense_top1": dense_top1, "part_params": part_params,
+                                    "total_params": total, "part": sw["part"],
+                                    "model": s["model"], "data": s["data"],
+                                    "test_images": len(test_y), "calib": len(calib_y),
+                                    "trained_weights": trained, "device": device,
+                                    "threads": torch.get_num_threads(),
+                                    "date": time.strftime("%Y-%m-%d")}) + "\n")
+    print(f"[{name}] {s['model']} on {s['data']}: {sw['part']} {part_params:,} of {total:,} "
+          f"params, top-1 {dense_top1:.2f}% on {len(test_y)} test images; "
+          f"{len(done)} point(s) done earlier", flush=True)
+    x = test_x[:1]
+    for label, method in sw["methods"].items():
+        for mode in method["modes"]:
+            for ratio in sw["ratios"]:
+                for seed in method["seeds"]:
+                    if (label, mode, ratio, seed) in done:
+                        continue
+                    p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y))
+                    p.update(label=label, mode=mode, ratio=ratio, seed=seed,
+                             part_ratio=part_params / p["params"],
+                             whole_ratio=total / (total - part_params + p["params"]))
+                    with path.open("a") as f:
+                        f.write(json.dumps(p) + "\n")
+                    print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: "
+                          f"{p['part_ratio']:7.1f}x, top-1 {p['top1']:6.2f}%, "
+                          f"{p['seconds']:.1f} s", flush=True)
+    return path
+
+
+def read_points(path: Path) -> tuple[dict, list[dict]]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines[0], lines[1:]
+
+
+def grouped(points: list[dict]) -> dict:
+    """{(label, mode): [(ratio, [points over seeds]), ...] by ratio}."""
+    out: dict = {}
+    for p in points:
+        out.setdefault((p["label"], p["mode"]), {}).setdefault(p["ratio"], []).append(p)
+    return {k: sorted(v.items()) for k, v in out.items()}
+
+
+def _mean(points: list[dict], key: str) -> float:
+    return statistics.fmean(p[key] for p in points)
+
+
+def table(head: dict, points: list[dict]) -> str:
+    """The seed's table: per method and mode, the largest CR (of the part) whose mean top-1 is
+    within each tolerance of the dense top-1, with its top-1, parameters and whole-model CR."""
+    dense = head["dense_top1"]
+    cols = "".join(f" CR within {t} | top-1 % | {head['part']} params | whole x |"
+                   for t in TOLERANCES)
+    lines = [f"{head['model']} on {head['data']}: dense top-1 {dense:.2f}% "
+             f"({head['test_images']} test images), {head['part']} "
+             f"{head['part_params']:,} of {head['total_params']:,} parameters",
+             "", f"| method | mode | seeds |{cols} seconds / point |",
+             "|---|---|---:|" + "---:|" * (4 * len(TOLERANCES) + 1)]
+    for (label, mode), by_ratio in grouped(points).items():
+        row = f"| {label} | {mode} | {len(by_ratio[0][1])} |"
+        for tol in TOLERANCES:
+            kept = [(r, ps) for r, ps in by_ratio if _mean(ps, "top1") >= dense - tol]
+            if kept:
+                ps = kept[-1][1]
+                spread = (f" ± {statistics.pstdev(p['top1'] for p in ps):.2f}"
+                          if len(ps) > 1 else "")
+                row += (f" {_mean(ps, 'part_ratio'):.1f} | {_mean(ps, 'top1'):.2f}{spread} | "
+                        f"{_mean(ps, 'params'):,.0f} | {_mean(ps, 'whole_ratio'):.2f} |")
+            else:
+                row += " - | - | - | - |"
+        seconds = statistics.fmean(p["seconds"] for _, ps in by_ratio for p in ps)
+        lines.append(row + f" {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(head: dict, points: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, size) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (label, mode), by_ratio in grouped(points).items():
+        cr = [_mean(ps, "part_ratio") for _, ps in by_ratio]
+        top = [_mean(ps, "top1") for _, ps in by_ratio]
+        low = [t - min(p["top1"] for p in ps) for t, (_, ps) in zip(top, by_ratio, strict=True)]
+        high = [max(p["top1"] for p in ps) - t for t, (_, ps) in zip(top, by_ratio, strict=True)]
+        style = "-o" if mode == "rule" else "--s"
+        acc.errorbar(cr, top, yerr=[low, high], fmt=style, ms=3, capsize=2,
+                     label=f"{label} ({mode})")
+        size.plot(cr, [_mean(ps, "params") for _, ps in by_ratio], style, ms=3,
+                  label=f"{label} ({mode})")
+    acc.axhline(head["dense_top1"], color="k", lw=0.8, ls=":", label="dense")
+    for ax in (acc, size):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{head['part']} compression ratio (realised)")
+        ax.grid(alpha=0.3)
+    size.set_yscale("log")
+    acc.set_ylabel("top-1 % (no fine-tuning)")
+    size.set_ylabel(f"{head['part']} parameters")
+    acc.legend(fontsize=7)
+    fig.suptitle(f"{head['model']} on {head['data']}: {head['part']} compressed, "
+                 f"dense {head['dense_top1']:.2f}%")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--only", nargs="+", help="sweep only these of sweep.models")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--summary", action="store_true",
+                        help="write the tables and plots of the points done, and stop")
+    args = parser.parse_args()
+    config_path = Path(args.config)
+    config = yaml.safe_load(config_path.read_text())
+    sw = sweep_settings(config)
+    names = args.only or sw["models"]
+    missing = sorted(set(names) - set(sw["models"]))
+    if missing:
+        raise SystemExit(f"--only: {missing} are not in sweep.models ({sw['models']})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = Path(args.runs_dir) / config_path.stem / "sweep"
+    if not args.summary:
+        root = D.find_data_root()
+        if root is None:
+            raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "
+                             "../shared/data")
+        for name in names:
+            sweep_model(config, name, sw, base, root, args.device)
+    for name in names:
+        path = base / f"{name}.jsonl"
+        if not path.is_file():
+            continue
+        head, points = read_points(path)
+        text = table(head, points)
+        print(text)
+        (base / f"{name}.md").write_text(text + "\n")
+        if points:
+            print(f"wrote {plot(head, points, base / f'{name}.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
