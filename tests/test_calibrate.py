@@ -97,6 +97,38 @@ def test_whitened_svd_minimises_the_output_error_on_correlated_inputs():
         svd(W, 8, cov=torch.eye(5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shape", [(24, 90), (90, 24)], ids=["wide", "tall"])
+def test_whitened_svd_is_the_cholesky_formula_for_wide_and_tall_weights(shape):
+    # a wide W (m < n) goes through the m x m Gram W Σ Wᵀ, a tall one through L = chol(Σ):
+    # both must give [W L]_r L⁻¹, its singular values and its error, for every balance
+    from rankcut.curves import whitened_svd_errors
+    from rankcut.decompose.svd import whitening_factor
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(*shape, dtype=torch.float64, generator=g)
+    W[3] = 0  # a zero row: a zero singular value on the wide route's division
+    X = correlated(shape[1], 500)
+    C = X.mT @ X / len(X)
+    L = whitening_factor(C)
+    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    for r in (1, 7, min(shape)):
+        want = (U[:, :r] * S[:r]) @ Vh[:r] @ torch.linalg.inv(L)
+        for balance in ("sqrt", "left", "right"):
+            res = svd(W, r, cov=C, balance=balance)
+            assert torch.allclose(res.to_matrix(), want, atol=1e-9 * float(want.norm()))
+            assert torch.isfinite(res.A).all() and torch.isfinite(res.B).all()
+        # the Gram squares the spectrum: values below ~1e-8 of the largest are not resolved
+        assert torch.allclose(res.S, S[:r], rtol=1e-7, atol=1e-7 * float(S[0]))
+        assert abs(res.rel_error - float(S[r:].norm() / S.norm())) < 1e-9
+    layer = nn.Linear(shape[1], shape[0], bias=False)
+    layer.weight.data = W.float()
+    errors = whitened_svd_errors(layer, [C])
+    tails = (S.pow(2).flip(0).cumsum(0).flip(0) / S.pow(2).sum()).sqrt()
+    assert torch.allclose(errors[:-1], tails[1:].to(errors), atol=1e-5)
+    with pytest.raises(ValueError, match="cov: not positive semi-definite"):
+        svd(W, 4, cov=-C)
+
+
 def test_apply_with_data_aware_plans():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()

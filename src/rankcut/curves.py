@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import decompose as dec
-from .decompose.svd import truncation_errors, whitening_factor
+from .decompose.svd import tail_errors, truncation_errors, whitened_spectrum
 from .layers import group_matrices, weight_blocks
 from .layers.base import solve
 
@@ -289,9 +289,8 @@ def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
 def whitened_svd_errors(module: nn.Module, covs: list[torch.Tensor]) -> torch.Tensor:
     """err[r-1] = output-norm error ||(W - W~) L|| / ||W L|| of data-aware channel SVD at rank r
     (every group at rank r), L the whitening factor of each group's input second moment."""
-    mats = [M @ whitening_factor(c, device=M.device)
-            for M, c in zip(group_matrices(module, "channel", torch.float64), covs, strict=True)]
-    return truncation_errors(mats)
+    return tail_errors([whitened_spectrum(M, c) for M, c in
+                        zip(group_matrices(module, "channel", torch.float64), covs, strict=True)])
 
 
 def output_norm(module: nn.Module, covs: list[torch.Tensor]) -> float:

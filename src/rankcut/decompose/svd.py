@@ -12,6 +12,7 @@ values: the approximation is an orthogonal projection of W, so ||W - AB||² = ||
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,48 @@ def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> tor
     return L
 
 
+def whitened_gram(W: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """W (Σ + ridge) Wᵀ (m x m, float64, symmetrised; the moment regularised as
+    :func:`regularised_moment`): its eigenvalues are the squared singular values of W L and its
+    eigenvectors the left singular vectors of W L (L Lᵀ = Σ + ridge). For a wide W (m < n, as
+    most layers: a conv's S·kh·kw inputs, a classifier's 25,088) this replaces the n x n Cholesky
+    factorization, the n x n product W L and the SVD of an m x n matrix by one m x n x n product,
+    and needs no n x n copy of Σ. The Gram squares the spectrum: singular values below about
+    1e-8 of the largest are not resolved (they are noise at that level either way)."""
+    C = cov.to(device=W.device, dtype=torch.float64)
+    Wd = W.to(torch.float64)
+    eps = ridge * float(C.diagonal().mean().clamp_min(1e-30))
+    G = (Wd @ C) @ Wd.mT + eps * (Wd @ Wd.mT)
+    return (G + G.mT) / 2
+
+
+def _squared_singular_values(gram_eigenvalues: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of a :func:`whitened_gram` (ascending) as squared singular values
+    (descending); a clearly negative one means Σ is not positive semi-definite: ValueError."""
+    vals = gram_eigenvalues.flip(0)
+    if float(vals[-1]) < -1e-9 * max(float(vals[0]), 1e-300):
+        raise ValueError("cov: not positive semi-definite (W Σ Wᵀ has a negative eigenvalue); "
+                         "pass a second-moment matrix E[x xᵀ]")
+    return vals.clamp_min(0)
+
+
+def _wide_whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
+    """:func:`_whitened_svd` from the m x m Gram W Σ Wᵀ (m < n): with W L = U S Vᵀ,
+    S Vᵀ L⁻¹ = Uᵀ W, so the factors need neither L nor V."""
+    vals, vecs = torch.linalg.eigh(whitened_gram(W, cov, ridge))
+    s2, vecs = _squared_singular_values(vals), vecs.flip(1)  # descending
+    total = float(s2.sum())
+    rel_error = math.sqrt(float(s2[rank:].sum()) / total) if total > 0 else 0.0
+    U, S = vecs[:, :rank], s2[:rank].sqrt()
+    # A = U a, B = a⁻¹ Uᵀ W with a = √S, S or 1 as the balance puts the singular values (a
+    # zero singular value has Uᵀ W = 0: its row of B is 0)
+    a = {"sqrt": S.sqrt(), "left": S, "right": torch.ones_like(S)}[balance]
+    inv = torch.where(a > 0, 1 / a.clamp_min(1e-300), torch.zeros_like(a))
+    A, B = U * a, inv[:, None] * (U.mT @ W.to(torch.float64))
+    return SVDResult(A=A.to(W.dtype), B=B.to(W.dtype), S=S.to(W.dtype), rel_error=rel_error,
+                     method="whitened")
+
+
 def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     n = W.shape[1]
     check_tensor(cov, "cov", ndim=2)
@@ -169,6 +212,8 @@ def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
         raise ValueError(f"cov: expected shape ({n}, {n}) (the input width of W), got "
                          f"{tuple(cov.shape)}")
     check_positive(ridge, "ridge")
+    if W.shape[0] < n:
+        return _wide_whitened_svd(W, rank, cov, ridge, balance)
     L = whitening_factor(cov, ridge, device=W.device)
     U, S_all, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
     U, S, Vh = U[:, :rank], S_all[:rank], Vh[:rank]
@@ -183,16 +228,30 @@ def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
 def truncation_errors(mats: list[torch.Tensor]) -> torch.Tensor:
     """err[r-1] = relative Frobenius error of keeping the r leading singular triplets of every
     matrix in ``mats`` (Eckart-Young: the tail energy of the singular values), r = 1..max."""
+    return tail_errors([torch.linalg.svdvals(M).pow(2) for M in mats])
+
+
+def tail_errors(squared: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`truncation_errors` from each matrix's squared singular values (descending; their
+    sum is the matrix's squared Frobenius norm)."""
     tails = []
-    for M in mats:
-        s2 = torch.linalg.svdvals(M).pow(2)
+    for s2 in squared:
         tail = s2.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{i >= r} s_i²
         tails.append(torch.cat([tail[1:], tail.new_zeros(1)]))
     width = max(t.shape[0] for t in tails)
     tails = [torch.cat([t, t.new_zeros(width - t.shape[0])]) for t in tails]
-    total = sum(M.pow(2).sum() for M in mats)
+    total = sum(s2.sum() for s2 in squared)
     summed = torch.stack(tails).sum(0)
     return (summed / total.clamp_min(1e-300)).clamp_min(0).sqrt()
+
+
+def whitened_spectrum(W: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """The squared singular values of W L (descending, float64; L Lᵀ = Σ + ridge): from the
+    m x m :func:`whitened_gram` for a wide W, else from W L itself."""
+    if W.shape[0] < W.shape[1]:
+        return _squared_singular_values(torch.linalg.eigvalsh(whitened_gram(W, cov, ridge)))
+    L = whitening_factor(cov, ridge, device=W.device)
+    return torch.linalg.svdvals(W.to(torch.float64) @ L).pow(2)
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
