@@ -239,6 +239,7 @@ def test_paired_moments_and_the_corrected_weight():
     assert count == 2 * 16 * 6 * 6  # patches
     assert torch.allclose(corrected_weight(model.second, moments, cross, count),
                           model.second.weight, atol=1e-5)
+    assert cross[0] is moments[0]  # x̃ = x: no second moment is accumulated, W' is W
     # against a perturbed first layer: W' maps what the layer now gets to what it should give
     small = rc.apply(model, rc.Plan({"first": rc.LayerPlan("svd", (2,))}))
     moments, cross, count = paired_moments(model, small, "second", batches)
@@ -253,6 +254,17 @@ def test_paired_moments_and_the_corrected_weight():
         return float((layer(seen) - want).norm() / want.norm())
 
     assert err(fixed) < 0.75 * err(model.second)
+    assert cross[0] is not moments[0]
+    # a first batch on which x̃ = x (zeros: the factorized layer gives its bias, as the dense
+    # one) and then one on which it differs: Σ× counts both
+    zeros = [torch.zeros_like(batches[0])]
+    m0, c0, n0 = paired_moments(model, small, "second", zeros)
+    assert c0[0] is m0[0]
+    m1, c1, n1 = paired_moments(model, small, "second", batches[:1])
+    both_m, both_c, both_n = paired_moments(model, small, "second", zeros + batches[:1])
+    assert both_n == n0 + n1
+    assert torch.allclose(both_c[0], (c0[0] * n0 + c1[0] * n1) / both_n)
+    assert torch.allclose(both_m[0], (m0[0] * n0 + m1[0] * n1) / both_n)
 
 
 def test_sequential_apply_fits_each_layer_to_the_compressed_inputs():
