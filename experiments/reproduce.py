@@ -578,9 +578,11 @@ def _plot_transfer(ax, rows: list[dict]) -> None:
 
 def _plot_ratios(ax, rows: list[dict]) -> None:
     series: dict[str, list] = {}
-    for r in rows:
+    for r in rows:  # a line joins runs of one method at equal fine-tuning only
         how = "sensitivity CP" if r.get("sensitivity") else r["method"]
-        series.setdefault(f"{r['model']} {how}", []).append(r)
+        tuning = (f"{r['epochs']} ep, lr {r['lr']:g}" if r.get("lr") is not None
+                  else "not fine-tuned")
+        series.setdefault(f"{r['model']} {how} ({tuning})", []).append(r)
     for label, rs in sorted(series.items()):
         rs.sort(key=lambda r: r["params_x"])
         ax.plot([r["params_x"] for r in rs], [r["after_top1"] for r in rs], "o-", label=label)
