@@ -124,3 +124,27 @@ def test_counts_are_checked_and_clamped():
 def test_bad_options_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cur(torch.randn(5, 5), 2, **kwargs)
+
+
+def test_large_matrices_at_small_rank_pick_from_randomized_singular_vectors():
+    # 1024 x 3072 at rank 24: the leading vectors come from the randomized range finder; the
+    # columns and rows it makes DEIM pick give the error of those from a full SVD (within 1%)
+    import importlib
+
+    from rankcut.decompose.svd import randomized_pays
+
+    module = importlib.import_module("rankcut.decompose.cur")
+
+    g = torch.Generator().manual_seed(5)
+    W = (torch.randn(1024, 60, generator=g) * torch.logspace(0, -2, 60)) @ torch.randn(
+        60, 3072, generator=g) + 1e-3 * torch.randn(1024, 3072, generator=g)
+    assert randomized_pays(1024, 3072, 24)
+    fast = cur(W, 24, method="deim")
+    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+    cols, rows = module._deim(Vh[:24].mT), module._deim(U[:, :24])
+    C, R = W[:, cols], W[rows]
+    exact = float((W - C @ torch.linalg.pinv(C) @ W @ torch.linalg.pinv(R) @ R).norm() / W.norm())
+    assert fast.rel_error <= 1.01 * exact
+    assert cur(W, 24, method="deim").col_idx.tolist() == fast.col_idx.tolist()  # deterministic
+    lev = cur(W, 24, method="leverage", n_cols=48, n_rows=48, seed=1)
+    assert lev.rel_error < 2 * exact

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_choice, check_rank, check_tensor, clamp_rank, make_generator
+from .svd import leading_singular_vectors
 
 CUR_METHODS = ("leverage", "linear_time", "cx", "deim")
 
@@ -151,7 +152,10 @@ def cur(
         psi = C[row_idx] * row_scale[:, None]
         U = _truncated_pinv_gram(C, rank) @ psi.mT
     else:
-        Uw, _, Vh = torch.linalg.svd(W, full_matrices=False)
+        # only the leading singular vectors are used: a large matrix at a small rank gets them
+        # from the randomized range finder (seeded) instead of a full SVD
+        need = max(n_cols, n_rows) if method == "deim" else rank
+        Uw, _, Vh = leading_singular_vectors(W, min(need, m, n), seed=0)
         if method == "deim":
             col_idx = _deim(Vh[:n_cols].mT).to(W.device)
             row_idx = _deim(Uw[:, :n_rows]).to(W.device)
