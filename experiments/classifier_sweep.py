@@ -19,8 +19,9 @@ a ratio and a mode:
 
 Each point's top-1, the part's realised parameters and CR, the whole model's CR and the seconds
 it took (plan + apply) go to ``runs/<config>/sweep/<run>.jsonl`` as they finish; a rerun skips
-the points done. Then ``<run>.md`` (the seed's table: the largest CR within 0.1 and 0.5 point of
-the dense top-1, per method and mode, sampled methods as the mean over seeds) and ``<run>.png``
+the points done, and refuses to mix them with points of other settings. Then ``<run>.md`` (the
+seed's table: the largest CR within 0.1 and 0.5 point of the dense top-1, every smaller CR within
+it too, per method and mode, sampled methods as the mean over seeds) and ``<run>.png``
 (top-1 and parameters against CR).
 """
 
@@ -62,8 +63,17 @@ METHOD = {"method": "svd", "data": False, "options": {}, "seeds": [0], "modes": 
 TOLERANCES = (0.1, 0.5)
 
 
+def _list_of(value, ok) -> bool:
+    return isinstance(value, list) and bool(value) and all(ok(v) for v in value)
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def sweep_settings(config: dict) -> dict:
-    """The ``sweep:`` section with defaults filled in and every method's keys checked."""
+    """The ``sweep:`` section with defaults filled in and every key checked (SystemExit with
+    the bad key, before any work)."""
     raw = config.get("sweep")
     if not isinstance(raw, dict):
         raise SystemExit("config: no 'sweep:' mapping")
@@ -71,27 +81,46 @@ def sweep_settings(config: dict) -> dict:
     if unknown:
         raise SystemExit(f"sweep: unknown keys {unknown}; known: {', '.join(SWEEP)}")
     s = {**SWEEP, **raw}
-    if not s["models"] or any(m not in config.get("runs", {}) for m in s["models"]):
-        raise SystemExit(f"sweep.models: expected runs of this config, got {s['models']!r}")
-    ratios = s["ratios"]
-    if not ratios or not all(isinstance(r, int | float) and not isinstance(r, bool) and r > 1
-                             for r in ratios):
-        raise SystemExit(f"sweep.ratios: expected numbers > 1, got {ratios!r}")
+    runs = config.get("runs") or {}
+    if not _list_of(s["models"], lambda m: m in runs):
+        raise SystemExit(f"sweep.models: expected a list of runs of this config, got "
+                         f"{s['models']!r}")
+    if not isinstance(s["part"], str) or not s["part"]:
+        raise SystemExit(f"sweep.part: expected a submodule name, got {s['part']!r}")
+    if not _list_of(s["ratios"], lambda r: _number(r) and 1 < r < float("inf")):
+        raise SystemExit(f"sweep.ratios: expected a list of numbers > 1, got {s['ratios']!r}")
+    if not isinstance(s["methods"], dict) or not s["methods"]:
+        raise SystemExit(f"sweep.methods: expected a mapping of labels to methods, got "
+                         f"{s['methods']!r}")
     methods = {}
     for label, m in s["methods"].items():
+        where = f"sweep.methods.{label}"
+        if m is not None and not isinstance(m, dict):
+            raise SystemExit(f"{where}: expected a mapping, got {m!r}")
         bad = sorted(set(m or {}) - set(METHOD))
         if bad:
-            raise SystemExit(f"sweep.methods.{label}: unknown keys {bad}; known: "
-                             f"{', '.join(METHOD)}")
+            raise SystemExit(f"{where}: unknown keys {bad}; known: {', '.join(METHOD)}")
         m = {**METHOD, **(m or {})}
-        m["modes"] = m["modes"] or s["modes"]
-        if set(m["modes"]) - {"rule", "target"}:
-            raise SystemExit(f"sweep.methods.{label}.modes: expected rule and/or target, got "
+        if m["modes"] is None:
+            m["modes"] = s["modes"]
+        if not _list_of(m["modes"], lambda v: v in ("rule", "target")):
+            raise SystemExit(f"{where}.modes: expected a list of rule and/or target, got "
                              f"{m['modes']!r}")
+        if not _list_of(m["seeds"], lambda v: isinstance(v, int) and not isinstance(v, bool)):
+            raise SystemExit(f"{where}.seeds: expected a list of ints, got {m['seeds']!r}")
+        if not isinstance(m["data"], bool):
+            raise SystemExit(f"{where}.data: expected true or false, got {m['data']!r}")
+        if not isinstance(m["options"], dict):
+            raise SystemExit(f"{where}.options: expected a mapping, got {m['options']!r}")
         try:
-            rc.methods.resolve(m["method"])[0].check_options(m["options"])
+            method = rc.methods.resolve(m["method"])[0]
+            method.check_options(m["options"])
         except (ValueError, TypeError) as err:
-            raise SystemExit(f"sweep.methods.{label}: {err}") from None
+            raise SystemExit(f"{where}: {err}") from None
+        if method.linear is None:
+            raise SystemExit(f"{where}: method {m['method']!r} does not factorize Linear layers")
+        if m["data"] and not method.data_aware:
+            raise SystemExit(f"{where}: method {m['method']!r} has no data-aware form")
         methods[label] = m
     s["methods"] = methods
     return s
@@ -118,7 +147,7 @@ def _batches(dataset, size: int = 256):
     yield from loader
 
 
-def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test) -> dict:
+def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test, cache=None) -> dict:
     """Plan and factorize ``part`` for one point; its top-1 on ``test`` (inputs, labels)."""
     options = dict(method["options"])
     if method["method"] == "cur":
@@ -128,7 +157,8 @@ def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test) -> di
                    rank=f"params={ratio}x" if mode == "rule" else None,
                    target=f"params={ratio}x" if mode == "target" else None,
                    calib_data=calib if method["data"] else None, min_params=0,
-                   options={method["method"]: options} if options else None, allow_slower=True)
+                   options={method["method"]: options} if options else None, allow_slower=True,
+                   cache=cache)
     small = rc.apply(part, plan, calib_data=calib if method["data"] else None).eval()
     seconds = time.perf_counter() - start
     return {"top1": evaluate(small, test)["top1"], "params": count_params(small),
@@ -136,59 +166,78 @@ def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test) -> di
             "seconds": round(seconds, 2)}
 
 
+def _fit(method: dict) -> dict:
+    """What of a method's settings its points depend on (more seeds, ratios or modes add
+    points; other options make other points)."""
+    return {k: method[k] for k in ("method", "data", "options")}
+
+
+def check_part(model: torch.nn.Module, name: str, part: str) -> None:
+    """Refuse a ``part`` that is not a submodule holding Linear layers (before any training)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        found = model.get_submodule(part)
+    except AttributeError:
+        found = None
+    if found is None or not any(isinstance(m, torch.nn.Linear) for m in found.modules()):
+        raise SystemExit(f"sweep.part: {name} has no submodule {part!r} holding Linear layers; "
+                         f"its Linear layers: {', '.join(linears) or 'none'}")
+
+
 def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path, device: str) -> Path:
     """Every point of run ``name``'s model not in its .jsonl yet; returns the .jsonl."""
     s = settings_of(config, name)
-    check(config, name, s)
     trained = trained_weights(s, root, device) if s["train"] else None
     weights = (pretrained_path(s["model"], root) if s["weights"] == "pretrained"
                else Path(s["weights"]))
     model = create(s["model"], weights=weights, num_classes=s["num_classes"]).eval().to(device)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        found = model.get_submodule(sw["part"])
-    except AttributeError:
-        found = None
-    if found is None or not any(isinstance(m, torch.nn.Linear) for m in found.modules()):
-        raise SystemExit(f"sweep.part: {s['model']} has no submodule {sw['part']!r} holding "
-                         f"Linear layers; its Linear layers: {', '.join(linears) or 'none'}")
     _, plain, test = datasets(s, root)
     calib_batches = D.calibration(plain, n=s["calib"], seed=s["seed"])
     test_x, test_y = part_inputs(model, sw["part"], _batches(test), device)
     calib_x, calib_y = part_inputs(model, sw["part"], calib_batches, device)
-    calib = [(calib_x, calib_y)]
-    model = model.cpu()
+    calib = [(calib_x.to(device), calib_y.to(device))]
     part = model.get_submodule(sw["part"])
     if isinstance(part, torch.nn.Linear):  # rankcut replaces layers inside a module
         part = torch.nn.Sequential(part)
     dense_top1 = evaluate(part, (test_x, test_y))["top1"]
     part_params, total = count_params(part), count_params(model)
+    # what the points depend on besides their own method: a rerun with other settings must not
+    # mix its points with these
+    head = {"dense_top1": dense_top1, "part_params": part_params, "total_params": total,
+            "part": sw["part"], "model": s["model"], "data": s["data"],
+            "test_images": len(test_y), "calib": len(calib_y), "trained_weights": trained}
     path = base / f"{name}.jsonl"
     base.mkdir(parents=True, exist_ok=True)
     done = set()
     if path.is_file():
-        done = {(p["label"], p["mode"], p["ratio"], p["seed"])
-                for p in map(json.loads, path.read_text().splitlines()) if "label" in p}
+        old, points = read_points(path)
+        changed = sorted(k for k in head if old.get(k) != head[k])
+        changed += sorted({p["label"] for p in points if p["label"] in sw["methods"]
+                           and p["fit"] != _fit(sw["methods"][p["label"]])})
+        if changed:
+            raise SystemExit(f"{path}: its points were made with other settings ({changed} "
+                             "differ); move it away to sweep afresh")
+        done = {(p["label"], p["mode"], p["ratio"], p["seed"]) for p in points}
     else:
-        path.write_text(json.dumps({"dense_top1": dense_top1, "part_params": part_params,
-                                    "total_params": total, "part": sw["part"],
-                                    "model": s["model"], "data": s["data"],
-                                    "test_images": len(test_y), "calib": len(calib_y),
-                                    "trained_weights": trained, "device": device,
+        path.write_text(json.dumps({**head, "device": device,
                                     "threads": torch.get_num_threads(),
                                     "date": time.strftime("%Y-%m-%d")}) + "\n")
     print(f"[{name}] {s['model']} on {s['data']}: {sw['part']} {part_params:,} of {total:,} "
           f"params, top-1 {dense_top1:.2f}% on {len(test_y)} test images; "
           f"{len(done)} point(s) done earlier", flush=True)
-    x = test_x[:1]
+    x = test_x[:1].to(device)
     for label, method in sw["methods"].items():
+        # plans of one method to targets share its moments and candidates (one entry: a
+        # 25,088-wide layer's moment is 5 GB)
+        cache = rc.select.CandidateCache(max_entries=1)
         for mode in method["modes"]:
             for ratio in sw["ratios"]:
                 for seed in method["seeds"]:
                     if (label, mode, ratio, seed) in done:
                         continue
-                    p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y))
-                    p.update(label=label, mode=mode, ratio=ratio, seed=seed,
+                    p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y),
+                              cache if mode == "target" else None)
+                    p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
                              part_ratio=part_params / p["params"],
                              whole_ratio=total / (total - part_params + p["params"]))
                     with path.open("a") as f:
@@ -218,7 +267,8 @@ def _mean(points: list[dict], key: str) -> float:
 
 def table(head: dict, points: list[dict]) -> str:
     """The seed's table: per method and mode, the largest CR (of the part) whose mean top-1 is
-    within each tolerance of the dense top-1, with its top-1, parameters and whole-model CR."""
+    within each tolerance of the dense top-1, as every smaller CR's is (a lucky seed past a
+    failing ratio does not count), with its top-1, parameters and whole-model CR."""
     dense = head["dense_top1"]
     cols = "".join(f" CR within {t} | top-1 % | {head['part']} params | whole x |"
                    for t in TOLERANCES)
@@ -230,7 +280,11 @@ def table(head: dict, points: list[dict]) -> str:
     for (label, mode), by_ratio in grouped(points).items():
         row = f"| {label} | {mode} | {len(by_ratio[0][1])} |"
         for tol in TOLERANCES:
-            kept = [(r, ps) for r, ps in by_ratio if _mean(ps, "top1") >= dense - tol]
+            kept = []  # the ratios up to the first that loses more than tol
+            for r, ps in by_ratio:
+                if _mean(ps, "top1") < dense - tol:
+                    break
+                kept.append((r, ps))
             if kept:
                 ps = kept[-1][1]
                 spread = (f" ± {statistics.pstdev(p['top1'] for p in ps):.2f}"
@@ -300,6 +354,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     base = Path(args.runs_dir) / config_path.stem / "sweep"
     if not args.summary:
+        for name in names:  # every model's settings and part, before any training
+            s = settings_of(config, name)
+            check(config, name, s)
+            check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"])
         root = D.find_data_root()
         if root is None:
             raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "

@@ -580,8 +580,8 @@ def _plot_ratios(ax, rows: list[dict]) -> None:
     series: dict[str, list] = {}
     for r in rows:  # a line joins runs of one method at equal fine-tuning only
         how = "sensitivity CP" if r.get("sensitivity") else r["method"]
-        tuning = (f"{r['epochs']} ep, lr {r['lr']:g}" if r.get("lr") is not None
-                  else "not fine-tuned")
+        length = f"{r['epochs']} ep" if r.get("epochs") else f"{r.get('steps')} steps"
+        tuning = f"{length}, lr {r['lr']:g}" if r.get("lr") is not None else "not fine-tuned"
         series.setdefault(f"{r['model']} {how} ({tuning})", []).append(r)
     for label, rs in sorted(series.items()):
         rs.sort(key=lambda r: r["params_x"])

@@ -145,6 +145,7 @@ def test_large_matrices_at_small_rank_pick_from_randomized_singular_vectors():
     C, R = W[:, cols], W[rows]
     exact = float((W - C @ torch.linalg.pinv(C) @ W @ torch.linalg.pinv(R) @ R).norm() / W.norm())
     assert fast.rel_error <= 1.01 * exact
-    assert cur(W, 24, method="deim").col_idx.tolist() == fast.col_idx.tolist()  # deterministic
+    # deterministic: the range finder's seed is fixed, whatever seed the caller passes
+    assert cur(W, 24, method="deim", seed=7).col_idx.tolist() == fast.col_idx.tolist()
     lev = cur(W, 24, method="leverage", n_cols=48, n_rows=48, seed=1)
     assert lev.rel_error < 2 * exact

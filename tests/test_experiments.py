@@ -255,10 +255,14 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     again = sweep(config, tmp_path / "runs", env)
     assert again.returncode == 0 and "10 point(s) done earlier" in again.stdout
     assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
-    # a part that holds no Linear layer is refused in one line, before any point
-    config.write_text(SWEEP_CONFIG.replace("part: linear", "part: layer1"))
-    bad = sweep(config, tmp_path / "other", env)
-    assert bad.returncode != 0 and "sweep.part" in bad.stderr and "Traceback" not in bad.stderr
+    # points of other settings are not mixed with these: refused, the file untouched
+    config.write_text(SWEEP_CONFIG.replace("calib: 64", "calib: 32"))
+    mixed = sweep(config, tmp_path / "runs", env)
+    assert mixed.returncode != 0 and "other settings (['calib'] differ)" in mixed.stderr
+    config.write_text(SWEEP_CONFIG.replace("solver: leverage", "solver: cx"))
+    mixed = sweep(config, tmp_path / "runs", env)
+    assert mixed.returncode != 0 and "['cur-leverage'] differ" in mixed.stderr
+    assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
 
 
 def test_classifier_sweep_settings_are_checked_before_any_work():
@@ -278,7 +282,23 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
         "option": ({"methods": {"c": {"method": "cur", "options": {"solvr": "x"}}}}, "solvr"),
         "mode": ({"methods": {"s": {"modes": ["global"]}}}, "modes"),
         "method-key": ({"methods": {"s": {"seed": 1}}}, "unknown keys"),
+        "methods-list": ({"methods": ["svd"]}, "sweep.methods: expected a mapping"),
+        "ratios-scalar": ({"ratios": 4}, "sweep.ratios"),
+        "seeds-text": ({"methods": {"c": {"method": "cur", "seeds": "0"}}}, "seeds"),
+        "data-text": ({"methods": {"s": {"data": "false"}}}, "data: expected true or false"),
+        "modes-empty": ({"methods": {"s": {"modes": []}}}, "modes"),
+        "conv-only": ({"methods": {"c": {"method": "tucker"}}}, "does not factorize Linear"),
+        "cur-data": ({"methods": {"c": {"method": "cur", "data": True}}}, "no data-aware"),
     }
     for change, words in bad.values():
         with pytest.raises(SystemExit, match=words):
             sweep_.sweep_settings({**base, "sweep": {**base["sweep"], **change}})
+
+
+def test_classifier_sweep_refuses_a_part_without_linear_layers_before_any_work(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(SWEEP_CONFIG.replace("part: linear", "part: layer1"))
+    done = sweep(config, tmp_path / "runs", {**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "sweep.part: resnet20_cifar has no submodule 'layer1' holding Linear" in done.stderr
+    assert "its Linear layers: linear" in done.stderr and not (tmp_path / "runs").exists()

@@ -278,8 +278,16 @@ def test_layer_units_count_factorized_layers_once(mixed_pair):
     units = layer_units(small)
     assert list(units) == list(layer_units(model))
     assert all(isinstance(units[n], FactorizedLayer) for n in MIXED_PLAN)
-    lone = rc.apply(nn.Linear(20, 20), rc.Plan({"": rc.LayerPlan("svd", (3,))}))
+    lone = rc.apply(nn.Sequential(nn.Linear(20, 20)),
+                    rc.Plan({"0": rc.LayerPlan("svd", (3,))}))[0]
     assert list(layer_units(lone)) == [""]  # a factorized layer as the whole model
+    # made dense again (densify) or fused, it is the model itself, not a child of it
+    from rankcut.compress import densify
+
+    x = torch.randn(4, 20)
+    assert isinstance(densify(lone), nn.Linear)
+    assert torch.allclose(densify(lone)(x), lone(x), atol=1e-5)
+    assert torch.allclose(rc.fuse(lone)(x), lone(x), atol=1e-5)
 
 
 def test_profile_totals_are_sums_and_bytes_match_saved_file(mixed_pair, tmp_path):

@@ -289,7 +289,9 @@ def corrected_weight(module: nn.Module, moments: Sequence[torch.Tensor],
     from the inputs x̃ the layer really gets, shrunk towards W: per group
     W' = W (Σ× + λI)(Σ̃ + λI)⁻¹, the minimiser of E||W x - W' x̃||² + λ||W' - W||², with
     λ = (d / ``count``)·mean(diag Σ̃) for d inputs (at least 10⁻⁶ of it): negligible with many
-    more rows than inputs, a pull back to W where the rows are too few to fit d·d numbers."""
+    more rows than inputs, a pull back to W where the rows are too few to fit d·d numbers.
+    When ``cross`` is ``moments`` itself (:func:`paired_moments`: the inputs are unchanged) the
+    result is ``module.weight`` itself (detached, not a copy: do not modify it in place)."""
     W = module.weight.detach()
     if all(a is b for a, b in zip(moments, cross, strict=True)):  # x̃ = x: W itself
         return W

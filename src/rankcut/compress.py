@@ -94,6 +94,8 @@ class CompressResult:
 
 def densify(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every factorized layer replaced by its equivalent dense layer."""
+    if isinstance(model, FactorizedLayer):  # the layer is the whole model
+        return model.to_dense()
     out = copy.deepcopy(model)
     names = [n for n, m in out.named_modules() if isinstance(m, FactorizedLayer)]
     for name in names:

@@ -181,7 +181,9 @@ def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
 def _revert_unprofitable(model: nn.Module, inputs, margin: float | None) -> dict[str, str]:
     """Factorized layers that save nothing (with ``margin``: or run slower than dense by more
     than it), replaced by their dense layers; {name: why}."""
-    dense = {n: m.to_dense() for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    # (a factorized layer that is the whole model has no parent to be replaced in: kept)
+    dense = {n: m.to_dense() for n, m in model.named_modules()
+             if isinstance(m, FactorizedLayer) and n}
     shapes = _input_shapes(model, inputs, dense) if inputs is not None else {}
     reverted = {}
     for name, plain in dense.items():
