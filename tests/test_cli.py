@@ -122,6 +122,11 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
     assert [(r[0], r[1]) for r in rows] == [("plain", "1"), ("fused", "1"), ("plain", "4"),
                                             ("fused", "4")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].endswith("x") for r in rows)
+    code, stdout, _ = run(capsys, "benchmark", "--model", "resnet20_cifar", "--compressed", out,
+                          "--input-shape", "3,32,32", "--batches", 2, "--repeats", 3,
+                          "--engine", "onnxruntime")
+    assert code == 0 and "ONNX Runtime on the CPU" in stdout
+    assert [line.split()[:2] for line in stdout.splitlines()[2:]] == [["fused", "2"]]
     code, _, err = run(capsys, "export", "--model", "resnet20_cifar", "--compressed", out,
                        "--input-shape", "3,32,32", "--format", "torchscript", "--output",
                        tmp_path / "m.pt")

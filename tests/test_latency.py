@@ -289,3 +289,34 @@ def test_ranks_are_timed_at_steps_of_8_then_at_most_an_eighth_of_the_rank():
         t = _rounded(r)
         assert r <= t <= max(r + RANK_STEP - 1, r * 1.125) and t % RANK_STEP == 0
     assert _rounded([9, 300]) == [16, 320]
+
+
+def test_onnxruntime_engine_times_the_exported_model():
+    pytest.importorskip("onnxruntime")
+    big, tiny = nn.Conv2d(64, 64, 5, padding=2), nn.Conv2d(64, 1, 1)
+    x = torch.randn(2, 64, 32, 32)
+    lat = measure_latency(big, x, warmup=1, repeats=5, engine="onnxruntime")
+    assert lat.device == "cpu (onnxruntime)" and lat.repeats == 5 and lat.median_ms > 0
+    a, b = compare_latency(big, tiny, x, warmup=1, repeats=5, engine="onnxruntime")
+    assert a.median_ms > 3 * b.median_ms
+    with pytest.raises(ValueError, match="engine: expected one of eager, onnxruntime"):
+        measure_latency(big, x, engine="tensorrt")
+    rows = rc.profile.speedups(big, tiny, x[:1], batches=[2], repeats=3, engine="onnxruntime")
+    assert [(r["form"], r["engine"]) for r in rows] == [("fused", "onnxruntime")]
+    assert rows[0]["speedup"] == rows[0]["dense_ms"] / rows[0]["compressed_ms"] > 1
+
+
+def test_an_onnxruntime_table_plans_for_onnxruntime_and_says_so(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, x = convnet(), torch.rand(2, 16, 16, 16)
+    table = LatencyTable(engine="onnxruntime", repeats=3)
+    plan = rc.plan(model, x, target="macs=2x", min_params=100, latency_table=table,
+                   options={"cp": {"max_iter": 5}}, latency_margin=1.0)
+    assert plan.active and table.measured > 0
+    assert table.setting["engine"] == "onnxruntime" and table.entries
+    saved = LatencyTable.load(table.save(tmp_path / "ort.json"))
+    assert saved.engine == "onnxruntime" and saved.entries == table.entries
+    with pytest.raises(ValueError, match="'onnxruntime' times float32 models on the CPU"):
+        LatencyTable("cuda", engine="onnxruntime")
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        LatencyTable(engine="ort")

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time both models fused as 'rankcut export' writes them "
                         "(BatchNorm folded, factorizations that save nothing made dense), each "
                         "in the memory format that runs it faster")
+    p.add_argument("--engine", choices=["eager", "onnxruntime"], default="eager",
+                   help="time PyTorch itself (default) or both models fused and exported to "
+                        "ONNX, run by ONNX Runtime on the CPU (needs rankcut[export])")
     _common(p)
 
     p = sub.add_parser("export", help="write a compressed model as ONNX or TorchScript")
@@ -802,13 +805,16 @@ def cmd_benchmark(args) -> int:
     model = ctx.model().to(ctx.device)
     small = ctx.compressed(args.compressed).to(ctx.device)
     x = ctx.example_inputs()
-    _say(f"latency on {ctx.device}, {torch.get_num_threads()} threads, median of "
-         f"{args.repeats} interleaved runs" + (" (fused: as export writes them, each in its "
-                                               "faster memory format)" if args.fused else "")
-         + ":")
+    ort = args.engine == "onnxruntime"
+    where = "ONNX Runtime on the CPU" if ort else ctx.device
+    _say(f"latency on {where}, {torch.get_num_threads()} threads, median of "
+         f"{args.repeats} interleaved runs" + (
+             " (fused and exported as 'rankcut export --fuse' writes them)" if ort else
+             " (fused: as export writes them, each in its faster memory format)" if args.fused
+             else "") + ":")
     _say(f"{'':6} {'batch':>6} {'original ms':>12} {'compressed ms':>14} {'speed-up':>9}")
     for row in speedups(model, small, x.to(ctx.device), args.batches, fused=args.fused,
-                        repeats=args.repeats):
+                        repeats=args.repeats, engine=args.engine):
         _say(f"{row['form']:6} {row['batch']:>6} {row['dense_ms']:12.3f} "
              f"{row['compressed_ms']:14.3f} {row['speedup']:8.2f}x")
     return 0

@@ -145,7 +145,55 @@ class Latency:
                 f"{self.batch}, {self.repeats} runs, {self.threads} threads, {self.device})")
 
 
-def _timer(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
+# What a pass is timed in: PyTorch itself, or the model exported to ONNX (as rc.export writes it)
+# and run by ONNX Runtime on the CPU (all graph optimisations, torch's intra-op thread count).
+ENGINES = ("eager", "onnxruntime")
+
+
+def check_engine(engine) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    return engine
+
+
+def ort_session(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
+    """An ONNX Runtime session (CPU) of ``model`` exported on ``inputs`` as :func:`rankcut.export`
+    exports it (opset 17, fixed shapes), with every graph optimisation and torch's intra-op thread
+    count."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("engine 'onnxruntime' needs onnx and onnxruntime: pip install "
+                          "'rankcut[export]'") from None
+    from .export import _expected_warnings_ignored, _export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp, eval_mode(model), torch.no_grad():
+        path = Path(tmp) / "model.onnx"
+        with _expected_warnings_ignored():
+            _export_onnx(model, inputs, path, opset=17, dynamic_batch=False, check=False,
+                         atol=0.0)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_timer(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
+    session = ort_session(model, inputs)
+    feeds = {i.name: x.detach().cpu().numpy()
+             for i, x in zip(session.get_inputs(), inputs, strict=True)}
+
+    def run() -> float:
+        start = time.perf_counter()
+        session.run(None, feeds)
+        return (time.perf_counter() - start) * 1e3
+
+    return run, "cpu (onnxruntime)"
+
+
+def _timer(model: nn.Module, inputs: tuple[torch.Tensor, ...], engine: str = "eager"):
+    if check_engine(engine) == "onnxruntime":
+        return _ort_timer(model, inputs)
     device = next((p.device for p in model.parameters()), inputs[0].device)
     cuda = device.type == "cuda"
     inputs = tuple(x.to(device) for x in inputs)
@@ -190,13 +238,15 @@ def layer_input(module: nn.Module, shape: tuple, batch: int,
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
-                    repeats: int = 50) -> Latency:
+                    repeats: int = 50, engine: str = "eager") -> Latency:
     """Time ``model(*example_inputs)`` on the device of the model's parameters: ``warmup``
-    untimed passes, then ``repeats`` timed ones, in eval mode under no_grad (modes restored)."""
+    untimed passes, then ``repeats`` timed ones, in eval mode under no_grad (modes restored).
+    ``engine="onnxruntime"``: the model exported to ONNX and run by ONNX Runtime on the CPU
+    (:func:`ort_session`; the export is not timed)."""
     _check_counts(warmup, repeats)
     inputs = as_inputs(example_inputs)
     with eval_mode(model):
-        run, device = _timer(model, inputs)
+        run, device = _timer(model, inputs, engine)
         for _ in range(warmup):
             run()
         times = [run() for _ in range(repeats)]
@@ -205,13 +255,15 @@ def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
 
 @torch.no_grad()
 def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warmup: int = 5,
-                    repeats: int = 30) -> tuple[Latency, Latency]:
+                    repeats: int = 30, engine: str = "eager") -> tuple[Latency, Latency]:
     """Latencies of two modules on the same inputs, their timed passes interleaved (first,
-    second, first, ...), so that a change in the machine's speed affects both alike."""
+    second, first, ...), so that a change in the machine's speed affects both alike; in
+    ``engine`` (see :func:`measure_latency`)."""
     _check_counts(warmup, repeats)
     inputs = as_inputs(example_inputs)
     with eval_mode(first), eval_mode(second):
-        (run_a, dev_a), (run_b, dev_b) = _timer(first, inputs), _timer(second, inputs)
+        (run_a, dev_a), (run_b, dev_b) = (_timer(first, inputs, engine),
+                                          _timer(second, inputs, engine))
         for _ in range(warmup):
             run_a()
             run_b()
@@ -222,25 +274,30 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
 
 
 def speedups(dense: nn.Module, small: nn.Module, example_inputs, batches=(1, 32), *,
-             fused: bool = True, repeats: int = 30) -> list[dict]:
+             fused: bool = True, repeats: int = 30, engine: str = "eager") -> list[dict]:
     """``dense`` against ``small`` at each batch size (``example_inputs`` repeated to it): the
     models as they are ("plain") and, with ``fused``, both as :func:`rankcut.export` deploys them
     (:func:`rankcut.fuse`, each in the memory format that runs it faster at that batch).
     One row per batch and form: dense and compressed medians (interleaved runs) and the speed-up
-    (dense time / compressed time, above 1 when the compressed model is faster)."""
+    (dense time / compressed time, above 1 when the compressed model is faster). ``engine``: see
+    :func:`measure_latency` (ONNX Runtime: fused only, as :func:`rankcut.export` writes the file;
+    ONNX Runtime chooses its own layouts)."""
     from .fuse import fuse
 
+    check_engine(engine)
     rows = []
     for batch in _check_batches(batches):
         x = with_batch(example_inputs, batch)
-        pairs = [("plain", dense, small)]
-        if fused:
-            pairs.append(("fused", fuse(dense, x, memory_format="auto", check=False),
-                          fuse(small, x, memory_format="auto", check=False)))
+        pairs = [("plain", dense, small)] if engine == "eager" else []
+        if fused or engine != "eager":
+            layout = "auto" if engine == "eager" else None
+            pairs.append(("fused", fuse(dense, x, memory_format=layout, check=False),
+                          fuse(small, x, memory_format=layout, check=False)))
         for form, a_model, b_model in pairs:
-            a, b = compare_latency(a_model, b_model, x, repeats=repeats)
-            rows.append({"batch": batch, "form": form, "dense_ms": a.median_ms,
-                         "compressed_ms": b.median_ms, "speedup": a.median_ms / b.median_ms})
+            a, b = compare_latency(a_model, b_model, x, repeats=repeats, engine=engine)
+            rows.append({"batch": batch, "form": form, "engine": engine,
+                         "dense_ms": a.median_ms, "compressed_ms": b.median_ms,
+                         "speedup": a.median_ms / b.median_ms})
     return rows
 
 

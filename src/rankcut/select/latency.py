@@ -35,7 +35,14 @@ from ..atomic import atomic_path, file_target_problem
 from ..curves import RANK_ALIGN
 from ..fuse import fuse
 from ..layers import input_shape, rebuild
-from ..profile import MEMORY_FORMATS, compare_latency, layer_input, measure_latency, with_batch
+from ..profile import (
+    MEMORY_FORMATS,
+    check_engine,
+    compare_latency,
+    layer_input,
+    measure_latency,
+    with_batch,
+)
 from ..surgery import structure
 
 FORMAT_VERSION = 1
@@ -115,10 +122,21 @@ class LatencyTable:
             25 ms of them); a slower one is timed by the median of 3 runs after 1 untimed (on
             VGG-11-BN at batch 32 its layers take tens of ms, and the table is most of the
             planning time).
+        engine: what the times are of: ``"eager"`` (PyTorch) or ``"onnxruntime"`` (each layer,
+            and the model, exported to ONNX and run by ONNX Runtime on the CPU:
+            :func:`rankcut.profile.ort_session`), for a model that will be deployed there. A
+            plan made with an ONNX Runtime table is kept no slower than dense (or meets its
+            latency target) in ONNX Runtime.
     """
 
     def __init__(self, device="cpu", *, memory_format: str = "channels_last",
-                 dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 9):
+                 dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 9,
+                 engine: str = "eager"):
+        check_engine(engine)
+        if engine == "onnxruntime" and (torch.device(device).type != "cpu"
+                                        or dtype != torch.float32):
+            raise ValueError(f"engine: 'onnxruntime' times float32 models on the CPU, not "
+                             f"{str(dtype).removeprefix('torch.')} on {device}")
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
                              f"{memory_format!r}")
@@ -130,9 +148,10 @@ class LatencyTable:
         self.memory_format = memory_format
         self.dtype = dtype
         self.warmup, self.repeats = warmup, repeats
+        self.engine = engine
         self.setting = {"device": device_name(self.device), "threads": torch.get_num_threads(),
                         "dtype": str(dtype).removeprefix("torch."),
-                        "memory_format": memory_format, "engine": "eager",
+                        "memory_format": memory_format, "engine": engine,
                         "torch": torch.__version__.split("+")[0]}
         self.entries: dict[str, dict[str, float]] = {}  # key -> {str(batch): ms}
         self.measured = 0  # timings taken by this object (not loaded)
@@ -172,8 +191,9 @@ class LatencyTable:
         setting = data["setting"]
         try:
             table = cls(device, memory_format=setting["memory_format"],
-                        dtype=getattr(torch, setting["dtype"]), **data.get("timing", {}))
-        except (KeyError, AttributeError, TypeError) as err:
+                        dtype=getattr(torch, setting["dtype"]),
+                        engine=setting.get("engine", "eager"), **data.get("timing", {}))
+        except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"latency table: {path}: a damaged setting ({err!r})") from None
         differs = {k: (setting.get(k), v) for k, v in table.setting.items()
                    if k != "torch" and setting.get(k) != v}
@@ -193,14 +213,16 @@ class LatencyTable:
             if isinstance(prim, nn.Conv2d):
                 prim = prim.to(memory_format=MEMORY_FORMATS[self.memory_format])
             x = layer_input(prim, shape, batch, self.memory_format)
-            first = measure_latency(prim, x, warmup=1, repeats=3).median_ms
+            first = measure_latency(prim, x, warmup=1, repeats=3,
+                                    engine=self.engine).median_ms
             if first * self.repeats > RUNS_MS:  # a slow kernel: 3 runs tell its time
                 times[str(batch)] = first
             else:  # small kernels (tens of microseconds) get more runs, about 25 ms of them:
                 # their medians are otherwise at the mercy of a few noisy runs
                 repeats = max(self.repeats, min(200, int(RUNS_MS / max(first, 1e-3))))
                 times[str(batch)] = measure_latency(prim, x, warmup=max(0, self.warmup - 1),
-                                                    repeats=repeats).median_ms
+                                                    repeats=repeats,
+                                                    engine=self.engine).median_ms
             self.measured += 1
         return times[str(batch)]
 
@@ -234,7 +256,8 @@ class LatencyTable:
             dense = fuse(model, check=False, memory_format=self.memory_format)
             x = with_batch(inputs, batch)
             times[str(batch)] = measure_latency(dense, x, warmup=self.warmup,
-                                                repeats=self.repeats).median_ms
+                                                repeats=self.repeats,
+                                                engine=self.engine).median_ms
             self.measured += 1
         return max(0.0, times[str(batch)] - layer_ms)
 
@@ -259,7 +282,8 @@ class LatencyTable:
                 self._deployed[deployed] = fuse(model, x, check=False, memory_format="auto")
             dense = self._deployed[deployed]
             small = fuse(structure(model, plan), x, check=False, memory_format="auto")
-            d, p = compare_latency(dense, small, x, warmup=self.warmup, repeats=repeats)
+            d, p = compare_latency(dense, small, x, warmup=self.warmup, repeats=repeats,
+                                   engine=self.engine)
             times[str(batch)] = [d.median_ms, p.median_ms]
             self.measured += 1
         return tuple(times[str(batch)])
