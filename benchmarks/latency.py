@@ -11,7 +11,8 @@ timed against each other at that batch, interleaved, median of ``--repeats`` pas
 warm-up:
 - ``eager``: PyTorch, under no_grad, on this machine's torch threads;
 - ``ort``: the ``rc.export`` ONNX files in ONNX Runtime (CPU, all graph optimisations, as many
-  intra-op threads as torch has).
+  intra-op threads as torch has; ``rankcut.profile``'s ``engine="onnxruntime"``).
+``--table-engine ort`` plans with an ONNX Runtime latency table (plans made for ORT deployment).
 speed-up = dense time / compressed time; eff = speed-up / MAC reduction (1.0: the time falls as
 fast as the MACs); ``pred`` = the planner's predicted time ratio (dense / planned) from its
 table, to set beside the eager speed-up it predicts.
@@ -22,17 +23,15 @@ torchvision's ResNet-18, ResNet-50 and MobileNetV2 at 224x224 with random weight
 repository root, nothing else running:
 
     .venv/bin/python benchmarks/latency.py [--models resnet20_cifar] [--targets macs=2x]
-        [--guard on off] [--batches 1 32] [--engines eager ort] [--json out.jsonl]
+        [--guard on off] [--batches 1 32] [--engines eager ort] [--table-engine eager|ort]
+        [--json out.jsonl]
 """
 
 import argparse
 import json
 import platform
-import statistics
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -62,42 +61,18 @@ def load(name: str):
         "random"
 
 
-def ort_session(model, x, folder: Path, tag: str):
-    import onnxruntime as ort
-
-    path = rc.export(model, folder / f"{tag}.onnx", example_inputs=x)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def ort_compare(dense, small, x, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median ms of the two sessions on ``x``, their runs interleaved."""
-    feeds = [{s.get_inputs()[0].name: x.numpy()} for s in (dense, small)]
-
-    def run(i):
-        start = time.perf_counter()
-        (dense, small)[i].run(None, feeds[i])
-        return (time.perf_counter() - start) * 1e3
-
-    for _ in range(warmup):
-        run(0), run(1)
-    pairs = [(run(0), run(1)) for _ in range(repeats)]
-    return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
+ENGINES = {"eager": "eager", "ort": "onnxruntime"}
 
 
 def timings(dense, small, x, engines, warmup, repeats) -> dict:
-    """{engine: (dense ms, compressed ms)} of the fused models on ``x``."""
+    """{engine: (dense ms, compressed ms)} of the fused models on ``x``
+    (``rankcut.profile.compare_latency``: interleaved medians; ``ort``: both exported to ONNX
+    and run in ONNX Runtime on the CPU)."""
     out = {}
-    if "eager" in engines:
-        a, b = compare_latency(dense, small, x, warmup=warmup, repeats=repeats)
-        out["eager"] = (a.median_ms, b.median_ms)
-    if "ort" in engines:
-        with tempfile.TemporaryDirectory() as tmp:
-            sessions = (ort_session(dense, x[:1], Path(tmp), "dense"),
-                        ort_session(small, x[:1], Path(tmp), "small"))
-            out["ort"] = ort_compare(*sessions, x, warmup, repeats)
+    for e in engines:
+        a, b = compare_latency(dense, small, x, warmup=warmup, repeats=repeats,
+                               engine=ENGINES[e])
+        out[e] = (a.median_ms, b.median_ms)
     return out
 
 
@@ -109,7 +84,10 @@ def main():
     parser.add_argument("--guard", nargs="+", default=["on"], choices=["on", "off"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--engines", nargs="+", default=["eager", "ort"],
-                        choices=["eager", "ort"])
+                        choices=list(ENGINES))
+    parser.add_argument("--table-engine", default="eager", choices=list(ENGINES),
+                        help="what the planner's latency table times (ort: plans made for "
+                             "ONNX Runtime)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="append one JSON line per result to this file")
@@ -118,13 +96,14 @@ def main():
         parse_target(target)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}, {platform.processor() or ''}"
-          f", {LatencyTable().setting['device']}; speed-up = dense / compressed (both fused), "
+          f", {LatencyTable().setting['device']}; planned with a {args.table_engine} latency "
+          f"table; speed-up = dense / compressed (both fused), "
           f"eff = speed-up / MAC reduction", flush=True)
     head = " ".join(f"{e:>14}" for e in args.engines)
     for name in args.models:
         model, x1, source = load(name)
         macs = count_macs(model, x1)
-        table, fused = LatencyTable(), {}
+        table, fused = LatencyTable(engine=ENGINES[args.table_engine]), {}
         print(f"\n{name} ({source} weights, input {tuple(x1.shape[1:])}), {macs:,} MACs",
               flush=True)
         print(f"{'target':>12} {'guard':>5} {'batch':>5} {'MACs x':>7} {'plan s':>7} "
@@ -164,7 +143,8 @@ def main():
                         with open(args.json, "a") as f:
                             f.write(json.dumps({
                                 "model": name, "target": target, "guard": guard,
-                                "batch": batch, "macs_reduction": reduction, "plan_s": plan_s,
+                                "batch": batch, "table_engine": args.table_engine,
+                                "macs_reduction": reduction, "plan_s": plan_s,
                                 "latency": lat, "ms": times, "commit": commit(),
                                 "date": time.strftime("%Y-%m-%d")}) + "\n")
 
