@@ -48,7 +48,7 @@ def fake_latency(monkeypatch):
     from rankcut.profile import Latency
 
     def install(ms):
-        def fake(module, example_inputs, *, warmup=0, repeats=1):
+        def fake(module, example_inputs, *, warmup=0, repeats=1, engine="eager"):
             x = example_inputs if isinstance(example_inputs, torch.Tensor) else \
                 example_inputs[0]
             v = float(ms(module))

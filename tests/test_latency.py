@@ -266,7 +266,7 @@ def test_a_slow_primitive_is_timed_by_few_runs_and_a_fast_one_by_many(monkeypatc
 
     calls = []
 
-    def fake(module, x, *, warmup=0, repeats=1):
+    def fake(module, x, *, warmup=0, repeats=1, engine="eager"):
         calls.append(repeats)
         v = 40.0 if module.out_channels == 64 else 0.01
         return Latency(v, v, v, repeats, x.shape[0], 1, "cpu")
