@@ -77,7 +77,8 @@ SETTINGS = {
     "export": None,           # a results/ folder to save the fine-tuned model into
     "match_params": None,     # a finished run of this config: target its parameter count
     "start_from": None,       # a run of this config whose factorized model (checkpoints/start/)
-                              # this one fine-tunes, instead of planning and fitting again
+                              # this one fine-tunes, instead of planning and fitting again; a
+                              # run without fine-tuning takes that run's finished model/ as is
     "transfer": None,         # seed 000's transfer, {data, epochs, train_limit, test_limit,
                               # lr}: a new head trained on the frozen compressed backbone (and,
                               # once per config and data, on the dense one)
@@ -288,17 +289,21 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {s['method']} "
           f"{s['target'] or s['rank']}, {s['schedule']}, "
           f"{s['epochs'] or 0} epoch(s) / {s['steps'] or 0} step(s)", flush=True)
-    if s["start_from"]:
-        reuse_start(folder, s["start_from"])
-    plan = sensitivity(model, s, calib, folder) if s["sensitivity"] else None
-    result = rc.compress(
-        model, x, method=s["method"], rank=None if plan else s["rank"],
-        target=None if plan else s["target"], plan=plan, schedule=s["schedule"],
-        calib_data=calib, train_data=train if tuning else None,
-        epochs=s["epochs"], steps=s["steps"], steps_per_layer=s["steps_per_layer"],
-        val_data=test, distill=s["distill"], sequential=s["sequential"],
-        plan_options={"allow_slower": s["allow_slower"], "cache": CACHE, **s["plan_options"]},
-        finetune_options=tune, progress=False)
+    if s["start_from"] and not tuning:  # the other run's compressed model, as it finished
+        result = reuse_finished(folder, s["start_from"], model, test)
+    else:
+        if s["start_from"]:
+            reuse_start(folder, s["start_from"])
+        plan = sensitivity(model, s, calib, folder) if s["sensitivity"] else None
+        result = rc.compress(
+            model, x, method=s["method"], rank=None if plan else s["rank"],
+            target=None if plan else s["target"], plan=plan, schedule=s["schedule"],
+            calib_data=calib, train_data=train if tuning else None,
+            epochs=s["epochs"], steps=s["steps"], steps_per_layer=s["steps_per_layer"],
+            val_data=test, distill=s["distill"], sequential=s["sequential"],
+            plan_options={"allow_slower": s["allow_slower"], "cache": CACHE,
+                          **s["plan_options"]},
+            finetune_options=tune, progress=False)
     small = result.model.cpu().eval()
     final = result.stages[-1]
     before = result.stages[0].get("val_before") or (
@@ -346,6 +351,22 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     with atomic_path(folder / RESULT) as tmp:
         tmp.write_text(json.dumps(out, indent=1))
     return out
+
+
+def reuse_finished(folder: Path, other: str, model: torch.nn.Module, test):
+    """Run ``other``'s finished model (its ``model/``), as rc.compress's result would hold it
+    (one stage, resumed, measured on ``test``): a run without fine-tuning that only does
+    something else with the same compressed model (a transfer head on other data)."""
+    from types import SimpleNamespace
+
+    source = folder.parent / other / "model"
+    if not (source / "plan.json").is_file():
+        raise SystemExit(f"start_from: {source} holds no finished model yet; run {other!r} "
+                         "first")
+    small = rc.load(copy.deepcopy(model), source)
+    stage = {"stage": "one_shot", "resumed": True, "reused": other,
+             "val": evaluate(small, test), "train": None}
+    return SimpleNamespace(model=small, plan=rc.load_plan(source / "plan.json"), stages=[stage])
 
 
 def reuse_start(folder: Path, other: str) -> None:

@@ -31,6 +31,10 @@ runs:
   head:
     steps: null
     transfer: {{data: mnist, epochs: 1, train_limit: 64, test_limit: 100}}
+  head2:
+    steps: null
+    start_from: head
+    transfer: {{data: mnist, epochs: 1, train_limit: 32, test_limit: 100}}
   scratch:
     weights: {scratch}
     train: {{steps: 2, lr: 0.01}}
@@ -100,6 +104,11 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert create("resnet20_cifar", weights=scratch) is not None
     assert f"| head | mnist | 8 | {head['transfer']['backbone_params']:,} |" in rerun.stdout
     assert head["ranks"] == {n: [8] for n in head["ranks"]} and len(head["ranks"]) == 18
+    # a run without fine-tuning that starts from a finished one takes its model as it is
+    head2 = json.loads((tmp_path / "runs" / "tiny" / "head2" / "result.json").read_text())
+    assert head2["resumed"] and head2["ranks"] == head["ranks"]
+    assert head2["params"] == head["params"] and head2["before_top1"] == head["after_top1"]
+    assert head2["transfer"]["backbone_params"] == head["transfer"]["backbone_params"]
 
 
 def _reproduce_module():
