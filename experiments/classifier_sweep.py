@@ -27,7 +27,6 @@ it too, per method and mode, sampled methods as the mean over seeds) and ``<run>
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -35,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 import rankcut as rc
 from rankcut import data as D
@@ -45,7 +43,14 @@ from rankcut.profile import count_params
 from rankcut.train import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import check, datasets, settings_of, trained_weights
+from reproduce import (
+    check,
+    command_line,
+    data_root,
+    datasets,
+    settings_of,
+    trained_weights,
+)
 
 # The sweep: section's keys and defaults.
 SWEEP = {
@@ -334,34 +339,21 @@ def plot(head: dict, points: list[dict], path: Path) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("--only", nargs="+", help="sweep only these of sweep.models")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--summary", action="store_true",
-                        help="write the tables and plots of the points done, and stop")
-    args = parser.parse_args()
-    config_path = Path(args.config)
-    config = yaml.safe_load(config_path.read_text())
+    args, config_path, config = command_line(
+        __doc__, "sweep only these of sweep.models",
+        "write the tables and plots of the points done, and stop")
     sw = sweep_settings(config)
     names = args.only or sw["models"]
     missing = sorted(set(names) - set(sw["models"]))
     if missing:
         raise SystemExit(f"--only: {missing} are not in sweep.models ({sw['models']})")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     base = Path(args.runs_dir) / config_path.stem / "sweep"
     if not args.summary:
         for name in names:  # every model's settings and part, before any training
             s = settings_of(config, name)
             check(config, name, s)
             check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"])
-        root = D.find_data_root()
-        if root is None:
-            raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "
-                             "../shared/data")
+        root = data_root()
         for name in names:
             sweep_model(config, name, sw, base, root, args.device)
     for name in names:

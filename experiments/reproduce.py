@@ -503,37 +503,50 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(doc: str, only: str, summary: str):
+    """(arguments, config path, config) of an experiment command on a config of this format
+    (reproduce.py, classifier_sweep.py): config, --only, --runs-dir, --threads (applied),
+    --device, --summary."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--only", nargs="+", help="run only these runs of the config")
-    parser.add_argument("--runs-dir", default="runs", help="where each run's folder goes")
+    parser.add_argument("--only", nargs="+", help=only)
+    parser.add_argument("--runs-dir", default="runs", help="where the runs' folders go")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--summary", action="store_true",
-                        help="print the table of the finished runs and stop")
+    parser.add_argument("--summary", action="store_true", help=summary)
     args = parser.parse_args()
     config_path = Path(args.config)
     config = yaml.safe_load(config_path.read_text())
     if not isinstance(config, dict) or not isinstance(config.get("runs"), dict):
         raise SystemExit(f"{config_path}: expected a mapping with a 'runs:' mapping")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, config_path, config
+
+
+def data_root() -> Path:
+    root = D.find_data_root()
+    if root is None:
+        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "
+                         "../shared/data")
+    return root
+
+
+def main() -> int:
+    args, config_path, config = command_line(__doc__, "run only these runs of the config",
+                                             "print the table of the finished runs and stop")
     names = args.only or list(config["runs"])
     missing = [n for n in names if n not in config["runs"]]
     if missing:
         raise SystemExit(f"--only: no runs {missing} in {config_path}; it has "
                          f"{', '.join(config['runs'])}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     base = Path(args.runs_dir) / config_path.stem
     rows = []
     if not args.summary:
         every = {name: settings_of(config, name) for name in names}
         for name, s in every.items():
             check(config, name, s)
-        root = D.find_data_root()
-        if root is None:
-            raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "
-                             "../shared/data")
+        root = data_root()
         for name, s in every.items():
             if (base / name / RESULT).is_file():
                 print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
