@@ -182,11 +182,21 @@ def check(config: dict, name: str, s: dict) -> None:
 
 
 def _commit() -> str:
+    """The commit of the code this process runs ("+dirty" with uncommitted changes to tracked
+    files), read once when the process starts: commits made while a long queue runs must not
+    be credited with results of the code loaded before them."""
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
+                       else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+COMMIT = _commit()
 
 
 class _Wall:
@@ -198,7 +208,7 @@ class _Wall:
         self.path = folder / "wall.json"
         old = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.before = old.get("seconds", 0.0)
-        self.commits = list(dict.fromkeys([*old.get("commits", []), _commit()]))
+        self.commits = list(dict.fromkeys([*old.get("commits", []), COMMIT]))
         self.start = time.perf_counter()
         self.every = every
         self.save()
