@@ -23,7 +23,7 @@ demo: $(VENV)/.installed-runtime
 	$(BIN)/python -m rankcut.demo
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 test-all: $(VENV)/.installed-dev   # also the slow tests (more torchvision models; ~15 min)
 	$(BIN)/python -m pytest -m ''
