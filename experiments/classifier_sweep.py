@@ -38,6 +38,7 @@ import torch
 import rankcut as rc
 from rankcut import data as D
 from rankcut.atomic import atomic_path
+from rankcut.calibrate import input_at
 from rankcut.models import create, pretrained_path
 from rankcut.profile import count_params
 from rankcut.train import evaluate
@@ -131,19 +132,15 @@ def sweep_settings(config: dict) -> dict:
     return s
 
 
+@torch.no_grad()
 def part_inputs(model: torch.nn.Module, part: str, batches, device: str):
-    """(inputs of ``model.<part>``, labels) over ``batches`` of (images, labels), on the CPU."""
+    """(inputs of ``model.<part>``, labels) over ``batches`` of (images, labels), on the CPU;
+    each pass stops at the part (``rankcut.calibrate.input_at``)."""
     module = model.get_submodule(part)
-    seen = []
-    hook = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().cpu()))
-    labels = []
-    try:
-        with torch.no_grad():
-            for x, y in batches:
-                model(x.to(device))
-                labels.append(y)
-    finally:
-        hook.remove()
+    seen, labels = [], []
+    for x, y in batches:
+        seen.append(input_at(model, module, x.to(device)).cpu())
+        labels.append(y)
     return torch.cat(seen), torch.cat(labels)
 
 

@@ -232,7 +232,7 @@ def forward_order(model: nn.Module, names: Sequence[str], batches: Iterable) -> 
     return order
 
 
-def _input_at(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_at(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input ``module`` gets when ``model`` runs on ``x``; the pass stops there."""
     got = []
 
@@ -267,7 +267,7 @@ def paired_moments(reference: nn.Module, model: nn.Module, name: str, batches: I
     count = 0
     for x in calibration_inputs(batches, max_batches):
         x = x.to(device)
-        x_ref, x_seen = _input_at(reference, ref_module, x), _input_at(model, module, x)
+        x_ref, x_seen = input_at(reference, ref_module, x), input_at(model, module, x)
         at = sampled_rows(module, x_seen, generator)  # the same rows of both
         wanted, seen = layer_rows(ref_module, x_ref, at), layer_rows(module, x_seen, at)
         if moments is None:

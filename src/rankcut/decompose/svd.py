@@ -212,7 +212,8 @@ def _squared_singular_values(gram_eigenvalues: torch.Tensor) -> torch.Tensor:
 def _wide_whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     """:func:`_whitened_svd` from the m x m Gram W Σ Wᵀ (m < n): with W L = U S Vᵀ,
     S Vᵀ L⁻¹ = Uᵀ W, so the factors need neither L nor V."""
-    vals, vecs = torch.linalg.eigh(whitened_gram(W, cov, ridge))
+    Wd = W.to(torch.float64)  # converted once (a classifier layer's is hundreds of MB)
+    vals, vecs = torch.linalg.eigh(whitened_gram(Wd, cov, ridge))
     s2, vecs = _squared_singular_values(vals), vecs.flip(1)  # descending
     total = float(s2.sum())
     rel_error = math.sqrt(float(s2[rank:].sum()) / total) if total > 0 else 0.0
@@ -221,7 +222,7 @@ def _wide_whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     # zero singular value has Uᵀ W = 0: its row of B is 0)
     a = {"sqrt": S.sqrt(), "left": S, "right": torch.ones_like(S)}[balance]
     inv = torch.where(a > 0, 1 / a.clamp_min(1e-300), torch.zeros_like(a))
-    A, B = U * a, inv[:, None] * (U.mT @ W.to(torch.float64))
+    A, B = U * a, inv[:, None] * (U.mT @ Wd)
     return SVDResult(A=A.to(W.dtype), B=B.to(W.dtype), S=S.to(W.dtype), rel_error=rel_error,
                      method="whitened")
 
