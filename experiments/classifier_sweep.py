@@ -189,6 +189,13 @@ def check_part(model: torch.nn.Module, name: str, part: str) -> None:
 def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path, device: str) -> Path:
     """Every point of run ``name``'s model not in its .jsonl yet; returns the .jsonl."""
     s = settings_of(config, name)
+    path = base / f"{name}.jsonl"
+    old, points = read_points(path) if path.is_file() else (None, [])
+    refit = sorted({p["label"] for p in points if p["label"] in sw["methods"]
+                    and p["fit"] != _fit(sw["methods"][p["label"]])})
+    if refit:  # known before any data is read
+        raise SystemExit(f"{path}: its points were made with other settings ({refit} differ); "
+                         "move it away to sweep afresh")
     trained = trained_weights(s, root, device) if s["train"] else None
     weights = (pretrained_path(s["model"], root) if s["weights"] == "pretrained"
                else Path(s["weights"]))
@@ -208,14 +215,10 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path, devic
     head = {"dense_top1": dense_top1, "part_params": part_params, "total_params": total,
             "part": sw["part"], "model": s["model"], "data": s["data"],
             "test_images": len(test_y), "calib": len(calib_y), "trained_weights": trained}
-    path = base / f"{name}.jsonl"
     base.mkdir(parents=True, exist_ok=True)
     done = set()
-    if path.is_file():
-        old, points = read_points(path)
+    if old is not None:
         changed = sorted(k for k in head if old.get(k) != head[k])
-        changed += sorted({p["label"] for p in points if p["label"] in sw["methods"]
-                           and p["fit"] != _fit(sw["methods"][p["label"]])})
         if changed:
             raise SystemExit(f"{path}: its points were made with other settings ({changed} "
                              "differ); move it away to sweep afresh")

@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ SETTINGS = {
     "normalization": None,    # input statistics (rankcut.data.transforms); None: the model's
     "image_size": None,       # inputs resized to this side (MNIST's 28 to 32 for a VGG)
     "data": "cifar10",
+    "test_limit": None,       # measure on the first N test images only (quick trials; None: all)
     "calib": 1024,            # calibration images, drawn from the training split (eval transform)
     "method": "auto",
     "rank": None,
@@ -149,6 +150,9 @@ def check(config: dict, name: str, s: dict) -> None:
                 parse(s[key])
             except ValueError as err:
                 refuse(key, err)
+    limit = s["test_limit"]
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        refuse("test_limit", f"expected a number of test images >= 1 or null, got {limit!r}")
     batches = s["latency"] or []
     if not isinstance(batches, list) or not all(isinstance(b, int) and not isinstance(b, bool)
                                                 and b >= 1 for b in batches):
@@ -229,16 +233,35 @@ class _Wall:
 
 def datasets(s: dict, root: Path):
     """(training split with augmentation, the same without, test split) of ``s["data"]``,
-    normalised as ``s["normalization"]`` (default: as the model's weights expect)."""
-    def tf(train: bool):
-        norm = s["normalization"] if s["normalization"] is not None else s["model"]
-        if isinstance(norm, list):  # YAML's [[mean...], [std...]]
-            norm = tuple(tuple(v) for v in norm)
-        return D.transforms(s["data"], train=train, normalization=norm, size=s["image_size"])
+    normalised as ``s["normalization"]`` (default: as the model's weights expect). Read once per
+    process for each data, normalisation and size: a queue's runs share them."""
+    norm = s["normalization"] if s["normalization"] is not None else s["model"]
+    if isinstance(norm, list):  # YAML's [[mean...], [std...]]
+        norm = tuple(tuple(v) for v in norm)
+    return _datasets(s["data"], norm, s["image_size"], s["test_limit"], str(root))
 
-    train = D.dataset(s["data"], "train", root=root, transform=tf(True))
-    test = D.dataset(s["data"], "test", root=root, transform=tf(False))
+
+@lru_cache(maxsize=4)
+def _datasets(data: str, norm, size, test_limit, root: str):
+    def tf(train: bool):
+        return D.transforms(data, train=train, normalization=norm, size=size)
+
+    train = D.dataset(data, "train", root=root, transform=tf(True))
+    test = D.dataset(data, "test", root=root, transform=tf(False), limit=test_limit)
     return train, D.with_transform(train, tf(False)), test
+
+
+_DENSE_TOP1: dict[tuple, dict] = {}
+
+
+def dense_top1(model: torch.nn.Module, s: dict, weights: Path, test) -> dict:
+    """``evaluate(model, test)`` of the dense model, measured once per process for each model,
+    weights file and test data (runs of one config share it)."""
+    key = (s["model"], str(weights), s["num_classes"], s["data"], repr(s["normalization"]),
+           s["image_size"], s["test_limit"])
+    if key not in _DENSE_TOP1:
+        _DENSE_TOP1[key] = evaluate(model, test)
+    return _DENSE_TOP1[key]
 
 
 def trained_weights(s: dict, root: Path, device: str) -> dict:
@@ -288,7 +311,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     train, plain, test = datasets(s, root)
     calib = D.calibration(plain, n=s["calib"], seed=s["seed"]) if s["calib"] else None
     x = test[0][0].unsqueeze(0)
-    dense = evaluate(model, test)
+    dense = dense_top1(model, s, weights, test)
     tune = {"batch_size": s["batch_size"], "checkpoint_dir": str(folder / "checkpoints"),
             "resume": True, "checkpoint_every": s["checkpoint_every"], "seed": s["seed"],
             "log": str(folder / "train.jsonl"), "progress": False, "device": device,

@@ -18,6 +18,7 @@ model: resnet20_cifar
 method: svd
 rank: 8
 calib: 32
+test_limit: 300
 steps: 3
 batch_size: 8
 checkpoint_every: 2
@@ -60,13 +61,13 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert result["params"] < result["dense_params"] and result["macs_x"] > 1
     assert set(result["layers"]) == {"svd"}
     assert 0 < result["before_top1"] <= 100 and 0 < result["after_top1"] <= 100
-    assert result["test_images"] == 1017
+    assert result["test_images"] == 300
     assert [(t["batch"], t["form"]) for t in result["latency"]] == [(2, "plain"), (2, "fused")]
     assert all(t["speedup"] == t["dense_ms"] / t["compressed_ms"] > 0 for t in result["latency"])
     # the exported folder is what a user loads from the model's name alone
     test = D.dataset("cifar10", "test", root=shared_data,
                      transform=D.transforms("cifar10", train=False,
-                                            normalization="resnet20_cifar"))
+                                            normalization="resnet20_cifar"), limit=300)
     loaded = rc.load(create("resnet20_cifar"), export)
     assert evaluate(loaded, test)["top1"] == result["export"]["top1_loaded"]
     assert abs(result["export"]["top1_loaded"] - result["after_top1"]) <= 0.1
@@ -144,6 +145,7 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "target": ({"target": "macs=0.5x"}, "target"),
         "schedule": ({"schedule": "twice"}, "schedule"),
         "latency": ({"latency": [0]}, "latency"),
+        "test_limit": ({"test_limit": 0}, "test_limit"),
         "options": ({"target": "params=3x", "sensitivity": {"options": {"method": "als"}}},
                     "solver"),
         "sens-key": ({"target": "params=3x", "sensitivity": {"lambda": 0.5}}, "lambda"),
@@ -197,6 +199,7 @@ def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
 SWEEP_CONFIG = """
 model: resnet20_cifar
 calib: 64
+test_limit: 300
 sweep:
   models: [r20]
   part: linear
@@ -238,7 +241,7 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     lines = [json.loads(line) for line in (folder / "r20.jsonl").read_text().splitlines()]
     head, points = lines[0], lines[1:]
     # svd: 2 modes x 2 ratios; svd-data: 2 ratios; leverage CUR: 2 ratios x 2 seeds
-    assert len(points) == 10 and head["part_params"] == 650 and head["test_images"] == 1017
+    assert len(points) == 10 and head["part_params"] == 650 and head["test_images"] == 300
     for p in points:
         assert p["params"] < 650 and p["part_ratio"] == 650 / p["params"]
         assert p["whole_ratio"] == head["total_params"] / (head["total_params"] - 650 +
@@ -246,7 +249,7 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     # a point's top-1 (the part run on stored inputs) is the whole model's with that part
     test = D.dataset("cifar10", "test", root=shared_data,
                      transform=D.transforms("cifar10", train=False,
-                                            normalization="resnet20_cifar"))
+                                            normalization="resnet20_cifar"), limit=300)
     model = create("resnet20_cifar", weights=resnet20_weights).eval()
     assert abs(evaluate(model, test)["top1"] - head["dense_top1"]) < 1e-9
     x = test[0][0].unsqueeze(0)
