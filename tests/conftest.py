@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(autouse=True)
+def own_latency_cache(tmp_path_factory, monkeypatch):
+    """Each test plans with an empty latency cache of its own (rankcut.select.latency.cache_dir):
+    no test sees another's timings, or the machine's."""
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path_factory.mktemp("rankcut-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """$RANKCUT_DATA, else ../shared/data beside the repository; the test skips without it."""

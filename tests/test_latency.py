@@ -199,6 +199,45 @@ def test_planning_with_a_full_table_times_nothing_and_repeats_itself(tmp_path):
     assert second.meta["latency"]["predicted_ms"] == first.meta["latency"]["predicted_ms"]
 
 
+def test_without_a_table_the_machine_cache_is_used_and_extended(tmp_path, monkeypatch,
+                                                                  fake_latency):
+    """latency_table=None plans with this machine's cached table ($RANKCUT_CACHE): the second
+    plan times nothing and repeats the first; another setting gets its own file; off caches
+    nothing; a damaged file is rebuilt; an unwritable cache warns, the plan stands."""
+    from rankcut.select.latency import cache_path
+
+    fake_latency(lambda m: 1.0 if isinstance(m, nn.Conv2d) else 5.0)
+    model, x = convnet(), torch.rand(2, 16, 16, 16)
+    kw = {"target": "macs=2x", "min_params": 100, "options": {"cp": {"max_iter": 5}}}
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    first = rc.plan(model, x, **kw)
+    files = list((tmp_path / "cache").glob("latency-*.json"))
+    assert len(files) == 1 and first.meta["latency"]["timings_taken"] > 0
+    assert files[0] == cache_path(first.meta["latency"]["table"])
+    second = rc.plan(model, x, **kw)
+    assert second.meta["latency"]["timings_taken"] == 0 and second.active == first.active
+    # another setting (threads) is another table: nothing of the first is reused
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        other = rc.plan(model, x, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert other.meta["latency"]["timings_taken"] > 0
+    assert len(list((tmp_path / "cache").glob("latency-*.json"))) == 2
+    files[0].write_text("{ damaged")
+    assert rc.plan(model, x, **kw).meta["latency"]["timings_taken"] > 0
+    assert rc.plan(model, x, **kw).meta["latency"]["timings_taken"] == 0  # rewritten
+    monkeypatch.setenv("RANKCUT_CACHE", "off")
+    assert rc.plan(model, x, **kw).meta["latency"]["timings_taken"] > 0
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("RANKCUT_CACHE", str(blocked / "cache"))
+    with pytest.warns(UserWarning, match="could not cache"):
+        plan = rc.plan(model, x, **kw)
+    assert plan.active == first.active
+
+
 def test_latency_target_parses_and_is_met():
     assert parse_target("latency=2x") == ("latency", 0.5)
     assert parse_target("latency=0.8") == ("latency", 0.8)

@@ -18,6 +18,8 @@ model: the fused dense model's time less its layers'.
 Primitives are measured when first needed and kept; :meth:`LatencyTable.save` writes them as
 JSON and :meth:`LatencyTable.load` reads them back, so planning again (another target, another
 session) times nothing it has already timed, and the same table and inputs give the same plan.
+A plan made without a table uses this machine's cached one (:func:`cache_dir`; one file per
+setting) and adds what it measured to it: timing is paid once per device, not once per plan.
 """
 
 from __future__ import annotations
@@ -314,13 +316,46 @@ def _materialise(module: nn.Module) -> nn.Module:
     return nn.Linear(module.in_features, module.out_features, module.bias is not None).eval()
 
 
+CACHE_ENV = "RANKCUT_CACHE"
+
+
+def cache_dir() -> Path | None:
+    """Where the planner keeps this machine's latency tables between runs: ``$RANKCUT_CACHE``
+    (``off``: nowhere), else ``$XDG_CACHE_HOME/rankcut``, else ``~/.cache/rankcut``."""
+    import os
+
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "none") else Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rankcut"
+
+
+def cache_path(setting: dict) -> Path | None:
+    """The cached table of ``setting`` (device, threads, dtype, memory format, engine, torch):
+    one file per setting, so a table is only ever reused where its times hold."""
+    root = cache_dir()
+    if root is None:
+        return None
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"latency-{digest}.json"
+
+
 def as_table(latency_table, device) -> LatencyTable:
     """``latency_table`` as given to ``rc.plan``: a table, a path to load (an absent file: a new
-    table, to be saved there), or None (a new table, kept in memory)."""
+    table, to be saved there), or None (this machine's cached table, see :func:`cache_dir`: a
+    new one if there is none, or it cannot be read)."""
     if isinstance(latency_table, LatencyTable):
         return latency_table
     if latency_table is None:
-        return LatencyTable(device)
+        table = LatencyTable(device)
+        path = cache_path(table.setting)
+        if path is not None and path.is_file():
+            try:
+                return LatencyTable.load(path, device)
+            except ValueError:  # damaged: built again, and written over by remember()
+                pass
+        return table
     if isinstance(latency_table, str | Path):
         if Path(latency_table).is_file():
             return LatencyTable.load(latency_table, device)
@@ -330,3 +365,29 @@ def as_table(latency_table, device) -> LatencyTable:
         return LatencyTable(device)
     raise ValueError(f"latency_table: expected a LatencyTable, a path or None, got "
                      f"{type(latency_table).__name__}")
+
+
+def remember(table: LatencyTable) -> Path | None:
+    """Add what ``table`` measured to this machine's cached table of its setting (what another
+    process wrote there meanwhile is kept); returns the file, or None when caching is off or
+    nothing was measured. A cache that cannot be written is warned about, never an error: the
+    plan stands."""
+    import warnings
+
+    path = cache_path(table.setting)
+    if path is None or not table.measured:
+        return None
+    try:
+        if path.is_file():
+            for key, times in LatencyTable.load(path, table.device).entries.items():
+                table.entries[key] = {**times, **table.entries.get(key, {})}
+    except ValueError:  # damaged: replaced by this table
+        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return table.save(path)
+    except (OSError, ValueError) as err:
+        warnings.warn(f"latency table: could not cache this machine's timings in {path} "
+                      f"({err}); set ${CACHE_ENV} to a writable folder, or to off",
+                      stacklevel=3)
+        return None
