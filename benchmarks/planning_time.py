@@ -3,15 +3,19 @@
 torchvision models built without weights (nothing is downloaded; planning time depends on the
 layer shapes, not on the values), input 1x3x224x224, ``rc.plan(method="auto", target=...)``
 with no calibration data, the default latency guard on unless ``--allow-slower``. Prints the
-seconds per model and what the plan achieved. Run from the repository root, one heavy job at a
-time:
+seconds per model and what the plan achieved. With the guard, each model is planned twice: from
+an empty latency cache (a temporary ``$RANKCUT_CACHE``: every layer timed) and again from the
+table the first plan left there (as a user's second plan on the machine). Run from the
+repository root, one heavy job at a time:
 
     .venv/bin/python benchmarks/planning_time.py [--models resnet18 resnet50]
         [--target macs=2x] [--allow-slower]
 """
 
 import argparse
+import os
 import platform
+import tempfile
 import time
 
 import torch
@@ -34,15 +38,18 @@ def main():
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval()
         x = torch.rand(1, 3, args.size, args.size)
-        start = time.perf_counter()
-        plan = rc.plan(model, x, method="auto", target=args.target,
-                       allow_slower=args.allow_slower)
-        seconds = time.perf_counter() - start
-        predicted = plan.meta["predicted"]
-        print(f"{name:>16}: {seconds:7.1f} s, {len(plan.active)} layers factorized, "
-              f"{predicted['macs_ratio']:.2f}x fewer MACs, {predicted['params_ratio']:.2f}x "
-              "fewer params (predicted)", flush=True)
-
+        os.environ["RANKCUT_CACHE"] = tempfile.mkdtemp(prefix="rankcut-latency-")
+        for table in ["-"] if args.allow_slower else ["empty", "cached"]:
+            start = time.perf_counter()
+            plan = rc.plan(model, x, method="auto", target=args.target,
+                           allow_slower=args.allow_slower)
+            seconds = time.perf_counter() - start
+            predicted = plan.meta["predicted"]
+            timed = ("" if args.allow_slower else f", latency table {table}: "
+                     f"{plan.meta['latency']['timings_taken']} timings taken")
+            print(f"{name:>16}: {seconds:7.1f} s, {len(plan.active)} layers factorized, "
+                  f"{predicted['macs_ratio']:.2f}x fewer MACs, {predicted['params_ratio']:.2f}x "
+                  f"fewer params (predicted){timed}", flush=True)
 
 if __name__ == "__main__":
     main()
