@@ -2,6 +2,7 @@
 benchmark -> export on the pretrained ResNet-20 with the shared CIFAR-10 data."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,34 @@ def test_config_file_values_and_flags_overriding_them(capsys, tmp_path):
     config.write_text("modle: resnet20_cifar\n")
     code, _, err = run(capsys, "compress", "--config", config, "--out", tmp_path / "o")
     assert code == 2 and "unknown key 'modle'" in err
+
+
+def test_latency_engine_and_table_flags(capsys, tmp_path, fake_latency):
+    """--latency-engine onnxruntime plans with an ONNX Runtime table: kept in the
+    --latency-table file, or in the machine's cache without one; a file of another engine is a
+    one-line user error."""
+    import os
+
+    fake_latency(lambda m: 1.0)
+    common = ["compress", "--model", "resnet20_cifar", "--input-shape", "3,32,32", "--method",
+              "svd", "--target", "macs=2x", "--no-latency"]
+    table = tmp_path / "t.json"
+    code, _, err = run(capsys, *common, "--latency-engine", "onnxruntime", "--latency-table",
+                       table, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert json.loads(table.read_text())["setting"]["engine"] == "onnxruntime"
+    plan = rc.load_plan(tmp_path / "o" / "plan.json")
+    assert plan.meta["latency"]["table"]["engine"] == "onnxruntime"
+    code, _, err = run(capsys, *common, "--latency-engine", "eager", "--latency-table", table,
+                       "--out", tmp_path / "o2")
+    assert code == 2 and "--latency-table" in err and "onnxruntime times" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, *common, "--latency-engine", "onnxruntime", "--out",
+                       tmp_path / "o3")
+    assert code == 0, err
+    cached = [json.loads(f.read_text())["setting"]["engine"]
+              for f in Path(os.environ["RANKCUT_CACHE"]).glob("latency-*.json")]
+    assert cached == ["onnxruntime"]
 
 
 def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path):

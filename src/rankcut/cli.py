@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 from .defaults import COMPRESS
@@ -91,7 +92,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "(default 1)")
     g.add_argument("--latency-table",
                    help="JSON latency table of this machine: loaded when it exists, extended "
-                        "and saved (planning again then times nothing it has timed)")
+                        "and saved (planning again then times nothing it has timed; default: "
+                        "the machine's cached table, ~/.cache/rankcut or $RANKCUT_CACHE)")
+    g.add_argument("--latency-engine", choices=["eager", "onnxruntime"],
+                   help="what the latency table times: PyTorch eager (default) or ONNX Runtime "
+                        "on the CPU, for a model to be deployed there (rankcut export)")
     g.add_argument("--exclude", nargs="+", help="layer names or glob patterns to leave dense")
     g.add_argument("--min-params", type=int, default=COMPRESS["min_params"],
                    help="leave layers with fewer parameters dense (default "
@@ -705,8 +710,14 @@ class _Context:
                 "min_params": a.min_params}
         if a.latency_batch is not None:
             opts["latency_batch"] = a.latency_batch
-        if a.latency_table:
-            opts["latency_table"] = a.latency_table
+        if a.latency_table or a.latency_engine not in (None, "eager"):
+            from .select import LatencyTable
+
+            device = "cpu" if a.latency_engine == "onnxruntime" else self.device
+            opts["latency_table"] = (
+                _as_user_error("--latency-table", partial(LatencyTable.at, engine=a.latency_engine),
+                               a.latency_table, device)
+                if a.latency_table else LatencyTable.cached(device, engine=a.latency_engine))
         return opts
 
 

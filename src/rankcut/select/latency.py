@@ -159,6 +159,8 @@ class LatencyTable:
         self.measured = 0  # timings taken by this object (not loaded)
         self._chains: dict[tuple, list] = {}
         self._deployed: dict[tuple, nn.Module] = {}  # dense models fused for compare_plan
+        self.file: Path | None = None  # where rc.plan writes it back (at(), cached())
+        self._in_cache = False
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -206,6 +208,70 @@ class LatencyTable:
                              "build a table on this device")
         table.entries = {k: dict(v) for k, v in data["entries"].items()}
         return table
+
+    @classmethod
+    def at(cls, path, device="cpu", *, engine: str | None = None) -> LatencyTable:
+        """The table kept in the file ``path``: loaded when it exists (``engine``, if given,
+        must be the one it was measured with), else a new one; ``rc.plan`` adds what it times
+        and writes it back there (:meth:`write_back`). A path that cannot be written is refused
+        now, before any work."""
+        problem = file_target_problem(path)
+        if problem is not None:
+            raise ValueError(f"latency_table: {problem}")
+        if Path(path).is_file():
+            table = cls.load(path, device)
+            if engine is not None and table.engine != engine:
+                raise ValueError(f"latency table: {path} holds {table.engine} times, not "
+                                 f"{engine}; give another file")
+        else:
+            table = cls(device, engine=engine or "eager")
+        table.file = Path(path)
+        return table
+
+    @classmethod
+    def cached(cls, device="cpu", *, engine: str = "eager") -> LatencyTable:
+        """This machine's table for the setting (device, threads, dtype, memory format,
+        ``engine``, torch), kept in the cache folder (:func:`cache_dir`): what ``rc.plan``
+        uses without a table. It is written back after each plan, so timing is paid once per
+        machine; a damaged file is built again; with ``RANKCUT_CACHE=off`` it is a new table
+        that is not kept."""
+        table = cls(device, engine=engine)
+        path = cache_path(table.setting)
+        if path is None:
+            return table
+        if path.is_file():
+            try:
+                table = cls.load(path, device)
+            except ValueError:  # damaged: built again, and written over
+                pass
+        table.file, table._in_cache = path, True
+        return table
+
+    def write_back(self) -> Path | None:
+        """Save the table to its file (:meth:`at`, :meth:`cached`), keeping what another
+        process added there meanwhile; returns the file, or None when the table has none or
+        nothing new to add. The cache folder is made when missing; a cache that cannot be
+        written is warned about, never an error (the plan stands)."""
+        if self.file is None or (not self.measured and self.file.is_file()):
+            return None
+        try:
+            if self.file.is_file():
+                for key, times in LatencyTable.load(self.file, self.device).entries.items():
+                    self.entries[key] = {**times, **self.entries.get(key, {})}
+        except ValueError:  # damaged, or another setting: replaced by this table
+            pass
+        if not self._in_cache:
+            return self.save(self.file)
+        import warnings
+
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            return self.save(self.file)
+        except (OSError, ValueError) as err:
+            warnings.warn(f"latency table: could not cache this machine's timings in "
+                          f"{self.file} ({err}); set ${CACHE_ENV} to a writable folder, or "
+                          "to off", stacklevel=3)
+            return None
 
     # ------------------------------------------------------------------ lookups
     def _time(self, key: str, module: nn.Module, shape: tuple, batch: int) -> float:
@@ -342,52 +408,13 @@ def cache_path(setting: dict) -> Path | None:
 
 
 def as_table(latency_table, device) -> LatencyTable:
-    """``latency_table`` as given to ``rc.plan``: a table, a path to load (an absent file: a new
-    table, to be saved there), or None (this machine's cached table, see :func:`cache_dir`: a
-    new one if there is none, or it cannot be read)."""
+    """``latency_table`` as given to ``rc.plan``: a table, a path (:meth:`LatencyTable.at`), or
+    None (this machine's cached table, :meth:`LatencyTable.cached`)."""
     if isinstance(latency_table, LatencyTable):
         return latency_table
     if latency_table is None:
-        table = LatencyTable(device)
-        path = cache_path(table.setting)
-        if path is not None and path.is_file():
-            try:
-                return LatencyTable.load(path, device)
-            except ValueError:  # damaged: built again, and written over by remember()
-                pass
-        return table
+        return LatencyTable.cached(device)
     if isinstance(latency_table, str | Path):
-        if Path(latency_table).is_file():
-            return LatencyTable.load(latency_table, device)
-        problem = file_target_problem(latency_table)  # before the work, not after
-        if problem is not None:
-            raise ValueError(f"latency_table: {problem}")
-        return LatencyTable(device)
+        return LatencyTable.at(latency_table, device)
     raise ValueError(f"latency_table: expected a LatencyTable, a path or None, got "
                      f"{type(latency_table).__name__}")
-
-
-def remember(table: LatencyTable) -> Path | None:
-    """Add what ``table`` measured to this machine's cached table of its setting (what another
-    process wrote there meanwhile is kept); returns the file, or None when caching is off or
-    nothing was measured. A cache that cannot be written is warned about, never an error: the
-    plan stands."""
-    import warnings
-
-    path = cache_path(table.setting)
-    if path is None or not table.measured:
-        return None
-    try:
-        if path.is_file():
-            for key, times in LatencyTable.load(path, table.device).entries.items():
-                table.entries[key] = {**times, **table.entries.get(key, {})}
-    except ValueError:  # damaged: replaced by this table
-        pass
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return table.save(path)
-    except (OSError, ValueError) as err:
-        warnings.warn(f"latency table: could not cache this machine's timings in {path} "
-                      f"({err}); set ${CACHE_ENV} to a writable folder, or to off",
-                      stacklevel=3)
-        return None

@@ -43,7 +43,7 @@ from ..surgery import check_weights, target_layers
 from . import damage
 from .budget import allocate
 from .cache import CandidateCache, data_fingerprint, model_fingerprint
-from .latency import LatencyTable, as_table, remember
+from .latency import LatencyTable, as_table
 from .rules import layer_ranks, parse_rank
 
 
@@ -262,10 +262,11 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             the fastest plan within that bound (``meta["latency"]["speed"]`` says what it
             traded). 0: the most accurate plan no slower than dense.
         latency_table: the :class:`~.latency.LatencyTable` to price layers with (times missing
-            from it are measured and added), or a path to a saved table (loaded; created when
+            from it are measured and added; one from ``LatencyTable.at`` or ``.cached`` is
+            written back to its file), or a path to a saved table (loaded; created when
             absent; saved back with what was added), or None: this machine's cached table
-            (``$RANKCUT_CACHE``, else ``~/.cache/rankcut``; ``RANKCUT_CACHE=off``: a new table
-            for this call), extended with what this call measured.
+            (``LatencyTable.cached()``: under ``$RANKCUT_CACHE``, else ``~/.cache/rankcut``;
+            ``RANKCUT_CACHE=off``: a new table for this call), extended likewise.
         latency_batch: the batch the plan is timed (and kept no slower than dense) at; default:
             that of ``example_inputs``.
         cache: a :class:`~.cache.CandidateCache`: the calibration moments and every layer's
@@ -388,10 +389,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     if clock is not None:
         result.meta["latency"] = _latency_meta(clock, choose, chosen, checks, kind, fraction,
                                               limit)
-        if isinstance(latency_table, str | Path):
-            table.save(latency_table)
-        elif latency_table is None:
-            remember(table)
+        table.write_back()
     if target is None and layers and not result.active:
         why = ("every factorization was measured slower than its dense layer on this device "
                "(pass allow_slower=True to keep them)" if choose.vetoed
