@@ -2,6 +2,7 @@
 dense, and latency targets."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,9 +234,38 @@ def test_without_a_table_the_machine_cache_is_used_and_extended(tmp_path, monkey
     blocked = tmp_path / "file"
     blocked.write_text("")
     monkeypatch.setenv("RANKCUT_CACHE", str(blocked / "cache"))
-    with pytest.warns(UserWarning, match="could not cache"):
+    with pytest.warns(UserWarning, match="could not save"):
         plan = rc.plan(model, x, **kw)
     assert plan.active == first.active
+    # no home folder to find a cache in: a warning, and a table kept in memory
+    monkeypatch.delenv("RANKCUT_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    with pytest.warns(UserWarning, match="could not read"):
+        assert rc.plan(model, x, **kw).active == first.active
+
+
+def test_whole_model_timings_are_not_shared_by_models_that_differ_in_structure():
+    from rankcut.select.latency import _model_key
+
+    x = (torch.rand(1, 8),)
+    relu = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    gelu = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    assert _model_key("rest", relu, x) != _model_key("rest", gelu, x)
+    twin = nn.Sequential(nn.Linear(8, 8), nn.ReLU())  # other weights, same structure
+    assert _model_key("rest", relu, x) == _model_key("rest", twin, x)
+
+
+def test_a_table_object_of_another_thread_count_is_refused():
+    table = rc.select.LatencyTable()
+    table.setting["threads"] += 1
+    model, x = convnet(), torch.rand(2, 16, 16, 16)
+    with pytest.raises(ValueError, match="threads"):
+        rc.plan(model, x, target="macs=2x", min_params=100, latency_table=table)
 
 
 def test_latency_target_parses_and_is_met():

@@ -22,7 +22,6 @@ import math
 import os
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
 
 from .defaults import COMPRESS
@@ -713,10 +712,15 @@ class _Context:
         if a.latency_table or a.latency_engine not in (None, "eager"):
             from .select import LatencyTable
 
+            if a.latency_engine == "onnxruntime":
+                try:
+                    import onnxruntime  # noqa: F401  (before the work, not at the first timing)
+                except ImportError:
+                    raise UserError("--latency-engine onnxruntime needs onnx and onnxruntime: "
+                                    "pip install 'rankcut[export]'") from None
             device = "cpu" if a.latency_engine == "onnxruntime" else self.device
             opts["latency_table"] = (
-                _as_user_error("--latency-table", partial(LatencyTable.at, engine=a.latency_engine),
-                               a.latency_table, device)
+                LatencyTable.at(a.latency_table, device, engine=a.latency_engine)
                 if a.latency_table else LatencyTable.cached(device, engine=a.latency_engine))
         return opts
 

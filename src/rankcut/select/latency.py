@@ -110,6 +110,25 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}: {name}"
 
 
+# Setting keys that name library versions: a table is still loaded where they differ (its times
+# are then approximate), but the machine's cache keeps one file per version.
+_VERSIONS = ("torch", "onnxruntime", "cudnn")
+
+
+def _library_versions(device: torch.device, engine: str) -> dict:
+    out = {}
+    if engine == "onnxruntime":
+        try:
+            import onnxruntime
+
+            out["onnxruntime"] = onnxruntime.__version__
+        except ImportError:
+            pass  # refused when the first time is taken, with how to install it
+    if device.type == "cuda" and torch.backends.cudnn.is_available():
+        out["cudnn"] = torch.backends.cudnn.version()
+    return out
+
+
 class LatencyTable:
     """Measured milliseconds of layers on one device (see the module docstring).
 
@@ -154,7 +173,7 @@ class LatencyTable:
         self.setting = {"device": device_name(self.device), "threads": torch.get_num_threads(),
                         "dtype": str(dtype).removeprefix("torch."),
                         "memory_format": memory_format, "engine": engine,
-                        "torch": torch.__version__.split("+")[0]}
+                        "torch": torch.__version__, **_library_versions(self.device, engine)}
         self.entries: dict[str, dict[str, float]] = {}  # key -> {str(batch): ms}
         self.measured = 0  # timings taken by this object (not loaded)
         self._chains: dict[tuple, list] = {}
@@ -193,6 +212,8 @@ class LatencyTable:
             raise ValueError(f"latency table: {path} is not a rankcut latency table (format "
                              f"{FORMAT_VERSION})")
         setting = data["setting"]
+        if setting.get("engine") == "onnxruntime":  # timed on the CPU, whatever runs the model
+            device = "cpu"
         try:
             table = cls(device, memory_format=setting["memory_format"],
                         dtype=getattr(torch, setting["dtype"]),
@@ -200,7 +221,7 @@ class LatencyTable:
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"latency table: {path}: a damaged setting ({err!r})") from None
         differs = {k: (setting.get(k), v) for k, v in table.setting.items()
-                   if k != "torch" and setting.get(k) != v}
+                   if k not in _VERSIONS and setting.get(k) != v}
         if differs:
             said = "; ".join(f"{k}: {a!r} in the table, {b!r} here" for k, (a, b) in
                              differs.items())
@@ -212,18 +233,18 @@ class LatencyTable:
     @classmethod
     def at(cls, path, device="cpu", *, engine: str | None = None) -> LatencyTable:
         """The table kept in the file ``path``: loaded when it exists (``engine``, if given,
-        must be the one it was measured with), else a new one; ``rc.plan`` adds what it times
-        and writes it back there (:meth:`write_back`). A path that cannot be written is refused
-        now, before any work."""
-        problem = file_target_problem(path)
-        if problem is not None:
-            raise ValueError(f"latency_table: {problem}")
+        must be the one it was measured with), else a new one (a path where no file can be
+        written is refused now, before any work); ``rc.plan`` adds what it times and writes it
+        back there (:meth:`write_back`)."""
         if Path(path).is_file():
             table = cls.load(path, device)
             if engine is not None and table.engine != engine:
                 raise ValueError(f"latency table: {path} holds {table.engine} times, not "
                                  f"{engine}; give another file")
         else:
+            problem = file_target_problem(path)
+            if problem is not None:
+                raise ValueError(f"latency table: {problem}")
             table = cls(device, engine=engine or "eager")
         table.file = Path(path)
         return table
@@ -231,28 +252,36 @@ class LatencyTable:
     @classmethod
     def cached(cls, device="cpu", *, engine: str = "eager") -> LatencyTable:
         """This machine's table for the setting (device, threads, dtype, memory format,
-        ``engine``, torch), kept in the cache folder (:func:`cache_dir`): what ``rc.plan``
-        uses without a table. It is written back after each plan, so timing is paid once per
-        machine; a damaged file is built again; with ``RANKCUT_CACHE=off`` it is a new table
-        that is not kept."""
+        ``engine``, library versions), kept in the cache folder (:func:`cache_dir`): what
+        ``rc.plan`` uses without a table. It is written back after each plan, so timing is paid
+        once per machine. A damaged file is built again; a cache that cannot be read or written
+        is warned about and planning goes on with a table kept in memory; with
+        ``RANKCUT_CACHE=off`` it is a new table that is not kept."""
         table = cls(device, engine=engine)
-        path = cache_path(table.setting)
-        if path is None:
+        try:
+            path = cache_path(table.setting)
+            if path is not None and path.is_file():
+                try:
+                    table = cls.load(path, device)
+                except ValueError:  # damaged: built again, and written over
+                    pass
+        except (OSError, RuntimeError) as err:  # no home folder, an unreadable cache
+            _cache_warning(f"could not read this machine's latency cache ({err})")
             return table
-        if path.is_file():
-            try:
-                table = cls.load(path, device)
-            except ValueError:  # damaged: built again, and written over
-                pass
-        table.file, table._in_cache = path, True
+        table.file, table._in_cache = path, path is not None
         return table
 
     def write_back(self) -> Path | None:
         """Save the table to its file (:meth:`at`, :meth:`cached`), keeping what another
-        process added there meanwhile; returns the file, or None when the table has none or
-        nothing new to add. The cache folder is made when missing; a cache that cannot be
-        written is warned about, never an error (the plan stands)."""
+        process added there meanwhile; returns the file, or None when the table has none,
+        nothing new to add, or the write failed. The cache folder is made when missing. A
+        failed write is a warning, not an error: the plan stands."""
         if self.file is None or (not self.measured and self.file.is_file()):
+            return None
+        if self.setting["threads"] != torch.get_num_threads():
+            _cache_warning(f"not saved to {self.file}: it was measured with "
+                           f"{self.setting['threads']} threads and torch now runs "
+                           f"{torch.get_num_threads()}")
             return None
         try:
             if self.file.is_file():
@@ -260,17 +289,16 @@ class LatencyTable:
                     self.entries[key] = {**times, **self.entries.get(key, {})}
         except ValueError:  # damaged, or another setting: replaced by this table
             pass
-        if not self._in_cache:
-            return self.save(self.file)
-        import warnings
-
+        except OSError:
+            pass  # unreadable: the write below says so
         try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
+            if self._in_cache:
+                self.file.parent.mkdir(parents=True, exist_ok=True)
             return self.save(self.file)
         except (OSError, ValueError) as err:
-            warnings.warn(f"latency table: could not cache this machine's timings in "
-                          f"{self.file} ({err}); set ${CACHE_ENV} to a writable folder, or "
-                          "to off", stacklevel=3)
+            how = (f"; set ${CACHE_ENV} to a writable folder, or to off" if self._in_cache
+                   else "")
+            _cache_warning(f"could not save the timings to {self.file} ({err}){how}")
             return None
 
     # ------------------------------------------------------------------ lookups
@@ -358,10 +386,14 @@ class LatencyTable:
 
 
 def _model_key(what: str, model: nn.Module, inputs: tuple) -> str:
-    """A whole-model entry's key: ``what``, the model (class and parameter count) and its
-    inputs' shapes per sample."""
+    """A whole-model entry's key: ``what``, the model (class, parameter count and a digest of
+    its structure: every module's type and settings as ``repr`` shows them, not its weights)
+    and its inputs' shapes per sample. Two models that print alike share the entry: a change
+    inside a ``forward`` that no module's repr shows is not seen."""
     shapes = "|".join("x".join(map(str, x.shape[1:])) for x in inputs)
-    return f"{what} {type(model).__name__} {sum(p.numel() for p in model.parameters())} @{shapes}"
+    structure_ = hashlib.sha256(repr(model).encode()).hexdigest()[:12]
+    return (f"{what} {type(model).__name__} {sum(p.numel() for p in model.parameters())} "
+            f"{structure_} @{shapes}")
 
 
 def _rounded(ranks):
@@ -385,6 +417,12 @@ def _materialise(module: nn.Module) -> nn.Module:
 CACHE_ENV = "RANKCUT_CACHE"
 
 
+def _cache_warning(message: str) -> None:
+    import warnings
+
+    warnings.warn(f"latency table: {message}", stacklevel=4)
+
+
 def cache_dir() -> Path | None:
     """Where the planner keeps this machine's latency tables between runs: ``$RANKCUT_CACHE``
     (``off``: nowhere), else ``$XDG_CACHE_HOME/rankcut``, else ``~/.cache/rankcut``."""
@@ -393,7 +431,7 @@ def cache_dir() -> Path | None:
     chosen = os.environ.get(CACHE_ENV)
     if chosen is not None:
         return None if chosen.strip().lower() in ("", "off", "0", "none") else Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # RuntimeError: no home
     return Path(base) / "rankcut"
 
 
@@ -411,6 +449,10 @@ def as_table(latency_table, device) -> LatencyTable:
     """``latency_table`` as given to ``rc.plan``: a table, a path (:meth:`LatencyTable.at`), or
     None (this machine's cached table, :meth:`LatencyTable.cached`)."""
     if isinstance(latency_table, LatencyTable):
+        if latency_table.setting["threads"] != torch.get_num_threads():
+            raise ValueError(f"latency_table: measured with {latency_table.setting['threads']} "
+                             f"threads, but torch now runs {torch.get_num_threads()}: its times "
+                             "do not hold; plan with a table built at this thread count")
         return latency_table
     if latency_table is None:
         return LatencyTable.cached(device)
