@@ -473,6 +473,10 @@ def late_export(folder: Path, s: dict, root: Path) -> None:
     fresh = partial(create, s["model"], num_classes=s["num_classes"])
     small = rc.load(fresh(), folder / "model").eval()
     _, _, test = datasets(s, root)
+    if len(test) != result["test_images"]:  # top-1 compared on other images would mislead
+        raise SystemExit(f"[{folder.name}] export: the run was measured on "
+                         f"{result['test_images']} test images, the config now gives "
+                         f"{len(test)} (test_limit changed); set it back to export")
     result["export"] = export(small, rc.load_plan(folder / "model" / "plan.json"), fresh(),
                               Path(s["export"]), test, result["after_top1"])
     with atomic_path(folder / RESULT) as tmp:
