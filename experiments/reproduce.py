@@ -72,6 +72,8 @@ SETTINGS = {
     "lr": None,               # None: rankcut's default (1e-3 for SGD on models with CP layers)
     "batch_size": 128,
     "distill": True,
+    "teacher_cache": True,    # keep the teacher's outputs in RUNS/CONFIG/teacher-outputs/: runs
+                              # on the same batches (same seed, data, batch size) skip its forward
     "finetune_options": {},   # more rankcut.train.finetune keyword arguments
     "checkpoint_every": 100,  # optimizer steps between checkpoints
     "seed": 0,
@@ -318,6 +320,8 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
             "callback": wall.callback, **s["finetune_options"]}
     if s["lr"] is not None:
         tune["lr"] = s["lr"]
+    if s["distill"] and s["teacher_cache"]:
+        tune["teacher_cache"] = str(folder.parent / "teacher-outputs")
     tuning = s["epochs"] is not None or s["steps"] is not None or s["steps_per_layer"]
     print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {s['method']} "
           f"{s['target'] or s['rank']}, {s['schedule']}, "

@@ -48,6 +48,9 @@ def weights(resnet20_weights):
     (["compress", "--model", "resnet20_cifar", "--target", "macs=2x", "--out", "x"],
      "--input-shape"),
     (["evaluate", "--model", "resnet20_cifar", "--data", "imagenet"], "imagenet"),
+    (["compress", "--model", "resnet20_cifar", "--input-shape", "3,32,32", "--target",
+      "macs=2x", "--data", "cifar10", "--finetune-epochs", "1", "--no-distill",
+      "--teacher-cache", "t", "--out", "x"], "needs --distill"),
     (["evaluate", "--model", "resnet20_cifar", "--data", "cifar10", "--config",
       "missing.yaml"], "missing.yaml not found"),
 ])

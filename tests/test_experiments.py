@@ -60,6 +60,8 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / "result.json").read_text())
     assert result["params"] < result["dense_params"] and result["macs_x"] > 1
     assert set(result["layers"]) == {"svd"}
+    # the teacher's outputs are kept for the config's later runs on the same batches
+    assert len(list((tmp_path / "runs" / "tiny" / "teacher-outputs").glob("*.safetensors"))) == 1
     assert 0 < result["before_top1"] <= 100 and 0 < result["after_top1"] <= 100
     assert result["test_images"] == 300
     assert [(t["batch"], t["form"]) for t in result["latency"]] == [(2, "plain"), (2, "fused")]

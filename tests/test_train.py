@@ -554,3 +554,51 @@ def test_the_teacher_runs_as_a_fused_copy_and_is_left_as_it_was(monkeypatch):
     for a, b in zip(fused.model.state_dict().values(), plain.model.state_dict().values(),
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_cache_serves_an_earlier_runs_outputs_and_changes_nothing(tmp_path, monkeypatch):
+    """teacher_cache: a second run on the same batches (same data, seed, augmentation) runs no
+    teacher forward and trains exactly as without the cache; another seed, or another teacher,
+    misses. Settings that cannot work are refused before any work."""
+    import rankcut.train.loop as loop
+
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.inner(x)
+
+    monkeypatch.setattr(loop, "_inference_copy", Counting)
+    data, teacher, folder = images(), conv_net(seed=1), tmp_path / "teacher"
+    kw = dict(steps=4, batch_size=16, teacher=teacher, progress=False, memory_format=None,
+              transform=lambda t: t + 0.1 * torch.randn_like(t))  # augmentation: seeded draws
+
+    def run(student_seed, cache, **more):
+        before = len(calls)
+        result = finetune(conv_net(seed=student_seed), data,
+                          **{**kw, "teacher_cache": cache, **more})
+        return result.model, len(calls) - before
+
+    plain, n = run(0, None)
+    assert n == 4
+    cached, n = run(0, folder)
+    assert n == 4 and state_equal(cached, plain)
+    assert len(list(folder.glob("teacher-*.safetensors"))) == 1
+    other, n = run(2, folder)  # another student, the same batches: every output kept
+    assert n == 0
+    assert state_equal(other, run(2, None)[0])
+    assert run(0, folder, seed=1)[1] == 4  # another seed draws other batches
+    kw["teacher"] = conv_net(seed=3)
+    assert run(0, folder)[1] == 4  # another teacher
+    assert len(list(folder.glob("teacher-*.safetensors"))) == 2
+    (tmp_path / "file").write_text("")
+    for bad, words in [({"teacher": None}, "give a teacher"),
+                       ({"teacher_cache": tmp_path / "file"}, "not a folder"),
+                       ({"teacher_cache": 3}, "expected a folder")]:
+        with pytest.raises(ValueError, match=words):
+            finetune(conv_net(), data, **{**kw, "teacher_cache": folder, **bad})

@@ -254,6 +254,9 @@ def _finetune_args(p: argparse.ArgumentParser, distill: bool = True) -> None:
                        default=COMPRESS["distill"],
                        help="distil from the original model (knowledge distillation; default "
                             f"{'on' if COMPRESS['distill'] else 'off'})")
+        g.add_argument("--teacher-cache", metavar="DIR",
+                       help="keep the teacher's outputs in DIR, so later runs on the same "
+                            "batches (same data, seed, batch size) skip its forward")
     g.add_argument("--lr", type=float, help="learning rate, > 0 (default: the optimizer's)")
     g.add_argument("--optimizer", default=COMPRESS["optimizer"], choices=["sgd", "adamw"],
                    help=f"default {COMPRESS['optimizer']}")
@@ -550,6 +553,8 @@ def _check_args(args: argparse.Namespace) -> None:
                   if getattr(args, f, None) is not None]
         if tuning and not args.data:
             raise UserError(f"{_flag(tuning[0])}: fine-tuning needs --data")
+        if args.teacher_cache and not args.distill:
+            raise UserError("--teacher-cache keeps the teacher's outputs: it needs --distill")
     if command == "compress":
         if args.min_accuracy is not None and args.schedule != "multistage":
             raise UserError("--min-accuracy: only with --schedule multistage")
@@ -700,6 +705,8 @@ class _Context:
             opts["lr"] = a.lr
         if a.checkpoint_dir:
             opts.update(checkpoint_dir=a.checkpoint_dir, resume=a.resume)
+        if getattr(a, "teacher_cache", None):  # with --distill (checked with the flags)
+            opts["teacher_cache"] = a.teacher_cache
         return opts
 
     def plan_options(self) -> dict:

@@ -21,23 +21,10 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from torch import nn
 
+from .._fingerprint import model_fingerprint, update
 
-def _update(h, tensor: torch.Tensor) -> None:
-    t = tensor.detach()
-    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names, shapes, dtypes and values of every parameter and buffer."""
-    h = hashlib.sha256()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(name.encode())
-        _update(h, tensor)
-    return h.hexdigest()
+__all__ = ["CandidateCache", "data_fingerprint", "model_fingerprint"]
 
 
 def data_fingerprint(batches, max_batches: int | None) -> str | None:
@@ -50,7 +37,7 @@ def data_fingerprint(batches, max_batches: int | None) -> str | None:
             break
         x = batch[0] if isinstance(batch, tuple | list) else batch
         for t in x if isinstance(x, tuple | list) else (x,):
-            _update(h, torch.as_tensor(t))
+            update(h, torch.as_tensor(t))
     return h.hexdigest()
 
 

@@ -29,6 +29,7 @@ from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
 from .evaluation import evaluate, unwrap
 from .losses import training_loss
+from .teacher_cache import TeacherCache
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
@@ -213,6 +214,15 @@ def _check_arguments(o: dict[str, Any]) -> None:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS} or a callable, got {kind!r}")
     if o["epochs"] is not None and o["steps"] is not None:
         raise ValueError("give epochs or steps, not both")
+    cache = o["teacher_cache"]
+    if cache is not None:
+        if not isinstance(cache, str | Path) or not str(cache):
+            raise ValueError(f"teacher_cache: expected a folder (str or Path) or None, got "
+                             f"{cache!r}")
+        if o["teacher"] is None:
+            raise ValueError("teacher_cache: keeps a teacher's outputs; give a teacher")
+        if Path(cache).exists() and not Path(cache).is_dir():
+            raise ValueError(f"teacher_cache: {cache} is a file, not a folder")
     if o["memory_format"] not in (None, "auto", *MEMORY_FORMATS):
         raise ValueError(f"memory_format: expected None, 'auto', "
                          f"{', '.join(map(repr, MEMORY_FORMATS))}, got {o['memory_format']!r}")
@@ -343,6 +353,10 @@ class _Run:
         self.autocast = (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if amp \
             else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+        self.tcache = None
+        if o["teacher_cache"] is not None:  # keyed by the teacher, autocast and process
+            self.tcache = TeacherCache(o["teacher_cache"], self.teacher, tag=(
+                f"|amp={self.amp_dtype if amp else None}|rank={self.env.rank}"))
         # loss sum, correct, samples, grad-norm sum: accumulated on the device between log lines
         self.window = torch.zeros(4, dtype=torch.float64, device=device)
         self.window_steps = 0
@@ -360,6 +374,8 @@ class _Run:
 
     # ---- checkpoints --------------------------------------------------------------------
     def _save(self) -> None:
+        if self.tcache is not None:
+            self.tcache.save()
         states = dist_util.gather({"rng": ckpt.capture_rng(self.device),
                                    "window": self.window.cpu(),
                                    "window_steps": self.window_steps}, self.env)
@@ -489,7 +505,8 @@ class _Run:
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(x)
+                    teacher_logits = (self.teacher(x) if self.tcache is None
+                                      else self.tcache.outputs(x, self.teacher))
         loss = training_loss(logits, y, teacher_logits, label_smoothing=o["label_smoothing"],
                              kd_alpha=o["kd_alpha"], kd_temperature=o["kd_temperature"])
         self.optimizer.zero_grad(set_to_none=True)
@@ -567,6 +584,8 @@ class _Run:
                 else contextlib.nullcontext()
             with teacher_ctx:
                 self._loop()
+            if self.tcache is not None:
+                self.tcache.save()
         finally:
             self._close_outputs()
             for m, training in flags:
@@ -664,7 +683,7 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
              shuffle: bool = True, num_workers: int = 0, checkpoint_dir=None,
              checkpoint_every: int | None = None, resume: bool = False, log=None,
              log_every: int = 50, tensorboard=None, progress: bool = True,
-             memory_format: str | None = "auto",
+             memory_format: str | None = "auto", teacher_cache=None,
              callback: Callable[[dict], Any] | None = None) -> TrainResult:
     """Fine-tune ``model`` (in place) on ``train_data``; see docs/training.md.
 
@@ -676,6 +695,10 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
 
     Loss: cross-entropy with ``label_smoothing``; with a ``teacher`` (run in eval mode without
     gradients) ``(1 - kd_alpha) * CE + kd_alpha * T² KL(teacher/T ‖ student/T)``.
+    ``teacher_cache``: a folder where the teacher's outputs are kept, keyed by its weights and
+    the exact input batch, so that later runs on the same batches (same data, seed and
+    augmentation: the runs of one experiment) do not compute them again
+    (:mod:`rankcut.train.teacher_cache`).
     ``optimizer``: "sgd" (lr 0.01, weight decay 5e-4, ``momentum``), "adamw" (lr 1e-4, weight
     decay 0.01) or a callable taking the parameter groups; biases and norm scales get no weight
     decay. ``lr_schedule`` (the learning rate's; not to be confused with

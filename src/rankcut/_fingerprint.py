@@ -1,0 +1,28 @@
+"""SHA-256 fingerprints of tensors and models: what the caches key their entries by, so that a hit
+is the same computation, never a stale one (``rankcut.select.cache``: planning candidates;
+``rankcut.train.teacher_cache``: a teacher's outputs)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+def update(h, tensor: torch.Tensor) -> None:
+    """Feed ``tensor``'s shape, dtype and values (in logical order, whatever its layout or
+    device) to the hash ``h``."""
+    t = tensor.detach()
+    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and values of every parameter and buffer."""
+    h = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(name.encode())
+        update(h, tensor)
+    return h.hexdigest()
