@@ -361,6 +361,35 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert state_equal(again.model, full.model)
 
 
+class Jittered(torch.utils.data.Dataset):
+    """Per-sample random augmentation from torch's global generator (as image datasets with
+    crop and flip transforms do), read through a DataLoader by finetune."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.rand(self.x[i].shape), self.y[i]
+
+
+def test_resume_mid_epoch_reads_the_same_augmented_batches(tmp_path):
+    """A run stopped in the middle of an epoch and resumed ends as an uninterrupted one, with a
+    per-sample augmenting Dataset (starting the resumed epoch's loader must not draw from the
+    global generator the augmentation draws from)."""
+    x, y = blobs(96)
+    kw = dict(steps=10, batch_size=16, lr=0.05, seed=3, progress=False, checkpoint_every=2)
+    model = mlp()
+    full = finetune(copy.deepcopy(model), Jittered(x, y), **kw)
+    finetune(copy.deepcopy(model), Jittered(x, y), checkpoint_dir=tmp_path,
+             callback=lambda info: info["step"] == 3, **kw)
+    resumed = finetune(copy.deepcopy(model), Jittered(x, y), checkpoint_dir=tmp_path,
+                       resume=True, **kw)
+    assert resumed.steps == 10 and state_equal(resumed.model, full.model)
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     """A subprocess trains and is SIGKILLed at step 10 (checkpoints every 4 steps, so the last
     one is from step 8, mid-epoch 2); resuming from it ends where an uninterrupted run ends."""

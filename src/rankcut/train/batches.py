@@ -33,8 +33,13 @@ def fetch(dataset: Dataset, index_batches: Iterable[Sequence[int]], *, num_worke
             i = torch.as_tensor(list(idx), dtype=torch.long)
             yield tuple(t[i] for t in dataset.tensors)
         return
+    # Without workers the loader's base seed is never used, but drawing it from the global
+    # generator would shift every later random draw (the per-sample augmentation): a run
+    # resumed mid-epoch, which starts a loader where the uninterrupted run did not, would then
+    # read other batches. A private generator leaves the global one alone.
     loader = DataLoader(dataset, batch_sampler=list(index_batches), num_workers=num_workers,
-                        pin_memory=pin_memory)
+                        pin_memory=pin_memory,
+                        generator=torch.Generator() if num_workers == 0 else None)
     yield from loader
 
 
