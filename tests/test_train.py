@@ -594,9 +594,9 @@ def test_teacher_cache_serves_an_earlier_runs_outputs_and_changes_nothing(tmp_pa
     calls = []
 
     class Counting(nn.Module):
-        def __init__(self, inner):
+        def __init__(self, inner):  # a copy, as the fused teacher is
             super().__init__()
-            self.inner = inner
+            self.inner = copy.deepcopy(inner)
 
         def forward(self, x):
             calls.append(len(x))
@@ -620,6 +620,9 @@ def test_teacher_cache_serves_an_earlier_runs_outputs_and_changes_nothing(tmp_pa
     assert len(list(folder.glob("teacher-*.safetensors"))) == 1
     other, n = run(2, folder)  # another student, the same batches: every output kept
     assert n == 0
+    hits = finetune(conv_net(seed=2), data, **{**kw, "teacher_cache": folder}).final
+    assert hits["teacher_cache"] == {"hits": 4, "misses": 0}
+    assert run(0, folder, memory_format="channels_last")[1] == 4  # another layout: misses
     assert state_equal(other, run(2, None)[0])
     assert run(0, folder, seed=1)[1] == 4  # another seed draws other batches
     kw["teacher"] = conv_net(seed=3)

@@ -255,8 +255,9 @@ def _finetune_args(p: argparse.ArgumentParser, distill: bool = True) -> None:
                        help="distil from the original model (knowledge distillation; default "
                             f"{'on' if COMPRESS['distill'] else 'off'})")
         g.add_argument("--teacher-cache", metavar="DIR",
-                       help="keep the teacher's outputs in DIR, so later runs on the same "
-                            "batches (same data, seed, batch size) skip its forward")
+                       help="keep the teacher's outputs in DIR, so later runs with the same "
+                            "teacher on the same batches (same data, seed, batch size, "
+                            "augmentation) skip its forward")
     g.add_argument("--lr", type=float, help="learning rate, > 0 (default: the optimizer's)")
     g.add_argument("--optimizer", default=COMPRESS["optimizer"], choices=["sgd", "adamw"],
                    help=f"default {COMPRESS['optimizer']}")
@@ -555,6 +556,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"{_flag(tuning[0])}: fine-tuning needs --data")
         if args.teacher_cache and not args.distill:
             raise UserError("--teacher-cache keeps the teacher's outputs: it needs --distill")
+        if args.teacher_cache and Path(args.teacher_cache).exists() and \
+                not Path(args.teacher_cache).is_dir():
+            raise UserError(f"--teacher-cache: {args.teacher_cache} is a file, not a folder")
     if command == "compress":
         if args.min_accuracy is not None and args.schedule != "multistage":
             raise UserError("--min-accuracy: only with --schedule multistage")

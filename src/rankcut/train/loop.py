@@ -663,6 +663,8 @@ class _Run:
             for key in ("loss", "accuracy", "top5", "n"):
                 if key in entry:
                     final[f"{prefix}_{key}"] = entry[key]
+        if self.tcache is not None:
+            final["teacher_cache"] = {"hits": self.tcache.hits, "misses": self.tcache.misses}
         path = None
         if self.o["checkpoint_dir"] is not None:
             path = ckpt.path_in(self.o["checkpoint_dir"])

@@ -6,15 +6,22 @@ on the development CPU that was 43% of a fine-tuning step of VGG-11-BN at 32x fe
 (a py-spy profile). The runs of one experiment (several ratios or methods of one model, the
 same seed) read the same batches in the same order with the same augmentation, so their
 teachers compute the same outputs. ``finetune(..., teacher_cache=FOLDER)`` keeps them: each
-batch's outputs are stored under the SHA-256 of the teacher's weights (its fused inference copy),
-the autocast dtype, and the exact input tensor of the batch, so a hit is the very computation,
-and a batch that differs in one pixel (another seed, other augmentation) is a miss, computed as
-usual. Outputs are written at every checkpoint and at the end (safetensors, atomically; what
-another process added meanwhile is kept).
+batch's outputs are stored under the SHA-256 of the teacher (the weights and printed structure
+of its fused inference copy), how it runs (autocast dtype, process rank, device, memory layout,
+torch version and threads, TF32 flags on CUDA) and the exact input tensor of the batch, so a hit
+is the very computation, bit for bit, and a batch that differs in one pixel (another seed, other
+augmentation) is a miss, computed as usual. A change of the teacher's code that neither its
+weights nor its printed modules show is not seen: use another folder.
 
-Size: one float32 output row per example and epoch, 5 kB per CIFAR-10 batch of 128 (10
-classes), 2 MB an epoch; for 1000 classes, 1 GB per ImageNet epoch: use it where the runs are
-many and the outputs small.
+Outputs are written at every checkpoint (with ``checkpoint_dir``) and at the end of the run
+(safetensors, atomically), merged with what another process wrote there; there is no lock, so
+two processes saving at the same moment can lose one's new entries (computed again later). The
+whole file is held in memory and rewritten at each save. On a GPU each batch is copied to the
+host to be hashed.
+
+Size: one output row per example and epoch (float32, or the autocast dtype), 5 kB per CIFAR-10
+batch of 128 (10 classes), 2 MB an epoch; for 1000 classes about 5 GB per ImageNet epoch: use
+it where the runs are many and the outputs small.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ class TeacherCache:
     """Outputs of ``teacher`` keyed by their exact input batch, kept in ``folder``."""
 
     def __init__(self, folder, teacher: nn.Module, tag: str = ""):
-        self.fingerprint = model_fingerprint(teacher) + tag
+        structure = hashlib.sha256(repr(teacher).encode()).hexdigest()
+        self.fingerprint = (f"{model_fingerprint(teacher)}|{structure}|"
+                            f"torch={torch.__version__}{tag}")
         digest = hashlib.sha256(self.fingerprint.encode()).hexdigest()[:16]
         self.path = Path(folder) / f"teacher-{digest}.safetensors"
         self.entries: dict[str, torch.Tensor] = self._read()
@@ -50,7 +59,12 @@ class TeacherCache:
             return {}
 
     def key(self, x: torch.Tensor) -> str:
-        h = hashlib.sha256(self.fingerprint.encode())
+        """The entry of input batch ``x``: the teacher, how it runs now, and ``x``'s values."""
+        how = [x.device.type, x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last),
+               torch.get_num_threads()]
+        if x.device.type == "cuda":
+            how += [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+        h = hashlib.sha256(f"{self.fingerprint}|{how}".encode())
         update(h, x)
         return h.hexdigest()
 
