@@ -8,7 +8,12 @@ kind of initialisation (SVD of the unfoldings) in both libraries, float32, on th
 
 Prints, per case and in total, time ratio (tensorly / rankcut: above 1 means rankcut is faster)
 and error ratio (rankcut / tensorly relative Frobenius error: at most 1 means rankcut is as
-accurate or better). Run from the repository root:
+accurate or better). Last, data-aware SVD (output-norm truncation, float64 inside) of the same
+512x512x3x3 kernel unfolded to 512 x 4608 (with a seeded input moment Σ of a decaying spectrum),
+rankcut's
+``decompose.svd(W, r, cov=Σ)`` against the formula of SVD-LLM it computes (L = chol(Σ + ridge),
+the SVD of W L, B = [S Vᵀ]_r L⁻¹), with the output error ||(W - AB) L|| of each. Run from the
+repository root:
 
     .venv/bin/python benchmarks/decompose_speed.py
 """
@@ -89,7 +94,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cp-iters", type=int, default=25)
     parser.add_argument("--tucker-iters", type=int, default=10)
+    parser.add_argument("--only-data-aware-svd", action="store_true",
+                        help="print the data-aware SVD rows only")
     args = parser.parse_args()
+    if args.only_data_aware_svd:
+        data_aware_svd_rows(next(k[0] for k in load_cases().values() if k[0].shape[0] >= 512))
+        return
     tl.set_backend("pytorch")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, tensorly {tl.__version__}, rankcut {rc.__version__}; "
@@ -163,6 +173,41 @@ def main():
             e_tl += rel_err(X, tl.cp_to_tensor(cpt))
         print(f"{name:28} {label:24} {len(kernels):3d} {t_many:10.3f} {t_tl:10.3f} "
               f"{t_tl / t_many:9.1f}x {e_many / e_tl:9.4f}")
+    data_aware_svd_rows(next(k[0] for k in cases.values() if k[0].shape[0] >= 512))
+
+
+def moment(n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded n x n input second moment with a decaying spectrum (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * (1.0 / torch.arange(1, n + 1, dtype=torch.float64))) @ Q.T
+
+
+def cholesky_whitened_svd(W, rank, cov, ridge=1e-6):
+    """SVD-LLM's data-aware truncation, written out: AB = [W L]_r L⁻¹."""
+    C = cov + ridge * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    L = torch.linalg.cholesky(C)
+    U, S, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
+    B = torch.linalg.solve_triangular(L.mT, (S[:rank, None] * Vh[:rank]).mT, upper=True).mT
+    return U[:, :rank], B, L
+
+
+def data_aware_svd_rows(vgg_kernel: torch.Tensor) -> None:
+    print(f"\n{'data-aware SVD':28} {'rank':>5} {'rankcut s':>10} {'Cholesky s':>10} "
+          f"{'time ratio':>10} {'err rankcut':>11} {'err Cholesky':>12}")
+    cases = [("512x4608 (VGG 3x3, unfolded)", vgg_kernel.reshape(512, -1), (64, 256))]
+    for name, W, ranks in cases:
+        cov = moment(W.shape[1])
+        for rank in ranks:
+            t_ours, res = timed(lambda W=W, rank=rank, cov=cov: rc.decompose.svd(
+                W, rank, cov=cov, method="exact"))
+            t_ref, (A, B, L) = timed(lambda W=W, rank=rank, cov=cov: cholesky_whitened_svd(
+                W, rank, cov))
+            Wd = W.double()
+            ours = ((Wd - res.A.double() @ res.B.double()) @ L).norm() / (Wd @ L).norm()
+            ref = ((Wd - A @ B) @ L).norm() / (Wd @ L).norm()
+            print(f"{name:28} {rank:5d} {t_ours:10.3f} {t_ref:10.3f} {t_ref / t_ours:9.1f}x "
+                  f"{float(ours):11.4f} {float(ref):12.4f}")
 
 
 if __name__ == "__main__":
