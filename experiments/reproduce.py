@@ -359,6 +359,8 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
                    for m in sorted({lp.method for lp in result.plan.active.values()})},
         "ranks": {n: list(lp.ranks) for n, lp in result.plan.active.items()},
         "lr": next((st["train"]["lr"] for st in result.stages if st.get("train")), None),
+        # teacher outputs taken from the config's teacher-outputs/ (hits) or computed (misses)
+        "teacher_cache": _cache_counts(result.stages),
         "resumed": bool(result.stages[0].get("resumed")),
         "commit": "+".join(wall.commits),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -388,6 +390,15 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     with atomic_path(folder / RESULT) as tmp:
         tmp.write_text(json.dumps(out, indent=1))
     return out
+
+
+def _cache_counts(stages) -> dict | None:
+    """Teacher-cache hits and misses summed over the fine-tuning stages (None: no cache)."""
+    counts = [st["train"]["final"].get("teacher_cache") for st in stages if st.get("train")]
+    counts = [c for c in counts if c]
+    if not counts:
+        return None
+    return {k: sum(c[k] for c in counts) for k in ("hits", "misses")}
 
 
 def reuse_finished(folder: Path, other: str, model: torch.nn.Module, test):

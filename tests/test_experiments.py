@@ -60,8 +60,9 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / "result.json").read_text())
     assert result["params"] < result["dense_params"] and result["macs_x"] > 1
     assert set(result["layers"]) == {"svd"}
-    # the teacher's outputs are kept for the config's later runs on the same batches
-    assert len(list((tmp_path / "runs" / "tiny" / "teacher-outputs").glob("*.safetensors"))) == 1
+    # the teacher's outputs are kept for the config's later runs on the same batches, one file
+    # per teacher (the pretrained model; the "scratch" run's model trained here)
+    assert len(list((tmp_path / "runs" / "tiny" / "teacher-outputs").glob("*.safetensors"))) == 2
     assert 0 < result["before_top1"] <= 100 and 0 < result["after_top1"] <= 100
     assert result["test_images"] == 300
     assert [(t["batch"], t["form"]) for t in result["latency"]] == [(2, "plain"), (2, "fused")]
@@ -81,6 +82,9 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     again = json.loads((tmp_path / "runs" / "tiny" / "again" / "result.json").read_text())
     assert again["resumed"] and again["before_top1"] == result["before_top1"]
     assert again["params"] == result["params"] and again["steps"] == 2
+    # its two steps read the first two batches of "tiny": the teacher's outputs were kept
+    assert result["teacher_cache"] == {"hits": 0, "misses": 3}
+    assert again["teacher_cache"] == {"hits": 2, "misses": 0}
     # an export asked for after the run finished is made from its saved model
     late = tmp_path / "results" / "again"
     config.write_text(CONFIG.format(export=export, scratch=scratch).replace(
