@@ -13,11 +13,11 @@ is the very computation, bit for bit, and a batch that differs in one pixel (ano
 augmentation) is a miss, computed as usual. A change of the teacher's code that neither its
 weights nor its printed modules show is not seen: use another folder.
 
-Outputs are written at every checkpoint (with ``checkpoint_dir``) and at the end of the run
-(safetensors, atomically), merged with what another process wrote there; there is no lock, so
-two processes saving at the same moment can lose one's new entries (computed again later). The
-whole file is held in memory and rewritten at each save. On a GPU each batch is copied to the
-host to be hashed.
+Outputs are written at every checkpoint (with ``checkpoint_dir``) and at the end of the run:
+each save writes the outputs computed since the last one into a new shard (safetensors,
+atomically), ``teacher-<teacher digest>-<unique>.safetensors``, so nothing is rewritten and
+concurrent runs never lose each other's outputs; a run reads all of its teacher's shards at the
+start and holds them in memory. On a GPU each batch is copied to the host to be hashed.
 
 Size: one output row per example and epoch (float32, or the autocast dtype), 5 kB per CIFAR-10
 batch of 128 (10 classes), 2 MB an epoch; for 1000 classes about 5 GB per ImageNet epoch: use
@@ -27,6 +27,7 @@ it where the runs are many and the outputs small.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from pathlib import Path
 
 import torch
@@ -44,20 +45,24 @@ class TeacherCache:
         structure = hashlib.sha256(repr(teacher).encode()).hexdigest()
         self.fingerprint = (f"{model_fingerprint(teacher)}|{structure}|"
                             f"torch={torch.__version__}{tag}")
-        digest = hashlib.sha256(self.fingerprint.encode()).hexdigest()[:16]
-        self.path = Path(folder) / f"teacher-{digest}.safetensors"
+        self.folder = Path(folder)
+        self.prefix = f"teacher-{hashlib.sha256(self.fingerprint.encode()).hexdigest()[:16]}"
         self.entries: dict[str, torch.Tensor] = self._read()
-        self.added = 0
+        self.new: dict[str, torch.Tensor] = {}  # computed here, not saved yet
         self.hits = self.misses = 0
 
-    def _read(self) -> dict[str, torch.Tensor]:
-        if not self.path.is_file():
-            return {}
-        try:
-            return load_file(str(self.path))
-        except Exception:  # a damaged file (any reader error): computed again, written over
-            return {}
+    def shards(self) -> list[Path]:
+        """This teacher's files: one per save (each holds the outputs that save added)."""
+        return sorted(self.folder.glob(f"{self.prefix}-*.safetensors"))
 
+    def _read(self) -> dict[str, torch.Tensor]:
+        entries = {}
+        for shard in self.shards():
+            try:
+                entries.update(load_file(str(shard)))
+            except Exception:  # a damaged shard (any reader error): its outputs are computed
+                pass           # again and saved in a new one
+        return entries
     def key(self, x: torch.Tensor) -> str:
         """The entry of input batch ``x``: the teacher, how it runs now, and ``x``'s values."""
         how = [x.device.type, x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last),
@@ -77,18 +82,17 @@ class TeacherCache:
             return kept.to(x.device)
         self.misses += 1
         out = compute(x)
-        self.entries[key] = out.detach().cpu().contiguous()
-        self.added += 1
+        self.entries[key] = self.new[key] = out.detach().cpu().contiguous()
         return out
 
     def save(self) -> Path | None:
-        """Write the outputs (with those another process wrote meanwhile); None when nothing
-        was added."""
-        if not self.added:
+        """Write the outputs computed since the last save into a new shard (atomically; no
+        other process's file is touched, so concurrent runs lose nothing); None when there are
+        none."""
+        if not self.new:
             return None
-        merged = {**self._read(), **self.entries}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
-            save_file(merged, str(tmp))
-        self.entries, self.added = merged, 0
-        return self.path
+        path = self.folder / f"{self.prefix}-{uuid.uuid4().hex[:12]}.safetensors"
+        with atomic_path(path) as tmp:  # makes the folder
+            save_file(self.new, str(tmp))
+        self.new = {}
+        return path
