@@ -2,7 +2,7 @@
 the same batches compute them once.
 
 Fine-tuning a compressed model by distillation runs the dense teacher forward on every batch;
-on the development CPU that was 43% of a fine-tuning step of VGG-11-BN at 32x fewer parameters
+on the development CPU that was 43% of a fine-tuning step of VGG-11-BN at 16x fewer parameters
 (a py-spy profile). The runs of one experiment (several ratios or methods of one model, the
 same seed) read the same batches in the same order with the same augmentation, so their
 teachers compute the same outputs. ``finetune(..., teacher_cache=FOLDER)`` keeps them: each
