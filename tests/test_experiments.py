@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import rankcut as rc
 from rankcut import data as D
 from rankcut.models import create
@@ -321,3 +323,75 @@ def test_classifier_sweep_refuses_a_part_without_linear_layers_before_any_work(t
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "sweep.part: resnet20_cifar has no submodule 'layer1' holding Linear" in done.stderr
     assert "its Linear layers: linear" in done.stderr and not (tmp_path / "runs").exists()
+
+
+def _carry_module(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("carry", REPO / "experiments" / "carry.py")
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    monkeypatch.setattr(carry, "CARRIED", tmp_path / "carried")
+    return carry
+
+
+def test_a_carried_run_resumes_on_another_machine_where_it_stopped(tmp_path, monkeypatch):
+    """carry.py save on one machine, restore into another's empty runs/: finetune resumes from
+    the carried checkpoint and ends exactly as an uninterrupted run; what a run must not carry
+    (a finished run, a folder over the limit) and what it must not overwrite is refused."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from rankcut.train import finetune
+
+    carry = _carry_module(tmp_path, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def train(folder, stop=None, steps_seen=None):
+        def callback(info):
+            if steps_seen is not None:
+                steps_seen.append(info["step"])
+            return stop is not None and info["step"] >= stop
+
+        return finetune(model(), data, steps=10, batch_size=8, lr=0.05, seed=0,
+                        checkpoint_dir=str(folder / "checkpoints"), checkpoint_every=2,
+                        resume=True, log=str(folder / "train.jsonl"), progress=False,
+                        callback=callback).model
+
+    here = tmp_path / "machine1" / "runs"
+    run = here / "cfg" / "long"
+    train(run, stop=5)  # the session ends after 5 of 10 steps (checkpointed at the stop)
+    (run / "wall.json").write_text("{}")
+    assert carry.main(["save", "configs/cfg.yaml", "long", "--runs-dir", str(here)]) == 0
+    kept = tmp_path / "carried" / "cfg" / "long"
+    assert sorted(p.name for p in kept.rglob("*")) == ["checkpoints", "last.pt", "train.jsonl",
+                                                       "wall.json"]
+
+    there = tmp_path / "machine2" / "runs"
+    assert carry.main(["restore", "cfg.yaml", "long", "--runs-dir", str(there)]) == 0
+    moved = there / "cfg" / "long"
+    assert (moved / "checkpoints" / "last.pt").read_bytes() == \
+        (run / "checkpoints" / "last.pt").read_bytes()
+    seen = []
+    resumed = train(moved, steps_seen=seen)
+    assert seen == list(range(6, 11))  # it went on from step 5, not from the start
+    whole = train(tmp_path / "uninterrupted")
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    with pytest.raises(SystemExit, match="holds checkpoints already"):
+        carry.main(["restore", "cfg.yaml", "long", "--runs-dir", str(there)])
+    with pytest.raises(SystemExit, match="nothing carried"):
+        carry.main(["restore", "cfg.yaml", "other", "--runs-dir", str(there)])
+    (moved / "result.json").write_text("{}")
+    with pytest.raises(SystemExit, match="has finished"):
+        carry.main(["save", "cfg.yaml", "long", "--runs-dir", str(there)])
+    monkeypatch.setattr(carry, "LIMIT", 10)
+    with pytest.raises(SystemExit, match="over the 0 MB limit"):
+        carry.main(["save", "cfg.yaml", "long", "--runs-dir", str(here)])
