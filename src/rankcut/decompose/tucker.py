@@ -194,7 +194,8 @@ class _Prepared:
     """What the data-aware Tucker-2 of one kernel X under one moment ``cov`` computes before
     any rank matters; the planner scores many rank pairs of the same layer in a row, and on a
     512x512x3x3 kernel this is most of each candidate's time (an n x n Cholesky, n = S·kh·kw,
-    and ||W L||²). Kept for the last (X, cov, ridge) only, holding ``cov`` itself and a copy of X
+    and ||W L||², whose product W Σ also gives every candidate's X_(T) Σ (B ⊗ I)ᵀ at a
+    fraction of the cost). Kept for the last (X, cov, ridge) only, holding ``cov`` itself and a copy of X
     so that a match is the same data: ``cov`` the same object (held by a weak reference) at the
     same version (an in-place change bumps it), X equal element for element."""
 
@@ -204,6 +205,7 @@ class _Prepared:
     ridge: float
     W: torch.Tensor
     C: torch.Tensor
+    WC: torch.Tensor  # W_(T) Σ, as (T, S, K)
     L_A: torch.Tensor
     P: torch.Tensor
     total: float
@@ -229,9 +231,10 @@ def _prepare(X, cov, ridge) -> _Prepared:
     C4 = C.reshape(S, K, S, K)  # as (channel, position) x (channel, position)
     L_A = torch.linalg.cholesky(torch.einsum("spqp->sq", C4))  # channel block, over positions
     P = torch.einsum("spsq->pq", C4) / S  # position block, over channels
-    total = float(((Wm @ C) * Wm).sum())  # ||W L||², L Lᵀ = Σ + ridge
+    WC = Wm @ C
+    total = float((WC * Wm).sum())  # ||W L||², L Lᵀ = Σ + ridge
     _last_prepared[:] = [_Prepared(X.detach().clone(), weakref.ref(cov), cov._version, ridge,
-                                   W, C, L_A, P, total)]
+                                   W, C, WC.reshape(T, S, K), L_A, P, total)]
     # the entry (C is as large as cov) goes with cov (if an older cov dies later, it drops a
     # newer entry: a miss, never a wrong hit)
     weakref.finalize(cov, _last_prepared.clear)
@@ -249,8 +252,7 @@ def _whitened_tucker2(X, ranks, cov, ridge, method, max_iter, tol) -> TuckerResu
                          f"of X), got {tuple(cov.shape)}")
     r_out, r_in = ranks
     prep = _prepare(X, cov, ridge)
-    W, C, L_A, P, total = prep.W, prep.C, prep.L_A, prep.P, prep.total
-    Wm = W.reshape(T, n)
+    W, C, WC, L_A, P, total = prep.W, prep.C, prep.WC, prep.L_A, prep.P, prep.total
     C4 = C.reshape(S, K, S, K)  # as (channel, position) x (channel, position)
 
     def input_step(V):  # B (R_S x S, orthonormal rows) from V (R, S, K) under Σ ≈ A ⊗ P
@@ -262,12 +264,15 @@ def _whitened_tucker2(X, ranks, cov, ridge, method, max_iter, tol) -> TuckerResu
     def output_step(B):  # exact U_T and core given B; the output error (squared, relative)
         BC = torch.einsum("bs,spuq->bpuq", B, C4)  # (B ⊗ I) Σ
         K_ = torch.einsum("bpuq,cu->bpcq", BC, B).reshape(r_in * K, r_in * K)
-        Y = Wm @ BC.reshape(r_in * K, n).mT  # X_(T) Σ (B ⊗ I)ᵀ
+        # X_(T) Σ (B ⊗ I)ᵀ from the kept X_(T) Σ (Σ is symmetric): T·n·r_in multiply-adds
+        # instead of T·n·r_in·K through BC
+        Y = torch.einsum("tsp,bs->tbp", WC, B).reshape(T, r_in * K)
         chol = torch.linalg.cholesky((K_ + K_.mT) / 2)
         Yw = torch.linalg.solve_triangular(chol, Y.mT, upper=False).mT
         vals, vecs = torch.linalg.eigh(Yw @ Yw.mT)
         U = vecs[:, -r_out:].flip(1)
-        G = torch.cholesky_solve((U.mT @ Y).mT, chol).mT  # U_Tᵀ Y K⁻¹
+        # U_Tᵀ Y K⁻¹ = (U_Tᵀ Yw) chol⁻¹: one triangular solve, not cholesky_solve's two
+        G = torch.linalg.solve_triangular(chol.mT, (U.mT @ Yw).mT, upper=True).mT
         lost = max(total - float(vals[-r_out:].sum()), 0.0)
         return U, G, lost / total if total > 0 else 0.0, (Y, K_)
 
