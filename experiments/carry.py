@@ -7,12 +7,14 @@ exactly from its last checkpoint.
     .venv/bin/python experiments/carry.py save CONFIG RUN [--runs-dir runs]
     .venv/bin/python experiments/carry.py restore CONFIG RUN [--runs-dir runs]
 
-What travels is what resuming needs and the run's record, nothing rebuilt cheaply: the
-factorized model before fine-tuning (``checkpoints/start/``), the last checkpoint
-(``checkpoints/last.pt``: weights, optimizer, schedule, random state, step), the training log
-and the wall-time record (``wall.json``, so the reported time counts every session's share).
-The teacher's cached outputs stay behind (they are rebuilt). A folder of more than 50 MB is
-refused: carrying is for small compressed models, not dense ones.
+What travels is what resuming needs and the run's record, nothing rebuilt cheaply: the whole
+``checkpoints/`` folder (the factorized model before fine-tuning, ``last.pt`` with the weights,
+optimizer, schedule, random state and step, and the stages of a ``layerwise`` or ``multistage``
+run), the training log, the wall-time record (``wall.json``, so the reported time counts every
+session's share) and a seed-000 sensitivity plan. The teacher's cached outputs stay behind (they
+are rebuilt). Each copy replaces its destination whole (built beside it, then renamed), so an
+interrupted save or restore leaves the previous copy, never a mix of two. A folder of more than
+50 MB is refused: carrying is for small compressed models, not dense ones.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from rankcut.atomic import atomic_folder
+
 HERE = Path(__file__).resolve().parent
 CARRIED = HERE / "carried"
-# What a run folder holds that resuming or its record needs (relative paths)
-KEEP = ("checkpoints/start", "checkpoints/last.pt", "train.jsonl", "wall.json",
-        "sensitivity_plan.json")
+
+# What a run folder holds that resuming or its record needs
+KEEP = ("checkpoints", "train.jsonl", "wall.json", "sensitivity_plan.json")
 LIMIT = 50 * 2**20
 
 
@@ -37,25 +41,21 @@ def _size(path: Path) -> int:
 
 
 def copy_run(source: Path, target: Path) -> list[str]:
-    """Copy the ``KEEP`` entries of run folder ``source`` into ``target`` (replacing what is
-    there); returns the entries copied."""
+    """Make ``target`` a folder holding the ``KEEP`` entries of run folder ``source`` and
+    nothing else (replacing whatever was there, whole); returns the entries copied."""
     present = [k for k in KEEP if (source / k).exists()]
-    if "checkpoints/last.pt" not in present and "checkpoints/start" not in present:
-        raise SystemExit(f"{source}: no checkpoint to carry (checkpoints/start or "
-                         "checkpoints/last.pt)")
+    if "checkpoints" not in present or not any((source / "checkpoints").iterdir()):
+        raise SystemExit(f"{source}: no checkpoint to carry (checkpoints/ is missing or empty)")
     size = sum(_size(source / k) for k in present)
     if size > LIMIT:
         raise SystemExit(f"{source}: {size / 2**20:.0f} MB to carry, over the "
                          f"{LIMIT / 2**20:.0f} MB limit")
-    for k in present:
-        dst = target / k
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if (source / k).is_dir():
-            shutil.copytree(source / k, dst)
-        else:
-            shutil.copy2(source / k, dst)
+    with atomic_folder(target) as tmp:
+        for k in present:
+            if (source / k).is_dir():
+                shutil.copytree(source / k, tmp / k)
+            else:
+                shutil.copy2(source / k, tmp / k)
     return present
 
 
@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     else:
         if not kept.is_dir():
             raise SystemExit(f"{kept}: nothing carried for run {args.run!r}")
-        if (live / "checkpoints").exists():
-            raise SystemExit(f"{live}: holds checkpoints already; remove them to restore the "
-                             "carried ones")
+        if (live / "checkpoints").exists() or (live / "result.json").exists():
+            raise SystemExit(f"{live}: holds checkpoints or a result already; remove the "
+                             "run's folder to restore the carried one")
         copied = copy_run(kept, live)
     print(f"{args.action}: {', '.join(copied)} -> {kept if args.action == 'save' else live}")
     return 0

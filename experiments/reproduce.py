@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 import rankcut as rc
 from rankcut import data as D
-from rankcut.atomic import atomic_path
+from rankcut.atomic import atomic_folder, atomic_path
 from rankcut.io import save_plan
 from rankcut.models import PRETRAINED, create, pretrained_path
 from rankcut.profile import count_macs, count_params, speedups
@@ -427,7 +427,8 @@ def reuse_start(folder: Path, other: str) -> None:
     if not (source / "model.safetensors").is_file():
         raise SystemExit(f"start_from: {source} holds no factorized model yet; run {other!r} "
                          "first")
-    shutil.copytree(source, target)
+    with atomic_folder(target) as tmp:  # all of it or nothing: a partial start/ would be
+        shutil.copytree(source, tmp, dirs_exist_ok=True)  # planned afresh, silently
 
 
 def sensitivity(model, s: dict, calib, folder: Path):

@@ -372,6 +372,9 @@ def test_a_carried_run_resumes_on_another_machine_where_it_stopped(tmp_path, mon
     kept = tmp_path / "carried" / "cfg" / "long"
     assert sorted(p.name for p in kept.rglob("*")) == ["checkpoints", "last.pt", "train.jsonl",
                                                        "wall.json"]
+    (kept / "stale.txt").write_text("from an earlier save")  # a save replaces the copy whole
+    assert carry.main(["save", "configs/cfg.yaml", "long", "--runs-dir", str(here)]) == 0
+    assert not (kept / "stale.txt").exists()
 
     there = tmp_path / "machine2" / "runs"
     assert carry.main(["restore", "cfg.yaml", "long", "--runs-dir", str(there)]) == 0
@@ -385,7 +388,7 @@ def test_a_carried_run_resumes_on_another_machine_where_it_stopped(tmp_path, mon
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
-    with pytest.raises(SystemExit, match="holds checkpoints already"):
+    with pytest.raises(SystemExit, match="holds checkpoints or a result already"):
         carry.main(["restore", "cfg.yaml", "long", "--runs-dir", str(there)])
     with pytest.raises(SystemExit, match="nothing carried"):
         carry.main(["restore", "cfg.yaml", "other", "--runs-dir", str(there)])

@@ -436,6 +436,17 @@ def test_resume_refuses_a_changed_run(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         finetune(mlp(hidden=16), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path,
                  resume=True, progress=False)
+    # another precision (a CPU run resumed on CUDA turns float16 autocast on by default)
+    with pytest.raises(ValueError, match="amp: checkpoint None, now 'torch.bfloat16'"):
+        finetune(mlp(), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path, resume=True,
+                 amp=True, progress=False)
+    # a checkpoint written before a setting was recorded is not refused for lacking it
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    del payload["settings"]["amp"]
+    torch.save(payload, tmp_path / "last.pt")
+    old = finetune(mlp(), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path, resume=True,
+                   progress=False)
+    assert old.steps == 4
     # resume=True without a checkpoint yet starts afresh
     fresh = finetune(mlp(), (x, y), steps=2, batch_size=16, checkpoint_dir=tmp_path / "new",
                      resume=True, progress=False)
@@ -626,12 +637,23 @@ def test_teacher_cache_serves_an_earlier_runs_outputs_and_changes_nothing(tmp_pa
     hits = finetune(conv_net(seed=2), data, **{**kw, "teacher_cache": folder}).final
     assert hits["teacher_cache"] == {"hits": 4, "misses": 0}
     assert run(0, folder, memory_format="channels_last")[1] == 4  # another layout: misses
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's autocast: misses
+        assert run(0, folder)[1] == 4
+    import rankcut.train.teacher_cache as tc
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # a save that fails warns; the run goes on
+        m.setattr(tc, "save_file", full_disk)
+        with pytest.warns(UserWarning, match="could not save 4 teacher outputs"):
+            assert run(0, folder, seed=5)[1] == 4
     assert state_equal(other, run(2, None)[0])
     assert run(0, folder, seed=1)[1] == 4  # another seed draws other batches
     kw["teacher"] = conv_net(seed=3)
     assert run(0, folder)[1] == 4  # another teacher
-    # teacher 1: the first run, the channels_last run, the seed-1 run; teacher 3: one
-    assert len(teachers()) == 2 and len(list(folder.glob("*.safetensors"))) == 4
+    # teacher 1: the first run, the channels_last, autocast and seed-1 runs; teacher 3: one
+    assert len(teachers()) == 2 and len(list(folder.glob("*.safetensors"))) == 5
     (tmp_path / "file").write_text("")
     for bad, words in [({"teacher": None}, "give a teacher"),
                        ({"teacher_cache": tmp_path / "file"}, "not a folder"),

@@ -195,9 +195,9 @@ class _Prepared:
     any rank matters; the planner scores many rank pairs of the same layer in a row, and on a
     512x512x3x3 kernel this is most of each candidate's time (an n x n Cholesky, n = S·kh·kw,
     and ||W L||², whose product W Σ also gives every candidate's X_(T) Σ (B ⊗ I)ᵀ at a
-    fraction of the cost). Kept for the last (X, cov, ridge) only, holding ``cov`` itself and a copy of X
-    so that a match is the same data: ``cov`` the same object (held by a weak reference) at the
-    same version (an in-place change bumps it), X equal element for element."""
+    fraction of the cost). Kept for the last (X, cov, ridge) only, holding ``cov`` itself and a
+    copy of X so that a match is the same data: ``cov`` the same object (held by a weak
+    reference) at the same version (an in-place change bumps it), X equal element for element."""
 
     X: torch.Tensor
     cov_ref: weakref.ref

@@ -81,9 +81,10 @@ def read(checkpoint_dir: str | Path) -> dict[str, Any] | None:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a run whose data order or length would differ from the saved one."""
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
-             if saved.get(k) != v]
+    """Refuse to resume a run whose data order, length or precision would differ from the saved
+    one (a setting a checkpoint predates is not compared)."""
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {v!r}" for k, v in current.items()
+             if k in saved and saved[k] != v]
     if diffs:
         raise ValueError(f"{path}: cannot resume, the run's settings changed ("
                          + "; ".join(diffs) + "). Use the same settings, or another "

@@ -364,7 +364,10 @@ class _Run:
             "total_steps": self.total, "batch_size": o["batch_size"],
             "world_size": self.env.world_size, "seed": o["seed"], "shuffle": o["shuffle"],
             "steps_per_epoch": self.steps_per_epoch, "optimizer": name,
-            "train_size": None if self.loader is not None else len(self.data)}
+            "train_size": None if self.loader is not None else len(self.data),
+            # the precision it trains in (float16 with a loss scaler on CUDA by default, float32
+            # on the CPU): a run resumed on the other kind of device would change it midway
+            "amp": str(self.amp_dtype) if amp else None}
 
     def _seed(self) -> None:
         seed = self.o["seed"] + self.env.rank
@@ -584,9 +587,9 @@ class _Run:
                 else contextlib.nullcontext()
             with teacher_ctx:
                 self._loop()
-            if self.tcache is not None:
-                self.tcache.save()
         finally:
+            if self.tcache is not None:  # what was computed is kept, even if the run failed
+                self.tcache.save()
             self._close_outputs()
             for m, training in flags:
                 m.training = training
