@@ -65,6 +65,19 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monke
         assert message in lines[0]
 
 
+def test_a_teacher_cache_that_cannot_be_a_folder_is_refused_before_any_work(capsys, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    for cache, words in [("a-file", "a-file is a file, not a folder"),
+                         ("a-file/cache", "a-file/cache lies under a-file, which is a file")]:
+        code, _, err = run(capsys, "compress", "--model", "resnet20_cifar", "--input-shape",
+                           "3,32,32", "--target", "macs=2x", "--data", "cifar10",
+                           "--finetune-epochs", "1", "--distill", "--teacher-cache", cache,
+                           "--out", "x")
+        assert code == 2 and f"--teacher-cache: {words}" in err and "Traceback" not in err
+
+
 def test_incompatible_plan_is_a_user_error(capsys, tmp_path):
     plan = rc.Plan({"layer9.conv1": rc.LayerPlan("svd", (4,))})
     (tmp_path / "plan.json").write_text(plan.to_json())

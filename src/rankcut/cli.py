@@ -487,6 +487,11 @@ def _check_paths(args: argparse.Namespace) -> None:
         if out is not None and _inside(Path(ckpt), Path(out)):
             raise UserError(f"--checkpoint-dir: {ckpt} lies inside --out {out}, which is "
                             "replaced whole at the end; keep checkpoints elsewhere")
+    teacher_cache = getattr(args, "teacher_cache", None)
+    if teacher_cache:
+        problem = folder_target_problem(teacher_cache)
+        if problem is not None:
+            raise UserError(f"--teacher-cache: {problem}")
     if getattr(args, "resume", False) and ckpt is None:
         raise UserError("--resume: needs --checkpoint-dir (where the checkpoint is)")
     weights = getattr(args, "weights", None)
@@ -556,9 +561,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"{_flag(tuning[0])}: fine-tuning needs --data")
         if args.teacher_cache and not args.distill:
             raise UserError("--teacher-cache keeps the teacher's outputs: it needs --distill")
-        if args.teacher_cache and Path(args.teacher_cache).exists() and \
-                not Path(args.teacher_cache).is_dir():
-            raise UserError(f"--teacher-cache: {args.teacher_cache} is a file, not a folder")
     if command == "compress":
         if args.min_accuracy is not None and args.schedule != "multistage":
             raise UserError("--min-accuracy: only with --schedule multistage")

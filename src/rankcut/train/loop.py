@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .._modes import eval_mode
-from ..atomic import atomic_path
+from ..atomic import atomic_path, folder_target_problem
 from ..layers import FactorizedLayer
 from ..profile import MEMORY_FORMATS
 from . import checkpoint as ckpt
@@ -221,8 +221,9 @@ def _check_arguments(o: dict[str, Any]) -> None:
                              f"{cache!r}")
         if o["teacher"] is None:
             raise ValueError("teacher_cache: keeps a teacher's outputs; give a teacher")
-        if Path(cache).exists() and not Path(cache).is_dir():
-            raise ValueError(f"teacher_cache: {cache} is a file, not a folder")
+        problem = folder_target_problem(cache)
+        if problem is not None:
+            raise ValueError(f"teacher_cache: {problem}")
     if o["memory_format"] not in (None, "auto", *MEMORY_FORMATS):
         raise ValueError(f"memory_format: expected None, 'auto', "
                          f"{', '.join(map(repr, MEMORY_FORMATS))}, got {o['memory_format']!r}")
