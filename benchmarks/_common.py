@@ -1,7 +1,9 @@
-"""What the benchmark scripts share: how a result names the code it was measured at, and the
-CIFAR-10 images they evaluate and calibrate on."""
+"""What the benchmark scripts share: how a result names the code it was measured at, the
+CIFAR-10 images they evaluate and calibrate on, and an empty latency cache."""
 
+import os
 import subprocess
+import tempfile
 
 
 def commit() -> str:
@@ -24,3 +26,11 @@ def cifar_test_and_calib(calib: int):
     images, labels = read_cifar10_bin(root, "test")
     train, _ = read_cifar10_bin(root, "train", limit=calib)
     return root, images, labels, train
+
+
+def empty_latency_cache() -> str:
+    """Point ``$RANKCUT_CACHE`` at a new, empty folder (returned), so the plans that follow time
+    every layer afresh, as on a new machine, and never read or extend the user's own tables."""
+    folder = tempfile.mkdtemp(prefix="rankcut-latency-")
+    os.environ["RANKCUT_CACHE"] = folder
+    return folder

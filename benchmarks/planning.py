@@ -27,9 +27,7 @@ root, one heavy job at a time:
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import torch
 from scipy.stats import spearmanr
 
 import rankcut as rc
-from _common import cifar_test_and_calib, commit
+from _common import cifar_test_and_calib, commit, empty_latency_cache
 from rankcut.models import PRETRAINED, create, normalizer, pretrained_path
 from rankcut.profile import count_macs, count_params, layer_macs, top1_accuracy
 from rankcut.select import parse_target
@@ -105,7 +103,7 @@ def main():
     for target in args.targets:
         parse_target(target)
     root, images, labels, train = cifar_test_and_calib(args.calib)
-    os.environ["RANKCUT_CACHE"] = tempfile.mkdtemp(prefix="rankcut-latency-")  # starts empty
+    empty_latency_cache()
     x = torch.rand(args.batch, 3, 32, 32)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}; CIFAR-10 test images "

@@ -13,15 +13,14 @@ repository root, one heavy job at a time:
 """
 
 import argparse
-import os
 import platform
-import tempfile
 import time
 
 import torch
 import torchvision
 
 import rankcut as rc
+from _common import empty_latency_cache
 
 
 def main():
@@ -38,7 +37,7 @@ def main():
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval()
         x = torch.rand(1, 3, args.size, args.size)
-        os.environ["RANKCUT_CACHE"] = tempfile.mkdtemp(prefix="rankcut-latency-")
+        empty_latency_cache()
         for table in ["-"] if args.allow_slower else ["empty", "cached"]:
             start = time.perf_counter()
             plan = rc.plan(model, x, method="auto", target=args.target,
