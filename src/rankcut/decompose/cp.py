@@ -113,7 +113,12 @@ def _spd_solve(V, BT):
     """X with V X = BT for (a batch of) symmetric positive definite V; the pseudo-inverse where
     V is singular."""
     chol, info = torch.linalg.cholesky_ex(V)
-    out = torch.cholesky_solve(BT, chol)
+    if BT.shape[-1] <= V.shape[-1]:  # few right-hand sides (a 3x3 kernel's spatial modes: 3):
+        # two triangular solves, the same numbers as cholesky_solve and 2-3x faster here
+        out = torch.linalg.solve_triangular(
+            chol.mT, torch.linalg.solve_triangular(chol, BT, upper=False), upper=True)
+    else:
+        out = torch.cholesky_solve(BT, chol)
     bad = info != 0
     if bool(bad.any()):
         out[bad] = torch.linalg.pinv(V[bad], hermitian=True) @ BT[bad]
