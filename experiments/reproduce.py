@@ -97,7 +97,7 @@ TRANSFER = {"data": None, "epochs": 2, "train_limit": 10000, "test_limit": None,
 RESULT = "result.json"
 # The runs of one invocation share what planning measures before the target matters (the
 # calibration moments, every layer's candidates): a sweep of ratios of one model scores once.
-CACHE = rc.select.CandidateCache(max_entries=2)
+CACHE = rc.select.CandidateCache.cached(max_entries=2)  # and on disk, for later invocations
 
 
 def settings_of(config: dict, name: str) -> dict:

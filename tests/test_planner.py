@@ -195,3 +195,56 @@ def test_a_candidate_cache_plans_later_targets_without_scoring_again(monkeypatch
     assert cache.misses == 3 and len(cache) == 3
     with pytest.raises(ValueError, match="cache: expected"):
         rc.plan(model, x, target="params=2x", cache={}, **opts)
+
+
+def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
+    """CandidateCache.cached() writes the candidates to this machine's cache folder: a new cache
+    (a later process) plans from the file without scoring (the moments are measured again) and
+    gives the same plan; another thread count or other code is another file; a damaged file is
+    a miss; a folder that cannot be written warns and planning goes on."""
+    import importlib
+
+    planner = importlib.import_module("rankcut.select.planner")
+    cache_module = importlib.import_module("rankcut.select.cache")
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "machine"))
+    model = _cached_net()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g))]
+    x = calib[0][0][:1]
+    opts = dict(method="auto", calib_data=calib, allow_slower=True, min_params=100,
+                target="params=2x", options={"cp": {"max_iter": 5}})
+    first = rc.plan(model, x, cache=rc.select.CandidateCache.cached(), **opts)
+    files = list((tmp_path / "machine").glob("candidates-*.json"))
+    assert len(files) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored again despite the file")
+
+    later = rc.select.CandidateCache.cached()
+    with monkeypatch.context() as m:
+        m.setattr(planner, "_layer_candidates", refuse)
+        again = rc.plan(model, x, cache=later, **opts)
+    assert (later.hits, later.disk_hits) == (1, 1)
+    assert again.to_dict()["layers"] == first.to_dict()["layers"]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        other = rc.select.CandidateCache.cached()
+        assert other.get(next(iter(later._entries))) is None  # another thread count: a miss
+    finally:
+        torch.set_num_threads(threads)
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "_code_digest", lambda: "other code")
+        assert rc.select.CandidateCache.cached().get(next(iter(later._entries))) is None
+    files[0].write_text("{damaged")
+    assert rc.select.CandidateCache.cached().get(next(iter(later._entries))) is None
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "file" / "below"))
+    unwritable = rc.select.CandidateCache.cached()
+    with pytest.warns(UserWarning, match="candidate cache: could not write"):
+        unwritable.put(("key",), ({}, later._entries[next(iter(later._entries))][1]))
+    assert unwritable.get(("key",)) is not None  # still kept in memory
+    monkeypatch.setenv("RANKCUT_CACHE", "off")
+    assert rc.select.CandidateCache.cached().folder is None

@@ -716,10 +716,15 @@ class _Context:
         return opts
 
     def plan_options(self) -> dict:
+        from .select import CandidateCache
+
         a = self.args
+        # this machine's candidate cache: a later command planning the same model, data and
+        # settings (another target, a rerun) skips the scoring; plans of one invocation share
+        # their moments too (RANKCUT_CACHE=off: in memory only)
         opts = {"rank_multiple": a.rank_multiple, "allow_slower": a.allow_slower,
                 "speed_slack": a.speed_slack, "exclude": a.exclude,
-                "min_params": a.min_params}
+                "min_params": a.min_params, "cache": CandidateCache.cached(max_entries=2)}
         if a.latency_batch is not None:
             opts["latency_batch"] = a.latency_batch
         if a.latency_table or a.latency_engine not in (None, "eager"):
@@ -927,10 +932,7 @@ def cmd_sweep(args) -> int:
     _say(f"{'method':>12} {'target':>10} {'params x':>9} {'MACs x':>7} {'top-1 %':>8}{extra}")
     _say(f"{'dense':>12} {'-':>10} {1:9.2f} {1:7.2f} {dense['top1']:8.2f}"
          + (f" {1:8.2f}" if timer else ""))
-    from .select import CandidateCache
-
-    # plans of one method and target kind share their moments and candidates
-    options = {**ctx.plan_options(), "cache": CandidateCache(max_entries=2)}
+    options = ctx.plan_options()  # one candidate cache: the plans share their moments too
     for method in args.methods:
         for target in args.targets:
             result = compress(model, x, method=method, rank=args.rank, target=target,

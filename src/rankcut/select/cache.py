@@ -8,21 +8,36 @@ at up to 32 rank pairs per layer). None of it depends on the target's value, onl
 settings. A cache passed to ``rc.plan(..., cache=cache)`` keeps them, keyed by a fingerprint of
 all of these (the SHA-256 of every parameter and buffer of the model and of the calibration
 inputs, the input shapes, the method, rank rule, grid kind, rank multiple, solver options and the
-eligible layers), so a hit is the same computation, never a stale one. It lives in memory, holds
-at most ``max_entries`` fingerprints (least recently used dropped first) and is not saved.
-Memory: the calibration moments are n x n per layer (n = input channels x kernel positions; a
-512-channel 3x3 layer's is 170 MB in float64).
+eligible layers), so a hit is the same computation, never a stale one. It lives in memory and
+holds at most ``max_entries`` fingerprints (least recently used dropped first). Memory: the
+calibration moments are n x n per layer (n = input channels x kernel positions; a 512-channel
+3x3 layer's is 170 MB in float64).
+
+With a ``folder`` (:meth:`CandidateCache.cached`: this machine's cache folder, where the latency
+tables are kept too) the candidates are also written to disk, one small JSON file per
+fingerprint, so a later process planning the same model, data and settings (another target from
+the command line, a rerun) skips the scoring; the moments are not written (hundreds of MB) and
+are measured again when there is data. A file's name also hashes what the scores depend on
+besides the inputs: rankcut's source code, the torch version, the thread count and the device
+(a change of any is a miss). A file that cannot be read is a miss; one that cannot be written is
+a warning: planning never fails for the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import warnings
 from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._fingerprint import model_fingerprint, update
+from ..atomic import atomic_path
+from ..curves import Candidate
 
 __all__ = ["CandidateCache", "data_fingerprint", "model_fingerprint"]
 
@@ -43,20 +58,47 @@ def data_fingerprint(batches, max_batches: int | None) -> str | None:
 
 class CandidateCache:
     """Per-layer candidates and calibration moments of ``rc.plan``, reused by later calls on
-    the same model, inputs, data and settings (see the module docstring)."""
+    the same model, inputs, data and settings; with ``folder``, the candidates also on disk
+    (see the module docstring)."""
 
-    def __init__(self, max_entries: int = 4):
+    def __init__(self, max_entries: int = 4, folder=None):
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries: expected an int >= 1, got {max_entries!r}")
+        if folder is not None and not isinstance(folder, str | Path):
+            raise ValueError(f"folder: expected a folder (str or Path) or None, got "
+                             f"{type(folder).__name__}")
         self.max_entries = max_entries
+        self.folder = None if folder is None else Path(folder)
         self._entries: OrderedDict[tuple, Any] = OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.disk_hits = 0
+
+    @classmethod
+    def cached(cls, max_entries: int = 4) -> CandidateCache:
+        """A cache that also keeps its candidates in this machine's cache folder
+        (:func:`rankcut.select.latency.cache_dir`: ``$RANKCUT_CACHE``, else ``~/.cache/rankcut``;
+        ``RANKCUT_CACHE=off``: in memory only)."""
+        from .latency import cache_dir
+
+        try:
+            folder = cache_dir()
+        except RuntimeError as err:  # no home folder
+            warnings.warn(f"candidate cache: no cache folder ({err}); kept in memory only",
+                          stacklevel=2)
+            folder = None
+        return cls(max_entries, folder=folder)
 
     def get(self, key: tuple):
+        """``(moments, candidates per layer)`` kept for ``key``, or None; from disk the moments
+        are None (measure them again)."""
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
             return self._entries[key]
+        cands = self._read(key)
+        if cands is not None:
+            self.hits += 1
+            self.disk_hits += 1
+            return None, cands
         self.misses += 1
         return None
 
@@ -65,9 +107,65 @@ class CandidateCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+        path = self.path(key)
+        if path is None or path.is_file():
+            return
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({"format": FORMAT, "layers": {
+                    name: [_to_json(c) for c in cands] for name, cands in value[1].items()}}))
+        except OSError as err:
+            warnings.warn(f"candidate cache: could not write {path} ({err}); planning goes on",
+                          stacklevel=3)
+
+    def path(self, key: tuple) -> Path | None:
+        """The file of ``key`` in the folder (None without one)."""
+        if self.folder is None:
+            return None
+        h = hashlib.sha256(f"{key!r}|{_code_digest()}|torch={torch.__version__}|"
+                           f"threads={torch.get_num_threads()}".encode())
+        return self.folder / f"candidates-{h.hexdigest()[:24]}.json"
+
+    def _read(self, key: tuple) -> dict | None:
+        path = self.path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            payload = json.loads(path.read_text())
+            if payload.get("format") != FORMAT:
+                return None
+            return {name: [_from_json(c) for c in cands]
+                    for name, cands in payload["layers"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # unreadable or damaged: a miss, computed and written again
 
     def clear(self) -> None:
+        """Forget the entries held in memory (files on disk stay)."""
         self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+FORMAT = "rankcut.candidates/1"
+
+
+def _to_json(c: Candidate) -> dict:
+    return {"method": c.method, "ranks": list(c.ranks), "form": c.form, "params": c.params,
+            "macs": c.macs, "error": c.error, "extra": c.extra}
+
+
+def _from_json(d: dict) -> Candidate:
+    return Candidate(d["method"], tuple(int(r) for r in d["ranks"]), d["form"], int(d["params"]),
+                     int(d["macs"]), float(d["error"]), dict(d["extra"]))
+
+
+@lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """SHA-256 of rankcut's own source files: candidates scored by other code are not reused."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

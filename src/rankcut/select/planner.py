@@ -271,7 +271,9 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             that of ``example_inputs``.
         cache: a :class:`~.cache.CandidateCache`: the calibration moments and every layer's
             candidates are kept there and reused by later calls on the same model, inputs,
-            data and settings with any target of the same kind (a sweep of ratios plans once).
+            data and settings with any target of the same kind (a sweep of ratios plans once);
+            ``CandidateCache.cached()`` also keeps the candidates on this machine's disk, for
+            later processes (the command line uses it).
     """
     if cache is not None and not isinstance(cache, CandidateCache):
         raise ValueError(f"cache: expected a rankcut.select.CandidateCache or None, got "
@@ -312,12 +314,13 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         key = (model_fingerprint(model), data_fingerprint(calib_data, max_batches),
                tuple(sorted(shapes.items())), method, None if rule is None else str(rule),
                target is not None, grid_kind, rank_multiple,
-               json.dumps(options, sort_keys=True, default=repr), tuple(eligible.items()))
+               json.dumps(options, sort_keys=True, default=repr), tuple(eligible.items()),
+               str(_device_of(model)))
         hit = cache.get(key)
     covs = {}
-    if hit is not None:
+    if hit is not None and hit[0] is not None:
         covs = hit[0]
-    elif calib_data is not None:
+    elif calib_data is not None:  # (a hit from disk holds no moments: measured again)
         names = [n for n, r in eligible.items() if r is None and n in shapes]
         covs = input_second_moments(model, names, calib_data, max_batches=max_batches)
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
@@ -342,7 +345,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
         layers[name] = _Layer(module, shape, cands, dense)
     _measure(layers, pending, options, progress)
-    if cache is not None and hit is None:
+    if cache is not None and (hit is None or hit[0] is None):
         cache.put(key, (covs, {name: list(layer.cands) for name, layer in layers.items()}))
     clock = None
     if table is not None and layers:
