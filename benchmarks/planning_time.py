@@ -3,9 +3,11 @@
 torchvision models built without weights (nothing is downloaded; planning time depends on the
 layer shapes, not on the values), input 1x3x224x224, ``rc.plan(method="auto", target=...)``
 with no calibration data, the default latency guard on unless ``--allow-slower``. Prints the
-seconds per model and what the plan achieved. With the guard, each model is planned twice: from
-an empty latency cache (a temporary ``$RANKCUT_CACHE``: every layer timed) and again from the
-table the first plan left there (as a user's second plan on the machine). Run from the
+seconds per model and what the plan achieved. Each model is planned from an empty cache folder
+(a temporary ``$RANKCUT_CACHE``): first with nothing cached (every layer timed, every candidate
+scored), then, with the guard, again from the latency table the first plan left there, and last
+from that table and the candidates the second plan left there (``CandidateCache.cached()``, as
+the command line plans: a user's later plan of the same model on the machine). Run from the
 repository root, one heavy job at a time:
 
     .venv/bin/python benchmarks/planning_time.py [--models resnet18 resnet50]
@@ -38,14 +40,20 @@ def main():
         model = getattr(torchvision.models, name)(weights=None).eval()
         x = torch.rand(1, 3, args.size, args.size)
         empty_latency_cache()
-        for table in ["-"] if args.allow_slower else ["empty", "cached"]:
+        rows = [("nothing cached", "write"), ("candidates cached", "read")] if args.allow_slower \
+            else [("nothing cached", None), ("latency table cached", "write"),
+                  ("table and candidates cached", "read")]
+        for label, candidates in rows:
+            cache = rc.select.CandidateCache.cached() if candidates else None
             start = time.perf_counter()
             plan = rc.plan(model, x, method="auto", target=args.target,
-                           allow_slower=args.allow_slower)
+                           allow_slower=args.allow_slower, cache=cache)
             seconds = time.perf_counter() - start
             predicted = plan.meta["predicted"]
-            timed = ("" if args.allow_slower else f", latency table {table}: "
-                     f"{plan.meta['latency']['timings_taken']} timings taken")
+            if candidates == "read" and cache.disk_hits != 1:
+                raise SystemExit(f"{name}: the candidates were not read from the cache folder")
+            timed = f", {label}" + ("" if args.allow_slower else
+                                    f": {plan.meta['latency']['timings_taken']} timings taken")
             print(f"{name:>16}: {seconds:7.1f} s, {len(plan.active)} layers factorized, "
                   f"{predicted['macs_ratio']:.2f}x fewer MACs, {predicted['params_ratio']:.2f}x "
                   f"fewer params (predicted){timed}", flush=True)
