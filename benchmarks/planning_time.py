@@ -1,7 +1,9 @@
-"""How long ``rc.plan`` takes on ImageNet-sized torchvision models (issue 11's planning-time rows).
+"""How long ``rc.plan`` takes on ImageNet-sized torchvision models (issue 11's planning-time rows)
+and on rankcut's CIFAR models (issue 12's VGG-11-BN row).
 
-torchvision models built without weights (nothing is downloaded; planning time depends on the
-layer shapes, not on the values), input 1x3x224x224, ``rc.plan(method="auto", target=...)``
+torchvision models, or rankcut.models ones (``vgg11_bn_cifar``, with ``--size 32``), built
+without weights (nothing is downloaded; planning time depends on the layer shapes, not on the
+values), input 1x3x224x224 (``--size``), ``rc.plan(method="auto", target=...)``
 with no calibration data, the default latency guard on unless ``--allow-slower``. Prints the
 seconds per model and what the plan achieved. Each model is planned from an empty cache folder
 (a temporary ``$RANKCUT_CACHE``): first with nothing cached (every layer timed, every candidate
@@ -23,6 +25,7 @@ import torchvision
 
 import rankcut as rc
 from _common import empty_latency_cache
+from rankcut.models import REGISTRY, create
 
 
 def main():
@@ -37,7 +40,8 @@ def main():
           f"{'off' if args.allow_slower else 'on'}, input 1x3x{args.size}x{args.size}")
     for name in args.models:
         torch.manual_seed(0)
-        model = getattr(torchvision.models, name)(weights=None).eval()
+        model = (create(name) if name in REGISTRY
+                 else getattr(torchvision.models, name)(weights=None)).eval()
         x = torch.rand(1, 3, args.size, args.size)
         empty_latency_cache()
         rows = [("nothing cached", "write"), ("candidates cached", "read")] if args.allow_slower \
