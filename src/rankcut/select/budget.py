@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from ..curves import Candidate
 
 
@@ -24,15 +26,19 @@ def _damage(c: Candidate) -> float:
 
 def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> list[Candidate]:
     """The candidates not beaten on both cost and ``score``, cheapest first."""
+    scored = [(c.cost(kind), score(c), i) for i, c in enumerate(cands)]  # each score once
     out: list[Candidate] = []
-    for c in sorted(cands, key=lambda c: (c.cost(kind), score(c))):
-        if not out or score(c) < score(out[-1]) - 1e-15:
-            out.append(c)
+    last = None
+    for _, value, i in sorted(scored, key=lambda t: (t[0], t[1])):
+        if last is None or value < last - 1e-15:
+            out.append(cands[i])
+            last = value
     return out
 
 
-def _pick(scores: list[float], costs: list[float], price: float) -> int:
-    return min(range(len(scores)), key=lambda i: scores[i] + price * costs[i])
+def _pick(scores: np.ndarray, costs: np.ndarray, price: float) -> int:
+    """The first index of the least ``score + price·cost`` (float64, as Python computes it)."""
+    return int(np.argmin(scores + price * costs))
 
 
 def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
@@ -60,8 +66,9 @@ def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
     if not frontiers:
         return {}
 
-    scores = {n: [score(c) for c in f] for n, f in frontiers.items()}
-    costs = {n: [c.cost(kind) for c in f] for n, f in frontiers.items()}
+    scores = {n: np.array([score(c) for c in f], dtype=np.float64) for n, f in frontiers.items()}
+    costs = {n: np.array([c.cost(kind) for c in f], dtype=np.float64)
+             for n, f in frontiers.items()}
 
     def total(choice):
         return sum(costs[n][i] for n, i in choice.items())
@@ -82,6 +89,8 @@ def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
 
     # Spend the slack: the best error² reduction per unit of cost that still fits.
     slack = room - total(choice)
+    scores = {n: a.tolist() for n, a in scores.items()}  # element access in Python loops
+    costs = {n: a.tolist() for n, a in costs.items()}
     while True:
         best, best_gain = None, 0.0
         for name, i in choice.items():
