@@ -332,6 +332,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         if s["start_from"]:
             reuse_start(folder, s["start_from"])
         plan = sensitivity(model, s, calib, folder) if s["sensitivity"] else None
+        before_hits = (CACHE.hits, CACHE.disk_hits)
         result = rc.compress(
             model, x, method=s["method"], rank=None if plan else s["rank"],
             target=None if plan else s["target"], plan=plan, schedule=s["schedule"],
@@ -341,6 +342,9 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
             plan_options={"allow_slower": s["allow_slower"], "cache": CACHE,
                           **s["plan_options"]},
             finetune_options=tune, progress=False)
+    candidate_hits = (None if s["start_from"] else
+                      {"hits": CACHE.hits - before_hits[0],
+                       "disk_hits": CACHE.disk_hits - before_hits[1]})
     small = result.model.cpu().eval()
     final = result.stages[-1]
     before = result.stages[0].get("val_before") or (
@@ -361,6 +365,9 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         "lr": next((st["train"]["lr"] for st in result.stages if st.get("train")), None),
         # teacher outputs taken from the config's teacher-outputs/ (hits) or computed (misses)
         "teacher_cache": _cache_counts(result.stages),
+        # plans that took their candidates from an earlier plan (in this process or on disk):
+        # their wall time has no scoring in it
+        "candidate_cache": candidate_hits,
         "resumed": bool(result.stages[0].get("resumed")),
         "commit": "+".join(wall.commits),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

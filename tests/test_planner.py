@@ -227,6 +227,17 @@ def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
     assert (later.hits, later.disk_hits) == (1, 1)
     assert again.to_dict()["layers"] == first.to_dict()["layers"]
 
+    # the layers' inputs changed (a forward edited without its weights or printed structure
+    # showing it): the moments measured again differ from the file's, so it is a miss
+    real = planner.input_second_moments
+    with monkeypatch.context() as m:
+        m.setattr(planner, "input_second_moments",
+                  lambda *a, **k: {n: [2 * c for c in cs] for n, cs in real(*a, **k).items()})
+        changed = rc.select.CandidateCache.cached()
+        rc.plan(model, x, cache=changed, **opts)
+    assert (changed.hits, changed.disk_hits, changed.misses) == (0, 0, 1)
+    assert len(list((tmp_path / "machine").glob("candidates-*.json"))) == 1  # written over
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1 if threads > 1 else 2)
@@ -246,5 +257,9 @@ def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="candidate cache: could not write"):
         unwritable.put(("key",), ({}, later._entries[next(iter(later._entries))][1]))
     assert unwritable.get(("key",)) is not None  # still kept in memory
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "other"))
+    memory_only = rc.select.CandidateCache.cached()  # options that are not JSON: not on disk
+    memory_only.put(("key",), ({}, {}), disk=False)
+    assert not (tmp_path / "other").exists() and memory_only.get(("key",)) is not None
     monkeypatch.setenv("RANKCUT_CACHE", "off")
     assert rc.select.CandidateCache.cached().folder is None

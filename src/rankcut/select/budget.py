@@ -37,8 +37,10 @@ def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> li
 
 
 def _pick(scores: np.ndarray, costs: np.ndarray, price: float) -> int:
-    """The first index of the least ``score + price·cost`` (float64, as Python computes it)."""
-    return int(np.argmin(scores + price * costs))
+    """The first index of the least ``score + price·cost`` (float64, as Python computes it; a
+    NaN score, from a failed solve, is never the least)."""
+    values = scores + price * costs
+    return int(np.argmin(np.where(np.isnan(values), np.inf, values)))
 
 
 def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,

@@ -16,11 +16,14 @@ calibration moments are n x n per layer (n = input channels x kernel positions; 
 With a ``folder`` (:meth:`CandidateCache.cached`: this machine's cache folder, where the latency
 tables are kept too) the candidates are also written to disk, one small JSON file per
 fingerprint, so a later process planning the same model, data and settings (another target from
-the command line, a rerun) skips the scoring; the moments are not written (hundreds of MB) and
-are measured again when there is data. A file's name also hashes what the scores depend on
-besides the inputs: rankcut's source code, the torch version, the thread count and the device
-(a change of any is a miss). A file that cannot be read is a miss; one that cannot be written is
-a warning: planning never fails for the cache.
+the command line, a rerun) skips the scoring. The moments are not written (hundreds of MB): with
+data they are measured again, and the candidates are used only if their SHA-256 is the one the
+file recorded (a model whose forward changed without its weights or printed structure showing
+it feeds its layers other inputs: a miss). A file's name also hashes what the scores depend on
+besides the inputs: rankcut's source code, the torch version and the thread count (the key holds
+the model's weights and printed structure, the device, the data and every setting). A file that
+cannot be read is a miss; one that cannot be written is a warning: planning never fails for the
+cache. The folder keeps the newest :data:`MAX_FILES` files.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class CandidateCache:
         self.max_entries = max_entries
         self.folder = None if folder is None else Path(folder)
         self._entries: OrderedDict[tuple, Any] = OrderedDict()
+        self._moments: dict[tuple, str] = {}  # the moments' digest each file read recorded
+        self._stale: set[tuple] = set()  # files read whose moments were not those measured
         self.hits = self.misses = self.disk_hits = 0
 
     @classmethod
@@ -87,34 +92,50 @@ class CandidateCache:
             folder = None
         return cls(max_entries, folder=folder)
 
-    def get(self, key: tuple):
-        """``(moments, candidates per layer)`` kept for ``key``, or None; from disk the moments
-        are None (measure them again)."""
+    def get(self, key: tuple, disk: bool = True):
+        """``(moments, candidates per layer)`` kept for ``key``, or None; from disk (unless
+        ``disk`` is False) the moments are None: measure them again and check them with
+        :meth:`same_moments`."""
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
             return self._entries[key]
-        cands = self._read(key)
-        if cands is not None:
+        read = self._read(key) if disk else None
+        if read is not None:
             self.hits += 1
             self.disk_hits += 1
-            return None, cands
+            self._moments[key] = read[0]
+            return None, read[1]
         self.misses += 1
         return None
 
-    def put(self, key: tuple, value) -> None:
+    def same_moments(self, key: tuple, moments: dict) -> bool:
+        """Whether ``moments`` are those the candidates read from disk for ``key`` were scored
+        on (counted as a miss, not a hit, when not)."""
+        if self._moments.get(key) == _moments_digest(moments):
+            return True
+        self._stale.add(key)  # written over by the next put
+        self.hits -= 1
+        self.disk_hits -= 1
+        self.misses += 1
+        return False
+
+    def put(self, key: tuple, value, disk: bool = True) -> None:
         self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        path = self.path(key)
-        if path is None or path.is_file():
-            return
+        path = self.path(key) if disk else None
         try:
+            if path is None or (path.is_file() and key not in self._stale):
+                return
             with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps({"format": FORMAT, "layers": {
-                    name: [_to_json(c) for c in cands] for name, cands in value[1].items()}}))
-        except OSError as err:
+                tmp.write_text(json.dumps({
+                    "format": FORMAT, "moments": _moments_digest(value[0]),
+                    "layers": {name: [_to_json(c) for c in cands]
+                               for name, cands in value[1].items()}}))
+            _prune(path.parent)
+        except (OSError, TypeError, ValueError) as err:
             warnings.warn(f"candidate cache: could not write {path} ({err}); planning goes on",
                           stacklevel=3)
 
@@ -126,16 +147,16 @@ class CandidateCache:
                            f"threads={torch.get_num_threads()}".encode())
         return self.folder / f"candidates-{h.hexdigest()[:24]}.json"
 
-    def _read(self, key: tuple) -> dict | None:
+    def _read(self, key: tuple) -> tuple[str, dict] | None:
         path = self.path(key)
-        if path is None or not path.is_file():
-            return None
         try:
+            if path is None or not path.is_file():
+                return None
             payload = json.loads(path.read_text())
             if payload.get("format") != FORMAT:
                 return None
-            return {name: [_from_json(c) for c in cands]
-                    for name, cands in payload["layers"].items()}
+            return payload["moments"], {name: [_from_json(c) for c in cands]
+                                        for name, cands in payload["layers"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None  # unreadable or damaged: a miss, computed and written again
 
@@ -148,6 +169,23 @@ class CandidateCache:
 
 
 FORMAT = "rankcut.candidates/1"
+MAX_FILES = 200  # candidate files kept in a cache folder (the oldest written are removed)
+
+
+def _moments_digest(moments: dict) -> str:
+    """SHA-256 of the calibration moments, layer by layer ({} without data)."""
+    h = hashlib.sha256()
+    for name in sorted(moments):
+        h.update(name.encode())
+        for m in moments[name]:
+            update(h, m)
+    return h.hexdigest()
+
+
+def _prune(folder: Path) -> None:
+    files = sorted(folder.glob("candidates-*.json"), key=lambda p: p.stat().st_mtime)
+    for old in files[:-MAX_FILES]:
+        old.unlink(missing_ok=True)
 
 
 def _to_json(c: Candidate) -> dict:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -311,18 +312,24 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     shapes = layer_input_shapes(model, inputs)
     key = hit = None
     if cache is not None:  # everything the moments and candidates depend on, not the target
-        key = (model_fingerprint(model), data_fingerprint(calib_data, max_batches),
-               tuple(sorted(shapes.items())), method, None if rule is None else str(rule),
-               target is not None, grid_kind, rank_multiple,
-               json.dumps(options, sort_keys=True, default=repr), tuple(eligible.items()),
-               str(_device_of(model)))
-        hit = cache.get(key)
+        try:  # options that are not JSON (a generator, a callable) are keyed by their repr
+            opts_key, persist = json.dumps(options, sort_keys=True), True  # and not kept on disk
+        except (TypeError, ValueError):
+            opts_key, persist = json.dumps(options, sort_keys=True, default=repr), False
+        key = (model_fingerprint(model), hashlib.sha256(repr(model).encode()).hexdigest(),
+               data_fingerprint(calib_data, max_batches), tuple(sorted(shapes.items())),
+               method, None if rule is None else (rule.kind, repr(rule.value)),
+               target is not None, grid_kind, rank_multiple, opts_key,
+               tuple(eligible.items()), str(_device_of(model)))
+        hit = cache.get(key, disk=persist)
     covs = {}
     if hit is not None and hit[0] is not None:
         covs = hit[0]
     elif calib_data is not None:  # (a hit from disk holds no moments: measured again)
         names = [n for n, r in eligible.items() if r is None and n in shapes]
         covs = input_second_moments(model, names, calib_data, max_batches=max_batches)
+        if hit is not None and not cache.same_moments(key, covs):
+            hit = None  # the layers see other inputs than when the candidates were scored
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
                         "target": None if target is None else str(target)})
     layers: dict[str, _Layer] = {}
@@ -346,7 +353,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         layers[name] = _Layer(module, shape, cands, dense)
     _measure(layers, pending, options, progress)
     if cache is not None and (hit is None or hit[0] is None):
-        cache.put(key, (covs, {name: list(layer.cands) for name, layer in layers.items()}))
+        cache.put(key, (covs, {name: list(layer.cands) for name, layer in layers.items()}),
+                  disk=persist)
     clock = None
     if table is not None and layers:
         clock = _Clock(table, model, inputs, latency_batch or batch_of(inputs), layers,
