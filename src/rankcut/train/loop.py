@@ -572,7 +572,7 @@ class _Run:
         flags = [(m, m.training) for m in self.model.modules()]
         grads = [(p, p.requires_grad) for p in self.model.parameters()]
         self.layouts = _layouts(self.model) + _layouts(o["teacher"])
-        self.log_file = self.tb = self.bar = None
+        self.log_file = self.tb = self.bar = self.tcache = None  # (set up in the try below)
         try:
             self._setup_training()
             self._seed()
