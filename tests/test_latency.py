@@ -276,7 +276,13 @@ def test_latency_target_parses_and_is_met():
     x = torch.rand(4, 64, 32, 32)
     plan = rc.plan(model, x, method="svd", target="latency=1.5x", min_params=100)
     timing = plan.meta["latency"]
-    assert timing["predicted_ratio"]["4"] <= timing["goal_ratio"] == pytest.approx(1 / 1.5)
+    assert timing["goal_ratio"] == pytest.approx(1 / 1.5)
+    # the first plan's prediction meets the goal by construction; a later one may be aimed above
+    # it where the whole model measured faster than predicted (more than 5% under the goal)
+    first = timing["checks"][0]
+    assert first["predicted"] <= timing["goal_ratio"] + 1e-9
+    if timing["predicted_ratio"]["4"] > timing["goal_ratio"]:
+        assert first["measured"] < 0.95 * timing["goal_ratio"]
     assert timing["batch"] == 4 and timing["table"]["threads"] == torch.get_num_threads()
     # the whole planned model is timed against the dense one and reported; it runs faster
     # (how close to the goal is a benchmark's matter: benchmarks/latency.py)
