@@ -23,6 +23,14 @@ the points done, and refuses to mix them with points of other settings. Then ``<
 seed's table: the largest CR within 0.1 and 0.5 point of the dense top-1, every smaller CR within
 it too, per method and mode, sampled methods as the mean over seeds) and ``<run>.png``
 (top-1 and parameters against CR).
+
+With a ``sweep.finetune:`` section, each of its series (a method and mode; sampled methods at
+their first seed) is then fine-tuned by distillation from the dense part, ``epochs`` epochs on
+the part's inputs over the training images (without augmentation; the convolutions are frozen,
+so their outputs are computed once and kept in float16): first at the largest CR the series
+keeps within ``tolerance`` of the dense top-1 without fine-tuning, then at each larger CR of
+``ratios`` until one loses more than ``tolerance`` after fine-tuning. Its points go to
+``<run>-finetuned.jsonl`` (resumable the same way) and its table below the sweep's.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from rankcut.atomic import atomic_path
 from rankcut.calibrate import input_at
 from rankcut.models import create, pretrained_path
 from rankcut.profile import count_params
-from rankcut.train import evaluate
+from rankcut.train import evaluate, finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import (
@@ -60,7 +68,14 @@ SWEEP = {
     "ratios": [2, 5, 10, 30, 100, 150, 225, 300],
     "modes": ["rule", "target"],
     "methods": {"svd": {"method": "svd"}},
+    "finetune": None,        # the fine-tuned stage (FINETUNE), none by default
 }
+# The finetune: section's keys and defaults. series: "label" (each mode the method sweeps) or
+# "label/mode"; default every series swept. ratios: the CRs walked after the first (default the
+# sweep's). lr, batch_size: rankcut.train.finetune's (SGD with momentum, cosine to zero).
+# train_limit: the first N training images only (quick trials; None: all).
+FINETUNE = {"series": None, "tolerance": 0.5, "ratios": None, "epochs": 1, "lr": 0.01,
+            "batch_size": 128, "train_limit": None}
 # One method's keys and defaults: data = data-aware (fitted in the output norm on the part's
 # inputs from the calibration images); options = rankcut solver options (a CUR variant:
 # {solver: leverage | linear_time | cx | deim}); seeds = the seeds of a sampling method.
@@ -129,17 +144,62 @@ def sweep_settings(config: dict) -> dict:
             raise SystemExit(f"{where}: method {m['method']!r} has no data-aware form")
         methods[label] = m
     s["methods"] = methods
+    if s["finetune"] is not None:
+        s["finetune"] = finetune_settings(s["finetune"], methods, s["ratios"])
     return s
 
 
+def finetune_settings(raw, methods: dict, ratios: list) -> dict:
+    """``sweep.finetune`` with defaults filled in and checked; its series as (label, mode)."""
+    if not isinstance(raw, dict):
+        raise SystemExit(f"sweep.finetune: expected a mapping, got {raw!r}")
+    unknown = sorted(set(raw) - set(FINETUNE))
+    if unknown:
+        raise SystemExit(f"sweep.finetune: unknown keys {unknown}; known: {', '.join(FINETUNE)}")
+    f = {**FINETUNE, **raw}
+    every = [(label, mode) for label, m in methods.items() for mode in m["modes"]]
+    if f["series"] is None:
+        series = every
+    elif _list_of(f["series"], lambda v: isinstance(v, str)):
+        series = []
+        for name in f["series"]:
+            label, _, mode = name.partition("/")
+            found = [(lb, md) for lb, md in every if lb == label and mode in ("", md)]
+            if not found:
+                raise SystemExit(f"sweep.finetune.series: {name!r} is not a swept series "
+                                 f"(label or label/mode of: "
+                                 f"{', '.join(f'{lb}/{md}' for lb, md in every)})")
+            series += [sm for sm in found if sm not in series]
+    else:
+        raise SystemExit(f"sweep.finetune.series: expected a list of labels, got "
+                         f"{f['series']!r}")
+    f["series"] = series
+    if f["ratios"] is None:
+        f["ratios"] = list(ratios)
+    if not _list_of(f["ratios"], lambda r: _number(r) and 1 < r < float("inf")):
+        raise SystemExit(f"sweep.finetune.ratios: expected a list of numbers > 1, got "
+                         f"{f['ratios']!r}")
+    checks = {"tolerance": lambda v: _number(v) and v >= 0,
+              "epochs": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "lr": lambda v: _number(v) and 0 < v < float("inf"),
+              "batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "train_limit": lambda v: v is None or (isinstance(v, int)
+                                                     and not isinstance(v, bool) and v > 0)}
+    for key, ok in checks.items():
+        if not ok(f[key]):
+            raise SystemExit(f"sweep.finetune.{key}: out of range: {f[key]!r}")
+    return f
+
+
 @torch.no_grad()
-def part_inputs(model: torch.nn.Module, part: str, batches, device: str):
-    """(inputs of ``model.<part>``, labels) over ``batches`` of (images, labels), on the CPU;
-    each pass stops at the part (``rankcut.calibrate.input_at``)."""
+def part_inputs(model: torch.nn.Module, part: str, batches, device: str, dtype=None):
+    """(inputs of ``model.<part>``, labels) over ``batches`` of (images, labels), on the CPU
+    (in ``dtype``, default as computed); each pass stops at the part
+    (``rankcut.calibrate.input_at``)."""
     module = model.get_submodule(part)
     seen, labels = [], []
     for x, y in batches:
-        seen.append(input_at(model, module, x.to(device)).cpu())
+        seen.append(input_at(model, module, x.to(device)).to("cpu", dtype))
         labels.append(y)
     return torch.cat(seen), torch.cat(labels)
 
@@ -149,8 +209,8 @@ def _batches(dataset, size: int = 256):
     yield from loader
 
 
-def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test, cache=None) -> dict:
-    """Plan and factorize ``part`` for one point; its top-1 on ``test`` (inputs, labels)."""
+def compressed(part, x, method: dict, ratio, mode: str, seed: int, calib, cache=None):
+    """(``part`` planned and factorized for one point, its plan, seconds taken)."""
     options = dict(method["options"])
     if method["method"] == "cur":
         options["seed"] = seed
@@ -162,7 +222,12 @@ def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test, cache
                    options={method["method"]: options} if options else None, allow_slower=True,
                    cache=cache)
     small = rc.apply(part, plan, calib_data=calib if method["data"] else None).eval()
-    seconds = time.perf_counter() - start
+    return small, plan, time.perf_counter() - start
+
+
+def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test, cache=None) -> dict:
+    """Plan and factorize ``part`` for one point; its top-1 on ``test`` (inputs, labels)."""
+    small, plan, seconds = compressed(part, x, method, ratio, mode, seed, calib, cache)
     return {"top1": evaluate(small, test)["top1"], "params": count_params(small),
             "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
             "seconds": round(seconds, 2)}
@@ -186,8 +251,10 @@ def check_part(model: torch.nn.Module, name: str, part: str) -> None:
                          f"its Linear layers: {', '.join(linears) or 'none'}")
 
 
-def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path, device: str) -> Path:
-    """Every point of run ``name``'s model not in its .jsonl yet; returns the .jsonl."""
+def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
+                device: str) -> dict:
+    """Every point of run ``name``'s model not in its .jsonl yet; returns what the fine-tuned
+    stage needs (the model, its part, inputs and the sweep's points)."""
     s = settings_of(config, name)
     path = base / f"{name}.jsonl"
     old, points = read_points(path) if path.is_file() else (None, [])
@@ -247,10 +314,92 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path, devic
                              whole_ratio=total / (total - part_params + p["params"]))
                     with path.open("a") as f:
                         f.write(json.dumps(p) + "\n")
+                    points.append(p)
                     print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: "
                           f"{p['part_ratio']:7.1f}x, top-1 {p['top1']:6.2f}%, "
                           f"{p['seconds']:.1f} s", flush=True)
+    return {"name": name, "model": model, "part": part, "x": x, "calib": calib,
+            "test": (test_x, test_y), "plain": plain, "head": head, "points": points,
+            "device": device}
+
+
+def _as_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
+
+
+def finetune_model(run: dict, sw: dict, base: Path) -> Path:
+    """The fine-tuned stage of a swept run (``sweep_model``'s return): each series of
+    ``sw["finetune"]`` from the largest CR it keeps within the tolerance up, one point at a
+    time, until a fine-tuned point loses more; returns ``<run>-finetuned.jsonl``."""
+    ft, name, head = sw["finetune"], run["name"], run["head"]
+    path = base / f"{name}-finetuned.jsonl"
+    setting = {k: ft[k] for k in ("epochs", "lr", "batch_size", "train_limit")}
+    ft_head = {**head, "finetune": setting}
+    old, tuned = read_points(path) if path.is_file() else (None, [])
+    if old is not None:
+        changed = sorted(k for k in ft_head if old.get(k) != ft_head[k])
+        refit = sorted({p["label"] for p in tuned if p["label"] in sw["methods"]
+                        and p["fit"] != _fit(sw["methods"][p["label"]])})
+        if changed or refit:
+            raise SystemExit(f"{path}: its points were made with other settings "
+                             f"({changed + refit} differ); move it away to tune afresh")
+    else:
+        path.write_text(json.dumps({**ft_head, "date": time.strftime("%Y-%m-%d")}) + "\n")
+    done = {(p["label"], p["mode"], p["ratio"]): p for p in tuned}
+    dense, tol = head["dense_top1"], ft["tolerance"]
+    swept = grouped(run["points"])
+    train = None
+    for label, mode in ft["series"]:
+        method = sw["methods"][label]
+        seed = method["seeds"][0]
+        ok = kept([(r, [p for p in ps if p["seed"] == seed])
+                   for r, ps in swept.get((label, mode), [])], dense, tol)
+        start = ok[-1][0] if ok else min(ft["ratios"])
+        for ratio in sorted({start, *(r for r in ft["ratios"] if r > start)}):
+            p = done.get((label, mode, ratio))
+            if p is None:
+                if train is None:  # the frozen convolutions' outputs, computed once
+                    images = run["plain"]
+                    if ft["train_limit"] is not None:
+                        images = torch.utils.data.Subset(
+                            images, range(min(ft["train_limit"], len(images))))
+                    print(f"[{name}] the {sw['part']} inputs of {len(images)} training "
+                          "images (float16)", flush=True)
+                    train = part_inputs(run["model"], sw["part"], _batches(images),
+                                        run["device"], dtype=torch.float16)
+                p = tuned_point(run, method, ratio, mode, seed, train, ft,
+                                base / "teacher-outputs")
+                p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
+                         start=ratio == start, part_ratio=head["part_params"] / p["params"],
+                         whole_ratio=head["total_params"] / (head["total_params"]
+                                                             - head["part_params"]
+                                                             + p["params"]))
+                with path.open("a") as f:
+                    f.write(json.dumps(p) + "\n")
+                print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5} fine-tuned: "
+                      f"{p['part_ratio']:7.1f}x, top-1 {p['top1_before']:6.2f}% -> "
+                      f"{p['top1']:6.2f}%, {p['seconds']:.1f} s", flush=True)
+            if p["top1"] < dense - tol:
+                break
     return path
+
+
+def tuned_point(run: dict, method: dict, ratio, mode: str, seed: int, train, ft: dict,
+                teacher_cache: Path) -> dict:
+    """One point compressed, then fine-tuned by distillation from the dense part on ``train``
+    (the part's inputs, labels); its top-1 before and after."""
+    part = run["part"]
+    small, plan, fit_s = compressed(part, run["x"], method, ratio, mode, seed, run["calib"])
+    before = evaluate(small, run["test"])["top1"]
+    start = time.perf_counter()
+    finetune(small, train, epochs=ft["epochs"], lr=ft["lr"], batch_size=ft["batch_size"],
+             teacher=part, transform=_as_float32, seed=seed, progress=False,
+             device=run["device"], teacher_cache=str(teacher_cache))
+    small.eval()
+    return {"top1_before": before, "top1": evaluate(small, run["test"])["top1"],
+            "params": count_params(small),
+            "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
+            "seconds": round(fit_s + time.perf_counter() - start, 2)}
 
 
 def read_points(path: Path) -> tuple[dict, list[dict]]:
@@ -270,6 +419,17 @@ def _mean(points: list[dict], key: str) -> float:
     return statistics.fmean(p[key] for p in points)
 
 
+def kept(by_ratio: list, dense: float, tol: float) -> list:
+    """The (ratio, points) of ``by_ratio`` up to the first whose mean top-1 loses more than
+    ``tol`` points of ``dense`` (a lucky seed past a failing ratio does not count)."""
+    out = []
+    for r, ps in by_ratio:
+        if not ps or _mean(ps, "top1") < dense - tol:
+            break
+        out.append((r, ps))
+    return out
+
+
 def table(head: dict, points: list[dict]) -> str:
     """The seed's table: per method and mode, the largest CR (of the part) whose mean top-1 is
     within each tolerance of the dense top-1, as every smaller CR's is (a lucky seed past a
@@ -285,13 +445,9 @@ def table(head: dict, points: list[dict]) -> str:
     for (label, mode), by_ratio in grouped(points).items():
         row = f"| {label} | {mode} | {len(by_ratio[0][1])} |"
         for tol in TOLERANCES:
-            kept = []  # the ratios up to the first that loses more than tol
-            for r, ps in by_ratio:
-                if _mean(ps, "top1") < dense - tol:
-                    break
-                kept.append((r, ps))
-            if kept:
-                ps = kept[-1][1]
+            ok = kept(by_ratio, dense, tol)
+            if ok:
+                ps = ok[-1][1]
                 spread = (f" ± {statistics.pstdev(p['top1'] for p in ps):.2f}"
                           if len(ps) > 1 else "")
                 row += (f" {_mean(ps, 'part_ratio'):.1f} | {_mean(ps, 'top1'):.2f}{spread} | "
@@ -303,7 +459,35 @@ def table(head: dict, points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(head: dict, points: list[dict], path: Path) -> Path:
+def finetuned_table(head: dict, tuned: list[dict], tol: float) -> str:
+    """Per fine-tuned series: its first point (the largest CR within ``tol`` without
+    fine-tuning) before and after, and the largest CR within ``tol`` after fine-tuning (every
+    smaller one walked within it too)."""
+    ft = head["finetune"]
+    lines = [f"Fine-tuned: {ft['epochs']} epoch(s) of distillation from the dense "
+             f"{head['part']} (lr {ft['lr']}, batch {ft['batch_size']}), the convolutions "
+             f"frozen; within {tol} point of {head['dense_top1']:.2f}%", "",
+             f"| method | mode | seed | first CR (kept without fine-tuning) | top-1 before -> "
+             f"after | largest CR within {tol} after fine-tuning | top-1 % | {head['part']} "
+             f"params | whole x | seconds / point |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for (label, mode), by_ratio in grouped(tuned).items():
+        first = by_ratio[0][1][0]
+        row = (f"| {label} | {mode} | {first['seed']} | {first['part_ratio']:.1f} | "
+               f"{first['top1_before']:.2f} -> {first['top1']:.2f} |")
+        ok = kept(by_ratio, head["dense_top1"], tol)
+        if ok:
+            best = ok[-1][1][0]
+            row += (f" {best['part_ratio']:.1f} | {best['top1']:.2f} | {best['params']:,} | "
+                    f"{best['whole_ratio']:.2f} |")
+        else:
+            row += " - | - | - | - |"
+        seconds = statistics.fmean(p["seconds"] for _, ps in by_ratio for p in ps)
+        lines.append(row + f" {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(head: dict, points: list[dict], path: Path, tuned: list[dict] = ()) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,6 +504,9 @@ def plot(head: dict, points: list[dict], path: Path) -> Path:
                      label=f"{label} ({mode})")
         size.plot(cr, [_mean(ps, "params") for _, ps in by_ratio], style, ms=3,
                   label=f"{label} ({mode})")
+    for (label, mode), by_ratio in grouped(list(tuned)).items():
+        acc.plot([ps[0]["part_ratio"] for _, ps in by_ratio], [ps[0]["top1"] for _, ps in by_ratio],
+                 "x:", ms=6, label=f"{label} ({mode}), fine-tuned")
     acc.axhline(head["dense_top1"], color="k", lw=0.8, ls=":", label="dense")
     for ax in (acc, size):
         ax.set_xscale("log")
@@ -355,17 +542,25 @@ def main() -> int:
             check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"])
         root = data_root()
         for name in names:
-            sweep_model(config, name, sw, base, root, args.device)
+            run = sweep_model(config, name, sw, base, root, args.device)
+            if sw["finetune"] is not None:
+                finetune_model(run, sw, base)
+            del run  # its model and inputs (GBs for a 25,088-wide classifier)
     for name in names:
         path = base / f"{name}.jsonl"
         if not path.is_file():
             continue
         head, points = read_points(path)
         text = table(head, points)
+        tuned_path = base / f"{name}-finetuned.jsonl"
+        tuned = read_points(tuned_path)[1] if tuned_path.is_file() else []
+        if tuned:
+            text += "\n\n" + finetuned_table(read_points(tuned_path)[0], tuned,
+                                              (sw["finetune"] or FINETUNE)["tolerance"])
         print(text)
         (base / f"{name}.md").write_text(text + "\n")
         if points:
-            print(f"wrote {plot(head, points, base / f'{name}.png')}")
+            print(f"wrote {plot(head, points, base / f'{name}.png', tuned)}")
     return 0
 
 

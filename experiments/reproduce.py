@@ -282,11 +282,12 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
     model = create(s["model"], num_classes=s["num_classes"])
     train, _, test = datasets(s, root)
     recipe = {"batch_size": s["batch_size"], "seed": s["seed"], **s["train"]}
+    every = recipe.pop("checkpoint_every", s["checkpoint_every"])  # not the recipe: when saved
     print(f"[weights] training {s['model']} on {s['data']} from scratch: {recipe} -> {path}",
           flush=True)
     result = finetune(model, train, checkpoint_dir=str(folder), resume=True,
-                      log=str(folder / "train.jsonl"), progress=False, device=device,
-                      callback=wall.callback, **recipe)
+                      checkpoint_every=every, log=str(folder / "train.jsonl"), progress=False,
+                      device=device, callback=wall.callback, **recipe)
     small = result.model.cpu().eval()
     info = {"model": s["model"], "data": s["data"], "recipe": recipe,
             "top1": evaluate(small, test)["top1"], "test_images": len(test),

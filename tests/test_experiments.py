@@ -286,6 +286,96 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
 
 
+FINETUNE_CONFIG = """
+model: resnet20_cifar
+calib: 64
+test_limit: 300
+sweep:
+  models: [r20]
+  part: linear
+  ratios: [1.5, 3]
+  methods:
+    svd: {modes: [rule]}
+  finetune: {series: [svd], ratios: [1.5, 3, 6], tolerance: 100, batch_size: 64,
+             train_limit: 256}
+runs:
+  r20: {method: svd, rank: 8}
+"""
+
+
+def test_classifier_sweep_fine_tunes_from_the_largest_kept_ratio_up(resnet20_weights,
+                                                                    shared_data, tmp_path):
+    config = tmp_path / "ft.yaml"
+    config.write_text(FINETUNE_CONFIG)
+    env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
+    done = sweep(config, tmp_path / "runs", env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = tmp_path / "runs" / "ft" / "sweep"
+    points = [json.loads(x) for x in (folder / "r20.jsonl").read_text().splitlines()][1:]
+    lines = (folder / "r20-finetuned.jsonl").read_text().splitlines()
+    head, tuned = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert head["finetune"] == {"epochs": 1, "lr": 0.01, "batch_size": 64, "train_limit": 256}
+    # every swept ratio is within the (wide) tolerance: the walk starts at the largest, 3, and
+    # goes on to 6, past the sweep's ratios
+    assert [(p["ratio"], p["start"]) for p in tuned] == [(3, True), (6, False)]
+    swept = {p["ratio"]: p for p in points}
+    # the fine-tuned point starts from the very model the sweep measured
+    assert tuned[0]["top1_before"] == swept[3]["top1"]
+    assert tuned[0]["params"] == swept[3]["params"] and tuned[1]["params"] < tuned[0]["params"]
+    # fine-tuning moved it (distillation on 256 images, 4 steps)
+    assert any(p["top1"] != p["top1_before"] for p in tuned)
+    text = (folder / "r20.md").read_text()
+    assert "Fine-tuned: 1 epoch(s)" in text and "| svd | rule | 0 | " in text.split("Fine")[1]
+    again = sweep(config, tmp_path / "runs", env)
+    assert again.returncode == 0 and "fine-tuned:" not in again.stdout
+    assert len((folder / "r20-finetuned.jsonl").read_text().splitlines()) == 3
+    config.write_text(FINETUNE_CONFIG.replace("batch_size: 64", "batch_size: 32"))
+    mixed = sweep(config, tmp_path / "runs", env)
+    assert mixed.returncode != 0 and "['finetune'] differ" in mixed.stderr
+
+
+def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, tmp_path):
+    """The walk of a series: from the largest ratio kept without fine-tuning (a lucky ratio
+    past a failing one does not count), up the ratios until a fine-tuned point loses more than
+    the tolerance; a rerun computes nothing again."""
+    sweep_ = _sweep_module()
+    import yaml
+
+    raw = yaml.safe_load(FINETUNE_CONFIG)
+    raw["sweep"]["finetune"] = {"ratios": [2, 4, 8, 16, 32], "tolerance": 1}
+    raw["sweep"]["ratios"] = [2, 4, 8, 16]
+    sw = sweep_.sweep_settings(raw)
+    assert sw["finetune"]["series"] == [("svd", "rule")]
+
+    def swept(ratio, top1):
+        return {"label": "svd", "mode": "rule", "ratio": ratio, "seed": 0, "top1": top1}
+
+    head = {"dense_top1": 90.0, "part_params": 1000, "total_params": 5000, "part": "fc"}
+    run = {"name": "m", "head": head, "points": [swept(2, 89.5), swept(4, 88.0),
+                                                 swept(8, 89.9), swept(16, 80.0)]}
+    after = {2: 89.9, 4: 89.8, 8: 89.5, 16: 88.5, 32: 85.0}
+    calls = []
+
+    def fake(run_, method, ratio, mode, seed, train, ft, cache):
+        calls.append(ratio)
+        return {"top1_before": 0.0, "top1": after[ratio], "params": 1000 // ratio,
+                "ranks": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(sweep_, "tuned_point", fake)
+    monkeypatch.setattr(sweep_, "part_inputs", lambda *a, **k: "inputs")
+    run["plain"], run["model"], run["device"] = [], None, "cpu"
+    path = sweep_.finetune_model(run, sw, tmp_path)
+    # 4 loses 2 points without fine-tuning, so 2 is the start (8's 89.9 does not count); the
+    # walk stops at 16, the first to lose more than 1 point after fine-tuning
+    assert calls == [2, 4, 8, 16]
+    calls.clear()
+    sweep_.finetune_model(run, sw, tmp_path)  # resumed: nothing computed again
+    assert calls == []
+    head, tuned = sweep_.read_points(path)
+    table = sweep_.finetuned_table(head, tuned, 1)
+    assert "| svd | rule | 0 | 2.0 | 0.00 -> 89.90 | 8.0 | 89.50 | 125 | 1.21 |" in table
+
+
 def test_classifier_sweep_settings_are_checked_before_any_work():
     import pytest
     import yaml
@@ -310,6 +400,12 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
         "modes-empty": ({"methods": {"s": {"modes": []}}}, "modes"),
         "conv-only": ({"methods": {"c": {"method": "tucker"}}}, "does not factorize Linear"),
         "cur-data": ({"methods": {"c": {"method": "cur", "data": True}}}, "no data-aware"),
+        "ft-mapping": ({"finetune": [1]}, "sweep.finetune: expected a mapping"),
+        "ft-key": ({"finetune": {"epoch": 1}}, "unknown keys"),
+        "ft-series": ({"finetune": {"series": ["svd-data/target"]}}, "not a swept series"),
+        "ft-lr": ({"finetune": {"lr": 0}}, "finetune.lr: out of range"),
+        "ft-limit": ({"finetune": {"train_limit": 0}}, "finetune.train_limit"),
+        "ft-ratios": ({"finetune": {"ratios": [1]}}, "finetune.ratios"),
     }
     for change, words in bad.values():
         with pytest.raises(SystemExit, match=words):
