@@ -188,6 +188,9 @@ def finetune_settings(raw, methods: dict, ratios: list) -> dict:
     for key, ok in checks.items():
         if not ok(f[key]):
             raise SystemExit(f"sweep.finetune.{key}: out of range: {f[key]!r}")
+    if f["train_limit"] is not None and f["train_limit"] < f["batch_size"]:
+        raise SystemExit(f"sweep.finetune.train_limit: {f['train_limit']} images make no "
+                         f"batch of {f['batch_size']} (batch_size)")
     return f
 
 
@@ -201,7 +204,20 @@ def part_inputs(model: torch.nn.Module, part: str, batches, device: str, dtype=N
     for x, y in batches:
         seen.append(input_at(model, module, x.to(device)).to("cpu", dtype))
         labels.append(y)
-    return torch.cat(seen), torch.cat(labels)
+    return _joined(seen), torch.cat(labels)
+
+
+def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of ``chunks``, each freed as it is copied (the peak is one copy plus a chunk,
+    not two copies: 60,000 x 25,088 float16 inputs are 3 GB)."""
+    out = torch.empty((sum(len(c) for c in chunks), *chunks[0].shape[1:]),
+                      dtype=chunks[0].dtype)
+    at = 0
+    while chunks:
+        c = chunks.pop(0)
+        out[at:at + len(c)] = c
+        at += len(c)
+    return out
 
 
 def _batches(dataset, size: int = 256):
@@ -333,7 +349,9 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
     time, until a fine-tuned point loses more; returns ``<run>-finetuned.jsonl``."""
     ft, name, head = sw["finetune"], run["name"], run["head"]
     path = base / f"{name}-finetuned.jsonl"
-    setting = {k: ft[k] for k in ("epochs", "lr", "batch_size", "train_limit")}
+    # what the points and the walks depend on (the device: float16 autocast on CUDA)
+    setting = {k: ft[k] for k in ("epochs", "lr", "batch_size", "train_limit", "tolerance",
+                                  "ratios")} | {"device": run["device"]}
     ft_head = {**head, "finetune": setting}
     old, tuned = read_points(path) if path.is_file() else (None, [])
     if old is not None:
@@ -344,8 +362,9 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
             raise SystemExit(f"{path}: its points were made with other settings "
                              f"({changed + refit} differ); move it away to tune afresh")
     else:
+        base.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**ft_head, "date": time.strftime("%Y-%m-%d")}) + "\n")
-    done = {(p["label"], p["mode"], p["ratio"]): p for p in tuned}
+    done = {(p["label"], p["mode"], p["ratio"], p["seed"]): p for p in tuned}
     dense, tol = head["dense_top1"], ft["tolerance"]
     swept = grouped(run["points"])
     train = None
@@ -354,9 +373,11 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
         seed = method["seeds"][0]
         ok = kept([(r, [p for p in ps if p["seed"] == seed])
                    for r, ps in swept.get((label, mode), [])], dense, tol)
+        # none kept: from the smallest CR (the row says so)
         start = ok[-1][0] if ok else min(ft["ratios"])
+        cache = rc.select.CandidateCache(max_entries=1) if mode == "target" else None
         for ratio in sorted({start, *(r for r in ft["ratios"] if r > start)}):
-            p = done.get((label, mode, ratio))
+            p = done.get((label, mode, ratio, seed))
             if p is None:
                 if train is None:  # the frozen convolutions' outputs, computed once
                     images = run["plain"]
@@ -368,9 +389,10 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
                     train = part_inputs(run["model"], sw["part"], _batches(images),
                                         run["device"], dtype=torch.float16)
                 p = tuned_point(run, method, ratio, mode, seed, train, ft,
-                                base / "teacher-outputs")
+                                base / "teacher-outputs", cache)
                 p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
-                         start=ratio == start, part_ratio=head["part_params"] / p["params"],
+                         start=ratio == start, kept_before=bool(ok),
+                         part_ratio=head["part_params"] / p["params"],
                          whole_ratio=head["total_params"] / (head["total_params"]
                                                              - head["part_params"]
                                                              + p["params"]))
@@ -385,11 +407,13 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
 
 
 def tuned_point(run: dict, method: dict, ratio, mode: str, seed: int, train, ft: dict,
-                teacher_cache: Path) -> dict:
-    """One point compressed, then fine-tuned by distillation from the dense part on ``train``
-    (the part's inputs, labels); its top-1 before and after."""
+                teacher_cache: Path, cache=None) -> dict:
+    """One point compressed (``cache``: a target mode's candidates, shared by a series), then
+    fine-tuned by distillation from the dense part on ``train`` (the part's inputs, labels);
+    its top-1 before and after."""
     part = run["part"]
-    small, plan, fit_s = compressed(part, run["x"], method, ratio, mode, seed, run["calib"])
+    small, plan, fit_s = compressed(part, run["x"], method, ratio, mode, seed, run["calib"],
+                                    cache)
     before = evaluate(small, run["test"])["top1"]
     start = time.perf_counter()
     finetune(small, train, epochs=ft["epochs"], lr=ft["lr"], batch_size=ft["batch_size"],
@@ -459,11 +483,13 @@ def table(head: dict, points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def finetuned_table(head: dict, tuned: list[dict], tol: float) -> str:
-    """Per fine-tuned series: its first point (the largest CR within ``tol`` without
-    fine-tuning) before and after, and the largest CR within ``tol`` after fine-tuning (every
-    smaller one walked within it too)."""
+def finetuned_table(head: dict, tuned: list[dict], series=None) -> str:
+    """Per fine-tuned series (method, mode, seed; only ``series``' (label, mode) pairs when
+    given): its first point (the largest CR within the tolerance without fine-tuning) before
+    and after, and the largest CR within the tolerance after fine-tuning (every CR walked
+    before it within it too). The tolerance is the one the walks stopped at (the file's)."""
     ft = head["finetune"]
+    tol = ft["tolerance"]
     lines = [f"Fine-tuned: {ft['epochs']} epoch(s) of distillation from the dense "
              f"{head['part']} (lr {ft['lr']}, batch {ft['batch_size']}), the convolutions "
              f"frozen; within {tol} point of {head['dense_top1']:.2f}%", "",
@@ -471,19 +497,26 @@ def finetuned_table(head: dict, tuned: list[dict], tol: float) -> str:
              f"after | largest CR within {tol} after fine-tuning | top-1 % | {head['part']} "
              f"params | whole x | seconds / point |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for (label, mode), by_ratio in grouped(tuned).items():
-        first = by_ratio[0][1][0]
-        row = (f"| {label} | {mode} | {first['seed']} | {first['part_ratio']:.1f} | "
+    walks: dict = {}
+    for p in tuned:
+        walks.setdefault((p["label"], p["mode"], p["seed"]), []).append(p)
+    for (label, mode, seed), ps in walks.items():
+        if series is not None and (label, mode) not in series:
+            continue
+        ps = sorted(ps, key=lambda p: p["ratio"])
+        first = next((p for p in ps if p["start"]), ps[0])
+        walked = [(p["ratio"], [p]) for p in ps if p["ratio"] >= first["ratio"]]
+        where = f"{first['part_ratio']:.1f}" + ("" if first["kept_before"] else " (none kept)")
+        row = (f"| {label} | {mode} | {seed} | {where} | "
                f"{first['top1_before']:.2f} -> {first['top1']:.2f} |")
-        ok = kept(by_ratio, head["dense_top1"], tol)
+        ok = kept(walked, head["dense_top1"], tol)
         if ok:
             best = ok[-1][1][0]
             row += (f" {best['part_ratio']:.1f} | {best['top1']:.2f} | {best['params']:,} | "
                     f"{best['whole_ratio']:.2f} |")
         else:
             row += " - | - | - | - |"
-        seconds = statistics.fmean(p["seconds"] for _, ps in by_ratio for p in ps)
-        lines.append(row + f" {seconds:.1f} |")
+        lines.append(row + f" {statistics.fmean(p['seconds'] for p in ps):.1f} |")
     return "\n".join(lines)
 
 
@@ -513,7 +546,7 @@ def plot(head: dict, points: list[dict], path: Path, tuned: list[dict] = ()) -> 
         ax.set_xlabel(f"{head['part']} compression ratio (realised)")
         ax.grid(alpha=0.3)
     size.set_yscale("log")
-    acc.set_ylabel("top-1 % (no fine-tuning)")
+    acc.set_ylabel("top-1 % (no fine-tuning unless marked)")
     size.set_ylabel(f"{head['part']} parameters")
     acc.legend(fontsize=7)
     fig.suptitle(f"{head['model']} on {head['data']}: {head['part']} compressed, "
@@ -553,10 +586,14 @@ def main() -> int:
         head, points = read_points(path)
         text = table(head, points)
         tuned_path = base / f"{name}-finetuned.jsonl"
-        tuned = read_points(tuned_path)[1] if tuned_path.is_file() else []
+        ft_head, tuned = read_points(tuned_path) if tuned_path.is_file() else ({}, [])
+        if tuned and any(ft_head.get(k) != v for k, v in head.items()
+                         if k not in ("device", "threads", "date")):
+            print(f"{tuned_path}: made on other sweep settings than {path}; left out")
+            tuned = []
         if tuned:
-            text += "\n\n" + finetuned_table(read_points(tuned_path)[0], tuned,
-                                              (sw["finetune"] or FINETUNE)["tolerance"])
+            text += "\n\n" + finetuned_table(
+                ft_head, tuned, sw["finetune"]["series"] if sw["finetune"] else None)
         print(text)
         (base / f"{name}.md").write_text(text + "\n")
         if points:

@@ -314,10 +314,12 @@ def test_classifier_sweep_fine_tunes_from_the_largest_kept_ratio_up(resnet20_wei
     points = [json.loads(x) for x in (folder / "r20.jsonl").read_text().splitlines()][1:]
     lines = (folder / "r20-finetuned.jsonl").read_text().splitlines()
     head, tuned = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
-    assert head["finetune"] == {"epochs": 1, "lr": 0.01, "batch_size": 64, "train_limit": 256}
+    assert head["finetune"] == {"epochs": 1, "lr": 0.01, "batch_size": 64, "train_limit": 256,
+                                "tolerance": 100, "ratios": [1.5, 3, 6], "device": "cpu"}
     # every swept ratio is within the (wide) tolerance: the walk starts at the largest, 3, and
     # goes on to 6, past the sweep's ratios
-    assert [(p["ratio"], p["start"]) for p in tuned] == [(3, True), (6, False)]
+    assert [(p["ratio"], p["start"], p["kept_before"]) for p in tuned] == [(3, True, True),
+                                                                           (6, False, True)]
     swept = {p["ratio"]: p for p in points}
     # the fine-tuned point starts from the very model the sweep measured
     assert tuned[0]["top1_before"] == swept[3]["top1"]
@@ -356,7 +358,7 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     after = {2: 89.9, 4: 89.8, 8: 89.5, 16: 88.5, 32: 85.0}
     calls = []
 
-    def fake(run_, method, ratio, mode, seed, train, ft, cache):
+    def fake(run_, method, ratio, mode, seed, train, ft, teachers, cache=None):
         calls.append(ratio)
         return {"top1_before": 0.0, "top1": after[ratio], "params": 1000 // ratio,
                 "ranks": {}, "seconds": 0.0}
@@ -371,9 +373,21 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     calls.clear()
     sweep_.finetune_model(run, sw, tmp_path)  # resumed: nothing computed again
     assert calls == []
+    looser = sweep_.sweep_settings({**raw, "sweep": {**raw["sweep"], "finetune": {
+        "ratios": [2, 4, 8, 16, 32], "tolerance": 2}}})
+    with pytest.raises(SystemExit, match="other settings"):  # the walks would differ
+        sweep_.finetune_model(run, looser, tmp_path)
     head, tuned = sweep_.read_points(path)
-    table = sweep_.finetuned_table(head, tuned, 1)
+    assert head["finetune"]["tolerance"] == 1
+    table = sweep_.finetuned_table(head, tuned)
     assert "| svd | rule | 0 | 2.0 | 0.00 -> 89.90 | 8.0 | 89.50 | 125 | 1.21 |" in table
+    # a series that keeps no CR without fine-tuning starts at the smallest, and says so
+    run["points"] = [swept(2, 80.0)]
+    calls.clear()
+    path = sweep_.finetune_model(run, sw, tmp_path / "none")
+    assert calls == [2, 4, 8, 16]
+    table = sweep_.finetuned_table(*sweep_.read_points(path))
+    assert "| svd | rule | 0 | 2.0 (none kept) | 0.00 -> 89.90 | 8.0 |" in table
 
 
 def test_classifier_sweep_settings_are_checked_before_any_work():
@@ -406,6 +420,7 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
         "ft-lr": ({"finetune": {"lr": 0}}, "finetune.lr: out of range"),
         "ft-limit": ({"finetune": {"train_limit": 0}}, "finetune.train_limit"),
         "ft-ratios": ({"finetune": {"ratios": [1]}}, "finetune.ratios"),
+        "ft-batch": ({"finetune": {"train_limit": 100}}, "make no batch of 128"),
     }
     for change, words in bad.values():
         with pytest.raises(SystemExit, match=words):
