@@ -286,16 +286,8 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
 
 
-FINETUNE_CONFIG = """
-model: resnet20_cifar
-calib: 64
-test_limit: 300
-sweep:
-  models: [r20]
-  part: linear
-  ratios: [1.5, 3]
-  methods:
-    svd: {modes: [rule]}
+# the sweep of SWEEP_CONFIG cut to one series, then fine-tuned
+FINETUNE_CONFIG = SWEEP_CONFIG[:SWEEP_CONFIG.index("    svd: {}")] + """    svd: {modes: [rule]}
   finetune: {series: [svd], ratios: [1.5, 3, 6], tolerance: 100, batch_size: 64,
              train_limit: 256}
 runs:
