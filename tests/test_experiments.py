@@ -239,14 +239,19 @@ def sweep(config, runs, env, *extra):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weights, shared_data,
-                                                                 tmp_path):
-    config = tmp_path / "sw.yaml"
-    config.write_text(SWEEP_CONFIG)
+def swept_once(tmp_path, name: str, text: str, shared_data):
+    """(config, environment, sweep folder) after one successful sweep of config ``text``."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(text)
     env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
     done = sweep(config, tmp_path / "runs", env)
     assert done.returncode == 0, done.stderr[-2000:]
-    folder = tmp_path / "runs" / "sw" / "sweep"
+    return config, env, tmp_path / "runs" / name / "sweep"
+
+
+def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weights, shared_data,
+                                                                 tmp_path):
+    config, env, folder = swept_once(tmp_path, "sw", SWEEP_CONFIG, shared_data)
     lines = [json.loads(line) for line in (folder / "r20.jsonl").read_text().splitlines()]
     head, points = lines[0], lines[1:]
     # svd: 2 modes x 2 ratios; svd-data: 2 ratios; leverage CUR: 2 ratios x 2 seeds
@@ -297,12 +302,7 @@ runs:
 
 def test_classifier_sweep_fine_tunes_from_the_largest_kept_ratio_up(resnet20_weights,
                                                                     shared_data, tmp_path):
-    config = tmp_path / "ft.yaml"
-    config.write_text(FINETUNE_CONFIG)
-    env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
-    done = sweep(config, tmp_path / "runs", env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    folder = tmp_path / "runs" / "ft" / "sweep"
+    config, env, folder = swept_once(tmp_path, "ft", FINETUNE_CONFIG, shared_data)
     points = [json.loads(x) for x in (folder / "r20.jsonl").read_text().splitlines()][1:]
     lines = (folder / "r20-finetuned.jsonl").read_text().splitlines()
     head, tuned = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
