@@ -274,15 +274,27 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
     was not trained here)."""
     path = Path(s["weights"])
     record = path.with_suffix(".json")
-    if path.is_file():  # trained earlier (its record), or a file of the user's (none)
-        return json.loads(record.read_text()) if record.is_file() else None
     folder = path.parent / f"{path.stem}-training"
+    recipe = {"batch_size": s["batch_size"], "seed": s["seed"], **s["train"]}
+    every = recipe.pop("checkpoint_every", s["checkpoint_every"])  # not the recipe: when saved
+    if path.is_file():  # trained earlier (its record), or a file of the user's (none)
+        info = json.loads(record.read_text()) if record.is_file() else None
+        if info is not None and info.get("recipe") != recipe:
+            raise SystemExit(f"{path}: trained by the recipe {info.get('recipe')}, the config "
+                             f"asks for {recipe}; move it (and {record.name}, {folder.name}/) "
+                             "away to train it again")
+        return info
+    begun = folder / "recipe.json"  # a training in progress resumes only under its recipe
+    if begun.is_file() and json.loads(begun.read_text()) != recipe:
+        raise SystemExit(f"{folder}: a training by the recipe {begun.read_text()} is in "
+                         f"progress there, the config asks for {recipe}; move the folder away "
+                         "to train afresh")
     wall = _Wall(folder)
+    with atomic_path(begun) as tmp:
+        tmp.write_text(json.dumps(recipe))
     torch.manual_seed(s["seed"])
     model = create(s["model"], num_classes=s["num_classes"])
     train, _, test = datasets(s, root)
-    recipe = {"batch_size": s["batch_size"], "seed": s["seed"], **s["train"]}
-    every = recipe.pop("checkpoint_every", s["checkpoint_every"])  # not the recipe: when saved
     print(f"[weights] training {s['model']} on {s['data']} from scratch: {recipe} -> {path}",
           flush=True)
     result = finetune(model, train, checkpoint_dir=str(folder), resume=True,

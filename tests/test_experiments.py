@@ -121,6 +121,31 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert head2["transfer"]["backbone_params"] == head["transfer"]["backbone_params"]
 
 
+def test_weights_trained_by_another_recipe_are_refused(tmp_path):
+    """A weights file trained here by another recipe than the config's, or a training in
+    progress under another recipe, stops the run before any work instead of being used (or
+    resumed) as if the config had made it."""
+    import yaml
+
+    reproduce_ = _reproduce_module()
+    weights = tmp_path / "w.safetensors"
+    config = yaml.safe_load(CONFIG.format(export=tmp_path / "e", scratch=weights))
+    s = reproduce_.settings_of(config, "scratch")
+    recipe = {"batch_size": 8, "seed": 0, "steps": 2, "lr": 0.01}
+    weights.write_bytes(b"")
+    weights.with_suffix(".json").write_text(json.dumps({"recipe": {**recipe, "lr": 0.1}}))
+    with pytest.raises(SystemExit, match="trained by the recipe"):
+        reproduce_.trained_weights(s, tmp_path, "cpu")
+    weights.with_suffix(".json").write_text(json.dumps({"recipe": recipe, "top1": 50.0}))
+    assert reproduce_.trained_weights(s, tmp_path, "cpu")["top1"] == 50.0  # the same recipe
+    weights.unlink()
+    folder = tmp_path / "w-training"
+    folder.mkdir()
+    (folder / "recipe.json").write_text(json.dumps({**recipe, "steps": 5}))
+    with pytest.raises(SystemExit, match="in progress there"):
+        reproduce_.trained_weights(s, tmp_path, "cpu")
+
+
 def _reproduce_module():
     import importlib.util
 
