@@ -575,9 +575,11 @@ def main() -> int:
             check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"])
         root = data_root()
         for name in names:
-            run = sweep_model(config, name, sw, base, root, args.device)
-            if sw["finetune"] is not None:
-                finetune_model(run, sw, base)
+            # each layer's full SVD once for all its points (minutes for a 4096 x 25,088 one)
+            with rc.decompose.reuse_svds(max_entries=8):
+                run = sweep_model(config, name, sw, base, root, args.device)
+                if sw["finetune"] is not None:
+                    finetune_model(run, sw, base)
             del run  # its model and inputs (GBs for a 25,088-wide classifier)
     for name in names:
         path = base / f"{name}.jsonl"

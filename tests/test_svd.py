@@ -110,3 +110,48 @@ def test_parameters_are_accepted_and_no_graph_is_built():
     W = torch.nn.Parameter(torch.randn(6, 4))
     res = svd(W, 2)
     assert not res.A.requires_grad and not res.B.requires_grad
+
+
+def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatch):
+    """Inside ``reuse_svds`` a matrix of the same values (another tensor object, as each point
+    of a sweep copies the layer) is decomposed once, for SVD at any rank and CUR alike, and
+    every result is bit for bit the one computed without it; so is a data-aware SVD's whitened
+    Gram; entries beyond ``max_entries`` are dropped; nothing is kept outside the block."""
+    from rankcut.decompose import cur, reuse_svds
+
+    W = decaying(30, 80, seed=3).float()
+    X = torch.randn(200, 80, generator=torch.Generator().manual_seed(1))
+    cov = X.mT @ X / 200
+    plain = [svd(W, r, method="exact") for r in (3, 9)]
+    plain_cur = cur(W, 6, method="deim")
+    plain_data = svd(W, 5, cov=cov)
+    calls = {"svd": 0, "eigh": 0}
+    real_svd, real_eigh = torch.linalg.svd, torch.linalg.eigh
+
+    def counting(name, real):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch.linalg, "svd", counting("svd", real_svd))
+    monkeypatch.setattr(torch.linalg, "eigh", counting("eigh", real_eigh))
+    with reuse_svds(max_entries=2):
+        again = [svd(W.clone(), r, method="exact") for r in (3, 9)]
+        again_cur = cur(W.clone(), 6, method="deim")
+        assert calls["svd"] == 1
+        data = [svd(W.clone(), r, cov=cov.clone()) for r in (5, 5)]
+        gram_eighs = calls["eigh"]
+        assert calls["svd"] == 1 and gram_eighs >= 1
+        svd(W.clone(), 5, cov=cov)
+        assert calls["eigh"] == gram_eighs  # reused
+        svd(W + 1, 4, method="exact")  # a third entry: the oldest (W's SVD) goes
+        svd(W, 4, method="exact")
+        assert calls["svd"] == 3
+    for a, b in zip(plain, again, strict=True):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and a.rel_error == b.rel_error
+    assert torch.equal(plain_cur.to_matrix(), again_cur.to_matrix())
+    assert all(torch.equal(plain_data.A, d.A) and torch.equal(plain_data.B, d.B) for d in data)
+    svd(W, 3, method="exact")
+    svd(W, 3, method="exact")
+    assert calls["svd"] == 5  # outside the block every call computes

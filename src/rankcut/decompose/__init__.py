@@ -8,7 +8,7 @@ approximation (``to_matrix()`` or ``to_tensor()``) and carries the relative Frob
 from ._checks import RankClampWarning
 from .cp import CPResult, cp, cp_many
 from .cur import CURResult, cur
-from .svd import SVDResult, energy_rank, svd, truncation_errors
+from .svd import SVDResult, energy_rank, reuse_svds, svd, truncation_errors
 from .tucker import TuckerResult, tucker
 from .vbmf import EVBMFResult, evbmf
 
@@ -24,6 +24,7 @@ __all__ = [
     "cur",
     "energy_rank",
     "evbmf",
+    "reuse_svds",
     "svd",
     "truncation_errors",
     "tucker",

@@ -12,11 +12,15 @@ values: the approximation is an orthogonal projection of W, so ||W - AB||² = ||
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from .._fingerprint import update as _fingerprint
 from ._checks import (
     check_choice,
     check_positive,
@@ -52,6 +56,52 @@ class SVDResult:
 
     def to_matrix(self) -> torch.Tensor:
         return self.A @ self.B
+
+
+# Set by reuse_svds(): {"max": entries kept, "entries": OrderedDict(key -> result)}
+_REUSED: dict | None = None
+
+
+@contextlib.contextmanager
+def reuse_svds(max_entries: int = 4):
+    """Within the block, the full SVD of a matrix (and the eigendecomposition of a data-aware
+    layer's whitened Gram, :func:`whitened_gram`) that was computed before in it is reused, not
+    computed again: entries keyed by the SHA-256 of the values (the matrix's, and the moment's),
+    at most ``max_entries`` kept, the oldest dropped first. The results are the same as
+    without it, bit for bit. For sweeps that factorize one layer at many ranks with one method
+    after another (experiments/classifier_sweep.py): the exact SVD of a VGG's 4096 x 25,088
+    classifier layer takes minutes on a CPU. Nested blocks share the outer one's entries."""
+    global _REUSED
+    outer = _REUSED
+    if outer is None:
+        _REUSED = {"max": max_entries, "entries": OrderedDict()}
+    try:
+        yield
+    finally:
+        _REUSED = outer
+
+
+def _reused(kind: str, tensors, compute):
+    """``compute()``, or what it gave before for the same ``kind`` and tensor values inside
+    :func:`reuse_svds` (the cached tensors are shared: callers must not write into them)."""
+    if _REUSED is None:
+        return compute()
+    h = hashlib.sha256(kind.encode())
+    for t in tensors:
+        _fingerprint(h, t)
+    key, entries = h.hexdigest(), _REUSED["entries"]
+    if key in entries:
+        entries.move_to_end(key)
+        return entries[key]
+    entries[key] = out = compute()
+    while len(entries) > _REUSED["max"]:
+        entries.popitem(last=False)
+    return out
+
+
+def _full_svd(W: torch.Tensor):
+    """torch.linalg.svd(W, full_matrices=False), reused inside :func:`reuse_svds`."""
+    return _reused("svd", [W], lambda: torch.linalg.svd(W, full_matrices=False))
 
 
 def _split_singular_values(U, S, Vh, balance):
@@ -119,7 +169,7 @@ def svd(
             oversample = max(oversample, rank)
 
     if method == "exact":
-        U, S_all, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S_all, Vh = _full_svd(W)
         U, S, Vh = U[:, :rank], S_all[:rank], Vh[:rank]
         # The discarded singular values give the error without cancellation.
         norm = S_all.norm()
@@ -160,7 +210,7 @@ def leading_singular_vectors(W: torch.Tensor, k: int, seed=0):
     by a full SVD."""
     if randomized_pays(*W.shape, k):
         return _randomized(W, k, k, 4, seed)
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = _full_svd(W)
     return U[:, :k], S[:k], Vh[:k]
 
 
@@ -213,7 +263,8 @@ def _wide_whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     """:func:`_whitened_svd` from the m x m Gram W Σ Wᵀ (m < n): with W L = U S Vᵀ,
     S Vᵀ L⁻¹ = Uᵀ W, so the factors need neither L nor V."""
     Wd = W.to(torch.float64)  # converted once (a classifier layer's is hundreds of MB)
-    vals, vecs = torch.linalg.eigh(whitened_gram(Wd, cov, ridge))
+    vals, vecs = _reused(f"whitened gram {ridge!r}", [W, cov],
+                         lambda: torch.linalg.eigh(whitened_gram(Wd, cov, ridge)))
     s2, vecs = _squared_singular_values(vals), vecs.flip(1)  # descending
     total = float(s2.sum())
     rel_error = math.sqrt(float(s2[rank:].sum()) / total) if total > 0 else 0.0
