@@ -16,7 +16,8 @@ def update(h, tensor: torch.Tensor) -> None:
     t = tensor.detach()
     h.update(f"{tuple(t.shape)}{t.dtype}".encode())
     if t.numel():
-        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        # the array itself, not a bytes copy of it (a 25,088-wide moment is 2.5 GB)
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
 
 
 def model_fingerprint(model: nn.Module) -> str:
