@@ -242,6 +242,8 @@ sweep:
     svd: {}
     svd-data: {data: true, modes: [rule]}
     cur-leverage: {method: cur, options: {solver: leverage}, seeds: [0, 1], modes: [rule]}
+  finetune: {series: [svd/rule], ratios: [1.5, 3, 6], tolerance: 100, batch_size: 64,
+             train_limit: 256}
 runs:
   r20: {method: svd, rank: 8}
 """
@@ -303,9 +305,24 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
                                                                      cur[1]["top1"])
     assert "| svd | rule | 1 |" in (folder / "r20.md").read_text()
     assert (folder / "r20.png").read_bytes()[:4] == b"\x89PNG"
+    # the fine-tuned stage: every swept ratio is within the (wide) tolerance, so the walk
+    # starts at the largest, 3, and goes on to 6, past the sweep's ratios
+    lines = (folder / "r20-finetuned.jsonl").read_text().splitlines()
+    ft_head, tuned = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert ft_head["finetune"] == {"epochs": 1, "lr": 0.01, "batch_size": 64, "train_limit": 256,
+                                   "tolerance": 100, "ratios": [1.5, 3, 6], "device": "cpu"}
+    assert [(p["ratio"], p["start"], p["kept_before"]) for p in tuned] == [(3, True, True),
+                                                                           (6, False, True)]
+    # the fine-tuned point starts from the very model the sweep measured
+    assert tuned[0]["top1_before"] == svd3["top1"] and tuned[0]["params"] == svd3["params"]
+    assert tuned[1]["params"] < tuned[0]["params"]
+    assert any(p["top1"] != p["top1_before"] for p in tuned)  # distillation moved it
+    assert "Fine-tuned: 1 epoch(s)" in (folder / "r20.md").read_text()
     again = sweep(config, tmp_path / "runs", env)
     assert again.returncode == 0 and "10 point(s) done earlier" in again.stdout
     assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
+    assert "fine-tuned:" not in again.stdout
+    assert len((folder / "r20-finetuned.jsonl").read_text().splitlines()) == 3
     # points of other settings are not mixed with these: refused, the file untouched
     config.write_text(SWEEP_CONFIG.replace("calib: 64", "calib: 32"))
     mixed = sweep(config, tmp_path / "runs", env)
@@ -316,40 +333,6 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
 
 
-# the sweep of SWEEP_CONFIG cut to one series, then fine-tuned
-FINETUNE_CONFIG = SWEEP_CONFIG[:SWEEP_CONFIG.index("    svd: {}")] + """    svd: {modes: [rule]}
-  finetune: {series: [svd], ratios: [1.5, 3, 6], tolerance: 100, batch_size: 64,
-             train_limit: 256}
-runs:
-  r20: {method: svd, rank: 8}
-"""
-
-
-def test_classifier_sweep_fine_tunes_from_the_largest_kept_ratio_up(resnet20_weights,
-                                                                    shared_data, tmp_path):
-    config, env, folder = swept_once(tmp_path, "ft", FINETUNE_CONFIG, shared_data)
-    points = [json.loads(x) for x in (folder / "r20.jsonl").read_text().splitlines()][1:]
-    lines = (folder / "r20-finetuned.jsonl").read_text().splitlines()
-    head, tuned = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
-    assert head["finetune"] == {"epochs": 1, "lr": 0.01, "batch_size": 64, "train_limit": 256,
-                                "tolerance": 100, "ratios": [1.5, 3, 6], "device": "cpu"}
-    # every swept ratio is within the (wide) tolerance: the walk starts at the largest, 3, and
-    # goes on to 6, past the sweep's ratios
-    assert [(p["ratio"], p["start"], p["kept_before"]) for p in tuned] == [(3, True, True),
-                                                                           (6, False, True)]
-    swept = {p["ratio"]: p for p in points}
-    # the fine-tuned point starts from the very model the sweep measured
-    assert tuned[0]["top1_before"] == swept[3]["top1"]
-    assert tuned[0]["params"] == swept[3]["params"] and tuned[1]["params"] < tuned[0]["params"]
-    # fine-tuning moved it (distillation on 256 images, 4 steps)
-    assert any(p["top1"] != p["top1_before"] for p in tuned)
-    text = (folder / "r20.md").read_text()
-    assert "Fine-tuned: 1 epoch(s)" in text and "| svd | rule | 0 | " in text.split("Fine")[1]
-    again = sweep(config, tmp_path / "runs", env)
-    assert again.returncode == 0 and "fine-tuned:" not in again.stdout
-    assert len((folder / "r20-finetuned.jsonl").read_text().splitlines()) == 3
-
-
 def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, tmp_path):
     """The walk of a series: from the largest ratio kept without fine-tuning (a lucky ratio
     past a failing one does not count), up the ratios until a fine-tuned point loses more than
@@ -357,8 +340,9 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     sweep_ = _sweep_module()
     import yaml
 
-    raw = yaml.safe_load(FINETUNE_CONFIG)
-    raw["sweep"]["finetune"] = {"ratios": [2, 4, 8, 16, 32], "tolerance": 1}
+    raw = yaml.safe_load(SWEEP_CONFIG)
+    raw["sweep"]["finetune"] = {"series": ["svd/rule"], "ratios": [2, 4, 8, 16, 32],
+                                "tolerance": 1}
     raw["sweep"]["ratios"] = [2, 4, 8, 16]
     sw = sweep_.sweep_settings(raw)
     assert sw["finetune"]["series"] == [("svd", "rule")]
@@ -388,7 +372,7 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     sweep_.finetune_model(run, sw, tmp_path)  # resumed: nothing computed again
     assert calls == []
     looser = sweep_.sweep_settings({**raw, "sweep": {**raw["sweep"], "finetune": {
-        "ratios": [2, 4, 8, 16, 32], "tolerance": 2}}})
+        "series": ["svd/rule"], "ratios": [2, 4, 8, 16, 32], "tolerance": 2}}})
     with pytest.raises(SystemExit, match="other settings"):  # the walks would differ
         sweep_.finetune_model(run, looser, tmp_path)
     head, tuned = sweep_.read_points(path)
