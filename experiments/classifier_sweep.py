@@ -326,8 +326,7 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
                     p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y),
                               cache if mode == "target" else None)
                     p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
-                             part_ratio=part_params / p["params"],
-                             whole_ratio=total / (total - part_params + p["params"]))
+                             **ratios(head, p["params"]))
                     with path.open("a") as f:
                         f.write(json.dumps(p) + "\n")
                     points.append(p)
@@ -337,6 +336,12 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
     return {"name": name, "model": model, "part": part, "x": x, "calib": calib,
             "test": (test_x, test_y), "plain": plain, "head": head, "points": points,
             "device": device}
+
+
+def ratios(head: dict, params: int) -> dict:
+    """The realised CRs of a part compressed to ``params``: of the part, and of the whole model."""
+    part, total = head["part_params"], head["total_params"]
+    return {"part_ratio": part / params, "whole_ratio": total / (total - part + params)}
 
 
 def _as_float32(x: torch.Tensor) -> torch.Tensor:
@@ -391,11 +396,7 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
                 p = tuned_point(run, method, ratio, mode, seed, train, ft,
                                 base / "teacher-outputs", cache)
                 p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
-                         start=ratio == start, kept_before=bool(ok),
-                         part_ratio=head["part_params"] / p["params"],
-                         whole_ratio=head["total_params"] / (head["total_params"]
-                                                             - head["part_params"]
-                                                             + p["params"]))
+                         start=ratio == start, kept_before=bool(ok), **ratios(head, p["params"]))
                 with path.open("a") as f:
                     f.write(json.dumps(p) + "\n")
                 print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5} fine-tuned: "

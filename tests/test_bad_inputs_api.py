@@ -100,6 +100,17 @@ PLAN_CASES = [
     ("empty calibration data", fresh,
      lambda m: rc.plan(m, X, target="macs=2x", calib_data=[], **FAST), ValueError,
      "never ran"),
+    ("raw uint8 images as calibration data", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=torch.zeros(4, 3, 8, 8,
+                                                                      dtype=torch.uint8),
+                       **FAST), ValueError, "calib_data: batch 0's inputs are uint8"),
+    ("calibration inputs and targets of unequal lengths", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x",
+                       calib_data=(torch.rand(4, 3, 8, 8), torch.zeros(2, dtype=torch.long)),
+                       **FAST), ValueError, "calib_data: 4 inputs but 2 targets"),
+    ("empty calibration tensor", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=torch.empty(0, 3, 8, 8), **FAST),
+     ValueError, "calib_data: batch 0 is empty"),
     ("target with nothing to factorize", lambda: nn.Sequential(nn.Conv1d(4, 8, 3),
                                                                nn.Conv1d(8, 8, 3)),
      lambda m: rc.plan(m, torch.rand(1, 4, 16), target="macs=2x", **FAST), ValueError,
@@ -204,6 +215,13 @@ COMPRESS_CASES = [
     ("nothing to factorize", lambda: nn.Sequential(nn.Conv1d(4, 8, 3)),
      lambda m: rc.compress(m, torch.rand(1, 4, 16), target="macs=2x", plan_options=FAST),
      ValueError, "target: nothing to factorize"),
+    ("epochs without train_data", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", epochs=1, plan_options=FAST), ValueError,
+     "epochs: fine-tuning needs train_data"),
+    ("steps_per_layer without train_data", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", schedule="layerwise", steps_per_layer=3,
+                           plan_options=FAST), ValueError,
+     "steps_per_layer: fine-tuning needs train_data"),
     ("transfer to 0 classes", fresh,
      lambda m: rc.transfer(m, (X, torch.zeros(2, dtype=torch.long)), 0), ValueError,
      "num_classes"),
@@ -250,3 +268,19 @@ def test_a_rank_rule_whose_every_layer_is_vetoed_as_slower_says_so(fake_latency)
                                          r"\(pass allow_slower=True"):
         plan = rc.plan(fresh(), X, method="svd", rank=2)
     assert not plan.active
+
+
+def test_labels_beyond_the_models_outputs_are_named_not_an_index_error():
+    """A model built for fewer classes than the data has: evaluation and fine-tuning say so
+    (cross-entropy would raise an IndexError on the CPU, a device-side assert on CUDA)."""
+    from rankcut.train import evaluate, finetune
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    data = (torch.rand(8, 3, 8, 8), torch.tensor([0, 1, 2, 1, 0, 1, 0, 1]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="the data has class 2 but the model has 2 outputs"):
+        evaluate(model, data)
+    with pytest.raises(ValueError, match="the data has class 2 but the model has 2 outputs"):
+        finetune(model, data, steps=1, batch_size=8, progress=False)
+    assert unchanged(model, before)
+    evaluate(model, (data[0], data[1].clamp(max=1)))  # labels that fit are fine

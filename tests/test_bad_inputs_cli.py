@@ -296,6 +296,26 @@ def _compressed_not_rankcut(tmp):
     return ["benchmark", "--model", TINY, "--input-shape", "3,8,8", "--compressed", tmp / "c"]
 
 
+def _image_tree(tmp, *folders):
+    """Two 8x8 PNG images of classes a and b in each of ``folders`` (relative to tmp/imgs)."""
+    from PIL import Image
+
+    for folder in folders:
+        for cls in ("a", "b"):
+            (tmp / "imgs" / folder / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp / "imgs" / folder / cls /
+                                                                 "0.png")
+    return tmp / "imgs"
+
+
+def _evaluate_images(*folders, flags=()):
+    def setup(tmp):
+        root = _image_tree(tmp, *folders)
+        return ["evaluate", "--model", TINY, "--data", "imagefolder", "--data-dir", root,
+                "--image-size", 8, "--quiet", *flags]
+    return setup
+
+
 CLI_CASES = [
     # 1. weights files rankcut cannot read: one clear error naming the file and the formats
     ("weights-text-file", _weights_text, ["w.th", "not a readable torch checkpoint",
@@ -355,6 +375,23 @@ CLI_CASES = [
     ("config-float-word", _config("lr: fast\n"), ["--config", "'lr'", "number", "'fast'"]),
     ("config-bad-choice", _config("schedule: greedy\n"), ["--config", "'schedule'", "one_shot"]),
     ("config-list-for-single", _config("target: [macs=2x, macs=3x]\n"), ["--config", "'target'"]),
+    ("config-null-for-a-required-flag", _config("out: ~\n"), ["--config", "'out'", "null"]),
+    # 12. normalisation, image trees and class counts
+    ("normalization-without-data", _compress("--normalization", "cifar10"),
+     ["--normalization", "--data"]),
+    ("normalization-unknown", _compress("--data", "cifar10", "--normalization", "bogus"),
+     ["--normalization", "bogus"]),
+    ("imagefolder-without-statistics", _evaluate_images("train", "test"),
+     ["--normalization", "imagefolder", "none"]),
+    ("imagefolder-train-without-test", _evaluate_images("train", "extra",
+                                                        flags=["--normalization", "none"]),
+     ["imagefolder", "train/", "test/", "val/"]),
+    ("num-classes-below-the-data", _evaluate_images("train", "validation", flags=[
+        "--normalization", "none", "--num-classes", 1]), ["class 1", "1 outputs",
+                                                          "--num-classes"]),
+    ("calib-without-data", _compress("--calib", 16), ["--calib", "--data"]),
+    ("rounds-with-one-shot", _compress("--rounds", 2), ["--rounds", "multistage"]),
+    ("latency-batch-0", _compress("--latency-batch", 0), ["--latency-batch", ">= 1"]),
     # 11. and the other integer flags' ranges
     ("benchmark-batches-0", _benchmark("--batches", 0), ["--batches", "0"]),
     ("benchmark-repeats-0", _benchmark("--repeats", 0), ["--repeats", ">= 1"]),
@@ -695,3 +732,12 @@ def test_real_weights_truncated(resnet20_weights, capsys, tmp_path):
     code, _, err = run(capsys, "compress", *S, "--weights", cut, "--out", tmp_path / "o")
     assert_refused(code, err, "resnet20.th", "not a readable torch checkpoint")
     assert os.listdir(tmp_path) == ["resnet20.th"]
+
+
+def test_load_with_the_wrong_model_names_the_keys_and_shapes(saved):
+    """A folder loaded on a base model of another size says which tensors differ (the state
+    dict loader's own error spans lines, of which the CLI shows the first, empty one)."""
+    folder, _ = saved
+    with pytest.raises(ValueError, match=r"size mismatch: 6.weight \(10, 32\) in the file, "
+                                         r"\(5, 32\) in the model"):
+        rc.load(tiny(num_classes=5), folder)

@@ -231,8 +231,21 @@ def test_imagefolder(tmp_path):
     assert len(test) == 2 and [test[i][0].shape for i in range(2)] == [(3, 8, 8)] * 2
     assert test[0][0].dtype == torch.float32
     assert len(data.dataset("imagefolder", "train", root=tmp_path, limit=2)) == 2
-    # a plain tree of class folders is its own split
+    # a plain tree of class folders is its own split (read for training, with a warning)
     assert len(data.dataset("imagefolder", "test", root=tmp_path / "train")) == 3
+    with pytest.warns(UserWarning, match="the same images serve as the training and the test"):
+        assert len(data.dataset("imagefolder", "train", root=tmp_path / "train")) == 3
+    # validation/ holds a test split too; a split tree lacking a split is refused, not read
+    # as a tree whose classes are the other split's folders
+    (tmp_path / "val").rename(tmp_path / "validation")
+    assert len(data.dataset("imagefolder", "test", root=tmp_path)) == 2
+    (tmp_path / "validation").rename(tmp_path / "holdout")
+    with pytest.raises(FileNotFoundError, match="has train/ but no test/ or val/ or validation/"):
+        data.dataset("imagefolder", "test", root=tmp_path)
+    (tmp_path / "train").rename(tmp_path / "trn")
+    (tmp_path / "holdout").rename(tmp_path / "test")
+    with pytest.raises(FileNotFoundError, match="has test/ but no train/ folder"):
+        data.dataset("imagefolder", "train", root=tmp_path)
     with pytest.raises(ValueError, match="root= is required"):
         data.dataset("imagefolder", "train")
     with pytest.raises(FileNotFoundError, match="not a directory"):

@@ -76,9 +76,10 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
         raise ValueError(f"max_batches: expected an int >= 1 or None, got {max_batches!r}")
     if (isinstance(calib_data, tuple | list) and len(calib_data) == 2
             and all(isinstance(t, torch.Tensor) for t in calib_data)
-            and calib_data[1].ndim == 1 and not calib_data[1].is_floating_point()
-            and len(calib_data[0]) == len(calib_data[1])):
+            and calib_data[1].ndim == 1 and not calib_data[1].is_floating_point()):
         x, y = calib_data
+        if len(x) != len(y):
+            raise ValueError(f"calib_data: {len(x)} inputs but {len(y)} targets")
         calib_data = [(x[i:i + batch_size], y[i:i + batch_size])
                       for i in range(0, len(x), batch_size)]
     elif isinstance(calib_data, torch.Tensor):
@@ -105,6 +106,12 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
         if x.is_floating_point() and not bool(x.isfinite().all()):
             raise ValueError(f"calib_data: batch {count} has NaN or infinite inputs")
         x = transform(x) if transform is not None else x
+        if x.numel() == 0:
+            raise ValueError(f"calib_data: batch {count} is empty")
+        if x.dtype == torch.uint8:
+            raise ValueError(f"calib_data: batch {count}'s inputs are uint8 (raw images?); "
+                             "expected the float inputs the model takes (converted and "
+                             "normalised as for training)")
         yield x if y is None else (x, y)
         count += 1
     if count == 0 and not allow_empty:

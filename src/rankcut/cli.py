@@ -337,6 +337,9 @@ def _read_config(path: Path, command: str, subparser) -> dict:
         if dest not in known_dests:
             raise UserError(f"--config: unknown key {key!r} for 'rankcut {command}'; known: "
                             f"{', '.join(sorted(d.replace('_', '-') for d in known_dests))}")
+        if value is None and known_dests[dest].required:
+            raise UserError(f"--config: key {key!r}: expected a value, got null (the flag "
+                            "is required)")
         defaults[dest] = _config_value(str(key), known_dests[dest], value)
     return defaults
 
@@ -422,7 +425,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     at_least = {"batch_size": 1, "finetune_epochs": 1, "finetune_steps": 1, "eval_limit": 1,
                 "image_size": 1, "threads": 1, "rounds": 1, "steps_per_layer": 1, "repeats": 1,
                 "num_classes": 1, "rank_multiple": 1, "calib": 0, "min_params": 0,
-                "train_limit": 1}
+                "train_limit": 1, "latency_batch": 1}
     for dest, low in at_least.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:
@@ -444,6 +447,31 @@ def _check_numbers(args: argparse.Namespace) -> None:
             0 < split < 1 or (split >= 1 and split == int(split)))):
         raise UserError(f"--val-split: expected a fraction in (0, 1) or a whole number of "
                         f"examples, got {split:g}")
+
+
+def _check_normalization(args: argparse.Namespace) -> None:
+    """--normalization names statistics rankcut knows, and only with --data; without it, the
+    model's own statistics or the dataset's must exist (an image folder has none)."""
+    from . import models
+    from .data._transforms import DATASET_STATS, resolve_normalization
+
+    if not hasattr(args, "normalization"):
+        return
+    if args.normalization:
+        if not args.data:
+            raise UserError("--normalization: only with --data (it sets how the dataset's "
+                            "images are normalised)")
+        if args.normalization.lower() != "none":
+            _as_user_error("--normalization", resolve_normalization, args.normalization)
+        return
+    if not args.data or args.data.lower().replace("-", "_") in DATASET_STATS:
+        return
+    try:
+        models.normalization(getattr(args, "model", None) or "")
+    except ValueError:
+        raise UserError(f"--normalization: {args.model!r} has no known input statistics and "
+                        f"{args.data} has none of its own; give --normalization none, a dataset "
+                        f"name ({', '.join(DATASET_STATS)}) or a model name") from None
 
 
 def _folder_problem(flag: str, path: Path, marker: str | None, overwrite: bool,
@@ -545,6 +573,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
         if args.data.lower().replace("-", "_") not in NAMES:
             raise UserError(f"--data: unknown dataset {args.data!r}; known: {', '.join(NAMES)}")
+    _check_normalization(args)
+    if "calib" in args.given and args.calib and not getattr(args, "data", None):
+        raise UserError("--calib: calibration examples are read from --data; give it")
     if command in ("compress", "sweep"):
         from .select import parse_rank, parse_target
 
@@ -569,6 +600,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.val_split is not None and args.min_accuracy is None:
             raise UserError("--val-split: only with --min-accuracy (it holds out the data that "
                             "checks it)")
+        if "rounds" in args.given and args.schedule != "multistage":
+            raise UserError("--rounds: only with --schedule multistage")
         if args.steps_per_layer is not None and args.schedule != "layerwise":
             raise UserError("--steps-per-layer: only with --schedule layerwise")
         args.plan_obj = _check_plan(args)

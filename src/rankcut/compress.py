@@ -209,6 +209,10 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
     if min_accuracy is not None and val_data is None:
         raise ValueError("min_accuracy: needs val_data to measure the accuracy on")
+    tuning = [k for k, v in (("epochs", epochs), ("steps", steps),
+                             ("steps_per_layer", steps_per_layer)) if v is not None]
+    if tuning and train_data is None:
+        raise ValueError(f"{tuning[0]}: fine-tuning needs train_data")
     if reestimate_bn and train_data is None:
         raise ValueError("reestimate_bn: needs train_data (examples distributed as in training)")
     if sequential and calib_data is None:

@@ -18,13 +18,13 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from . import methods
 from .atomic import atomic_path
 from .layers import FactorizedLayer, LowRankLinear
-from .models import first_non_finite
+from .models import check_state_dict, first_non_finite
 from .plans import LayerPlan, Plan
 from .surgery import structure
 
@@ -154,6 +154,9 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
     try:
         load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as err:
+        if isinstance(err, RuntimeError):
+            # name the keys and shapes that differ (load_state_dict's own text spans lines)
+            check_state_dict(model, load_file(str(weights)), f"{weights}: the weights")
         raise ValueError(f"{weights}: cannot load into the rebuilt model: {err}") from None
     bad = first_non_finite(model.state_dict())
     if bad is not None:

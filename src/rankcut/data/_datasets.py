@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from . import _formats
 
 NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
 SPLITS = ("train", "test")
+# the folders of an image tree that hold its test split, in order of preference
+TEST_FOLDERS = ("test", "val", "validation")
 
 # torchvision's dataset classes, used only when download=True
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
@@ -75,10 +78,18 @@ def _imagefolder(root, split: str, transform, download: bool, limit: int | None)
     if not tree.is_dir():
         raise FileNotFoundError(f"imagefolder: {tree} is not a directory (expected class "
                                 "folders of images, or train/ and test/ or val/ holding them)")
-    for sub in ("train",) if split == "train" else ("test", "val"):
-        if (tree / sub).is_dir():
-            tree = tree / sub
-            break
+    splits = [sub for sub in ("train", *TEST_FOLDERS) if (tree / sub).is_dir()]
+    wanted = ("train",) if split == "train" else TEST_FOLDERS
+    found = [sub for sub in splits if sub in wanted]
+    if found:
+        tree = tree / found[0]
+    elif splits:  # a split tree lacking this split: its other split's folder is no class
+        raise FileNotFoundError(f"imagefolder: {tree} has {splits[0]}/ but no "
+                                f"{' or '.join(w + '/' for w in wanted)} folder for the "
+                                f"{split} split")
+    elif split == "train":
+        warnings.warn(f"imagefolder: {tree} holds no train/ and test/ (or val/) folders: the "
+                      "same images serve as the training and the test split", stacklevel=3)
     ds = ImageFolder(str(tree), transform=transform, loader=_tensor_image)
     if limit is not None:
         ds.samples = ds.imgs = ds.samples[:limit]
@@ -105,7 +116,8 @@ def dataset(name: str, split: str = "train", root: str | os.PathLike | None = No
             :func:`find_data_root`). The files are looked for in a dataset folder under it
             ("cifar10", "mnist", "fashion_mnist", ... or torchvision's "MNIST/raw" layout) or in
             the root itself. For "imagefolder" root is the image tree (class folders, or train/
-            and test/ or val/ holding them), read with torchvision.datasets.ImageFolder.
+            and test/, val/ or validation/ holding them; a tree of class folders alone serves both
+            splits, with a warning), read with torchvision.datasets.ImageFolder.
         transform: applied to each uint8 image tensor (C, H, W), e.g. :func:`transforms`;
             without one the dataset yields the uint8 tensors.
         download: fetch missing files with torchvision's dataset class into ``root`` (never

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .._modes import eval_mode
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
+from .losses import check_targets
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -60,11 +61,13 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     # loss sum, top-1 hits, top-5 hits, samples: summed on the device, read once at the end
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     with eval_mode(model):
-        for batch in batches:
+        for i, batch in enumerate(batches):
             x, y = to_device(*split_batch(batch), device)
             if transform is not None:
                 x = transform(x)
             logits = model(x).float()
+            if i == 0:
+                check_targets(logits, y)
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices == y[:, None]
             totals += torch.stack([

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
 from .evaluation import evaluate, unwrap
-from .losses import training_loss
+from .losses import check_targets, training_loss
 from .teacher_cache import TeacherCache
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -321,6 +321,7 @@ class _Run:
         # the weights' (and inputs') memory format while training; "auto" is decided on the
         # first batch (_choose_layout)
         self.layout = None
+        self.targets_checked = False  # the first batch's labels fit the model's outputs
         # under torchrun "auto" keeps the layout: DDP's gradient buckets take the parameters'
         # strides when the model is wrapped, before the first batch could be probed
         self.layout_pending = (o["memory_format"] == "auto" and not self.env.active
@@ -511,6 +512,9 @@ class _Run:
                 with torch.no_grad():
                     teacher_logits = (self.teacher(x) if self.tcache is None
                                       else self.tcache.outputs(x, self.teacher))
+        if not self.targets_checked:
+            check_targets(logits, y)
+            self.targets_checked = True
         loss = training_loss(logits, y, teacher_logits, label_smoothing=o["label_smoothing"],
                              kd_alpha=o["kd_alpha"], kd_temperature=o["kd_temperature"])
         self.optimizer.zero_grad(set_to_none=True)

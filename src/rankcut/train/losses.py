@@ -7,6 +7,19 @@ import torch
 import torch.nn.functional as F
 
 
+def check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Refuse class-index ``targets`` outside the model's ``logits.shape[1]`` outputs (a model
+    built for fewer classes than the data has), a ValueError instead of cross-entropy's
+    IndexError or a device-side assert. Reads two numbers from the device: call it once."""
+    if targets.dtype.is_floating_point or targets.numel() == 0 or logits.ndim != 2:
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= logits.shape[1]:
+        raise ValueError(f"labels: the data has class {high if high >= 0 else low} but the model "
+                         f"has {logits.shape[1]} outputs (classes 0..{logits.shape[1] - 1}); "
+                         "build it with as many classes as the data has (--num-classes)")
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float = 4.0) -> torch.Tensor:
     """Hinton et al.'s (2015) distillation term, averaged over the batch:
