@@ -103,7 +103,7 @@ def sweep_settings(config: dict) -> dict:
         raise SystemExit(f"sweep: unknown keys {unknown}; known: {', '.join(SWEEP)}")
     s = {**SWEEP, **raw}
     runs = config.get("runs") or {}
-    if not _list_of(s["models"], lambda m: m in runs):
+    if not _list_of(s["models"], lambda m: isinstance(m, str) and m in runs):
         raise SystemExit(f"sweep.models: expected a list of runs of this config, got "
                          f"{s['models']!r}")
     if not isinstance(s["part"], str) or not s["part"]:

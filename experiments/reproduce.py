@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import platform
 import shutil
@@ -92,6 +93,11 @@ SETTINGS = {
                               # (rankcut.profile.speedups, after fine-tuning); [] to skip
     "note": "",               # printed in the summary
 }
+# the settings that are whole numbers: (key, least value, whether null is allowed)
+INTEGERS = [("test_limit", 1, True), ("calib", 0, False), ("steps_per_layer", 1, True),
+            ("epochs", 1, True), ("steps", 1, True), ("batch_size", 1, False),
+            ("checkpoint_every", 1, False), ("seed", 0, False), ("num_classes", 1, True),
+            ("image_size", 1, True)]
 # transfer's keys and their defaults ("data" has none: it must be given)
 TRANSFER = {"data": None, "epochs": 2, "train_limit": 10000, "test_limit": None, "lr": 0.05}
 RESULT = "result.json"
@@ -128,8 +134,6 @@ def check(config: dict, name: str, s: dict) -> None:
         raise SystemExit(f"run {name!r}: {what}: {err}")
 
     if s["train"] is not None:
-        import inspect
-
         known = set(inspect.signature(finetune).parameters) - {
             "model", "train_data", "checkpoint_dir", "resume", "log", "progress", "device",
             "callback", "teacher", "val_data"}
@@ -152,9 +156,34 @@ def check(config: dict, name: str, s: dict) -> None:
                 parse(s[key])
             except ValueError as err:
                 refuse(key, err)
-    limit = s["test_limit"]
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        refuse("test_limit", f"expected a number of test images >= 1 or null, got {limit!r}")
+    if not isinstance(s["model"], str) or not (
+            s["model"] in rc.models.REGISTRY or ":" in s["model"]
+            or s["model"] in rc.models.torchvision_names()):
+        refuse("model", f"unknown model {s['model']!r}; known: {', '.join(rc.models.REGISTRY)}, "
+                        "the torchvision models or package.module:function")
+    if not isinstance(s["data"], str) or s["data"] not in D.NAMES:
+        refuse("data", f"expected one of {', '.join(D.NAMES)}, got {s['data']!r}")
+    for key, low, nullable in INTEGERS:
+        v = s[key]
+        if (v is not None or not nullable) and (isinstance(v, bool) or not isinstance(v, int)
+                                                or v < low):
+            refuse(key, f"expected an integer >= {low}{' or null' if nullable else ''}, "
+                        f"got {v!r}")
+    if s["lr"] is not None and (isinstance(s["lr"], bool) or not isinstance(s["lr"], int | float)
+                                or not 0 < s["lr"] < float("inf")):
+        refuse("lr", f"expected a number > 0 or null, got {s['lr']!r}")
+    for key in ("distill", "teacher_cache", "allow_slower", "sequential"):
+        if not isinstance(s[key], bool) and not (key == "sequential" and s[key] is None):
+            refuse(key, f"expected true or false, got {s[key]!r}")
+    if s["epochs"] is not None and s["steps"] is not None:
+        refuse("epochs", "give epochs or steps, not both")
+    for key, fn in (("plan_options", rc.plan), ("finetune_options", finetune)):
+        if not isinstance(s[key], dict):
+            refuse(key, f"expected a mapping of {fn.__module__}.{fn.__name__} arguments, got "
+                        f"{s[key]!r}")
+        unknown = sorted(set(s[key]) - set(inspect.signature(fn).parameters))
+        if unknown:
+            refuse(key, f"unknown keys {unknown} for {fn.__module__}.{fn.__name__}")
     batches = s["latency"] or []
     if not isinstance(batches, list) or not all(isinstance(b, int) and not isinstance(b, bool)
                                                 and b >= 1 for b in batches):
@@ -589,9 +618,19 @@ def command_line(doc: str, only: str, summary: str):
     parser.add_argument("--summary", action="store_true", help=summary)
     args = parser.parse_args()
     config_path = Path(args.config)
-    config = yaml.safe_load(config_path.read_text())
+    if not config_path.is_file():
+        raise SystemExit(f"{config_path}: no such config file")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{config_path}: not valid YAML: "
+                         f"{str(err).strip().splitlines()[0]}") from None
     if not isinstance(config, dict) or not isinstance(config.get("runs"), dict):
         raise SystemExit(f"{config_path}: expected a mapping with a 'runs:' mapping")
+    bad = [str(n) for n, run in config["runs"].items() if run is not None
+           and not isinstance(run, dict)]
+    if bad:
+        raise SystemExit(f"{config_path}: runs {bad}: each run is a mapping of settings")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args, config_path, config

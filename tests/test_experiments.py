@@ -189,6 +189,19 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "model": ({"model": "resnet21_cifar"}, "resnet21_cifar"),
         "train-pretrained": ({"train": {"epochs": 1}}, "weights: FILE"),
         "train-key": ({"weights": "w.safetensors", "train": {"epoch": 1}}, "epoch"),
+        "epochs-negative": ({"epochs": -1}, "epochs: expected an integer >= 1"),
+        "epochs-word": ({"epochs": "one"}, "epochs: expected an integer"),
+        "epochs-and-steps": ({"epochs": 1, "steps": 10}, "not both"),
+        "lr-word": ({"lr": "fast"}, "lr: expected a number > 0"),
+        "batch-0": ({"batch_size": 0}, "batch_size"),
+        "calib-negative": ({"calib": -5}, "calib"),
+        "seed-word": ({"seed": "x"}, "seed"),
+        "checkpoint-every-0": ({"checkpoint_every": 0}, "checkpoint_every"),
+        "distill-string": ({"distill": "no"}, "distill: expected true or false"),
+        "data-unknown": ({"data": "imagenet"}, "data: expected one of cifar10"),
+        "plan-options-list": ({"plan_options": [1]}, "plan_options: expected a mapping"),
+        "plan-options-typo": ({"plan_options": {"allow_slowr": True}}, "allow_slowr"),
+        "finetune-options-typo": ({"finetune_options": {"lrr": 0.1}}, "lrr"),
     }
     for key, (own, words) in bad.items():
         config = {**base, "runs": {**base["runs"], key: own}}
@@ -201,6 +214,25 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
     done = reproduce(path, tmp_path / "runs", {**os.environ, "RANKCUT_DATA": str(tmp_path)})
     assert done.returncode != 0 and "tensor_train" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_file_that_is_no_config_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    import pytest
+
+    reproduce_ = _reproduce_module()
+    files = {"missing.yaml": None, "folder": "dir", "broken.yaml": "runs: [\n",
+             "number-run.yaml": "model: resnet20_cifar\nruns: {r: 5}\n"}
+    words = {"missing.yaml": "no such config file", "folder": "no such config file",
+             "broken.yaml": "not valid YAML", "number-run.yaml": "each run is a mapping"}
+    for name, text in files.items():
+        path = tmp_path / name
+        if text == "dir":
+            path.mkdir()
+        elif text is not None:
+            path.write_text(text)
+        monkeypatch.setattr("sys.argv", ["reproduce.py", str(path)])
+        with pytest.raises(SystemExit, match=words[name]):
+            reproduce_.command_line("doc", "only", "summary")
 
 
 def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
@@ -402,6 +434,7 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
         "ratios": ({"ratios": [1, 4]}, "ratios"),
         "key": ({"ratio": [4]}, "unknown keys"),
         "models": ({"models": ["nothing"]}, "sweep.models"),
+        "models-nested": ({"models": [["dense"]]}, "sweep.models"),
         "option": ({"methods": {"c": {"method": "cur", "options": {"solvr": "x"}}}}, "solvr"),
         "mode": ({"methods": {"s": {"modes": ["global"]}}}, "modes"),
         "method-key": ({"methods": {"s": {"seed": 1}}}, "unknown keys"),
