@@ -375,6 +375,9 @@ CLI_CASES = [
     ("config-float-word", _config("lr: fast\n"), ["--config", "'lr'", "number", "'fast'"]),
     ("config-bad-choice", _config("schedule: greedy\n"), ["--config", "'schedule'", "one_shot"]),
     ("config-list-for-single", _config("target: [macs=2x, macs=3x]\n"), ["--config", "'target'"]),
+    ("config-is-a-folder", lambda tmp: (tmp / "cdir").mkdir() or [
+        "compress", *T, *PLAN_FLAGS, "--config", tmp / "cdir", "--out", tmp / "o"],
+     ["--config", "is a folder"]),
     ("config-null-for-a-required-flag", _config("out: ~\n"), ["--config", "'out'", "null"]),
     # 12. normalisation, image trees and class counts
     ("normalization-without-data", _compress("--normalization", "cifar10"),
@@ -732,6 +735,14 @@ def test_real_weights_truncated(resnet20_weights, capsys, tmp_path):
     code, _, err = run(capsys, "compress", *S, "--weights", cut, "--out", tmp_path / "o")
     assert_refused(code, err, "resnet20.th", "not a readable torch checkpoint")
     assert os.listdir(tmp_path) == ["resnet20.th"]
+
+
+def test_save_onto_a_file_says_it_writes_a_folder(saved, tmp_path):
+    _, small = saved
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="a file, not a folder"):
+        rc.save(small, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_load_with_the_wrong_model_names_the_keys_and_shapes(saved):

@@ -322,7 +322,8 @@ def _read_config(path: Path, command: str, subparser) -> dict:
     import yaml
 
     if not path.is_file():
-        raise UserError(f"--config: {path} not found")
+        raise UserError(f"--config: {path} " + ("is a folder, not a YAML file" if path.is_dir()
+                                                else "not found"))
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:

@@ -73,6 +73,9 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
     from . import __version__
 
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}: a file, not a folder (rankcut.save writes a folder "
+                              f"holding {PLAN_FILE} and {WEIGHTS_FILE})")
     stored = realized_plan(model, plan)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp))

@@ -93,6 +93,9 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerPlan:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"layer plan: expected a mapping of method, ranks, ..., got "
+                             f"{type(d).__name__} {d!r}")
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"layer plan: unknown keys {sorted(unknown)}")
