@@ -153,3 +153,27 @@ def test_large_matrices_at_small_rank_pick_from_randomized_singular_vectors():
     assert cur(W, 24, method="deim", seed=7).col_idx.tolist() == fast.col_idx.tolist()
     lev = cur(W, 24, method="leverage", n_cols=48, n_rows=48, seed=1)
     assert lev.rel_error < 2 * exact
+
+
+def _greedy_deim(V: torch.Tensor) -> list[int]:
+    """DEIM as Sorensen & Embree state it: interpolate column j on the rows picked so far and
+    pick the row of the largest residual."""
+    picked = [int(V[:, 0].abs().argmax())]
+    for j in range(1, V.shape[1]):
+        p = torch.tensor(picked)
+        residual = (V[:, j] - V[:, :j] @ torch.linalg.solve(V[p, :j], V[p, j])).abs()
+        residual[p] = -1.0
+        picked.append(int(residual.argmax()))
+    return picked
+
+
+@pytest.mark.parametrize("n, k", [(50, 1), (50, 7), (300, 40), (64, 64)])
+def test_deim_picks_are_the_greedy_definitions(n, k):
+    """The LU-pivot form of DEIM picks the rows of the textbook greedy loop, in its order."""
+    import importlib
+
+    deim = importlib.import_module("rankcut.decompose.cur")._deim
+    g = torch.Generator().manual_seed(n + k)
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    assert deim(V).tolist() == _greedy_deim(V)
+    assert deim(V.float()).tolist() == _greedy_deim(V.float().double())
