@@ -18,11 +18,9 @@ def commit() -> str:
 def cifar_test_and_calib(calib: int):
     """(the shared data's root, CIFAR-10 test images, their labels, the first ``calib`` training
     images); exits with the reason when the data is absent."""
-    from rankcut.data import find_data_root, read_cifar10_bin
+    from rankcut.data import read_cifar10_bin, require_data_root
 
-    root = find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = require_data_root()
     images, labels = read_cifar10_bin(root, "test")
     train, _ = read_cifar10_bin(root, "train", limit=calib)
     return root, images, labels, train

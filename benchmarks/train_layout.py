@@ -33,9 +33,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    root = D.find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = D.require_data_root()
     dense = create(args.model, weights=pretrained_path(args.model, root)).eval()
     small = rc.load(create(args.model), args.compressed).float()
     train = D.dataset("cifar10", "train", root=root, transform=D.transforms(

@@ -24,7 +24,7 @@ import torch
 import rankcut as rc
 from rankcut import data as D
 from rankcut.calibrate import reestimate_batchnorm
-from rankcut.data import find_data_root, read_cifar10_bin
+from rankcut.data import read_cifar10_bin, require_data_root
 from rankcut.models import create, normalizer, pretrained_path
 from rankcut.profile import count_macs, top1_accuracy
 
@@ -34,9 +34,7 @@ def main():
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     parser.add_argument("--calib", type=int, default=1024, help="calibration training images")
     args = parser.parse_args()
-    root = find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = require_data_root()
     norm = normalizer("resnet20_cifar")
     images, labels = read_cifar10_bin(root, "test")
     train, _ = read_cifar10_bin(root, "train", limit=max(args.calib, 2048))

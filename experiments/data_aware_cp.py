@@ -18,9 +18,7 @@ LAYERS = ["layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv2"]
 
 
 def main():
-    root = D.find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = D.require_data_root()
     model = create("resnet20_cifar",
                    weights=pretrained_path("resnet20_cifar", root)).eval()
     plain_ds = D.dataset("cifar10", "train", root=root, limit=1024, transform=D.transforms(

@@ -17,7 +17,7 @@ from torch import nn
 import rankcut as rc
 from rankcut.calibrate import input_second_moments
 from rankcut.curves import output_error
-from rankcut.data import find_data_root, read_cifar10_bin
+from rankcut.data import read_cifar10_bin, require_data_root
 from rankcut.models import create, normalizer, pretrained_path
 from rankcut.profile import top1_accuracy
 
@@ -28,9 +28,7 @@ def main():
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.73])
     parser.add_argument("--calib", type=int, default=256, help="calibration images")
     args = parser.parse_args()
-    root = find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = require_data_root()
     model = create("resnet20_cifar", weights=pretrained_path("resnet20_cifar", root)).eval()
     norm = normalizer("resnet20_cifar")
     train, _ = read_cifar10_bin(root, "train", limit=args.calib)

@@ -38,9 +38,7 @@ def main():
     parser.add_argument("--save-plan", help="write the plan here (JSON)")
     parser.add_argument("--plan", help="apply this plan (JSON) instead of planning")
     args = parser.parse_args()
-    root = D.find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = D.require_data_root()
     norm = "resnet20_cifar"
     train = D.dataset("cifar10", "train", root=root,
                       transform=D.transforms("cifar10", train=True, normalization=norm))

@@ -19,9 +19,7 @@ def main():
     parser.add_argument("--root", default=None, help="data root (default $RANKCUT_DATA, "
                         "else ../shared/data)")
     args = parser.parse_args()
-    root = data.find_data_root(args.root)
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = data.require_data_root(args.root)
     print(f"{'model':<16} {'params':>10} {'top-1 %':>8} {'correct':>10} {'seconds':>8}")
     for name in PRETRAINED:
         start = time.perf_counter()

@@ -9,15 +9,13 @@ Prints the report's Markdown. Run from the repository root:
 import torch
 
 import rankcut as rc
-from rankcut.data import find_data_root, read_cifar10_bin
+from rankcut.data import read_cifar10_bin, require_data_root
 from rankcut.models import create, normalizer, pretrained_path
 from rankcut.report import compare
 
 
 def main():
-    root = find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = require_data_root()
     model = create("resnet20_cifar",
                    weights=pretrained_path("resnet20_cifar", root)).eval()
     norm = normalizer("resnet20_cifar")

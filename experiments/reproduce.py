@@ -637,10 +637,7 @@ def command_line(doc: str, only: str, summary: str):
 
 
 def data_root() -> Path:
-    root = D.find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at "
-                         "../shared/data")
+    root = D.require_data_root()
     return root
 
 

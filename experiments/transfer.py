@@ -35,9 +35,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.05)
     args = parser.parse_args()
-    root = D.find_data_root()
-    if root is None:
-        raise SystemExit("needs the shared data: set $RANKCUT_DATA or place it at ../shared/data")
+    root = D.require_data_root()
     model = create(args.model, weights=pretrained_path(args.model, root)).eval()
     x = torch.rand(1, 3, 32, 32)
     cifar = D.dataset("cifar10", "train", root=root, limit=2048,

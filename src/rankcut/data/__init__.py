@@ -59,6 +59,15 @@ def find_data_root(path: str | os.PathLike | None = None, *extra: str | os.PathL
     return None
 
 
+def require_data_root(path: str | os.PathLike | None = None) -> Path:
+    """:func:`find_data_root`, or, for scripts, an exit with how to give the data (no
+    traceback) when there is none."""
+    root = find_data_root(path)
+    if root is None:
+        raise SystemExit(f"needs the shared data: set ${ENV_VAR} or place it at ../shared/data")
+    return root
+
+
 def load_conv_kernels(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The 4-D (conv) tensors of a checkpoint as float32, by name without a ``module.`` prefix
     (read by :func:`rankcut.models.read_state_dict`: safetensors, or torch files with
@@ -117,6 +126,7 @@ __all__ = [
     "loader",
     "read_cifar10_bin",
     "read_idx",
+    "require_data_root",
     "train_val_split",
     "transforms",
     "with_transform",
