@@ -395,6 +395,9 @@ CLI_CASES = [
     ("calib-without-data", _compress("--calib", 16), ["--calib", "--data"]),
     ("rounds-with-one-shot", _compress("--rounds", 2), ["--rounds", "multistage"]),
     ("latency-batch-0", _compress("--latency-batch", 0), ["--latency-batch", ">= 1"]),
+    ("device-garbage", _compress("--device", "gpu0"), ["--device", "gpu0"]),
+    ("device-absent-gpu", _compress("--device", "cuda:64"), ["--device", "cuda:64",
+                                                            "not on this machine"]),
     # 11. and the other integer flags' ranges
     ("benchmark-batches-0", _benchmark("--batches", 0), ["--batches", "0"]),
     ("benchmark-repeats-0", _benchmark("--repeats", 0), ["--repeats", ">= 1"]),

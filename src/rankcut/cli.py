@@ -450,6 +450,24 @@ def _check_numbers(args: argparse.Namespace) -> None:
                         f"examples, got {split:g}")
 
 
+def _check_device(text: str) -> None:
+    """--device names a device this machine has (a missing GPU is refused, not ignored by the
+    commands that would use it only late or not at all)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise UserError(f"--device: {text!r} is not on this machine ({count} CUDA "
+                            "device(s))")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+
+
 def _check_normalization(args: argparse.Namespace) -> None:
     """--normalization names statistics rankcut knows, and only with --data; without it, the
     model's own statistics or the dataset's must exist (an image folder has none)."""
@@ -575,6 +593,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.data.lower().replace("-", "_") not in NAMES:
             raise UserError(f"--data: unknown dataset {args.data!r}; known: {', '.join(NAMES)}")
     _check_normalization(args)
+    if getattr(args, "device", None):
+        _check_device(args.device)
     if "calib" in args.given and args.calib and not getattr(args, "data", None):
         raise UserError("--calib: calibration examples are read from --data; give it")
     if command in ("compress", "sweep"):
