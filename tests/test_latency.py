@@ -184,9 +184,13 @@ def test_a_plan_measured_faster_than_a_latency_target_needs_is_loosened(fake_lat
     assert plan.meta["budget"]["latency"] > 0.5  # loosened: the prediction was pessimistic
 
 
-def test_planning_with_a_full_table_times_nothing_and_repeats_itself(tmp_path):
+def test_planning_with_a_full_table_times_nothing_and_repeats_itself(tmp_path, monkeypatch):
     """Real timings: the first plan fills the table (saved to a path), the second, from the
-    file, takes no timing and gives the same plan."""
+    file, takes no timing, builds no candidate layer (the file keeps which primitives each one
+    runs) and gives the same plan. A table written before those were kept is read, used, and
+    written back with them."""
+    import rankcut.select.latency as latency
+
     model, x = convnet(), torch.rand(2, 16, 16, 16)
     path = tmp_path / "latency.json"
     kw = {"target": "macs=2x", "min_params": 100, "latency_table": path,
@@ -194,10 +198,23 @@ def test_planning_with_a_full_table_times_nothing_and_repeats_itself(tmp_path):
           "latency_margin": 1.0}  # tiny layers: a factorization may be slower on a busy machine
     first = rc.plan(model, x, **kw)
     assert path.exists() and first.meta["latency"]["timings_taken"] > 0
-    second = rc.plan(model, x, **kw)
+    saved = json.loads(path.read_text())
+    assert saved["chains"] and all(keys for keys in saved["chains"].values())
+
+    def no_rebuild(*args):
+        raise AssertionError("a candidate layer was built though the table knows its chain")
+
+    with monkeypatch.context() as m:
+        m.setattr(latency, "rebuild", no_rebuild)
+        second = rc.plan(model, x, **kw)
     assert second.meta["latency"]["timings_taken"] == 0
     assert second.active == first.active
     assert second.meta["latency"]["predicted_ms"] == first.meta["latency"]["predicted_ms"]
+    chains = saved.pop("chains")  # as an earlier rankcut wrote it
+    path.write_text(json.dumps(saved))
+    third = rc.plan(model, x, **kw)
+    assert third.active == first.active and third.meta["latency"]["timings_taken"] == 0
+    assert json.loads(path.read_text())["chains"] == chains
 
 
 def test_without_a_table_the_machine_cache_is_used_and_extended(tmp_path, monkeypatch,

@@ -177,6 +177,11 @@ class LatencyTable:
         self.entries: dict[str, dict[str, float]] = {}  # key -> {str(batch): ms}
         self.measured = 0  # timings taken by this object (not loaded)
         self._chains: dict[tuple, list] = {}
+        # which primitives a factorized layer runs: "<layer key> <config JSON>" -> their keys.
+        # Kept in the file, so that a later plan sums known times without building and
+        # tracing thousands of candidate layers again (most of a reused plan's time)
+        self.chains: dict[str, list[str]] = {}
+        self._new_chains = 0
         self._deployed: dict[tuple, nn.Module] = {}  # dense models fused for compare_plan
         self.file: Path | None = None  # where rc.plan writes it back (at(), cached())
         self._in_cache = False
@@ -185,7 +190,8 @@ class LatencyTable:
     def to_dict(self) -> dict:
         return {"format": FORMAT_VERSION, "setting": self.setting,
                 "timing": {"warmup": self.warmup, "repeats": self.repeats},
-                "entries": dict(sorted(self.entries.items()))}
+                "entries": dict(sorted(self.entries.items())),
+                "chains": dict(sorted(self.chains.items()))}
 
     def save(self, path) -> Path:
         """Write the table to ``path`` as JSON (atomically: a reader never sees half a file)."""
@@ -228,6 +234,10 @@ class LatencyTable:
             raise ValueError(f"latency table: {path} was measured in another setting ({said}); "
                              "build a table on this device")
         table.entries = {k: dict(v) for k, v in data["entries"].items()}
+        chains = data.get("chains", {})  # tables written before chains were kept have none
+        if isinstance(chains, dict):
+            table.chains = {k: list(v) for k, v in chains.items() if isinstance(v, list)
+                            and all(isinstance(key, str) for key in v)}
         return table
 
     @classmethod
@@ -276,7 +286,8 @@ class LatencyTable:
         process added there meanwhile; returns the file, or None when the table has none,
         nothing new to add, or the write failed. The cache folder is made when missing. A
         failed write is a warning, not an error: the plan stands."""
-        if self.file is None or (not self.measured and self.file.is_file()):
+        if self.file is None or (not self.measured and not self._new_chains
+                                 and self.file.is_file()):
             return None
         if self.setting["threads"] != torch.get_num_threads():
             _cache_warning(f"not saved to {self.file}: it was measured with "
@@ -285,8 +296,10 @@ class LatencyTable:
             return None
         try:
             if self.file.is_file():
-                for key, times in LatencyTable.load(self.file, self.device).entries.items():
+                there = LatencyTable.load(self.file, self.device)
+                for key, times in there.entries.items():
                     self.entries[key] = {**times, **self.entries.get(key, {})}
+                self.chains = {**there.chains, **self.chains}
         except ValueError:  # damaged, or another setting: replaced by this table
             pass
         except OSError:
@@ -331,6 +344,11 @@ class LatencyTable:
             config = {k: _rounded(v) if k in ("rank", "ranks") else v for k, v in config.items()}
         cache = (primitive_key(module, shape), None if config is None else
                  json.dumps(config, sort_keys=True))
+        b = str(batch)
+        if config is not None and cache not in self._chains:
+            keys = self.chains.get(" ".join(cache))
+            if keys is not None and all(b in self.entries.get(k, {}) for k in keys):
+                return sum(self.entries[k][b] for k in keys)
         chain = self._chains.get(cache)
         if chain is None:
             if config is None:
@@ -338,6 +356,10 @@ class LatencyTable:
             else:
                 with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
                     chain = _leaves(rebuild(_materialise(module), config), shape)
+                keys = [key for key, _, _ in chain]
+                if self.chains.get(" ".join(cache)) != keys:
+                    self.chains[" ".join(cache)] = keys
+                    self._new_chains += 1
             self._chains[cache] = chain
         return sum(self._time(key, prim, s, batch) for key, prim, s in chain)
 
