@@ -540,3 +540,44 @@ def test_a_carried_run_resumes_on_another_machine_where_it_stopped(tmp_path, mon
     monkeypatch.setattr(carry, "LIMIT", 10)
     with pytest.raises(SystemExit, match="over the 0 MB limit"):
         carry.main(["save", "cfg.yaml", "long", "--runs-dir", str(here)])
+
+
+def _results_rows() -> dict[str, float]:
+    """results/README.md's table: folder -> the top-1 it states."""
+    import re
+
+    rows = {}
+    for line in (REPO / "results" / "README.md").read_text().splitlines():
+        m = re.match(r"\| `([^`]+)/` \|.*\| ([0-9.]+) \(([0-9.]+)\) \|", line)
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    return rows
+
+
+def test_every_committed_result_loads_from_its_name_and_is_listed():
+    """Each results/ folder loads with rc.load(create(NAME), FOLDER), NAME the folder's prefix,
+    holds the parameters its plan predicted, runs, and is listed in results/README.md."""
+    import torch
+
+    rows = _results_rows()
+    folders = sorted(p for p in (REPO / "results").iterdir() if p.is_dir())
+    assert folders and {f.name for f in folders} == set(rows)
+    for folder in folders:
+        model = rc.load(create(folder.name.split("-")[0]), folder).eval()
+        plan = json.loads((folder / "plan.json").read_text())
+        assert sum(p.numel() for p in model.parameters()) == plan["meta"]["predicted"]["params"][1]
+        with torch.no_grad():
+            assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_committed_results_keep_the_top1_the_readme_states(shared_data):
+    """The headline models, loaded back, measure the top-1 results/README.md states on CIFAR-10
+    test images 0..1016 (to one image: 0.098 point, as float rounding may flip a borderline one
+    on another CPU)."""
+    for name, stated in _results_rows().items():
+        model_name = name.split("-")[0]
+        model = rc.load(create(model_name), REPO / "results" / name).eval()
+        test = D.dataset("cifar10", "test", root=shared_data, limit=1017,
+                         transform=D.transforms("cifar10", train=False,
+                                                normalization=model_name))
+        assert abs(evaluate(model, test)["top1"] - stated) < 0.1, name
