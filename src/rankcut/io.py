@@ -24,7 +24,7 @@ from torch import nn
 from . import methods
 from .atomic import atomic_path
 from .layers import FactorizedLayer, LowRankLinear
-from .models import check_state_dict, first_non_finite
+from .models import WeightsMismatchError, check_state_dict, first_non_finite
 from .plans import LayerPlan, Plan
 from .surgery import structure
 
@@ -159,7 +159,10 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
     except (SafetensorError, RuntimeError, OSError) as err:
         if isinstance(err, RuntimeError):
             # name the keys and shapes that differ (load_state_dict's own text spans lines)
-            check_state_dict(model, load_file(str(weights)), f"{weights}: the weights")
+            try:
+                check_state_dict(model, load_file(str(weights)), "the weights")
+            except WeightsMismatchError as mismatch:
+                err = mismatch
         raise ValueError(f"{weights}: cannot load into the rebuilt model: {err}") from None
     bad = first_non_finite(model.state_dict())
     if bad is not None:
