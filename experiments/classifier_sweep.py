@@ -55,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import (
     check,
     command_line,
-    data_root,
     datasets,
     settings_of,
     trained_weights,
@@ -574,7 +573,7 @@ def main() -> int:
             s = settings_of(config, name)
             check(config, name, s)
             check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"])
-        root = data_root()
+        root = D.require_data_root()
         for name in names:
             # each layer's full SVD once for all its points (minutes for a 4096 x 25,088 one)
             with rc.decompose.reuse_svds(max_entries=8):

@@ -636,11 +636,6 @@ def command_line(doc: str, only: str, summary: str):
     return args, config_path, config
 
 
-def data_root() -> Path:
-    root = D.require_data_root()
-    return root
-
-
 def main() -> int:
     args, config_path, config = command_line(__doc__, "run only these runs of the config",
                                              "print the table of the finished runs and stop")
@@ -655,7 +650,7 @@ def main() -> int:
         every = {name: settings_of(config, name) for name in names}
         for name, s in every.items():
             check(config, name, s)
-        root = data_root()
+        root = D.require_data_root()
         for name, s in every.items():
             if (base / name / RESULT).is_file():
                 print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)

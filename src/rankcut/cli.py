@@ -485,10 +485,11 @@ def _check_normalization(args: argparse.Namespace) -> None:
         return
     if not args.data or args.data.lower().replace("-", "_") in DATASET_STATS:
         return
+    model = getattr(args, "model", None) or ""
     try:
-        models.normalization(getattr(args, "model", None) or "")
+        models.normalization(model)
     except ValueError:
-        raise UserError(f"--normalization: {args.model!r} has no known input statistics and "
+        raise UserError(f"--normalization: {model!r} has no known input statistics and "
                         f"{args.data} has none of its own; give --normalization none, a dataset "
                         f"name ({', '.join(DATASET_STATS)}) or a model name") from None
 

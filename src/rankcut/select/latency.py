@@ -344,9 +344,9 @@ class LatencyTable:
             config = {k: _rounded(v) if k in ("rank", "ranks") else v for k, v in config.items()}
         cache = (primitive_key(module, shape), None if config is None else
                  json.dumps(config, sort_keys=True))
-        b = str(batch)
-        if config is not None and cache not in self._chains:
-            keys = self.chains.get(" ".join(cache))
+        named = None if config is None else " ".join(cache)  # its entry in self.chains
+        if named is not None and cache not in self._chains:
+            keys, b = self.chains.get(named), str(batch)
             if keys is not None and all(b in self.entries.get(k, {}) for k in keys):
                 return sum(self.entries[k][b] for k in keys)
         chain = self._chains.get(cache)
@@ -357,8 +357,8 @@ class LatencyTable:
                 with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
                     chain = _leaves(rebuild(_materialise(module), config), shape)
                 keys = [key for key, _, _ in chain]
-                if self.chains.get(" ".join(cache)) != keys:
-                    self.chains[" ".join(cache)] = keys
+                if self.chains.get(named) != keys:
+                    self.chains[named] = keys
                     self._new_chains += 1
             self._chains[cache] = chain
         return sum(self._time(key, prim, s, batch) for key, prim, s in chain)
