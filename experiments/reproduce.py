@@ -131,7 +131,8 @@ def check(config: dict, name: str, s: dict) -> None:
     from rankcut.select.rules import parse_rank
 
     def refuse(what: str, err) -> None:
-        raise SystemExit(f"run {name!r}: {what}: {err}")
+        text = str(err).removeprefix(f"{what}: ")  # rankcut's own errors name the key already
+        raise SystemExit(f"run {name!r}: {what}: {text}")
 
     if s["train"] is not None:
         known = set(inspect.signature(finetune).parameters) - {
@@ -142,6 +143,10 @@ def check(config: dict, name: str, s: dict) -> None:
                             f"({', '.join(sorted(known))}), got {s['train']!r}")
         if s["weights"] == "pretrained":
             refuse("train", "needs weights: FILE, where the trained weights go")
+    try:
+        rc.models.check_name(s["model"])
+    except ValueError as err:
+        refuse("model", err)
     if s["model"] not in PRETRAINED and s["weights"] == "pretrained":
         refuse("model", f"no pretrained weights for {s['model']!r} (known: "
                         f"{', '.join(PRETRAINED)}); give weights: FILE")
@@ -156,11 +161,6 @@ def check(config: dict, name: str, s: dict) -> None:
                 parse(s[key])
             except ValueError as err:
                 refuse(key, err)
-    if not isinstance(s["model"], str) or not (
-            s["model"] in rc.models.REGISTRY or ":" in s["model"]
-            or s["model"] in rc.models.torchvision_names()):
-        refuse("model", f"unknown model {s['model']!r}; known: {', '.join(rc.models.REGISTRY)}, "
-                        "the torchvision models or package.module:function")
     if not isinstance(s["data"], str) or s["data"] not in D.NAMES:
         refuse("data", f"expected one of {', '.join(D.NAMES)}, got {s['data']!r}")
     for key, low, nullable in INTEGERS:

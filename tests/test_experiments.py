@@ -174,7 +174,7 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
     reproduce_ = _reproduce_module()
     base = {"model": "resnet20_cifar", "runs": {"ok": {"rank": 8, "method": "svd"}}}
     bad = {
-        "method": ({"method": "tensor_train"}, "method"),
+        "method": ({"method": "tensor_train"}, "method: expected one of"),
         "rank": ({"rank": "energy=2"}, "energy"),
         "target": ({"target": "macs=0.5x"}, "target"),
         "schedule": ({"schedule": "twice"}, "schedule"),
@@ -186,7 +186,8 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "transfer": ({"transfer": {"epochs": 1}}, "data"),
         "transfer-text": ({"transfer": "mnist"}, "mapping"),
         "match": ({"match_params": "nothing"}, "nothing"),
-        "model": ({"model": "resnet21_cifar"}, "resnet21_cifar"),
+        "model": ({"model": "resnet21_cifar"}, "model: unknown name 'resnet21_cifar'"),
+        "model-number": ({"model": 5}, "model: unknown name 5"),
         "train-pretrained": ({"train": {"epochs": 1}}, "weights: FILE"),
         "train-key": ({"weights": "w.safetensors", "train": {"epoch": 1}}, "epoch"),
         "epochs-negative": ({"epochs": -1}, "epochs: expected an integer >= 1"),
@@ -205,8 +206,10 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
     }
     for key, (own, words) in bad.items():
         config = {**base, "runs": {**base["runs"], key: own}}
-        with pytest.raises(SystemExit, match=words):
+        with pytest.raises(SystemExit, match=words) as refused:
             reproduce_.check(config, key, reproduce_.settings_of(config, key))
+        assert ": model: model:" not in str(refused.value)  # the key is named once
+        assert ": method: method:" not in str(refused.value)
     # on the command line: refused with that message before "ok", listed first, runs
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet20_cifar\nruns:\n  ok: {rank: 8, method: svd}\n"

@@ -99,6 +99,17 @@ def test_unknown_name_lists_what_is_known():
     for part in ("resnet20_cifar", "vgg11_bn_cifar", "vgg11_torchvision", "alexnet_cifar",
                  "torchvision", "package.module:function"):
         assert part in message
+    # the same dispatch answers without building anything
+    assert [models.check_name(n) for n in ("resnet20_cifar", "my_nets:net", "resnet18")] == [
+        "registry", "user", "torchvision"]
+    for bad in ("resnet21_cifar", 5, None):
+        with pytest.raises(ValueError, match="model: unknown name"):
+            models.check_name(bad)
+
+
+def test_dataset_names_are_spelled_one_way():
+    assert [data.dataset_key(n) for n in ("Fashion-MNIST", "cifar10", "MNIST")] == [
+        "fashion_mnist", "cifar10", "mnist"]
 
 
 def test_normalization_by_model():

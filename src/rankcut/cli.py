@@ -472,6 +472,7 @@ def _check_normalization(args: argparse.Namespace) -> None:
     """--normalization names statistics rankcut knows, and only with --data; without it, the
     model's own statistics or the dataset's must exist (an image folder has none)."""
     from . import models
+    from .data import dataset_key
     from .data._transforms import DATASET_STATS, resolve_normalization
 
     if not hasattr(args, "normalization"):
@@ -483,7 +484,7 @@ def _check_normalization(args: argparse.Namespace) -> None:
         if args.normalization.lower() != "none":
             _as_user_error("--normalization", resolve_normalization, args.normalization)
         return
-    if not args.data or args.data.lower().replace("-", "_") in DATASET_STATS:
+    if not args.data or dataset_key(args.data) in DATASET_STATS:
         return
     model = getattr(args, "model", None) or ""
     try:
@@ -589,9 +590,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if getattr(args, "input_shape", None):
         _input_shape(args.input_shape)
     if getattr(args, "data", None):
-        from .data import NAMES
+        from .data import NAMES, dataset_key
 
-        if args.data.lower().replace("-", "_") not in NAMES:
+        if dataset_key(args.data) not in NAMES:
             raise UserError(f"--data: unknown dataset {args.data!r}; known: {', '.join(NAMES)}")
     _check_normalization(args)
     if getattr(args, "device", None):

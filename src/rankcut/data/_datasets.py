@@ -17,6 +17,13 @@ from . import _formats
 
 NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
 SPLITS = ("train", "test")
+
+
+def dataset_key(name: str) -> str:
+    """The canonical spelling of a dataset name: lower case, ``-`` as ``_`` ("Fashion-MNIST" is
+    "fashion_mnist"); the one place that normalises what users type."""
+    return name.lower().replace("-", "_")
+
 # the folders of an image tree that hold its test split, in order of preference
 TEST_FOLDERS = ("test", "val", "validation")
 
@@ -144,7 +151,7 @@ def dataset(name: str, split: str = "train", root: str | os.PathLike | None = No
     """
     from . import find_data_root
 
-    key = name.lower().replace("-", "_")
+    key = dataset_key(name)
     if key not in NAMES:
         raise ValueError(f"dataset: unknown name {name!r}; known: {', '.join(NAMES)}")
     if split not in SPLITS:

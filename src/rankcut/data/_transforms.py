@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CIFAR10_STATS
+from ._datasets import dataset_key
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -171,7 +172,7 @@ def transforms(name: str, train: bool, normalization=None, size: int | None = No
     """
     from torchvision.transforms import v2
 
-    key = name.lower().replace("-", "_")
+    key = dataset_key(name)
     if key not in NATIVE:
         raise ValueError(f"transforms: unknown dataset {name!r}; known: {', '.join(NATIVE)}")
     native_channels, native_size = NATIVE[key]

@@ -241,6 +241,25 @@ def _user_model(name: str) -> Callable[..., nn.Module]:
     return obj
 
 
+def check_name(name: object) -> str:
+    """Where model ``name`` comes from: "registry", "user" (``package.module:function``, not
+    imported here) or "torchvision"; the one place that dispatches on model names.
+
+    Raises:
+        ValueError: a name that is none of these (or not a string).
+    """
+    if isinstance(name, str):
+        if name in REGISTRY:
+            return "registry"
+        if ":" in name:
+            return "user"
+        if name in torchvision_names():
+            return "torchvision"
+    raise ValueError(f"model: unknown name {name!r}; known: {', '.join(REGISTRY)}; any "
+                     "torchvision classification model (rankcut.models.torchvision_names(), "
+                     "e.g. 'resnet18'); or 'package.module:function' for your own")
+
+
 def create(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
            **kwargs) -> nn.Module:
     """Build model ``name`` (registry, torchvision, or ``"package.module:function"``), with
@@ -251,23 +270,20 @@ def create(name: str, weights: str | os.PathLike | None = None, num_classes: int
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
         kwargs["num_classes"] = num_classes
-    if name in REGISTRY:
+    kind = check_name(name)
+    if kind == "registry":
         model = REGISTRY[name](**kwargs)
-    elif ":" in name:
+    elif kind == "user":
         build = _user_model(name)
         try:
             model = build(**kwargs)
         except TypeError as err:
             given = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
             raise TypeError(f"model: calling {name!r} with {given} failed: {err}") from err
-    elif name in torchvision_names():
+    else:
         import torchvision
 
         model = torchvision.models.get_model(name, weights=None, **kwargs)
-    else:
-        raise ValueError(f"model: unknown name {name!r}; known: {', '.join(REGISTRY)}; any "
-                         "torchvision classification model (rankcut.models.torchvision_names(), "
-                         "e.g. 'resnet18'); or 'package.module:function' for your own")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: {name!r} built a {type(model).__name__}, not an nn.Module")
     if weights is not None:
@@ -288,6 +304,7 @@ __all__ = [
     "CifarResNet",
     "CifarVGG",
     "WeightsMismatchError",
+    "check_name",
     "check_state_dict",
     "create",
     "first_non_finite",
