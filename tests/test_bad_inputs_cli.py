@@ -421,6 +421,13 @@ CLI_CASES = [
     ("val-split-without-floor", _compress("--val-split", 0.2), ["--val-split", "--min-accuracy"]),
     ("input-shape-zero", lambda tmp: ["compress", "--model", TINY, "--input-shape", "3,0,8",
                                       *PLAN_FLAGS, "--out", tmp / "o"], ["--input-shape"]),
+    # a shape the model cannot run on: named with the batch tried, before any planning
+    ("input-shape-two-numbers", lambda tmp: ["compress", "--model", TINY, "--input-shape",
+                                             "3,8", *PLAN_FLAGS, "--out", tmp / "o"],
+     ["--input-shape", "(1, 3, 8)"]),
+    ("input-shape-channels", lambda tmp: ["export", "--model", TINY, "--input-shape", "1,8,8",
+                                          "--output", tmp / "m.onnx"],
+     ["--input-shape", "(1, 1, 8, 8)", "channels"]),
     ("unknown-method", _compress_plain("--method", "tensor_train", "--target", "macs=2x"),
      ["--method", "tensor_train"]),
     ("bad-rank-rule", _compress_plain("--rank", "energy=2"), ["--rank", "energy"]),

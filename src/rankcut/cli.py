@@ -727,7 +727,9 @@ class _Context:
     def test_data(self):
         return self.dataset("test", limit=self.args.eval_limit)
 
-    def example_inputs(self):
+    def example_inputs(self, model):
+        """One input for ``model``: the first test example of --data, else a random one of
+        --input-shape, which ``model`` must accept (else a usage error naming the shape)."""
         import torch
 
         a = self.args
@@ -736,7 +738,14 @@ class _Context:
             return x.unsqueeze(0)
         if not a.input_shape:
             raise UserError("--input-shape: give C,H,W of one input (e.g. 3,32,32) or --data")
-        return torch.rand(1, *_input_shape(a.input_shape))
+        x = torch.rand(1, *_input_shape(a.input_shape))
+        try:
+            with torch.no_grad():
+                model(x.to(next(model.parameters(), x).device))
+        except RuntimeError as err:
+            raise UserError(f"--input-shape: the model does not run on a batch of shape "
+                            f"{tuple(x.shape)}: {_one_line(err)}") from None
+        return x
 
     def calib_data(self, n: int):
         from . import data as D
@@ -802,7 +811,8 @@ class _Context:
 def _start(args):
     """The context, the model and its example inputs: how the subcommands that plan start."""
     ctx = _Context(args)
-    return ctx, ctx.model(), ctx.example_inputs()
+    model = ctx.model()
+    return ctx, model, ctx.example_inputs(model)
 
 
 def _say(*parts) -> None:
@@ -893,7 +903,7 @@ def cmd_benchmark(args) -> int:
     ctx = _Context(args)
     model = ctx.model().to(ctx.device)
     small = ctx.compressed(args.compressed).to(ctx.device)
-    x = ctx.example_inputs()
+    x = ctx.example_inputs(model)
     ort = args.engine == "onnxruntime"
     where = "ONNX Runtime on the CPU" if ort else ctx.device
     _say(f"latency on {where}, {torch.get_num_threads()} threads, median of "
@@ -914,7 +924,7 @@ def cmd_export(args) -> int:
 
     ctx = _Context(args)
     model = ctx.subject()
-    path = export(model, args.output, example_inputs=ctx.example_inputs(), format=args.format,
+    path = export(model, args.output, example_inputs=ctx.example_inputs(model), format=args.format,
                   fuse=args.fuse)
     _say(f"wrote {path}" + (" (BatchNorm folded)" if args.fuse else ""))
     return 0
