@@ -90,10 +90,42 @@ def cp_rank(X, fraction):
     return max(1, int(fraction * math.floor(X.numel() / sum(X.shape))))
 
 
+def per_kernel_table(configs):
+    """rankcut and tensorly one kernel at a time, per case and in total."""
+    header = (f"{'kernels':28} {'method':9} {'rank':24} {'n':>3} {'rankcut s':>10} "
+              f"{'tensorly s':>10} {'time ratio':>10} {'err rankcut':>11} {'err tensorly':>12} "
+              f"{'err ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    totals = {}
+    for name, method, label, kernels, run in configs:
+        t_ours = t_tl = e_ours = e_tl = 0.0
+        for X in kernels:
+            a, b, c, d = run(X)
+            t_ours, t_tl, e_ours, e_tl = t_ours + a, t_tl + b, e_ours + c, e_tl + d
+        n = len(kernels)
+        tot = totals.setdefault(method, [0.0, 0.0, 0.0, 0.0])
+        for i, v in enumerate((t_ours, t_tl, e_ours, e_tl)):
+            tot[i] += v
+        print(f"{name:28} {method:9} {label:24} {n:3d} {t_ours:10.3f} {t_tl:10.3f} "
+              f"{t_tl / t_ours:9.1f}x {e_ours / n:11.4f} {e_tl / n:12.4f} {e_ours / e_tl:9.4f}")
+    print("-" * len(header))
+    for method, (t_ours, t_tl, e_ours, e_tl) in totals.items():
+        print(f"{'total':28} {method:9} {'':24} {'':3} {t_ours:10.3f} {t_tl:10.3f} "
+              f"{t_tl / t_ours:9.1f}x {'':11} {'':12} {e_ours / e_tl:9.4f}")
+    print("\nerrors are mean relative Frobenius errors; err ratio = sum(rankcut) / sum(tensorly)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cp-iters", type=int, default=25)
     parser.add_argument("--tucker-iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="the batched table times each side this many times, interleaved, "
+                             "and keeps the fastest (this shared 2-core machine's timings vary "
+                             "by 30%% from one run to the next)")
+    parser.add_argument("--only-batched", action="store_true",
+                        help="print the batched CP-ALS table only")
     parser.add_argument("--only-data-aware-svd", action="store_true",
                         help="print the data-aware SVD rows only")
     args = parser.parse_args()
@@ -128,28 +160,8 @@ def main():
                                 X, (max(1, int(frac * X.shape[0])), max(1, int(frac * X.shape[1]))),
                                 args.tucker_iters)))
 
-    header = (f"{'kernels':28} {'method':9} {'rank':24} {'n':>3} {'rankcut s':>10} "
-              f"{'tensorly s':>10} {'time ratio':>10} {'err rankcut':>11} {'err tensorly':>12} "
-              f"{'err ratio':>9}")
-    print(header)
-    print("-" * len(header))
-    totals = {}
-    for name, method, label, kernels, run in configs:
-        t_ours = t_tl = e_ours = e_tl = 0.0
-        for X in kernels:
-            a, b, c, d = run(X)
-            t_ours, t_tl, e_ours, e_tl = t_ours + a, t_tl + b, e_ours + c, e_tl + d
-        n = len(kernels)
-        tot = totals.setdefault(method, [0.0, 0.0, 0.0, 0.0])
-        for i, v in enumerate((t_ours, t_tl, e_ours, e_tl)):
-            tot[i] += v
-        print(f"{name:28} {method:9} {label:24} {n:3d} {t_ours:10.3f} {t_tl:10.3f} "
-              f"{t_tl / t_ours:9.1f}x {e_ours / n:11.4f} {e_tl / n:12.4f} {e_ours / e_tl:9.4f}")
-    print("-" * len(header))
-    for method, (t_ours, t_tl, e_ours, e_tl) in totals.items():
-        print(f"{'total':28} {method:9} {'':24} {'':3} {t_ours:10.3f} {t_tl:10.3f} "
-              f"{t_tl / t_ours:9.1f}x {'':11} {'':12} {e_ours / e_tl:9.4f}")
-    print("\nerrors are mean relative Frobenius errors; err ratio = sum(rankcut) / sum(tensorly)")
+    if not args.only_batched:
+        per_kernel_table(configs)
     # rankcut.decompose.cp_many: the kernels of one shape (hence one rank) as one batched ALS,
     # what the planner does; tensorly has no batched CP, so its per-kernel time stands.
     print(f"\n{'kernels':28} {'CP-ALS, batched':24} {'n':>3} {'cp_many s':>10} "
@@ -158,19 +170,23 @@ def main():
         by_rank = {}
         for X in kernels:
             by_rank.setdefault(rank_of(X), []).append(X)
-        t_many, e_many = 0.0, 0.0
-        for rank, group in by_rank.items():
-            t, results = timed(lambda group=group, rank=rank: rc.decompose.cp_many(
-                group, rank, max_iter=args.cp_iters, tol=0.0, init="svd"))
-            t_many += t
-            e_many += sum(r.rel_error for r in results)
-        t_tl = e_tl = 0.0
-        for X in kernels:
-            rank = rank_of(X)
-            t, cpt = timed(lambda X=X, rank=rank: parafac(
-                X, rank, n_iter_max=args.cp_iters, init="svd", tol=0.0, random_state=0))
-            t_tl += t
-            e_tl += rel_err(X, tl.cp_to_tensor(cpt))
+        t_many = t_tl = float("inf")
+        for _ in range(args.repeats):
+            t, e_many = 0.0, 0.0
+            for rank, group in by_rank.items():
+                dt, results = timed(lambda group=group, rank=rank: rc.decompose.cp_many(
+                    group, rank, max_iter=args.cp_iters, tol=0.0, init="svd"))
+                t += dt
+                e_many += sum(r.rel_error for r in results)
+            t_many = min(t_many, t)
+            t, e_tl = 0.0, 0.0
+            for X in kernels:
+                rank = rank_of(X)
+                dt, cpt = timed(lambda X=X, rank=rank: parafac(
+                    X, rank, n_iter_max=args.cp_iters, init="svd", tol=0.0, random_state=0))
+                t += dt
+                e_tl += rel_err(X, tl.cp_to_tensor(cpt))
+            t_tl = min(t_tl, t)
         print(f"{name:28} {label:24} {len(kernels):3d} {t_many:10.3f} {t_tl:10.3f} "
               f"{t_tl / t_many:9.1f}x {e_many / e_tl:9.4f}")
     data_aware_svd_rows(next(k[0] for k in cases.values() if k[0].shape[0] >= 512))

@@ -9,7 +9,8 @@ Three solvers:
     tensor times Khatri-Rao product (MTTKRP) is computed with a two-level dimension tree: one
     full-tensor product updates the largest mode, a second contracts the tensor with that new
     factor, and every other mode reuses the small contracted tensor. That is 2 passes over the
-    tensor a sweep instead of N.
+    tensor a sweep instead of N; each later mode then contracts the small tensor with its own new
+    factor, so the modes after it work on a smaller one still.
 ``"als_qr"``
     ALS solved with QR factorizations (Minster, Viviano, Liu & Ballard 2023, "CP decomposition for
     tensors via alternating least squares with QR decomposition", arXiv 2112.10855): A_m = Q_m R_m
@@ -112,13 +113,14 @@ def _hadamard(grams, skip):
 def _spd_solve(V, BT):
     """X with V X = BT for (a batch of) symmetric positive definite V; the pseudo-inverse where
     V is singular."""
-    chol, info = torch.linalg.cholesky_ex(V)
+    # the upper factor: torch's lower one costs a transposed copy more (1.5x slower here)
+    U, info = torch.linalg.cholesky_ex(V, upper=True)
     if BT.shape[-1] <= V.shape[-1]:  # few right-hand sides (a 3x3 kernel's spatial modes: 3):
         # two triangular solves, the same numbers as cholesky_solve and 2-3x faster here
         out = torch.linalg.solve_triangular(
-            chol.mT, torch.linalg.solve_triangular(chol, BT, upper=False), upper=True)
+            U, torch.linalg.solve_triangular(U.mT, BT, upper=False), upper=True)
     else:
-        out = torch.cholesky_solve(BT, chol)
+        out = torch.cholesky_solve(BT, U, upper=True)
     bad = info != 0
     if bool(bad.any()):
         out[bad] = torch.linalg.pinv(V[bad], hermitian=True) @ BT[bad]
@@ -168,16 +170,21 @@ def _als_sweeps(X, factors, max_iter, tol, ridge):
         # into Z (B, R, I_1, ..., I_{N-1}); every other mode's MTTKRP is a batched product with Z.
         MT = (X0 @ khatri_rao(factors[1:])).mT
         V, AT, norms = update(0, MT)
-        Z = (factors[0].mT @ X0).reshape(len(live), rank, *shape[1:])
+        Z = factors[0].mT @ X0  # (B, R, I_1 ... I_{N-1})
+        B = len(live)
         for n in range(1, N):
-            others = [factors[m] for m in range(1, N) if m != n]
-            if others:
-                Zn = Z.movedim(n + 1, 2).reshape(len(live) * rank, shape[n], -1)
-                kr = khatri_rao(others).mT.reshape(len(live) * rank, -1, 1)
-                MT = torch.bmm(Zn, kr)[:, :, 0].reshape(len(live), rank, shape[n])
+            # Z holds modes n..N-1, already contracted with this sweep's factors of modes < n
+            after = Z.shape[-1] // shape[n]
+            Zn = Z.reshape(B * rank, shape[n], after)
+            if n < N - 1:
+                kr = khatri_rao(factors[n + 1:]).mT.reshape(B * rank, after, 1)
+                MT = torch.bmm(Zn, kr).reshape(B, rank, shape[n])
             else:
                 MT = Z
             V, AT, norms = update(n, MT)
+            if n < N - 1:  # contract mode n with its new factor: the next modes see it
+                Z = torch.bmm(factors[n].mT.reshape(B * rank, 1, shape[n]), Zn).reshape(
+                    B, rank, after)
         weights = norms
         # Fit from the last solve: ||X - X̂||² = ||X||² - 2<X, X̂> + ||X̂||².
         inner = (MT * AT).sum((1, 2))
