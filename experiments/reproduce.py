@@ -24,6 +24,7 @@ Data and pretrained weights come from the shared data folder ($RANKCUT_DATA, els
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -295,6 +296,54 @@ def dense_top1(model: torch.nn.Module, s: dict, weights: Path, test) -> dict:
     return _DENSE_TOP1[key]
 
 
+class _Unrepeated(torch.nn.Module):
+    """Stands in for a torchvision VGG's ``AdaptiveAvgPool2d((7, 7))`` while training: a 1x1
+    feature map (32x32 inputs) passes through once instead of being repeated 49 times; any
+    other size goes through the pool."""
+
+    def __init__(self, pool: torch.nn.Module):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        return x if x.shape[-2:] == (1, 1) else self.pool(x)
+
+
+def _folded_forward(linear: torch.nn.Linear, x):
+    """The first classifier layer on the features given once: its weight's 49 copies of each
+    feature's column summed, the same function and (through the sum) the same gradients."""
+    if x.shape[-1] == linear.in_features:
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    out = linear.weight.shape[0]
+    return torch.nn.functional.linear(x, linear.weight.view(out, x.shape[-1], -1).sum(-1),
+                                      linear.bias)
+
+
+@contextlib.contextmanager
+def unrepeated_pool(model: torch.nn.Module):
+    """Train a torchvision-layout VGG on 32x32 inputs without its pool's 49-fold repetition.
+
+    Its adaptive pool turns the 512x1x1 feature map into 512x7x7 copies, so the 4096 x 25,088
+    first classifier layer does 49x the work its function needs. Inside this context the
+    features reach it once and it applies its weight summed over the copies: the model computes
+    the same outputs and every parameter (the 25,088-wide weight too) gets the same gradient, in
+    2.1 s instead of 2.9 s a step of 64 on the 2-core CPU; its state dict, checkpoints and saved
+    weights are unchanged. Other models pass through untouched."""
+    pool = getattr(model, "avgpool", None)
+    head = getattr(model, "classifier", None)
+    first = head[0] if isinstance(head, torch.nn.Sequential) and len(head) else None
+    if not (isinstance(pool, torch.nn.AdaptiveAvgPool2d) and isinstance(first, torch.nn.Linear)):
+        yield model
+        return
+    model.avgpool = _Unrepeated(pool)
+    first.forward = partial(_folded_forward, first)
+    try:
+        yield model
+    finally:
+        model.avgpool = pool
+        del first.forward
+
+
 def trained_weights(s: dict, root: Path, device: str) -> dict:
     """Train ``s["model"]`` from scratch by the recipe ``s["train"]`` (finetune's keyword
     arguments; seeded, checkpointed beside the weights file, so a killed run resumes) unless its
@@ -326,9 +375,10 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
     train, _, test = datasets(s, root)
     print(f"[weights] training {s['model']} on {s['data']} from scratch: {recipe} -> {path}",
           flush=True)
-    result = finetune(model, train, checkpoint_dir=str(folder), resume=True,
-                      checkpoint_every=every, log=str(folder / "train.jsonl"), progress=False,
-                      device=device, callback=wall.callback, **recipe)
+    with unrepeated_pool(model):
+        result = finetune(model, train, checkpoint_dir=str(folder), resume=True,
+                          checkpoint_every=every, log=str(folder / "train.jsonl"),
+                          progress=False, device=device, callback=wall.callback, **recipe)
     small = result.model.cpu().eval()
     info = {"model": s["model"], "data": s["data"], "recipe": recipe,
             "top1": evaluate(small, test)["top1"], "test_images": len(test),

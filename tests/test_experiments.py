@@ -584,3 +584,49 @@ def test_committed_results_keep_the_top1_the_readme_states(shared_data):
                          transform=D.transforms("cifar10", train=False,
                                                 normalization=model_name))
         assert abs(evaluate(model, test)["top1"] - stated) < 0.1, name
+
+
+def test_training_the_torchvision_vgg_without_its_pools_repetition_changes_no_number():
+    """reproduce.unrepeated_pool: the 32x32 VGG's classifier sees each feature once, yet the
+    outputs and every gradient (the first layer's whole weight too) are the plain model's. On a
+    VGG of torchvision's layout, small: features to a 1x1 map, the 7x7 adaptive pool, a
+    classifier whose first layer takes the 49 copies."""
+    import torch
+    import torchvision
+
+    reproduce_ = _reproduce_module()
+    torch.manual_seed(0)
+    model = torchvision.models.VGG(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(32)),
+        num_classes=10, init_weights=True)
+    model.classifier = torch.nn.Sequential(torch.nn.Linear(8 * 49, 16), torch.nn.ReLU(),
+                                           torch.nn.Linear(16, 10))
+    x = torch.randn(2, 3, 32, 32)
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain, plain_grads = outputs_and_grads()
+    keys = list(model.state_dict())
+    with reproduce_.unrepeated_pool(model):
+        assert not isinstance(model.avgpool, torch.nn.AdaptiveAvgPool2d)
+        assert list(model.state_dict()) == keys  # checkpoints resume either way
+        folded, folded_grads = outputs_and_grads()
+        # a larger input (not a 1x1 feature map) still takes the pool and the whole weight
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    assert isinstance(model.avgpool, torch.nn.AdaptiveAvgPool2d)
+    assert "forward" not in vars(model.classifier[0])  # restored
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-5)
+    for k, g in plain_grads.items():
+        torch.testing.assert_close(folded_grads[k], g, rtol=1e-4, atol=1e-6, msg=k)
+    # the seed's model has that layout; a model without it is left alone
+    with torch.device("meta"):  # its layout only: nothing allocated
+        vgg = create("vgg11_torchvision", num_classes=10)
+    assert isinstance(vgg.avgpool, torch.nn.AdaptiveAvgPool2d) and vgg.classifier[0].in_features \
+        == 512 * 49
+    resnet = rc.models.create("resnet20_cifar")
+    with reproduce_.unrepeated_pool(resnet) as same:
+        assert same is resnet and "forward" not in vars(resnet)
