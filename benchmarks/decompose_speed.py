@@ -129,6 +129,8 @@ def main():
     parser.add_argument("--only-data-aware-svd", action="store_true",
                         help="print the data-aware SVD rows only")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
     if args.only_data_aware_svd:
         data_aware_svd_rows(next(k[0] for k in load_cases().values() if k[0].shape[0] >= 512))
         return
@@ -189,7 +191,8 @@ def main():
             t_tl = min(t_tl, t)
         print(f"{name:28} {label:24} {len(kernels):3d} {t_many:10.3f} {t_tl:10.3f} "
               f"{t_tl / t_many:9.1f}x {e_many / e_tl:9.4f}")
-    data_aware_svd_rows(next(k[0] for k in cases.values() if k[0].shape[0] >= 512))
+    if not args.only_batched:
+        data_aware_svd_rows(next(k[0] for k in cases.values() if k[0].shape[0] >= 512))
 
 
 def moment(n: int, seed: int = 0) -> torch.Tensor:

@@ -162,7 +162,7 @@ def check(config: dict, name: str, s: dict) -> None:
                 parse(s[key])
             except ValueError as err:
                 refuse(key, err)
-    if not isinstance(s["data"], str) or s["data"] not in D.NAMES:
+    if not isinstance(s["data"], str) or D.dataset_key(s["data"]) not in D.NAMES:
         refuse("data", f"expected one of {', '.join(D.NAMES)}, got {s['data']!r}")
     for key, low, nullable in INTEGERS:
         v = s[key]

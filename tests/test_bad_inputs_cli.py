@@ -43,6 +43,22 @@ def not_a_module():
     return 42
 
 
+class _Picky(nn.Module):
+    """A model that checks its input's size itself (as torchvision's ViT does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        assert x.shape[-1] == 8, f"expected 8 features, got {x.shape[-1]}"
+        return self.fc(x)
+
+
+def picky():
+    return _Picky()
+
+
 TINY = f"{__name__}:tiny"
 # the tiny model, planned by an explicit rule (the latency guard off: its layers are too small
 # to time meaningfully)
@@ -428,6 +444,10 @@ CLI_CASES = [
     ("input-shape-channels", lambda tmp: ["export", "--model", TINY, "--input-shape", "1,8,8",
                                           "--output", tmp / "m.onnx"],
      ["--input-shape", "(1, 1, 8, 8)", "channels"]),
+    ("input-shape-model-assertion", lambda tmp: ["compress", "--model", f"{__name__}:picky",
+                                                 "--input-shape", "5", *PLAN_FLAGS, "--out",
+                                                 tmp / "o"],
+     ["--input-shape", "(1, 5)", "expected 8 features"]),
     ("unknown-method", _compress_plain("--method", "tensor_train", "--target", "macs=2x"),
      ["--method", "tensor_train"]),
     ("bad-rank-rule", _compress_plain("--rank", "energy=2"), ["--rank", "energy"]),

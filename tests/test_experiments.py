@@ -210,6 +210,9 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
             reproduce_.check(config, key, reproduce_.settings_of(config, key))
         assert ": model: model:" not in str(refused.value)  # the key is named once
         assert ": method: method:" not in str(refused.value)
+    # a dataset spelled as the command line accepts it passes
+    config = {**base, "runs": {"fm": {"rank": 8, "method": "svd", "data": "Fashion-MNIST"}}}
+    reproduce_.check(config, "fm", reproduce_.settings_of(config, "fm"))
     # on the command line: refused with that message before "ok", listed first, runs
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet20_cifar\nruns:\n  ok: {rank: 8, method: svd}\n"

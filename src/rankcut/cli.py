@@ -17,6 +17,7 @@ holds files of two runs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -739,12 +740,15 @@ class _Context:
         if not a.input_shape:
             raise UserError("--input-shape: give C,H,W of one input (e.g. 3,32,32) or --data")
         x = torch.rand(1, *_input_shape(a.input_shape))
+        where = next(itertools.chain(model.parameters(), model.buffers()), x).device
         try:
             with torch.no_grad():
-                model(x.to(next(model.parameters(), x).device))
-        except RuntimeError as err:
+                model(x.to(where))
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError too): not the shape
+            raise
+        except (RuntimeError, ValueError, AssertionError) as err:  # a model's own shape checks
             raise UserError(f"--input-shape: the model does not run on a batch of shape "
-                            f"{tuple(x.shape)}: {_one_line(err)}") from None
+                            f"{tuple(x.shape)}: {_one_line(err) or type(err).__name__}") from None
         return x
 
     def calib_data(self, n: int):

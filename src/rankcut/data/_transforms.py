@@ -134,8 +134,8 @@ def resolve_normalization(normalization) -> Stats | None:
     if normalization is None:
         return None
     if isinstance(normalization, str):
-        if normalization in DATASET_STATS:
-            return DATASET_STATS[normalization]
+        if dataset_key(normalization) in DATASET_STATS:
+            return DATASET_STATS[dataset_key(normalization)]
         from ..models import normalization as model_normalization
 
         try:

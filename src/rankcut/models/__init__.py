@@ -90,8 +90,11 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     else the ImageNet statistics for torchvision models (as their published weights)."""
     if name in NORMALIZATION:
         return NORMALIZATION[name]
-    if name not in REGISTRY and name in torchvision_names():
-        return IMAGENET_STATS
+    try:
+        if check_name(name) == "torchvision":
+            return IMAGENET_STATS
+    except ValueError:
+        pass
     raise ValueError(f"model: no normalisation known for {name!r}; known: "
                      f"{', '.join(sorted(NORMALIZATION))} and the torchvision models (ImageNet "
                      "statistics)")
