@@ -158,6 +158,22 @@ def _cached_net():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
 
 
+def test_the_cache_key_reads_the_calibration_data_as_the_moments_do():
+    """data_fingerprint cuts a tensor or Dataset into the moments' batches (64 samples), so two
+    calibration sets that differ inside the first batch are two keys with max_batches=1."""
+    from rankcut.select.cache import data_fingerprint
+
+    x = torch.randn(128, 3, 8, 8)
+    other = x.clone()
+    other[5] += 1  # the first batch of 64, but not the first sample
+    assert data_fingerprint(x, 1) != data_fingerprint(other, 1)
+    assert data_fingerprint(x, 1) == data_fingerprint(x.clone(), 1)
+    assert data_fingerprint(x, 1) != data_fingerprint(x, 2)  # the second batch is read too
+    labels = torch.zeros(128, dtype=torch.long)  # (inputs, targets): the inputs are the key
+    assert data_fingerprint((x, labels), 1) == data_fingerprint(x, 1)
+    assert data_fingerprint(None, 1) is None
+
+
 def test_a_candidate_cache_plans_later_targets_without_scoring_again(monkeypatch):
     """A sweep of ratios measures moments and candidates once; each plan equals the plan made
     without the cache; a changed weight or other calibration data is a miss, never stale."""

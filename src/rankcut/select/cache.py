@@ -46,16 +46,17 @@ __all__ = ["CandidateCache", "data_fingerprint", "model_fingerprint"]
 
 
 def data_fingerprint(batches, max_batches: int | None) -> str | None:
-    """SHA-256 of the inputs of the calibration batches the planner reads (None: no data)."""
+    """SHA-256 of the inputs of the calibration batches the planner reads (None: no data):
+    read as the moments read them (:func:`rankcut.calibrate.calibration_inputs`: a tensor or a
+    Dataset in batches, ``max_batches`` of those), so that data differing anywhere the moments
+    look differs here too."""
+    from ..calibrate import calibration_inputs
+
     if batches is None:
         return None
     h = hashlib.sha256()
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = batch[0] if isinstance(batch, tuple | list) else batch
-        for t in x if isinstance(x, tuple | list) else (x,):
-            update(h, torch.as_tensor(t))
+    for x in calibration_inputs(batches, max_batches, allow_empty=True):
+        update(h, x)
     return h.hexdigest()
 
 
