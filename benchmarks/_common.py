@@ -2,17 +2,15 @@
 CIFAR-10 images they evaluate and calibrate on, and an empty latency cache."""
 
 import os
-import subprocess
 import tempfile
+
+from rankcut._provenance import source_commit
 
 
 def commit() -> str:
-    """The short hash of the checked-out commit, or "unknown" outside a git checkout."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit of the code this benchmark runs (``rankcut._provenance.source_commit``: read
+    at the first call and kept, "+dirty" with uncommitted changes)."""
+    return source_commit()
 
 
 def cifar_test_and_calib(calib: int):

@@ -30,7 +30,6 @@ import inspect
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from functools import lru_cache, partial
@@ -42,6 +41,7 @@ from safetensors.torch import save_file
 
 import rankcut as rc
 from rankcut import data as D
+from rankcut._provenance import source_commit
 from rankcut.atomic import atomic_folder, atomic_path
 from rankcut.io import save_plan
 from rankcut.models import PRETRAINED, create, pretrained_path
@@ -217,22 +217,7 @@ def check(config: dict, name: str, s: dict) -> None:
                                f"{sorted(s['transfer'])}")
 
 
-def _commit() -> str:
-    """The commit of the code this process runs ("+dirty" with uncommitted changes to tracked
-    files), read once when the process starts: commits made while a long queue runs must not
-    be credited with results of the code loaded before them."""
-    def git(*args) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
-                       else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-COMMIT = _commit()
+COMMIT = source_commit()  # read when the process starts (see there)
 
 
 class _Wall:

@@ -633,3 +633,22 @@ def test_training_the_torchvision_vgg_without_its_pools_repetition_changes_no_nu
     resnet = rc.models.create("resnet20_cifar")
     with reproduce_.unrepeated_pool(resnet) as same:
         assert same is resnet and "forward" not in vars(resnet)
+
+
+def test_results_name_the_commit_of_the_code_that_ran():
+    """experiments and benchmarks credit results to rankcut._provenance.source_commit: the
+    checkout's HEAD (marked +dirty with changes to tracked files), read once."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from rankcut._provenance import source_commit
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the commit is 'unknown'")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True, cwd=REPO).stdout.strip()
+    assert source_commit().removesuffix("+dirty") == head
+    assert source_commit() is source_commit()  # kept, not asked again
+    assert _reproduce_module().COMMIT == source_commit()
