@@ -115,6 +115,8 @@ def test_max_work_caps_the_sweeps_and_bounds_the_full_runs_error():
         ((torch.randn(3, 3, 3), 2), {"max_iter": 0}, "max_iter: expected a value > 0"),
         ((torch.randn(3, 3, 3), 2), {"tol": -1.0}, "tol: expected a value >= 0"),
         ((torch.randn(3, 3, 3), 2), {"max_work": 0}, "max_work: expected a value > 0"),
+        ((torch.randn(3, 3, 3), 2), {"tol": float("nan")}, "tol: expected a finite number"),
+        ((torch.randn(3, 3, 3), 2), {"ridge": float("inf")}, "ridge: expected a finite number"),
         ((torch.full((2, 2, 2), float("inf")), 2), {}, "X: expected finite entries, got 8"),
     ],
 )

@@ -6,6 +6,8 @@ argument, the value received and what is accepted (scikit-learn's habit). Intern
 
 from __future__ import annotations
 
+import math
+
 import operator
 import warnings
 from collections.abc import Sequence
@@ -80,10 +82,10 @@ def check_choice(value, name: str, choices: Sequence[str]) -> str:
 
 
 def check_positive(value, name: str, *, allow_zero: bool = False, integer: bool = False):
-    """Check a numeric option: > 0 (or >= 0), and an integer where asked."""
+    """Check a numeric option: finite, > 0 (or >= 0), and an integer where asked."""
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type:
-        kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        kind = "an integer" if integer else "a finite number"
         raise ValueError(f"{name}: expected {kind}, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
