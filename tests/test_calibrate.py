@@ -307,3 +307,20 @@ def test_sequential_apply_fits_each_layer_to_the_compressed_inputs():
         rc.apply(model, plan, sequential=True)
     with pytest.raises(ValueError, match="reference: only sequential fitting"):
         rc.apply(model, plan, calib_data=batches, sequential=False, reference=model)
+
+
+def test_two_tensors_are_inputs_and_targets_when_the_second_is_labels_or_shaped_otherwise():
+    """calibration_batches reads (x, y) as a pair when y holds class labels or soft targets
+    (another shape than x), and as two batches of inputs when both are inputs of one shape."""
+    from rankcut.calibrate import calibration_batches, calibration_inputs
+
+    x = torch.randn(10, 3, 4, 4)
+    for y in (torch.arange(10), torch.softmax(torch.randn(10, 5), 1)):
+        batches = list(calibration_batches((x, y), batch_size=4))
+        assert [len(b[0]) for b in batches] == [4, 4, 2]
+        assert torch.equal(torch.cat([b[1] for b in batches]), y)
+        assert torch.equal(torch.cat(list(calibration_inputs((x, y), batch_size=4))), x)
+    two = (torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4))  # two batches of inputs
+    assert [b.shape[0] for b in calibration_batches(two)] == [4, 4]
+    with pytest.raises(ValueError, match="10 inputs but 9 targets"):
+        list(calibration_batches((x, torch.randn(9, 5))))

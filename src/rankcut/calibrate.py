@@ -67,7 +67,8 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
     where it has labels, bare inputs where it has none (``transform``, if given, applied to the
     inputs). ``calib_data`` is an iterable of batches (a DataLoader, a list), a Dataset, a tensor
     of inputs or an ``(inputs, targets)`` pair of tensors (the last three cut into batches of
-    ``batch_size``). Inputs with NaN or infinite values are an error naming the batch; so are
+    ``batch_size``; two tensors are a pair when the second holds class labels or is shaped
+    unlike the first). Inputs with NaN or infinite values are an error naming the batch; so are
     no batches at all, unless ``allow_empty``."""
     if calib_data is None:
         raise ValueError("calib_data: expected batches of inputs or (inputs, targets), got None")
@@ -76,7 +77,10 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
         raise ValueError(f"max_batches: expected an int >= 1 or None, got {max_batches!r}")
     if (isinstance(calib_data, tuple | list) and len(calib_data) == 2
             and all(isinstance(t, torch.Tensor) for t in calib_data)
-            and calib_data[1].ndim == 1 and not calib_data[1].is_floating_point()):
+            and ((calib_data[1].ndim == 1 and not calib_data[1].is_floating_point())
+                 or calib_data[0].shape[1:] != calib_data[1].shape[1:])):
+        # (inputs, targets): class labels, or targets of another shape than the inputs (soft
+        # labels); two tensors of one shape are two batches of inputs
         x, y = calib_data
         if len(x) != len(y):
             raise ValueError(f"calib_data: {len(x)} inputs but {len(y)} targets")
