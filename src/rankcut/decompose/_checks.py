@@ -7,7 +7,6 @@ argument, the value received and what is accepted (scikit-learn's habit). Intern
 from __future__ import annotations
 
 import math
-
 import operator
 import warnings
 from collections.abc import Sequence
