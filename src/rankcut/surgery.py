@@ -23,6 +23,7 @@ from .calibrate import (
     input_second_moments,
     paired_moments,
 )
+from .defaults import COMPRESS
 from .layers import conv_skip_reason
 from .methods import DATA_AWARE
 from .plans import LayerPlan, Plan
@@ -68,7 +69,7 @@ def _parent_reads_weight(model: nn.Module, name: str) -> str | None:
 
 
 def target_layers(model: nn.Module, include=None, exclude=None, *,
-                  min_params: int = 1024) -> dict[str, str | None]:
+                  min_params: int = COMPRESS["min_params"]) -> dict[str, str | None]:
     """Every Conv2d and Linear of ``model``: qualified name -> None (eligible) or why not.
 
     ``include``/``exclude``: qualified names, glob patterns (``"layer3.*"``) or module types

@@ -19,6 +19,7 @@ from .. import methods as registry
 from .._modes import as_inputs
 from ..calibrate import calibration_batches
 from ..curves import tucker_errors
+from ..defaults import COMPRESS
 from ..layers import group_matrices
 from ..profile import (
     count_params,
@@ -288,7 +289,8 @@ def _suggest(module: nn.Module, rule, method: str, shape) -> dict:
 
 def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.95"),
             calib_data=None, methods: Sequence[str] = ("svd", "tucker"), include=None,
-            exclude=None, min_params: int = 1024, transform=None, max_batches: int | None = 8,
+            exclude=None, min_params: int = COMPRESS["min_params"], transform=None,
+            max_batches: int | None = 8,
             loss_fn: Callable = nn.functional.cross_entropy, sensitivity_method: str = "svd",
             trial_rank="params=0.25", latency: bool = False, batches=(1,), warmup: int = 3,
             repeats: int = 10, meta: Mapping | None = None) -> Analysis:

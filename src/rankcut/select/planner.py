@@ -219,7 +219,8 @@ def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options
 
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
-         min_params: int = 1024, rank_multiple: int = 1, options: dict | None = None,
+         min_params: int = COMPRESS["min_params"], rank_multiple: int = 1,
+         options: dict | None = None,
          allow_slower: bool = False, latency_margin: float = 0.0,
          speed_slack: float = COMPRESS["speed_slack"],
          latency_table: LatencyTable | str | Path | None = None,
