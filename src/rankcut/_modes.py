@@ -1,10 +1,11 @@
-"""Running a model: reading ``example_inputs``; eval mode for a while, leaving its train/eval
-flags as they were; and with forward hooks attached for a while (how profiling, planning and
-calibration watch layers)."""
+"""Running a model: reading ``example_inputs``; the model's device; eval mode for a while,
+leaving its train/eval flags as they were; and with forward hooks attached for a while (how
+profiling, planning and calibration watch layers)."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -21,6 +22,13 @@ def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
                          f"(e.g. torch.rand(1, 3, 32, 32)), got {type(example_inputs).__name__}"
                          f": {example_inputs!r:.80}")
     return tuple(inputs)
+
+
+def model_device(model: nn.Module, fallback="cpu") -> torch.device:
+    """Where ``model`` runs: the device of its first parameter, else of its first buffer, else
+    ``fallback`` (a device, or a name): the one way rankcut reads it."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device(fallback) if first is None else first.device
 
 
 def batch_of(inputs: tuple[torch.Tensor, ...]) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._modes import hooked
+from ._modes import hooked, model_device
 from .decompose.svd import regularised_moment
 
 
@@ -185,7 +185,7 @@ def _check_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    return model_device(model)
 
 
 def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterable, *,
@@ -334,7 +334,7 @@ def reestimate_batchnorm(model: nn.Module, calib_data, *, max_batches: int | Non
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
     model.eval()

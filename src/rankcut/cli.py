@@ -17,7 +17,6 @@ holds files of two runs.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -733,6 +732,8 @@ class _Context:
         --input-shape, which ``model`` must accept (else a usage error naming the shape)."""
         import torch
 
+        from ._modes import model_device
+
         a = self.args
         if a.data:
             x, _ = self.test_data()[0]
@@ -740,7 +741,7 @@ class _Context:
         if not a.input_shape:
             raise UserError("--input-shape: give C,H,W of one input (e.g. 3,32,32) or --data")
         x = torch.rand(1, *_input_shape(a.input_shape))
-        where = next(itertools.chain(model.parameters(), model.buffers()), x).device
+        where = model_device(model)
         try:
             with torch.no_grad():
                 model(x.to(where))
@@ -1060,23 +1061,25 @@ class _SpeedUp:
     def __init__(self, model, x, batch: int):
         import torch
 
+        from ._modes import model_device
         from .fuse import fuse
         from .profile import with_batch
 
         self.x = with_batch(x, batch)
         self.dense = fuse(model, self.x, memory_format="auto")
         self.setting = {"batch": batch, "threads": torch.get_num_threads(),
-                        "device": str(next(model.parameters()).device)}
+                        "device": str(model_device(model))}
 
     def describe(self) -> str:
         s = self.setting
         return f"batch {s['batch']}, {s['threads']} threads, {s['device']}"
 
     def __call__(self, small) -> dict:
+        from ._modes import model_device
         from .fuse import fuse
         from .profile import compare_latency
 
-        small = fuse(small.to(next(self.dense.parameters()).device), self.x,
+        small = fuse(small.to(model_device(self.dense)), self.x,
                      memory_format="auto")
         d, c = compare_latency(self.dense, small, self.x, repeats=20)
         return {"speedup": d.median_ms / c.median_ms, "latency_ms": c.median_ms,

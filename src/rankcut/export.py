@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import as_tensor_tuple, compare_outputs, eval_mode
+from ._modes import as_tensor_tuple, compare_outputs, eval_mode, model_device
 from .atomic import atomic_path, file_target_problem
 from .fuse import fuse as fused_copy
 
@@ -250,7 +250,7 @@ def _check_onnx(file: Path, feeds: dict[str, torch.Tensor], expected, atol: floa
 
 def _export_torchscript(model, inputs, tmp, method, check, atol) -> None:
     """Script or trace the model where it is (its device), save it, and optionally reload it."""
-    device = _device_of(model)
+    device = model_device(model)
     inputs = tuple(x.to(device) for x in inputs)
     if method == "script":
         compiled = torch.jit.script(model)
@@ -262,8 +262,3 @@ def _export_torchscript(model, inputs, tmp, method, check, atol) -> None:
         loaded = torch.jit.load(str(tmp))
         actual = as_tensor_tuple(loaded(*inputs), "TorchScript output")
         compare_outputs(f"TorchScript ({method})", actual, expected, atol)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(iter((*model.parameters(), *model.buffers())), None)
-    return tensor.device if tensor is not None else torch.device("cpu")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from . import methods
+from ._modes import model_device
 from .atomic import atomic_path
 from .layers import FactorizedLayer, LowRankLinear
 from .models import WeightsMismatchError, check_state_dict, first_non_finite
@@ -153,7 +154,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
             raise ValueError(f"{weights}: contents do not match {PLAN_FILE} (SHA-256 differs): "
                              "the file was changed or truncated after saving")
     model = structure(base_model, plan)
-    device = next((p.device for p in model.parameters()), "cpu")
+    device = model_device(model)
     try:
         load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as err:

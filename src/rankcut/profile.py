@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import as_inputs, batch_of, eval_mode, hooked, run_watching_layers
+from ._modes import as_inputs, batch_of, eval_mode, hooked, model_device, run_watching_layers
 from .layers import FactorizedLayer
 
 __all__ = [
@@ -109,7 +109,7 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"images, labels: expected equal non-zero lengths, got {len(images)} "
                          f"and {len(labels)}")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     correct = 0
     with eval_mode(model):
         for i in range(0, len(images), batch_size):
@@ -194,7 +194,7 @@ def _ort_timer(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
 def _timer(model: nn.Module, inputs: tuple[torch.Tensor, ...], engine: str = "eager"):
     if check_engine(engine) == "onnxruntime":
         return _ort_timer(model, inputs)
-    device = next((p.device for p in model.parameters()), inputs[0].device)
+    device = model_device(model, inputs[0].device)
     cuda = device.type == "cuda"
     inputs = tuple(x.to(device) for x in inputs)
 
@@ -511,7 +511,7 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
         layers.append(LayerProfile(name, type(unit).__name__, count_params(unit),
                                    unit_macs[name], param_bytes(unit), calls, shape))
 
-    device = str(next((p.device for p in model.parameters()), inputs[0].device))
+    device = str(model_device(model, inputs[0].device))
     whole: dict[int, Latency] = {}
     if latency:
         by_name = {layer.name: layer for layer in layers}

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .._modes import as_inputs
+from .._modes import as_inputs, model_device
 from ..io import layer_plan_of
 from ..layers import FactorizedLayer
 from ..plans import Plan
@@ -388,7 +388,7 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
 
     unit_times: dict[int, dict[str, list]] = {}
     whole: list[dict] = []
-    device = str(next((p.device for p in compressed.parameters()), inputs[0].device))
+    device = str(model_device(compressed, inputs[0].device))
     if latency:
         for batch in sorted({1, user_batch}):
             x = with_batch(inputs, batch)

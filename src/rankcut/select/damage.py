@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._modes import eval_mode
+from .._modes import eval_mode, model_device
 from ..calibrate import calibration_inputs
 from ..curves import Candidate
 from ..surgery import set_submodule
@@ -114,7 +114,7 @@ def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[s
         if seen >= max_samples:
             break
     work = copy.deepcopy(model)
-    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    device = model_device(work)
     kl = dict.fromkeys(probes, 0.0)
     bar = None
     if progress:

@@ -32,7 +32,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import methods
-from .._modes import as_inputs, batch_of, run_watching_layers
+from .._modes import as_inputs, batch_of, model_device, run_watching_layers
 from ..calibrate import input_second_moments
 from ..curves import Candidate, aligned, measured, pareto, whitened_svd_errors
 from ..defaults import COMPRESS
@@ -304,7 +304,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             latency_batch, int) or latency_batch < 1):
         raise ValueError(f"latency_batch: expected an int >= 1, got {latency_batch!r}")
     timed = kind == "latency" or not allow_slower
-    table = as_table(latency_table, _device_of(model)) if timed else None
+    table = as_table(latency_table, model_device(model)) if timed else None
 
     eligible = target_layers(model, include, exclude, min_params=min_params)
     for name, reason in eligible.items():
@@ -321,7 +321,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                data_fingerprint(calib_data, max_batches), tuple(sorted(shapes.items())),
                method, None if rule is None else (rule.kind, repr(rule.value)),
                target is not None, grid_kind, rank_multiple, opts_key,
-               tuple(eligible.items()), str(_device_of(model)))
+               tuple(eligible.items()), str(model_device(model)))
         hit = cache.get(key, disk=persist)
     covs = {}
     if hit is not None and hit[0] is not None:
@@ -410,10 +410,6 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                       stacklevel=2)
     _summarise(result, model, shapes)
     return result
-
-
-def _device_of(model: nn.Module):
-    return next((p.device for p in model.parameters()), "cpu")
 
 
 def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, options,

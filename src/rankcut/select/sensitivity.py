@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import methods
-from .._modes import eval_mode
+from .._modes import eval_mode, model_device
 from ..layers import cost_at
 from ..plans import LayerPlan, Plan
 from ..surgery import apply
@@ -57,7 +57,7 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Iterable, loss_fn: Callable) -> float:
     """Mean of ``loss_fn(model(x), y)`` over ``(x, y)`` batches, in eval mode."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     total, count = 0.0, 0
     with eval_mode(model):
         for x, y in batches:

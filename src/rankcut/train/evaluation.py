@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .._modes import eval_mode
+from .._modes import eval_mode, model_device
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
 from .losses import check_targets
@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     data = as_data(data, "data")
     if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = model_device(model)
     device = torch.device(device)
     if isinstance(transform, nn.Module):
         transform = transform.to(device)
