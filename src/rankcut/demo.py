@@ -39,6 +39,7 @@ from . import compress, save
 from .atomic import atomic_folder
 from .layers import FactorizedLayer
 from .profile import compare_latency, count_macs, count_params, layer_macs
+from .report._common import factor_text
 from .train import evaluate, finetune
 
 # The model: digits upsampled to SIZE x SIZE; conv blocks of these widths, max-pooling after the
@@ -104,11 +105,12 @@ def _count(n: float) -> str:
 
 
 def _times(before: float, after: float, lower: str, higher: str) -> str:
+    """"3.06x fewer": the factor as the reports write it (a near tie keeps three decimals)."""
     if after == before:
         return "unchanged"
     if after < before:
-        return f"{before / after:.2f}x {lower}"
-    return f"{after / before:.2f}x {higher}"
+        return f"{factor_text(before / after)} {lower}"
+    return f"{factor_text(after / before)} {higher}"
 
 
 def _layer_rows(original: nn.Module, small: nn.Module, plan, x1) -> list[dict]:
