@@ -361,6 +361,49 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert state_equal(again.model, full.model)
 
 
+def test_the_optimizer_is_fused_and_a_checkpoint_keeps_the_implementation_built_here(
+        tmp_path, monkeypatch):
+    """finetune's SGD/AdamW use torch's fused kernel where the device has one: the same update
+    as the default implementation (to float rounding); a checkpoint written by another
+    implementation resumes with the one built here (how, not what, it computes)."""
+    from rankcut.train import checkpoint as ckpt
+    from rankcut.train.loop import _make_optimizer
+
+    for kind in ("sgd", "adamw"):
+        params = [nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)))]
+        plain_params = [nn.Parameter(params[0].detach().clone())]
+        fused = _make_optimizer(kind, [{"params": params, "weight_decay": 1e-3}], 0.1, 0.9,
+                                False)
+        if not fused.param_groups[0].get("fused"):
+            pytest.skip("this torch has no fused optimizer kernel for the CPU")
+        plain = (torch.optim.SGD(plain_params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+                 if kind == "sgd" else torch.optim.AdamW(plain_params, lr=0.1,
+                                                         weight_decay=1e-3))
+        for step in range(3):
+            grad = torch.randn(6, 5, generator=torch.Generator().manual_seed(step + 1))
+            params[0].grad, plain_params[0].grad = grad.clone(), grad.clone()
+            fused.step()
+            plain.step()
+        torch.testing.assert_close(params[0], plain_params[0], rtol=1e-5, atol=1e-6)
+    model, data, kw = resume_problem()
+    finetune(copy.deepcopy(model), data, checkpoint_dir=tmp_path,
+             callback=lambda info: info["step"] == 3, **kw)
+    payload = ckpt.read(tmp_path)
+    for group in payload["optimizer"]["param_groups"]:
+        group["fused"] = None  # as an unfused optimizer wrote it
+    ckpt.write(tmp_path, payload)
+    seen = []
+    step = torch.optim.SGD.step
+
+    def watch(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["fused"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", watch)
+    finetune(copy.deepcopy(model), data, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert seen and all(seen)
+
+
 class Jittered(torch.utils.data.Dataset):
     """Per-sample random augmentation from torch's global generator (as image datasets with
     crop and flip transforms do), read through a DataLoader by finetune."""
