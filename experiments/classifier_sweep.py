@@ -576,7 +576,8 @@ def main() -> int:
         root = D.require_data_root()
         for name in names:
             # each layer's full SVD once for all its points (minutes for a 4096 x 25,088 one)
-            with rc.decompose.reuse_svds(max_entries=8):
+            # per classifier layer: its SVD, its singular values, its whitened Gram
+            with rc.decompose.reuse_svds(max_entries=12):
                 run = sweep_model(config, name, sw, base, root, args.device)
                 if sw["finetune"] is not None:
                     finetune_model(run, sw, base)

@@ -125,6 +125,9 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
     plain = [svd(W, r, method="exact") for r in (3, 9)]
     plain_cur = cur(W, 6, method="deim")
     plain_data = svd(W, 5, cov=cov)
+    from rankcut.decompose.svd import truncation_errors
+
+    plain_spectrum = truncation_errors([W])
     calls = {"svd": 0, "eigh": 0}
     real_svd, real_eigh = torch.linalg.svd, torch.linalg.eigh
 
@@ -145,6 +148,12 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
         assert calls["svd"] == 1 and gram_eighs >= 1
         svd(W.clone(), 5, cov=cov)
         assert calls["eigh"] == gram_eighs  # reused
+        real_svdvals = torch.linalg.svdvals
+        monkeypatch.setattr(torch.linalg, "svdvals", counting("svdvals", real_svdvals))
+        calls["svdvals"] = 0
+        spectra = [truncation_errors([W.clone()]) for _ in range(2)]  # the planner's pricing
+        assert calls["svdvals"] == 1 and torch.equal(spectra[0], spectra[1])
+        assert torch.equal(spectra[0], plain_spectrum)
         svd(W + 1, 4, method="exact")  # a third entry: the oldest (W's SVD) goes
         svd(W, 4, method="exact")
         assert calls["svd"] == 3

@@ -64,10 +64,12 @@ _REUSED: dict | None = None
 
 @contextlib.contextmanager
 def reuse_svds(max_entries: int = 4):
-    """Within the block, the full SVD of a matrix (and the eigendecomposition of a data-aware
-    layer's whitened Gram, :func:`whitened_gram`) that was computed before in it is reused, not
-    computed again: entries keyed by the SHA-256 of the values (the matrix's, and the moment's),
-    at most ``max_entries`` kept, the oldest dropped first. The results are the same as
+    """Within the block, the full SVD of a matrix, its singular values alone
+    (:func:`truncation_errors`: the spectrum the planner prices SVD ranks by) and the
+    eigendecomposition of a data-aware layer's whitened Gram (:func:`whitened_gram`) that were
+    computed before in it are reused, not computed again: entries keyed by the SHA-256 of the
+    values (the matrix's, and the moment's), at most ``max_entries`` kept, the oldest dropped
+    first. The results are the same as
     without it, bit for bit. For sweeps that factorize one layer at many ranks with one method
     after another (experiments/classifier_sweep.py): the exact SVD of a VGG's 4096 x 25,088
     classifier layer takes minutes on a CPU. Nested blocks share the outer one's entries."""
@@ -301,7 +303,8 @@ def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
 def truncation_errors(mats: list[torch.Tensor]) -> torch.Tensor:
     """err[r-1] = relative Frobenius error of keeping the r leading singular triplets of every
     matrix in ``mats`` (Eckart-Young: the tail energy of the singular values), r = 1..max."""
-    return tail_errors([torch.linalg.svdvals(M).pow(2) for M in mats])
+    return tail_errors([_reused("svdvals", [M], lambda M=M: torch.linalg.svdvals(M)).pow(2)
+                        for M in mats])
 
 
 def tail_errors(squared: list[torch.Tensor]) -> torch.Tensor:
