@@ -64,6 +64,7 @@ from reproduce import (
 SWEEP = {
     "models": None,          # runs of the config whose model and data the sweep uses (required)
     "part": "classifier",    # the submodule whose Linear layers are compressed
+    "exclude": [],           # Linear layers of the part left dense (names within the part)
     "ratios": [2, 5, 10, 30, 100, 150, 225, 300],
     "modes": ["rule", "target"],
     "methods": {"svd": {"method": "svd"}},
@@ -107,6 +108,9 @@ def sweep_settings(config: dict) -> dict:
                          f"{s['models']!r}")
     if not isinstance(s["part"], str) or not s["part"]:
         raise SystemExit(f"sweep.part: expected a submodule name, got {s['part']!r}")
+    if not isinstance(s["exclude"], list) or not all(isinstance(n, str) for n in s["exclude"]):
+        raise SystemExit(f"sweep.exclude: expected a list of layer names within the part, got "
+                         f"{s['exclude']!r}")
     if not _list_of(s["ratios"], lambda r: _number(r) and 1 < r < float("inf")):
         raise SystemExit(f"sweep.ratios: expected a list of numbers > 1, got {s['ratios']!r}")
     if not isinstance(s["methods"], dict) or not s["methods"]:
@@ -224,8 +228,10 @@ def _batches(dataset, size: int = 256):
     yield from loader
 
 
-def compressed(part, x, method: dict, ratio, mode: str, seed: int, calib, cache=None):
-    """(``part`` planned and factorized for one point, its plan, seconds taken)."""
+def compressed(part, x, method: dict, ratio, mode: str, seed: int, calib, cache=None,
+               exclude=()):
+    """(``part`` planned and factorized for one point, its plan, seconds taken); the layers
+    named in ``exclude`` stay dense."""
     options = dict(method["options"])
     if method["method"] == "cur":
         options["seed"] = seed
@@ -234,15 +240,17 @@ def compressed(part, x, method: dict, ratio, mode: str, seed: int, calib, cache=
                    rank=f"params={ratio}x" if mode == "rule" else None,
                    target=f"params={ratio}x" if mode == "target" else None,
                    calib_data=calib if method["data"] else None, min_params=0,
+                   exclude=list(exclude) or None,
                    options={method["method"]: options} if options else None, allow_slower=True,
                    cache=cache)
     small = rc.apply(part, plan, calib_data=calib if method["data"] else None).eval()
     return small, plan, time.perf_counter() - start
 
 
-def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test, cache=None) -> dict:
+def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test, cache=None,
+          exclude=()) -> dict:
     """Plan and factorize ``part`` for one point; its top-1 on ``test`` (inputs, labels)."""
-    small, plan, seconds = compressed(part, x, method, ratio, mode, seed, calib, cache)
+    small, plan, seconds = compressed(part, x, method, ratio, mode, seed, calib, cache, exclude)
     return {"top1": evaluate(small, test)["top1"], "params": count_params(small),
             "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
             "seconds": round(seconds, 2)}
@@ -254,8 +262,9 @@ def _fit(method: dict) -> dict:
     return {k: method[k] for k in ("method", "data", "options")}
 
 
-def check_part(model: torch.nn.Module, name: str, part: str) -> None:
-    """Refuse a ``part`` that is not a submodule holding Linear layers (before any training)."""
+def check_part(model: torch.nn.Module, name: str, part: str, exclude=()) -> None:
+    """Refuse a ``part`` that is not a submodule holding Linear layers, or an ``exclude`` that
+    names none of them (before any training)."""
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         found = model.get_submodule(part)
@@ -264,6 +273,11 @@ def check_part(model: torch.nn.Module, name: str, part: str) -> None:
     if found is None or not any(isinstance(m, torch.nn.Linear) for m in found.modules()):
         raise SystemExit(f"sweep.part: {name} has no submodule {part!r} holding Linear layers; "
                          f"its Linear layers: {', '.join(linears) or 'none'}")
+    inner = [n for n, m in found.named_modules() if isinstance(m, torch.nn.Linear)]
+    stray = [n for n in exclude if n not in inner]
+    if stray:
+        raise SystemExit(f"sweep.exclude: {name}.{part} has no Linear layer {stray}; its Linear "
+                         f"layers: {', '.join(inner) or '(the part itself)'}")
 
 
 def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
@@ -295,7 +309,7 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
     # what the points depend on besides their own method: a rerun with other settings must not
     # mix its points with these
     head = {"dense_top1": dense_top1, "part_params": part_params, "total_params": total,
-            "part": sw["part"], "model": s["model"], "data": s["data"],
+            "part": sw["part"], "exclude": sw["exclude"], "model": s["model"], "data": s["data"],
             "test_images": len(test_y), "calib": len(calib_y), "trained_weights": trained}
     base.mkdir(parents=True, exist_ok=True)
     done = set()
@@ -323,7 +337,7 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
                     if (label, mode, ratio, seed) in done:
                         continue
                     p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y),
-                              cache if mode == "target" else None)
+                              cache if mode == "target" else None, sw["exclude"])
                     p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
                              **ratios(head, p["params"]))
                     with path.open("a") as f:
@@ -413,7 +427,7 @@ def tuned_point(run: dict, method: dict, ratio, mode: str, seed: int, train, ft:
     its top-1 before and after."""
     part = run["part"]
     small, plan, fit_s = compressed(part, run["x"], method, ratio, mode, seed, run["calib"],
-                                    cache)
+                                    cache, run["head"]["exclude"])
     before = evaluate(small, run["test"])["top1"]
     start = time.perf_counter()
     finetune(small, train, epochs=ft["epochs"], lr=ft["lr"], batch_size=ft["batch_size"],
@@ -572,7 +586,8 @@ def main() -> int:
         for name in names:  # every model's settings and part, before any training
             s = settings_of(config, name)
             check(config, name, s)
-            check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"])
+            check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"],
+                       sw["exclude"])
         root = D.require_data_root()
         for name in names:
             # each layer's full SVD once for all its points (minutes for a 4096 x 25,088 one)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import rankcut as rc
 from rankcut import data as D
@@ -458,6 +459,7 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
         "ft-limit": ({"finetune": {"train_limit": 0}}, "finetune.train_limit"),
         "ft-ratios": ({"finetune": {"ratios": [1]}}, "finetune.ratios"),
         "ft-batch": ({"finetune": {"train_limit": 100}}, "make no batch of 128"),
+        "exclude-text": ({"exclude": "6"}, "sweep.exclude: expected a list"),
     }
     for change, words in bad.values():
         with pytest.raises(SystemExit, match=words):
@@ -471,6 +473,24 @@ def test_classifier_sweep_refuses_a_part_without_linear_layers_before_any_work(t
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "sweep.part: resnet20_cifar has no submodule 'layer1' holding Linear" in done.stderr
     assert "its Linear layers: linear" in done.stderr and not (tmp_path / "runs").exists()
+    config.write_text(SWEEP_CONFIG.replace("part: linear", "part: linear\n  exclude: ['0']"))
+    done = sweep(config, tmp_path / "runs", {**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "sweep.exclude: resnet20_cifar.linear has no Linear layer ['0']" in done.stderr
+
+
+def test_classifier_sweep_points_leave_excluded_layers_dense():
+    sweep_ = _sweep_module()
+    torch.manual_seed(0)
+    part = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    x = torch.randn(8, 64)
+    test = (torch.randn(32, 64), torch.randint(0, 10, (32,)))
+    svd = {"method": "svd", "data": False, "options": {}}
+    both = sweep_.point(part, x, svd, 4, "rule", 0, None, test)
+    first = sweep_.point(part, x, svd, 4, "rule", 0, None, test, exclude=["2"])
+    assert set(both["ranks"]) == {"0", "2"} and set(first["ranks"]) == {"0"}
+    assert first["ranks"]["0"] == both["ranks"]["0"]
+    assert first["params"] - both["params"] == 64 * 10 - both["ranks"]["2"][0] * (64 + 10)
 
 
 def _carry_module(tmp_path, monkeypatch):
