@@ -37,8 +37,9 @@ from scipy.stats import spearmanr
 import rankcut as rc
 from _common import cifar_test_and_calib, commit, empty_latency_cache
 from rankcut.models import PRETRAINED, create, normalizer, pretrained_path
-from rankcut.profile import count_macs, count_params, layer_macs, top1_accuracy
+from rankcut.profile import count_macs, count_params, layer_macs
 from rankcut.select import parse_target
+from rankcut.train import evaluate
 
 ROWS = ["tucker uniform", "tucker vbmf", "auto", "auto+data"]
 TARGETS = ["macs=1.5x", "macs=2x", "macs=3x", "macs=4x", "params=4x", "params=8x",
@@ -114,7 +115,7 @@ def main():
         calib = [norm(train[i:i + 128]) for i in range(0, len(train), 128)]
         model = create(name, weights=pretrained_path(name, root)).eval()
         macs, params = count_macs(model, x), count_params(model)
-        dense = top1_accuracy(model, images, labels, transform=norm)
+        dense = evaluate(model, (images, labels), transform=norm)["top1"]
         print(f"\n{name}: {dense:.2f}% top-1, {macs:,} MACs, {params:,} params", flush=True)
         scored = []
         print(f"{'target':>10} {'row':>15} {'guard':>5} {'MACs x':>7} {'params x':>8} "
@@ -146,7 +147,7 @@ def main():
                     result = {"model": name, "target": label, "row": row, "guard": guard,
                               "macs_ratio": macs / count_macs(small, x),
                               "params_ratio": params / count_params(small),
-                              "top1": top1_accuracy(small, images, labels, transform=norm),
+                              "top1": evaluate(small, (images, labels), transform=norm)["top1"],
                               "plan_s": planned - start, "apply_s": applied - planned,
                               "damage": plan.meta.get("predicted", {}).get("damage"),
                               "dense_top1": dense, "commit": commit()}

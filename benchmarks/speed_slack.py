@@ -25,9 +25,10 @@ import rankcut as rc
 from _common import cifar_test_and_calib, commit
 from latency import load, timings
 from rankcut.models import normalizer
-from rankcut.profile import count_macs, top1_accuracy, with_batch
+from rankcut.profile import count_macs, with_batch
 from rankcut.select import LatencyTable, parse_target
 from rankcut.surgery import structure
+from rankcut.train import evaluate
 
 
 def main():
@@ -66,8 +67,8 @@ def main():
                         plan = rc.plan(model, x, method="auto", target=target, calib_data=data,
                                        speed_slack=slack, latency_table=table)
                     plan_s = time.perf_counter() - start
-                    top1 = top1_accuracy(rc.apply(model, plan, calib_data=data), images, labels,
-                                         transform=norm)
+                    top1 = evaluate(rc.apply(model, plan, calib_data=data), (images, labels),
+                                    transform=norm)["top1"]
                     small = rc.fuse(structure(model, plan), x, memory_format="auto")
                     times = timings(dense, small, x, ["eager", "ort"], 5, 20)
                     lat = plan.meta["latency"]

@@ -26,7 +26,8 @@ from rankcut import data as D
 from rankcut.calibrate import reestimate_batchnorm
 from rankcut.data import read_cifar10_bin, require_data_root
 from rankcut.models import create, normalizer, pretrained_path
-from rankcut.profile import count_macs, top1_accuracy
+from rankcut.profile import count_macs
+from rankcut.train import evaluate
 
 
 def main():
@@ -46,7 +47,7 @@ def main():
     x = torch.rand(1, 3, 32, 32)
 
     def top1(m):
-        return top1_accuracy(m, images, labels, transform=norm)
+        return evaluate(m, (images, labels), transform=norm)["top1"]
 
     def repaired(m, batches):
         m = copy.deepcopy(m)

@@ -19,7 +19,7 @@ from rankcut.calibrate import input_second_moments
 from rankcut.curves import output_error
 from rankcut.data import read_cifar10_bin, require_data_root
 from rankcut.models import create, normalizer, pretrained_path
-from rankcut.profile import top1_accuracy
+from rankcut.train import evaluate
 
 
 def main():
@@ -38,7 +38,7 @@ def main():
              if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and n != "conv1"]
 
     def top1(m):
-        return top1_accuracy(m, images, labels, transform=norm)
+        return evaluate(m, (images, labels), transform=norm)["top1"]
 
     method = args.method
     label = {"svd": "SVD", "tucker": "Tucker-2"}[method]

@@ -208,7 +208,7 @@ def test_calibration_and_evaluation_leave_mixed_train_eval_flags_alone():
     flags = [m.training for m in model.modules()]
     x = torch.randn(4, 3, 6, 6)
     input_second_moments(model, ["0"], [x])
-    rc.profile.top1_accuracy(model, x, torch.zeros(4, dtype=torch.long))
+    rc.train.evaluate(model, (x, torch.zeros(4, dtype=torch.long)))
     rc.select.mean_loss(model, [(x, torch.zeros(4, dtype=torch.long))],
                         nn.functional.cross_entropy)
     rc.plan(model, x, method="svd", rank=2, min_params=10, allow_slower=True)

@@ -52,7 +52,6 @@ __all__ = [
     "model_bytes",
     "param_bytes",
     "profile",
-    "top1_accuracy",
     "with_batch",
 ]
 
@@ -102,24 +101,6 @@ def count_macs(model: nn.Module, example_inputs) -> int:
 
 
 @torch.no_grad()
-def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                  transform=None, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent of ``model`` (run in eval mode, mode restored) on ``images``
-    (optionally passed through ``transform`` batch by batch) against ``labels``."""
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"images, labels: expected equal non-zero lengths, got {len(images)} "
-                         f"and {len(labels)}")
-    device = model_device(model)
-    correct = 0
-    with eval_mode(model):
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size]
-            x = transform(x) if transform is not None else x
-            pred = model(x.to(device)).argmax(1).cpu()
-            correct += int((pred == labels[i:i + batch_size]).sum())
-    return 100.0 * correct / len(images)
-
-
 @dataclass(frozen=True)
 class Latency:
     """Wall-clock time of one forward pass: median and quartiles over ``repeats`` timed passes."""
