@@ -21,7 +21,6 @@ from torch import nn
 
 from .. import methods
 from .._modes import eval_mode, model_device
-from ..layers import cost_at
 from ..plans import LayerPlan, Plan
 from ..surgery import apply
 from .planner import parse_target
@@ -99,11 +98,10 @@ def _params(model: nn.Module, names: Sequence[str], ranks: Sequence[int], method
     for name, rank in zip(names, ranks, strict=True):
         module = model.get_submodule(name)
         spec, default_form = methods.variants(method, module)[0]
-        config = spec.config(module, (rank,) * spec.n_ranks,
-                             (form or default_form) if spec.forms else None)
         # parameters do not depend on the input size; (1, 1) stands in for a conv's
-        total += cost_at(module, (1, 1) if isinstance(module, nn.Conv2d) else (1,),
-                         config).params
+        total += spec.cost(module, (rank,) * spec.n_ranks,
+                           (form or default_form) if spec.forms else None,
+                           (1, 1) if isinstance(module, nn.Conv2d) else (1,)).params
     return total
 
 
