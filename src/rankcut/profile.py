@@ -100,7 +100,6 @@ def count_macs(model: nn.Module, example_inputs) -> int:
     return sum(layer_macs(model, example_inputs).values())
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class Latency:
     """Wall-clock time of one forward pass: median and quartiles over ``repeats`` timed passes."""
