@@ -128,6 +128,9 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
     from rankcut.decompose.svd import truncation_errors
 
     plain_spectrum = truncation_errors([W])
+    from rankcut.decompose.svd import whitened_spectrum
+
+    plain_whitened = whitened_spectrum(W, cov)
     calls = {"svd": 0, "eigh": 0}
     real_svd, real_eigh = torch.linalg.svd, torch.linalg.eigh
 
@@ -148,6 +151,12 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
         assert calls["svd"] == 1 and gram_eighs >= 1
         svd(W.clone(), 5, cov=cov)
         assert calls["eigh"] == gram_eighs  # reused
+        # the planner's pricing of data-aware ranks reads the same eigendecomposition
+        from rankcut.decompose.svd import whitened_spectrum
+
+        assert torch.equal(whitened_spectrum(W.clone(), cov.clone()),
+                           whitened_spectrum(W, cov, ridge=1e-6))
+        assert calls["eigh"] == gram_eighs
         real_svdvals = torch.linalg.svdvals
         monkeypatch.setattr(torch.linalg, "svdvals", counting("svdvals", real_svdvals))
         calls["svdvals"] = 0
@@ -161,6 +170,8 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and a.rel_error == b.rel_error
     assert torch.equal(plain_cur.to_matrix(), again_cur.to_matrix())
     assert all(torch.equal(plain_data.A, d.A) and torch.equal(plain_data.B, d.B) for d in data)
+    with reuse_svds():  # eigh's eigenvalues, not eigvalsh's: equal to rounding
+        assert torch.allclose(whitened_spectrum(W, cov), plain_whitened, rtol=1e-9, atol=1e-12)
     svd(W, 3, method="exact")
     svd(W, 3, method="exact")
     assert calls["svd"] == 5  # outside the block every call computes
