@@ -253,9 +253,18 @@ def test_paired_moments_and_the_corrected_weight():
     # against a perturbed first layer: W' maps what the layer now gets to what it should give
     small = rc.apply(model, rc.Plan({"first": rc.LayerPlan("svd", (2,))}))
     moments, cross, count = paired_moments(model, small, "second", batches)
+    assert cross[0] is not moments[0]
+    # the closed form W (Σ× + λI)(Σ̃ + λI)⁻¹, λ = (d / rows)·mean(diag Σ̃)
+    A, B = moments[0].clone(), cross[0].clone()
+    W = model.second.weight.detach().reshape(model.second.out_channels, -1)
+    lam = A.shape[0] / count * A.diagonal().mean()
+    eye = torch.eye(len(A), dtype=A.dtype)
+    closed = W.double() @ (B + lam * eye) @ torch.linalg.inv(A + lam * eye)
     fixed = copy.deepcopy(model.second)
     with torch.no_grad():
         fixed.weight.copy_(corrected_weight(model.second, moments, cross, count))
+    assert torch.allclose(fixed.weight.reshape(closed.shape).double(), closed, rtol=1e-4,
+                          atol=1e-6)
     x = torch.cat(batches)
     want = model.second(torch.relu(model.first(x)))
     seen = torch.relu(small.first(x))
@@ -264,7 +273,6 @@ def test_paired_moments_and_the_corrected_weight():
         return float((layer(seen) - want).norm() / want.norm())
 
     assert err(fixed) < 0.75 * err(model.second)
-    assert cross[0] is not moments[0]
     # a first batch on which x̃ = x (zeros: the factorized layer gives its bias, as the dense
     # one) and then one on which it differs: Σ× counts both
     zeros = [torch.zeros_like(batches[0])]

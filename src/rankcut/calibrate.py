@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._modes import hooked, model_device
-from .decompose.svd import regularised_moment
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -219,7 +218,10 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
     if missing:
         raise ValueError(f"batches: layers {missing} never ran (no batches, or not on the "
                          "forward path)")
-    return {n: [a / counts[n] for a in acc] for n, acc in sums.items()}
+    for n, acc in sums.items():  # in place: a 25,088-wide layer's moment is 5 GB
+        for a in acc:
+            a.div_(counts[n])
+    return sums
 
 
 # ------------------------------------------------------------------ sequential calibration
@@ -290,8 +292,9 @@ def paired_moments(reference: nn.Module, model: nn.Module, name: str, batches: I
             if cross is not None:
                 cross[i].addmm_(p.mT, q)
         count += seen[0].shape[0]
-    moments = [a / count for a in moments]
-    return moments, moments if cross is None else [c / count for c in cross], count
+    for a in moments + (cross or []):  # in place: a 25,088-wide layer's moment is 5 GB
+        a.div_(count)
+    return moments, moments if cross is None else cross, count
 
 
 def corrected_weight(module: nn.Module, moments: Sequence[torch.Tensor],
@@ -302,7 +305,11 @@ def corrected_weight(module: nn.Module, moments: Sequence[torch.Tensor],
     λ = (d / ``count``)·mean(diag Σ̃) for d inputs (at least 10⁻⁶ of it): negligible with many
     more rows than inputs, a pull back to W where the rows are too few to fit d·d numbers.
     When ``cross`` is ``moments`` itself (:func:`paired_moments`: the inputs are unchanged) the
-    result is ``module.weight`` itself (detached, not a copy: do not modify it in place)."""
+    result is ``module.weight`` itself (detached, not a copy: do not modify it in place).
+
+    Otherwise ``cross`` is consumed: each Σ× is overwritten by the Cholesky factor of Σ̃ + λI,
+    so that the solve needs no d x d matrix beyond the two given (a 25,088-wide classifier
+    layer's are 5 GB each)."""
     W = module.weight.detach()
     if all(a is b for a, b in zip(moments, cross, strict=True)):  # x̃ = x: W itself
         return W
@@ -312,10 +319,21 @@ def corrected_weight(module: nn.Module, moments: Sequence[torch.Tensor],
     for g, (A, B) in enumerate(zip(moments, cross, strict=True)):
         d = A.shape[0]
         Wg = W[g * t:(g + 1) * t].reshape(t, -1).to(A)
-        ridge = max(d / max(count, 1), 1e-6)
-        reg = regularised_moment(A, ridge)
-        lam = reg.diagonal() - A.diagonal()  # λ on the diagonal, as regularised_moment adds it
-        out.append(torch.linalg.solve(reg, (Wg @ (B + torch.diag(lam))).mT).mT)
+        lam = max(d / max(count, 1), 1e-6) * float(A.diagonal().mean().clamp_min(1e-30))
+        rhs = torch.addmm(Wg, Wg, B, beta=lam)  # W (Σ× + λI)
+        reg = B.copy_(A)  # Σ× is no longer needed: its storage becomes Σ̃ + λI, then its factor
+        reg.diagonal().add_(lam)
+        # factorized in place through the column-major view (LAPACK's layout: no copy); it
+        # reads one triangle, so the moment's rounding-level asymmetry does not matter
+        factor, info = reg.mT, torch.empty((), dtype=torch.int32, device=reg.device)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if bool(info):
+            raise ValueError("moments: not positive semi-definite (the Cholesky factorization "
+                             "of Σ̃ + λI failed); pass the moments of paired_moments")
+        # W' = rhs (L Lᵀ)⁻¹ by two triangular solves from the right, each reading one triangle
+        # of the factor in place (torch.cholesky_solve would copy it)
+        half = torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False)
+        out.append(torch.linalg.solve_triangular(factor, half, upper=False, left=False))
     return torch.cat(out).reshape(W.shape).to(W.dtype)
 
 
