@@ -369,7 +369,8 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
             "top1": evaluate(small, test)["top1"], "test_images": len(test),
             "commit": "+".join(wall.commits), "date": time.strftime("%Y-%m-%d"),
             "threads": torch.get_num_threads(), "device": device}
-    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+    with atomic_path(path) as tmp:  # a run killed while writing 515 MB leaves no torn file
+        save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp))
     wall.save()
     info["wall_s"] = round(wall.seconds(), 1)
     with atomic_path(record) as tmp:
@@ -686,19 +687,23 @@ def main() -> int:
         for name, s in every.items():
             check(config, name, s)
         root = D.require_data_root()
-        for name, s in every.items():
-            if (base / name / RESULT).is_file():
-                print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
-                late_export(base / name, s, root)
-                continue
-            if s["match_params"]:
-                s["target"] = matched_target(base, name, s)
-            start = time.perf_counter()
-            r = run(name, s, base / name, root, args.device)
-            print(f"[{name}] {r['params_x']:.1f}x params, {r['macs_x']:.2f}x MACs: "
-                  f"{r['before_top1']:.2f}% -> {r['after_top1']:.2f}% "
-                  f"(dense {r['dense_top1']:.2f}%), {(time.perf_counter() - start) / 60:.1f} "
-                  "min in this invocation", flush=True)
+        # runs of one model share its layers' SVDs and whitened Grams (the same results, bit for
+        # bit; a 4096 x 25,088 layer's are minutes each)
+        with rc.decompose.reuse_svds(max_entries=8):
+            for name, s in every.items():
+                if (base / name / RESULT).is_file():
+                    print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
+                    late_export(base / name, s, root)
+                    continue
+                if s["match_params"]:
+                    s["target"] = matched_target(base, name, s)
+                start = time.perf_counter()
+                r = run(name, s, base / name, root, args.device)
+                print(f"[{name}] {r['params_x']:.1f}x params, {r['macs_x']:.2f}x MACs: "
+                      f"{r['before_top1']:.2f}% -> {r['after_top1']:.2f}% "
+                      f"(dense {r['dense_top1']:.2f}%), "
+                      f"{(time.perf_counter() - start) / 60:.1f} min in this invocation",
+                      flush=True)
     for name in names:
         path = base / name / RESULT
         if path.is_file():
