@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankcut.decompose import RankClampWarning, svd
+from rankcut.decompose.svd import truncation_errors, whitened_spectrum
 
 from .conftest import DEVICES
 
@@ -125,11 +126,7 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
     plain = [svd(W, r, method="exact") for r in (3, 9)]
     plain_cur = cur(W, 6, method="deim")
     plain_data = svd(W, 5, cov=cov)
-    from rankcut.decompose.svd import truncation_errors
-
     plain_spectrum = truncation_errors([W])
-    from rankcut.decompose.svd import whitened_spectrum
-
     plain_whitened = whitened_spectrum(W, cov)
     calls = {"svd": 0, "eigh": 0}
     real_svd, real_eigh = torch.linalg.svd, torch.linalg.eigh
@@ -152,8 +149,6 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
         svd(W.clone(), 5, cov=cov)
         assert calls["eigh"] == gram_eighs  # reused
         # the planner's pricing of data-aware ranks reads the same eigendecomposition
-        from rankcut.decompose.svd import whitened_spectrum
-
         assert torch.equal(whitened_spectrum(W.clone(), cov.clone()),
                            whitened_spectrum(W, cov, ridge=1e-6))
         assert calls["eigh"] == gram_eighs

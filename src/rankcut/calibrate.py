@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._modes import hooked, model_device
+from .decompose.svd import ridge_of
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -319,7 +320,7 @@ def corrected_weight(module: nn.Module, moments: Sequence[torch.Tensor],
     for g, (A, B) in enumerate(zip(moments, cross, strict=True)):
         d = A.shape[0]
         Wg = W[g * t:(g + 1) * t].reshape(t, -1).to(A)
-        lam = max(d / max(count, 1), 1e-6) * float(A.diagonal().mean().clamp_min(1e-30))
+        lam = ridge_of(A, max(d / max(count, 1), 1e-6))
         rhs = torch.addmm(Wg, Wg, B, beta=lam)  # W (Σ× + λI)
         reg = B.copy_(A)  # Σ× is no longer needed: its storage becomes Σ̃ + λI, then its factor
         reg.diagonal().add_(lam)

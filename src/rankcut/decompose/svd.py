@@ -216,14 +216,19 @@ def leading_singular_vectors(W: torch.Tensor, k: int, seed=0):
     return U[:, :k], S[:k], Vh[:k]
 
 
+def ridge_of(cov: torch.Tensor, ridge: float) -> float:
+    """λ = ridge·mean(diag Σ) (at least ridge·1e-30): what :func:`regularised_moment` adds to
+    the diagonal of a second moment Σ."""
+    return ridge * float(cov.diagonal().to(torch.float64).mean().clamp_min(1e-30))
+
+
 def regularised_moment(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
     """Σ + ridge·mean(diag Σ)·I (float64, symmetrised) for a second moment Σ: the matrix the
     data-aware factorizations measure output errors with."""
     C = cov.to(device=device or cov.device, dtype=torch.float64)
     C = (C + C.mT) / 2
     n = C.shape[0]
-    return C + ridge * C.diagonal().mean().clamp_min(1e-30) * torch.eye(n, dtype=C.dtype,
-                                                                         device=C.device)
+    return C + ridge_of(C, ridge) * torch.eye(n, dtype=C.dtype, device=C.device)
 
 
 def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
@@ -246,7 +251,7 @@ def whitened_gram(W: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-6) -> to
     1e-8 of the largest are not resolved (they are noise at that level either way)."""
     C = cov.to(device=W.device, dtype=torch.float64)
     Wd = W.to(torch.float64)
-    eps = ridge * float(C.diagonal().mean().clamp_min(1e-30))
+    eps = ridge_of(C, ridge)
     G = (Wd @ C) @ Wd.mT + eps * (Wd @ Wd.mT)
     return (G + G.mT) / 2
 
@@ -272,8 +277,8 @@ def _gram_eigh(W: torch.Tensor, cov: torch.Tensor, ridge: float):
 def _wide_whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     """:func:`_whitened_svd` from the m x m Gram W Σ Wᵀ (m < n): with W L = U S Vᵀ,
     S Vᵀ L⁻¹ = Uᵀ W, so the factors need neither L nor V."""
-    Wd = W.to(torch.float64)  # converted once (a classifier layer's is hundreds of MB)
     vals, vecs = _gram_eigh(W, cov, ridge)
+    Wd = W.to(torch.float64)  # after the Gram, whose own float64 copy is freed by then
     s2, vecs = _squared_singular_values(vals), vecs.flip(1)  # descending
     total = float(s2.sum())
     rel_error = math.sqrt(float(s2[rank:].sum()) / total) if total > 0 else 0.0
