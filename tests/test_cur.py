@@ -31,6 +31,28 @@ def test_c_and_r_are_actual_columns_and_rows(method, device):
     assert abs(float((W - res.to_matrix()).norm() / W.norm()) - res.rel_error) < 1e-10
 
 
+@pytest.mark.parametrize("method, shape, rank, count", [
+    ("deim", (60, 200), 20, 20), ("leverage", (200, 60), 8, 30), ("cx", (80, 90), 10, 25),
+    ("deim", (50, 50), 50, 50),  # every column and row: C U R = W
+    ("deim", (40, 70), 20, 20)])  # a rank-12 matrix: C and R are rank-deficient
+def test_u_is_the_pseudoinverse_formula(method, shape, rank, count):
+    # U is computed in the coordinates of W's SVD (no pseudo-inverse of the r x n matrix R):
+    # it must be C⁺ W R⁺ (CX: C⁺ W) as written, with pinv's own cut-offs
+    m, n = shape
+    g = torch.Generator().manual_seed(3)
+    if m == 40:
+        W = planted(m, n, 12, seed=4)
+    else:
+        W = torch.randn(m, n, generator=g, dtype=torch.float64) * torch.logspace(
+            0, -6, n, dtype=torch.float64)
+    res = cur(W, rank, method=method, n_cols=count, n_rows=count, seed=1)
+    C, R = res.C, res.R
+    expected = torch.linalg.pinv(C) @ W if R is None else (
+        torch.linalg.pinv(C) @ W @ torch.linalg.pinv(R))
+    assert torch.allclose(res.U, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    assert abs(float((W - res.to_matrix()).norm() / W.norm()) - res.rel_error) < 1e-10
+
+
 def test_linear_time_scales_columns_and_rows_as_drineas_kannan_mahoney():
     W = torch.randn(40, 30, dtype=torch.float64)
     c, r = 12, 9

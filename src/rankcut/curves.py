@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import decompose as dec
-from .decompose.svd import tail_errors, truncation_errors, whitened_spectrum
+from .decompose.svd import reuse_svds, tail_errors, truncation_errors, whitened_spectrum
 from .layers import group_matrices, weight_blocks
 from .layers.base import solve
 
@@ -267,11 +267,14 @@ def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
 
 
 def cur_curve(method, module, shape, form=None, options=None, kind="params", n_ranks: int = 8):
-    """CUR at ``n_ranks`` ranks spaced geometrically up to the full rank."""
+    """CUR at ``n_ranks`` ranks spaced geometrically up to the full rank (every rank beyond
+    the randomized range finder's reach picks from one full SVD of each group's matrix, computed
+    once for all of them)."""
     cands = {}
-    for r in geometric_ranks(method.max_rank(module)[0], n_ranks):
-        c = cur_at(method, module, shape, (r,), form, options)
-        cands.setdefault(c.ranks, c)
+    with reuse_svds(max_entries=2 * module.groups if isinstance(module, nn.Conv2d) else 2):
+        for r in geometric_ranks(method.max_rank(module)[0], n_ranks):
+            c = cur_at(method, module, shape, (r,), form, options)
+            cands.setdefault(c.ranks, c)
     return list(cands.values())
 
 

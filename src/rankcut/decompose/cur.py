@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_choice, check_rank, check_tensor, clamp_rank, make_generator
-from .svd import leading_singular_vectors
+from .svd import full_svd, leading_singular_vectors, randomized_pays
 
 CUR_METHODS = ("leverage", "linear_time", "cx", "deim")
 
@@ -98,6 +98,32 @@ def _truncated_pinv_gram(C: torch.Tensor, k: int) -> torch.Tensor:
     return (evecs * inv) @ evecs.mT
 
 
+def _core_from_svd(full, col_idx: torch.Tensor, row_idx: torch.Tensor | None):
+    """(U, relative error) of CUR (CX where ``row_idx`` is None) with C = W[:, col_idx] and
+    R = W[row_idx], from the thin SVD W = Q diag(s) Vᵀ (``full``), in its k = min(m, n)
+    coordinates. C = Q A with A = diag(s) Vᵀ[:, col_idx] and R = B Vᵀ with B = Q[row_idx] diag(s);
+    as Q has orthonormal columns and Vᵀ orthonormal rows, C⁺ = A⁺ Qᵀ and R⁺ = V B⁺, so
+    U = C⁺ W R⁺ = A⁺ diag(s) B⁺ (CX: C⁺ W = A⁺ diag(s) Vᵀ) and ||W - C U R|| = ||diag(s) - A U B||.
+    The same U as ``pinv(C) @ W @ pinv(R)`` (A and C share their singular values, and the
+    cut-offs are pinv's own) without the pseudo-inverse of the r x n matrix R or any m x n
+    product: a 4096 x 25,088 layer's CUR at rank 3,000 in a fraction of the time."""
+    Q, s, Vh = full
+    eps = torch.finfo(s.dtype).eps
+    m, n = Q.shape[0], Vh.shape[1]
+    A = s[:, None] * Vh[:, col_idx]
+    A_pinv = torch.linalg.pinv(A, rtol=max(m, A.shape[1]) * eps)
+    if row_idx is None:
+        U = A_pinv @ (s[:, None] * Vh)
+        core = A @ (A_pinv * s)
+    else:
+        B = Q[row_idx] * s
+        U = (A_pinv * s) @ torch.linalg.pinv(B, rtol=max(B.shape[0], n) * eps)
+        core = A @ U @ B
+    core.diagonal().sub_(s)  # A U B - diag(s), in place
+    norm = s.norm()
+    return U, (float(core.norm() / norm) if norm > 0 else 0.0)
+
+
 @torch.no_grad()
 def cur(
     W: torch.Tensor,
@@ -156,10 +182,11 @@ def cur(
         psi = C[row_idx] * row_scale[:, None]
         U = _truncated_pinv_gram(C, rank) @ psi.mT
     else:
-        # only the leading singular vectors are used: a large matrix at a small rank gets them
-        # from the randomized range finder (seeded) instead of a full SVD
-        need = max(n_cols, n_rows) if method == "deim" else rank
-        Uw, _, Vh = leading_singular_vectors(W, min(need, m, n), seed=0)
+        # only the leading singular vectors pick the columns and rows: a large matrix at a
+        # small rank gets them from the randomized range finder (seeded) instead of a full SVD
+        need = min(max(n_cols, n_rows) if method == "deim" else rank, m, n)
+        full = None if randomized_pays(m, n, need) else full_svd(W)
+        Uw, _, Vh = full if full is not None else leading_singular_vectors(W, need, seed=0)
         if method == "deim":
             col_idx = _deim(Vh[:n_cols].mT).to(W.device)
             row_idx = _deim(Uw[:, :n_rows]).to(W.device)
@@ -168,11 +195,14 @@ def cur(
             if method == "leverage":
                 row_idx = _leverage_select(Uw[:, :rank], n_rows, generator).to(W.device)
         C = W[:, col_idx]
-        if row_idx is None:
-            U = torch.linalg.pinv(C) @ W
-        else:
-            R = W[row_idx]
-            U = torch.linalg.pinv(C) @ W @ torch.linalg.pinv(R)
+        R = None if row_idx is None else W[row_idx]
+        if full is not None:
+            U, rel_error = _core_from_svd(full, col_idx, row_idx)
+            return CURResult(C=C, U=U, R=R, col_idx=col_idx, row_idx=row_idx,
+                             rel_error=rel_error, method=method)
+        U = torch.linalg.pinv(C) @ W
+        if R is not None:
+            U = U @ torch.linalg.pinv(R)
 
     approx = C @ U if R is None else C @ U @ R
     norm = W.norm()

@@ -101,8 +101,9 @@ def _reused(kind: str, tensors, compute):
     return out
 
 
-def _full_svd(W: torch.Tensor):
-    """torch.linalg.svd(W, full_matrices=False), reused inside :func:`reuse_svds`."""
+def full_svd(W: torch.Tensor):
+    """torch.linalg.svd(W, full_matrices=False), reused inside :func:`reuse_svds` (the tensors
+    are then shared: do not write into them)."""
     return _reused("svd", [W], lambda: torch.linalg.svd(W, full_matrices=False))
 
 
@@ -171,7 +172,7 @@ def svd(
             oversample = max(oversample, rank)
 
     if method == "exact":
-        U, S_all, Vh = _full_svd(W)
+        U, S_all, Vh = full_svd(W)
         U, S, Vh = U[:, :rank], S_all[:rank], Vh[:rank]
         # The discarded singular values give the error without cancellation.
         norm = S_all.norm()
@@ -212,7 +213,7 @@ def leading_singular_vectors(W: torch.Tensor, k: int, seed=0):
     by a full SVD."""
     if randomized_pays(*W.shape, k):
         return _randomized(W, k, k, 4, seed)
-    U, S, Vh = _full_svd(W)
+    U, S, Vh = full_svd(W)
     return U[:, :k], S[:k], Vh[:k]
 
 
