@@ -288,15 +288,19 @@ runs:
 """
 
 
-def _sweep_module():
+def _experiment(name: str):
+    """experiments/<name>.py as a module (its sibling modules importable)."""
     import importlib.util
 
     sys.path.insert(0, str(REPO / "experiments"))
-    spec = importlib.util.spec_from_file_location(
-        "classifier_sweep", REPO / "experiments" / "classifier_sweep.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _sweep_module():
+    return _experiment("classifier_sweep")
 
 
 def sweep(config, runs, env, *extra):
@@ -491,6 +495,21 @@ def test_classifier_sweep_points_leave_excluded_layers_dense():
     assert set(both["ranks"]) == {"0", "2"} and set(first["ranks"]) == {"0"}
     assert first["ranks"]["0"] == both["ranks"]["0"]
     assert first["params"] - both["params"] == 64 * 10 - both["ranks"]["2"][0] * (64 + 10)
+
+
+def test_cur_seen_part_gives_the_layer_the_outputs_of_w_on_repeated_inputs():
+    # experiments/cur_seen_part.py: W_seen = repeat(W_c / copies) equals W on inputs that repeat
+    # each feature `copies` times, and its CUR at full width reproduces it
+    seen_part = _experiment("cur_seen_part")
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(12, 5 * 4, generator=g, dtype=torch.float64)
+    Wc = seen_part.seen_part(W, 4)
+    f = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x = f.repeat_interleave(4, dim=1)
+    spread = Wc.repeat_interleave(4, dim=1) / 4
+    assert torch.allclose(x @ W.mT, f @ Wc.mT) and torch.allclose(x @ spread.mT, x @ W.mT)
+    assert torch.allclose(seen_part.cur_weight(Wc, 5), Wc)
+    assert (W - spread).norm() > 0.5 * W.norm()  # the unseen part: most of a random W
 
 
 def _carry_module(tmp_path, monkeypatch):
