@@ -406,8 +406,16 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
                           "images (float16)", flush=True)
                     train = part_inputs(run["model"], sw["part"], _batches(images),
                                         run["device"], dtype=torch.float16)
-                p = tuned_point(run, method, ratio, mode, seed, train, ft,
-                                base / "teacher-outputs", cache)
+                try:
+                    p = tuned_point(run, method, ratio, mode, seed, train, ft,
+                                    base / "teacher-outputs", cache)
+                except ValueError as err:
+                    if "cannot be met" not in str(err):
+                        raise
+                    # a target below the smallest plan (every layer at rank 1): the series ends
+                    print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: {err}; the series "
+                          "stops here", flush=True)
+                    break
                 p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
                          start=ratio == start, kept_before=bool(ok), **ratios(head, p["params"]))
                 with path.open("a") as f:

@@ -104,7 +104,9 @@ TRANSFER = {"data": None, "epochs": 2, "train_limit": 10000, "test_limit": None,
 RESULT = "result.json"
 # The runs of one invocation share what planning measures before the target matters (the
 # calibration moments, every layer's candidates): a sweep of ratios of one model scores once.
-CACHE = rc.select.CandidateCache.cached(max_entries=2)  # and on disk, for later invocations
+# and on disk, for later invocations; moments over 2 GiB (a 25,088-wide classifier layer's are
+# 5 GB) are not held while the plan is applied, fitted sequentially and fine-tuned
+CACHE = rc.select.CandidateCache.cached(max_entries=2, max_moment_bytes=2**31)
 
 
 def settings_of(config: dict, name: str) -> dict:

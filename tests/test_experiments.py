@@ -429,6 +429,22 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     assert calls == [2, 4, 8, 16]
     table = sweep_.finetuned_table(*sweep_.read_points(path))
     assert "| svd | rule | 0 | 2.0 (none kept) | 0.00 -> 89.90 | 8.0 |" in table
+    # a target below the smallest plan ends the series (the planner's refusal), the rest runs
+    after[16] = 89.0
+
+    def unreachable(run_, method, ratio, *args, **kwargs):
+        if ratio >= 16:
+            raise ValueError("target: cannot be met; the cheapest plan costs more")
+        return fake(run_, method, ratio, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_, "tuned_point", unreachable)
+    calls.clear()
+    sweep_.finetune_model(run, sw, tmp_path / "unreachable")
+    assert calls == [2, 4, 8]
+    monkeypatch.setattr(sweep_, "tuned_point", lambda *a, **k: (_ for _ in ()).throw(
+        ValueError("another error")))
+    with pytest.raises(ValueError, match="another error"):
+        sweep_.finetune_model(run, sw, tmp_path / "other")
 
 
 def test_classifier_sweep_settings_are_checked_before_any_work():

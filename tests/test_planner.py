@@ -213,6 +213,47 @@ def test_a_candidate_cache_plans_later_targets_without_scoring_again(monkeypatch
         rc.plan(model, x, target="params=2x", cache={}, **opts)
 
 
+def test_a_cache_with_a_moment_limit_keeps_the_candidates_and_measures_the_moments_again(
+        monkeypatch):
+    """max_moment_bytes: an entry whose moments are larger is kept without them (as a file's
+    entry is): the next plan measures them again, scores nothing, and gives the same plan; if
+    the layers' inputs changed, it is a miss."""
+    import importlib
+
+    planner = importlib.import_module("rankcut.select.planner")
+    model = _cached_net()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g))]
+    x = calib[0][0][:1]
+    opts = dict(method="svd", calib_data=calib, allow_slower=True, min_params=100,
+                target="params=2x")
+    cache = rc.select.CandidateCache(max_moment_bytes=0)
+    first = rc.plan(model, x, cache=cache, **opts)
+    (entry,) = cache._entries.values()
+    assert entry[0] is None and entry[1]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored again despite the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(planner, "_layer_candidates", refuse)
+        again = rc.plan(model, x, cache=cache, **opts)
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert again.to_dict()["layers"] == first.to_dict()["layers"]
+    real = planner.input_second_moments
+    with monkeypatch.context() as m:
+        m.setattr(planner, "input_second_moments",
+                  lambda *a, **k: {n: [2 * c for c in cs] for n, cs in real(*a, **k).items()})
+        rc.plan(model, x, cache=cache, **opts)
+    assert (cache.hits, cache.misses) == (1, 2)
+    kept = rc.select.CandidateCache(max_moment_bytes=10**12)
+    rc.plan(model, x, cache=kept, **opts)
+    assert next(iter(kept._entries.values()))[0]  # under the limit: the moments are kept
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_moment_bytes"):
+            rc.select.CandidateCache(max_moment_bytes=bad)
+
+
 def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
     """CandidateCache.cached() writes the candidates to this machine's cache folder: a new cache
     (a later process) plans from the file without scoring (the moments are measured again) and

@@ -247,6 +247,7 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
         fitted = copy.deepcopy(reference.get_submodule(name))
         with torch.no_grad():
             fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
+        del cross  # consumed (it holds the Cholesky factor now): GBs for a wide layer
         try:
             new = factorize(fitted, lp, moments if lp.options.get(DATA_AWARE) else None)
         except ValueError as err:

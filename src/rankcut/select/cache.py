@@ -11,7 +11,8 @@ inputs, the input shapes, the method, rank rule, grid kind, rank multiple, solve
 eligible layers), so a hit is the same computation, never a stale one. It lives in memory and
 holds at most ``max_entries`` fingerprints (least recently used dropped first). Memory: the
 calibration moments are n x n per layer (n = input channels x kernel positions; a 512-channel
-3x3 layer's is 170 MB in float64).
+3x3 layer's is 170 MB in float64; a 25,088-wide classifier layer's 5 GB, which
+``max_moment_bytes`` keeps out of memory while the plan is applied and fine-tuned).
 
 With a ``folder`` (:meth:`CandidateCache.cached`: this machine's cache folder, where the latency
 tables are kept too) the candidates are also written to disk, one small JSON file per
@@ -63,15 +64,23 @@ def data_fingerprint(batches, max_batches: int | None) -> str | None:
 class CandidateCache:
     """Per-layer candidates and calibration moments of ``rc.plan``, reused by later calls on
     the same model, inputs, data and settings; with ``folder``, the candidates also on disk
-    (see the module docstring)."""
+    (see the module docstring). ``max_moment_bytes``: an entry whose moments take more memory
+    keeps its candidates only, as a file's entry does (the next plan measures the moments again
+    and uses the candidates if they are the same); None: no limit."""
 
-    def __init__(self, max_entries: int = 4, folder=None):
+    def __init__(self, max_entries: int = 4, folder=None, max_moment_bytes: int | None = None):
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries: expected an int >= 1, got {max_entries!r}")
+        if max_moment_bytes is not None and (isinstance(max_moment_bytes, bool) or not
+                                             isinstance(max_moment_bytes, int)
+                                             or max_moment_bytes < 0):
+            raise ValueError(f"max_moment_bytes: expected an int >= 0 or None, got "
+                             f"{max_moment_bytes!r}")
         if folder is not None and not isinstance(folder, str | Path):
             raise ValueError(f"folder: expected a folder (str or Path) or None, got "
                              f"{type(folder).__name__}")
         self.max_entries = max_entries
+        self.max_moment_bytes = max_moment_bytes
         self.folder = None if folder is None else Path(folder)
         self._entries: OrderedDict[tuple, Any] = OrderedDict()
         self._moments: dict[tuple, str] = {}  # the moments' digest each file read recorded
@@ -79,7 +88,8 @@ class CandidateCache:
         self.hits = self.misses = self.disk_hits = 0
 
     @classmethod
-    def cached(cls, max_entries: int = 4) -> CandidateCache:
+    def cached(cls, max_entries: int = 4, max_moment_bytes: int | None = None
+               ) -> CandidateCache:
         """A cache that also keeps its candidates in this machine's cache folder
         (:func:`rankcut.select.latency.cache_dir`: ``$RANKCUT_CACHE``, else ``~/.cache/rankcut``;
         ``RANKCUT_CACHE=off``: in memory only)."""
@@ -91,7 +101,7 @@ class CandidateCache:
             warnings.warn(f"candidate cache: no cache folder ({err}); kept in memory only",
                           stacklevel=2)
             folder = None
-        return cls(max_entries, folder=folder)
+        return cls(max_entries, folder=folder, max_moment_bytes=max_moment_bytes)
 
     def get(self, key: tuple, disk: bool = True):
         """``(moments, candidates per layer)`` kept for ``key``, or None; from disk (unless
@@ -122,6 +132,14 @@ class CandidateCache:
         return False
 
     def put(self, key: tuple, value, disk: bool = True) -> None:
+        moments, cands = value
+        digest = None
+        if (self.max_moment_bytes is not None and moments
+                and _nbytes(moments) > self.max_moment_bytes):
+            # kept as a file's entry is: candidates only, the moments measured again by the
+            # next plan and checked against this digest (a 25,088-wide layer's moment is 5 GB)
+            digest = self._moments[key] = _moments_digest(moments)
+            value = (None, cands)
         self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
@@ -132,9 +150,9 @@ class CandidateCache:
                 return
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({
-                    "format": FORMAT, "moments": _moments_digest(value[0]),
+                    "format": FORMAT, "moments": digest or _moments_digest(moments),
                     "layers": {name: [_to_json(c) for c in cands]
-                               for name, cands in value[1].items()}}))
+                               for name, cands in cands.items()}}))
             _prune(path.parent)
         except (OSError, TypeError, ValueError) as err:
             warnings.warn(f"candidate cache: could not write {path} ({err}); planning goes on",
@@ -181,6 +199,10 @@ def _moments_digest(moments: dict) -> str:
         for m in moments[name]:
             update(h, m)
     return h.hexdigest()
+
+
+def _nbytes(moments: dict) -> int:
+    return sum(m.numel() * m.element_size() for ms in moments.values() for m in ms)
 
 
 def _prune(folder: Path) -> None:
