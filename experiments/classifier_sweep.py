@@ -4,6 +4,7 @@ time. It reads a reproduce.py config (experiments/configs/) and its ``sweep:`` s
 
     .venv/bin/python experiments/classifier_sweep.py experiments/configs/seed001_vgg11.yaml
         [--only RUN ...] [--runs-dir runs] [--threads N] [--device cpu|cuda] [--summary]
+        [--no-finetune]
 
 ``sweep.models`` names runs of the config whose model, data, weights (trained from scratch by
 the run's ``train:`` recipe when the file is missing, as reproduce.py does), normalisation and
@@ -583,7 +584,10 @@ def plot(head: dict, points: list[dict], path: Path, tuned: list[dict] = ()) -> 
 def main() -> int:
     args, config_path, config = command_line(
         __doc__, "sweep only these of sweep.models",
-        "write the tables and plots of the points done, and stop")
+        "write the tables and plots of the points done, and stop",
+        extra=lambda parser: parser.add_argument(
+            "--no-finetune", action="store_true",
+            help="the sweep's points only: leave the fine-tuned stage for a later run"))
     sw = sweep_settings(config)
     names = args.only or sw["models"]
     missing = sorted(set(names) - set(sw["models"]))
@@ -602,7 +606,7 @@ def main() -> int:
             # per classifier layer: its SVD, its singular values, its whitened Gram
             with rc.decompose.reuse_svds(max_entries=12):
                 run = sweep_model(config, name, sw, base, root, args.device)
-                if sw["finetune"] is not None:
+                if sw["finetune"] is not None and not args.no_finetune:
                     finetune_model(run, sw, base)
             del run  # its model and inputs (GBs for a 25,088-wide classifier)
     for name in names:

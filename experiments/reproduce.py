@@ -643,11 +643,13 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def command_line(doc: str, only: str, summary: str):
+def command_line(doc: str, only: str, summary: str, extra=None):
     """(arguments, config path, config) of an experiment command on a config of this format
     (reproduce.py, classifier_sweep.py): config, --only, --runs-dir, --threads (applied),
-    --device, --summary."""
+    --device, --summary; ``extra(parser)`` adds a command's own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(parser)
     parser.add_argument("config")
     parser.add_argument("--only", nargs="+", help=only)
     parser.add_argument("--runs-dir", default="runs", help="where the runs' folders go")
