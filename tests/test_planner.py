@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 import torchvision
@@ -158,6 +160,31 @@ def _cached_net():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
 
 
+def _cache_setup():
+    """(the planner module, _cached_net(), calibration batches, example inputs)."""
+    import importlib
+
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g))]
+    return (importlib.import_module("rankcut.select.planner"), _cached_net(), calib,
+            calib[0][0][:1])
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("scored again despite the cache")
+
+
+@contextlib.contextmanager
+def _moments_doubled(monkeypatch, planner):
+    """The layers' inputs changed (a forward edited without its weights or printed structure
+    showing it): every moment measured is twice what it was."""
+    real = planner.input_second_moments
+    with monkeypatch.context() as m:
+        m.setattr(planner, "input_second_moments",
+                  lambda *a, **k: {n: [2 * c for c in cs] for n, cs in real(*a, **k).items()})
+        yield
+
+
 def test_the_cache_key_reads_the_calibration_data_as_the_moments_do():
     """data_fingerprint cuts a tensor or Dataset into the moments' batches (64 samples), so two
     calibration sets that differ inside the first batch are two keys with max_batches=1."""
@@ -177,26 +204,16 @@ def test_the_cache_key_reads_the_calibration_data_as_the_moments_do():
 def test_a_candidate_cache_plans_later_targets_without_scoring_again(monkeypatch):
     """A sweep of ratios measures moments and candidates once; each plan equals the plan made
     without the cache; a changed weight or other calibration data is a miss, never stale."""
-    import importlib
-
-    planner = importlib.import_module("rankcut.select.planner")
-    model = _cached_net()
-    g = torch.Generator().manual_seed(1)
-    calib = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g))]
-    x = calib[0][0][:1]
+    planner, model, calib, x = _cache_setup()
     opts = dict(method="auto", calib_data=calib, allow_slower=True, min_params=100,
                 options={"cp": {"max_iter": 5}})
     cache = rc.select.CandidateCache()
     first = rc.plan(model, x, target="params=2x", cache=cache, **opts)
     assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("scored again despite the cache")
-
     cached = {}
     with monkeypatch.context() as m:
-        m.setattr(planner, "_layer_candidates", refuse)
-        m.setattr(planner, "input_second_moments", refuse)
+        m.setattr(planner, "_layer_candidates", _refuse)
+        m.setattr(planner, "input_second_moments", _refuse)
         for target in ["params=3x", "params=2x"]:
             cached[target] = rc.plan(model, x, target=target, cache=cache, **opts)
     assert cache.hits == 2
@@ -218,32 +235,19 @@ def test_a_cache_with_a_moment_limit_keeps_the_candidates_and_measures_the_momen
     """max_moment_bytes: an entry whose moments are larger is kept without them (as a file's
     entry is): the next plan measures them again, scores nothing, and gives the same plan; if
     the layers' inputs changed, it is a miss."""
-    import importlib
-
-    planner = importlib.import_module("rankcut.select.planner")
-    model = _cached_net()
-    g = torch.Generator().manual_seed(1)
-    calib = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g))]
-    x = calib[0][0][:1]
+    planner, model, calib, x = _cache_setup()
     opts = dict(method="svd", calib_data=calib, allow_slower=True, min_params=100,
                 target="params=2x")
     cache = rc.select.CandidateCache(max_moment_bytes=0)
     first = rc.plan(model, x, cache=cache, **opts)
     (entry,) = cache._entries.values()
     assert entry[0] is None and entry[1]
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("scored again despite the cache")
-
     with monkeypatch.context() as m:
-        m.setattr(planner, "_layer_candidates", refuse)
+        m.setattr(planner, "_layer_candidates", _refuse)
         again = rc.plan(model, x, cache=cache, **opts)
     assert (cache.hits, cache.misses) == (1, 1)
     assert again.to_dict()["layers"] == first.to_dict()["layers"]
-    real = planner.input_second_moments
-    with monkeypatch.context() as m:
-        m.setattr(planner, "input_second_moments",
-                  lambda *a, **k: {n: [2 * c for c in cs] for n, cs in real(*a, **k).items()})
+    with _moments_doubled(monkeypatch, planner):
         rc.plan(model, x, cache=cache, **opts)
     assert (cache.hits, cache.misses) == (1, 2)
     kept = rc.select.CandidateCache(max_moment_bytes=10**12)
@@ -261,35 +265,22 @@ def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
     a miss; a folder that cannot be written warns and planning goes on."""
     import importlib
 
-    planner = importlib.import_module("rankcut.select.planner")
+    planner, model, calib, x = _cache_setup()
     cache_module = importlib.import_module("rankcut.select.cache")
     monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "machine"))
-    model = _cached_net()
-    g = torch.Generator().manual_seed(1)
-    calib = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g))]
-    x = calib[0][0][:1]
     opts = dict(method="auto", calib_data=calib, allow_slower=True, min_params=100,
                 target="params=2x", options={"cp": {"max_iter": 5}})
     first = rc.plan(model, x, cache=rc.select.CandidateCache.cached(), **opts)
     files = list((tmp_path / "machine").glob("candidates-*.json"))
     assert len(files) == 1
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("scored again despite the file")
-
     later = rc.select.CandidateCache.cached()
     with monkeypatch.context() as m:
-        m.setattr(planner, "_layer_candidates", refuse)
+        m.setattr(planner, "_layer_candidates", _refuse)
         again = rc.plan(model, x, cache=later, **opts)
     assert (later.hits, later.disk_hits) == (1, 1)
     assert again.to_dict()["layers"] == first.to_dict()["layers"]
-
-    # the layers' inputs changed (a forward edited without its weights or printed structure
-    # showing it): the moments measured again differ from the file's, so it is a miss
-    real = planner.input_second_moments
-    with monkeypatch.context() as m:
-        m.setattr(planner, "input_second_moments",
-                  lambda *a, **k: {n: [2 * c for c in cs] for n, cs in real(*a, **k).items()})
+    # the moments measured again differ from the file's: a miss
+    with _moments_doubled(monkeypatch, planner):
         changed = rc.select.CandidateCache.cached()
         rc.plan(model, x, cache=changed, **opts)
     assert (changed.hits, changed.disk_hits, changed.misses) == (0, 0, 1)
