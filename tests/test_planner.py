@@ -249,7 +249,7 @@ def test_a_cache_with_a_moment_limit_keeps_the_candidates_and_measures_the_momen
     assert again.to_dict()["layers"] == first.to_dict()["layers"]
     with _moments_doubled(monkeypatch, planner):
         rc.plan(model, x, cache=cache, **opts)
-    assert (cache.hits, cache.misses) == (1, 2)
+    assert (cache.hits, cache.misses, cache.disk_hits) == (1, 2, 0)
     kept = rc.select.CandidateCache(max_moment_bytes=10**12)
     rc.plan(model, x, cache=kept, **opts)
     assert next(iter(kept._entries.values()))[0]  # under the limit: the moments are kept

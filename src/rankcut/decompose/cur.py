@@ -113,7 +113,7 @@ def _core_from_svd(full, col_idx: torch.Tensor, row_idx: torch.Tensor | None):
     A = s[:, None] * Vh[:, col_idx]
     A_pinv = torch.linalg.pinv(A, rtol=max(m, A.shape[1]) * eps)
     if row_idx is None:
-        U = A_pinv @ (s[:, None] * Vh)
+        U = (A_pinv * s) @ Vh
         core = A @ (A_pinv * s)
     else:
         B = Q[row_idx] * s

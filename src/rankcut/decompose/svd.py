@@ -90,6 +90,7 @@ def _reused(kind: str, tensors, compute):
         return compute()
     h = hashlib.sha256(kind.encode())
     for t in tensors:
+        h.update(str(t.device).encode())  # the same values on another device: another entry
         _fingerprint(h, t)
     key, entries = h.hexdigest(), _REUSED["entries"]
     if key in entries:

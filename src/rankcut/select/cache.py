@@ -85,6 +85,8 @@ class CandidateCache:
         self._entries: OrderedDict[tuple, Any] = OrderedDict()
         self._moments: dict[tuple, str] = {}  # the moments' digest each file read recorded
         self._stale: set[tuple] = set()  # files read whose moments were not those measured
+        self._from_disk: set[tuple] = set()  # keys whose last hit was a file's
+        self._checked: set[tuple] = set()  # keys whose moments same_moments just found equal
         self.hits = self.misses = self.disk_hits = 0
 
     @classmethod
@@ -110,35 +112,43 @@ class CandidateCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
+            self._from_disk.discard(key)
             return self._entries[key]
         read = self._read(key) if disk else None
         if read is not None:
             self.hits += 1
             self.disk_hits += 1
+            self._from_disk.add(key)
             self._moments[key] = read[0]
             return None, read[1]
         self.misses += 1
         return None
 
     def same_moments(self, key: tuple, moments: dict) -> bool:
-        """Whether ``moments`` are those the candidates read from disk for ``key`` were scored
-        on (counted as a miss, not a hit, when not)."""
+        """Whether ``moments`` are those the candidates kept for ``key`` without moments (read
+        from disk, or held without them: ``max_moment_bytes``) were scored on (counted as a
+        miss, not a hit, when not)."""
         if self._moments.get(key) == _moments_digest(moments):
+            self._checked.add(key)
             return True
         self._stale.add(key)  # written over by the next put
         self.hits -= 1
-        self.disk_hits -= 1
+        if key in self._from_disk:
+            self.disk_hits -= 1
         self.misses += 1
         return False
 
     def put(self, key: tuple, value, disk: bool = True) -> None:
         moments, cands = value
-        digest = None
+        # the digest of moments same_moments has just found equal to the recorded one is that
+        # one (not hashed again: GBs); others are hashed when needed
+        digest = self._moments.get(key) if key in self._checked else None
+        self._checked.discard(key)
         if (self.max_moment_bytes is not None and moments
                 and _nbytes(moments) > self.max_moment_bytes):
             # kept as a file's entry is: candidates only, the moments measured again by the
             # next plan and checked against this digest (a 25,088-wide layer's moment is 5 GB)
-            digest = self._moments[key] = _moments_digest(moments)
+            digest = self._moments[key] = digest or _moments_digest(moments)
             value = (None, cands)
         self._entries[key] = value
         self._entries.move_to_end(key)
@@ -153,6 +163,7 @@ class CandidateCache:
                     "format": FORMAT, "moments": digest or _moments_digest(moments),
                     "layers": {name: [_to_json(c) for c in cands]
                                for name, cands in cands.items()}}))
+            self._stale.discard(key)
             _prune(path.parent)
         except (OSError, TypeError, ValueError) as err:
             warnings.warn(f"candidate cache: could not write {path} ({err}); planning goes on",
