@@ -59,9 +59,13 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     config_path = Path(args.config)
+    if not config_path.is_file():
+        raise SystemExit(f"{config_path}: no such config file")
     config = yaml.safe_load(config_path.read_text())
-    if args.run not in config.get("runs", {}):
+    if not isinstance(config, dict) or args.run not in (config.get("runs") or {}):
         raise SystemExit(f"--run: {args.run!r} is not a run of {config_path}")
+    if any(r <= 0 for r in args.ratios):
+        raise SystemExit(f"--ratios: expected compression ratios > 0, got {args.ratios}")
     s = settings_of(config, args.run)
     weights = Path(s["weights"])
     if not weights.is_file():
@@ -70,11 +74,17 @@ def main() -> int:
     root = D.require_data_root()
     model = create(s["model"], weights=weights, num_classes=s["num_classes"]).eval()
     model.to(args.device)
-    part = model.classifier
-    fc1, fc2 = part[0], part[3]
+    part = getattr(model, "classifier", None)
+    linears = [m for m in part.modules() if isinstance(m, torch.nn.Linear)] if isinstance(
+        part, torch.nn.Sequential) else []
+    if not isinstance(getattr(model, "avgpool", None), torch.nn.AdaptiveAvgPool2d) or len(
+            linears) < 2:
+        raise SystemExit(f"{s['model']}: expected torchvision's VGG layout (an adaptive "
+                         "avgpool, then a classifier with two Linear layers or more)")
+    fc1, fc2 = linears[:2]
     _, _, test = datasets(s, root)
     x, y = part_inputs(model, "classifier", _batches(test), args.device)
-    oh, ow = model.avgpool.output_size
+    oh, ow = torch.nn.modules.utils._pair(model.avgpool.output_size)
     copies = oh * ow  # the 1x1 feature map spread over the pool's 7x7 output
     if not torch.equal(x, x[:, ::copies].repeat_interleave(copies, dim=1)):
         raise SystemExit(f"the classifier's inputs are not {copies} repeats of each feature "
