@@ -394,7 +394,10 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
                    for r, ps in swept.get((label, mode), [])], dense, tol)
         # none kept: from the smallest CR (the row says so)
         start = ok[-1][0] if ok else min(ft["ratios"])
-        cache = rc.select.CandidateCache(max_entries=1) if mode == "target" else None
+        # the candidates only: a 25,088-wide layer's 5 GB moment is not held beside the training
+        # inputs (3 GB) through the fine-tuning; each plan measures it again (about a minute)
+        cache = (rc.select.CandidateCache(max_entries=1, max_moment_bytes=2**31)
+                 if mode == "target" else None)
         for ratio in sorted({start, *(r for r in ft["ratios"] if r > start)}):
             p = done.get((label, mode, ratio, seed))
             if p is None:
