@@ -309,19 +309,19 @@ def sweep(config, runs, env, *extra):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def swept_once(tmp_path, name: str, text: str, shared_data):
+def swept_once(tmp_path, name: str, text: str, shared_data, *extra):
     """(config, environment, sweep folder) after one successful sweep of config ``text``."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(text)
     env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
-    done = sweep(config, tmp_path / "runs", env)
+    done = sweep(config, tmp_path / "runs", env, *extra)
     assert done.returncode == 0, done.stderr[-2000:]
     return config, env, tmp_path / "runs" / name / "sweep"
 
 
 def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weights, shared_data,
                                                                  tmp_path):
-    config, env, folder = swept_once(tmp_path, "sw", SWEEP_CONFIG, shared_data)
+    config, env, folder = swept_once(tmp_path, "sw", SWEEP_CONFIG, shared_data, "--no-finetune")
     lines = [json.loads(line) for line in (folder / "r20.jsonl").read_text().splitlines()]
     head, points = lines[0], lines[1:]
     # svd: 2 modes x 2 ratios; svd-data: 2 ratios; leverage CUR: 2 ratios x 2 seeds
@@ -348,6 +348,10 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
                                                                      cur[1]["top1"])
     assert "| svd | rule | 1 |" in (folder / "r20.md").read_text()
     assert (folder / "r20.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (folder / "r20-finetuned.jsonl").exists()  # --no-finetune: the points only
+    tuning = sweep(config, tmp_path / "runs", env)  # the fine-tuned stage, on a later run
+    assert tuning.returncode == 0 and "10 point(s) done earlier" in tuning.stdout, \
+        tuning.stderr[-2000:]
     # the fine-tuned stage: every swept ratio is within the (wide) tolerance, so the walk
     # starts at the largest, 3, and goes on to 6, past the sweep's ratios
     lines = (folder / "r20-finetuned.jsonl").read_text().splitlines()
