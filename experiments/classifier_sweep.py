@@ -54,6 +54,7 @@ from rankcut.train import evaluate, finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import (
+    MOMENT_LIMIT,
     check,
     command_line,
     datasets,
@@ -396,7 +397,7 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
         start = ok[-1][0] if ok else min(ft["ratios"])
         # the candidates only: a 25,088-wide layer's 5 GB moment is not held beside the training
         # inputs (3 GB) through the fine-tuning; each plan measures it again (about a minute)
-        cache = (rc.select.CandidateCache(max_entries=1, max_moment_bytes=2**31)
+        cache = (rc.select.CandidateCache(max_entries=1, max_moment_bytes=MOMENT_LIMIT)
                  if mode == "target" else None)
         for ratio in sorted({start, *(r for r in ft["ratios"] if r > start)}):
             p = done.get((label, mode, ratio, seed))

@@ -104,10 +104,11 @@ TRANSFER = {"data": None, "epochs": 2, "train_limit": 10000, "test_limit": None,
 RESULT = "result.json"
 # The runs of one invocation share what planning measures before the target matters (the
 # calibration moments, every layer's candidates): a sweep of ratios of one model scores once.
-# and on disk, for later invocations; an entry whose moments total over 2 GiB (a 25,088-wide
-# classifier layer's alone is 5 GB) keeps none of them while the plan is applied, fitted
-# sequentially and fine-tuned
-CACHE = rc.select.CandidateCache.cached(max_entries=2, max_moment_bytes=2**31)
+# and on disk, for later invocations; an entry whose moments total over MOMENT_LIMIT bytes (a
+# 25,088-wide classifier layer's alone is 5 GB) keeps none of them while the plan is applied,
+# fitted sequentially and fine-tuned (classifier_sweep.py's fine-tuned stage uses it too)
+MOMENT_LIMIT = 2**31
+CACHE = rc.select.CandidateCache.cached(max_entries=2, max_moment_bytes=MOMENT_LIMIT)
 
 
 def settings_of(config: dict, name: str) -> dict:

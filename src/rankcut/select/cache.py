@@ -85,7 +85,6 @@ class CandidateCache:
         self._entries: OrderedDict[tuple, Any] = OrderedDict()
         self._moments: dict[tuple, str] = {}  # the moments' digest each file read recorded
         self._stale: set[tuple] = set()  # files read whose moments were not those measured
-        self._from_disk: set[tuple] = set()  # keys whose last hit was a file's
         self._checked: set[tuple] = set()  # keys whose moments same_moments just found equal
         self.hits = self.misses = self.disk_hits = 0
 
@@ -112,13 +111,11 @@ class CandidateCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
-            self._from_disk.discard(key)
             return self._entries[key]
         read = self._read(key) if disk else None
         if read is not None:
             self.hits += 1
             self.disk_hits += 1
-            self._from_disk.add(key)
             self._moments[key] = read[0]
             return None, read[1]
         self.misses += 1
@@ -133,7 +130,7 @@ class CandidateCache:
             return True
         self._stale.add(key)  # written over by the next put
         self.hits -= 1
-        if key in self._from_disk:
+        if key not in self._entries:  # the hit was a file's (a kept entry is in memory)
             self.disk_hits -= 1
         self.misses += 1
         return False
