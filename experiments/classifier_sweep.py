@@ -401,6 +401,8 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
                  if mode == "target" else None)
         for ratio in sorted({start, *(r for r in ft["ratios"] if r > start)}):
             p = done.get((label, mode, ratio, seed))
+            if p is not None and "unreachable" in p:  # recorded by an earlier run
+                break
             if p is None:
                 if train is None:  # the frozen convolutions' outputs, computed once
                     images = run["plain"]
@@ -417,7 +419,13 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
                 except ValueError as err:
                     if "cannot be met" not in str(err):
                         raise
-                    # a target below the smallest plan (every layer at rank 1): the series ends
+                    # a target below the smallest plan (every layer at rank 1): the series
+                    # ends, and says so in the file so a resumed walk does not plan it again
+                    # (minutes for a 25,088-wide layer)
+                    with path.open("a") as f:
+                        f.write(json.dumps({"label": label, "fit": _fit(method), "mode": mode,
+                                            "ratio": ratio, "seed": seed,
+                                            "unreachable": str(err)}) + "\n")
                     print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: {err}; the series "
                           "stops here", flush=True)
                     break
@@ -621,6 +629,7 @@ def main() -> int:
         text = table(head, points)
         tuned_path = base / f"{name}-finetuned.jsonl"
         ft_head, tuned = read_points(tuned_path) if tuned_path.is_file() else ({}, [])
+        tuned = [p for p in tuned if "unreachable" not in p]  # where a walk ended, unplanned
         if tuned and any(ft_head.get(k) != v for k, v in head.items()
                          if k not in ("device", "threads", "date")):
             print(f"{tuned_path}: made on other sweep settings than {path}; left out")

@@ -438,13 +438,18 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
 
     def unreachable(run_, method, ratio, *args, **kwargs):
         if ratio >= 16:
+            calls.append(ratio)
             raise ValueError("target: cannot be met; the cheapest plan costs more")
         return fake(run_, method, ratio, *args, **kwargs)
 
     monkeypatch.setattr(sweep_, "tuned_point", unreachable)
     calls.clear()
-    sweep_.finetune_model(run, sw, tmp_path / "unreachable")
-    assert calls == [2, 4, 8]
+    path = sweep_.finetune_model(run, sw, tmp_path / "unreachable")
+    assert calls == [2, 4, 8, 16]
+    calls.clear()
+    sweep_.finetune_model(run, sw, tmp_path / "unreachable")  # resumed: 16 not planned again
+    assert calls == []
+    assert [p["ratio"] for p in sweep_.read_points(path)[1] if "unreachable" in p] == [16]
     monkeypatch.setattr(sweep_, "tuned_point", lambda *a, **k: (_ for _ in ()).throw(
         ValueError("another error")))
     with pytest.raises(ValueError, match="another error"):
