@@ -331,8 +331,10 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
     x = test_x[:1].to(device)
     for label, method in sw["methods"].items():
         # plans of one method to targets share its moments and candidates (one entry: a
-        # 25,088-wide layer's moment is 5 GB)
-        cache = rc.select.CandidateCache(max_entries=1)
+        # 25,088-wide layer's moment is 5 GB); the candidates also on this machine's disk, so
+        # a sweep resumed by a new process does not score them again (12 min for CUR of a
+        # 4096 x 25,088 layer)
+        cache = rc.select.CandidateCache.cached(max_entries=1)
         for mode in method["modes"]:
             for ratio in sw["ratios"]:
                 for seed in method["seeds"]:
@@ -397,7 +399,7 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
         start = ok[-1][0] if ok else min(ft["ratios"])
         # the candidates only: a 25,088-wide layer's 5 GB moment is not held beside the training
         # inputs (3 GB) through the fine-tuning; each plan measures it again (about a minute)
-        cache = (rc.select.CandidateCache(max_entries=1, max_moment_bytes=MOMENT_LIMIT)
+        cache = (rc.select.CandidateCache.cached(max_entries=1, max_moment_bytes=MOMENT_LIMIT)
                  if mode == "target" else None)
         for ratio in sorted({start, *(r for r in ft["ratios"] if r > start)}):
             p = done.get((label, mode, ratio, seed))
