@@ -322,9 +322,10 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
                              "differ); move it away to sweep afresh")
         done = {(p["label"], p["mode"], p["ratio"], p["seed"]) for p in points}
     else:
-        path.write_text(json.dumps({**head, "device": device,
-                                    "threads": torch.get_num_threads(),
-                                    "date": time.strftime("%Y-%m-%d")}) + "\n")
+        with atomic_path(path) as tmp:  # a kill mid-write leaves no headless file
+            tmp.write_text(json.dumps({**head, "device": device,
+                                       "threads": torch.get_num_threads(),
+                                       "date": time.strftime("%Y-%m-%d")}) + "\n")
     print(f"[{name}] {s['model']} on {s['data']}: {sw['part']} {part_params:,} of {total:,} "
           f"params, top-1 {dense_top1:.2f}% on {len(test_y)} test images; "
           f"{len(done)} point(s) done earlier", flush=True)
@@ -385,7 +386,8 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
                              f"({changed + refit} differ); move it away to tune afresh")
     else:
         base.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**ft_head, "date": time.strftime("%Y-%m-%d")}) + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({**ft_head, "date": time.strftime("%Y-%m-%d")}) + "\n")
     done = {(p["label"], p["mode"], p["ratio"], p["seed"]): p for p in tuned}
     dense, tol = head["dense_top1"], ft["tolerance"]
     swept = grouped(run["points"])
@@ -464,8 +466,23 @@ def tuned_point(run: dict, method: dict, ratio, mode: str, seed: int, train, ft:
 
 
 def read_points(path: Path) -> tuple[dict, list[dict]]:
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return lines[0], lines[1:]
+    """(the header, the points) of a .jsonl. A last line cut short by a kill mid-append is
+    removed from the file (its point is computed again; the next append would otherwise run
+    on from it); any other unreadable line is an error."""
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == 0 or i < len(lines) - 1:
+                raise SystemExit(f"{path}: line {i + 1} is not JSON; move the file away to "
+                                 "start afresh") from None
+    if len(rows) < len(lines) or not text.endswith("\n"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows[0], rows[1:]
 
 
 def grouped(points: list[dict]) -> dict:

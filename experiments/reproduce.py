@@ -573,7 +573,8 @@ def late_export(folder: Path, s: dict, root: Path) -> None:
     headline): its fine-tuned model (``model/``) exported now, as a run exports at its end, and
     recorded in its result.json."""
     result = json.loads((folder / RESULT).read_text())
-    if not s["export"] or result.get("export", {}).get("folder") == str(s["export"]):
+    # "results/x/" and "./results/x" name the folder "results/x" that export() recorded
+    if not s["export"] or result.get("export", {}).get("folder") == str(Path(s["export"])):
         return
     fresh = partial(create, s["model"], num_classes=s["num_classes"])
     small = rc.load(fresh(), folder / "model").eval()

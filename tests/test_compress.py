@@ -210,6 +210,18 @@ def test_resuming_with_another_plan_is_refused(trained, tmp_path):
     assert other.to_dict()["layers"] != first.plan.to_dict()["layers"]
     with pytest.raises(ValueError, match="another plan"):
         rc.compress(model, x, plan=other, train_data=data, steps=2, finetune_options=opts)
+    # the settings edited between the runs: the stored plan is not used under the new ones
+    for changed, said in (({"target": "macs=3x"}, "target macs=2x, this call asks for "
+                           "target macs=3x"),
+                          ({"target": "macs=2x", "method": "svd"}, "method 'auto'"),
+                          ({"rank": 2}, "target macs=2x, this call asks for target None")):
+        with pytest.raises(ValueError, match=said):
+            rc.compress(model, x, train_data=data, steps=2, plan_options=PLAN,
+                        finetune_options=opts, **changed)
+    # the same target written another way resumes
+    again = rc.compress(model, x, target="macs=0.5", train_data=data, steps=2,
+                        plan_options=PLAN, finetune_options=opts)
+    assert again.stages[0]["resumed"]
 
 
 def test_layerwise_resumes_each_layer_from_its_own_checkpoints(trained, tmp_path,

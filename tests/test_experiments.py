@@ -450,6 +450,16 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     sweep_.finetune_model(run, sw, tmp_path / "unreachable")  # resumed: 16 not planned again
     assert calls == []
     assert [p["ratio"] for p in sweep_.read_points(path)[1] if "unreachable" in p] == [16]
+    # a kill mid-append: the cut line is dropped from the file, so that point runs again
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])
+    calls.clear()
+    sweep_.finetune_model(run, sw, tmp_path / "unreachable")
+    assert calls == [8, 16]
+    assert len(path.read_text().splitlines()) == len(lines)
+    path.write_text("\n".join([*lines[:1], "{cut", *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit, match="line 2 is not JSON"):
+        sweep_.read_points(path)
     monkeypatch.setattr(sweep_, "tuned_point", lambda *a, **k: (_ for _ in ()).throw(
         ValueError("another error")))
     with pytest.raises(ValueError, match="another error"):

@@ -63,6 +63,25 @@ def _saved(folder: Path) -> bool:
     return "weights_sha256" in load_plan(folder).meta
 
 
+def _check_resumed(path: Path, meta: dict, method, target) -> None:
+    """Refuse to resume from the plan stored at ``path`` (its ``meta``, as the planner wrote
+    it) where it was made for another method or target than this call's: the run would go on
+    with the old plan under the new settings."""
+    if "method" in meta and isinstance(method, str) and meta["method"] != method:
+        theirs, ours = f"method {meta['method']!r}", f"method {method!r}"
+    elif "target" in meta and (meta["target"] is None) != (target is None):
+        theirs, ours = f"target {meta['target']}", f"target {target}"
+    elif meta.get("target") is not None and target is not None and (
+            parse_target(meta["target"])[0] != parse_target(target)[0]
+            or not math.isclose(parse_target(meta["target"])[1], parse_target(target)[1],
+                                rel_tol=1e-6)):
+        theirs, ours = f"target {meta['target']}", f"target {target}"
+    else:
+        return
+    raise ValueError(f"resume: {path} was planned for {theirs}, this call asks for {ours}; "
+                     "resume with the same settings, or use a fresh checkpoint_dir")
+
+
 def _layers(plan: Plan) -> dict:
     return {n: (lp.method, tuple(lp.ranks), lp.form) for n, lp in plan.active.items()}
 
@@ -268,16 +287,19 @@ class _Job:
         self.resume = bool(self.finetune_options.get("resume"))
 
     # ---- resuming: what each stage starts from is kept beside its training checkpoint -------
-    def stored_plan(self, folder: Path | None, plan: Plan | None, make) -> Plan:
+    def stored_plan(self, folder: Path | None, plan: Plan | None, make, target=None) -> Plan:
         """``plan``, or the one a resumed run stored in ``folder``, else ``make()`` (stored
         there when training checkpoints are kept, so a resumed run factorizes the same layers
-        at the same ranks: a plan timed on the machine can differ between two calls)."""
+        at the same ranks: a plan timed on the machine can differ between two calls). A stored
+        plan made for another method or ``target`` than ``make`` would use is refused."""
         path = None if folder is None else folder / PLAN_FILE
         if path is not None and self.resume and path.is_file():
             stored = load_plan(path)
             if plan is not None and _layers(plan) != _layers(stored):
                 raise ValueError(f"resume: {path} holds another plan than the one given; "
                                  "resume with the same plan, or use a fresh checkpoint_dir")
+            if plan is None:
+                _check_resumed(path, stored.meta, self.plan_kwargs["method"], target)
             return stored
         plan = plan if plan is not None else make()
         if path is not None:
@@ -330,11 +352,11 @@ class _Job:
         if folder is not None and self.resume and _saved(folder):
             # resumed: the factorized model as it was before fine-tuning (plan, weights, and
             # the BatchNorm statistics), not planned and fitted again
-            plan = self.stored_plan(folder, plan, None)
+            plan = self.stored_plan(folder, plan, None, target)
             small = load(self.model, folder)
             stage = {"stage": "one_shot", "layers": list(plan.active), "resumed": True}
         else:
-            plan = self.stored_plan(folder, plan, lambda: self.plan(target))
+            plan = self.stored_plan(folder, plan, lambda: self.plan(target), target)
             small = apply(self.model, plan, calib_data=self.plan_kwargs["calib_data"],
                           max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
                           sequential=self.sequential)
@@ -350,7 +372,7 @@ class _Job:
         return CompressResult(small, plan, [stage])
 
     def layerwise(self, plan, target, steps_per_layer, epochs, steps) -> CompressResult:
-        plan = self.stored_plan(self.folder, plan, lambda: self.plan(target))
+        plan = self.stored_plan(self.folder, plan, lambda: self.plan(target), target)
         small = copy.deepcopy(self.model)
         stages = []
         # the plan lists layers in module (forward) order; each layer's fine-tuning keeps its
@@ -379,7 +401,8 @@ class _Job:
             view = densify(current)
             folder = None if self.folder is None else self.folder / f"round-{i}"
             plan = self.stored_plan(folder, None,
-                                    lambda v=view, t=round_target: self.plan(t, model=v))
+                                    lambda v=view, t=round_target: self.plan(t, model=v),
+                                    round_target)
             small = apply(view, plan, calib_data=self.plan_kwargs["calib_data"],
                           max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
                           sequential=self.sequential)

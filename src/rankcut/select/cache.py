@@ -238,3 +238,9 @@ def _code_digest() -> str:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+# read when rankcut is imported, not at the first plan (hours later in an experiment that
+# trains first): candidates scored by the code this process runs must not be filed under the
+# digest of source files edited since
+_code_digest()
