@@ -344,14 +344,17 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
     folder = path.parent / f"{path.stem}-training"
     recipe = {"batch_size": s["batch_size"], "seed": s["seed"], **s["train"]}
     every = recipe.pop("checkpoint_every", s["checkpoint_every"])  # not the recipe: when saved
-    if path.is_file():  # trained earlier (its record), or a file of the user's (none)
+    begun = folder / "recipe.json"  # a training in progress resumes only under its recipe
+    # trained earlier (its record), or a file of the user's (no record, no training folder);
+    # weights without their record are a run killed between the two writes: the training
+    # resumes from its last checkpoint, at the final step, and writes both again
+    if path.is_file() and (record.is_file() or not begun.is_file()):
         info = json.loads(record.read_text()) if record.is_file() else None
         if info is not None and info.get("recipe") != recipe:
             raise SystemExit(f"{path}: trained by the recipe {info.get('recipe')}, the config "
                              f"asks for {recipe}; move it (and {record.name}, {folder.name}/) "
                              "away to train it again")
         return info
-    begun = folder / "recipe.json"  # a training in progress resumes only under its recipe
     if begun.is_file() and json.loads(begun.read_text()) != recipe:
         raise SystemExit(f"{folder}: a training by the recipe {begun.read_text()} is in "
                          f"progress there, the config asks for {recipe}; move the folder away "

@@ -145,6 +145,16 @@ def test_weights_trained_by_another_recipe_are_refused(tmp_path):
     (folder / "recipe.json").write_text(json.dumps({**recipe, "steps": 5}))
     with pytest.raises(SystemExit, match="in progress there"):
         reproduce_.trained_weights(s, tmp_path, "cpu")
+    # weights without their record beside a training folder: a run killed between the two
+    # writes, so the training resumes (here refused: its recipe differs) instead of taking the
+    # weights for a user's own file
+    weights.write_bytes(b"")
+    weights.with_suffix(".json").unlink()
+    with pytest.raises(SystemExit, match="in progress there"):
+        reproduce_.trained_weights(s, tmp_path, "cpu")
+    (folder / "recipe.json").unlink()
+    folder.rmdir()
+    assert reproduce_.trained_weights(s, tmp_path, "cpu") is None  # a user's file: no record
 
 
 def _reproduce_module():
