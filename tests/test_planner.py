@@ -152,6 +152,29 @@ def test_planning_with_calibration_data_measures_output_error():
     assert auto.active
 
 
+def test_a_loss_aware_plan_forms_each_layers_whitened_gram_once(monkeypatch):
+    """The network-damage probes factorize layers whose whitened Gram W Σ Wᵀ the scoring
+    formed already (minutes for a VGG's 4096 x 25,088 layer): they reuse it."""
+    import importlib
+
+    svd_module = importlib.import_module("rankcut.decompose.svd")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3),
+                          nn.Flatten(), nn.Linear(32 * 6 * 6, 64)).eval()
+    batches = [torch.randn(16, 12, 8, 8) for _ in range(2)]
+    formed, gram = [], svd_module.whitened_gram
+
+    def counted(W, cov, ridge=1e-6):
+        formed.append(tuple(W.shape))
+        return gram(W, cov, ridge)
+
+    monkeypatch.setattr(svd_module, "whitened_gram", counted)
+    plan = rc.plan(model, batches[0][:1], method="svd", target="params=0.5",
+                   calib_data=batches, min_params=100, allow_slower=True)
+    assert len(plan.meta["damage_weights"]) == 3  # every layer probed
+    assert sorted(formed) == sorted({(32, 108), (32, 288), (64, 1152)})
+
+
 def _cached_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

@@ -29,7 +29,7 @@ from torch import nn
 from . import decompose as dec
 from .decompose.svd import reuse_svds, tail_errors, truncation_errors, whitened_spectrum
 from .layers import group_matrices, weight_blocks
-from .layers.base import solve
+from .layers.base import decomposition_dtype, solve
 
 # The plan option (and candidate mark) of a layer factorized on its input statistics
 DATA_AWARE = "data_aware"
@@ -292,8 +292,10 @@ def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
 def whitened_svd_errors(module: nn.Module, covs: list[torch.Tensor]) -> torch.Tensor:
     """err[r-1] = output-norm error ||(W - W~) L|| / ||W L|| of data-aware channel SVD at rank r
     (every group at rank r), L the whitening factor of each group's input second moment."""
-    return tail_errors([whitened_spectrum(M, c) for M, c in
-                        zip(group_matrices(module, "channel", torch.float64), covs, strict=True)])
+    # in the dtype the factorization reads the weight in (the spectrum is computed in float64
+    # either way), so that inside reuse_svds the factorization finds the Gram computed here
+    mats = group_matrices(module, "channel", decomposition_dtype(module.weight))
+    return tail_errors([whitened_spectrum(M, c) for M, c in zip(mats, covs, strict=True)])
 
 
 def output_norm(module: nn.Module, covs: list[torch.Tensor]) -> float:

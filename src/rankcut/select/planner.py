@@ -35,6 +35,7 @@ from .. import methods
 from .._modes import as_inputs, batch_of, model_device, run_watching_layers
 from ..calibrate import input_second_moments
 from ..curves import Candidate, aligned, measured, pareto, whitened_svd_errors
+from ..decompose.svd import reuse_svds
 from ..defaults import COMPRESS
 from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
@@ -333,71 +334,75 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             hit = None  # the layers see other inputs than when the candidates were scored
     result = Plan(meta={"method": method, "rank": None if rule is None else str(rule),
                         "target": None if target is None else str(target)})
-    layers: dict[str, _Layer] = {}
-    pending: dict[str, list[tuple]] = {}
-    for name, reason in _steps(eligible.items(), progress, "planning: scoring candidates"):
-        module = model.get_submodule(name)
-        if reason is None and name not in shapes:
-            reason = "not called in the forward pass on example_inputs"
-        if reason is not None:
-            result[name] = LayerPlan.skipped(reason, type(module).__name__)
-            continue
-        shape = shapes[name]
-        if hit is not None:
-            cands, pending[name] = list(hit[1][name]), []
-        else:
-            cands, pending[name] = _layer_candidates(module, shape, method, rule,
-                                                     target is not None, grid_kind,
-                                                     rank_multiple, options, covs.get(name))
-        dense_cost = cost_at(module, shape)
-        dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
-        layers[name] = _Layer(module, shape, cands, dense)
-    _measure(layers, pending, options, progress)
-    if cache is not None and (hit is None or hit[0] is None):
-        cache.put(key, (covs, {name: list(layer.cands) for name, layer in layers.items()}),
-                  disk=persist)
-    clock = None
-    if table is not None and layers:
-        clock = _Clock(table, model, inputs, latency_batch or batch_of(inputs), layers,
-                       grid_kind or "macs", progress)
+    # a layer's spectra and whitened Gram (4096 x 25,088 x 25,088 products for a VGG's
+    # first classifier layer: minutes on a CPU) computed while scoring are reused by the
+    # network-damage probes instead of computed again; the same numbers, bit for bit
+    with reuse_svds(max_entries=4 * len(eligible) + 8):
+        layers: dict[str, _Layer] = {}
+        pending: dict[str, list[tuple]] = {}
+        for name, reason in _steps(eligible.items(), progress, "planning: scoring candidates"):
+            module = model.get_submodule(name)
+            if reason is None and name not in shapes:
+                reason = "not called in the forward pass on example_inputs"
+            if reason is not None:
+                result[name] = LayerPlan.skipped(reason, type(module).__name__)
+                continue
+            shape = shapes[name]
+            if hit is not None:
+                cands, pending[name] = list(hit[1][name]), []
+            else:
+                cands, pending[name] = _layer_candidates(module, shape, method, rule,
+                                                         target is not None, grid_kind,
+                                                         rank_multiple, options, covs.get(name))
+            dense_cost = cost_at(module, shape)
+            dense = Candidate("dense", (), None, dense_cost.params, dense_cost.macs, 0.0)
+            layers[name] = _Layer(module, shape, cands, dense)
+        _measure(layers, pending, options, progress)
+        if cache is not None and (hit is None or hit[0] is None):
+            cache.put(key, (covs, {name: list(layer.cands) for name, layer in layers.items()}),
+                      disk=persist)
+        clock = None
+        if table is not None and layers:
+            clock = _Clock(table, model, inputs, latency_batch or batch_of(inputs), layers,
+                           grid_kind or "macs", progress)
 
-    if loss_aware is None:
-        loss_aware = calib_data is not None and target is not None
-    if loss_aware and (calib_data is None or target is None):
-        raise ValueError("loss_aware: needs calib_data and a target")
-    if target is not None and not layers:
-        why = sorted({r for r in (lp.reason for lp in result.values()) if r})
-        raise ValueError("target: nothing to factorize: " + (
-            f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
-            else "the model has no Conv2d or Linear layer"))
-    limit = None if allow_slower or clock is None else 1 + latency_margin
-    choose = _Chooser(layers, kind, limit, clock, 0.0 if kind == "latency" else speed_slack)
-    checks: list[dict] = []
-    if target is None:
-        chosen = choose(None)
-    else:
-        fixed = {"params": count_params(model), "macs": 0,
-                 "latency": clock.rest if clock is not None else 0.0}
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
-                fixed["macs"] += cost_at(module, shapes[name]).macs
-        if kind != "latency":
-            fixed[kind] -= sum(layer.dense.cost(kind) for layer in layers.values())
-        choose.fixed = fixed[kind]
-        whole = fixed[kind] + sum(layer.dense.cost(kind) for layer in layers.values())
-        budget = fraction * whole
-        if loss_aware:
-            weights = _damage_weights(model, layers, covs, calib_data, kind, budget,
-                                      choose.fixed, options, progress)
-            for name, w in weights.items():
-                layers[name].cands = damage.weighted(layers[name].cands, w)
-            result.meta["damage_weights"] = weights
-        chosen = choose(budget)
-        if clock is not None and (limit is not None or kind == "latency"):
-            chosen, budget, checks = _checked(choose, chosen, budget, kind, fraction, clock,
-                                              model, result, options)
-        result.meta["budget"] = {kind: budget}
-    _fill(result, chosen, layers, options, limit is not None)
+        if loss_aware is None:
+            loss_aware = calib_data is not None and target is not None
+        if loss_aware and (calib_data is None or target is None):
+            raise ValueError("loss_aware: needs calib_data and a target")
+        if target is not None and not layers:
+            why = sorted({r for r in (lp.reason for lp in result.values()) if r})
+            raise ValueError("target: nothing to factorize: " + (
+                f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
+                else "the model has no Conv2d or Linear layer"))
+        limit = None if allow_slower or clock is None else 1 + latency_margin
+        choose = _Chooser(layers, kind, limit, clock, 0.0 if kind == "latency" else speed_slack)
+        checks: list[dict] = []
+        if target is None:
+            chosen = choose(None)
+        else:
+            fixed = {"params": count_params(model), "macs": 0,
+                     "latency": clock.rest if clock is not None else 0.0}
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
+                    fixed["macs"] += cost_at(module, shapes[name]).macs
+            if kind != "latency":
+                fixed[kind] -= sum(layer.dense.cost(kind) for layer in layers.values())
+            choose.fixed = fixed[kind]
+            whole = fixed[kind] + sum(layer.dense.cost(kind) for layer in layers.values())
+            budget = fraction * whole
+            if loss_aware:
+                weights = _damage_weights(model, layers, covs, calib_data, kind, budget,
+                                          choose.fixed, options, progress)
+                for name, w in weights.items():
+                    layers[name].cands = damage.weighted(layers[name].cands, w)
+                result.meta["damage_weights"] = weights
+            chosen = choose(budget)
+            if clock is not None and (limit is not None or kind == "latency"):
+                chosen, budget, checks = _checked(choose, chosen, budget, kind, fraction, clock,
+                                                  model, result, options)
+            result.meta["budget"] = {kind: budget}
+        _fill(result, chosen, layers, options, limit is not None)
     if clock is not None:
         result.meta["latency"] = _latency_meta(clock, choose, chosen, checks, kind, fraction,
                                               limit)
