@@ -483,6 +483,13 @@ def test_resume_refuses_a_changed_run(tmp_path):
     with pytest.raises(ValueError, match="amp: checkpoint None, now 'torch.bfloat16'"):
         finetune(mlp(), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path, resume=True,
                  amp=True, progress=False)
+    # another learning rate or warm-up: the schedule the checkpoint's steps were taken on
+    with pytest.raises(ValueError, match="lr: checkpoint 0.01, now 0.005"):
+        finetune(mlp(), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path, resume=True,
+                 lr=0.005, progress=False)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        finetune(mlp(), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path, resume=True,
+                 warmup_steps=2, progress=False)
     # a checkpoint written before a setting was recorded is not refused for lacking it
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     del payload["settings"]["amp"]

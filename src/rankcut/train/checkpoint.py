@@ -81,8 +81,8 @@ def read(checkpoint_dir: str | Path) -> dict[str, Any] | None:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a run whose data order, length or precision would differ from the saved
-    one (a setting a checkpoint predates is not compared)."""
+    """Refuse to resume a run whose data order, length, precision or learning-rate schedule
+    would differ from the saved one (a setting a checkpoint predates is not compared)."""
     diffs = [f"{k}: checkpoint {saved[k]!r}, now {v!r}" for k, v in current.items()
              if k in saved and saved[k] != v]
     if diffs:

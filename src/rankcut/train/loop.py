@@ -381,6 +381,8 @@ class _Run:
             "total_steps": self.total, "batch_size": o["batch_size"],
             "world_size": self.env.world_size, "seed": o["seed"], "shuffle": o["shuffle"],
             "steps_per_epoch": self.steps_per_epoch, "optimizer": name,
+            # the schedule: a run resumed at another rate would end where no run does
+            "lr": lr, "lr_schedule": o["lr_schedule"], "warmup_steps": o["warmup_steps"],
             "train_size": None if self.loader is not None else len(self.data),
             # the precision it trains in (float16 with a loss scaler on CUDA by default, float32
             # on the CPU): a run resumed on the other kind of device would change it midway
