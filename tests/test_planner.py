@@ -302,12 +302,20 @@ def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
         again = rc.plan(model, x, cache=later, **opts)
     assert (later.hits, later.disk_hits) == (1, 1)
     assert again.to_dict()["layers"] == first.to_dict()["layers"]
+    # a killed writer's temporary file is removed by the next write, a live writer's is not
+    import os
+
+    stale, live = (tmp_path / "machine" / f".candidates-{n}.json.0.tmp" for n in ("a", "b"))
+    for f in (stale, live):
+        f.write_text("{")
+    os.utime(stale, (1, 1))
     # the moments measured again differ from the file's: a miss
     with _moments_doubled(monkeypatch, planner):
         changed = rc.select.CandidateCache.cached()
         rc.plan(model, x, cache=changed, **opts)
     assert (changed.hits, changed.disk_hits, changed.misses) == (0, 0, 1)
     assert len(list((tmp_path / "machine").glob("candidates-*.json"))) == 1  # written over
+    assert not stale.exists() and live.exists()
 
     threads = torch.get_num_threads()
     try:

@@ -24,13 +24,16 @@ it feeds its layers other inputs: a miss). A file's name also hashes what the sc
 besides the inputs: rankcut's source code, the torch version and the thread count (the key holds
 the model's weights and printed structure, the device, the data and every setting). A file that
 cannot be read is a miss; one that cannot be written is a warning: planning never fails for the
-cache. The folder keeps the newest :data:`MAX_FILES` files.
+cache. The folder keeps the newest :data:`MAX_FILES` files; a temporary file a writer killed
+mid-write left is removed by a later write once it is :data:`STALE_TMP_S` old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 import warnings
 from collections import OrderedDict
 from functools import lru_cache
@@ -197,6 +200,7 @@ class CandidateCache:
 
 FORMAT = "rankcut.candidates/1"
 MAX_FILES = 200  # candidate files kept in a cache folder (the oldest written are removed)
+STALE_TMP_S = 3600  # a temporary candidate file older than this is a killed writer's: removed
 
 
 def _moments_digest(moments: dict) -> str:
@@ -217,6 +221,12 @@ def _prune(folder: Path) -> None:
     files = sorted(folder.glob("candidates-*.json"), key=lambda p: p.stat().st_mtime)
     for old in files[:-MAX_FILES]:
         old.unlink(missing_ok=True)
+    # the temporary files of writers killed mid-write (a live writer's is seconds old)
+    cutoff = time.time() - STALE_TMP_S
+    for tmp in folder.glob(".candidates-*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
 
 
 def _to_json(c: Candidate) -> dict:
