@@ -164,7 +164,7 @@ APPLY_CASES = [
      lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("spatial_svd", 4,
                                                          options={"data_aware": True})}),
                         calib_data=[X]), ValueError,
-     "data_aware is implemented for methods 'svd', 'cp', 'tucker' only"),
+     "data_aware is implemented for methods 'svd', 'cur', 'cp', 'tucker' only"),
     ("data_aware without calibration data", fresh,
      lambda m: rc.apply(m, rc.Plan({"conv": rc.LayerPlan("svd", 4,
                                                          options={"data_aware": True})})),

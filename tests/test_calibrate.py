@@ -157,10 +157,51 @@ def test_apply_with_data_aware_plans():
 
     assert err(aware) < err(plain)
     with pytest.raises(ValueError, match="data_aware is implemented for methods 'svd', "
-                                         "'cp', 'tucker' only, not 'spatial_svd'"):
+                                         "'cur', 'cp', 'tucker' only, not 'spatial_svd'"):
         rc.apply(model, rc.Plan({"2": rc.LayerPlan("spatial_svd", (4,),
                                                    options={"data_aware": True})}),
                  calib_data=batches)
+
+
+@pytest.mark.parametrize("solver", ["deim", "rx"])
+def test_data_aware_cur_is_planned_applied_and_fits_the_outputs(solver):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 6 * 6, 40)).eval()
+    mix = torch.randn(8, 8) * torch.exp(-torch.arange(8.0))
+    batches = [torch.einsum("ij,njhw->nihw", mix, torch.randn(8, 8, 6, 6)) for _ in range(3)]
+    opts = {"solver": solver}
+    plan = rc.plan(model, batches[0], method="cur", target="params=3x", calib_data=batches,
+                   options={"cur": opts}, allow_slower=True)
+    assert plan.active and all(lp.options.get("data_aware") for lp in plan.active.values())
+    aware = rc.apply(model, plan, calib_data=batches)
+    plain_plan = rc.Plan({n: rc.LayerPlan("cur", lp.ranks, options=opts)
+                          for n, lp in plan.active.items()})
+    plain = rc.apply(model, plain_plan)
+    x = batches[0]
+    for name in plan.active:
+        layer = aware.get_submodule(name)
+        assert layer.info["data_aware"] and "output_error" in layer.info
+        assert not plain.get_submodule(name).info["data_aware"]
+    with torch.no_grad():
+        ref = model(x)
+        err = {k: float((m(x) - ref).norm() / ref.norm()) for k, m in (("aware", aware),
+                                                                      ("plain", plain))}
+    assert err["aware"] < err["plain"]
+    # sequential fitting (the default with data) keeps W's own rows (and columns): with the
+    # first layer factorized, the second one's inputs change, and its factors are still entries
+    # of the dense weight, not of the corrected one
+    both = rc.Plan({n: rc.LayerPlan("cur", (r,), options={**opts, "data_aware": True})
+                    for n, r in (("0", 4), ("3", 6))})
+    second = rc.apply(model, both, calib_data=batches).get_submodule("3")
+    W = model[3].weight.detach()
+    A, B = second.second.weight.detach(), second.first.weight.detach()
+    if solver == "rx":
+        rows = [int((W - b).abs().sum(1).argmin()) for b in B]
+        assert torch.equal(B, W[rows])
+    else:
+        cols = [int((W - a[:, None]).abs().sum(0).argmin()) for a in A.mT]
+        assert torch.equal(A, W[:, cols])
 
 
 @pytest.fixture(scope="module")

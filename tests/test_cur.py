@@ -138,7 +138,9 @@ def test_counts_are_checked_and_clamped():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"method": "random"}, "method: expected one of 'leverage', 'linear_time', 'cx', 'deim'"),
+        ({"method": "random"},
+         "method: expected one of 'leverage', 'linear_time', 'cx', 'deim', 'rx'"),
+        ({"cov": torch.eye(4)}, r"cov: expected shape \(5, 5\)"),
         ({"seed": "x"}, "seed: expected an int"),
         ({"n_rows": 0}, "n_rows: expected an integer >= 1, got 0"),
     ],
@@ -199,3 +201,79 @@ def test_deim_picks_are_the_greedy_definitions(n, k):
     V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
     assert deim(V).tolist() == _greedy_deim(V)
     assert deim(V.float()).tolist() == _greedy_deim(V.float().double())
+
+
+def _moment(n, dims, seed=0, noise=1e-3):
+    """The second moment of inputs that mostly span ``dims`` directions, and its L (L Lᵀ = Σ
+    plus the solvers' ridge)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, dims, generator=g, dtype=torch.float64) @ torch.randn(
+        dims, 2000, generator=g, dtype=torch.float64)
+    X += noise * torch.randn(n, 2000, generator=g, dtype=torch.float64)
+    cov = X @ X.mT / 2000
+    reg = cov + 1e-6 * cov.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    return cov, torch.linalg.cholesky(reg)
+
+
+def _output_error(W, approx, L):
+    return float(((W - approx) @ L).norm() / (W @ L).norm())
+
+
+@pytest.mark.parametrize("method", ["deim", "leverage", "linear_time", "cx", "rx"])
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])  # wide: from W Σ Wᵀ; tall: from W L
+def test_data_aware_cur_reports_its_output_error_and_keeps_actual_columns_and_rows(method,
+                                                                                    shape):
+    m, n = shape
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cov, L = _moment(n, 12)
+    res = cur(W, 8, method=method, n_cols=10, n_rows=10, seed=0, cov=cov)
+    assert res.data_aware
+    assert abs(_output_error(W, res.to_matrix(), L) - res.rel_error) < 1e-8
+    if res.C is not None:
+        assert torch.equal(res.C, W[:, res.col_idx])
+    if res.R is not None:
+        assert torch.equal(res.R, W[res.row_idx])
+    assert (res.C is None) == (method == "rx") and (res.R is None) == (method == "cx")
+
+
+def test_data_aware_middle_factor_is_the_output_norm_optimum_for_its_rows_and_columns():
+    # for the picked C and R, no other U does better on the inputs: the gradient of
+    # ||(W - C U R) L||² in U vanishes, and data-free U = C⁺ W R⁺ does worse
+    W = torch.randn(50, 80, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cov, L = _moment(80, 10)
+    res = cur(W, 6, method="deim", cov=cov)
+    C, U, R = res.C, res.U, res.R
+    grad = C.mT @ ((W - C @ U @ R) @ L @ L.mT) @ R.mT
+    assert float(grad.norm()) < 1e-8 * float((C.mT @ W @ L @ L.mT @ R.mT).norm())
+    free = torch.linalg.pinv(C) @ W @ torch.linalg.pinv(R)
+    assert _output_error(W, C @ free @ R, L) > res.rel_error
+
+
+def test_data_aware_rx_fits_the_part_of_the_weight_its_inputs_see():
+    # VGG's classifier at 32x32: each feature reaches the first layer as 49 equal copies, so
+    # only W summed over each block of copies acts; the rest of W (its untrained
+    # initialisation) dominates the weight norm. Data-free CUR spends its rows and columns on
+    # that part and loses the output; fitted on data, RX keeps it at a small rank.
+    g = torch.Generator().manual_seed(0)
+    feats, copies, m = 16, 8, 60
+    seen = torch.randn(m, 4, generator=g, dtype=torch.float64) @ torch.randn(
+        4, feats, generator=g, dtype=torch.float64) / copies
+    unseen = torch.randn(m, feats, copies, generator=g, dtype=torch.float64)
+    unseen -= unseen.mean(-1, keepdim=True)  # no block sum: invisible to such inputs
+    W = seen.repeat_interleave(copies, dim=1) + unseen.reshape(m, -1)
+    x = torch.randn(feats, 3000, generator=g, dtype=torch.float64).repeat_interleave(copies, 0)
+    cov = x @ x.mT / 3000
+    L = torch.linalg.cholesky(cov + 1e-6 * cov.diagonal().mean() * torch.eye(
+        feats * copies, dtype=torch.float64))
+    free = cur(W, 4, method="deim")
+    fitted = cur(W, 4, method="rx", cov=cov)
+    assert _output_error(W, free.to_matrix(), L) > 0.5
+    assert fitted.rel_error < 0.01
+    assert fitted.rel_error == pytest.approx(_output_error(W, fitted.to_matrix(), L), abs=1e-8)
+
+
+def test_rx_without_data_interpolates_rows():
+    W = planted(30, 40, 5, seed=3)
+    res = cur(W, 5, method="rx")
+    assert res.C is None and torch.equal(res.R, W[res.row_idx]) and res.row_idx.numel() == 5
+    assert res.rel_error < 1e-8  # five rows of a rank-5 matrix span its rows

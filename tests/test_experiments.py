@@ -500,7 +500,6 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
         "data-text": ({"methods": {"s": {"data": "false"}}}, "data: expected true or false"),
         "modes-empty": ({"methods": {"s": {"modes": []}}}, "modes"),
         "conv-only": ({"methods": {"c": {"method": "tucker"}}}, "does not factorize Linear"),
-        "cur-data": ({"methods": {"c": {"method": "cur", "data": True}}}, "no data-aware"),
         "ft-mapping": ({"finetune": [1]}, "sweep.finetune: expected a mapping"),
         "ft-key": ({"finetune": {"epoch": 1}}, "unknown keys"),
         "ft-series": ({"finetune": {"series": ["svd-data/target"]}}, "not a swept series"),

@@ -253,8 +253,8 @@ def measured(method, jobs, options=None) -> list[Candidate]:
 # ------------------------------------------------------------------------------------- CUR
 
 def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
-    """CUR of every group's channel matrix at ``ranks[0]`` (the width is the number of columns
-    picked, the widest group's); the error is measured."""
+    """CUR of every group's channel matrix at ``ranks[0]`` (the width is the number of columns,
+    for RX rows, picked: the widest group's); the error is measured."""
     lost = total = 0.0
     width = 0
     for M in group_matrices(module, "channel", torch.float64):
@@ -262,7 +262,7 @@ def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
         energy = float(M.pow(2).sum())
         lost += res.rel_error**2 * energy
         total += energy
-        width = max(width, res.C.shape[1])
+        width = max(width, res.factors()[0].shape[1])
     return priced(method, module, shape, (width,), None, math.sqrt(lost / max(total, 1e-300)))
 
 

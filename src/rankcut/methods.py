@@ -12,7 +12,7 @@ the command line all read this table; none keeps its own list of methods.
 method          Linear / 1x1 Conv2d       k x k Conv2d       forms  data-aware  auto
 ==============  ========================  =================  =====  ==========  ====
 ``svd``         LowRankLinear/SVDConv2d   SVDConv2d          -      yes         yes
-``cur``         LowRankLinear/SVDConv2d   SVDConv2d          -      no          no
+``cur``         LowRankLinear/SVDConv2d   SVDConv2d          -      yes         no
 ``spatial_svd`` -                         SpatialConv2d      -      no          yes
 ``cp``          -                         CPConv2d           cp4,   yes         yes
                                                              cp3
@@ -81,6 +81,10 @@ class Method:
     forms: tuple[str, ...] = ()  # the first is the default
     kxk_only: bool = False  # needs a spatial kernel larger than 1x1
     data_aware: bool = False  # has a solver that fits the output norm on calibration data
+    # its factors are entries of the weight itself (CUR's actual rows and columns): sequential
+    # fitting (rc.apply) keeps the weight and fits it to the inputs the layers before it give,
+    # instead of replacing it by the corrected weight first, whose rows and columns are not W's
+    keeps_entries: bool = False
     auto: bool = False  # a candidate of method="auto"
     layer_options: Mapping = field(default_factory=dict)  # fixed layer settings
     planning_options: Mapping = field(default_factory=dict)  # solver options plans default to
@@ -321,7 +325,7 @@ register(Method(
     "cur", "CUR of the channel matrix: actual columns (and rows) of the weight",
     conv=SVDConv2d, linear=LowRankLinear, solver=dec.cur, curve_fn=curves.cur_curve,
     at_fn=curves.cur_at, layer_options=MappingProxyType({"decomposition": "cur"}),
-    planning_options=MappingProxyType({"solver": "deim"}),
+    planning_options=MappingProxyType({"solver": "deim"}), data_aware=True, keeps_entries=True,
     paper="Mahoney & Drineas 2009; Drineas, Kannan & Mahoney 2006; Sorensen & Embree 2016"))
 register(Method(
     "spatial_svd", "SVD of the (S·kh, T·kw) reshape: a kh x 1 then a 1 x kw convolution",

@@ -196,8 +196,9 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
     factorized, give it, with the ``reference`` model's outputs W x as its target (default: the
     model as given): first the weight W' = W E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹ that best maps x̃ to W x, then its
     factorization (data-aware on x̃'s statistics), so errors do not compound through the
-    network (:func:`rankcut.calibrate.paired_moments`). Off, every layer is fitted to the
-    dense model's own inputs (statistics collected once).
+    network (:func:`rankcut.calibrate.paired_moments`). CUR, whose factors are the weight's own
+    rows and columns, keeps W and is fitted to x̃ without the correction. Off, every layer is
+    fitted to the dense model's own inputs (statistics collected once).
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
@@ -245,8 +246,9 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
         moments, cross, count = paired_moments(reference, target, name, calib_data,
                                                max_batches=max_batches)
         fitted = copy.deepcopy(reference.get_submodule(name))
-        with torch.no_grad():
-            fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
+        if not lp.spec.keeps_entries:  # CUR keeps W's own rows and columns
+            with torch.no_grad():
+                fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
         del cross  # consumed (it holds the Cholesky factor now): GBs for a wide layer
         try:
             new = factorize(fitted, lp, moments if lp.options.get(DATA_AWARE) else None)

@@ -21,36 +21,68 @@ Four ways to pick the columns and rows:
     Deterministic: discrete empirical interpolation (Sorensen & Embree 2016, "A DEIM induced CUR
     factorization", SIAM J. Sci. Comput. 38(3)) on the leading singular vectors picks exactly
     ``n_cols`` columns and ``n_rows`` rows; U = C⁺ W R⁺. Reproducible without a seed.
+``"rx"``
+    Rows only, the transpose of CX (a row interpolative decomposition): R = ``n_rows`` actual
+    rows picked by DEIM on the leading left singular vectors, W ≈ X R with X = W R⁺. For a layer,
+    the picked output units are computed exactly and the others as combinations of them.
+
+Data-aware (``cov``, the second moment Σ of the layer's inputs, as for :func:`svd`): the error
+is the output error ||(W - W~) L|| / ||W L|| with L Lᵀ = Σ + ridge. Rows are picked on the
+left singular vectors of W L (the output directions the inputs excite), columns on the right
+singular vectors of U_kᵀ W (how each column reaches those directions; linear-time samples rows
+by their output energy and columns by ||U_kᵀ W_:j||²), and the middle factor is the one that
+minimises the output error for those rows and columns: U = C⁺ (W Σ Rᵀ)(R Σ Rᵀ)⁺ (CUR),
+X = (W Σ Rᵀ)(R Σ Rᵀ)⁺ (RX), X = C⁺ W (CX, whose optimum does not depend on Σ). The rows and
+columns are still W's own.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ._checks import check_choice, check_rank, check_tensor, clamp_rank, make_generator
-from .svd import full_svd, leading_singular_vectors, randomized_pays
+from .svd import (
+    _gram_eigh,
+    _squared_singular_values,
+    full_svd,
+    leading_singular_vectors,
+    randomized_pays,
+    ridge_of,
+    whitening_factor,
+)
 
-CUR_METHODS = ("leverage", "linear_time", "cx", "deim")
+CUR_METHODS = ("leverage", "linear_time", "cx", "deim", "rx")
 
 
 @dataclass(frozen=True)
 class CURResult:
-    """W ≈ C @ U @ R (or C @ U for CX). ``col_idx``/``row_idx`` index the columns/rows of W."""
+    """W ≈ C @ U @ R (C @ U for CX, U @ R for RX). ``col_idx``/``row_idx`` index the
+    columns/rows of W. ``rel_error`` is the relative output error when fitted on data."""
 
-    C: torch.Tensor
+    C: torch.Tensor | None
     U: torch.Tensor
     R: torch.Tensor | None
-    col_idx: torch.Tensor
+    col_idx: torch.Tensor | None
     row_idx: torch.Tensor | None
     rel_error: float
     method: str
+    data_aware: bool = False
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with W ≈ A @ B: the two layers a factorized layer is built from (C and U R;
+        C and U for CX; U and R for RX)."""
+        if self.R is None:
+            return self.C, self.U
+        if self.C is None:
+            return self.U, self.R
+        return self.C, self.U @ self.R
 
     def to_matrix(self) -> torch.Tensor:
-        if self.R is None:
-            return self.C @ self.U
-        return self.C @ self.U @ self.R
+        A, B = self.factors()
+        return A @ B
 
 
 def _sample_iid(probs: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,24 +165,30 @@ def cur(
     n_cols: int | None = None,
     n_rows: int | None = None,
     seed=0,
+    cov: torch.Tensor | None = None,
+    ridge: float = 1e-6,
 ) -> CURResult:
-    """CUR (or CX) decomposition of the matrix ``W`` (m x n).
+    """CUR (or CX, RX) decomposition of the matrix ``W`` (m x n).
 
     Args:
         W: a float32/float64 matrix.
         rank: the target rank k (of the leverage scores, of [CᵀC]_k, or the number of singular
             vectors DEIM interpolates); clamped to min(m, n) with a warning.
-        method: ``"leverage"`` (default), ``"linear_time"``, ``"cx"`` or ``"deim"``; see the
-            module docstring for the algorithms.
+        method: ``"leverage"`` (default), ``"linear_time"``, ``"cx"``, ``"deim"`` or ``"rx"``;
+            see the module docstring for the algorithms.
         n_cols, n_rows: columns and rows to pick (expected counts for ``"leverage"``/``"cx"``,
             exact counts for ``"linear_time"`` (i.i.d., with repeats) and ``"deim"``); default
             ``rank``; must be >= ``rank``. The relative-error guarantee of leverage CUR needs
             several times ``rank``.
         seed: int or ``torch.Generator`` for the sampling methods.
+        cov: the second moment Σ (n x n) of the inputs W multiplies, for the data-aware
+            variant (module docstring); None: fit W itself.
+        ridge: regulariser of Σ, relative to its mean diagonal, as :func:`svd`'s.
 
     Returns:
         :class:`CURResult` with C, U, R, the picked indices (sorted for the Bernoulli methods,
-        in pick order otherwise) and the relative Frobenius error.
+        in pick order otherwise) and the relative Frobenius error (in the output norm with
+        ``cov``).
     """
     check_tensor(W, "W", ndim=2)
     rank = check_rank(rank)
@@ -162,11 +200,13 @@ def cur(
     for name, value in (("n_cols", n_cols), ("n_rows", n_rows)):
         if value < rank:
             raise ValueError(f"{name}: expected a count >= rank ({rank}), got {value}")
-    limit = min(m, n) if method == "deim" else None
+    limit = min(m, n) if method in ("deim", "rx") else None
     n_cols = clamp_rank(n_cols, limit or n, "n_cols", why="columns available")
     n_rows = clamp_rank(n_rows, limit or m, "n_rows", why="rows available")
 
-    generator = make_generator(seed) if method != "deim" else None
+    generator = make_generator(seed) if method not in ("deim", "rx") else None
+    if cov is not None:
+        return _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge)
     R = row_idx = None
     if method == "linear_time":
         sq = W.pow(2)
@@ -184,9 +224,14 @@ def cur(
     else:
         # only the leading singular vectors pick the columns and rows: a large matrix at a
         # small rank gets them from the randomized range finder (seeded) instead of a full SVD
-        need = min(max(n_cols, n_rows) if method == "deim" else rank, m, n)
+        need = min(max(n_cols, n_rows) if method in ("deim", "rx") else rank, m, n)
         full = None if randomized_pays(m, n, need) else full_svd(W)
         Uw, _, Vh = full if full is not None else leading_singular_vectors(W, need, seed=0)
+        if method == "rx":
+            row_idx = _deim(Uw[:, :n_rows]).to(W.device)
+            R = W[row_idx]
+            X = W @ torch.linalg.pinv(R)
+            return _result(W, None, X, R, None, row_idx, method)
         if method == "deim":
             col_idx = _deim(Vh[:n_cols].mT).to(W.device)
             row_idx = _deim(Uw[:, :n_rows]).to(W.device)
@@ -204,8 +249,85 @@ def cur(
         if R is not None:
             U = U @ torch.linalg.pinv(R)
 
-    approx = C @ U if R is None else C @ U @ R
+    return _result(W, C, U, R, col_idx, row_idx, method)
+
+
+def _result(W, C, U, R, col_idx, row_idx, method) -> CURResult:
+    """The CURResult of these factors, with its relative Frobenius error."""
+    res = CURResult(C=C, U=U, R=R, col_idx=col_idx, row_idx=row_idx, rel_error=0.0,
+                    method=method)
     norm = W.norm()
-    rel_error = float((W - approx).norm() / norm) if norm > 0 else 0.0
+    rel_error = float((W - res.to_matrix()).norm() / norm) if norm > 0 else 0.0
     return CURResult(C=C, U=U, R=R, col_idx=col_idx, row_idx=row_idx, rel_error=rel_error,
                      method=method)
+
+
+def _output_directions(W: torch.Tensor, cov: torch.Tensor, ridge: float):
+    """(left singular vectors of W L, descending, and the squared singular values), L Lᵀ =
+    Σ + ridge: from the m x m Gram W Σ Wᵀ for a wide W (reused inside ``reuse_svds``, where the
+    planner has formed it for the data-aware SVD), from W L for a tall one."""
+    m, n = W.shape
+    if m < n:
+        vals, vecs = _gram_eigh(W, cov, ridge)
+        return vecs.flip(1), _squared_singular_values(vals)
+    L = whitening_factor(cov, ridge, device=W.device)
+    Uo, s, _ = torch.linalg.svd(W.double() @ L, full_matrices=False)
+    return Uo, s.pow(2)
+
+
+def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge) -> CURResult:
+    """:func:`cur` with ``cov``: rows and columns picked for the output on the inputs, the
+    middle factor fitted in the output norm (module docstring)."""
+    n = W.shape[1]
+    check_tensor(cov, "cov", ndim=2)
+    if cov.shape != (n, n):
+        raise ValueError(f"cov: expected shape ({n}, {n}) (the input width of W), got "
+                         f"{tuple(cov.shape)}")
+    Wd = W.to(torch.float64)
+    Uo, s2 = _output_directions(W, cov, ridge)
+    total = float(s2.sum())
+    row_idx = col_idx = None
+    if method in ("deim", "rx"):
+        row_idx = _deim(Uo[:, :n_rows])
+    elif method == "leverage":
+        row_idx = _leverage_select(Uo[:, :rank], n_rows, generator)
+    elif method == "linear_time":  # rows by their output energy on the inputs
+        energy = (Uo.pow(2) * s2).sum(dim=1)
+        row_idx = torch.unique(_sample_iid(energy / energy.sum(), n_rows, generator))
+    if method != "rx":
+        # how each column of W reaches the output directions the inputs excite
+        k = n_cols if method == "deim" else rank
+        P = Uo[:, :k].mT @ Wd
+        if method == "linear_time":
+            p = P.pow(2).sum(dim=0)
+            col_idx = torch.unique(_sample_iid(p / p.sum(), n_cols, generator))
+        else:
+            _, _, Vp = torch.linalg.svd(P, full_matrices=False)
+            vecs = Vp[:k].mT
+            col_idx = (_deim(vecs) if method == "deim"
+                       else _leverage_select(vecs[:, :rank], n_cols, generator))
+    col_idx = None if col_idx is None else col_idx.to(W.device)
+    row_idx = None if row_idx is None else row_idx.to(W.device)
+    C = None if col_idx is None else Wd[:, col_idx]
+    if row_idx is None:  # CX: C⁺ W is the optimum in any output norm; its error is what the
+        # projection onto span(C) leaves of the output energy
+        U = torch.linalg.pinv(C) @ Wd
+        Q, sc, _ = torch.linalg.svd(C, full_matrices=False)
+        Q = Q[:, sc > sc.max() * max(C.shape) * torch.finfo(sc.dtype).eps]  # a basis of span(C)
+        kept = float((s2[: Uo.shape[1]] * (Uo.mT @ Q).pow(2).sum(dim=1)).sum())
+        lost = max(total - kept, 0.0)
+    else:
+        R = Wd[row_idx]
+        C64 = cov.to(device=W.device, dtype=torch.float64)
+        SR = C64 @ R.mT + ridge_of(C64, ridge) * R.mT  # (Σ + λI) Rᵀ, n x r
+        K, RSR = Wd @ SR, R @ SR  # W Σ Rᵀ, R Σ Rᵀ
+        X = K @ torch.linalg.pinv(RSR, hermitian=True)  # the optimal map from the rows
+        U = X if C is None else torch.linalg.pinv(C) @ X
+        A = X if C is None else C @ U
+        # ||(W - A R) L||² = tr(W Σ Wᵀ) - 2 tr(A Kᵀ) + tr(A RΣRᵀ Aᵀ)
+        lost = max(total - 2 * float((A * K).sum()) + float(((A @ RSR) * A).sum()), 0.0)
+    rel_error = math.sqrt(lost / total) if total > 0 else 0.0
+    dt = W.dtype
+    return CURResult(C=None if C is None else C.to(dt), U=U.to(dt),
+                     R=None if row_idx is None else W[row_idx], col_idx=col_idx,
+                     row_idx=row_idx, rel_error=rel_error, method=method, data_aware=True)

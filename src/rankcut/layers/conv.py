@@ -191,34 +191,36 @@ class SVDConv2d(_ConvFactorized):
 
         ``options`` go to :func:`rankcut.decompose.svd` or :func:`rankcut.decompose.cur`
         (``solver`` names the algorithm: ``solver="deim"``); with CUR the layer width is the
-        number of columns the method picked. ``cov``: the second moment of each group's
-        unfolded input patches (a list, one per group; see :mod:`rankcut.calibrate`) for the
-        data-aware SVD that minimises the output error.
+        number of columns (RX: rows) the method picked. ``cov``: the second moment of each
+        group's unfolded input patches (a list, one per group; see :mod:`rankcut.calibrate`)
+        for the data-aware SVD or CUR that minimises the output error.
         """
         rank = single_rank(ranks)
         geo = _check_conv(conv)
         if decomposition not in CHANNEL_DECOMPOSITIONS:
             raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
         covs = _per_group(cov, geo.groups)
-        if cov is not None and decomposition != "svd":
-            raise ValueError("cov: data-aware factorization is implemented for 'svd' only")
         W = conv.weight.detach()
-        pairs = []
+        pairs, errors = [], []
         for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
             M = channel_matrix(Wg)
             if decomposition == "svd":
                 res = solve(dec.svd, M, rank, cov=covs[gi], **options)
                 pairs.append((res.A, res.B))
             else:
-                res = solve(dec.cur, M, rank, **options)
-                pairs.append((res.C, res.U if res.R is None else res.U @ res.R))
+                res = solve(dec.cur, M, rank, cov=covs[gi], **options)
+                pairs.append(res.factors())
+                errors.append(res.rel_error)
+        info = {"data_aware": cov is not None}
+        if cov is not None and len(errors) == 1:  # ||(W - W~) L|| / ||W L||, as solved
+            info["output_error"] = errors[0]
         width = max(A.shape[1] for A, _ in pairs)
         layer = cls.like(conv, rank=width, decomposition=decomposition)
         first = torch.cat([_pad_to(B, width, 0) for _, B in pairs])
         last = torch.cat([_pad_to(A, width, 1) for A, _ in pairs])
         layer._fill(layer.first, first.reshape(layer.first.weight.shape))
         layer._fill(layer.last, last.reshape(layer.last.weight.shape))
-        layer._finish(conv, decomposition, options, data_aware=cov is not None)
+        layer._finish(conv, decomposition, options, **info)
         return layer
 
 

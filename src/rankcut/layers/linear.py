@@ -68,7 +68,8 @@ class LowRankLinear(FactorizedLayer):
 
         ``decomposition``: ``"svd"`` (``options`` go to :func:`rankcut.decompose.svd`) or
         ``"cur"`` (to :func:`rankcut.decompose.cur`, e.g. ``method="deim"``). ``cov``: the
-        second moment of the layer's inputs, for the data-aware SVD (:mod:`rankcut.calibrate`).
+        second moment of the layer's inputs, for the data-aware SVD or CUR
+        (:mod:`rankcut.calibrate`).
         """
         rank = single_rank(ranks)
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1):
@@ -81,16 +82,17 @@ class LowRankLinear(FactorizedLayer):
             raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
         W = module.weight.detach()
         M = W.to(decomposition_dtype(W))
-        if cov is not None and decomposition != "svd":
-            raise ValueError("cov: data-aware factorization is implemented for 'svd' only")
         if isinstance(cov, list | tuple):
             (cov,) = cov
+        info = {}
         if decomposition == "svd":
             res = solve(dec.svd, M, rank, cov=cov, **options)
             A, B = res.A, res.B
         else:
-            res = solve(dec.cur, M, rank, **options)
-            A, B = res.C, (res.U if res.R is None else res.U @ res.R)
+            res = solve(dec.cur, M, rank, cov=cov, **options)
+            A, B = res.factors()
+            if cov is not None:  # ||(W - W~) L|| / ||W L||, as solved
+                info["output_error"] = res.rel_error
         layer = cls.like(module, A.shape[1], decomposition)
         with torch.no_grad():
             layer.first.weight.copy_(B)
@@ -99,5 +101,5 @@ class LowRankLinear(FactorizedLayer):
                 layer.second.bias.copy_(module.bias)
             err = (W - layer.dense_weight()).norm() / W.norm().clamp_min(1e-30)
         layer._set_info(decomposition=decomposition, options=dict(options), rel_error=float(err),
-                        data_aware=cov is not None)
+                        data_aware=cov is not None, **info)
         return layer
