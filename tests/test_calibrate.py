@@ -193,7 +193,12 @@ def test_data_aware_cur_is_planned_applied_and_fits_the_outputs(solver):
     # of the dense weight, not of the corrected one
     both = rc.Plan({n: rc.LayerPlan("cur", (r,), options={**opts, "data_aware": True})
                     for n, r in (("0", 4), ("3", 6))})
-    second = rc.apply(model, both, calib_data=batches).get_submodule("3")
+    seq = rc.apply(model, both, calib_data=batches)
+    second = seq.get_submodule("3")
+    # ... and it fits the corrected weight: the errors of the first layer are not compounded
+    one_shot = rc.apply(model, both, calib_data=batches, sequential=False)
+    with torch.no_grad():
+        assert float((seq(x) - ref).norm()) < float((one_shot(x) - ref).norm())
     W = model[3].weight.detach()
     A, B = second.second.weight.detach(), second.first.weight.detach()
     if solver == "rx":

@@ -277,3 +277,32 @@ def test_rx_without_data_interpolates_rows():
     res = cur(W, 5, method="rx")
     assert res.C is None and torch.equal(res.R, W[res.row_idx]) and res.row_idx.numel() == 5
     assert res.rel_error < 1e-8  # five rows of a rank-5 matrix span its rows
+
+
+@pytest.mark.parametrize("method", ["deim", "rx", "cx"])
+def test_data_aware_cur_fits_one_matrix_with_anothers_entries(method):
+    # sequential fitting: the corrected weight W' is the map fitted, the dense W gives the rows
+    # and columns; U is the output-norm optimum for them and the error W''s
+    g = torch.Generator().manual_seed(5)
+    E = torch.randn(30, 50, generator=g, dtype=torch.float64)
+    W = E + 0.3 * torch.randn(30, 50, generator=g, dtype=torch.float64)
+    cov, L = _moment(50, 9)
+    res = cur(W, 5, method=method, cov=cov, entries=E)
+    if res.C is not None:
+        assert torch.equal(res.C, E[:, res.col_idx])
+    if res.R is not None:
+        assert torch.equal(res.R, E[res.row_idx])
+    assert abs(_output_error(W, res.to_matrix(), L) - res.rel_error) < 1e-8
+    if res.R is not None:  # the middle factor is the optimum for W: its gradient vanishes
+        A = res.factors()[0]
+        grad = ((W - res.to_matrix()) @ L @ L.mT) @ res.R.mT
+        if res.C is not None:
+            grad = res.C.mT @ grad
+        assert float(grad.norm()) < 1e-8 * float((W @ L @ L.mT @ res.R.mT).norm())
+        assert A.shape[0] == 30
+    with pytest.raises(ValueError, match="entries: only the data-aware"):
+        cur(W, 5, method=method, entries=E)
+    with pytest.raises(ValueError, match="entries: expected the shape"):
+        cur(W, 5, method=method, cov=cov, entries=E[:, :10])
+    with pytest.raises(ValueError, match="ridge"):
+        cur(W, 5, method=method, cov=cov, ridge=0)

@@ -82,8 +82,8 @@ class Method:
     kxk_only: bool = False  # needs a spatial kernel larger than 1x1
     data_aware: bool = False  # has a solver that fits the output norm on calibration data
     # its factors are entries of the weight itself (CUR's actual rows and columns): sequential
-    # fitting (rc.apply) keeps the weight and fits it to the inputs the layers before it give,
-    # instead of replacing it by the corrected weight first, whose rows and columns are not W's
+    # fitting (rc.apply) fits the corrected weight W' with the dense weight's own rows and
+    # columns (``from_dense(entries=W)``): W' itself has other rows and columns
     keeps_entries: bool = False
     auto: bool = False  # a candidate of method="auto"
     layer_options: Mapping = field(default_factory=dict)  # fixed layer settings
@@ -189,11 +189,19 @@ class Method:
         return cost_at(module, shape, self.config(module, ranks, form))
 
     def from_dense(self, module: nn.Module, ranks, form: str | None = None, cov=None,
-                   options: Mapping | None = None) -> FactorizedLayer:
+                   options: Mapping | None = None, entries=None) -> FactorizedLayer:
         """The factorized layer computed from ``module``'s weight (data-aware when ``cov``, the
-        layer's input second moments, is given)."""
+        layer's input second moments, is given). ``entries``: for a method that keeps the
+        weight's own entries (CUR), the weight whose rows and columns it keeps while fitting
+        ``module``'s (sequential fitting: the dense weight, ``module`` holding the corrected
+        one)."""
+        if entries is None:
+            return self.from_dense_many([module], ranks, form, None if cov is None else [cov],
+                                        options)[0]
+        if not self.keeps_entries:
+            raise ValueError(f"entries: method {self.name!r} does not keep a weight's entries")
         return self.from_dense_many([module], ranks, form, None if cov is None else [cov],
-                                    options)[0]
+                                    {**(options or {}), "entries": entries})[0]
 
     def from_dense_many(self, modules, ranks, form: str | None = None, covs=None,
                         options: Mapping | None = None) -> list[FactorizedLayer]:

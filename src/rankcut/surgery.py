@@ -113,10 +113,11 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     return out
 
 
-def factorize(module: nn.Module, lp: LayerPlan, cov=None) -> nn.Module:
+def factorize(module: nn.Module, lp: LayerPlan, cov=None, entries=None) -> nn.Module:
     """The factorized layer ``lp`` describes, computed from ``module``'s weight (data-aware
-    when ``cov``, the layer's input second moments, is given)."""
-    return lp.spec.from_dense(module, lp.ranks, lp.form, cov, lp.options)
+    when ``cov``, the layer's input second moments, is given; ``entries``: the weight whose
+    rows and columns CUR keeps, see ``Method.from_dense``)."""
+    return lp.spec.from_dense(module, lp.ranks, lp.form, cov, lp.options, entries=entries)
 
 
 def check_weights(name: str, module: nn.Module) -> None:
@@ -197,8 +198,9 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
     model as given): first the weight W' = W E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹ that best maps x̃ to W x, then its
     factorization (data-aware on x̃'s statistics), so errors do not compound through the
     network (:func:`rankcut.calibrate.paired_moments`). CUR, whose factors are the weight's own
-    rows and columns, keeps W and is fitted to x̃ without the correction. Off, every layer is
-    fitted to the dense model's own inputs (statistics collected once).
+    rows and columns, fits W' with W's rows and columns (W' has others); a CUR layer that is not
+    data-aware is W's CUR, untouched by the data. Off, every layer is fitted to the dense model's
+    own inputs (statistics collected once).
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
@@ -243,15 +245,19 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
         order = tqdm(order, desc="factorizing (sequential)", unit="layer")
     for name in order:
         lp = plan.layers[name]
-        moments, cross, count = paired_moments(reference, target, name, calib_data,
-                                               max_batches=max_batches)
+        aware = bool(lp.options.get(DATA_AWARE))
         fitted = copy.deepcopy(reference.get_submodule(name))
-        if not lp.spec.keeps_entries:  # CUR keeps W's own rows and columns
+        entries = None
+        if aware or not lp.spec.keeps_entries:  # (a plain CUR is W's own: no data needed)
+            moments, cross, count = paired_moments(reference, target, name, calib_data,
+                                                   max_batches=max_batches)
+            if lp.spec.keeps_entries:  # CUR: W' fitted with W's own rows and columns
+                entries = fitted.weight.detach().clone()
             with torch.no_grad():
                 fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
-        del cross  # consumed (it holds the Cholesky factor now): GBs for a wide layer
+            del cross  # consumed (it holds the Cholesky factor now): GBs for a wide layer
         try:
-            new = factorize(fitted, lp, moments if lp.options.get(DATA_AWARE) else None)
+            new = factorize(fitted, lp, moments if aware else None, entries=entries)
         except ValueError as err:
             raise ValueError(f"plan layer {name!r}: {err}") from None
         set_submodule(target, name, new)

@@ -33,7 +33,9 @@ singular vectors of U_kᵀ W (how each column reaches those directions; linear-t
 by their output energy and columns by ||U_kᵀ W_:j||²), and the middle factor is the one that
 minimises the output error for those rows and columns: U = C⁺ (W Σ Rᵀ)(R Σ Rᵀ)⁺ (CUR),
 X = (W Σ Rᵀ)(R Σ Rᵀ)⁺ (RX), X = C⁺ W (CX, whose optimum does not depend on Σ). The rows and
-columns are still W's own.
+columns are still W's own. With ``entries`` E they are E's instead while W is the map fitted:
+sequential fitting fits the corrected weight W' (the best map from the inputs the layer really
+gets to the dense outputs) with the dense weight's own rows and columns.
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_choice, check_rank, check_tensor, clamp_rank, make_generator
+from ._checks import (
+    check_choice,
+    check_positive,
+    check_rank,
+    check_tensor,
+    clamp_rank,
+    make_generator,
+)
 from .svd import (
     _gram_eigh,
     _squared_singular_values,
@@ -167,6 +176,7 @@ def cur(
     seed=0,
     cov: torch.Tensor | None = None,
     ridge: float = 1e-6,
+    entries: torch.Tensor | None = None,
 ) -> CURResult:
     """CUR (or CX, RX) decomposition of the matrix ``W`` (m x n).
 
@@ -184,11 +194,14 @@ def cur(
         cov: the second moment Σ (n x n) of the inputs W multiplies, for the data-aware
             variant (module docstring); None: fit W itself.
         ridge: regulariser of Σ, relative to its mean diagonal, as :func:`svd`'s.
+        entries: with ``cov``, the matrix (shaped as W) whose columns and rows C and R are,
+            W being the map they are fitted to; default W itself.
 
     Returns:
         :class:`CURResult` with C, U, R, the picked indices (sorted for the Bernoulli methods,
         in pick order otherwise) and the relative Frobenius error (in the output norm with
-        ``cov``).
+        ``cov``). RX ignores ``n_cols``; fitted on data, linear-time keeps each sampled column
+        and row once, unscaled (the fitted middle factor makes scaling moot).
     """
     check_tensor(W, "W", ndim=2)
     rank = check_rank(rank)
@@ -205,8 +218,18 @@ def cur(
     n_rows = clamp_rank(n_rows, limit or m, "n_rows", why="rows available")
 
     generator = make_generator(seed) if method not in ("deim", "rx") else None
+    if entries is not None:
+        check_tensor(entries, "entries", ndim=2)
+        if entries.shape != W.shape:
+            raise ValueError(f"entries: expected the shape of W {tuple(W.shape)}, got "
+                             f"{tuple(entries.shape)}")
+        if cov is None:
+            raise ValueError("entries: only the data-aware CUR (cov) fits one matrix with "
+                             "another's entries")
     if cov is not None:
-        return _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge)
+        check_positive(ridge, "ridge")
+        return _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge,
+                               W if entries is None else entries)
     R = row_idx = None
     if method == "linear_time":
         sq = W.pow(2)
@@ -275,15 +298,15 @@ def _output_directions(W: torch.Tensor, cov: torch.Tensor, ridge: float):
     return Uo, s.pow(2)
 
 
-def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge) -> CURResult:
-    """:func:`cur` with ``cov``: rows and columns picked for the output on the inputs, the
+def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -> CURResult:
+    """:func:`cur` with ``cov``: rows and columns of E picked for W's output on the inputs, the
     middle factor fitted in the output norm (module docstring)."""
     n = W.shape[1]
     check_tensor(cov, "cov", ndim=2)
     if cov.shape != (n, n):
         raise ValueError(f"cov: expected shape ({n}, {n}) (the input width of W), got "
                          f"{tuple(cov.shape)}")
-    Wd = W.to(torch.float64)
+    Wd, Ed = W.to(torch.float64), E.to(device=W.device, dtype=torch.float64)
     Uo, s2 = _output_directions(W, cov, ridge)
     total = float(s2.sum())
     row_idx = col_idx = None
@@ -297,7 +320,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge) -> C
     if method != "rx":
         # how each column of W reaches the output directions the inputs excite
         k = n_cols if method == "deim" else rank
-        P = Uo[:, :k].mT @ Wd
+        P = Uo[:, :k].mT @ Ed
         if method == "linear_time":
             p = P.pow(2).sum(dim=0)
             col_idx = torch.unique(_sample_iid(p / p.sum(), n_cols, generator))
@@ -308,7 +331,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge) -> C
                        else _leverage_select(vecs[:, :rank], n_cols, generator))
     col_idx = None if col_idx is None else col_idx.to(W.device)
     row_idx = None if row_idx is None else row_idx.to(W.device)
-    C = None if col_idx is None else Wd[:, col_idx]
+    C = None if col_idx is None else Ed[:, col_idx]
     if row_idx is None:  # CX: C⁺ W is the optimum in any output norm; its error is what the
         # projection onto span(C) leaves of the output energy
         U = torch.linalg.pinv(C) @ Wd
@@ -317,7 +340,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge) -> C
         kept = float((s2[: Uo.shape[1]] * (Uo.mT @ Q).pow(2).sum(dim=1)).sum())
         lost = max(total - kept, 0.0)
     else:
-        R = Wd[row_idx]
+        R = Ed[row_idx]
         C64 = cov.to(device=W.device, dtype=torch.float64)
         SR = C64 @ R.mT + ridge_of(C64, ridge) * R.mT  # (Σ + λI) Rᵀ, n x r
         K, RSR = Wd @ SR, R @ SR  # W Σ Rᵀ, R Σ Rᵀ
@@ -327,7 +350,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge) -> C
         # ||(W - A R) L||² = tr(W Σ Wᵀ) - 2 tr(A Kᵀ) + tr(A RΣRᵀ Aᵀ)
         lost = max(total - 2 * float((A * K).sum()) + float(((A @ RSR) * A).sum()), 0.0)
     rel_error = math.sqrt(lost / total) if total > 0 else 0.0
-    dt = W.dtype
-    return CURResult(C=None if C is None else C.to(dt), U=U.to(dt),
-                     R=None if row_idx is None else W[row_idx], col_idx=col_idx,
+    dt = E.dtype
+    return CURResult(C=None if C is None else E[:, col_idx], U=U.to(dt),
+                     R=None if row_idx is None else E[row_idx], col_idx=col_idx,
                      row_idx=row_idx, rel_error=rel_error, method=method, data_aware=True)

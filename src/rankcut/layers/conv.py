@@ -186,14 +186,16 @@ class SVDConv2d(_ConvFactorized):
         return (last @ first).reshape(geo.out_channels, geo.in_per_group, *geo.kernel_size)
 
     @classmethod
-    def from_dense(cls, conv, ranks, *, cov=None, decomposition="svd", **options):
+    def from_dense(cls, conv, ranks, *, cov=None, decomposition="svd", entries=None, **options):
         """Channel SVD (``decomposition="svd"``) or CUR (``"cur"``) of each group's kernel.
 
         ``options`` go to :func:`rankcut.decompose.svd` or :func:`rankcut.decompose.cur`
         (``solver`` names the algorithm: ``solver="deim"``); with CUR the layer width is the
         number of columns (RX: rows) the method picked. ``cov``: the second moment of each
         group's unfolded input patches (a list, one per group; see :mod:`rankcut.calibrate`)
-        for the data-aware SVD or CUR that minimises the output error.
+        for the data-aware SVD or CUR that minimises the output error. ``entries``: for the
+        data-aware CUR, a weight (shaped as ``conv.weight``) whose rows and columns the layer
+        keeps while fitting ``conv``'s.
         """
         rank = single_rank(ranks)
         geo = _check_conv(conv)
@@ -201,14 +203,21 @@ class SVDConv2d(_ConvFactorized):
             raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
         covs = _per_group(cov, geo.groups)
         W = conv.weight.detach()
+        dtype = decomposition_dtype(W)
+        if entries is not None and decomposition != "cur":
+            raise ValueError("entries: only CUR keeps a weight's own entries")
+        kept = (None if entries is None else
+                [channel_matrix(Eg) for _, Eg in grouped_weights(entries.detach().to(dtype),
+                                                                 geo.groups)])
         pairs, errors = [], []
-        for gi, Wg in grouped_weights(W.to(decomposition_dtype(W)), geo.groups):
+        for gi, Wg in grouped_weights(W.to(dtype), geo.groups):
             M = channel_matrix(Wg)
             if decomposition == "svd":
                 res = solve(dec.svd, M, rank, cov=covs[gi], **options)
                 pairs.append((res.A, res.B))
             else:
-                res = solve(dec.cur, M, rank, cov=covs[gi], **options)
+                res = solve(dec.cur, M, rank, cov=covs[gi],
+                            entries=None if kept is None else kept[gi], **options)
                 pairs.append(res.factors())
                 errors.append(res.rel_error)
         info = {"data_aware": cov is not None}

@@ -63,18 +63,20 @@ class LowRankLinear(FactorizedLayer):
         return dense
 
     @classmethod
-    def from_dense(cls, module, ranks, *, cov=None, decomposition="svd", **options):
+    def from_dense(cls, module, ranks, *, cov=None, decomposition="svd", entries=None,
+                   **options):
         """Factorize an ``nn.Linear`` (or a 1x1 ``nn.Conv2d``, returned as an ``SVDConv2d``).
 
         ``decomposition``: ``"svd"`` (``options`` go to :func:`rankcut.decompose.svd`) or
         ``"cur"`` (to :func:`rankcut.decompose.cur`, e.g. ``method="deim"``). ``cov``: the
         second moment of the layer's inputs, for the data-aware SVD or CUR
-        (:mod:`rankcut.calibrate`).
+        (:mod:`rankcut.calibrate`). ``entries``: for the data-aware CUR, a weight (shaped as
+        ``module.weight``) whose rows and columns the layer keeps while fitting ``module``'s.
         """
         rank = single_rank(ranks)
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1):
             return SVDConv2d.from_dense(module, rank, cov=cov, decomposition=decomposition,
-                                        **options)
+                                        entries=entries, **options)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"module: expected an nn.Linear or a 1x1 nn.Conv2d, got "
                              f"{type(module).__name__}")
@@ -86,10 +88,13 @@ class LowRankLinear(FactorizedLayer):
             (cov,) = cov
         info = {}
         if decomposition == "svd":
+            if entries is not None:
+                raise ValueError("entries: only CUR keeps a weight's own entries")
             res = solve(dec.svd, M, rank, cov=cov, **options)
             A, B = res.A, res.B
         else:
-            res = solve(dec.cur, M, rank, cov=cov, **options)
+            E = None if entries is None else entries.detach().to(M.dtype)
+            res = solve(dec.cur, M, rank, cov=cov, entries=E, **options)
             A, B = res.factors()
             if cov is not None:  # ||(W - W~) L|| / ||W L||, as solved
                 info["output_error"] = res.rel_error
