@@ -306,3 +306,11 @@ def test_data_aware_cur_fits_one_matrix_with_anothers_entries(method):
         cur(W, 5, method=method, cov=cov, entries=E[:, :10])
     with pytest.raises(ValueError, match="ridge"):
         cur(W, 5, method=method, cov=cov, ridge=0)
+
+
+@pytest.mark.parametrize("method", ["deim", "leverage", "linear_time", "cx", "rx"])
+def test_a_zero_matrix_gives_zero_factors(method):
+    W = torch.zeros(12, 9, dtype=torch.float64)
+    cov, _ = _moment(9, 3)
+    for res in (cur(W, 3, method=method), cur(W, 3, method=method, cov=cov)):
+        assert res.rel_error == 0.0 and torch.equal(res.to_matrix(), W)

@@ -98,6 +98,14 @@ def _sample_iid(probs: torch.Tensor, count: int, generator: torch.Generator) -> 
     return torch.multinomial(probs.double().cpu(), count, replacement=True, generator=generator)
 
 
+def _distribution(weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` normalised to sum to 1; uniform where they are all zero (a zero matrix)."""
+    total = weights.sum()
+    if float(total) > 0:
+        return weights / total
+    return torch.full_like(weights, 1.0 / weights.numel())
+
+
 def _sample_bernoulli(keep_prob: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     keep_prob = keep_prob.double().cpu()
     for _ in range(100):
@@ -233,9 +241,7 @@ def cur(
     R = row_idx = None
     if method == "linear_time":
         sq = W.pow(2)
-        total = sq.sum()
-        p = sq.sum(dim=0) / total
-        q = sq.sum(dim=1) / total
+        p, q = _distribution(sq.sum(dim=0)), _distribution(sq.sum(dim=1))
         col_idx = _sample_iid(p, n_cols, generator).to(W.device)
         row_idx = _sample_iid(q, n_rows, generator).to(W.device)
         col_scale = (n_cols * p[col_idx]).rsqrt()
@@ -316,14 +322,14 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
         row_idx = _leverage_select(Uo[:, :rank], n_rows, generator)
     elif method == "linear_time":  # rows by their output energy on the inputs
         energy = (Uo.pow(2) * s2).sum(dim=1)
-        row_idx = torch.unique(_sample_iid(energy / energy.sum(), n_rows, generator))
+        row_idx = torch.unique(_sample_iid(_distribution(energy), n_rows, generator))
     if method != "rx":
         # how each column of W reaches the output directions the inputs excite
         k = n_cols if method == "deim" else rank
         P = Uo[:, :k].mT @ Ed
         if method == "linear_time":
             p = P.pow(2).sum(dim=0)
-            col_idx = torch.unique(_sample_iid(p / p.sum(), n_cols, generator))
+            col_idx = torch.unique(_sample_iid(_distribution(p), n_cols, generator))
         else:
             _, _, Vp = torch.linalg.svd(P, full_matrices=False)
             vecs = Vp[:k].mT
