@@ -209,6 +209,23 @@ def test_data_aware_cur_is_planned_applied_and_fits_the_outputs(solver):
         assert torch.equal(A, W[:, cols])
 
 
+def test_a_rule_plan_on_data_solves_cur_on_data_only(monkeypatch):
+    # the planner rebuilds a data-aware method's candidate on the data: a data-free solve first
+    # would be thrown away (a full SVD of a 4096 x 25,088 layer for CUR)
+    import rankcut.decompose as dec
+
+    calls = []
+    real = dec.cur
+    monkeypatch.setattr(dec, "cur", lambda *a, **k: calls.append(k.get("cov") is not None)
+                        or real(*a, **k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20)).eval()
+    batches = [torch.randn(64, 40) for _ in range(2)]
+    plan = rc.plan(model, batches[0], method="cur", rank="params=2x", calib_data=batches,
+                   min_params=0, allow_slower=True)
+    assert len(plan.active) == 2 and calls and all(calls)
+
+
 @pytest.fixture(scope="module")
 def cifar(shared_data):
     folder = shared_data / "cifar10/cifar-10-batches-bin"

@@ -182,7 +182,10 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
             cost = spec.cost(module, ranks, form, shape)
             if cost.params >= dense.params and cost.macs >= dense.macs:
                 continue
-            if spec.grid_fn is not None:
+            if spec.grid_fn is not None or (covs is not None and spec.data_aware):
+                # measured below: CP for all layers at once; on data, rebuilt data-aware (a
+                # data-free solve first would be thrown away: for CUR of a 4096 x 25,088 layer,
+                # a full SVD)
                 found = [Candidate(spec.name, ranks, form, cost.params, cost.macs, math.nan)]
             else:
                 found = [spec.candidate_at(module, shape, ranks, form, opts)]
