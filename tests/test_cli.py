@@ -105,6 +105,21 @@ def test_config_file_values_and_flags_overriding_them(capsys, tmp_path):
     assert code == 2 and "unknown key 'modle'" in err
 
 
+def test_solver_options_reach_the_plan(capsys, tmp_path):
+    # --solver-option picks CUR's algorithm (RX: actual rows only); from a config file too,
+    # where the command line's flag adds to the file's list (action "extend")
+    config = tmp_path / "c.yaml"
+    config.write_text("solver-option: [cur.solver=rx]\n")
+    code, _, err = run(capsys, "compress", "--config", config, "--model", "resnet20_cifar",
+                       "--input-shape", "3,32,32", "--method", "cur", "--rank", "8",
+                       "--solver-option", "cur.seed=3", "--no-latency", "--allow-slower",
+                       "--quiet", "--out", tmp_path / "o")
+    assert code == 0, err
+    plan = rc.load_plan(tmp_path / "o" / "plan.json")
+    cur = [lp for lp in plan.layers.values() if lp.method == "cur"]
+    assert len(cur) > 10 and all(lp.options == {"solver": "rx", "seed": 3} for lp in cur)
+
+
 def test_latency_engine_and_table_flags(capsys, tmp_path, fake_latency):
     """--latency-engine onnxruntime plans with an ONNX Runtime table: kept in the
     --latency-table file, or in the machine's cache without one; a file of another engine is a

@@ -185,3 +185,14 @@ def test_cp_is_scored_at_ranks_that_suit_the_kernels():
         ranks = [c.ranks[0] for c in cp_grid(methods.get("cp"), conv, (8, 8))]
         assert len(ranks) >= 4 and ranks == sorted(set(ranks))
         assert all(r < RANK_ALIGN or r % RANK_ALIGN == 0 for r in ranks), ranks
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_solver_choices_are_checked_before_any_work(name):
+    spec = methods.get(name)
+    assert "solver" in spec.choices  # every method names its algorithms
+    for key, allowed in spec.choices.items():
+        for value in allowed:
+            spec.check_options({key: value})
+        with pytest.raises(ValueError, match=f"{key}: expected one of .*'nope'"):
+            spec.check_options({key: "nope"})

@@ -70,6 +70,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help=f"auto or a method of rankcut.methods: svd, cur, spatial_svd, cp (cp4), "
                         f"cp3, tucker (default {COMPRESS['method']})")
     g.add_argument("--rank", help="rank rule: 64, vbmf, energy=0.95, params=0.25, ...")
+    g.add_argument("--solver-option", nargs="+", action="extend", metavar="METHOD.KEY=VALUE",
+                   help="a solver option of a method, e.g. cur.solver=rx (CUR's algorithm: "
+                        "deim (default), rx, leverage, linear_time, cx), cp.solver=als_qr, "
+                        "cp.max_iter=100; values are read as YAML scalars")
     g.add_argument("--target", help="macs=2x, params=3x, latency=1.5x, or a fraction (macs=0.4)")
     g.add_argument("--calib", type=int, default=COMPRESS["calib"],
                    help="calibration training examples for data-aware planning (0: none; "
@@ -399,6 +403,33 @@ def _check_method(flag: str, method) -> None:
         raise UserError(f"{flag}: unknown method {method!r}; known: {', '.join(known)}")
 
 
+def _solver_options(items: list[str]) -> dict[str, dict]:
+    """--solver-option METHOD.KEY=VALUE ... as rankcut.plan's ``options`` ({method: {key:
+    value}}), each method's options checked against its solver before any work."""
+    import yaml
+
+    from . import methods
+
+    options: dict[str, dict] = {}
+    for item in items:
+        name, dot, rest = item.partition(".")
+        key, eq, text = rest.partition("=")
+        if not (dot and eq and name and key):
+            raise UserError(f"--solver-option: expected METHOD.KEY=VALUE (e.g. cur.solver=rx), "
+                            f"got {item!r}")
+        if name not in methods.names():
+            raise UserError(f"--solver-option: {name!r} is not a method; options belong to "
+                            f"one of {', '.join(methods.names())}")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        options.setdefault(name, {})[key] = value
+    for name, opts in options.items():
+        _as_user_error(f"--solver-option {name}", methods.get(name).check_options, opts)
+    return options
+
+
 def _as_user_error(flag: str, fn, *args):
     """``fn(*args)``, a ValueError of it reported as a mistake in ``flag``."""
     try:
@@ -568,9 +599,11 @@ def _check_plan(args: argparse.Namespace):
     if not (path.is_file() or (path / "plan.json").is_file()):
         raise UserError(f"--plan: {path} is neither a plan.json file nor a rankcut output "
                         "folder holding one")
-    clash = [_flag(d) for d in ("method", "rank", "target") if d in args.given]
+    clash = [_flag(d) for d in ("method", "rank", "target", "solver_option")
+             if d in args.given]
     if clash:
-        raise UserError(f"--plan: a plan fixes each layer's method and ranks; it cannot be "
+        raise UserError(f"--plan: a plan fixes each layer's method, ranks and solver options; "
+                        f"it cannot be "
                         f"combined with {', '.join(clash)} (drop {' and '.join(clash)}, or "
                         "--plan to plan afresh)")
     if args.schedule == "multistage":
@@ -603,6 +636,7 @@ def _check_args(args: argparse.Namespace) -> None:
         from .select import parse_rank, parse_target
 
         _check_method("--method", args.method)
+        args.solver_options = _solver_options(args.solver_option or [])
         if args.rank is not None:
             _as_user_error("--rank", parse_rank, args.rank)
         if args.target is not None:
@@ -795,6 +829,8 @@ class _Context:
         opts = {"rank_multiple": a.rank_multiple, "allow_slower": a.allow_slower,
                 "speed_slack": a.speed_slack, "exclude": a.exclude,
                 "min_params": a.min_params, "cache": CandidateCache.cached(max_entries=2)}
+        if getattr(a, "solver_options", None):
+            opts["options"] = a.solver_options
         if a.latency_batch is not None:
             opts["latency_batch"] = a.latency_batch
         if a.latency_table or a.latency_engine not in (None, "eager"):

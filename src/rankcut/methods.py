@@ -91,6 +91,8 @@ class Method:
     # solver options for scoring candidates: enough to rank them (the planned layer gets the
     # plan's own run); the user's options override them
     scoring_options: Mapping = field(default_factory=dict)
+    # the values a solver option may take (option -> choices), checked before any work
+    choices: Mapping = field(default_factory=dict)
     paper: str = ""
 
     # ------------------------------------------------------------------ what it applies to
@@ -145,10 +147,15 @@ class Method:
         return tuple(int(r) for r in ranks)
 
     def check_options(self, options: Mapping) -> None:
-        """Refuse solver options that :attr:`solver` does not take (before any work)."""
+        """Refuse solver options that :attr:`solver` does not take, and values outside an
+        option's :attr:`choices` (before any work)."""
         opts = {k: v for k, v in options.items() if k != DATA_AWARE}
         if options.get(DATA_AWARE) and not self.data_aware:
             raise ValueError(self._not_data_aware())
+        for key, allowed in self.choices.items():
+            if key in opts and opts[key] not in allowed:
+                raise ValueError(f"{key}: expected one of {', '.join(map(repr, allowed))}, "
+                                 f"got {opts[key]!r}")
         try:
             inspect.signature(self.solver).bind(None, None, **solver_kwargs(opts))
         except TypeError as err:
@@ -328,29 +335,34 @@ register(Method(
     conv=SVDConv2d, linear=LowRankLinear, solver=dec.svd, curve_fn=curves.svd_curve,
     at_fn=curves.from_curve_at, data_aware=True, auto=True,
     layer_options=MappingProxyType({"decomposition": "svd"}),
+    choices=MappingProxyType({"solver": dec.SVD_METHODS}),
     paper="Denton et al. 2014; Zhang et al. 2016; SVD-LLM whitening (Wang et al. 2024)"))
 register(Method(
     "cur", "CUR of the channel matrix: actual columns (and rows) of the weight",
     conv=SVDConv2d, linear=LowRankLinear, solver=dec.cur, curve_fn=curves.cur_curve,
     at_fn=curves.cur_at, layer_options=MappingProxyType({"decomposition": "cur"}),
     planning_options=MappingProxyType({"solver": "deim"}), data_aware=True, keeps_entries=True,
+    choices=MappingProxyType({"solver": dec.CUR_METHODS}),
     paper="Mahoney & Drineas 2009; Drineas, Kannan & Mahoney 2006; Sorensen & Embree 2016"))
 register(Method(
     "spatial_svd", "SVD of the (S·kh, T·kw) reshape: a kh x 1 then a 1 x kw convolution",
     conv=SpatialConv2d, linear=None, solver=dec.svd, curve_fn=curves.spatial_curve,
     at_fn=curves.from_curve_at, kxk_only=True, auto=True,
+    choices=MappingProxyType({"solver": dec.SVD_METHODS}),
     paper="Jaderberg, Vedaldi & Zisserman 2014"))
 register(Method(
     "cp", "CP: 1x1, depthwise kh x 1 and 1 x kw (cp4) or kh x kw (cp3), 1x1",
     conv=CPConv2d, linear=None, solver=dec.cp, curve_fn=curves.cp_curve, at_fn=curves.cp_at,
     grid_fn=curves.cp_grid, scoring_options=MappingProxyType(curves.CP_SCORING),
     forms=("cp4", "cp3"), kxk_only=True, data_aware=True, auto=True,
+    choices=MappingProxyType({"solver": dec.CP_METHODS, "init": dec.CP_INITS}),
     paper="Lebedev et al. 2015; Astrid & Lee 2017"))
 register(Method(
     "tucker", "Tucker-2: 1x1 S->R_in, kh x kw core R_in->R_out, 1x1 R_out->T",
     conv=TuckerConv2d, linear=None, solver=dec.tucker, curve_fn=curves.tucker_curve,
     at_fn=curves.tucker_at, n_ranks=2, kxk_only=True, data_aware=True, auto=True,
     scoring_options=MappingProxyType(curves.TUCKER_SCORING),
+    choices=MappingProxyType({"solver": dec.TUCKER_METHODS}),
     paper="Kim et al. 2016 (ranks from EVBMF, Nakajima et al. 2013)"))
 
 # What a Linear or 1x1 conv gets when the asked-for method builds only k x k convolutions.

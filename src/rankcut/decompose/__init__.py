@@ -6,13 +6,18 @@ approximation (``to_matrix()`` or ``to_tensor()``) and carries the relative Frob
 """
 
 from ._checks import RankClampWarning
-from .cp import CPResult, cp, cp_many
-from .cur import CURResult, cur
-from .svd import SVDResult, energy_rank, reuse_svds, svd, truncation_errors
-from .tucker import TuckerResult, tucker
+from .cp import CP_INITS, CP_METHODS, CPResult, cp, cp_many
+from .cur import CUR_METHODS, CURResult, cur
+from .svd import SVD_METHODS, SVDResult, energy_rank, reuse_svds, svd, truncation_errors
+from .tucker import TUCKER_METHODS, TuckerResult, tucker
 from .vbmf import EVBMFResult, evbmf
 
 __all__ = [
+    "CP_INITS",
+    "CP_METHODS",
+    "CUR_METHODS",
+    "SVD_METHODS",
+    "TUCKER_METHODS",
     "CPResult",
     "CURResult",
     "EVBMFResult",

@@ -64,6 +64,7 @@ from .svd import (
 )
 
 CUR_METHODS = ("leverage", "linear_time", "cx", "deim", "rx")
+_DEIM = ("deim", "rx")  # deterministic: rows (and columns) by DEIM of singular vectors
 
 
 @dataclass(frozen=True)
@@ -221,11 +222,11 @@ def cur(
     for name, value in (("n_cols", n_cols), ("n_rows", n_rows)):
         if value < rank:
             raise ValueError(f"{name}: expected a count >= rank ({rank}), got {value}")
-    limit = min(m, n) if method in ("deim", "rx") else None
+    limit = min(m, n) if method in _DEIM else None
     n_cols = clamp_rank(n_cols, limit or n, "n_cols", why="columns available")
     n_rows = clamp_rank(n_rows, limit or m, "n_rows", why="rows available")
 
-    generator = make_generator(seed) if method not in ("deim", "rx") else None
+    generator = make_generator(seed) if method not in _DEIM else None
     if entries is not None:
         check_tensor(entries, "entries", ndim=2)
         if entries.shape != W.shape:
@@ -253,7 +254,7 @@ def cur(
     else:
         # only the leading singular vectors pick the columns and rows: a large matrix at a
         # small rank gets them from the randomized range finder (seeded) instead of a full SVD
-        need = min(max(n_cols, n_rows) if method in ("deim", "rx") else rank, m, n)
+        need = min(max(n_cols, n_rows) if method in _DEIM else rank, m, n)
         full = None if randomized_pays(m, n, need) else full_svd(W)
         Uw, _, Vh = full if full is not None else leading_singular_vectors(W, need, seed=0)
         if method == "rx":
@@ -316,7 +317,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
     Uo, s2 = _output_directions(W, cov, ridge)
     total = float(s2.sum())
     row_idx = col_idx = None
-    if method in ("deim", "rx"):
+    if method in _DEIM:
         row_idx = _deim(Uo[:, :n_rows])
     elif method == "leverage":
         row_idx = _leverage_select(Uo[:, :rank], n_rows, generator)
