@@ -113,6 +113,32 @@ def test_parameters_are_accepted_and_no_graph_is_built():
     assert not res.A.requires_grad and not res.B.requires_grad
 
 
+def test_nested_reuse_svds_keeps_what_the_inner_block_asks_for(monkeypatch):
+    """An inner block asking for more entries than the outer keeps them while it runs (the
+    planner inside a sweep's block); when it ends, the outer's limit holds again."""
+    from rankcut.decompose import reuse_svds
+
+    mats = [decaying(12, 20, seed=s).float() for s in range(4)]
+    calls = {"svd": 0}
+    real_svd = torch.linalg.svd
+
+    def counting(*args, **kwargs):
+        calls["svd"] += 1
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    with reuse_svds(max_entries=1):
+        with reuse_svds(max_entries=4):
+            for _ in range(2):
+                for W in mats:
+                    svd(W.clone(), 3, method="exact")
+            assert calls["svd"] == 4  # all four kept
+        svd(mats[3].clone(), 3, method="exact")  # the newest is kept under the outer limit
+        assert calls["svd"] == 4
+        svd(mats[0].clone(), 3, method="exact")
+        assert calls["svd"] == 5
+
+
 def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatch):
     """Inside ``reuse_svds`` a matrix of the same values (another tensor object, as each point
     of a sweep copies the layer) is decomposed once, for SVD at any rank and CUR alike, and

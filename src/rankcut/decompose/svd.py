@@ -72,14 +72,24 @@ def reuse_svds(max_entries: int = 4):
     first. The results are the same as
     without it, bit for bit. For sweeps that factorize one layer at many ranks with one method
     after another (experiments/classifier_sweep.py): the exact SVD of a VGG's 4096 x 25,088
-    classifier layer takes minutes on a CPU. Nested blocks share the outer one's entries."""
+    classifier layer takes minutes on a CPU. Nested blocks share the outer one's entries; an
+    inner block that asks for more keeps up to its ``max_entries`` while it runs (the oldest
+    beyond the outer's are dropped when it ends)."""
     global _REUSED
     outer = _REUSED
     if outer is None:
         _REUSED = {"max": max_entries, "entries": OrderedDict()}
+        saved = None
+    else:
+        saved = outer["max"]
+        outer["max"] = max(saved, max_entries)
     try:
         yield
     finally:
+        if outer is not None:
+            outer["max"] = saved
+            while len(outer["entries"]) > saved:
+                outer["entries"].popitem(last=False)
         _REUSED = outer
 
 
