@@ -4,7 +4,7 @@ time. It reads a reproduce.py config (experiments/configs/) and its ``sweep:`` s
 
     .venv/bin/python experiments/classifier_sweep.py experiments/configs/seed001_vgg11.yaml
         [--only RUN ...] [--runs-dir runs] [--threads N] [--device cpu|cuda] [--summary]
-        [--no-finetune]
+        [--no-finetune] [--series LABEL[/MODE] ...]
 
 ``sweep.models`` names runs of the config whose model, data, weights (trained from scratch by
 the run's ``train:`` recipe when the file is missing, as reproduce.py does), normalisation and
@@ -154,6 +154,24 @@ def sweep_settings(config: dict) -> dict:
     return s
 
 
+def every_series(methods: dict) -> list[tuple[str, str]]:
+    """Every (label, mode) of ``sweep.methods``, in the config's order."""
+    return [(label, mode) for label, m in methods.items() for mode in m["modes"]]
+
+
+def pick_series(names: list[str], methods: dict, where: str) -> list[tuple[str, str]]:
+    """The (label, mode) series that ``names`` (labels, or label/mode) name, in their order."""
+    every, series = every_series(methods), []
+    for name in names:
+        label, _, mode = name.partition("/")
+        found = [(lb, md) for lb, md in every if lb == label and mode in ("", md)]
+        if not found:
+            raise SystemExit(f"{where}: {name!r} is not a swept series (label or label/mode "
+                             f"of: {', '.join(f'{lb}/{md}' for lb, md in every)})")
+        series += [sm for sm in found if sm not in series]
+    return series
+
+
 def finetune_settings(raw, methods: dict, ratios: list) -> dict:
     """``sweep.finetune`` with defaults filled in and checked; its series as (label, mode)."""
     if not isinstance(raw, dict):
@@ -162,19 +180,10 @@ def finetune_settings(raw, methods: dict, ratios: list) -> dict:
     if unknown:
         raise SystemExit(f"sweep.finetune: unknown keys {unknown}; known: {', '.join(FINETUNE)}")
     f = {**FINETUNE, **raw}
-    every = [(label, mode) for label, m in methods.items() for mode in m["modes"]]
     if f["series"] is None:
-        series = every
+        series = every_series(methods)
     elif _list_of(f["series"], lambda v: isinstance(v, str)):
-        series = []
-        for name in f["series"]:
-            label, _, mode = name.partition("/")
-            found = [(lb, md) for lb, md in every if lb == label and mode in ("", md)]
-            if not found:
-                raise SystemExit(f"sweep.finetune.series: {name!r} is not a swept series "
-                                 f"(label or label/mode of: "
-                                 f"{', '.join(f'{lb}/{md}' for lb, md in every)})")
-            series += [sm for sm in found if sm not in series]
+        series = pick_series(f["series"], methods, "sweep.finetune.series")
     else:
         raise SystemExit(f"sweep.finetune.series: expected a list of labels, got "
                          f"{f['series']!r}")
@@ -283,9 +292,10 @@ def check_part(model: torch.nn.Module, name: str, part: str, exclude=()) -> None
 
 
 def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
-                device: str) -> dict:
-    """Every point of run ``name``'s model not in its .jsonl yet; returns what the fine-tuned
-    stage needs (the model, its part, inputs and the sweep's points)."""
+                device: str, series: list[tuple[str, str]] | None = None) -> dict:
+    """Every point of run ``name``'s model not in its .jsonl yet (of ``series``, (label, mode)
+    pairs in the order to sweep them; default all); returns what the fine-tuned stage needs
+    (the model, its part, inputs and the sweep's points)."""
     s = settings_of(config, name)
     path = base / f"{name}.jsonl"
     old, points = read_points(path) if path.is_file() else (None, [])
@@ -330,27 +340,31 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
           f"params, top-1 {dense_top1:.2f}% on {len(test_y)} test images; "
           f"{len(done)} point(s) done earlier", flush=True)
     x = test_x[:1].to(device)
-    for label, method in sw["methods"].items():
+    caches = {}
+    for label, mode in series or every_series(sw["methods"]):
+        method = sw["methods"][label]
         # plans of one method to targets share its moments and candidates (one entry: a
         # 25,088-wide layer's moment is 5 GB); the candidates also on this machine's disk, so
         # a sweep resumed by a new process does not score them again (12 min for CUR of a
         # 4096 x 25,088 layer)
-        cache = rc.select.CandidateCache.cached(max_entries=1)
-        for mode in method["modes"]:
-            for ratio in sw["ratios"]:
-                for seed in method["seeds"]:
-                    if (label, mode, ratio, seed) in done:
-                        continue
-                    p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y),
-                              cache if mode == "target" else None, sw["exclude"])
-                    p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
-                             **ratios(head, p["params"]))
-                    with path.open("a") as f:
-                        f.write(json.dumps(p) + "\n")
-                    points.append(p)
-                    print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: "
-                          f"{p['part_ratio']:7.1f}x, top-1 {p['top1']:6.2f}%, "
-                          f"{p['seconds']:.1f} s", flush=True)
+        if label not in caches:
+            caches.clear()  # one method's at a time
+            caches[label] = rc.select.CandidateCache.cached(max_entries=1)
+        cache = caches[label]
+        for ratio in sw["ratios"]:
+            for seed in method["seeds"]:
+                if (label, mode, ratio, seed) in done:
+                    continue
+                p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y),
+                          cache if mode == "target" else None, sw["exclude"])
+                p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
+                         **ratios(head, p["params"]))
+                with path.open("a") as f:
+                    f.write(json.dumps(p) + "\n")
+                points.append(p)
+                print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: "
+                      f"{p['part_ratio']:7.1f}x, top-1 {p['top1']:6.2f}%, "
+                      f"{p['seconds']:.1f} s", flush=True)
     return {"name": name, "model": model, "part": part, "x": x, "calib": calib,
             "test": (test_x, test_y), "plain": plain, "head": head, "points": points,
             "device": device}
@@ -366,10 +380,12 @@ def _as_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def finetune_model(run: dict, sw: dict, base: Path) -> Path:
+def finetune_model(run: dict, sw: dict, base: Path,
+                   only: list[tuple[str, str]] | None = None) -> Path:
     """The fine-tuned stage of a swept run (``sweep_model``'s return): each series of
-    ``sw["finetune"]`` from the largest CR it keeps within the tolerance up, one point at a
-    time, until a fine-tuned point loses more; returns ``<run>-finetuned.jsonl``."""
+    ``sw["finetune"]`` (those in ``only``, when given) from the largest CR it keeps within the
+    tolerance up, one point at a time, until a fine-tuned point loses more; returns
+    ``<run>-finetuned.jsonl``."""
     ft, name, head = sw["finetune"], run["name"], run["head"]
     path = base / f"{name}-finetuned.jsonl"
     # what the points and the walks depend on (the device: float16 autocast on CUDA)
@@ -393,6 +409,8 @@ def finetune_model(run: dict, sw: dict, base: Path) -> Path:
     swept = grouped(run["points"])
     train = None
     for label, mode in ft["series"]:
+        if only is not None and (label, mode) not in only:
+            continue
         method = sw["methods"][label]
         seed = method["seeds"][0]
         ok = kept([(r, [p for p in ps if p["seed"] == seed])
@@ -612,14 +630,22 @@ def plot(head: dict, points: list[dict], path: Path, tuned: list[dict] = ()) -> 
     return path
 
 
+def _extra_flags(parser) -> None:
+    parser.add_argument("--no-finetune", action="store_true",
+                        help="the sweep's points only: leave the fine-tuned stage for a later run")
+    parser.add_argument("--series", nargs="+", metavar="LABEL[/MODE]",
+                        help="sweep only these series of sweep.methods, in this order (e.g. "
+                             "rx-data/target svd-data/target); the fine-tuned stage then tunes "
+                             "only those of its series among them")
+
+
 def main() -> int:
     args, config_path, config = command_line(
         __doc__, "sweep only these of sweep.models",
         "write the tables and plots of the points done, and stop",
-        extra=lambda parser: parser.add_argument(
-            "--no-finetune", action="store_true",
-            help="the sweep's points only: leave the fine-tuned stage for a later run"))
+        extra=_extra_flags)
     sw = sweep_settings(config)
+    series = (pick_series(args.series, sw["methods"], "--series") if args.series else None)
     names = args.only or sw["models"]
     missing = sorted(set(names) - set(sw["models"]))
     if missing:
@@ -636,9 +662,9 @@ def main() -> int:
             # each layer's full SVD once for all its points (minutes for a 4096 x 25,088 one)
             # per classifier layer: its SVD, its singular values, its whitened Gram
             with rc.decompose.reuse_svds(max_entries=12):
-                run = sweep_model(config, name, sw, base, root, args.device)
+                run = sweep_model(config, name, sw, base, root, args.device, series)
                 if sw["finetune"] is not None and not args.no_finetune:
-                    finetune_model(run, sw, base)
+                    finetune_model(run, sw, base, series)
             del run  # its model and inputs (GBs for a 25,088-wide classifier)
     for name in names:
         path = base / f"{name}.jsonl"

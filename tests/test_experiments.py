@@ -331,7 +331,16 @@ def swept_once(tmp_path, name: str, text: str, shared_data, *extra):
 
 def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weights, shared_data,
                                                                  tmp_path):
-    config, env, folder = swept_once(tmp_path, "sw", SWEEP_CONFIG, shared_data, "--no-finetune")
+    # --series sweeps only the series named, in their order; a later run adds the rest
+    config, env, folder = swept_once(tmp_path, "sw", SWEEP_CONFIG, shared_data, "--no-finetune",
+                                     "--series", "cur-leverage", "svd/target")
+    lines = [json.loads(line) for line in (folder / "r20.jsonl").read_text().splitlines()]
+    assert [(p["label"], p["mode"]) for p in lines[1:]] == (
+        [("cur-leverage", "rule")] * 4 + [("svd", "target")] * 2)
+    bad = sweep(config, tmp_path / "runs", env, "--series", "svd/global")
+    assert bad.returncode != 0 and "--series: 'svd/global' is not a swept series" in bad.stderr
+    rest = sweep(config, tmp_path / "runs", env, "--no-finetune")
+    assert rest.returncode == 0 and "6 point(s) done earlier" in rest.stdout, rest.stderr[-2000:]
     lines = [json.loads(line) for line in (folder / "r20.jsonl").read_text().splitlines()]
     head, points = lines[0], lines[1:]
     # svd: 2 modes x 2 ratios; svd-data: 2 ratios; leverage CUR: 2 ratios x 2 seeds
