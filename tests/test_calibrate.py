@@ -209,9 +209,10 @@ def test_data_aware_cur_is_planned_applied_and_fits_the_outputs(solver):
         assert torch.equal(A, W[:, cols])
 
 
-def test_a_rule_plan_on_data_solves_cur_on_data_only(monkeypatch):
-    # the planner rebuilds a data-aware method's candidate on the data: a data-free solve first
-    # would be thrown away (a full SVD of a 4096 x 25,088 layer for CUR)
+@pytest.mark.parametrize("how", [{"rank": "params=2x"}, {"target": "params=3x"}])
+def test_a_plan_on_data_solves_cur_on_data_only(monkeypatch, how):
+    # the planner builds a data-aware method's candidates on the data, by a rule or to a
+    # target: a data-free solve first would be thrown away (a full SVD of a 4096 x 25,088 layer)
     import rankcut.decompose as dec
 
     calls = []
@@ -221,9 +222,12 @@ def test_a_rule_plan_on_data_solves_cur_on_data_only(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20)).eval()
     batches = [torch.randn(64, 40) for _ in range(2)]
-    plan = rc.plan(model, batches[0], method="cur", rank="params=2x", calib_data=batches,
-                   min_params=0, allow_slower=True)
+    plan = rc.plan(model, batches[0], method="cur", calib_data=batches, min_params=0,
+                   allow_slower=True, **how)
     assert len(plan.active) == 2 and calls and all(calls)
+    assert all(lp.predicted["error"] < 1 for lp in plan.active.values())  # measured on data
+    if "target" in how:  # 8 candidate ranks a layer, each solved once, on the data
+        assert len(calls) >= 10
 
 
 @pytest.fixture(scope="module")

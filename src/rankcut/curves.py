@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import decompose as dec
 from .decompose.svd import reuse_svds, tail_errors, truncation_errors, whitened_spectrum
 from .layers import group_matrices, weight_blocks
-from .layers.base import decomposition_dtype, solve
+from .layers.base import decomposition_dtype
 
 # The plan option (and candidate mark) of a layer factorized on its input statistics
 DATA_AWARE = "data_aware"
@@ -252,30 +251,29 @@ def measured(method, jobs, options=None) -> list[Candidate]:
 
 # ------------------------------------------------------------------------------------- CUR
 
+def cur_grid(method, module, shape, form=None, n_ranks: int = 8) -> list[Candidate]:
+    """The CUR ranks worth scoring, priced but not yet measured (error NaN): ``n_ranks`` spaced
+    geometrically up to the full rank. :func:`measured` builds them (data-aware on calibration
+    moments: no data-free solve first, which for a 4096 x 25,088 layer is a full SVD) and
+    measures their errors; the width a sampled solver (leverage, CX) realises is about the
+    rank, not exactly."""
+    return [priced(method, module, shape, (r,), None, math.nan)
+            for r in geometric_ranks(method.max_rank(module)[0], n_ranks)]
+
+
 def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
-    """CUR of every group's channel matrix at ``ranks[0]`` (the width is the number of columns,
-    for RX rows, picked: the widest group's); the error is measured."""
-    lost = total = 0.0
-    width = 0
-    for M in group_matrices(module, "channel", torch.float64):
-        res = solve(dec.cur, M, ranks[0], **(options or {}))
-        energy = float(M.pow(2).sum())
-        lost += res.rel_error**2 * energy
-        total += energy
-        width = max(width, res.factors()[0].shape[1])
-    return priced(method, module, shape, (width,), None, math.sqrt(lost / max(total, 1e-300)))
+    """CUR at ``ranks[0]``, built as the layer is, its weight error measured."""
+    return measured(method, [(module, priced(method, module, shape, ranks, None, math.nan),
+                              None)], options)[0]
 
 
 def cur_curve(method, module, shape, form=None, options=None, kind="params", n_ranks: int = 8):
-    """CUR at ``n_ranks`` ranks spaced geometrically up to the full rank (every rank beyond
-    the randomized range finder's reach picks from one full SVD of each group's matrix, computed
-    once for all of them)."""
-    cands = {}
+    """:func:`cur_grid`, measured in the weight norm (every rank beyond the randomized range
+    finder's reach picks from one full SVD of each group's matrix, computed once for all)."""
     with reuse_svds(max_entries=2 * module.groups if isinstance(module, nn.Conv2d) else 2):
-        for r in geometric_ranks(method.max_rank(module)[0], n_ranks):
-            c = cur_at(method, module, shape, (r,), form, options)
-            cands.setdefault(c.ranks, c)
-    return list(cands.values())
+        return measured(method, [(module, c, None)
+                                 for c in cur_grid(method, module, shape, form, n_ranks)],
+                        options)
 
 
 # ------------------------------------------------------------------------- scoring helpers

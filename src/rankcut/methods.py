@@ -340,7 +340,8 @@ register(Method(
 register(Method(
     "cur", "CUR of the channel matrix: actual columns (and rows) of the weight",
     conv=SVDConv2d, linear=LowRankLinear, solver=dec.cur, curve_fn=curves.cur_curve,
-    at_fn=curves.cur_at, layer_options=MappingProxyType({"decomposition": "cur"}),
+    at_fn=curves.cur_at, grid_fn=curves.cur_grid,
+    layer_options=MappingProxyType({"decomposition": "cur"}),
     planning_options=MappingProxyType({"solver": "deim"}), data_aware=True, keeps_entries=True,
     choices=MappingProxyType({"solver": dec.CUR_METHODS}),
     paper="Mahoney & Drineas 2009; Drineas, Kannan & Mahoney 2006; Sorensen & Embree 2016"))
