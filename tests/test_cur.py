@@ -314,3 +314,23 @@ def test_a_zero_matrix_gives_zero_factors(method):
     cov, _ = _moment(9, 3)
     for res in (cur(W, 3, method=method), cur(W, 3, method=method, cov=cov)):
         assert res.rel_error == 0.0 and torch.equal(res.to_matrix(), W)
+
+
+@pytest.mark.parametrize("solver", ["leverage", "cx", "deim"])
+@pytest.mark.parametrize("how", [{"rank": "params=3x"}, {"target": "params=3x"}])
+def test_planned_cur_layers_cost_what_the_plan_predicts(solver, how):
+    """Sampled CUR keeps about as many columns as the rank, not exactly: the planner prices
+    each candidate at the width its layer really has, and applying the plan rebuilds that very
+    layer (the same rank and seed), so the predicted parameters are the built ones."""
+    import rankcut as rc
+    from rankcut.profile import count_params
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(60, 50), torch.nn.ReLU(),
+                                torch.nn.Linear(50, 40)).eval()
+    plan = rc.plan(model, torch.randn(2, 60), method="cur", min_params=0, allow_slower=True,
+                   options={"cur": {"solver": solver, "seed": 1}}, **how)
+    small = rc.apply(model, plan)
+    assert plan.active
+    for name, lp in plan.active.items():
+        assert count_params(small.get_submodule(name)) == lp.predicted["params"], name

@@ -73,7 +73,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver-option", nargs="+", action="extend", metavar="METHOD.KEY=VALUE",
                    help="a solver option of a method, e.g. cur.solver=rx (CUR's algorithm: "
                         "deim (default), rx, leverage, linear_time, cx), cp.solver=als_qr, "
-                        "cp.max_iter=100; values are read as YAML scalars")
+                        "cp.max_iter=100; values are read as YAML scalars; added to a "
+                        "config file's list, a later value of a key winning")
     g.add_argument("--target", help="macs=2x, params=3x, latency=1.5x, or a fraction (macs=0.4)")
     g.add_argument("--calib", type=int, default=COMPRESS["calib"],
                    help="calibration training examples for data-aware planning (0: none; "
@@ -424,6 +425,13 @@ def _solver_options(items: list[str]) -> dict[str, dict]:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no decimal point) as text
+            for number in (int, float):
+                try:
+                    value = number(value)
+                    break
+                except ValueError:
+                    pass
         options.setdefault(name, {})[key] = value
     for name, opts in options.items():
         _as_user_error(f"--solver-option {name}", methods.get(name).check_options, opts)

@@ -90,6 +90,13 @@ def geometric_ranks(top: int, n: int = 8) -> list[int]:
     return sorted({max(1, round(top ** (i / (n - 1)))) for i in range(n)})
 
 
+def geometric_aligned_ranks(top: int, n: int = 8) -> list[int]:
+    """:func:`geometric_ranks`, those from :data:`RANK_ALIGN` up rounded to its multiples
+    (the ranks that suit the kernels, and a ``rank_multiple`` of 2, 4 or 8)."""
+    return sorted({r if r < RANK_ALIGN else round(r / RANK_ALIGN) * RANK_ALIGN
+                   for r in geometric_ranks(top, n)})
+
+
 # ------------------------------------------------------------------------- SVD and spatial SVD
 
 def _spectral_curve(method, module, shape, matrices: str) -> list[Candidate]:
@@ -196,7 +203,8 @@ def _front(cost: torch.Tensor, error: torch.Tensor, among: torch.Tensor) -> torc
 def cp_at(method, module, shape, ranks, form="cp4", options=None) -> Candidate:
     """CP-ALS of every group at ``ranks[0]``; the error is measured, not predicted."""
     grid = [priced(method, module, shape, ranks[:1], form, math.nan)]
-    return measured(method, [(module, grid[0], None)], {**CP_SCORING, **(options or {})})[0]
+    return measured(method, [(module, shape, grid[0], None)],
+                    {**CP_SCORING, **(options or {})})[0]
 
 
 def cp_grid(method, module, shape, form="cp4", n_ranks: int = 8) -> list[Candidate]:
@@ -204,35 +212,37 @@ def cp_grid(method, module, shape, form="cp4", n_ranks: int = 8) -> list[Candida
     geometrically up to the rank whose layer has half the dense layer's parameters (beyond that
     CP rarely pays). :func:`measured` gives their errors, for many layers at once."""
     top = max(1, method.max_rank(module, form)[0] // 2)
-    ranks = sorted({r if r < RANK_ALIGN else round(r / RANK_ALIGN) * RANK_ALIGN
-                    for r in geometric_ranks(top, n_ranks)})  # those that suit the kernels
-    return [priced(method, module, shape, (r,), form, math.nan) for r in ranks]
+    return [priced(method, module, shape, (r,), form, math.nan)
+            for r in geometric_aligned_ranks(top, n_ranks)]
 
 
 def cp_curve(method, module, shape, form="cp4", options=None, kind="params", n_ranks: int = 8):
     """:func:`cp_grid`, measured in the weight norm."""
-    return measured(method, [(module, c, None) for c in cp_grid(method, module, shape, form,
-                                                                   n_ranks)],
+    return measured(method, [(module, shape, c, None)
+                             for c in cp_grid(method, module, shape, form, n_ranks)],
                     {**CP_SCORING, **(options or {})})
 
 
 def measured(method, jobs, options=None) -> list[Candidate]:
-    """Each ``(module, candidate, covs)`` of ``jobs`` with its error measured on the layer
-    ``method`` builds: relative output error ||(W - W~) L|| / ||W L|| where ``covs`` (the
-    layer's input moments; the layer is then factorized data-aware and the candidate marked so),
-    relative weight error otherwise. The layers of one (ranks, form) are built together
-    (``method.from_dense_many``: CP runs all their kernels of a shape as one batched solve)."""
+    """Each ``(module, shape, candidate, covs)`` of ``jobs`` (``shape``: the layer's input
+    height and width, or None) with its error measured on the layer ``method`` builds:
+    relative output error ||(W - W~) L|| / ||W L|| where ``covs`` (the layer's input moments;
+    the layer is then factorized data-aware and the candidate marked so), relative weight error
+    otherwise. The layers of one (ranks, form) are built together (``method.from_dense_many``:
+    CP runs all their kernels of a shape as one batched solve). A layer built at other ranks
+    than asked (CUR sampled by leverage scores keeps about as many columns as the rank) is
+    priced at the ranks it has; the candidate keeps the ranks asked for, which rebuild it."""
     groups: dict[tuple, list[int]] = {}
-    for i, (_, c, covs) in enumerate(jobs):
+    for i, (_, _, c, covs) in enumerate(jobs):
         groups.setdefault((c.ranks, c.form, covs is None), []).append(i)
     out: list = [None] * len(jobs)
     norms: dict[int, float] = {}  # output_norm per layer, shared by its candidates
     for (ranks, form, plain), members in groups.items():
         layers = method.from_dense_many([jobs[i][0] for i in members], ranks, form,
-                                        None if plain else [jobs[i][2] for i in members],
+                                        None if plain else [jobs[i][3] for i in members],
                                         options)
         for i, layer in zip(members, layers, strict=True):
-            module, c, covs = jobs[i]
+            module, shape, c, covs = jobs[i]
             with torch.no_grad():
                 approx = layer.dense_weight()
             if covs is None:
@@ -244,7 +254,13 @@ def measured(method, jobs, options=None) -> list[Candidate]:
                 if id(module) not in norms:
                     norms[id(module)] = output_norm(module, covs)
                 error = output_error(module, approx, covs, norms[id(module)])
-            out[i] = Candidate(c.method, c.ranks, c.form, c.params, c.macs, error,
+            config = layer.config()
+            built = tuple(config["ranks"]) if "ranks" in config else (config["rank"],)
+            params, macs = c.params, c.macs
+            if built != tuple(c.ranks):
+                cost = method.cost(module, built, c.form, shape)
+                params, macs = cost.params, cost.macs
+            out[i] = Candidate(c.method, c.ranks, c.form, params, macs, error,
                                {**c.extra, **({} if covs is None else {DATA_AWARE: True})})
     return out
 
@@ -253,25 +269,27 @@ def measured(method, jobs, options=None) -> list[Candidate]:
 
 def cur_grid(method, module, shape, form=None, n_ranks: int = 8) -> list[Candidate]:
     """The CUR ranks worth scoring, priced but not yet measured (error NaN): ``n_ranks`` spaced
-    geometrically up to the full rank. :func:`measured` builds them (data-aware on calibration
-    moments: no data-free solve first, which for a 4096 x 25,088 layer is a full SVD) and
-    measures their errors; the width a sampled solver (leverage, CX) realises is about the
-    rank, not exactly."""
+    geometrically up to the full rank (:func:`geometric_aligned_ranks`). :func:`measured`
+    builds them (data-aware on calibration moments: no data-free solve first, which for a
+    4096 x 25,088 layer is a full SVD), measures their errors and prices the width a sampled
+    solver (leverage, CX) realises."""
     return [priced(method, module, shape, (r,), None, math.nan)
-            for r in geometric_ranks(method.max_rank(module)[0], n_ranks)]
+            for r in geometric_aligned_ranks(method.max_rank(module)[0], n_ranks)]
 
 
 def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
-    """CUR at ``ranks[0]``, built as the layer is, its weight error measured."""
-    return measured(method, [(module, priced(method, module, shape, ranks, None, math.nan),
-                              None)], options)[0]
+    """CUR at ``ranks[0]`` (clamped to the full rank), built as the layer is, its weight error
+    measured."""
+    r = min(ranks[0], method.max_rank(module)[0])
+    return measured(method, [(module, shape, priced(method, module, shape, (r,), None,
+                                                    math.nan), None)], options)[0]
 
 
 def cur_curve(method, module, shape, form=None, options=None, kind="params", n_ranks: int = 8):
     """:func:`cur_grid`, measured in the weight norm (every rank beyond the randomized range
     finder's reach picks from one full SVD of each group's matrix, computed once for all)."""
     with reuse_svds(max_entries=2 * module.groups if isinstance(module, nn.Conv2d) else 2):
-        return measured(method, [(module, c, None)
+        return measured(method, [(module, shape, c, None)
                                  for c in cur_grid(method, module, shape, form, n_ranks)],
                         options)
 

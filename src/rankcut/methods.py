@@ -74,8 +74,8 @@ class Method:
     curve_fn: Callable  # (method, module, shape, form, options, kind) -> [Candidate]
     at_fn: Callable  # (method, module, shape, ranks, form, options) -> Candidate
     # (method, module, shape, form) -> the candidates worth scoring, priced, error NaN: set for
-    # methods whose errors must be measured (CP); the planner measures them for all layers at
-    # once (curves.measured), so their solves batch
+    # methods whose errors must be measured (CP, CUR); the planner measures them for all layers
+    # at once (curves.measured), so their solves batch, data-aware only with calibration data
     grid_fn: Callable | None = None
     n_ranks: int = 1  # how many ranks a plan gives (Tucker-2: (R_out, R_in))
     forms: tuple[str, ...] = ()  # the first is the default

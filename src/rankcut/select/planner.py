@@ -130,7 +130,7 @@ def _solver_options(spec: methods.Method, options: dict, scoring: bool = False) 
             **options.get(spec.name, {})}
 
 
-def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
+def _rescore(module, shape, spec, cands, covs, options, kind, most: int = 24):
     """Candidates re-measured in the output norm on calibration statistics. SVD becomes the
     data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
     (spread over their weight-norm frontier; Tucker-2 factorized data-aware) and measure
@@ -144,7 +144,8 @@ def _rescore(module, spec, cands, covs, options, kind, most: int = 24):
         cands = list(dict.fromkeys(
             _spread(pareto(cands, kind), most) + _spread(pareto(fit, kind), most // 3)))
     opts = _solver_options(spec, options, scoring=True)
-    return measured(spec, [(module, c, covs if spec.data_aware else None) for c in cands], opts)
+    return measured(spec, [(module, shape, c, covs if spec.data_aware else None)
+                           for c in cands], opts)
 
 
 def _spread(front: list, n: int) -> list:
@@ -197,7 +198,7 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
         if spec.grid_fn is not None:
             pending += [(spec, c, covs if spec.data_aware else None) for c in found]
         elif covs is not None:
-            cands += _rescore(module, spec, found, covs, options, kind)
+            cands += _rescore(module, shape, spec, found, covs, options, kind)
         else:
             cands += found
     return cands, pending
@@ -216,7 +217,8 @@ def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options
              for (m, _, _), items in groups.items()]
     for _, spec, items in _steps(steps, progress, "planning: measuring candidates"):
         opts = _solver_options(spec, options, scoring=True)
-        done = measured(spec, [(layers[n].module, c, covs) for n, c, covs in items], opts)
+        done = measured(spec, [(layers[n].module, layers[n].shape, c, covs)
+                               for n, c, covs in items], opts)
         for (name, _, _), c in zip(items, done, strict=True):
             layers[name].cands.append(c)
 
