@@ -334,3 +334,17 @@ def test_planned_cur_layers_cost_what_the_plan_predicts(solver, how):
     assert plan.active
     for name, lp in plan.active.items():
         assert count_params(small.get_submodule(name)) == lp.predicted["params"], name
+
+
+@pytest.mark.parametrize("method", ["deim", "rx", "leverage"])
+def test_data_aware_cur_of_a_wide_weight_reads_its_rows_products_off_the_gram(method):
+    # W (Σ + λI) Rᵀ and R (Σ + λI) Rᵀ taken from the decomposed Gram W (Σ + λI) Wᵀ give the
+    # factors the n x n x r products give (entries=a copy of W takes that path)
+    W = torch.randn(40, 120, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cov, L = _moment(120, 15)
+    fast = cur(W, 8, method=method, seed=0, cov=cov)
+    slow = cur(W, 8, method=method, seed=0, cov=cov, entries=W.clone())
+    assert torch.equal(fast.row_idx, slow.row_idx)
+    assert torch.allclose(fast.to_matrix(), slow.to_matrix(), rtol=0, atol=1e-9 * W.abs().max())
+    assert fast.rel_error == pytest.approx(slow.rel_error, abs=1e-9)
+    assert fast.rel_error == pytest.approx(_output_error(W, fast.to_matrix(), L), abs=1e-8)

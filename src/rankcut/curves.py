@@ -269,12 +269,17 @@ def measured(method, jobs, options=None) -> list[Candidate]:
 
 def cur_grid(method, module, shape, form=None, n_ranks: int = 8) -> list[Candidate]:
     """The CUR ranks worth scoring, priced but not yet measured (error NaN): ``n_ranks`` spaced
-    geometrically up to the full rank (:func:`geometric_aligned_ranks`). :func:`measured`
+    geometrically up to the break-even rank (:func:`geometric_aligned_ranks`). :func:`measured`
     builds them (data-aware on calibration moments: no data-free solve first, which for a
     4096 x 25,088 layer is a full SVD), measures their errors and prices the width a sampled
     solver (leverage, CX) realises."""
+    # up to the full rank or, below it, the rank whose layer has as many weights as the dense
+    # one (beyond it the dense layer is cheaper and exact)
+    per_rank = (method.cost(module, (2,), None, shape).params
+                - method.cost(module, (1,), None, shape).params)
+    top = max(1, min(method.max_rank(module)[0], module.weight.numel() // max(per_rank, 1)))
     return [priced(method, module, shape, (r,), None, math.nan)
-            for r in geometric_aligned_ranks(method.max_rank(module)[0], n_ranks)]
+            for r in geometric_aligned_ranks(top, n_ranks)]
 
 
 def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:

@@ -348,9 +348,18 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
         lost = max(total - kept, 0.0)
     else:
         R = Ed[row_idx]
-        C64 = cov.to(device=W.device, dtype=torch.float64)
-        SR = C64 @ R.mT + ridge_of(C64, ridge) * R.mT  # (Σ + λI) Rᵀ, n x r
-        K, RSR = Wd @ SR, R @ SR  # W Σ Rᵀ, R Σ Rᵀ
+        if E is W and W.shape[0] < W.shape[1]:
+            # R's rows are W's: W (Σ + λI) Rᵀ and R (Σ + λI) Rᵀ are columns and a block of
+            # the Gram G = V diag(vals) Vᵀ already decomposed (reused inside reuse_svds), so no
+            # n x n x r product (minutes per rank for a 4096 x 25,088 layer)
+            vals, V = _gram_eigh(W, cov, ridge)
+            Vr = V[row_idx.to(V.device)]
+            K, RSR = (V * vals) @ Vr.mT, (Vr * vals) @ Vr.mT
+            RSR = (RSR + RSR.mT) / 2
+        else:
+            C64 = cov.to(device=W.device, dtype=torch.float64)
+            SR = C64 @ R.mT + ridge_of(C64, ridge) * R.mT  # (Σ + λI) Rᵀ, n x r
+            K, RSR = Wd @ SR, R @ SR  # W Σ Rᵀ, R Σ Rᵀ
         X = K @ torch.linalg.pinv(RSR, hermitian=True)  # the optimal map from the rows
         U = X if C is None else torch.linalg.pinv(C) @ X
         A = X if C is None else C @ U
