@@ -337,11 +337,12 @@ def test_planned_cur_layers_cost_what_the_plan_predicts(solver, how):
 
 
 @pytest.mark.parametrize("method", ["deim", "rx", "leverage"])
-def test_data_aware_cur_of_a_wide_weight_reads_its_rows_products_off_the_gram(method):
+@pytest.mark.parametrize("m, n", [(40, 120), (60, 60)])
+def test_data_aware_cur_of_a_wide_weight_reads_its_rows_products_off_the_gram(method, m, n):
     # W (Σ + λI) Rᵀ and R (Σ + λI) Rᵀ taken from the decomposed Gram W (Σ + λI) Wᵀ give the
     # factors the n x n x r products give (entries=a copy of W takes that path)
-    W = torch.randn(40, 120, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    cov, L = _moment(120, 15)
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cov, L = _moment(n, 15)
     fast = cur(W, 8, method=method, seed=0, cov=cov)
     slow = cur(W, 8, method=method, seed=0, cov=cov, entries=W.clone())
     assert torch.equal(fast.row_idx, slow.row_idx)

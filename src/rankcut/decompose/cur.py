@@ -55,6 +55,7 @@ from ._checks import (
 )
 from .svd import (
     _gram_eigh,
+    _reused,
     _squared_singular_values,
     full_svd,
     leading_singular_vectors,
@@ -294,15 +295,20 @@ def _result(W, C, U, R, col_idx, row_idx, method) -> CURResult:
 
 def _output_directions(W: torch.Tensor, cov: torch.Tensor, ridge: float):
     """(left singular vectors of W L, descending, and the squared singular values), L Lᵀ =
-    Σ + ridge: from the m x m Gram W Σ Wᵀ for a wide W (reused inside ``reuse_svds``, where the
-    planner has formed it for the data-aware SVD), from W L for a tall one."""
+    Σ + ridge: from the m x m Gram W Σ Wᵀ for a wide or square W (reused inside
+    ``reuse_svds``, where the planner has formed it for the data-aware SVD), from W L for a
+    tall one (reused there too: each rank of the planner's grid asks again)."""
     m, n = W.shape
-    if m < n:
+    if m <= n:
         vals, vecs = _gram_eigh(W, cov, ridge)
         return vecs.flip(1), _squared_singular_values(vals)
-    L = whitening_factor(cov, ridge, device=W.device)
-    Uo, s, _ = torch.linalg.svd(W.double() @ L, full_matrices=False)
-    return Uo, s.pow(2)
+
+    def directions():
+        L = whitening_factor(cov, ridge, device=W.device)
+        Uo, s, _ = torch.linalg.svd(W.double() @ L, full_matrices=False)
+        return Uo, s.pow(2)
+
+    return _reused(f"output directions {ridge!r}", [W, cov], directions)
 
 
 def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -> CURResult:
@@ -348,7 +354,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
         lost = max(total - kept, 0.0)
     else:
         R = Ed[row_idx]
-        if E is W and W.shape[0] < W.shape[1]:
+        if E is W and W.shape[0] <= W.shape[1]:
             # R's rows are W's: W (Σ + λI) Rᵀ and R (Σ + λI) Rᵀ are columns and a block of
             # the Gram G = V diag(vals) Vᵀ already decomposed (reused inside reuse_svds), so no
             # n x n x r product (minutes per rank for a 4096 x 25,088 layer)
