@@ -349,3 +349,14 @@ def test_data_aware_cur_of_a_wide_weight_reads_its_rows_products_off_the_gram(me
     assert torch.allclose(fast.to_matrix(), slow.to_matrix(), rtol=0, atol=1e-9 * W.abs().max())
     assert fast.rel_error == pytest.approx(slow.rel_error, abs=1e-9)
     assert fast.rel_error == pytest.approx(_output_error(W, fast.to_matrix(), L), abs=1e-8)
+
+
+def test_data_aware_cur_decomposes_a_wide_weights_gram_once(monkeypatch):
+    # outside reuse_svds too: the output directions and the middle factor share one eigh
+    W = torch.randn(30, 70, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    cov, _ = _moment(70, 10)
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cur(W, 6, method="rx", cov=cov)
+    assert len(calls) == 1

@@ -294,21 +294,22 @@ def _result(W, C, U, R, col_idx, row_idx, method) -> CURResult:
 
 
 def _output_directions(W: torch.Tensor, cov: torch.Tensor, ridge: float):
-    """(left singular vectors of W L, descending, and the squared singular values), L Lᵀ =
-    Σ + ridge: from the m x m Gram W Σ Wᵀ for a wide or square W (reused inside
-    ``reuse_svds``, where the planner has formed it for the data-aware SVD), from W L for a
-    tall one (reused there too: each rank of the planner's grid asks again)."""
+    """(left singular vectors of W L, descending, the squared singular values, and the Gram's
+    eigendecomposition (eigenvalues ascending, eigenvectors) or None), L Lᵀ = Σ + ridge: from
+    the m x m Gram W Σ Wᵀ for a wide or square W (reused inside ``reuse_svds``, where the
+    planner has formed it for the data-aware SVD), from W L for a tall one (reused there too:
+    each rank of the planner's grid asks again; no Gram then)."""
     m, n = W.shape
     if m <= n:
         vals, vecs = _gram_eigh(W, cov, ridge)
-        return vecs.flip(1), _squared_singular_values(vals)
+        return vecs.flip(1), _squared_singular_values(vals), (vals, vecs)
 
     def directions():
         L = whitening_factor(cov, ridge, device=W.device)
         Uo, s, _ = torch.linalg.svd(W.double() @ L, full_matrices=False)
         return Uo, s.pow(2)
 
-    return _reused(f"output directions {ridge!r}", [W, cov], directions)
+    return (*_reused(f"output directions {ridge!r}", [W, cov], directions), None)
 
 
 def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -> CURResult:
@@ -320,7 +321,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
         raise ValueError(f"cov: expected shape ({n}, {n}) (the input width of W), got "
                          f"{tuple(cov.shape)}")
     Wd, Ed = W.to(torch.float64), E.to(device=W.device, dtype=torch.float64)
-    Uo, s2 = _output_directions(W, cov, ridge)
+    Uo, s2, gram = _output_directions(W, cov, ridge)
     total = float(s2.sum())
     row_idx = col_idx = None
     if method in _DEIM:
@@ -354,11 +355,11 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
         lost = max(total - kept, 0.0)
     else:
         R = Ed[row_idx]
-        if E is W and W.shape[0] <= W.shape[1]:
+        if E is W and gram is not None:
             # R's rows are W's: W (Σ + λI) Rᵀ and R (Σ + λI) Rᵀ are columns and a block of
-            # the Gram G = V diag(vals) Vᵀ already decomposed (reused inside reuse_svds), so no
-            # n x n x r product (minutes per rank for a 4096 x 25,088 layer)
-            vals, V = _gram_eigh(W, cov, ridge)
+            # the Gram G = V diag(vals) Vᵀ already decomposed, so no n x n x r product
+            # (minutes per rank for a 4096 x 25,088 layer)
+            vals, V = gram
             Vr = V[row_idx.to(V.device)]
             K, RSR = (V * vals) @ Vr.mT, (Vr * vals) @ Vr.mT
             RSR = (RSR + RSR.mT) / 2
