@@ -254,8 +254,7 @@ def measured(method, jobs, options=None) -> list[Candidate]:
                 if id(module) not in norms:
                     norms[id(module)] = output_norm(module, covs)
                 error = output_error(module, approx, covs, norms[id(module)])
-            config = layer.config()
-            built = tuple(config["ranks"]) if "ranks" in config else (config["rank"],)
+            built = layer.built_ranks()
             params, macs = c.params, c.macs
             if built != tuple(c.ranks):
                 cost = method.cost(module, built, c.form, shape)

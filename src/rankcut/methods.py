@@ -313,8 +313,7 @@ def plan_of(layer: FactorizedLayer) -> tuple[str, tuple[int, ...], str | None]:
     for method in REGISTRY.values():
         if type(layer) in (method.conv, method.linear) and all(
                 config.get(k) == v for k, v in method.layer_options.items()):
-            ranks = tuple(config["ranks"]) if "ranks" in config else (config["rank"],)
-            return method.name, ranks, config.get("form")
+            return method.name, layer.built_ranks(), config.get("form")
     raise ValueError(f"layer: no registered method builds a {type(layer).__name__} with "
                      f"config {config}")
 

@@ -107,6 +107,11 @@ class FactorizedLayer(nn.Module):
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def built_ranks(self) -> tuple[int, ...]:
+        """The ranks the layer has (its config's ``ranks``, or ``(rank,)``)."""
+        config = self.config()
+        return tuple(config["ranks"]) if "ranks" in config else (config["rank"],)
+
     @classmethod
     def like(cls, dense: nn.Module, **config) -> FactorizedLayer:
         raise NotImplementedError
