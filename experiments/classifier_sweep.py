@@ -340,17 +340,16 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
           f"params, top-1 {dense_top1:.2f}% on {len(test_y)} test images; "
           f"{len(done)} point(s) done earlier", flush=True)
     x = test_x[:1].to(device)
-    caches = {}
+    cache_label = cache = None
     for label, mode in series or every_series(sw["methods"]):
         method = sw["methods"][label]
         # plans of one method to targets share its moments and candidates (one entry: a
         # 25,088-wide layer's moment is 5 GB); the candidates also on this machine's disk, so
         # a sweep resumed by a new process does not score them again (12 min for CUR of a
         # 4096 x 25,088 layer)
-        if label not in caches:
-            caches.clear()  # one method's at a time
-            caches[label] = rc.select.CandidateCache.cached(max_entries=1)
-        cache = caches[label]
+        if label != cache_label:  # one method's at a time, the last one's (GBs) dropped first
+            cache_label, cache = label, None
+            cache = rc.select.CandidateCache.cached(max_entries=1)
         for ratio in sw["ratios"]:
             for seed in method["seeds"]:
                 if (label, mode, ratio, seed) in done:
