@@ -299,6 +299,9 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
     s = settings_of(config, name)
     path = base / f"{name}.jsonl"
     old, points = read_points(path) if path.is_file() else (None, [])
+    # where an earlier run found a series' target below its smallest plan: it ends there
+    ended = {(p["label"], p["mode"], p["ratio"], p["seed"]) for p in points
+             if "unreachable" in p}
     refit = sorted({p["label"] for p in points if p["label"] in sw["methods"]
                     and p["fit"] != _fit(sw["methods"][p["label"]])})
     if refit:  # known before any data is read
@@ -350,12 +353,18 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
         if label != cache_label:  # one method's at a time, the last one's (GBs) dropped first
             cache_label, cache = label, None
             cache = rc.select.CandidateCache.cached(max_entries=1)
-        for ratio in sw["ratios"]:
-            for seed in method["seeds"]:
+        for seed in method["seeds"]:
+            for ratio in sw["ratios"]:
+                if (label, mode, ratio, seed) in ended:
+                    break
                 if (label, mode, ratio, seed) in done:
                     continue
-                p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y),
-                          cache if mode == "target" else None, sw["exclude"])
+                try:
+                    p = point(part, x, method, ratio, mode, seed, calib, (test_x, test_y),
+                              cache if mode == "target" else None, sw["exclude"])
+                except ValueError as err:
+                    unreachable(path, name, label, method, mode, ratio, seed, err)
+                    break
                 p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
                          **ratios(head, p["params"]))
                 with path.open("a") as f:
@@ -365,7 +374,8 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
                       f"{p['part_ratio']:7.1f}x, top-1 {p['top1']:6.2f}%, "
                       f"{p['seconds']:.1f} s", flush=True)
     return {"name": name, "model": model, "part": part, "x": x, "calib": calib,
-            "test": (test_x, test_y), "plain": plain, "head": head, "points": points,
+            "test": (test_x, test_y), "plain": plain, "head": head,
+            "points": [p for p in points if "unreachable" not in p],
             "device": device}
 
 
@@ -438,17 +448,7 @@ def finetune_model(run: dict, sw: dict, base: Path,
                     p = tuned_point(run, method, ratio, mode, seed, train, ft,
                                     base / "teacher-outputs", cache)
                 except ValueError as err:
-                    if "cannot be met" not in str(err):
-                        raise
-                    # a target below the smallest plan (every layer at rank 1): the series
-                    # ends, and says so in the file so a resumed walk does not plan it again
-                    # (minutes for a 25,088-wide layer)
-                    with path.open("a") as f:
-                        f.write(json.dumps({"label": label, "fit": _fit(method), "mode": mode,
-                                            "ratio": ratio, "seed": seed,
-                                            "unreachable": str(err)}) + "\n")
-                    print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: {err}; the series "
-                          "stops here", flush=True)
+                    unreachable(path, name, label, method, mode, ratio, seed, err)
                     break
                 p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
                          start=ratio == start, kept_before=bool(ok), **ratios(head, p["params"]))
@@ -460,6 +460,20 @@ def finetune_model(run: dict, sw: dict, base: Path,
             if p["top1"] < dense - tol:
                 break
     return path
+
+
+def unreachable(path: Path, name: str, label: str, method: dict, mode: str, ratio, seed: int,
+                err: ValueError) -> None:
+    """Record in ``path`` that a series' target at ``ratio`` is below its smallest plan (every
+    layer at rank 1): the series ends there, and a resumed run does not plan it again (minutes
+    for a 25,088-wide layer). Any other error is raised."""
+    if "cannot be met" not in str(err):
+        raise err
+    with path.open("a") as f:
+        f.write(json.dumps({"label": label, "fit": _fit(method), "mode": mode, "ratio": ratio,
+                            "seed": seed, "unreachable": str(err)}) + "\n")
+    print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: {err}; the series stops here",
+          flush=True)
 
 
 def tuned_point(run: dict, method: dict, ratio, mode: str, seed: int, train, ft: dict,
@@ -670,6 +684,7 @@ def main() -> int:
         if not path.is_file():
             continue
         head, points = read_points(path)
+        points = [p for p in points if "unreachable" not in p]  # a series' end, unplanned
         text = table(head, points)
         tuned_path = base / f"{name}-finetuned.jsonl"
         ft_head, tuned = read_points(tuned_path) if tuned_path.is_file() else ({}, [])

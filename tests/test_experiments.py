@@ -397,6 +397,18 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     mixed = sweep(config, tmp_path / "runs", env)
     assert mixed.returncode != 0 and "['cur-leverage'] differ" in mixed.stderr
     assert len((folder / "r20.jsonl").read_text().splitlines()) == 11
+    # a target below the smallest plan (650 params at rank 1 cost 84) ends its series, in the
+    # file: the larger ratio is not planned, a rerun plans neither, the tables leave it out
+    # (they would fail on a point without a top-1)
+    config.write_text(SWEEP_CONFIG.replace("ratios: [1.5, 3]", "ratios: [1.5, 3, 20, 40]"))
+    for run in range(2):
+        ended = sweep(config, tmp_path / "runs", env, "--no-finetune", "--series", "svd/target")
+        assert ended.returncode == 0, ended.stderr[-2000:]
+        assert ("CR    20: target: cannot be met" in ended.stdout) == (run == 0)
+        assert "CR    40" not in ended.stdout
+        lines = [json.loads(x) for x in (folder / "r20.jsonl").read_text().splitlines()]
+        assert len(lines) == 12 and lines[-1]["ratio"] == 20 and "unreachable" in lines[-1]
+        assert "| svd | target | 1 |" in (folder / "r20.md").read_text()  # tables written
 
 
 def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, tmp_path):
