@@ -94,6 +94,10 @@ PLAN_CASES = [
     ("calibration data not batches", fresh,
      lambda m: rc.plan(m, X, target="macs=2x", calib_data=5, **FAST), ValueError,
      "calib_data: expected batches"),
+    ("calibration data a generator", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=(torch.rand(4, 3, 8, 8)
+                                                           for _ in range(2)), **FAST),
+     ValueError, "calib_data: a one-shot iterator \\(generator\\) is read more than once"),
     ("calibration batches of strings", fresh,
      lambda m: rc.plan(m, X, target="macs=2x", calib_data=["a", "b"], **FAST), ValueError,
      "calib_data: expected batches"),

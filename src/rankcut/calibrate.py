@@ -93,6 +93,11 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
     elif not isinstance(calib_data, Iterable):
         raise ValueError(f"calib_data: expected batches of inputs or (inputs, targets), got "
                          f"a {type(calib_data).__name__}")
+    elif isinstance(calib_data, Iterator):
+        # planning reads the batches several times (moments, probes, fitting, a cache's
+        # fingerprint): a generator would be empty after the first read
+        raise ValueError(f"calib_data: a one-shot iterator ({type(calib_data).__name__}) is "
+                         "read more than once; pass a list of batches or a DataLoader")
     count = 0
     for batch in calib_data:
         if max_batches is not None and count >= max_batches:
