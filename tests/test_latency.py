@@ -285,6 +285,56 @@ def test_a_table_object_of_another_thread_count_is_refused():
         rc.plan(model, x, target="macs=2x", min_params=100, latency_table=table)
 
 
+def test_a_table_is_of_the_model_dtype_and_one_of_another_is_refused(tmp_path, monkeypatch,
+                                                                      fake_latency):
+    """A float64 model is priced with float64 timings (its own cached table, its own file); a
+    float32 table given for it is refused: its layers' times are not the model's."""
+    fake_latency(by_weights)
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    model, x = convnet().double(), torch.rand(2, 16, 16, 16, dtype=torch.float64)
+    kw = {"target": "macs=2x", "min_params": 100, "options": {"cp": {"max_iter": 5}}}
+    plan = rc.plan(model, x, **kw)
+    assert plan.meta["latency"]["table"]["dtype"] == "float64"
+    assert rc.plan(convnet(), x.float(), **kw).meta["latency"]["table"]["dtype"] == "float32"
+    assert len(list((tmp_path / "cache").glob("latency-*.json"))) == 2
+    with pytest.raises(ValueError, match="measured in float32 on cpu, but the model computes in "
+                                         "float64"):
+        rc.plan(model, x, latency_table=LatencyTable(), **kw)
+    path = LatencyTable().save(tmp_path / "t32.json")
+    with pytest.raises(ValueError, match="holds float32 times, not float64"):
+        rc.plan(model, x, latency_table=path, **kw)
+    made = rc.plan(model, x, latency_table=tmp_path / "t64.json", **kw)  # a new file: float64
+    assert made.meta["latency"]["table"]["dtype"] == "float64"
+
+
+def test_a_table_of_other_rankcut_code_keeps_its_primitives_only(tmp_path, fake_latency,
+                                                                 monkeypatch):
+    """Which primitives a factorized layer runs (its chain), and a whole model's time beside
+    its layers, depend on rankcut's code: a table written by other code is read without them
+    (timed again); a primitive's time still holds."""
+    import rankcut.select.latency as latency
+
+    fake_latency(by_weights)
+    table = LatencyTable()
+    model, x = convnet(), torch.rand(2, 16, 16, 16)
+    conv = model[0]
+    table.layer_ms(conv, (16, 16), {"layer": "TuckerConv2d", "ranks": [8, 8]}, 2)
+    table.model_rest_ms(model, x, 0.0, 2)
+    path = table.save(tmp_path / "t.json")
+    assert LatencyTable.load(path).chains == table.chains
+    monkeypatch.setattr(latency, "code_digest", lambda: "other code")
+    other = LatencyTable.load(path)
+    assert other.chains == {} and set(other.entries) == {
+        k for k in table.entries if k.startswith(("conv ", "linear "))} != set(table.entries)
+
+
+def test_primitives_that_pad_differently_are_timed_apart():
+    zeros, reflect = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1,
+                                                              padding_mode="reflect")
+    assert primitive_key(zeros, (8, 8)) != primitive_key(reflect, (8, 8))
+    assert "pm" not in primitive_key(zeros, (8, 8))  # tables written before keep their keys
+
+
 def test_latency_target_parses_and_is_met():
     assert parse_target("latency=2x") == ("latency", 0.5)
     assert parse_target("latency=0.8") == ("latency", 0.8)

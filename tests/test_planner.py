@@ -1,4 +1,5 @@
 import contextlib
+import json
 
 import pytest
 import torch
@@ -325,10 +326,26 @@ def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
     finally:
         torch.set_num_threads(threads)
     with monkeypatch.context() as m:
-        m.setattr(cache_module, "_code_digest", lambda: "other code")
+        m.setattr(cache_module, "code_digest", lambda: "other code")
         assert rc.select.CandidateCache.cached().get(next(iter(later._entries))) is None
     files[0].write_text("{damaged")
     assert rc.select.CandidateCache.cached().get(next(iter(later._entries))) is None
+    # a damaged file, or one that lacks a layer's candidates, is a miss, and the plan that
+    # missed writes it over: the next process reads it
+    for damage in ("{damaged", "a layer missing"):
+        if damage == "a layer missing":
+            data = json.loads(files[0].read_text())
+            data["layers"].popitem()
+            files[0].write_text(json.dumps(data))
+        else:
+            files[0].write_text(damage)
+        fixing = rc.select.CandidateCache.cached()
+        assert rc.plan(model, x, cache=fixing, **opts).to_dict()["layers"] == \
+            first.to_dict()["layers"]
+        assert (fixing.disk_hits, fixing.misses) == (0, 1)
+        reread = rc.select.CandidateCache.cached()
+        rc.plan(model, x, cache=reread, **opts)
+        assert reread.disk_hits == 1, damage
 
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "file" / "below"))

@@ -5,6 +5,8 @@ is the same computation, never a stale one (``rankcut.select.cache``: planning c
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,3 +29,21 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         update(h, tensor)
     return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 of rankcut's own source files: what a cache kept on disk was computed by, so
+    that code edited since (an upgrade, a checkout) does not reuse it."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+# read when rankcut is imported, not at the first plan (hours later in an experiment that
+# trains first): what this process computes must not be filed under the digest of source
+# files edited since
+code_digest()

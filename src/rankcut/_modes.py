@@ -31,6 +31,14 @@ def model_device(model: nn.Module, fallback="cpu") -> torch.device:
     return torch.device(fallback) if first is None else first.device
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """What ``model`` computes in: the dtype of its first floating-point parameter (else
+    buffer), float32 when it has none."""
+    first = next((t for t in itertools.chain(model.parameters(), model.buffers())
+                  if t.is_floating_point()), None)
+    return torch.float32 if first is None else first.dtype
+
+
 def batch_of(inputs: tuple[torch.Tensor, ...]) -> int:
     """The batch size of positional inputs: the first tensor's leading dimension (1 if 0-d)."""
     return int(inputs[0].shape[0]) if inputs[0].ndim else 1

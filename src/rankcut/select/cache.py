@@ -36,13 +36,12 @@ import json
 import time
 import warnings
 from collections import OrderedDict
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._fingerprint import model_fingerprint, update
+from .._fingerprint import code_digest, model_fingerprint, update
 from ..atomic import atomic_path
 from ..curves import Candidate
 
@@ -107,15 +106,19 @@ class CandidateCache:
             folder = None
         return cls(max_entries, folder=folder, max_moment_bytes=max_moment_bytes)
 
-    def get(self, key: tuple, disk: bool = True):
+    def get(self, key: tuple, disk: bool = True, layers=()):
         """``(moments, candidates per layer)`` kept for ``key``, or None; from disk (unless
         ``disk`` is False) the moments are None: measure them again and check them with
-        :meth:`same_moments`."""
+        :meth:`same_moments`. A file that lacks candidates for one of ``layers`` is damaged: a
+        miss, written over by the next :meth:`put`."""
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
             return self._entries[key]
         read = self._read(key) if disk else None
+        if read is not None and any(name not in read[1] for name in layers):
+            self._stale.add(key)
+            read = None
         if read is not None:
             self.hits += 1
             self.disk_hits += 1
@@ -173,7 +176,7 @@ class CandidateCache:
         """The file of ``key`` in the folder (None without one)."""
         if self.folder is None:
             return None
-        h = hashlib.sha256(f"{key!r}|{_code_digest()}|torch={torch.__version__}|"
+        h = hashlib.sha256(f"{key!r}|{code_digest()}|torch={torch.__version__}|"
                            f"threads={torch.get_num_threads()}".encode())
         return self.folder / f"candidates-{h.hexdigest()[:24]}.json"
 
@@ -183,12 +186,14 @@ class CandidateCache:
             if path is None or not path.is_file():
                 return None
             payload = json.loads(path.read_text())
-            if payload.get("format") != FORMAT:
-                return None
+            if payload.get("format") != FORMAT or not isinstance(payload["moments"], str):
+                raise ValueError("not a candidate file of this format")
             return payload["moments"], {name: [_from_json(c) for c in cands]
                                         for name, cands in payload["layers"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None  # unreadable or damaged: a miss, computed and written again
+            # unreadable or damaged: a miss, computed and written over by the next put
+            self._stale.add(key)
+            return None
 
     def clear(self) -> None:
         """Forget the entries held in memory (files on disk stay)."""
@@ -218,9 +223,16 @@ def _nbytes(moments: dict) -> int:
 
 
 def _prune(folder: Path) -> None:
-    files = sorted(folder.glob("candidates-*.json"), key=lambda p: p.stat().st_mtime)
+    def written(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:  # removed meanwhile by another process's pruning
+            return 0.0
+
+    files = sorted(folder.glob("candidates-*.json"), key=written)
     for old in files[:-MAX_FILES]:
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            old.unlink(missing_ok=True)
     # the temporary files of writers killed mid-write (a live writer's is seconds old)
     cutoff = time.time() - STALE_TMP_S
     for tmp in folder.glob(".candidates-*.tmp"):
@@ -237,20 +249,3 @@ def _to_json(c: Candidate) -> dict:
 def _from_json(d: dict) -> Candidate:
     return Candidate(d["method"], tuple(int(r) for r in d["ranks"]), d["form"], int(d["params"]),
                      int(d["macs"]), float(d["error"]), dict(d["extra"]))
-
-
-@lru_cache(maxsize=1)
-def _code_digest() -> str:
-    """SHA-256 of rankcut's own source files: candidates scored by other code are not reused."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-# read when rankcut is imported, not at the first plan (hours later in an experiment that
-# trains first): candidates scored by the code this process runs must not be filed under the
-# digest of source files edited since
-_code_digest()

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._fingerprint import code_digest
 from .._modes import as_inputs, run_watching_layers
 from ..atomic import atomic_path, file_target_problem
 from ..curves import RANK_ALIGN
@@ -61,6 +62,10 @@ RANK_STEP = RANK_ALIGN
 RUNS_MS = 25.0
 
 
+# what a primitive's key starts with (a whole model's entries start otherwise: _model_key)
+PRIMITIVE_KINDS = ("conv ", "linear ")
+
+
 def primitive_key(module: nn.Module, shape: tuple) -> str:
     """The table's key of a Conv2d or Linear at its recorded input ``shape``."""
     if isinstance(module, nn.Conv2d):
@@ -69,7 +74,9 @@ def primitive_key(module: nn.Module, shape: tuple) -> str:
         return (f"conv {module.in_channels}>{module.out_channels} "
                 f"k{'x'.join(map(str, module.kernel_size))} s{'x'.join(map(str, module.stride))} "
                 f"p{pad} d{'x'.join(map(str, module.dilation))} g{module.groups} "
-                f"b{int(module.bias is not None)} @{'x'.join(map(str, shape))}")
+                f"b{int(module.bias is not None)}"
+                f"{'' if module.padding_mode == 'zeros' else ' pm' + module.padding_mode}"
+                f" @{'x'.join(map(str, shape))}")
     return (f"linear {module.in_features}>{module.out_features} "
             f"b{int(module.bias is not None)} @{shape[0] if shape else 1}")
 
@@ -188,7 +195,7 @@ class LatencyTable:
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
-        return {"format": FORMAT_VERSION, "setting": self.setting,
+        return {"format": FORMAT_VERSION, "setting": self.setting, "code": code_digest(),
                 "timing": {"warmup": self.warmup, "repeats": self.repeats},
                 "entries": dict(sorted(self.entries.items())),
                 "chains": dict(sorted(self.chains.items()))}
@@ -235,39 +242,52 @@ class LatencyTable:
                              "build a table on this device")
         table.entries = {k: dict(v) for k, v in data["entries"].items()}
         chains = data.get("chains", {})  # tables written before chains were kept have none
+        if data.get("code") != code_digest():
+            # written by other rankcut code: a primitive's time holds, but which primitives a
+            # factorized layer runs, and what a fused model runs besides its layers, may not
+            chains = {}
+            table.entries = {k: v for k, v in table.entries.items()
+                             if k.startswith(PRIMITIVE_KINDS)}
         if isinstance(chains, dict):
             table.chains = {k: list(v) for k, v in chains.items() if isinstance(v, list)
                             and all(isinstance(key, str) for key in v)}
         return table
 
     @classmethod
-    def at(cls, path, device="cpu", *, engine: str | None = None) -> LatencyTable:
-        """The table kept in the file ``path``: loaded when it exists (``engine``, if given,
-        must be the one it was measured with), else a new one (a path where no file can be
-        written is refused now, before any work); ``rc.plan`` adds what it times and writes it
-        back there (:meth:`write_back`)."""
+    def at(cls, path, device="cpu", *, engine: str | None = None,
+           dtype: torch.dtype | None = None) -> LatencyTable:
+        """The table kept in the file ``path``: loaded when it exists (``engine`` and
+        ``dtype``, if given, must be those it was measured with), else a new one (a path where
+        no file can be written is refused now, before any work); ``rc.plan`` adds what it times
+        and writes it back there (:meth:`write_back`)."""
         if Path(path).is_file():
             table = cls.load(path, device)
             if engine is not None and table.engine != engine:
                 raise ValueError(f"latency table: {path} holds {table.engine} times, not "
                                  f"{engine}; give another file")
+            if dtype is not None and table.engine == "eager" and table.dtype != dtype:
+                raise ValueError(f"latency table: {path} holds {_name(table.dtype)} times, not "
+                                 f"{_name(dtype)}; give another file")
         else:
             problem = file_target_problem(path)
             if problem is not None:
                 raise ValueError(f"latency table: {problem}")
-            table = cls(device, engine=engine or "eager")
+            table = cls(device, engine=engine or "eager",
+                        dtype=dtype if dtype is not None and engine != "onnxruntime"
+                        else torch.float32)
         table.file = Path(path)
         return table
 
     @classmethod
-    def cached(cls, device="cpu", *, engine: str = "eager") -> LatencyTable:
-        """This machine's table for the setting (device, threads, dtype, memory format,
+    def cached(cls, device="cpu", *, engine: str = "eager",
+               dtype: torch.dtype = torch.float32) -> LatencyTable:
+        """This machine's table for the setting (device, threads, ``dtype``, memory format,
         ``engine``, library versions), kept in the cache folder (:func:`cache_dir`): what
         ``rc.plan`` uses without a table. It is written back after each plan, so timing is paid
         once per machine. A damaged file is built again; a cache that cannot be read or written
         is warned about and planning goes on with a table kept in memory; with
         ``RANKCUT_CACHE=off`` it is a new table that is not kept."""
-        table = cls(device, engine=engine)
+        table = cls(device, engine=engine, dtype=dtype)
         try:
             path = cache_path(table.setting)
             if path is not None and path.is_file():
@@ -439,6 +459,10 @@ def _materialise(module: nn.Module) -> nn.Module:
 CACHE_ENV = "RANKCUT_CACHE"
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _cache_warning(message: str) -> None:
     import warnings
 
@@ -467,18 +491,28 @@ def cache_path(setting: dict) -> Path | None:
     return root / f"latency-{digest}.json"
 
 
-def as_table(latency_table, device) -> LatencyTable:
-    """``latency_table`` as given to ``rc.plan``: a table, a path (:meth:`LatencyTable.at`), or
-    None (this machine's cached table, :meth:`LatencyTable.cached`)."""
+def as_table(latency_table, device, dtype: torch.dtype = torch.float32) -> LatencyTable:
+    """``latency_table`` as given to ``rc.plan`` for a model on ``device`` computing in
+    ``dtype``: a table, a path (:meth:`LatencyTable.at`), or None (this machine's cached table
+    for that device and dtype, :meth:`LatencyTable.cached`). A table of another thread count,
+    or (eager) of another device type or dtype, is refused: its layers' times would not be the
+    model's, and the rest of the model (timed as it is) would be priced against them."""
+    device = torch.device(device)
     if isinstance(latency_table, LatencyTable):
         if latency_table.setting["threads"] != torch.get_num_threads():
             raise ValueError(f"latency_table: measured with {latency_table.setting['threads']} "
                              f"threads, but torch now runs {torch.get_num_threads()}: its times "
                              "do not hold; plan with a table built at this thread count")
+        if latency_table.engine == "eager" and (latency_table.device.type != device.type
+                                                or latency_table.dtype != dtype):
+            raise ValueError(f"latency_table: measured in {_name(latency_table.dtype)} on "
+                             f"{latency_table.device}, but the model computes in {_name(dtype)} "
+                             f"on {device}: its times do not hold; plan with a table built for "
+                             "the model's device and dtype")
         return latency_table
     if latency_table is None:
-        return LatencyTable.cached(device)
+        return LatencyTable.cached(device, dtype=dtype)
     if isinstance(latency_table, str | Path):
-        return LatencyTable.at(latency_table, device)
+        return LatencyTable.at(latency_table, device, dtype=dtype)
     raise ValueError(f"latency_table: expected a LatencyTable, a path or None, got "
                      f"{type(latency_table).__name__}")

@@ -32,7 +32,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import methods
-from .._modes import as_inputs, batch_of, model_device, run_watching_layers
+from .._modes import as_inputs, batch_of, model_device, model_dtype, run_watching_layers
 from ..calibrate import input_second_moments
 from ..curves import Candidate, aligned, measured, pareto, whitened_svd_errors
 from ..decompose.svd import reuse_svds
@@ -310,7 +310,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             latency_batch, int) or latency_batch < 1):
         raise ValueError(f"latency_batch: expected an int >= 1, got {latency_batch!r}")
     timed = kind == "latency" or not allow_slower
-    table = as_table(latency_table, model_device(model)) if timed else None
+    table = as_table(latency_table, model_device(model), model_dtype(model)) if timed else None
 
     eligible = target_layers(model, include, exclude, min_params=min_params)
     for name, reason in eligible.items():
@@ -328,7 +328,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                method, None if rule is None else (rule.kind, repr(rule.value)),
                target is not None, grid_kind, rank_multiple, opts_key,
                tuple(eligible.items()), str(model_device(model)))
-        hit = cache.get(key, disk=persist)
+        hit = cache.get(key, disk=persist, layers=[n for n, r in eligible.items()
+                                                   if r is None and n in shapes])
     covs = {}
     if hit is not None and hit[0] is not None:
         covs = hit[0]
