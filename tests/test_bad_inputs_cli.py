@@ -686,6 +686,19 @@ def test_load_refuses_non_finite_weights_naming_the_tensor(saved):
         rc.load(tiny(), folder)
 
 
+def test_load_takes_a_base_whose_weights_are_not_set(saved):
+    """The base model's weights are replaced by the saved ones: a base made with uninitialised
+    (here NaN) weights, as skip_init or to_empty gives, loads."""
+    folder, small = saved
+    base = tiny()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.fill_(float("nan"))
+    loaded = rc.load(base, folder)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 small.state_dict().values(), strict=True))
+
+
 # ------------------------------------------------------- output folders: never a mix of runs
 
 def test_an_earlier_output_is_replaced_whole(capsys, tmp_path):

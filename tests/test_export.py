@@ -243,6 +243,30 @@ def test_failed_check_keeps_the_old_file_and_no_temp(tmp_path, format, method):
     assert sorted(os.listdir(tmp_path)) == ["model.bin"]
 
 
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_the_file_is_checked_against_the_model_not_its_fused_copy(tmp_path, monkeypatch,
+                                                                   format):
+    """The fused copy drifts (a stand-in for folds within tolerance adding up): the file matches
+    the copy, not the model, and is refused."""
+    import sys
+
+    export_module = sys.modules["rankcut.export"]  # (rankcut.export is also the function)
+    real = export_module.fused_copy
+
+    def drifted(model, inputs, **kwargs):
+        fused = real(model, inputs, check=False)
+        with torch.no_grad():
+            for p in fused.parameters():
+                p.mul_(1.5)
+        return fused
+
+    monkeypatch.setattr(export_module, "fused_copy", drifted)
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        export(model, tmp_path / "m.bin", format, torch.ones(2, 3))
+    assert not (tmp_path / "m.bin").exists()
+
+
 def test_check_false_writes_even_a_diverging_export(tmp_path):
     path = export(DiffersWhenExported(), tmp_path / "m.onnx", "onnx", torch.zeros(2, 3),
                   check=False)

@@ -173,6 +173,82 @@ def test_batchnorm1d_after_a_linear_or_a_low_rank_linear_is_folded():
     assert torch.allclose(fused(x), model(x), atol=1e-5)
 
 
+def _random_stats(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_a_batchnorm1d_without_affine_parameters_folds_into_a_linear():
+    torch.manual_seed(0)
+    model = _random_stats(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4, affine=False)))
+    x = torch.randn(5, 6)
+    fused = rc.fuse(model, x)
+    assert isinstance(fused[1], nn.Identity) and torch.allclose(fused(x), model(x), atol=1e-5)
+
+
+def test_a_batchnorm1d_fed_a_3d_linear_output_is_not_folded():
+    """On (N, L, features) a BatchNorm1d normalises dim 1 (L here equals the features): folding
+    it into the Linear's output features would change the outputs."""
+    torch.manual_seed(0)
+    model = _random_stats(nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6)))
+    x = torch.randn(3, 6, 8)
+    fused = rc.fuse(model, x)  # the check would raise, had it been folded
+    assert isinstance(fused[1], nn.BatchNorm1d) and not fused.rankcut_fuse["folded"]
+
+
+class _StandardisedConv(nn.Conv2d):
+    """A Conv2d whose forward standardises its weight: a BatchNorm folded into the weight would
+    be standardised away."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_a_parametrized_or_subclassed_conv_is_not_folded_into():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for conv in (weight_norm(nn.Conv2d(3, 4, 3)), _StandardisedConv(3, 4, 3)):
+        model = _randomise_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(4)).eval())
+        fused = rc.fuse(model, x)
+        assert isinstance(fused[1], nn.BatchNorm2d) and not fused.rankcut_fuse["folded"]
+
+
+class _UntraceableShared(nn.Module):
+    """fx cannot trace it (control flow on a value); one ReLU instance twice in a Sequential,
+    and one convolution twice."""
+
+    def __init__(self):
+        super().__init__()
+        act, conv = nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, nn.BatchNorm2d(4),
+                                  nn.Conv2d(4, 4, 3, padding=1), act, nn.BatchNorm2d(4),
+                                  conv, nn.BatchNorm2d(4), conv, nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > -1e9 else x
+
+
+def test_the_sequential_fallback_folds_only_true_neighbours_used_once():
+    """The BatchNorm after a shared ReLU is not folded into the conv before the ReLU (children
+    listed without repeats made them look adjacent), nor is anything folded into a conv called
+    twice (the fold would change both calls)."""
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(_UntraceableShared().eval())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="cannot trace"):
+        fused = rc.fuse(model)  # no inputs: nothing would catch a wrong fold
+    assert fused.rankcut_fuse["folded"] == []
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
 def test_memory_format_is_set_or_chosen_by_timing(compressed, monkeypatch):
     _, small = compressed
     x = torch.rand(2, 3, 32, 32)

@@ -13,7 +13,10 @@ factorized layer that, after rank rounding or a later edit, saves neither parame
    (:func:`torch.nn.utils.fusion.fuse_linear_bn_eval`); the BatchNorm becomes
    ``nn.Identity``. Which convolution feeds which BatchNorm is read from the model's graph
    (:mod:`torch.fx`, factorized layers kept whole); a model that ``torch.fx`` cannot trace falls
-   back to consecutive children of ``nn.Sequential`` containers;
+   back to consecutive children of ``nn.Sequential`` containers (modules held once in the
+   model). Never folded into: a subclass of Conv2d or Linear (its forward may use the weight
+   otherwise) or a parametrized layer (weight or spectral norm); with ``example_inputs``, a
+   BatchNorm1d fed a 3-D input (it normalises dim 1, not the features) is left alone;
 2. every factorized layer that saves nothing turned back into its dense layer: with
    ``example_inputs``, one with at least the dense layer's parameters *and* MACs (at the input
    it really gets); without, one with at least its parameters; with ``revert_slower``, also one
@@ -35,9 +38,18 @@ import warnings
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ._modes import as_inputs, as_tensor_tuple, batch_of, compare_outputs, eval_mode, hooked
+from ._modes import (
+    as_inputs,
+    as_tensor_tuple,
+    batch_of,
+    compare_outputs,
+    eval_mode,
+    hooked,
+    model_device,
+)
 from .layers import FactorizedLayer, cost_at, input_shape
 from .layers.conv import _ConvFactorized
 from .layers.linear import LowRankLinear
@@ -80,9 +92,16 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
     if (revert_slower or memory_format == "auto") and example_inputs is None:
         raise ValueError(f"{'revert_slower' if revert_slower else 'memory_format'}: needs "
                          "example_inputs (the model is timed on them)")
-    inputs = None if example_inputs is None else as_inputs(example_inputs)
+    inputs = None if example_inputs is None else tuple(
+        x.to(model_device(model, x.device)) for x in as_inputs(example_inputs))
     fused = copy.deepcopy(model).eval()
-    folded = [_fold(fused, conv, bn) for conv, bn in _layer_bn_pairs(fused)]
+    pairs = _layer_bn_pairs(fused)
+    if inputs is not None:  # a BatchNorm1d normalises dim 1: of a 3-D input, not the features
+        ndim = _input_ndims(fused, inputs, [bn for _, bn in pairs])
+        pairs = [(layer, bn) for layer, bn in pairs
+                 if not (isinstance(fused.get_submodule(bn), nn.BatchNorm1d)
+                         and ndim.get(bn, 2) != 2)]
+    folded = [_fold(fused, conv, bn) for conv, bn in pairs]
     reverted = _revert_unprofitable(fused, inputs, latency_margin if revert_slower else None)
     fused.rankcut_fuse = {"folded": [f for f in folded if f], "reverted": reverted}
     if memory_format is not None:
@@ -106,10 +125,14 @@ class _KeepFactorized(fx.Tracer):
 
 def _folds_into(m: nn.Module):
     """The BatchNorm class that folds into ``m`` (a conv: BatchNorm2d; a Linear: BatchNorm1d), or
-    None."""
-    if isinstance(m, nn.Conv2d | _ConvFactorized):
+    None. Only torch's own Conv2d and Linear (a subclass may compute otherwise: a standardised
+    weight would undo the fold) and rankcut's factorized layers; never a parametrized layer
+    (spectral or weight norm: its weight is computed, not a tensor to fold into)."""
+    if any(parametrize.is_parametrized(c) for c in m.modules()):
+        return None
+    if type(m) is nn.Conv2d or isinstance(m, _ConvFactorized):
         return nn.BatchNorm2d
-    if isinstance(m, nn.Linear | LowRankLinear):
+    if type(m) is nn.Linear or isinstance(m, LowRankLinear):
         return nn.BatchNorm1d
     return None
 
@@ -143,12 +166,21 @@ def _layer_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Consecutive (layer, BatchNorm) children of the model's Sequentials, each module held
+    once in the model (a module registered twice runs twice: folding into it would change both
+    calls)."""
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
     pairs = []
     for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        for (a, first), (b, second) in itertools.pairwise(seq.named_children()):
-            if _folds_into(first) is type(second):
+        # _modules, not named_children(): that skips a child seen before, which would make the
+        # two modules around it look consecutive
+        for (a, first), (b, second) in itertools.pairwise(seq._modules.items()):
+            if (first is not None and second is not None and _folds_into(first) is type(second)
+                    and uses[id(first)] == 1 and uses[id(second)] == 1):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + a, prefix + b))
     return pairs
@@ -164,6 +196,11 @@ def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
         out = conv.out_channels if isinstance(conv, nn.Conv2d) else conv.geometry.out_channels
     if bn.running_mean is None or bn.running_var is None or bn.num_features != out:
         return None  # batch statistics only, or not the layer's channels: nothing to fold
+    if isinstance(conv, nn.Linear | LowRankLinear) and bn.weight is None:
+        # affine=False: torch's Linear fold needs the scale and shift (its conv fold fills them)
+        bn = copy.deepcopy(bn)
+        bn.weight = nn.Parameter(torch.ones_like(bn.running_mean))
+        bn.bias = nn.Parameter(torch.zeros_like(bn.running_mean))
     if isinstance(conv, nn.Linear):
         set_submodule(model, conv_name, fuse_linear_bn_eval(conv.eval(), bn.eval()))
     elif isinstance(conv, LowRankLinear):
@@ -234,6 +271,21 @@ def _input_shapes(model: nn.Module, inputs, dense: dict[str, nn.Module]) -> dict
     with hooked(model, hooks, pre=True):
         model(*inputs)
     return shapes
+
+
+def _input_ndims(model: nn.Module, inputs, names: list[str]) -> dict[str, int]:
+    """The number of dimensions of each named module's input (its first call)."""
+    ndims: dict[str, int] = {}
+
+    def record(name):
+        def hook(module, args):
+            ndims.setdefault(name, args[0].ndim)
+        return hook
+
+    with hooked(model, [(model.get_submodule(n), record(n)) for n in names], pre=True), \
+            torch.no_grad():
+        model(*inputs)
+    return ndims
 
 
 def _faster_format(model: nn.Module, inputs) -> str:

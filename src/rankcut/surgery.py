@@ -129,8 +129,9 @@ def check_weights(name: str, module: nn.Module) -> None:
                          "inf); fix the weights or exclude the layer")
 
 
-def _check_plan(model: nn.Module, plan: Plan) -> None:
-    """Reject a plan that does not fit ``model``, naming the layer, before anything changes."""
+def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
+    """Reject a plan that does not fit ``model``, naming the layer, before anything changes
+    (with ``weights``, also a planned layer whose weights are not finite)."""
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
     if not isinstance(model, nn.Module):
@@ -148,7 +149,8 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         if (reason := lp.spec.why_not(module)) is not None:
             raise ValueError(f"plan layer {name!r}: {reason}")
-        check_weights(name, module)
+        if weights:
+            check_weights(name, module)
         try:
             lp.layer_config(module)
             lp.spec.check_options(lp.options)
@@ -166,8 +168,8 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _replace(model: nn.Module, plan: Plan, make: Callable, inplace: bool,
-             progress: bool = False) -> nn.Module:
-    _check_plan(model, plan)
+             progress: bool = False, weights: bool = True) -> nn.Module:
+    _check_plan(model, plan, weights)
     target = model if inplace else copy.deepcopy(model)
     items = list(plan.active.items())
     if progress:
@@ -267,5 +269,7 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
 def structure(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
     """Like :func:`apply` but without decomposing: each planned layer gets the factorized
     layer's shapes with fresh weights (``rankcut.load`` then loads the saved weights)."""
+    # the base's weights are replaced by the saved ones: uninitialised memory (a model built
+    # with skip_init or to_empty) is not refused
     return _replace(model, plan, lambda module, lp, name=None: lp.spec.structure(
-        module, lp.ranks, lp.form), inplace)
+        module, lp.ranks, lp.form), inplace, weights=False)
