@@ -433,6 +433,54 @@ def test_resume_mid_epoch_reads_the_same_augmented_batches(tmp_path):
     assert resumed.steps == 10 and state_equal(resumed.model, full.model)
 
 
+def test_a_shuffling_dataloader_resumed_mid_epoch_reads_the_same_batches(tmp_path):
+    """A DataLoader passed as given, shuffling with no generator of its own and augmenting in
+    its dataset: resumed mid-epoch, it draws the same order and augmentation as the
+    uninterrupted run (its order rebuilt from the generators' state as the epoch began)."""
+    x, y = blobs(96)
+    kw = dict(steps=10, lr=0.05, seed=3, progress=False, checkpoint_every=2)
+    model = mlp()
+
+    def loader():
+        return torch.utils.data.DataLoader(Jittered(x, y), batch_size=16, shuffle=True)
+
+    full = finetune(copy.deepcopy(model), loader(), **kw)
+    finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path,
+             callback=lambda info: info["step"] == 3, **kw)
+    resumed = finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path, resume=True,
+                       **kw)
+    assert resumed.steps == 10 and state_equal(resumed.model, full.model)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches with no length: the end of an epoch is seen only when it runs out."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        for i in range(0, len(self.y), 16):
+            yield self.x[i:i + 16], self.y[i:i + 16]
+
+
+def test_a_loader_without_a_length_resumes_at_the_end_of_an_epoch(tmp_path):
+    """A checkpoint at the last batch of a length-less loader's epoch (its end not seen yet):
+    the resumed run finds the epoch empty and goes on to the next, as the uninterrupted did."""
+    x, y = blobs(64)
+    kw = dict(steps=8, lr=0.05, seed=3, progress=False, checkpoint_every=4)
+    model = mlp()
+
+    def loader():
+        return torch.utils.data.DataLoader(_Stream(x, y), batch_size=None)
+
+    full = finetune(copy.deepcopy(model), loader(), **kw)
+    finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path,
+             callback=lambda info: info["step"] == 4, **kw)
+    resumed = finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path, resume=True,
+                       **kw)
+    assert resumed.steps == 8 and state_equal(resumed.model, full.model)
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     """A subprocess trains and is SIGKILLed at step 10 (checkpoints every 4 steps, so the last
     one is from step 8, mid-epoch 2); resuming from it ends where an uninterrupted run ends."""
@@ -490,6 +538,14 @@ def test_resume_refuses_a_changed_run(tmp_path):
     with pytest.raises(ValueError, match="warmup_steps"):
         finetune(mlp(), (x, y), steps=4, batch_size=16, checkpoint_dir=tmp_path, resume=True,
                  warmup_steps=2, progress=False)
+    # what each step computes: the optimizer's other settings, the loss, the teacher
+    base = dict(steps=4, batch_size=16, checkpoint_dir=tmp_path, resume=True, progress=False)
+    for changed, match in [({"weight_decay": 0.1}, "weight_decay: checkpoint"),
+                           ({"label_smoothing": 0.1}, "label_smoothing"),
+                           ({"clip_grad_norm": 1.0}, "clip_grad_norm"),
+                           ({"teacher": mlp()}, "teacher: checkpoint None")]:
+        with pytest.raises(ValueError, match=match):
+            finetune(mlp(), (x, y), **base, **changed)
     # a checkpoint written before a setting was recorded is not refused for lacking it
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     del payload["settings"]["amp"]

@@ -25,21 +25,21 @@ def as_data(data, what: str):
 
 
 def fetch(dataset: Dataset, index_batches: Iterable[Sequence[int]], *, num_workers: int = 0,
-          pin_memory: bool = False) -> Iterator:
+          pin_memory: bool = False, seed: int = 0) -> Iterator:
     """The batches of ``dataset`` at ``index_batches``, collated. A TensorDataset is indexed
-    directly (one gather per tensor instead of one ``__getitem__`` per sample)."""
+    directly (one gather per tensor instead of one ``__getitem__`` per sample). Workers
+    (``num_workers`` > 0) are seeded from ``seed``."""
     if isinstance(dataset, TensorDataset) and num_workers == 0:
         for idx in index_batches:
             i = torch.as_tensor(list(idx), dtype=torch.long)
             yield tuple(t[i] for t in dataset.tensors)
         return
-    # Without workers the loader's base seed is never used, but drawing it from the global
-    # generator would shift every later random draw (the per-sample augmentation): a run
-    # resumed mid-epoch, which starts a loader where the uninterrupted run did not, would then
-    # read other batches. A private generator leaves the global one alone.
+    # The loader's base seed (its workers' seeds) drawn from the global generator would shift
+    # every later random draw (the per-sample augmentation, dropout): a run resumed mid-epoch,
+    # which starts a loader where the uninterrupted run did not, would then train on other
+    # draws. A private generator, seeded by the caller, leaves the global one alone.
     loader = DataLoader(dataset, batch_sampler=list(index_batches), num_workers=num_workers,
-                        pin_memory=pin_memory,
-                        generator=torch.Generator() if num_workers == 0 else None)
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     yield from loader
 
 

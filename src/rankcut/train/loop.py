@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .._fingerprint import model_fingerprint
 from .._modes import eval_mode
 from ..atomic import atomic_path, folder_target_problem
 from ..layers import FactorizedLayer
@@ -312,13 +313,31 @@ class _Run:
             order = list(self.sampler)
             b = self.per_rank_batch
             chunks = [order[i * b:(i + 1) * b] for i in range(start, self.steps_per_epoch)]
+            # workers seeded per run, process and epoch (the same in a resumed run)
+            seed = ((self.o["seed"] * 1_000_003 + self.env.rank) * 10_007 + epoch) % 2**63
             return fetch(self.data, chunks, num_workers=self.o["num_workers"],
-                         pin_memory=self.device.type == "cuda")
+                         pin_memory=self.device.type == "cuda", seed=seed)
         for sampler in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None)):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-        # A loader is used as given: resuming skips the batches already seen by reading them.
-        return itertools.islice(iter(self.loader), start, None)
+        if start == 0:
+            # a loader draws its order and its workers' seeds from the global generators as
+            # the epoch begins: their state then is kept for a resume mid-epoch
+            self.epoch_rng = ckpt.capture_rng(self.device)
+            return iter(self.loader)
+        # A loader is used as given: resuming mid-epoch rebuilds its order from the generators
+        # as they were when the epoch began, reads past the batches already seen, then puts the
+        # generators back as they were at the checkpoint, so the next batch (and its random
+        # augmentation) is the uninterrupted run's (a checkpoint without that state: the order
+        # is drawn anew)
+        at_checkpoint = ckpt.capture_rng(self.device)
+        if self.epoch_rng is not None:
+            ckpt.restore_rng(self.epoch_rng, self.device)
+        batches = iter(self.loader)
+        for _ in itertools.islice(batches, start):
+            pass
+        ckpt.restore_rng(at_checkpoint, self.device)
+        return batches
 
     # ---- setup ------------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -377,6 +396,7 @@ class _Run:
         # loss sum, correct, samples, grad-norm sum: accumulated on the device between log lines
         self.window = torch.zeros(4, dtype=torch.float64, device=device)
         self.window_steps = 0
+        self.epoch_rng = None  # the generators' state as the epoch began (a loader's order)
         self.settings = {
             "total_steps": self.total, "batch_size": o["batch_size"],
             "world_size": self.env.world_size, "seed": o["seed"], "shuffle": o["shuffle"],
@@ -386,7 +406,14 @@ class _Run:
             "train_size": None if self.loader is not None else len(self.data),
             # the precision it trains in (float16 with a loss scaler on CUDA by default, float32
             # on the CPU): a run resumed on the other kind of device would change it midway
-            "amp": str(self.amp_dtype) if amp else None}
+            "amp": str(self.amp_dtype) if amp else None,
+            # what each step computes: the optimizer's other settings (a resume would restore
+            # the checkpoint's), the loss, what is trained and the teacher
+            "weight_decay": wd, "momentum": o["momentum"], "nesterov": o["nesterov"],
+            "label_smoothing": o["label_smoothing"], "kd_alpha": o["kd_alpha"],
+            "kd_temperature": o["kd_temperature"], "clip_grad_norm": o["clip_grad_norm"],
+            "frozen": sorted(frozen), "freeze_bn_stats": o["freeze_bn_stats"],
+            "teacher": None if o["teacher"] is None else model_fingerprint(o["teacher"])}
 
     def _seed(self) -> None:
         seed = self.o["seed"] + self.env.rank
@@ -399,6 +426,7 @@ class _Run:
         if self.tcache is not None:
             self.tcache.save()
         states = dist_util.gather({"rng": ckpt.capture_rng(self.device),
+                                   "epoch_rng": self.epoch_rng,
                                    "window": self.window.cpu(),
                                    "window_steps": self.window_steps}, self.env)
         if self.env.is_main:
@@ -429,6 +457,7 @@ class _Run:
         self.scaler.load_state_dict(payload["scaler"])
         mine = payload["per_rank"][self.env.rank]
         ckpt.restore_rng(mine["rng"], self.device)
+        self.epoch_rng = mine.get("epoch_rng")  # (checkpoints before it was kept: None)
         self.window = mine["window"].to(self.device)
         self.window_steps = mine["window_steps"]
         self.step, self.epoch = payload["step"], payload["epoch"]
@@ -678,7 +707,9 @@ class _Run:
                 if epoch_end:  # the next epoch draws a new order
                     break
             else:
-                if seen == 0:
+                # (a loader without a length resumed where it had ended: it yields nothing, and
+                # the next epoch begins)
+                if seen == 0 and self.batch_in_epoch == 0:
                     raise ValueError(f"train_data yielded no batch in epoch {self.epoch}")
                 if self.steps_per_epoch is None:  # a loader without a length ran out
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
