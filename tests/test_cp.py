@@ -182,3 +182,14 @@ def test_cp_many_rejects_what_it_cannot_batch():
         cp_many([], 2)
     with pytest.raises(ValueError, match=r"cov: expected one second moment per tensor \(2\)"):
         cp_many([torch.randn(3, 3, 3)] * 2, 2, cov=[torch.eye(3)])
+
+
+@pytest.mark.parametrize("method", ["als", "als_qr", "tpm"])
+def test_an_all_zero_kernel_is_exact_at_zero_weights(method):
+    """A dead kernel, alone or beside live ones: zero weights, error 0, converged (the solvers'
+    errors were 0/0: NaN never met tol, every sweep ran, and ALS-QR's factors were NaN)."""
+    live = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(0))
+    dead, alive = cp_many([torch.zeros(6, 5, 3, 3), live], 4, method=method, max_iter=50)
+    assert dead.converged and dead.rel_error == 0 and dead.n_iter == 0
+    assert not dead.to_tensor().any() and not dead.to_tensor().isnan().any()
+    assert alive.rel_error == cp(live, 4, method=method, max_iter=50).rel_error

@@ -196,3 +196,26 @@ def test_reuse_svds_decomposes_each_matrix_once_with_the_same_results(monkeypatc
     svd(W, 3, method="exact")
     svd(W, 3, method="exact")
     assert calls["svd"] == 5  # outside the block every call computes
+
+
+def test_energy_rank_of_an_all_zero_spectrum_is_one_and_never_above_full():
+    from rankcut.decompose.svd import energy_rank
+
+    assert energy_rank(torch.zeros(5), 0.9) == 1
+    assert energy_rank(torch.tensor([3.0, 2.0, 1.0]), 1.0) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_svd_draws_its_test_matrix_on_the_cpu(device):
+    """The same seed gives the CPU's numbers on every device (torch.svd_lowrank drew on the
+    tensor's device), whatever the global generators hold; and is near the exact SVD."""
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(300, 40, generator=g, dtype=torch.float64)
+         * torch.exp(-torch.arange(40, dtype=torch.float64) / 4)) @ torch.randn(
+        40, 200, generator=g, dtype=torch.float64)
+    cpu = svd(W, 8, method="randomized", seed=3)
+    torch.manual_seed(123)  # the global generators do not matter
+    there = svd(W.to(device), 8, method="randomized", seed=3)
+    torch.testing.assert_close(there.A.cpu(), cpu.A)
+    exact = svd(W, 8, method="exact")
+    assert cpu.rel_error == pytest.approx(exact.rel_error, rel=1e-6)

@@ -90,3 +90,30 @@ def test_tucker2_matches_tensorly_partial_tucker_on_pretrained_resnet20_kernels(
         theirs = float((X - tl.tenalg.multi_mode_dot(core, factors, modes=(0, 1))).norm()
                        / X.norm())
         assert ours <= theirs * 1.01
+
+
+def test_an_all_zero_kernel_converges_at_once_with_zero_error():
+    """A dead kernel: its relative error is 0 (not 0/0), so HOOI stops after two sweeps."""
+    res = tucker(torch.zeros(8, 6, 3, 3), (2, 2), modes=(0, 1))
+    assert res.converged and res.n_iter <= 2 and res.errors and all(e == 0 for e in res.errors)
+
+
+def test_a_rank_above_the_other_modes_core_is_clamped_with_a_warning():
+    """512x64x3x3 at (256, 16): mode 0's unfolding of the core-sized tensor has 16·9 = 144
+    columns, so HOOI could hold no more than 144 (silently, before); HOSVD and HOOI agree."""
+    X = torch.randn(512, 64, 3, 3, generator=torch.Generator().manual_seed(0))
+    for method in ("hooi", "hosvd"):
+        with pytest.warns(RankClampWarning, match=r"ranks\[mode 0\]=256 exceeds the maximum 144"):
+            res = tucker(X, (256, 16), modes=(0, 1), method=method, max_iter=2)
+        assert res.ranks == (144, 16) and res.factors[0].shape == (512, 144)
+
+
+def test_the_tucker_curve_offers_only_buildable_rank_pairs():
+    from rankcut import methods
+    from rankcut.curves import tucker_curve
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 64, (3, 1))  # each rank at most 3x the other
+    cands = tucker_curve(methods.get("tucker"), conv, (8, 8))
+    assert cands and all(r_t <= 3 * r_s and r_s <= 3 * r_t for r_t, r_s in
+                         (c.ranks for c in cands))

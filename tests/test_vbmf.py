@@ -79,3 +79,13 @@ def test_bad_options_are_rejected(kwargs, match):
 
 def test_zero_matrix_has_rank_zero():
     assert evbmf(torch.zeros(4, 7)).rank == 0
+
+
+def test_a_pruned_layer_whose_trailing_singular_values_are_zero():
+    """The last rows zero (filters pruned): the noise variance's lower bound is 0, whose log
+    the search would take; the rank found is at most the rows left."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.zeros(8, 16, dtype=torch.float64)
+    M[:2] = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    result = evbmf(M)
+    assert 1 <= result.rank <= 2

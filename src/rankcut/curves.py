@@ -140,9 +140,17 @@ def tucker_errors(module: nn.Conv2d) -> torch.Tensor:
     return ((total - kept) / max(total, 1e-300)).clamp_min(0).sqrt()
 
 
+def _core_bound(module: nn.Conv2d) -> int:
+    """How many times one Tucker-2 rank may exceed the other: kh·kw (a mode's rank is at most
+    the product of the others' core sizes; a layer built higher holds fewer)."""
+    return module.kernel_size[0] * module.kernel_size[1]
+
+
 def tucker_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
     E = tucker_errors(module)
     r_out, r_in = min(ranks[0], E.shape[0]), min(ranks[1], E.shape[1])
+    k = _core_bound(module)
+    r_out, r_in = min(r_out, r_in * k), min(r_in, r_out * k)
     return priced(method, module, shape, (r_out, r_in), None, E[r_out - 1, r_in - 1])
 
 
@@ -168,8 +176,10 @@ def tucker_curve(method, module, shape, form=None, options=None, kind="params"):
 
     cost, params, macs = grid(kind), grid("params"), grid("macs")
     flat = E.flatten()
-    aligned = (aligned_ranks(t)[:, None] & aligned_ranks(s)[None, :]).flatten()
-    keep = sorted({*_front(cost, flat, torch.arange(len(flat))).tolist(),
+    k = _core_bound(module)
+    buildable = ((r_t <= r_s * k) & (r_s <= r_t * k)).flatten()
+    aligned = (aligned_ranks(t)[:, None] & aligned_ranks(s)[None, :]).flatten() & buildable
+    keep = sorted({*_front(cost, flat, buildable.nonzero().flatten()).tolist(),
                    *_front(cost, flat, aligned.nonzero().flatten()).tolist()})
     return [Candidate(method.name, (i // s + 1, i % s + 1), None, round(float(params[i])),
                       round(float(macs[i])), float(flat[i])) for i in keep]

@@ -189,7 +189,8 @@ def _als_sweeps(X, factors, max_iter, tol, ridge):
         # Fit from the last solve: ||X - X̂||² = ||X||² - 2<X, X̂> + ||X̂||².
         inner = (MT * AT).sum((1, 2))
         est_sq = (V * (AT @ AT.mT)).sum((1, 2))
-        err = ((norm_sq - 2 * inner + est_sq).clamp_min(0).sqrt() / norm_sq.sqrt()).tolist()
+        err = ((norm_sq - 2 * inner + est_sq).clamp_min(0).sqrt()
+               / norm_sq.sqrt().clamp_min(tiny)).tolist()  # (all zero: 0, not 0/0)
         stop = []
         for i, b in enumerate(live):
             errors[b].append(err[i])
@@ -233,7 +234,8 @@ def _als_qr_sweeps(X, factors, max_iter, tol):
             factors[n] = A if n == N - 1 else _normalise(A)[0]
             qr[n] = torch.linalg.qr(factors[n])
         # B is X projected on the span of the Khatri-Rao product: the residual is the rest.
-        err = float((norm_sq - B.pow(2).sum()).clamp_min(0).sqrt() / norm_sq.sqrt())
+        err = float((norm_sq - B.pow(2).sum()).clamp_min(0).sqrt()
+                    / norm_sq.sqrt().clamp_min(torch.finfo(norm_sq.dtype).tiny))
         errors.append(err)
         if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
             converged = True
@@ -389,9 +391,15 @@ def cp_many(
             whiten[i] = whitening_factor(C, device=X.device).to(X.dtype)
             fitted[i] = torch.tensordot(X, whiten[i], dims=([1], [0])).movedim(-1, 1)
     groups: dict[tuple, list[int]] = {}
-    for i, X in enumerate(fitted):
-        groups.setdefault((tuple(X.shape), X.dtype, X.device), []).append(i)
     results: list[CPResult | None] = [None] * len(tensors)
+    for i, X in enumerate(fitted):
+        if not bool(X.any()):  # a dead kernel: zero weights are exact (the solvers' 0/0 is not)
+            results[i] = CPResult(
+                weights=X.new_zeros(rank), factors=[X.new_zeros(n, rank) for n in X.shape],
+                rel_error=0.0, n_iter=0, converged=True, method=method, init=init, tol=tol,
+                seed=seed if isinstance(seed, int) else None, errors=[0.0])
+            continue
+        groups.setdefault((tuple(X.shape), X.dtype, X.device), []).append(i)
     for members in groups.values():
         batch = torch.stack([fitted[i] for i in members])
         lam = 10 * torch.finfo(batch.dtype).eps if ridge is None else ridge

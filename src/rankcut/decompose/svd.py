@@ -4,10 +4,11 @@ The Eckart-Young theorem makes the rank-r truncated SVD the best rank-r approxim
 Frobenius and spectral norms. For a Linear layer (out x in) the factors become two layers:
 ``in -> r`` with weight B and ``r -> out`` with weight A.
 
-The randomized variant is Halko, Martinsson & Tropp (2011), "Finding structure with randomness",
-as implemented by :func:`torch.svd_lowrank` (range finder with ``oversample`` extra columns and
-``n_iter`` power iterations). Both variants report the exact relative error from the singular
-values: the approximation is an orthogonal projection of W, so ||W - AB||² = ||W||² - Σ s_i².
+The randomized variant is Halko, Martinsson & Tropp (2011), "Finding structure with randomness"
+(range finder with ``oversample`` extra columns and ``n_iter`` power iterations, as
+:func:`torch.svd_lowrank`, but with its test matrix drawn on the CPU from the seed). Both
+variants report the exact relative error from the singular values: the approximation is an
+orthogonal projection of W, so ||W - AB||² = ||W||² - Σ s_i².
 """
 
 from __future__ import annotations
@@ -208,14 +209,18 @@ def randomized_pays(m: int, n: int, rank: int) -> bool:
 
 
 def _randomized(W, rank, oversample, n_iter, seed):
+    """The randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4: ``n_iter``
+    power iterations, each re-orthonormalised) and the SVD of W projected on the range. The
+    test matrix is drawn on the CPU from ``seed`` (torch.svd_lowrank draws it on W's device:
+    a CUDA layer would get other numbers than the same layer on the CPU)."""
     m, n = W.shape
     q = min(rank + oversample, m, n)
-    generator = make_generator(seed)
-    devices = [W.device] if W.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        U, S, V = torch.svd_lowrank(W, q=q, niter=n_iter)
-    return U[:, :rank], S[:rank], V[:, :rank].mT
+    omega = torch.randn(n, q, generator=make_generator(seed), dtype=torch.float64).to(W)
+    Q = torch.linalg.qr(W @ omega).Q
+    for _ in range(n_iter):
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.mT @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ W, full_matrices=False)
+    return (Q @ Ub[:, :rank]), S[:rank], Vh[:rank]
 
 
 def leading_singular_vectors(W: torch.Tensor, k: int, seed=0):
@@ -360,5 +365,7 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """The smallest rank whose singular values keep at least ``energy`` (a fraction) of the
     squared total."""
     s2 = singular_values.double().pow(2)
-    cum = s2.cumsum(0) / s2.sum().clamp_min(1e-300)
-    return int((cum < energy - 1e-12).sum()) + 1
+    if not s2.numel() or float(s2.sum()) == 0:  # all zero: rank 1 keeps all there is
+        return 1
+    cum = s2.cumsum(0) / s2.sum()
+    return min(int((cum < energy - 1e-12).sum()) + 1, len(s2))

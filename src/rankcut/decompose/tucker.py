@@ -97,7 +97,19 @@ def _check_ranks(ranks, modes, shape) -> tuple[int, ...]:
         rank = check_rank(rank, f"ranks[mode {mode}]")
         upper = min(shape[mode], size // shape[mode])
         out.append(clamp_rank(rank, upper, f"ranks[mode {mode}]", why=f"shape {tuple(shape)}"))
-    return tuple(out)
+    # a mode's rank is at most the product of the other modes' core sizes (their ranks, or
+    # their sizes where not decomposed): HOOI could find no more, and the layer would hold
+    # fewer than asked (a 512x64x3x3 kernel at ranks (256, 16) is at most (144, 16))
+    while True:
+        core = [shape[m] for m in range(len(shape))]
+        for mode, rank in zip(modes, out, strict=True):
+            core[mode] = rank
+        bounds = [math.prod(core) // core[mode] for mode in modes]
+        if all(rank <= bound for rank, bound in zip(out, bounds, strict=True)):
+            return tuple(out)
+        out = [clamp_rank(rank, bound, f"ranks[mode {mode}]",
+                          why=f"the other modes' core sizes {tuple(core)}")
+               for mode, rank, bound in zip(modes, out, bounds, strict=True)]
 
 
 @torch.no_grad()
@@ -152,8 +164,9 @@ def tucker(
                                                                                    strict=True)}
     norm_sq = X.pow(2).sum()
 
-    def rel_err(core):
-        return float((norm_sq - core.pow(2).sum()).clamp_min(0).sqrt() / norm_sq.sqrt())
+    def rel_err(core):  # (an all-zero tensor: 0, not 0/0, so the sweeps converge)
+        return float((norm_sq - core.pow(2).sum()).clamp_min(0).sqrt()
+                     / norm_sq.sqrt().clamp_min(torch.finfo(norm_sq.dtype).tiny))
 
     errors: list[float] = []
     n_iter = 0

@@ -117,6 +117,8 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
             h_bar = min(math.ceil(L / (1.0 + alpha)) - 1, L - 1)
             upper = total / (L * Mdim)
             lower = max(gamma_sq[h_bar] / (Mdim * x_bar), gamma_sq[h_bar:].mean() / Mdim)
+            # (a pruned layer's trailing singular values are exactly 0: no log of 0)
+            lower = max(lower, upper * 1e-12)
             if lower >= upper:
                 sigma2 = upper
             else:
