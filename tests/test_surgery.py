@@ -262,3 +262,47 @@ def test_attention_output_projections_are_skipped_and_refused():
         rc.apply(model, rc.Plan({"attn.out_proj": rc.LayerPlan("svd", (8,))}))
     small = rc.apply(model, rc.Plan({"mlp": rc.LayerPlan("svd", (8,))}))
     assert small(torch.randn(2, 5, 64)).shape == (2, 5, 64)
+
+
+def test_shared_modules_tied_weights_and_reused_layers_are_left_dense():
+    """A target priced on a layer replaced at one path of two, on a weight another module keeps,
+    or on one call of a layer run twice, would be met on paper only: such layers are skipped,
+    with the reason."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    shared = nn.Sequential(conv, nn.ReLU(), conv, nn.Conv2d(16, 16, 3, padding=1))
+    reasons = rc.target_layers(shared, min_params=0)
+    assert "the same module is also at 2" in reasons["0"] and reasons["3"] is None
+    tied = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 8))
+    tied[2].weight = tied[0].weight
+    reasons = rc.target_layers(tied, min_params=0)
+    assert "shared with 2 (tied weights)" in reasons["0"]
+    assert "shared with 0 (tied weights)" in reasons["2"] and reasons["3"] is None
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Conv2d(16, 16, 3, padding=1)
+            self.head = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(self.block(self.block(x)))
+
+    model = Twice()
+    plan = rc.plan(model, torch.rand(1, 16, 8, 8), method="svd", target="params=1.5x",
+                   min_params=0, allow_slower=True)
+    assert "called 2 times in one forward pass" in plan.layers["block"].reason
+    assert "head" in plan.active
+    small = rc.apply(shared, rc.plan(shared, torch.rand(1, 16, 8, 8), method="svd",
+                                     rank="params=0.5", min_params=0, allow_slower=True))
+    assert small[0] is small[2] and type(small[0]) is nn.Conv2d  # both paths as they were
+
+
+def test_a_rank_multiple_keeps_a_params_rule_within_its_fraction():
+    """rank_multiple rounds a params/macs rule's rank down (it spends at most the fraction);
+    an energy rule's up (it keeps at least the energy)."""
+    layer = nn.Sequential(nn.Linear(512, 512))
+    plan = rc.plan(layer, torch.rand(1, 512), method="svd", rank="params=0.1", rank_multiple=8,
+                   allow_slower=True)
+    (lp,) = plan.active.values()
+    assert lp.ranks == (24,) and lp.predicted["params"] <= 0.1 * (512 * 512 + 512)

@@ -84,6 +84,14 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     if isinstance(model, nn.Conv2d | nn.Linear):
         raise ValueError(_BARE_LAYER.format(type(model).__name__))
     out: dict[str, str | None] = {}
+    paths: dict[int, list[str]] = {}  # a module held at several paths runs at each of them
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    owners: dict[int, list[str]] = {}  # a tensor held by several modules (tied weights)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            if name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear):
             continue
@@ -96,6 +104,14 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
         forced = name in include
         reason = conv_skip_reason(module) if isinstance(module, nn.Conv2d) else None
         reason = reason or _parent_reads_weight(model, name)
+        if reason is None and len(paths[id(module)]) > 1:
+            reason = (f"the same module is also at {', '.join(paths[id(module)][1:])}: "
+                      "replacing it at one path would leave the others dense")
+        tied = sorted({o for p in module.parameters(recurse=False) for o in owners[id(p)]}
+                      - set(paths[id(module)]))
+        if reason is None and tied:
+            reason = (f"its parameters are shared with {', '.join(tied)} (tied weights): "
+                      "factorized, the other would keep them")
         params = sum(p.numel() for p in module.parameters(recurse=False))
         if reason is None and not forced:
             if isinstance(module, nn.Conv2d) and module.in_channels <= 3:

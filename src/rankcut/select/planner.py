@@ -77,16 +77,20 @@ def parse_target(target) -> tuple[str, float]:
     return m.group(1), value
 
 
-def layer_input_shapes(model: nn.Module, example_inputs) -> dict[str, tuple]:
+def layer_input_shapes(model: nn.Module, example_inputs,
+                       calls: dict[str, int] | None = None) -> dict[str, tuple]:
     """Per Conv2d/Linear that runs on ``example_inputs``: its input (H, W), or for a Linear the
-    rows per sample (the sequence length of a transformer, 1 for a classifier)."""
+    rows per sample (the sequence length of a transformer, 1 for a classifier); of its first
+    call. ``calls``, if given, gets how many times each ran."""
     inputs = as_inputs(example_inputs)
     batch = batch_of(inputs)
     seen: dict[str, tuple] = {}
+    calls = {} if calls is None else calls
 
     def record(name):
         def hook(module, args, output):  # returns None: the output is left alone
             seen.setdefault(name, input_shape(module, args[0], batch))
+            calls[name] = calls.get(name, 0) + 1
         return hook
 
     run_watching_layers(model, inputs, record)
@@ -177,7 +181,11 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
                 if method != "auto":
                     raise
                 continue  # energy / vbmf are not defined for CP: auto leaves CP out
-            ranks = tuple(_round_up(r, rank_multiple) for r in ranks)
+            # to a multiple: up for energy / vbmf (at least that much kept), down for a params /
+            # macs rule (at most that much spent; the multiple itself at least)
+            down = rule.kind in ("params", "macs")
+            ranks = tuple(max(rank_multiple, r // rank_multiple * rank_multiple) if down
+                          else _round_up(r, rank_multiple) for r in ranks)
         opts = _solver_options(spec, options)
         if not with_target:
             cost = spec.cost(module, ranks, form, shape)
@@ -316,7 +324,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     for name, reason in eligible.items():
         if reason is None:
             check_weights(name, model.get_submodule(name))
-    shapes = layer_input_shapes(model, inputs)
+    calls: dict[str, int] = {}
+    shapes = layer_input_shapes(model, inputs, calls)
     key = hit = None
     if cache is not None:  # everything the moments and candidates depend on, not the target
         try:  # options that are not JSON (a generator, a callable) are keyed by their repr
@@ -350,6 +359,11 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             module = model.get_submodule(name)
             if reason is None and name not in shapes:
                 reason = "not called in the forward pass on example_inputs"
+            elif reason is None and calls.get(name, 0) > 1:
+                # each call costs its MACs, and its input may differ: priced as one, a plan
+                # would meet its target on paper only
+                reason = (f"called {calls[name]} times in one forward pass (a layer reused: "
+                          "left dense)")
             if reason is not None:
                 result[name] = LayerPlan.skipped(reason, type(module).__name__)
                 continue
