@@ -246,6 +246,25 @@ def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, 
     assert "layer1.0.conv1" in stdout
 
 
+def test_sweep_points_checkpoint_each_in_its_own_folder(shared_data, capsys, tmp_path):
+    """--checkpoint-dir with several points: each fine-tunes into its own subfolder (one folder
+    for all made the second point resume the first's run, or write over it); a rerun with
+    --resume picks each one up."""
+    argv = ["sweep", "--model", "tests.test_bad_inputs_cli:tiny", "--data", "cifar10",
+            "--data-dir", shared_data, "--eval-limit", 20, "--methods", "svd", "--targets",
+            "params=1.5x", "params=2x", "--calib", 0, "--allow-slower",
+            "--finetune-steps", 1, "--batch-size", 8, "--min-params", 0,
+            "--checkpoint-dir", tmp_path / "ck", "--resume", "--quiet"]
+    for out in ("s", "again"):
+        code, _, err = run(capsys, *argv, "--out", tmp_path / out)
+        assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["svd-params1.5x",
+                                                                   "svd-params2x"]
+    first, again = (json.loads((tmp_path / o / "sweep.json").read_text())["points"]
+                    for o in ("s", "again"))
+    assert [p["top1"] for p in first] == [p["top1"] for p in again]
+
+
 def test_multistage_accuracy_floor_is_checked_on_held_out_training_data(weights, shared_data,
                                                                          capsys, tmp_path):
     """--min-accuracy is a choice made on data: it is checked on --val-split examples held out

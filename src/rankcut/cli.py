@@ -343,9 +343,11 @@ def _read_config(path: Path, command: str, subparser) -> dict:
         if dest not in known_dests:
             raise UserError(f"--config: unknown key {key!r} for 'rankcut {command}'; known: "
                             f"{', '.join(sorted(d.replace('_', '-') for d in known_dests))}")
-        if value is None and known_dests[dest].required:
-            raise UserError(f"--config: key {key!r}: expected a value, got null (the flag "
-                            "is required)")
+        action = known_dests[dest]
+        if value is None and (action.required or action.default is not None):
+            why = ("the flag is required" if action.required else
+                   f"its default is {action.default!r}; drop the key to keep it")
+            raise UserError(f"--config: key {key!r}: expected a value, got null ({why})")
         defaults[dest] = _config_value(str(key), known_dests[dest], value)
     return defaults
 
@@ -560,8 +562,16 @@ def _check_paths(args: argparse.Namespace) -> None:
 
     out = getattr(args, "out", None)
     if out is not None:
+        if Path.cwd().is_relative_to(Path(os.path.abspath(out))):
+            raise UserError(f"--out: {out} is the current folder or holds it; it is replaced "
+                            "whole at the end: give a folder below it (e.g. --out results/run1)")
         _folder_problem("--out", Path(out), OUTPUT_MARKERS.get(args.command),
                         getattr(args, "overwrite", False), replace=args.command != "demo")
+        for dest in ("compressed", "weights", "teacher_cache", "latency_table", "plan"):
+            given = getattr(args, dest, None)
+            if given and _inside(Path(given), Path(out)):
+                raise UserError(f"{_flag(dest)}: {given} lies inside --out {out}, which is "
+                                "replaced whole at the end; keep it elsewhere")
     output = getattr(args, "output", None)
     if output is not None:
         problem = file_target_problem(output)
@@ -607,11 +617,13 @@ def _check_plan(args: argparse.Namespace):
     if not (path.is_file() or (path / "plan.json").is_file()):
         raise UserError(f"--plan: {path} is neither a plan.json file nor a rankcut output "
                         "folder holding one")
-    clash = [_flag(d) for d in ("method", "rank", "target", "solver_option")
+    clash = [_flag(d) for d in ("method", "rank", "target", "solver_option", "exclude",
+                                "min_params", "rank_multiple", "speed_slack", "allow_slower",
+                                "latency_table", "latency_batch", "latency_engine")
              if d in args.given]
     if clash:
-        raise UserError(f"--plan: a plan fixes each layer's method, ranks and solver options; "
-                        f"it cannot be "
+        raise UserError(f"--plan: a plan fixes each layer's method, ranks and solver options "
+                        f"(nothing is planned); it cannot be "
                         f"combined with {', '.join(clash)} (drop {' and '.join(clash)}, or "
                         "--plan to plan afresh)")
     if args.schedule == "multistage":
@@ -889,6 +901,7 @@ def cmd_compress(args) -> int:
 
     ctx, model, x = _start(args)
     plan = args.plan_obj
+    options = ctx.plan_options()  # (a latency table read now, before any data)
     epochs, steps = _epochs_steps(args)
     tune = epochs is not None or steps is not None or args.steps_per_layer
     val = None
@@ -909,7 +922,7 @@ def cmd_compress(args) -> int:
         steps=steps, steps_per_layer=args.steps_per_layer, rounds=args.rounds,
         val_data=val,
         min_accuracy=args.min_accuracy, distill=args.distill,
-        plan_options=ctx.plan_options(), finetune_options=ctx.finetune_options(),
+        plan_options=options, finetune_options=ctx.finetune_options(),
         progress=ctx.progress, sequential=args.sequential)
     out = Path(args.out)
     small = result.model.cpu().eval()
@@ -1033,6 +1046,9 @@ def cmd_sweep(args) -> int:
     from .compress import compress
 
     ctx, model, x = _start(args)
+    # one candidate cache (the plans share their moments too); a latency table read now, before
+    # any data
+    options = ctx.plan_options()
     test = ctx.test_data()
     epochs, steps = _epochs_steps(args)
     train = ctx.dataset("train", train_transform=True) if epochs or steps else None
@@ -1047,13 +1063,16 @@ def cmd_sweep(args) -> int:
     _say(f"{'method':>12} {'target':>10} {'params x':>9} {'MACs x':>7} {'top-1 %':>8}{extra}")
     _say(f"{'dense':>12} {'-':>10} {1:9.2f} {1:7.2f} {dense['top1']:8.2f}"
          + (f" {1:8.2f}" if timer else ""))
-    options = ctx.plan_options()  # one candidate cache: the plans share their moments too
     for method in args.methods:
         for target in args.targets:
+            tuning = ctx.finetune_options()
+            if "checkpoint_dir" in tuning:  # each point's own (a resume picks up each one)
+                tuning["checkpoint_dir"] = str(Path(tuning["checkpoint_dir"],
+                                                    f"{method}-{target}".replace("=", "")))
             result = compress(model, x, method=method, rank=args.rank, target=target,
                               calib_data=calib, train_data=train, epochs=epochs, steps=steps,
                               distill=args.distill, plan_options=options,
-                              finetune_options=ctx.finetune_options(), progress=ctx.progress,
+                              finetune_options=tuning, progress=ctx.progress,
                               sequential=args.sequential)
             small = result.model.cpu().eval()
             m = _evaluate(ctx, small, test)

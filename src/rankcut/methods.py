@@ -35,6 +35,7 @@ method end to end.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -60,6 +61,14 @@ from .layers.costs import Cost
 
 # The option key that is rankcut's own (fit in the output norm), not the solver's.
 DATA_AWARE = curves.DATA_AWARE
+
+
+# The solvers' numeric options (rankcut.decompose): (type, lower bound, bound excluded),
+# checked with the others before any work (the solvers check them again when they run)
+NUMBER_OPTIONS = MappingProxyType({
+    "max_iter": (int, 1, False), "n_iter": (int, 0, False), "oversample": (int, 0, False),
+    "n_cols": (int, 1, False), "n_rows": (int, 1, False), "tol": (float, 0, False),
+    "ridge": (float, 0, False), "max_work": (float, 0, True)})
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,16 @@ class Method:
             if key in opts and opts[key] not in allowed:
                 raise ValueError(f"{key}: expected one of {', '.join(map(repr, allowed))}, "
                                  f"got {opts[key]!r}")
+        for key, (kind, low, strict) in NUMBER_OPTIONS.items():
+            v = opts.get(key)
+            if v is None:
+                continue
+            fits = (not isinstance(v, bool) and isinstance(v, int if kind is int else int | float)
+                    and math.isfinite(v) and (v > low if strict else v >= low))
+            if not fits:
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"{key}: expected {what} {'>' if strict else '>='} {low}, "
+                                 f"got {v!r}")
         try:
             inspect.signature(self.solver).bind(None, None, **solver_kwargs(opts))
         except TypeError as err:
