@@ -69,6 +69,46 @@ def test_layerwise_factorizes_one_layer_at_a_time_and_tunes_after_the_last(train
     assert factorized(result.model) == set(names)
 
 
+class _HeadFirst(nn.Module):
+    """Registers its layers in another order than they run."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 8)
+        self.body = nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_layerwise_goes_in_the_order_the_layers_run():
+    torch.manual_seed(0)
+    model = _HeadFirst().eval()
+    data = (torch.randn(32, 8, 8, 8), torch.randint(0, 8, (32,)))
+    result = rc.compress(model, data[0][:1], method="svd", rank=2, schedule="layerwise",
+                         train_data=data, steps_per_layer=1, plan_options=PLAN,
+                         finetune_options=TUNE)
+    assert [s["layers"] for s in result.stages[:2]] == [["body"], ["head"]]
+
+
+def test_batchnorm_is_reestimated_on_a_random_draw_not_the_first_examples():
+    """An image tree is sorted by class: the first 2,048 examples of a larger dataset would
+    give the statistics of a class or two."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 16, 2)).eval()
+    x = torch.cat([torch.randn(2048, 3, 4, 4), torch.randn(2048, 3, 4, 4) + 4])
+    sorted_data = TensorDataset(x, torch.cat([torch.zeros(2048), torch.ones(2048)]).long())
+    result = rc.compress(model, x[:1], method="svd", rank=2, train_data=sorted_data,
+                         plan_options={**PLAN, "min_params": 10})
+    seen = result.model[1].running_mean
+    with torch.no_grad():  # what the statistics of the whole data are
+        whole = result.model[0](x).mean((0, 2, 3))
+    assert torch.allclose(seen, whole, atol=0.3), (seen, whole)
+
+
 def test_layerwise_calibrates_each_layer_on_the_model_compressed_so_far(trained, monkeypatch):
     """Data-aware layers take their input statistics from the partly compressed model."""
     model, data = trained
@@ -127,6 +167,11 @@ def test_densify_folds_factorized_layers_back_exactly(trained):
     (dict(rank=4, schedule="multistage"), "needs a target"),
     (dict(target="macs=2x", schedule="multistage", rounds=0), "rounds: expected"),
     (dict(target="macs=2x", min_accuracy=50), "min_accuracy: needs val_data"),
+    # options a schedule would ignore
+    (dict(target="macs=2x", min_accuracy=50, val_data=(torch.rand(2, 3, 8, 8),
+                                                       torch.zeros(2, dtype=torch.long))),
+     "min_accuracy: the floor of schedule 'multistage''s rounds; schedule 'one_shot'"),
+    (dict(target="macs=2x", steps_per_layer=2), "steps_per_layer: .* schedule 'one_shot' would"),
 ])
 def test_bad_compress_arguments(kwargs, match):
     model = net()
@@ -214,7 +259,9 @@ def test_resuming_with_another_plan_is_refused(trained, tmp_path):
     for changed, said in (({"target": "macs=3x"}, "target macs=2x, this call asks for "
                            "target macs=3x"),
                           ({"target": "macs=2x", "method": "svd"}, "method 'auto'"),
-                          ({"rank": 2}, "target macs=2x, this call asks for target None")):
+                          ({"rank": 2}, "target macs=2x, this call asks for target None"),
+                          ({"target": "macs=2x", "rank": "energy=0.9"},
+                           "rank None, this call asks for rank energy=0.9")):
         with pytest.raises(ValueError, match=said):
             rc.compress(model, x, train_data=data, steps=2, plan_options=PLAN,
                         finetune_options=opts, **changed)

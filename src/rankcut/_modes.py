@@ -81,6 +81,8 @@ def run_watching_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     forward hook on every Conv2d and Linear (how MACs and input shapes are recorded)."""
     layers = [(module, make_hook(name)) for name, module in model.named_modules()
               if isinstance(module, nn.Conv2d | nn.Linear)]
+    # on the model's device (a model fine-tuned on the GPU, example inputs on the CPU)
+    inputs = tuple(x.to(model_device(model, x.device)) for x in inputs)
     with hooked(model, layers):
         model(*inputs)
 

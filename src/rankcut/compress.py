@@ -29,14 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from .calibrate import calibration_batches, reestimate_batchnorm
+from ._modes import as_inputs, model_device
+from .calibrate import calibration_batches, forward_order, reestimate_batchnorm
 from .defaults import COMPRESS
 from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save, save_plan
 from .layers import CPConv2d, FactorizedLayer
 from .plans import Plan
-from .select import parse_target
+from .select import parse_rank, parse_target
 from .select import plan as make_plan
 from .surgery import apply, set_submodule
 from .train import evaluate, finetune
@@ -63,10 +66,11 @@ def _saved(folder: Path) -> bool:
     return "weights_sha256" in load_plan(folder).meta
 
 
-def _check_resumed(path: Path, meta: dict, method, target) -> None:
+def _check_resumed(path: Path, meta: dict, method, target, rank=None) -> None:
     """Refuse to resume from the plan stored at ``path`` (its ``meta``, as the planner wrote
-    it) where it was made for another method or target than this call's: the run would go on
-    with the old plan under the new settings."""
+    it) where it was made for another method, rank rule or target than this call's: the run
+    would go on with the old plan under the new settings."""
+    rule = None if rank is None else str(parse_rank(rank))
     if "method" in meta and isinstance(method, str) and meta["method"] != method:
         theirs, ours = f"method {meta['method']!r}", f"method {method!r}"
     elif "target" in meta and (meta["target"] is None) != (target is None):
@@ -76,6 +80,8 @@ def _check_resumed(path: Path, meta: dict, method, target) -> None:
             or not math.isclose(parse_target(meta["target"])[1], parse_target(target)[1],
                                 rel_tol=1e-6)):
         theirs, ours = f"target {meta['target']}", f"target {target}"
+    elif "rank" in meta and meta["rank"] != rule:
+        theirs, ours = f"rank {meta['rank']}", f"rank {rule}"
     else:
         return
     raise ValueError(f"resume: {path} was planned for {theirs}, this call asks for {ours}; "
@@ -228,6 +234,12 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
     if min_accuracy is not None and val_data is None:
         raise ValueError("min_accuracy: needs val_data to measure the accuracy on")
+    if min_accuracy is not None and schedule != "multistage":
+        raise ValueError(f"min_accuracy: the floor of schedule 'multistage''s rounds; schedule "
+                         f"{schedule!r} would ignore it")
+    if steps_per_layer is not None and schedule != "layerwise":
+        raise ValueError(f"steps_per_layer: fine-tuning after each layer of schedule "
+                         f"'layerwise'; schedule {schedule!r} would ignore it")
     tuning = [k for k, v in (("epochs", epochs), ("steps", steps),
                              ("steps_per_layer", steps_per_layer)) if v is not None]
     if tuning and train_data is None:
@@ -299,7 +311,8 @@ class _Job:
                 raise ValueError(f"resume: {path} holds another plan than the one given; "
                                  "resume with the same plan, or use a fresh checkpoint_dir")
             if plan is None:
-                _check_resumed(path, stored.meta, self.plan_kwargs["method"], target)
+                _check_resumed(path, stored.meta, self.plan_kwargs["method"], target,
+                               self.plan_kwargs["rank"])
             return stored
         plan = plan if plan is not None else make()
         if path is not None:
@@ -322,14 +335,23 @@ class _Job:
         """BatchNorm statistics recomputed on training examples (see ``reestimate_bn``)."""
         if not self.reestimate_bn:
             return None
-        batches = calibration_batches(self.train_data, BN_SAMPLES // 128,
-                                      transform=self.transform, batch_size=128)
+        data = self.train_data
+        if isinstance(data, Dataset) and not isinstance(data, DataLoader) and \
+                len(data) > BN_SAMPLES:
+            # a seeded random draw: the first examples in order may be a class or two (an image
+            # tree is sorted by class)
+            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+            data = Subset(data, pick[:BN_SAMPLES].tolist())
+        batches = list(calibration_batches(data, BN_SAMPLES // 128, transform=self.transform,
+                                           batch_size=128))
         count = reestimate_batchnorm(model, batches)
         return {"batchnorms": count} if count else None
 
     def plan(self, target, model=None) -> Plan:
-        return _agreed(lambda: make_plan(model or self.model, self.x, target=target,
-                                         **self.plan_kwargs))
+        model = model or self.model
+        # (a later round's model is where fine-tuning left it, e.g. on the GPU)
+        x = tuple(t.to(model_device(model, t.device)) for t in as_inputs(self.x))
+        return _agreed(lambda: make_plan(model, x, target=target, **self.plan_kwargs))
 
     def tune(self, model, epochs=None, steps=None, folder: str | None = None) -> dict | None:
         if self.train_data is None or (epochs is None and steps is None):
@@ -375,10 +397,15 @@ class _Job:
         plan = self.stored_plan(self.folder, plan, lambda: self.plan(target), target)
         small = copy.deepcopy(self.model)
         stages = []
-        # the plan lists layers in module (forward) order; each layer's fine-tuning keeps its
-        # checkpoints in its own subfolder: a resumed run factorizes each layer again (the same
-        # fit, from the same weights) and reads its finished fine-tuning back
-        for i, (name, lp) in enumerate(plan.active.items(), 1):
+        # in the order the layers run (a model may register them otherwise); each layer's
+        # fine-tuning keeps its checkpoints in its own subfolder: a resumed run factorizes each
+        # layer again (the same fit, from the same weights) and reads its finished fine-tuning
+        # back
+        inputs = as_inputs(self.x)  # (a model of several inputs: the plan's order)
+        order = (forward_order(small, list(plan.active), [inputs[0]]) if len(inputs) == 1
+                 else list(plan.active))
+        for i, name in enumerate(order, 1):
+            lp = plan.layers[name]
             apply(small, Plan({name: lp}), inplace=True,
                   calib_data=self.plan_kwargs["calib_data"],
                   max_batches=self.plan_kwargs["max_batches"], sequential=False)

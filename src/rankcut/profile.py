@@ -347,6 +347,7 @@ def unit_call_args(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
         return record
 
+    inputs = tuple(x.to(model_device(model, x.device)) for x in inputs)
     with hooked(model, [(unit, hook(name)) for name, unit in units.items()], pre=True):
         model(*inputs)
     return {name: (calls, args) for name, (calls, args) in seen.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -349,9 +350,11 @@ class _Run:
 
         self.model.to(device)
         self.teacher = None
-        if o["teacher"] is not None:
-            o["teacher"].to(device)
-            self.teacher = _inference_copy(o["teacher"])
+        if o["teacher"] is not None:  # a copy on the device: the caller's stays where it is
+            teacher = _inference_copy(o["teacher"])
+            if teacher is o["teacher"]:  # (it could not be fused: the copy made here)
+                teacher = copy.deepcopy(teacher)
+            self.teacher = teacher.to(device)
         # the weights' (and inputs') memory format while training; "auto" is decided on the
         # first batch (_choose_layout)
         self.layout = None
