@@ -37,6 +37,7 @@ keeps within ``tolerance`` of the dense top-1 without fine-tuning, then at each 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -300,8 +301,11 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
     path = base / f"{name}.jsonl"
     old, points = read_points(path) if path.is_file() else (None, [])
     # where an earlier run found a series' target below its smallest plan: it ends there
-    ended = {(p["label"], p["mode"], p["ratio"], p["seed"]) for p in points
-             if "unreachable" in p}
+    ended: dict[tuple, float] = {}
+    for p in points:
+        if "unreachable" in p:
+            at = (p["label"], p["mode"], p["seed"])
+            ended[at] = min(p["ratio"], ended.get(at, p["ratio"]))
     refit = sorted({p["label"] for p in points if p["label"] in sw["methods"]
                     and p["fit"] != _fit(sw["methods"][p["label"]])})
     if refit:  # known before any data is read
@@ -325,11 +329,15 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
     # mix its points with these
     head = {"dense_top1": dense_top1, "part_params": part_params, "total_params": total,
             "part": sw["part"], "exclude": sw["exclude"], "model": s["model"], "data": s["data"],
-            "test_images": len(test_y), "calib": len(calib_y), "trained_weights": trained}
+            "test_images": len(test_y), "calib": len(calib_y), "trained_weights": trained,
+            # which calibration images, how the inputs are made, which weights
+            "seed": s["seed"], "normalization": s["normalization"],
+            "image_size": s["image_size"], "weights": str(s["weights"])}
     base.mkdir(parents=True, exist_ok=True)
     done = set()
     if old is not None:
-        changed = sorted(k for k in head if old.get(k) != head[k])
+        # (a setting a file predates is not compared)
+        changed = sorted(k for k in head if k in old and old[k] != head[k])
         if changed:
             raise SystemExit(f"{path}: its points were made with other settings ({changed} "
                              "differ); move it away to sweep afresh")
@@ -353,10 +361,11 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
         if label != cache_label:  # one method's at a time, the last one's (GBs) dropped first
             cache_label, cache = label, None
             cache = rc.select.CandidateCache.cached(max_entries=1)
-        for seed in method["seeds"]:
-            for ratio in sw["ratios"]:
-                if (label, mode, ratio, seed) in ended:
-                    break
+        # ratio by ratio, every seed of each (a time-boxed run leaves whole ratios behind)
+        for ratio in sw["ratios"]:
+            for seed in method["seeds"]:
+                if ratio >= ended.get((label, mode, seed), math.inf):
+                    continue
                 if (label, mode, ratio, seed) in done:
                     continue
                 try:
@@ -364,7 +373,8 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
                               cache if mode == "target" else None, sw["exclude"])
                 except ValueError as err:
                     unreachable(path, name, label, method, mode, ratio, seed, err)
-                    break
+                    ended[(label, mode, seed)] = ratio
+                    continue
                 p.update(label=label, fit=_fit(method), mode=mode, ratio=ratio, seed=seed,
                          **ratios(head, p["params"]))
                 with path.open("a") as f:
@@ -403,7 +413,7 @@ def finetune_model(run: dict, sw: dict, base: Path,
     ft_head = {**head, "finetune": setting}
     old, tuned = read_points(path) if path.is_file() else (None, [])
     if old is not None:
-        changed = sorted(k for k in ft_head if old.get(k) != ft_head[k])
+        changed = sorted(k for k in ft_head if k in old and old[k] != ft_head[k])
         refit = sorted({p["label"] for p in tuned if p["label"] in sw["methods"]
                         and p["fit"] != _fit(sw["methods"][p["label"]])})
         if changed or refit:
@@ -552,7 +562,9 @@ def table(head: dict, points: list[dict]) -> str:
              "", f"| method | mode | seeds |{cols} seconds / point |",
              "|---|---|---:|" + "---:|" * (4 * len(TOLERANCES) + 1)]
     for (label, mode), by_ratio in grouped(points).items():
-        row = f"| {label} | {mode} | {len(by_ratio[0][1])} |"
+        counts = sorted({len(ps) for _, ps in by_ratio})  # seeds per ratio: "1-3" if uneven
+        row = (f"| {label} | {mode} | "
+               f"{'-'.join(map(str, dict.fromkeys((counts[0], counts[-1]))))} |")
         for tol in TOLERANCES:
             ok = kept(by_ratio, dense, tol)
             if ok:
@@ -690,7 +702,7 @@ def main() -> int:
         ft_head, tuned = read_points(tuned_path) if tuned_path.is_file() else ({}, [])
         tuned = [p for p in tuned if "unreachable" not in p]  # where a walk ended, unplanned
         if tuned and any(ft_head.get(k) != v for k, v in head.items()
-                         if k not in ("device", "threads", "date")):
+                         if k not in ("device", "threads", "date") and k in ft_head):
             print(f"{tuned_path}: made on other sweep settings than {path}; left out")
             tuned = []
         if tuned:

@@ -125,6 +125,33 @@ def settings_of(config: dict, name: str) -> dict:
     return merged
 
 
+SETTINGS_FILE = "settings.json"
+LATE_SETTINGS = ("export",)  # settings a finished run may be given afterwards
+
+
+def pin_settings(folder: Path, name: str, s: dict) -> None:
+    """Record run ``name``'s settings in its folder when it starts; a later invocation finding
+    the run begun or finished under other settings refuses it (a finished run's result, or a
+    killed run's fitted model and checkpoints, would otherwise be reused under settings they
+    were not made with). A folder from before settings were kept is not checked."""
+    path = folder / SETTINGS_FILE
+    # (export: may be given after the run finished: the headline's model, written then)
+    now = json.loads(json.dumps({k: v for k, v in s.items() if k not in LATE_SETTINGS},
+                                default=str))
+    if path.is_file():
+        then = json.loads(path.read_text())
+        changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        if changed:
+            raise SystemExit(f"run {name!r}: {folder} was made with other settings ({changed} "
+                             "differ); move it away to run it afresh, or restore the settings")
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        return  # begun before settings were kept: not checked
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+
+
 def check(config: dict, name: str, s: dict) -> None:
     """Refuse, before any run starts, a run whose settings rankcut would refuse hours later:
     a model without pretrained weights (unless a weights file is given), an unknown method,
@@ -701,6 +728,7 @@ def main() -> int:
         # bit; a 4096 x 25,088 layer's are minutes each)
         with rc.decompose.reuse_svds(max_entries=8):
             for name, s in every.items():
+                pin_settings(base / name, name, s)
                 if (base / name / RESULT).is_file():
                     print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
                     late_export(base / name, s, root)

@@ -758,3 +758,20 @@ def test_results_name_the_commit_of_the_code_that_ran():
     assert source_commit().removesuffix("+dirty") == head
     assert source_commit() is source_commit()  # kept, not asked again
     assert _reproduce_module().COMMIT == source_commit()
+
+
+def test_a_run_begun_under_other_settings_is_refused(tmp_path):
+    """reproduce.py pins a run's settings in its folder when it starts: a later invocation with
+    the config edited (calibration count here) refuses the run rather than reuse its result or
+    its fitted model; the same settings go on; a folder from before settings were kept is not
+    checked."""
+    reproduce = _experiment("reproduce")
+    s = {"model": "resnet20_cifar", "calib": 1024, "plan_options": {"exclude": ["fc"]}}
+    reproduce.pin_settings(tmp_path / "r", "r", s)
+    reproduce.pin_settings(tmp_path / "r", "r", dict(s))
+    with pytest.raises(SystemExit, match=r"run 'r': .* other settings \(\['calib'\] differ\)"):
+        reproduce.pin_settings(tmp_path / "r", "r", {**s, "calib": 512})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "result.json").write_text("{}")
+    reproduce.pin_settings(tmp_path / "old", "old", s)
+    assert not (tmp_path / "old" / reproduce.SETTINGS_FILE).exists()
