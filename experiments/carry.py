@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 CARRIED = HERE / "carried"
 
 # What a run folder holds that resuming or its record needs
-KEEP = ("checkpoints", "train.jsonl", "wall.json", "sensitivity_plan.json")
+KEEP = ("checkpoints", "train.jsonl", "wall.json", "sensitivity_plan.json",
+        "settings.json")
 LIMIT = 50 * 2**20
 
 

@@ -126,7 +126,7 @@ def settings_of(config: dict, name: str) -> dict:
 
 
 SETTINGS_FILE = "settings.json"
-LATE_SETTINGS = ("export",)  # settings a finished run may be given afterwards
+LATE_SETTINGS = ("export", "note")  # settings a finished run may be given afterwards
 
 
 def pin_settings(folder: Path, name: str, s: dict) -> None:
@@ -140,7 +140,8 @@ def pin_settings(folder: Path, name: str, s: dict) -> None:
                                 default=str))
     if path.is_file():
         then = json.loads(path.read_text())
-        changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        # (a setting added to the config format since is not compared)
+        changed = sorted(k for k in then if then[k] != now.get(k))
         if changed:
             raise SystemExit(f"run {name!r}: {folder} was made with other settings ({changed} "
                              "differ); move it away to run it afresh, or restore the settings")

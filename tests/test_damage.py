@@ -140,6 +140,16 @@ def test_reestimating_batchnorm_averages_the_statistics_and_restores_modes():
     assert reestimate_batchnorm(nn.Linear(3, 2), batches) == 0
 
 
+def test_reestimating_batchnorm_reads_a_generator_once():
+    from rankcut.calibrate import reestimate_batchnorm
+
+    torch.manual_seed(0)
+    model = WithBN().eval()
+    before = model.bn.running_mean.clone()
+    assert reestimate_batchnorm(model, (torch.randn(8, 3, 6, 6) + 1 for _ in range(2))) == 1
+    assert not torch.equal(model.bn.running_mean, before)
+
+
 def test_compress_reestimates_batchnorm_on_training_examples():
     torch.manual_seed(0)
     model = WithBN().eval()

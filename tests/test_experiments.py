@@ -771,6 +771,8 @@ def test_a_run_begun_under_other_settings_is_refused(tmp_path):
     reproduce.pin_settings(tmp_path / "r", "r", dict(s))
     with pytest.raises(SystemExit, match=r"run 'r': .* other settings \(\['calib'\] differ\)"):
         reproduce.pin_settings(tmp_path / "r", "r", {**s, "calib": 512})
+    # a setting the config format gained since, or a late one (export, note): not compared
+    reproduce.pin_settings(tmp_path / "r", "r", {**s, "new_setting": 3, "note": "x"})
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "result.json").write_text("{}")
     reproduce.pin_settings(tmp_path / "old", "old", s)

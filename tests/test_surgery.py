@@ -264,7 +264,7 @@ def test_attention_output_projections_are_skipped_and_refused():
     assert small(torch.randn(2, 5, 64)).shape == (2, 5, 64)
 
 
-def test_shared_modules_tied_weights_and_reused_layers_are_left_dense():
+def test_shared_modules_tied_weights_and_reused_layers_are_left_dense(tmp_path):
     """A target priced on a layer replaced at one path of two, on a weight another module keeps,
     or on one call of a layer run twice, would be met on paper only: such layers are skipped,
     with the reason."""
@@ -293,6 +293,18 @@ def test_shared_modules_tied_weights_and_reused_layers_are_left_dense():
                    min_params=0, allow_slower=True)
     assert "called 2 times in one forward pass" in plan.layers["block"].reason
     assert "head" in plan.active
+    # the candidates kept on disk are those of the layers planned: a later process reads them
+    import os
+
+    os.environ["RANKCUT_CACHE"] = str(tmp_path / "cache")
+    try:
+        for _ in range(2):
+            cache = rc.select.CandidateCache.cached()
+            rc.plan(model, torch.rand(1, 16, 8, 8), method="svd", target="params=1.5x",
+                    min_params=0, allow_slower=True, cache=cache)
+        assert cache.disk_hits == 1
+    finally:
+        del os.environ["RANKCUT_CACHE"]
     small = rc.apply(shared, rc.plan(shared, torch.rand(1, 16, 8, 8), method="svd",
                                      rank="params=0.5", min_params=0, allow_slower=True))
     assert small[0] is small[2] and type(small[0]) is nn.Conv2d  # both paths as they were

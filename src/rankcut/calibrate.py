@@ -60,6 +60,15 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor, at: torch.Tensor | None = Non
     return torch.stack(taps, dim=-1).reshape(len(at), -1)
 
 
+def check_reusable(calib_data, what: str = "calib_data") -> None:
+    """Refuse a one-shot iterator (a generator) where the batches are read more than once
+    (planning: moments, probes, a cache's fingerprint; sequential fitting: one pass per layer):
+    it would be empty after the first read."""
+    if isinstance(calib_data, Iterator):
+        raise ValueError(f"{what}: a one-shot iterator ({type(calib_data).__name__}) is read "
+                         "more than once; pass a list of batches or a DataLoader")
+
+
 def calibration_batches(calib_data, max_batches: int | None = None, *,
                         transform: Callable | None = None, batch_size: int = 64,
                         allow_empty: bool = False) -> Iterator:
@@ -93,11 +102,6 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
     elif not isinstance(calib_data, Iterable):
         raise ValueError(f"calib_data: expected batches of inputs or (inputs, targets), got "
                          f"a {type(calib_data).__name__}")
-    elif isinstance(calib_data, Iterator):
-        # planning reads the batches several times (moments, probes, fitting, a cache's
-        # fingerprint): a generator would be empty after the first read
-        raise ValueError(f"calib_data: a one-shot iterator ({type(calib_data).__name__}) is "
-                         "read more than once; pass a list of batches or a DataLoader")
     count = 0
     for batch in calib_data:
         if max_batches is not None and count >= max_batches:

@@ -567,7 +567,7 @@ def _check_paths(args: argparse.Namespace) -> None:
                             "whole at the end: give a folder below it (e.g. --out results/run1)")
         _folder_problem("--out", Path(out), OUTPUT_MARKERS.get(args.command),
                         getattr(args, "overwrite", False), replace=args.command != "demo")
-        for dest in ("compressed", "weights", "teacher_cache", "latency_table", "plan"):
+        for dest in ("compressed", "weights", "teacher_cache", "latency_table"):
             given = getattr(args, dest, None)
             if given and _inside(Path(given), Path(out)):
                 raise UserError(f"{_flag(dest)}: {given} lies inside --out {out}, which is "
@@ -862,7 +862,9 @@ class _Context:
                 except ImportError:
                     raise UserError("--latency-engine onnxruntime needs onnx and onnxruntime: "
                                     "pip install 'rankcut[export]'") from None
-            device = "cpu" if a.latency_engine == "onnxruntime" else self.device
+            # the model is planned where it is built, on the CPU (fine-tuning moves it later):
+            # its layers are timed there
+            device = "cpu"
             opts["latency_table"] = (
                 LatencyTable.at(a.latency_table, device, engine=a.latency_engine)
                 if a.latency_table else LatencyTable.cached(device, engine=a.latency_engine))

@@ -34,7 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._modes import as_inputs, model_device
-from .calibrate import calibration_batches, forward_order, reestimate_batchnorm
+from .calibrate import (
+    calibration_batches,
+    check_reusable,
+    forward_order,
+    reestimate_batchnorm,
+)
 from .defaults import COMPRESS
 from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save, save_plan
 from .layers import CPConv2d, FactorizedLayer
@@ -248,6 +253,8 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         raise ValueError("reestimate_bn: needs train_data (examples distributed as in training)")
     if sequential and calib_data is None:
         raise ValueError("sequential: needs calib_data (the inputs each layer is fitted to)")
+    if calib_data is not None:
+        check_reusable(calib_data)
     if sequential is None:
         sequential = calib_data is not None
     if reestimate_bn is None:
@@ -342,8 +349,8 @@ class _Job:
             # tree is sorted by class)
             pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
             data = Subset(data, pick[:BN_SAMPLES].tolist())
-        batches = list(calibration_batches(data, BN_SAMPLES // 128, transform=self.transform,
-                                           batch_size=128))
+        batches = calibration_batches(data, BN_SAMPLES // 128, transform=self.transform,
+                                      batch_size=128)  # (read once, streamed)
         count = reestimate_batchnorm(model, batches)
         return {"batchnorms": count} if count else None
 
@@ -401,9 +408,9 @@ class _Job:
         # fine-tuning keeps its checkpoints in its own subfolder: a resumed run factorizes each
         # layer again (the same fit, from the same weights) and reads its finished fine-tuning
         # back
-        inputs = as_inputs(self.x)  # (a model of several inputs: the plan's order)
-        order = (forward_order(small, list(plan.active), [inputs[0]]) if len(inputs) == 1
-                 else list(plan.active))
+        inputs = as_inputs(self.x)  # (several inputs, or raw ones: the plan's order)
+        order = (forward_order(small, list(plan.active), [inputs[0]])
+                 if len(inputs) == 1 and inputs[0].is_floating_point() else list(plan.active))
         for i, name in enumerate(order, 1):
             lp = plan.layers[name]
             apply(small, Plan({name: lp}), inplace=True,

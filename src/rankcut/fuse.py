@@ -96,7 +96,9 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
         x.to(model_device(model, x.device)) for x in as_inputs(example_inputs))
     fused = copy.deepcopy(model).eval()
     pairs = _layer_bn_pairs(fused)
-    if inputs is not None:  # a BatchNorm1d normalises dim 1: of a 3-D input, not the features
+    if inputs is not None and any(isinstance(fused.get_submodule(bn), nn.BatchNorm1d)
+                                  for _, bn in pairs):
+        # a BatchNorm1d normalises dim 1: of a 3-D input, not the features
         ndim = _input_ndims(fused, inputs, [bn for _, bn in pairs])
         pairs = [(layer, bn) for layer, bn in pairs
                  if not (isinstance(fused.get_submodule(bn), nn.BatchNorm1d)

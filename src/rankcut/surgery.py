@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .calibrate import (
+    check_reusable,
     corrected_weight,
     forward_order,
     input_second_moments,
@@ -228,6 +229,8 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
         raise ValueError(f"sequential: expected True, False or None, got {sequential!r}")
     if sequential and calib_data is None:
         raise ValueError("sequential: needs calib_data (the inputs each layer is fitted to)")
+    if sequential:
+        check_reusable(calib_data)  # (one pass per layer)
     if reference is not None and not sequential:
         raise ValueError("reference: only sequential fitting uses a reference model")
     aware = [n for n, lp in plan.active.items() if lp.options.get(DATA_AWARE)]

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import methods
 from .._modes import as_inputs, batch_of, model_device, model_dtype, run_watching_layers
-from ..calibrate import input_second_moments
+from ..calibrate import check_reusable, input_second_moments
 from ..curves import Candidate, aligned, measured, pareto, whitened_svd_errors
 from ..decompose.svd import reuse_svds
 from ..defaults import COMPRESS
@@ -307,6 +307,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     kind, fraction = parse_target(target) if target is not None else (None, None)
     grid_kind = "macs" if kind == "latency" else kind  # what candidate grids are drawn on
     options = _check_solver_options(options)
+    if calib_data is not None:
+        check_reusable(calib_data)
     inputs = as_inputs(example_inputs)
     if (isinstance(latency_margin, bool) or not isinstance(latency_margin, int | float)
             or not latency_margin >= 0):
@@ -338,7 +340,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                target is not None, grid_kind, rank_multiple, opts_key,
                tuple(eligible.items()), str(model_device(model)))
         hit = cache.get(key, disk=persist, layers=[n for n, r in eligible.items()
-                                                   if r is None and n in shapes])
+                                                   if r is None and n in shapes
+                                                   and calls.get(n, 0) <= 1])
     covs = {}
     if hit is not None and hit[0] is not None:
         covs = hit[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import json
 import math
@@ -350,11 +349,9 @@ class _Run:
 
         self.model.to(device)
         self.teacher = None
-        if o["teacher"] is not None:  # a copy on the device: the caller's stays where it is
-            teacher = _inference_copy(o["teacher"])
-            if teacher is o["teacher"]:  # (it could not be fused: the copy made here)
-                teacher = copy.deepcopy(teacher)
-            self.teacher = teacher.to(device)
+        if o["teacher"] is not None:
+            o["teacher"].to(device)
+            self.teacher = _inference_copy(o["teacher"])
         # the weights' (and inputs') memory format while training; "auto" is decided on the
         # first batch (_choose_layout)
         self.layout = None
@@ -416,7 +413,9 @@ class _Run:
             "label_smoothing": o["label_smoothing"], "kd_alpha": o["kd_alpha"],
             "kd_temperature": o["kd_temperature"], "clip_grad_norm": o["clip_grad_norm"],
             "frozen": sorted(frozen), "freeze_bn_stats": o["freeze_bn_stats"],
-            "teacher": None if o["teacher"] is None else model_fingerprint(o["teacher"])}
+            # (hashing a teacher's weights takes about a second per 500 MB: only when kept)
+            "teacher": (model_fingerprint(o["teacher"]) if o["teacher"] is not None
+                        and o["checkpoint_dir"] is not None else None)}
 
     def _seed(self) -> None:
         seed = self.o["seed"] + self.env.rank
