@@ -293,6 +293,12 @@ def test_shared_modules_tied_weights_and_reused_layers_are_left_dense(tmp_path):
                    min_params=0, allow_slower=True)
     assert "called 2 times in one forward pass" in plan.layers["block"].reason
     assert "head" in plan.active
+    # its MACs counted per call, as the built model runs them
+    from rankcut.profile import count_macs
+
+    x = torch.rand(1, 16, 8, 8)
+    macs = plan.meta["predicted"]["macs"]
+    assert macs == [count_macs(model, x), count_macs(rc.apply(model, plan), x)]
     # the candidates kept on disk are those of the layers planned: a later process reads them
     import os
 

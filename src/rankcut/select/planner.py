@@ -408,7 +408,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                      "latency": clock.rest if clock is not None else 0.0}
             for name, module in model.named_modules():
                 if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
-                    fixed["macs"] += cost_at(module, shapes[name]).macs
+                    # (a layer run k times, left dense, costs k times its MACs)
+                    fixed["macs"] += cost_at(module, shapes[name]).macs * calls.get(name, 1)
             if kind != "latency":
                 fixed[kind] -= sum(layer.dense.cost(kind) for layer in layers.values())
             choose.fixed = fixed[kind]
@@ -436,7 +437,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                else "no layer's factorization is smaller than the dense layer")
         warnings.warn(f"rank: at the ranks of {rule} {why}; nothing is factorized",
                       stacklevel=2)
-    _summarise(result, model, shapes)
+    _summarise(result, model, shapes, calls)
     return result
 
 
@@ -762,8 +763,9 @@ def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
                      reason=f"{c.describe()}: predicted error {error:.3f}")
 
 
-def _summarise(result: Plan, model: nn.Module, shapes) -> None:
-    """Predicted whole-model params and MACs before and after, into the plan's meta."""
+def _summarise(result: Plan, model: nn.Module, shapes, calls: dict[str, int]) -> None:
+    """Predicted whole-model params and MACs before and after, into the plan's meta (a layer
+    run k times costs k times its MACs; such a layer is left dense)."""
     before = {"params": count_params(model), "macs": 0}
     after = {"params": before["params"], "macs": 0}
     for name, module in model.named_modules():
@@ -773,8 +775,8 @@ def _summarise(result: Plan, model: nn.Module, shapes) -> None:
         lp = result.layers.get(name)
         new = dense if lp is None or lp.skip else lp.spec.cost(module, lp.ranks, lp.form,
                                                                shapes[name])
-        before["macs"] += dense.macs
-        after["macs"] += new.macs
+        before["macs"] += dense.macs * calls.get(name, 1)
+        after["macs"] += new.macs * calls.get(name, 1)
         after["params"] += new.params - dense.params
     result.meta["predicted"] = {
         "params": [before["params"], after["params"]],
