@@ -211,6 +211,25 @@ def write_png(path, image):
     Image.fromarray(image[0] if len(image) == 1 else image.transpose(1, 2, 0)).save(path)
 
 
+def test_imagefolder_test_labels_follow_the_training_classes_and_limit_draws(tmp_path):
+    """A test split lacking a training class keeps the training numbering (each split numbered
+    its own folders: 'fish' was 2 in training and 1 in test); a class the training split lacks
+    is refused; limit= draws across the classes (the files are sorted by class)."""
+    for cls, n in (("cat", 6), ("dog", 6), ("fish", 6)):
+        for i in range(n):
+            write_png(tmp_path / "train" / cls / f"{i}.png", random_images(1, 3, 8)[0])
+    for cls in ("cat", "fish"):
+        write_png(tmp_path / "test" / cls / "0.png", random_images(1, 3, 8)[0])
+    test = data.dataset("imagefolder", "test", root=tmp_path)
+    assert test.classes == ["cat", "dog", "fish"] and sorted(test.targets) == [0, 2]
+    drawn = data.dataset("imagefolder", "train", root=tmp_path, limit=6)
+    assert len(drawn) == 6 and len(set(drawn.targets)) > 1
+    assert drawn.targets == sorted(drawn.targets)  # in the tree's order
+    write_png(tmp_path / "test" / "owl" / "0.png", random_images(1, 3, 8)[0])
+    with pytest.raises(ValueError, match=r"classes the training split .* lacks: \['owl'\]"):
+        data.dataset("imagefolder", "test", root=tmp_path)
+
+
 def test_imagefolder(tmp_path):
     red = np.zeros((3, 20, 30), np.uint8)
     red[0] = 255

@@ -351,3 +351,18 @@ def test_analyze_rejects_bad_arguments(setup):
         analyze(model, x, rank_rules=("energy=2",))
     with pytest.raises(ValueError, match="model"):
         analyze("net", x)
+
+
+def test_plots_of_an_analysis_with_no_eligible_layer(tmp_path):
+    """Labelled calibration data but every layer skipped (min_params): the plots written are
+    those there is something to plot (the sensitivity plot used to raise)."""
+    from torch import nn
+
+    import rankcut as rc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
+    x = torch.randn(8, 3, 2, 2)
+    analysis = rc.report.analyze(model, x[:1], calib_data=[(x, torch.randint(0, 4, (8,)))],
+                                 min_params=10**6)
+    assert [p.name for p in analysis.write_plots(tmp_path)] == ["costs.png"]

@@ -4,6 +4,7 @@ seeded train/validation splits, calibration batches, data loaders."""
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -97,11 +98,35 @@ def _imagefolder(root, split: str, transform, download: bool, limit: int | None)
     elif split == "train":
         warnings.warn(f"imagefolder: {tree} holds no train/ and test/ (or val/) folders: the "
                       "same images serve as the training and the test split", stacklevel=3)
-    ds = ImageFolder(str(tree), transform=transform, loader=_tensor_image)
-    if limit is not None:
-        ds.samples = ds.imgs = ds.samples[:limit]
-        ds.targets = ds.targets[:limit]
+    classes = None
+    if found and found[0] != "train" and "train" in splits:
+        # the test split numbered by the training split's classes (each ImageFolder numbers the
+        # folders it finds: a class missing from one split would shift the others' labels)
+        classes = sorted(e.name for e in (tree.parent / "train").iterdir() if e.is_dir())
+        extra = sorted(e.name for e in tree.iterdir() if e.is_dir() and e.name not in classes)
+        if extra:
+            raise ValueError(f"imagefolder: {tree} has classes the training split "
+                             f"({tree.parent / 'train'}) lacks: {extra}")
+
+    class Numbered(ImageFolder):  # numbered by the given classes (the folders it holds)
+        def find_classes(self, directory):
+            if classes is None:
+                return super().find_classes(directory)
+            return list(classes), {c: i for i, c in enumerate(classes)}
+
+    # a test split may lack some of the training classes (torchvision >= 0.18 refuses that
+    # unless allowed; earlier ones skip them)
+    lenient = ({"allow_empty": True} if classes is not None and "allow_empty" in
+               inspect.signature(ImageFolder.__init__).parameters else {})
+    ds = Numbered(str(tree), transform=transform, loader=_tensor_image, **lenient)
+    if limit is not None and limit < len(ds.samples):
+        # a seeded draw, in order: the samples are sorted by class (the first `limit` would be
+        # a class or two)
+        keep = torch.randperm(len(ds.samples), generator=_generator(0))[:limit].sort().values
+        ds.samples = ds.imgs = [ds.samples[i] for i in keep.tolist()]
+        ds.targets = [ds.targets[i] for i in keep.tolist()]
     return ds
+
 
 
 def _download(key: str, root: Path, split: str) -> None:
@@ -129,7 +154,8 @@ def dataset(name: str, split: str = "train", root: str | os.PathLike | None = No
             without one the dataset yields the uint8 tensors.
         download: fetch missing files with torchvision's dataset class into ``root`` (never
             otherwise); not for "imagefolder".
-        limit: only the first ``limit`` examples of the split.
+        limit: only the first ``limit`` examples of the split (of an image folder, whose
+            files are sorted by class, a seeded random ``limit`` of them, in order).
 
     Formats: CIFAR-10/100 in the python version (``cifar-10-batches-py/data_batch_1..5``,
     ``test_batch``; ``cifar-100-python/train``, ``test``) or the binary version
@@ -160,6 +186,8 @@ def dataset(name: str, split: str = "train", root: str | os.PathLike | None = No
         raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
     if key == "imagefolder":
         return _imagefolder(root, split, transform, download, limit)
+    if download and root is not None:  # a new folder to download into
+        Path(root).mkdir(parents=True, exist_ok=True)
     base = find_data_root(root)
     if base is None:
         if download:

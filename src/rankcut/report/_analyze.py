@@ -238,7 +238,7 @@ class Analysis(Document):
         paths = [self.plot_costs(out / "costs.png")]
         if any(layer.spectrum for layer in self.eligible):
             paths.append(self.plot_spectra(out / "spectra.png"))
-        if self.sensitivity:
+        if self.sensitivity and self.sensitivities():  # (none when no layer is eligible)
             paths.append(self.plot_sensitivity(out / "sensitivity.png"))
         return paths
 
