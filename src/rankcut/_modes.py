@@ -31,6 +31,21 @@ def model_device(model: nn.Module, fallback="cpu") -> torch.device:
     return torch.device(fallback) if first is None else first.device
 
 
+def on_model_device(model: nn.Module, inputs) -> tuple[torch.Tensor, ...]:
+    """Positional ``inputs`` (a tensor or a tuple) on ``model``'s device (each left where it is
+    when the model holds no tensor): a model fine-tuned on the GPU, example inputs on the CPU."""
+    return tuple(x.to(model_device(model, x.device)) for x in as_inputs(inputs))
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every module's qualified names, by ``id``: more than one where the same module is held
+    at several paths (it runs at each of them)."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """What ``model`` computes in: the dtype of its first floating-point parameter (else
     buffer), float32 when it has none."""
@@ -81,8 +96,7 @@ def run_watching_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     forward hook on every Conv2d and Linear (how MACs and input shapes are recorded)."""
     layers = [(module, make_hook(name)) for name, module in model.named_modules()
               if isinstance(module, nn.Conv2d | nn.Linear)]
-    # on the model's device (a model fine-tuned on the GPU, example inputs on the CPU)
-    inputs = tuple(x.to(model_device(model, x.device)) for x in inputs)
+    inputs = on_model_device(model, inputs)
     with hooked(model, layers):
         model(*inputs)
 

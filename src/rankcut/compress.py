@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ._modes import as_inputs, model_device
+from ._modes import as_inputs, on_model_device
 from .calibrate import (
     calibration_batches,
     check_reusable,
@@ -357,7 +357,7 @@ class _Job:
     def plan(self, target, model=None) -> Plan:
         model = model or self.model
         # (a later round's model is where fine-tuning left it, e.g. on the GPU)
-        x = tuple(t.to(model_device(model, t.device)) for t in as_inputs(self.x))
+        x = on_model_device(model, self.x)
         return _agreed(lambda: make_plan(model, x, target=target, **self.plan_kwargs))
 
     def tune(self, model, epochs=None, steps=None, folder: str | None = None) -> dict | None:

@@ -42,18 +42,18 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ._modes import (
-    as_inputs,
     as_tensor_tuple,
     batch_of,
     compare_outputs,
     eval_mode,
     hooked,
-    model_device,
+    module_paths,
+    on_model_device,
 )
 from .layers import FactorizedLayer, cost_at, input_shape
 from .layers.conv import _ConvFactorized
 from .layers.linear import LowRankLinear
-from .profile import MEMORY_FORMATS, compare_latency, layer_input
+from .profile import MEMORY_FORMATS, compare_latency, layer_input, unit_call_args
 from .surgery import set_submodule
 
 
@@ -92,17 +92,17 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
     if (revert_slower or memory_format == "auto") and example_inputs is None:
         raise ValueError(f"{'revert_slower' if revert_slower else 'memory_format'}: needs "
                          "example_inputs (the model is timed on them)")
-    inputs = None if example_inputs is None else tuple(
-        x.to(model_device(model, x.device)) for x in as_inputs(example_inputs))
+    inputs = None if example_inputs is None else on_model_device(model, example_inputs)
     fused = copy.deepcopy(model).eval()
     pairs = _layer_bn_pairs(fused)
-    if inputs is not None and any(isinstance(fused.get_submodule(bn), nn.BatchNorm1d)
-                                  for _, bn in pairs):
+    bn1d = {bn: fused.get_submodule(bn) for _, bn in pairs
+            if isinstance(fused.get_submodule(bn), nn.BatchNorm1d)}
+    if inputs is not None and bn1d:
         # a BatchNorm1d normalises dim 1: of a 3-D input, not the features
-        ndim = _input_ndims(fused, inputs, [bn for _, bn in pairs])
+        with torch.no_grad():
+            called = unit_call_args(fused, inputs, bn1d)
         pairs = [(layer, bn) for layer, bn in pairs
-                 if not (isinstance(fused.get_submodule(bn), nn.BatchNorm1d)
-                         and ndim.get(bn, 2) != 2)]
+                 if not (bn in called and called[bn][1][0].ndim != 2)]
     folded = [_fold(fused, conv, bn) for conv, bn in pairs]
     reverted = _revert_unprofitable(fused, inputs, latency_margin if revert_slower else None)
     fused.rankcut_fuse = {"folded": [f for f in folded if f], "reverted": reverted}
@@ -171,9 +171,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """Consecutive (layer, BatchNorm) children of the model's Sequentials, each module held
     once in the model (a module registered twice runs twice: folding into it would change both
     calls)."""
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    paths = module_paths(model)
     pairs = []
     for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
@@ -182,7 +180,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
         # two modules around it look consecutive
         for (a, first), (b, second) in itertools.pairwise(seq._modules.items()):
             if (first is not None and second is not None and _folds_into(first) is type(second)
-                    and uses[id(first)] == 1 and uses[id(second)] == 1):
+                    and len(paths[id(first)]) == 1 and len(paths[id(second)]) == 1):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + a, prefix + b))
     return pairs
@@ -273,21 +271,6 @@ def _input_shapes(model: nn.Module, inputs, dense: dict[str, nn.Module]) -> dict
     with hooked(model, hooks, pre=True):
         model(*inputs)
     return shapes
-
-
-def _input_ndims(model: nn.Module, inputs, names: list[str]) -> dict[str, int]:
-    """The number of dimensions of each named module's input (its first call)."""
-    ndims: dict[str, int] = {}
-
-    def record(name):
-        def hook(module, args):
-            ndims.setdefault(name, args[0].ndim)
-        return hook
-
-    with hooked(model, [(model.get_submodule(n), record(n)) for n in names], pre=True), \
-            torch.no_grad():
-        model(*inputs)
-    return ndims
 
 
 def _faster_format(model: nn.Module, inputs) -> str:

@@ -36,7 +36,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import as_inputs, batch_of, eval_mode, hooked, model_device, run_watching_layers
+from ._modes import (
+    as_inputs,
+    batch_of,
+    eval_mode,
+    hooked,
+    model_device,
+    on_model_device,
+    run_watching_layers,
+)
 from .layers import FactorizedLayer
 
 __all__ = [
@@ -347,7 +355,7 @@ def unit_call_args(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
         return record
 
-    inputs = tuple(x.to(model_device(model, x.device)) for x in inputs)
+    inputs = on_model_device(model, inputs)
     with hooked(model, [(unit, hook(name)) for name, unit in units.items()], pre=True):
         model(*inputs)
     return {name: (calls, args) for name, (calls, args) in seen.items()}

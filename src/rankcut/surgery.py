@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ._modes import module_paths
 from .calibrate import (
     check_reusable,
     corrected_weight,
@@ -85,9 +86,7 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     if isinstance(model, nn.Conv2d | nn.Linear):
         raise ValueError(_BARE_LAYER.format(type(model).__name__))
     out: dict[str, str | None] = {}
-    paths: dict[int, list[str]] = {}  # a module held at several paths runs at each of them
-    for name, module in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(name)
+    paths = module_paths(model)  # a module held at several paths runs at each of them
     owners: dict[int, list[str]] = {}  # a tensor held by several modules (tied weights)
     for name, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):

@@ -128,7 +128,6 @@ def _imagefolder(root, split: str, transform, download: bool, limit: int | None)
     return ds
 
 
-
 def _download(key: str, root: Path, split: str) -> None:
     import torchvision.datasets
 

@@ -164,7 +164,7 @@ class LatencyTable:
         if engine == "onnxruntime" and (torch.device(device).type != "cpu"
                                         or dtype != torch.float32):
             raise ValueError(f"engine: 'onnxruntime' times float32 models on the CPU, not "
-                             f"{str(dtype).removeprefix('torch.')} on {device}")
+                             f"{_name(dtype)} on {device}")
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
                              f"{memory_format!r}")
@@ -178,7 +178,7 @@ class LatencyTable:
         self.warmup, self.repeats = warmup, repeats
         self.engine = engine
         self.setting = {"device": device_name(self.device), "threads": torch.get_num_threads(),
-                        "dtype": str(dtype).removeprefix("torch."),
+                        "dtype": _name(dtype),
                         "memory_format": memory_format, "engine": engine,
                         "torch": torch.__version__, **_library_versions(self.device, engine)}
         self.entries: dict[str, dict[str, float]] = {}  # key -> {str(batch): ms}
