@@ -466,8 +466,10 @@ def finetune_model(run: dict, sw: dict, base: Path,
                     f.write(json.dumps(p) + "\n")
                 print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5} fine-tuned: "
                       f"{p['part_ratio']:7.1f}x, top-1 {p['top1_before']:6.2f}% -> "
-                      f"{p['top1']:6.2f}%, {p['seconds']:.1f} s", flush=True)
-            if p["top1"] < dense - tol:
+                      f"{p['top1']:6.2f}%, {p['seconds']:.1f} s"
+                      + (f" (diverged: {p['diverged']})" if "diverged" in p else ""),
+                      flush=True)
+            if p["top1"] < dense - tol or "diverged" in p:
                 break
     return path
 
@@ -490,20 +492,26 @@ def tuned_point(run: dict, method: dict, ratio, mode: str, seed: int, train, ft:
                 teacher_cache: Path, cache=None) -> dict:
     """One point compressed (``cache``: a target mode's candidates, shared by a series), then
     fine-tuned by distillation from the dense part on ``train`` (the part's inputs, labels);
-    its top-1 before and after."""
+    its top-1 before and after. A loss gone non-finite (``FloatingPointError``) leaves the point
+    measured as the fine-tuning left it, with ``diverged``: the message (the walk ends there)."""
     part = run["part"]
     small, plan, fit_s = compressed(part, run["x"], method, ratio, mode, seed, run["calib"],
                                     cache, run["head"]["exclude"])
     before = evaluate(small, run["test"])["top1"]
     start = time.perf_counter()
-    finetune(small, train, epochs=ft["epochs"], lr=ft["lr"], batch_size=ft["batch_size"],
-             teacher=part, transform=_as_float32, seed=seed, progress=False,
-             device=run["device"], teacher_cache=str(teacher_cache))
+    diverged = None
+    try:
+        finetune(small, train, epochs=ft["epochs"], lr=ft["lr"], batch_size=ft["batch_size"],
+                 teacher=part, transform=_as_float32, seed=seed, progress=False,
+                 device=run["device"], teacher_cache=str(teacher_cache))
+    except FloatingPointError as err:  # the loss went non-finite: a point that lost, measured
+        diverged = str(err)            # as it was left, and the walk's end
     small.eval()
-    return {"top1_before": before, "top1": evaluate(small, run["test"])["top1"],
-            "params": count_params(small),
-            "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
-            "seconds": round(fit_s + time.perf_counter() - start, 2)}
+    out = {"top1_before": before, "top1": evaluate(small, run["test"])["top1"],
+           "params": count_params(small),
+           "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
+           "seconds": round(fit_s + time.perf_counter() - start, 2)}
+    return out | ({"diverged": diverged} if diverged else {})
 
 
 def read_points(path: Path) -> tuple[dict, list[dict]]:
@@ -584,7 +592,9 @@ def finetuned_table(head: dict, tuned: list[dict], series=None) -> str:
     """Per fine-tuned series (method, mode, seed; only ``series``' (label, mode) pairs when
     given): its first point (the largest CR within the tolerance without fine-tuning) before
     and after, and the largest CR within the tolerance after fine-tuning (every CR walked
-    before it within it too). The tolerance is the one the walks stopped at (the file's)."""
+    before it within it too), and where the walk ended: the first CR that lost more after
+    fine-tuning, or whose fine-tuning diverged ("-": every CR walked kept it). The tolerance is
+    the one the walks stopped at (the file's)."""
     ft = head["finetune"]
     tol = ft["tolerance"]
     lines = [f"Fine-tuned: {ft['epochs']} epoch(s) of distillation from the dense "
@@ -592,8 +602,8 @@ def finetuned_table(head: dict, tuned: list[dict], series=None) -> str:
              f"frozen; within {tol} point of {head['dense_top1']:.2f}%", "",
              f"| method | mode | seed | first CR (kept without fine-tuning) | top-1 before -> "
              f"after | largest CR within {tol} after fine-tuning | top-1 % | {head['part']} "
-             f"params | whole x | seconds / point |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             f"params | whole x | walk ended at (CR: before -> after) | seconds / point |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|"]
     walks: dict = {}
     for p in tuned:
         walks.setdefault((p["label"], p["mode"], p["seed"]), []).append(p)
@@ -603,6 +613,10 @@ def finetuned_table(head: dict, tuned: list[dict], series=None) -> str:
         ps = sorted(ps, key=lambda p: p["ratio"])
         first = next((p for p in ps if p["start"]), ps[0])
         walked = [(p["ratio"], [p]) for p in ps if p["ratio"] >= first["ratio"]]
+        end = next((p for _, (p,) in walked if "diverged" in p
+                    or p["top1"] < head["dense_top1"] - tol), None)
+        if end is not None:  # a diverged point counts as lost whatever its top-1
+            walked = [(r, q) for r, q in walked if r < end["ratio"]]
         where = f"{first['part_ratio']:.1f}" + ("" if first["kept_before"] else " (none kept)")
         row = (f"| {label} | {mode} | {seed} | {where} | "
                f"{first['top1_before']:.2f} -> {first['top1']:.2f} |")
@@ -613,6 +627,11 @@ def finetuned_table(head: dict, tuned: list[dict], series=None) -> str:
                     f"{best['whole_ratio']:.2f} |")
         else:
             row += " - | - | - | - |"
+        if end is None:
+            row += " - |"
+        else:
+            row += (f" {end['part_ratio']:.1f}: {end['top1_before']:.2f} -> "
+                    + ("diverged" if "diverged" in end else f"{end['top1']:.2f}") + " |")
         lines.append(row + f" {statistics.fmean(p['seconds'] for p in ps):.1f} |")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -495,6 +496,56 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
         ValueError("another error")))
     with pytest.raises(ValueError, match="another error"):
         sweep_.finetune_model(run, sw, tmp_path / "other")
+
+
+def test_classifier_sweep_a_diverged_fine_tuning_ends_the_walk(monkeypatch, tmp_path):
+    # a loss gone NaN (FloatingPointError from the training loop) is a point that lost: it is
+    # measured as the fine-tuning left it, recorded, and the walk stops there (a crash would
+    # end the whole sweep, every later series with it)
+    import yaml
+
+    sweep_ = _sweep_module()
+    raw = yaml.safe_load(SWEEP_CONFIG)
+    raw["sweep"]["finetune"] = {"series": ["svd/rule"], "ratios": [2, 4, 8], "tolerance": 1}
+    sw = sweep_.sweep_settings(raw)
+    head = {"dense_top1": 90.0, "part_params": 1000, "total_params": 5000, "part": "fc"}
+    run = {"name": "m", "head": {**head, "exclude": []}, "plain": [], "model": None,
+           "device": "cpu", "part": None, "x": None, "calib": None,
+           "points": [{"label": "svd", "mode": "rule", "ratio": 2, "seed": 0, "top1": 89.5}]}
+    torch.manual_seed(0)
+    xs, ys = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    run["test"] = torch.utils.data.TensorDataset(xs, ys)
+    models, calls = [], []
+
+    def compressed(part, x, method, ratio, *args):
+        models.append(torch.nn.Linear(6, 3))
+        return models[-1], SimpleNamespace(active={}), 0.0
+
+    def finetune(model, *args, **kwargs):
+        calls.append(len(models))
+        if len(models) == 2:  # the second point's loss goes NaN, its weights with it
+            with torch.no_grad():
+                model.weight.fill_(float("nan"))
+            raise FloatingPointError("training loss is nan at step 50: lower lr")
+
+    monkeypatch.setattr(sweep_, "compressed", compressed)
+    monkeypatch.setattr(sweep_, "finetune", finetune)
+    monkeypatch.setattr(sweep_, "part_inputs", lambda *a, **k: "inputs")
+    monkeypatch.setattr(sweep_, "evaluate", lambda model, data: {
+        "top1": 0.0 if model.weight.isnan().any() else 89.8})
+    path = sweep_.finetune_model(run, sw, tmp_path)
+    assert calls == [1, 2]  # 8 is not walked
+    ft_head, tuned = sweep_.read_points(path)
+    assert [p["ratio"] for p in tuned] == [2, 4]
+    assert "diverged" not in tuned[0] and "lower lr" in tuned[1]["diverged"]
+    assert tuned[1]["top1"] == 0.0 and tuned[1]["top1_before"] == 89.8
+    sweep_.finetune_model(run, sw, tmp_path)  # resumed: the diverged point is not run again
+    assert calls == [1, 2]
+    table = sweep_.finetuned_table(ft_head, tuned)
+    row = next(line for line in table.splitlines() if line.startswith("| svd |"))
+    cr = f"{1000 / 21:.1f}"  # both points' models: Linear(6, 3), 21 params
+    assert f"| {cr} | 89.80 -> 89.80 | {cr} | 89.80 | 21 |" in row
+    assert f"| {cr}: 89.80 -> diverged |" in row
 
 
 def test_classifier_sweep_settings_are_checked_before_any_work():
