@@ -464,6 +464,7 @@ CLI_CASES = [
     ("val-split-0", _compress("--val-split", 0), ["--val-split", "fraction"]),
     ("val-split-inf", _compress("--val-split", "inf"), ["--val-split", "inf"]),
     ("val-split-without-floor", _compress("--val-split", 0.2), ["--val-split", "--min-accuracy"]),
+    ("input-shape-with-data", _compress("--data", "cifar10"), ["--input-shape", "--data"]),
     ("input-shape-zero", lambda tmp: ["compress", "--model", TINY, "--input-shape", "3,0,8",
                                       *PLAN_FLAGS, "--out", tmp / "o"], ["--input-shape"]),
     # a shape the model cannot run on: named with the batch tried, before any planning

@@ -642,6 +642,9 @@ def _check_args(args: argparse.Namespace) -> None:
     command = args.command
     if getattr(args, "input_shape", None):
         _input_shape(args.input_shape)
+        if getattr(args, "data", None):  # it would be ignored: the data's examples are used
+            raise UserError("--input-shape: only without --data (the inputs are then the "
+                            "dataset's examples); drop one")
     if getattr(args, "data", None):
         from .data import NAMES, dataset_key
 
