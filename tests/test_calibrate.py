@@ -382,6 +382,14 @@ def test_sequential_apply_fits_each_layer_to_the_compressed_inputs():
         rc.apply(model, plan, sequential=True)
     with pytest.raises(ValueError, match="reference: only sequential fitting"):
         rc.apply(model, plan, calib_data=batches, sequential=False, reference=model)
+    # a reference whose planned layers are not the model's would be fitted in their place
+    # (another head: a model of 7 classes out of one of 10, silently)
+    for change in ({"last": nn.Linear(64, 7)}, {"second": nn.Conv2d(16, 16, 3, padding=2)}):
+        other = copy.deepcopy(model)
+        for name, layer in change.items():
+            setattr(other, name, layer)
+        with pytest.raises(ValueError, match=f"reference: its layer '{name}'"):
+            rc.apply(model, plan, calib_data=batches, reference=other)
 
 
 def test_two_tensors_are_inputs_and_targets_when_the_second_is_labels_or_shaped_otherwise():

@@ -202,6 +202,14 @@ def test_read_idx_types_and_errors(tmp_path):
         data.read_idx(write(tmp_path / "bad.idx", b"\x01\x02\x08\x01" + b"\0" * 8))
     with pytest.raises(ValueError, match="truncated idx file"):
         data.read_idx(write(tmp_path / "short.idx", idx_bytes(np.zeros((4, 2)))[:-3]))
+    # a partial download: the gzip stream cut short, a .gz that is no gzip, a header cut short
+    whole = gzip.compress(idx_bytes(RNG.integers(0, 255, (50, 40)).astype(np.uint8)))
+    for name, raw in (("cut.idx.gz", whole[:len(whole) // 2]), ("plain.idx.gz", idx_bytes(values, 0x0C)),
+                      ("head.idx", idx_bytes(values, 0x0C)[:7])):
+        path = tmp_path / name
+        path.write_bytes(raw)
+        with pytest.raises(ValueError, match=f"{name}: truncated or damaged file"):
+            data.read_idx(path)
 
 
 def write_png(path, image):

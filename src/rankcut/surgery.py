@@ -257,6 +257,12 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
             raise ValueError(f"reference: expected an nn.Module, got "
                              f"{type(reference).__name__}")
         _check_plan(reference, plan)  # the model itself (or its copy) was checked just above
+        for name in plan.active:  # its layers are fitted in the model's place: the same kind
+            mine, theirs = model.get_submodule(name), reference.get_submodule(name)
+            if (type(mine), mine.extra_repr()) != (type(theirs), theirs.extra_repr()):
+                raise ValueError(f"reference: its layer {name!r} ({theirs}) is not the "
+                                 f"model's ({mine}); reference must be the dense original of "
+                                 "the model")
     target = model if inplace else copy.deepcopy(model)
     order = forward_order(target, list(plan.active), calib_data)
     if progress:

@@ -7,19 +7,32 @@ or gzip-compressed). MNIST and Fashion-MNIST come as idx files (plain or gzip-co
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import pickle
 import struct
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 
-def _open(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[io.BufferedIOBase]:
+    """``path`` opened for reading (gunzipped when it ends in .gz); a file cut short or damaged
+    (a partial download: gzip's end-of-stream, a bad gzip header, a header shorter than its
+    format's) is a ValueError naming it."""
+    f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    try:
+        with f:
+            yield f
+    except (EOFError, gzip.BadGzipFile, zlib.error, struct.error) as err:
+        raise ValueError(f"{path}: truncated or damaged file ({type(err).__name__}: "
+                         f"{err})") from None
 
 
 def _read(path: Path, nbytes: int | None = None) -> bytes:
