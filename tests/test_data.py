@@ -204,7 +204,8 @@ def test_read_idx_types_and_errors(tmp_path):
         data.read_idx(write(tmp_path / "short.idx", idx_bytes(np.zeros((4, 2)))[:-3]))
     # a partial download: the gzip stream cut short, a .gz that is no gzip, a header cut short
     whole = gzip.compress(idx_bytes(RNG.integers(0, 255, (50, 40)).astype(np.uint8)))
-    for name, raw in (("cut.idx.gz", whole[:len(whole) // 2]), ("plain.idx.gz", idx_bytes(values, 0x0C)),
+    for name, raw in (("cut.idx.gz", whole[:len(whole) // 2]),
+                      ("plain.idx.gz", idx_bytes(values, 0x0C)),
                       ("head.idx", idx_bytes(values, 0x0C)[:7])):
         path = tmp_path / name
         path.write_bytes(raw)
