@@ -85,10 +85,28 @@ def test_bad_layer_plans_are_rejected(kwargs, match):
     ('{"schema": "rankcut.plan", "version": 99}', "schema version 99 is not supported"),
     ('{"schema": "rankcut.plan", "version": 1, "layers": {"a": {"method": "svd", '
      '"ranks": [2], "colour": 1}}}', r"plan layer 'a': layer plan: unknown keys \['colour'\]"),
+    # edited by hand: each a ValueError naming the part, not an OverflowError/AttributeError
+    ('{"schema": "rankcut.plan", "version": 1, "layers": {"a": {"method": "svd", '
+     '"ranks": [Infinity]}}}', r"plan layer 'a': ranks: method 'svd' expects 1 rank"),
+    ('{"schema": "rankcut.plan", "version": 1, "layers": []}', '"layers" must be a JSON object'),
+    ('{"schema": "rankcut.plan", "version": 1, "meta": "abc"}', '"meta" must be a JSON object'),
+    ('{"schema": "rankcut.plan", "version": 1, "layers": {"a": {"method": "svd", "ranks": 4, '
+     '"predicted": {"error": "high"}}}}', "plan layer 'a': predicted: expected a mapping whose"),
+    ('{"schema": "rankcut.plan", "version": 1, "layers": {"a": {"method": "svd", "ranks": 4, '
+     '"reason": 5}}}', "plan layer 'a': reason: expected a string"),
+    ('{"schema": "rankcut.plan", "version": 1, "layers": {"a": {"method": 3}}}',
+     "plan layer 'a': method: expected a name"),
 ])
 def test_bad_plan_json_is_rejected(text, match):
     with pytest.raises(ValueError, match=match):
         rc.Plan.from_json(text)
+
+
+def test_plan_json_ranks_may_be_one_number_and_predictions_print():
+    text = ('{"schema": "rankcut.plan", "version": 1, "layers": {"a": {"method": "svd", '
+            '"ranks": 4, "predicted": {"params": 10, "error": null}}}}')
+    plan = rc.Plan.from_json(text)
+    assert plan["a"].ranks == (4,) and "a      svd     4" in str(plan)
 
 
 def test_apply_replaces_by_qualified_name_and_leaves_the_original_bitwise_unchanged(net):
@@ -191,6 +209,45 @@ def test_save_records_realised_ranks_and_layers_the_plan_omits(net, tmp_path):
     assert stored["head.4"].method == "svd" and stored["head.4"].ranks == (3,)
     x = torch.randn(1, 3, 12, 12)
     assert torch.equal(rc.load(Net().eval(), tmp_path)(x), small(x))
+
+
+def test_save_records_a_skipped_layer_factorized_since_by_hand(net, tmp_path):
+    plan = rc.Plan({"proj": rc.LayerPlan("svd", (4,)),
+                    "head.4": rc.LayerPlan.skipped("kept dense", "Linear")})
+    small = rc.apply(net, plan)
+    small.head[4] = LowRankLinear.from_dense(small.head[4], 3)
+    rc.save(small, tmp_path, plan=plan)
+    assert rc.load_plan(tmp_path)["head.4"].ranks == (3,)
+    x = torch.randn(1, 3, 12, 12)
+    assert torch.equal(rc.load(Net().eval(), tmp_path)(x), small(x))
+
+
+def test_save_refuses_what_load_cannot_rebuild(net, tmp_path):
+    small = rc.apply(net, rc.Plan({"blocks.1.conv": rc.LayerPlan("tucker", (8, 6))}))
+    # a factorized layer factorized again: the dense model has no "blocks.1.conv.core"
+    twice = rc.apply(small, rc.Plan({"blocks.1.conv.core": rc.LayerPlan("svd", (2,))}))
+    with pytest.raises(ValueError, match="'blocks.1.conv.core' is factorized inside"):
+        rc.save(twice, tmp_path / "twice")
+    # a fused model: its BatchNorms folded into the factors, which no plan records
+    fused = rc.fuse(small, torch.randn(1, 3, 12, 12))
+    with pytest.raises(ValueError, match="model: a fused model"):
+        rc.save(fused, tmp_path / "fused")
+    for bad, match in ((("not a model",), "model: expected an nn.Module"),
+                       ((small, {"proj": "svd"}), "plan: expected a rankcut.Plan")):
+        with pytest.raises(ValueError, match=match):
+            rc.save(bad[0], tmp_path / "bad", *bad[1:])
+    assert not any((tmp_path / d).exists() for d in ("twice", "fused", "bad"))
+
+
+def test_a_frozen_layer_stays_frozen_when_factorized(net, tmp_path):
+    for p in net.blocks[1].conv.parameters():
+        p.requires_grad_(False)
+    plan = rc.Plan({"blocks.1.conv": rc.LayerPlan("tucker", (8, 6)),
+                    "proj": rc.LayerPlan("svd", (4,))})
+    small = rc.apply(net, plan)
+    assert not any(p.requires_grad for p in small.blocks[1].conv.parameters())
+    assert all(p.requires_grad for p in small.proj.parameters())
+    assert not any(m.training for m in small.modules())  # in eval mode, as the model was
 
 
 def test_save_refuses_a_plan_the_model_does_not_carry_out(net, tmp_path):

@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 
+def check_module(value, name: str = "model") -> nn.Module:
+    """``value`` when it is an nn.Module; anything else is an error naming the argument."""
+    if not isinstance(value, nn.Module):
+        raise ValueError(f"{name}: expected an nn.Module, got {type(value).__name__}")
+    return value
+
+
 def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
     """``example_inputs`` (a tensor, or a tuple or list of positional tensors) as a tuple; any
     other value is an error naming ``example_inputs``."""

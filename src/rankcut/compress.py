@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ._modes import as_inputs, on_model_device
+from ._modes import as_inputs, check_module, on_model_device
 from .calibrate import (
     calibration_batches,
     check_reusable,
@@ -220,8 +220,7 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
     Both option dicts are checked against the functions they feed before any work starts. The
     defaults are :data:`rankcut.defaults.COMPRESS`, shared with the command line.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if plan is not None and (rank is not None or target is not None):
         raise ValueError("plan: a ready plan cannot be combined with rank= or target= (the plan "
                          "already fixes every layer's method and ranks)")
@@ -462,6 +461,7 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
     classifier ``head`` (default: the last ``nn.Linear``) replaced by a fresh Linear to
     ``num_classes``, everything else frozen (BatchNorm statistics included), and the head
     trained on ``train_data``. Returns the :class:`rankcut.train.TrainResult` (``.model``)."""
+    check_module(model)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
     out = copy.deepcopy(model)

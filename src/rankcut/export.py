@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import as_tensor_tuple, compare_outputs, eval_mode, model_device
+from ._modes import as_tensor_tuple, check_module, compare_outputs, eval_mode, model_device
 from .atomic import atomic_path, file_target_problem
 from .fuse import fuse as fused_copy
 
@@ -88,6 +88,7 @@ def export(
         RuntimeError: the exported model's output differs from PyTorch's.
         ImportError: ``check=True`` for ONNX without onnx and onnxruntime installed.
     """
+    check_module(model)
     _check_arguments(format, example_inputs, opset, method, check, atol)
     if not isinstance(fuse, bool):
         raise ValueError(f"fuse: expected True or False, got {fuse!r}")
@@ -116,9 +117,10 @@ def _check_arguments(format, example_inputs, opset, method, check, atol) -> None
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset < MIN_OPSET:
         raise ValueError(f"opset: expected an integer >= {MIN_OPSET}, got {opset!r}")
-    if not atol >= 0:  # also rejects NaN
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:  # NaN too
         raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
-    if example_inputs is None:
+    if example_inputs is None or (isinstance(example_inputs, tuple | list)
+                                   and not example_inputs):
         needed_by = (
             "format='onnx'" if format == "onnx"
             else "method='trace'" if method == "trace"
@@ -128,7 +130,7 @@ def _check_arguments(format, example_inputs, opset, method, check, atol) -> None
         if needed_by is not None:
             raise ValueError(
                 f"example_inputs: expected a tensor or a tuple of tensors (required with "
-                f"{needed_by}), got None"
+                f"{needed_by}), got {example_inputs!r}"
             )
 
 

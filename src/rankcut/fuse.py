@@ -44,6 +44,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from ._modes import (
     as_tensor_tuple,
     batch_of,
+    check_module,
     compare_outputs,
     eval_mode,
     hooked,
@@ -77,8 +78,7 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
             (within ``atol * max(1, max |output|)``, as :func:`rankcut.export` checks); a
             RuntimeError if they differ.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if isinstance(atol, bool) or not isinstance(atol, int | float) or not atol >= 0:
         raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
     if not isinstance(revert_slower, bool):

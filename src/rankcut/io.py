@@ -22,7 +22,7 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from . import methods
-from ._modes import model_device
+from ._modes import check_module, model_device
 from .atomic import atomic_path
 from .layers import FactorizedLayer, LowRankLinear
 from .models import WeightsMismatchError, check_state_dict, first_non_finite
@@ -52,9 +52,14 @@ def realized_plan(model: nn.Module, plan: Plan | None = None) -> Plan:
     does not mention is added. Refuses a plan whose layers ``model`` has not factorized."""
     stored = Plan(meta=dict(plan.meta) if plan is not None else {})
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    nested = sorted(n for n in layers for outer in layers if n.startswith(f"{outer}."))
+    if nested:  # load rebuilds from the dense model, whose layers hold no such sub-layer
+        raise ValueError(f"layer {nested[0]!r} is factorized inside a factorized layer: a plan "
+                         "cannot rebuild it; factorize the dense layer once, at the ranks wanted")
     for name, lp in (plan or {}).items():
-        if lp.skip:
-            stored[name] = lp
+        if lp.skip:  # as skipped, unless it was factorized since (by hand): then as it is
+            stored[name] = lp if name not in layers else layer_plan_of(
+                layers[name], _dense_type(layers[name]))
             continue
         if name not in layers:
             raise ValueError(f"plan layer {name!r} is not factorized in this model: pass the "
@@ -64,15 +69,24 @@ def realized_plan(model: nn.Module, plan: Plan | None = None) -> Plan:
                                  dict(lp.predicted), lp.reason, lp.module_type)
     for name, layer in layers.items():
         if name not in stored:
-            dense_type = "Linear" if isinstance(layer, LowRankLinear) else "Conv2d"
-            stored[name] = layer_plan_of(layer, dense_type)
+            stored[name] = layer_plan_of(layer, _dense_type(layer))
     return stored
+
+
+def _dense_type(layer: FactorizedLayer) -> str:
+    return "Linear" if isinstance(layer, LowRankLinear) else "Conv2d"
 
 
 def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) -> Path:
     """Write ``plan.json`` and ``model.safetensors`` into the folder ``path``; returns it."""
     from . import __version__
 
+    check_module(model)
+    if plan is not None and not isinstance(plan, Plan):
+        raise ValueError(f"plan: expected a rankcut.Plan or None, got {type(plan).__name__}")
+    if hasattr(model, "rankcut_fuse"):  # its BatchNorms folded away: no plan rebuilds that
+        raise ValueError("model: a fused model (rankcut.fuse) cannot be saved for rankcut.load; "
+                         "save the model before fusing, and fuse after loading")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: a file, not a folder (rankcut.save writes a folder "
@@ -138,6 +152,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
     plan without one was altered and is refused; ``verify=False`` skips the check (for a plan
     written by hand). A weights file outside the folder and non-finite weights are refused
     either way (ValueError)."""
+    check_module(base_model, "base_model")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: a file, not a folder (a rankcut save folder holds "

@@ -150,6 +150,7 @@ class Method:
                              f"got {ranks!r}") from None
         if (len(ranks) != self.n_ranks
                 or any(isinstance(r, bool) or not isinstance(r, int | float) for r in ranks)
+                or not all(math.isfinite(r) for r in ranks)
                 or any(int(r) != r or r < 1 for r in ranks)):
             raise ValueError(f"ranks: method {self.name!r} expects {self.n_ranks} rank(s) >= 1, "
                              f"got {ranks}")

@@ -11,6 +11,7 @@ The methods a LayerPlan may name, their forms and the layers they make are the r
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +50,17 @@ class LayerPlan:
     def __post_init__(self):
         if isinstance(self.ranks, int):
             self.ranks = (self.ranks,)
+        if not isinstance(self.method, str):
+            raise ValueError(f"method: expected a name (e.g. 'svd'), got {self.method!r}")
+        for key in ("reason", "module_type"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key}: expected a string, got {getattr(self, key)!r}")
+        bad = {k: v for k, v in self.predicted.items() if k in ("params", "macs", "error")
+               and v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real))
+               } if isinstance(self.predicted, dict) else None
+        if bad is None or bad:  # the printed table formats them as numbers
+            raise ValueError(f"predicted: expected a mapping whose params, macs and error are "
+                             f"numbers, got {self.predicted!r}")
         if self.method == SKIP:
             self.ranks = tuple(self.ranks)
             return
@@ -99,7 +111,7 @@ class LayerPlan:
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"layer plan: unknown keys {sorted(unknown)}")
-        return cls(**{k: (tuple(v) if k == "ranks" else v) for k, v in d.items()})
+        return cls(**d)  # (ranks as a list, or one number: LayerPlan checks them)
 
 
 class Plan(Mapping[str, LayerPlan]):
@@ -148,6 +160,10 @@ class Plan(Mapping[str, LayerPlan]):
         if version != SCHEMA_VERSION:
             raise ValueError(f"plan: schema version {version!r} is not supported (this rankcut "
                              f"reads version {SCHEMA_VERSION})")
+        for key in ("layers", "meta"):
+            if not isinstance(d.get(key, {}), Mapping):
+                raise ValueError(f"plan: \"{key}\" must be a JSON object, got "
+                                 f"{type(d[key]).__name__}")
         layers = {}
         for name, entry in d.get("layers", {}).items():
             try:
@@ -171,7 +187,7 @@ class Plan(Mapping[str, LayerPlan]):
             method = f"{lp.method}/{lp.form}" if lp.form else lp.method
             rows.append((name, method, ",".join(map(str, lp.ranks)),
                          _fmt(p.get("params")), _fmt(p.get("macs")),
-                         f"{p['error']:.4f}" if "error" in p else "", lp.reason))
+                         "" if p.get("error") is None else f"{p['error']:.4f}", lp.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                  for r in rows]

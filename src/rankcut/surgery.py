@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ._modes import module_paths
+from ._modes import check_module, module_paths
 from .calibrate import (
     check_reusable,
     corrected_weight,
@@ -79,8 +79,7 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     depthwise convolution, an input stem with at most 3 input channels, or fewer than
     ``min_params`` parameters. Naming a layer exactly in ``include`` overrides the last two.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
     if isinstance(model, nn.Conv2d | nn.Linear):
@@ -150,8 +149,7 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
     (with ``weights``, also a planned layer whose weights are not finite)."""
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     for name, lp in plan.active.items():
         try:
             module = model.get_submodule(name)
@@ -253,9 +251,7 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
     if reference is None:
         reference = copy.deepcopy(model) if inplace else model
     else:
-        if not isinstance(reference, nn.Module):
-            raise ValueError(f"reference: expected an nn.Module, got "
-                             f"{type(reference).__name__}")
+        check_module(reference, "reference")
         _check_plan(reference, plan)  # the model itself (or its copy) was checked just above
         for name in plan.active:  # its layers are fitted in the model's place: the same kind
             mine, theirs = model.get_submodule(name), reference.get_submodule(name)

@@ -119,6 +119,13 @@ class FactorizedLayer(nn.Module):
     def to_dense(self) -> nn.Module:
         raise NotImplementedError
 
+    def _placed_as(self, dense: nn.Module) -> FactorizedLayer:
+        """This new layer on ``dense``'s device and dtype, frozen when its weight was (a layer
+        the user froze stays out of fine-tuning), in its train/eval mode."""
+        ref = dense.weight
+        self.to(device=ref.device, dtype=ref.dtype).requires_grad_(ref.requires_grad)
+        return self.train(dense.training)
+
     @classmethod
     def from_dense_many(cls, modules, ranks, *, covs=None, **options) -> list[FactorizedLayer]:
         """``from_dense`` of each of ``modules`` at the same ``ranks`` (``covs``: one input

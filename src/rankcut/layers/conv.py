@@ -129,8 +129,7 @@ class _ConvFactorized(FactorizedLayer):
 
     @classmethod
     def like(cls, dense, **config):
-        ref = dense.weight
-        return cls(_check_conv(dense), **config).to(device=ref.device, dtype=ref.dtype)
+        return cls(_check_conv(dense), **config)._placed_as(dense)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:

@@ -44,10 +44,8 @@ class LowRankLinear(FactorizedLayer):
     def like(cls, dense, rank, decomposition="svd"):
         if not isinstance(dense, nn.Linear):
             raise ValueError(f"module: expected an nn.Linear, got {type(dense).__name__}")
-        ref = dense.weight
-        layer = cls(dense.in_features, dense.out_features, rank, dense.bias is not None,
-                    decomposition)
-        return layer.to(device=ref.device, dtype=ref.dtype)
+        return cls(dense.in_features, dense.out_features, rank, dense.bias is not None,
+                   decomposition)._placed_as(dense)
 
     def dense_weight(self) -> torch.Tensor:
         return self.second.weight @ self.first.weight

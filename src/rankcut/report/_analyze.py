@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import decompose as dec
 from .. import methods as registry
-from .._modes import as_inputs
+from .._modes import as_inputs, check_module
 from ..calibrate import calibration_batches
 from ..curves import tucker_errors
 from ..defaults import COMPRESS
@@ -318,8 +318,7 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
     from ..select import layer_sensitivities, mean_loss, parse_rank
     from ..surgery import target_layers
 
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if isinstance(rank_rules, str | int):
         rank_rules = (rank_rules,)
     rules = [parse_rank(r) for r in rank_rules]

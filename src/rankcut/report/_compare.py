@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .._modes import as_inputs, model_device
+from .._modes import as_inputs, check_module, model_device
 from ..io import layer_plan_of
 from ..layers import FactorizedLayer
 from ..plans import Plan
@@ -369,8 +369,7 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
     ``meta``: free-form JSON-serialisable facts to keep in the report (model name, command, ...).
     """
     for name, model in (("original", original), ("compressed", compressed)):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{name}: expected an nn.Module, got {type(model).__name__}")
+        check_module(model, name)
     if plan is not None and not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut Plan, got {type(plan).__name__}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)

@@ -32,7 +32,14 @@ from pathlib import Path
 from torch import nn
 
 from .. import methods
-from .._modes import as_inputs, batch_of, model_device, model_dtype, run_watching_layers
+from .._modes import (
+    as_inputs,
+    batch_of,
+    check_module,
+    model_device,
+    model_dtype,
+    run_watching_layers,
+)
 from ..calibrate import check_reusable, input_second_moments
 from ..curves import Candidate, aligned, measured, pareto, whitened_svd_errors
 from ..decompose.svd import reuse_svds
@@ -294,8 +301,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     if cache is not None and not isinstance(cache, CandidateCache):
         raise ValueError(f"cache: expected a rankcut.select.CandidateCache or None, got "
                          f"{type(cache).__name__}")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if method not in method_choices():
         raise ValueError(f"method: expected one of {', '.join(method_choices())}, got "
                          f"{method!r}")
