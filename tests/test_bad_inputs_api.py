@@ -246,9 +246,79 @@ COMPRESS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("factory, call, error, match",
-                         [c[1:] for c in PLAN_CASES + APPLY_CASES + COMPRESS_CASES],
-                         ids=[c[0] for c in PLAN_CASES + APPLY_CASES + COMPRESS_CASES])
+def _calib():
+    return [(X, torch.zeros(2, dtype=torch.long))]
+
+
+def _within_reuse(max_entries):
+    with rc.decompose.reuse_svds(max_entries=max_entries):
+        pass
+
+
+# the library's other public helpers: refused before their work (the sensitivity pass, the
+# timing), with a ValueError naming the argument instead of an AttributeError or IndexError
+HELPER_CASES = [
+    ("sensitivity of a layer the model lacks", fresh,
+     lambda m: rc.select.sensitivity_plan(m, ["nope"], _calib(), total=5), ValueError,
+     "names: the model has no module 'nope'"),
+    ("sensitivity of a ReLU", lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+     lambda m: rc.select.sensitivity_plan(m, ["1"], _calib(), total=5), ValueError,
+     "names: '1' is a ReLU"),
+    ("sensitivity total below the layers", fresh,
+     lambda m: rc.select.sensitivity_plan(m, ["stem", "conv"], _calib(), total=1), ValueError,
+     "total: expected an int >= the number of layers"),
+    ("sensitivity lam 2", fresh,
+     lambda m: rc.select.sensitivity_plan(m, ["conv"], _calib(), total=5, lam=2), ValueError,
+     r"lam: expected a number in \[0, 1\]"),
+    ("sensitivity MACs target", fresh,
+     lambda m: rc.select.sensitivity_plan(m, ["conv"], _calib(), target="macs=2x"),
+     ValueError, "target: sensitivity ranks take a params target"),
+    ("NaN sensitivity loss", fresh,
+     lambda m: rc.select.allocate_ranks([float("nan"), 1.0], [1, 1], 4), ValueError,
+     "losses, sizes: expected finite"),
+    ("compare with data of the wrong type", fresh,
+     lambda m: rc.report.compare(m, m, X, data="cifar10", latency=False), ValueError,
+     "data: expected a torch Dataset"),
+    ("analyze NaN weights", poisoned, lambda m: rc.report.analyze(m, X, latency=False),
+     ValueError, "layer 'conv': its weight has 1 non-finite"),
+    ("calibration from unlabelled examples", fresh,
+     lambda m: rc.data.calibration(torch.utils.data.TensorDataset(torch.rand(4, 3))),
+     ValueError, r"ds: expected \(input, class label\) examples"),
+    ("dataset None", fresh, lambda m: rc.data.dataset(None), ValueError,
+     "name: expected a dataset name"),
+    ("rank rule of a ReLU", fresh, lambda m: rc.select.layer_ranks(nn.ReLU(), "svd", "params=0.5"),
+     ValueError, "module: expected a Conv2d or Linear"),
+    ("input_hw a number", fresh,
+     lambda m: rc.select.layer_ranks(m.conv, "svd", "macs=0.5", input_hw=8), ValueError,
+     r"input_hw: expected \(H, W\)"),
+    ("allocate over a layer without candidates", fresh,
+     lambda m: rc.select.allocate({"a": []}, "params", 10), ValueError,
+     "frontiers: layer 'a' has no candidate"),
+    ("reuse_svds keeping -1", fresh, lambda m: _within_reuse(-1), ValueError, "max_entries"),
+    ("truncation errors of nothing", fresh, lambda m: rc.decompose.truncation_errors([]),
+     ValueError, "mats: expected a non-empty list"),
+    ("energy rank of a list", fresh, lambda m: rc.decompose.energy_rank([3.0, 2.0], 0.9),
+     ValueError, "singular_values: expected a 1-D tensor"),
+    ("energy 95 for 95%", fresh, lambda m: rc.decompose.energy_rank(torch.ones(3), 95),
+     ValueError, r"energy: expected a fraction in \(0, 1\]"),
+    ("Tucker modes as text", fresh,
+     lambda m: rc.decompose.tucker(torch.rand(4, 4, 3), 2, modes="01"), ValueError,
+     "modes: expected a sequence of mode indices"),
+]
+
+
+def test_a_params_rank_rule_needs_no_input_size():
+    conv = nn.Conv2d(16, 32, 3)
+    (rank,) = rc.select.layer_ranks(conv, "svd", "params=0.25")
+    assert 1 <= rank and rank * (16 * 9 + 32) <= 0.25 * 32 * 16 * 9 + 32
+    assert rc.select.layer_ranks(conv, "svd", "params=0.25", input_hw=(8, 8)) == (rank,)
+
+
+ALL_CASES = PLAN_CASES + APPLY_CASES + COMPRESS_CASES + HELPER_CASES
+
+
+@pytest.mark.parametrize("factory, call, error, match", [c[1:] for c in ALL_CASES],
+                         ids=[c[0] for c in ALL_CASES])
 def test_bad_api_input_is_a_clear_error_and_changes_nothing(factory, call, error, match):
     model = factory()
     before = snapshot(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -23,6 +24,8 @@ SPLITS = ("train", "test")
 def dataset_key(name: str) -> str:
     """The canonical spelling of a dataset name: lower case, ``-`` as ``_`` ("Fashion-MNIST" is
     "fashion_mnist"); the one place that normalises what users type."""
+    if not isinstance(name, str):
+        raise ValueError(f"name: expected a dataset name (e.g. 'cifar10'), got {name!r}")
     return name.lower().replace("-", "_")
 
 # the folders of an image tree that hold its test split, in order of preference
@@ -282,6 +285,10 @@ def calibration(ds: Dataset, n: int = 512, batch_size: int = 128,
         torch.default_generator.manual_seed(int(seed))
         for start in range(0, len(order), batch_size):
             samples = [ds[i] for i in order[start:start + batch_size]]
+            bad = next((s for s in samples if not _labelled(s)), None)
+            if bad is not None:
+                raise ValueError(f"ds: expected (input, class label) examples, got "
+                                 f"{type(bad).__name__} {bad!r:.80}")
             x = torch.stack([s[0] for s in samples])
             if not x.is_floating_point():
                 raise ValueError(f"calibration: the dataset yields {x.dtype} images, not model "
@@ -290,6 +297,16 @@ def calibration(ds: Dataset, n: int = 512, batch_size: int = 128,
             y = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.long)
             batches.append((x, y))
     return batches
+
+
+def _labelled(sample) -> bool:
+    """Whether ``sample`` is an (input, class label) pair (a label: one integer)."""
+    if not (isinstance(sample, tuple | list) and len(sample) >= 2):
+        return False
+    label = sample[1]
+    if isinstance(label, torch.Tensor):
+        return label.numel() == 1 and not label.is_floating_point()
+    return isinstance(label, numbers.Integral) and not isinstance(label, bool)
 
 
 def loader(ds: Dataset, batch_size: int = 128, train: bool = False, seed: int = 0,

@@ -77,6 +77,8 @@ def reuse_svds(max_entries: int = 4):
     inner block that asks for more keeps up to its ``max_entries`` while it runs (the oldest
     beyond the outer's are dropped when it ends)."""
     global _REUSED
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
+        raise ValueError(f"max_entries: expected an int >= 0, got {max_entries!r}")
     outer = _REUSED
     if outer is None:
         _REUSED = {"max": max_entries, "entries": OrderedDict()}
@@ -332,6 +334,10 @@ def _whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
 def truncation_errors(mats: list[torch.Tensor]) -> torch.Tensor:
     """err[r-1] = relative Frobenius error of keeping the r leading singular triplets of every
     matrix in ``mats`` (Eckart-Young: the tail energy of the singular values), r = 1..max."""
+    if (isinstance(mats, torch.Tensor) or not mats
+            or not all(isinstance(M, torch.Tensor) and M.ndim == 2 for M in mats)):
+        raise ValueError(f"mats: expected a non-empty list of 2-D tensors, got "
+                         f"{type(mats).__name__}")
     return tail_errors([_reused("svdvals", [M], lambda M=M: torch.linalg.svdvals(M)).pow(2)
                         for M in mats])
 
@@ -364,6 +370,12 @@ def whitened_spectrum(W: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-6) -
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """The smallest rank whose singular values keep at least ``energy`` (a fraction) of the
     squared total."""
+    if not isinstance(singular_values, torch.Tensor) or singular_values.ndim != 1:
+        raise ValueError(f"singular_values: expected a 1-D tensor, got "
+                         f"{type(singular_values).__name__}")
+    if (isinstance(energy, bool) or not isinstance(energy, int | float)
+            or not 0 < energy <= 1):  # (95 for 95%, or NaN: refused)
+        raise ValueError(f"energy: expected a fraction in (0, 1], got {energy!r}")
     s2 = singular_values.double().pow(2)
     if not s2.numel() or float(s2.sum()) == 0:  # all zero: rank 1 keeps all there is
         return 1

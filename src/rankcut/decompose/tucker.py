@@ -32,6 +32,7 @@ orthonormal, ||X - X̂||² = ||X||² - ||G||², so the error of every sweep is f
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,8 +72,10 @@ def _check_modes(modes, ndim) -> tuple[int, ...]:
         return tuple(range(ndim))
     if isinstance(modes, int):
         modes = (modes,)
-    try:
-        modes = tuple(int(m) for m in modes)
+    try:  # integers only: "01" or (0.7, 1.2) are not modes 0 and 1
+        if isinstance(modes, str | bytes) or any(isinstance(m, bool) for m in modes):
+            raise TypeError
+        modes = tuple(operator.index(m) for m in modes)
     except TypeError:
         raise ValueError(f"modes: expected a sequence of mode indices, got {modes!r}") from None
     normal = tuple(m % ndim if -ndim <= m < ndim else None for m in modes)

@@ -316,7 +316,7 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
         meta: free-form JSON-serialisable facts to keep (model name, command).
     """
     from ..select import layer_sensitivities, mean_loss, parse_rank
-    from ..surgery import target_layers
+    from ..surgery import check_weights, target_layers
 
     check_module(model)
     if isinstance(rank_rules, str | int):
@@ -332,10 +332,13 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
     inputs = as_inputs(example_inputs)
     meta = jsonable(dict(meta or {}), "meta")
 
-    prof = profile(model, inputs, latency=latency, batches=batches, warmup=warmup,
-                   repeats=repeats)
     targets = target_layers(model, include, exclude, min_params=min_params)
     modules = {name: model.get_submodule(name) for name in targets}
+    for name, reason in targets.items():  # as rankcut.plan refuses them (before any timing)
+        if reason is None:
+            check_weights(name, modules[name])
+    prof = profile(model, inputs, latency=latency, batches=batches, warmup=warmup,
+                   repeats=repeats)
     one = with_batch(inputs, 1)
     macs = layer_macs(model, one)
     seen = unit_call_args(model, one, modules)

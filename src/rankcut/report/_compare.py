@@ -377,6 +377,10 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     inputs = as_inputs(example_inputs)
     given = _check_accuracy(accuracy)
+    if data is not None and len(given) < 2:  # to evaluate on: checked before the timing
+        from ..train.batches import as_data
+
+        data = as_data(data, "data")
     meta = jsonable(dict(meta or {}), "meta")
     user_batch = batch_size or (int(inputs[0].shape[0]) if inputs[0].ndim else 1)
 

@@ -52,6 +52,10 @@ def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
     are then re-drawn on it). ``fixed`` is the cost of everything not being planned. Raises
     ``ValueError`` when even the cheapest choice is over.
     """
+    empty = [n for n, f in frontiers.items() if not f]
+    if empty:
+        raise ValueError(f"frontiers: layer {empty[0]!r} has no candidate (each layer needs "
+                         "at least one, e.g. the dense layer)")
     if score is not None:
         frontiers = {n: frontier(f, kind, score) for n, f in frontiers.items()}
     score = score or _damage

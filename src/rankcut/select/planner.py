@@ -325,6 +325,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     if latency_batch is not None and (isinstance(latency_batch, bool) or not isinstance(
             latency_batch, int) or latency_batch < 1):
         raise ValueError(f"latency_batch: expected an int >= 1, got {latency_batch!r}")
+    if loss_aware is None:
+        loss_aware = calib_data is not None and target is not None
+    if loss_aware and (calib_data is None or target is None):  # before any layer is scored
+        raise ValueError("loss_aware: needs calib_data and a target")
     timed = kind == "latency" or not allow_slower
     table = as_table(latency_table, model_device(model), model_dtype(model)) if timed else None
 
@@ -395,10 +399,6 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             clock = _Clock(table, model, inputs, latency_batch or batch_of(inputs), layers,
                            grid_kind or "macs", progress)
 
-        if loss_aware is None:
-            loss_aware = calib_data is not None and target is not None
-        if loss_aware and (calib_data is None or target is None):
-            raise ValueError("loss_aware: needs calib_data and a target")
         if target is not None and not layers:
             why = sorted({r for r in (lp.reason for lp in result.values()) if r})
             raise ValueError("target: nothing to factorize: " + (

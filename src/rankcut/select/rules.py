@@ -112,6 +112,8 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
                 input_hw=None) -> tuple[int, ...]:
     """The ranks ``rule`` gives ``module`` under ``method`` (Tucker: (R_out, R_in))."""
     rule = parse_rank(rule)
+    if not isinstance(module, nn.Conv2d | nn.Linear):
+        raise ValueError(f"module: expected a Conv2d or Linear, got {type(module).__name__}")
     if rule.kind == "fixed":
         r = int(rule.value)
         return (r, r) if method == "tucker" else (r,)
@@ -136,8 +138,13 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
     if rule.kind == "params" and method == "cp":
         dims = (t, s, kh, kw) if form == "cp4" else (t, s, kh * kw)
         return (max(1, int(rule.value * (math.prod(dims) // sum(dims)))),)
+    if input_hw is not None and not (isinstance(input_hw, tuple | list) and len(input_hw) == 2
+                                     and all(isinstance(v, int) and v >= 1 for v in input_hw)):
+        raise ValueError(f"input_hw: expected (H, W) of the input, got {input_hw!r}")
     if rule.kind == "macs" and is_conv and input_hw is None:
         raise ValueError("input_hw: the 'macs=' rule needs the convolution's input size")
+    if rule.kind == "params" and is_conv and input_hw is None:
+        input_hw = (1, 1)  # parameters do not depend on it
     budget = rule.value * getattr(layer_cost(module, input_hw=input_hw), rule.kind)
 
     spec, form = methods.resolve(method, form if method == "cp" else None)

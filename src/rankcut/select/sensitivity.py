@@ -14,6 +14,7 @@ large layers, as the size regulariser of Astrid & Lee does. Every rank is at lea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -33,13 +34,11 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
     if n == 0 or len(sizes) != n:
         raise ValueError(f"losses, sizes: expected two non-empty sequences of equal length, "
                          f"got {len(losses)} and {len(sizes)}")
-    if any(x < 0 for x in losses) or any(x < 0 for x in sizes) or sum(losses) <= 0 or sum(
-            sizes) <= 0:
-        raise ValueError("losses, sizes: expected non-negative values with a positive sum")
-    if isinstance(total, bool) or not isinstance(total, int) or total < n:
-        raise ValueError(f"total: expected an int >= the number of layers ({n}), got {total!r}")
-    if not 0 <= lam <= 1:
-        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
+    if (not all(math.isfinite(x) and x >= 0 for x in [*losses, *sizes]) or sum(losses) <= 0
+            or sum(sizes) <= 0):  # (a NaN loss: a layer whose trial diverged)
+        raise ValueError(f"losses, sizes: expected finite non-negative values with a positive "
+                         f"sum, got {list(losses)} and {list(sizes)}")
+    _check_total_lam(n, total, lam)
     loss_sum, size_sum = float(sum(losses)), float(sum(sizes))
     shares = [(1 - lam) * loss / loss_sum + lam * size / size_sum
               for loss, size in zip(losses, sizes, strict=True)]
@@ -51,6 +50,14 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
     while sum(ranks) > total:  # only when the minimum of 1 overshot: take from the largest
         ranks[ranks.index(max(ranks))] -= 1
     return ranks
+
+
+def _check_total_lam(n: int, total, lam) -> None:
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int)
+                              or total < n):
+        raise ValueError(f"total: expected an int >= the number of layers ({n}), got {total!r}")
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= 1:
+        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
 
 
 @torch.no_grad()
@@ -143,6 +150,20 @@ def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence,
     those layers within that share of their dense parameters."""
     if (total is None) == (target is None):
         raise ValueError("give total (a total rank) or target (e.g. 'params=3x'), not both")
+    # every argument checked before the layers' trial decompositions (minutes)
+    if isinstance(names, str) or not names:
+        raise ValueError(f"names: expected a non-empty list of layer names, got {names!r}")
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"names: the model has no module {name!r}") from None
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            raise ValueError(f"names: {name!r} is a {type(module).__name__}, not a Conv2d or "
+                             "Linear")
+    _check_total_lam(len(names), total, lam)
+    if target is not None and parse_target(target)[0] != "params":
+        raise ValueError(f"target: sensitivity ranks take a params target, got {target!r}")
     losses = layer_sensitivities(model, names, batches, loss_fn, method=method,
                                  trial_rank=trial_rank, form=form, options=options)
     sizes = [sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names]
