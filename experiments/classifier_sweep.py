@@ -332,7 +332,9 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
             "test_images": len(test_y), "calib": len(calib_y), "trained_weights": trained,
             # which calibration images, how the inputs are made, which weights
             "seed": s["seed"], "normalization": s["normalization"],
-            "image_size": s["image_size"], "weights": str(s["weights"])}
+            "image_size": s["image_size"], "weights": str(s["weights"]),
+            # (float rounding on another device can move the pivots and ranks near a cut-off)
+            "device": device}
     base.mkdir(parents=True, exist_ok=True)
     done = set()
     if old is not None:
@@ -344,8 +346,7 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
         done = {(p["label"], p["mode"], p["ratio"], p["seed"]) for p in points}
     else:
         with atomic_path(path) as tmp:  # a kill mid-write leaves no headless file
-            tmp.write_text(json.dumps({**head, "device": device,
-                                       "threads": torch.get_num_threads(),
+            tmp.write_text(json.dumps({**head, "threads": torch.get_num_threads(),
                                        "date": time.strftime("%Y-%m-%d")}) + "\n")
     print(f"[{name}] {s['model']} on {s['data']}: {sw['part']} {part_params:,} of {total:,} "
           f"params, top-1 {dense_top1:.2f}% on {len(test_y)} test images; "

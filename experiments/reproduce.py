@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import inspect
 import json
 import platform
@@ -43,6 +44,7 @@ import rankcut as rc
 from rankcut import data as D
 from rankcut._provenance import source_commit
 from rankcut.atomic import atomic_folder, atomic_path
+from rankcut.compress import FINETUNE_OPTIONS_TAKEN, PLAN_OPTIONS_TAKEN
 from rankcut.io import save_plan
 from rankcut.models import PRETRAINED, create, pretrained_path
 from rankcut.profile import count_macs, count_params, speedups
@@ -146,7 +148,9 @@ def pin_settings(folder: Path, name: str, s: dict) -> None:
             raise SystemExit(f"run {name!r}: {folder} was made with other settings ({changed} "
                              "differ); move it away to run it afresh, or restore the settings")
         return
-    if folder.is_dir() and any(folder.iterdir()):
+    # (a hidden .NAME.*.tmp is a write a kill cut short, the first settings' among them)
+    if folder.is_dir() and any(not (f.name.startswith(".") and f.name.endswith(".tmp"))
+                               for f in folder.iterdir()):
         return  # begun before settings were kept: not checked
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -158,7 +162,9 @@ def check(config: dict, name: str, s: dict) -> None:
     a model without pretrained weights (unless a weights file is given), an unknown method,
     rank rule, target or schedule; sensitivity or transfer settings that are not mappings of
     known keys, or CP options that do not exist; latency batches that are not sizes; a
-    match_params or start_from naming no run of the config."""
+    match_params or start_from naming no run of the config; option keys rc.compress sets
+    itself; settings that exclude each other (match_params with a target or rank,
+    steps_per_layer outside layerwise, sensitivity with multistage)."""
     from rankcut.plans import LayerPlan
     from rankcut.select.planner import parse_target
     from rankcut.select.rules import parse_rank
@@ -210,13 +216,22 @@ def check(config: dict, name: str, s: dict) -> None:
             refuse(key, f"expected true or false, got {s[key]!r}")
     if s["epochs"] is not None and s["steps"] is not None:
         refuse("epochs", "give epochs or steps, not both")
-    for key, fn in (("plan_options", rc.plan), ("finetune_options", finetune)):
+    for key, fn, taken in (("plan_options", rc.plan, PLAN_OPTIONS_TAKEN),
+                           ("finetune_options", finetune, FINETUNE_OPTIONS_TAKEN)):
         if not isinstance(s[key], dict):
             refuse(key, f"expected a mapping of {fn.__module__}.{fn.__name__} arguments, got "
                         f"{s[key]!r}")
-        unknown = sorted(set(s[key]) - set(inspect.signature(fn).parameters))
+        # (those rc.compress sets itself are refused there: the config has keys for them)
+        unknown = sorted(set(s[key]) - (set(inspect.signature(fn).parameters) - taken))
         if unknown:
-            refuse(key, f"unknown keys {unknown} for {fn.__module__}.{fn.__name__}")
+            refuse(key, f"unknown keys {unknown} for {fn.__module__}.{fn.__name__} (or keys "
+                        "the run sets itself: method, rank, target, epochs, ...)")
+    if s["match_params"] is not None and (s["target"] is not None or s["rank"] is not None):
+        refuse("match_params", "sets the target; give no target or rank")
+    if s["steps_per_layer"] is not None and s["schedule"] != "layerwise":
+        refuse("steps_per_layer", "only with schedule: layerwise")
+    if s["sensitivity"] is not None and s["schedule"] == "multistage":
+        refuse("sensitivity", "a ready plan: not with schedule: multistage (it plans each round)")
     batches = s["latency"] or []
     if not isinstance(batches, list) or not all(isinstance(b, int) and not isinstance(b, bool)
                                                 and b >= 1 for b in batches):
@@ -361,6 +376,10 @@ def unrepeated_pool(model: torch.nn.Module):
         del first.forward
 
 
+# the settings trained weights depend on besides their recipe: the model and its inputs
+TRAINED_ON = ("model", "data", "num_classes", "normalization", "image_size")
+
+
 def trained_weights(s: dict, root: Path, device: str) -> dict:
     """Train ``s["model"]`` from scratch by the recipe ``s["train"]`` (finetune's keyword
     arguments; seeded, checkpointed beside the weights file, so a killed run resumes) unless its
@@ -382,6 +401,12 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
             raise SystemExit(f"{path}: trained by the recipe {info.get('recipe')}, the config "
                              f"asks for {recipe}; move it (and {record.name}, {folder.name}/) "
                              "away to train it again")
+        # what the inputs were (a record that predates a key is not checked for it)
+        other = sorted(k for k in TRAINED_ON if info is not None and k in info
+                       and info[k] != json.loads(json.dumps(s[k])))
+        if other:
+            raise SystemExit(f"{path}: trained with other {other} than the config's; move it "
+                             f"(and {record.name}, {folder.name}/) away to train it again")
         return info
     if begun.is_file() and json.loads(begun.read_text()) != recipe:
         raise SystemExit(f"{folder}: a training by the recipe {begun.read_text()} is in "
@@ -400,7 +425,7 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
                           checkpoint_every=every, log=str(folder / "train.jsonl"),
                           progress=False, device=device, callback=wall.callback, **recipe)
     small = result.model.cpu().eval()
-    info = {"model": s["model"], "data": s["data"], "recipe": recipe,
+    info = {**{k: s[k] for k in TRAINED_ON}, "recipe": recipe,
             "top1": evaluate(small, test)["top1"], "test_images": len(test),
             "commit": "+".join(wall.commits), "date": time.strftime("%Y-%m-%d"),
             "threads": torch.get_num_threads(), "device": device}
@@ -413,6 +438,17 @@ def trained_weights(s: dict, root: Path, device: str) -> dict:
     print(f"[weights] {path}: top-1 {info['top1']:.2f}% on {len(test)} test images, "
           f"{info['wall_s'] / 60:.0f} min", flush=True)
     return info
+
+
+def dense_transfer(folder: Path, s: dict) -> tuple[Path, dict]:
+    """The file of the dense backbone's transfer result that the runs of a config with the same
+    head settings share (named by the model, the data and a digest of those settings: runs
+    with other settings get their own baseline), and the settings."""
+    made = {**TRANSFER, **s["transfer"], "batch_size": s["batch_size"],
+            "weights": str(s["weights"])}
+    digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:10]
+    return (folder.parent / f"dense-transfer-{s['model']}-{s['transfer']['data']}-{digest}.json",
+            made)
 
 
 def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
@@ -492,14 +528,17 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     out["macs_x"] = out["dense_macs"] / out["macs"]
     if s["transfer"]:
         out["transfer"] = transfer_head(small, s, root, folder / "transfer", device)
-        dense_file = folder.parent / f"dense-transfer-{s['model']}-{s['transfer']['data']}.json"
+        dense_file, made = dense_transfer(folder, s)
         if not dense_file.is_file():
             dense_result = transfer_head(model, s, root, folder.parent / dense_file.stem, device)
             with atomic_path(dense_file) as tmp:
-                tmp.write_text(json.dumps(dense_result))
+                tmp.write_text(json.dumps({**dense_result, **made}))
         out["transfer_dense"] = json.loads(dense_file.read_text())
     if s["latency"]:
-        out["latency"] = speedups(model, small, x, s["latency"], repeats=20)
+        # both on the CPU (the compressed model is there; fine-tuning on a GPU moved the
+        # dense one, its teacher, there too)
+        out["latency"] = speedups(model.cpu().eval(), small, x.cpu(), s["latency"],
+                                  repeats=20)
     rc.save(small, folder / "model", plan=result.plan)
     if s["export"]:
         out["export"] = export(small, result.plan, create(s["model"],
@@ -634,6 +673,19 @@ def matched_target(base: Path, name: str, s: dict) -> str:
     return f"params={r['params'] / r['dense_params']:.6f}"
 
 
+def check_still_matched(base: Path, name: str, s: dict) -> None:
+    """A finished ``match_params`` run was made at the parameter share its matched run kept
+    then (its result's target); refuse it when that run, redone since, keeps another (the
+    pair would be compared at unequal sizes). Not checked while the matched run is unfinished."""
+    if not s["match_params"] or not (base / s["match_params"] / RESULT).is_file():
+        return
+    then = json.loads((base / name / RESULT).read_text())["target"]
+    now = matched_target(base, name, s)
+    if then != now:
+        raise SystemExit(f"run {name!r}: made at {then} to match {s['match_params']!r}, which "
+                         f"now keeps {now}; move {base / name} away to run it afresh")
+
+
 def _fused(r: dict) -> str:
     """"1.9x b1, 2.4x b32": the fused speed-ups a run measured, or "-"."""
     rows = [t for t in r.get("latency", []) if t["form"] == "fused"]
@@ -731,6 +783,7 @@ def main() -> int:
             for name, s in every.items():
                 pin_settings(base / name, name, s)
                 if (base / name / RESULT).is_file():
+                    check_still_matched(base, name, s)
                     print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
                     late_export(base / name, s, root)
                     continue

@@ -204,7 +204,7 @@ def test_models_with_cp_layers_fine_tune_at_the_cp_rate_unless_told(trained):
     assert told.stages[0]["train"]["lr"] == 0.05
     svd = rc.compress(model, data[0][:1], method="svd", rank=4, train_data=data, steps=2,
                       plan_options=PLAN, finetune_options=tune)
-    assert svd.stages[0]["train"]["lr"] is None  # finetune's own default
+    assert svd.stages[0]["train"]["lr"] == rc.train.DEFAULT_LR["sgd"]  # finetune's default
 
 
 def _stop_at(step):

@@ -253,6 +253,37 @@ def test_a_config_file_that_is_no_config_is_one_line_not_a_traceback(tmp_path, m
             reproduce_.command_line("doc", "only", "summary")
 
 
+def test_a_finished_match_params_run_is_refused_when_its_match_was_redone(tmp_path):
+    reproduce_ = _reproduce_module()
+
+    def finished(name, result):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / reproduce_.RESULT).write_text(json.dumps(result))
+
+    s = {"match_params": "base", "target": None, "rank": None}
+    reproduce_.check_still_matched(tmp_path, "auto", s)  # nothing finished: nothing to check
+    finished("base", {"params": 250, "dense_params": 1000})
+    finished("auto", {"target": reproduce_.matched_target(tmp_path, "auto", s)})
+    reproduce_.check_still_matched(tmp_path, "auto", s)
+    finished("base", {"params": 300, "dense_params": 1000})  # redone, at another size
+    with pytest.raises(SystemExit, match="made at params=0.250000 to match 'base', which now "
+                                         "keeps params=0.300000"):
+        reproduce_.check_still_matched(tmp_path, "auto", s)
+    reproduce_.check_still_matched(tmp_path, "auto", {**s, "match_params": None})
+
+
+def test_runs_share_a_dense_transfer_baseline_only_under_the_same_head_settings(tmp_path):
+    reproduce_ = _reproduce_module()
+    s = {"model": "resnet56_cifar", "transfer": {"data": "mnist"}, "batch_size": 128,
+         "weights": "pretrained"}
+    path, made = reproduce_.dense_transfer(tmp_path / "p0.1", s)
+    assert path.name.startswith("dense-transfer-resnet56_cifar-mnist-") and made["epochs"] == 2
+    assert reproduce_.dense_transfer(tmp_path / "p0.5", s)[0] == path  # shared
+    for changed in ({"transfer": {"data": "mnist", "epochs": 3}}, {"batch_size": 64},
+                    {"weights": "w.safetensors"}):
+        assert reproduce_.dense_transfer(tmp_path / "p0.5", {**s, **changed})[0] != path
+
+
 def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
     reproduce_ = _reproduce_module()
     common = {"model": "resnet56_cifar", "method": "cp", "target": "params=3x", "rank": None,
@@ -828,3 +859,9 @@ def test_a_run_begun_under_other_settings_is_refused(tmp_path):
     (tmp_path / "old" / "result.json").write_text("{}")
     reproduce.pin_settings(tmp_path / "old", "old", s)
     assert not (tmp_path / "old" / reproduce.SETTINGS_FILE).exists()
+    # a first write of the settings cut short by a kill (its hidden temporary left behind)
+    # is not "begun before settings were kept": the settings are pinned on the next start
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / f".{reproduce.SETTINGS_FILE}.0123abcd.tmp").write_text("{")
+    reproduce.pin_settings(tmp_path / "cut", "cut", s)
+    assert (tmp_path / "cut" / reproduce.SETTINGS_FILE).is_file()

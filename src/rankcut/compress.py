@@ -47,7 +47,7 @@ from .plans import Plan
 from .select import parse_rank, parse_target
 from .select import plan as make_plan
 from .surgery import apply, set_submodule
-from .train import evaluate, finetune
+from .train import DEFAULT_LR, evaluate, finetune
 from .train.distributed import setup
 
 SCHEDULES = ("one_shot", "layerwise", "multistage")
@@ -224,11 +224,9 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
     if plan is not None and (rank is not None or target is not None):
         raise ValueError("plan: a ready plan cannot be combined with rank= or target= (the plan "
                          "already fixes every layer's method and ranks)")
-    _check_options(plan_options, make_plan, "plan_options",
-                   taken={"model", "example_inputs", "method", "rank", "target", "calib_data",
-                          "max_batches", "progress"})
+    _check_options(plan_options, make_plan, "plan_options", taken=PLAN_OPTIONS_TAKEN)
     _check_options(finetune_options, finetune, "finetune_options",
-                   taken={"model", "train_data", "epochs", "steps", "teacher", "transform"})
+                   taken=FINETUNE_OPTIONS_TAKEN)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "multistage" and (target is None or plan is not None):
@@ -271,7 +269,15 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
     return job.multistage(target, rounds, epochs, steps, min_accuracy)
 
 
-def _check_options(options, fn, what: str, taken: set[str]) -> None:
+# the arguments of rankcut.plan and rankcut.train.finetune that compress sets itself (not
+# accepted in plan_options / finetune_options)
+PLAN_OPTIONS_TAKEN = frozenset({"model", "example_inputs", "method", "rank", "target",
+                                "calib_data", "max_batches", "progress"})
+FINETUNE_OPTIONS_TAKEN = frozenset({"model", "train_data", "epochs", "steps", "teacher",
+                                    "transform"})
+
+
+def _check_options(options, fn, what: str, taken: frozenset[str]) -> None:
     """Refuse keys of ``options`` that ``fn`` does not take, or that compress sets itself."""
     if options is None:
         return
@@ -370,7 +376,9 @@ class _Job:
         start = time.perf_counter()
         result = finetune(model, self.train_data, epochs=epochs, steps=steps,
                           teacher=self.teacher, transform=self.transform, **options)
-        return {"steps": result.steps, "final": result.final, "lr": options.get("lr"),
+        # the rate it trained at (finetune's default for the optimizer when none was set)
+        lr = options.get("lr", DEFAULT_LR.get(str(options.get("optimizer", "sgd"))))
+        return {"steps": result.steps, "final": result.final, "lr": lr,
                 "seconds": round(time.perf_counter() - start, 1)}
 
     def one_shot(self, plan, target, epochs, steps) -> CompressResult:
