@@ -129,6 +129,10 @@ def settings_of(config: dict, name: str) -> dict:
 
 SETTINGS_FILE = "settings.json"
 LATE_SETTINGS = ("export", "note")  # settings a finished run may be given afterwards
+# what a factorized model is made of: a start_from run, which takes another's, must agree
+MADE_BY = ("model", "weights", "train", "num_classes", "normalization", "image_size", "data",
+           "calib", "method", "rank", "target", "sequential", "allow_slower", "plan_options",
+           "sensitivity", "match_params")
 
 
 def pin_settings(folder: Path, name: str, s: dict) -> None:
@@ -452,6 +456,8 @@ def dense_transfer(folder: Path, s: dict) -> tuple[Path, dict]:
 
 
 def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
+    if s["start_from"]:
+        check_start_from(folder, name, s)
     folder.mkdir(parents=True, exist_ok=True)
     trained = trained_weights(s, root, device) if s["train"] else None
     wall = _Wall(folder)
@@ -558,6 +564,22 @@ def _cache_counts(stages) -> dict | None:
     if not counts:
         return None
     return {k: sum(c[k] for c in counts) for k in ("hits", "misses")}
+
+
+def check_start_from(folder: Path, name: str, s: dict) -> None:
+    """Refuse a ``start_from`` run whose own settings of what the factorized model is made of
+    (method, rank, target, calibration, ...: ``MADE_BY``) differ from the run it takes that
+    model from: they would label another model (a p=0.5 row for a p=0.1 backbone). A source
+    from before settings were kept is not checked."""
+    source = folder.parent / s["start_from"] / SETTINGS_FILE
+    if not source.is_file():
+        return
+    then = json.loads(source.read_text())
+    now = json.loads(json.dumps({k: s[k] for k in MADE_BY}, default=str))
+    changed = sorted(k for k in now if k in then and then[k] != now[k])
+    if changed:
+        raise SystemExit(f"run {name!r}: start_from {s['start_from']!r} made its model with "
+                         f"other {changed}; give this run the same ones")
 
 
 def reuse_finished(folder: Path, other: str, model: torch.nn.Module, test):

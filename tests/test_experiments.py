@@ -284,6 +284,18 @@ def test_runs_share_a_dense_transfer_baseline_only_under_the_same_head_settings(
         assert reproduce_.dense_transfer(tmp_path / "p0.5", {**s, **changed})[0] != path
 
 
+def test_a_start_from_run_must_agree_on_what_made_the_model_it_takes(tmp_path):
+    reproduce_ = _reproduce_module()
+    s = {**reproduce_.SETTINGS, "model": "resnet56_cifar", "method": "cp", "rank": "params=0.1",
+         "transfer": {"data": "fashion_mnist"}}
+    reproduce_.pin_settings(tmp_path / "fmnist-p0.1", "fmnist-p0.1", s)
+    same = {**s, "transfer": {"data": "mnist"}, "start_from": "fmnist-p0.1"}
+    reproduce_.check_start_from(tmp_path / "mnist-p0.1", "mnist-p0.1", same)
+    with pytest.raises(SystemExit, match=r"made its model with other \['rank'\]"):
+        reproduce_.check_start_from(tmp_path / "mnist-p0.5", "mnist-p0.5",
+                                    {**same, "rank": "params=0.5"})
+
+
 def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
     reproduce_ = _reproduce_module()
     common = {"model": "resnet56_cifar", "method": "cp", "target": "params=3x", "rank": None,

@@ -146,7 +146,9 @@ def _weights_path(folder: Path, plan: Plan) -> Path:
 
 def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
     """The compressed model saved in ``path``, rebuilt on a copy of ``base_model`` (the original,
-    uncompressed architecture; its weights do not matter). ``base_model`` is not changed.
+    uncompressed architecture; its weights do not matter). ``base_model`` is not changed. The
+    weights take ``base_model``'s dtype and device (a float16 save loads as float32 into a
+    float32 model; ``base_model.to(torch.float64)`` first keeps a float64 save's precision).
 
     The weights file must match the SHA-256 the plan records. ``save`` always records it, so a
     plan without one was altered and is refused; ``verify=False`` skips the check (for a plan
