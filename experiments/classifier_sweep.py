@@ -72,6 +72,10 @@ SWEEP = {
     "modes": ["rule", "target"],
     "methods": {"svd": {"method": "svd"}},
     "finetune": None,        # the fine-tuned stage (FINETUNE), none by default
+    # a series stops after this many CRs in a row whose mean top-1 is at chance (within a
+    # point of the most frequent test class's share: the model answers one class); its larger
+    # CRs would only repeat it (null: every CR is swept)
+    "chance_stop": 2,
 }
 # The finetune: section's keys and defaults. series: "label" (each mode the method sweeps) or
 # "label/mode"; default every series swept. ratios: the CRs walked after the first (default the
@@ -116,6 +120,10 @@ def sweep_settings(config: dict) -> dict:
                          f"{s['exclude']!r}")
     if not _list_of(s["ratios"], lambda r: _number(r) and 1 < r < float("inf")):
         raise SystemExit(f"sweep.ratios: expected a list of numbers > 1, got {s['ratios']!r}")
+    if s["chance_stop"] is not None and (isinstance(s["chance_stop"], bool) or not isinstance(
+            s["chance_stop"], int) or s["chance_stop"] < 1):
+        raise SystemExit(f"sweep.chance_stop: expected an int >= 1 or null, got "
+                         f"{s['chance_stop']!r}")
     if not isinstance(s["methods"], dict) or not s["methods"]:
         raise SystemExit(f"sweep.methods: expected a mapping of labels to methods, got "
                          f"{s['methods']!r}")
@@ -352,6 +360,8 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
           f"params, top-1 {dense_top1:.2f}% on {len(test_y)} test images; "
           f"{len(done)} point(s) done earlier", flush=True)
     x = test_x[:1].to(device)
+    # the top-1 of a model that answers one class: at most the most frequent class's share
+    chance = 100.0 * float(torch.bincount(test_y).max()) / len(test_y)
     cache_label = cache = None
     for label, mode in series or every_series(sw["methods"]):
         method = sw["methods"][label]
@@ -363,7 +373,12 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
             cache_label, cache = label, None
             cache = rc.select.CandidateCache.cached(max_entries=1)
         # ratio by ratio, every seed of each (a time-boxed run leaves whole ratios behind)
+        streak = 0  # CRs in a row at chance (counted again from the points on a resumed run)
         for ratio in sw["ratios"]:
+            if sw["chance_stop"] is not None and streak >= sw["chance_stop"]:
+                print(f"[{name}] {label:>16} {mode:>6}: top-1 at chance ({chance:.2f}%) at "
+                      f"{streak} CRs in a row; the series stops before CR {ratio}", flush=True)
+                break
             for seed in method["seeds"]:
                 if ratio >= ended.get((label, mode, seed), math.inf):
                     continue
@@ -384,6 +399,9 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
                 print(f"[{name}] {label:>16} {mode:>6} CR {ratio:>5}: "
                       f"{p['part_ratio']:7.1f}x, top-1 {p['top1']:6.2f}%, "
                       f"{p['seconds']:.1f} s", flush=True)
+            tops = [p["top1"] for p in points if "unreachable" not in p and
+                    (p["label"], p["mode"], p["ratio"]) == (label, mode, ratio)]
+            streak = streak + 1 if tops and statistics.fmean(tops) <= chance + 1 else 0
     return {"name": name, "model": model, "part": part, "x": x, "calib": calib,
             "test": (test_x, test_y), "plain": plain, "head": head,
             "points": [p for p in points if "unreachable" not in p],

@@ -455,6 +455,37 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
         assert "| svd | target | 1 |" in (folder / "r20.md").read_text()  # tables written
 
 
+def test_classifier_sweep_a_series_stops_after_crs_at_chance(resnet20_weights, shared_data,
+                                                            monkeypatch, tmp_path):
+    # the model answering one class at two CRs in a row: the larger CRs are not swept (for
+    # sampled CUR of a layer whose weight is mostly unseen initialisation, most of a sweep), and
+    # a resumed run, counting from the points, does not sweep them either
+    import yaml
+
+    sweep_ = _sweep_module()
+    raw = yaml.safe_load(SWEEP_CONFIG)
+    raw["sweep"].update(ratios=[1.5, 3, 6, 12, 24], modes=["rule"], methods={"svd": {}})
+    raw["sweep"].pop("finetune")
+    sw = sweep_.sweep_settings(raw)
+    assert sw["chance_stop"] == 2
+    calls = []
+
+    def fake(part, x, method, ratio, *args, **kwargs):
+        calls.append(ratio)
+        return {"top1": 90.0 if ratio < 3 else 10.0, "params": 650 // ratio, "ranks": {},
+                "seconds": 0.0}
+
+    monkeypatch.setattr(sweep_, "point", fake)
+    monkeypatch.setenv("RANKCUT_DATA", str(shared_data))
+    for run in range(2):
+        sweep_.sweep_model(raw, "r20", sw, tmp_path, shared_data, "cpu")
+        assert calls == ([1.5, 3, 6] if run == 0 else [])
+        calls.clear()
+    off = sweep_.sweep_settings({**raw, "sweep": {**raw["sweep"], "chance_stop": None}})
+    sweep_.sweep_model(raw, "r20", off, tmp_path, shared_data, "cpu")
+    assert calls == [12, 24]
+
+
 def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, tmp_path):
     """The walk of a series: from the largest ratio kept without fine-tuning (a lucky ratio
     past a failing one does not count), up the ratios until a fine-tuned point loses more than
