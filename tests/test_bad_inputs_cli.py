@@ -258,6 +258,16 @@ def _saved_plan(tmp):
     return tmp / "p" / "plan.json"
 
 
+def _plan_inside_out(tmp):
+    _write(tmp / "o" / "plan.json", rc.Plan({"2": rc.LayerPlan("svd", (4,))}).to_json().encode())
+    return ["compress", *T, "--plan", tmp / "o" / "plan.json", "--out", tmp / "o"]
+
+
+def _config_with_debug(tmp):
+    _write(tmp / "c.yaml", b"debug: true\n")
+    return ["compress", *T, *PLAN_FLAGS, "--config", tmp / "c.yaml", "--out", tmp / "o"]
+
+
 def _plan_with(*flags):
     return lambda tmp: ["compress", *T, "--plan", _saved_plan(tmp), *flags, "--out", tmp / "o"]
 
@@ -465,6 +475,38 @@ CLI_CASES = [
     ("val-split-inf", _compress("--val-split", "inf"), ["--val-split", "inf"]),
     ("val-split-without-floor", _compress("--val-split", 0.2), ["--val-split", "--min-accuracy"]),
     ("input-shape-with-data", _compress("--data", "cifar10"), ["--input-shape", "--data"]),
+    # flags that would do nothing with the others given
+    ("lr-without-fine-tuning", _compress("--lr", 0.01), ["--lr", "only with fine-tuning"]),
+    ("optimizer-without-fine-tuning", _compress("--optimizer", "adamw"),
+     ["--optimizer", "only with fine-tuning"]),
+    ("one-shot-checkpoints-without-fine-tuning", _compress("--checkpoint-dir", "ck"),
+     ["--checkpoint-dir", "only with fine-tuning"]),
+    ("latency-batch-with-allow-slower", _compress("--latency-batch", 32),
+     ["--latency-batch", "--allow-slower"]),
+    ("speed-slack-with-allow-slower", _compress("--speed-slack", 0.5),
+     ["--speed-slack", "--allow-slower"]),
+    ("multistage-without-target", _compress("--schedule", "multistage"),
+     ["--schedule multistage", "--target"]),
+    ("eval-limit-without-data", _compress("--eval-limit", 5), ["--eval-limit", "--data"]),
+    ("image-size-without-data", _compress("--image-size", 64), ["--image-size", "--data"]),
+    ("no-verify-without-compressed",
+     lambda tmp: ["export", "--model", TINY, "--input-shape", "3,8,8", "--no-verify",
+                  "--output", tmp / "m.onnx"], ["--no-verify", "--compressed"]),
+    ("export-device",
+     lambda tmp: ["export", "--model", TINY, "--input-shape", "3,8,8", "--device", "cpu",
+                  "--output", tmp / "m.onnx"], ["--device", "export"]),
+    ("export-batch-size",
+     lambda tmp: ["export", "--model", TINY, "--input-shape", "3,8,8", "--batch-size", "8",
+                  "--output", tmp / "m.onnx"], ["--batch-size", "export"]),
+    ("epochs-and-steps-for-transfer",
+     lambda tmp: ["transfer", "--model", TINY, "--data", "cifar10", "--finetune-epochs", 1,
+                  "--finetune-steps", 5, "--out", tmp / "t"],
+     ["--finetune-epochs", "--finetune-steps"]),
+    ("plan-inside-out", _plan_inside_out, ["--plan", "inside --out"]),
+    # argparse's own errors: one line too, not the usage text
+    ("not-a-number", _compress("--batch-size", "two"), ["--batch-size", "invalid int value"]),
+    ("unknown-command", lambda tmp: ["frobnicate"], ["invalid choice", "frobnicate"]),
+    ("debug-in-a-config", _config_with_debug, ["--config", "unknown key 'debug'"]),
     ("input-shape-zero", lambda tmp: ["compress", "--model", TINY, "--input-shape", "3,0,8",
                                       *PLAN_FLAGS, "--out", tmp / "o"], ["--input-shape"]),
     # a shape the model cannot run on: named with the batch tried, before any planning

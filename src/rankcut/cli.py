@@ -117,8 +117,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its errors (a mistyped number, an unknown or missing flag) raised as
+    one-line usage errors like every other check's, not the usage text then an exit."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog.removeprefix('rankcut ')}: {message} "
+                        f"(rankcut {self.prog.removeprefix('rankcut ')} --help lists the flags)"
+                        if self.prog != "rankcut" else f"{message} (rankcut --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rankcut", description="Compress trained PyTorch models with low-rank "
         "factorizations, and measure what was gained.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -336,7 +346,9 @@ def _read_config(path: Path, command: str, subparser) -> dict:
                         f"{_one_line(err) or type(err).__name__}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config: {path} must hold a mapping of flag names to values")
-    known_dests = {a.dest: a for a in subparser._actions if a.dest not in ("help", "config")}
+    # (--debug decides how the file itself is reported: the command line only)
+    known_dests = {a.dest: a for a in subparser._actions
+                   if a.dest not in ("help", "config", "debug")}
     defaults = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
@@ -373,7 +385,7 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
     """Parse ``argv``; values from ``--config`` become the subcommand's defaults, so flags on the
     command line override them (and a required flag the file gives is no longer required).
     ``args.given`` is the set of dests given explicitly, on the command line or in the file."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = _Parser(prog="rankcut", add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     command, subparser = _subparser(parser, argv)
@@ -509,6 +521,20 @@ def _check_device(text: str) -> None:
         raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
 
 
+def _check_onnx_runtime(args: argparse.Namespace) -> None:
+    """ONNX Runtime (and onnx) importable when a flag asks for them, before any work."""
+    needs = ("--engine onnxruntime" if getattr(args, "engine", None) == "onnxruntime"
+             else "--format onnx" if getattr(args, "format", None) == "onnx"
+             and args.command == "export" else None)
+    if needs is None:
+        return
+    for module in ("onnx", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"{needs}: needs {module} (pip install rankcut[export])") from None
+
+
 def _check_normalization(args: argparse.Namespace) -> None:
     """--normalization names statistics rankcut knows, and only with --data; without it, the
     model's own statistics or the dataset's must exist (an image folder has none)."""
@@ -567,7 +593,7 @@ def _check_paths(args: argparse.Namespace) -> None:
                             "whole at the end: give a folder below it (e.g. --out results/run1)")
         _folder_problem("--out", Path(out), OUTPUT_MARKERS.get(args.command),
                         getattr(args, "overwrite", False), replace=args.command != "demo")
-        for dest in ("compressed", "weights", "teacher_cache", "latency_table"):
+        for dest in ("compressed", "weights", "teacher_cache", "latency_table", "plan"):
             given = getattr(args, dest, None)
             if given and _inside(Path(given), Path(out)):
                 raise UserError(f"{_flag(dest)}: {given} lies inside --out {out}, which is "
@@ -642,9 +668,6 @@ def _check_args(args: argparse.Namespace) -> None:
     command = args.command
     if getattr(args, "input_shape", None):
         _input_shape(args.input_shape)
-        if getattr(args, "data", None):  # it would be ignored: the data's examples are used
-            raise UserError("--input-shape: only without --data (the inputs are then the "
-                            "dataset's examples); drop one")
     if getattr(args, "data", None):
         from .data import NAMES, dataset_key
 
@@ -655,6 +678,19 @@ def _check_args(args: argparse.Namespace) -> None:
         _check_device(args.device)
     if "calib" in args.given and args.calib and not getattr(args, "data", None):
         raise UserError("--calib: calibration examples are read from --data; give it")
+    if (getattr(args, "finetune_epochs", None) is not None
+            and getattr(args, "finetune_steps", None) is not None):
+        raise UserError("--finetune-epochs, --finetune-steps: give one, not both")
+    if command in ("export",) and "device" in args.given:
+        raise UserError("--device: export writes the model from the CPU; it takes no device")
+    if command == "benchmark" and args.fused and args.engine == "onnxruntime":
+        raise UserError("--fused: --engine onnxruntime always times the fused models (as "
+                        "'rankcut export' writes them); drop --fused")
+    if command in ("benchmark", "export") and "batch_size" in args.given:
+        raise UserError(f"--batch-size: {command} does not use it"
+                        + (" (the batches to time are --batches)" if command == "benchmark"
+                           else ""))
+    _check_onnx_runtime(args)
     if command in ("compress", "sweep"):
         from .select import parse_rank, parse_target
 
@@ -664,8 +700,6 @@ def _check_args(args: argparse.Namespace) -> None:
             _as_user_error("--rank", parse_rank, args.rank)
         if args.target is not None:
             _as_user_error("--target", parse_target, args.target)
-        if args.finetune_epochs is not None and args.finetune_steps is not None:
-            raise UserError("--finetune-epochs, --finetune-steps: give one, not both")
         tuning = [f for f in ("finetune_epochs", "finetune_steps", "steps_per_layer")
                   if getattr(args, f, None) is not None]
         if tuning and not args.data:
@@ -685,6 +719,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.steps_per_layer is not None and args.schedule != "layerwise":
             raise UserError("--steps-per-layer: only with --schedule layerwise")
         args.plan_obj = _check_plan(args)
+        if args.schedule == "multistage" and not args.target:
+            raise UserError("--schedule multistage: needs --target (it plans a round at a "
+                            "time towards it)")
         if not (args.plan_obj is not None or args.rank or args.target):
             raise UserError("compress: give --target, --rank, or --plan")
     if command == "sweep":
@@ -703,6 +740,45 @@ def _check_args(args: argparse.Namespace) -> None:
         for rule in args.rules:
             _as_user_error("--rules", parse_rank, rule)
     _check_paths(args)
+    _check_idle(args)
+
+
+def _check_idle(args: argparse.Namespace) -> None:
+    """Refuse flags that would do nothing with the others given (after every other check: a
+    flag's own mistake is named first)."""
+    data = getattr(args, "data", None)
+    if getattr(args, "input_shape", None) and data:  # the dataset's examples are the inputs
+        raise UserError("--input-shape: only without --data (the inputs are then the "
+                        "dataset's examples); drop one")
+    idle = [d for d in ("eval_limit", "image_size", "data_dir")
+            if getattr(args, d, None) is not None and not data]
+    if idle:
+        raise UserError(f"{_flag(idle[0])}: only with --data (it sets how the dataset is read)")
+    if getattr(args, "no_verify", False) and not getattr(args, "compressed", None):
+        raise UserError("--no-verify: only with --compressed (it lets a hand-written plan.json "
+                        "load)")
+    if args.command not in ("compress", "sweep"):
+        return
+    tuning = any(getattr(args, f, None) is not None
+                 for f in ("finetune_epochs", "finetune_steps", "steps_per_layer"))
+    # fine-tuning settings without fine-tuning (the checkpoint folder also holds the plans of
+    # layerwise and multistage)
+    idle = [d for d in ("lr", "optimizer", "distill", "teacher_cache", "resume")
+            if d in args.given] + (["checkpoint_dir"] if "checkpoint_dir" in args.given
+                                   and getattr(args, "schedule", "one_shot") == "one_shot"
+                                   else [])
+    if idle and not tuning:
+        raise UserError(f"{_flag(idle[0])}: only with fine-tuning (--finetune-epochs or "
+                        "--finetune-steps" + (", --steps-per-layer" if args.command == "compress"
+                                              else "") + ")")
+    timing = [d for d in ("latency_batch", "latency_table", "latency_engine", "speed_slack")
+              if d in args.given]
+    latency_asked = (args.target or "").startswith("latency") or (
+        args.command == "sweep" and (args.latency or any(
+            t.startswith("latency") for t in args.targets)))
+    if timing and args.allow_slower and not latency_asked:
+        raise UserError(f"{_flag(timing[0])}: --allow-slower turns the latency guard off, so "
+                        "nothing is timed for the plan; drop one of them")
 
 
 # ------------------------------------------------------------------------------ shared steps
@@ -1161,6 +1237,7 @@ def cmd_analyze(args) -> int:
     calib = ctx.calib_data(args.calib)
     from .atomic import atomic_folder
 
+    model, x = model.to(ctx.device), x.to(ctx.device)
     result = R.analyze(model, x, rank_rules=tuple(args.rules), calib_data=calib)
     out = Path(args.out)
     with atomic_folder(out) as tmp:
@@ -1176,8 +1253,8 @@ def cmd_analyze(args) -> int:
 def cmd_demo(args) -> int:
     from . import demo
 
-    _Context(args)
-    demo.run(args.out, seed=args.seed, progress=not args.quiet)
+    ctx = _Context(args)
+    demo.run(args.out, seed=args.seed, progress=not args.quiet, device=ctx.device)
     return 0
 
 
@@ -1218,8 +1295,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], debug: bool) -> int:
         text = _one_line(err) or type(err).__name__
         print(f"rankcut: error: {text}", file=sys.stderr)
         return EXIT_USAGE
-    except (RuntimeError, ArithmeticError) as err:  # e.g. inputs of the wrong shape, a loss
-        if debug:                                    # gone non-finite
+    # e.g. inputs of the wrong shape, a loss gone non-finite, an optional package missing
+    except (RuntimeError, ArithmeticError, ImportError) as err:
+        if debug:
             raise
         first = _one_line(err) or type(err).__name__
         print(f"rankcut: error: {type(err).__name__}: {first} (--debug shows the traceback)",

@@ -150,7 +150,7 @@ def _report(original, small, x1, plan, test, accuracy, meta, out: Path):
 
 def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto",
         epochs: int = 3, finetune_epochs: int = 1, seed: int = 0, progress: bool = True,
-        allow_slower: bool = False) -> dict:
+        allow_slower: bool = False, device=None) -> dict:
     """Train the demo CNN on the digits, compress it to ``target`` with ``method``, measure,
     print a before/after table and write plan, weights and report into ``out_dir``.
 
@@ -158,6 +158,8 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     dense CNN) after compression. ``allow_slower``: let the planner keep factorizations measured
     slower than dense on this CPU (otherwise, when the latency guard leaves no way to meet the
     target, the demo says so and plans again with it). ``progress``: progress bars.
+    ``device``: where the CNN trains and is fine-tuned (default: CUDA when available, as
+    :func:`rankcut.train.finetune`); it is measured on the CPU.
 
     Returns a dict: ``out_dir``, ``files`` (paths written), ``top1`` / ``params`` / ``macs`` /
     ``latency_ms`` (each ``[dense, compressed]``), ``layers`` (method per layer),
@@ -187,8 +189,9 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     _say(f"[1/4] training a CNN: {len(WIDTHS)} Conv2d/BatchNorm/ReLU blocks + Linear, "
          f"{n_params:,} params, {_plural(epochs, 'epoch')}")
     t = time.perf_counter()
-    finetune(model, train, epochs=epochs, seed=seed, progress=progress, **TRAIN_OPTIONS)
-    model.eval()
+    finetune(model, train, epochs=epochs, seed=seed, progress=progress, device=device,
+             **TRAIN_OPTIONS)
+    model.cpu().eval()
     before = evaluate(model, test)
     seconds["train"] = time.perf_counter() - t
     _say(f"      {seconds['train']:.1f} s; test top-1 {before['top1']:.2f}%")
@@ -200,7 +203,8 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     t = time.perf_counter()
     kwargs = dict(method=method, target=target, calib_data=calib, train_data=train,
                   epochs=finetune_epochs or None, distill=True,
-                  finetune_options={**FINETUNE_OPTIONS, "seed": seed}, progress=progress)
+                  finetune_options={**FINETUNE_OPTIONS, "seed": seed, "device": device},
+                  progress=progress)
     needed_slower = allow_slower
     try:
         result = compress(model, x1, plan_options={**PLAN_OPTIONS, "allow_slower": allow_slower},
@@ -214,7 +218,8 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
         needed_slower = True
         result = compress(model, x1, plan_options={**PLAN_OPTIONS, "allow_slower": True},
                           **kwargs)
-    small, plan = result.model.eval(), result.plan
+    small, plan = result.model.cpu().eval(), result.plan
+    model.cpu()  # (fine-tuning on a GPU moved the teacher there too)
     after = evaluate(small, test)
     seconds["compress"] = time.perf_counter() - t
     _say(f"      {seconds['compress']:.1f} s; test top-1 {after['top1']:.2f}%")
