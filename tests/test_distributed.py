@@ -45,7 +45,14 @@ finetune(model, data, checkpoint_dir=out / "ckpt2", callback=lambda i: i["step"]
 model, data, kw = ddp_problem()
 resumed = finetune(model, data, checkpoint_dir=out / "ckpt2", resume=True, **kw)
 torch.save(model.state_dict(), out / f"resumed{{rank}}.pt")
+# with BatchNorm: each process updates its running statistics from its own half-batch;
+# validation and the returned model use rank 0's (as the checkpoint does) on every process
+model, data, kw = ddp_problem()
+model = torch.nn.Sequential(model[0], torch.nn.BatchNorm1d(16), *model[1:])
+bn = finetune(model, data, checkpoint_dir=out / "ckpt3", **kw)
+torch.save(model.state_dict(), out / f"bn{{rank}}.pt")
 (out / f"rank{{rank}}.json").write_text(json.dumps({{
+    "bn_history": bn.history,
     "sizes": sizes, "history": result.history, "resumed_history": resumed.history,
     "world": torch.distributed.get_world_size(),
     "backend": torch.distributed.get_backend()}}))
@@ -106,6 +113,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert no_time([json.loads(line) for line in lines]) == ddp_hist
     saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     assert saved["step"] == 8 and len(saved["per_rank"]) == 2
+    # with BatchNorm: one model on every process, rank 0's, the one checkpointed and validated
+    bn = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(bn[0][k], bn[1][k]) for k in bn[0])
+    assert not torch.equal(bn[0]["1.running_mean"], torch.zeros(16))
+    saved = torch.load(tmp_path / "ckpt3" / "last.pt", weights_only=True)
+    assert all(torch.equal(saved["model"][k], bn[0][k]) for k in bn[0])
+    assert no_time(ranks[0]["bn_history"]) == no_time(ranks[1]["bn_history"])
     # stopping and resuming under DDP ends exactly where the uninterrupted DDP run ended
     for r in (0, 1):
         resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)

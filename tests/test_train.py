@@ -287,6 +287,11 @@ def test_evaluate_counts_top1_top5_and_loss_on_a_constructed_case():
     # a transform runs on each batch of inputs
     shifted = evaluate(model, (torch.eye(5), labels), transform=lambda t: t.roll(1, dims=1))
     assert shifted["top1"] != metrics["top1"]
+    # a label outside the classes in a later batch (cross-entropy's -100 "ignore" among them:
+    # the loss would skip it, top-1 count it) is refused, named, not counted
+    for bad, named in ((-100, "class -100"), (6, "class 6")):
+        with pytest.raises(ValueError, match=f"labels: the data has {named} but the model has 6"):
+            evaluate(model, (torch.eye(5), torch.tensor([0, 1, 2, 1, bad])), batch_size=2)
 
 
 def test_evaluate_leaves_batchnorm_statistics_and_modes_alone():
@@ -479,6 +484,22 @@ def test_a_loader_without_a_length_resumes_at_the_end_of_an_epoch(tmp_path):
     resumed = finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path, resume=True,
                        **kw)
     assert resumed.steps == 8 and state_equal(resumed.model, full.model)
+
+
+def test_a_loader_without_a_length_is_validated_and_checkpointed_at_each_epochs_end(tmp_path):
+    """The end of a length-less loader's epoch is seen when it runs out: then, with no
+    eval_every / checkpoint_every, it is validated and checkpointed as a sized loader is."""
+    x, y = blobs(64)  # 4 batches an epoch
+    loader = torch.utils.data.DataLoader(_Stream(x, y), batch_size=None)
+    result = finetune(mlp(), loader, steps=10, lr=0.05, seed=3, progress=False,
+                      checkpoint_dir=tmp_path, val_data=(x, y))
+    assert [e["step"] for e in result.history if e["split"] == "val"] == [4, 8, 10]
+    saved = []
+    finetune(mlp(), loader, steps=10, lr=0.05, seed=3, progress=False,
+             checkpoint_dir=tmp_path / "b",
+             callback=lambda info: saved.append(
+                 (tmp_path / "b" / "last.pt").is_file()) and False)
+    assert saved[4] and not saved[3]  # saved when step 4 (the first epoch) ran out, after it
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
@@ -750,10 +771,16 @@ def test_teacher_cache_serves_an_earlier_runs_outputs_and_changes_nothing(tmp_pa
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    with monkeypatch.context() as m:  # a save that fails warns; the run goes on
-        m.setattr(tc, "save_file", full_disk)
-        with pytest.warns(UserWarning, match="could not save 4 teacher outputs"):
-            assert run(0, folder, seed=5)[1] == 4
+    from safetensors import SafetensorError
+
+    def io_error(*args, **kwargs):  # safetensors' own write error, not an OSError
+        raise SafetensorError("Error while serializing: I/O error")
+
+    for failing in (full_disk, io_error):  # a save that fails warns; the run goes on
+        with monkeypatch.context() as m:
+            m.setattr(tc, "save_file", failing)
+            with pytest.warns(UserWarning, match="could not save 4 teacher outputs"):
+                assert run(0, folder, seed=5)[1] == 4
     assert state_equal(other, run(2, None)[0])
     assert run(0, folder, seed=1)[1] == 4  # another seed draws other batches
     kw["teacher"] = conv_net(seed=3)

@@ -111,6 +111,15 @@ def gather(obj, env: DistEnv) -> list:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every process, as DDP gives them
+    at the start of each forward: after a step each process has updated its own from its own
+    part of the batch, so validation and the returned model would differ by process."""
+    if env.active:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def barrier(env: DistEnv) -> None:
     if env.active:
         dist.barrier()

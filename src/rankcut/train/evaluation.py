@@ -61,13 +61,12 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     # loss sum, top-1 hits, top-5 hits, samples: summed on the device, read once at the end
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     with eval_mode(model):
-        for i, batch in enumerate(batches):
+        for batch in batches:
             x, y = to_device(*split_batch(batch), device)
             if transform is not None:
                 x = transform(x)
             logits = model(x).float()
-            if i == 0:
-                check_targets(logits, y)
+            check_targets(logits, y)  # every batch: a bad label in a later one would count
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices == y[:, None]
             totals += torch.stack([

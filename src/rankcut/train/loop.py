@@ -537,6 +537,7 @@ class _Run:
 
     def _validate(self) -> None:
         o = self.o
+        dist_util.broadcast_buffers(self.model, self.env)  # rank 0's, as checkpointed
         transform = o["val_transform"] if o["val_transform"] is not None else o["transform"]
         metrics = evaluate(self.model, o["val_data"], device=self.device, transform=transform,
                            batch_size=o["eval_batch_size"], num_workers=o["num_workers"],
@@ -713,9 +714,16 @@ class _Run:
                 # the next epoch begins)
                 if seen == 0 and self.batch_in_epoch == 0:
                     raise ValueError(f"train_data yielded no batch in epoch {self.epoch}")
-                if self.steps_per_epoch is None:  # a loader without a length ran out
+                if self.steps_per_epoch is None:  # a loader without a length ran out: the
+                    # epoch's end, validated and checkpointed as a sized one's is
+                    if (seen and o["val_data"] is not None and o["eval_every"] is None
+                            and self.validated_at != self.step):
+                        self._validate()
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if seen and o["checkpoint_dir"] is not None and o["checkpoint_every"] is None:
+                        self._save()
         if self.env.active:
+            dist_util.broadcast_buffers(self.model, self.env)  # one model on every process
             dist_util.barrier(self.env)
 
     def _result(self) -> TrainResult:

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 def check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
     """Refuse class-index ``targets`` outside the model's ``logits.shape[1]`` outputs (a model
     built for fewer classes than the data has), a ValueError instead of cross-entropy's
-    IndexError or a device-side assert. Reads two numbers from the device: call it once."""
+    IndexError or a device-side assert (a negative label, cross-entropy's -100 "ignore" among
+    them, is refused too: top-1 and the loss would count it differently). Reads two numbers
+    from the device."""
     if targets.dtype.is_floating_point or targets.numel() == 0 or logits.ndim != 2:
         return
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= logits.shape[1]:
-        raise ValueError(f"labels: the data has class {high if high >= 0 else low} but the model "
+        raise ValueError(f"labels: the data has class {low if low < 0 else high} but the model "
                          f"has {logits.shape[1]} outputs (classes 0..{logits.shape[1] - 1}); "
                          "build it with as many classes as the data has (--num-classes)")
 

@@ -35,6 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -103,7 +104,7 @@ class TeacherCache:
         try:
             with atomic_path(path) as tmp:  # makes the folder
                 save_file(self.new, str(tmp))
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # (safetensors' I/O error: not an OSError)
             warnings.warn(f"teacher_cache: could not save {len(self.new)} teacher outputs in "
                           f"{self.folder} ({err}); the run goes on without them", stacklevel=2)
             return None
