@@ -294,6 +294,26 @@ def test_evaluate_counts_top1_top5_and_loss_on_a_constructed_case():
             evaluate(model, (torch.eye(5), torch.tensor([0, 1, 2, 1, bad])), batch_size=2)
 
 
+def test_distributed_evaluate_refuses_a_sampler_that_pads(tmp_path):
+    """Under a process group, a loader whose DistributedSampler pads the data to a multiple of
+    the processes would count the padding twice in the summed figures: refused."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    data = TensorDataset(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 0]))
+    model = nn.Linear(3, 2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        padded = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+        with pytest.raises(ValueError, match="pads 5 samples to 6"):
+            evaluate(model, padded, distributed=True)
+        even = DataLoader(data, sampler=DistributedSampler(data, num_replicas=1, rank=0))
+        assert evaluate(model, even, distributed=True)["n"] == 5
+    finally:
+        dist.destroy_process_group()
+
+
 def test_evaluate_leaves_batchnorm_statistics_and_modes_alone():
     """Seed 002 evaluated in train mode, so test batches leaked into BatchNorm's statistics."""
     x, y = blobs(128)
@@ -455,6 +475,26 @@ def test_a_shuffling_dataloader_resumed_mid_epoch_reads_the_same_batches(tmp_pat
     resumed = finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path, resume=True,
                        **kw)
     assert resumed.steps == 10 and state_equal(resumed.model, full.model)
+
+
+def test_a_dataloader_with_its_own_generator_resumed_mid_epoch_reads_the_same_batches(tmp_path):
+    """The same with a loader shuffling by a generator of its own (the user's, seeded): its
+    state as the epoch began is kept too, so the resumed epoch draws the same order."""
+    x, y = blobs(96)
+    kw = dict(steps=12, lr=0.05, seed=3, progress=False, checkpoint_every=2)
+    model = mlp()
+
+    def loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                           shuffle=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+    full = finetune(copy.deepcopy(model), loader(), **kw)
+    finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path,
+             callback=lambda info: info["step"] == 9, **kw)  # mid-way through epoch 2
+    resumed = finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path, resume=True,
+                       **kw)
+    assert resumed.steps == 12 and state_equal(resumed.model, full.model)
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -51,6 +51,12 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     if (distributed and shards and torch.distributed.is_available()
             and torch.distributed.is_initialized()):
         env = dist_util.DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        if (isinstance(data, DataLoader)
+                and data.sampler.total_size != len(data.dataset)):  # summed: counted twice
+            raise ValueError(f"data: its DistributedSampler pads {len(data.dataset)} samples "
+                             f"to {data.sampler.total_size} (a multiple of the processes), so "
+                             "some would be counted twice; pass the Dataset itself (evaluate "
+                             "shards it without padding)")
     if isinstance(data, DataLoader):
         batches = iter(data)
     else:

@@ -256,6 +256,17 @@ def _make_optimizer(optimizer, groups, lr, momentum, nesterov) -> torch.optim.Op
         return make()
 
 
+def _loader_generators(loader) -> list[torch.Generator]:
+    """The generators of its own a DataLoader draws from (``generator=`` of the loader, of its
+    sampler, of its batch sampler's sampler), each once, in that order."""
+    found: list[torch.Generator] = []
+    for owner in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
 class _Run:
     """One call of ``finetune``: the settings, the state that a checkpoint saves, the loop."""
 
@@ -320,10 +331,13 @@ class _Run:
         for sampler in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None)):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+        own = _loader_generators(self.loader)
         if start == 0:
-            # a loader draws its order and its workers' seeds from the global generators as
-            # the epoch begins: their state then is kept for a resume mid-epoch
+            # a loader draws its order and its workers' seeds from the global generators (or
+            # from generators of its own) as the epoch begins: their state then is kept for a
+            # resume mid-epoch
             self.epoch_rng = ckpt.capture_rng(self.device)
+            self.epoch_loader_rng = [g.get_state() for g in own]
             return iter(self.loader)
         # A loader is used as given: resuming mid-epoch rebuilds its order from the generators
         # as they were when the epoch began, reads past the batches already seen, then puts the
@@ -333,6 +347,9 @@ class _Run:
         at_checkpoint = ckpt.capture_rng(self.device)
         if self.epoch_rng is not None:
             ckpt.restore_rng(self.epoch_rng, self.device)
+        if self.epoch_loader_rng is not None and len(self.epoch_loader_rng) == len(own):
+            for g, state in zip(own, self.epoch_loader_rng, strict=True):
+                g.set_state(state)  # (drawn from only as the epoch begins: left where replayed)
         batches = iter(self.loader)
         for _ in itertools.islice(batches, start):
             pass
@@ -397,6 +414,7 @@ class _Run:
         self.window = torch.zeros(4, dtype=torch.float64, device=device)
         self.window_steps = 0
         self.epoch_rng = None  # the generators' state as the epoch began (a loader's order)
+        self.epoch_loader_rng = None  # and those of the loader's own generators
         self.settings = {
             "total_steps": self.total, "batch_size": o["batch_size"],
             "world_size": self.env.world_size, "seed": o["seed"], "shuffle": o["shuffle"],
@@ -429,6 +447,7 @@ class _Run:
             self.tcache.save()
         states = dist_util.gather({"rng": ckpt.capture_rng(self.device),
                                    "epoch_rng": self.epoch_rng,
+                                   "epoch_loader_rng": self.epoch_loader_rng,
                                    "window": self.window.cpu(),
                                    "window_steps": self.window_steps}, self.env)
         if self.env.is_main:
@@ -460,6 +479,7 @@ class _Run:
         mine = payload["per_rank"][self.env.rank]
         ckpt.restore_rng(mine["rng"], self.device)
         self.epoch_rng = mine.get("epoch_rng")  # (checkpoints before it was kept: None)
+        self.epoch_loader_rng = mine.get("epoch_loader_rng")
         self.window = mine["window"].to(self.device)
         self.window_steps = mine["window_steps"]
         self.step, self.epoch = payload["step"], payload["epoch"]
