@@ -607,6 +607,17 @@ def test_resume_refuses_a_changed_run(tmp_path):
                            ({"teacher": mlp()}, "teacher: checkpoint None")]:
         with pytest.raises(ValueError, match=match):
             finetune(mlp(), (x, y), **base, **changed)
+    # a callable optimizer: its class and group settings are the run's (not the defaults')
+    def sgd(lr, momentum=0.0):
+        return lambda groups: torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+    own = dict(steps=4, batch_size=16, checkpoint_dir=tmp_path / "own", progress=False)
+    finetune(mlp(), (x, y), optimizer=sgd(0.01), **own)
+    assert finetune(mlp(), (x, y), optimizer=sgd(0.01), resume=True, **own).steps == 4
+    for other, match in ((sgd(0.5, 0.9), "optimizer_groups"),
+                         (lambda g: torch.optim.Adam(g, lr=0.01), "optimizer: checkpoint")):
+        with pytest.raises(ValueError, match=match):
+            finetune(mlp(), (x, y), optimizer=other, resume=True, **own)
     # a checkpoint written before a setting was recorded is not refused for lacking it
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     del payload["settings"]["amp"]

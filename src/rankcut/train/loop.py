@@ -398,6 +398,12 @@ class _Run:
                   {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         self.optimizer = _make_optimizer(kind, groups, lr, o["momentum"], o["nesterov"])
+        if callable(kind):  # what the user's optimizer is, for a resume to compare: its class
+            name = f"callable: {type(self.optimizer).__name__}"  # and groups' settings
+            built = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
+                      if k != "params" and k not in IMPLEMENTATION_KEYS
+                      and isinstance(v, int | float | bool | str | tuple | type(None))}
+                     for g in self.optimizer.param_groups]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_factor(o["lr_schedule"], self.total, o["warmup_steps"]))
 
@@ -434,6 +440,9 @@ class _Run:
             # (hashing a teacher's weights takes about a second per 500 MB: only when kept)
             "teacher": (model_fingerprint(o["teacher"]) if o["teacher"] is not None
                         and o["checkpoint_dir"] is not None else None)}
+        if callable(kind):
+            self.settings["optimizer_groups"] = built
+            del self.settings["lr"], self.settings["weight_decay"]  # (the callable's own)
 
     def _seed(self) -> None:
         seed = self.o["seed"] + self.env.rank
