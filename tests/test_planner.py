@@ -359,3 +359,66 @@ def test_candidates_kept_on_disk_serve_a_later_process(monkeypatch, tmp_path):
     assert not (tmp_path / "other").exists() and memory_only.get(("key",)) is not None
     monkeypatch.setenv("RANKCUT_CACHE", "off")
     assert rc.select.CandidateCache.cached().folder is None
+
+
+class _TwoScales(nn.Module):
+    """A head shared by two resolutions (as FPN/RetinaNet heads are): it runs at 4x4 then at
+    16x16, and a flag scales what the second conv sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.body = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 32, 3, padding=1)
+        self.scale = 1.0
+
+    def forward(self, x):
+        x = torch.relu(self.body(torch.relu(self.stem(x)) * self.scale))
+        small = self.head(nn.functional.avg_pool2d(x, 4))
+        return small.mean((2, 3)) + self.head(x).mean((2, 3))
+
+
+def test_a_layer_reused_at_two_sizes_costs_each_calls_macs_and_the_target_holds():
+    torch.manual_seed(0)
+    model, x = _TwoScales().eval(), torch.randn(1, 3, 16, 16)
+    plan = rc.plan(model, x, method="svd", target="macs=1.6x", allow_slower=True)
+    assert "called 2 times" in plan.layers["head"].reason
+    small = rc.apply(model, plan)
+    dense_macs, small_macs = count_macs(model, x), count_macs(small, x)
+    assert plan.meta["predicted"]["macs"] == [dense_macs, small_macs]  # priced as it runs
+    assert dense_macs / small_macs >= 1.6
+
+
+def test_a_cached_plan_is_not_reused_when_a_layers_inputs_changed():
+    torch.manual_seed(0)
+    model, x = _TwoScales().eval(), torch.randn(1, 3, 16, 16)
+    calib = [torch.randn(8, 3, 16, 16)]
+    cache = rc.select.CandidateCache(max_entries=4)
+    kw = dict(method="svd", target="macs=1.6x", allow_slower=True, calib_data=calib,
+              cache=cache)
+    rc.plan(model, x, **kw)
+    model.scale = 3.0  # the same weights; the body conv sees other inputs
+    again = rc.plan(model, x, **kw)
+    fresh = rc.plan(model, x, **{**kw, "cache": None})
+    assert cache.hits == 0 and again == fresh
+
+
+def test_sequential_fitting_refuses_a_layer_that_runs_twice():
+    # its fit would see the first call only (rankcut.plan leaves such a layer dense)
+    torch.manual_seed(0)
+    model = _TwoScales().eval()
+    calib = [torch.randn(8, 3, 16, 16)]
+    plan = rc.Plan({"head": rc.LayerPlan("svd", (4,), options={"data_aware": True})})
+    with pytest.raises(ValueError, match="layer 'head' runs 2 times"):
+        rc.apply(model, plan, calib_data=calib)
+    rc.apply(model, plan, calib_data=calib, sequential=False)  # each call's inputs, averaged
+
+
+def test_loss_aware_probes_read_at_most_max_batches():
+    # batches past max_batches would break the model (3 channels, not 5) if read
+    torch.manual_seed(0)
+    model, x = _TwoScales().eval(), torch.randn(1, 3, 16, 16)
+    calib = [torch.randn(8, 3, 16, 16), torch.randn(8, 5, 16, 16), torch.randn(8, 5, 16, 16)]
+    plan = rc.plan(model, x, method="svd", target="macs=1.6x", allow_slower=True,
+                   calib_data=calib, max_batches=1, loss_aware=True)
+    assert "damage_weights" in plan.meta

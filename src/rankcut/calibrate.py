@@ -239,9 +239,11 @@ class _Reached(Exception):
     """Raised by a hook to end a forward pass at the layer it watches (nothing after it runs)."""
 
 
-def forward_order(model: nn.Module, names: Sequence[str], batches: Iterable) -> list[str]:
-    """``names`` in the order their layers first run on the first batch (each run once there;
-    a layer that does not run is an error naming it)."""
+def forward_order(model: nn.Module, names: Sequence[str], batches: Iterable,
+                  sequential: bool = True) -> list[str]:
+    """``names`` in the order their layers first run on the first batch; a layer that does not
+    run is an error naming it, and (for ``sequential`` fitting, which reaches a layer's first
+    call only) so is one that runs more than once."""
     seen: list[str] = []
     hooks = [(module, lambda m, args, n=name: seen.append(n))
              for name, module in zip(names, _check_layers(model, names), strict=True)]
@@ -252,6 +254,11 @@ def forward_order(model: nn.Module, names: Sequence[str], batches: Iterable) -> 
     missing = [n for n in names if n not in order]
     if missing:
         raise ValueError(f"batches: layers {missing} never ran (not on the forward path)")
+    reused = [n for n in order if seen.count(n) > 1]
+    if sequential and reused:
+        raise ValueError(f"sequential: layer {reused[0]!r} runs {seen.count(reused[0])} times "
+                         "in one forward pass, and its fit would see the first call only; "
+                         "leave it dense (rankcut.plan does) or fit with sequential=False")
     return order
 
 

@@ -416,7 +416,7 @@ class _Job:
         # layer again (the same fit, from the same weights) and reads its finished fine-tuning
         # back
         inputs = as_inputs(self.x)  # (several inputs, or raw ones: the plan's order)
-        order = (forward_order(small, list(plan.active), [inputs[0]])
+        order = (forward_order(small, list(plan.active), [inputs[0]], sequential=False)
                  if len(inputs) == 1 and inputs[0].is_floating_point() else list(plan.active))
         for i, name in enumerate(order, 1):
             lp = plan.layers[name]

@@ -111,7 +111,7 @@ class CandidateCache:
         ``disk`` is False) the moments are None: measure them again and check them with
         :meth:`same_moments`. A file that lacks candidates for one of ``layers`` is damaged: a
         miss, written over by the next :meth:`put`."""
-        if key in self._entries:
+        if key in self._entries and all(n in self._entries[key][1] for n in layers):
             self._entries.move_to_end(key)
             self.hits += 1
             return self._entries[key]

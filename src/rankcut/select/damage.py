@@ -101,14 +101,15 @@ def probe(cands: list[Candidate], dense: Candidate, kind: str, fraction: float) 
 
 
 def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[str, float],
-                  calib_data, *, max_samples: int = 256,
+                  calib_data, *, max_samples: int = 256, max_batches: int | None = None,
                   progress: bool = False) -> dict[str, float]:
     """``{layer: KL(dense ‖ probed) / error²}``: the network damage per unit of squared output
     error of each layer, each replaced alone by its probe layer (``probes``, whose predicted
     relative errors are ``errors``), on the first ``max_samples`` calibration inputs. The
-    weights are normalised to mean 1 (only their ratios matter to the allocation)."""
+    weights are normalised to mean 1 (only their ratios matter to the allocation).
+    ``max_batches``: of the first that many calibration batches at most (rankcut.plan's)."""
     inputs, seen = [], 0
-    for x in calibration_inputs(calib_data):
+    for x in calibration_inputs(calib_data, max_batches):
         inputs.append(x[:max_samples - seen])
         seen += len(inputs[-1])
         if seen >= max_samples:

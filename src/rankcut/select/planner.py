@@ -28,10 +28,12 @@ import math
 import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from torch import nn
 
 from .. import methods
+from .._fingerprint import update as fingerprint_update
 from .._modes import (
     as_inputs,
     batch_of,
@@ -84,24 +86,39 @@ def parse_target(target) -> tuple[str, float]:
     return m.group(1), value
 
 
-def layer_input_shapes(model: nn.Module, example_inputs,
-                       calls: dict[str, int] | None = None) -> dict[str, tuple]:
-    """Per Conv2d/Linear that runs on ``example_inputs``: its input (H, W), or for a Linear the
-    rows per sample (the sequence length of a transformer, 1 for a classifier); of its first
-    call. ``calls``, if given, gets how many times each ran."""
+class LayerCalls(NamedTuple):
+    """How a Conv2d/Linear runs on ``example_inputs``: the input size of each call, in order
+    ((H, W), or for a Linear the rows per sample: the sequence length of a transformer, 1 for a
+    classifier), and a SHA-256 of its first call's input (what a cached plan's layer saw)."""
+
+    shapes: list[tuple]
+    digest: str
+
+
+def layer_calls(model: nn.Module, example_inputs) -> dict[str, LayerCalls]:
+    """Per Conv2d/Linear that runs on ``example_inputs``: its :class:`LayerCalls`."""
     inputs = as_inputs(example_inputs)
     batch = batch_of(inputs)
-    seen: dict[str, tuple] = {}
-    calls = {} if calls is None else calls
+    seen: dict[str, LayerCalls] = {}
 
     def record(name):
         def hook(module, args, output):  # returns None: the output is left alone
-            seen.setdefault(name, input_shape(module, args[0], batch))
-            calls[name] = calls.get(name, 0) + 1
+            shape = input_shape(module, args[0], batch)
+            if name in seen:
+                seen[name].shapes.append(shape)
+            else:
+                h = hashlib.sha256()
+                fingerprint_update(h, args[0])
+                seen[name] = LayerCalls([shape], h.hexdigest())
         return hook
 
     run_watching_layers(model, inputs, record)
     return seen
+
+
+def _macs(module: nn.Module, calls: LayerCalls) -> int:
+    """The dense layer's MACs over all its calls (each at its own input size)."""
+    return sum(cost_at(module, shape).macs for shape in calls.shapes)
 
 
 def _within_rule(c: Candidate, cap: tuple[int, ...] | None) -> bool:
@@ -336,8 +353,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     for name, reason in eligible.items():
         if reason is None:
             check_weights(name, model.get_submodule(name))
-    calls: dict[str, int] = {}
-    shapes = layer_input_shapes(model, inputs, calls)
+    calls = layer_calls(model, inputs)
+    shapes = {name: c.shapes[0] for name, c in calls.items()}  # (a planned layer runs once)
     key = hit = None
     if cache is not None:  # everything the moments and candidates depend on, not the target
         try:  # options that are not JSON (a generator, a callable) are keyed by their repr
@@ -345,13 +362,16 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         except (TypeError, ValueError):
             opts_key, persist = json.dumps(options, sort_keys=True, default=repr), False
         key = (model_fingerprint(model), hashlib.sha256(repr(model).encode()).hexdigest(),
-               data_fingerprint(calib_data, max_batches), tuple(sorted(shapes.items())),
+               data_fingerprint(calib_data, max_batches),
+               # each layer's input sizes and first input (a forward that changed since, e.g. a
+               # flag that scales a layer's input, is another computation)
+               tuple(sorted((n, tuple(c.shapes), c.digest) for n, c in calls.items())),
                method, None if rule is None else (rule.kind, repr(rule.value)),
                target is not None, grid_kind, rank_multiple, opts_key,
                tuple(eligible.items()), str(model_device(model)))
         hit = cache.get(key, disk=persist, layers=[n for n, r in eligible.items()
-                                                   if r is None and n in shapes
-                                                   and calls.get(n, 0) <= 1])
+                                                   if r is None and n in calls
+                                                   and len(calls[n].shapes) == 1])
     covs = {}
     if hit is not None and hit[0] is not None:
         covs = hit[0]
@@ -372,11 +392,11 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             module = model.get_submodule(name)
             if reason is None and name not in shapes:
                 reason = "not called in the forward pass on example_inputs"
-            elif reason is None and calls.get(name, 0) > 1:
+            elif reason is None and len(calls[name].shapes) > 1:
                 # each call costs its MACs, and its input may differ: priced as one, a plan
                 # would meet its target on paper only
-                reason = (f"called {calls[name]} times in one forward pass (a layer reused: "
-                          "left dense)")
+                reason = (f"called {len(calls[name].shapes)} times in one forward pass (a "
+                          "layer reused: left dense)")
             if reason is not None:
                 result[name] = LayerPlan.skipped(reason, type(module).__name__)
                 continue
@@ -413,9 +433,9 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             fixed = {"params": count_params(model), "macs": 0,
                      "latency": clock.rest if clock is not None else 0.0}
             for name, module in model.named_modules():
-                if isinstance(module, nn.Conv2d | nn.Linear) and name in shapes:
-                    # (a layer run k times, left dense, costs k times its MACs)
-                    fixed["macs"] += cost_at(module, shapes[name]).macs * calls.get(name, 1)
+                if isinstance(module, nn.Conv2d | nn.Linear) and name in calls:
+                    # (a layer run k times, left dense, costs each call's MACs)
+                    fixed["macs"] += _macs(module, calls[name])
             if kind != "latency":
                 fixed[kind] -= sum(layer.dense.cost(kind) for layer in layers.values())
             choose.fixed = fixed[kind]
@@ -423,7 +443,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             budget = fraction * whole
             if loss_aware:
                 weights = _damage_weights(model, layers, covs, calib_data, kind, budget,
-                                          choose.fixed, options, progress)
+                                          choose.fixed, options, max_batches, progress)
                 for name, w in weights.items():
                     layers[name].cands = damage.weighted(layers[name].cands, w)
                 result.meta["damage_weights"] = weights
@@ -443,12 +463,12 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                else "no layer's factorization is smaller than the dense layer")
         warnings.warn(f"rank: at the ranks of {rule} {why}; nothing is factorized",
                       stacklevel=2)
-    _summarise(result, model, shapes, calls)
+    _summarise(result, model, calls)
     return result
 
 
 def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, options,
-                    progress=False) -> dict:
+                    max_batches=None, progress=False) -> dict:
     """Each layer's network-damage weight (:func:`.damage.layer_weights`), probed at its
     operating point: the candidate that the unweighted allocation picks for the budget (for a
     layer it keeps dense, the candidate at the budget's cost fraction), factorized as the plan
@@ -471,7 +491,8 @@ def _damage_weights(model, layers, covs, calib_data, kind, budget, fixed, option
         cov = covs.get(name) if c.extra.get(DATA_AWARE) else None
         probes[name] = spec.from_dense(layer.module, c.ranks, c.form, cov, opts)
         errors[name] = c.error
-    return damage.layer_weights(model, probes, errors, calib_data, progress=progress)
+    return damage.layer_weights(model, probes, errors, calib_data, max_batches=max_batches,
+                                progress=progress)
 
 
 def _steps(items, progress: bool, stage: str):
@@ -769,21 +790,23 @@ def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
                      reason=f"{c.describe()}: predicted error {error:.3f}")
 
 
-def _summarise(result: Plan, model: nn.Module, shapes, calls: dict[str, int]) -> None:
+def _summarise(result: Plan, model: nn.Module, calls: dict[str, LayerCalls]) -> None:
     """Predicted whole-model params and MACs before and after, into the plan's meta (a layer
-    run k times costs k times its MACs; such a layer is left dense)."""
+    run k times costs each call's MACs; such a layer is left dense)."""
     before = {"params": count_params(model), "macs": 0}
     after = {"params": before["params"], "macs": 0}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d | nn.Linear) or name not in shapes:
+        if not isinstance(module, nn.Conv2d | nn.Linear) or name not in calls:
             continue
-        dense = cost_at(module, shapes[name])
-        lp = result.layers.get(name)
-        new = dense if lp is None or lp.skip else lp.spec.cost(module, lp.ranks, lp.form,
-                                                               shapes[name])
-        before["macs"] += dense.macs * calls.get(name, 1)
-        after["macs"] += new.macs * calls.get(name, 1)
-        after["params"] += new.params - dense.params
+        lp, macs = result.layers.get(name), _macs(module, calls[name])
+        before["macs"] += macs
+        if lp is None or lp.skip:
+            after["macs"] += macs
+            continue
+        shape = calls[name].shapes[0]  # (a factorized layer runs once)
+        new = lp.spec.cost(module, lp.ranks, lp.form, shape)
+        after["macs"] += new.macs
+        after["params"] += new.params - cost_at(module, shape).params
     result.meta["predicted"] = {
         "params": [before["params"], after["params"]],
         "macs": [before["macs"], after["macs"]],
