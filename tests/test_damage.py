@@ -214,3 +214,19 @@ def test_planning_shows_its_stages_and_layers_when_asked(net, capsys):
     assert "planning: measuring candidates" in err and "cp/cp4 at 1" in err
     rc.plan(net, X, method="svd", target="params=2x", allow_slower=True, min_params=100)
     assert capsys.readouterr().err == ""
+
+
+def test_damage_is_measured_per_output_position():
+    """A sequence model's (N, S, V) outputs are one distribution per position, a segmentation's
+    (N, C, H, W) one per pixel: one softmax over all of them would let the positions with the
+    smaller logits count for almost nothing."""
+    from rankcut.select import damage
+
+    x = torch.randn(2, 3, 5)
+    for shape, dim in (((2, 3, 5), -1), ((2, 4, 3, 3), 1)):
+        out = torch.randn(*shape) * torch.linspace(1, 20, shape[1]).view(1, -1, *[1] * (
+            len(shape) - 2))
+        lp = damage._log_probs(lambda _, out=out: out, x)
+        total = lp.exp().sum(-1)  # (the class dimension moved last)
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-9), (shape, dim)
+        assert lp.shape[-1] == shape[dim]

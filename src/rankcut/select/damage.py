@@ -34,7 +34,14 @@ MAX_RATIO = 4.0
 
 
 def _log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(x).flatten(1).double(), dim=1)
+    """Log-probabilities over the classes of each output position: (N, C) a classifier's;
+    (N, S, V) a sequence model's, over its last dimension; (N, C, H, W) a segmentation's, over
+    its channels. (One softmax over all of a sequence's positions would make the positions with
+    the smaller logits count for almost nothing.)"""
+    out = model(x).double()
+    if out.ndim == 4:
+        out = out.movedim(1, -1)
+    return F.log_softmax(out if out.ndim > 1 else out[:, None], dim=-1)
 
 
 class _Prefix:
