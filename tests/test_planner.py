@@ -422,3 +422,28 @@ def test_loss_aware_probes_read_at_most_max_batches():
     plan = rc.plan(model, x, method="svd", target="macs=1.6x", allow_slower=True,
                    calib_data=calib, max_batches=1, loss_aware=True)
     assert "damage_weights" in plan.meta
+
+
+def test_with_data_spatial_svd_is_scored_in_the_output_norm_like_the_others():
+    """Spatial SVD has no data-aware form: built from the weights, its candidates are still
+    measured in the output norm on the calibration moments, the norm the other methods' are in
+    (auto compared a weight-norm error with output-norm errors)."""
+    from rankcut.calibrate import input_second_moments
+    from rankcut.curves import output_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    calib = [torch.randn(16, 3, 8, 8) * torch.linspace(0.1, 3, 8).view(1, 1, 1, 8)]
+    plan = rc.plan(model, x, method="spatial_svd", rank=6, calib_data=calib,
+                   allow_slower=True, include=["2"])
+    lp = plan.layers["2"]
+    assert lp.method == "spatial_svd" and not lp.options.get("data_aware")
+    small = rc.apply(model, plan)
+    covs = input_second_moments(model, ["2"], calib)["2"]
+    real = output_error(model[2], small[2].dense_weight(), covs)
+    assert lp.predicted["error"] == pytest.approx(real, rel=1e-6)
+    W = model[2].weight.detach().double()
+    assert abs(lp.predicted["error"] - float((W - small[2].dense_weight().double()).norm()
+                                              / W.norm())) > 1e-3

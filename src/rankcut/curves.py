@@ -237,19 +237,23 @@ def measured(method, jobs, options=None) -> list[Candidate]:
     """Each ``(module, shape, candidate, covs)`` of ``jobs`` (``shape``: the layer's input
     height and width, or None) with its error measured on the layer ``method`` builds:
     relative output error ||(W - W~) L|| / ||W L|| where ``covs`` (the layer's input moments;
-    the layer is then factorized data-aware and the candidate marked so), relative weight error
-    otherwise. The layers of one (ranks, form) are built together (``method.from_dense_many``:
-    CP runs all their kernels of a shape as one batched solve). A layer built at other ranks
-    than asked (CUR sampled by leverage scores keeps about as many columns as the rank) is
-    priced at the ranks it has; the candidate keeps the ranks asked for, which rebuild it."""
+    the layer is then factorized data-aware and the candidate marked so, when ``method`` has a
+    data-aware form: a method without one builds it from the weights alone and measures it
+    in the output norm all the same, so that all candidates of a layer compare in one norm),
+    relative weight error otherwise. The layers of one (ranks, form) are built together
+    (``method.from_dense_many``: CP runs all their kernels of a shape as one batched solve). A
+    layer built at other ranks than asked (CUR sampled by leverage scores keeps about as many
+    columns as the rank) is priced at the ranks it has; the candidate keeps the ranks asked
+    for, which rebuild it."""
     groups: dict[tuple, list[int]] = {}
     for i, (_, _, c, covs) in enumerate(jobs):
         groups.setdefault((c.ranks, c.form, covs is None), []).append(i)
     out: list = [None] * len(jobs)
     norms: dict[int, float] = {}  # output_norm per layer, shared by its candidates
     for (ranks, form, plain), members in groups.items():
+        aware = not plain and method.data_aware
         layers = method.from_dense_many([jobs[i][0] for i in members], ranks, form,
-                                        None if plain else [jobs[i][3] for i in members],
+                                        [jobs[i][3] for i in members] if aware else None,
                                         options)
         for i, layer in zip(members, layers, strict=True):
             module, shape, c, covs = jobs[i]
@@ -258,7 +262,7 @@ def measured(method, jobs, options=None) -> list[Candidate]:
             if covs is None:
                 W = module.weight.detach().double()
                 error = float((W - approx.double()).norm() / W.norm().clamp_min(1e-300))
-            elif "output_error" in layer.info:  # the solver's own, exact for its solution
+            elif aware and "output_error" in layer.info:  # the solver's own, exact for it
                 error = layer.info["output_error"]
             else:
                 if id(module) not in norms:
@@ -270,7 +274,7 @@ def measured(method, jobs, options=None) -> list[Candidate]:
                 cost = method.cost(module, built, c.form, shape)
                 params, macs = cost.params, cost.macs
             out[i] = Candidate(c.method, c.ranks, c.form, params, macs, error,
-                               {**c.extra, **({} if covs is None else {DATA_AWARE: True})})
+                               {**c.extra, **({DATA_AWARE: True} if aware else {})})
     return out
 
 

@@ -172,8 +172,9 @@ def _rescore(module, shape, spec, cands, covs, options, kind, most: int = 24):
         cands = list(dict.fromkeys(
             _spread(pareto(cands, kind), most) + _spread(pareto(fit, kind), most // 3)))
     opts = _solver_options(spec, options, scoring=True)
-    return measured(spec, [(module, shape, c, covs if spec.data_aware else None)
-                           for c in cands], opts)
+    # (a method without a data-aware form is built from the weights, measured in the output
+    # norm like the others)
+    return measured(spec, [(module, shape, c, covs) for c in cands], opts)
 
 
 def _spread(front: list, n: int) -> list:
@@ -228,7 +229,7 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
             found = [c for c in grid
                      if all(r % rank_multiple == 0 for r in c.ranks) and _within_rule(c, ranks)]
         if spec.grid_fn is not None:
-            pending += [(spec, c, covs if spec.data_aware else None) for c in found]
+            pending += [(spec, c, covs) for c in found]
         elif covs is not None:
             cands += _rescore(module, shape, spec, found, covs, options, kind)
         else:
