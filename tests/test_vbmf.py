@@ -88,4 +88,20 @@ def test_a_pruned_layer_whose_trailing_singular_values_are_zero():
     M = torch.zeros(8, 16, dtype=torch.float64)
     M[:2] = torch.randn(2, 16, generator=g, dtype=torch.float64)
     result = evbmf(M)
-    assert 1 <= result.rank <= 2
+    assert 0 <= result.rank <= 2 and 0 < result.sigma2 < float("inf")
+
+
+def test_zero_filters_do_not_change_the_rank_of_the_rest():
+    """Exactly-zero rows carry no noise: with them in, the least free energy fell to a σ² near
+    0 and every nonzero component was kept (rank 56 of a rank-10 signal with 8 rows zeroed).
+    EVBMF of the nonzero part: the same rank and σ² as the matrix without those rows."""
+    g = torch.Generator().manual_seed(0)
+    signal = (torch.randn(64, 10, generator=g, dtype=torch.float64)
+              @ torch.randn(10, 576, generator=g, dtype=torch.float64)) * 0.05
+    W = signal + 0.02 * torch.randn(64, 576, generator=g, dtype=torch.float64)
+    for zeroed in (4, 8, 20):
+        V = W.clone()
+        V[:zeroed] = 0
+        with_zeros, without = evbmf(V), evbmf(V[zeroed:])
+        assert with_zeros.rank == without.rank == 10
+        assert with_zeros.sigma2 == pytest.approx(without.sigma2, rel=1e-6)

@@ -65,8 +65,12 @@ def _tau(x, alpha):
 
 
 def _free_energy(sigma2, gamma_sq, M, alpha, x_bar):
-    x = np.maximum(gamma_sq / (M * sigma2), 1e-300)
-    value = np.sum(x - np.log(x))
+    x = gamma_sq / (M * sigma2)
+    # Σ (x_h − log x_h) less its constant Σ log γ_h²: each component, a zero singular value
+    # (a pruned filter) too, keeps its log σ² term (clamping x of a zero value to a tiny
+    # constant dropped that term, and the least energy fell to a σ² near 0: every nonzero
+    # component kept)
+    value = np.sum(x) + x.size * math.log(M * sigma2)
     big = x[x > x_bar]
     if big.size:
         t = _tau(big, alpha)
@@ -103,7 +107,13 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
     L, Mdim = V.shape
     U_full, s, Vh_full = torch.linalg.svd(V, full_matrices=False)
     gamma = s.double().cpu().numpy()
-    gamma_sq = gamma**2
+    # Exactly-zero components (pruned filters, duplicated rows) carry no noise: with them in,
+    # the least free energy falls to σ² ≈ 0 and every nonzero component is kept. EVBMF is of
+    # the nonzero part, as if those rows were not there (L: their number).
+    eps = float(torch.finfo(V.dtype).eps)
+    full_L = L
+    L = max(int(np.sum(gamma > gamma[0] * max(L, Mdim) * eps)), 1) if gamma.size else L
+    gamma_sq = gamma[:L] ** 2
     alpha = L / Mdim
     t_bar = tau_bar(alpha)
     x_bar = (1.0 + t_bar) * (1.0 + alpha / t_bar)
@@ -122,6 +132,9 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
             if lower >= upper:
                 sigma2 = upper
             else:
+                # a bounded search, as the reference implementation's (the seed's): the energy
+                # can have two minima, and it finds the one its bracket leads to, not always
+                # the deeper (docs/decompose.md: ResNet-20's layer1.0.conv2)
                 res = minimize_scalar(
                     lambda log_s2: _free_energy(math.exp(log_s2), gamma_sq, Mdim, alpha, x_bar),
                     bounds=(math.log(lower), math.log(upper)),
@@ -133,7 +146,7 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
 
     threshold = math.sqrt(Mdim * sigma2 * x_bar)
     rank0 = int(np.sum(gamma > threshold)) if sigma2 > 0 else int(np.sum(gamma > 0))
-    rank = rank0 + round(weakening * (L - rank0))
+    rank = rank0 + round(weakening * (full_L - rank0))
 
     g = s[:rank]
     with torch.no_grad():
