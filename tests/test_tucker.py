@@ -117,3 +117,16 @@ def test_the_tucker_curve_offers_only_buildable_rank_pairs():
     cands = tucker_curve(methods.get("tucker"), conv, (8, 8))
     assert cands and all(r_t <= 3 * r_s and r_s <= 3 * r_t for r_t, r_s in
                          (c.ranks for c in cands))
+
+
+def test_data_aware_tucker_takes_an_inference_mode_moment():
+    """A moment built under torch.inference_mode() has no version counter (the prepared-data
+    cache read it, and raised)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    with torch.inference_mode():
+        x = torch.randn(50, 36, generator=g, dtype=torch.float64)
+        cov = x.T @ x / 50
+    first = tucker(X, (2, 2), modes=(0, 1), cov=cov)
+    again = tucker(X, (2, 2), modes=(0, 1), cov=cov)
+    assert first.rel_error == pytest.approx(again.rel_error)

@@ -217,7 +217,7 @@ class _Prepared:
 
     X: torch.Tensor
     cov_ref: weakref.ref
-    version: int
+    version: int | None
     ridge: float
     W: torch.Tensor
     C: torch.Tensor
@@ -227,12 +227,20 @@ class _Prepared:
     total: float
 
     def matches(self, X, cov, ridge) -> bool:
-        return (self.cov_ref() is cov and self.version == cov._version and self.ridge == ridge
+        # (an inference-mode moment has no version counter: never matched, recomputed)
+        return (self.version is not None and self.cov_ref() is cov
+                and self.version == _version(cov) and self.ridge == ridge
                 and self.X.shape == X.shape and self.X.device == X.device
                 and torch.equal(self.X, X))
 
 
 _last_prepared: list[_Prepared] = []
+
+
+def _version(cov: torch.Tensor) -> int | None:
+    """``cov``'s version counter (bumped by every in-place change); None for an inference-mode
+    tensor, which has none."""
+    return None if cov.is_inference() else cov._version
 
 
 def _prepare(X, cov, ridge) -> _Prepared:
@@ -249,7 +257,7 @@ def _prepare(X, cov, ridge) -> _Prepared:
     P = torch.einsum("spsq->pq", C4) / S  # position block, over channels
     WC = Wm @ C
     total = float((WC * Wm).sum())  # ||W L||², L Lᵀ = Σ + ridge
-    _last_prepared[:] = [_Prepared(X.detach().clone(), weakref.ref(cov), cov._version, ridge,
+    _last_prepared[:] = [_Prepared(X.detach().clone(), weakref.ref(cov), _version(cov), ridge,
                                    W, C, WC.reshape(T, S, K), L_A, P, total)]
     # the entry (C is as large as cov) goes with cov (if an older cov dies later, it drops a
     # newer entry: a miss, never a wrong hit)
