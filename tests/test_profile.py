@@ -343,3 +343,24 @@ def test_with_batch_takes_and_repeats_samples():
     assert with_batch((x, torch.tensor(2.0)), 1)[1].item() == 2.0
     with pytest.raises(ValueError, match="batch"):
         with_batch(x, 0)
+
+
+def test_multihead_attention_projections_are_counted():
+    """nn.MultiheadAttention projects with its weights directly (its out_proj Linear is never
+    called): its in-projections count under its name, the output projection under out_proj's."""
+    from rankcut.profile import layer_macs
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True, kdim=8, vdim=12)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x, memory_k, memory_v):
+            out, _ = self.attn(x, key=memory_k, value=memory_v)
+            return self.fc(out)
+
+    x, k, v = torch.randn(2, 5, 16), torch.randn(2, 7, 8), torch.randn(2, 7, 12)
+    macs = layer_macs(Block().eval(), (x, k, v))
+    assert macs["attn"] == 10 * 16 * 16 + 14 * 16 * 8 + 14 * 16 * 12
+    assert macs["attn.out_proj"] == 10 * 16 * 16 and macs["fc"] == 10 * 16 * 4

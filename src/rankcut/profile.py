@@ -99,8 +99,33 @@ def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
 
         return record
 
-    run_watching_layers(model, inputs, hook)
+    # nn.MultiheadAttention projects with its weights directly (its out_proj Linear is never
+    # called): its in-projections under its name, the output projection under out_proj's
+    handles = [m.register_forward_hook(_attention_hook(name, macs), with_kwargs=True)
+               for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    try:
+        run_watching_layers(model, inputs, hook)
+    finally:
+        for h in handles:
+            h.remove()
     return macs
+
+
+def _attention_hook(name: str, macs: dict[str, int]):
+    def record(module: nn.MultiheadAttention, args, kwargs, _output) -> None:
+        named = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs
+        q, k, v = (named[key] for key in ("query", "key", "value"))
+
+        def tokens(x: torch.Tensor) -> int:
+            return x.numel() // x.shape[-1]
+
+        E = module.embed_dim
+        macs[name] = macs.get(name, 0) + (tokens(q) * E * E + tokens(k) * E * module.kdim
+                                          + tokens(v) * E * module.vdim)
+        out = f"{name}.out_proj" if name else "out_proj"
+        macs[out] = macs.get(out, 0) + tokens(q) * E * E
+
+    return record
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
