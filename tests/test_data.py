@@ -521,3 +521,14 @@ def test_real_idx_datasets(shared_data, name):
     x = train.images.float() / 255
     mean, std = data.DATASET_STATS[name]
     assert abs(x.mean() - mean[0]) < 5e-4 and abs(x.std() - std[0]) < 5e-4
+
+
+def test_grey_statistics_follow_grey_images_made_three_channel():
+    """docs/data_models.md's example for seed 001's VGG-11: MNIST normalised by its own (one
+    channel) statistics, repeated to 3 channels at 32x32."""
+    tf = data.transforms("mnist", train=True, normalization="mnist", channels=3, size=32)
+    image = torch.from_numpy(random_images(1, 1, 28)[0])
+    x = tf(image)
+    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    plain = data.transforms("mnist", train=False, normalization="mnist", size=32)(image)
+    assert torch.allclose(x[0], plain[0])

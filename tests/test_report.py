@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -366,3 +367,24 @@ def test_plots_of_an_analysis_with_no_eligible_layer(tmp_path):
     analysis = rc.report.analyze(model, x[:1], calib_data=[(x, torch.randint(0, 4, (8,)))],
                                  min_params=10**6)
     assert [p.name for p in analysis.write_plots(tmp_path)] == ["costs.png"]
+
+
+def test_large_factors_print_as_whole_numbers_and_plans_without_errors_plot(tmp_path):
+    from rankcut.report import plot_layers
+    from rankcut.report._common import Change, factor_text
+
+    assert factor_text(1141.82) == "1,142x" and factor_text(3.14159) == "3.14x"
+    assert "1,142x fewer" in Change("params", "params", 102764544, 90000).text
+    plan = rc.Plan({"a": rc.LayerPlan("svd", (4,), predicted={"error": None}),
+                    "b": rc.LayerPlan("svd", (3,), predicted={"error": 0.1})})
+    path = plot_layers(plan, tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latency_of_models_on_two_devices_is_refused():
+    from rankcut.profile import compare_latency
+
+    model = nn.Linear(4, 2)
+    elsewhere = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="different devices"):
+        compare_latency(model, elsewhere, torch.randn(3, 4), warmup=1, repeats=1)

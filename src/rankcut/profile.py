@@ -277,6 +277,9 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
     with eval_mode(first), eval_mode(second):
         (run_a, dev_a), (run_b, dev_b) = (_timer(first, inputs, engine),
                                           _timer(second, inputs, engine))
+        if dev_a != dev_b:  # a CPU time against a GPU's would read as a speed-up
+            raise ValueError(f"the two models are on different devices ({dev_a} and {dev_b}); "
+                             "put them on one to compare their latency")
         for _ in range(warmup):
             run_a()
             run_b()

@@ -122,7 +122,8 @@ class ToFloat:
             out.div_(255)
         if self.mean is None:
             return out
-        return out.mul_(self._scale).sub_(self._shift)
+        # (the statistics follow the images to their device: a transform applied on a GPU)
+        return out.mul_(self._scale.to(out.device)).sub_(self._shift.to(out.device))
 
     def __repr__(self) -> str:
         return f"ToFloat(mean={self.mean}, std={self.std})"
@@ -180,6 +181,8 @@ def transforms(name: str, train: bool, normalization=None, size: int | None = No
     if channels is None and stats is not None and len(stats[0]) != native_channels:
         channels = len(stats[0])
     out_channels = channels if channels is not None else native_channels
+    if stats is not None and len(stats[0]) == 1 and out_channels > 1:  # grey repeated: its
+        stats = (stats[0] * out_channels, stats[1] * out_channels)     # statistics too
     if stats is not None and len(stats[0]) != out_channels:
         raise ValueError(f"normalization: {len(stats[0])} channel statistics for "
                          f"{out_channels}-channel images")

@@ -24,6 +24,8 @@ def factor_text(factor: float) -> str:
     so a near tie does not read as "1x faster"."""
     if math.isinf(factor):
         return "inf x"
+    if factor >= 1000:  # (".3g" would print 1.14e+03)
+        return f"{factor:,.0f}x"
     return f"{factor:.3g}x" if factor >= 1.01 else f"{factor:.3f}x"
 
 

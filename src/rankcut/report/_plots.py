@@ -161,7 +161,8 @@ def plot_layers(report_or_plan, path: str | os.PathLike) -> Path:
             ax.set_title(f"latency per layer, batch {batch} (median)")
             ax.legend(fontsize="small")
         else:  # predicted error of a plan
-            errors = [lp.predicted.get("error", 0.0) for lp in report_or_plan.values()]
+            errors = [float("nan") if lp.predicted.get("error") is None  # none predicted
+                      else float(lp.predicted["error"]) for lp in report_or_plan.values()]
             ax.bar(x, errors, 0.7, color="tab:red")
             ax.set_ylabel("relative error")
             ax.set_title("predicted relative error per layer")
