@@ -793,7 +793,6 @@ def main() -> int:
         raise SystemExit(f"--only: no runs {missing} in {config_path}; it has "
                          f"{', '.join(config['runs'])}")
     base = Path(args.runs_dir) / config_path.stem
-    rows = []
     if not args.summary:
         every = {name: settings_of(config, name) for name in names}
         for name, s in every.items():
@@ -818,15 +817,18 @@ def main() -> int:
                       f"(dense {r['dense_top1']:.2f}%), "
                       f"{(time.perf_counter() - start) / 60:.1f} min in this invocation",
                       flush=True)
-    for name in names:
-        path = base / name / RESULT
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
+    finished = {name: json.loads((base / name / RESULT).read_text())
+                for name in config["runs"] if (base / name / RESULT).is_file()}
+    rows = [finished[name] for name in names if name in finished]
     print(summary(rows))
-    if rows:
-        (base / "summary.md").write_text(summary(rows) + "\n")
-        if len(rows) > 1:
-            print(f"wrote {plot(rows, base / 'summary.png')}")
+    # the files: every finished run of the config, whichever this invocation selected
+    every = list(finished.values())
+    if every:
+        (base / "summary.md").write_text(summary(every) + "\n")
+        if len(every) > 1:
+            print(f"wrote {plot(every, base / 'summary.png')}")
+        else:
+            (base / "summary.png").unlink(missing_ok=True)  # (an older one, of other runs)
     return 0
 
 

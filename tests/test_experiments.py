@@ -121,6 +121,13 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert head2["resumed"] and head2["ranks"] == head["ranks"]
     assert head2["params"] == head["params"] and head2["before_top1"] == head["after_top1"]
     assert head2["transfer"]["backbone_params"] == head["transfer"]["backbone_params"]
+    # --only prints the runs selected; the summary files keep every finished run
+    only = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),
+                           str(config), "--runs-dir", str(tmp_path / "runs"), "--only", "tiny",
+                           "--summary"], capture_output=True, text=True, env=env, timeout=120)
+    assert only.returncode == 0 and "| tiny |" in only.stdout and "| again |" not in only.stdout
+    written = (tmp_path / "runs" / "tiny" / "summary.md").read_text()
+    assert all(f"| {name} |" in written for name in ("tiny", "again", "scratch"))
 
 
 def test_weights_trained_by_another_recipe_are_refused(tmp_path):
