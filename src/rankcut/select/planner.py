@@ -95,8 +95,10 @@ class LayerCalls(NamedTuple):
     digest: str
 
 
-def layer_calls(model: nn.Module, example_inputs) -> dict[str, LayerCalls]:
-    """Per Conv2d/Linear that runs on ``example_inputs``: its :class:`LayerCalls`."""
+def layer_calls(model: nn.Module, example_inputs, digests: bool = True
+                ) -> dict[str, LayerCalls]:
+    """Per Conv2d/Linear that runs on ``example_inputs``: its :class:`LayerCalls` (``digest``
+    empty unless ``digests``: hashing every layer's input is for caches)."""
     inputs = as_inputs(example_inputs)
     batch = batch_of(inputs)
     seen: dict[str, LayerCalls] = {}
@@ -108,8 +110,9 @@ def layer_calls(model: nn.Module, example_inputs) -> dict[str, LayerCalls]:
                 seen[name].shapes.append(shape)
             else:
                 h = hashlib.sha256()
-                fingerprint_update(h, args[0])
-                seen[name] = LayerCalls([shape], h.hexdigest())
+                if digests:
+                    fingerprint_update(h, args[0])
+                seen[name] = LayerCalls([shape], h.hexdigest() if digests else "")
         return hook
 
     run_watching_layers(model, inputs, record)
@@ -354,7 +357,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     for name, reason in eligible.items():
         if reason is None:
             check_weights(name, model.get_submodule(name))
-    calls = layer_calls(model, inputs)
+    calls = layer_calls(model, inputs, digests=cache is not None)
     shapes = {name: c.shapes[0] for name, c in calls.items()}  # (a planned layer runs once)
     key = hit = None
     if cache is not None:  # everything the moments and candidates depend on, not the target
