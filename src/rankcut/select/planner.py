@@ -28,7 +28,6 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 from torch import nn
 
@@ -42,7 +41,7 @@ from .._modes import (
     model_dtype,
     run_watching_layers,
 )
-from ..calibrate import check_reusable, input_second_moments
+from ..calibrate import calibration_inputs, check_reusable, input_second_moments
 from ..curves import Candidate, aligned, measured, pareto, whitened_svd_errors
 from ..decompose.svd import reuse_svds
 from ..defaults import COMPRESS
@@ -86,42 +85,46 @@ def parse_target(target) -> tuple[str, float]:
     return m.group(1), value
 
 
-class LayerCalls(NamedTuple):
-    """How a Conv2d/Linear runs on ``example_inputs``: the input size of each call, in order
-    ((H, W), or for a Linear the rows per sample: the sequence length of a transformer, 1 for a
-    classifier), and a SHA-256 of its first call's input (what a cached plan's layer saw)."""
-
-    shapes: list[tuple]
-    digest: str
-
-
-def layer_calls(model: nn.Module, example_inputs, digests: bool = True
-                ) -> dict[str, LayerCalls]:
-    """Per Conv2d/Linear that runs on ``example_inputs``: its :class:`LayerCalls` (``digest``
-    empty unless ``digests``: hashing every layer's input is for caches)."""
+def layer_calls(model: nn.Module, example_inputs) -> dict[str, list[tuple]]:
+    """Per Conv2d/Linear that runs on ``example_inputs``: the input size of each of its calls,
+    in order ((H, W), or for a Linear the rows per sample: the sequence length of a
+    transformer, 1 for a classifier)."""
     inputs = as_inputs(example_inputs)
     batch = batch_of(inputs)
-    seen: dict[str, LayerCalls] = {}
+    seen: dict[str, list[tuple]] = {}
 
     def record(name):
         def hook(module, args, output):  # returns None: the output is left alone
-            shape = input_shape(module, args[0], batch)
-            if name in seen:
-                seen[name].shapes.append(shape)
-            else:
-                h = hashlib.sha256()
-                if digests:
-                    fingerprint_update(h, args[0])
-                seen[name] = LayerCalls([shape], h.hexdigest() if digests else "")
+            seen.setdefault(name, []).append(input_shape(module, args[0], batch))
         return hook
 
     run_watching_layers(model, inputs, record)
     return seen
 
 
-def _macs(module: nn.Module, calls: LayerCalls) -> int:
+def _input_digests(model: nn.Module, calib_data, max_batches) -> tuple:
+    """A SHA-256 of each Conv2d/Linear's first input on the first calibration batch: what the
+    layers see, for a cache key (the same weights and data behind a forward changed since, e.g.
+    a flag that scales a layer's input, are another computation)."""
+    digests: dict[str, str] = {}
+
+    def record(name):
+        def hook(module, args, output):
+            if name not in digests:
+                h = hashlib.sha256()
+                fingerprint_update(h, args[0])
+                digests[name] = h.hexdigest()
+        return hook
+
+    first = next(calibration_inputs(calib_data, max_batches), None)
+    if first is not None:
+        run_watching_layers(model, (first,), record)
+    return tuple(sorted(digests.items()))
+
+
+def _macs(module: nn.Module, shapes: list[tuple]) -> int:
     """The dense layer's MACs over all its calls (each at its own input size)."""
-    return sum(cost_at(module, shape).macs for shape in calls.shapes)
+    return sum(cost_at(module, shape).macs for shape in shapes)
 
 
 def _within_rule(c: Candidate, cap: tuple[int, ...] | None) -> bool:
@@ -357,8 +360,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     for name, reason in eligible.items():
         if reason is None:
             check_weights(name, model.get_submodule(name))
-    calls = layer_calls(model, inputs, digests=cache is not None)
-    shapes = {name: c.shapes[0] for name, c in calls.items()}  # (a planned layer runs once)
+    calls = layer_calls(model, inputs)
+    shapes = {name: c[0] for name, c in calls.items()}  # (a planned layer runs once)
     key = hit = None
     if cache is not None:  # everything the moments and candidates depend on, not the target
         try:  # options that are not JSON (a generator, a callable) are keyed by their repr
@@ -367,15 +370,15 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             opts_key, persist = json.dumps(options, sort_keys=True, default=repr), False
         key = (model_fingerprint(model), hashlib.sha256(repr(model).encode()).hexdigest(),
                data_fingerprint(calib_data, max_batches),
-               # each layer's input sizes and first input (a forward that changed since, e.g. a
-               # flag that scales a layer's input, is another computation)
-               tuple(sorted((n, tuple(c.shapes), c.digest) for n, c in calls.items())),
+               tuple(sorted((n, tuple(c)) for n, c in calls.items())),  # every call's size
+               # what the layers see of the calibration data (moments are kept with a hit)
+               None if calib_data is None else _input_digests(model, calib_data, max_batches),
                method, None if rule is None else (rule.kind, repr(rule.value)),
                target is not None, grid_kind, rank_multiple, opts_key,
                tuple(eligible.items()), str(model_device(model)))
         hit = cache.get(key, disk=persist, layers=[n for n, r in eligible.items()
                                                    if r is None and n in calls
-                                                   and len(calls[n].shapes) == 1])
+                                                   and len(calls[n]) == 1])
     covs = {}
     if hit is not None and hit[0] is not None:
         covs = hit[0]
@@ -396,10 +399,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             module = model.get_submodule(name)
             if reason is None and name not in shapes:
                 reason = "not called in the forward pass on example_inputs"
-            elif reason is None and len(calls[name].shapes) > 1:
+            elif reason is None and len(calls[name]) > 1:
                 # each call costs its MACs, and its input may differ: priced as one, a plan
                 # would meet its target on paper only
-                reason = (f"called {len(calls[name].shapes)} times in one forward pass (a "
+                reason = (f"called {len(calls[name])} times in one forward pass (a "
                           "layer reused: left dense)")
             if reason is not None:
                 result[name] = LayerPlan.skipped(reason, type(module).__name__)
@@ -794,7 +797,7 @@ def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
                      reason=f"{c.describe()}: predicted error {error:.3f}")
 
 
-def _summarise(result: Plan, model: nn.Module, calls: dict[str, LayerCalls]) -> None:
+def _summarise(result: Plan, model: nn.Module, calls: dict[str, list[tuple]]) -> None:
     """Predicted whole-model params and MACs before and after, into the plan's meta (a layer
     run k times costs each call's MACs; such a layer is left dense)."""
     before = {"params": count_params(model), "macs": 0}
@@ -807,7 +810,7 @@ def _summarise(result: Plan, model: nn.Module, calls: dict[str, LayerCalls]) -> 
         if lp is None or lp.skip:
             after["macs"] += macs
             continue
-        shape = calls[name].shapes[0]  # (a factorized layer runs once)
+        shape = calls[name][0]  # (a factorized layer runs once)
         new = lp.spec.cost(module, lp.ranks, lp.form, shape)
         after["macs"] += new.macs
         after["params"] += new.params - cost_at(module, shape).params
