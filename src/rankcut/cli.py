@@ -524,6 +524,8 @@ def _check_device(text: str) -> None:
 def _check_onnx_runtime(args: argparse.Namespace) -> None:
     """ONNX Runtime (and onnx) importable when a flag asks for them, before any work."""
     needs = ("--engine onnxruntime" if getattr(args, "engine", None) == "onnxruntime"
+             else "--latency-engine onnxruntime"
+             if getattr(args, "latency_engine", None) == "onnxruntime"
              else "--format onnx" if getattr(args, "format", None) == "onnx"
              and args.command == "export" else None)
     if needs is None:
@@ -935,12 +937,7 @@ class _Context:
         if a.latency_table or a.latency_engine not in (None, "eager"):
             from .select import LatencyTable
 
-            if a.latency_engine == "onnxruntime":
-                try:
-                    import onnxruntime  # noqa: F401  (before the work, not at the first timing)
-                except ImportError:
-                    raise UserError("--latency-engine onnxruntime needs onnx and onnxruntime: "
-                                    "pip install 'rankcut[export]'") from None
+            # (ONNX Runtime for --latency-engine was checked with the flags: _check_onnx_runtime)
             # the model is planned where it is built, on the CPU (fine-tuning moves it later):
             # its layers are timed there
             device = "cpu"
