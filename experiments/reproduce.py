@@ -60,6 +60,8 @@ SETTINGS = {
     "num_classes": None,      # outputs of a model built here (rankcut.models.create)
     "normalization": None,    # input statistics (rankcut.data.transforms); None: the model's
     "image_size": None,       # inputs resized to this side (MNIST's 28 to 32 for a VGG)
+    "augment": "standard",    # the training split's augmentation (rankcut.data.transforms:
+                              # "standard", "none", "shift")
     "data": "cifar10",
     "test_limit": None,       # measure on the first N test images only (quick trials; None: all)
     "calib": 1024,            # calibration images, drawn from the training split (eval transform)
@@ -130,9 +132,9 @@ def settings_of(config: dict, name: str) -> dict:
 SETTINGS_FILE = "settings.json"
 LATE_SETTINGS = ("export", "note")  # settings a finished run may be given afterwards
 # what a factorized model is made of: a start_from run, which takes another's, must agree
-MADE_BY = ("model", "weights", "train", "num_classes", "normalization", "image_size", "data",
-           "calib", "method", "rank", "target", "sequential", "allow_slower", "plan_options",
-           "sensitivity", "match_params")
+MADE_BY = ("model", "weights", "train", "augment", "num_classes", "normalization", "image_size",
+           "data", "calib", "method", "rank", "target", "sequential", "allow_slower",
+           "plan_options", "sensitivity", "match_params")
 
 
 def pin_settings(folder: Path, name: str, s: dict) -> None:
@@ -190,6 +192,8 @@ def check(config: dict, name: str, s: dict) -> None:
         rc.models.check_name(s["model"])
     except ValueError as err:
         refuse("model", err)
+    if s["augment"] not in D.AUGMENTS:
+        refuse("augment", f"expected one of {', '.join(D.AUGMENTS)}, got {s['augment']!r}")
     if s["model"] not in PRETRAINED and s["weights"] == "pretrained":
         refuse("model", f"no pretrained weights for {s['model']!r} (known: "
                         f"{', '.join(PRETRAINED)}); give weights: FILE")
@@ -306,13 +310,13 @@ def datasets(s: dict, root: Path):
     norm = s["normalization"] if s["normalization"] is not None else s["model"]
     if isinstance(norm, list):  # YAML's [[mean...], [std...]]
         norm = tuple(tuple(v) for v in norm)
-    return _datasets(s["data"], norm, s["image_size"], s["test_limit"], str(root))
+    return _datasets(s["data"], norm, s["image_size"], s["test_limit"], str(root), s["augment"])
 
 
 @lru_cache(maxsize=4)
-def _datasets(data: str, norm, size, test_limit, root: str):
+def _datasets(data: str, norm, size, test_limit, root: str, augment: str):
     def tf(train: bool):
-        return D.transforms(data, train=train, normalization=norm, size=size)
+        return D.transforms(data, train=train, normalization=norm, size=size, augment=augment)
 
     train = D.dataset(data, "train", root=root, transform=tf(True))
     test = D.dataset(data, "test", root=root, transform=tf(False), limit=test_limit)
@@ -381,7 +385,7 @@ def unrepeated_pool(model: torch.nn.Module):
 
 
 # the settings trained weights depend on besides their recipe: the model and its inputs
-TRAINED_ON = ("model", "data", "num_classes", "normalization", "image_size")
+TRAINED_ON = ("model", "data", "num_classes", "normalization", "image_size", "augment")
 
 
 def trained_weights(s: dict, root: Path, device: str) -> dict:

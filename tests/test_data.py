@@ -371,6 +371,32 @@ def test_cifar_train_transforms_pad_crop_and_flip():
     assert len(seen) > 50 and {f for *_, f in seen} == {False, True}
 
 
+def test_shift_augment_translates_without_flipping_and_none_turns_augmentation_off():
+    x = torch.from_numpy(random_images(1, 1, 28)[0])
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2)).float() / 255
+    windows = {(i, j): padded[:, i:i + 28, j:j + 28] for i in range(5) for j in range(5)}
+    t = data.transforms("mnist", train=True, augment="shift")
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        y = t(x)
+        match = [k for k, w in windows.items() if torch.equal(w, y)]
+        assert match  # a 28x28 window of the 2-padded image, never mirrored
+        seen.update(match)
+    assert len(seen) > 15
+    # before the resize: the shift is of the native image, the output the asked size
+    assert t.transforms[0].padding == 2
+    assert data.transforms("mnist", True, size=32, augment="shift")(x).shape == (1, 32, 32)
+    # CIFAR's own augmentation replaced by the shift, or none at all
+    c = torch.from_numpy(random_images(1)[0])
+    assert "RandomFlip" not in repr(data.transforms("cifar10", True, augment="shift"))
+    for name in ("cifar10", "imagefolder"):
+        assert torch.equal(data.transforms(name, True, augment="none")(c),
+                           data.transforms(name, False)(c))
+    # evaluation transforms never augment
+    assert torch.equal(data.transforms("mnist", False, augment="shift")(x), padded[:, 2:30, 2:30])
+
+
 def test_grayscale_to_three_channels_and_resize():
     x = torch.from_numpy(random_images(1, 1, 28)[0])
     y = data.transforms("mnist", train=False, size=32, channels=3)(x)
@@ -403,6 +429,10 @@ def test_transform_errors():
         data.transforms("mnist", False, channels=2)
     with pytest.raises(ValueError, match="size: expected a positive int"):
         data.transforms("mnist", False, size=0)
+    with pytest.raises(ValueError, match="augment: expected one of standard, none, shift"):
+        data.transforms("mnist", True, augment="crop")
+    with pytest.raises(ValueError, match="augment: 'shift' is for the small"):
+        data.transforms("imagefolder", True, augment="shift")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,6 +147,11 @@ def test_weights_trained_by_another_recipe_are_refused(tmp_path):
         reproduce_.trained_weights(s, tmp_path, "cpu")
     weights.with_suffix(".json").write_text(json.dumps({"recipe": recipe, "top1": 50.0}))
     assert reproduce_.trained_weights(s, tmp_path, "cpu")["top1"] == 50.0  # the same recipe
+    # the same recipe on other inputs: here another training augmentation
+    weights.with_suffix(".json").write_text(json.dumps({"recipe": recipe, "augment": "shift"}))
+    with pytest.raises(SystemExit, match=r"trained with other \['augment'\]"):
+        reproduce_.trained_weights(s, tmp_path, "cpu")
+    weights.with_suffix(".json").write_text(json.dumps({"recipe": recipe, "top1": 50.0}))
     weights.unlink()
     folder = tmp_path / "w-training"
     folder.mkdir()
@@ -219,6 +224,7 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "checkpoint-every-0": ({"checkpoint_every": 0}, "checkpoint_every"),
         "distill-string": ({"distill": "no"}, "distill: expected true or false"),
         "data-unknown": ({"data": "imagenet"}, "data: expected one of cifar10"),
+        "augment-unknown": ({"augment": "crop"}, "augment: expected one of standard, none"),
         "plan-options-list": ({"plan_options": [1]}, "plan_options: expected a mapping"),
         "plan-options-typo": ({"plan_options": {"allow_slowr": True}}, "allow_slowr"),
         "finetune-options-typo": ({"finetune_options": {"lrr": 0.1}}, "lrr"),

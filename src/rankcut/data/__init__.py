@@ -32,6 +32,7 @@ from ._datasets import (
 )
 from ._formats import CIFAR, read_cifar_binary_batch, read_idx
 from ._transforms import (
+    AUGMENTS,
     DATASET_STATS,
     RandomFlip,
     RandomPadCrop,
@@ -111,6 +112,7 @@ def read_cifar10_bin(root: str | os.PathLike, split: str = "test",
 
 
 __all__ = [
+    "AUGMENTS",
     "CIFAR10_BIN",
     "DATASET_STATS",
     "ENV_VAR",

@@ -152,8 +152,12 @@ def resolve_normalization(normalization) -> Stats | None:
                          f"got {normalization!r}") from None
 
 
+AUGMENTS = ("standard", "none", "shift")
+
+
 def transforms(name: str, train: bool, normalization=None, size: int | None = None,
-               channels: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+               channels: int | None = None,
+               augment: str = "standard") -> Callable[[torch.Tensor], torch.Tensor]:
     """The standard transform of dataset ``name`` on uint8 image tensors (C, H, W) -> float32.
 
     Args:
@@ -170,6 +174,9 @@ def transforms(name: str, train: bool, normalization=None, size: int | None = No
         channels: 1 or 3 output channels (grayscale is repeated to 3; RGB to luma). By default the
             dataset's own, or the normalisation's number of channels when it differs (so MNIST
             normalised for a CIFAR model becomes 3-channel).
+        augment: the training augmentation (with ``train`` only): "standard" (the dataset's, as
+            above), "none", or "shift" (a random translation by up to 2 pixels of the native
+            image, zero-padded, no flip: for digits, where a mirror image is another glyph).
     """
     from torchvision.transforms import v2
 
@@ -188,17 +195,25 @@ def transforms(name: str, train: bool, normalization=None, size: int | None = No
                          f"{out_channels}-channel images")
     if size is not None and (not isinstance(size, int) or size < 1):
         raise ValueError(f"size: expected a positive int, got {size!r}")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment: expected one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if key == "imagefolder" and augment == "shift":
+        raise ValueError("augment: 'shift' is for the small fixed-size datasets; image folders "
+                         "have 'standard' (random resized crop and flip) or 'none'")
+    augmenting = train and augment != "none"
     steps: list = []
     if channels is not None and channels != native_channels:
         steps.append(ToChannels(channels))
     if key == "imagefolder":
         side = size or 224
-        if train:
+        if augmenting:
             steps += [v2.RandomResizedCrop(side, antialias=True), RandomFlip()]
         else:
             steps += [v2.Resize(round(side / 0.875), antialias=True), v2.CenterCrop(side)]
     else:
-        if train and key in ("cifar10", "cifar100"):
+        if augmenting and augment == "shift":
+            steps.append(RandomPadCrop(2))
+        elif augmenting and key in ("cifar10", "cifar100"):
             steps += [RandomPadCrop(4), RandomFlip()]
         if size is not None and size != native_size:
             steps.append(v2.Resize((size, size), antialias=True))
