@@ -432,9 +432,6 @@ def _solver_options(items: list[str]) -> dict[str, dict]:
         if not (dot and eq and name and key):
             raise UserError(f"--solver-option: expected METHOD.KEY=VALUE (e.g. cur.solver=rx), "
                             f"got {item!r}")
-        if name not in methods.names():
-            raise UserError(f"--solver-option: {name!r} is not a method; options belong to "
-                            f"one of {', '.join(methods.names())}")
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
@@ -447,9 +444,7 @@ def _solver_options(items: list[str]) -> dict[str, dict]:
                 except ValueError:
                     pass
         options.setdefault(name, {})[key] = value
-    for name, opts in options.items():
-        _as_user_error(f"--solver-option {name}", methods.get(name).check_options, opts)
-    return options
+    return _as_user_error("--solver-option", methods.check_solver_options, options)
 
 
 def _as_user_error(flag: str, fn, *args):

@@ -313,6 +313,29 @@ def get(name: str) -> Method:
     return resolve(name)[0]
 
 
+def check_solver_options(options) -> dict:
+    """``options`` as :func:`rankcut.plan` takes them, {method: {solver option: value}}, each
+    key a method and each method's options checked against its solver, before any work (the
+    API and the command line's ``--solver-option`` both come here). An error names the method
+    first ("cur: solver: expected one of ..."). None is no options."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"expected a dict of solver options per method (e.g. "
+                         f"{{'cp': {{'max_iter': 100}}}}), got {type(options).__name__}")
+    for name, opts in options.items():
+        if name not in REGISTRY:
+            raise ValueError(f"{name!r} is not a method; keys are method names: "
+                             f"{', '.join(names())}")
+        if not isinstance(opts, dict):
+            raise ValueError(f"{name}: expected a dict, got {type(opts).__name__}")
+        try:
+            REGISTRY[name].check_options(opts)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    return dict(options)
+
+
 def variants(name: str, module: nn.Module) -> list[tuple[Method, str | None]]:
     """The (method, form) pairs to consider for ``module`` when ``name`` was asked for:
     every form of every ``auto`` method that applies, for ``"auto"``; otherwise the named

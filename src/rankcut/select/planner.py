@@ -135,27 +135,6 @@ def _round_up(rank: int, multiple: int) -> int:
     return -(-rank // multiple) * multiple
 
 
-def _check_solver_options(options) -> dict:
-    """``options``: {method: {solver option: value}}, each method's options checked against its
-    solver before any work."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise ValueError(f"options: expected a dict of solver options per method (e.g. "
-                         f"{{'cp': {{'max_iter': 100}}}}), got {type(options).__name__}")
-    for name, opts in options.items():
-        if name not in methods.names():
-            raise ValueError(f"options: {name!r} is not a method; keys are method names: "
-                             f"{', '.join(methods.names())}")
-        if not isinstance(opts, dict):
-            raise ValueError(f"options[{name!r}]: expected a dict, got {type(opts).__name__}")
-        try:
-            methods.get(name).check_options(opts)
-        except ValueError as err:
-            raise ValueError(f"options[{name!r}]: {err}") from None
-    return dict(options)
-
-
 def _solver_options(spec: methods.Method, options: dict, scoring: bool = False) -> dict:
     """The solver options a method's layers get: the registry's planning defaults (CUR plans
     with the deterministic DEIM; with ``scoring``, the cheaper settings candidates are scored
@@ -336,7 +315,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     rule = parse_rank(rank) if rank is not None else None
     kind, fraction = parse_target(target) if target is not None else (None, None)
     grid_kind = "macs" if kind == "latency" else kind  # what candidate grids are drawn on
-    options = _check_solver_options(options)
+    try:
+        options = methods.check_solver_options(options)
+    except ValueError as err:
+        raise ValueError(f"options: {err}") from None
     if calib_data is not None:
         check_reusable(calib_data)
     inputs = as_inputs(example_inputs)
