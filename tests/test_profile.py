@@ -163,9 +163,9 @@ def test_bad_example_inputs_is_rejected(bad):
 
 
 def test_bad_model_is_rejected():
-    with pytest.raises(ValueError, match=r"model must be an nn\.Module"):
+    with pytest.raises(ValueError, match=r"model: expected an nn\.Module, got function"):
         count_macs(lambda x: x, torch.ones(1))
-    with pytest.raises(ValueError, match=r"module must be an nn\.Module"):
+    with pytest.raises(ValueError, match=r"module: expected an nn\.Module, got str"):
         count_params("resnet")
 
 

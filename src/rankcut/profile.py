@@ -39,6 +39,7 @@ from torch import nn
 from ._modes import (
     as_inputs,
     batch_of,
+    check_module,
     eval_mode,
     hooked,
     model_device,
@@ -66,8 +67,7 @@ __all__ = [
 
 def count_params(module: nn.Module) -> int:
     """The number of parameter elements of ``module``; a shared (tied) parameter counts once."""
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_module(module, "module")
     return sum(p.numel() for p in module.parameters())  # parameters() yields each tensor once
 
 
@@ -87,8 +87,7 @@ def layer_macs(model: nn.Module, example_inputs) -> dict[str, int]:
     or a tuple of positional tensors. The forward runs under ``torch.no_grad()`` in eval mode (so
     batch-norm statistics are left alone); every module's train/eval flag is restored afterwards.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     inputs = as_inputs(example_inputs)
 
     macs: dict[str, int] = {}
@@ -331,8 +330,7 @@ def model_bytes(model: nn.Module) -> int:
     writes it (parameters and buffers, shared tensors once, plus the JSON header)."""
     from safetensors.torch import save_model
 
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     with tempfile.TemporaryDirectory(prefix="rankcut-bytes-") as folder:
         path = Path(folder) / "model.safetensors"
         save_model(model, str(path))
@@ -507,8 +505,7 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
     receives inside the model in that forward pass (one call; recorded by a hook). The model runs
     in eval mode under no_grad on its own device; modes are restored.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     inputs = as_inputs(example_inputs)
     batches = _check_batches(batches)
     if latency:
