@@ -372,3 +372,9 @@ def test_labels_beyond_the_models_outputs_are_named_not_an_index_error():
         finetune(model, data, steps=1, batch_size=8, progress=False)
     assert unchanged(model, before)
     evaluate(model, (data[0], data[1].clamp(max=1)))  # labels that fit are fine
+    # a bad label in a later batch than the first: on the CPU every batch is checked
+    later = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.rand(16, 3, 8, 8), torch.tensor([0, 1] * 4 + [0, 1, 1, 0, 2, 0, 1, 0])),
+        batch_size=8, shuffle=False)
+    with pytest.raises(ValueError, match="the data has class 2 but the model has 2 outputs"):
+        finetune(model, later, steps=2, progress=False)

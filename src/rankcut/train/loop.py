@@ -372,7 +372,7 @@ class _Run:
         # the weights' (and inputs') memory format while training; "auto" is decided on the
         # first batch (_choose_layout)
         self.layout = None
-        self.targets_checked = False  # the first batch's labels fit the model's outputs
+        self.targets_checked = False  # a batch's labels fit the model's outputs
         # under torchrun "auto" keeps the layout: DDP's gradient buckets take the parameters'
         # strides when the model is wrapped, before the first batch could be probed
         self.layout_pending = (o["memory_format"] == "auto" and not self.env.active
@@ -594,7 +594,9 @@ class _Run:
                 with torch.no_grad():
                     teacher_logits = (self.teacher(x) if self.tcache is None
                                       else self.tcache.outputs(x, self.teacher))
-        if not self.targets_checked:
+        # every batch on the CPU; elsewhere the first only (the check reads two numbers from
+        # the device: a synchronisation per step)
+        if not self.targets_checked or self.device.type == "cpu":
             check_targets(logits, y)
             self.targets_checked = True
         loss = training_loss(logits, y, teacher_logits, label_smoothing=o["label_smoothing"],
