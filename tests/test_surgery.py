@@ -107,6 +107,9 @@ def test_plan_json_ranks_may_be_one_number_and_predictions_print():
             '"ranks": 4, "predicted": {"params": 10, "error": null}}}}')
     plan = rc.Plan.from_json(text)
     assert plan["a"].ranks == (4,) and "a      svd     4" in str(plan)
+    # predictions that are not finite (JSON's NaN and Infinity load) print as they are
+    odd = rc.Plan.from_json(text.replace('"params": 10', '"params": Infinity'))
+    assert "inf" in str(odd)
 
 
 def test_apply_replaces_by_qualified_name_and_leaves_the_original_bitwise_unchanged(net):
@@ -236,7 +239,33 @@ def test_save_refuses_what_load_cannot_rebuild(net, tmp_path):
                        ((small, {"proj": "svd"}), "plan: expected a rankcut.Plan")):
         with pytest.raises(ValueError, match=match):
             rc.save(bad[0], tmp_path / "bad", *bad[1:])
-    assert not any((tmp_path / d).exists() for d in ("twice", "fused", "bad"))
+    # a bare factorized layer: load rebuilds layers inside a model, never the model itself
+    with pytest.raises(ValueError, match="a bare LowRankLinear.*nn.Sequential"):
+        rc.save(LowRankLinear.from_dense(nn.Linear(6, 5), 3), tmp_path / "bare")
+    assert not any((tmp_path / d).exists() for d in ("twice", "fused", "bad", "bare"))
+
+
+def test_a_save_that_fails_leaves_the_previous_save_loadable(net, tmp_path):
+    """A plan that cannot be written as JSON (a Generator among a layer's options) stops the
+    save before the weights are replaced; NumPy numbers are written as numbers."""
+    import numpy as np
+
+    x = torch.randn(2, 3, 12, 12)
+    good = rc.apply(net, rc.Plan({"proj": rc.LayerPlan("svd", (4,))}))
+    rc.save(good, tmp_path)
+    bad_plan = rc.Plan({"proj": rc.LayerPlan("cur", (3,), options={"seed": torch.Generator()})})
+    with pytest.raises(ValueError, match="plan layer 'proj': .*Generator.*JSON values only"):
+        rc.save(rc.apply(net, bad_plan), tmp_path, plan=bad_plan)
+    assert torch.equal(rc.load(net, tmp_path)(x), good(x))
+    numpy_plan = rc.Plan({"proj": rc.LayerPlan("svd", (2,), predicted={
+        "params": np.int64(100), "error": np.float32(0.5)})})
+    rc.save(rc.apply(net, numpy_plan), tmp_path, plan=numpy_plan)
+    again = rc.load_plan(tmp_path)
+    assert again["proj"].predicted == {"params": 100, "error": 0.5} and again["proj"].ranks == (2,)
+    # what load finds wrong in the plan names the plan file
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"plan\.json: plan layer 'proj'"):
+        rc.load(other, tmp_path)
 
 
 def test_a_frozen_layer_stays_frozen_when_factorized(net, tmp_path):

@@ -64,9 +64,9 @@ def realized_plan(model: nn.Module, plan: Plan | None = None) -> Plan:
         if name not in layers:
             raise ValueError(f"plan layer {name!r} is not factorized in this model: pass the "
                              "model that rankcut.apply returned")
-        actual = layer_plan_of(layers[name], lp.module_type)
+        actual = layer_plan_of(layers[name], lp.module_type or _dense_type(layers[name]))
         stored[name] = LayerPlan(actual.method, actual.ranks, actual.form, dict(lp.options),
-                                 dict(lp.predicted), lp.reason, lp.module_type)
+                                 dict(lp.predicted), lp.reason, actual.module_type)
     for name, layer in layers.items():
         if name not in stored:
             stored[name] = layer_plan_of(layer, _dense_type(layer))
@@ -91,21 +91,29 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: a file, not a folder (rankcut.save writes a folder "
                               f"holding {PLAN_FILE} and {WEIGHTS_FILE})")
+    if isinstance(model, FactorizedLayer):  # load rebuilds inside a model: never the model
+        raise ValueError(f"model: a bare {type(model).__name__}; rankcut.load rebuilds layers "
+                         "inside a model and cannot replace the model itself: save "
+                         "nn.Sequential(layer)")
     stored = realized_plan(model, plan)
+    stored.to_json()  # a plan that cannot be written stops the save before any file changes
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp))
-        digest = _sha256(tmp)
-    stored.meta.update(weights_file=WEIGHTS_FILE, weights_sha256=digest,
-                       rankcut_version=__version__, model_class=type(model).__name__)
-    save_plan(stored, folder / PLAN_FILE)
+        stored.meta.update(weights_file=WEIGHTS_FILE, weights_sha256=_sha256(tmp),
+                           rankcut_version=__version__, model_class=type(model).__name__)
+        text = stored.to_json()
+    _write_plan(text, folder / PLAN_FILE)
     return folder
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     """Write ``plan`` as JSON to the file ``path`` (atomically; its folder made if missing)."""
-    path = Path(path)
+    return _write_plan(plan.to_json(), Path(path))
+
+
+def _write_plan(text: str, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(plan.to_json() + "\n")
+        tmp.write_text(text + "\n")
     return path
 
 
@@ -170,7 +178,10 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
         if _sha256(weights) != expected:
             raise ValueError(f"{weights}: contents do not match {PLAN_FILE} (SHA-256 differs): "
                              "the file was changed or truncated after saving")
-    model = structure(base_model, plan)
+    try:
+        model = structure(base_model, plan)
+    except ValueError as err:  # a plan that does not fit base_model: name the file
+        raise ValueError(f"{folder / PLAN_FILE}: {err}") from None
     device = model_device(model)
     try:
         load_model(model, str(weights), strict=True, device=str(device))

@@ -11,6 +11,7 @@ The methods a LayerPlan may name, their forms and the layers they make are the r
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -150,7 +151,19 @@ class Plan(Mapping[str, LayerPlan]):
                 "layers": {k: v.to_dict() for k, v in self.layers.items()}}
 
     def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        """The plan as JSON text. NumPy numbers and 0-d tensors become JSON numbers; any other
+        value that is not JSON (an option holding a torch.Generator, say) is a ValueError
+        naming the layer: a plan on disk holds JSON values only."""
+        for name, lp in self.layers.items():
+            try:
+                json.dumps(lp.to_dict(), default=_json_number)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"plan layer {name!r}: {err}; a saved plan holds JSON values "
+                                 "only (numbers, text, lists, mappings)") from None
+        try:
+            return json.dumps(self.to_dict(), indent=indent, default=_json_number)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"plan meta: {err}; a saved plan holds JSON values only") from None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
@@ -199,4 +212,16 @@ class Plan(Mapping[str, LayerPlan]):
 
 
 def _fmt(value) -> str:
-    return "" if value is None else f"{int(value):,}"
+    if value is None:
+        return ""
+    return f"{int(value):,}" if math.isfinite(value) else str(value)
+
+
+def _json_number(value):
+    """``json.dumps``'s fallback: a NumPy number or 0-d tensor as the Python number it holds."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        out = item()
+        if isinstance(out, bool | int | float):
+            return out
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
