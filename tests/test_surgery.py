@@ -348,6 +348,41 @@ def test_attention_output_projections_are_skipped_and_refused():
         rc.apply(model, rc.Plan({"attn.out_proj": rc.LayerPlan("svd", (8,))}))
     small = rc.apply(model, rc.Plan({"mlp": rc.LayerPlan("svd", (8,))}))
     assert small(torch.randn(2, 5, 64)).shape == (2, 5, 64)
+    # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2.weight itself
+    enc = nn.Sequential(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)).eval()
+    t = rc.target_layers(enc, min_params=0)
+    assert t["0.linear1"].startswith("feed-forward layer of nn.TransformerEncoderLayer")
+    with pytest.raises(ValueError, match="plan layer '0.linear2': cannot factorize"):
+        rc.apply(enc, rc.Plan({"0.linear2": rc.LayerPlan("svd", (8,))}))
+
+
+def test_a_subclass_with_its_own_forward_is_skipped_and_refused():
+    """A Conv2d or Linear subclass that computes otherwise than its weight's product (weight
+    standardisation, a scale) is never factorized from its raw weight; one that keeps torch's
+    forward is."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            return self._conv_forward(x, (w - w.mean()) / w.std(), self.bias)
+
+    Plain = type("Plain", (nn.Linear,), {})
+    model = nn.Sequential(StdConv(8, 8, 3), nn.Flatten(), Scaled(8 * 4 * 4, 64),
+                          Plain(64, 64))
+    t = rc.target_layers(model, min_params=0)
+    assert "a StdConv, a subclass of nn.Conv2d with its own forward" in t["0"]
+    assert "a Scaled, a subclass of nn.Linear" in t["2"] and t["3"] is None
+    for name in ("0", "2"):
+        with pytest.raises(ValueError, match=f"plan layer '{name}': .*subclass"):
+            rc.apply(model, rc.Plan({name: rc.LayerPlan("svd", (4,))}))
+    with pytest.raises(ValueError, match="subclass of nn.Linear"):
+        LowRankLinear.from_dense(Scaled(6, 5), 5)
+    x = torch.randn(2, 8, 6, 6)
+    full = rc.apply(model, rc.Plan({"3": rc.LayerPlan("svd", (64,))}))
+    assert torch.allclose(full(x), model(x), atol=1e-4)
 
 
 def test_shared_modules_tied_weights_and_reused_layers_are_left_dense(tmp_path):

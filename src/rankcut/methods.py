@@ -54,6 +54,7 @@ from .layers import (
     conv_skip_reason,
     cost_at,
     cp_break_even,
+    own_forward_reason,
     rebuild,
 )
 from .layers.base import ConvGeometry, solver_kwargs
@@ -108,7 +109,7 @@ class Method:
     def why_not(self, module: nn.Module) -> str | None:
         """Why this method cannot factorize ``module``, or None if it can."""
         if isinstance(module, nn.Linear):
-            return None if self.linear is not None else (
+            return own_forward_reason(module) if self.linear is not None else (
                 f"method {self.name!r} does not apply to Linear (use {_names_for('linear')})")
         if not isinstance(module, nn.Conv2d):
             return f"method {self.name!r} does not apply to {type(module).__name__}"

@@ -26,7 +26,7 @@ from .calibrate import (
     paired_moments,
 )
 from .defaults import COMPRESS
-from .layers import conv_skip_reason
+from .layers import conv_skip_reason, own_forward_reason
 from .methods import DATA_AWARE
 from .plans import LayerPlan, Plan
 
@@ -67,6 +67,10 @@ def _parent_reads_weight(model: nn.Module, name: str) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
         return ("output projection of nn.MultiheadAttention, which reads its weight directly "
                 "instead of calling it")
+    if isinstance(parent, nn.TransformerEncoderLayer) and name.rpartition(".")[2] in (
+            "linear1", "linear2"):
+        return ("feed-forward layer of nn.TransformerEncoderLayer, whose inference fast path "
+                "reads its weight directly instead of calling it")
     return None
 
 
@@ -75,9 +79,11 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     """Every Conv2d and Linear of ``model``: qualified name -> None (eligible) or why not.
 
     ``include``/``exclude``: qualified names, glob patterns (``"layer3.*"``) or module types
-    (``nn.Linear``). By default a layer is skipped when factorizing it cannot pay off: a
-    depthwise convolution, an input stem with at most 3 input channels, or fewer than
-    ``min_params`` parameters. Naming a layer exactly in ``include`` overrides the last two.
+    (``nn.Linear``). Never eligible: a depthwise or single-input-channel convolution, a
+    subclass with its own forward, a layer whose parent reads its weight directly, one held at
+    several paths or sharing its parameters. By default a layer is also skipped when
+    factorizing it cannot pay off: an input stem with at most 3 input channels, or fewer than
+    ``min_params`` parameters; naming a layer exactly in ``include`` overrides these two.
     """
     check_module(model)
     include = _check_patterns(include, "include")
@@ -101,7 +107,8 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
             out[name] = "not matched by include"
             continue
         forced = name in include
-        reason = conv_skip_reason(module) if isinstance(module, nn.Conv2d) else None
+        reason = (conv_skip_reason(module) if isinstance(module, nn.Conv2d)
+                  else own_forward_reason(module))
         reason = reason or _parent_reads_weight(model, name)
         if reason is None and len(paths[id(module)]) > 1:
             reason = (f"the same module is also at {', '.join(paths[id(module)][1:])}: "
@@ -158,7 +165,8 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
         if lp.module_type and type(module).__name__ != lp.module_type:
             raise ValueError(f"plan layer {name!r}: planned for a {lp.module_type}, the model "
                              f"has a {type(module).__name__}")
-        reason = conv_skip_reason(module) if isinstance(module, nn.Conv2d) else None
+        reason = (conv_skip_reason(module) if isinstance(module, nn.Conv2d)
+                  else own_forward_reason(module))
         if reason := reason or _parent_reads_weight(model, name):
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         if (reason := lp.spec.why_not(module)) is not None:

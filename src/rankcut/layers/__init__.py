@@ -9,7 +9,13 @@ the structure from the dense layer and the config, without decomposing: how save
 
 from torch import nn
 
-from .base import ConvGeometry, FactorizedLayer, group_matrices, weight_blocks
+from .base import (
+    ConvGeometry,
+    FactorizedLayer,
+    group_matrices,
+    own_forward_reason,
+    weight_blocks,
+)
 from .conv import (
     CPConv2d,
     SpatialConv2d,
@@ -54,6 +60,7 @@ __all__ = [
     "group_matrices",
     "input_shape",
     "layer_cost",
+    "own_forward_reason",
     "rebuild",
     "weight_blocks",
 ]

@@ -91,6 +91,22 @@ class ConvGeometry:
         return ", ".join(parts)
 
 
+def own_forward_reason(module: nn.Module) -> str | None:
+    """Why a subclass of nn.Conv2d or nn.Linear cannot be factorized from its weight: it
+    computes with its own ``forward`` (or a conv's ``_conv_forward``): a standardised or
+    fake-quantised weight, a scale, so the weight's product is not what it computes. None for
+    torch's own classes, subclasses that keep torch's forward, and anything else."""
+    for base, attrs in ((nn.Conv2d, ("forward", "_conv_forward")), (nn.Linear, ("forward",))):
+        if isinstance(module, base):
+            own = [a for a in attrs if getattr(type(module), a) is not getattr(base, a)]
+            if own:
+                return (f"a {type(module).__name__}, a subclass of nn.{base.__name__} with its "
+                        f"own {own[0]}: its output may not be its weight's product, which a "
+                        "factorization would keep")
+            return None
+    return None
+
+
 def pointwise(in_channels: int, out_channels: int, groups: int = 1, bias: bool = False):
     """A 1x1 convolution (no padding, stride 1)."""
     return nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)

@@ -36,6 +36,7 @@ from .base import (
     channel_matrix,
     decomposition_dtype,
     grouped_weights,
+    own_forward_reason,
     pointwise,
     single_rank,
     solve,
@@ -50,6 +51,8 @@ def conv_skip_reason(conv: nn.Module) -> str | None:
     """Why ``conv`` cannot be factorized as a Conv2d, or None if it can."""
     if not isinstance(conv, nn.Conv2d):
         return f"not an nn.Conv2d ({type(conv).__name__})"
+    if (reason := own_forward_reason(conv)) is not None:
+        return reason
     if conv.in_channels // conv.groups == 1:
         kind = "single-channel input" if conv.groups == 1 else "depthwise convolution"
         return (f"{kind}: one input channel per group, nothing to factorize across input "

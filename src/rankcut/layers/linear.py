@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import decompose as dec
-from .base import FactorizedLayer, decomposition_dtype, single_rank, solve
+from .base import FactorizedLayer, decomposition_dtype, own_forward_reason, single_rank, solve
 from .conv import CHANNEL_DECOMPOSITIONS, SVDConv2d
 
 
@@ -78,6 +78,8 @@ class LowRankLinear(FactorizedLayer):
         if not isinstance(module, nn.Linear):
             raise ValueError(f"module: expected an nn.Linear or a 1x1 nn.Conv2d, got "
                              f"{type(module).__name__}")
+        if (reason := own_forward_reason(module)) is not None:
+            raise ValueError(f"module: cannot factorize this layer: {reason}")
         if decomposition not in CHANNEL_DECOMPOSITIONS:
             raise ValueError(f"decomposition: expected one of 'svd', 'cur', got {decomposition!r}")
         W = module.weight.detach()
