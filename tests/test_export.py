@@ -311,3 +311,18 @@ def test_bad_arguments_raise_value_error(tmp_path, kwargs, match):
 def test_example_inputs_must_be_tensors(tmp_path):
     with pytest.raises(TypeError, match="example_inputs: expected a tensor or a tuple of tensors"):
         export(FactorizedConv(), tmp_path / "m.onnx", "onnx", [[1.0, 2.0]])
+
+
+def test_a_float64_onnx_export_onnxruntime_cannot_run_is_a_clear_error(tmp_path):
+    """onnxruntime's CPU convolutions take float32: its own NotImplemented error becomes a
+    RuntimeError that says so, and no file is written."""
+    import numpy as np
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="onnxruntime cannot run the exported model.*float64"):
+        export(model, tmp_path / "m.onnx", "onnx", x)
+    assert not (tmp_path / "m.onnx").exists()
+    # a NumPy number is a number for the tolerance (export's check and fuse's alike)
+    export(model.float(), tmp_path / "m.pt", "torchscript", x.float(), atol=np.float32(1e-3))
+    assert (tmp_path / "m.pt").is_file()

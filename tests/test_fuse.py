@@ -214,10 +214,62 @@ def test_a_parametrized_or_subclassed_conv_is_not_folded_into():
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    for conv in (weight_norm(nn.Conv2d(3, 4, 3)), _StandardisedConv(3, 4, 3)):
+    from torch.nn.utils import spectral_norm as old_spectral_norm
+
+    for conv in (weight_norm(nn.Conv2d(3, 4, 3)), _StandardisedConv(3, 4, 3),
+                 # the older hook-based spectral norm: no weight Parameter either
+                 old_spectral_norm(nn.Conv2d(3, 4, 3))):
         model = _randomise_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(4)).eval())
         fused = rc.fuse(model, x)
         assert isinstance(fused[1], nn.BatchNorm2d) and not fused.rankcut_fuse["folded"]
+    # a subclass that keeps torch's forward computes conv(x, weight): folded
+    keeps = type("Plain", (nn.Conv2d,), {})(3, 4, 3)
+    fused = rc.fuse(_randomise_batchnorm(nn.Sequential(keeps, nn.BatchNorm2d(4)).eval()), x)
+    assert isinstance(fused[1], nn.Identity)
+
+
+class _Aliased(nn.Module):
+    """A conv held at two paths, called through the second (fx names it by the first); a
+    second conv whose weight the forward also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.alias = self.conv
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.alias(x)) + self.bn2(self.conv2(x)) + torch.nn.functional.conv2d(
+            x, self.conv2.weight, padding=1)
+
+
+def test_a_layer_held_twice_or_whose_weight_is_read_elsewhere_is_not_folded():
+    model = _randomise_batchnorm(_Aliased().eval())
+    x = torch.randn(2, 3, 8, 8)
+    fused = rc.fuse(model, x)  # its check would fail on a wrong fold
+    assert fused.rankcut_fuse["folded"] == []
+
+
+def test_the_check_allows_half_precision_rounding_and_matching_infinities():
+    x = torch.randn(1, 16, 8, 8)
+    for dtype in (torch.float16, torch.bfloat16):
+        model = _randomise_batchnorm(nn.Sequential(nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16))
+                                     ).eval().to(dtype)
+        fused = rc.fuse(model, x.to(dtype))
+        assert isinstance(fused[1], nn.Identity)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, v):
+            y = self.fc(v)
+            return y.masked_fill(y < 0, float("-inf"))
+
+    rc.fuse(Masked().eval(), torch.randn(4, 8))  # the same infinities in both: passes
 
 
 class _UntraceableShared(nn.Module):

@@ -120,21 +120,34 @@ def as_tensor_tuple(value, name: str) -> tuple[torch.Tensor, ...]:
 
 
 def compare_outputs(what: str, actual, expected, atol: float) -> None:
-    """Raise a RuntimeError unless each output is within ``atol * max(1, max |expected|)``."""
+    """Raise a RuntimeError unless each output is within ``tol * max(1, max |expected|)``, where
+    ``tol`` is ``atol`` but at least 8 units in the last place of the expected output's dtype
+    (a float16 or bfloat16 model's rounding). Non-finite entries must be the same in both
+    (infinities of the same sign, NaN where the other has NaN); the rest is compared."""
     if len(actual) != len(expected):
         raise RuntimeError(f"{what} gives {len(actual)} outputs, PyTorch {len(expected)}")
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        tol = atol
+        if e.is_floating_point():
+            tol = max(atol, 8 * torch.finfo(e.dtype).eps)
         a, e = a.detach().float().cpu(), e.detach().float().cpu()
         if a.shape != e.shape:
             raise RuntimeError(
                 f"{what} output {i} has shape {tuple(a.shape)}, PyTorch {tuple(e.shape)}"
             )
+        finite = torch.isfinite(e)
+        if not (torch.equal(torch.isnan(a), torch.isnan(e))
+                and torch.equal(a[torch.isinf(e)], e[torch.isinf(e)])
+                and bool(torch.isfinite(a[finite]).all())):
+            raise RuntimeError(f"{what} output {i} differs from PyTorch in which entries are "
+                               "infinite or NaN")
+        a, e = a[finite], e[finite]
         if e.numel() == 0:
             continue
         scale = max(1.0, float(e.abs().max()))
         diff = float((a - e).abs().max())
-        if not diff <= atol * scale:  # NaN fails too
+        if not diff <= tol * scale:
             raise RuntimeError(
                 f"{what} output {i} differs from PyTorch: max abs diff {diff:.3g} > "
-                f"{atol * scale:.3g} (atol={atol:g} x max(1, max |output|={scale:.3g}))"
+                f"{tol * scale:.3g} (atol={tol:g} x max(1, max |output|={scale:.3g}))"
             )

@@ -72,8 +72,10 @@ def export(
         dynamic_batch: ONNX only: make dimension 0 of every input (and output) dynamic.
         check: ONNX: run ``onnx.checker`` on the file, then run it with onnxruntime (CPU) on
             ``example_inputs``. TorchScript: load the file back and run it. Either way the
-            outputs must match PyTorch's to within ``atol * max(1, max |output|)`` in float32,
-            else a RuntimeError is raised and nothing is written.
+            outputs must match PyTorch's to within ``atol * max(1, max |output|)`` in float32
+            (``atol`` at least 8 units in the last place of the output's dtype), else a
+            RuntimeError is raised and nothing is written (also when onnxruntime cannot run
+            the file: its CPU convolutions take float32, not float64).
         method: TorchScript only: ``"script"`` (:func:`torch.jit.script`, keeps control flow)
             or ``"trace"`` (:func:`torch.jit.trace`, records one run on ``example_inputs``).
         atol: the tolerance of the check, relative to the output's scale when that exceeds 1.
@@ -246,11 +248,19 @@ def _check_onnx(file: Path, feeds: dict[str, torch.Tensor], expected, atol: floa
             "(or pass check=False)"
         ) from error
     onnx.checker.check_model(str(file))  # given the path, it handles models over 2 GB too
-    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    graph_inputs = {i.name for i in session.get_inputs()}  # inputs forward ignores are dropped
-    actual = session.run(
-        None, {name: x.numpy() for name, x in feeds.items() if name in graph_inputs}
-    )
+    try:
+        session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        graph_inputs = {i.name for i in session.get_inputs()}  # inputs forward ignores: dropped
+        actual = session.run(
+            None, {name: x.numpy() for name, x in feeds.items() if name in graph_inputs}
+        )
+    except Exception as err:  # onnxruntime's own error types (NotImplemented, Fail, ...)
+        dtypes = sorted({str(x.dtype).removeprefix("torch.") for x in feeds.values()})
+        raise RuntimeError(
+            f"onnxruntime cannot run the exported model on the CPU (inputs {', '.join(dtypes)}): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; its CPU kernels "
+            "cover float32 convolutions (export model.float(), or pass check=False to write "
+            "the file unchecked)") from None
     compare_outputs("ONNX (onnxruntime)", [torch.from_numpy(a) for a in actual], expected, atol)
 
 

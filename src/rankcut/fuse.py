@@ -14,8 +14,10 @@ factorized layer that, after rank rounding or a later edit, saves neither parame
    ``nn.Identity``. Which convolution feeds which BatchNorm is read from the model's graph
    (:mod:`torch.fx`, factorized layers kept whole); a model that ``torch.fx`` cannot trace falls
    back to consecutive children of ``nn.Sequential`` containers (modules held once in the
-   model). Never folded into: a subclass of Conv2d or Linear (its forward may use the weight
-   otherwise) or a parametrized layer (weight or spectral norm); with ``example_inputs``, a
+   model), and a pair is folded only where each module is called once, held at one path and
+   its tensors not read elsewhere in the forward. Never folded into: a subclass of Conv2d or
+   Linear with its own forward (it may use the weight otherwise) or a layer whose weight is
+   computed (weight or spectral norm, parametrized or by hooks); with ``example_inputs``, a
    BatchNorm1d fed a 3-D input (it normalises dim 1, not the features) is left alone;
 2. every factorized layer that saves nothing turned back into its dense layer: with
    ``example_inputs``, one with at least the dense layer's parameters *and* MACs (at the input
@@ -34,11 +36,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import numbers
 import warnings
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ._modes import (
@@ -51,7 +53,7 @@ from ._modes import (
     module_paths,
     on_model_device,
 )
-from .layers import FactorizedLayer, cost_at, input_shape
+from .layers import FactorizedLayer, cost_at, input_shape, own_forward_reason
 from .layers.conv import _ConvFactorized
 from .layers.linear import LowRankLinear
 from .profile import MEMORY_FORMATS, compare_latency, layer_input, unit_call_args
@@ -65,7 +67,7 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
 
     Args:
         example_inputs: a tensor or tuple of tensors for one forward pass: the input sizes for
-            the MACs of step 2, the timing of ``revert_slower`` and the check of step 3.
+            the MACs of step 2, the timing of ``revert_slower`` and the check of step 4.
         revert_slower: also make dense again every factorized layer measured slower than its
             dense layer (after folding) by more than ``latency_margin`` (a fraction, for timing
             noise), each timed on a random input of the shape it gets from ``example_inputs``,
@@ -75,15 +77,16 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
             (feed inputs in the same format for the full speed); ``"auto"``: the faster of the
             two, timed on ``example_inputs`` (interleaved runs, medians); None: left as they are.
         check: compare the fused model's outputs with ``model``'s on ``example_inputs``
-            (within ``atol * max(1, max |output|)``, as :func:`rankcut.export` checks); a
-            RuntimeError if they differ.
+            (within ``atol * max(1, max |output|)``, ``atol`` at least 8 units in the last
+            place of the output's dtype, as :func:`rankcut.export` checks); a RuntimeError if
+            they differ.
     """
     check_module(model)
-    if isinstance(atol, bool) or not isinstance(atol, int | float) or not atol >= 0:
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:
         raise ValueError(f"atol: expected a number >= 0, got {atol!r}")
     if not isinstance(revert_slower, bool):
         raise ValueError(f"revert_slower: expected True or False, got {revert_slower!r}")
-    if (isinstance(latency_margin, bool) or not isinstance(latency_margin, int | float)
+    if (isinstance(latency_margin, bool) or not isinstance(latency_margin, numbers.Real)
             or not latency_margin >= 0):
         raise ValueError(f"latency_margin: expected a number >= 0, got {latency_margin!r}")
     if memory_format not in (None, "auto", *MEMORY_FORMATS):
@@ -119,22 +122,28 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
 # ------------------------------------------------------------------------------- which pairs
 
 class _KeepFactorized(fx.Tracer):
-    """Traces into user modules but keeps rankcut's factorized layers (and torch.nn's) whole."""
+    """Traces into user modules but keeps rankcut's factorized layers, torch.nn's, and subclasses
+    of Conv2d and Linear that keep torch's forward whole."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, FactorizedLayer) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, FactorizedLayer) or super().is_leaf_module(m, qualname)
+                or (isinstance(m, nn.Conv2d | nn.Linear) and own_forward_reason(m) is None))
 
 
 def _folds_into(m: nn.Module):
     """The BatchNorm class that folds into ``m`` (a conv: BatchNorm2d; a Linear: BatchNorm1d), or
-    None. Only torch's own Conv2d and Linear (a subclass may compute otherwise: a standardised
-    weight would undo the fold) and rankcut's factorized layers; never a parametrized layer
-    (spectral or weight norm: its weight is computed, not a tensor to fold into)."""
-    if any(parametrize.is_parametrized(c) for c in m.modules()):
+    None. Only a Conv2d or Linear that computes with torch's own forward (a subclass with its
+    own may compute otherwise: a standardised weight would undo the fold) and rankcut's
+    factorized layers; never one whose weight is computed rather than held (weight or spectral
+    norm, as a parametrization or by the older hooks): there is no tensor to fold into."""
+    if any(isinstance(c, nn.Conv2d | nn.Linear)
+           and not isinstance(c._parameters.get("weight"), nn.Parameter) for c in m.modules()):
         return None
-    if type(m) is nn.Conv2d or isinstance(m, _ConvFactorized):
+    if isinstance(m, _ConvFactorized) or (isinstance(m, nn.Conv2d)
+                                           and own_forward_reason(m) is None):
         return nn.BatchNorm2d
-    if type(m) is nn.Linear or isinstance(m, LowRankLinear):
+    if isinstance(m, LowRankLinear) or (isinstance(m, nn.Linear)
+                                         and own_forward_reason(m) is None):
         return nn.BatchNorm1d
     return None
 
@@ -150,9 +159,21 @@ def _layer_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
                       stacklevel=3)
         return _sequential_pairs(model)
     calls: dict[str, int] = {}
+    read: set[str] = set()  # modules whose tensors the forward also reads (conv.weight)
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            parts = str(node.target).split(".")
+            read.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    # fx names a module by its first path: one held at two runs under either (folded at one,
+    # the other would still run the old module)
+    paths = module_paths(model)
+
+    def once(name: str) -> bool:
+        return (calls[name] == 1 and name not in read
+                and len(paths[id(model.get_submodule(name))]) == 1)
+
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(model.get_submodule(node.target),
@@ -162,7 +183,7 @@ def _layer_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
                 and _folds_into(model.get_submodule(src.target)) is type(
                     model.get_submodule(node.target))
-                and calls[src.target] == 1 and calls[node.target] == 1):
+                and once(src.target) and once(node.target)):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -232,8 +253,8 @@ def _revert_unprofitable(model: nn.Module, inputs, margin: float | None) -> dict
             x = layer_input(plain, shapes[name], batch_of(inputs))
             d, f = compare_latency(plain, layer, x, warmup=3, repeats=15)
             if f.median_ms > (1 + margin) * d.median_ms:
-                why = (f"{f.median_ms:.3f} ms > {d.median_ms:.3f} ms dense (batch {d.batch}, "
-                       f"{d.threads} threads, {d.device})")
+                why = (f"{f.median_ms:.3f} ms > {d.median_ms:.3f} ms dense (batch "
+                       f"{batch_of(inputs)}, {d.threads} threads, {d.device})")
         if why is not None:
             set_submodule(model, name, plain)
             reverted[name] = why
