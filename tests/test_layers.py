@@ -263,3 +263,19 @@ def test_every_layer_compiles_with_torch_jit_script():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(lin)
     assert torch.allclose(scripted(v), lin(v), atol=1e-6)
+
+
+def test_ranks_may_be_numpy_or_tensor_integers_and_anything_else_is_named():
+    import numpy as np
+
+    conv = nn.Conv2d(4, 6, 3)
+    for rank in (np.int64(2), torch.tensor(2), [2], (np.int32(2),)):
+        assert SVDConv2d.from_dense(conv, rank).built_ranks() == (2,)
+    for bad in (2.5, "2", True, [2, 3], None):
+        with pytest.raises(ValueError, match="ranks: expected an integer"):
+            SVDConv2d.from_dense(conv, bad)
+    assert TuckerConv2d.from_dense(conv, np.int64(2)).built_ranks() == (2, 2)
+    with pytest.raises(ValueError, match=r"ranks: expected \(R_T, R_S\)"):
+        TuckerConv2d.from_dense(conv, [2.0, 1])
+    with pytest.raises(ValueError, match="a Linear layer takes one input moment, got a list of 2"):
+        LowRankLinear.from_dense(nn.Linear(6, 5), 2, cov=[torch.eye(6), torch.eye(6)])

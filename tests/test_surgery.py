@@ -277,6 +277,17 @@ def test_a_frozen_layer_stays_frozen_when_factorized(net, tmp_path):
     assert not any(p.requires_grad for p in small.blocks[1].conv.parameters())
     assert all(p.requires_grad for p in small.proj.parameters())
     assert not any(m.training for m in small.modules())  # in eval mode, as the model was
+    # undone, the dense layer is as frozen as its factors were
+    dense = small.blocks[1].conv.to_dense()
+    assert not dense.weight.requires_grad and not dense.training
+    # a bias trained alone (the weight frozen) stays trainable, the factors frozen
+    net.proj.weight.requires_grad_(False)
+    small = rc.apply(net, plan)
+    named = dict(small.proj.named_parameters())
+    assert [n for n, p in named.items() if p.requires_grad] == [
+        n for n in named if n.endswith("bias")] != []
+    assert small.proj.to_dense().bias.requires_grad
+    assert not small.proj.to_dense().weight.requires_grad
 
 
 def test_save_refuses_a_plan_the_model_does_not_carry_out(net, tmp_path):

@@ -8,6 +8,7 @@ returns the JSON-serialisable dict that ``like`` takes back (the layer type and 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,11 +137,28 @@ class FactorizedLayer(nn.Module):
         raise NotImplementedError
 
     def _placed_as(self, dense: nn.Module) -> FactorizedLayer:
-        """This new layer on ``dense``'s device and dtype, frozen when its weight was (a layer
-        the user froze stays out of fine-tuning), in its train/eval mode."""
+        """This new layer on ``dense``'s device and dtype, its factors frozen when the dense
+        weight was and its bias when the dense bias was (a layer the user froze stays out of
+        fine-tuning; a bias trained alone stays trainable), in its train/eval mode."""
         ref = dense.weight
         self.to(device=ref.device, dtype=ref.dtype).requires_grad_(ref.requires_grad)
+        bias = getattr(dense, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            for name, p in self.named_parameters():
+                if name.rpartition(".")[2] == "bias":
+                    p.requires_grad_(bias.requires_grad)
         return self.train(dense.training)
+
+    def _dense_placed(self, dense: nn.Module) -> nn.Module:
+        """``to_dense``'s layer ``dense`` as this one is placed: its weight frozen when every
+        factor is, its bias when the bias is, in this layer's train/eval mode."""
+        named = list(self.named_parameters())
+        factors = [p for n, p in named if n.rpartition(".")[2] != "bias"]
+        dense.weight.requires_grad_(any(p.requires_grad for p in factors))
+        biases = [p for n, p in named if n.rpartition(".")[2] == "bias"]
+        if dense.bias is not None and biases:
+            dense.bias.requires_grad_(biases[-1].requires_grad)
+        return dense.train(self.training)
 
     @classmethod
     def from_dense_many(cls, modules, ranks, *, covs=None, **options) -> list[FactorizedLayer]:
@@ -208,13 +226,20 @@ def group_matrices(module: nn.Module, shape: str = "channel",
 
 
 def single_rank(ranks) -> int:
-    """One rank from an int or a one-element sequence (how plans store ranks)."""
-    if not isinstance(ranks, int):
-        ranks = tuple(ranks)
-        if len(ranks) != 1:
-            raise ValueError(f"ranks: expected one rank, got {ranks}")
-        ranks = ranks[0]
-    return int(ranks)
+    """One rank from an integer (a NumPy or 0-d tensor integer too) or a one-element sequence
+    (how plans store ranks); anything else is a ValueError."""
+    if not isinstance(ranks, bool):
+        try:
+            return operator.index(ranks)
+        except TypeError:
+            pass
+    if isinstance(ranks, list | tuple) and len(ranks) == 1 and not isinstance(ranks[0], bool):
+        try:
+            return operator.index(ranks[0])
+        except TypeError:
+            pass
+    raise ValueError(f"ranks: expected an integer or a one-element sequence of one, got "
+                     f"{ranks!r}")
 
 
 def solver_kwargs(options: dict) -> dict:

@@ -23,6 +23,8 @@ The original bias goes on the last sub-layer; the other sub-layers have none.
 
 from __future__ import annotations
 
+import numbers
+import operator
 import warnings
 
 import torch
@@ -142,7 +144,7 @@ class _ConvFactorized(FactorizedLayer):
         conv.weight.copy_(self.dense_weight())
         if conv.bias is not None:
             conv.bias.copy_(self._last().bias)
-        return conv
+        return self._dense_placed(conv)
 
     def _finish(self, dense: nn.Conv2d, decomposition: str, options: dict, **info) -> None:
         """Copy the bias, then record the decomposition, its options and relative weight error."""
@@ -332,7 +334,7 @@ class CPConv2d(_ConvFactorized):
     def from_dense(cls, conv, ranks, *, cov=None, form="cp4", **options):
         """CP of each group's kernel: 4-way for ``cp4``, of the (T, S, kh·kw) reshape for ``cp3``.
 
-        ``options`` go to :func:`rankcut.decompose.cp` (method, init, max_iter, tol, seed). The
+        ``options`` go to :func:`rankcut.decompose.cp` (solver, init, max_iter, tol, seed). The
         CP weights are spread evenly over the factors (each scaled by w^(1/N)), which keeps the
         sub-layers at comparable scales for fine-tuning. ``cov``: the second moment of each
         group's unfolded input patches (as for SVDConv2d); the CP is then fitted in the output
@@ -450,14 +452,19 @@ class TuckerConv2d(_ConvFactorized):
     def from_dense(cls, conv, ranks, *, cov=None, **options):
         """Tucker-2 (modes T and S) of each group's kernel; ``options`` go to ``tucker``.
 
-        ``ranks``: (R_T, R_S), or one int for both; each is clamped, with a warning, to the
-        group's channel count. ``cov``: the second moment of each group's unfolded input patches
+        ``ranks``: (R_T, R_S), or one int for both; each is clamped, with a warning, to what
+        the kernel allows (the group's channel count, and the other mode's size times kh·kw).
+        ``cov``: the second moment of each group's unfolded input patches
         (a list, one per group; see :mod:`rankcut.calibrate`) for the data-aware Tucker-2 that
         minimises the output error (the first 1x1 convolution is then the input projection B).
         """
         geo = _check_conv(conv)
-        if isinstance(ranks, int):
-            ranks = (ranks, ranks)
+        if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
+            ranks = (int(ranks), int(ranks))
+        try:
+            ranks = tuple(operator.index(r) for r in ranks)
+        except TypeError:
+            raise ValueError(f"ranks: expected (R_T, R_S) or one integer, got {ranks!r}") from None
         covs = _per_group(cov, geo.groups)
         W = conv.weight.detach()
         results = [solve(dec.tucker, Wg, tuple(ranks), modes=(0, 1), cov=covs[gi], **options)

@@ -58,7 +58,7 @@ class LowRankLinear(FactorizedLayer):
         dense.weight.copy_(self.dense_weight())
         if dense.bias is not None:
             dense.bias.copy_(self.second.bias)
-        return dense
+        return self._dense_placed(dense)
 
     @classmethod
     def from_dense(cls, module, ranks, *, cov=None, decomposition="svd", entries=None,
@@ -66,7 +66,7 @@ class LowRankLinear(FactorizedLayer):
         """Factorize an ``nn.Linear`` (or a 1x1 ``nn.Conv2d``, returned as an ``SVDConv2d``).
 
         ``decomposition``: ``"svd"`` (``options`` go to :func:`rankcut.decompose.svd`) or
-        ``"cur"`` (to :func:`rankcut.decompose.cur`, e.g. ``method="deim"``). ``cov``: the
+        ``"cur"`` (to :func:`rankcut.decompose.cur`, e.g. ``solver="deim"``). ``cov``: the
         second moment of the layer's inputs, for the data-aware SVD or CUR
         (:mod:`rankcut.calibrate`). ``entries``: for the data-aware CUR, a weight (shaped as
         ``module.weight``) whose rows and columns the layer keeps while fitting ``module``'s.
@@ -85,6 +85,9 @@ class LowRankLinear(FactorizedLayer):
         W = module.weight.detach()
         M = W.to(decomposition_dtype(W))
         if isinstance(cov, list | tuple):
+            if len(cov) != 1:
+                raise ValueError(f"cov: a Linear layer takes one input moment, got a list of "
+                                 f"{len(cov)}")
             (cov,) = cov
         info = {}
         if decomposition == "svd":
