@@ -150,6 +150,57 @@ def test_reestimating_batchnorm_reads_a_generator_once():
     assert not torch.equal(model.bn.running_mean, before)
 
 
+def test_a_failed_reestimation_leaves_the_statistics_as_they_were():
+    torch.manual_seed(0)
+    model = WithBN().eval()
+    model.bn.running_mean.fill_(5.0)
+    model.bn.running_var.fill_(9.0)
+    bad = torch.randn(8, 3, 6, 6)
+    bad[0, 0, 0, 0] = float("nan")
+    for data, match in (([], "no batches"), ([bad], "NaN or infinite")):
+        with pytest.raises(ValueError, match=match):
+            reestimate_batchnorm(model, data)
+        assert bool((model.bn.running_mean == 5).all()) and bool((model.bn.running_var == 9).all())
+        assert model.bn.momentum == 0.1 and not model.bn.training
+
+
+def test_compress_reestimates_batchnorm_on_examples_drawn_at_random():
+    """Training data sorted by class (an image tree; tensors in class order) is drawn from at
+    random, so the statistics are those of the whole data, not of a class per batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.cat([torch.full((256, 1, 2, 2), -1.0), torch.full((256, 1, 2, 2), 1.0)])
+    x = x + 0.1 * torch.randn_like(x)
+    y = torch.cat([torch.zeros(256), torch.ones(256)]).long()
+    for data in ((x, y), torch.utils.data.TensorDataset(x, y)):
+        result = rc.compress(model, x[:1], method="svd", rank=1, train_data=data,
+                             reestimate_bn=True, plan_options={"allow_slower": True,
+                                                               "min_params": 1})
+        assert abs(float(result.model[0].running_var) - float(x.var())) < 0.1
+
+
+def test_compress_applies_its_transform_to_the_calibration_inputs_too():
+    """compress(transform=...) normalises calib_data's inputs as it does the training and
+    evaluation batches: the moments and fits see what the model will see."""
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            seen.append(float(x.mean()))
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    calib = [(torch.rand(16, 4), torch.zeros(16).long())]
+    rc.compress(Probe(), torch.rand(1, 4) + 100, method="svd", rank=2, calib_data=calib,
+                transform=lambda x: x + 100, plan_options={"allow_slower": True,
+                                                            "min_params": 1})
+    assert seen and min(seen) > 99  # every forward, the calibration ones included
+
+
 def test_compress_reestimates_batchnorm_on_training_examples():
     torch.manual_seed(0)
     model = WithBN().eval()

@@ -280,6 +280,19 @@ def test_imagefolder(tmp_path):
         data.dataset("imagefolder", "train", root=tmp_path / "nowhere")
 
 
+def test_a_class_named_train_is_a_class_and_image_folders_pickle(tmp_path):
+    """A class-only tree with a class named train (CIFAR-100 has one) is read as classes, not as
+    a split tree; the dataset pickles (DataLoader workers that spawn get a copy)."""
+    import pickle
+
+    for cls in ("apple", "train", "tulip"):
+        write_png(tmp_path / cls / "0.png", random_images(1, 3, 8)[0])
+    test = data.dataset("imagefolder", "test", root=tmp_path)
+    assert test.classes == ["apple", "train", "tulip"] and len(test) == 3
+    again = pickle.loads(pickle.dumps(test))
+    assert again.classes == test.classes and torch.equal(again[1][0], test[1][0])
+
+
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown name 'svhn'; known: cifar10, cifar100, mnist, "
                                          "fashion_mnist, imagefolder"):
@@ -429,6 +442,12 @@ def test_transform_errors():
         data.transforms("mnist", False, channels=2)
     with pytest.raises(ValueError, match="size: expected a positive int"):
         data.transforms("mnist", False, size=0)
+    # two numbers are one channel's mean and std
+    x = torch.from_numpy(random_images(1, 1, 28)[0])
+    assert torch.equal(data.transforms("mnist", False, normalization=(0.1307, 0.3081))(x),
+                       data.transforms("mnist", False, normalization=((0.1307,), (0.3081,)))(x))
+    with pytest.raises(ValueError, match="limit: expected a positive int"):
+        data.read_cifar10_bin(".", "test", limit=-5)
     with pytest.raises(ValueError, match="augment: expected one of standard, none, shift"):
         data.transforms("mnist", True, augment="crop")
     with pytest.raises(ValueError, match="augment: 'shift' is for the small"):
@@ -489,6 +508,15 @@ def test_calibration_batches_for_plan_and_apply():
     assert torch.equal(data.calibration(aug, n=16)[0][0], data.calibration(aug, n=16)[0][0])
     with pytest.raises(ValueError, match="yields torch.uint8 images"):
         data.calibration(tiny(10), n=4)
+    # batched in the drawn order: a class-sorted dataset (an image tree) gives every batch
+    # many classes, not a class or two each
+    by_class = data.ImageDataset(torch.zeros(1000, 1, 2, 2, dtype=torch.uint8),
+                                 torch.arange(10).repeat_interleave(100), data.ToFloat())
+    for _, y in data.calibration(by_class, n=256, batch_size=64):
+        assert len(set(y.tolist())) >= 8
+    mixed = [(torch.rand(3, 4, 4), 0), (torch.rand(3, 5, 5), 1)]
+    with pytest.raises(ValueError, match="inputs of several sizes"):
+        data.calibration(mixed, n=2)
     # usable as calib_data
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10)).eval()

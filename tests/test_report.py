@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -233,6 +234,14 @@ def test_markdown_holds_the_headline_numbers(setup, tmp_path):
         assert f"- {line}" in md
     assert report.summary().splitlines() == report.headline()
     assert report.write_markdown(tmp_path / "r.md").read_text() == md
+    # the plan's prediction in words that follow its direction
+    for ratio, words in ((1.0, "params unchanged and MACs unchanged"),
+                         (2.5, "params 2.5x fewer and MACs 2.5x fewer"),
+                         (0.5, "params 2x more and MACs 2x more")):
+        plan = {"meta": {"predicted": {"params_ratio": ratio, "macs_ratio": ratio}},
+                "layers": {}}
+        text = dataclasses.replace(report, plan=plan).to_markdown()
+        assert f"- the plan predicted {words}" in text
 
 
 # ---- plots ------------------------------------------------------------------------------------

@@ -131,6 +131,18 @@ def calibration_batches(calib_data, max_batches: int | None = None, *,
         raise ValueError("calib_data: no batches")
 
 
+class TransformedBatches:
+    """``calib_data`` read through :func:`calibration_batches` with ``transform`` applied to
+    each batch's inputs, every time it is iterated (re-iterable, nothing kept in memory): how
+    :func:`rankcut.compress` gives its ``transform`` to planning and fitting too."""
+
+    def __init__(self, calib_data, transform: Callable):
+        self.calib_data, self.transform = calib_data, transform
+
+    def __iter__(self) -> Iterator:
+        return calibration_batches(self.calib_data, transform=self.transform)
+
+
 # What the moments average over, at most, per batch and layer: this many times the layer's
 # input width d of its N·L rows (patches or samples), drawn at random without replacement
 # (the same rows of two models' inputs in paired_moments). A d x d moment from 16·d rows of
@@ -375,6 +387,9 @@ def reestimate_batchnorm(model: nn.Module, calib_data, *, max_batches: int | Non
     device = model_device(model)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
+    # what a failure (no batches, a forward that raises) puts back: the statistics as they were
+    kept = [{k: v.clone() for k, v in m.state_dict().items()
+             if k in ("running_mean", "running_var", "num_batches_tracked")} for m in norms]
     model.eval()
     try:
         for m in norms:
@@ -383,6 +398,16 @@ def reestimate_batchnorm(model: nn.Module, calib_data, *, max_batches: int | Non
             m.train()
         for x in calibration_inputs(calib_data, max_batches):
             model(x.to(device))
+        if any(not bool(torch.isfinite(m.running_var).all()) for m in norms
+               if m.running_var is not None):
+            raise ValueError("calib_data: the re-estimated BatchNorm variances are not finite "
+                             "(NaN or infinite inputs?); the statistics are left as they were")
+    except BaseException:
+        with torch.no_grad():
+            for m, state in zip(norms, kept, strict=True):
+                for k, v in state.items():
+                    getattr(m, k).copy_(v)
+        raise
     finally:
         for m, momentum in momenta:
             m.momentum = momentum

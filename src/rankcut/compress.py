@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._modes import as_inputs, check_module, on_model_device
 from .calibrate import (
+    TransformedBatches,
     calibration_batches,
     check_reusable,
     forward_order,
@@ -187,8 +188,8 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
             each ``multistage`` round, and at the end of ``layerwise``; ``steps_per_layer``:
             after each layer of ``layerwise``.
         distill: fine-tune with the original model as teacher (knowledge distillation).
-        transform: applied to every input batch when training and evaluating (e.g. the
-            normalisation the weights expect).
+        transform: applied to every input batch when calibrating, training and evaluating
+            (e.g. the normalisation the weights expect): to ``calib_data``'s inputs as well.
         val_data, min_accuracy: every schedule evaluates its result on ``val_data`` (a stage's
             ``"val"``; ``one_shot`` also before fine-tuning, ``"val_before"``); ``multistage``
             evaluates each round and stops when its top-1 (percent) falls below
@@ -256,6 +257,8 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         sequential = calib_data is not None
     if reestimate_bn is None:
         reestimate_bn = train_data is not None and (schedule == "layerwise" or not sequential)
+    if transform is not None and calib_data is not None:
+        calib_data = TransformedBatches(calib_data, transform)
     setup()  # under torchrun: the process group exists before planning needs it
     job = _Job(model, example_inputs, dict(method=method, rank=rank, calib_data=calib_data,
                                            max_batches=max_batches, progress=progress,
@@ -348,12 +351,18 @@ class _Job:
         if not self.reestimate_bn:
             return None
         data = self.train_data
-        if isinstance(data, Dataset) and not isinstance(data, DataLoader) and \
-                len(data) > BN_SAMPLES:
-            # a seeded random draw: the first examples in order may be a class or two (an image
-            # tree is sorted by class)
-            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-            data = Subset(data, pick[:BN_SAMPLES].tolist())
+        # a seeded random draw, in a random order: examples in their own order may be a class
+        # or two per batch (an image tree is sorted by class), and the statistics average the
+        # batches' variances (a DataLoader is read as it shuffles)
+        draw = torch.Generator().manual_seed(0)
+        if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+            pick = torch.randperm(len(data), generator=draw)[:BN_SAMPLES]
+            data = Subset(data, pick.tolist())
+        elif (isinstance(data, tuple | list) and len(data) == 2
+              and all(isinstance(t, torch.Tensor) for t in data) and data[0].ndim > 0
+              and data[1].ndim > 0 and len(data[0]) == len(data[1])):  # (inputs, labels)
+            pick = torch.randperm(len(data[0]), generator=draw)[:BN_SAMPLES]
+            data = (data[0][pick.to(data[0].device)], data[1][pick.to(data[1].device)])
         batches = calibration_batches(data, BN_SAMPLES // 128, transform=self.transform,
                                       batch_size=128)  # (read once, streamed)
         count = reestimate_batchnorm(model, batches)

@@ -5,8 +5,10 @@ batches; the data root lookup; pretrained conv kernels. Nothing is downloaded un
     test = data.dataset("cifar10", "test",
                         transform=data.transforms("cifar10", train=False,
                                                   normalization="resnet20_cifar"))
-    train, val = data.train_val_split(data.dataset("cifar10", "train"), val=5000, seed=0)
-    calib = data.calibration(test, n=512)        # rankcut.plan(model, ..., calib_data=calib)
+    train, val = data.train_val_split(data.dataset("cifar10", "train"), val=5000, seed=0,
+                                      val_transform=test.transform)
+    calib = data.calibration(val, n=512)   # rankcut.plan(model, ..., calib_data=calib);
+                                           # never the test split you report on
 
 The data root is, in order: the argument, ``$RANKCUT_DATA``, or ``../shared/data`` seen from the
 current directory (the layout of a rankcut checkout beside its shared data).
@@ -24,6 +26,7 @@ from ._datasets import (
     NAMES,
     ImageDataset,
     calibration,
+    check_limit,
     dataset,
     dataset_key,
     loader,
@@ -89,6 +92,7 @@ def read_cifar10_bin(root: str | os.PathLike, split: str = "test",
 
     from ._formats import find_binary
 
+    check_limit(limit)
     folder = Path(root)
     if (folder / CIFAR10_BIN).is_dir():
         folder = folder / CIFAR10_BIN

@@ -89,7 +89,10 @@ def _imagefolder(root, split: str, transform, download: bool, limit: int | None)
     if not tree.is_dir():
         raise FileNotFoundError(f"imagefolder: {tree} is not a directory (expected class "
                                 "folders of images, or train/ and test/ or val/ holding them)")
-    splits = [sub for sub in ("train", *TEST_FOLDERS) if (tree / sub).is_dir()]
+    # a split folder holds class folders; a class that happens to be named train (CIFAR-100
+    # has one) holds images
+    splits = [sub for sub in ("train", *TEST_FOLDERS) if (tree / sub).is_dir()
+              and any(e.is_dir() for e in (tree / sub).iterdir())]
     wanted = ("train",) if split == "train" else TEST_FOLDERS
     found = [sub for sub in splits if sub in wanted]
     if found:
@@ -111,17 +114,12 @@ def _imagefolder(root, split: str, transform, download: bool, limit: int | None)
             raise ValueError(f"imagefolder: {tree} has classes the training split "
                              f"({tree.parent / 'train'}) lacks: {extra}")
 
-    class Numbered(ImageFolder):  # numbered by the given classes (the folders it holds)
-        def find_classes(self, directory):
-            if classes is None:
-                return super().find_classes(directory)
-            return list(classes), {c: i for i, c in enumerate(classes)}
-
     # a test split may lack some of the training classes (torchvision >= 0.18 refuses that
     # unless allowed; earlier ones skip them)
     lenient = ({"allow_empty": True} if classes is not None and "allow_empty" in
                inspect.signature(ImageFolder.__init__).parameters else {})
-    ds = Numbered(str(tree), transform=transform, loader=_tensor_image, **lenient)
+    ds = _numbered_image_folder()(str(tree), classes, transform=transform,
+                                  loader=_tensor_image, **lenient)
     if limit is not None and limit < len(ds.samples):
         # a seeded draw, in order: the samples are sorted by class (the first `limit` would be
         # a class or two)
@@ -129,6 +127,39 @@ def _imagefolder(root, split: str, transform, download: bool, limit: int | None)
         ds.samples = ds.imgs = [ds.samples[i] for i in keep.tolist()]
         ds.targets = [ds.targets[i] for i in keep.tolist()]
     return ds
+
+
+_NUMBERED: list = []
+
+
+def _numbered_image_folder() -> type:
+    """torchvision's ImageFolder numbering its classes by a given list (None: the folders it
+    holds), made on first use (torchvision is slow to import) and found again by name, so a
+    dataset of it pickles into DataLoader workers that spawn (module ``__getattr__``)."""
+    if not _NUMBERED:
+        from torchvision.datasets import ImageFolder
+
+        class _NumberedImageFolder(ImageFolder):
+            def __init__(self, root, classes, **kwargs):
+                self.given_classes = None if classes is None else list(classes)
+                super().__init__(root, **kwargs)
+
+            def find_classes(self, directory):
+                if self.given_classes is None:
+                    return super().find_classes(directory)
+                return list(self.given_classes), {c: i for i, c in
+                                                  enumerate(self.given_classes)}
+
+        _NumberedImageFolder.__module__ = __name__
+        _NumberedImageFolder.__qualname__ = "_NumberedImageFolder"
+        _NUMBERED.append(_NumberedImageFolder)
+    return _NUMBERED[0]
+
+
+def __getattr__(name: str):
+    if name == "_NumberedImageFolder":
+        return _numbered_image_folder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _download(key: str, root: Path, split: str) -> None:
@@ -184,8 +215,7 @@ def dataset(name: str, split: str = "train", root: str | os.PathLike | None = No
         raise ValueError(f"dataset: unknown name {name!r}; known: {', '.join(NAMES)}")
     if split not in SPLITS:
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
+    check_limit(limit)
     if key == "imagefolder":
         return _imagefolder(root, split, transform, download, limit)
     if download and root is not None:  # a new folder to download into
@@ -205,6 +235,12 @@ def dataset(name: str, split: str = "train", root: str | os.PathLike | None = No
         images, labels, classes = _read(key, base, split, limit)
     return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), transform,
                         classes, name=f"{key} {split}")
+
+
+def check_limit(limit) -> None:
+    """``limit`` (how many examples of a split to read) is a positive int or None."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
 
 
 def _read(key: str, root: Path, split: str, limit: int | None):
@@ -279,7 +315,10 @@ def calibration(ds: Dataset, n: int = 512, batch_size: int = 128,
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if len(ds) == 0:
         raise ValueError("calibration: the dataset is empty")
-    order = torch.randperm(len(ds), generator=_generator(seed))[:n].sort().values.tolist()
+    # batched in the drawn order: in index order a class-sorted dataset (an image tree) would
+    # give each batch a class or two, and the first batches (max_batches, the damage probes'
+    # first samples) the first classes only
+    order = torch.randperm(len(ds), generator=_generator(seed))[:n].tolist()
     batches = []
     with torch.random.fork_rng(devices=[]):  # CPU state only; CUDA generators untouched
         torch.default_generator.manual_seed(int(seed))
@@ -289,11 +328,19 @@ def calibration(ds: Dataset, n: int = 512, batch_size: int = 128,
             if bad is not None:
                 raise ValueError(f"ds: expected (input, class label) examples, got "
                                  f"{type(bad).__name__} {bad!r:.80}")
-            x = torch.stack([s[0] for s in samples])
-            if not x.is_floating_point():
-                raise ValueError(f"calibration: the dataset yields {x.dtype} images, not model "
+            raw = next((s[0] for s in samples if not isinstance(s[0], torch.Tensor)
+                        or not s[0].is_floating_point()), None)
+            if raw is not None:
+                what = raw.dtype if isinstance(raw, torch.Tensor) else type(raw).__name__
+                raise ValueError(f"calibration: the dataset yields {what} images, not model "
                                  "inputs; give it a transform (rankcut.data.transforms(..., "
                                  "normalization=<model name>))")
+            sizes = sorted({tuple(s[0].shape) for s in samples})
+            if len(sizes) > 1:
+                raise ValueError(f"calibration: the dataset yields inputs of several sizes "
+                                 f"({sizes[0]}, {sizes[1]}, ...); give it a transform that "
+                                 "makes them one size (rankcut.data.transforms(..., size=...))")
+            x = torch.stack([s[0] for s in samples])
             y = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.long)
             batches.append((x, y))
     return batches

@@ -10,6 +10,7 @@ seeded by the loader).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -131,7 +132,8 @@ class ToFloat:
 
 def resolve_normalization(normalization) -> Stats | None:
     """None, a dataset name (its statistics), a model name (the statistics its pretrained
-    weights expect, :func:`rankcut.models.normalization`) or a (mean, std) pair."""
+    weights expect, :func:`rankcut.models.normalization`) or a (mean, std) pair of sequences,
+    one value per channel (two numbers: one channel)."""
     if normalization is None:
         return None
     if isinstance(normalization, str):
@@ -146,6 +148,8 @@ def resolve_normalization(normalization) -> Stats | None:
                              "(mean, std) pair") from None
     try:
         mean, std = normalization
+        if isinstance(mean, numbers.Real) and isinstance(std, numbers.Real):  # one channel
+            mean, std = (mean,), (std,)
         return tuple(float(m) for m in mean), tuple(float(s) for s in std)
     except (TypeError, ValueError):
         raise ValueError(f"normalization: expected None, a model or dataset name, or (mean, std); "

@@ -27,7 +27,6 @@ from ._common import (
     accuracy_change_text,
     bytes_text,
     check_schema,
-    factor_text,
     int_text,
     jsonable,
     machine_info,
@@ -189,8 +188,9 @@ class Report(Document):
         lines += [f"- {text}" for text in self.headline()]
         predicted = (self.plan or {}).get("meta", {}).get("predicted")
         if predicted:
-            lines.append(f"- the plan predicted params {factor_text(predicted['params_ratio'])} "
-                         f"fewer and MACs {factor_text(predicted['macs_ratio'])} fewer")
+            said = [f"{kind} {Change(kind, kind, predicted[f'{kind}_ratio'], 1.0).short}"
+                    for kind in ("params", "macs")]
+            lines.append(f"- the plan predicted {said[0]} and {said[1].replace('macs', 'MACs')}")
         lines += ["", "Ratios are original / compressed: \"3x fewer\" means the compressed "
                   "model has a third of the original's cost. MACs are for one sample; latency is "
                   "the median of one forward pass.", ""]
