@@ -317,6 +317,22 @@ def test_errors(tmp_path):
         data.dataset("fashion_mnist", "test", root=tmp_path)
 
 
+def test_another_datasets_folder_is_not_read_as_this_one(tmp_path):
+    """mnist/ holds files named as Fashion-MNIST's are: given as Fashion-MNIST's root it is
+    refused, not read as clothes labelled by digits."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((2, 28, 28))))
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([7, 2])))
+    assert data.dataset("mnist", "test", root=folder).labels.tolist() == [7, 2]
+    assert len(data.dataset("mnist", "test", root=tmp_path)) == 2
+    with pytest.raises(FileNotFoundError, match="is mnist's folder .*not fashion_mnist's"):
+        data.dataset("fashion_mnist", "test", root=folder)
+    (tmp_path / "cifar10").mkdir()
+    with pytest.raises(FileNotFoundError, match="is cifar10's folder"):
+        data.dataset("cifar100", "test", root=tmp_path / "cifar10")
+
+
 def test_no_download_unless_asked(tmp_path, monkeypatch):
     import torchvision.datasets
 

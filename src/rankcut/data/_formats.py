@@ -90,6 +90,8 @@ def cifar_files(spec: CifarSpec, root: Path, split: str) -> tuple[str, list[Path
     bases = [root / sub for sub in spec.subdirs if (root / sub).is_dir()] + [root]
     incomplete = []
     for base in bases:
+        if base == root:
+            _check_not_anothers_folder(spec.name, root)
         for folder, direct in ((base / spec.python_dir, False), (base / spec.binary_dir, False),
                                (base, True)):
             if not folder.is_dir():
@@ -286,6 +288,8 @@ def idx_files(spec: IdxSpec, root: Path, split: str) -> tuple[Path, Path]:
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
     bases = [root / sub for sub in spec.subdirs if (root / sub).is_dir()] + [root]
     for base in bases:
+        if base == root:
+            _check_not_anothers_folder(spec.name, root)
         found = [next((base / n for n in (s, s + ".gz") if (base / n).is_file()), None)
                  for s in stems]
         if all(found):
@@ -308,3 +312,17 @@ def read_idx_split(spec: IdxSpec, root: Path, split: str,
     labels = labels.astype(np.int64)
     check_labels(label_file, labels, len(spec.classes), f"a {spec.name} idx label file")
     return images[:, None], labels
+
+
+def _check_not_anothers_folder(name: str, root: Path) -> None:
+    """Refuse to read ``root`` itself as dataset ``name`` when it is the folder another dataset
+    lives in (``mnist/`` read as Fashion-MNIST: the same file names, other images and classes)."""
+    for other in (*IDX.values(), *CIFAR.values()):
+        if other.name == name:
+            continue
+        for sub in other.subdirs:
+            parts = Path(sub).parts
+            if root.parts[-len(parts):] == parts:
+                raise FileNotFoundError(
+                    f"{name}: {root} is {other.name}'s folder ({sub}/), not {name}'s; give the "
+                    f"data root (the folder holding {name}'s folder) or {name}'s own folder")
