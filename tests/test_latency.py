@@ -246,6 +246,12 @@ def test_without_a_table_the_machine_cache_is_used_and_extended(tmp_path, monkey
     files[0].write_text("{ damaged")
     assert rc.plan(model, x, **kw).meta["latency"]["timings_taken"] > 0
     assert rc.plan(model, x, **kw).meta["latency"]["timings_taken"] == 0  # rewritten
+    # valid JSON with a damaged entry (a bare number, a time that is text): rebuilt too
+    saved = json.loads(files[0].read_text())
+    for bad in (0.02, {"1": "abc"}):
+        key = next(iter(saved["entries"]))
+        files[0].write_text(json.dumps({**saved, "entries": {**saved["entries"], key: bad}}))
+        assert rc.plan(model, x, **kw).meta["latency"]["timings_taken"] > 0
     monkeypatch.setenv("RANKCUT_CACHE", "off")
     assert rc.plan(model, x, **kw).meta["latency"]["timings_taken"] > 0
     blocked = tmp_path / "file"
@@ -431,6 +437,14 @@ def test_ranks_are_timed_at_steps_of_8_then_at_most_an_eighth_of_the_rank():
         t = _rounded(r)
         assert r <= t <= max(r + RANK_STEP - 1, r * 1.125) and t % RANK_STEP == 0
     assert _rounded([9, 300]) == [16, 320]
+    # never past the layer's full rank: a 3-channel input's Tucker rank is timed at 3, a
+    # 10-output Linear's SVD rank 9 at 10; CP has no such bound
+    from rankcut.select.latency import _full_ranks
+
+    stem, head = nn.Conv2d(3, 16, 3), nn.Linear(64, 10)
+    assert _rounded([16, 3], _full_ranks(stem, {"layer": "TuckerConv2d"})) == [16, 3]
+    assert _rounded(9, _full_ranks(head, {"layer": "LowRankLinear"})) == 10
+    assert _rounded(37, _full_ranks(nn.Conv2d(64, 64, 3), {"layer": "CPConv2d"})) == 40
 
 
 def test_onnxruntime_engine_times_the_exported_model():

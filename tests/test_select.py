@@ -88,8 +88,22 @@ def test_vbmf_rule_finds_planted_tucker_ranks_on_the_unfoldings():
 
 
 def test_spectral_rules_refuse_cp_and_macs_needs_the_input_size():
+    import numpy as np
+
     with pytest.raises(ValueError, match="not defined for CP"):
         layer_ranks(CONV, "cp", "vbmf")
+    # a CP form's name is CP: the same rules as "cp" with that form
+    for form in ("cp3", "cp4"):
+        with pytest.raises(ValueError, match="not defined for CP"):
+            layer_ranks(CONV, form, "energy=0.9")
+        assert layer_ranks(CONV, form, "params=0.25") == layer_ranks(CONV, "cp", "params=0.25",
+                                                                     form=form)
+    # a method that does not apply to the layer says so, whatever the rule
+    for module, method, rule in ((LIN, "cp", "params=0.5"), (LIN, "tucker", "vbmf"),
+                                 (nn.Conv2d(8, 8, 3, groups=8), "svd", "energy=0.9")):
+        with pytest.raises(ValueError, match="module: .*(does not apply|depthwise)"):
+            layer_ranks(module, method, rule)
+    assert parse_rank(np.int64(64)) == parse_rank(torch.tensor(64)) == RankRule("fixed", 64)
     with pytest.raises(ValueError, match="input_hw: the 'macs=' rule needs"):
         layer_ranks(CONV, "svd", "macs=0.5")
     assert layer_ranks(CONV, "tucker", 7) == (7, 7)
@@ -174,3 +188,17 @@ def test_sensitivity_plan_to_a_params_target_takes_the_largest_total_that_fits(f
         sensitivity_plan(model, names, batches, total=10, target="params=3x", **opts)
     with pytest.raises(ValueError, match="params target"):
         sensitivity_plan(model, names, batches, target="macs=3x", **opts)
+
+
+def test_a_candidate_whose_solve_failed_beats_nothing():
+    """A NaN error (a failed solve) on the cheapest candidate must not hide the others: the
+    frontier keeps them, and the allocation never picks the NaN one."""
+    from rankcut.curves import Candidate, pareto
+    from rankcut.select.budget import allocate, frontier
+
+    cands = [Candidate("svd", (1,), None, 1, 1, float("nan")),
+             Candidate("svd", (5,), None, 5, 5, 0.5), Candidate("dense", (), None, 10, 10, 0.0)]
+    for kept in (frontier(cands, "params"), pareto(cands, "params")):
+        assert [c.params for c in kept][-2:] == [5, 10]
+    chosen = allocate({"a": cands}, "params", 100, score=lambda c: c.error ** 2)
+    assert chosen["a"].method == "dense"

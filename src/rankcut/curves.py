@@ -315,10 +315,14 @@ def cur_curve(method, module, shape, form=None, options=None, kind="params", n_r
 # ------------------------------------------------------------------------- scoring helpers
 
 def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
-    """The candidates not beaten on both cost and error, cheapest first."""
+    """The candidates not beaten on both cost and error, cheapest first (a NaN error, from a
+    failed solve, counts as the worst: it beats nothing)."""
+    def error(c: Candidate) -> float:
+        return math.inf if math.isnan(c.error) else c.error
+
     out: list[Candidate] = []
-    for c in sorted(cands, key=lambda c: (c.cost(kind), c.error)):
-        if not out or c.error < out[-1].error - 1e-12:
+    for c in sorted(cands, key=lambda c: (c.cost(kind), error(c))):
+        if not out or error(c) < error(out[-1]) - 1e-12:
             out.append(c)
     return out
 

@@ -13,6 +13,7 @@ slower than dense), the frontiers are re-drawn on that score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -25,8 +26,10 @@ def _damage(c: Candidate) -> float:
 
 
 def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> list[Candidate]:
-    """The candidates not beaten on both cost and ``score``, cheapest first."""
-    scored = [(c.cost(kind), score(c), i) for i, c in enumerate(cands)]  # each score once
+    """The candidates not beaten on both cost and ``score``, cheapest first (a NaN score, from
+    a failed solve, counts as the worst: it beats nothing)."""
+    scored = [(c.cost(kind), _finite_or_worst(score(c)), i)  # each score once
+              for i, c in enumerate(cands)]
     out: list[Candidate] = []
     last = None
     for _, value, i in sorted(scored, key=lambda t: (t[0], t[1])):
@@ -34,6 +37,10 @@ def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> li
             out.append(cands[i])
             last = value
     return out
+
+
+def _finite_or_worst(value: float) -> float:
+    return math.inf if math.isnan(value) else value
 
 
 def _pick(scores: np.ndarray, costs: np.ndarray, price: float) -> int:
@@ -45,8 +52,10 @@ def _pick(scores: np.ndarray, costs: np.ndarray, price: float) -> int:
 
 def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
              fixed: float = 0.0, score: Callable | None = None) -> dict[str, Candidate]:
-    """One candidate per layer with ``fixed + Σ cost <= budget`` and least ``Σ score``
-    (default: ``Σ error²``).
+    """One candidate per layer with ``fixed + Σ cost <= budget`` and a low ``Σ score``
+    (default: ``Σ error²``), by Lagrangian relaxation (a price per unit of cost, bisected) and
+    greedy filling of what budget is left: never over the budget, not always the exact
+    optimum of this knapsack.
 
     ``frontiers`` must each be Pareto-sorted (cheapest first) unless ``score`` is given (they
     are then re-drawn on it). ``fixed`` is the cost of everything not being planned. Raises

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -240,6 +241,10 @@ class LatencyTable:
                              differs.items())
             raise ValueError(f"latency table: {path} was measured in another setting ({said}); "
                              "build a table on this device")
+        bad = next((k for k, v in data["entries"].items() if not _times_ok(v)), None)
+        if bad is not None:
+            raise ValueError(f"latency table: {path}: a damaged entry {bad!r} (expected "
+                             "{batch: milliseconds})")
         table.entries = {k: dict(v) for k, v in data["entries"].items()}
         chains = data.get("chains", {})  # tables written before chains were kept have none
         if data.get("code") != code_digest():
@@ -361,7 +366,9 @@ class LatencyTable:
         factorized layer's ``config()``) at its recorded input ``shape`` and ``batch``; a
         factorized layer is timed at its ranks rounded up (:data:`RANK_STEP`)."""
         if config is not None:
-            config = {k: _rounded(v) if k in ("rank", "ranks") else v for k, v in config.items()}
+            full = _full_ranks(module, config)
+            config = {k: _rounded(v, full) if k in ("rank", "ranks") else v
+                      for k, v in config.items()}
         cache = (primitive_key(module, shape), None if config is None else
                  json.dumps(config, sort_keys=True))
         named = None if config is None else " ".join(cache)  # its entry in self.chains
@@ -438,13 +445,40 @@ def _model_key(what: str, model: nn.Module, inputs: tuple) -> str:
             f"{structure_} @{shapes}")
 
 
-def _rounded(ranks):
+def _times_ok(times) -> bool:
+    """Whether a table entry is {batch: time}: a time in ms, or a (dense, planned) pair of
+    them (a deployed plan's)."""
+    def ms(v) -> bool:
+        return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) \
+            and v >= 0
+
+    return isinstance(times, dict) and all(
+        isinstance(b, str) and (ms(v) or (isinstance(v, list) and len(v) == 2
+                                          and all(ms(u) for u in v)))
+        for b, v in times.items())
+
+
+def _rounded(ranks, full: tuple[int, ...] | None = None):
     """The rank (or ranks) a layer is timed at: the next multiple of the step (see
-    :data:`RANK_STEP`)."""
+    :data:`RANK_STEP`), but not past the layer's full rank ``full`` (one per rank; None: no
+    bound), which no factorization of it has."""
     if isinstance(ranks, int):
         step = max(RANK_STEP, (1 << (max(ranks, 1).bit_length() - 1)) // 8)
-        return -(-ranks // step) * step
-    return [_rounded(r) for r in ranks]
+        up = -(-ranks // step) * step
+        return up if full is None else max(ranks, min(up, full[0]))
+    return [_rounded(r, None if full is None else full[i:i + 1]) for i, r in enumerate(ranks)]
+
+
+def _full_ranks(module: nn.Module, config: dict) -> tuple[int, ...] | None:
+    """The full ranks of ``module`` under the factorized layer ``config`` describes (its
+    method's ``max_rank``); None for CP, whose rank has no such bound."""
+    from .. import methods
+
+    for spec in methods.REGISTRY.values():
+        if config.get("layer") in (getattr(spec.conv, "__name__", None),
+                                   getattr(spec.linear, "__name__", None)):
+            return None if spec.name == "cp" else spec.max_rank(module)
+    return None
 
 
 def _materialise(module: nn.Module) -> nn.Module:

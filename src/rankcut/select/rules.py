@@ -15,6 +15,10 @@ spec                   rank chosen for each layer
                        toward the full rank (MUSCO)
 =====================  ========================================================================
 
+A params/MACs rule gives rank 1 when even rank 1 is over the fraction (the cheapest
+factorization there is; the planner's targets price every rank instead), and CP's
+Astrid & Lee rule counts the factors, not the bias, so it may exceed the fraction by the bias.
+
 Energy and EVBMF need singular values, so they are defined for ``svd``, ``cur``,
 ``spatial_svd`` and ``tucker``; CP takes a fixed rank or a params/MACs fraction. For a grouped
 convolution ranks are per group, and the data-driven rules take the largest over the groups.
@@ -23,6 +27,7 @@ convolution ranks are per group, and the data-driven rules take the largest over
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass
 
@@ -58,7 +63,11 @@ def parse_rank(spec) -> RankRule:
     bad = ValueError(f"rank: expected {SPEC_HELP}; got {spec!r}")
     if isinstance(spec, bool):
         raise bad
-    if isinstance(spec, int):
+    if not isinstance(spec, str | float):
+        try:  # an int, a NumPy integer, a 0-d integer tensor
+            spec = operator.index(spec)
+        except TypeError:
+            raise bad from None
         if spec < 1:
             raise bad
         return RankRule("fixed", spec)
@@ -110,13 +119,19 @@ def _largest_within(budget: float, cost_of, upper: int) -> int:
 
 def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
                 input_hw=None) -> tuple[int, ...]:
-    """The ranks ``rule`` gives ``module`` under ``method`` (Tucker: (R_out, R_in))."""
+    """The ranks ``rule`` gives ``module`` under ``method`` (a method or form name, e.g. "cp3";
+    Tucker: (R_out, R_in)). A method that does not apply to ``module`` is a ValueError saying
+    why, whatever the rule."""
     rule = parse_rank(rule)
     if not isinstance(module, nn.Conv2d | nn.Linear):
         raise ValueError(f"module: expected a Conv2d or Linear, got {type(module).__name__}")
+    spec, form = methods.resolve(method, form if method == "cp" else None)
+    if (reason := spec.why_not(module)) is not None:
+        raise ValueError(f"module: {reason}")
+    method = spec.name
     if rule.kind == "fixed":
         r = int(rule.value)
-        return (r, r) if method == "tucker" else (r,)
+        return (r, r) if spec.n_ranks == 2 else (r,)
     is_conv = isinstance(module, nn.Conv2d)
     g = module.groups if is_conv else 1
     t = (module.out_channels if is_conv else module.out_features) // g
@@ -146,8 +161,6 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
     if rule.kind == "params" and is_conv and input_hw is None:
         input_hw = (1, 1)  # parameters do not depend on it
     budget = rule.value * getattr(layer_cost(module, input_hw=input_hw), rule.kind)
-
-    spec, form = methods.resolve(method, form if method == "cp" else None)
 
     def cost(ranks):
         return getattr(spec.cost(module, ranks, form, input_hw if is_conv else (1,)),
