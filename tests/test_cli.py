@@ -146,6 +146,9 @@ def test_latency_engine_and_table_flags(capsys, tmp_path, fake_latency):
                        "--out", tmp_path / "o2")
     assert code == 2 and "latency table: " in err and "onnxruntime times" in err
     assert len(err.strip().splitlines()) == 1
+    # without --latency-engine the engine is eager, its default: the file is refused too
+    code, _, err = run(capsys, *common, "--latency-table", table, "--out", tmp_path / "o4")
+    assert code == 2 and "onnxruntime times" in err
     code, _, err = run(capsys, *common, "--latency-engine", "onnxruntime", "--out",
                        tmp_path / "o3")
     assert code == 0, err

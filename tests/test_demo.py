@@ -97,6 +97,20 @@ def test_main_passes_its_flags_to_run(monkeypatch):
                     "finetune_epochs": 0, "seed": 5, "progress": False, "allow_slower": True}
 
 
+def test_main_refuses_to_replace_a_folder_that_is_not_a_demo_output(monkeypatch, tmp_path,
+                                                                     capsys):
+    """The demo's folder is replaced whole at the end: a non-empty folder of something else is
+    refused (its files would be deleted) unless --overwrite; an earlier demo output is not."""
+    monkeypatch.setattr(demo, "run", lambda out, **kw: None)
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path)])
+    assert "not an earlier output" in capsys.readouterr().err
+    assert demo.main(["--out", str(tmp_path), "--overwrite"]) == 0
+    (tmp_path / "plan.json").write_text("{}")
+    assert demo.main(["--out", str(tmp_path)]) == 0
+
+
 def test_missing_scikit_learn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

@@ -139,6 +139,24 @@ def file_target_problem(path: str | os.PathLike, probe: bool = True) -> str | No
     return None
 
 
+def output_folder_problem(path: str | os.PathLike, marker: str | None,
+                          overwrite: bool) -> str | None:
+    """Why ``path`` may not be replaced by a command's output folder (see
+    :func:`folder_target_problem`), or, unless ``overwrite``, why an existing non-empty folder
+    there is not the command's to replace (it lacks ``marker``, the file every earlier output
+    of the command holds); None when it may."""
+    problem = folder_target_problem(path)
+    if problem is not None:
+        return problem
+    path = Path(path)
+    if (path.is_dir() and not overwrite and any(path.iterdir())
+            and (marker is None or not (path / marker).is_file())):
+        earlier = f" (no {marker}: not an earlier output of this command)" if marker else ""
+        return (f"{path} is a folder that is not empty{earlier}; give a new or empty folder, or "
+                "--overwrite to replace it and everything in it")
+    return None
+
+
 def folder_target_problem(path: str | os.PathLike) -> str | None:
     """Why an output folder cannot be created or replaced at ``path`` (a regular file is there
     or where a parent folder should be, or its parent is not writable), or None. Whether an

@@ -67,8 +67,9 @@ def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 def _plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("planning")
     g.add_argument("--method", default=COMPRESS["method"],
-                   help=f"auto or a method of rankcut.methods: svd, cur, spatial_svd, cp (cp4), "
-                        f"cp3, tucker (default {COMPRESS['method']})")
+                   help=f"auto or a method of rankcut.methods, or a form of one: "
+                        f"{', '.join(m for m in _known_methods() if m != 'auto')} (default "
+                        f"{COMPRESS['method']})")
     g.add_argument("--rank", help="rank rule: 64, vbmf, energy=0.95, params=0.25, ...")
     g.add_argument("--solver-option", nargs="+", action="extend", metavar="METHOD.KEY=VALUE",
                    help="a solver option of a method, e.g. cur.solver=rx (CUR's algorithm: "
@@ -209,8 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p, required=True)
     _plan_args(p)
-    p.add_argument("--targets", nargs="+", default=["macs=1.5x", "macs=2x", "macs=3x"])
-    p.add_argument("--methods", nargs="+", default=["svd", "tucker", "auto"])
+    for action in p._actions:  # sweep takes --methods and --targets (it refuses these two)
+        if action.dest in ("method", "target"):
+            action.help = argparse.SUPPRESS
+    p.add_argument("--targets", nargs="+", default=["macs=1.5x", "macs=2x", "macs=3x"],
+                   help="the targets to plan each method to (default macs=1.5x macs=2x "
+                        "macs=3x); sweep takes these, not --target")
+    p.add_argument("--methods", nargs="+", default=["svd", "tucker", "auto"],
+                   help="the methods to sweep (default svd tucker auto); sweep takes these, "
+                        "not --method")
     p.add_argument("--latency", action="store_true",
                    help="also time every plan against the dense model on this machine (both "
                         "fused, at --latency-batch, default 1) and plot top-1 against speed-up "
@@ -239,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded demo: train a small CNN on scikit-learn's "
                                     "digits, compress it, report (no download)")
     _out_args(p, "output folder (default rankcut-demo)", default="rankcut-demo",
-              overwrite_help="write into an existing non-empty --out folder that is not an "
-                             "earlier demo output")
+              overwrite_help="replace an existing non-empty --out folder that is not an "
+                             "earlier demo output, and everything in it")
     _common(p)
     return parser
 
@@ -559,37 +567,22 @@ def _check_normalization(args: argparse.Namespace) -> None:
                         f"name ({', '.join(DATASET_STATS)}) or a model name") from None
 
 
-def _folder_problem(flag: str, path: Path, marker: str | None, overwrite: bool,
-                    replace: bool = True) -> None:
-    """Refuse an output folder that cannot be written, or (unless ``overwrite``) an existing
-    non-empty folder that is not an earlier output (holding ``marker``)."""
-    from .atomic import folder_target_problem
-
-    problem = folder_target_problem(path)
-    if problem is not None:
-        raise UserError(f"{flag}: {problem}")
-    if (path.is_dir() and not overwrite and any(path.iterdir())
-            and (marker is None or not (path / marker).is_file())):
-        earlier = f" (no {marker}: not an earlier output of this command)" if marker else ""
-        what = "write into it" if replace is False else "replace it and everything in it"
-        raise UserError(f"{flag}: {path} is a folder that is not empty{earlier}; give a new or "
-                        f"empty folder, or --overwrite to {what}")
-
-
 def _inside(path: Path, folder: Path) -> bool:
     return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(folder)))
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    from .atomic import file_target_problem, folder_target_problem
+    from .atomic import file_target_problem, folder_target_problem, output_folder_problem
 
     out = getattr(args, "out", None)
     if out is not None:
         if Path.cwd().is_relative_to(Path(os.path.abspath(out))):
             raise UserError(f"--out: {out} is the current folder or holds it; it is replaced "
                             "whole at the end: give a folder below it (e.g. --out results/run1)")
-        _folder_problem("--out", Path(out), OUTPUT_MARKERS.get(args.command),
-                        getattr(args, "overwrite", False), replace=args.command != "demo")
+        problem = output_folder_problem(out, OUTPUT_MARKERS.get(args.command),
+                                        getattr(args, "overwrite", False))
+        if problem is not None:
+            raise UserError(f"--out: {problem}")
         for dest in ("compressed", "weights", "teacher_cache", "latency_table", "plan"):
             given = getattr(args, dest, None)
             if given and _inside(Path(given), Path(out)):
@@ -937,7 +930,7 @@ class _Context:
             # its layers are timed there
             device = "cpu"
             opts["latency_table"] = (
-                LatencyTable.at(a.latency_table, device, engine=a.latency_engine)
+                LatencyTable.at(a.latency_table, device, engine=a.latency_engine or "eager")
                 if a.latency_table else LatencyTable.cached(device, engine=a.latency_engine))
         return opts
 
@@ -1246,7 +1239,7 @@ def cmd_demo(args) -> int:
     from . import demo
 
     ctx = _Context(args)
-    demo.run(args.out, seed=args.seed, progress=not args.quiet, device=ctx.device)
+    demo.run(args.out, seed=args.seed, progress=ctx.progress, device=ctx.device)
     return 0
 
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import compress, save
-from .atomic import atomic_folder
+from . import compress, methods, save
+from .atomic import atomic_folder, output_folder_problem
 from .layers import FactorizedLayer
 from .profile import compare_latency, count_macs, count_params, layer_macs
 from .report._common import factor_text
@@ -313,7 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="macs=3x",
                         help="compression target, e.g. macs=3x, params=4x (default macs=3x)")
     parser.add_argument("--method", default="auto",
-                        help="auto, svd, spatial_svd, cp, cp3, cp4 or tucker (default auto)")
+                        help=f"auto or a method or form of rankcut.methods: "
+                             f"{', '.join(methods.aliases())} (default auto)")
     parser.add_argument("--epochs", type=int, default=3,
                         help="training epochs of the dense CNN (default 3)")
     parser.add_argument("--finetune-epochs", type=int, default=1,
@@ -322,7 +323,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--allow-slower", action="store_true",
                         help="keep factorizations measured slower than dense on this CPU")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing non-empty --out folder that is not an "
+                             "earlier demo output, and everything in it")
     args = parser.parse_args(argv)
+    problem = output_folder_problem(args.out, "plan.json", args.overwrite)
+    if problem is not None:  # the folder is replaced whole at the end
+        parser.error(f"--out: {problem}")
     run(args.out, target=args.target, method=args.method, epochs=args.epochs,
         finetune_epochs=args.finetune_epochs, seed=args.seed, progress=not args.quiet,
         allow_slower=args.allow_slower)
