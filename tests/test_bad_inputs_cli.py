@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -625,7 +626,7 @@ def test_finetune_checks_its_arguments_before_any_work(option, value):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     options = {"steps": 2, "batch_size": 8, "progress": False, option: value}
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=rf"^{option}: expected .*, got {re.escape(repr(value))}$"):
         finetune(model, (x, y), **options)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -771,7 +772,9 @@ def test_an_earlier_output_is_replaced_whole(capsys, tmp_path):
     assert "stale.png" not in names and {"plan.json", "model.safetensors", "report.json",
                                          "report.md"} <= set(names)
     assert sorted(os.listdir(tmp_path)) == ["o"]  # no temporary sibling left
-    assert rc.load(tiny(), out) is not None
+    loaded = rc.load(tiny(), out)  # the new save, whole: it loads and is factorized
+    assert rc.load_plan(out).active and any(
+        isinstance(m, rc.layers.FactorizedLayer) for m in loaded.modules())
 
 
 def test_overwrite_replaces_a_folder_that_is_no_rankcut_output(capsys, tmp_path):

@@ -40,11 +40,12 @@ def weights(resnet20_weights):
     (["evaluate", "--model", "resnet20_cifar", "--weights", "missing.th", "--data", "cifar10"],
      "missing.th not found"),
     (["compress", "--model", "resnet20_cifar", "--input-shape", "3,32,32", "--rank",
-      "energy=2", "--out", "x"], "energy"),
+      "energy=2", "--out", "x"], "--rank: rank: expected an int >= 1"),
     (["compress", "--model", "resnet20_cifar", "--input-shape", "3,32,32", "--target",
       "macs=0.5x", "--out", "x"], "target: expected"),
     (["compress", "--model", "resnet20_cifar", "--input-shape", "3,32", "--target",
-      "macs=2x", "--out", "x"], None),
+      "macs=2x", "--out", "x"], "--input-shape: the model does not run on a batch of shape "
+                                "(1, 3, 32)"),
     (["compress", "--model", "resnet20_cifar", "--target", "macs=2x", "--out", "x"],
      "--input-shape"),
     (["evaluate", "--model", "resnet20_cifar", "--data", "imagenet"], "imagenet"),
@@ -61,8 +62,7 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monke
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rankcut: error: ")
     assert "Traceback" not in err
-    if message:
-        assert message in lines[0]
+    assert message in lines[0]
 
 
 def test_a_teacher_cache_that_cannot_be_a_folder_is_refused_before_any_work(capsys, tmp_path,
@@ -258,11 +258,16 @@ def test_sweep_points_checkpoint_each_in_its_own_folder(shared_data, capsys, tmp
             "params=1.5x", "params=2x", "--calib", 0, "--allow-slower",
             "--finetune-steps", 1, "--batch-size", 8, "--min-params", 0,
             "--checkpoint-dir", tmp_path / "ck", "--resume", "--quiet"]
+    written = {}
     for out in ("s", "again"):
         code, _, err = run(capsys, *argv, "--out", tmp_path / out)
         assert code == 0, err
+        written[out] = {p: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("*")
+                        if p.is_file()}
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["svd-params1.5x",
                                                                    "svd-params2x"]
+    # picked up, not trained again: the second run wrote no checkpoint
+    assert written["s"] and written["again"] == written["s"]
     first, again = (json.loads((tmp_path / o / "sweep.json").read_text())["points"]
                     for o in ("s", "again"))
     assert [p["top1"] for p in first] == [p["top1"] for p in again]

@@ -283,7 +283,10 @@ def test_layerwise_resumes_each_layer_from_its_own_checkpoints(trained, tmp_path
     assert sorted(p.name for p in tmp_path.glob("layer-*")) == [
         f"layer-{i}" for i in range(1, len(names) + 1)]
     _forbid(monkeypatch, "plan")
-    again = rc.compress(model, x, finetune_options=opts, **args)
+    steps = []  # every stage read back from its checkpoint: not one training step again
+    again = rc.compress(model, x, finetune_options={
+        **opts, "callback": lambda info: steps.append(info["step"]) is None and False}, **args)
+    assert steps == []
     for (k, v), w in zip(again.model.state_dict().items(), first.model.state_dict().values(),
                          strict=True):
         assert torch.equal(v, w), k

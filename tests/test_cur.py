@@ -300,6 +300,9 @@ def test_data_aware_cur_fits_one_matrix_with_anothers_entries(method):
             grad = res.C.mT @ grad
         assert float(grad.norm()) < 1e-8 * float((W @ L @ L.mT @ res.R.mT).norm())
         assert A.shape[0] == 30
+    else:  # CX: W's columns C, then the output-norm optimum U: C^T (W - C U) L L^T = 0
+        grad = res.C.mT @ ((W - res.to_matrix()) @ L @ L.mT)
+        assert float(grad.norm()) < 1e-8 * float((res.C.mT @ W @ L @ L.mT).norm())
     with pytest.raises(ValueError, match="entries: only the data-aware"):
         cur(W, 5, method=method, entries=E)
     with pytest.raises(ValueError, match="entries: expected the shape"):

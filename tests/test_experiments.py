@@ -113,7 +113,12 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert trained["trained_weights"] == json.loads(scratch.with_suffix(".json").read_text())
     assert trained["dense_top1"] == trained["trained_weights"]["top1"]
     assert abs(trained["dense_top1"] - result["dense_top1"]) > 30  # not the pretrained model
-    assert create("resnet20_cifar", weights=scratch) is not None
+    from safetensors.torch import load_file
+
+    built = create("resnet20_cifar", weights=scratch).state_dict()  # the file loads as saved
+    stored = load_file(str(scratch))
+    assert built.keys() == stored.keys() and all(torch.equal(built[k], stored[k].to(
+        built[k].dtype)) for k in stored)
     assert f"| head | mnist | 8 | {head['transfer']['backbone_params']:,} |" in rerun.stdout
     assert head["ranks"] == {n: [8] for n in head["ranks"]} and len(head["ranks"]) == 18
     # a run without fine-tuning that starts from a finished one takes its model as it is
@@ -200,10 +205,10 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
     bad = {
         "method": ({"method": "tensor_train"}, "method: expected one of"),
         "rank": ({"rank": "energy=2"}, "energy"),
-        "target": ({"target": "macs=0.5x"}, "target"),
-        "schedule": ({"schedule": "twice"}, "schedule"),
-        "latency": ({"latency": [0]}, "latency"),
-        "test_limit": ({"test_limit": 0}, "test_limit"),
+        "target": ({"target": "macs=0.5x"}, "target: expected .*got 'macs=0.5x'"),
+        "schedule": ({"schedule": "twice"}, "schedule: expected one_shot.*got 'twice'"),
+        "latency": ({"latency": [0]}, r"latency: expected a list of batch sizes.*got \[0\]"),
+        "test_limit": ({"test_limit": 0}, "test_limit: expected an integer >= 1.*got 0"),
         "options": ({"target": "params=3x", "sensitivity": {"options": {"method": "als"}}},
                     "solver"),
         "sens-key": ({"target": "params=3x", "sensitivity": {"lambda": 0.5}}, "lambda"),
@@ -219,8 +224,8 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "epochs-and-steps": ({"epochs": 1, "steps": 10}, "not both"),
         "lr-word": ({"lr": "fast"}, "lr: expected a number > 0"),
         "batch-0": ({"batch_size": 0}, "batch_size"),
-        "calib-negative": ({"calib": -5}, "calib"),
-        "seed-word": ({"seed": "x"}, "seed"),
+        "calib-negative": ({"calib": -5}, "calib: expected an integer >= 0, got -5"),
+        "seed-word": ({"seed": "x"}, "seed: expected an integer >= 0, got 'x'"),
         "checkpoint-every-0": ({"checkpoint_every": 0}, "checkpoint_every"),
         "distill-string": ({"distill": "no"}, "distill: expected true or false"),
         "data-unknown": ({"data": "imagenet"}, "data: expected one of cifar10"),

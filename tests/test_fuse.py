@@ -42,7 +42,10 @@ def compressed():
 def test_every_batchnorm_after_a_convolution_is_folded_and_the_outputs_stand(compressed):
     _, small = compressed
     x = torch.randn(4, 3, 32, 32)
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    modes = [m.training for m in small.modules()]
     fused = rc.fuse(small, x)
+    assert [m.training for m in small.modules()] == modes  # its modes too
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     folded = fused.rankcut_fuse["folded"]
     assert len(folded) == sum(isinstance(m, nn.BatchNorm2d) for m in small.modules())
@@ -57,8 +60,11 @@ def test_every_batchnorm_after_a_convolution_is_folded_and_the_outputs_stand(com
             y = torch.randn(2, m.geometry.in_channels, 8, 8)
             with torch.no_grad():
                 assert torch.allclose(dense(y), m(y), atol=1e-4, rtol=1e-4)
-    # the caller's model is untouched
+    # the caller's model is untouched: its BatchNorms, every tensor bitwise
     assert sum(isinstance(m, nn.BatchNorm2d) for m in small.modules()) == len(folded)
+    after = small.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v)
+                                                 for k, v in before.items())
 
 
 def test_fused_model_exports_without_batchnorm_nodes(compressed, tmp_path):

@@ -183,7 +183,7 @@ def test_model_state_is_unchanged(train):
 
 def test_hooks_removed_when_forward_raises():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(5, 2))  # shapes do not chain
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         count_macs(model, torch.randn(1, 4))
     assert not any(m._forward_hooks for m in model.modules())
     assert model.training

@@ -355,11 +355,11 @@ def test_analysis_round_trips_and_reads(analysis, tmp_path):
 
 def test_analyze_rejects_bad_arguments(setup):
     model, _, x, _, _ = setup
-    with pytest.raises(ValueError, match="methods"):
+    with pytest.raises(ValueError, match="methods: expected some of .*got 'qr'"):
         analyze(model, x, methods=("qr",))
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(ValueError, match="rank: expected an int >= 1.*got 'energy=2'"):
         analyze(model, x, rank_rules=("energy=2",))
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(ValueError, match="model: expected an nn.Module, got str"):
         analyze("net", x)
 
 
