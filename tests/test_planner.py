@@ -254,6 +254,33 @@ def test_a_candidate_cache_plans_later_targets_without_scoring_again(monkeypatch
         rc.plan(model, x, target="params=2x", cache={}, **opts)
 
 
+def test_a_generator_option_is_keyed_by_its_state_and_other_objects_are_not_cached():
+    """A torch.Generator among the solver options is told apart by its state (its repr is an
+    address a new generator may reuse: another seed's candidates were served); an option that
+    is neither JSON nor a generator turns the cache off for that plan."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    x = torch.rand(1, 8, 10, 10)
+    cache = rc.select.CandidateCache()
+
+    def plan(seed, cache=None):
+        return rc.plan(model, x, method="cp", target="params=2x", allow_slower=True,
+                       min_params=0, cache=cache, options={"cp": {
+                           "init": "random", "max_iter": 3,
+                           "seed": torch.Generator().manual_seed(seed)}})
+
+    def scored(p):
+        return {n: (lp.ranks, lp.form, lp.predicted["error"]) for n, lp in p.active.items()}
+
+    seen = [scored(plan(seed, cache)) for seed in (1, 2, 1)]
+    assert seen == [scored(plan(seed)) for seed in (1, 2, 1)] and seen[0] != seen[1]
+    assert (cache.misses, cache.hits) == (2, 1)
+    from rankcut.select.planner import _options_key
+
+    assert _options_key({"cp": {"max_iter": 3}}) == ('{"cp": {"max_iter": 3}}', True)
+    assert _options_key({"cp": {"seed": object()}}) == (None, False)  # not cached at all
+
+
 def test_a_cache_with_a_moment_limit_keeps_the_candidates_and_measures_the_moments_again(
         monkeypatch):
     """max_moment_bytes: an entry whose moments are larger is kept without them (as a file's

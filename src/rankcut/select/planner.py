@@ -29,6 +29,7 @@ import re
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .. import methods
@@ -133,6 +134,28 @@ def _within_rule(c: Candidate, cap: tuple[int, ...] | None) -> bool:
 
 def _round_up(rank: int, multiple: int) -> int:
     return -(-rank // multiple) * multiple
+
+
+def _options_key(options: dict) -> tuple[str | None, bool]:
+    """(the solver options as a cache key, whether an entry under it may be kept on disk):
+    JSON, kept; with a torch.Generator (a seed option), keyed by the generator's state, in
+    memory only; anything else that is not JSON cannot be told apart from another of its kind
+    (its repr is an address, which a new object may reuse): None, no caching."""
+    try:
+        return json.dumps(options, sort_keys=True), True
+    except (TypeError, ValueError):
+        pass
+
+    def state(value):
+        if isinstance(value, torch.Generator):
+            digest = hashlib.sha256(value.get_state().numpy().tobytes()).hexdigest()
+            return f"torch.Generator {value.device} {digest}"
+        raise TypeError(type(value).__name__)
+
+    try:
+        return json.dumps(options, sort_keys=True, default=state), False
+    except (TypeError, ValueError):
+        return None, False
 
 
 def _solver_options(spec: methods.Method, options: dict, scoring: bool = False) -> dict:
@@ -345,11 +368,10 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
     calls = layer_calls(model, inputs)
     shapes = {name: c[0] for name, c in calls.items()}  # (a planned layer runs once)
     key = hit = None
+    opts_key, persist = _options_key(options) if cache is not None else (None, False)
+    if opts_key is None:  # options that cannot be told apart: not cached
+        cache = None
     if cache is not None:  # everything the moments and candidates depend on, not the target
-        try:  # options that are not JSON (a generator, a callable) are keyed by their repr
-            opts_key, persist = json.dumps(options, sort_keys=True), True  # and not kept on disk
-        except (TypeError, ValueError):
-            opts_key, persist = json.dumps(options, sort_keys=True, default=repr), False
         key = (model_fingerprint(model), hashlib.sha256(repr(model).encode()).hexdigest(),
                data_fingerprint(calib_data, max_batches),
                tuple(sorted((n, tuple(c)) for n, c in calls.items())),  # every call's size
