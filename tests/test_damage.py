@@ -1,5 +1,7 @@
 """Loss-aware allocation (network damage per layer) and BatchNorm re-estimation."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -281,3 +283,76 @@ def test_damage_is_measured_per_output_position():
         total = lp.exp().sum(-1)  # (the class dimension moved last)
         assert torch.allclose(total, torch.ones_like(total), atol=1e-9), (shape, dim)
         assert lp.shape[-1] == shape[dim]
+
+
+def test_damage_reads_tuple_and_dict_outputs_and_a_single_logit():
+    """A model returning (logits, features) or {"logits": ...} is measured on its logits; one
+    logit per example is a binary classifier's (a softmax over one class would make every
+    layer's damage 0, every weight 1)."""
+    from rankcut.select import damage
+
+    x = torch.randn(4, 3)
+    logits = torch.randn(4, 5)
+    plain = damage._log_probs(lambda _: logits, x)
+    for out in ((logits, torch.randn(4, 7)), [logits], {"features": x, "logits": logits},
+                {"out": logits}):
+        assert torch.equal(damage._log_probs(lambda _, out=out: out, x), plain)
+    with pytest.raises(ValueError, match="loss_aware=False"):
+        damage._log_probs(lambda _: "text", x)
+    z = torch.tensor([0.0, 2.0, -1.0])
+    for one in (z, z[:, None]):
+        lp = damage._log_probs(lambda _, one=one: one, x)
+        assert lp.shape == (3, 2) and torch.allclose(lp[:, 0].exp(), torch.sigmoid(z.double()))
+    probed = damage._log_probs(lambda _: z + 1, x)
+    kl = torch.nn.functional.kl_div(probed, damage._log_probs(lambda _: z, x), log_target=True,
+                                    reduction="sum")
+    assert float(kl) > 0
+
+
+def test_a_failed_solve_neither_probes_nor_spoils_the_other_weights():
+    from rankcut.curves import Candidate
+    from rankcut.select import damage
+
+    dense = Candidate("dense", (), None, 1000, 1000, 0.0)
+    cands = [Candidate("cp", (4,), "cp4", 100, 100, 0.5),
+             Candidate("cp", (8,), "cp4", 200, 200, float("nan"))]
+    assert damage.probe(cands, dense, "params", 0.3).ranks == (4,)
+    assert damage.probe(cands[1:], dense, "params", 0.3) is None
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    probes = {n: rc.layers.LowRankLinear.from_dense(model.get_submodule(n), 2)
+              for n in ("0", "2", "4")}
+    weights = damage.layer_weights(model, probes, {"0": 0.3, "2": float("nan"), "4": 0.2},
+                                   [torch.randn(16, 4)])
+    assert weights["2"] == 1.0 and all(0.25 <= w <= 4 for w in weights.values())
+    assert weights["0"] != weights["4"]  # measured, not all reset
+
+
+def test_probing_keeps_user_hooks_and_instance_forwards_as_they_run():
+    """A user's forward hook on a layer before the probed one runs once on a replay, as in a
+    whole run; a forward set on the instance (a wrapper's) is used, and kept afterwards."""
+    import types
+
+    from rankcut.select import damage
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l0, self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.l0(x)
+            return self.l2(self.l1(torch.relu(h)) + h)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(6, 4)
+    model.l0.register_forward_hook(lambda m, a, o: o * 2)
+    own = types.MethodType(lambda self, v: nn.Linear.forward(self, v) * 3, model.l1)
+    model.l1.forward = own
+    with torch.no_grad():
+        prefix = damage._Prefix(model, x)
+        original = model.l2
+        model.l2 = copy.deepcopy(original)  # an exact copy: no damage at all
+        probed = prefix.run(model, x, original)
+    assert torch.allclose(probed, prefix.reference, atol=1e-12)
+    assert vars(model.l1)["forward"] is own

@@ -3,7 +3,8 @@
 The allocation (:mod:`.budget`) minimises Σ error² over the layers, every layer weighted alike,
 although the same relative output error costs the network far more in some layers than in
 others (seed 000's sensitivity idea). Here each layer is replaced *alone* by a probe candidate
-(a factorization at about the target's cost fraction, data-aware as the plan will apply it), the
+(the one the unweighted allocation picks for it, or where that keeps it dense, one at the
+target's cost fraction; data-aware as the plan will apply it), the
 network runs on calibration inputs, and the damage is the mean KL divergence between the dense
 network's output distribution and the probed one's. For small errors that damage grows with the
 square of the layer's output error, so ``weight = KL / error²`` is the price of a unit of squared
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +39,33 @@ def _log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the classes of each output position: (N, C) a classifier's;
     (N, S, V) a sequence model's, over its last dimension; (N, C, H, W) a segmentation's, over
     its channels. (One softmax over all of a sequence's positions would make the positions with
-    the smaller logits count for almost nothing.)"""
-    out = model(x).double()
+    the smaller logits count for almost nothing.) One logit per position ((N,) or (N, 1)) is a
+    binary classifier's: the two classes' log-probabilities, logsigmoid(±z). A model returning
+    a tuple or list is read by its first tensor, a mapping by its "logits" (else its first
+    tensor)."""
+    out = _first_tensor(model(x))
+    if out is None:
+        raise ValueError("loss_aware: the model's output holds no tensor to measure the damage "
+                         "on; plan with loss_aware=False")
+    out = out.double()
     if out.ndim == 4:
         out = out.movedim(1, -1)
-    return F.log_softmax(out if out.ndim > 1 else out[:, None], dim=-1)
+    out = out if out.ndim > 1 else out[:, None]
+    if out.shape[-1] == 1:  # a binary classifier's one logit: a softmax over one class is 0
+        return torch.cat([F.logsigmoid(out), F.logsigmoid(-out)], dim=-1)
+    return F.log_softmax(out, dim=-1)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        values = [out["logits"]] if "logits" in out.keys() else list(out.values())
+    elif isinstance(out, tuple | list):
+        values = list(out)
+    else:
+        return None
+    return next((t for t in map(_first_tensor, values) if t is not None), None)
 
 
 class _Prefix:
@@ -55,7 +79,8 @@ class _Prefix:
         self.outputs: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
         self.first: dict[nn.Module, int] = {}
         self.calls = 0
-        handles = [m.register_forward_hook(self._record) for m in model.modules()
+        # before the user's own hooks: the layer's own output, which a replay hands to them
+        handles = [m.register_forward_hook(self._record, prepend=True) for m in model.modules()
                    if isinstance(m, nn.Conv2d | nn.Linear)]
         try:
             self.reference = _log_probs(model, x)
@@ -76,29 +101,36 @@ class _Prefix:
         start = self.first.get(replaced, 0)
         counts = dict.fromkeys(self.outputs, 0)
 
-        def cached(module):
+        def cached(module, own):
             def forward(*args, **kwargs):
                 k = counts[module]
                 counts[module] += 1
                 calls = self.outputs[module]
                 if k < len(calls) and calls[k][0] < start:
                     return calls[k][1].clone()
+                if own is not None:  # a forward set on the instance (a wrapper's) runs
+                    return own(*args, **kwargs)
                 return type(module).forward(module, *args, **kwargs)
             return forward
 
         patched = [m for m in self.outputs if m is not replaced and self.first[m] < start]
+        own = {m: vars(m).get("forward") for m in patched}
         for m in patched:
-            m.forward = cached(m)
+            m.forward = cached(m, own[m])
         try:
             return _log_probs(model, x)
         finally:
             for m in patched:
-                del m.forward
+                if own[m] is None:
+                    del m.forward
+                else:
+                    m.forward = own[m]
 
 
 def probe(cands: list[Candidate], dense: Candidate, kind: str, fraction: float) -> Candidate | None:
     """The candidate to probe a layer with: the most expensive one within ``fraction`` of the
     dense layer's cost (the regime the target asks for), else the cheapest."""
+    cands = [c for c in cands if math.isfinite(c.error)]  # not a failed solve's
     if not cands:
         return None
     within = [c for c in cands if c.cost(kind) <= fraction * dense.cost(kind)]
@@ -110,11 +142,13 @@ def probe(cands: list[Candidate], dense: Candidate, kind: str, fraction: float) 
 def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[str, float],
                   calib_data, *, max_samples: int = 256, max_batches: int | None = None,
                   progress: bool = False) -> dict[str, float]:
-    """``{layer: KL(dense ‖ probed) / error²}``: the network damage per unit of squared output
-    error of each layer, each replaced alone by its probe layer (``probes``, whose predicted
-    relative errors are ``errors``), on the first ``max_samples`` calibration inputs. The
-    weights are normalised to mean 1 (only their ratios matter to the allocation).
-    ``max_batches``: of the first that many calibration batches at most (rankcut.plan's)."""
+    """Per layer, its weight in the allocation from ``KL(dense ‖ probed) / error²``: the
+    network damage per unit of squared output error of each layer, each replaced alone by its
+    probe layer (``probes``, whose predicted relative errors are ``errors``), on the first
+    ``max_samples`` calibration inputs. The ratios to their mean are shrunk toward 1 (square
+    root) and bounded to [1/4, 4] (one probe measures one point); a layer whose ratio is not
+    finite (a failed solve's error) gets 1. ``max_batches``: of the first that many
+    calibration batches at most (rankcut.plan's)."""
     inputs, seen = [], 0
     for x in calibration_inputs(calib_data, max_batches):
         inputs.append(x[:max_samples - seen])
@@ -151,13 +185,14 @@ def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[s
     total = sum(len(x) for x in inputs)
     raw = {name: max(kl[name] / total, 0.0) / max(errors[name], MIN_PROBE_ERROR) ** 2
            for name in probes}
-    mean = sum(raw.values()) / max(len(raw), 1)
-    if mean <= 0:
+    measured = {name: w for name, w in raw.items() if math.isfinite(w)}
+    mean = sum(measured.values()) / max(len(measured), 1)
+    if mean <= 0 or not math.isfinite(mean):
         return {name: 1.0 for name in raw}
     # One probe measures the damage at one error; shrink toward uniform (square root) and bound
     # the ratio, so a layer probed where its damage happened to be small is not given away.
-    return {name: min(max((w / mean) ** SHRINK, 1 / MAX_RATIO), MAX_RATIO)
-            for name, w in raw.items()}
+    return {name: min(max((raw[name] / mean) ** SHRINK, 1 / MAX_RATIO), MAX_RATIO)
+            if name in measured else 1.0 for name in raw}
 
 
 def weighted(cands: list[Candidate], weight: float) -> list[Candidate]:
