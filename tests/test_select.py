@@ -127,6 +127,26 @@ def test_allocation_follows_the_formula_on_made_up_losses():
     assert sum(ranks) == total
     assert allocate_ranks([1, 1], [1, 3], 8, lam=1.0) == [2, 6]  # λ = 1: by size alone
     assert allocate_ranks([100, 0.001], [1, 1], 10) == [9, 1]  # never below 1
+    # shares whose product with the total is whole take exactly that (0.29 * 100 is 28.999...
+    # in floating point)
+    assert allocate_ranks([30, 41, 29], [1, 1, 1], 100) == [30, 41, 29]
+    assert allocate_ranks([1, 1, 1], [10, 20, 30], 60, 0.5) == [15, 20, 25]
+
+
+def test_sensitivity_ranks_stop_at_a_layers_full_rank_and_batches_are_read_again():
+    """A rank above what the layer can hold (an 8x8 Linear: 8) is capped, not priced above its
+    dense size; a one-shot generator of batches (read once per layer) is refused up front."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(),
+                          nn.Linear(64, 64)).eval()
+    batches = [(torch.randn(16, 8), torch.randint(0, 64, (16,)))]
+    plan = sensitivity_plan(model, ["0", "2", "4"], batches, total=40, method="svd",
+                            trial_rank=2)
+    assert plan["0"].ranks == (8,) and all(plan[n].ranks[0] <= 8 for n in ("0", "2"))
+    small = rc.apply(model, plan)
+    assert small[0].rank == 8
+    with pytest.raises(ValueError, match="batches: a one-shot iterator"):
+        sensitivity_plan(model, ["0", "2"], iter(batches), total=10, method="svd")
 
 
 @pytest.mark.parametrize("args, match", [

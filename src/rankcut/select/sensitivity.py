@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import methods
 from .._modes import eval_mode, model_device
+from ..calibrate import check_reusable
 from ..plans import LayerPlan, Plan
 from ..surgery import apply
 from .planner import parse_target
@@ -42,7 +43,9 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
     loss_sum, size_sum = float(sum(losses)), float(sum(sizes))
     shares = [(1 - lam) * loss / loss_sum + lam * size / size_sum
               for loss, size in zip(losses, sizes, strict=True)]
-    ranks = [max(1, int(share * total)) for share in shares]
+    # (a hair above the floor: a share times the total that is a whole number in exact
+    # arithmetic can land just below it in floating point)
+    ranks = [max(1, math.floor(share * total + 1e-9)) for share in shares]
     i = 0
     while sum(ranks) < total:  # leftovers, round-robin from the first layer
         ranks[i % n] += 1
@@ -98,6 +101,21 @@ def layer_sensitivities(model: nn.Module, names: Sequence[str], batches: Sequenc
     return losses
 
 
+def _caps(model: nn.Module, names: Sequence[str], method: str, form) -> list[int]:
+    """The largest rank worth giving each layer under ``method`` (its ``max_rank``: a full
+    factorization; for CP the rank with the dense layer's parameters)."""
+    caps = []
+    for name in names:
+        module = model.get_submodule(name)
+        spec, default_form = methods.variants(method, module)[0]
+        caps.append(min(spec.max_rank(module, (form or default_form) if spec.forms else None)))
+    return caps
+
+
+def _capped(ranks: Sequence[int], caps: Sequence[int]) -> list[int]:
+    return [min(r, c) for r, c in zip(ranks, caps, strict=True)]
+
+
 def _params(model: nn.Module, names: Sequence[str], ranks: Sequence[int], method: str,
             form) -> int:
     """Parameters of ``names`` factorized by ``method`` at ``ranks`` (weights and biases)."""
@@ -113,15 +131,18 @@ def _params(model: nn.Module, names: Sequence[str], ranks: Sequence[int], method
 
 
 def _total_for(model, names, losses, sizes, lam, method, form, target) -> int:
-    """The largest total rank whose allocation keeps ``names`` within ``target`` ("params=F"
-    or "params=Nx" of their dense parameters); ranks grow with the total, so a bisection."""
+    """The largest total rank whose allocation (each rank capped at the layer's ``_caps``)
+    keeps ``names`` within ``target`` ("params=F" or "params=Nx" of their dense parameters).
+    Ranks grow with the total, so a bisection; the leftover ranks go round-robin, so the
+    parameters are not quite monotone in the total: a few totals above are tried too."""
     kind, fraction = parse_target(target)
     if kind != "params":
         raise ValueError(f"target: sensitivity ranks take a params target, got {target!r}")
     budget = fraction * sum(sizes)
+    caps = _caps(model, names, method, form)
 
     def fits(total: int) -> bool:
-        ranks = allocate_ranks(losses, sizes, total, lam)
+        ranks = _capped(allocate_ranks(losses, sizes, total, lam), caps)
         return _params(model, names, ranks, method, form) <= budget
 
     low = len(names)
@@ -136,7 +157,7 @@ def _total_for(model, names, losses, sizes, lam, method, form, target) -> int:
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return max([t for t in range(low + 1, low + 2 * len(names) + 1) if fits(t)], default=low)
 
 
 def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence,
@@ -145,7 +166,8 @@ def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence,
                      trial_rank: int = 5, lam: float = 0.0, form: str | None = None,
                      options: dict | None = None, target: str | None = None) -> Plan:
     """A plan giving ``names`` ranks summing to ``total`` by sensitivity (seed 000 splits the
-    convolutions (750) and the classifier layers (900) into two calls); or, with ``target``
+    convolutions (750) and the classifier layers (900) into two calls; a rank above a layer's
+    full rank, its method's ``max_rank``, is capped there); or, with ``target``
     ("params=3x" or "params=0.33") instead of ``total``, the largest total whose plan keeps
     those layers within that share of their dense parameters."""
     if (total is None) == (target is None):
@@ -162,6 +184,7 @@ def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence,
             raise ValueError(f"names: {name!r} is a {type(module).__name__}, not a Conv2d or "
                              "Linear")
     _check_total_lam(len(names), total, lam)
+    check_reusable(batches, "batches")  # read once per layer
     if target is not None and parse_target(target)[0] != "params":
         raise ValueError(f"target: sensitivity ranks take a params target, got {target!r}")
     losses = layer_sensitivities(model, names, batches, loss_fn, method=method,
@@ -170,7 +193,9 @@ def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence,
     if target is not None:
         total = _total_for(model, names, [losses[n] for n in names], sizes, lam, method, form,
                            target)
-    ranks = allocate_ranks([losses[n] for n in names], sizes, total, lam)
+    # a rank past the layer's full rank (its max_rank) buys nothing: capped
+    ranks = _capped(allocate_ranks([losses[n] for n in names], sizes, total, lam),
+                    _caps(model, names, method, form))
     plan = Plan(meta={"rank": f"sensitivity total={total} lam={lam} trial_rank={trial_rank}",
                       "target": None if target is None else str(target)})
     for name, rank, size in zip(names, ranks, sizes, strict=True):
