@@ -474,3 +474,29 @@ def test_with_data_spatial_svd_is_scored_in_the_output_norm_like_the_others():
     W = model[2].weight.detach().double()
     assert abs(lp.predicted["error"] - float((W - small[2].dense_weight().double()).norm()
                                               / W.norm())) > 1e-3
+
+
+def test_a_solver_ridge_of_the_users_is_measured_on_the_inputs_own_moments():
+    """With ridge= among the solver options the layer is fitted in the norm of Σ + ridge; its
+    predicted error is still its output error on the inputs' Σ, as the built layer has it (the
+    SVD spectrum and the solver's own error, both of Σ + the default ridge, were used)."""
+    from rankcut.calibrate import input_second_moments
+    from rankcut.curves import output_error
+
+    torch.manual_seed(0)
+    cases = {
+        "svd": (nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval(),
+                [torch.randn(64, 32) * torch.logspace(-2, 1, 32) for _ in range(2)]),
+        "tucker": (nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(32, 32, 3, padding=1)).eval(),
+                   [torch.randn(8, 16, 8, 8) * torch.logspace(-2, 1, 16)[None, :, None, None]
+                    for _ in range(2)])}
+    for method, (model, calib) in cases.items():
+        plan = rc.plan(model, calib[0][:1], method=method, rank=4, calib_data=calib,
+                       allow_slower=True, min_params=0, options={method: {"ridge": 1.0}})
+        small = rc.apply(model, plan, calib_data=calib, sequential=False)
+        covs = input_second_moments(model, list(plan.active), calib)
+        for name, lp in plan.active.items():
+            built = output_error(model.get_submodule(name),
+                                 small.get_submodule(name).dense_weight().detach(), covs[name])
+            assert lp.predicted["error"] == pytest.approx(built, abs=2e-3), (method, name)

@@ -262,7 +262,10 @@ def measured(method, jobs, options=None) -> list[Candidate]:
             if covs is None:
                 W = module.weight.detach().double()
                 error = float((W - approx.double()).norm() / W.norm().clamp_min(1e-300))
-            elif aware and "output_error" in layer.info:  # the solver's own, exact for it
+            elif aware and "output_error" in layer.info and (options or {}).get(
+                    "ridge") is None:
+                # the solver's own, exact for it at its default ridge (a larger ridge fits,
+                # and measures, in the norm of Σ + ridge, not of the inputs' Σ)
                 error = layer.info["output_error"]
             else:
                 if id(module) not in norms:

@@ -171,7 +171,9 @@ def _rescore(module, shape, spec, cands, covs, options, kind, most: int = 24):
     data-aware (whitened) SVD at every rank; other methods build up to ``most`` candidates
     (spread over their weight-norm frontier; Tucker-2 factorized data-aware) and measure
     ||(W - W~) L|| / ||W L||."""
-    if spec.name == "svd":  # the costs stand; only the errors change, all from one spectrum
+    if spec.name == "svd" and "ridge" not in options.get("svd", {}):
+        # the costs stand; only the errors change, all from one spectrum (of Σ + the default
+        # ridge: a ridge of the user's is measured candidate by candidate, below, on Σ itself)
         errs = whitened_svd_errors(module, covs)
         return [Candidate(c.method, c.ranks, c.form, c.params, c.macs,
                           float(errs[c.ranks[0] - 1]), {DATA_AWARE: True}) for c in cands]
