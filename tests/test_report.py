@@ -380,10 +380,14 @@ def test_plots_of_an_analysis_with_no_eligible_layer(tmp_path):
 
 def test_large_factors_print_as_whole_numbers_and_plans_without_errors_plot(tmp_path):
     from rankcut.report import plot_layers
-    from rankcut.report._common import Change, factor_text
+    from rankcut.report._common import Change, bytes_text, factor_text
 
     assert factor_text(1141.82) == "1,142x" and factor_text(3.14159) == "3.14x"
     assert "1,142x fewer" in Change("params", "params", 102764544, 90000).text
+    # what rounds to 1000 at three digits is written as such, never 1e+03
+    assert factor_text(999.6) == "1,000x" and factor_text(999.4) == "999x"
+    assert bytes_text(999_600) == "1 MB" and bytes_text(999_999_000) == "1 GB"
+    assert bytes_text(2.5e12) == "2,500 GB" and bytes_text(512) == "512 B"
     plan = rc.Plan({"a": rc.LayerPlan("svd", (4,), predicted={"error": None}),
                     "b": rc.LayerPlan("svd", (3,), predicted={"error": 0.1})})
     path = plot_layers(plan, tmp_path / "p.png")
@@ -397,3 +401,72 @@ def test_latency_of_models_on_two_devices_is_refused():
     elsewhere = copy.deepcopy(model).to("meta")
     with pytest.raises(ValueError, match="different devices"):
         compare_latency(model, elsewhere, torch.randn(3, 4), warmup=1, repeats=1)
+
+
+def test_attention_keyword_calls_and_repeated_layers_are_profiled_and_analysed(tmp_path):
+    """nn.MultiheadAttention's own projections count in the total (they were a KeyError); a
+    layer called with its input by keyword is seen as called and timed; a layer called twice
+    is suggested MACs over both calls; a rank rule above the full rank is priced as built."""
+    from rankcut.profile import count_macs, profile
+    from rankcut.report import analyze, compare, plot_spectra
+
+    torch.manual_seed(0)
+    attn = nn.Sequential(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True),
+                         nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 5, 32)
+    assert profile(attn, x, latency=False).macs == count_macs(attn, x[:1])
+    analyze(attn, x)
+    compare(attn, attn, x, latency=False)
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(32, 64), nn.Linear(64, 64)
+
+        def forward(self, v):
+            return self.out(self.out(self.fc(input=v)))  # fc by keyword, out twice
+
+    model, v = Keyword().eval(), torch.randn(2, 32)
+    fc = profile(model, v, warmup=0, repeats=2).layers[0]
+    assert fc.calls == 1 and fc.input_shape == [1, 32] and 1 in fc.latency
+    layers = {la.name: la for la in analyze(model, v, rank_rules=(8, 100), min_params=0).layers}
+    assert layers["fc"].reason is None
+    out8, out100 = [s for s in layers["out"].suggested if s["method"] == "svd"]
+    assert out8["macs"] == 2 * 8 * (64 + 64)  # both calls
+    assert out100["ranks"] == [64] and out100["params"] == 64 * 64 * 2 + 64  # at full rank
+    # a rule given alone, and spectra given as values in any order
+    values = torch.tensor([1.0, 4.0, 2.0, 0.5])
+    assert plot_spectra({"a": values}, tmp_path / "a.png", cuts="energy=0.9").is_file()
+    from rankcut.report._plots import _cut
+
+    assert _cut(values, "energy=0.9") == 2
+    with pytest.raises(ValueError, match="'n' holds NaN"):
+        plot_spectra({"n": torch.tensor([3.0, float("nan")])}, tmp_path / "n.png")
+
+
+def test_latency_quartiles_lie_within_the_runs():
+    from rankcut.profile import _summary
+
+    lat = _summary([1.0, 2.0], 1, "cpu")
+    assert (lat.q1_ms, lat.median_ms, lat.q3_ms) == (1.25, 1.5, 1.75)
+    assert 1.0 <= _summary([1.0, 2.0, 10.0], 1, "cpu").q1_ms
+
+
+def test_a_tucker_trial_takes_the_rules_pair_of_ranks():
+    """A params rule's Tucker trial is its (R_out, R_in) pair: (19, 5) for a quarter of a
+    16->64 conv, not (19, 19), which no such layer holds (clamped, with a warning, to 46%)."""
+    import warnings
+
+    from rankcut.report import analyze
+    from rankcut.select.sensitivity import _uniform
+
+    conv = nn.Conv2d(16, 64, 3)
+    assert _uniform(conv, "tucker", (19, 5), None, None).ranks == (19, 5)
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 4)).eval()
+    x = torch.randn(8, 16, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no rank clamped
+        a = analyze(model, x[:1], calib_data=[(x, torch.randint(0, 4, (8,)))], min_params=0,
+                    sensitivity_method="tucker", trial_rank="params=0.25")
+    assert a.layers[0].sensitivity is not None

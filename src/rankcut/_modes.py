@@ -83,13 +83,34 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def hooked(model: nn.Module, hooks: Iterable[tuple[nn.Module, Callable]], *,
            pre: bool = False) -> Iterator[nn.Module]:
     """``model`` in eval mode under ``torch.no_grad()`` with each ``(module, fn)`` of ``hooks``
-    registered as a forward hook (a forward pre-hook with ``pre``); on exit the hooks are
-    removed and the modes restored, also after an error."""
+    registered as a forward hook ``fn(module, args, output)`` (a forward pre-hook
+    ``fn(module, args)`` with ``pre``), observers whose return value is ignored; ``args`` holds
+    the input even when the module was called with it by keyword (``layer(input=x)``). On exit
+    the hooks are removed and the modes restored, also after an error."""
+    def positional(args: tuple, kwargs: dict) -> tuple:
+        if args or not kwargs:
+            return args
+        named = kwargs.get("input")
+        first = named if isinstance(named, torch.Tensor) else next(
+            (v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        return args if first is None else (first,)
+
+    def observe(fn: Callable):
+        if pre:
+            def pre_hook(module, args, kwargs) -> None:
+                fn(module, positional(args, kwargs))
+            return pre_hook
+
+        def hook(module, args, kwargs, output) -> None:
+            fn(module, positional(args, kwargs), output)
+        return hook
+
     handles = []
     try:
         for module, fn in hooks:
-            handles.append(module.register_forward_pre_hook(fn) if pre
-                           else module.register_forward_hook(fn))
+            handles.append(
+                module.register_forward_pre_hook(observe(fn), with_kwargs=True) if pre
+                else module.register_forward_hook(observe(fn), with_kwargs=True))
         with eval_mode(model), torch.no_grad():
             yield model
     finally:

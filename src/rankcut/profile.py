@@ -223,7 +223,10 @@ def _timer(model: nn.Module, inputs: tuple[torch.Tensor, ...], engine: str = "ea
 
 
 def _summary(times: list[float], batch: int, device: str) -> Latency:
-    q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    # (inclusive: quartiles within the runs' range; the default extrapolates past it, below
+    # zero for two runs; the median is the same either way)
+    q1, median, q3 = (statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1
+                      else times * 3)
     return Latency(median, q1, q3, len(times), batch, torch.get_num_threads(), device)
 
 
@@ -387,8 +390,10 @@ def unit_call_args(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     return {name: (calls, args) for name, (calls, args) in seen.items()}
 
 
-def _unit_of(leaf: str, units: dict[str, nn.Module]) -> str:
-    """The unit a Conv2d/Linear leaf belongs to: itself, or its enclosing factorized layer."""
+def _unit_of(leaf: str, units: dict[str, nn.Module]) -> str | None:
+    """The unit a :func:`layer_macs` entry belongs to: itself, or its enclosing factorized
+    layer; None for one no unit holds (an nn.MultiheadAttention's input projections, counted
+    under the attention module's own name)."""
     if leaf in units:
         return leaf
     parts = leaf.split(".")
@@ -396,7 +401,7 @@ def _unit_of(leaf: str, units: dict[str, nn.Module]) -> str:
         prefix = ".".join(parts[:i])
         if prefix in units:
             return prefix
-    raise KeyError(leaf)  # cannot happen: every leaf is a unit or inside a factorized one
+    return None
 
 
 def _check_batches(batches) -> tuple[int, ...]:
@@ -515,8 +520,13 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
     units = layer_units(model)
 
     unit_macs = dict.fromkeys(units, 0)
+    outside = 0  # MACs no unit holds (nn.MultiheadAttention's input projections): the total's
     for leaf, macs in layer_macs(model, one).items():
-        unit_macs[_unit_of(leaf, units)] += macs
+        unit = _unit_of(leaf, units)
+        if unit is None:
+            outside += macs
+        else:
+            unit_macs[unit] += macs
     first = unit_call_args(model, one, units)
     layers = []
     for name, unit in units.items():
@@ -536,5 +546,6 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
             for name, (_, args) in unit_call_args(model, x, units).items():
                 by_name[name].latency[batch] = measure_latency(units[name], args, warmup=warmup,
                                                                repeats=repeats)
-    return Profile(layers, count_params(model), sum(unit_macs.values()), param_bytes(model),
+    return Profile(layers, count_params(model), sum(unit_macs.values()) + outside,
+                   param_bytes(model),
                    model_bytes(model), user_batch, whole, torch.get_num_threads(), device)

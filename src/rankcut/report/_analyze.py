@@ -259,7 +259,10 @@ def read_analysis(path: str | os.PathLike) -> Analysis:
     return Analysis.read(path)
 
 
-def _suggest(module: nn.Module, rule, method: str, shape) -> dict:
+def _suggest(module: nn.Module, rule, method: str, shape, calls: int = 1) -> dict:
+    """What ``rule`` gives ``module`` under ``method``: its ranks (at most the layer's full
+    ranks, as a built layer has them), params, MACs over its ``calls`` per forward pass, and
+    weight error where a spectrum gives it."""
     from ..select import layer_ranks
 
     spec = registry.get(method)
@@ -270,8 +273,11 @@ def _suggest(module: nn.Module, rule, method: str, shape) -> dict:
     if (why := spec.why_not(module)) is not None:
         return {**base, "note": why}
     try:
-        ranks = layer_ranks(module, method, rule, form="cp4", input_hw=hw)
-        cost = spec.cost(module, ranks, "cp4" if spec.forms else None, hw if is_conv else (rows,))
+        form = "cp4" if spec.forms else None
+        ranks = tuple(min(r, full) for r, full in zip(
+            layer_ranks(module, method, rule, form="cp4", input_hw=hw),
+            spec.max_rank(module, form), strict=True))
+        cost = spec.cost(module, ranks, form, hw if is_conv else (rows,))
     except ValueError as err:
         return {**base, "note": str(err)}
     error = None
@@ -283,8 +289,8 @@ def _suggest(module: nn.Module, rule, method: str, shape) -> dict:
     elif method == "tucker":
         E = tucker_errors(module)
         error = float(E[min(ranks[0], E.shape[0]) - 1, min(ranks[1], E.shape[1]) - 1])
-    return {**base, "ranks": list(ranks), "params": cost.params, "macs": cost.macs,
-            "error": error}
+    return {**base, "ranks": list(ranks), "params": cost.params,
+            "macs": cost.macs * max(calls, 1), "error": error}
 
 
 def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.95"),
@@ -360,8 +366,9 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
             la.spectrum = s.tolist()
             la.full_rank = len(s)
             la.stable_rank = float(s.pow(2).sum() / s[0].pow(2)) if float(s[0]) > 0 else 0.0
-            la.suggested = [_suggest(module, rule, m, shape) for rule in rules for m in methods
-                            if registry.get(m).why_not(module) is None]
+            calls = seen.get(name, (0, None))[0]
+            la.suggested = [_suggest(module, rule, m, shape, calls) for rule in rules
+                            for m in methods if registry.get(m).why_not(module) is None]
         layers.append(la)
 
     sensitivity: dict[str, Any] = {}
@@ -390,9 +397,10 @@ def analyze(model: nn.Module, example_inputs, *, rank_rules=("vbmf", "energy=0.9
                     machine_info(prof.device), meta)
 
 
-def _trial_rank(module: nn.Module, method: str, rule, input_hw) -> int:
-    """The first rank ``rule`` gives ``module`` under ``method`` (the trial rank of one layer;
-    ``layer_sensitivities`` gives a Tucker layer this rank on both sides)."""
+def _trial_rank(module: nn.Module, method: str, rule, input_hw) -> int | tuple[int, ...]:
+    """The ranks ``rule`` gives ``module`` under ``method``: the trial of one layer (one rank,
+    or Tucker's (R_out, R_in) pair)."""
     from ..select import layer_ranks
 
-    return layer_ranks(module, method, rule, input_hw=input_hw)[0]
+    ranks = layer_ranks(module, method, rule, input_hw=input_hw)
+    return ranks[0] if len(ranks) == 1 else ranks

@@ -24,7 +24,7 @@ def factor_text(factor: float) -> str:
     so a near tie does not read as "1x faster"."""
     if math.isinf(factor):
         return "inf x"
-    if factor >= 1000:  # (".3g" would print 1.14e+03)
+    if factor >= 999.5:  # (".3g" would print 1.14e+03, and 1e+03 for 999.6)
         return f"{factor:,.0f}x"
     return f"{factor:.3g}x" if factor >= 1.01 else f"{factor:.3f}x"
 
@@ -37,8 +37,10 @@ def bytes_text(value) -> str:
     """Bytes in decimal units (1 kB = 1000 B), three significant digits."""
     value = float(value)
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if value >= size:
-            return f"{value / size:.3g} {unit}"
+        # (compared as printed: 999.6 kB rounds to "1e+03" at three digits, so it is 1 MB)
+        if value >= size * 0.9995:
+            shown = value / size
+            return f"{shown:,.0f} {unit}" if shown >= 999.5 else f"{shown:.3g} {unit}"
     return f"{int(value)} B"
 
 

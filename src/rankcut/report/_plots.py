@@ -189,7 +189,8 @@ def _cut(source, rule) -> int | None:
     if rule.kind == "fixed":
         return int(rule.value)
     if rule.kind == "energy":
-        vals = source if source.ndim == 1 else torch.linalg.svdvals(source.double())
+        vals = (source.double().sort(descending=True).values if source.ndim == 1
+                else torch.linalg.svdvals(source.double()))  # (given values in any order)
         return dec.energy_rank(vals, rule.value)
     if rule.kind == "vbmf" and source.ndim == 2:
         return max(1, dec.evbmf(source.double(), weakening=rule.value).rank)
@@ -241,6 +242,11 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
     sources = _spectra_sources(model_or_layers, max_layers)
     if not sources:
         raise ValueError("model_or_layers: no layers to plot")
+    if isinstance(cuts, str | int):  # one rule
+        cuts = (cuts,)
+    for name, src in sources.items():
+        if isinstance(src, torch.Tensor) and not bool(torch.isfinite(src).all()):
+            raise ValueError(f"model_or_layers: {name!r} holds NaN or infinite values")
     n = len(sources)
     cols = min(4, n)
     rows = math.ceil(n / cols)
@@ -269,7 +275,7 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
         ax.set_title(short_name(name or "layer", 34), fontsize="small")
         ax.set_xlabel("index", fontsize="small")
         ax.grid(True, alpha=0.3)
-        if marks:
+        if any(rank is not None for rank in marks.values()):
             ax.legend(fontsize="x-small")
     for ax in axes[n:]:
         ax.set_visible(False)

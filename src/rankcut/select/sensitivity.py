@@ -77,23 +77,27 @@ def mean_loss(model: nn.Module, batches: Iterable, loss_fn: Callable) -> float:
     return total / count
 
 
-def _uniform(module: nn.Module, method: str, rank: int, form, options, **fields) -> LayerPlan:
-    """``method`` at ``rank`` (every rank of the method) for ``module``; a layer the method does
-    not apply to (a Linear under CP) gets the registry's fallback, channel SVD, without the
-    method's options."""
+def _uniform(module: nn.Module, method: str, rank, form, options, **fields) -> LayerPlan:
+    """``method`` at ``rank`` (every rank of the method; a tuple: the method's ranks, when it
+    has as many) for ``module``; a layer the method does not apply to (a Linear under CP) gets
+    the registry's fallback, channel SVD, without the method's options."""
     spec, default_form = methods.variants(method, module)[0]
     asked = methods.resolve(method)[0]
-    return LayerPlan(spec.name, (rank,) * spec.n_ranks,
+    ranks = tuple(rank) if isinstance(rank, tuple | list) and len(rank) == spec.n_ranks else (
+        (rank if isinstance(rank, int) else rank[0]),) * spec.n_ranks
+    return LayerPlan(spec.name, ranks,
                      form=(form or default_form) if spec.forms else None,
                      options=dict(options or {}) if spec is asked else {}, **fields)
 
 
 def layer_sensitivities(model: nn.Module, names: Sequence[str], batches: Sequence,
                         loss_fn: Callable = nn.functional.cross_entropy, *,
-                        method: str = "cp", trial_rank: int = 5, form: str | None = None,
+                        method: str = "cp", trial_rank: int | tuple[int, ...] = 5,
+                        form: str | None = None,
                         options: dict | None = None) -> dict[str, float]:
     """Loss on ``batches`` after decomposing each layer alone at ``trial_rank`` (the others
-    dense). Linear layers use SVD whatever ``method`` is (a CP of a matrix is its SVD)."""
+    dense; a tuple: the method's ranks, e.g. Tucker's (R_out, R_in)). Linear layers use SVD
+    whatever ``method`` is (a CP of a matrix is its SVD)."""
     losses = {}
     for name in names:
         lp = _uniform(model.get_submodule(name), method, trial_rank, form, options)
