@@ -294,6 +294,66 @@ def test_evaluate_counts_top1_top5_and_loss_on_a_constructed_case():
             evaluate(model, (torch.eye(5), torch.tensor([0, 1, 2, 1, bad])), batch_size=2)
 
 
+def test_finetune_refuses_a_loader_whose_length_overstates_its_batches():
+    """len() says 4 batches, 3 come: an error, not an endless loop over the empty rest."""
+    class Filtered(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            x, y = blobs(48)
+            for i in range(0, 48, 16):
+                yield x[i:i + 16], y[i:i + 16]
+
+        def __len__(self):
+            return 4
+
+    loader = torch.utils.data.DataLoader(Filtered(), batch_size=None)
+    with pytest.raises(ValueError, match="yielded 3 batches in epoch 0, but its len.. says 4"):
+        finetune(mlp(), loader, epochs=2, progress=False)
+
+
+def test_odd_but_valid_inputs_train_and_resume():
+    """NumPy numbers for the settings (kept in checkpoints, which hold plain types); a callable
+    optimizer keeps its own weight decay; a tensor learning rate is logged as a number; a model
+    returning (logits, extra) trains and is evaluated on its logits; an IterableDataset is
+    refused by finetune (no indices) and streamed by evaluate."""
+    import tempfile
+
+    x, y = blobs(32)
+    with tempfile.TemporaryDirectory() as folder:
+        kw = dict(steps=4, batch_size=8, progress=False, seed=np.int64(1),
+                  momentum=np.float64(0.9), checkpoint_dir=folder)
+        finetune(mlp(), (x, y), callback=lambda info: info["step"] == 2, **kw)
+        assert finetune(mlp(), (x, y), resume=True, **kw).steps == 4
+    groups = []
+    finetune(mlp(), (x, y), steps=1, batch_size=8, progress=False,
+             optimizer=lambda g: groups.append(torch.optim.AdamW(g, lr=1e-3, weight_decay=0.3))
+             or groups[-1])
+    assert [g["weight_decay"] for g in groups[0].param_groups] == [0.3, 0.0]
+    tensor_lr = finetune(mlp(), (x, y), steps=2, batch_size=8, progress=False, log_every=1,
+                         optimizer=lambda g: torch.optim.AdamW(g, lr=torch.tensor(0.01)))
+    lrs = [e["lr"] for e in tensor_lr.history if e["split"] == "train"]
+    assert all(isinstance(v, float) for v in lrs) and lrs[0] != lrs[-1]
+    json.dumps(tensor_lr.history)
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, v):
+            return self.net(v), v.mean()
+
+    trained = finetune(TwoOutputs(), (x, y), steps=2, batch_size=8, progress=False)
+    assert evaluate(trained.model, (x, y))["n"] == 32
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from zip(x, y, strict=True)
+
+    with pytest.raises(ValueError, match="IterableDataset .* pass DataLoader"):
+        finetune(mlp(), Stream(), steps=1, progress=False)
+    assert evaluate(mlp(), Stream(), batch_size=8)["n"] == 32
+
+
 def test_distributed_evaluate_refuses_a_sampler_that_pads(tmp_path):
     """Under a process group, a loader whose DistributedSampler pads the data to a multiple of
     the processes would count the padding twice in the summed figures: refused."""
@@ -308,6 +368,10 @@ def test_distributed_evaluate_refuses_a_sampler_that_pads(tmp_path):
         padded = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))
         with pytest.raises(ValueError, match="pads 5 samples to 6"):
             evaluate(model, padded, distributed=True)
+        dropping = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
+                                                               drop_last=True))
+        with pytest.raises(ValueError, match="drops 1 of 5 samples"):
+            evaluate(model, dropping, distributed=True)
         even = DataLoader(data, sampler=DistributedSampler(data, num_replicas=1, rank=0))
         assert evaluate(model, even, distributed=True)["n"] == 5
     finally:
@@ -526,6 +590,20 @@ def test_a_loader_without_a_length_resumes_at_the_end_of_an_epoch(tmp_path):
     resumed = finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path, resume=True,
                        **kw)
     assert resumed.steps == 8 and state_equal(resumed.model, full.model)
+    # with validation at each epoch's end, and a random transform: the resumed run validates
+    # the epoch it found ended (it skipped that, and drew other numbers after)
+    kw = {**kw, "val_data": (x, y), "transform": lambda v: v + 0.1 * torch.randn_like(v)}
+    full = finetune(copy.deepcopy(model), loader(), **kw)
+    finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path / "v",
+             callback=lambda info: info["step"] == 4, **kw)
+    resumed = finetune(copy.deepcopy(model), loader(), checkpoint_dir=tmp_path / "v",
+                       resume=True, **kw)
+    assert no_time(resumed.history) == no_time(full.history)
+    assert state_equal(resumed.model, full.model)
+    # the epoch's-end validation labelled as of the epochs done (1.0, as a sized loader's);
+    # the last step's, mid-epoch (a length-less loader's position is its whole epochs)
+    assert [(e["step"], e["epoch"]) for e in full.history if e["split"] == "val"] == [
+        (4, 1.0), (8, 1.0)]
 
 
 def test_a_loader_without_a_length_is_validated_and_checkpointed_at_each_epochs_end(tmp_path):

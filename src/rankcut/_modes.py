@@ -19,6 +19,28 @@ def check_module(value, name: str = "model") -> nn.Module:
     return value
 
 
+def logits_of(out, what: str = "model") -> torch.Tensor:
+    """The logits in a model's output: the output itself, the first tensor of a tuple or list,
+    a mapping's "logits" (else its first tensor); a ValueError naming ``what`` when there is
+    none (training, evaluation and the damage probes read outputs the same way)."""
+    found = _first_tensor(out)
+    if found is None:
+        raise ValueError(f"{what}: its output ({type(out).__name__}) holds no tensor of logits")
+    return found
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        values = [out["logits"]] if "logits" in out.keys() else list(out.values())
+    elif isinstance(out, tuple | list):
+        values = list(out)
+    else:
+        return None
+    return next((t for t in map(_first_tensor, values) if t is not None), None)
+
+
 def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
     """``example_inputs`` (a tensor, or a tuple or list of positional tensors) as a tuple; any
     other value is an error naming ``example_inputs``."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._modes import eval_mode, model_device
+from .._modes import eval_mode, logits_of, model_device
 from ..calibrate import calibration_inputs
 from ..curves import Candidate
 from ..surgery import set_submodule
@@ -43,10 +43,11 @@ def _log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     binary classifier's: the two classes' log-probabilities, logsigmoid(±z). A model returning
     a tuple or list is read by its first tensor, a mapping by its "logits" (else its first
     tensor)."""
-    out = _first_tensor(model(x))
-    if out is None:
+    try:
+        out = logits_of(model(x))
+    except ValueError:
         raise ValueError("loss_aware: the model's output holds no tensor to measure the damage "
-                         "on; plan with loss_aware=False")
+                         "on; plan with loss_aware=False") from None
     out = out.double()
     if out.ndim == 4:
         out = out.movedim(1, -1)
@@ -54,18 +55,6 @@ def _log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if out.shape[-1] == 1:  # a binary classifier's one logit: a softmax over one class is 0
         return torch.cat([F.logsigmoid(out), F.logsigmoid(-out)], dim=-1)
     return F.log_softmax(out, dim=-1)
-
-
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        values = [out["logits"]] if "logits" in out.keys() else list(out.values())
-    elif isinstance(out, tuple | list):
-        values = list(out)
-    else:
-        return None
-    return next((t for t in map(_first_tensor, values) if t is not None), None)
 
 
 class _Prefix:

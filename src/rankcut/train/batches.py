@@ -7,11 +7,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 
 def as_data(data, what: str):
-    """A Dataset or DataLoader; an (inputs, targets) pair of tensors becomes a TensorDataset."""
+    """A Dataset or DataLoader; an (inputs, targets) pair of tensors becomes a TensorDataset.
+    An IterableDataset (a stream: no indices to shuffle or resume at) must come in a
+    DataLoader."""
+    if isinstance(data, IterableDataset):
+        raise ValueError(f"{what}: an IterableDataset (a stream, not indexable) cannot be "
+                         "shuffled or batched by index here; pass DataLoader(data, "
+                         "batch_size=...) instead")
     if isinstance(data, (Dataset, DataLoader)):
         return data
     if (isinstance(data, (tuple, list)) and len(data) == 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from .._modes import eval_mode, model_device
+from .._modes import eval_mode, logits_of, model_device
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
 from .losses import check_targets
@@ -38,6 +38,8 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     model = unwrap(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(data, IterableDataset):  # a stream: read in order, in batches
+        data = DataLoader(data, batch_size=batch_size)
     data = as_data(data, "data")
     if device is None:
         device = model_device(model)
@@ -52,11 +54,14 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
             and torch.distributed.is_initialized()):
         env = dist_util.DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size())
         if (isinstance(data, DataLoader)
-                and data.sampler.total_size != len(data.dataset)):  # summed: counted twice
-            raise ValueError(f"data: its DistributedSampler pads {len(data.dataset)} samples "
-                             f"to {data.sampler.total_size} (a multiple of the processes), so "
-                             "some would be counted twice; pass the Dataset itself (evaluate "
-                             "shards it without padding)")
+                and data.sampler.total_size != len(data.dataset)):  # summed: miscounted
+            total, n = data.sampler.total_size, len(data.dataset)
+            what = (f"pads {n} samples to {total} (a multiple of the processes), so some "
+                    "would be counted twice" if total > n else
+                    f"drops {n - total} of {n} samples (drop_last), so they would not be "
+                    "counted")
+            raise ValueError(f"data: its DistributedSampler {what}; pass the Dataset itself "
+                             "(evaluate shards it without padding)")
     if isinstance(data, DataLoader):
         batches = iter(data)
     else:
@@ -71,7 +76,7 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
             x, y = to_device(*split_batch(batch), device)
             if transform is not None:
                 x = transform(x)
-            logits = model(x).float()
+            logits = logits_of(model(x)).float()
             check_targets(logits, y)  # every batch: a bad label in a later one would count
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices == y[:, None]

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .._fingerprint import model_fingerprint
-from .._modes import eval_mode
+from .._modes import eval_mode, logits_of
 from ..atomic import atomic_path, folder_target_problem
 from ..layers import FactorizedLayer
 from ..profile import MEMORY_FORMATS
@@ -396,6 +396,8 @@ class _Run:
         # nothing and shrinks BatchNorm's gains.
         groups = [{"params": [p for _, p in named if p.ndim > 1], "weight_decay": wd},
                   {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0}]
+        if callable(kind) and o["weight_decay"] is None:  # the callable's own decay stands
+            del groups[0]["weight_decay"]
         groups = [g for g in groups if g["params"]]
         self.optimizer = _make_optimizer(kind, groups, lr, o["momentum"], o["nesterov"])
         if callable(kind):  # what the user's optimizer is, for a resume to compare: its class
@@ -495,6 +497,9 @@ class _Run:
         self.batch_in_epoch = payload["batch_in_epoch"]
         self.history = list(payload["history"])
         self.saved_at = self.step
+        # (validated at this step before the checkpoint: not again)
+        val_steps = [e.get("step") for e in self.history if e.get("split") == "val"]
+        self.validated_at = val_steps[-1] if val_steps else None
         return True
 
     # ---- logging ------------------------------------------------------------------------
@@ -588,12 +593,12 @@ class _Run:
         if self.layout is not None and x.ndim == 4:
             x = x.contiguous(memory_format=self.layout)
         with self.autocast():
-            logits = self.net(x)
+            logits = logits_of(self.net(x))
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = (self.teacher(x) if self.tcache is None
-                                      else self.tcache.outputs(x, self.teacher))
+                    teacher_logits = (logits_of(self.teacher(x), "teacher") if self.tcache is None
+                                      else self.tcache.outputs(x, self._teacher_logits))
         # every batch on the CPU; elsewhere the first only (the check reads two numbers from
         # the device: a synchronisation per step)
         if not self.targets_checked or self.device.type == "cpu":
@@ -609,7 +614,7 @@ class _Run:
             norm = torch.nn.utils.clip_grad_norm_(self.params, o["clip_grad_norm"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = float(self.optimizer.param_groups[0]["lr"])  # (a tensor for some optimizers)
         self.scheduler.step()
         with torch.no_grad():
             n = y.shape[0]
@@ -621,6 +626,9 @@ class _Run:
         self.window_steps += 1
         self.last_loss = loss.detach()
         return lr
+
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.teacher(x), "teacher")
 
     def _set_layout(self, fmt: torch.memory_format) -> None:
         self.layout = fmt
@@ -745,14 +753,21 @@ class _Run:
                 # the next epoch begins)
                 if seen == 0 and self.batch_in_epoch == 0:
                     raise ValueError(f"train_data yielded no batch in epoch {self.epoch}")
-                if self.steps_per_epoch is None:  # a loader without a length ran out: the
-                    # epoch's end, validated and checkpointed as a sized one's is
-                    if (seen and o["val_data"] is not None and o["eval_every"] is None
-                            and self.validated_at != self.step):
-                        self._validate()
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if seen and o["checkpoint_dir"] is not None and o["checkpoint_every"] is None:
-                        self._save()
+                if self.steps_per_epoch is not None:  # (a sized epoch ends by its count)
+                    raise ValueError(
+                        f"train_data yielded {self.batch_in_epoch} batches in epoch "
+                        f"{self.epoch}, but its len() says {self.steps_per_epoch}: a loader "
+                        "whose length overstates its batches (an IterableDataset's __len__ "
+                        "counting what it filters out?)")
+                # a loader without a length ran out: the epoch's end, validated (as of the
+                # next epoch, as a sized one's end is) and checkpointed, also where a resumed
+                # run found nothing left of the epoch
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if (o["val_data"] is not None and o["eval_every"] is None
+                        and self.validated_at != self.step):
+                    self._validate()
+                if o["checkpoint_dir"] is not None and o["checkpoint_every"] is None:
+                    self._save()
         if self.env.active:
             dist_util.broadcast_buffers(self.model, self.env)  # one model on every process
             dist_util.barrier(self.env)
@@ -803,8 +818,9 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
     augmentation: the runs of one experiment) do not compute them again
     (:mod:`rankcut.train.teacher_cache`).
     ``optimizer``: "sgd" (lr 0.01, weight decay 5e-4, ``momentum``), "adamw" (lr 1e-4, weight
-    decay 0.01) or a callable taking the parameter groups; biases and norm scales get no weight
-    decay. ``lr_schedule`` (the learning rate's; not to be confused with
+    decay 0.01) or a callable taking the parameter groups (the weights' group carries
+    ``weight_decay`` only when it is given here, so the callable's own stands); biases and norm
+    scales get no weight decay. ``lr_schedule`` (the learning rate's; not to be confused with
     :func:`rankcut.compress`'s ``schedule``): "cosine" (to zero) or "constant", after
     ``warmup_steps`` of linear warm-up. ``freeze``: parameter-name glob patterns (a pattern
     also matches the parameters below a module name) or a predicate on names; frozen
@@ -829,6 +845,9 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
     """
     opts = {k: v for k, v in locals().items() if k not in ("model", "train_data")}
     _check_arguments(opts)
+    # NumPy numbers, accepted, as Python's: they are kept in checkpoints (which load only plain
+    # types) and seed Python's random module
+    opts = {k: v.item() if isinstance(v, np.generic) else v for k, v in opts.items()}
     if val_data is not None:
         opts["val_data"] = as_data(val_data, "val_data")
     if resume and checkpoint_dir is None:
