@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import tensorly as tl
 import torch
@@ -193,3 +195,19 @@ def test_an_all_zero_kernel_is_exact_at_zero_weights(method):
     assert dead.converged and dead.rel_error == 0 and dead.n_iter == 0
     assert not dead.to_tensor().any() and not dead.to_tensor().isnan().any()
     assert alive.rel_error == cp(live, 4, method=method, max_iter=50).rel_error
+
+
+def test_a_kernel_with_a_dead_channel_or_only_a_centre_tap_is_fitted_by_every_component():
+    """An unfolding's zero singular directions start no component (it would stay zero: ALS
+    reported a rank-3 kernel's best rank-3 fit at 0.42 error, ALS-QR divided by zero)."""
+    g = torch.Generator().manual_seed(0)
+    centre = torch.zeros(4, 3, 3, 3, dtype=torch.float64)
+    centre[:, :, 1, 1] = torch.randn(4, 3, generator=g, dtype=torch.float64)  # rank 3 exactly
+    for method in ("als", "als_qr"):
+        res = cp(centre, 3, method=method, max_iter=200)
+        assert res.rel_error < 1e-6, method
+    dead = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    dead[:, 1] = 0
+    for method in ("als", "als_qr"):
+        res = cp(dead, 3, method=method, max_iter=200)
+        assert math.isfinite(res.rel_error) and bool((res.weights > 0).all()), method

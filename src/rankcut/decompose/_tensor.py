@@ -40,19 +40,21 @@ def khatri_rao(mats: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def leading_left_singular_vectors(M: torch.Tensor, k: int) -> torch.Tensor:
+def leading_left_singular_vectors(M: torch.Tensor, k: int, *, values: bool = False):
     """The k leading left singular vectors of M (..., rows, cols), as a (..., rows, k) matrix
-    (leading dimensions are a batch).
+    (leading dimensions are a batch); with ``values``, also their squared singular values
+    (..., k), descending.
 
     Wide matrices go through the eigendecomposition of the small Gram matrix M Mᵀ, which is much
     cheaper than an SVD of M; the leading subspace is what Tucker and CP initialisations need.
     """
     rows, cols = M.shape[-2:]
     if rows <= cols:
-        _, vecs = torch.linalg.eigh(M @ M.mT)
-        return vecs[..., -k:].flip(-1)
-    U, _, _ = torch.linalg.svd(M, full_matrices=False)
-    return U[..., :k]
+        vals, vecs = torch.linalg.eigh(M @ M.mT)
+        out = vecs[..., -k:].flip(-1)
+        return (out, vals[..., -k:].flip(-1).clamp_min(0)) if values else out
+    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    return (U[..., :k], S[..., :k].square()) if values else U[..., :k]
 
 
 def cp_to_tensor(weights: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:

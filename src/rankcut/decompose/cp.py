@@ -90,7 +90,12 @@ def _initial_factors(X, rank, init, generator, batch: bool = False):
             unfolding = (X.movedim(mode + 1, 1).reshape(X.shape[0], size, -1) if batch
                          else unfold(X, mode))
             k = min(rank, *unfolding.shape[-2:])  # an unfolding has at most min(rows, cols)
-            F[..., :k] = leading_left_singular_vectors(unfolding, k)
+            vecs, sq = leading_left_singular_vectors(unfolding, k, values=True)
+            # a direction the unfolding does not have (its singular value zero up to rounding:
+            # a dead channel, a kernel that is its centre tap) would start a component in the
+            # null space, where its updates stay zero: a random column instead
+            real = sq > sq[..., :1] * (max(unfolding.shape[-2:]) * torch.finfo(sq.dtype).eps)
+            F[..., :k] = torch.where(real[..., None, :], vecs, F[..., :k] / size**0.5)
             if k < rank:  # more components than the mode has directions: random columns
                 F[..., k:] /= size**0.5
         factors.append(F)
@@ -227,10 +232,12 @@ def _als_qr_sweeps(X, factors, max_iter, tol):
             for m in sorted(qs, key=lambda m: -X.shape[m]):
                 Y = torch.tensordot(Y, qs[m], dims=([m], [0])).movedim(-1, m)
             B = unfold(Y, n) @ Q0
-            if R0.shape[0] == R0.shape[1]:
+            diag = R0.diagonal().abs()
+            if R0.shape[0] == R0.shape[1] and bool(
+                    diag.min() > diag.max() * torch.finfo(R0.dtype).eps * R0.shape[0]):
                 A = torch.linalg.solve_triangular(R0, B.mT, upper=True).mT
-            else:  # fewer rows than components: minimum-norm solution
-                A = B @ torch.linalg.pinv(R0.mT)
+            else:  # fewer rows than components, or a singular R (a zero component):
+                A = B @ torch.linalg.pinv(R0.mT)  # the minimum-norm solution
             factors[n] = A if n == N - 1 else _normalise(A)[0]
             qr[n] = torch.linalg.qr(factors[n])
         # B is X projected on the span of the Khatri-Rao product: the residual is the rest.
