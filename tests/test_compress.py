@@ -192,6 +192,24 @@ def test_transfer_trains_only_a_new_head(trained):
             assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="head: the model has no module"):
         rc.transfer(model, (x, y), num_classes=6, head="fc")
+    # steps alone (the default epochs gave "not both"); a factorized classifier is replaced
+    # whole, not behind its frozen projection fitted to the old classes
+    small = rc.apply(model, rc.Plan({"8": rc.LayerPlan("svd", (2,))}))
+    moved = rc.transfer(small, (x, y), num_classes=6, steps=2, **TUNE).model
+    assert type(moved[8]) is nn.Linear and moved[8].in_features == model[8].in_features
+    assert moved[8].out_features == 6
+
+
+def test_a_stream_as_train_data_is_refused_before_any_work(trained):
+    model, _ = trained
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.randn(3, 8, 8), 0
+
+    with pytest.raises(ValueError, match="train_data: an IterableDataset .* pass DataLoader"):
+        rc.compress(model, torch.randn(1, 3, 8, 8), method="svd", rank=2,
+                    train_data=Stream(), steps=1, plan_options=PLAN)
 
 
 def test_models_with_cp_layers_fine_tune_at_the_cp_rate_unless_told(trained):
@@ -309,3 +327,20 @@ def test_a_run_killed_while_saving_its_start_fits_again_from_the_stored_plan(tra
     resumed = rc.compress(model, x, finetune_options=opts, **args)
     assert "resumed" not in resumed.stages[0] and resumed.stages[0]["train"]["steps"] == 2
     assert "weights_sha256" in rc.load_plan(start).meta
+
+
+def test_multistage_returns_its_rounds_when_a_later_target_is_out_of_reach():
+    """The final target beyond the cheapest plan: the rounds done (planned, fitted and
+    fine-tuned) are returned, met_target False, the round that could not be planned saying
+    why, instead of an error that threw them away."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4)).eval()
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    result = rc.compress(model, x[:1], method="svd", target="params=0.05",
+                         schedule="multistage", rounds=3, train_data=(x, y), steps=2,
+                         progress=False, plan_options={"allow_slower": True, "min_params": 10},
+                         finetune_options={"batch_size": 16, "progress": False})
+    assert not result.met_target and result.plan.active
+    assert "cannot be met" in result.stages[-1]["stopped"]
+    assert [s.get("train") is not None for s in result.stages[:-1]] == [True, True]

@@ -924,3 +924,21 @@ def test_teacher_cache_serves_an_earlier_runs_outputs_and_changes_nothing(tmp_pa
                        ({"teacher_cache": 3}, "expected a folder")]:
         with pytest.raises(ValueError, match=words):
             finetune(conv_net(), data, **{**kw, "teacher_cache": folder, **bad})
+
+
+def test_the_teacher_given_is_never_moved_or_changed():
+    """finetune distils from a copy of the teacher on the training device: the caller's model
+    (rc.compress passes the user's original) stays where it was, as it was."""
+    calls = []
+
+    class Recorded(nn.Sequential):
+        def to(self, *args, **kwargs):
+            calls.append(self)
+            return super().to(*args, **kwargs)
+
+    x, y = blobs(32)
+    teacher = Recorded(*mlp().children())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    finetune(mlp(), (x, y), steps=2, batch_size=8, teacher=teacher, progress=False)
+    assert not any(c is teacher for c in calls)  # (its copy is moved)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())

@@ -43,12 +43,13 @@ from .calibrate import (
 )
 from .defaults import COMPRESS
 from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save, save_plan
-from .layers import CPConv2d, FactorizedLayer
+from .layers import CPConv2d, FactorizedLayer, LowRankLinear
 from .plans import Plan
 from .select import parse_rank, parse_target
 from .select import plan as make_plan
 from .surgery import apply, set_submodule
 from .train import DEFAULT_LR, evaluate, finetune
+from .train.batches import as_data
 from .train.distributed import setup
 
 SCHEDULES = ("one_shot", "layerwise", "multistage")
@@ -247,6 +248,8 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
                              ("steps_per_layer", steps_per_layer)) if v is not None]
     if tuning and train_data is None:
         raise ValueError(f"{tuning[0]}: fine-tuning needs train_data")
+    if train_data is not None:
+        as_data(train_data, "train_data")  # what finetune refuses, refused before any work
     if reestimate_bn and train_data is None:
         raise ValueError("reestimate_bn: needs train_data (examples distributed as in training)")
     if sequential and calib_data is None:
@@ -450,9 +453,17 @@ class _Job:
             round_target = f"{kind}={keep:.6g}" if keep < 1 else None
             view = densify(current)
             folder = None if self.folder is None else self.folder / f"round-{i}"
-            plan = self.stored_plan(folder, None,
-                                    lambda v=view, t=round_target: self.plan(t, model=v),
-                                    round_target)
+            try:
+                plan = self.stored_plan(folder, None,
+                                        lambda v=view, t=round_target: self.plan(t, model=v),
+                                        round_target)
+            except ValueError as err:
+                # a round's target out of reach (the final one, often): the rounds done stand
+                if accepted is None or "cannot be met" not in str(err):
+                    raise
+                stages.append({"stage": f"round {i}", "target": round_target,
+                               "layers": [], "stopped": str(err)})
+                return CompressResult(*accepted, stages, met_target=False)
             small = apply(view, plan, calib_data=self.plan_kwargs["calib_data"],
                           max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
                           sequential=self.sequential)
@@ -472,18 +483,25 @@ class _Job:
 
 
 def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None = None,
-             epochs: int | None = 1, steps: int | None = None, transform=None,
+             epochs: int | None = None, steps: int | None = None, transform=None,
              **finetune_options):
     """Seed 000's transfer scenario: a copy of ``model`` (e.g. a compressed backbone) with its
-    classifier ``head`` (default: the last ``nn.Linear``) replaced by a fresh Linear to
-    ``num_classes``, everything else frozen (BatchNorm statistics included), and the head
-    trained on ``train_data``. Returns the :class:`rankcut.train.TrainResult` (``.model``)."""
+    classifier ``head`` (default: the last ``nn.Linear``, or a factorized one,
+    ``LowRankLinear``, replaced whole) replaced by a fresh Linear to ``num_classes``,
+    everything else frozen (BatchNorm statistics included), and the head trained on
+    ``train_data`` for ``epochs`` or ``steps`` (default one epoch). Returns the
+    :class:`rankcut.train.TrainResult` (``.model``)."""
     check_module(model)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    if epochs is None and steps is None:
+        epochs = 1
     out = copy.deepcopy(model)
     if head is None:
-        linears = [n for n, m in out.named_modules() if type(m) is nn.Linear]
+        inside = {f"{n}." for n, m in out.named_modules() if isinstance(m, FactorizedLayer)}
+        linears = [n for n, m in out.named_modules()
+                   if (type(m) is nn.Linear and not any(n.startswith(p) for p in inside))
+                   or isinstance(m, LowRankLinear)]
         if not linears:
             raise ValueError("head: the model has no nn.Linear; name the classifier module")
         head = linears[-1]
@@ -491,10 +509,12 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
         old = out.get_submodule(head)
     except AttributeError:
         raise ValueError(f"head: the model has no module {head!r}") from None
-    if not isinstance(old, nn.Linear):
+    if not isinstance(old, nn.Linear | LowRankLinear):
         raise ValueError(f"head: {head!r} is a {type(old).__name__}, expected an nn.Linear")
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    set_submodule(out, head, new.to(old.weight.device, old.weight.dtype))
+    ref = old.weight if isinstance(old, nn.Linear) else old.second.weight
+    bias = (old.bias if isinstance(old, nn.Linear) else old.second.bias) is not None
+    new = nn.Linear(old.in_features, num_classes, bias=bias)
+    set_submodule(out, head, new.to(ref.device, ref.dtype))
     prefix = head + "."
     return finetune(out, train_data, epochs=epochs, steps=steps, transform=transform,
                     freeze=lambda name: not name.startswith(prefix), freeze_bn_stats=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -146,7 +147,8 @@ def _restore_layouts(layouts) -> None:
 def _inference_copy(teacher: nn.Module) -> nn.Module:
     """The teacher as it runs fastest without gradients: a copy with every BatchNorm folded into
     the layer before it (:func:`rankcut.fuse`; its outputs equal the teacher's in eval mode up
-    to rounding), or the teacher itself where it cannot be fused."""
+    to rounding), or a plain copy where it cannot be fused (the caller's teacher is never moved
+    or changed; only where it cannot even be copied is it used as it is)."""
     from ..fuse import fuse
 
     try:
@@ -154,7 +156,10 @@ def _inference_copy(teacher: nn.Module) -> nn.Module:
             warnings.simplefilter("ignore")  # fx's "cannot trace" is about the copy only
             return fuse(teacher, check=False)
     except Exception:  # any failure: the teacher as given is right, only slower
-        return teacher
+        try:
+            return copy.deepcopy(teacher)
+        except Exception:
+            return teacher
 
 
 def _suits_channels_last(*modules: nn.Module | None) -> bool:
@@ -366,9 +371,8 @@ class _Run:
 
         self.model.to(device)
         self.teacher = None
-        if o["teacher"] is not None:
-            o["teacher"].to(device)
-            self.teacher = _inference_copy(o["teacher"])
+        if o["teacher"] is not None:  # a copy goes to the device: the caller's stays put
+            self.teacher = _inference_copy(o["teacher"]).to(device)
         # the weights' (and inputs') memory format while training; "auto" is decided on the
         # first batch (_choose_layout)
         self.layout = None
