@@ -152,6 +152,21 @@ def test_reestimating_batchnorm_reads_a_generator_once():
     assert not torch.equal(model.bn.running_mean, before)
 
 
+def test_reestimation_weights_batches_by_their_examples_and_skips_a_lone_one():
+    """130 examples in batches of 128 and 2: the mean is the 130 examples' (the 2 counted as
+    half of it before); a final batch of 1 (BatchNorm1d refuses it in training) is skipped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16)).eval()
+    x = torch.randn(131, 8)
+    x[128:] += 5  # the small batches differ
+    assert reestimate_batchnorm(model, [x[:128], x[128:130], x[130:]]) == 1
+    with torch.no_grad():
+        out = model[0](x[:130])
+    assert torch.allclose(model[1].running_mean, out.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="no batch of two examples"):
+        reestimate_batchnorm(model, [x[:1]])
+
+
 def test_a_failed_reestimation_leaves_the_statistics_as_they_were():
     torch.manual_seed(0)
     model = WithBN().eval()

@@ -373,8 +373,9 @@ def corrected_weight(module: nn.Module, moments: Sequence[torch.Tensor],
 def reestimate_batchnorm(model: nn.Module, calib_data, *, max_batches: int | None = None) -> int:
     """Recompute the running mean and variance of every BatchNorm in ``model`` (in place) from
     ``calib_data``, as the model now computes them (every other module in eval mode; the exact
-    average over the batches, ``momentum=None``). Returns the number of BatchNorm layers
-    re-estimated; modes and momenta are restored.
+    average over the batches, each weighted by its examples; a batch of one example is
+    skipped). Returns the number of BatchNorm layers re-estimated; modes and momenta are
+    restored.
 
     Not applied by default: the inputs must be distributed as the training inputs were
     (augmentation included). On the pretrained CIFAR-10 ResNet-20, re-estimating on 1024
@@ -394,10 +395,18 @@ def reestimate_batchnorm(model: nn.Module, calib_data, *, max_batches: int | Non
     try:
         for m in norms:
             m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches
             m.train()
+        seen = 0
         for x in calibration_inputs(calib_data, max_batches):
+            if len(x) < 2:  # one example: no batch statistics (BatchNorm1d refuses it)
+                continue
+            for m in norms:  # an average over the batches weighted by their examples
+                m.momentum = len(x) / (seen + len(x))
             model(x.to(device))
+            seen += len(x)
+        if seen == 0:
+            raise ValueError("calib_data: no batch of two examples or more to re-estimate "
+                             "BatchNorm statistics on")
         if any(not bool(torch.isfinite(m.running_var).all()) for m in norms
                if m.running_var is not None):
             raise ValueError("calib_data: the re-estimated BatchNorm variances are not finite "
