@@ -407,3 +407,20 @@ def test_two_tensors_are_inputs_and_targets_when_the_second_is_labels_or_shaped_
     assert [b.shape[0] for b in calibration_batches(two)] == [4, 4]
     with pytest.raises(ValueError, match="10 inputs but 9 targets"):
         list(calibration_batches((x, torch.randn(9, 5))))
+
+
+def test_moments_weigh_batches_by_their_rows_when_sampled():
+    """A batch sampled down to 16·d rows stands for all its rows: 1000 rows of [1, 0] in one
+    batch and 10 of [0, 1] in another average to what they are (0.99 / 0.0099), not to what
+    32 sampled rows against 10 would say (0.76 / 0.24); so do the paired moments."""
+    from rankcut.calibrate import input_second_moments, paired_moments
+
+    model = nn.Sequential(nn.Linear(2, 4))
+    batches = [torch.tensor([[1.0, 0.0]]).repeat(1000, 1),
+               torch.tensor([[0.0, 1.0]]).repeat(10, 1)]
+    exact = torch.tensor([1000 / 1010, 10 / 1010], dtype=torch.float64)
+    got = input_second_moments(model, ["0"], batches)["0"][0]
+    assert torch.allclose(got.diagonal(), exact) and float(got[0, 1]) == 0
+    moments, cross, count = paired_moments(model, model, "0", batches)
+    assert cross is moments  # (the inputs are the dense ones: one set kept)
+    assert torch.allclose(moments[0].diagonal(), exact) and count == 32 + 10

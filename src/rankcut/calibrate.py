@@ -179,19 +179,24 @@ def sampled_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator
     """Indices of the rows of ``module``'s input ``x`` that the moments use: all (None) when
     there are at most ``ROWS_PER_WIDTH`` times the group width, else that many drawn at
     random."""
+    count, width = row_count(module, x)
+    limit = ROWS_PER_WIDTH * width
+    if count <= limit:
+        return None
+    return torch.randperm(count, generator=generator)[:limit].sort().values.to(x.device)
+
+
+def row_count(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(rows, width) of what ``module``'s weight multiplies on input ``x``: a Conv2d's patches
+    and their length per group, a Linear's input vectors and their length."""
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         width = module.in_channels // module.groups * kh * kw
         left, right, top, bottom = _explicit_padding(module)
         out_h, out_w = _output_hw(module, (x.shape[2] + top + bottom, x.shape[3] + left + right))
-        count = x.shape[0] * out_h * out_w
-    else:
-        width = module.in_features
-        count = x.numel() // width
-    limit = ROWS_PER_WIDTH * width
-    if count <= limit:
-        return None
-    return torch.randperm(count, generator=generator)[:limit].sort().values.to(x.device)
+        return x.shape[0] * out_h * out_w, width
+    width = module.in_features
+    return x.numel() // width, width
 
 
 def _check_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
@@ -213,10 +218,12 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
                          max_batches: int | None = None) -> dict[str, list[torch.Tensor]]:
     """Σ = E[x xᵀ] (float64) of each named Conv2d/Linear's input over ``batches``, one matrix
     per group (over at most ``ROWS_PER_WIDTH`` times its width of each batch's rows, seeded:
-    :func:`sampled_rows`). ``batches`` yields inputs, or (inputs, targets) pairs whose targets
-    are ignored. The model runs in eval mode under no_grad; its mode is restored."""
+    :func:`sampled_rows`; a sampled batch counts as many rows as it has, so batches of
+    different sizes weigh by their sizes). ``batches`` yields inputs, or (inputs, targets)
+    pairs whose targets are ignored. The model runs in eval mode under no_grad; its mode is
+    restored."""
     sums: dict[str, list[torch.Tensor]] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # rows seen in all (a sampled batch stands for all its rows)
     generator = torch.Generator().manual_seed(0)
 
     def hook_for(name):
@@ -225,9 +232,11 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
             parts = layer_rows(module, x, sampled_rows(module, x, generator))
             acc = sums.setdefault(name, [torch.zeros(p.shape[1], p.shape[1], dtype=p.dtype,
                                                      device=p.device) for p in parts])
+            rows = row_count(module, x)[0]
+            scale = rows / parts[0].shape[0]  # 1 unless sampled: each batch by its rows
             for a, p in zip(acc, parts, strict=True):
-                a.addmm_(p.mT, p)
-            counts[name] = counts.get(name, 0) + parts[0].shape[0]
+                a.addmm_(p.mT, p, alpha=scale)
+            counts[name] = counts.get(name, 0) + rows
         return hook
 
     hooks = [(module, hook_for(name))
@@ -306,7 +315,7 @@ def paired_moments(reference: nn.Module, model: nn.Module, name: str, batches: I
     device = _device(model)
     generator = torch.Generator().manual_seed(0)
     moments = cross = None
-    count = 0
+    count = rows = 0  # rows used (the ridge's scale), rows they stand for (the average's)
     for x in calibration_inputs(batches, max_batches):
         x = x.to(device)
         x_ref, x_seen = input_at(reference, ref_module, x), input_at(model, module, x)
@@ -316,13 +325,16 @@ def paired_moments(reference: nn.Module, model: nn.Module, name: str, batches: I
             moments = [q.new_zeros(q.shape[1], q.shape[1]) for q in seen]
         if cross is None and not torch.equal(x_ref, x_seen):
             cross = [a.clone() for a in moments]  # the batches so far had x̃ = x
+        batch_rows = row_count(module, x_seen)[0]
+        scale = batch_rows / seen[0].shape[0]  # 1 unless sampled: each batch by its rows
         for i, (p, q) in enumerate(zip(wanted, seen, strict=True)):
-            moments[i].addmm_(q.mT, q)
+            moments[i].addmm_(q.mT, q, alpha=scale)
             if cross is not None:
-                cross[i].addmm_(p.mT, q)
+                cross[i].addmm_(p.mT, q, alpha=scale)
         count += seen[0].shape[0]
+        rows += batch_rows
     for a in moments + (cross or []):  # in place: a 25,088-wide layer's moment is 5 GB
-        a.div_(count)
+        a.div_(rows)
     return moments, moments if cross is None else cross, count
 
 
