@@ -235,3 +235,30 @@ def test_randomized_svd_reports_its_error_exactly_in_float32():
 def test_spectra_of_parameters_build_no_autograd_graph():
     weight = torch.nn.Parameter(torch.randn(5, 4))
     assert not truncation_errors([weight]).requires_grad
+
+
+def test_a_float32_moment_of_few_samples_is_a_second_moment_not_refused():
+    """Fewer samples than features, summed in float32: eigenvalues a rounding below zero
+    (about -1e-8 of the largest), which the ridge need not cover, are not a reason to refuse
+    what is a second moment; a moment with a clearly negative part still is."""
+    from rankcut.decompose import cur
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(50, 256, generator=g)) + 1
+    cov = x.T @ x / 50
+    W = torch.randn(256, 256, generator=g)
+    assert 0 < svd(W, 8, cov=cov).rel_error < 1
+    assert 0 < cur(torch.randn(300, 256, generator=g), 8, method="deim", cov=cov).rel_error < 1
+    with pytest.raises(ValueError, match="cov: not positive semi-definite"):
+        svd(W, 8, cov=-torch.eye(256))
+
+
+def test_decompositions_name_a_meta_tensor_and_take_numpy_ranks():
+    import numpy as np
+
+    from rankcut.decompose import tucker
+
+    with pytest.raises(ValueError, match="W: expected a tensor with values, got one on the meta"):
+        svd(torch.empty(6, 9, device="meta"), 2)
+    X = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    assert tucker(X, np.int64(2), modes=(0, 1)).ranks == tucker(X, 2, modes=(0, 1)).ranks

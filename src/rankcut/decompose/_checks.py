@@ -41,6 +41,8 @@ def check_tensor(x, name: str, *, ndim: int | None = None, min_ndim: int | None 
         )
     if x.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    if x.is_meta:
+        raise ValueError(f"{name}: expected a tensor with values, got one on the meta device")
     if not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite entries, got {n_bad} NaN or infinite entries")

@@ -192,8 +192,9 @@ def cur(
 
     Args:
         W: a float32/float64 matrix.
-        rank: the target rank k (of the leverage scores, of [CᵀC]_k, or the number of singular
-            vectors DEIM interpolates); clamped to min(m, n) with a warning.
+        rank: the target rank k (of the leverage scores, of [CᵀC]_k; for DEIM the default
+            and least number of singular vectors it interpolates, ``n_cols``/``n_rows`` setting
+            the number); clamped to min(m, n) with a warning.
         method: ``"leverage"`` (default), ``"linear_time"``, ``"cx"``, ``"deim"`` or ``"rx"``;
             see the module docstring for the algorithms.
         n_cols, n_rows: columns and rows to pick (expected counts for ``"leverage"``/``"cx"``,
@@ -365,6 +366,7 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
             RSR = (RSR + RSR.mT) / 2
         else:
             C64 = cov.to(device=W.device, dtype=torch.float64)
+            C64 = (C64 + C64.mT) / 2  # (symmetrised, as every other path takes Σ)
             SR = C64 @ R.mT + ridge_of(C64, ridge) * R.mT  # (Σ + λI) Rᵀ, n x r
             K, RSR = Wd @ SR, R @ SR  # W Σ Rᵀ, R Σ Rᵀ
         X = K @ torch.linalg.pinv(RSR, hermitian=True)  # the optimal map from the rows

@@ -7,8 +7,9 @@ Frobenius and spectral norms. For a Linear layer (out x in) the factors become t
 The randomized variant is Halko, Martinsson & Tropp (2011), "Finding structure with randomness"
 (range finder with ``oversample`` extra columns and ``n_iter`` power iterations, as
 :func:`torch.svd_lowrank`, but with its test matrix drawn on the CPU from the seed). Both
-variants report the exact relative error from the singular values: the approximation is an
-orthogonal projection of W, so ||W - AB||² = ||W||² - Σ s_i².
+variants report the exact relative error: the exact one from the singular values (the
+approximation is an orthogonal projection of W, so ||W - AB||² = ||W||² - Σ s_i²), the
+randomized one from the residual itself (computed in float64).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def reuse_svds(max_entries: int = 4):
     eigendecomposition of a data-aware layer's whitened Gram (:func:`whitened_gram`) that were
     computed before in it are reused, not computed again: entries keyed by the SHA-256 of the
     values (the matrix's, and the moment's), at most ``max_entries`` kept, the oldest dropped
-    first. The results are the same as
-    without it, bit for bit. For sweeps that factorize one layer at many ranks with one method
+    first. The factorizations are those made without it; a layer's spectrum is read off the
+    kept eigendecomposition (``eigh``'s eigenvalues, which may differ from ``eigvalsh``'s in
+    the last bits). For sweeps that factorize one layer at many ranks with one method
     after another (experiments/classifier_sweep.py): the exact SVD of a VGG's 4096 x 25,088
     classifier layer takes minutes on a CPU. Nested blocks share the outer one's entries; an
     inner block that asks for more keeps up to its ``max_entries`` while it runs (the oldest
@@ -262,7 +264,17 @@ def regularised_moment(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> t
 def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
     """L (float64, lower triangular) with L Lᵀ = :func:`regularised_moment` of a second moment
     Σ: ||D L||_F is the output norm of a weight difference D on inputs with that moment."""
-    L, info = torch.linalg.cholesky_ex(regularised_moment(cov, ridge, device))
+    C = regularised_moment(cov, ridge, device)
+    L, info = torch.linalg.cholesky_ex(C)
+    if bool(info):
+        # a moment of fewer samples than features, summed in float32, has eigenvalues a
+        # rounding below zero (about n·eps of the largest), which the ridge may not cover:
+        # that much more on the diagonal; beyond it, Σ is not a second moment
+        n = C.shape[0]
+        top = float(torch.linalg.eigvalsh(C)[-1])
+        jitter = n * torch.finfo(cov.dtype).eps * max(top, 1e-300)
+        L, info = torch.linalg.cholesky_ex(C + jitter * torch.eye(n, dtype=C.dtype,
+                                                                  device=C.device))
     if bool(info):
         raise ValueError("cov: not positive semi-definite (its Cholesky factorization failed "
                          "even with the ridge); pass a second-moment matrix E[x xᵀ]")

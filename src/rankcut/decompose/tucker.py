@@ -87,8 +87,11 @@ def _check_modes(modes, ndim) -> tuple[int, ...]:
 
 
 def _check_ranks(ranks, modes, shape) -> tuple[int, ...]:
-    if isinstance(ranks, int) and not isinstance(ranks, bool):
-        ranks = (ranks,) * len(modes)
+    if not isinstance(ranks, bool | Sequence):
+        try:  # an int, a NumPy integer, a 0-d integer tensor: every mode's rank
+            ranks = (operator.index(ranks),) * len(modes)
+        except TypeError:
+            pass
     if not isinstance(ranks, Sequence) or len(ranks) != len(modes):
         raise ValueError(
             f"ranks: expected an int or a sequence of {len(modes)} ints (one per mode in "
