@@ -203,13 +203,15 @@ def test_rebuild_gives_the_same_structure_and_loads_the_weights():
 
 
 def test_half_precision_weights_are_decomposed_in_float32_and_kept_in_their_dtype():
+    torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3).to(torch.bfloat16)
     layer = TuckerConv2d.from_dense(conv, (4, 4))
     assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
     # the decomposition of the float32 weight, then rounded to bfloat16
     W = conv.weight.detach().float()
     ref = dec.tucker(W, (4, 4), modes=(0, 1))
-    assert layer.info["rel_error"] == pytest.approx(ref.rel_error, abs=1e-3)
+    # (the error is measured on the bfloat16 layer: to its 3 significant digits)
+    assert layer.info["rel_error"] == pytest.approx(ref.rel_error, abs=5e-3)
     assert torch.allclose(layer.dense_weight().float(), ref.to_tensor(), atol=1e-2)
 
 
