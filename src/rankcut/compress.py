@@ -4,14 +4,18 @@
   fine-tune (``epochs`` / ``steps``).
 - ``layerwise`` (Astrid & Lee; seed 000, done right): plan once, then factorize one layer at a
   time in forward order, fine-tuning ``steps_per_layer`` steps after each, the last layer
-  included. Data-aware layers take their input statistics from the model as compressed so far
-  (sequential calibration: each layer corrects for the error of those before it).
+  included. Data-aware layers take their input statistics from the model as compressed and
+  fine-tuned so far, and are fitted to their own dense outputs on them (not sequentially
+  toward the dense network's: the fine-tuning between layers does that work). Forward order is
+  read on the calibration inputs; a model with several inputs goes in registration order.
 - ``multistage`` (MUSCO): ``rounds`` rounds toward the target along a geometric path
   (round i keeps ``fraction ** (i / rounds)`` of the cost), fine-tuning between rounds. Each round
   folds the model's factorized layers back into dense ones (exactly: a factorized layer's
   product is a dense kernel of low rank) and plans that model afresh, so later rounds
   re-factorize the fine-tuned weights at lower rank. It stops early when the accuracy on
-  ``val_data`` falls below ``min_accuracy`` and returns the last round that stayed above it.
+  ``val_data`` falls below ``min_accuracy`` and returns the last round that stayed above it,
+  and when a later round's target cannot be planned (beyond the cheapest plan), returning the
+  rounds done with ``met_target`` False.
 
 Every schedule returns a model with the original architecture's layer names, so
 ``rc.save(result.model, out, plan=result.plan)`` and ``rc.load(original, out)`` work as usual.
