@@ -284,6 +284,23 @@ def _plan_not_a_plan(tmp):
     return ["compress", *T, "--plan", tmp / "text.th", "--out", tmp / "o"]
 
 
+def _plan_rank_too_large(tmp):
+    _write(tmp / "p" / "plan.json",
+           rc.Plan({"2": rc.LayerPlan("svd", (1000,))}).to_json().encode())
+    return ["compress", *T, "--plan", tmp / "p" / "plan.json", "--out", tmp / "o"]
+
+
+def _config_inside_out(tmp):
+    _write(tmp / "o" / "plan.json", b"{}")  # an earlier output, holding the run's config
+    _write(tmp / "o" / "run.yaml", b"method: svd\n")
+    return ["compress", *T, *PLAN_FLAGS, "--config", tmp / "o" / "run.yaml", "--out", tmp / "o"]
+
+
+def _analyze_batch_size(tmp):
+    return ["analyze", "--model", TINY, "--input-shape", "3,8,8", "--quiet", "--batch-size", 4,
+            "--out", tmp / "o"]
+
+
 def _plan_missing(tmp):
     return ["compress", *T, "--plan", tmp / "nowhere", "--out", tmp / "o"]
 
@@ -395,6 +412,10 @@ CLI_CASES = [
     ("plan-with-min-params", _plan_with("--min-params", "0"), ["--plan", "--min-params"]),
     ("plan-not-a-plan", _plan_not_a_plan, ["--plan", "text.th", "plan.json"]),
     ("plan-missing", _plan_missing, ["--plan", "nowhere", "plan.json"]),
+    ("plan-rank-too-large", _plan_rank_too_large,
+     ["--plan", "layer '2' has ranks [1000], above what it can hold ([32])"]),
+    ("config-inside-out", _config_inside_out, ["--config", "lies inside --out"]),
+    ("analyze-batch-size", _analyze_batch_size, ["--batch-size", "analyze does not use it"]),
     # 8. config values of the wrong type name the key
     ("config-flag-string-false", _config('no-latency: "false"\n'),
      ["--config", "'no-latency'", "true or false"]),

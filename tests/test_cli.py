@@ -103,6 +103,12 @@ def test_config_file_values_and_flags_overriding_them(capsys, tmp_path):
     config.write_text("modle: resnet20_cifar\n")
     code, _, err = run(capsys, "compress", "--config", config, "--out", tmp_path / "o")
     assert code == 2 and "unknown key 'modle'" in err
+    # a null is "unset", not given: it does not clash with --plan as a --target would
+    config.write_text("model: resnet20_cifar\ninput-shape: 3,32,32\ntarget: ~\n"
+                      "no-latency: true\n")
+    code, _, err = run(capsys, "compress", "--config", config, "--plan", tmp_path / "o",
+                       "--quiet", "--out", tmp_path / "o2")
+    assert code == 0, err
 
 
 def test_solver_options_reach_the_plan(capsys, tmp_path):

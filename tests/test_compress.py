@@ -287,6 +287,11 @@ def test_resuming_with_another_plan_is_refused(trained, tmp_path):
     again = rc.compress(model, x, target="macs=0.5", train_data=data, steps=2,
                         plan_options=PLAN, finetune_options=opts)
     assert again.stages[0]["resumed"]
+    # other planning settings (layers excluded, min_params): refused, named, not ignored
+    for changed in ({**PLAN, "exclude": ["0"]}, {**PLAN, "min_params": 50}):
+        with pytest.raises(ValueError, match="was planned with other (exclude|min_params)"):
+            rc.compress(model, x, target="macs=2x", train_data=data, steps=2,
+                        plan_options=changed, finetune_options=opts)
 
 
 def test_layerwise_resumes_each_layer_from_its_own_checkpoints(trained, tmp_path,

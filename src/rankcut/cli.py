@@ -407,7 +407,9 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
             if action.dest in defaults:
                 action.required = False
     args = parser.parse_args(argv)
-    args.given = _given(parser, subparser, argv) | set(defaults)
+    # (a null in the file is "unset" for a flag whose default is unset: not given)
+    args.given = _given(parser, subparser, argv) | {d for d, v in defaults.items()
+                                                    if v is not None}
     return args
 
 
@@ -583,7 +585,8 @@ def _check_paths(args: argparse.Namespace) -> None:
                                         getattr(args, "overwrite", False))
         if problem is not None:
             raise UserError(f"--out: {problem}")
-        for dest in ("compressed", "weights", "teacher_cache", "latency_table", "plan"):
+        for dest in ("compressed", "weights", "teacher_cache", "latency_table", "plan",
+                     "config", "data_dir"):
             given = getattr(args, dest, None)
             if given and _inside(Path(given), Path(out)):
                 raise UserError(f"{_flag(dest)}: {given} lies inside --out {out}, which is "
@@ -651,6 +654,22 @@ def _check_plan(args: argparse.Namespace):
         raise UserError(f"--plan: {err}") from None
 
 
+def _check_plan_ranks(plan, model) -> None:
+    """A --plan's ranks within what each layer can hold (a hand-edited rank above it would be
+    built at the full rank, a layer larger than the dense one, reported as planned)."""
+    for name, lp in plan.active.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # (rc.apply names a missing layer)
+        if lp.spec.why_not(module) is not None:
+            continue  # (and a method that does not fit)
+        full = lp.spec.max_rank(module, lp.form)
+        if any(r > f for r, f in zip(lp.ranks, full, strict=False)):
+            raise UserError(f"--plan: layer {name!r} has ranks {list(lp.ranks)}, above what it "
+                            f"can hold ({list(full)}); edit the plan")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Every flag checked before any work is done: numbers in range, names known, rank rules and
     targets parsed, conflicting flags refused, output paths writable."""
@@ -676,7 +695,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if command == "benchmark" and args.fused and args.engine == "onnxruntime":
         raise UserError("--fused: --engine onnxruntime always times the fused models (as "
                         "'rankcut export' writes them); drop --fused")
-    if command in ("benchmark", "export") and "batch_size" in args.given:
+    if command in ("benchmark", "export", "analyze") and "batch_size" in args.given:
         raise UserError(f"--batch-size: {command} does not use it"
                         + (" (the batches to time are --batches)" if command == "benchmark"
                            else ""))
@@ -963,10 +982,12 @@ def cmd_compress(args) -> int:
     from . import report as R
     from .atomic import atomic_folder
     from .compress import compress
-    from .io import save
+    from .io import realized_plan, save
 
     ctx, model, x = _start(args)
     plan = args.plan_obj
+    if plan is not None:
+        _check_plan_ranks(plan, model)
     options = ctx.plan_options()  # (a latency table read now, before any data)
     epochs, steps = _epochs_steps(args)
     tune = epochs is not None or steps is not None or args.steps_per_layer
@@ -996,7 +1017,8 @@ def cmd_compress(args) -> int:
     if test is not None:
         accuracy = {"original": _evaluate(ctx, model, test), "compressed": _evaluate(ctx, small,
                                                                                      test)}
-    rep = R.compare(model.cpu(), small.cpu(), x, plan=result.plan, accuracy=accuracy,
+    done = realized_plan(small, result.plan)  # the ranks built: the report's and the save's
+    rep = R.compare(model.cpu(), small.cpu(), x, plan=done, accuracy=accuracy,
                     latency=not args.no_latency,
                     meta={"model": args.model, "command": "rankcut " + " ".join(sys.argv[1:]),
                           "schedule": args.schedule, "stages": result.stages,
@@ -1004,7 +1026,7 @@ def cmd_compress(args) -> int:
     # the whole output set goes into a temporary sibling, renamed into place at the end: the
     # folder never holds this run's model beside an earlier run's report
     with atomic_folder(out) as tmp:
-        save(small, tmp, plan=result.plan)
+        save(small, tmp, plan=done)
         rep.write_json(tmp / "report.json")
         rep.write_markdown(tmp / "report.md")
         plots = R.write_plots(rep, tmp)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,22 @@ def _check_resumed(path: Path, meta: dict, method, target, rank=None) -> None:
         return
     raise ValueError(f"resume: {path} was planned for {theirs}, this call asks for {ours}; "
                      "resume with the same settings, or use a fresh checkpoint_dir")
+
+
+def _planned_with(plan_kwargs: dict) -> dict:
+    """The planning settings a stored plan was made with, as JSON (what a resumed run compares:
+    other excluded layers, another min_params or solver option would go on with the old plan);
+    the method, rank and target are checked by :func:`_check_resumed`, the data and objects
+    (a cache, a latency table) are not compared."""
+    out = {}
+    for key, value in sorted(plan_kwargs.items()):
+        if key in ("method", "rank", "calib_data", "progress", "cache", "latency_table"):
+            continue
+        try:
+            out[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _layers(plan: Plan) -> dict:
@@ -335,8 +352,19 @@ class _Job:
             if plan is None:
                 _check_resumed(path, stored.meta, self.plan_kwargs["method"], target,
                                self.plan_kwargs["rank"])
+                then, now = stored.meta.get("planned_with"), _planned_with(self.plan_kwargs)
+                changed = sorted(k for k in {*(then or {}), *now}
+                                 if then is not None and then.get(k) != now.get(k))
+                if changed:
+                    raise ValueError(
+                        f"resume: {path} was planned with other {', '.join(changed)} ("
+                        + "; ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+                                    for k in changed)
+                        + "); resume with the same settings, or use a fresh checkpoint_dir")
             return stored
-        plan = plan if plan is not None else make()
+        if plan is None:
+            plan = make()
+            plan.meta["planned_with"] = _planned_with(self.plan_kwargs)
         if path is not None:
             _on_first_process(lambda: save_plan(plan, path))
         return plan
