@@ -500,3 +500,41 @@ def test_a_solver_ridge_of_the_users_is_measured_on_the_inputs_own_moments():
             built = output_error(model.get_submodule(name),
                                  small.get_submodule(name).dense_weight().detach(), covs[name])
             assert lp.predicted["error"] == pytest.approx(built, abs=2e-3), (method, name)
+
+
+def test_predicted_totals_are_of_the_layers_as_built_and_count_attention():
+    """plan.meta's predicted params and MACs are what the applied model has: a CP rank past
+    break-even and a Tucker rank past a mode's channels priced as the layers clamp them (the
+    rule's pair (16, 16) on 8 input channels is (16, 8), smaller than dense, not skipped); an
+    nn.MultiheadAttention's own projections counted, so a MACs target is met on the model; a
+    rule with no eligible layer warns instead of returning an empty plan silently."""
+    import warnings
+
+    from rankcut.profile import count_macs
+
+    def realised(model, x, **kw):
+        plan = rc.plan(model, x, allow_slower=True, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small = rc.apply(model, plan)
+        predicted = plan.meta["predicted"]
+        assert predicted["params"][1] == count_params(small)
+        assert predicted["macs"] == [count_macs(model, x[:1]), count_macs(small, x[:1])]
+        return plan
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(8, 8, 3, padding=3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = realised(conv, torch.randn(1, 8, 4, 4), method="cp3", rank=28, min_params=0)
+    assert all(lp.ranks == (23,) for lp in plan.active.values())
+    wide = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    plan = realised(wide, torch.randn(2, 8, 8, 8), method="tucker", rank=16)
+    assert plan["0"].ranks == (16, 8) and plan["2"].ranks == (16, 16)
+    attn = nn.TransformerEncoderLayer(32, 4, dim_feedforward=128, batch_first=True,
+                                      dropout=0.0).eval()
+    plan = realised(attn, torch.randn(2, 16, 32), target="macs=2x", min_params=0)
+    assert plan.meta["predicted"]["macs_ratio"] >= 2
+    tiny = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    with pytest.warns(UserWarning, match="nothing to factorize: every Conv2d/Linear layer is"):
+        assert not rc.plan(tiny, torch.randn(1, 8, 6, 6), rank=4, allow_slower=True).active

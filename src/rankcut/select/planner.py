@@ -49,7 +49,7 @@ from ..defaults import COMPRESS
 from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
-from ..profile import count_params
+from ..profile import count_params, layer_macs, with_batch
 from ..surgery import check_weights, target_layers
 from . import damage
 from .budget import allocate
@@ -221,6 +221,11 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
             down = rule.kind in ("params", "macs")
             ranks = tuple(max(rank_multiple, r // rank_multiple * rank_multiple) if down
                           else _round_up(r, rank_multiple) for r in ranks)
+            # at most what the layer holds (a Tucker rank past a mode's channels, a CP rank
+            # past break-even), as the layer would clamp it: priced, compared with the dense
+            # layer and planned as built (a full rank need not be a multiple)
+            ranks = tuple(min(r, full) for r, full in zip(
+                ranks, spec.max_rank(module, form), strict=True))
         opts = _solver_options(spec, options)
         if not with_target:
             cost = spec.cost(module, ranks, form, shape)
@@ -368,6 +373,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
         if reason is None:
             check_weights(name, model.get_submodule(name))
     calls = layer_calls(model, inputs)
+    attention_macs = _attention_macs(model, inputs, calls)
     shapes = {name: c[0] for name, c in calls.items()}  # (a planned layer runs once)
     key = hit = None
     opts_key, persist = _options_key(options) if cache is not None else (None, False)
@@ -432,18 +438,21 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             clock = _Clock(table, model, inputs, latency_batch or batch_of(inputs), layers,
                            grid_kind or "macs", progress)
 
-        if target is not None and not layers:
+        if not layers:
             why = sorted({r for r in (lp.reason for lp in result.values()) if r})
-            raise ValueError("target: nothing to factorize: " + (
+            said = "nothing to factorize: " + (
                 f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
-                else "the model has no Conv2d or Linear layer"))
+                else "the model has no Conv2d or Linear layer")
+            if target is not None:
+                raise ValueError(f"target: {said}")
+            warnings.warn(f"rank: {said}", stacklevel=2)  # a rule alone: an empty plan
         limit = None if allow_slower or clock is None else 1 + latency_margin
         choose = _Chooser(layers, kind, limit, clock, 0.0 if kind == "latency" else speed_slack)
         checks: list[dict] = []
         if target is None:
             chosen = choose(None)
         else:
-            fixed = {"params": count_params(model), "macs": 0,
+            fixed = {"params": count_params(model), "macs": attention_macs,
                      "latency": clock.rest if clock is not None else 0.0}
             for name, module in model.named_modules():
                 if isinstance(module, nn.Conv2d | nn.Linear) and name in calls:
@@ -476,7 +485,7 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                else "no layer's factorization is smaller than the dense layer")
         warnings.warn(f"rank: at the ranks of {rule} {why}; nothing is factorized",
                       stacklevel=2)
-    _summarise(result, model, calls)
+    _summarise(result, model, calls, attention_macs)
     return result
 
 
@@ -803,11 +812,24 @@ def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
                      reason=f"{c.describe()}: predicted error {error:.3f}")
 
 
-def _summarise(result: Plan, model: nn.Module, calls: dict[str, list[tuple]]) -> None:
+def _attention_macs(model: nn.Module, inputs, calls: dict) -> int:
+    """MACs (one sample) of nn.MultiheadAttention's own projections (its output projection
+    included), which no Conv2d or Linear call runs: left as they are, but counted in a MACs
+    target's whole and in the predicted totals, as :func:`rankcut.profile.count_macs` counts
+    them."""
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return 0
+    return sum(v for k, v in layer_macs(model, with_batch(inputs, 1)).items() if k not in calls)
+
+
+def _summarise(result: Plan, model: nn.Module, calls: dict[str, list[tuple]],
+               other_macs: int = 0) -> None:
     """Predicted whole-model params and MACs before and after, into the plan's meta (a layer
-    run k times costs each call's MACs; such a layer is left dense)."""
-    before = {"params": count_params(model), "macs": 0}
-    after = {"params": before["params"], "macs": 0}
+    run k times costs each call's MACs; such a layer is left dense; ``other_macs``: what no
+    layer runs, the same before and after). A planned layer counts at its predicted cost,
+    priced at the ranks it is built at (a rank the layer clamps, a sampled CUR's)."""
+    before = {"params": count_params(model), "macs": other_macs}
+    after = {"params": before["params"], "macs": other_macs}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear) or name not in calls:
             continue
@@ -817,9 +839,13 @@ def _summarise(result: Plan, model: nn.Module, calls: dict[str, list[tuple]]) ->
             after["macs"] += macs
             continue
         shape = calls[name][0]  # (a factorized layer runs once)
-        new = lp.spec.cost(module, lp.ranks, lp.form, shape)
-        after["macs"] += new.macs
-        after["params"] += new.params - cost_at(module, shape).params
+        if "params" in lp.predicted and "macs" in lp.predicted:
+            new_params, new_macs = lp.predicted["params"], lp.predicted["macs"]
+        else:
+            new = lp.spec.cost(module, lp.ranks, lp.form, shape)
+            new_params, new_macs = new.params, new.macs
+        after["macs"] += new_macs
+        after["params"] += new_params - cost_at(module, shape).params
     result.meta["predicted"] = {
         "params": [before["params"], after["params"]],
         "macs": [before["macs"], after["macs"]],
