@@ -138,6 +138,11 @@ def test_the_guard_gives_way_to_the_target_with_a_warning(fake_latency):
     assert not plan.active
     assert all("measured slower than dense" in lp.reason for lp in plan.layers.values())
     assert plan.meta["latency"]["vetoed"]
+    # a rank no smaller than dense: nothing was timed, and the reason says so
+    with pytest.warns(UserWarning, match="no layer's factorization is smaller"):
+        big = rc.plan(model, x, method="svd", rank=100, min_params=100)
+    assert not big.meta["latency"]["vetoed"]
+    assert all("within the rank rule" in lp.reason for lp in big.layers.values())
 
 
 def test_a_plan_measured_slower_than_predicted_is_chosen_again(fake_latency):

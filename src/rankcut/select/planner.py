@@ -474,7 +474,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
                 chosen, budget, checks = _checked(choose, chosen, budget, kind, fraction, clock,
                                                   model, result, options)
             result.meta["budget"] = {kind: budget}
-        _fill(result, chosen, layers, options, limit is not None)
+        _fill(result, chosen, layers, options, choose.vetoed,
+              ruled=rule is not None or rank_multiple > 1)
     if clock is not None:
         result.meta["latency"] = _latency_meta(clock, choose, chosen, checks, kind, fraction,
                                               limit)
@@ -781,18 +782,23 @@ def _damage(chosen: dict[str, Candidate]) -> float:
 
 
 def _fill(result: Plan, chosen: dict[str, Candidate], layers: dict[str, _Layer], options,
-          guarded: bool = False) -> None:
+          vetoed: dict | None = None, ruled: bool = True) -> None:
+    """The plan of each layer: its chosen candidate, or dense with why (``vetoed``: the layers
+    whose every candidate was measured slower; ``ruled``: a rank rule or multiple bounded the
+    candidates)."""
     for name, cand in chosen.items():
         layer = layers[name]
         module_type = type(layer.module).__name__
         if cand.method != "dense":
             result[name] = _layer_plan(cand, layer.module, options)
             continue
-        if not layer.cands and guarded:
+        if not layer.cands and vetoed and name in vetoed:
             why = "kept dense: every factorization was measured slower than dense"
+        elif not layer.cands and ruled:
+            why = ("kept dense: no candidate within the rank rule (or multiple) smaller than "
+                   "the dense layer")
         elif not layer.cands:
-            why = ("kept dense: no candidate within the rank rule smaller than the dense "
-                   "layer")
+            why = "kept dense: no factorization smaller than the dense layer"
         else:
             why = "kept dense: the budget does less damage elsewhere"
         result[name] = LayerPlan.skipped(why, module_type)
