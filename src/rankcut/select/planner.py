@@ -546,13 +546,16 @@ def _latency_meta(clock, choose, chosen, checks, kind, fraction, limit) -> dict:
             **({"speed": choose.speed} if choose.speed else {})}
     gave_way = bool(choose.cost) and not choose.cost["met"]
     if gave_way:
+        free = choose.cost["damage"] == choose.cost["damage_if_slower"]
+        which = ("so it is the plan without that limit" if free else
+                 f"so it is the fastest plan within that (the plan without the limit: "
+                 f"{choose.cost['ratio_if_slower']:.2f})")
         warnings.warn(
             f"target: the plan is predicted to run at {clock.ratio(chosen):.2f} of the dense "
             f"model's time at batch {clock.batch} on this device: keeping it no slower would "
             f"raise its predicted error by more than {GUARD_DAMAGE - 1:.0%} (sum of squares), "
-            f"so it is the plan without that limit. Plan with example_inputs of the batch the "
-            f"model will run at, ask for a latency target, or pass allow_slower=True to silence "
-            f"this", stacklevel=3)
+            f"{which}. Plan with example_inputs of the batch the model will run at, ask for a "
+            f"latency target, or pass allow_slower=True to silence this", stacklevel=3)
     if checks:
         last = checks[-1]
         meta.update(checks=checks, measured_ms={str(clock.batch): last["ms"]},
