@@ -221,11 +221,13 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
             down = rule.kind in ("params", "macs")
             ranks = tuple(max(rank_multiple, r // rank_multiple * rank_multiple) if down
                           else _round_up(r, rank_multiple) for r in ranks)
-            # at most what the layer holds (a Tucker rank past a mode's channels, a CP rank
-            # past break-even), as the layer would clamp it: priced, compared with the dense
-            # layer and planned as built (a full rank need not be a multiple)
-            ranks = tuple(min(r, full) for r, full in zip(
-                ranks, spec.max_rank(module, form), strict=True))
+            # at most what the layer holds (a Tucker rank past a mode's channels), as the
+            # layer would clamp it: priced, compared with the dense layer and planned as built
+            # (a full rank need not be a multiple). (CP's bound is break-even, not what it
+            # holds: a CP rank past it is priced as asked, larger than dense, and left out.)
+            if spec.name != "cp":
+                ranks = tuple(min(r, full) for r, full in zip(
+                    ranks, spec.max_rank(module, form), strict=True))
         opts = _solver_options(spec, options)
         if not with_target:
             cost = spec.cost(module, ranks, form, shape)
