@@ -926,3 +926,19 @@ def test_a_run_begun_under_other_settings_is_refused(tmp_path):
     (tmp_path / "cut" / f".{reproduce.SETTINGS_FILE}.0123abcd.tmp").write_text("{")
     reproduce.pin_settings(tmp_path / "cut", "cut", s)
     assert (tmp_path / "cut" / reproduce.SETTINGS_FILE).is_file()
+
+
+def test_classifier_sweep_counts_a_loss_of_exactly_the_tolerance_as_within_it(tmp_path):
+    """99.33 from a dense 99.43 loses 0.10 (99.43 - 0.1 is 99.33000000000001 in floating point:
+    it was counted as more); seeds at one top-1 plot without negative error bars."""
+    cs = _sweep_module()
+    assert not cs.lost(99.33, 99.43, 0.1) and cs.lost(99.32, 99.43, 0.1)
+    by_ratio = [(2, [{"top1": 99.43}]), (300, [{"top1": 99.33}]), (400, [{"top1": 68.9}])]
+    assert [r for r, _ in cs.kept(by_ratio, 99.43, 0.1)] == [2, 300]
+    same = 100 * 112 / 1017  # three seeds at one value: their mean can land a rounding off it
+    points = [{"label": "cur-leverage", "mode": "rule", "ratio": 10, "seed": s, "top1": same,
+               "part_ratio": 10.0, "params": 1000, "whole_ratio": 2.0, "seconds": 1.0}
+              for s in range(3)]
+    cs.plot({"dense_top1": 78.76, "model": "m", "data": "d", "part": "classifier"}, points,
+            tmp_path / "p.png")
+    assert (tmp_path / "p.png").is_file()
