@@ -301,6 +301,12 @@ def _analyze_batch_size(tmp):
             "--out", tmp / "o"]
 
 
+def _export_eval_limit(tmp):
+    (tmp / "data").mkdir(exist_ok=True)
+    return ["export", "--model", TINY, "--data", "cifar10", "--data-dir", tmp / "data",
+            "--eval-limit", 5, "--output", tmp / "m.pt", "--format", "torchscript", "--quiet"]
+
+
 def _plan_missing(tmp):
     return ["compress", *T, "--plan", tmp / "nowhere", "--out", tmp / "o"]
 
@@ -416,6 +422,7 @@ CLI_CASES = [
      ["--plan", "layer '2' has ranks [1000], above what it can hold ([32])"]),
     ("config-inside-out", _config_inside_out, ["--config", "lies inside --out"]),
     ("analyze-batch-size", _analyze_batch_size, ["--batch-size", "analyze does not use it"]),
+    ("export-eval-limit", _export_eval_limit, ["--eval-limit", "export evaluates nothing"]),
     # 8. config values of the wrong type name the key
     ("config-flag-string-false", _config('no-latency: "false"\n'),
      ["--config", "'no-latency'", "true or false"]),

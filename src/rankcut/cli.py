@@ -763,6 +763,10 @@ def _check_idle(args: argparse.Namespace) -> None:
             if getattr(args, d, None) is not None and not data]
     if idle:
         raise UserError(f"{_flag(idle[0])}: only with --data (it sets how the dataset is read)")
+    if getattr(args, "eval_limit", None) is not None and args.command in (
+            "analyze", "export", "benchmark"):  # (their one input is the first test example)
+        raise UserError(f"--eval-limit: {args.command} evaluates nothing (its example input is "
+                        "the first test example); drop it")
     if getattr(args, "no_verify", False) and not getattr(args, "compressed", None):
         raise UserError("--no-verify: only with --compressed (it lets a hand-written plan.json "
                         "load)")
