@@ -544,6 +544,8 @@ def _latency_meta(clock, choose, chosen, checks, kind, fraction, limit) -> dict:
     """The plan's ``meta["latency"]``; warns when the guard gave way or the plan, timed whole,
     missed its goal."""
     meta = {**clock.summary(chosen, limit, choose.vetoed),
+            **({"aimed_limit": choose.limit} if limit is not None and choose.limit != limit
+               else {}),
             **({"guard": choose.cost} if choose.cost else {}),
             **({"speed": choose.speed} if choose.speed else {})}
     gave_way = bool(choose.cost) and not choose.cost["met"]
@@ -578,9 +580,10 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
              rounds: int = 3):
     """``chosen`` timed whole against the dense model (:meth:`LatencyTable.compare_plan`). Layers
     timed alone miss part of what a whole model costs, in either direction, so while the measured
-    time misses the goal (a latency target's fraction, or the guard's limit), or beats a latency
-    target's by more than 5% (MACs spent for nothing), the allocation aims at goal · predicted /
-    measured instead and the plan is chosen again, at most ``rounds`` times; the plan
+    time misses the goal (a latency target's fraction, or the guard's limit), or beats it by more
+    than 5% where the goal shaped the plan (a latency target's; the guard's where it met its
+    limit by pricing time: accuracy given for speed not needed), the allocation aims at goal ·
+    predicted / measured instead and the plan is chosen again, at most ``rounds`` times; the plan
     returned is the last that met the goal (else the last one). The timings are kept in the
     table, so a table that holds them gives the same plan. Returns (chosen, budget, the checks,
     the final plan's check last)."""
