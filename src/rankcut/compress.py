@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from ._modes import as_inputs, check_module, on_model_device
 from .calibrate import (
@@ -385,19 +385,14 @@ class _Job:
         """BatchNorm statistics recomputed on training examples (see ``reestimate_bn``)."""
         if not self.reestimate_bn:
             return None
-        data = self.train_data
+        # (an (inputs, targets) pair as the Dataset finetune reads it)
+        data = as_data(self.train_data, "train_data")
         # a seeded random draw, in a random order: examples in their own order may be a class
         # or two per batch (an image tree is sorted by class), and the statistics average the
         # batches' variances (a DataLoader is read as it shuffles)
-        draw = torch.Generator().manual_seed(0)
-        if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-            pick = torch.randperm(len(data), generator=draw)[:BN_SAMPLES]
-            data = Subset(data, pick.tolist())
-        elif (isinstance(data, tuple | list) and len(data) == 2
-              and all(isinstance(t, torch.Tensor) for t in data) and data[0].ndim > 0
-              and data[1].ndim > 0 and len(data[0]) == len(data[1])):  # (inputs, labels)
-            pick = torch.randperm(len(data[0]), generator=draw)[:BN_SAMPLES]
-            data = (data[0][pick.to(data[0].device)], data[1][pick.to(data[1].device)])
+        if not isinstance(data, DataLoader):
+            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+            data = Subset(data, pick[:BN_SAMPLES].tolist())
         batches = calibration_batches(data, BN_SAMPLES // 128, transform=self.transform,
                                       batch_size=128)  # (read once, streamed)
         count = reestimate_batchnorm(model, batches)

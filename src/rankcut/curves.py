@@ -317,11 +317,16 @@ def cur_curve(method, module, shape, form=None, options=None, kind="params", n_r
 
 # ------------------------------------------------------------------------- scoring helpers
 
+def nan_as_worst(value: float) -> float:
+    """A score or error for a frontier: NaN (a failed solve's) as +inf, which beats nothing."""
+    return math.inf if math.isnan(value) else value
+
+
 def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
     """The candidates not beaten on both cost and error, cheapest first (a NaN error, from a
-    failed solve, counts as the worst: it beats nothing)."""
+    failed solve, counts as the worst: :func:`nan_as_worst`)."""
     def error(c: Candidate) -> float:
-        return math.inf if math.isnan(c.error) else c.error
+        return nan_as_worst(c.error)
 
     out: list[Candidate] = []
     for c in sorted(cands, key=lambda c: (c.cost(kind), error(c))):

@@ -199,6 +199,11 @@ class Method:
             return (min(s * kh, t * kw),)
         return (min(t, s * kh * kw),)
 
+    def capped(self, module: nn.Module, ranks, form: str | None = None) -> tuple[int, ...]:
+        """``ranks``, each at most its :meth:`max_rank` (as the built layer clamps them)."""
+        return tuple(min(r, full) for r, full in zip(ranks, self.max_rank(module, form),
+                                                     strict=True))
+
     # ---------------------------------------------------------------------- its layer
     def config(self, module: nn.Module, ranks, form: str | None = None) -> dict:
         """The factorized layer's config (``layer.config()``; see ``rankcut.layers.rebuild``)."""

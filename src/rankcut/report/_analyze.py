@@ -274,9 +274,8 @@ def _suggest(module: nn.Module, rule, method: str, shape, calls: int = 1) -> dic
         return {**base, "note": why}
     try:
         form = "cp4" if spec.forms else None
-        ranks = tuple(min(r, full) for r, full in zip(
-            layer_ranks(module, method, rule, form="cp4", input_hw=hw),
-            spec.max_rank(module, form), strict=True))
+        ranks = spec.capped(module, layer_ranks(module, method, rule, form="cp4", input_hw=hw),
+                            form)
         cost = spec.cost(module, ranks, form, hw if is_conv else (rows,))
     except ValueError as err:
         return {**base, "note": str(err)}

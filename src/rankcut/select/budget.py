@@ -13,12 +13,11 @@ slower than dense), the frontiers are re-drawn on that score.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 
-from ..curves import Candidate
+from ..curves import Candidate, nan_as_worst
 
 
 def _damage(c: Candidate) -> float:
@@ -28,7 +27,7 @@ def _damage(c: Candidate) -> float:
 def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> list[Candidate]:
     """The candidates not beaten on both cost and ``score``, cheapest first (a NaN score, from
     a failed solve, counts as the worst: it beats nothing)."""
-    scored = [(c.cost(kind), _finite_or_worst(score(c)), i)  # each score once
+    scored = [(c.cost(kind), nan_as_worst(score(c)), i)  # each score once
               for i, c in enumerate(cands)]
     out: list[Candidate] = []
     last = None
@@ -37,10 +36,6 @@ def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> li
             out.append(cands[i])
             last = value
     return out
-
-
-def _finite_or_worst(value: float) -> float:
-    return math.inf if math.isnan(value) else value
 
 
 def _pick(scores: np.ndarray, costs: np.ndarray, price: float) -> int:

@@ -226,8 +226,7 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
             # (a full rank need not be a multiple). (CP's bound is break-even, not what it
             # holds: a CP rank past it is priced as asked, larger than dense, and left out.)
             if spec.name != "cp":
-                ranks = tuple(min(r, full) for r, full in zip(
-                    ranks, spec.max_rank(module, form), strict=True))
+                ranks = spec.capped(module, ranks, form)
         opts = _solver_options(spec, options)
         if not with_target:
             cost = spec.cost(module, ranks, form, shape)
