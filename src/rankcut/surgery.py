@@ -74,6 +74,15 @@ def _parent_reads_weight(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def _never_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Why layer ``name`` can never be factorized, whatever ``include`` says (a conv with one
+    input channel per group, a subclass with its own forward, a parent that reads its weight),
+    or None: what target_layers skips and a plan is refused for alike."""
+    reason = (conv_skip_reason(module) if isinstance(module, nn.Conv2d)
+              else own_forward_reason(module))
+    return reason or _parent_reads_weight(model, name)
+
+
 def target_layers(model: nn.Module, include=None, exclude=None, *,
                   min_params: int = COMPRESS["min_params"]) -> dict[str, str | None]:
     """Every Conv2d and Linear of ``model``: qualified name -> None (eligible) or why not.
@@ -107,9 +116,7 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
             out[name] = "not matched by include"
             continue
         forced = name in include
-        reason = (conv_skip_reason(module) if isinstance(module, nn.Conv2d)
-                  else own_forward_reason(module))
-        reason = reason or _parent_reads_weight(model, name)
+        reason = _never_reason(model, name, module)
         if reason is None and len(paths[id(module)]) > 1:
             reason = (f"the same module is also at {', '.join(paths[id(module)][1:])}: "
                       "replacing it at one path would leave the others dense")
@@ -165,9 +172,7 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
         if lp.module_type and type(module).__name__ != lp.module_type:
             raise ValueError(f"plan layer {name!r}: planned for a {lp.module_type}, the model "
                              f"has a {type(module).__name__}")
-        reason = (conv_skip_reason(module) if isinstance(module, nn.Conv2d)
-                  else own_forward_reason(module))
-        if reason := reason or _parent_reads_weight(model, name):
+        if reason := _never_reason(model, name, module):
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         if (reason := lp.spec.why_not(module)) is not None:
             raise ValueError(f"plan layer {name!r}: {reason}")
