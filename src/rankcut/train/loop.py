@@ -601,7 +601,7 @@ class _Run:
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = (logits_of(self.teacher(x), "teacher") if self.tcache is None
+                    teacher_logits = (self._teacher_logits(x) if self.tcache is None
                                       else self.tcache.outputs(x, self._teacher_logits))
         # every batch on the CPU; elsewhere the first only (the check reads two numbers from
         # the device: a synchronisation per step)
