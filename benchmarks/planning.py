@@ -116,7 +116,8 @@ def main():
         model = create(name, weights=pretrained_path(name, root)).eval()
         macs, params = count_macs(model, x), count_params(model)
         dense = evaluate(model, (images, labels), transform=norm)["top1"]
-        print(f"\n{name}: {dense:.2f}% top-1, {macs:,} MACs, {params:,} params", flush=True)
+        print(f"\n{name}: {dense:.2f}% top-1, {macs // len(x):,} MACs per image, {params:,} params",
+              flush=True)
         scored = []
         print(f"{'target':>10} {'row':>15} {'guard':>5} {'MACs x':>7} {'params x':>8} "
               f"{'top-1 %':>8} {'plan s':>7} {'apply s':>7}", flush=True)
