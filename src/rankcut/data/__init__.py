@@ -1,5 +1,6 @@
-"""Real data: datasets read in place from their original files, transforms, splits, calibration
-batches; the data root lookup; pretrained conv kernels. Nothing is downloaded unless asked.
+"""Data: datasets read in place from their original files, transforms, splits, calibration
+batches (real, or synthesised from a model's BatchNorm statistics); the data root lookup;
+pretrained conv kernels. Nothing is downloaded unless asked.
 
     from rankcut import data
     test = data.dataset("cifar10", "test",
@@ -9,6 +10,8 @@ batches; the data root lookup; pretrained conv kernels. Nothing is downloaded un
                                       val_transform=test.transform)
     calib = data.calibration(val, n=512)   # rankcut.plan(model, ..., calib_data=calib);
                                            # never the test split you report on
+    calib = data.synthetic_calibration(model, x)   # no data at all: inputs synthesised from
+                                                   # the model's BatchNorm statistics
 
 The data root is, in order: the argument, ``$RANKCUT_DATA``, or ``../shared/data`` seen from the
 current directory (the layout of a rankcut checkout beside its shared data).
@@ -34,6 +37,7 @@ from ._datasets import (
     with_transform,
 )
 from ._formats import CIFAR, read_cifar_binary_batch, read_idx
+from ._synthetic import synthetic_calibration
 from ._transforms import (
     AUGMENTS,
     DATASET_STATS,
@@ -135,6 +139,7 @@ __all__ = [
     "read_cifar10_bin",
     "read_idx",
     "require_data_root",
+    "synthetic_calibration",
     "train_val_split",
     "transforms",
     "with_transform",
