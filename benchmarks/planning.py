@@ -12,12 +12,13 @@ and 4x / 8x / 16x fewer params). Rows:
   layers sequentially (each to the inputs the factorized layers before it give, the dense
   outputs as target), BatchNorm statistics as trained;
 - ``auto+synthetic``: the same with no data at all: 128 calibration inputs synthesised from the
-  model's BatchNorm statistics (``rankcut.data.synthetic_calibration``, once per model; its
-  seconds are printed after the model's line, not in ``plan s``).
-``auto`` and ``auto+data`` run with the latency guard off and on (``--guard``); the uniform and
+  model's BatchNorm statistics (``rankcut.data.synthetic_calibration``, once per model, when
+  the row first comes up; its seconds are printed there, not counted in ``plan s``).
+The ``auto`` rows run with the latency guard off and on (``--guard``); the uniform and
 VBMF rows ignore speed. ``plan s`` is ``rc.plan``, ``apply s`` is ``rc.apply`` (with data: the
 sequential fitting). Last, per model, the rank correlation between the planner's predicted network
-damage (``meta["predicted"]["damage"]`` of the loss-aware plans) and the top-1 they lose.
+damage (``meta["predicted"]["damage"]`` of the ``auto+data`` plans: those of the synthetic row
+are damage on other inputs) and the top-1 they lose.
 The guarded plans start from an empty latency cache (a temporary ``$RANKCUT_CACHE``) and share
 it, as a user's plans on one machine do: the first guarded plan of a model pays for its timing.
 ``--plan-only`` times the planning alone (no apply, no accuracy). Run from the repository
@@ -105,7 +106,8 @@ def main():
         rows = [json.loads(line) for line in Path(args.summarise).read_text().splitlines()]
         for name in dict.fromkeys(r["model"] for r in rows):
             damage_correlation([(r["damage"], r["top1"]) for r in rows
-                                if r["model"] == name and r["damage"] is not None], name)
+                                if r["model"] == name and r["damage"] is not None
+                                and r["row"] == "auto+data"], name)
         return
     for target in args.targets:
         parse_target(target)

@@ -65,6 +65,7 @@ def test_inputs_take_on_the_batchnorm_statistics():
 
 def test_batches_are_seeded_and_the_model_and_random_state_are_left_as_they_were():
     model = tiny_bn().train()
+    model[4].eval()  # a frozen BatchNorm inside a training model stays frozen
     for p in model.parameters():
         p.grad = None
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -74,11 +75,11 @@ def test_batches_are_seeded_and_the_model_and_random_state_are_left_as_they_were
     first = synthetic_calibration(model, x, **kwargs)
     again = synthetic_calibration(model, x, **kwargs)
     other = synthetic_calibration(model, x, seed=1, **kwargs)
-    assert [len(b) for b in first] == [4, 4, 2]
+    assert [len(b) for b in first] == [4, 3, 3]  # nearly equal batches
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
     assert all(not b.requires_grad for b in first)
-    assert model.training  # its mode restored (eval while synthesising)
+    assert model.training and not model[4].training  # each submodule's mode restored
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
@@ -95,7 +96,7 @@ def test_synthetic_batches_plan_and_apply_data_aware():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"n": 0}, "n: expected a positive int"),
+    ({"n": 1}, "n: expected an int >= 2"),
     ({"steps": 1.5}, "steps: expected a positive int"),
     ({"batch_size": True}, "batch_size: expected a positive int"),
     ({"lr": float("nan")}, "lr: expected a positive number"),
@@ -118,6 +119,46 @@ def test_a_model_without_batchnorm_or_inputs_that_are_not_a_batch_are_refused():
         synthetic_calibration(detached, torch.rand(1, 3, 8, 8), steps=1)
 
 
+class _KeywordBN(nn.Module):
+    """A BatchNorm called with its input by keyword, on (N, C) features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.bn = nn.BatchNorm1d(4)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+            self.bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.0, 4.0]))
+
+    def forward(self, x):
+        return self.bn(input=self.fc(x))
+
+
+def test_keyword_inputs_features_and_small_last_batches():
+    model = _KeywordBN().eval()
+    batches = synthetic_calibration(model, torch.rand(1, 6), n=5, batch_size=4, steps=300)
+    assert [len(b) for b in batches] == [3, 2]  # never a batch of one: it has no spread
+    for b in batches:
+        with torch.no_grad():
+            h = model.fc(b)
+        assert torch.allclose(h.mean(0), model.bn.running_mean, atol=0.05)
+        assert torch.allclose(h.std(0, unbiased=False), model.bn.running_var.sqrt(), atol=0.05)
+
+
+def test_half_precision_models_get_half_precision_inputs():
+    model = tiny_bn().half()
+    batches = synthetic_calibration(model, torch.rand(1, 3, 8, 8, dtype=torch.half), n=8,
+                                    steps=30)
+    assert batches[0].dtype == torch.half and bool(torch.isfinite(batches[0]).all())
+    noise = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert mismatch(model.float(), batches[0].float()) < 0.5 * mismatch(model.float(), noise)
+
+
+def test_inference_mode_is_refused_with_a_reason():
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        synthetic_calibration(tiny_bn(), torch.rand(1, 3, 8, 8), steps=1)
+
+
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -137,6 +178,7 @@ def test_cli_compresses_without_data_on_synthetic_inputs(capsys, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--synthetic-calib", -1], "--synthetic-calib: expected an integer >= 0"),
     (["--synthetic-calib", 8, "--data", "cifar10"], "--synthetic-calib: for a model without data"),
+    (["--synthetic-calib", 8, "--seed", -1], "--seed: expected an integer >= 0"),
 ])
 def test_cli_refuses_bad_synthetic_calib(extra, message, capsys, tmp_path):
     code, _, err = run(capsys, "compress", "--model", "tests.test_synthetic:tiny_bn",

@@ -103,8 +103,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def hooked(model: nn.Module, hooks: Iterable[tuple[nn.Module, Callable]], *,
-           pre: bool = False) -> Iterator[nn.Module]:
-    """``model`` in eval mode under ``torch.no_grad()`` with each ``(module, fn)`` of ``hooks``
+           pre: bool = False, grad: bool = False) -> Iterator[nn.Module]:
+    """``model`` in eval mode under ``torch.no_grad()`` (``grad``: with gradients, for inputs
+    optimised through it) with each ``(module, fn)`` of ``hooks``
     registered as a forward hook ``fn(module, args, output)`` (a forward pre-hook
     ``fn(module, args)`` with ``pre``), observers whose return value is ignored; ``args`` holds
     the input even when the module was called with it by keyword (``layer(input=x)``). On exit
@@ -133,7 +134,7 @@ def hooked(model: nn.Module, hooks: Iterable[tuple[nn.Module, Callable]], *,
             handles.append(
                 module.register_forward_pre_hook(observe(fn), with_kwargs=True) if pre
                 else module.register_forward_hook(observe(fn), with_kwargs=True))
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.set_grad_enabled(grad):
             yield model
     finally:
         for handle in handles:

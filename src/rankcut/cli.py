@@ -80,11 +80,6 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", type=int, default=COMPRESS["calib"],
                    help="calibration training examples for data-aware planning (0: none; "
                         f"default {COMPRESS['calib']} when --data is given)")
-    g.add_argument("--synthetic-calib", type=int, default=0, metavar="N",
-                   help="without --data: N calibration inputs synthesised from the model's "
-                        "BatchNorm statistics (rankcut.data.synthetic_calibration) for "
-                        "data-aware planning and fitting; far better than none beyond 2x "
-                        "(default 0: none)")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="fit each layer to the inputs the factorized layers before it give it, "
                         "the dense outputs as target (default: on with calibration data)")
@@ -154,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p)
     _plan_args(p)
+    p.add_argument("--synthetic-calib", type=int, default=COMPRESS["synthetic_calib"],
+                   metavar="N",
+                   help="without --data: N calibration inputs synthesised from the model's "
+                        "BatchNorm statistics (rankcut.data.synthetic_calibration) for "
+                        "data-aware planning and fitting; far better than none beyond 2x "
+                        f"(default {COMPRESS['synthetic_calib']}: none)")
     p.add_argument("--plan", help="apply this plan.json (e.g. hand-edited), or the plan of a "
                                   "rankcut output folder, instead of planning (not with "
                                   "--method, --rank or --target)")
@@ -489,7 +490,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     at_least = {"batch_size": 1, "finetune_epochs": 1, "finetune_steps": 1, "eval_limit": 1,
                 "image_size": 1, "threads": 1, "rounds": 1, "steps_per_layer": 1, "repeats": 1,
                 "num_classes": 1, "rank_multiple": 1, "calib": 0, "min_params": 0,
-                "synthetic_calib": 0, "train_limit": 1, "latency_batch": 1}
+                "synthetic_calib": 0, "train_limit": 1, "latency_batch": 1, "seed": 0}
     for dest, low in at_least.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:
@@ -1165,7 +1166,7 @@ def cmd_sweep(args) -> int:
     test = ctx.test_data()
     epochs, steps = _epochs_steps(args)
     train = ctx.dataset("train", train_transform=True) if epochs or steps else None
-    calib = ctx.calib_data(args.calib, model, x)
+    calib = ctx.calib_data(args.calib)
     dense = _evaluate(ctx, model, test)
     from .profile import count_macs, count_params
 

@@ -15,6 +15,7 @@ COMPRESS = {
     "schedule": "one_shot",    # plan, apply everything, then fine-tune
     "distill": True,           # fine-tune with the original model as teacher
     "calib": 512,              # calibration examples (command line: drawn from the train split)
+    "synthetic_calib": 0,      # command line, without data: inputs synthesised from BatchNorm
     "rounds": 3,               # multistage rounds
     "rank_multiple": 1,        # keep every rank (8 suits many kernels)
     "min_params": 1024,        # layers with fewer parameters stay dense

@@ -11,10 +11,13 @@ MACs from 69% top-1 (no data) to 86% (real images: 90%); docs/planning.md.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._modes import hooked, model_device
 
 
 def _norm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -27,26 +30,31 @@ def synthetic_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int
                           steps: int = 100, batch_size: int = 128, lr: float = 0.2,
                           seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
     """``n`` model inputs shaped like one of ``example_inputs`` (a batch), synthesised from
-    ``model``'s BatchNorm running statistics, as a list of batches of at most ``batch_size``,
-    ready for ``rankcut.plan(..., calib_data=...)``, ``rankcut.apply`` and ``rankcut.compress``.
+    ``model``'s BatchNorm running statistics, as a list of batches of at most ``batch_size``
+    (of nearly equal sizes, at least 2: a batch of one has no spread), on the model's device in
+    the dtype of ``example_inputs``, ready for ``rankcut.plan(..., calib_data=...)``,
+    ``rankcut.apply`` and ``rankcut.compress``.
 
     Each batch starts as seeded standard normal noise (the scale of normalised inputs) and takes
-    ``steps`` Adam steps (``lr``) on the mismatch of every BatchNorm layer's input: the squared
-    difference of the batch's per-channel mean and standard deviation from the layer's running
-    ones, averaged over its channels, summed over the layers. The model is run in eval mode and
-    left as it was (mode, weights, gradients); torch's global random state is not touched.
-    About ``n / batch_size · steps`` forward and backward passes: 22 s for ResNet-20 at the
+    ``steps`` Adam steps (``lr``, in float32 whatever the dtype) on the mismatch of every
+    BatchNorm layer's input: the squared difference of the batch's per-channel mean and
+    standard deviation from the layer's running ones, averaged over its channels, summed over
+    the layers. The model is run in eval mode and left as it was (each submodule's mode,
+    weights, gradients); torch's global random state is not touched. About
+    ``n / batch_size · steps`` forward and backward passes: about 20 s for ResNet-20 at the
     defaults on a 2-core CPU.
 
     Use real calibration data when there is any: these inputs only match first and second
     moments. Raises ValueError when the model has no BatchNorm layer with running statistics.
     """
-    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size), ("seed", seed)):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n: expected an int >= 2 (a batch of one has no spread), got {n!r}")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (name != "seed"):
             raise ValueError(f"{name}: expected "
                              f"{'a positive int' if name != 'seed' else 'an int >= 0'}, "
                              f"got {value!r}")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not (
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (
             math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr: expected a positive number, got {lr!r}")
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.ndim < 2 or \
@@ -56,48 +64,50 @@ def synthetic_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int
                          + (f" of shape {tuple(example_inputs.shape)}, dtype "
                             f"{example_inputs.dtype}"
                             if isinstance(example_inputs, torch.Tensor) else ""))
+    if torch.is_inference_mode_enabled():
+        raise ValueError("synthetic calibration: the inputs are optimised through the model, "
+                         "which torch.inference_mode() forbids; call it outside")
     layers = _norm_layers(model)
     if not layers:
         raise ValueError("synthetic calibration: the model has no BatchNorm layer with running "
                          "statistics to match; give real calibration data")
-    shape, dtype, device = example_inputs.shape[1:], example_inputs.dtype, example_inputs.device
+    shape, dtype = example_inputs.shape[1:], example_inputs.dtype
+    device = model_device(model, example_inputs.device)
     mismatch: list[torch.Tensor] = []
 
     def hook(layer, args):
-        x = args[0]
+        x = args[0].float()
         dims = [d for d in range(x.ndim) if d != 1]
         mean = x.mean(dims)
         std = (x.var(dims, unbiased=False) + layer.eps).sqrt()
-        target_std = (layer.running_var + layer.eps).sqrt()
-        mismatch.append((mean - layer.running_mean).square().mean()
-                         + (std - target_std).square().mean())
+        target_std = (layer.running_var.float() + layer.eps).sqrt()
+        mismatch.append((mean - layer.running_mean.float()).square().mean()
+                        + (std - target_std).square().mean())
 
+    count = max(-(-n // batch_size), 1)
+    count = min(count, n // 2)  # every batch at least 2
+    sizes = [n // count + (i < n % count) for i in range(count)]
     generator = torch.Generator(device=device).manual_seed(seed)
-    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(sizes) * steps, desc="synthesising calibration inputs",
                    unit="step")
-    was_training = model.training
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     batches = []
     try:
-        model.eval()
-        with torch.enable_grad():
+        with hooked(model, [(layer, hook) for layer in layers], pre=True, grad=True):
             for size in sizes:
-                x = torch.randn((size, *shape), generator=generator, dtype=dtype,
+                x = torch.randn((size, *shape), generator=generator, dtype=torch.float32,
                                 device=device).requires_grad_(True)
-                optimizer = torch.optim.Adam([x], lr=lr)
+                optimizer = torch.optim.Adam([x], lr=float(lr))
                 for _ in range(steps):
                     mismatch.clear()
-                    model(x)
+                    model(x.to(dtype))
                     if not mismatch:
                         raise ValueError("synthetic calibration: no BatchNorm layer ran in the "
                                          "model's forward; give real calibration data")
-                    loss = torch.stack(mismatch).sum()
-                    (grad,) = torch.autograd.grad(loss, [x])
+                    (grad,) = torch.autograd.grad(torch.stack(mismatch).sum(), [x])
                     x.grad = grad
                     optimizer.step()
                     if bar is not None:
@@ -105,11 +115,8 @@ def synthetic_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int
                 if not bool(torch.isfinite(x).all()):
                     raise ValueError(f"synthetic calibration: the inputs diverged (lr {lr}); "
                                      "try a smaller lr")
-                batches.append(x.detach())
+                batches.append(x.detach().to(dtype))
     finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
         if bar is not None:
             bar.close()
     return batches
