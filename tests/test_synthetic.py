@@ -194,3 +194,20 @@ def test_cli_says_when_the_model_has_no_batchnorm(capsys, tmp_path):
                        8, "--allow-slower", "--out", tmp_path / "out")
     assert code == 2
     assert "--synthetic-calib: synthetic calibration: the model has no BatchNorm" in err
+
+
+@pytest.mark.parametrize("extra, says", [
+    ([], "give --data or --synthetic-calib 128"),
+    (["--synthetic-calib", 8], None),
+    (["--target", "macs=1.5x"], None),  # to 2x weight errors do well enough
+])
+def test_cli_says_what_helps_a_deep_target_without_data(extra, says, capsys, tmp_path):
+    code, out, err = run(capsys, "compress", "--model", "tests.test_synthetic:tiny_bn",
+                         "--input-shape", "3,16,16", "--target", "macs=3x", "--method", "svd",
+                         "--min-params", 0, "--allow-slower", "--quiet", *extra,
+                         "--out", tmp_path / "out")
+    assert code == 0, err
+    if says is None:
+        assert "without calibration data" not in out
+    else:
+        assert "macs=3x without calibration data" in out and says in out

@@ -990,6 +990,27 @@ def _say(*parts) -> None:
     print(*parts, flush=True)
 
 
+def _note_no_calibration(args, model, calib, plan) -> None:
+    """Planning beyond 2x fewer MACs or params with no calibration data at all: the plan sees
+    weight errors only, and there a few ranks more or less swing top-1 by tens of points
+    (docs/planning.md); say what would help."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from .select import parse_target
+
+    if calib is not None or plan is not None or not args.target:
+        return
+    kind, keep = parse_target(args.target)
+    if kind == "latency" or keep >= 0.5:
+        return
+    with_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
+    advice = ("--calib 512" if getattr(args, "data", None) else
+              "--data" + (" or --synthetic-calib 128 (inputs synthesised from the model's "
+                          "BatchNorm statistics)" if with_bn else ""))
+    _say(f"note: {args.target} without calibration data: the plan sees weight errors only, "
+         f"which beyond 2x can cost much accuracy; give {advice}")
+
+
 def _epochs_steps(args):
     return args.finetune_epochs, args.finetune_steps
 
@@ -1024,6 +1045,7 @@ def cmd_compress(args) -> int:
     test = ctx.test_data() if args.data else None
     calib = (ctx.calib_data(args.calib, model, x)
              if plan is None or args.calib or args.synthetic_calib else None)
+    _note_no_calibration(args, model, calib, plan)
     what = (f"plan {args.plan}" if plan is not None else
             f"method {args.method}, " + (f"target {args.target}" if args.target else "")
             + (", " if args.target and args.rank else "")
