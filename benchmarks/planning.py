@@ -19,8 +19,9 @@ VBMF rows ignore speed. ``plan s`` is ``rc.plan``, ``apply s`` is ``rc.apply`` (
 sequential fitting). Last, per model, the rank correlation between the planner's predicted network
 damage (``meta["predicted"]["damage"]`` of the ``auto+data`` plans: those of the synthetic row
 are damage on other inputs) and the top-1 they lose.
-The guarded plans start from an empty latency cache (a temporary ``$RANKCUT_CACHE``) and share
-it, as a user's plans on one machine do: the first guarded plan of a model pays for its timing.
+The guarded plans of each model start from an empty latency cache (a temporary
+``$RANKCUT_CACHE``) and share it, as a user's plans on one machine do: the first guarded plan of
+a model pays for its timing.
 ``--plan-only`` times the planning alone (no apply, no accuracy). Run from the repository
 root, one heavy job at a time:
 
@@ -112,13 +113,14 @@ def main():
     for target in args.targets:
         parse_target(target)
     root, images, labels, train = cifar_test_and_calib(args.calib)
-    empty_latency_cache()
     x = torch.rand(args.batch, 3, 32, 32)
     print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}; CIFAR-10 test images "
           f"0..{len(images) - 1}; calibration: the first {args.calib} training images; no "
           "fine-tuning", flush=True)
     for name in args.models:
+        empty_latency_cache()  # each model's first guarded plan times its layers (ResNet-56's
+        # layers have ResNet-20's shapes: a shared cache would hand it ResNet-20's timings)
         norm = normalizer(name)
         calib = [norm(train[i:i + 128]) for i in range(0, len(train), 128)]
         model = create(name, weights=pretrained_path(name, root)).eval()
