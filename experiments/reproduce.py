@@ -106,6 +106,9 @@ INTEGERS = [("test_limit", 1, True), ("calib", 0, False), ("steps_per_layer", 1,
 # transfer's keys and their defaults ("data" has none: it must be given)
 TRANSFER = {"data": None, "epochs": 2, "train_limit": 10000, "test_limit": None, "lr": 0.05}
 RESULT = "result.json"
+# rankcut.train.finetune arguments a run sets itself: not for finetune_options
+MANAGED_FINETUNE = {"checkpoint_dir", "resume", "log", "progress", "device", "callback", "seed",
+                    "batch_size", "checkpoint_every"}
 # The runs of one invocation share what planning measures before the target matters (the
 # calibration moments, every layer's candidates): a sweep of ratios of one model scores once.
 # and on disk, for later invocations; an entry whose moments total over MOMENT_LIMIT bytes (a
@@ -234,6 +237,18 @@ def check(config: dict, name: str, s: dict) -> None:
         if unknown:
             refuse(key, f"unknown keys {unknown} for {fn.__module__}.{fn.__name__} (or keys "
                         "the run sets itself: method, rank, target, epochs, ...)")
+    managed = sorted(set(s["finetune_options"]) & MANAGED_FINETUNE) if isinstance(
+        s["finetune_options"], dict) else []
+    if managed:
+        refuse("finetune_options", f"{managed}: set by the run itself (checkpoints, resuming, "
+                                   "logs, device; seed and batch_size are the run's own keys)")
+    if s["start_from"] is not None and s["schedule"] != "one_shot":
+        refuse("start_from", "only with schedule: one_shot (the other schedules plan and fit "
+                             "as they go)")
+    if s["export"] is not None and not isinstance(s["export"], str):
+        refuse("export", f"expected a folder name, got {s['export']!r}")
+    if s["train"] is None and s["weights"] != "pretrained" and not Path(s["weights"]).is_file():
+        refuse("weights", f"{s['weights']}: no such file (and no train: recipe to make it)")
     if s["match_params"] is not None and (s["target"] is not None or s["rank"] is not None):
         refuse("match_params", "sets the target; give no target or rank")
     if s["steps_per_layer"] is not None and s["schedule"] != "layerwise":
@@ -270,6 +285,19 @@ def check(config: dict, name: str, s: dict) -> None:
         if unknown or "data" not in s["transfer"]:
             refuse("transfer", f"expected keys {', '.join(TRANSFER)} ('data' required), got "
                                f"{sorted(s['transfer'])}")
+        t = {**TRANSFER, **s["transfer"]}
+        if not isinstance(t["data"], str) or D.dataset_key(t["data"]) not in D.NAMES:
+            refuse("transfer", f"data: expected one of {', '.join(D.NAMES)}, got {t['data']!r}")
+        for key, nullable in (("epochs", False), ("train_limit", True), ("test_limit", True)):
+            v = t[key]
+            if (v is not None or not nullable) and (isinstance(v, bool) or not isinstance(v, int)
+                                                    or v < 1):
+                refuse("transfer", f"{key}: expected an integer >= 1"
+                                   f"{' or null' if nullable else ''}, got {v!r}")
+        if isinstance(t["lr"], bool) or not isinstance(t["lr"], int | float) or not (
+                0 < t["lr"] < float("inf")):
+            refuse("transfer", f"lr: expected a number > 0 (YAML reads 5e-3 as a string: write "
+                               f"5.0e-3), got {t['lr']!r}")
 
 
 COMMIT = source_commit()  # read when the process starts (see there)
@@ -508,10 +536,14 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     final = result.stages[-1]
     before = result.stages[0].get("val_before") or (
         final["val"] if s["schedule"] == "one_shot" else None)  # one_shot, not fine-tuned
-    if before is None:  # layerwise: the whole plan applied at once, before any fine-tuning
-        before = evaluate(rc.apply(model, result.plan, calib_data=calib), test)
+    if before is None:  # layerwise: the whole plan applied at once, before any fine-tuning,
+        # each layer fitted as the layerwise schedule fits it (never to the inputs the layers
+        # before it give: that correction is one_shot's)
+        before = evaluate(rc.apply(model, result.plan, calib_data=calib, sequential=False), test)
     out = {
-        "name": name, "model": s["model"], "method": s["method"], "target": s["target"],
+        "name": name, "model": s["model"],
+        "method": "cp (sensitivity)" if s["sensitivity"] is not None else s["method"],
+        "target": s["target"],
         "rank": s["rank"], "schedule": s["schedule"], "epochs": s["epochs"],
         "steps": s["steps"], "steps_per_layer": s["steps_per_layer"],
         "dense_top1": dense["top1"], "before_top1": before["top1"],
@@ -580,6 +612,8 @@ def check_start_from(folder: Path, name: str, s: dict) -> None:
         return
     then = json.loads(source.read_text())
     now = json.loads(json.dumps({k: s[k] for k in MADE_BY}, default=str))
+    if s["match_params"] is not None:  # its target is filled in from the matched run's result
+        now["target"] = then.get("target")  # after its settings were kept (as null)
     changed = sorted(k for k in now if k in then and then[k] != now[k])
     if changed:
         raise SystemExit(f"run {name!r}: start_from {s['start_from']!r} made its model with "

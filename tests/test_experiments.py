@@ -233,6 +233,20 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "plan-options-list": ({"plan_options": [1]}, "plan_options: expected a mapping"),
         "plan-options-typo": ({"plan_options": {"allow_slowr": True}}, "allow_slowr"),
         "finetune-options-typo": ({"finetune_options": {"lrr": 0.1}}, "lrr"),
+        # keys the run sets itself: resume false planned and trained again on every invocation
+        "finetune-managed": ({"finetune_options": {"resume": False}},
+                             r"\['resume'\]: set by the run itself"),
+        "start-from-layerwise": ({"schedule": "layerwise", "start_from": "ok"},
+                                 "start_from: only with schedule: one_shot"),
+        "export-bool": ({"export": True}, "export: expected a folder name, got True"),
+        "weights-missing": ({"weights": "missing.safetensors"},
+                            "weights: missing.safetensors: no such file"),
+        # transfer's values are first read after the backbone is compressed: checked before
+        "transfer-epochs-word": ({"transfer": {"data": "mnist", "epochs": "two"}},
+                                 "transfer: epochs: expected an integer >= 1"),
+        "transfer-lr-string": ({"transfer": {"data": "mnist", "lr": "5e-3"}},
+                               "transfer: lr: expected a number > 0 .YAML reads 5e-3"),
+        "transfer-data": ({"transfer": {"data": "imagenet"}}, "transfer: data: expected one of"),
     }
     for key, (own, words) in bad.items():
         config = {**base, "runs": {**base["runs"], key: own}}
@@ -312,6 +326,18 @@ def test_a_start_from_run_must_agree_on_what_made_the_model_it_takes(tmp_path):
     with pytest.raises(SystemExit, match=r"made its model with other \['rank'\]"):
         reproduce_.check_start_from(tmp_path / "mnist-p0.5", "mnist-p0.5",
                                     {**same, "rank": "params=0.5"})
+
+
+def test_a_start_from_run_may_take_the_model_of_a_match_params_run(tmp_path):
+    """The match_params run's settings are kept with its target null (filled in from the
+    matched run's result after): a run starting from it, with the same match_params, agrees."""
+    reproduce_ = _reproduce_module()
+    s = {**reproduce_.SETTINGS, "model": "resnet56_cifar", "match_params": "tucker"}
+    reproduce_.pin_settings(tmp_path / "auto", "auto", s)
+    later = {**s, "target": "params=2.81x", "start_from": "auto", "epochs": 3}
+    reproduce_.check_start_from(tmp_path / "auto-e3", "auto-e3", later)
+    with pytest.raises(SystemExit, match=r"other \['calib'\]"):
+        reproduce_.check_start_from(tmp_path / "auto-e3", "auto-e3", {**later, "calib": 64})
 
 
 def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
