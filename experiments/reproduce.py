@@ -140,15 +140,14 @@ MADE_BY = ("model", "weights", "train", "augment", "num_classes", "normalization
            "plan_options", "sensitivity", "match_params")
 
 
-def pin_settings(folder: Path, name: str, s: dict) -> None:
-    """Record run ``name``'s settings in its folder when it starts; a later invocation finding
-    the run begun or finished under other settings refuses it (a finished run's result, or a
-    killed run's fitted model and checkpoints, would otherwise be reused under settings they
-    were not made with). A folder from before settings were kept is not checked."""
-    path = folder / SETTINGS_FILE
+def refuse_changed(folder: Path, name: str, s: dict) -> dict:
+    """Refuse run ``name`` when its folder holds settings other than ``s`` (see
+    :func:`pin_settings`); returns ``s`` as they are kept. Called for every selected run before
+    the first starts too, so a changed later run is not found hours into the queue."""
     # (export: may be given after the run finished: the headline's model, written then)
     now = json.loads(json.dumps({k: v for k, v in s.items() if k not in LATE_SETTINGS},
                                 default=str))
+    path = folder / SETTINGS_FILE
     if path.is_file():
         then = json.loads(path.read_text())
         # (a setting added to the config format since is not compared)
@@ -156,6 +155,17 @@ def pin_settings(folder: Path, name: str, s: dict) -> None:
         if changed:
             raise SystemExit(f"run {name!r}: {folder} was made with other settings ({changed} "
                              "differ); move it away to run it afresh, or restore the settings")
+    return now
+
+
+def pin_settings(folder: Path, name: str, s: dict) -> None:
+    """Record run ``name``'s settings in its folder when it starts; a later invocation finding
+    the run begun or finished under other settings refuses it (a finished run's result, or a
+    killed run's fitted model and checkpoints, would otherwise be reused under settings they
+    were not made with). A folder from before settings were kept is not checked."""
+    path = folder / SETTINGS_FILE
+    now = refuse_changed(folder, name, s)
+    if path.is_file():
         return
     # (a hidden .NAME.*.tmp is a write a kill cut short, the first settings' among them)
     if folder.is_dir() and any(not (f.name.startswith(".") and f.name.endswith(".tmp"))
@@ -541,7 +551,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         # before it give: that correction is one_shot's)
         before = evaluate(rc.apply(model, result.plan, calib_data=calib, sequential=False), test)
     out = {
-        "name": name, "model": s["model"],
+        "name": name, "model": s["model"], "data": s["data"],
         "method": "cp (sensitivity)" if s["sensitivity"] is not None else s["method"],
         "target": s["target"],
         "rank": s["rank"], "schedule": s["schedule"], "epochs": s["epochs"],
@@ -803,6 +813,12 @@ def command_line(doc: str, only: str, summary: str, extra=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--summary", action="store_true", help=summary)
     args = parser.parse_args()
+    try:  # a typo, or a GPU that is not there, found now, not when fine-tuning starts
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise SystemExit(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device: {args.device}, but torch sees no CUDA device here")
     config_path = Path(args.config)
     if not config_path.is_file():
         raise SystemExit(f"{config_path}: no such config file")
@@ -835,6 +851,8 @@ def main() -> int:
         every = {name: settings_of(config, name) for name in names}
         for name, s in every.items():
             check(config, name, s)
+        for name, s in every.items():
+            refuse_changed(base / name, name, s)
         root = D.require_data_root()
         # runs of one model share its layers' SVDs and whitened Grams (the same results, bit for
         # bit; a 4096 x 25,088 layer's are minutes each)
@@ -909,17 +927,22 @@ def _plot_transfer(ax, rows: list[dict]) -> None:
 
 
 def _plot_ratios(ax, rows: list[dict]) -> None:
+    def dense_of(r: dict) -> tuple:  # one model, data and weights (the dense top-1 tells
+        return r["model"], r.get("data", "cifar10"), r["dense_top1"]  # retrained weights apart)
+
     series: dict[str, list] = {}
-    for r in rows:  # a line joins runs of one method at equal fine-tuning only
+    for r in rows:  # a line joins runs of one method and dense model at equal fine-tuning only
         how = "sensitivity CP" if r.get("sensitivity") else r["method"]
         length = f"{r['epochs']} ep" if r.get("epochs") else f"{r.get('steps')} steps"
-        tuning = f"{length}, lr {r['lr']:g}" if r.get("lr") is not None else "not fine-tuned"
-        series.setdefault(f"{r['model']} {how} ({tuning})", []).append(r)
+        tuning = ("not fine-tuned" if not (r.get("epochs") or r.get("steps")) else
+                  f"{length}, lr {r['lr']:g}" if r.get("lr") is not None else
+                  f"{length}, default lr")
+        model, data, dense = dense_of(r)
+        series.setdefault(f"{model} on {data} ({dense:.2f}%) {how} ({tuning})", []).append(r)
     for label, rs in sorted(series.items()):
         rs.sort(key=lambda r: r["params_x"])
         ax.plot([r["params_x"] for r in rs], [r["after_top1"] for r in rs], "o-", label=label)
-    for model in sorted({r["model"] for r in rows}):
-        dense = next(r["dense_top1"] for r in rows if r["model"] == model)
+    for _, _, dense in sorted({dense_of(r) for r in rows}):
         ax.axhline(dense, ls="--", lw=1, color="grey")
         ax.axhline(dense - 1, ls=":", lw=1, color="grey")
     ax.set_xscale("log")

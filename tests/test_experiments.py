@@ -340,6 +340,35 @@ def test_a_start_from_run_may_take_the_model_of_a_match_params_run(tmp_path):
         reproduce_.check_start_from(tmp_path / "auto-e3", "auto-e3", {**later, "calib": 64})
 
 
+def test_the_ratio_plot_keeps_datasets_and_weights_apart():
+    """seed001_vgg11's runs are all vgg11_torchvision, on MNIST and CIFAR-10: one line must not
+    join a 99% point to a 78% one, and each dense model gets its own dense line; a run
+    fine-tuned at the default lr is not called "not fine-tuned"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reproduce_ = _reproduce_module()
+    row = {"model": "vgg11_torchvision", "method": "auto", "epochs": 1, "lr": None,
+           "params_x": 50.0}
+    rows = [{**row, "data": "mnist", "dense_top1": 99.43, "after_top1": 99.4},
+            {**row, "data": "mnist", "dense_top1": 99.43, "after_top1": 99.1, "params_x": 150.0},
+            {**row, "data": "cifar10", "dense_top1": 78.76, "after_top1": 78.0}]
+    fig, ax = plt.subplots()
+    reproduce_._plot_ratios(ax, rows)
+    lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 1 or
+             line.get_label().startswith("vgg")]
+    labels = sorted(line.get_label() for line in lines if not line.get_label().startswith("_"))
+    assert len(labels) == 2 and all("1 ep, default lr" in label for label in labels), labels
+    assert sorted(len(line.get_xdata()) for line in lines
+                  if not line.get_label().startswith("_")) == [1, 2]
+    dense = sorted({round(line.get_ydata()[0], 2) for line in ax.get_lines()
+                    if line.get_label().startswith("_")})
+    assert dense == [77.76, 78.76, 98.43, 99.43]
+    plt.close(fig)
+
+
 def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
     reproduce_ = _reproduce_module()
     common = {"model": "resnet56_cifar", "method": "cp", "target": "params=3x", "rank": None,
@@ -952,6 +981,29 @@ def test_a_run_begun_under_other_settings_is_refused(tmp_path):
     (tmp_path / "cut" / f".{reproduce.SETTINGS_FILE}.0123abcd.tmp").write_text("{")
     reproduce.pin_settings(tmp_path / "cut", "cut", s)
     assert (tmp_path / "cut" / reproduce.SETTINGS_FILE).is_file()
+
+
+def test_a_later_run_with_changed_settings_is_refused_before_the_first_run_starts(tmp_path):
+    """Every selected run's kept settings are compared before any run starts (a changed second
+    run was found only when the queue reached it, after the first run's hours); and a --device
+    that is not there is refused at once."""
+    reproduce_ = _reproduce_module()
+    path = tmp_path / "c.yaml"
+    path.write_text("model: resnet20_cifar\nruns:\n  first: {rank: 8, method: svd}\n"
+                    "  second: {rank: 8, method: svd, calib: 64}\n")
+    runs = tmp_path / "runs"
+    config = {"model": "resnet20_cifar", "runs": {"second": {"rank": 8, "method": "svd"}}}
+    reproduce_.pin_settings(runs / "c" / "second", "second",
+                            reproduce_.settings_of(config, "second"))  # calib 1024 kept
+    done = reproduce(path, runs, {**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0
+    assert "run 'second'" in done.stderr and "['calib'] differ" in done.stderr
+    assert not (runs / "c" / "first").exists()
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),
+                               str(path), "--runs-dir", str(runs), "--device", "cuda"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0 and "--device: cuda" in done.stderr
 
 
 def test_classifier_sweep_counts_a_loss_of_exactly_the_tolerance_as_within_it(tmp_path):
