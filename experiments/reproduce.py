@@ -491,7 +491,11 @@ def dense_transfer(folder: Path, s: dict) -> tuple[Path, dict]:
     head settings share (named by the model, the data and a digest of those settings: runs
     with other settings get their own baseline), and the settings."""
     made = {**TRANSFER, **s["transfer"], "batch_size": s["batch_size"],
-            "weights": str(s["weights"])}
+            "weights": str(s["weights"]),
+            # (the head's seed and inputs, named only where not the defaults: the baselines
+            # made before they counted keep their names)
+            **{k: s.get(k, SETTINGS[k]) for k in ("seed", "normalization", "image_size")
+               if s.get(k, SETTINGS[k]) != SETTINGS[k]}}
     digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:10]
     return (folder.parent / f"dense-transfer-{s['model']}-{s['transfer']['data']}-{digest}.json",
             made)
@@ -684,12 +688,13 @@ def transfer_head(backbone, s: dict, root: Path, folder: Path, device: str) -> d
     ``s["transfer"]["data"]`` (MNIST-style digits made 3-channel 32x32 by the transform);
     checkpointed in ``folder`` so a killed run resumes it."""
     t = {**TRANSFER, **s["transfer"]}
-    tf = D.transforms(t["data"], train=False, normalization=s["model"], size=32)
+    tf = D.transforms(t["data"], train=False, normalization=s["normalization"] or s["model"],
+                      size=s["image_size"] or 32)
     train = D.dataset(t["data"], "train", root=root, transform=tf, limit=t["train_limit"])
     test = D.dataset(t["data"], "test", root=root, transform=tf, limit=t["test_limit"])
     result = rc.transfer(backbone, train, num_classes=len(train.classes), epochs=t["epochs"],
                          lr=t["lr"], batch_size=s["batch_size"], progress=False,
-                         checkpoint_dir=str(folder), resume=True, device=device)
+                         checkpoint_dir=str(folder), resume=True, device=device, seed=s["seed"])
     head = [m for m in result.model.modules() if type(m) is torch.nn.Linear][-1]
     return {**t, "top1": evaluate(result.model, test)["top1"], "test_images": len(test),
             "backbone_params": count_params(result.model) - count_params(head)}

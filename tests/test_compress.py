@@ -200,6 +200,20 @@ def test_transfer_trains_only_a_new_head(trained):
     assert moved[8].out_features == 6
 
 
+def test_transfer_is_repeatable_from_its_seed(trained):
+    """The new head's initial weights come from finetune's seed, not from whatever torch's
+    global random state happens to be (seed 000's transfer runs gave other heads per call)."""
+    model, _ = trained
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    heads = []
+    for seed, noise in ((5, 1), (5, 2), (6, 1)):
+        torch.manual_seed(noise)  # another global random state before each call
+        out = rc.transfer(model, (x, y), num_classes=3, steps=1, seed=seed, **TUNE).model
+        heads.append(out[-1].weight.detach())
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
 def test_a_stream_as_train_data_is_refused_before_any_work(trained):
     model, _ = trained
 

@@ -311,8 +311,9 @@ def test_runs_share_a_dense_transfer_baseline_only_under_the_same_head_settings(
     path, made = reproduce_.dense_transfer(tmp_path / "p0.1", s)
     assert path.name.startswith("dense-transfer-resnet56_cifar-mnist-") and made["epochs"] == 2
     assert reproduce_.dense_transfer(tmp_path / "p0.5", s)[0] == path  # shared
+    assert reproduce_.dense_transfer(tmp_path / "p0.5", {**s, "seed": 0})[0] == path
     for changed in ({"transfer": {"data": "mnist", "epochs": 3}}, {"batch_size": 64},
-                    {"weights": "w.safetensors"}):
+                    {"weights": "w.safetensors"}, {"seed": 1}, {"image_size": 28}):
         assert reproduce_.dense_transfer(tmp_path / "p0.5", {**s, **changed})[0] != path
 
 

@@ -516,8 +516,10 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
     classifier ``head`` (default: the last ``nn.Linear``, or a factorized one,
     ``LowRankLinear``, replaced whole) replaced by a fresh Linear to ``num_classes``,
     everything else frozen (BatchNorm statistics included), and the head trained on
-    ``train_data`` for ``epochs`` or ``steps`` (default one epoch). Returns the
-    :class:`rankcut.train.TrainResult` (``.model``)."""
+    ``train_data`` for ``epochs`` or ``steps`` (default one epoch). The new head's initial
+    weights are drawn from finetune's ``seed`` (0 by default), not from torch's global random
+    state, so a run is repeatable. Returns the :class:`rankcut.train.TrainResult`
+    (``.model``)."""
     check_module(model)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
@@ -540,7 +542,9 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
         raise ValueError(f"head: {head!r} is a {type(old).__name__}, expected an nn.Linear")
     ref = old.weight if isinstance(old, nn.Linear) else old.second.weight
     bias = (old.bias if isinstance(old, nn.Linear) else old.second.bias) is not None
-    new = nn.Linear(old.in_features, num_classes, bias=bias)
+    with torch.random.fork_rng(devices=[]):  # the head's initial weights follow ``seed``
+        torch.manual_seed(int(finetune_options.get("seed", 0)))  # (finetune's, 0 by default)
+        new = nn.Linear(old.in_features, num_classes, bias=bias)
     set_submodule(out, head, new.to(ref.device, ref.dtype))
     prefix = head + "."
     return finetune(out, train_data, epochs=epochs, steps=steps, transform=transform,
