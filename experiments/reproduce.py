@@ -257,6 +257,8 @@ def check(config: dict, name: str, s: dict) -> None:
                              "as they go)")
     if s["export"] is not None and not isinstance(s["export"], str):
         refuse("export", f"expected a folder name, got {s['export']!r}")
+    if not isinstance(s["weights"], str):
+        refuse("weights", f"expected 'pretrained' or a file, got {s['weights']!r}")
     if s["train"] is None and s["weights"] != "pretrained" and not Path(s["weights"]).is_file():
         refuse("weights", f"{s['weights']}: no such file (and no train: recipe to make it)")
     if s["match_params"] is not None and (s["target"] is not None or s["rank"] is not None):
@@ -550,10 +552,12 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     final = result.stages[-1]
     before = result.stages[0].get("val_before") or (
         final["val"] if s["schedule"] == "one_shot" else None)  # one_shot, not fine-tuned
-    if before is None:  # layerwise: the whole plan applied at once, before any fine-tuning,
-        # each layer fitted as the layerwise schedule fits it (never to the inputs the layers
-        # before it give: that correction is one_shot's)
-        before = evaluate(rc.apply(model, result.plan, calib_data=calib, sequential=False), test)
+    if before is None:  # layerwise, multistage: the whole plan applied at once, before any
+        # fine-tuning; for layerwise without the sequential correction (its layers are fitted
+        # on the model at hand, never to the dense model's outputs), multistage as its rounds fit
+        sequential = False if s["schedule"] == "layerwise" else s["sequential"]
+        before = evaluate(rc.apply(model, result.plan, calib_data=calib, sequential=sequential),
+                          test)
     out = {
         "name": name, "model": s["model"], "data": s["data"],
         "method": "cp (sensitivity)" if s["sensitivity"] is not None else s["method"],
@@ -856,8 +860,12 @@ def main() -> int:
         every = {name: settings_of(config, name) for name in names}
         for name, s in every.items():
             check(config, name, s)
-        for name, s in every.items():
+        for name, s in every.items():  # what would refuse a later run, found now
             refuse_changed(base / name, name, s)
+            if s["start_from"] is not None:
+                check_start_from(base / name, name, s)
+            if (base / name / RESULT).is_file():
+                check_still_matched(base, name, s)
         root = D.require_data_root()
         # runs of one model share its layers' SVDs and whitened Grams (the same results, bit for
         # bit; a 4096 x 25,088 layer's are minutes each)

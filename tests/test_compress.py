@@ -212,6 +212,9 @@ def test_transfer_is_repeatable_from_its_seed(trained):
         out = rc.transfer(model, (x, y), num_classes=3, steps=1, seed=seed, **TUNE).model
         heads.append(out[-1].weight.detach())
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    for bad in (None, "x", -1, 2**64):
+        with pytest.raises(ValueError, match="seed: expected an int >= 0"):
+            rc.transfer(model, (x, y), num_classes=3, steps=1, seed=bad, **TUNE)
 
 
 def test_a_stream_as_train_data_is_refused_before_any_work(trained):

@@ -239,6 +239,7 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "start-from-layerwise": ({"schedule": "layerwise", "start_from": "ok"},
                                  "start_from: only with schedule: one_shot"),
         "export-bool": ({"export": True}, "export: expected a folder name, got True"),
+        "weights-null": ({"weights": None}, "weights: expected 'pretrained' or a file"),
         "weights-missing": ({"weights": "missing.safetensors"},
                             "weights: missing.safetensors: no such file"),
         # transfer's values are first read after the backbone is compressed: checked before
@@ -999,6 +1000,15 @@ def test_a_later_run_with_changed_settings_is_refused_before_the_first_run_start
     done = reproduce(path, runs, {**os.environ, "RANKCUT_DATA": str(tmp_path)})
     assert done.returncode != 0
     assert "run 'second'" in done.stderr and "['calib'] differ" in done.stderr
+    assert not (runs / "c" / "first").exists()
+    # a start_from whose source made its model otherwise: found before "first" starts too
+    path.write_text("model: resnet20_cifar\nruns:\n  first: {rank: 8, method: svd}\n"
+                    "  src: {rank: 8, method: svd}\n"
+                    "  late: {rank: 4, method: svd, start_from: src, epochs: 1}\n")
+    config = {"model": "resnet20_cifar", "runs": {"src": {"rank": 8, "method": "svd"}}}
+    reproduce_.pin_settings(runs / "c" / "src", "src", reproduce_.settings_of(config, "src"))
+    done = reproduce(path, runs, {**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0 and "run 'late': start_from 'src'" in done.stderr
     assert not (runs / "c" / "first").exists()
     if not torch.cuda.is_available():
         done = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),

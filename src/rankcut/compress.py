@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -542,8 +543,12 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
         raise ValueError(f"head: {head!r} is a {type(old).__name__}, expected an nn.Linear")
     ref = old.weight if isinstance(old, nn.Linear) else old.second.weight
     bias = (old.bias if isinstance(old, nn.Linear) else old.second.bias) is not None
+    seed = finetune_options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not (
+            0 <= seed < 2**63):
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     with torch.random.fork_rng(devices=[]):  # the head's initial weights follow ``seed``
-        torch.manual_seed(int(finetune_options.get("seed", 0)))  # (finetune's, 0 by default)
+        torch.manual_seed(int(seed))  # (finetune's, 0 by default)
         new = nn.Linear(old.in_features, num_classes, bias=bias)
     set_submodule(out, head, new.to(ref.device, ref.dtype))
     prefix = head + "."

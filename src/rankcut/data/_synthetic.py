@@ -30,8 +30,9 @@ def synthetic_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int
                           steps: int = 100, batch_size: int = 128, lr: float = 0.2,
                           seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
     """``n`` model inputs shaped like one of ``example_inputs`` (a batch), synthesised from
-    ``model``'s BatchNorm running statistics, as a list of batches of at most ``batch_size``
-    (of nearly equal sizes, at least 2: a batch of one has no spread), on the model's device in
+    ``model``'s BatchNorm running statistics, as a list of batches of about ``batch_size`` (as
+    many as ``n / batch_size`` rounds up to, of nearly equal sizes, each at least 2: a batch of
+    one has no spread), on the model's device in
     the dtype of ``example_inputs``, ready for ``rankcut.plan(..., calib_data=...)``,
     ``rankcut.apply`` and ``rankcut.compress``.
 
