@@ -7,6 +7,7 @@ iterations. Prints time and error ratio (randomized / exact). Run from the repos
     .venv/bin/python benchmarks/svd_auto.py
 """
 
+import argparse
 import time
 
 import torch
@@ -23,6 +24,7 @@ def trained_like(m, n, g):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # (--help)
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
     print(f"{'shape':>11} {'rank':>5} {'exact s':>8} {'rand(os=10) s':>14} {'err ratio':>9} "
