@@ -96,7 +96,7 @@ SETTINGS = {
                               # conv, to `target` (params=...)
     "latency": [1, 32],       # batches to time dense against compressed at, plain and fused
                               # (rankcut.profile.speedups, after fine-tuning); [] to skip
-    "note": "",               # printed in the summary
+    "note": "",               # printed under the summary's table (as the run kept it)
 }
 # the settings that are whole numbers: (key, least value, whether null is allowed)
 INTEGERS = [("test_limit", 1, True), ("calib", 0, False), ("steps_per_layer", 1, True),
@@ -783,6 +783,9 @@ def summary(rows: list[dict]) -> str:
             f"{r['before_top1']:.2f} | {r['after_top1']:.2f} | "
             f"{r['epochs'] if r['epochs'] is not None else r['steps']} | {_fused(r)} | "
             f"{r['wall_s'] / 60:.0f} | {r['commit']} |")
+    notes = [f"- {r['name']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", *notes]
     sens = [r for r in rows if r.get("sensitivity")]
     if sens:  # seed 000's table: λ, solver, ranks
         lines += ["", "| run | model | λ | form | solver | total rank | params x | before % | "

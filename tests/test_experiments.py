@@ -385,6 +385,8 @@ def test_summary_tables_and_plots_of_sensitivity_and_transfer_runs(tmp_path):
                                     {"batch": 1, "form": "fused", "speedup": 1.25},
                                     {"batch": 32, "form": "fused", "speedup": 2.0}]}
     assert "| 1 | 1.25x b1, 2.00x b32 | 10 | c |" in reproduce_.summary([timed])
+    noted = reproduce_.summary([{**sens[0], "note": "the 30-epoch recipe"}, sens[1]])
+    assert "- lam0.0: the 30-epoch recipe" in noted and "- lam0.5:" not in noted
     moved = [{**common, "name": f"p{p}", "rank": f"params={p}", "target": None,
               "transfer": {"data": "mnist", "top1": 90.0 + p, "backbone_params": int(1e5 * p),
                            "test_images": 100},
