@@ -55,6 +55,7 @@ from rankcut.train import evaluate, finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import (
+    COMMIT,
     MOMENT_LIMIT,
     check,
     command_line,
@@ -273,7 +274,7 @@ def point(part, x, method: dict, ratio, mode: str, seed: int, calib, test, cache
     small, plan, seconds = compressed(part, x, method, ratio, mode, seed, calib, cache, exclude)
     return {"top1": evaluate(small, test)["top1"], "params": count_params(small),
             "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
-            "seconds": round(seconds, 2)}
+            "seconds": round(seconds, 2), "commit": COMMIT}  # (the code that measured it)
 
 
 def _fit(method: dict) -> dict:
@@ -529,7 +530,7 @@ def tuned_point(run: dict, method: dict, ratio, mode: str, seed: int, train, ft:
     out = {"top1_before": before, "top1": evaluate(small, run["test"])["top1"],
            "params": count_params(small),
            "ranks": {n: list(lp.ranks) for n, lp in plan.active.items()},
-           "seconds": round(fit_s + time.perf_counter() - start, 2)}
+           "seconds": round(fit_s + time.perf_counter() - start, 2), "commit": COMMIT}
     return out | ({"diverged": diverged} if diverged else {})
 
 

@@ -466,7 +466,9 @@ def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weigh
     head, points = lines[0], lines[1:]
     # svd: 2 modes x 2 ratios; svd-data: 2 ratios; leverage CUR: 2 ratios x 2 seeds
     assert len(points) == 10 and head["part_params"] == 650 and head["test_images"] == 300
+    commit = _reproduce_module().COMMIT
     for p in points:
+        assert p["commit"] == commit  # the code that measured the point
         assert p["params"] < 650 and p["part_ratio"] == 650 / p["params"]
         assert p["whole_ratio"] == head["total_params"] / (head["total_params"] - 650 +
                                                            p["params"])
