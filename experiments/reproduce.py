@@ -224,13 +224,9 @@ def check(config: dict, name: str, s: dict) -> None:
     if not isinstance(s["data"], str) or D.dataset_key(s["data"]) not in D.NAMES:
         refuse("data", f"expected one of {', '.join(D.NAMES)}, got {s['data']!r}")
     for key, low, nullable in INTEGERS:
-        v = s[key]
-        if (v is not None or not nullable) and (isinstance(v, bool) or not isinstance(v, int)
-                                                or v < low):
-            refuse(key, f"expected an integer >= {low}{' or null' if nullable else ''}, "
-                        f"got {v!r}")
-    if s["lr"] is not None and (isinstance(s["lr"], bool) or not isinstance(s["lr"], int | float)
-                                or not 0 < s["lr"] < float("inf")):
+        if problem := _integer_problem(s[key], low, nullable):
+            refuse(key, problem)
+    if s["lr"] is not None and not _positive_number(s["lr"]):
         refuse("lr", f"expected a number > 0 or null, got {s['lr']!r}")
     for key in ("distill", "teacher_cache", "allow_slower", "sequential"):
         if not isinstance(s[key], bool) and not (key == "sequential" and s[key] is None):
@@ -301,15 +297,22 @@ def check(config: dict, name: str, s: dict) -> None:
         if not isinstance(t["data"], str) or D.dataset_key(t["data"]) not in D.NAMES:
             refuse("transfer", f"data: expected one of {', '.join(D.NAMES)}, got {t['data']!r}")
         for key, nullable in (("epochs", False), ("train_limit", True), ("test_limit", True)):
-            v = t[key]
-            if (v is not None or not nullable) and (isinstance(v, bool) or not isinstance(v, int)
-                                                    or v < 1):
-                refuse("transfer", f"{key}: expected an integer >= 1"
-                                   f"{' or null' if nullable else ''}, got {v!r}")
-        if isinstance(t["lr"], bool) or not isinstance(t["lr"], int | float) or not (
-                0 < t["lr"] < float("inf")):
+            if problem := _integer_problem(t[key], 1, nullable):
+                refuse("transfer", f"{key}: {problem}")
+        if not _positive_number(t["lr"]):
             refuse("transfer", f"lr: expected a number > 0 (YAML reads 5e-3 as a string: write "
                                f"5.0e-3), got {t['lr']!r}")
+
+
+def _integer_problem(v, low: int, nullable: bool) -> str | None:
+    """What is wrong with ``v`` as a whole-number setting of at least ``low`` (None: nothing)."""
+    if (v is None and nullable) or (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+        return None
+    return f"expected an integer >= {low}{' or null' if nullable else ''}, got {v!r}"
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
 
 
 COMMIT = source_commit()  # read when the process starts (see there)
