@@ -59,8 +59,12 @@ FORMAT_VERSION = 1
 # rank is priced at most 12.5% high): VGG-11-BN's 512-channel layers at batch 32 otherwise put
 # 3,495 primitives in its table, 189 s of its 304 s first plan at 2x fewer MACs.
 RANK_STEP = RANK_ALIGN
-# About this many milliseconds of timed runs per primitive (fewer runs than ``repeats`` above it)
-RUNS_MS = 25.0
+# About this many milliseconds of timed runs per primitive (fewer runs than ``repeats`` above
+# it). Two tables of torchvision ResNet-18 at 224x224 built alike differ by 2-4% in the median
+# primitive and 7-19% at the 90th percentile whether each primitive gets 25 ms of runs or 5
+# (the machine's state, not the count, sets the noise; benchmarks/latency_noise.py,
+# docs/planning.md); at 5 its 1,878 timings take about 17 s instead of 40 s.
+RUNS_MS = 5.0
 
 
 # what a primitive's key starts with (a whole model's entries start otherwise: _model_key)
