@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 import rankcut as rc
 from rankcut import data as D
+from rankcut._modes import available_device
 from rankcut._provenance import source_commit
 from rankcut.atomic import atomic_folder, atomic_path
 from rankcut.compress import FINETUNE_OPTIONS_TAKEN, PLAN_OPTIONS_TAKEN
@@ -829,11 +830,9 @@ def command_line(doc: str, only: str, summary: str, extra=None):
     parser.add_argument("--summary", action="store_true", help=summary)
     args = parser.parse_args()
     try:  # a typo, or a GPU that is not there, found now, not when fine-tuning starts
-        device = torch.device(args.device)
-    except RuntimeError as err:
+        available_device(args.device)
+    except ValueError as err:
         raise SystemExit(f"--device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device: {args.device}, but torch sees no CUDA device here")
     config_path = Path(args.config)
     if not config_path.is_file():
         raise SystemExit(f"{config_path}: no such config file")

@@ -60,6 +60,23 @@ def model_device(model: nn.Module, fallback="cpu") -> torch.device:
     return torch.device(fallback) if first is None else first.device
 
 
+def available_device(text: str) -> torch.device:
+    """The device ``text`` names (``cpu``, ``cuda``, ``cuda:N``, ``mps``) when this machine has
+    it; ValueError otherwise (a command refuses a missing GPU up front, not when it first uses
+    it)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"{text!r} is not on this machine ({count} CUDA device(s))")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return device
+
+
 def on_model_device(model: nn.Module, inputs) -> tuple[torch.Tensor, ...]:
     """Positional ``inputs`` (a tensor or a tuple) on ``model``'s device (each left where it is
     when the model holds no tensor): a model fine-tuned on the GPU, example inputs on the CPU."""

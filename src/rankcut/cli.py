@@ -517,19 +517,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _check_device(text: str) -> None:
     """--device names a device this machine has (a missing GPU is refused, not ignored by the
     commands that would use it only late or not at all)."""
-    import torch
+    from ._modes import available_device
 
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise UserError(f"--device: {text!r} is not on this machine ({count} CUDA "
-                            "device(s))")
-    elif device.type not in ("cpu", "mps"):
-        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+        available_device(text)
+    except ValueError as err:
+        raise UserError(f"--device: {err}") from None
 
 
 def _check_onnx_runtime(args: argparse.Namespace) -> None:
