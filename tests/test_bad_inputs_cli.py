@@ -28,9 +28,10 @@ from torch import nn
 
 import rankcut as rc
 from rankcut import atomic
-from rankcut.cli import build_parser, main
+from rankcut.cli import build_parser
 from rankcut.defaults import COMPRESS
 from rankcut.train import finetune
+from tests._cli import run
 
 
 def tiny(num_classes: int = 10) -> nn.Module:
@@ -72,10 +73,6 @@ S = ["--model", "resnet20_cifar", "--input-shape", "3,32,32", "--method", "svd",
 
 # ---------------------------------------------------------------------------------- helpers
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def tree(folder) -> dict[str, str]:

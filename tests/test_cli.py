@@ -11,14 +11,11 @@ import rankcut as rc
 from rankcut.cli import main
 from rankcut.models import create
 from rankcut.train import evaluate
+from tests._cli import run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("command", ["analyze", "compress", "evaluate", "benchmark", "export",

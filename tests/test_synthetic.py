@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import rankcut as rc
-from rankcut.cli import main
 from rankcut.data import synthetic_calibration
+from tests._cli import run
 
 
 def tiny_bn(num_classes: int = 10) -> nn.Module:
@@ -159,10 +159,6 @@ def test_inference_mode_is_refused_with_a_reason():
         synthetic_calibration(tiny_bn(), torch.rand(1, 3, 8, 8), steps=1)
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_compresses_without_data_on_synthetic_inputs(capsys, tmp_path):

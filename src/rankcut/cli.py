@@ -987,8 +987,7 @@ def _note_no_calibration(args, model, calib, plan) -> None:
     """Planning beyond 2x fewer MACs or params with no calibration data at all: the plan sees
     weight errors only, and there a few ranks more or less swing top-1 by tens of points
     (docs/planning.md); say what would help."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
+    from .data._synthetic import norm_layers
     from .select import parse_target
 
     if calib is not None or plan is not None or not args.target:
@@ -996,7 +995,7 @@ def _note_no_calibration(args, model, calib, plan) -> None:
     kind, keep = parse_target(args.target)
     if kind == "latency" or keep >= 0.5:
         return
-    with_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
+    with_bn = bool(norm_layers(model))  # what --synthetic-calib needs
     advice = ("--calib 512" if getattr(args, "data", None) else
               "--data" + (" or --synthetic-calib 128 (inputs synthesised from the model's "
                           "BatchNorm statistics)" if with_bn else ""))

@@ -20,7 +20,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._modes import hooked, model_device
 
 
-def _norm_layers(model: nn.Module) -> list[_BatchNorm]:
+def norm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``model`` whose running statistics inputs can be made to match
+    (what :func:`synthetic_calibration` needs at least one of)."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm)
             and m.track_running_stats and m.running_mean is not None
             and m.running_var is not None]
@@ -68,7 +70,7 @@ def synthetic_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int
     if torch.is_inference_mode_enabled():
         raise ValueError("synthetic calibration: the inputs are optimised through the model, "
                          "which torch.inference_mode() forbids; call it outside")
-    layers = _norm_layers(model)
+    layers = norm_layers(model)
     if not layers:
         raise ValueError("synthetic calibration: the model has no BatchNorm layer with running "
                          "statistics to match; give real calibration data")
