@@ -366,8 +366,10 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
             RSR = (RSR + RSR.mT) / 2
         else:
             C64 = cov.to(device=W.device, dtype=torch.float64)
-            C64 = (C64 + C64.mT) / 2  # (symmetrised, as every other path takes Σ)
-            SR = C64 @ R.mT + ridge_of(C64, ridge) * R.mT  # (Σ + λI) Rᵀ, n x r
+            # (Σ + λI) Rᵀ, n x r, Σ symmetrised as every other path takes it: ((Σ + Σᵀ)/2) Rᵀ
+            # as two n x r products, not an n x n copy (two, with the sum: 10 GB for a
+            # 25,088-wide classifier layer, which ran a 24 GB machine out of memory)
+            SR = (C64 @ R.mT + (R @ C64).mT) / 2 + ridge_of(C64, ridge) * R.mT
             K, RSR = Wd @ SR, R @ SR  # W Σ Rᵀ, R Σ Rᵀ
         X = K @ torch.linalg.pinv(RSR, hermitian=True)  # the optimal map from the rows
         U = X if C is None else torch.linalg.pinv(C) @ X
