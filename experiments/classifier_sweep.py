@@ -372,7 +372,12 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
         # 4096 x 25,088 layer)
         if label != cache_label:  # one method's at a time, the last one's (GBs) dropped first
             cache_label, cache = label, None
-            cache = rc.select.CandidateCache.cached(max_entries=1)
+            # CUR's sequential apply measures the moment again and fits W's own entries beside
+            # it: with the plan's 5 GB kept too, a VGG-11 point peaked at 20 GB on a 24 GB
+            # machine, so its moments are not kept (each point measures them, about a minute)
+            cache = rc.select.CandidateCache.cached(
+                max_entries=1,
+                max_moment_bytes=MOMENT_LIMIT if method["method"] == "cur" else None)
         # ratio by ratio, every seed of each (a time-boxed run leaves whole ratios behind)
         streak = 0  # CRs in a row at chance (counted again from the points on a resumed run)
         for ratio in sw["ratios"]:

@@ -386,3 +386,21 @@ def test_labels_beyond_the_models_outputs_are_named_not_an_index_error():
         batch_size=8, shuffle=False)
     with pytest.raises(ValueError, match="the data has class 2 but the model has 2 outputs"):
         finetune(model, later, steps=2, progress=False)
+
+
+def test_check_tensor_finds_a_non_finite_entry_in_any_slice_it_checks():
+    """check_tensor tests finiteness in slices of about 16 M entries (no whole-tensor mask for a
+    25,088-wide moment): an entry in the last slice, in a transposed view, in a vector and in a
+    0-d tensor is found and counted."""
+    from rankcut.decompose._checks import check_tensor
+
+    big = torch.zeros(5000, 4000)  # 20 M entries: two slices
+    check_tensor(big, "big")
+    big[-1, -1] = float("nan")
+    with pytest.raises(ValueError, match="big: expected finite entries, got 1 NaN"):
+        check_tensor(big, "big")
+    with pytest.raises(ValueError, match="got 1 NaN"):
+        check_tensor(big.mT, "view")
+    for x in (torch.tensor([0.0, float("inf")]), torch.tensor(float("-inf"))):
+        with pytest.raises(ValueError, match="got 1 NaN or infinite"):
+            check_tensor(x, "x")
