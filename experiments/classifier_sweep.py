@@ -157,6 +157,8 @@ def sweep_settings(config: dict) -> dict:
             raise SystemExit(f"{where}: method {m['method']!r} does not factorize Linear layers")
         if m["data"] and not method.data_aware:
             raise SystemExit(f"{where}: method {m['method']!r} has no data-aware form")
+        # (CUR: its sequential apply fits the weight's own entries beside a second moment)
+        m["keeps_entries"] = method.keeps_entries
         methods[label] = m
     s["methods"] = methods
     if s["finetune"] is not None:
@@ -376,8 +378,7 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
             # it: with the plan's 5 GB kept too, a VGG-11 point peaked at 20 GB on a 24 GB
             # machine, so its moments are not kept (each point measures them, about a minute)
             cache = rc.select.CandidateCache.cached(
-                max_entries=1,
-                max_moment_bytes=MOMENT_LIMIT if method["method"] == "cur" else None)
+                max_entries=1, max_moment_bytes=MOMENT_LIMIT if method["keeps_entries"] else None)
         # ratio by ratio, every seed of each (a time-boxed run leaves whole ratios behind)
         streak = 0  # CRs in a row at chance (counted again from the points on a resumed run)
         for ratio in sw["ratios"]:

@@ -24,7 +24,12 @@ def test_available_device_names_a_device_this_machine_has_or_says_why_not():
 
     assert available_device("cpu") == torch.device("cpu")
     for bad in ("gpu0", "cuda:x", ""):
-        with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+        with pytest.raises(ValueError, match="expected cpu, cuda, cuda:N or mps"):
             available_device(bad)
     with pytest.raises(ValueError, match="'cuda:64' is not on this machine"):
         available_device("cuda:64")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="'mps' is not on this machine"):
+            available_device("mps")
+    with pytest.raises(ValueError, match="expected cpu, cuda, cuda:N or mps, got 'meta'"):
+        available_device("meta")

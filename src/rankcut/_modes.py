@@ -64,16 +64,20 @@ def available_device(text: str) -> torch.device:
     """The device ``text`` names (``cpu``, ``cuda``, ``cuda:N``, ``mps``) when this machine has
     it; ValueError otherwise (a command refuses a missing GPU up front, not when it first uses
     it)."""
+    expected = f"expected cpu, cuda, cuda:N or mps, got {text!r}"
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+        raise ValueError(expected) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:
             raise ValueError(f"{text!r} is not on this machine ({count} CUDA device(s))")
-    elif device.type not in ("cpu", "mps"):
-        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{text!r} is not on this machine (no Apple GPU)")
+    elif device.type != "cpu":
+        raise ValueError(expected)
     return device
 
 

@@ -46,8 +46,9 @@ def check_tensor(x, name: str, *, ndim: int | None = None, min_ndim: int | None 
     # in slices of about 16 M entries along the first mode: a mask of the whole tensor would be
     # 0.6 GB more for a 25,088-wide input moment
     step = max(1, (1 << 24) // max(1, x[0].numel())) if x.ndim else 1
-    if not all(bool(torch.isfinite(part).all()) for part in (x.split(step) if x.ndim else [x])):
-        n_bad = int((~torch.isfinite(x)).sum())
+    parts = x.split(step) if x.ndim else [x]
+    if not all(bool(torch.isfinite(part).all()) for part in parts):
+        n_bad = sum(int((~torch.isfinite(part)).sum()) for part in parts)
         raise ValueError(f"{name}: expected finite entries, got {n_bad} NaN or infinite entries")
     return x
 

@@ -60,10 +60,11 @@ FORMAT_VERSION = 1
 # 3,495 primitives in its table, 189 s of its 304 s first plan at 2x fewer MACs.
 RANK_STEP = RANK_ALIGN
 # About this many milliseconds of timed runs per primitive (fewer runs than ``repeats`` above
-# it). Two tables of torchvision ResNet-18 at 224x224 built alike differ by 2-4% in the median
-# primitive and 7-19% at the 90th percentile whether each primitive gets 25 ms of runs or 5
-# (the machine's state, not the count, sets the noise; benchmarks/latency_noise.py,
-# docs/planning.md); at 5 its 1,878 timings take about 17 s instead of 40 s.
+# it). Two tables of torchvision ResNet-18 at 224x224 built alike at 25 ms differed by 3-5% in
+# the median primitive and 16-20% at the 90th percentile, about as much as one at 5 ms differed
+# from them (no bias: median ratio 0.99-1.0); the machine's state from minute to minute sets the
+# noise more than the count of runs (benchmarks/latency_noise.py, docs/planning.md). At 5 ms
+# its 1,878 timings took 20 s instead of 44 s.
 RUNS_MS = 5.0
 
 
@@ -151,10 +152,10 @@ class LatencyTable:
             we measured) or ``"contiguous"``; deploy the model in the same format
             (``rc.fuse(memory_format=...)``).
         warmup, repeats: untimed and (at least) timed runs of each primitive; the median is
-            kept. A primitive faster than 25/``repeats`` ms gets more runs (up to 200, about
-            25 ms of them); a slower one is timed by the median of 3 runs after 1 untimed (on
-            VGG-11-BN at batch 32 its layers take tens of ms, and the table is most of the
-            planning time).
+            kept. A primitive faster than ``RUNS_MS``/``repeats`` ms gets more runs (up to 200,
+            about ``RUNS_MS`` ms of them); a slower one is timed by the median of 3 runs after
+            1 untimed (on VGG-11-BN at batch 32 its layers take tens of ms, and the table is
+            most of the planning time).
         engine: what the times are of: ``"eager"`` (PyTorch) or ``"onnxruntime"`` (each layer,
             and the model, exported to ONNX and run by ONNX Runtime on the CPU:
             :func:`rankcut.profile.ort_session`), for a model that will be deployed there. A
@@ -355,7 +356,7 @@ class LatencyTable:
                                     engine=self.engine).median_ms
             if first * self.repeats > RUNS_MS:  # a slow kernel: 3 runs tell its time
                 times[str(batch)] = first
-            else:  # small kernels (tens of microseconds) get more runs, about 25 ms of them:
+            else:  # small kernels (tens of microseconds) get more runs, about RUNS_MS of them:
                 # their medians are otherwise at the mercy of a few noisy runs
                 repeats = max(self.repeats, min(200, int(RUNS_MS / max(first, 1e-3))))
                 times[str(batch)] = measure_latency(prim, x, warmup=max(0, self.warmup - 1),
