@@ -676,7 +676,12 @@ def plot(head: dict, points: list[dict], path: Path, tuned: list[dict] = ()) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, size) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (acc, size) = plt.subplots(1, 2, figsize=(14, 4.8))
+    # one colour per method (its rule and target series and its fine-tuned points alike; up to
+    # 10 methods, then tab20's), the mode by the line: rule solid, target dashed, tuned dotted
+    labels = list(dict.fromkeys(label for label, _ in [*grouped(points), *grouped(list(tuned))]))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colour = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
     for (label, mode), by_ratio in grouped(points).items():
         cr = [_mean(ps, "part_ratio") for _, ps in by_ratio]
         top = [_mean(ps, "top1") for _, ps in by_ratio]
@@ -687,12 +692,12 @@ def plot(head: dict, points: list[dict], path: Path, tuned: list[dict] = ()) -> 
                 for t, (_, ps) in zip(top, by_ratio, strict=True)]
         style = "-o" if mode == "rule" else "--s"
         acc.errorbar(cr, top, yerr=[low, high], fmt=style, ms=3, capsize=2,
-                     label=f"{label} ({mode})")
+                     color=colour[label], label=f"{label} ({mode})")
         size.plot(cr, [_mean(ps, "params") for _, ps in by_ratio], style, ms=3,
-                  label=f"{label} ({mode})")
+                  color=colour[label], label=f"{label} ({mode})")
     for (label, mode), by_ratio in grouped(list(tuned)).items():
         acc.plot([ps[0]["part_ratio"] for _, ps in by_ratio], [ps[0]["top1"] for _, ps in by_ratio],
-                 "x:", ms=6, label=f"{label} ({mode}), fine-tuned")
+                 "x:", ms=7, mew=1.5, color=colour[label], label=f"{label} ({mode}), fine-tuned")
     acc.axhline(head["dense_top1"], color="k", lw=0.8, ls=":", label="dense")
     for ax in (acc, size):
         ax.set_xscale("log")
@@ -701,10 +706,11 @@ def plot(head: dict, points: list[dict], path: Path, tuned: list[dict] = ()) -> 
     size.set_yscale("log")
     acc.set_ylabel("top-1 % (no fine-tuning unless marked)")
     size.set_ylabel(f"{head['part']} parameters")
-    acc.legend(fontsize=7)
+    # beside the plots, not over the curves
+    fig.legend(*acc.get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.suptitle(f"{head['model']} on {head['data']}: {head['part']} compressed, "
                  f"dense {head['dense_top1']:.2f}%")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
