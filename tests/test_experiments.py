@@ -687,18 +687,78 @@ def test_classifier_sweep_a_diverged_fine_tuning_ends_the_walk(monkeypatch, tmp_
     monkeypatch.setattr(sweep_, "evaluate", lambda model, data: {
         "top1": 0.0 if model.weight.isnan().any() else 89.8})
     path = sweep_.finetune_model(run, sw, tmp_path)
-    assert calls == [1, 2]  # 8 is not walked
+    assert calls == [1, 2, 2]  # the second point tried twice (the retry at a lower lr); 8 not
     ft_head, tuned = sweep_.read_points(path)
     assert [p["ratio"] for p in tuned] == [2, 4]
     assert "diverged" not in tuned[0] and "lower lr" in tuned[1]["diverged"]
     assert tuned[1]["top1"] == 0.0 and tuned[1]["top1_before"] == 89.8
+    assert tuned[1]["retried"]["lr"] == sw["finetune"]["lr"]
+    assert tuned[1]["lr"] == pytest.approx(sw["finetune"]["lr"] * sweep_.RETRY_LR)
     sweep_.finetune_model(run, sw, tmp_path)  # resumed: the diverged point is not run again
-    assert calls == [1, 2]
+    assert calls == [1, 2, 2]
     table = sweep_.finetuned_table(ft_head, tuned)
     row = next(line for line in table.splitlines() if line.startswith("| svd |"))
     cr = f"{1000 / 21:.1f}"  # both points' models: Linear(6, 3), 21 params
     assert f"| {cr} | 89.80 -> 89.80 | {cr} | 89.80 | 21 |" in row
     assert f"| {cr}: 89.80 -> diverged |" in row
+
+
+def test_classifier_sweep_a_diverged_fine_tuning_is_tried_again_at_a_lower_rate(monkeypatch,
+                                                                             tmp_path):
+    """A loss gone NaN at the recipe's lr is tried once more from the same compressed start at
+    RETRY_LR times it: kept there, the point counts (starred in the table) and the walk goes
+    on. A point recorded as diverged before retries existed (no "lr") is tuned again on
+    resume, its line replaced."""
+    import yaml
+
+    sweep_ = _sweep_module()
+    raw = yaml.safe_load(SWEEP_CONFIG)
+    raw["sweep"]["finetune"] = {"series": ["svd/rule"], "ratios": [2, 4], "tolerance": 1}
+    sw = sweep_.sweep_settings(raw)
+    lr = sw["finetune"]["lr"]
+    head = {"dense_top1": 90.0, "part_params": 1000, "total_params": 5000, "part": "fc"}
+    run = {"name": "m", "head": {**head, "exclude": []}, "plain": [], "model": None,
+           "device": "cpu", "part": None, "x": None, "calib": None,
+           "points": [{"label": "svd", "mode": "rule", "ratio": 2, "seed": 0, "top1": 89.5}]}
+    torch.manual_seed(0)
+    run["test"] = torch.utils.data.TensorDataset(torch.randn(40, 6), torch.randint(0, 3, (40,)))
+    starts, rates = [], []
+
+    def compressed(part, x, method, ratio, *args):
+        starts.append(torch.nn.Linear(6, 3))
+        return starts[-1], SimpleNamespace(active={}), 0.0
+
+    def finetune(model, *args, lr, **kwargs):
+        rates.append(lr)
+        # each try gets the compressed start, not what an earlier try left
+        assert torch.equal(model.weight, starts[-1].weight)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        if lr == sw["finetune"]["lr"]:
+            raise FloatingPointError("training loss is nan at step 50: lower lr")
+
+    monkeypatch.setattr(sweep_, "compressed", compressed)
+    monkeypatch.setattr(sweep_, "finetune", finetune)
+    monkeypatch.setattr(sweep_, "part_inputs", lambda *a, **k: "inputs")
+    monkeypatch.setattr(sweep_, "evaluate", lambda model, data: {"top1": 89.8})
+    path = sweep_.finetune_model(run, sw, tmp_path)
+    low = pytest.approx(lr * sweep_.RETRY_LR)
+    assert rates == [lr, low, lr, low]  # both ratios walked: the retries kept them
+    head, tuned = sweep_.read_points(path)
+    assert [p["ratio"] for p in tuned] == [2, 4] and head["retry_lr"] == sweep_.RETRY_LR
+    assert all("diverged" not in p and p["lr"] == low and p["retried"]["lr"] == lr
+               for p in tuned)
+    table = sweep_.finetuned_table(head, tuned)
+    assert "-> 89.80\\* |" in table and f"\\* tuned at lr {lr * sweep_.RETRY_LR:g}" in table
+    # a point recorded as diverged by code without retries: tuned again, its line replaced
+    old = {**tuned[1], "diverged": "training loss is nan"}
+    del old["lr"], old["retried"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [head, tuned[0], old]))
+    rates.clear()
+    sweep_.finetune_model(run, sw, tmp_path)
+    assert rates == [lr, low]
+    _, again = sweep_.read_points(path)
+    assert [p["ratio"] for p in again] == [2, 4] and "diverged" not in again[1]
 
 
 def test_classifier_sweep_settings_are_checked_before_any_work():
