@@ -13,6 +13,18 @@ def commit() -> str:
     return source_commit()
 
 
+def header() -> str:
+    """The start of a benchmark's first line: the date, the commit, torch's version, its
+    threads and the machine's architecture (what every number printed after depends on)."""
+    import platform
+    import time
+
+    import torch
+
+    return (f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {platform.machine()}")
+
+
 def cifar_test_and_calib(calib: int):
     """(the shared data's root, CIFAR-10 test images, their labels, the first ``calib`` training
     images); exits with the reason when the data is absent."""

@@ -36,7 +36,7 @@ import warnings
 import torch
 
 import rankcut as rc
-from _common import commit
+from _common import commit, header
 from rankcut.data import find_data_root
 from rankcut.models import PRETRAINED, create
 from rankcut.profile import compare_latency, count_macs, with_batch
@@ -94,8 +94,7 @@ def main():
     args = parser.parse_args()
     for target in args.targets:
         parse_target(target)
-    print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}, {platform.processor() or ''}"
+    print(f"{header()}, {platform.processor() or ''}"
           f", {LatencyTable().setting['device']}; planned with a {args.table_engine} latency "
           f"table; speed-up = dense / compressed (both fused), "
           f"eff = speed-up / MAC reduction", flush=True)

@@ -18,7 +18,6 @@ Run from the repository root, alone on the machine:
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ import torch
 import torchvision
 
 import rankcut as rc
-from _common import commit
+from _common import header
 from rankcut.select import latency
 
 
@@ -57,9 +56,7 @@ def main():
     parser.add_argument("--runs-ms", type=float, default=latency.RUNS_MS)
     parser.add_argument("--reference", type=float, default=25.0)
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}; auto, {args.target}, no "
-          f"data, default latency guard, batch 1")
+    print(f"{header()}; auto, {args.target}, no data, default latency guard, batch 1")
     for name in args.models:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval()

@@ -32,7 +32,6 @@ root, one heavy job at a time:
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 from scipy.stats import spearmanr
 
 import rankcut as rc
-from _common import cifar_test_and_calib, commit, empty_latency_cache
+from _common import cifar_test_and_calib, commit, empty_latency_cache, header
 from rankcut.data import synthetic_calibration
 from rankcut.models import PRETRAINED, create, normalizer, pretrained_path
 from rankcut.profile import count_macs, count_params, layer_macs
@@ -114,8 +113,7 @@ def main():
         parse_target(target)
     root, images, labels, train = cifar_test_and_calib(args.calib)
     x = torch.rand(args.batch, 3, 32, 32)
-    print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}; CIFAR-10 test images "
+    print(f"{header()}; CIFAR-10 test images "
           f"0..{len(images) - 1}; calibration: the first {args.calib} training images; no "
           "fine-tuning", flush=True)
     for name in args.models:

@@ -17,14 +17,13 @@ repository root, one heavy job at a time:
 """
 
 import argparse
-import platform
 import time
 
 import torch
 import torchvision
 
 import rankcut as rc
-from _common import empty_latency_cache
+from _common import empty_latency_cache, header
 from rankcut.models import REGISTRY, create
 
 
@@ -35,8 +34,7 @@ def main():
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--allow-slower", action="store_true")
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {platform.machine()}; auto, {args.target}, no data, latency guard "
+    print(f"{header()}; auto, {args.target}, no data, latency guard "
           f"{'off' if args.allow_slower else 'on'}, input 1x3x{args.size}x{args.size}")
     for name in args.models:
         torch.manual_seed(0)

@@ -15,14 +15,11 @@ was spent. Run from the repository root, nothing else running:
 """
 
 import argparse
-import platform
 import time
 import warnings
 
-import torch
-
 import rankcut as rc
-from _common import cifar_test_and_calib, commit
+from _common import cifar_test_and_calib, header
 from latency import load, timings
 from rankcut.models import normalizer
 from rankcut.profile import count_macs, with_batch
@@ -42,8 +39,7 @@ def main():
     for target in args.targets:
         parse_target(target)
     _, images, labels, train = cifar_test_and_calib(1024)
-    print(f"{time.strftime('%Y-%m-%d')}, commit {commit()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}, "
+    print(f"{header()}, "
           f"{LatencyTable().setting['device']}; batch {args.batch}; CIFAR-10 test images "
           f"0..{len(images) - 1}; no fine-tuning", flush=True)
     print(f"{'model':>15} {'target':>8} {'calib':>5} {'slack':>5} {'top-1 %':>7} {'MACs x':>6} "
