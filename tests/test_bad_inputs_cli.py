@@ -74,7 +74,6 @@ S = ["--model", "resnet20_cifar", "--input-shape", "3,32,32", "--method", "svd",
 # ---------------------------------------------------------------------------------- helpers
 
 
-
 def tree(folder) -> dict[str, str]:
     """Every file and folder under ``folder`` with a hash of its contents (links by target)."""
     state = {}

@@ -16,8 +16,6 @@ from tests._cli import run
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-
-
 @pytest.mark.parametrize("command", ["analyze", "compress", "evaluate", "benchmark", "export",
                                      "sweep", "transfer", "demo"])
 def test_every_subcommand_has_help(command, capsys):

@@ -159,8 +159,6 @@ def test_inference_mode_is_refused_with_a_reason():
         synthetic_calibration(tiny_bn(), torch.rand(1, 3, 8, 8), steps=1)
 
 
-
-
 def test_cli_compresses_without_data_on_synthetic_inputs(capsys, tmp_path):
     code, _, err = run(capsys, "compress", "--model", "tests.test_synthetic:tiny_bn",
                        "--input-shape", "3,16,16", "--method", "svd", "--rank", 4,
