@@ -162,8 +162,6 @@ def sweep_settings(config: dict) -> dict:
             raise SystemExit(f"{where}: method {m['method']!r} does not factorize Linear layers")
         if m["data"] and not method.data_aware:
             raise SystemExit(f"{where}: method {m['method']!r} has no data-aware form")
-        # (CUR: its sequential apply fits the weight's own entries beside a second moment)
-        m["keeps_entries"] = method.keeps_entries
         methods[label] = m
     s["methods"] = methods
     if s["finetune"] is not None:
@@ -383,7 +381,9 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
             # it: with the plan's 5 GB kept too, a VGG-11 point peaked at 20 GB on a 24 GB
             # machine, so its moments are not kept (each point measures them, about a minute)
             cache = rc.select.CandidateCache.cached(
-                max_entries=1, max_moment_bytes=MOMENT_LIMIT if method["keeps_entries"] else None)
+                max_entries=1, max_moment_bytes=(
+                    MOMENT_LIMIT if rc.methods.resolve(method["method"])[0].keeps_entries
+                    else None))
         # ratio by ratio, every seed of each (a time-boxed run leaves whole ratios behind)
         streak = 0  # CRs in a row at chance (counted again from the points on a resumed run)
         for ratio in sw["ratios"]:
@@ -478,7 +478,7 @@ def finetune_model(run: dict, sw: dict, base: Path,
                 # diverged before a retry at a lower rate was tried (code before it): tuned
                 # again, its line replaced
                 p = None
-                tuned = _dropped(path, tuned, (label, mode, ratio, seed))
+                _drop(path, (label, mode, ratio, seed))
             if p is not None and "unreachable" in p:  # recorded by an earlier run
                 break
             if p is None:
@@ -515,14 +515,13 @@ def _key(p: dict) -> tuple:
     return p["label"], p["mode"], p["ratio"], p["seed"]
 
 
-def _dropped(path: Path, tuned: list[dict], key: tuple) -> list[dict]:
-    """``tuned`` without the point of ``key``, and the file ``path`` (header, then the points)
-    rewritten without it."""
+def _drop(path: Path, key: tuple) -> None:
+    """The points file ``path`` (header, then the points, read again: this run may have added
+    some) rewritten without the point of ``key``."""
     head, rows = read_points(path)
     rows = [p for p in rows if "unreachable" in p or _key(p) != key]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in [head, *rows]))
-    return [p for p in tuned if _key(p) != key]
 
 
 def unreachable(path: Path, name: str, label: str, method: dict, mode: str, ratio, seed: int,
