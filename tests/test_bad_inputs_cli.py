@@ -342,6 +342,35 @@ def _compressed_not_rankcut(tmp):
     return ["benchmark", "--model", TINY, "--input-shape", "3,8,8", "--compressed", tmp / "c"]
 
 
+def _compressed_rank_overflow(tmp):
+    """A saved folder whose plan was edited to a rank no layer can have (not verified)."""
+    plan = rc.Plan({"2": rc.LayerPlan("svd", (4,))})
+    rc.save(rc.apply(tiny().eval(), plan), tmp / "c", plan=plan)
+    doc = json.loads((tmp / "c" / "plan.json").read_text())
+    doc["layers"]["2"]["ranks"] = [10**20]
+    (tmp / "c" / "plan.json").write_text(json.dumps(doc))
+    return ["export", "--model", TINY, "--input-shape", "3,8,8", "--compressed", tmp / "c",
+            "--no-verify", "--output", tmp / "m.onnx"]
+
+
+def _plan_with_internal_option(tmp):
+    _write(tmp / "p" / "plan.json",
+           rc.Plan({"2": rc.LayerPlan("svd", (4,), options={"cov": 1})}).to_json().encode())
+    return ["compress", *T, "--plan", tmp / "p" / "plan.json", "--out", tmp / "o"]
+
+
+def _idx_header_beyond_the_file(tmp):
+    head = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 0xFFFFFFFF, 0x0FFFFFFF, 1)
+    _write(tmp / "mnist/t10k-images-idx3-ubyte", head + bytes(100))
+    _write(tmp / "mnist/t10k-labels-idx1-ubyte", idx(np.array([0, 9, 2])))
+    return ["evaluate", "--model", TINY, "--data", "mnist", "--data-dir", tmp, "--quiet"]
+
+
+def _weights_folder(tmp):
+    (tmp / "w").mkdir()
+    return ["compress", *T, *PLAN_FLAGS, "--weights", tmp / "w", "--out", tmp / "o"]
+
+
 def _image_tree(tmp, *folders):
     """Two 8x8 PNG images of classes a and b in each of ``folders`` (relative to tmp/imgs)."""
     from PIL import Image
@@ -562,6 +591,27 @@ CLI_CASES = [
      ["--targets", "macs=0.5x"]),
     ("sweep-bad-method", _sweep("--methods", "svd", "magic"), ["--methods", "magic"]),
     ("sweep-single-target-flag", _sweep("--target", "macs=2x"), ["--target", "--targets"]),
+    # options the layers pass to the solvers themselves are not the user's to set
+    ("solver-option-set-by-rankcut", _compress("--solver-option", "svd.cov=5"),
+     ["--solver-option", "cov", "sets it itself"]),
+    ("solver-option-tucker-modes", _compress_plain("--method", "tucker", "--rank", "4",
+                                                   "--allow-slower", "--solver-option",
+                                                   "tucker.modes=5"), ["modes"]),
+    ("plan-option-set-by-rankcut", _plan_with_internal_option, ["--plan", "'2'", "cov"]),
+    # integers beyond what torch's sizes hold: refused with the flag's range
+    ("input-shape-overflow", lambda tmp: ["export", "--model", TINY, "--input-shape",
+                                          "3,8,99999999999999999999", "--output",
+                                          tmp / "m.onnx"], ["--input-shape"]),
+    ("latency-batch-overflow", _compress("--latency-batch", 10**20),
+     ["--latency-batch", "<= 2147483647"]),
+    ("seed-overflow", _compress("--seed", 2**64), ["--seed", "<= 9223372036854775807"]),
+    ("num-classes-overflow", _compress("--num-classes", 10**20), ["--num-classes"]),
+    ("threads-too-many", _compress("--threads", 2**31), ["--threads", "<= 1024"]),
+    ("compressed-rank-overflow", _compressed_rank_overflow,
+     ["--compressed", "plan.json", "'2'", "ranks"]),
+    ("idx-header-beyond-the-file", _idx_header_beyond_the_file,
+     ["t10k-images-idx3-ubyte", "truncated"]),
+    ("weights-a-folder", _weights_folder, ["--weights", "is a folder"]),
 ]
 
 
@@ -680,6 +730,66 @@ def test_data_readers_refuse_labels_out_of_range(tmp_path):
                           1).tobytes())
     with pytest.raises(ValueError, match=r"test.bin: label 100 .* outside 0\.\.99"):
         rc.data.dataset("cifar100", "test", root=tmp_path / "c100")
+
+
+def test_data_readers_read_no_more_than_the_file_holds(tmp_path):
+    """A record limit far beyond the file reads what is there (no allocation of the limit's
+    size); a damaged CIFAR python batch is a ValueError naming the file, whatever the pickle
+    machinery raised."""
+    from rankcut.data._formats import read_cifar_binary_batch
+
+    path = _write(tmp_path / "b.bin", cifar_records([3, 1, 2]))
+    images, labels = read_cifar_binary_batch(path, 1, limit=2**40)
+    assert images.shape == (3, 3, 32, 32) and labels.tolist() == [3, 1, 2]
+    good = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}, protocol=2)
+    assert b"latin1" in good  # numpy writes its arrays' bytes through a latin1 codec
+    folder = tmp_path / "cifar10/cifar-10-batches-py"
+    _write(folder / "test_batch", good.replace(b"latin1", b"Datin1"))
+    with pytest.raises(ValueError, match=r"test_batch: not a CIFAR python batch \(LookupError"):
+        rc.data.dataset("cifar10", "test", root=tmp_path)
+
+
+def test_an_image_too_large_for_pil_names_the_file(capsys, tmp_path, monkeypatch):
+    from PIL import Image
+
+    _image_tree(tmp_path, "test")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8)  # an 8x8 image now counts as a bomb
+    code, _, err = run(capsys, "evaluate", "--model", TINY, "--data", "imagefolder",
+                       "--data-dir", tmp_path / "imgs", "--normalization", "none", "--quiet")
+    assert_refused(code, err, "too large to read", ".png")
+
+
+def test_a_plan_meta_without_both_predicted_ratios_still_reports(capsys, tmp_path):
+    """meta is free-form: a hand-edited predicted entry without both ratios leaves the
+    report's predicted line out instead of failing after all the work."""
+    plan = rc.Plan({"2": rc.LayerPlan("svd", (4,))},
+                   meta={"predicted": {"macs_ratio": 2.0}, "note": "by hand"})
+    _write(tmp_path / "p" / "plan.json", plan.to_json().encode())
+    code, _, err = run(capsys, "compress", *T, "--plan", tmp_path / "p" / "plan.json", "--out",
+                       tmp_path / "o")
+    assert code == 0, err
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "factorized" in report and "the plan predicted" not in report
+
+
+def test_plans_and_paths_of_the_wrong_type_name_the_argument(tmp_path, saved):
+    from rankcut.io import save_plan
+
+    folder, small = saved
+    with pytest.raises(ValueError, match="meta: expected a mapping"):
+        rc.Plan({}, meta=5)
+    with pytest.raises(ValueError, match="layers: expected a mapping"):
+        rc.Plan("abc")
+    with pytest.raises(ValueError, match="plan: expected a rankcut.Plan, got dict"):
+        save_plan({"a": 1}, tmp_path / "p.json")
+    with pytest.raises(IsADirectoryError, match="a folder; save_plan writes a JSON file"):
+        save_plan(rc.Plan(), folder)
+    for call in (lambda: rc.load_plan(None), lambda: rc.load(tiny(), None),
+                 lambda: rc.save(small, None),
+                 lambda: rc.export(tiny(), None, "onnx", example_inputs=torch.rand(1, 3, 8, 8))):
+        with pytest.raises(ValueError, match="path: expected a file or folder path"):
+            call()
+    assert not (tmp_path / "p.json").exists()
 
 
 def test_export_refuses_a_folder_or_a_path_under_a_file(tmp_path):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,6 +19,15 @@ def check_module(value, name: str = "model") -> nn.Module:
     if not isinstance(value, nn.Module):
         raise ValueError(f"{name}: expected an nn.Module, got {type(value).__name__}")
     return value
+
+
+def as_path(value, name: str = "path") -> Path:
+    """``value`` (a str or os.PathLike) as a Path; anything else is an error naming the
+    argument."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"{name}: expected a file or folder path (str or os.PathLike), got "
+                         f"{type(value).__name__}")
+    return Path(value)
 
 
 def logits_of(out, what: str = "model") -> torch.Tensor:

@@ -476,10 +476,17 @@ def _input_shape(text: str) -> tuple[int, ...]:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         shape = ()
-    if not shape or any(v < 1 for v in shape):
+    if not shape or any(not 1 <= v <= MAX_INT for v in shape):
         raise UserError(f"--input-shape: expected C,H,W positive integers (e.g. 3,32,32), got "
                         f"{text!r}")
     return shape
+
+
+# The largest integer a count flag takes (torch's sizes and thread counts are C integers; a
+# seed may be as large as torch.manual_seed takes)
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**63 - 1
+MAX_THREADS = 1024
 
 
 def _flag(dest: str) -> str:
@@ -493,11 +500,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
                 "synthetic_calib": 0, "train_limit": 1, "latency_batch": 1, "seed": 0}
     for dest, low in at_least.items():
         value = getattr(args, dest, None)
-        if value is not None and value < low:
-            raise UserError(f"{_flag(dest)}: expected an integer >= {low}, got {value}")
+        high = {"seed": MAX_SEED, "threads": MAX_THREADS}.get(dest, MAX_INT)
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{_flag(dest)}: expected an integer >= {low} and <= {high}, got "
+                            f"{value}")
     for batch in getattr(args, "batches", None) or []:
-        if batch < 1:
-            raise UserError(f"--batches: expected batch sizes >= 1, got {batch}")
+        if not 1 <= batch <= MAX_INT:
+            raise UserError(f"--batches: expected batch sizes >= 1 and <= {MAX_INT}, got "
+                            f"{batch}")
     lr = getattr(args, "lr", None)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr: expected a finite number > 0, got {lr}")
@@ -612,8 +622,9 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UserError("--resume: needs --checkpoint-dir (where the checkpoint is)")
     weights = getattr(args, "weights", None)
     if weights is not None and not Path(weights).is_file():
-        raise UserError(f"--weights: {weights} not found (a safetensors or torch state-dict "
-                        "file; rankcut never downloads weights)")
+        raise UserError(f"--weights: {weights} " + ("is a folder, not" if Path(weights).is_dir()
+                                                    else "not found") + " (a safetensors or "
+                        "torch state-dict file; rankcut never downloads weights)")
     data_dir = getattr(args, "data_dir", None)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir: {data_dir} is not a folder (the data root: holding "
@@ -655,7 +666,8 @@ def _check_plan(args: argparse.Namespace):
 
 def _check_plan_ranks(plan, model) -> None:
     """A --plan's ranks within what each layer can hold (a hand-edited rank above it would be
-    built at the full rank, a layer larger than the dense one, reported as planned)."""
+    built at the full rank, a layer larger than the dense one, reported as planned), and its
+    solver options ones the user may set."""
     for name, lp in plan.active.items():
         try:
             module = model.get_submodule(name)
@@ -667,6 +679,7 @@ def _check_plan_ranks(plan, model) -> None:
         if any(r > f for r, f in zip(lp.ranks, full, strict=False)):
             raise UserError(f"--plan: layer {name!r} has ranks {list(lp.ranks)}, above what it "
                             f"can hold ({list(full)}); edit the plan")
+        _as_user_error(f"--plan: layer {name!r}", lp.spec.check_options, lp.options)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -931,7 +944,9 @@ class _Context:
         if not Path(folder).is_dir():
             raise UserError(f"--compressed: {folder} is not a folder written by 'rankcut "
                             "compress'")
-        return load(self.model(), folder, verify=not self.args.no_verify).eval()
+        model = self.model()
+        return _as_user_error("--compressed", lambda: load(
+            model, folder, verify=not self.args.no_verify)).eval()
 
     def finetune_options(self) -> dict:
         a = self.args

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import as_tensor_tuple, check_module, compare_outputs, eval_mode, model_device
+from ._modes import as_path, as_tensor_tuple, check_module, compare_outputs, eval_mode, model_device
 from .atomic import atomic_path, file_target_problem
 from .fuse import fuse as fused_copy
 
@@ -95,7 +95,7 @@ def export(
     if not isinstance(fuse, bool):
         raise ValueError(f"fuse: expected True or False, got {fuse!r}")
     inputs = as_tensor_tuple(example_inputs, "example_inputs")
-    path, opset = Path(path), int(opset)
+    path, opset = as_path(path), int(opset)
     problem = file_target_problem(path, probe=False)
     if problem is not None:
         raise ValueError(f"path: {problem}")

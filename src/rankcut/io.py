@@ -22,7 +22,7 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from . import methods
-from ._modes import check_module, model_device
+from ._modes import as_path, check_module, model_device
 from .atomic import atomic_path
 from .layers import FactorizedLayer, LowRankLinear
 from .models import WeightsMismatchError, check_state_dict, first_non_finite
@@ -87,7 +87,7 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
     if hasattr(model, "rankcut_fuse"):  # its BatchNorms folded away: no plan rebuilds that
         raise ValueError("model: a fused model (rankcut.fuse) cannot be saved for rankcut.load; "
                          "save the model before fusing, and fuse after loading")
-    folder = Path(path)
+    folder = as_path(path)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: a file, not a folder (rankcut.save writes a folder "
                               f"holding {PLAN_FILE} and {WEIGHTS_FILE})")
@@ -108,7 +108,12 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     """Write ``plan`` as JSON to the file ``path`` (atomically; its folder made if missing)."""
-    return _write_plan(plan.to_json(), Path(path))
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
+    path = as_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a folder; save_plan writes a JSON file")
+    return _write_plan(plan.to_json(), path)
 
 
 def _write_plan(text: str, path: Path) -> Path:
@@ -119,7 +124,7 @@ def _write_plan(text: str, path: Path) -> Path:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """The plan stored in a save folder, or in a plan file (``plan.json``)."""
-    path = Path(path)
+    path = as_path(path)
     # a file is the plan itself; a missing *.json names the missing plan file; else a folder
     plan_file = path if path.is_file() or (path.suffix == ".json" and not path.is_dir()) \
         else path / PLAN_FILE
@@ -163,7 +168,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
     written by hand). A weights file outside the folder and non-finite weights are refused
     either way (ValueError)."""
     check_module(base_model, "base_model")
-    folder = Path(path)
+    folder = as_path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: a file, not a folder (a rankcut save folder holds "
                          f"{PLAN_FILE} and {WEIGHTS_FILE})")

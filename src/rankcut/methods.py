@@ -71,6 +71,10 @@ NUMBER_OPTIONS = MappingProxyType({
     "n_cols": (int, 1, False), "n_rows": (int, 1, False), "tol": (float, 0, False),
     "ridge": (float, 0, False), "max_work": (float, 0, True)})
 
+# The solvers' arguments that the layers pass themselves (the data's moments, the kept entries,
+# the modes a Tucker-2 factorizes), never a user's option
+SET_BY_LAYERS = frozenset({"cov", "entries", "modes"})
+
 
 @dataclass(frozen=True)
 class Method:
@@ -163,6 +167,10 @@ class Method:
         opts = {k: v for k, v in options.items() if k != DATA_AWARE}
         if options.get(DATA_AWARE) and not self.data_aware:
             raise ValueError(self._not_data_aware())
+        internal = sorted(k for k in opts if k in SET_BY_LAYERS or str(k).startswith("_"))
+        if internal:
+            raise ValueError(f"{internal[0]}: not an option of method {self.name!r} (rankcut "
+                             "sets it itself)")
         for key, allowed in self.choices.items():
             if key in opts and opts[key] not in allowed:
                 raise ValueError(f"{key}: expected one of {', '.join(map(repr, allowed))}, "

@@ -120,6 +120,10 @@ class Plan(Mapping[str, LayerPlan]):
 
     def __init__(self, layers: Mapping[str, LayerPlan] | None = None,
                  meta: Mapping[str, Any] | None = None):
+        for what, value in (("layers", layers), ("meta", meta)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"{what}: expected a mapping (or None), got "
+                                 f"{type(value).__name__}")
         self.layers: dict[str, LayerPlan] = dict(layers or {})
         self.meta: dict[str, Any] = dict(meta or {})
         for name, lp in self.layers.items():

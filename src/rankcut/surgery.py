@@ -176,6 +176,9 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         if (reason := lp.spec.why_not(module)) is not None:
             raise ValueError(f"plan layer {name!r}: {reason}")
+        if any(r > module.weight.numel() for r in lp.ranks):  # a hand-edited plan's
+            raise ValueError(f"plan layer {name!r}: ranks {list(lp.ranks)} above the layer's "
+                             f"{module.weight.numel():,} weights: no factorization has them")
         if weights:
             check_weights(name, module)
         try:

@@ -73,8 +73,11 @@ def _tensor_image(path: str) -> torch.Tensor:
     """An image file (any format PIL reads) as a uint8 RGB tensor (3, H, W)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Image.DecompressionBombError as err:  # not an OSError, unlike other damage
+        raise ValueError(f"{path}: too large to read ({err})") from None
 
 
 def _imagefolder(root, split: str, transform, download: bool, limit: int | None):

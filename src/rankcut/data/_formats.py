@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
@@ -37,7 +38,23 @@ def _open(path: Path) -> Iterator[io.BufferedIOBase]:
 
 def _read(path: Path, nbytes: int | None = None) -> bytes:
     with _open(path) as f:
-        return f.read() if nbytes is None else f.read(nbytes)
+        return f.read() if nbytes is None else _read_at_most(f, nbytes)
+
+
+_CHUNK = 1 << 26
+
+
+def _read_at_most(f, nbytes: int) -> bytes:
+    """Up to ``nbytes`` bytes of ``f``, read in chunks: a size taken from a header or a limit
+    never allocates more than the file holds."""
+    parts = []
+    while nbytes > 0:
+        part = f.read(min(nbytes, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        nbytes -= len(part)
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +174,9 @@ def read_cifar_python_batch(path: Path, label_key: str,
     with _open(path) as f:
         try:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise ValueError(f"{path}: not a CIFAR python batch ({e})") from e
+        except Exception as e:  # a damaged pickle fails in any of a dozen ways
+            raise ValueError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {e})"
+                             ) from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: not a CIFAR python batch (no dict inside)")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -258,8 +276,8 @@ def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
         dims = list(struct.unpack(f">{ndim}I", f.read(4 * ndim)))
         if limit is not None:
             dims[0] = min(dims[0], limit)
-        count = int(np.prod(dims))
-        raw = f.read(count * dtype.itemsize)
+        count = math.prod(dims)
+        raw = _read_at_most(f, count * dtype.itemsize)
     if len(raw) != count * dtype.itemsize:
         raise ValueError(f"{path}: truncated idx file ({len(raw)} bytes of data, expected "
                          f"{count * dtype.itemsize} for dims {dims})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -175,6 +176,19 @@ class Report(Document):
 
     # ---- Markdown --------------------------------------------------------------------------
 
+    def _predicted_ratios(self) -> tuple[float, float] | None:
+        """The plan's predicted (params, MACs) ratios, where its free-form meta has both as
+        positive numbers (a hand-edited plan's may not)."""
+        meta = (self.plan or {}).get("meta")
+        predicted = meta.get("predicted") if isinstance(meta, Mapping) else None
+        if not isinstance(predicted, Mapping):
+            return None
+        ratios = [predicted.get(f"{kind}_ratio") for kind in ("params", "macs")]
+        if not all(isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r)
+                   and r > 0 for r in ratios):
+            return None
+        return ratios[0], ratios[1]
+
     def to_markdown(self) -> str:
         title = self.meta.get("title") or "rankcut report"
         lines = [f"# {title}", ""]
@@ -186,10 +200,9 @@ class Report(Document):
                   f"{_machine_line(self.machine)}.", ""]
         lines += ["## Headline", "", self._headline_table(), ""]
         lines += [f"- {text}" for text in self.headline()]
-        predicted = (self.plan or {}).get("meta", {}).get("predicted")
-        if predicted:
-            said = [f"{kind} {Change(kind, kind, predicted[f'{kind}_ratio'], 1.0).short}"
-                    for kind in ("params", "macs")]
+        if (ratios := self._predicted_ratios()) is not None:
+            said = [f"{kind} {Change(kind, kind, ratio, 1.0).short}"
+                    for kind, ratio in zip(("params", "macs"), ratios, strict=True)]
             lines.append(f"- the plan predicted {said[0]} and {said[1].replace('macs', 'MACs')}")
         lines += ["", "Ratios are original / compressed: \"3x fewer\" means the compressed "
                   "model has a third of the original's cost. MACs are for one sample; latency is "
