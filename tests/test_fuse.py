@@ -162,6 +162,88 @@ def test_revert_slower_times_each_factorized_layer_on_its_input(monkeypatch):
     assert isinstance(loose[1], SVDConv2d) and not loose.rankcut_fuse["reverted"]
 
 
+def _layouts(*tensors_or_modules):
+    """"cl" or "c" per argument: its (first 4-D weight's) memory format."""
+    out = []
+    for t in tensors_or_modules:
+        if isinstance(t, nn.Module):
+            t = next(p for p in t.parameters() if p.ndim == 4 and p.shape[1] > 1)
+        out.append("c" if t.is_contiguous() else
+                   "cl" if t.is_contiguous(memory_format=torch.channels_last) else "?")
+    return out
+
+
+def test_timings_use_the_memory_format_that_is_deployed(monkeypatch):
+    """"auto" times a contiguous copy against a channels_last one even when the model's weights
+    are channels_last already; revert_slower times the dense and factorized layer and their
+    input in the format asked for (and in the layer's own without one), and the dense layer
+    put back is in it."""
+    torch.manual_seed(0)
+    seen = []
+    real = sys.modules["rankcut.fuse"].compare_latency
+
+    def spy(a, b, x, **kw):
+        seen.append(_layouts(a, b, *([x] if isinstance(x, torch.Tensor) else x)))
+        return real(a, b, x, warmup=1, repeats=1)
+
+    monkeypatch.setattr(sys.modules["rankcut.fuse"], "compare_latency", spy)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    rc.fuse(model.to(memory_format=torch.channels_last), x, memory_format="auto")
+    assert seen == [["c", "cl", "c"]]
+    model[2] = SVDConv2d.from_dense(model[2], 12)
+    for asked, expected in (("channels_last", "cl"), ("contiguous", "c")):
+        seen.clear()
+        fused = rc.fuse(model, x, memory_format=asked, revert_slower=True)
+        assert seen == [[expected] * 3]
+        assert _layouts(fused[2]) == [expected]
+    seen.clear()
+    rc.fuse(model.to(memory_format=torch.channels_last), x, revert_slower=True)
+    assert seen == [["cl"] * 3]
+
+
+def test_the_fused_model_is_in_eval_mode_throughout():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)).eval()
+    model[2] = SVDConv2d.from_dense(model[2], 4)  # saves nothing: made dense again
+    fused = rc.fuse(model, torch.randn(1, 3, 8, 8))
+    assert fused.rankcut_fuse["reverted"] and fused.rankcut_fuse["folded"]
+    assert [n for n, m in fused.named_modules() if m.training] == []
+
+
+class _UntraceableReuse(nn.Module):
+    """fx cannot trace it; the stem's conv is also called on its own (its output read outside
+    the stem), and a Sequential subclass adds its input before the BatchNorm."""
+
+    class _Residual(nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x) + x)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.res = self._Residual(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.tail = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        if x.mean() > -100:
+            x = x * 1.0
+        return self.tail(self.res(self.stem(x) + self.stem[0](x)))
+
+
+def test_the_sequential_fallback_folds_only_pairs_seen_feeding_each_other():
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(_UntraceableReuse().eval())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="seen feeding it in one forward"):
+        fused = rc.fuse(model, x)  # checks the outputs too
+    assert [f["batchnorm"] for f in fused.rankcut_fuse["folded"]] == ["tail.1"]
+    with pytest.warns(UserWarning, match="nothing is folded without example_inputs"):
+        blind = rc.fuse(model, check=False)
+    assert blind.rankcut_fuse["folded"] == []
+    with torch.no_grad():
+        assert torch.allclose(blind(x), model(x), atol=1e-5)
+
+
 def test_batchnorm1d_after_a_linear_or_a_low_rank_linear_is_folded():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU(),

@@ -12,19 +12,22 @@ factorized layer that, after rank rounding or a later edit, saves neither parame
    the ``nn.Linear`` (or low-rank Linear's second factor) that feeds it
    (:func:`torch.nn.utils.fusion.fuse_linear_bn_eval`); the BatchNorm becomes
    ``nn.Identity``. Which convolution feeds which BatchNorm is read from the model's graph
-   (:mod:`torch.fx`, factorized layers kept whole); a model that ``torch.fx`` cannot trace falls
-   back to consecutive children of ``nn.Sequential`` containers (modules held once in the
-   model), and a pair is folded only where each module is called once, held at one path and
-   its tensors not read elsewhere in the forward. Never folded into: a subclass of Conv2d or
+   (:mod:`torch.fx`, factorized layers kept whole), and a pair is folded only where each module
+   is called once, held at one path and its tensors not read elsewhere in the forward; a model
+   that ``torch.fx`` cannot trace falls back to consecutive children of ``nn.Sequential``
+   containers with Sequential's own forward, held once in the model, and seen in one forward
+   on ``example_inputs`` each called once, the BatchNorm fed the layer's output (without
+   ``example_inputs``, nothing is folded then). Never folded into: a subclass of Conv2d or
    Linear with its own forward (it may use the weight otherwise) or a layer whose weight is
    computed (weight or spectral norm, parametrized or by hooks); with ``example_inputs``, a
    BatchNorm1d fed a 3-D input (it normalises dim 1, not the features) is left alone;
-2. every factorized layer that saves nothing turned back into its dense layer: with
+2. with ``memory_format``, its weights put in that memory format (``"auto"``: whichever of
+   channels_last and contiguous runs the model faster on ``example_inputs`` on this device);
+3. every factorized layer that saves nothing turned back into its dense layer: with
    ``example_inputs``, one with at least the dense layer's parameters *and* MACs (at the input
    it really gets); without, one with at least its parameters; with ``revert_slower``, also one
-   measured slower than its dense layer on this device;
-3. with ``memory_format``, its weights put in that memory format (``"auto"``: whichever of
-   channels_last and contiguous runs the model faster on ``example_inputs`` on this device);
+   measured slower than its dense layer on this device (both timed in the memory format of
+   step 2, or without one in the factorized layer's own);
 4. with ``example_inputs`` and ``check=True``, its outputs compared with the original's.
 
 The result is in eval mode (folding uses the running statistics) and records what was done in
@@ -97,7 +100,7 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
                          "example_inputs (the model is timed on them)")
     inputs = None if example_inputs is None else on_model_device(model, example_inputs)
     fused = copy.deepcopy(model).eval()
-    pairs = _layer_bn_pairs(fused)
+    pairs = _layer_bn_pairs(fused, inputs)
     bn1d = {bn: fused.get_submodule(bn) for _, bn in pairs
             if isinstance(fused.get_submodule(bn), nn.BatchNorm1d)}
     if inputs is not None and bn1d:
@@ -107,13 +110,16 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
         pairs = [(layer, bn) for layer, bn in pairs
                  if not (bn in called and called[bn][1][0].ndim != 2)]
     folded = [_fold(fused, conv, bn) for conv, bn in pairs]
-    reverted = _revert_unprofitable(fused, inputs, latency_margin if revert_slower else None)
+    if memory_format == "auto":
+        memory_format = _faster_format(fused, inputs)
+    if memory_format is not None:
+        fused.to(memory_format=MEMORY_FORMATS[memory_format])
+    reverted = _revert_unprofitable(fused, inputs, latency_margin if revert_slower else None,
+                                    memory_format)
     fused.rankcut_fuse = {"folded": [f for f in folded if f], "reverted": reverted}
     if memory_format is not None:
-        if memory_format == "auto":
-            memory_format = _faster_format(fused, inputs)
-        fused.to(memory_format=MEMORY_FORMATS[memory_format])
         fused.rankcut_fuse["memory_format"] = memory_format
+    fused.eval()  # the modules put in (identities, dense layers) too
     if check and inputs is not None:
         _check_outputs(model, fused, inputs, atol)
     return fused
@@ -148,16 +154,19 @@ def _folds_into(m: nn.Module):
     return None
 
 
-def _layer_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _layer_bn_pairs(model: nn.Module, inputs) -> list[tuple[str, str]]:
     """(layer name, BatchNorm name) for every BatchNorm2d fed by a convolution, or BatchNorm1d fed
     by a Linear, whose output goes nowhere else, each module called once."""
     try:
         graph = _KeepFactorized().trace(model)
     except Exception as err:  # any tracing failure means: no graph
-        warnings.warn(f"fuse: torch.fx cannot trace {type(model).__name__} ({err}); only "
-                      "layers followed by a BatchNorm in an nn.Sequential are folded",
+        what = (" nothing is folded without example_inputs (with them: a layer and the "
+                "BatchNorm after it in an nn.Sequential, seen feeding it in one forward)"
+                if inputs is None else " only a layer and the BatchNorm after it in an "
+                "nn.Sequential, seen feeding it in one forward, are folded")
+        warnings.warn(f"fuse: torch.fx cannot trace {type(model).__name__} ({err});{what}",
                       stacklevel=3)
-        return _sequential_pairs(model)
+        return [] if inputs is None else _sequential_pairs(model, inputs)
     calls: dict[str, int] = {}
     read: set[str] = set()  # modules whose tensors the forward also reads (conv.weight)
     for node in graph.nodes:
@@ -188,14 +197,16 @@ def _layer_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Consecutive (layer, BatchNorm) children of the model's Sequentials, each module held
-    once in the model (a module registered twice runs twice: folding into it would change both
-    calls)."""
+def _sequential_pairs(model: nn.Module, inputs) -> list[tuple[str, str]]:
+    """Consecutive (layer, BatchNorm) children of the model's Sequentials (ones that run
+    nn.Sequential's own forward), each module held once in the model (a module registered twice
+    runs twice: folding into it would change both calls), and in one forward on ``inputs``
+    each called once, the BatchNorm on the very tensor the layer returned (a layer also called
+    outside its Sequential, or a Sequential the model enters otherwise, is not folded)."""
     paths = module_paths(model)
     pairs = []
     for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         # _modules, not named_children(): that skips a child seen before, which would make the
         # two modules around it look consecutive
@@ -204,7 +215,22 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
                     and len(paths[id(first)]) == 1 and len(paths[id(second)]) == 1):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + a, prefix + b))
-    return pairs
+    if not pairs:
+        return []
+    calls: dict[str, list] = {}  # name: [times called, the layer's output / the BatchNorm's input]
+
+    def record(name: str, is_bn: bool):
+        def hook(_module, args, output) -> None:
+            entry = calls.setdefault(name, [0, args[0] if is_bn else output])
+            entry[0] += 1
+        return hook
+
+    hooks = [(model.get_submodule(n), record(n, is_bn))
+             for pair in pairs for n, is_bn in zip(pair, (False, True), strict=True)]
+    with hooked(model, hooks):
+        model(*inputs)
+    return [(a, b) for a, b in pairs if a in calls and b in calls and calls[a][0] == 1
+            and calls[b][0] == 1 and calls[b][1] is calls[a][1]]
 
 
 # ------------------------------------------------------------------------------ the folding
@@ -236,9 +262,11 @@ def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
     return {"conv": conv_name, "batchnorm": bn_name}
 
 
-def _revert_unprofitable(model: nn.Module, inputs, margin: float | None) -> dict[str, str]:
+def _revert_unprofitable(model: nn.Module, inputs, margin: float | None,
+                         memory_format: str | None) -> dict[str, str]:
     """Factorized layers that save nothing (with ``margin``: or run slower than dense by more
-    than it), replaced by their dense layers; {name: why}."""
+    than it, both timed in ``memory_format``, or None: the factorized layer's own), replaced by
+    their dense layers (in that format); {name: why}."""
     # (a factorized layer that is the whole model has no parent to be replaced in: kept)
     dense = {n: m.to_dense() for n, m in model.named_modules()
              if isinstance(m, FactorizedLayer) and n}
@@ -246,11 +274,13 @@ def _revert_unprofitable(model: nn.Module, inputs, margin: float | None) -> dict
     reverted = {}
     for name, plain in dense.items():
         layer = model.get_submodule(name)
+        layout = memory_format or _format_of(layer)
+        plain.to(memory_format=MEMORY_FORMATS[layout])
         why = _saves_nothing(layer, plain, shapes.get(name))
         if why is None and margin is not None and name in shapes:
             # timed as the planner's guard times a candidate: on a random input of the shape
-            # it gets (the time does not depend on the values)
-            x = layer_input(plain, shapes[name], batch_of(inputs))
+            # it gets (the time does not depend on the values), in the layout deployed
+            x = layer_input(plain, shapes[name], batch_of(inputs), memory_format=layout)
             d, f = compare_latency(plain, layer, x, warmup=3, repeats=15)
             if f.median_ms > (1 + margin) * d.median_ms:
                 why = (f"{f.median_ms:.3f} ms > {d.median_ms:.3f} ms dense (batch "
@@ -296,11 +326,21 @@ def _input_shapes(model: nn.Module, inputs, dense: dict[str, nn.Module]) -> dict
 
 def _faster_format(model: nn.Module, inputs) -> str:
     """"channels_last" or "contiguous", whichever runs ``model`` faster on ``inputs``."""
-    other = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    plain, cl = (copy.deepcopy(model).to(memory_format=MEMORY_FORMATS[f])
+                 for f in ("contiguous", "channels_last"))
     # channels_last weights make the convolutions' outputs channels_last from the first on,
     # whatever the input's format: both are timed on the inputs as given
-    plain, cl = compare_latency(model, other, inputs, warmup=3, repeats=15)
-    return "channels_last" if cl.median_ms < plain.median_ms else "contiguous"
+    plain_ms, cl_ms = compare_latency(plain, cl, inputs, warmup=3, repeats=15)
+    return "channels_last" if cl_ms.median_ms < plain_ms.median_ms else "contiguous"
+
+
+def _format_of(module: nn.Module) -> str:
+    """The memory format of ``module``'s 4-D weights: "channels_last" where any is held so (and
+    is not also contiguous: a 1x1 kernel of one channel is both), else "contiguous"."""
+    return "channels_last" if any(
+        p.ndim == 4 and not p.is_contiguous()
+        and p.is_contiguous(memory_format=torch.channels_last)
+        for p in module.parameters()) else "contiguous"
 
 
 def _check_outputs(model: nn.Module, fused: nn.Module, inputs, atol: float) -> None:
