@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def update(h, tensor: torch.Tensor) -> None:
@@ -23,11 +24,19 @@ def update(h, tensor: torch.Tensor) -> None:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names, shapes, dtypes and values of every parameter and buffer."""
+    """SHA-256 over the names, shapes, dtypes and values of every parameter and buffer, and of
+    every parametrized tensor as it is computed (a parametrization may hold what changes it
+    outside its parameters and buffers)."""
     h = hashlib.sha256()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode())
         update(h, tensor)
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            if parametrize.is_parametrized(module):
+                for name in module.parametrizations:
+                    h.update(f"{prefix}.{name}:computed".encode())
+                    update(h, getattr(module, name))
     return h.hexdigest()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -125,7 +126,9 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
         if reason is None and tied:
             reason = (f"its parameters are shared with {', '.join(tied)} (tied weights): "
                       "factorized, the other would keep them")
-        params = sum(p.numel() for p in module.parameters(recurse=False))
+        # the weight the layer computes with (a parametrized one's is not among its own
+        # parameters) and its bias
+        params = sum(t.numel() for t in (module.weight, module.bias) if t is not None)
         if reason is None and not forced:
             if isinstance(module, nn.Conv2d) and module.in_channels <= 3:
                 reason = f"input stem ({module.in_channels} input channels): too thin to pay off"
@@ -142,11 +145,23 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     return out
 
 
-def factorize(module: nn.Module, lp: LayerPlan, cov=None, entries=None) -> nn.Module:
+def factorize(module: nn.Module, lp: LayerPlan, cov=None, entries=None,
+              name: str | None = None) -> nn.Module:
     """The factorized layer ``lp`` describes, computed from ``module``'s weight (data-aware
     when ``cov``, the layer's input second moments, is given; ``entries``: the weight whose
-    rows and columns CUR keeps, see ``Method.from_dense``)."""
-    return lp.spec.from_dense(module, lp.ranks, lp.form, cov, lp.options, entries=entries)
+    rows and columns CUR keeps, see ``Method.from_dense``). A layer built with more parameters
+    than the plan priced (a sampled CUR's width varies with what it is fitted to) is warned
+    about: the plan's predicted totals then miss by the difference."""
+    new = lp.spec.from_dense(module, lp.ranks, lp.form, cov, lp.options, entries=entries)
+    priced = lp.predicted.get("params")
+    built = sum(p.numel() for p in new.parameters())
+    if isinstance(priced, int) and built > priced:
+        warnings.warn(f"layer {name!r}: built with {built:,} parameters where the plan priced "
+                      f"{priced:,} (ranks {list(new.built_ranks())} for {list(lp.ranks)} "
+                      "asked: a sampled CUR keeps a random number of columns and rows, which "
+                      "varies with the weight and data it is fitted to); the plan's predicted "
+                      "totals are short by the difference", stacklevel=3)
+    return new
 
 
 def check_weights(name: str, module: nn.Module) -> None:
@@ -258,7 +273,7 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
         _check_plan(model, plan)
         covs = input_second_moments(model, aware, calib_data, max_batches=max_batches)
     return _replace(model, plan, lambda module, lp, name=None: factorize(
-        module, lp, covs.get(name)), inplace, progress)
+        module, lp, covs.get(name), name=name), inplace, progress)
 
 
 def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, reference):
@@ -295,7 +310,8 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
                 fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
             del cross  # consumed (it holds the Cholesky factor now): GBs for a wide layer
         try:
-            new = factorize(fitted, lp, moments if aware else None, entries=entries)
+            new = factorize(fitted, lp, moments if aware else None, entries=entries,
+                            name=name)
         except ValueError as err:
             raise ValueError(f"plan layer {name!r}: {err}") from None
         set_submodule(target, name, new)

@@ -145,7 +145,8 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
         if method == "tucker":
             r_out = max(_spectral_rank(M, rule) for M in group_matrices(module, "channel"))
             r_in = max(_spectral_rank(M, rule) for M in group_matrices(module, "input"))
-            return (r_out, r_in)
+            k = kh * kw  # the core holds no more than this ratio of the two ranks
+            return (min(r_out, r_in * k), min(r_in, r_out * k))
         shape = "spatial" if method == "spatial_svd" else "channel"
         return (max(_spectral_rank(M, rule) for M in group_matrices(module, shape)),)
 
@@ -167,6 +168,11 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
                        rule.kind)
 
     if spec.n_ranks == 2:
-        r_out = _largest_within(budget, lambda r: cost((r, max(1, round(r * s / t)))), t)
-        return (r_out, max(1, round(r_out * s / t)))
+        # R_in in proportion to R_out, but at least R_out / (kh·kw): a Tucker-2 core cannot
+        # hold a mode rank above the product of the others (the layer would be built lower)
+        def pair(r: int) -> tuple[int, int]:
+            r_in = min(s, max(1, round(r * s / t), -(-r // (kh * kw))))
+            return (min(r, r_in * kh * kw), r_in)
+
+        return pair(_largest_within(budget, lambda r: cost(pair(r)), t))
     return (_largest_within(budget, lambda r: cost((r,)), spec.max_rank(module, form)[0]),)
