@@ -366,3 +366,40 @@ def test_multistage_returns_its_rounds_when_a_later_target_is_out_of_reach():
     assert not result.met_target and result.plan.active
     assert "cannot be met" in result.stages[-1]["stopped"]
     assert [s.get("train") is not None for s in result.stages[:-1]] == [True, True]
+
+
+def _small_mlp_run(**finetune_options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 3))
+    x, y = torch.randn(64, 64), torch.randint(0, 3, (64,))
+    return lambda **more: rc.compress(
+        model, x[:1], method="svd", rank=8, schedule="layerwise", train_data=(x, y),
+        steps_per_layer=3, steps=2, distill=True, progress=False,
+        plan_options={"allow_slower": True},
+        finetune_options={"batch_size": 8, **finetune_options, **more})
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_stage_stopped_by_the_callback_ends_compress_and_resume_finishes_it(tmp_path):
+    """The later layers are not factorized on the half-trained model (their checkpoints
+    would then be loaded whole on resume, overwriting what the resume finished)."""
+    run = _small_mlp_run()
+    whole = run()
+    stopped = run(checkpoint_dir=tmp_path, callback=lambda info: info["step"] == 2)
+    assert not stopped.met_target and stopped.stages[-1]["train"]["stopped"]
+    assert [s["train"]["steps"] for s in stopped.stages] == [2]
+    resumed = run(checkpoint_dir=tmp_path, resume=True)
+    assert resumed.met_target and _same(resumed.model, whole.model)
+
+
+def test_each_stage_keeps_its_own_log(tmp_path):
+    log = tmp_path / "train.jsonl"
+    _small_mlp_run(log=log, log_every=1)()
+    lines = {p.name: len(p.read_text().splitlines()) for p in tmp_path.glob("*.jsonl")}
+    # (the two 64 x 64 layers are planned; the 64 -> 3 head is under min_params)
+    assert lines == {"train.jsonl": 2, "train-layer-1.jsonl": 3, "train-layer-2.jsonl": 3}

@@ -942,3 +942,15 @@ def test_the_teacher_given_is_never_moved_or_changed():
     finetune(mlp(), (x, y), steps=2, batch_size=8, teacher=teacher, progress=False)
     assert not any(c is teacher for c in calls)  # (its copy is moved)
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("option", ["checkpoint_dir", "tensorboard", "log"])
+def test_where_a_run_writes_is_checked_before_any_step(option, tmp_path):
+    (tmp_path / "f").write_text("a file")
+    where = tmp_path / "f" if option != "log" else tmp_path / "f" / "log.jsonl"
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    steps = []
+    with pytest.raises(ValueError, match=f"{option}: .*(is a file|which is a file)"):
+        finetune(mlp(), (x, y), steps=2, batch_size=8, progress=False,
+                 callback=lambda info: steps.append(info["step"]), **{option: where})
+    assert steps == []

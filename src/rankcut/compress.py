@@ -134,7 +134,8 @@ class CompressResult:
     """``model``: the compressed (and fine-tuned) model; ``plan``: what was applied (the last
     accepted round's for ``multistage``); ``stages``: one entry per stage (what was factorized,
     training figures, validation accuracy); ``met_target``: False when ``multistage`` stopped
-    before the target."""
+    before the target, or a fine-tuning callback stopped a stage (its ``train`` entry says
+    ``"stopped": true``; the stages after it did not run)."""
 
     model: nn.Module
     plan: Plan
@@ -144,6 +145,13 @@ class CompressResult:
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "stages": self.stages,
                 "met_target": self.met_target}
+
+
+def _stopped(stage: dict) -> bool:
+    """Whether the stage's fine-tuning was stopped by the callback before its end: compress
+    then returns the model as it stands (``met_target`` False); ``resume=True`` with the same
+    ``checkpoint_dir`` goes on from there."""
+    return bool((stage.get("train") or {}).get("stopped"))
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -372,10 +380,19 @@ class _Job:
 
     def checkpointed(self, name: str | None) -> dict:
         """Fine-tuning options whose checkpoints go to the stage's own subfolder ``name`` of
-        ``checkpoint_dir`` (None: the folder itself), so stages do not resume each other's."""
+        ``checkpoint_dir`` (None: the folder itself), so stages do not resume each other's;
+        likewise a ``log`` file (``LOG-NAME.SUFFIX`` beside it) and a ``tensorboard`` folder
+        (its subfolder ``name``): each stage writes its own, none starts another's afresh."""
         options = dict(self.finetune_options)
-        if self.folder is not None and name is not None:
+        if name is None:
+            return options
+        if self.folder is not None:
             options["checkpoint_dir"] = str(self.folder / name)
+        if options.get("log") is not None:
+            log = Path(options["log"])
+            options["log"] = str(log.with_name(f"{log.stem}-{name}{log.suffix}"))
+        if options.get("tensorboard") is not None:
+            options["tensorboard"] = str(Path(options["tensorboard"]) / name)
         return options
 
     def validate(self, model, stage: dict, key: str = "val") -> None:
@@ -419,7 +436,8 @@ class _Job:
         # the rate it trained at (finetune's default for the optimizer when none was set)
         lr = options.get("lr", DEFAULT_LR.get(str(options.get("optimizer", "sgd"))))
         return {"steps": result.steps, "final": result.final, "lr": lr,
-                "seconds": round(time.perf_counter() - start, 1)}
+                "seconds": round(time.perf_counter() - start, 1),
+                **({"stopped": True} if result.stopped else {})}
 
     def one_shot(self, plan, target, epochs, steps) -> CompressResult:
         tuning = self.train_data is not None and (epochs is not None or steps is not None)
@@ -445,7 +463,7 @@ class _Job:
             self.validate(small, stage, "val_before")
         stage["train"] = self.tune(small, epochs, steps)
         self.validate(small, stage)
-        return CompressResult(small, plan, [stage])
+        return CompressResult(small, plan, [stage], met_target=not _stopped(stage))
 
     def layerwise(self, plan, target, steps_per_layer, epochs, steps) -> CompressResult:
         plan = self.stored_plan(self.folder, plan, lambda: self.plan(target), target)
@@ -465,10 +483,14 @@ class _Job:
                   max_batches=self.plan_kwargs["max_batches"], sequential=False)
             stages.append({"stage": f"layer {name}", "layers": [name],
                            "train": self.tune(small, None, steps_per_layer, f"layer-{i}")})
+            if _stopped(stages[-1]):  # the later layers are fitted to where it would end
+                return CompressResult(small, plan, stages, met_target=False)
         final = {"stage": "final", "layers": [], "reestimated_bn": self.repair_bn(small)}
         if epochs is not None or steps is not None:
             final["train"] = self.tune(small, epochs, steps)
         self.validate(small, final)
+        if _stopped(final):
+            return CompressResult(small, plan, [*stages, final], met_target=False)
         if final["reestimated_bn"] or "train" in final or "val" in final:
             stages.append(final)
         return CompressResult(small, plan, stages)
@@ -500,6 +522,8 @@ class _Job:
                      "train": self.tune(small, epochs, steps, f"round-{i}")}
             self.validate(small, stage)
             stages.append(stage)
+            if _stopped(stage):  # the next round is planned from where this one would end
+                return CompressResult(small, plan, stages, met_target=False)
             if min_accuracy is not None and stage["val"]["top1"] < min_accuracy:
                 stage["stopped"] = (f"top-1 {stage['val']['top1']:.2f}% < min_accuracy "
                                     f"{min_accuracy}%")

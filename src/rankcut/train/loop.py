@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .._fingerprint import model_fingerprint
 from .._modes import eval_mode, logits_of
-from ..atomic import atomic_path, folder_target_problem
+from ..atomic import atomic_path, file_target_problem, folder_target_problem
 from ..layers import FactorizedLayer
 from ..profile import MEMORY_FORMATS
 from . import checkpoint as ckpt
@@ -45,17 +46,20 @@ DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}
 class TrainResult:
     """What ``finetune`` returns. ``model`` is the trained model (not wrapped, on the training
     device); ``history`` holds every logged entry (the lines of the JSON-lines log); ``final``
-    the last training and validation figures; ``steps`` the optimizer steps taken in all."""
+    the last training and validation figures; ``steps`` the optimizer steps taken in all;
+    ``stopped``: True when the callback stopped the run before its end (resume to finish it)."""
 
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     steps: int = 0
     checkpoint: Path | None = None
+    stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"history": self.history, "final": self.final, "steps": self.steps,
-                "checkpoint": None if self.checkpoint is None else str(self.checkpoint)}
+                "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+                "stopped": self.stopped}
 
 
 def factorized_parameters(model: nn.Module, parts: Iterable[str] | None = None) -> list[str]:
@@ -230,6 +234,18 @@ def _check_arguments(o: dict[str, Any]) -> None:
         problem = folder_target_problem(cache)
         if problem is not None:
             raise ValueError(f"teacher_cache: {problem}")
+    # where the run writes: refused before an epoch is trained, not when it is first written
+    for name, problem_of in (("checkpoint_dir", folder_target_problem),
+                             ("tensorboard", folder_target_problem),
+                             ("log", file_target_problem)):
+        where = o[name]
+        if where is None:
+            continue
+        if not isinstance(where, str | os.PathLike) or not str(where):
+            raise ValueError(f"{name}: expected a path (str or Path) or None, got {where!r}")
+        problem = problem_of(where)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
     if o["memory_format"] not in (None, "auto", *MEMORY_FORMATS):
         raise ValueError(f"memory_format: expected None, 'auto', "
                          f"{', '.join(map(repr, MEMORY_FORMATS))}, got {o['memory_format']!r}")
@@ -425,6 +441,7 @@ class _Run:
         # loss sum, correct, samples, grad-norm sum: accumulated on the device between log lines
         self.window = torch.zeros(4, dtype=torch.float64, device=device)
         self.window_steps = 0
+        self.stopped = False  # by the callback, before the end
         self.epoch_rng = None  # the generators' state as the epoch began (a loader's order)
         self.epoch_loader_rng = None  # and those of the loader's own generators
         self.settings = {
@@ -739,7 +756,7 @@ class _Run:
                         "loss": self.last_loss,
                         "model": self.model, "optimizer": self.optimizer}))
                     if dist_util.any_true(wants, self.env, self.device) and not last:
-                        stop = True
+                        stop = self.stopped = True
                         if o["checkpoint_dir"] is not None and self.saved_at != self.step:
                             self._save()
                         if self.window_steps:
@@ -788,7 +805,7 @@ class _Run:
         path = None
         if self.o["checkpoint_dir"] is not None:
             path = ckpt.path_in(self.o["checkpoint_dir"])
-        return TrainResult(self.model, self.history, final, self.step, path)
+        return TrainResult(self.model, self.history, final, self.step, path, self.stopped)
 
 
 def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
