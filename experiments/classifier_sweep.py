@@ -124,8 +124,11 @@ def sweep_settings(config: dict) -> dict:
     if not isinstance(s["exclude"], list) or not all(isinstance(n, str) for n in s["exclude"]):
         raise SystemExit(f"sweep.exclude: expected a list of layer names within the part, got "
                          f"{s['exclude']!r}")
-    if not _list_of(s["ratios"], lambda r: _number(r) and 1 < r < float("inf")):
-        raise SystemExit(f"sweep.ratios: expected a list of numbers > 1, got {s['ratios']!r}")
+    if not _list_of(s["ratios"], lambda r: _number(r) and 1 < r < float("inf")) or (
+            s["ratios"] != sorted(set(s["ratios"]))):
+        # (increasing: a series stops at the first CRs at chance; each once: a point per CR)
+        raise SystemExit(f"sweep.ratios: expected an increasing list of numbers > 1, each "
+                         f"once, got {s['ratios']!r}")
     if s["chance_stop"] is not None and (isinstance(s["chance_stop"], bool) or not isinstance(
             s["chance_stop"], int) or s["chance_stop"] < 1):
         raise SystemExit(f"sweep.chance_stop: expected an int >= 1 or null, got "
@@ -144,11 +147,14 @@ def sweep_settings(config: dict) -> dict:
         m = {**METHOD, **(m or {})}
         if m["modes"] is None:
             m["modes"] = s["modes"]
-        if not _list_of(m["modes"], lambda v: v in ("rule", "target")):
-            raise SystemExit(f"{where}.modes: expected a list of rule and/or target, got "
-                             f"{m['modes']!r}")
-        if not _list_of(m["seeds"], lambda v: isinstance(v, int) and not isinstance(v, bool)):
-            raise SystemExit(f"{where}.seeds: expected a list of ints, got {m['seeds']!r}")
+        if not _list_of(m["modes"], lambda v: v in ("rule", "target")) or len(
+                set(m["modes"])) != len(m["modes"]):
+            raise SystemExit(f"{where}.modes: expected a list of rule and/or target, each "
+                             f"once, got {m['modes']!r}")
+        if not _list_of(m["seeds"], lambda v: isinstance(v, int) and not isinstance(v, bool)) \
+                or len(set(m["seeds"])) != len(m["seeds"]):
+            raise SystemExit(f"{where}.seeds: expected a list of ints, each once, got "
+                             f"{m['seeds']!r}")
         if not isinstance(m["data"], bool):
             raise SystemExit(f"{where}.data: expected true or false, got {m['data']!r}")
         if not isinstance(m["options"], dict):
@@ -306,6 +312,32 @@ def check_part(model: torch.nn.Module, name: str, part: str, exclude=()) -> None
                          f"layers: {', '.join(inner) or '(the part itself)'}")
 
 
+def settings_head(s: dict, sw: dict, device: str) -> dict:
+    """What a model's points depend on that its settings alone say (the rest of a points
+    file's header is measured: dense top-1, parameter counts, images read)."""
+    return {"part": sw["part"], "exclude": sw["exclude"], "model": s["model"], "data": s["data"],
+            # which calibration images, how the inputs are made, which weights
+            "seed": s["seed"], "normalization": s["normalization"],
+            "image_size": s["image_size"], "weights": str(s["weights"]),
+            # (float rounding on another device can move the pivots and ranks near a cut-off)
+            "device": device}
+
+
+def check_points_file(path: Path, s: dict, sw: dict, device: str) -> None:
+    """Refuse, before any model is trained or swept, a points file made with other settings
+    (what :func:`sweep_model` would find only when it reached that model)."""
+    if not path.is_file():
+        return
+    old, _ = read_points(path)
+    now = settings_head(s, sw, device)
+    changed = sorted(k for k in now if k in old and old[k] != json.loads(json.dumps(now[k])))
+    if "calib" in old and old["calib"] > s["calib"]:  # (fewer images than asked: the data's)
+        changed.append("calib")
+    if changed:
+        raise SystemExit(f"{path}: its points were made with other settings ({changed} "
+                         "differ); move it away to sweep afresh")
+
+
 def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
                 device: str, series: list[tuple[str, str]] | None = None) -> dict:
     """Every point of run ``name``'s model not in its .jsonl yet (of ``series``, (label, mode)
@@ -342,13 +374,8 @@ def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
     # what the points depend on besides their own method: a rerun with other settings must not
     # mix its points with these
     head = {"dense_top1": dense_top1, "part_params": part_params, "total_params": total,
-            "part": sw["part"], "exclude": sw["exclude"], "model": s["model"], "data": s["data"],
-            "test_images": len(test_y), "calib": len(calib_y), "trained_weights": trained,
-            # which calibration images, how the inputs are made, which weights
-            "seed": s["seed"], "normalization": s["normalization"],
-            "image_size": s["image_size"], "weights": str(s["weights"]),
-            # (float rounding on another device can move the pivots and ranks near a cut-off)
-            "device": device}
+            **settings_head(s, sw, device), "test_images": len(test_y), "calib": len(calib_y),
+            "trained_weights": trained}
     base.mkdir(parents=True, exist_ok=True)
     done = set()
     if old is not None:
@@ -468,6 +495,13 @@ def finetune_model(run: dict, sw: dict, base: Path,
                    for r, ps in swept.get((label, mode), [])], dense, tol)
         # none kept: from the smallest CR (the row says so)
         start = ok[-1][0] if ok else min(ft["ratios"])
+        began = {p["ratio"] for p in tuned if p.get("start") and "unreachable" not in p
+                 and (p["label"], p["mode"], p["seed"]) == (label, mode, seed)}
+        if began and began != {start}:  # the sweep's points changed since the walk began
+            raise SystemExit(f"{path}: the walk of {label} {mode} began at CR "
+                             f"{min(began)}, the points without fine-tuning now keep CR "
+                             f"{start} (sweep.ratios edited?); move the file away to walk "
+                             "afresh")
         # the candidates only: a 25,088-wide layer's 5 GB moment is not held beside the training
         # inputs (3 GB) through the fine-tuning; each plan measures it again (about a minute)
         cache = (rc.select.CandidateCache.cached(max_entries=1, max_moment_bytes=MOMENT_LIMIT)
@@ -785,8 +819,12 @@ def main() -> int:
         for name in names:  # every model's settings and part, before any training
             s = settings_of(config, name)
             check(config, name, s)
+            if s["calib"] < 1:  # (reproduce.py's runs may plan without data; a sweep does not)
+                raise SystemExit(f"run {name!r}: calib: expected an int >= 1 for the sweep's "
+                                 f"data-aware series, got {s['calib']}")
             check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"],
                        sw["exclude"])
+            check_points_file(base / f"{name}.jsonl", s, sw, args.device)
         root = D.require_data_root()
         for name in names:
             # each layer's full SVD once for all its points (minutes for a 4096 x 25,088 one)

@@ -403,3 +403,19 @@ def test_each_stage_keeps_its_own_log(tmp_path):
     lines = {p.name: len(p.read_text().splitlines()) for p in tmp_path.glob("*.jsonl")}
     # (the two 64 x 64 layers are planned; the 64 -> 3 head is under min_params)
     assert lines == {"train.jsonl": 2, "train-layer-1.jsonl": 3, "train-layer-2.jsonl": 3}
+
+
+def test_finetune_option_values_are_checked_before_planning(monkeypatch):
+    import sys
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned before the options were checked")
+
+    monkeypatch.setattr(sys.modules["rankcut.compress"], "make_plan", no_planning)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    for options, words in (({"lr": -1.0}, "finetune_options: lr: expected a finite number"),
+                           ({"optimizer": "adamx"}, "finetune_options: optimizer")):
+        with pytest.raises(ValueError, match=words):
+            rc.compress(model, x[:1], method="svd", rank=2, train_data=(x, y), steps=1,
+                        finetune_options=options)

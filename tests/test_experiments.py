@@ -170,6 +170,14 @@ def test_weights_trained_by_another_recipe_are_refused(tmp_path):
     weights.with_suffix(".json").unlink()
     with pytest.raises(SystemExit, match="in progress there"):
         reproduce_.trained_weights(s, tmp_path, "cpu")
+    # the same recipe in progress on other inputs (another augmentation) is refused too
+    weights.unlink()
+    inputs = {k: json.loads(json.dumps(s[k])) for k in reproduce_.TRAINED_ON}
+    (folder / "recipe.json").write_text(json.dumps(
+        {"recipe": recipe, "inputs": {**inputs, "augment": "shift"}}))
+    with pytest.raises(SystemExit, match=r"other \['augment'\] is in progress there"):
+        reproduce_.trained_weights(s, tmp_path, "cpu")
+    weights.write_bytes(b"")
     (folder / "recipe.json").unlink()
     folder.rmdir()
     assert reproduce_.trained_weights(s, tmp_path, "cpu") is None  # a user's file: no record
@@ -248,6 +256,16 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "transfer-lr-string": ({"transfer": {"data": "mnist", "lr": "5e-3"}},
                                "transfer: lr: expected a number > 0 .YAML reads 5e-3"),
         "transfer-data": ({"transfer": {"data": "imagenet"}}, "transfer: data: expected one of"),
+        # values finetune or the transforms would refuse only when the run reaches them
+        "train-epochs-0": ({"weights": "w.safetensors", "train": {"epochs": 0}},
+                           "train: epochs: expected an int >= 1"),
+        "train-lr-word": ({"weights": "w.safetensors", "train": {"lr": "fast"}},
+                          "train: lr: expected a finite number"),
+        "finetune-optimizer": ({"finetune_options": {"optimizer": "adamx"}},
+                               "finetune_options: optimizer: expected one of"),
+        "normalization-bad": ({"normalization": [[0.5], "x"]}, "normalization"),
+        "start-from-list": ({"start_from": ["ok"]}, "start_from: expected the name of a run"),
+        "match-list": ({"match_params": ["ok"]}, "match_params: expected the name of a run"),
     }
     for key, (own, words) in bad.items():
         config = {**base, "runs": {**base["runs"], key: own}}
@@ -272,9 +290,11 @@ def test_a_config_file_that_is_no_config_is_one_line_not_a_traceback(tmp_path, m
 
     reproduce_ = _reproduce_module()
     files = {"missing.yaml": None, "folder": "dir", "broken.yaml": "runs: [\n",
-             "number-run.yaml": "model: resnet20_cifar\nruns: {r: 5}\n"}
+             "number-run.yaml": "model: resnet20_cifar\nruns: {r: 5}\n",
+             "number-name.yaml": "model: resnet20_cifar\nruns: {50: {rank: 8}}\n"}
     words = {"missing.yaml": "no such config file", "folder": "no such config file",
-             "broken.yaml": "not valid YAML", "number-run.yaml": "each run is a mapping"}
+             "broken.yaml": "not valid YAML", "number-run.yaml": "each run is a mapping",
+             "number-name.yaml": r"runs \[50\]: a run's name is text"}
     for name, text in files.items():
         path = tmp_path / name
         if text == "dir":
@@ -603,6 +623,12 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     calls.clear()
     sweep_.finetune_model(run, sw, tmp_path)  # resumed: nothing computed again
     assert calls == []
+    # the points without fine-tuning changed since (another kept CR): the walk would begin
+    # elsewhere, so the file's walk is refused, not continued beside a second start
+    moved = {**run, "points": [swept(2, 89.5), swept(4, 89.6), swept(8, 88.0)]}
+    with pytest.raises(SystemExit, match="walk of svd rule began at CR 2.*now keep CR 4"):
+        sweep_.finetune_model(moved, sw, tmp_path)
+    assert calls == []
     looser = sweep_.sweep_settings({**raw, "sweep": {**raw["sweep"], "finetune": {
         "series": ["svd/rule"], "ratios": [2, 4, 8, 16, 32], "tolerance": 2}}})
     with pytest.raises(SystemExit, match="other settings"):  # the walks would differ
@@ -793,6 +819,12 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
         "ft-ratios": ({"finetune": {"ratios": [1]}}, "finetune.ratios"),
         "ft-batch": ({"finetune": {"train_limit": 100}}, "make no batch of 128"),
         "exclude-text": ({"exclude": "6"}, "sweep.exclude: expected a list"),
+        # a series stops at the first CRs at chance: a CR added at the end would never run;
+        # a CR, seed or mode twice would be swept twice (and resumed once)
+        "ratios-unsorted": ({"ratios": [2, 8, 4]}, "increasing list"),
+        "ratios-twice": ({"ratios": [2, 2, 4]}, "each once"),
+        "seeds-twice": ({"methods": {"c": {"method": "cur", "seeds": [0, 0]}}}, "each once"),
+        "modes-twice": ({"methods": {"s": {"modes": ["rule", "rule"]}}}, "each once"),
     }
     for change, words in bad.values():
         with pytest.raises(SystemExit, match=words):
@@ -1095,3 +1127,34 @@ def test_classifier_sweep_counts_a_loss_of_exactly_the_tolerance_as_within_it(tm
     cs.plot({"dense_top1": 78.76, "model": "m", "data": "d", "part": "classifier"}, points,
             tmp_path / "p.png")
     assert (tmp_path / "p.png").is_file()
+
+
+def test_classifier_sweep_refuses_a_points_file_of_other_settings_before_any_work(tmp_path):
+    """A later model's points file made with other settings is refused before the first model
+    is trained or swept (not when the queue reaches it); and a sweep needs calibration data."""
+    import pytest
+    import yaml
+
+    sweep_ = _sweep_module()
+    raw = yaml.safe_load(SWEEP_CONFIG)
+    sw = sweep_.sweep_settings(raw)
+    s = sweep_.settings_of(raw, "r20")
+    path = tmp_path / "r20.jsonl"
+    sweep_.check_points_file(path, s, sw, "cpu")  # no file yet: nothing to compare
+    head = {**sweep_.settings_head(s, sw, "cpu"), "calib": 64, "dense_top1": 90.0}
+    path.write_text(json.dumps(head) + "\n")
+    sweep_.check_points_file(path, s, sw, "cpu")
+    path.write_text(json.dumps({**head, "seed": 7}) + "\n")
+    with pytest.raises(SystemExit, match=r"other settings \(\['seed'\] differ\)"):
+        sweep_.check_points_file(path, s, sw, "cpu")
+    path.write_text(json.dumps({**head, "calib": 128}) + "\n")
+    with pytest.raises(SystemExit, match=r"\['calib'\] differ"):
+        sweep_.check_points_file(path, s, sw, "cpu")
+    config = tmp_path / "c.yaml"
+    config.write_text(SWEEP_CONFIG.replace("calib: 64", "calib: 0"))
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / "classifier_sweep.py"),
+                           str(config), "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0 and "calib: expected an int >= 1" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()

@@ -54,7 +54,7 @@ from .plans import Plan
 from .select import parse_rank, parse_target
 from .select import plan as make_plan
 from .surgery import apply, set_submodule
-from .train import DEFAULT_LR, evaluate, finetune
+from .train import DEFAULT_LR, check_finetune_options, evaluate, finetune
 from .train.batches import as_data
 from .train.distributed import setup
 
@@ -259,6 +259,10 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
     _check_options(plan_options, make_plan, "plan_options", taken=PLAN_OPTIONS_TAKEN)
     _check_options(finetune_options, finetune, "finetune_options",
                    taken=FINETUNE_OPTIONS_TAKEN)
+    try:  # values too, before planning and fitting (finetune would refuse them after)
+        check_finetune_options(finetune_options or {}, teacher=distill)
+    except ValueError as err:
+        raise ValueError(f"finetune_options: {err}") from None
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "multistage" and (target is None or plan is not None):

@@ -14,6 +14,7 @@ from .loop import (
     DEFAULT_LR,
     DEFAULT_WEIGHT_DECAY,
     TrainResult,
+    check_finetune_options,
     factorized_parameters,
     finetune,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_LR",
     "DEFAULT_WEIGHT_DECAY",
     "TrainResult",
+    "check_finetune_options",
     "distillation_loss",
     "evaluate",
     "factorized_parameters",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import json
 import math
@@ -171,6 +172,19 @@ def _suits_channels_last(*modules: nn.Module | None) -> bool:
     cannot take (5-D and up)."""
     tensors = [p for m in modules if m is not None for p in _tensors(m)]
     return any(p.ndim == 4 for p in tensors) and all(p.ndim <= 4 for p in tensors)
+
+
+def check_finetune_options(options: dict[str, Any], *, teacher: bool = False) -> None:
+    """What :func:`finetune` refuses before its first step, checked on keyword arguments
+    alone (no model, data or run): a setting out of its range, an unknown optimizer, a path it
+    cannot write. ``teacher``: a teacher will be given with them (``rankcut.compress`` gives
+    its own to distil). Keys finetune does not take are for the caller to refuse."""
+    known = inspect.signature(finetune).parameters
+    o = {k: p.default for k, p in known.items() if p.default is not inspect.Parameter.empty}
+    o.update((k, v) for k, v in options.items() if k in known)
+    if teacher and o.get("teacher") is None:
+        o["teacher"] = nn.Identity()  # (only whether there is one is checked)
+    _check_arguments(o)
 
 
 def _check_arguments(o: dict[str, Any]) -> None:
