@@ -105,3 +105,17 @@ def test_zero_filters_do_not_change_the_rank_of_the_rest():
         with_zeros, without = evbmf(V), evbmf(V[zeroed:])
         assert with_zeros.rank == without.rank == 10
         assert with_zeros.sigma2 == pytest.approx(without.sigma2, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_exactly_low_rank_matrix_keeps_its_rank(dtype):
+    """A factorized layer made dense again (multistage plans from such a view): exactly rank k
+    up to rounding. EVBMF of its nonzero part alone found none of it signal (rank 0, which the
+    rank rule made 1); with no zero rows to explain the deficit, every nonzero component is
+    kept, as EVBMF with the zeros in keeps them."""
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 3, 6):
+        U = torch.linalg.qr(torch.randn(32, k, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(288, k, generator=g, dtype=torch.float64)).Q
+        M = (U @ V.mT).to(dtype)
+        assert evbmf(M).rank == k and evbmf(M.mT).rank == k

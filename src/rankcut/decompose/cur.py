@@ -371,7 +371,11 @@ def _data_aware_cur(W, rank, method, n_cols, n_rows, generator, cov, ridge, E) -
             # 25,088-wide classifier layer, which ran a 24 GB machine out of memory)
             SR = (C64 @ R.mT + (R @ C64).mT) / 2 + ridge_of(C64, ridge) * R.mT
             K, RSR = Wd @ SR, R @ SR  # W Σ Rᵀ, R Σ Rᵀ
-        X = K @ torch.linalg.pinv(RSR, hermitian=True)  # the optimal map from the rows
+        # the optimal map from the rows; R Σ Rᵀ's eigenvalues below √eps of its largest are
+        # rounding (the Gram path reads them off an eigendecomposition accurate to eps·‖G‖):
+        # inverted, they blew U up (1e6 on a rank-1 weight) and its float32 cast off the error
+        X = K @ torch.linalg.pinv(RSR, hermitian=True,
+                                  rtol=math.sqrt(torch.finfo(RSR.dtype).eps))
         U = X if C is None else torch.linalg.pinv(C) @ X
         A = X if C is None else C @ U
         # ||(W - A R) L||² = tr(W Σ Wᵀ) - 2 tr(A Kᵀ) + tr(A RΣRᵀ Aᵀ)
