@@ -211,3 +211,17 @@ def test_a_kernel_with_a_dead_channel_or_only_a_centre_tap_is_fitted_by_every_co
     for method in ("als", "als_qr"):
         res = cp(dead, 3, method=method, max_iter=200)
         assert math.isfinite(res.rel_error) and bool((res.weights > 0).all()), method
+
+
+@pytest.mark.parametrize("method", ["als", "als_qr"])
+def test_a_near_exact_float32_fit_is_not_stopped_by_rounding(method):
+    """At a true error of 1e-5 the fit's ||X||² - ... cancels to nothing in float32: read as
+    0.0 twice, it stopped ALS at 1.4e-4. The history now tracks the factors' own error."""
+    torch.manual_seed(1)
+    fs = [torch.randn(s, 4) for s in (16, 12, 3, 3)]
+    fs[0][:, 1] = fs[0][:, 0] + 0.3 * fs[0][:, 1]  # two close components: a slow fit
+    X = cp_to_tensor(torch.ones(4), fs)
+    X = X + 1e-5 * X.norm() / X.numel() ** 0.5 * torch.randn_like(X)
+    res = cp(X, 4, method=method)
+    assert res.rel_error < 2e-5
+    assert res.errors[-1] == pytest.approx(res.rel_error, rel=0.05)

@@ -135,3 +135,13 @@ def test_data_aware_tucker_takes_an_inference_mode_moment():
     assert again.rel_error == pytest.approx(plain.rel_error, rel=1e-9)
     assert torch.allclose(first.to_tensor(), plain.to_tensor(), atol=1e-12)
     assert first.rel_error != pytest.approx(tucker(X, (2, 2), modes=(0, 1)).rel_error)
+
+
+def test_a_near_exact_float32_hooi_history_is_the_factors_error():
+    torch.manual_seed(0)
+    core = torch.randn(6, 5, 3, 3) * torch.logspace(0, -4, 6)[:, None, None, None]
+    U, V = torch.linalg.qr(torch.randn(32, 6)).Q, torch.linalg.qr(torch.randn(24, 5)).Q
+    X = torch.einsum("abkl,ia,jb->ijkl", core, U, V)
+    X = X + 1e-6 * X.norm() / X.numel() ** 0.5 * torch.randn_like(X)
+    res = tucker(X, (6, 5), modes=(0, 1))
+    assert res.errors[-1] > 0 and res.errors[-1] == pytest.approx(res.rel_error, rel=0.05)

@@ -114,3 +114,11 @@ def make_generator(seed) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+def resolvable_error(dtype: torch.dtype) -> float:
+    """The smallest relative fit error that ||X||² - (what the fit explains) resolves in
+    ``dtype``: below it the subtraction has lost its digits (float32: about 0.01), and an
+    iterative solver measures the error on the tensor itself instead (a fit judged by that
+    noise stopped early, its history reading 0)."""
+    return 30 * math.sqrt(torch.finfo(dtype).eps)

@@ -39,6 +39,7 @@ from ._checks import (
     check_rank,
     check_tensor,
     make_generator,
+    resolvable_error,
 )
 from ._tensor import cp_to_tensor, khatri_rao, leading_left_singular_vectors, unfold
 from .svd import whitening_factor
@@ -147,6 +148,7 @@ def _als_sweeps(X, factors, max_iter, tol, ridge):
     rank = factors[0].shape[-1]
     ridge_eye = ridge * torch.eye(rank, dtype=X.dtype, device=X.device)
     tiny = torch.finfo(X.dtype).tiny
+    floor = resolvable_error(X.dtype)
     live = list(range(X.shape[0]))  # which tensors of the batch are still iterating
     X0 = X.reshape(X.shape[0], shape[0], -1)
     norm_sq = X0.pow(2).sum((1, 2))
@@ -196,6 +198,11 @@ def _als_sweeps(X, factors, max_iter, tol, ridge):
         est_sq = (V * (AT @ AT.mT)).sum((1, 2))
         err = ((norm_sq - 2 * inner + est_sq).clamp_min(0).sqrt()
                / norm_sq.sqrt().clamp_min(tiny)).tolist()  # (all zero: 0, not 0/0)
+        for i, e in enumerate(err):
+            if e < floor:  # cancelled to noise: measured on the tensor
+                approx = cp_to_tensor(norms[i], [F[i] for F in factors])
+                err[i] = float((X0[i].reshape(shape) - approx).norm()
+                               / norm_sq[i].sqrt().clamp_min(tiny))
         stop = []
         for i, b in enumerate(live):
             errors[b].append(err[i])
@@ -243,6 +250,9 @@ def _als_qr_sweeps(X, factors, max_iter, tol):
         # B is X projected on the span of the Khatri-Rao product: the residual is the rest.
         err = float((norm_sq - B.pow(2).sum()).clamp_min(0).sqrt()
                     / norm_sq.sqrt().clamp_min(torch.finfo(norm_sq.dtype).tiny))
+        if err < resolvable_error(X.dtype):  # cancelled to noise: measured on the tensor
+            err = float((X - cp_to_tensor(torch.ones_like(factors[-1][0]), factors)).norm()
+                        / norm_sq.sqrt().clamp_min(torch.finfo(norm_sq.dtype).tiny))
         errors.append(err)
         if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
             converged = True

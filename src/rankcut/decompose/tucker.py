@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_choice, check_positive, check_rank, check_tensor, clamp_rank
+from ._checks import (
+    check_choice,
+    check_positive,
+    check_rank,
+    check_tensor,
+    clamp_rank,
+    resolvable_error,
+)
 from ._tensor import leading_left_singular_vectors, multi_mode_product, unfold
 from .svd import regularised_moment, whitening_factor
 
@@ -184,7 +191,12 @@ def tucker(
                 Y = multi_mode_product(X, others) if others else X
                 factors[mode] = leading_left_singular_vectors(unfold(Y, mode), rank)
             core = multi_mode_product(Y, {mode: factors[mode].mT})
-            errors.append(rel_err(core))
+            err = rel_err(core)
+            if err < resolvable_error(X.dtype):  # cancelled to noise: measured on the tensor
+                approx = multi_mode_product(core, {m: factors[m] for m in modes})
+                err = float((X - approx).norm() / norm_sq.sqrt().clamp_min(
+                    torch.finfo(norm_sq.dtype).tiny))
+            errors.append(err)
             if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
                 converged = True
                 break
