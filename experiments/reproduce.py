@@ -912,6 +912,17 @@ def main() -> int:
             if (base / name / RESULT).is_file():
                 check_still_matched(base, name, s)
         root = D.require_data_root()
+        # every dataset a run to do reads (its own, a transfer head's), found before the first
+        # run (a transfer head's was first opened after its backbone's compression)
+        todo = [s for name, s in every.items() if not (base / name / RESULT).is_file()]
+        needed = sorted({D.dataset_key(s["data"]) for s in todo}
+                        | {D.dataset_key(s["transfer"]["data"]) for s in todo if s["transfer"]})
+        for key in needed:
+            for split in ("train", "test"):
+                try:
+                    D.dataset(key, split, root=root, limit=1)
+                except (OSError, ValueError) as err:
+                    raise SystemExit(f"data: {err}") from None
         # runs of one model share its layers' SVDs and whitened Grams (the same results, bit for
         # bit; a 4096 x 25,088 layer's are minutes each)
         with rc.decompose.reuse_svds(max_entries=8):

@@ -1158,3 +1158,19 @@ def test_classifier_sweep_refuses_a_points_file_of_other_settings_before_any_wor
                           env={**os.environ, "RANKCUT_DATA": str(tmp_path)})
     assert done.returncode != 0 and "calib: expected an int >= 1" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_a_run_reads_is_found_before_the_first_run(tmp_path):
+    """A transfer head's data was first opened after its backbone was compressed (hours in);
+    every dataset a run to do reads is now looked for before the first run starts."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: resnet20_cifar\nruns:\n  ok: {rank: 8, method: svd}\n"
+                    "  head: {rank: 8, method: svd, transfer: {data: fashion_mnist}}\n")
+    data = tmp_path / "data"
+    (data / "cifar-10-batches-bin").mkdir(parents=True)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        (data / "cifar-10-batches-bin" / name).write_bytes(
+            bytes([1]) + bytes(3072))  # one record of class 1
+    done = reproduce(path, tmp_path / "runs", {**os.environ, "RANKCUT_DATA": str(data)})
+    assert done.returncode != 0 and "data: fashion_mnist (train)" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not any((tmp_path / "runs").rglob("result.json"))
