@@ -470,3 +470,59 @@ def test_a_tucker_trial_takes_the_rules_pair_of_ranks():
         a = analyze(model, x[:1], calib_data=[(x, torch.randint(0, 4, (8,)))], min_params=0,
                     sensitivity_method="tucker", trial_rank="params=0.25")
     assert a.layers[0].sensitivity is not None
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_a_weight_tied_between_units_is_counted_once_in_their_total():
+    from rankcut.profile import profile
+
+    model, x = _Tied(), torch.randn(1, 64)
+    p = profile(model, x, latency=False)
+    assert p.params == p.layer_params == 4096 and p.to_dict()["layer_params"] == 4096
+    report = compare(model, model, x, latency=False)
+    assert report.totals["unit_params"] == [4096, 4096]
+    row = next(line for line in report.to_markdown().splitlines() if "**units**" in line)
+    assert row.split("|")[4].strip() == "4,096"  # (unchanged: one number)
+
+
+def test_units_are_timed_on_the_inputs_they_get_in_their_own_model(monkeypatch):
+    """A fused channels_last model's layers receive channels_last inputs: timed on the
+    original's contiguous ones, they paid a layout conversion the deployed model never does."""
+    import sys
+
+    model = rc.models.create("resnet20_cifar").eval()
+    x = torch.rand(2, 3, 32, 32)
+    fused = rc.fuse(model, x, memory_format="channels_last")
+    seen = []
+    real = sys.modules["rankcut.report._compare"].compare_latency
+
+    def spy(a, b, inputs, **kw):
+        second = kw.get("second_inputs")
+        if isinstance(a, nn.Conv2d) and a.in_channels > 3:
+            seen.append(((second or inputs)[0]).is_contiguous(memory_format=torch.channels_last))
+        return real(a, b, inputs, **{**kw, "warmup": 1, "repeats": 1})
+
+    monkeypatch.setattr(sys.modules["rankcut.report._compare"], "compare_latency", spy)
+    compare(model, fused, x, warmup=1, repeats=1)
+    assert seen and all(seen)
+
+
+def test_plots_of_a_nan_layer_or_a_report_without_layers_say_why(tmp_path):
+    layer = nn.Linear(128, 128)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    for source in (layer, {"fc": layer}, nn.Sequential(nn.Linear(128, 128), nn.ReLU(), layer)):
+        with pytest.raises(ValueError, match="holds NaN or infinite values"):
+            plot_spectra(source, tmp_path / "spectra.png")
+    model = nn.Sequential(nn.LayerNorm(8), nn.GELU())
+    report = compare(model, model, torch.randn(1, 8), latency=False)
+    assert write_plots(report, tmp_path / "plots") == []  # no layers.png to draw

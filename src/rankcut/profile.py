@@ -270,15 +270,18 @@ def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
 
 @torch.no_grad()
 def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warmup: int = 5,
-                    repeats: int = 30, engine: str = "eager") -> tuple[Latency, Latency]:
-    """Latencies of two modules on the same inputs, their timed passes interleaved (first,
-    second, first, ...), so that a change in the machine's speed affects both alike; in
-    ``engine`` (see :func:`measure_latency`)."""
+                    repeats: int = 30, engine: str = "eager",
+                    second_inputs=None) -> tuple[Latency, Latency]:
+    """Latencies of two modules on the same inputs (``second_inputs``: the second's own, e.g.
+    what it receives inside its model, in its memory format), their timed passes interleaved
+    (first, second, first, ...), so that a change in the machine's speed affects both alike;
+    in ``engine`` (see :func:`measure_latency`)."""
     _check_counts(warmup, repeats)
     inputs = as_inputs(example_inputs)
+    other = inputs if second_inputs is None else as_inputs(second_inputs)
     with eval_mode(first), eval_mode(second):
         (run_a, dev_a), (run_b, dev_b) = (_timer(first, inputs, engine),
-                                          _timer(second, inputs, engine))
+                                          _timer(second, other, engine))
         if dev_a != dev_b:  # a CPU time against a GPU's would read as a speed-up
             raise ValueError(f"the two models are on different devices ({dev_a} and {dev_b}); "
                              "put them on one to compare their latency")
@@ -457,10 +460,12 @@ class Profile:
     threads: int
     device: str
     torch_version: str = torch.__version__
+    shared_params: int = 0  # parameter elements two or more units hold (tied weights)
 
     @property
     def layer_params(self) -> int:
-        return sum(layer.params for layer in self.layers)
+        """The parameters in the units, a tied one counted once (as ``params`` counts it)."""
+        return sum(layer.params for layer in self.layers) - self.shared_params
 
     def layer(self, name: str) -> LayerProfile:
         for layer in self.layers:
@@ -546,6 +551,13 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
             for name, (_, args) in unit_call_args(model, x, units).items():
                 by_name[name].latency[batch] = measure_latency(units[name], args, warmup=warmup,
                                                                repeats=repeats)
+    held: dict[int, int] = {}  # each unit's parameters, once per unit: how many units hold it
+    for unit in units.values():
+        for p in unit.parameters():
+            held[id(p)] = held.get(id(p), 0) + 1
+    shared = sum(p.numel() * (held[id(p)] - 1) for p in
+                 {id(p): p for u in units.values() for p in u.parameters()}.values())
     return Profile(layers, count_params(model), sum(unit_macs.values()) + outside,
                    param_bytes(model),
-                   model_bytes(model), user_batch, whole, torch.get_num_threads(), device)
+                   model_bytes(model), user_batch, whole, torch.get_num_threads(), device,
+                   shared_params=shared)

@@ -56,7 +56,8 @@ def write_plots(report, out_dir: str | os.PathLike) -> list[Path]:
     if not isinstance(report, Report):
         raise ValueError(f"report: expected a rankcut Report or Analysis, got "
                          f"{type(report).__name__}")
-    paths = [plot_layers(report, out / "layers.png")]
+    # (a report of a model with no Conv2d/Linear unit has no layers to plot)
+    paths = [plot_layers(report, out / "layers.png")] if report.layers else []
     losses = {row.name: row.predicted["sensitivity_loss"] for row in report.layers
               if "sensitivity_loss" in row.predicted}
     if losses:

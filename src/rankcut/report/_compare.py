@@ -89,8 +89,9 @@ class LayerRow:
 class Report(Document):
     """Before/after of a compression, per layer and in total (see :func:`compare`).
 
-    ``totals``: ``{"params", "macs", "param_bytes", "model_bytes"}`` -> ``[original,
-    compressed]`` (MACs of one sample; ``model_bytes`` the safetensors file). ``latency``: one
+    ``totals``: ``{"params", "macs", "param_bytes", "model_bytes", "unit_params"}`` ->
+    ``[original, compressed]`` (MACs of one sample; ``model_bytes`` the safetensors file;
+    ``unit_params`` the Conv2d/Linear units' parameters, a tied one counted once). ``latency``: one
     entry per batch, ``{"batch", "original", "compressed"}`` holding
     ``rankcut.profile.Latency.to_dict()``. ``accuracy``: ``{"original": {...}, "compressed":
     {...}}`` with ``top1``, ``top5`` (percent), ``loss``, ``n`` (may be empty). ``machine``:
@@ -262,8 +263,9 @@ class Report(Document):
             cells.append("" if err is None else f"{err:.3f}")
             cells.append("" if row.weight_error is None else f"{row.weight_error:.3f}")
             rows.append(cells)
-        sums = ["**units**", "", "",
-                _pair_text([sum(r.params[i] for r in self.layers) for i in (0, 1)], int_text),
+        unit_params = self.totals.get("unit_params") or [  # (a report from before it)
+            sum(r.params[i] for r in self.layers) for i in (0, 1)]
+        sums = ["**units**", "", "", _pair_text(unit_params, int_text),
                 _pair_text([sum(r.macs[i] for r in self.layers) for i in (0, 1)], int_text)]
         rows.append(sums + [""] * (len(header) - len(sums)))
         return md_table(header, rows, "lll" + "r" * (len(header) - 3))
@@ -340,8 +342,9 @@ def _layer_method(unit: nn.Module | None, original: nn.Module | None, lp) -> dic
 
 
 def _time_units(original, compressed, units_o, units_c, inputs, batch, warmup, repeats):
-    """Per unit name: (original ms, compressed ms) of one call at ``batch``, timed interleaved
-    where both models have the unit and see inputs of one shape."""
+    """Per unit name: (original ms, compressed ms) of one call at ``batch``, each on the input
+    it receives in its own model (a fused model's layers get channels_last ones), timed
+    interleaved where both models have the unit and see inputs of one shape."""
     x = with_batch(inputs, batch)
     seen_o = unit_call_args(original, x, units_o)
     seen_c = unit_call_args(compressed, x, units_c)
@@ -350,7 +353,7 @@ def _time_units(original, compressed, units_o, units_c, inputs, batch, warmup, r
         a, b = seen_o.get(name), seen_c.get(name)
         if a is not None and b is not None and [t.shape for t in a[1]] == [t.shape for t in b[1]]:
             la, lb = compare_latency(units_o[name], units_c[name], a[1], warmup=warmup,
-                                     repeats=repeats)
+                                     repeats=repeats, second_inputs=b[1])
             out[name] = [la.median_ms, lb.median_ms]
         else:
             out[name] = [None if a is None else measure_latency(
@@ -442,7 +445,9 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
 
     totals = {"params": [prof_o.params, prof_c.params], "macs": [prof_o.macs, prof_c.macs],
               "param_bytes": [prof_o.param_bytes, prof_c.param_bytes],
-              "model_bytes": [prof_o.model_bytes, prof_c.model_bytes]}
+              "model_bytes": [prof_o.model_bytes, prof_c.model_bytes],
+              # the units' own (a weight tied between two counted once, as params counts it)
+              "unit_params": [prof_o.layer_params, prof_c.layer_params]}
     timing = ({"warmup": warmup, "repeats": repeats, "interleaved": True} if latency else {})
     return Report(totals=totals, layers=rows, latency=whole, accuracy=acc,
                   machine=machine_info(device),

@@ -245,7 +245,8 @@ def plot_spectra(model_or_layers, path: str | os.PathLike, cuts=("vbmf", "energy
     if isinstance(cuts, str | int):  # one rule
         cuts = (cuts,)
     for name, src in sources.items():
-        if isinstance(src, torch.Tensor) and not bool(torch.isfinite(src).all()):
+        values = src.weight if isinstance(src, nn.Module) else src
+        if not bool(torch.isfinite(values.detach()).all()):
             raise ValueError(f"model_or_layers: {name!r} holds NaN or infinite values")
     n = len(sources)
     cols = min(4, n)
