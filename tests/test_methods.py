@@ -201,3 +201,18 @@ def test_solver_choices_are_checked_before_any_work(name):
             spec.check_options({key: value})
         with pytest.raises(ValueError, match=f"{key}: expected one of .*'nope'"):
             spec.check_options({key: "nope"})
+
+
+def test_the_cur_grid_stays_within_the_layers_full_rank():
+    """Rounded to multiples of 8, the top of a 13-rank layer's grid was 16: solved at 13 with a
+    clamp warning and priced above the dense layer."""
+    import warnings
+
+    from rankcut import curves, methods
+
+    spec, layer = methods.get("cur"), nn.Linear(2000, 13)
+    assert max(c.ranks[0] for c in curves.cur_grid(spec, layer, (1,))) <= 13
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        candidates = spec.candidates(layer, (1,), None, {"solver": "deim"})
+    assert all(c.ranks[0] <= 13 for c in candidates)

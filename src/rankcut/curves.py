@@ -294,8 +294,10 @@ def cur_grid(method, module, shape, form=None, n_ranks: int = 8) -> list[Candida
     per_rank = (method.cost(module, (2,), None, shape).params
                 - method.cost(module, (1,), None, shape).params)
     top = max(1, min(method.max_rank(module)[0], module.weight.numel() // max(per_rank, 1)))
+    # (rounding to the kernels' multiples can land above top: a rank the solver would clamp,
+    # priced above the dense layer)
     return [priced(method, module, shape, (r,), None, math.nan)
-            for r in geometric_aligned_ranks(top, n_ranks)]
+            for r in sorted({min(r, top) for r in geometric_aligned_ranks(top, n_ranks)})]
 
 
 def cur_at(method, module, shape, ranks, form=None, options=None) -> Candidate:
