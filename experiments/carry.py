@@ -44,7 +44,9 @@ def _size(path: Path) -> int:
 def copy_run(source: Path, target: Path) -> list[str]:
     """Make ``target`` a folder holding the ``KEEP`` entries of run folder ``source`` and
     nothing else (replacing whatever was there, whole); returns the entries copied."""
-    present = [k for k in KEEP if (source / k).exists()]
+    # (layerwise and multistage runs log each stage beside train.jsonl: train-layer-1.jsonl, ...)
+    present = [k for k in KEEP if (source / k).exists()] + sorted(
+        p.name for p in source.glob("train-*.jsonl"))
     if "checkpoints" not in present or not any((source / "checkpoints").iterdir()):
         raise SystemExit(f"{source}: no checkpoint to carry (checkpoints/ is missing or empty)")
     size = sum(_size(source / k) for k in present)

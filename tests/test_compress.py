@@ -393,6 +393,7 @@ def test_a_stage_stopped_by_the_callback_ends_compress_and_resume_finishes_it(tm
     stopped = run(checkpoint_dir=tmp_path, callback=lambda info: info["step"] == 2)
     assert not stopped.met_target and stopped.stages[-1]["train"]["stopped"]
     assert [s["train"]["steps"] for s in stopped.stages] == [2]
+    assert list(stopped.plan.active) == stopped.stages[0]["layers"]  # what was applied
     resumed = run(checkpoint_dir=tmp_path, resume=True)
     assert resumed.met_target and _same(resumed.model, whole.model)
 

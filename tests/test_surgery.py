@@ -423,7 +423,7 @@ def test_shared_modules_tied_weights_and_reused_layers_are_left_dense(tmp_path):
     model = Twice()
     plan = rc.plan(model, torch.rand(1, 16, 8, 8), method="svd", target="params=1.5x",
                    min_params=0, allow_slower=True)
-    assert "runs 2 times in one forward pass" in plan.layers["block"].reason
+    assert "called 2 times in one forward pass" in plan.layers["block"].reason
     assert "head" in plan.active
     # its MACs counted per call, as the built model runs them
     from rankcut.profile import count_macs

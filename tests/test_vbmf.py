@@ -119,3 +119,13 @@ def test_an_exactly_low_rank_matrix_keeps_its_rank(dtype):
         V = torch.linalg.qr(torch.randn(288, k, generator=g, dtype=torch.float64)).Q
         M = (U @ V.mT).to(dtype)
         assert evbmf(M).rank == k and evbmf(M.mT).rank == k
+
+
+def test_noise_with_nearly_dead_filters_stays_rank_zero():
+    """Rows scaled to rounding level (near-dead filters, not zeroed) explain the numerical rank
+    deficit as zero rows do: pure noise stays rank 0."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 576, generator=g, dtype=torch.float64)
+    assert evbmf(W).rank == 0
+    W[:8] *= 1e-17
+    assert evbmf(W).rank == 0

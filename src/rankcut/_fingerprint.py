@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._modes import eval_mode
+
 
 def update(h, tensor: torch.Tensor) -> None:
     """Feed ``tensor``'s shape, dtype and values (in logical order, whatever its layout or
@@ -31,7 +33,9 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode())
         update(h, tensor)
-    with torch.no_grad():
+    # (in eval mode: a spectral norm's power iteration runs, and updates its vectors, in
+    # training mode)
+    with torch.no_grad(), eval_mode(model):
         for prefix, module in model.named_modules():
             if parametrize.is_parametrized(module):
                 for name in module.parametrizations:

@@ -488,7 +488,8 @@ class _Job:
             stages.append({"stage": f"layer {name}", "layers": [name],
                            "train": self.tune(small, None, steps_per_layer, f"layer-{i}")})
             if _stopped(stages[-1]):  # the later layers are fitted to where it would end
-                return CompressResult(small, plan, stages, met_target=False)
+                done = Plan({n: plan.layers[n] for n in order[:i]}, meta=plan.meta)
+                return CompressResult(small, done, stages, met_target=False)
         final = {"stage": "final", "layers": [], "reestimated_bn": self.repair_bn(small)}
         if epochs is not None or steps is not None:
             final["train"] = self.tune(small, epochs, steps)

@@ -84,6 +84,18 @@ def _never_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
     return reason or _parent_reads_weight(model, name)
 
 
+def _weight_size(module: nn.Conv2d | nn.Linear) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels * (module.in_channels // module.groups) * kh * kw
+    return module.out_features * module.in_features
+
+
+def _has_bias(module: nn.Module) -> bool:
+    plist = getattr(module, "parametrizations", None)
+    return (plist is not None and "bias" in plist) or module._parameters.get("bias") is not None
+
+
 def target_layers(model: nn.Module, include=None, exclude=None, *,
                   min_params: int = COMPRESS["min_params"]) -> dict[str, str | None]:
     """Every Conv2d and Linear of ``model``: qualified name -> None (eligible) or why not.
@@ -127,8 +139,10 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
             reason = (f"its parameters are shared with {', '.join(tied)} (tied weights): "
                       "factorized, the other would keep them")
         # the weight the layer computes with (a parametrized one's is not among its own
-        # parameters) and its bias
-        params = sum(t.numel() for t in (module.weight, module.bias) if t is not None)
+        # parameters; counted from the layer's shape, not computed: a spectral norm in
+        # training mode would step its power iteration) and its bias
+        params = _weight_size(module) + (module.out_channels if isinstance(module, nn.Conv2d)
+                                         else module.out_features) * _has_bias(module)
         if reason is None and not forced:
             if isinstance(module, nn.Conv2d) and module.in_channels <= 3:
                 reason = f"input stem ({module.in_channels} input channels): too thin to pay off"

@@ -146,8 +146,10 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
 
     threshold = math.sqrt(Mdim * sigma2 * x_bar)
     rank0 = int(np.sum(gamma > threshold)) if sigma2 > 0 else int(np.sum(gamma > 0))
-    zero_rows = int((V.abs().amax(dim=1) == 0).sum()) if V.numel() else 0
-    zero_cols = int((V.abs().amax(dim=0) == 0).sum()) if V.numel() else 0
+    # rows and columns at rounding level (as L counts singular values): dead filters
+    cut = float(gamma[0]) * max(full_L, Mdim) * eps if gamma.size else 0.0
+    zero_rows = int((V.norm(dim=1) <= cut).sum()) if V.numel() else 0
+    zero_cols = int((V.norm(dim=0) <= cut).sum()) if V.numel() else 0
     if rank0 == 0 and 0 < L < min(full_L - zero_rows, Mdim - zero_cols):
         # exactly low rank beyond what zero rows or columns (pruned filters) explain: a
         # factorized layer made dense again. Its nonzero part holds no noise to estimate, and

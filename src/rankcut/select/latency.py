@@ -403,8 +403,9 @@ class LatencyTable:
         inputs = as_inputs(example_inputs)
         times = self.entries.setdefault(_model_key("model", model, inputs), {})
         if str(batch) not in times:
-            dense = fuse(model, check=False, memory_format=self.memory_format)
             x = with_batch(inputs, batch)
+            # (with the inputs: a model fx cannot trace is folded only where seen in a forward)
+            dense = fuse(model, x, check=False, memory_format=self.memory_format)
             times[str(batch)] = measure_latency(dense, x, warmup=self.warmup,
                                                 repeats=self.repeats,
                                                 engine=self.engine).median_ms

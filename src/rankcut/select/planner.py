@@ -89,17 +89,16 @@ def parse_target(target) -> tuple[str, float]:
 def layer_calls(model: nn.Module, example_inputs) -> dict[str, list[tuple]]:
     """Per Conv2d/Linear that runs on ``example_inputs``: the input size of each of its calls,
     in order ((H, W), or for a Linear the rows per sample: the sequence length of a
-    transformer, 1 for a classifier). A convolution run on k times the batch (test-time
-    augmentation inside the forward) counts as k calls: it costs k times a call's MACs."""
+    transformer, 1 for a classifier). (A convolution run on k times the batch, test-time
+    augmentation or frames folded into the batch inside the forward, is priced as one call:
+    its MACs counted once; not handled.)"""
     inputs = as_inputs(example_inputs)
     batch = batch_of(inputs)
     seen: dict[str, list[tuple]] = {}
 
     def record(name):
         def hook(module, args, output):  # returns None: the output is left alone
-            x = args[0]
-            times = x.shape[0] // batch if isinstance(module, nn.Conv2d) and x.ndim == 4 else 1
-            seen.setdefault(name, []).extend([input_shape(module, x, batch)] * max(1, times))
+            seen.setdefault(name, []).append(input_shape(module, args[0], batch))
         return hook
 
     run_watching_layers(model, inputs, record)
@@ -418,8 +417,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             elif reason is None and len(calls[name]) > 1:
                 # each call costs its MACs, and its input may differ: priced as one, a plan
                 # would meet its target on paper only
-                reason = (f"runs {len(calls[name])} times in one forward pass (a layer "
-                          "reused, or run on that many times the batch: left dense)")
+                reason = (f"called {len(calls[name])} times in one forward pass (a "
+                          "layer reused: left dense)")
             if reason is not None:
                 result[name] = LayerPlan.skipped(reason, type(module).__name__)
                 continue

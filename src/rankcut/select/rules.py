@@ -168,11 +168,12 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
                        rule.kind)
 
     if spec.n_ranks == 2:
-        # R_in in proportion to R_out, but at least R_out / (kh·kw): a Tucker-2 core cannot
-        # hold a mode rank above the product of the others (the layer would be built lower)
+        # R_in in proportion to R_out, but within kh·kw times it either way: a Tucker-2 core
+        # cannot hold a mode rank above the product of the others (it would be built lower)
         def pair(r: int) -> tuple[int, int]:
-            r_in = min(s, max(1, round(r * s / t), -(-r // (kh * kw))))
-            return (min(r, r_in * kh * kw), r_in)
+            k = kh * kw
+            r_in = min(s, r * k, max(1, round(r * s / t), -(-r // k)))
+            return (min(r, r_in * k), r_in)
 
         return pair(_largest_within(budget, lambda r: cost(pair(r)), t))
     return (_largest_within(budget, lambda r: cost((r,)), spec.max_rank(module, form)[0]),)
