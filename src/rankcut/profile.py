@@ -551,12 +551,9 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
             for name, (_, args) in unit_call_args(model, x, units).items():
                 by_name[name].latency[batch] = measure_latency(units[name], args, warmup=warmup,
                                                                repeats=repeats)
-    held: dict[int, int] = {}  # each unit's parameters, once per unit: how many units hold it
-    for unit in units.values():
-        for p in unit.parameters():
-            held[id(p)] = held.get(id(p), 0) + 1
-    shared = sum(p.numel() * (held[id(p)] - 1) for p in
-                 {id(p): p for u in units.values() for p in u.parameters()}.values())
+    # a parameter two units hold (tied weights) is in each unit's count: once too many
+    held = {id(p): p for unit in units.values() for p in unit.parameters()}
+    shared = sum(layer.params for layer in layers) - sum(p.numel() for p in held.values())
     return Profile(layers, count_params(model), sum(unit_macs.values()) + outside,
                    param_bytes(model),
                    model_bytes(model), user_batch, whole, torch.get_num_threads(), device,

@@ -85,15 +85,21 @@ def _never_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
 
 
 def _weight_size(module: nn.Conv2d | nn.Linear) -> int:
+    """The entries of the weight ``module`` computes with, from its shape: a parametrized
+    weight is not among its own parameters, and computing it would step a training-mode
+    spectral norm's power iteration."""
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return module.out_channels * (module.in_channels // module.groups) * kh * kw
     return module.out_features * module.in_features
 
 
-def _has_bias(module: nn.Module) -> bool:
+def _layer_size(module: nn.Conv2d | nn.Linear) -> int:
+    """:func:`_weight_size` and the bias (parametrized or not)."""
     plist = getattr(module, "parametrizations", None)
-    return (plist is not None and "bias" in plist) or module._parameters.get("bias") is not None
+    bias = (plist is not None and "bias" in plist) or module._parameters.get("bias") is not None
+    out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+    return _weight_size(module) + out * bias
 
 
 def target_layers(model: nn.Module, include=None, exclude=None, *,
@@ -138,11 +144,7 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
         if reason is None and tied:
             reason = (f"its parameters are shared with {', '.join(tied)} (tied weights): "
                       "factorized, the other would keep them")
-        # the weight the layer computes with (a parametrized one's is not among its own
-        # parameters; counted from the layer's shape, not computed: a spectral norm in
-        # training mode would step its power iteration) and its bias
-        params = _weight_size(module) + (module.out_channels if isinstance(module, nn.Conv2d)
-                                         else module.out_features) * _has_bias(module)
+        params = _layer_size(module)  # (a parametrized layer's computed weight too)
         if reason is None and not forced:
             if isinstance(module, nn.Conv2d) and module.in_channels <= 3:
                 reason = f"input stem ({module.in_channels} input channels): too thin to pay off"
@@ -205,9 +207,9 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         if (reason := lp.spec.why_not(module)) is not None:
             raise ValueError(f"plan layer {name!r}: {reason}")
-        if any(r > module.weight.numel() for r in lp.ranks):  # a hand-edited plan's
+        if any(r > _weight_size(module) for r in lp.ranks):  # a hand-edited plan's
             raise ValueError(f"plan layer {name!r}: ranks {list(lp.ranks)} above the layer's "
-                             f"{module.weight.numel():,} weights: no factorization has them")
+                             f"{_weight_size(module):,} weights: no factorization has them")
         if weights:
             check_weights(name, module)
         try:

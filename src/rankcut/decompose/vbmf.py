@@ -112,7 +112,8 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
     # the nonzero part, as if those rows were not there (L: their number).
     eps = float(torch.finfo(V.dtype).eps)
     full_L = L
-    L = max(int(np.sum(gamma > gamma[0] * max(L, Mdim) * eps)), 1) if gamma.size else L
+    cut = float(gamma[0]) * max(L, Mdim) * eps if gamma.size else 0.0  # rounding level
+    L = max(int(np.sum(gamma > cut)), 1) if gamma.size else L
     gamma_sq = gamma[:L] ** 2
     alpha = L / Mdim
     t_bar = tau_bar(alpha)
@@ -147,7 +148,6 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
     threshold = math.sqrt(Mdim * sigma2 * x_bar)
     rank0 = int(np.sum(gamma > threshold)) if sigma2 > 0 else int(np.sum(gamma > 0))
     # rows and columns at rounding level (as L counts singular values): dead filters
-    cut = float(gamma[0]) * max(full_L, Mdim) * eps if gamma.size else 0.0
     zero_rows = int((V.norm(dim=1) <= cut).sum()) if V.numel() else 0
     zero_cols = int((V.norm(dim=0) <= cut).sum()) if V.numel() else 0
     if rank0 == 0 and 0 < L < min(full_L - zero_rows, Mdim - zero_cols):
@@ -155,7 +155,7 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
         # factorized layer made dense again. Its nonzero part holds no noise to estimate, and
         # EVBMF of it alone finds none of it signal; with the zeros in, σ² falls to about 0
         # and every nonzero component is kept: so here
-        sigma2, threshold, rank0 = 0.0, float(gamma[0] * max(full_L, Mdim) * eps), L
+        sigma2, threshold, rank0 = 0.0, cut, L
     rank = rank0 + round(weakening * (full_L - rank0))
 
     g = s[:rank]
