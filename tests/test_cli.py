@@ -133,7 +133,8 @@ def test_latency_engine_and_table_flags(capsys, tmp_path, fake_latency):
     one-line user error."""
     import os
 
-    fake_latency(lambda m: 1.0)
+    # time by weights: a factorized layer (fewer weights) runs faster than dense
+    fake_latency(lambda m: 1e-3 + 1e-4 * sum(p.numel() for p in m.parameters()))
     common = ["compress", "--model", "resnet20_cifar", "--input-shape", "3,32,32", "--method",
               "svd", "--target", "macs=2x", "--no-latency"]
     table = tmp_path / "t.json"
@@ -164,7 +165,8 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
         capsys, "compress", "--model", "resnet20_cifar", "--weights", weights, "--data",
         "cifar10", "--data-dir", shared_data, "--method", "tucker", "--target", "macs=2x",
         "--calib", 64, "--eval-limit", 200, "--finetune-steps", 3, "--distill",
-        "--batch-size", 32, "--out", out, "--quiet")
+        "--batch-size", 32, "--out", out, "--quiet",
+        "--allow-slower")  # (at batch 1 on a CPU no 2x plan of ResNet-20 runs faster)
     assert code == 0, err
     for name in ["plan.json", "model.safetensors", "report.json", "report.md"]:
         assert (out / name).stat().st_size > 0, name

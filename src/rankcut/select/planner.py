@@ -15,8 +15,11 @@
    :class:`~.latency.LatencyTable` (measured once per device and reused), and the plan is kept
    no slower than the dense model: with a rule, no factorization slower than its dense layer is
    taken; with a params or MACs target, the allocation minimises Σ error² + μ·time, μ the least
-   price of time that brings the predicted model time within the dense model's. A ``latency``
-   target is a budget of time itself, spent by the same allocation.
+   price of time that brings the predicted model time within the dense model's, and the plan
+   is then timed whole. A target that cannot be met no slower than dense (predicted or
+   measured) without raising the predicted damage beyond :data:`GUARD_DAMAGE` times is refused
+   with a ValueError that says how much slower it would run. A ``latency`` target is a budget
+   of time itself, spent by the same allocation.
 """
 
 from __future__ import annotations
@@ -312,7 +315,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             with the layer at hand.
         allow_slower: by default the plan is kept no slower than the dense model on the
             model's device (step 5 of the module docstring; at the batch of ``example_inputs``
-            or ``latency_batch``); ``True`` skips all timing (not with a latency target).
+            or ``latency_batch``), and a params or MACs target that cannot be met so is a
+            ValueError; ``True`` skips all timing (not with a latency target).
         latency_margin: how much slower than dense (a fraction of its time) the predicted plan,
             or a factorized layer under a rank rule, may be.
         speed_slack: with a params or MACs target and the guard on, how much more predicted
@@ -476,6 +480,8 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             if clock is not None and (limit is not None or kind == "latency"):
                 chosen, budget, checks = _checked(choose, chosen, budget, kind, fraction, clock,
                                                   model, result, options)
+            if limit is not None and kind != "latency":
+                _refuse_slower(target, limit, choose, chosen, checks, clock)
             result.meta["budget"] = {kind: budget}
         _fill(result, chosen, layers, options, choose.vetoed,
               ruled=rule is not None or rank_multiple > 1)
@@ -542,39 +548,54 @@ class _Layer:
 
 
 def _latency_meta(clock, choose, chosen, checks, kind, fraction, limit) -> dict:
-    """The plan's ``meta["latency"]``; warns when the guard gave way or the plan, timed whole,
-    missed its goal."""
+    """The plan's ``meta["latency"]``; warns when a latency target's plan, timed whole, missed
+    its goal."""
     meta = {**clock.summary(chosen, limit, choose.vetoed),
             **({"aimed_limit": choose.limit} if limit is not None and choose.limit != limit
                else {}),
             **({"guard": choose.cost} if choose.cost else {}),
             **({"speed": choose.speed} if choose.speed else {})}
-    gave_way = bool(choose.cost) and not choose.cost["met"]
-    if gave_way:
-        free = choose.cost["damage"] == choose.cost["damage_if_slower"]
-        which = ("so it is the plan without that limit" if free else
-                 f"so it is the fastest plan within that (the plan without the limit: "
-                 f"{choose.cost['ratio_if_slower']:.2f})")
-        warnings.warn(
-            f"target: the plan is predicted to run at {clock.ratio(chosen):.2f} of the dense "
-            f"model's time at batch {clock.batch} on this device: keeping it no slower would "
-            f"raise its predicted error by more than {GUARD_DAMAGE - 1:.0%} (sum of squares), "
-            f"{which}. Plan with example_inputs of the batch the model will run at, ask for a "
-            f"latency target, or pass allow_slower=True to silence this", stacklevel=3)
     if checks:
         last = checks[-1]
         meta.update(checks=checks, measured_ms={str(clock.batch): last["ms"]},
                     measured_ratio={str(clock.batch): last["measured"]}, ratio=last["measured"])
-        goal = fraction if kind == "latency" else limit
-        if last["measured"] > goal and not gave_way:
+        if kind == "latency" and last["measured"] > fraction:
             warnings.warn(
                 f"target: the plan measured {last['measured']:.2f} of the dense model's time at "
-                f"batch {clock.batch} on this device, against a goal of {goal:.2f} (predicted "
+                f"batch {clock.batch} on this device, against a goal of {fraction:.2f} (predicted "
                 f"{last['predicted']:.2f}; {len(checks)} plan{'s' if len(checks) > 1 else ''} "
                 f"timed whole)", stacklevel=3)
     if kind == "latency":
         meta["goal_ratio"] = fraction
     return meta
+
+
+def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
+    """With the latency guard on (a params or MACs target), a plan predicted slower than its
+    limit (the guard gave way: keeping it within would raise the predicted damage beyond
+    :data:`GUARD_DAMAGE` times) or measured slower than ``limit``, timed whole, is refused: a
+    compressed model that runs slower than the original defeats the purpose, and
+    ``allow_slower=True`` takes such a plan knowingly."""
+    gave_way = bool(choose.cost) and not choose.cost["met"]
+    measured = checks[-1]["measured"] if checks else None
+    if not gave_way and (measured is None or measured <= limit):
+        return
+    where = f"batch {clock.batch} on this device"
+    if gave_way:
+        why = (f"the plan that meets it is predicted at {clock.ratio(chosen):.2f} of the dense "
+               f"model's time there, and keeping it no slower would raise its predicted "
+               f"error by more than {GUARD_DAMAGE - 1:.0%} (sum of squares)")
+    else:
+        why = (f"the plan that meets it measured {measured:.2f} of the dense model's time "
+               f"there, timed whole (predicted {checks[-1]['predicted']:.2f}; "
+               f"{len(checks)} plan{'s' if len(checks) > 1 else ''} timed), and no plan tried "
+               f"within the guard's bound on error ({GUARD_DAMAGE - 1:.0%} more predicted error, "
+               f"sum of squares) measured no slower")
+    raise ValueError(
+        f"target: {target} cannot be met no slower than the dense model at {where}: {why}. "
+        f"Pass allow_slower=True (on the command line --allow-slower) to take that plan "
+        f"anyway, plan with example_inputs of the batch the model will run at (or "
+        f"latency_batch), or ask for a smaller reduction")
 
 
 def _checked(choose, chosen, budget, kind, fraction, clock, model, result, options,
@@ -681,8 +702,8 @@ class _Clock:
 
 
 # The latency guard may raise a budgeted plan's predicted damage (Σ error²) by at most this
-# factor; where keeping the plan no slower than dense would cost more, the target wins: the plan
-# is the one without the guard, and a warning says it is predicted slower. (Part-way plans
+# factor; where keeping the plan no slower than dense would cost more, the target is refused
+# (a ValueError; allow_slower=True takes the plan without the guard). (Part-way plans
 # lose accuracy and are still slower: on ResNet-20 at batch 1, 2x fewer MACs, one at the
 # bound kept 82.0% top-1 against 89.8% unguarded and was predicted at 1.57 of the dense time.)
 GUARD_DAMAGE = 1.25
@@ -696,7 +717,7 @@ class _Chooser:
     budget, the predicted model time is held within ``limit`` by pricing time at the least μ
     that does it, unless that raises the predicted damage beyond :data:`GUARD_DAMAGE` times
     that of the plan without a limit: then the plan is that one (``cost`` records the outcome
-    and the damage with and without the limit)."""
+    and the damage with and without the limit; :func:`plan` refuses it)."""
 
     def __init__(self, layers: dict[str, _Layer], kind, limit: float | None = None,
                  clock: _Clock | None = None, slack: float = 0.0):
