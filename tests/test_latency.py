@@ -121,12 +121,15 @@ def test_the_guard_keeps_a_budgeted_plan_no_slower_than_dense(fake_latency):
 def test_the_guard_refuses_a_target_it_cannot_meet_no_slower(fake_latency):
     """Every primitive alike, so every factorized layer is slower than dense: no plan meets the
     MACs target no slower than dense, and the planner says so (a compressed model slower than
-    the original defeats the purpose) instead of handing one over; allow_slower=True takes it."""
-    fake_latency(lambda m: 9.0)
+    the original defeats the purpose) instead of handing one over; allow_slower=True takes it.
+    (A whole model takes its convs' time: timed whole, the plan is slower too.)"""
+    fake_latency(lambda m: 9.0 * sum(isinstance(c, nn.Conv2d) for c in m.modules()))
     model, x = convnet(), torch.rand(1, 16, 16, 16)
-    with pytest.raises(ValueError, match=r"target: macs=2x cannot be met no slower than the dense "
-                                         r"model at batch 1 on this device: the plan that meets "
-                                         r"it is predicted at 1\.[0-9]+ .*allow_slower=True"):
+    with pytest.raises(ValueError, match=r"target: macs=2x cannot be met no slower than the "
+                                         r"dense model at batch 1 on this device: the plan that "
+                                         r"meets it is predicted at 1\.[0-9]+ of the dense "
+                                         r"model's time there \(measured whole: 1\.[0-9]+\)"
+                                         r".*allow_slower=True"):
         rc.plan(model, x, method="svd", target="macs=2x", min_params=100)
     free = rc.plan(model, x, method="svd", target="macs=2x", min_params=100, allow_slower=True)
     assert free.meta["predicted"]["macs_ratio"] >= 2.0 and "latency" not in free.meta
@@ -169,6 +172,26 @@ def test_a_plan_measured_slower_than_predicted_is_chosen_again(fake_latency):
     taken = table.measured
     again = rc.plan(model, x, **kw)
     assert table.measured == taken and again.active == plan.active
+
+
+def test_a_plan_the_table_prices_slower_but_measured_faster_whole_stands(fake_latency):
+    """The table is pessimistic: alone, a depthwise conv (CP's spatial stage) times 500x its
+    weights, but in a whole model it costs what its weights do. A CP-only plan the guard
+    cannot bring within the limit by the table is timed whole, runs faster than dense, and
+    stands: the measurement decides."""
+    def ms(module):
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        slow = 500 if len(convs) == 1 else 1
+        return sum(m.weight.numel() * 1e-3 * (slow if m.groups > 1 else 1) for m in convs)
+
+    fake_latency(ms)
+    model, x = convnet(), torch.rand(2, 16, 16, 16)
+    plan = rc.plan(model, x, method="cp", target="macs=3x", min_params=100,
+                   options={"cp": {"max_iter": 10}})
+    lat = plan.meta["latency"]
+    assert not lat["guard"]["met"] and lat["checks"][0]["predicted"] > 1.0
+    assert lat["ratio"] <= 1.0 and all(lp.method == "cp" for lp in plan.active.values())
+    assert plan.meta["predicted"]["macs_ratio"] >= 3.0
 
 
 def test_the_guard_refuses_a_plan_measured_slower_than_dense(fake_latency):

@@ -578,12 +578,13 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
     ``allow_slower=True`` takes such a plan knowingly."""
     gave_way = bool(choose.cost) and not choose.cost["met"]
     measured = checks[-1]["measured"] if checks else None
-    if not gave_way and (measured is None or measured <= limit):
-        return
+    if (measured is None and not gave_way) or (measured is not None and measured <= limit):
+        return  # (timed whole, the measurement decides: the table may be pessimistic)
     where = f"batch {clock.batch} on this device"
     if gave_way:
+        seen = "" if measured is None else f" (measured whole: {measured:.2f})"
         why = (f"the plan that meets it is predicted at {clock.ratio(chosen):.2f} of the dense "
-               f"model's time there, and keeping it no slower would raise its predicted "
+               f"model's time there{seen}, and keeping it no slower would raise its predicted "
                f"error by more than {GUARD_DAMAGE - 1:.0%} (sum of squares)")
     else:
         why = (f"the plan that meets it measured {measured:.2f} of the dense model's time "
@@ -605,8 +606,11 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
     time misses the goal (a latency target's fraction, or the guard's limit), or beats it by more
     than 5% where the goal shaped the plan (a latency target's; the guard's where it met its
     limit by pricing time: accuracy given for speed not needed), the allocation aims at goal ·
-    predicted / measured instead and the plan is chosen again, at most ``rounds`` times; the plan
-    returned is the last that met the goal (else the last one). The timings are kept in the
+    predicted / measured instead and the plan is chosen again, at most ``rounds`` times. Where
+    the guard gives way (no plan within its bound on damage is predicted to reach the limit),
+    the fastest plan within that bound is measured as well, if it is predicted faster than the
+    plan at hand, and the checks end there. The plan returned is the last that met the goal
+    (else the last one). The timings are kept in the
     table, so a table that holds them gives the same plan. Returns (chosen, budget, the checks,
     the final plan's check last)."""
     goal = fraction if kind == "latency" else choose.limit
@@ -624,9 +628,17 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
         if met:
             best = state
         shaped = kind == "latency" or bool(choose.cost and choose.cost["met"])
-        if (met and (not shaped or check["measured"] >= 0.95 * goal)) or round_ == rounds or (
-                choose.cost and not choose.cost["met"]):
+        if (met and (not shaped or check["measured"] >= 0.95 * goal)) or round_ == rounds:
             break
+        if choose.cost and not choose.cost["met"]:
+            # the guard gave way (by the table, nothing within its bound on damage reaches the
+            # limit): the fastest plan within that bound is measured too, when it is predicted
+            # faster than this one (the table may be pessimistic); then no more
+            faster = choose.bounded
+            if met or faster is None or clock.ratio(faster) >= predicted - 1e-9:
+                break
+            chosen = faster
+            continue
         # aim the prediction where the measurement would meet the goal: measured ≈ predicted
         # times this plan's measured / predicted
         aim = goal * predicted / check["measured"]
@@ -640,8 +652,10 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
                 again = choose(budget)
         except ValueError:  # nothing cheaper fits
             break
-        if choose.cost and not choose.cost["met"]:  # the guard would give way: stop here
-            break
+        if choose.cost and not choose.cost["met"]:  # the guard gives way at that aim
+            if choose.bounded is None or clock.ratio(choose.bounded) >= predicted - 1e-9:
+                break
+            again = choose.bounded  # the fastest within its bound, measured next (and last)
         chosen = again
         if kind == "latency":
             budget = aim
@@ -727,12 +741,13 @@ class _Chooser:
         self.vetoed: dict[str, list[str]] = {}
         self.cost: dict[str, float] = {}
         self.speed: dict[str, float] = {}
+        self.bounded: dict[str, Candidate] | None = None
 
     def _time(self, chosen: dict[str, Candidate]) -> float:
         return self.clock.ratio(chosen)
 
     def __call__(self, budget) -> dict[str, Candidate]:
-        self.cost, self.speed = {}, {}
+        self.cost, self.speed, self.bounded = {}, {}, None
         if budget is None:
             if self.limit is not None:
                 for n, layer in self.layers.items():
@@ -763,9 +778,13 @@ class _Chooser:
         """The least price of time that brings the predicted time within the limit, and the
         plan at it; ``free`` (and 0) if that raises the damage beyond GUARD_DAMAGE."""
         bound = GUARD_DAMAGE * _damage(free) + 1e-12
+        self.bounded = free  # the fastest plan found within the damage bound
 
         def too_slow(trial):  # and still within the damage bound: price time higher
-            return self._time(trial) > self.limit and _damage(trial) <= bound
+            slow = self._time(trial) > self.limit and _damage(trial) <= bound
+            if slow and self._time(trial) < self._time(self.bounded):
+                self.bounded = trial
+            return slow
 
         lo, hi = 0.0, 1.0
         while too_slow(chosen := at(hi)) and hi < 1e8:
