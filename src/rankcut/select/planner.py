@@ -576,7 +576,8 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
     :data:`GUARD_DAMAGE` times) or measured slower than ``limit``, timed whole, is refused: a
     compressed model that runs slower than the original defeats the purpose, and
     ``allow_slower=True`` takes such a plan knowingly."""
-    gave_way = bool(choose.cost) and not choose.cost["met"]
+    # (given way at an aim below the limit, the plan may be predicted within the limit itself)
+    gave_way = bool(choose.cost) and not choose.cost["met"] and clock.ratio(chosen) > limit
     measured = checks[-1]["measured"] if checks else None
     if (measured is None and not gave_way) or (measured is not None and measured <= limit):
         return  # (timed whole, the measurement decides: the table may be pessimistic)
