@@ -56,8 +56,11 @@ def main():
     if args.plan:
         plan = rc.load_plan(args.plan)
     else:
-        plan = rc.plan(model, x, method=args.method, target=args.target, calib_data=calib,
-                       allow_slower=args.allow_slower)
+        try:
+            plan = rc.plan(model, x, method=args.method, target=args.target, calib_data=calib,
+                           allow_slower=args.allow_slower)
+        except ValueError as err:  # e.g. the latency guard's refusal: say why, no traceback
+            raise SystemExit(f"plan: {err}") from None
     if args.save_plan:
         Path(args.save_plan).write_text(plan.to_json())
     small = rc.apply(model, plan, calib_data=calib)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import rankcut as rc
 from rankcut.cli import main
@@ -274,6 +275,34 @@ def test_sweep_points_checkpoint_each_in_its_own_folder(shared_data, capsys, tmp
     first, again = (json.loads((tmp_path / o / "sweep.json").read_text())["points"]
                     for o in ("s", "again"))
     assert [p["top1"] for p in first] == [p["top1"] for p in again]
+
+
+def test_sweep_skips_a_target_the_guard_refuses_and_keeps_the_rest(shared_data, capsys, tmp_path,
+                                                                    fake_latency):
+    """A world where a whole model pays 1 ms a conv beyond its weights' time: a small cut
+    saves less than its extra convs cost and the guard refuses it; a deep cut pays. The sweep
+    reports the refused point and keeps the other (one refusal used to end the sweep with
+    nothing written); with every point refused it is a one-line error."""
+    def ms(module):
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        return sum(m.weight.numel() * 1e-3 for m in convs) + (
+            1.0 * len(convs) if len(convs) > 1 else 0.0)
+
+    fake_latency(ms)
+    argv = ["sweep", "--model", "tests.test_bad_inputs_cli:tiny", "--data", "cifar10",
+            "--data-dir", shared_data, "--eval-limit", 20, "--methods", "svd", "--calib", 0,
+            "--min-params", 0, "--quiet"]
+    code, _, err = run(capsys, *argv, "--targets", "params=1.2x", "params=4x",
+                         "--out", tmp_path / "s")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [p["target"] for p in doc["points"]] == ["params=4x"]
+    assert [p["target"] for p in doc["skipped"]] == ["params=1.2x"]
+    assert "cannot be met no slower" in doc["skipped"][0]["error"]
+    assert "No plan:" in (tmp_path / "s" / "sweep.md").read_text()
+    code, _, err = run(capsys, *argv, "--targets", "params=1.2x", "--out", tmp_path / "t")
+    assert code == 2 and "no point of the sweep could be planned" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
 
 
 def test_multistage_accuracy_floor_is_checked_on_held_out_training_data(weights, shared_data,

@@ -194,6 +194,30 @@ def test_a_plan_the_table_prices_slower_but_measured_faster_whole_stands(fake_la
     assert plan.meta["predicted"]["macs_ratio"] >= 3.0
 
 
+def test_where_the_guard_gives_way_the_fastest_plan_within_its_bound_is_measured(fake_latency):
+    """Alone, a depthwise conv times 500x its weights; in a whole model 60x. The CP plan without
+    the limit measures slower than dense, the fastest plan within the guard's bound on damage
+    measures faster: that one is kept, and meta["latency"]["guard"] describes it (not the
+    plan without the limit)."""
+    def ms(module):
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        slow = 500 if len(convs) == 1 else 60
+        return sum(m.weight.numel() * 1e-3 * (slow if m.groups > 1 else 1) for m in convs)
+
+    fake_latency(ms)
+    model, x = convnet(), torch.rand(2, 16, 16, 16)
+    plan = rc.plan(model, x, method="cp", target="macs=3x", min_params=100,
+                   options={"cp": {"max_iter": 10}})
+    lat = plan.meta["latency"]
+    first, last = lat["checks"][0], lat["checks"][-1]
+    assert first["measured"] > 1.0 >= last["measured"] == lat["ratio"]
+    assert last["predicted"] < first["predicted"]
+    guard = lat["guard"]
+    assert guard["damage"] == pytest.approx(plan.meta["predicted"]["error_sq_sum"])
+    assert guard["damage_if_slower"] < guard["damage"] <= 1.25 * guard["damage_if_slower"]
+    assert guard["ratio"] == pytest.approx(last["predicted"])
+
+
 def test_the_guard_refuses_a_plan_measured_slower_than_dense(fake_latency):
     """A whole model pays 6 ms per conv on top of its layers' times: a MACs plan predicted no
     slower than dense (its layers timed alone) measures slower whole, no tighter plan within

@@ -1200,7 +1200,7 @@ def cmd_sweep(args) -> int:
     from .profile import count_macs, count_params
 
     base = {"params": count_params(model), "macs": count_macs(model, x)}
-    points = []
+    points, skipped = [], []
     timer = _SpeedUp(model, x, args.latency_batch or 1) if args.latency else None
     extra = f" {'speed-up':>8}" if timer else ""
     _say(f"{'method':>12} {'target':>10} {'params x':>9} {'MACs x':>7} {'top-1 %':>8}{extra}")
@@ -1212,11 +1212,20 @@ def cmd_sweep(args) -> int:
             if "checkpoint_dir" in tuning:  # each point's own (a resume picks up each one)
                 tuning["checkpoint_dir"] = str(Path(tuning["checkpoint_dir"],
                                                     f"{method}-{target}".replace("=", "")))
-            result = compress(model, x, method=method, rank=args.rank, target=target,
-                              calib_data=calib, train_data=train, epochs=epochs, steps=steps,
-                              distill=args.distill, plan_options=options,
-                              finetune_options=tuning, progress=ctx.progress,
-                              sequential=args.sequential)
+            try:
+                result = compress(model, x, method=method, rank=args.rank, target=target,
+                                  calib_data=calib, train_data=train, epochs=epochs,
+                                  steps=steps, distill=args.distill, plan_options=options,
+                                  finetune_options=tuning, progress=ctx.progress,
+                                  sequential=args.sequential)
+            except ValueError as err:
+                if "cannot be met" not in str(err):
+                    raise
+                # a target the plan cannot reach (e.g. the latency guard's refusal): the
+                # other points stand; the line says why this one is missing
+                _say(f"{method:>12} {target:>10}  no plan: {err}")
+                skipped.append({"method": method, "target": target, "error": str(err)})
+                continue
             small = result.model.cpu().eval()
             m = _evaluate(ctx, small, test)
             point = {"method": method, "target": target, "top1": m["top1"], "top5": m["top5"],
@@ -1228,9 +1237,12 @@ def cmd_sweep(args) -> int:
             _say(f"{method:>12} {target:>10} {point['params_ratio']:9.2f} "
                  f"{point['macs_ratio']:7.2f} {m['top1']:8.2f}"
                  + (f" {point['speedup']:8.2f}" if timer else ""))
+    if not points:
+        raise ValueError(f"no point of the sweep could be planned ({skipped[0]['target']}: "
+                         f"{skipped[0]['error']})")
     out = Path(args.out)
     doc = {"schema": "rankcut.sweep", "version": 1, "model": args.model, "data": args.data,
-           "dense": dense, "points": points}
+           "dense": dense, "points": points, **({"skipped": skipped} if skipped else {})}
     if timer:
         doc["latency"] = timer.setting
     speed = " speed-up (measured) |" if timer else ""
@@ -1243,6 +1255,8 @@ def cmd_sweep(args) -> int:
               + (f" {p['speedup']:.2f} |" if timer else "") for p in points]
     if timer:
         lines += ["", f"Speed-up: dense time / compressed time, both fused, {timer.describe()}."]
+    lines += ["", "No plan:", ""] + [f"- {p['method']} {p['target']}: {p['error']}"
+                                      for p in skipped] if skipped else []
     files = ["sweep.json", "sweep.md", "sweep.png"]
     with atomic_folder(out) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(doc, indent=2))
