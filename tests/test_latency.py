@@ -174,20 +174,25 @@ def test_a_plan_measured_slower_than_predicted_is_chosen_again(fake_latency):
     assert table.measured == taken and again.active == plan.active
 
 
-def test_a_plan_the_table_prices_slower_but_measured_faster_whole_stands(fake_latency):
-    """The table is pessimistic: alone, a depthwise conv (CP's spatial stage) times 500x its
-    weights, but in a whole model it costs what its weights do. A CP-only plan the guard
-    cannot bring within the limit by the table is timed whole, runs faster than dense, and
-    stands: the measurement decides."""
+def _cp_plan_where_depthwise_is_slow(fake_latency, alone: float, whole: float):
+    """A CP-only macs=3x plan of ``convnet`` in a world where a depthwise conv (CP's spatial
+    stage) times ``alone`` x its weights timed alone and ``whole`` x in a whole model."""
     def ms(module):
         convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-        slow = 500 if len(convs) == 1 else 1
+        slow = alone if len(convs) == 1 else whole
         return sum(m.weight.numel() * 1e-3 * (slow if m.groups > 1 else 1) for m in convs)
 
     fake_latency(ms)
     model, x = convnet(), torch.rand(2, 16, 16, 16)
-    plan = rc.plan(model, x, method="cp", target="macs=3x", min_params=100,
+    return rc.plan(model, x, method="cp", target="macs=3x", min_params=100,
                    options={"cp": {"max_iter": 10}})
+
+
+def test_a_plan_the_table_prices_slower_but_measured_faster_whole_stands(fake_latency):
+    """The table is pessimistic: alone, a depthwise conv times 500x its weights, but in a whole
+    model it costs what its weights do. A CP-only plan the guard cannot bring within the limit
+    by the table is timed whole, runs faster than dense, and stands: the measurement decides."""
+    plan = _cp_plan_where_depthwise_is_slow(fake_latency, alone=500, whole=1)
     lat = plan.meta["latency"]
     assert not lat["guard"]["met"] and lat["checks"][0]["predicted"] > 1.0
     assert lat["ratio"] <= 1.0 and all(lp.method == "cp" for lp in plan.active.values())
@@ -199,15 +204,7 @@ def test_where_the_guard_gives_way_the_fastest_plan_within_its_bound_is_measured
     the limit measures slower than dense, the fastest plan within the guard's bound on damage
     measures faster: that one is kept, and meta["latency"]["guard"] describes it (not the
     plan without the limit)."""
-    def ms(module):
-        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-        slow = 500 if len(convs) == 1 else 60
-        return sum(m.weight.numel() * 1e-3 * (slow if m.groups > 1 else 1) for m in convs)
-
-    fake_latency(ms)
-    model, x = convnet(), torch.rand(2, 16, 16, 16)
-    plan = rc.plan(model, x, method="cp", target="macs=3x", min_params=100,
-                   options={"cp": {"max_iter": 10}})
+    plan = _cp_plan_where_depthwise_is_slow(fake_latency, alone=500, whole=60)
     lat = plan.meta["latency"]
     first, last = lat["checks"][0], lat["checks"][-1]
     assert first["measured"] > 1.0 >= last["measured"] == lat["ratio"]
