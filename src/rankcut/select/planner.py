@@ -635,8 +635,8 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
             # the guard gave way (by the table, nothing within its bound on damage reaches the
             # limit): the fastest plan within that bound is measured too, when it is predicted
             # faster than this one (the table may be pessimistic); then no more
-            faster = choose.take_bounded(predicted)
-            if met or faster is None:
+            faster = choose.take_bounded(predicted)  # (a plan that met the goal broke above)
+            if faster is None:
                 break
             chosen = faster
             continue
