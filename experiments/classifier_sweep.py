@@ -52,6 +52,7 @@ from rankcut.atomic import atomic_path
 from rankcut.calibrate import input_at
 from rankcut.models import create, pretrained_path
 from rankcut.profile import count_params
+from rankcut.select import TargetUnreachable
 from rankcut.train import evaluate, finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -563,7 +564,7 @@ def unreachable(path: Path, name: str, label: str, method: dict, mode: str, rati
     """Record in ``path`` that a series' target at ``ratio`` is below its smallest plan (every
     layer at rank 1): the series ends there, and a resumed run does not plan it again (minutes
     for a 25,088-wide layer). Any other error is raised."""
-    if "cannot be met" not in str(err):
+    if not isinstance(err, TargetUnreachable):
         raise err
     with path.open("a") as f:
         f.write(json.dumps({"label": label, "fit": _fit(method), "mode": mode, "ratio": ratio,

@@ -13,6 +13,7 @@ import torch
 import rankcut as rc
 from rankcut import data as D
 from rankcut.models import create
+from rankcut.select import TargetUnreachable
 from rankcut.train import evaluate
 
 from .conftest import REPO
@@ -650,7 +651,7 @@ def test_classifier_sweep_fine_tuning_walk_stops_at_the_first_loss(monkeypatch, 
     def unreachable(run_, method, ratio, *args, **kwargs):
         if ratio >= 16:
             calls.append(ratio)
-            raise ValueError("target: cannot be met; the cheapest plan costs more")
+            raise TargetUnreachable("target: cannot be met; the cheapest plan costs more")
         return fake(run_, method, ratio, *args, **kwargs)
 
     monkeypatch.setattr(sweep_, "tuned_point", unreachable)

@@ -1198,6 +1198,7 @@ def cmd_sweep(args) -> int:
     calib = ctx.calib_data(args.calib)
     dense = _evaluate(ctx, model, test)
     from .profile import count_macs, count_params
+    from .select import TargetUnreachable
 
     base = {"params": count_params(model), "macs": count_macs(model, x)}
     points, skipped = [], []
@@ -1218,9 +1219,7 @@ def cmd_sweep(args) -> int:
                                   steps=steps, distill=args.distill, plan_options=options,
                                   finetune_options=tuning, progress=ctx.progress,
                                   sequential=args.sequential)
-            except ValueError as err:
-                if "cannot be met" not in str(err):
-                    raise
+            except TargetUnreachable as err:
                 # a target the plan cannot reach (e.g. the latency guard's refusal): the
                 # other points stand; the line says why this one is missing
                 _say(f"{method:>12} {target:>10}  no plan: {err}")

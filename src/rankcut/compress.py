@@ -51,7 +51,7 @@ from .defaults import COMPRESS
 from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save, save_plan
 from .layers import CPConv2d, FactorizedLayer, LowRankLinear
 from .plans import Plan
-from .select import parse_rank, parse_target
+from .select import TargetUnreachable, parse_rank, parse_target
 from .select import plan as make_plan
 from .surgery import apply, set_submodule
 from .train import DEFAULT_LR, check_finetune_options, evaluate, finetune
@@ -188,13 +188,14 @@ def _agreed(fn) -> Plan:
     if dist.get_rank() == 0:
         try:
             box = [("plan", fn().to_json())]
-        except ValueError as err:
-            box = [("error", str(err))]
+        except ValueError as err:  # (its kind kept: a sweep's unreachable target stays one)
+            box = [("error", (isinstance(err, TargetUnreachable), str(err)))]
     dist.broadcast_object_list(box, src=0)
-    kind, text = box[0]
+    kind, payload = box[0]
     if kind == "error":
-        raise ValueError(text)
-    return Plan.from_json(text)
+        unreachable, text = payload
+        raise (TargetUnreachable if unreachable else ValueError)(text)
+    return Plan.from_json(payload)
 
 
 def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method"], rank=None,
@@ -512,9 +513,9 @@ class _Job:
                 plan = self.stored_plan(folder, None,
                                         lambda v=view, t=round_target: self.plan(t, model=v),
                                         round_target)
-            except ValueError as err:
+            except TargetUnreachable as err:
                 # a round's target out of reach (the final one, often): the rounds done stand
-                if accepted is None or "cannot be met" not in str(err):
+                if accepted is None:
                     raise
                 stages.append({"stage": f"round {i}", "target": round_target,
                                "layers": [], "stopped": str(err)})

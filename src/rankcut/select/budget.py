@@ -20,6 +20,12 @@ import numpy as np
 from ..curves import Candidate, nan_as_worst
 
 
+class TargetUnreachable(ValueError):
+    """A target no plan meets: below the cheapest plan over the eligible layers, or (the
+    latency guard on) not without running slower than the dense model. Callers that sweep
+    targets end a series or skip a point on it; any other ValueError is a fault."""
+
+
 def _damage(c: Candidate) -> float:
     return c.error ** 2
 
@@ -69,7 +75,7 @@ def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
         def amount(v):
             return f"{v:.3f} of the dense model's time" if kind == "latency" else \
                 f"{v:,.0f} {kind}"
-        raise ValueError(
+        raise TargetUnreachable(
             f"target: cannot be met; the cheapest plan over the eligible layers costs "
             f"{amount(cheapest + fixed)} against a budget of {amount(budget)} "
             f"({amount(fixed)} of it outside the eligible layers)")
