@@ -15,7 +15,10 @@ before and after fine-tuning, params and MACs against the dense model. Rerunning
 skips finished runs (their ``result.json``) and resumes the others exactly (rankcut.compress's
 checkpoints; see docs/compress.md). A run's ``export: results/NAME`` writes the fine-tuned model
 there with ``rc.save`` (float16 weights when that keeps top-1 on the test split within 0.1 point;
-``rc.load(rankcut.models.create(MODEL), FOLDER)`` reads it back as float32).
+``rc.load(rankcut.models.create(MODEL), FOLDER)`` reads it back as float32). A config's
+``keep: results/runs/NAME`` copies each finished run's result.json there as ``RUN.json``, to be
+committed: a run folder is lost with the machine, and the summary and plot read a kept result
+for a run whose folder is gone.
 
 Data and pretrained weights come from the shared data folder ($RANKCUT_DATA, else
 ../shared/data); nothing is downloaded. CIFAR-10's test split there is images 0..1016.
@@ -107,6 +110,9 @@ INTEGERS = [("test_limit", 1, True), ("calib", 0, False), ("steps_per_layer", 1,
 # transfer's keys and their defaults ("data" has none: it must be given)
 TRANSFER = {"data": None, "epochs": 2, "train_limit": 10000, "test_limit": None, "lr": 0.05}
 RESULT = "result.json"
+# a config's keys that are not a run's settings: its runs, classifier_sweep.py's sweep, and
+# where finished runs' results are kept (a folder to commit)
+CONFIG_ONLY = ("runs", "sweep", "keep")
 # rankcut.train.finetune arguments a run sets itself: not for finetune_options
 MANAGED_FINETUNE = {"checkpoint_dir", "resume", "log", "progress", "device", "callback", "seed",
                     "batch_size", "checkpoint_every"}
@@ -121,7 +127,7 @@ CACHE = rc.select.CandidateCache.cached(max_entries=2, max_moment_bytes=MOMENT_L
 
 def settings_of(config: dict, name: str) -> dict:
     """The settings of run ``name``: the config's shared keys, then the run's own."""
-    shared = {k: v for k, v in config.items() if k not in ("runs", "sweep")}
+    shared = {k: v for k, v in config.items() if k not in CONFIG_ONLY}
     own = config["runs"][name] or {}
     for where, keys in (("config", shared), (f"run {name!r}", own)):
         unknown = sorted(set(keys) - set(SETTINGS))
@@ -896,6 +902,7 @@ def main() -> int:
         raise SystemExit(f"--only: no runs {missing} in {config_path}; it has "
                          f"{', '.join(config['runs'])}")
     base = Path(args.runs_dir) / config_path.stem
+    keep = config_keep(config, config_path)
     if not args.summary:
         every = {name: settings_of(config, name) for name in names}
         for i, (name, s) in enumerate(every.items()):
@@ -932,29 +939,69 @@ def main() -> int:
                     check_still_matched(base, name, s)
                     print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
                     late_export(base / name, s, root)
+                    kept(keep, name, base / name / RESULT)
                     continue
                 if s["match_params"]:
                     s["target"] = matched_target(base, name, s)
                 start = time.perf_counter()
                 r = run(name, s, base / name, root, args.device)
+                kept(keep, name, base / name / RESULT)
                 print(f"[{name}] {r['params_x']:.1f}x params, {r['macs_x']:.2f}x MACs: "
                       f"{r['before_top1']:.2f}% -> {r['after_top1']:.2f}% "
                       f"(dense {r['dense_top1']:.2f}%), "
                       f"{(time.perf_counter() - start) / 60:.1f} min in this invocation",
                       flush=True)
-    finished = {name: json.loads((base / name / RESULT).read_text())
-                for name in config["runs"] if (base / name / RESULT).is_file()}
+    finished = {name: json.loads(path.read_text()) for name in config["runs"]
+                if (path := result_of(base, keep, name)) is not None}
     rows = [finished[name] for name in names if name in finished]
     print(summary(rows))
     # the files: every finished run of the config, whichever this invocation selected
+    # (beside the kept results when the config keeps them, to be committed with them)
     every = list(finished.values())
+    out = keep or base
     if every:
-        (base / "summary.md").write_text(summary(every) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(summary(every) + "\n")
         if len(every) > 1:
-            print(f"wrote {plot(every, base / 'summary.png')}")
+            print(f"wrote {plot(every, out / 'summary.png')}")
         else:
-            (base / "summary.png").unlink(missing_ok=True)  # (an older one, of other runs)
+            (out / "summary.png").unlink(missing_ok=True)  # (an older one, of other runs)
     return 0
+
+
+def config_keep(config: dict, path: Path) -> Path | None:
+    """The config's ``keep:`` folder (relative to the working directory, as ``export:``), or
+    None."""
+    keep = config.get("keep")
+    if keep is None:
+        return None
+    if not isinstance(keep, str) or not keep.strip():
+        raise SystemExit(f"{path}: keep: expected a folder (e.g. results/runs/{path.stem}), "
+                         f"got {keep!r}")
+    return Path(keep)
+
+
+def kept(keep: Path | None, name: str, result: Path) -> None:
+    """Copy run ``name``'s finished ``result`` into the config's ``keep`` folder (when it has
+    one and the copy differs: a late export changes a result)."""
+    if keep is None:
+        return
+    copy_ = keep / f"{name}.json"
+    text = result.read_text()
+    if copy_.is_file() and copy_.read_text() == text:
+        return
+    keep.mkdir(parents=True, exist_ok=True)
+    with atomic_path(copy_) as tmp:
+        tmp.write_text(text)
+
+
+def result_of(base: Path, keep: Path | None, name: str) -> Path | None:
+    """Run ``name``'s result: its folder's, else the one kept (the folder lost with a machine),
+    else None (not finished)."""
+    for path in (base / name / RESULT, None if keep is None else keep / f"{name}.json"):
+        if path is not None and path.is_file():
+            return path
+    return None
 
 
 def plot(rows: list[dict], path: Path) -> Path:

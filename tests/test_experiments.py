@@ -3,6 +3,7 @@ and a finished run is not run again. On the real data (skipped without it)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ steps: 3
 batch_size: 8
 checkpoint_every: 2
 latency: [2]
+keep: {keep}
 runs:
   tiny:
     export: {export}
@@ -58,7 +60,8 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     config = tmp_path / "tiny.yaml"
     export = tmp_path / "results" / "tiny"
     scratch = tmp_path / "weights" / "r20.safetensors"
-    config.write_text(CONFIG.format(export=export, scratch=scratch))
+    keep = tmp_path / "kept"
+    config.write_text(CONFIG.format(export=export, scratch=scratch, keep=keep))
     env = {**os.environ, "RANKCUT_DATA": str(shared_data)}
     done = reproduce(config, tmp_path / "runs", env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -93,7 +96,7 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert again["teacher_cache"] == {"hits": 2, "misses": 0}
     # an export asked for after the run finished is made from its saved model
     late = tmp_path / "results" / "again"
-    config.write_text(CONFIG.format(export=export, scratch=scratch).replace(
+    config.write_text(CONFIG.format(export=export, scratch=scratch, keep=keep).replace(
         "    start_from: tiny", f"    start_from: tiny\n    export: {late}"))
     rerun = reproduce(config, tmp_path / "runs", env)
     assert rerun.returncode == 0 and "exported to" in rerun.stdout, rerun.stderr[-2000:]
@@ -132,8 +135,40 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
                            str(config), "--runs-dir", str(tmp_path / "runs"), "--only", "tiny",
                            "--summary"], capture_output=True, text=True, env=env, timeout=120)
     assert only.returncode == 0 and "| tiny |" in only.stdout and "| again |" not in only.stdout
-    written = (tmp_path / "runs" / "tiny" / "summary.md").read_text()
+    written = (keep / "summary.md").read_text()
     assert all(f"| {name} |" in written for name in ("tiny", "again", "scratch"))
+    # every finished result is kept (the late export's included); a run folder lost with the
+    # machine is summarized from its kept copy
+    for name in ("tiny", "again", "head", "head2", "scratch"):
+        assert (keep / f"{name}.json").read_text() == \
+            (tmp_path / "runs" / "tiny" / name / "result.json").read_text()
+    shutil.rmtree(tmp_path / "runs" / "tiny" / "tiny")
+    lost = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),
+                           str(config), "--runs-dir", str(tmp_path / "runs"), "--summary"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert lost.returncode == 0 and "| tiny | svd | 8 |" in lost.stdout, lost.stderr[-2000:]
+
+
+def test_a_config_keeps_results_in_a_folder_it_names(tmp_path):
+    """keep: a folder (text); anything else is refused by name; a kept copy is read when the
+    run folder is gone, the folder's own result first."""
+    reproduce_ = _reproduce_module()
+    assert reproduce_.config_keep({"runs": {}}, tmp_path / "c.yaml") is None
+    assert reproduce_.config_keep({"keep": "results/runs/c"}, tmp_path / "c.yaml") == \
+        reproduce_.Path("results/runs/c")
+    for bad in (3, "", ["a"]):
+        with pytest.raises(SystemExit, match="keep: expected a folder"):
+            reproduce_.config_keep({"keep": bad}, tmp_path / "c.yaml")
+    keep, base = tmp_path / "kept", tmp_path / "runs"
+    assert reproduce_.result_of(base, keep, "r") is None
+    (base / "r").mkdir(parents=True)
+    (base / "r" / "result.json").write_text('{"a": 1}')
+    reproduce_.kept(keep, "r", base / "r" / "result.json")
+    assert (keep / "r.json").read_text() == '{"a": 1}'
+    assert reproduce_.result_of(base, keep, "r") == base / "r" / "result.json"
+    shutil.rmtree(base / "r")
+    assert reproduce_.result_of(base, keep, "r") == keep / "r.json"
+    reproduce_.kept(None, "r", keep / "r.json")  # no keep: nothing to do
 
 
 def test_weights_trained_by_another_recipe_are_refused(tmp_path):
@@ -144,7 +179,8 @@ def test_weights_trained_by_another_recipe_are_refused(tmp_path):
 
     reproduce_ = _reproduce_module()
     weights = tmp_path / "w.safetensors"
-    config = yaml.safe_load(CONFIG.format(export=tmp_path / "e", scratch=weights))
+    config = yaml.safe_load(CONFIG.format(export=tmp_path / "e", scratch=weights,
+                                          keep=tmp_path / "k"))
     s = reproduce_.settings_of(config, "scratch")
     recipe = {"batch_size": 8, "seed": 0, "steps": 2, "lr": 0.01}
     weights.write_bytes(b"")
