@@ -420,3 +420,31 @@ def test_finetune_option_values_are_checked_before_planning(monkeypatch):
         with pytest.raises(ValueError, match=words):
             rc.compress(model, x[:1], method="svd", rank=2, train_data=(x, y), steps=1,
                         finetune_options=options)
+
+
+@pytest.mark.parametrize("kind", ["SlowerThanDense", "TargetUnreachable", "ValueError"])
+def test_a_planning_error_on_rank_0_keeps_its_kind_on_every_process(monkeypatch, kind):
+    """Distributed, rank 0 plans and broadcasts the plan or its error: the other processes
+    raise the same kind (a sweep skips an unreachable target; the demo retries a slower one)."""
+    import torch.distributed as dist
+
+    C = importlib.import_module("rankcut.compress")
+    from rankcut.select import SlowerThanDense, TargetUnreachable
+
+    errors = {"SlowerThanDense": SlowerThanDense, "TargetUnreachable": TargetUnreachable,
+              "ValueError": ValueError}
+    sent = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    def fail():
+        raise errors[kind]("target: no plan")
+
+    for rank in (0, 1):  # rank 0 fills the box; rank 1 receives what it sent
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(dist, "broadcast_object_list",
+                            lambda box, src, rank=rank: sent.append(box[0]) if rank == 0
+                            else box.__setitem__(0, sent[0]))
+        with pytest.raises(errors[kind], match="target: no plan") as raised:
+            C._agreed(fail)
+        assert type(raised.value) is errors[kind]

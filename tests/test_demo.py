@@ -123,3 +123,31 @@ def test_rejects_bad_epochs(tmp_path):
         demo.run(tmp_path, epochs=0)
     with pytest.raises(ValueError, match="finetune_epochs"):
         demo.run(tmp_path, finetune_epochs=-1)
+
+
+@pytest.mark.parametrize("refusal", ["slower", "unreachable"])
+def test_plans_again_without_the_guard_only_when_it_refused_a_slower_plan(monkeypatch,
+                                                                          tmp_path, refusal):
+    """On a machine where the guard refuses the target as slower than dense, the demo plans
+    again with allow_slower=True and says so; a target no plan meets at all is an error."""
+    from rankcut.select import SlowerThanDense, TargetUnreachable
+
+    calls, real = [], demo.compress
+
+    def compress(model, x, plan_options, **kw):
+        calls.append(plan_options["allow_slower"])
+        if not plan_options["allow_slower"]:
+            raise (SlowerThanDense if refusal == "slower" else TargetUnreachable)("target: no")
+        return real(model, x, plan_options=plan_options, **kw)
+
+    monkeypatch.setattr(demo, "compress", compress)
+    printed = io.StringIO()
+    if refusal == "unreachable":
+        with pytest.raises(TargetUnreachable):
+            demo.run(tmp_path / "out", epochs=1, finetune_epochs=0, progress=False)
+        assert calls == [False]
+        return
+    with contextlib.redirect_stdout(printed):
+        res = demo.run(tmp_path / "out", epochs=1, finetune_epochs=0, progress=False)
+    assert calls == [False, True] and res["allow_slower"] is True
+    assert "planning again with allow_slower=True" in printed.getvalue()

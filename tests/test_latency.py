@@ -10,7 +10,7 @@ from torch import nn
 
 import rankcut as rc
 from rankcut.profile import compare_latency, measure_latency
-from rankcut.select import parse_target
+from rankcut.select import SlowerThanDense, parse_target
 from rankcut.select.latency import RANK_STEP, LatencyTable, primitive_key
 
 
@@ -125,11 +125,11 @@ def test_the_guard_refuses_a_target_it_cannot_meet_no_slower(fake_latency):
     (A whole model takes its convs' time: timed whole, the plan is slower too.)"""
     fake_latency(lambda m: 9.0 * sum(isinstance(c, nn.Conv2d) for c in m.modules()))
     model, x = convnet(), torch.rand(1, 16, 16, 16)
-    with pytest.raises(ValueError, match=r"target: macs=2x cannot be met no slower than the "
-                                         r"dense model at batch 1 on this device: the plan that "
-                                         r"meets it is predicted at 1\.[0-9]+ of the dense "
-                                         r"model's time there \(measured whole: 1\.[0-9]+\)"
-                                         r".*allow_slower=True"):
+    with pytest.raises(SlowerThanDense, match=r"target: macs=2x cannot be met no slower than "
+                                              r"the dense model at batch 1 on this device: the "
+                                              r"plan that meets it is predicted at 1\.[0-9]+ of "
+                                              r"the dense model's time there \(measured whole: "
+                                              r"1\.[0-9]+\).*allow_slower=True"):
         rc.plan(model, x, method="svd", target="macs=2x", min_params=100)
     free = rc.plan(model, x, method="svd", target="macs=2x", min_params=100, allow_slower=True)
     assert free.meta["predicted"]["macs_ratio"] >= 2.0 and "latency" not in free.meta
@@ -252,10 +252,11 @@ def test_the_guard_refuses_a_plan_measured_slower_than_dense(fake_latency):
                                                           nn.ReLU())]).eval()
     x = torch.rand(2, 32, 8, 8)
     kw = {"method": "svd", "target": "macs=1.5x", "min_params": 100}
-    with pytest.raises(ValueError, match=r"macs=1\.5x cannot be met no slower than the dense "
-                                         r"model at batch 2 on this device: the plan that meets "
-                                         r"it measured [1-9]\.[0-9]+ of the dense model's time "
-                                         r"there, timed whole \(predicted 0\.[0-9]+"):
+    with pytest.raises(SlowerThanDense, match=r"macs=1\.5x cannot be met no slower than the "
+                                              r"dense model at batch 2 on this device: the plan "
+                                              r"that meets it measured [1-9]\.[0-9]+ of the "
+                                              r"dense model's time there, timed whole "
+                                              r"\(predicted 0\.[0-9]+"):
         rc.plan(model, x, **kw)
     plan = rc.plan(model, x, latency_margin=2.0, **kw)
     lat = plan.meta["latency"]

@@ -51,7 +51,7 @@ from .defaults import COMPRESS
 from .io import PLAN_FILE, WEIGHTS_FILE, load, load_plan, save, save_plan
 from .layers import CPConv2d, FactorizedLayer, LowRankLinear
 from .plans import Plan
-from .select import TargetUnreachable, parse_rank, parse_target
+from .select import SlowerThanDense, TargetUnreachable, parse_rank, parse_target
 from .select import plan as make_plan
 from .surgery import apply, set_submodule
 from .train import DEFAULT_LR, check_finetune_options, evaluate, finetune
@@ -177,6 +177,10 @@ def _on_first_process(fn) -> None:
     dist.barrier()
 
 
+# the planning errors whose kind a distributed run's other processes see too, most specific first
+_ERRORS = (SlowerThanDense, TargetUnreachable, ValueError)
+
+
 def _agreed(fn) -> Plan:
     """``fn()``'s plan, made on rank 0 only and broadcast when running distributed (an error
     on rank 0 is raised on every process, so none waits forever)."""
@@ -189,12 +193,13 @@ def _agreed(fn) -> Plan:
         try:
             box = [("plan", fn().to_json())]
         except ValueError as err:  # (its kind kept: a sweep's unreachable target stays one)
-            box = [("error", (isinstance(err, TargetUnreachable), str(err)))]
+            kind = next(k for k in _ERRORS if isinstance(err, k))
+            box = [("error", (kind.__name__, str(err)))]
     dist.broadcast_object_list(box, src=0)
     kind, payload = box[0]
     if kind == "error":
-        unreachable, text = payload
-        raise (TargetUnreachable if unreachable else ValueError)(text)
+        name, text = payload
+        raise next(k for k in _ERRORS if k.__name__ == name)(text)
     return Plan.from_json(payload)
 
 

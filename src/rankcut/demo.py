@@ -40,6 +40,7 @@ from .atomic import atomic_folder, output_folder_problem
 from .layers import FactorizedLayer
 from .profile import compare_latency, count_macs, count_params, layer_macs
 from .report._common import factor_text
+from .select import SlowerThanDense
 from .train import evaluate, finetune
 
 # The model: digits upsampled to SIZE x SIZE; conv blocks of these widths, max-pooling after the
@@ -209,8 +210,8 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     try:
         result = compress(model, x1, plan_options={**PLAN_OPTIONS, "allow_slower": allow_slower},
                           **kwargs)
-    except ValueError as err:
-        if allow_slower or "allow_slower" not in str(err):
+    except SlowerThanDense as err:
+        if allow_slower:
             raise
         _say(f"      note: {err}.\n      The latency guard leaves no way to reach {target} on this "
              "machine; planning again with allow_slower=True (some factorized layers may then "

@@ -7,7 +7,7 @@ Lee's / seed 000's total-rank budget split; the latency table the planner prices
 their costly part (:mod:`.cache`).
 """
 
-from .budget import TargetUnreachable, allocate
+from .budget import SlowerThanDense, TargetUnreachable, allocate
 from .cache import CandidateCache
 from .latency import LatencyTable
 from .planner import parse_target, plan
@@ -18,6 +18,7 @@ __all__ = [
     "CandidateCache",
     "LatencyTable",
     "RankRule",
+    "SlowerThanDense",
     "TargetUnreachable",
     "allocate",
     "allocate_ranks",

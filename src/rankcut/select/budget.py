@@ -26,6 +26,12 @@ class TargetUnreachable(ValueError):
     targets end a series or skip a point on it; any other ValueError is a fault."""
 
 
+class SlowerThanDense(TargetUnreachable):
+    """A params or MACs target that, with the latency guard on, only plans measured slower
+    than the dense model meet; ``allow_slower=True`` (``--allow-slower``) plans it without the
+    guard."""
+
+
 def _damage(c: Candidate) -> float:
     return c.error ** 2
 

@@ -55,7 +55,7 @@ from ..plans import LayerPlan, Plan
 from ..profile import count_params, layer_macs, with_batch
 from ..surgery import check_weights, target_layers
 from . import damage
-from .budget import TargetUnreachable, allocate
+from .budget import SlowerThanDense, allocate
 from .cache import CandidateCache, data_fingerprint, model_fingerprint
 from .latency import LatencyTable, as_table
 from .rules import layer_ranks, parse_rank
@@ -592,7 +592,7 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
                f"{len(checks)} plan{'s' if len(checks) > 1 else ''} timed), and no plan tried "
                f"within the guard's bound on error ({GUARD_DAMAGE - 1:.0%} more predicted error, "
                f"sum of squares) measured no slower")
-    raise TargetUnreachable(
+    raise SlowerThanDense(
         f"target: {target} cannot be met no slower than the dense model at {where}: {why}. "
         f"Pass allow_slower=True (on the command line --allow-slower) to plan without the "
         f"guard (the most accurate plan for the target, not timed), plan with example_inputs "
