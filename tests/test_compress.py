@@ -448,3 +448,29 @@ def test_a_planning_error_on_rank_0_keeps_its_kind_on_every_process(monkeypatch,
         with pytest.raises(errors[kind], match="target: no plan") as raised:
             C._agreed(fail)
         assert type(raised.value) is errors[kind]
+
+
+def test_layerwise_layers_train_on_other_batches_than_the_layers_before():
+    """Each layer's few steps restart a sampler: with one seed for all of them, every layer
+    trained on the same first batches (seed 000's 54 x 20 steps saw 20 batches)."""
+    from torch.utils.data import Dataset
+
+    class Seen(Dataset):
+        def __init__(self, x, y):
+            self.x, self.y, self.read = x, y, []
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return self.x[i], self.y[i]
+
+    model, (x, y) = net().eval(), task(64)
+    data = Seen(x, y)
+    result = rc.compress(model, x[:1], method="svd", rank=4, schedule="layerwise",
+                         train_data=data, steps_per_layer=1, plan_options=PLAN,
+                         finetune_options={**TUNE, "batch_size": 8})
+    per_layer = [sorted(data.read[8 * i:8 * i + 8]) for i in range(len(result.stages))]
+    assert len(per_layer) >= 2 and len(data.read) == 8 * len(per_layer)
+    assert len({tuple(b) for b in per_layer}) == len(per_layer), per_layer

@@ -4,7 +4,9 @@
   fine-tune (``epochs`` / ``steps``).
 - ``layerwise`` (Astrid & Lee; seed 000, done right): plan once, then factorize one layer at a
   time in forward order, fine-tuning ``steps_per_layer`` steps after each, the last layer
-  included. Data-aware layers take their input statistics from the model as compressed and
+  included (layer i's steps draw their batches with the fine-tuning seed + i: a stage of a few
+  steps restarts its sampler, and with one seed every layer would train on the same first
+  batches). Data-aware layers take their input statistics from the model as compressed and
   fine-tuned so far, and are fitted to their own dense outputs on them (not sequentially
   toward the dense network's: the fine-tuning between layers does that work). Forward order is
   read on the calibration inputs; a model with several inputs goes in registration order.
@@ -223,7 +225,7 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         train_data: fine-tuning data (a Dataset, DataLoader or (inputs, targets)); without it,
             nothing is fine-tuned. ``epochs``/``steps``: fine-tuning after ``one_shot``, after
             each ``multistage`` round, and at the end of ``layerwise``; ``steps_per_layer``:
-            after each layer of ``layerwise``.
+            after each layer of ``layerwise`` (layer i's at the fine-tuning seed + i).
         distill: fine-tune with the original model as teacher (knowledge distillation).
         transform: applied to every input batch when calibrating, training and evaluating
             (e.g. the normalisation the weights expect): to ``calib_data``'s inputs as well.
@@ -432,10 +434,16 @@ class _Job:
         x = on_model_device(model, self.x)
         return _agreed(lambda: make_plan(model, x, target=target, **self.plan_kwargs))
 
-    def tune(self, model, epochs=None, steps=None, folder: str | None = None) -> dict | None:
+    def tune(self, model, epochs=None, steps=None, folder: str | None = None,
+             draw: int = 0) -> dict | None:
+        """Fine-tune ``model`` (a stage of the schedule); ``draw``: an offset to the seed, so
+        that a stage of a few steps reads other batches (and augmentations) than the stages
+        before it (each stage's sampler restarts its epoch from its seed)."""
         if self.train_data is None or (epochs is None and steps is None):
             return None
         options = self.checkpointed(folder)
+        if draw:
+            options["seed"] = options.get("seed", 0) + draw
         if "lr" not in options:
             lr = default_lr(model, options.get("optimizer", "sgd"))
             if lr is not None:
@@ -492,7 +500,8 @@ class _Job:
                   calib_data=self.plan_kwargs["calib_data"],
                   max_batches=self.plan_kwargs["max_batches"], sequential=False)
             stages.append({"stage": f"layer {name}", "layers": [name],
-                           "train": self.tune(small, None, steps_per_layer, f"layer-{i}")})
+                           "train": self.tune(small, None, steps_per_layer, f"layer-{i}",
+                                              draw=i)})
             if _stopped(stages[-1]):  # the later layers are fitted to where it would end
                 done = Plan({n: plan.layers[n] for n in order[:i]}, meta=plan.meta)
                 return CompressResult(small, done, stages, met_target=False)
