@@ -147,18 +147,28 @@ MADE_BY = ("model", "weights", "train", "augment", "num_classes", "normalization
            "plan_options", "sensitivity", "match_params")
 
 
+def pinned(s: dict) -> dict:
+    """Settings ``s`` as a run's folder keeps them (JSON; without the settings a finished run
+    may be given afterwards: export, written then)."""
+    return json.loads(json.dumps({k: v for k, v in s.items() if k not in LATE_SETTINGS},
+                                 default=str))
+
+
+def changed_settings(then: dict, s: dict) -> list[str]:
+    """The settings kept as ``then`` that ``s`` changes (a setting added to the config format
+    since is not compared)."""
+    now = pinned(s)
+    return sorted(k for k in then if then[k] != now.get(k))
+
+
 def refuse_changed(folder: Path, name: str, s: dict) -> dict:
     """Refuse run ``name`` when its folder holds settings other than ``s`` (see
     :func:`pin_settings`); returns ``s`` as they are kept. Called for every selected run before
     the first starts too, so a changed later run is not found hours into the queue."""
-    # (export: may be given after the run finished: the headline's model, written then)
-    now = json.loads(json.dumps({k: v for k, v in s.items() if k not in LATE_SETTINGS},
-                                default=str))
+    now = pinned(s)
     path = folder / SETTINGS_FILE
     if path.is_file():
-        then = json.loads(path.read_text())
-        # (a setting added to the config format since is not compared)
-        changed = sorted(k for k in then if then[k] != now.get(k))
+        changed = changed_settings(json.loads(path.read_text()), s)
         if changed:
             raise SystemExit(f"run {name!r}: {folder} was made with other settings ({changed} "
                              "differ); move it away to run it afresh, or restore the settings")
@@ -304,8 +314,16 @@ def check(config: dict, name: str, s: dict) -> None:
         if unknown:
             refuse("sensitivity", f"unknown keys {unknown}; known: lam, trial_rank, form, "
                                   "options")
-        if s["target"] is None:
-            refuse("sensitivity", "needs a target (params=...)")
+        if s["target"] is None or parse_target(s["target"])[0] != "params":
+            refuse("sensitivity", f"needs a params target (params=...), got {s['target']!r}")
+        if s["calib"] == 0:
+            refuse("sensitivity", "needs calibration images (calib: 0): the layers' losses are "
+                                  "measured on them")
+        lam = opts.get("lam", 0.0)
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= 1:
+            refuse("sensitivity", f"lam: expected a number in [0, 1], got {lam!r}")
+        if problem := _integer_problem(opts.get("trial_rank", 5), 1, False):
+            refuse("sensitivity", f"trial_rank: {problem}")
         try:  # the CP options and form every layer of the plan will carry
             LayerPlan("cp", (1,), form=opts.get("form"), options=opts.get("options") or {})
             rc.methods.resolve("cp", opts.get("form"))
@@ -325,6 +343,13 @@ def check(config: dict, name: str, s: dict) -> None:
         if not _positive_number(t["lr"]):
             refuse("transfer", f"lr: expected a number > 0 (YAML reads 5e-3 as a string: write "
                                f"5.0e-3), got {t['lr']!r}")
+    # (last: a run missing these is refused for them once all else is right)
+    if s["rank"] is None and s["target"] is None and s["match_params"] is None:
+        refuse("target", "give a target (e.g. params=32x), a rank rule, or match_params")
+    if s["schedule"] == "multistage" and s["target"] is None and s["match_params"] is None:
+        refuse("schedule", "multistage needs a target (its rounds go toward it)")
+    if s["calib"] == 0 and s["sequential"]:
+        refuse("sequential", "needs calibration images (calib: 0)")
 
 
 def _integer_problem(v, low: int, nullable: bool) -> str | None:
@@ -780,30 +805,31 @@ def late_export(folder: Path, s: dict, root: Path) -> None:
     print(f"[{folder.name}] exported to {s['export']}", flush=True)
 
 
-def matched_target(base: Path, name: str, s: dict) -> str:
+def matched_target(base: Path, keep: Path | None, name: str, s: dict) -> str:
     """``params=F``: the fraction of the dense parameters that run ``s["match_params"]`` kept
     (it must have finished: runs go in the config's order)."""
-    other = base / s["match_params"] / RESULT
-    if not other.is_file():
+    other = result_of(base, keep, s["match_params"])
+    if other is None:
         raise SystemExit(f"run {name!r}: match_params {s['match_params']!r} has not finished "
-                         f"({other} is missing); list it first, or run it with --only")
+                         f"({base / s['match_params'] / RESULT} is missing); list it first, or "
+                         "run it with --only")
     if s["target"] or s["rank"]:
         raise SystemExit(f"run {name!r}: match_params sets the target; give no target or rank")
     r = json.loads(other.read_text())
     return f"params={r['params'] / r['dense_params']:.6f}"
 
 
-def check_still_matched(base: Path, name: str, s: dict) -> None:
+def check_still_matched(base: Path, keep: Path | None, name: str, s: dict) -> None:
     """A finished ``match_params`` run was made at the parameter share its matched run kept
     then (its result's target); refuse it when that run, redone since, keeps another (the
     pair would be compared at unequal sizes). Not checked while the matched run is unfinished."""
-    if not s["match_params"] or not (base / s["match_params"] / RESULT).is_file():
+    if not s["match_params"] or result_of(base, keep, s["match_params"]) is None:
         return
-    then = json.loads((base / name / RESULT).read_text())["target"]
-    now = matched_target(base, name, s)
+    then = json.loads(result_of(base, keep, name).read_text())["target"]
+    now = matched_target(base, keep, name, s)
     if then != now:
         raise SystemExit(f"run {name!r}: made at {then} to match {s['match_params']!r}, which "
-                         f"now keeps {now}; move {base / name} away to run it afresh")
+                         f"now keeps {now}; move {_made(base, keep, name)} away to run it afresh")
 
 
 def _fused(r: dict) -> str:
@@ -909,19 +935,26 @@ def main() -> int:
             check(config, name, s)
             other = s["match_params"]  # matched to a run finished before this one starts
             if (other is not None and other not in list(every)[:i]
-                    and not (base / other / RESULT).is_file()):
+                    and result_of(base, keep, other) is None):
                 raise SystemExit(f"run {name!r}: match_params: run {other!r} has not finished "
                                  "and does not run before it; list it first")
         for name, s in every.items():  # what would refuse a later run, found now
             refuse_changed(base / name, name, s)
             if s["start_from"] is not None:
                 check_start_from(base / name, name, s)
-            if (base / name / RESULT).is_file():
-                check_still_matched(base, name, s)
+                other = s["start_from"]
+                if (result_of(base, keep, name, s) is None and not (base / other).is_dir()
+                        and result_of(base, keep, other) is not None):
+                    raise SystemExit(
+                        f"run {name!r}: start_from {other!r}: its folder is gone (only its kept "
+                        f"result {keep / f'{other}.json'} is left, which holds no model); move "
+                        f"that away to run {other!r} again first")
+            if result_of(base, keep, name, s) is not None:
+                check_still_matched(base, keep, name, s)
         root = D.require_data_root()
         # every dataset a run to do reads (its own, a transfer head's), found before the first
         # run (a transfer head's was first opened after its backbone's compression)
-        todo = [s for name, s in every.items() if not (base / name / RESULT).is_file()]
+        todo = [s for name, s in every.items() if result_of(base, keep, name, s) is None]
         needed = sorted({D.dataset_key(s["data"]) for s in todo}
                         | {D.dataset_key(s["transfer"]["data"]) for s in todo if s["transfer"]})
         for key in needed:
@@ -934,25 +967,38 @@ def main() -> int:
         # bit; a 4096 x 25,088 layer's are minutes each)
         with rc.decompose.reuse_svds(max_entries=8):
             for name, s in every.items():
-                pin_settings(base / name, name, s)
                 if (base / name / RESULT).is_file():
-                    check_still_matched(base, name, s)
+                    pin_settings(base / name, name, s)
+                    check_still_matched(base, keep, name, s)
                     print(f"[{name}] finished earlier: {base / name / RESULT}", flush=True)
                     late_export(base / name, s, root)
-                    kept(keep, name, base / name / RESULT)
+                    kept(keep, name, base / name)
                     continue
+                if (done := result_of(base, keep, name, s)) is not None:  # the folder is gone
+                    check_still_matched(base, keep, name, s)
+                    print(f"[{name}] finished earlier (its folder is gone; the result kept: "
+                          f"{done})", flush=True)
+                    continue
+                pin_settings(base / name, name, s)
                 if s["match_params"]:
-                    s["target"] = matched_target(base, name, s)
+                    s["target"] = matched_target(base, keep, name, s)
                 start = time.perf_counter()
                 r = run(name, s, base / name, root, args.device)
-                kept(keep, name, base / name / RESULT)
+                kept(keep, name, base / name)
                 print(f"[{name}] {r['params_x']:.1f}x params, {r['macs_x']:.2f}x MACs: "
                       f"{r['before_top1']:.2f}% -> {r['after_top1']:.2f}% "
                       f"(dense {r['dense_top1']:.2f}%), "
                       f"{(time.perf_counter() - start) / 60:.1f} min in this invocation",
                       flush=True)
-    finished = {name: json.loads(path.read_text()) for name in config["runs"]
-                if (path := result_of(base, keep, name)) is not None}
+    finished = {}
+    for name in config["runs"]:
+        try:
+            path = result_of(base, keep, name, settings_of(config, name))
+        except SystemExit as err:  # a kept result of other settings: not this run's
+            print(f"(left out: {err})", flush=True)
+            continue
+        if path is not None:
+            finished[name] = json.loads(path.read_text())
     rows = [finished[name] for name in names if name in finished]
     print(summary(rows))
     # the files: every finished run of the config, whichever this invocation selected
@@ -981,13 +1027,17 @@ def config_keep(config: dict, path: Path) -> Path | None:
     return Path(keep)
 
 
-def kept(keep: Path | None, name: str, result: Path) -> None:
-    """Copy run ``name``'s finished ``result`` into the config's ``keep`` folder (when it has
-    one and the copy differs: a late export changes a result)."""
+def kept(keep: Path | None, name: str, folder: Path) -> None:
+    """Copy run ``name``'s finished result (``folder``'s) into the config's ``keep`` folder,
+    with the settings it ran under (its folder's settings.json, as ``"settings"``), when the
+    config has one and the copy differs (a late export changes a result)."""
     if keep is None:
         return
     copy_ = keep / f"{name}.json"
-    text = result.read_text()
+    result = json.loads((folder / RESULT).read_text())
+    if (folder / SETTINGS_FILE).is_file():
+        result["settings"] = json.loads((folder / SETTINGS_FILE).read_text())
+    text = json.dumps(result, indent=1)
     if copy_.is_file() and copy_.read_text() == text:
         return
     keep.mkdir(parents=True, exist_ok=True)
@@ -995,13 +1045,26 @@ def kept(keep: Path | None, name: str, result: Path) -> None:
         tmp.write_text(text)
 
 
-def result_of(base: Path, keep: Path | None, name: str) -> Path | None:
-    """Run ``name``'s result: its folder's, else the one kept (the folder lost with a machine),
-    else None (not finished)."""
-    for path in (base / name / RESULT, None if keep is None else keep / f"{name}.json"):
-        if path is not None and path.is_file():
-            return path
-    return None
+def result_of(base: Path, keep: Path | None, name: str, s: dict | None = None) -> Path | None:
+    """Run ``name``'s result: its folder's, else the one kept (the folder lost with a machine:
+    the run is finished, not run again), else None (not finished). With ``s``, a kept result
+    made under other settings is refused, as a folder's is (:func:`refuse_changed`)."""
+    if (base / name / RESULT).is_file():
+        return base / name / RESULT
+    path = None if keep is None else keep / f"{name}.json"
+    if path is None or not path.is_file():
+        return None
+    then = json.loads(path.read_text()).get("settings")
+    if s is not None and then is not None and (changed := changed_settings(then, s)):
+        raise SystemExit(f"run {name!r}: its kept result {path} was made with other settings "
+                         f"({changed} differ); move it away to run it afresh, or restore the "
+                         "settings")
+    return path
+
+
+def _made(base: Path, keep: Path | None, name: str) -> Path:
+    """What holds run ``name``'s finished result: its folder, else its kept copy."""
+    return base / name if (base / name / RESULT).is_file() else keep / f"{name}.json"
 
 
 def plot(rows: list[dict], path: Path) -> Path:

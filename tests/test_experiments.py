@@ -140,13 +140,20 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     # every finished result is kept (the late export's included); a run folder lost with the
     # machine is summarized from its kept copy
     for name in ("tiny", "again", "head", "head2", "scratch"):
-        assert (keep / f"{name}.json").read_text() == \
-            (tmp_path / "runs" / "tiny" / name / "result.json").read_text()
+        copy = json.loads((keep / f"{name}.json").read_text())
+        folder = tmp_path / "runs" / "tiny" / name
+        assert copy.pop("settings") == json.loads((folder / "settings.json").read_text())
+        assert copy == json.loads((folder / "result.json").read_text())
     shutil.rmtree(tmp_path / "runs" / "tiny" / "tiny")
     lost = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),
                            str(config), "--runs-dir", str(tmp_path / "runs"), "--summary"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert lost.returncode == 0 and "| tiny | svd | 8 |" in lost.stdout, lost.stderr[-2000:]
+    # and it is finished: not run again (its result is committed; its folder held hours)
+    rerun = reproduce(config, tmp_path / "runs", env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "[tiny] finished earlier (its folder is gone" in rerun.stdout
+    assert not (tmp_path / "runs" / "tiny" / "tiny").exists()
 
 
 def test_a_config_keeps_results_in_a_folder_it_names(tmp_path):
@@ -160,15 +167,21 @@ def test_a_config_keeps_results_in_a_folder_it_names(tmp_path):
         with pytest.raises(SystemExit, match="keep: expected a folder"):
             reproduce_.config_keep({"keep": bad}, tmp_path / "c.yaml")
     keep, base = tmp_path / "kept", tmp_path / "runs"
+    s = reproduce_.settings_of({"model": "resnet20_cifar", "runs": {"r": {"rank": 4}}}, "r")
     assert reproduce_.result_of(base, keep, "r") is None
-    (base / "r").mkdir(parents=True)
+    reproduce_.pin_settings(base / "r", "r", s)
     (base / "r" / "result.json").write_text('{"a": 1}')
-    reproduce_.kept(keep, "r", base / "r" / "result.json")
-    assert (keep / "r.json").read_text() == '{"a": 1}'
-    assert reproduce_.result_of(base, keep, "r") == base / "r" / "result.json"
+    reproduce_.kept(keep, "r", base / "r")
+    assert json.loads((keep / "r.json").read_text()) == {"a": 1,
+                                                          "settings": reproduce_.pinned(s)}
+    assert reproduce_.result_of(base, keep, "r", s) == base / "r" / "result.json"
     shutil.rmtree(base / "r")
-    assert reproduce_.result_of(base, keep, "r") == keep / "r.json"
-    reproduce_.kept(None, "r", keep / "r.json")  # no keep: nothing to do
+    assert reproduce_.result_of(base, keep, "r", s) == keep / "r.json"
+    # a kept result of other settings is not this run's: refused as a folder's would be
+    with pytest.raises(SystemExit, match=r"kept result .* made with other settings \(\['rank'\]"):
+        reproduce_.result_of(base, keep, "r", {**s, "rank": 8})
+    assert reproduce_.result_of(base, keep, "r") == keep / "r.json"  # (not compared)
+    reproduce_.kept(None, "r", base / "r")  # no keep: nothing to do
 
 
 def test_weights_trained_by_another_recipe_are_refused(tmp_path):
@@ -303,6 +316,21 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "normalization-bad": ({"normalization": [[0.5], "x"]}, "normalization"),
         "start-from-list": ({"start_from": ["ok"]}, "start_from: expected the name of a run"),
         "match-list": ({"match_params": ["ok"]}, "match_params: expected the name of a run"),
+        # refused by rc.compress (or the sensitivity plan) after the model and data were loaded
+        # and the runs before it had run
+        "no-target": ({"method": "cp", "lr": 0.005}, "target: give a target"),
+        "multistage-rank": ({"schedule": "multistage", "rank": 4},
+                            "schedule: multistage needs a target"),
+        "sequential-no-calib": ({"rank": 4, "calib": 0, "sequential": True},
+                                "sequential: needs calibration images"),
+        "sens-macs": ({"target": "macs=3x", "sensitivity": {"lam": 0.5}},
+                      "sensitivity: needs a params target"),
+        "sens-lam": ({"target": "params=3x", "sensitivity": {"lam": 1.5}},
+                     r"sensitivity: lam: expected a number in \[0, 1\], got 1.5"),
+        "sens-trial-rank": ({"target": "params=3x", "sensitivity": {"trial_rank": 0}},
+                            "sensitivity: trial_rank: expected an integer >= 1"),
+        "sens-no-calib": ({"target": "params=3x", "calib": 0, "sensitivity": {"lam": 0.5}},
+                          "sensitivity: needs calibration images"),
     }
     for key, (own, words) in bad.items():
         config = {**base, "runs": {**base["runs"], key: own}}
@@ -351,15 +379,15 @@ def test_a_finished_match_params_run_is_refused_when_its_match_was_redone(tmp_pa
         (tmp_path / name / reproduce_.RESULT).write_text(json.dumps(result))
 
     s = {"match_params": "base", "target": None, "rank": None}
-    reproduce_.check_still_matched(tmp_path, "auto", s)  # nothing finished: nothing to check
+    reproduce_.check_still_matched(tmp_path, None, "auto", s)  # nothing finished: nothing to check
     finished("base", {"params": 250, "dense_params": 1000})
-    finished("auto", {"target": reproduce_.matched_target(tmp_path, "auto", s)})
-    reproduce_.check_still_matched(tmp_path, "auto", s)
+    finished("auto", {"target": reproduce_.matched_target(tmp_path, None, "auto", s)})
+    reproduce_.check_still_matched(tmp_path, None, "auto", s)
     finished("base", {"params": 300, "dense_params": 1000})  # redone, at another size
     with pytest.raises(SystemExit, match="made at params=0.250000 to match 'base', which now "
                                          "keeps params=0.300000"):
-        reproduce_.check_still_matched(tmp_path, "auto", s)
-    reproduce_.check_still_matched(tmp_path, "auto", {**s, "match_params": None})
+        reproduce_.check_still_matched(tmp_path, None, "auto", s)
+    reproduce_.check_still_matched(tmp_path, None, "auto", {**s, "match_params": None})
 
 
 def test_runs_share_a_dense_transfer_baseline_only_under_the_same_head_settings(tmp_path):
@@ -1003,7 +1031,8 @@ def test_every_committed_result_loads_from_its_name_and_is_listed():
     import torch
 
     rows = _results_rows()
-    folders = sorted(p for p in (REPO / "results").iterdir() if p.is_dir())
+    # (runs/: the experiments' kept result.json files, not models)
+    folders = sorted(p for p in (REPO / "results").iterdir() if p.is_dir() and p.name != "runs")
     assert folders and {f.name for f in folders} == set(rows)
     for folder in folders:
         model = rc.load(create(folder.name.split("-")[0]), folder).eval()
