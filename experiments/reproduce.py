@@ -13,12 +13,14 @@ experiments/classifier_sweep.py's. Each run is one
 checkpoints every ``checkpoint_every`` steps, ``resume=True``; then top-1 on the test split
 before and after fine-tuning, params and MACs against the dense model. Rerunning the command
 skips finished runs (their ``result.json``) and resumes the others exactly (rankcut.compress's
-checkpoints; see docs/compress.md). A run's ``export: results/NAME`` writes the fine-tuned model
-there with ``rc.save`` (float16 weights when that keeps top-1 on the test split within 0.1 point;
-``rc.load(rankcut.models.create(MODEL), FOLDER)`` reads it back as float32). A config's
-``keep: results/runs/NAME`` copies each finished run's result.json there as ``RUN.json``, to be
-committed: a run folder is lost with the machine, and the summary and plot read a kept result
-for a run whose folder is gone.
+checkpoints; see docs/compress.md; not with ``finetune_options: {num_workers: N}``, whose
+workers' augmentation draws are not checkpointed: a run resumed mid-epoch then trains on
+other crops and flips, docs/training.md). A run's ``export: results/NAME`` writes the
+fine-tuned model there with ``rc.save`` (float16 weights when that keeps top-1 on the test
+split within 0.1 point; ``rc.load(rankcut.models.create(MODEL), FOLDER)`` reads it back as
+float32). A config's ``keep: results/runs/NAME`` copies each finished run's result.json there
+as ``RUN.json`` (with its settings), to be committed: a run folder is lost with the machine,
+and a run whose folder is gone but whose copy is kept counts as finished.
 
 Data and pretrained weights come from the shared data folder ($RANKCUT_DATA, else
 ../shared/data); nothing is downloaded. CIFAR-10's test split there is images 0..1016.
