@@ -264,6 +264,51 @@ def test_the_guard_refuses_a_plan_measured_slower_than_dense(fake_latency):
     assert plan.meta["predicted"]["macs_ratio"] >= 1.5
 
 
+def _slow_whole(fake_latency, calls=None):
+    """A whole model pays 6 ms per conv on top of its layers' times (a model of 3 convs)."""
+    def ms(module):
+        if calls is not None:
+            calls.append(module)
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        return by_weights(module) + (6.0 * len(convs) if len(convs) > 3 else 0.0)
+
+    fake_latency(ms)
+    return nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(32, 32, 3, padding=1),
+                                                         nn.ReLU())]).eval()
+
+
+def test_a_latency_target_measured_slower_than_dense_is_refused(fake_latency):
+    """With the guard on, a latency target whose plans all measure slower than dense (not just
+    short of the goal) is refused, as a MACs target's would be; allow_slower=True keeps it,
+    with the warning that it misses its goal."""
+    model, x = _slow_whole(fake_latency), torch.rand(2, 32, 8, 8)
+    kw = {"method": "svd", "target": "latency=1.25x", "min_params": 100}
+    with pytest.raises(SlowerThanDense, match=r"target: latency=1\.25x cannot be met on this "
+                                              r"device at batch 2: the plan measured "
+                                              r"[1-9]\.[0-9]+ of the dense model's time there.*"
+                                              r"slower than the dense model.*allow_slower=True"):
+        rc.plan(model, x, **kw)
+    with pytest.warns(UserWarning, match="against a goal of 0.80"):
+        plan = rc.plan(model, x, allow_slower=True, **kw)
+    assert plan.meta["latency"]["ratio"] > 1.0
+
+
+def test_a_refused_target_keeps_what_was_timed(fake_latency, tmp_path):
+    """The timings a refused target took (its candidates and the whole-plan checks) are saved
+    to the table's file: planning again times nothing and refuses the same way."""
+    calls = []
+    model, x = _slow_whole(fake_latency, calls), torch.rand(2, 32, 8, 8)
+    kw = {"method": "svd", "target": "macs=1.5x", "min_params": 100,
+          "latency_table": tmp_path / "t.json"}
+    with pytest.raises(SlowerThanDense) as first:
+        rc.plan(model, x, **kw)
+    assert calls and (tmp_path / "t.json").is_file()
+    calls.clear()
+    with pytest.raises(SlowerThanDense) as again:
+        rc.plan(model, x, **kw)
+    assert calls == [] and str(again.value) == str(first.value)
+
+
 def test_a_plan_measured_faster_than_a_latency_target_needs_is_loosened(fake_latency):
     """The other way round: a whole model saves 0.4 ms per conv against its layers timed alone,
     so the first plan for the target (more, smaller convs) beats it by far; the budget is

@@ -8,6 +8,7 @@ import rankcut as rc
 from rankcut.layers import layer_cost
 from rankcut.select import (
     RankRule,
+    TargetUnreachable,
     allocate_ranks,
     layer_ranks,
     parse_rank,
@@ -211,14 +212,25 @@ def test_sensitivity_plan_to_a_params_target_takes_the_largest_total_that_fits(f
 
 
 def test_a_candidate_whose_solve_failed_beats_nothing():
-    """A NaN error (a failed solve) on the cheapest candidate must not hide the others: the
-    frontier keeps them, and the allocation never picks the NaN one."""
+    """A NaN error (a failed solve) on the cheapest candidate must not hide the others, and is
+    never chosen: not when the budget is loose, not when only it would meet the budget (the
+    target is then out of reach), not by a rank rule."""
     from rankcut.curves import Candidate, pareto
     from rankcut.select.budget import allocate, frontier
 
     cands = [Candidate("svd", (1,), None, 1, 1, float("nan")),
              Candidate("svd", (5,), None, 5, 5, 0.5), Candidate("dense", (), None, 10, 10, 0.0)]
     for kept in (frontier(cands, "params"), pareto(cands, "params")):
-        assert [c.params for c in kept][-2:] == [5, 10]
+        assert [c.params for c in kept] == [5, 10]
     chosen = allocate({"a": cands}, "params", 100, score=lambda c: c.error ** 2)
     assert chosen["a"].method == "dense"
+    with pytest.raises(TargetUnreachable):
+        allocate({"a": cands}, "params", 3, score=lambda c: c.error ** 2)
+    with pytest.raises(TargetUnreachable):
+        allocate({"a": pareto(cands, "params")}, "params", 3)
+    from types import SimpleNamespace
+
+    from rankcut.select.planner import _Chooser
+
+    layer = SimpleNamespace(cands=cands[:2], dense=cands[2])
+    assert _Chooser({"a": layer}, "params", None)(None)["a"].params == 5

@@ -319,20 +319,14 @@ def cur_curve(method, module, shape, form=None, options=None, kind="params", n_r
 
 # ------------------------------------------------------------------------- scoring helpers
 
-def nan_as_worst(value: float) -> float:
-    """A score or error for a frontier: NaN (a failed solve's) as +inf, which beats nothing."""
-    return math.inf if math.isnan(value) else value
-
-
 def pareto(cands: list[Candidate], kind: str) -> list[Candidate]:
-    """The candidates not beaten on both cost and error, cheapest first (a NaN error, from a
-    failed solve, counts as the worst: :func:`nan_as_worst`)."""
-    def error(c: Candidate) -> float:
-        return nan_as_worst(c.error)
-
+    """The candidates not beaten on both cost and error, cheapest first; one whose error is NaN
+    (a failed solve) is no candidate: left out, even the cheapest (an allocation that needed it
+    would otherwise take it once its price of cost overflowed)."""
     out: list[Candidate] = []
-    for c in sorted(cands, key=lambda c: (c.cost(kind), error(c))):
-        if not out or error(c) < error(out[-1]) - 1e-12:
+    for c in sorted((c for c in cands if not math.isnan(c.error)),
+                    key=lambda c: (c.cost(kind), c.error)):
+        if not out or c.error < out[-1].error - 1e-12:
             out.append(c)
     return out
 

@@ -13,11 +13,12 @@ slower than dense), the frontiers are re-drawn on that score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
-from ..curves import Candidate, nan_as_worst
+from ..curves import Candidate
 
 
 class TargetUnreachable(ValueError):
@@ -37,10 +38,10 @@ def _damage(c: Candidate) -> float:
 
 
 def frontier(cands: list[Candidate], kind: str, score: Callable = _damage) -> list[Candidate]:
-    """The candidates not beaten on both cost and ``score``, cheapest first (a NaN score, from
-    a failed solve, counts as the worst: it beats nothing)."""
-    scored = [(c.cost(kind), nan_as_worst(score(c)), i)  # each score once
-              for i, c in enumerate(cands)]
+    """The candidates not beaten on both cost and ``score``, cheapest first; one whose score is
+    NaN (a failed solve) is left out, even the cheapest (:func:`rankcut.curves.pareto`)."""
+    scored = [(c.cost(kind), value, i) for i, c in enumerate(cands)  # each score once
+              if not math.isnan(value := score(c))]
     out: list[Candidate] = []
     last = None
     for _, value, i in sorted(scored, key=lambda t: (t[0], t[1])):

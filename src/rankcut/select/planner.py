@@ -445,46 +445,53 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             clock = _Clock(table, model, inputs, latency_batch or batch_of(inputs), layers,
                            grid_kind or "macs", progress)
 
-        if not layers:
-            why = sorted({r for r in (lp.reason for lp in result.values()) if r})
-            said = "nothing to factorize: " + (
-                f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
-                else "the model has no Conv2d or Linear layer")
-            if target is not None:
-                raise ValueError(f"target: {said}")
-            warnings.warn(f"rank: {said}", stacklevel=2)  # a rule alone: an empty plan
-        limit = None if allow_slower or clock is None else 1 + latency_margin
-        choose = _Chooser(layers, kind, limit, clock, 0.0 if kind == "latency" else speed_slack)
-        checks: list[dict] = []
-        if target is None:
-            chosen = choose(None)
-        else:
-            fixed = {"params": count_params(model), "macs": attention_macs,
-                     "latency": clock.rest if clock is not None else 0.0}
-            for name, module in model.named_modules():
-                if isinstance(module, nn.Conv2d | nn.Linear) and name in calls:
-                    # (a layer run k times, left dense, costs each call's MACs)
-                    fixed["macs"] += _macs(module, calls[name])
-            if kind != "latency":
-                fixed[kind] -= sum(layer.dense.cost(kind) for layer in layers.values())
-            choose.fixed = fixed[kind]
-            whole = fixed[kind] + sum(layer.dense.cost(kind) for layer in layers.values())
-            budget = fraction * whole
-            if loss_aware:
-                weights = _damage_weights(model, layers, covs, calib_data, kind, budget,
-                                          choose.fixed, options, max_batches, progress)
-                for name, w in weights.items():
-                    layers[name].cands = damage.weighted(layers[name].cands, w)
-                result.meta["damage_weights"] = weights
-            chosen = choose(budget)
-            if clock is not None and (limit is not None or kind == "latency"):
-                chosen, budget, checks = _checked(choose, chosen, budget, kind, fraction, clock,
-                                                  model, result, options)
-            if limit is not None and kind != "latency":
-                _refuse_slower(target, limit, choose, chosen, checks, clock)
-            result.meta["budget"] = {kind: budget}
-        _fill(result, chosen, layers, options, choose.vetoed,
-              ruled=rule is not None or rank_multiple > 1)
+        try:
+            if not layers:
+                why = sorted({r for r in (lp.reason for lp in result.values()) if r})
+                said = "nothing to factorize: " + (
+                    f"every Conv2d/Linear layer is skipped ({'; '.join(why[:3])})" if why
+                    else "the model has no Conv2d or Linear layer")
+                if target is not None:
+                    raise ValueError(f"target: {said}")
+                warnings.warn(f"rank: {said}", stacklevel=2)  # a rule alone: an empty plan
+            limit = None if allow_slower or clock is None else 1 + latency_margin
+            choose = _Chooser(layers, kind, limit, clock, 0.0 if kind == "latency" else speed_slack)
+            checks: list[dict] = []
+            if target is None:
+                chosen = choose(None)
+            else:
+                fixed = {"params": count_params(model), "macs": attention_macs,
+                         "latency": clock.rest if clock is not None else 0.0}
+                for name, module in model.named_modules():
+                    if isinstance(module, nn.Conv2d | nn.Linear) and name in calls:
+                        # (a layer run k times, left dense, costs each call's MACs)
+                        fixed["macs"] += _macs(module, calls[name])
+                if kind != "latency":
+                    fixed[kind] -= sum(layer.dense.cost(kind) for layer in layers.values())
+                choose.fixed = fixed[kind]
+                whole = fixed[kind] + sum(layer.dense.cost(kind) for layer in layers.values())
+                budget = fraction * whole
+                if loss_aware:
+                    weights = _damage_weights(model, layers, covs, calib_data, kind, budget,
+                                              choose.fixed, options, max_batches, progress)
+                    for name, w in weights.items():
+                        layers[name].cands = damage.weighted(layers[name].cands, w)
+                    result.meta["damage_weights"] = weights
+                chosen = choose(budget)
+                if clock is not None and (limit is not None or kind == "latency"):
+                    chosen, budget, checks = _checked(choose, chosen, budget, kind, fraction, clock,
+                                                      model, result, options)
+                if limit is not None:
+                    _refuse_slower(target, limit, choose, chosen, checks, clock)
+                result.meta["budget"] = {kind: budget}
+            _fill(result, chosen, layers, options, choose.vetoed,
+                  ruled=rule is not None or rank_multiple > 1)
+        except BaseException:
+            # (a refused or unreachable target too: what was timed is kept, so that a rerun
+            # decides on the same timings, and does not pay for them again)
+            if clock is not None:
+                table.write_back()
+            raise
     if clock is not None:
         result.meta["latency"] = _latency_meta(clock, choose, chosen, checks, kind, fraction,
                                               limit)
@@ -571,15 +578,24 @@ def _latency_meta(clock, choose, chosen, checks, kind, fraction, limit) -> dict:
 
 
 def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
-    """With the latency guard on (a params or MACs target), the plan :func:`_checked` ends
-    with, timed whole, decides: measured slower than ``limit`` (1 + ``latency_margin``), it is
-    refused (a compressed model that runs slower than the original defeats the purpose;
-    ``allow_slower=True`` plans without the guard). A plan the table prices slower but that
-    measured within the limit stands."""
+    """With the latency guard on, the plan :func:`_checked` ends with, timed whole, decides:
+    measured slower than ``limit`` (1 + ``latency_margin``), it is refused (a compressed model
+    that runs slower than the original defeats the purpose; ``allow_slower=True`` plans without
+    the guard). A plan the table prices slower but that measured within the limit stands. A
+    latency target's plan that measured slower than dense is refused likewise (one that misses
+    its goal but runs faster than dense stands, with a warning)."""
     if not checks or checks[-1]["measured"] <= limit:
         return
     measured = checks[-1]["measured"]
     where = f"batch {clock.batch} on this device"
+    if choose.kind == "latency":  # its re-aimed plans all measured slower than dense
+        raise SlowerThanDense(
+            f"target: {target} cannot be met on this device at batch {clock.batch}: the plan "
+            f"measured {measured:.2f} of the dense model's time there, timed whole (predicted "
+            f"{checks[-1]['predicted']:.2f}; {len(checks)} plan{'s' if len(checks) > 1 else ''}"
+            f" timed): slower than the dense model, not faster. Pass allow_slower=True (on the "
+            f"command line --allow-slower) to keep it anyway, plan with example_inputs of the "
+            f"batch the model will run at (or latency_batch), or compress by params or MACs")
     # (given way at an aim below the limit, the plan may be predicted within the limit itself)
     if choose.cost and not choose.cost["met"] and clock.ratio(chosen) > limit:
         why = (f"the plan that meets it is predicted at {clock.ratio(chosen):.2f} of the dense "
@@ -773,7 +789,8 @@ class _Chooser:
                     if slow:
                         self.vetoed[n] = [c.describe() for c in slow]
                         layer.cands = [c for c in layer.cands if c not in slow]
-            return {n: min(layer.cands, key=lambda c: c.error, default=layer.dense)
+            return {n: min((c for c in layer.cands if not math.isnan(c.error)),
+                           key=lambda c: c.error, default=layer.dense)  # (NaN: a failed solve)
                     for n, layer in self.layers.items()}
         cands = {n: [*layer.cands, layer.dense] for n, layer in self.layers.items()}
         chosen = allocate({n: pareto(c, self.kind) for n, c in cands.items()}, self.kind,
