@@ -12,14 +12,17 @@
    each layer takes the rule's ranks under the method (for ``auto``: the method with the least
    error at that rule). With both, the rule's ranks cap each layer's candidates.
 5. Unless ``allow_slower``, every layer's dense form and candidates are timed through a
-   :class:`~.latency.LatencyTable` (measured once per device and reused), and the plan is kept
-   no slower than the dense model: with a rule, no factorization slower than its dense layer is
-   taken; with a params or MACs target, the allocation minimises Σ error² + μ·time, μ the least
-   price of time that brings the predicted model time within the dense model's, and the plan
-   is then timed whole. A target whose plan measures slower than dense, timed whole, when no
-   plan within the guard's bound on damage (:data:`GUARD_DAMAGE` times the least) measures no
-   slower, is refused with a ValueError that says how much slower it would run. A ``latency``
-   target is a budget of time itself, spent by the same allocation.
+   :class:`~.latency.LatencyTable` (measured once per device and reused), and the plan is kept no
+   slower than the dense model: with a rule, no factorization slower than its dense layer is
+   taken (layer by layer, by the table: a rule's plan is not timed whole, and may still run
+   slower as a whole model); with a params or MACs target, the allocation minimises Σ error² +
+   μ·time, μ the least price of time that brings the predicted model time within the dense
+   model's, and the plan is then timed whole. A target whose plan measures slower than dense,
+   timed whole, when no plan within the guard's bound on damage (:data:`GUARD_DAMAGE` times the
+   least) measures no slower, is refused with a :class:`~.budget.SlowerThanDense` (a ValueError)
+   that says how much slower it would run. A ``latency`` target is a budget of time itself, spent
+   by the same allocation, and timed whole too (refused likewise if it measures slower than
+   dense).
 """
 
 from __future__ import annotations
@@ -315,8 +318,9 @@ def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, targ
             with the layer at hand.
         allow_slower: by default the plan is kept no slower than the dense model on the
             model's device (step 5 of the module docstring; at the batch of ``example_inputs``
-            or ``latency_batch``), and a params or MACs target that cannot be met so is a
-            ValueError; ``True`` skips all timing (not with a latency target).
+            or ``latency_batch``), and a target that cannot be met so is a
+            :class:`~.budget.SlowerThanDense`; ``True`` skips all timing (but a latency
+            target's, whose plan is then kept even if it measures slower than dense).
         latency_margin: how much slower than dense (a fraction of its time) the plan, predicted
             and timed whole, or a factorized layer under a rank rule, may be.
         speed_slack: with a params or MACs target and the guard on, how much more predicted
