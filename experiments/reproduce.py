@@ -594,9 +594,11 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
     if s["distill"] and s["teacher_cache"]:
         tune["teacher_cache"] = str(folder.parent / "teacher-outputs")
     tuning = s["epochs"] is not None or s["steps"] is not None or s["steps_per_layer"]
-    print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {s['method']} "
+    method = "cp by sensitivity" if s["sensitivity"] is not None else s["method"]
+    per_layer = f" + {s['steps_per_layer']} per layer" if s["steps_per_layer"] else ""
+    print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {method} "
           f"{s['target'] or s['rank']}, {s['schedule']}, "
-          f"{s['epochs'] or 0} epoch(s) / {s['steps'] or 0} step(s)", flush=True)
+          f"{s['epochs'] or 0} epoch(s) / {s['steps'] or 0} step(s){per_layer}", flush=True)
     if s["start_from"] and not tuning:  # the other run's compressed model, as it finished
         result = reuse_finished(folder, s["start_from"], model, test)
     else:
