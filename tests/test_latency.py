@@ -528,6 +528,34 @@ def test_allocate_with_a_price_on_time_trades_error_for_speed():
     assert [x.method for x in frontier(cands["a"], "macs")] == ["svd", "dense"]
 
 
+def test_where_no_price_of_time_reaches_the_limit_the_guard_gives_way():
+    """Every factorized plan is predicted slower than dense: pricing time higher only buys
+    damage (tucker: a little faster, a little worse; still slower). The guard keeps the plan
+    without the limit (it used to hand on the tucker plan, 10% more damage for nothing), keeps
+    the fastest plan within its bound to be timed whole too, and says why (priced_out)."""
+    from types import SimpleNamespace
+
+    from rankcut.curves import Candidate
+    from rankcut.select.planner import _Chooser
+
+    def c(name, params, error, latency):
+        return Candidate(name, (1,), None, params, 0, error, latency=latency)
+
+    rest = 0.2
+    layers = {n: SimpleNamespace(cands=[c("svd", 50, 0.10, 0.6), c("tucker", 50, 0.105, 0.55)],
+                                 dense=c("dense", 100, 0.0, 0.4)) for n in "ab"}
+    dense = rest + sum(layer.dense.latency for layer in layers.values())
+    clock = SimpleNamespace(ratio=lambda chosen: (rest + sum(
+        x.latency for x in chosen.values())) / dense)
+    choose = _Chooser(layers, "params", limit=1.0, clock=clock)
+    chosen = choose(120)
+    assert {x.method for x in chosen.values()} == {"svd"}
+    assert choose.cost["priced_out"] and not choose.cost["met"]
+    assert choose.cost["damage"] == pytest.approx(2 * 0.10 ** 2)
+    fastest = choose.take_bounded(clock.ratio(chosen))
+    assert {x.method for x in fastest.values()} == {"tucker"}
+
+
 def test_speed_slack_buys_predicted_speed_with_a_bounded_share_of_damage(fake_latency):
     """Time by weights, ranks timed at their multiple of RANK_STEP: the plan for the same MACs
     target with speed_slack is predicted faster than the most accurate one, at most

@@ -603,9 +603,11 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
     # (given way at an aim below the limit, the plan may be predicted within the limit itself)
     if choose.cost and not choose.cost["met"] and clock.ratio(chosen) > limit:
         why = (f"the plan that meets it is predicted at {clock.ratio(chosen):.2f} of the dense "
-               f"model's time there (measured whole: {measured:.2f}), and keeping it no slower "
-               f"would raise its predicted error by more than {GUARD_DAMAGE - 1:.0%} (sum of "
-               f"squares)")
+               f"model's time there (measured whole: {measured:.2f}), and " + (
+                   "no plan for it is predicted no slower, at any price of time"
+                   if choose.cost.get("priced_out") else
+                   f"keeping it no slower would raise its predicted error by more than "
+                   f"{GUARD_DAMAGE - 1:.0%} (sum of squares)"))
     else:
         why = (f"the plan that meets it measured {measured:.2f} of the dense model's time "
                f"there, timed whole (predicted {checks[-1]['predicted']:.2f}; "
@@ -815,7 +817,9 @@ class _Chooser:
 
     def _guarded(self, free, at) -> tuple[dict, float]:
         """The least price of time that brings the predicted time within the limit, and the
-        plan at it; ``free`` (and 0) if that raises the damage beyond GUARD_DAMAGE."""
+        plan at it; ``free`` (and 0) if that raises the damage beyond GUARD_DAMAGE, or if no
+        price does it (``cost["priced_out"]``: even the plans priced highest are predicted
+        slower than the limit)."""
         bound = GUARD_DAMAGE * _damage(free) + 1e-12
         self.bounded = free  # the fastest plan found within the damage bound
 
@@ -834,10 +838,13 @@ class _Chooser:
                 lo = mid
             else:
                 hi, chosen = mid, trial
-        if _damage(chosen) > bound:  # the time limit costs too much error: the target wins
+        # no price reaches the limit (more damage for no speed that counts): the target wins
+        priced_out = self._time(chosen) > self.limit and _damage(chosen) <= bound
+        if _damage(chosen) > bound or priced_out:  # (or the limit costs too much error)
             chosen, hi = free, 0.0
         self.cost = {"met": self._time(chosen) <= self.limit, "damage": _damage(chosen),
-                     "damage_if_slower": _damage(free), "ratio_if_slower": self._time(free)}
+                     "damage_if_slower": _damage(free), "ratio_if_slower": self._time(free),
+                     "priced_out": priced_out}
         return chosen, hi
 
     def _faster(self, base, at, price: float) -> dict:
