@@ -800,6 +800,24 @@ def test_auto_memory_format_trains_channels_last_and_puts_the_layout_back():
     assert not torch.equal(auto.model[0].weight, model[0].weight)  # it did train
 
 
+@pytest.mark.parametrize("first, then", [("auto", "contiguous"), ("contiguous", "auto")])
+def test_a_run_resumed_in_another_layout_updates_as_an_uninterrupted_one(tmp_path, first, then):
+    """The momentum saved by a run training channels_last, resumed contiguous (or the other
+    way): the fused SGD kernel pairs weights with momentum by memory order, so the state is put
+    in its parameter's layout; it used to update each weight with another's momentum."""
+    data = images()
+    kw = dict(steps=6, batch_size=16, checkpoint_every=1, progress=False)
+    full = finetune(conv_net(), data, memory_format=then, **kw)
+    finetune(conv_net(), data, memory_format=first, checkpoint_dir=tmp_path,
+             callback=lambda info: info["step"] == 3, **kw)
+    resumed = finetune(conv_net(), data, memory_format=then, checkpoint_dir=tmp_path,
+                       resume=True, **kw)
+    assert resumed.steps == 6
+    for (name, a), b in zip(resumed.model.state_dict().items(),
+                            full.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_auto_memory_format_falls_back_when_the_forward_cannot_take_channels_last():
     data = images()
     with pytest.warns(UserWarning, match="channels_last") as caught:

@@ -520,6 +520,7 @@ class _Run:
         self.optimizer.load_state_dict(payload["optimizer"])
         for group, flags in zip(self.optimizer.param_groups, built, strict=True):
             group.update(flags)  # the implementation built here, not the checkpoint's
+        self._align_optimizer_state()  # (saved in the layout the run trained in then)
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         mine = payload["per_rank"][self.env.rank]
@@ -670,6 +671,21 @@ class _Run:
         for module in (self.model, self.teacher):
             if module is not None:
                 module.to(memory_format=fmt)
+        self._align_optimizer_state()
+
+    def _align_optimizer_state(self) -> None:
+        """Each optimizer state tensor shaped as its parameter in the parameter's layout: a
+        fused kernel pairs a parameter's elements with its momentum's (or Adam's moments') by
+        memory order, so a run resumed in another layout than its checkpoint's (or whose layout
+        changed after its state was made) would update every weight with another's state."""
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None:
+            return
+        for p, state in optimizer.state.items():
+            for key, v in state.items():
+                if (isinstance(v, torch.Tensor) and v.shape == p.shape and v.ndim > 1
+                        and v.stride() != p.stride()):
+                    state[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def _choose_layout(self, x: torch.Tensor) -> None:
         """memory_format="auto": channels_last (on the 2-core CPU 1.3-1.9x faster steps for
