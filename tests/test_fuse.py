@@ -287,6 +287,46 @@ def test_a_batchnorm1d_fed_a_3d_linear_output_is_not_folded():
     assert isinstance(fused[1], nn.BatchNorm1d) and not fused.rankcut_fuse["folded"]
 
 
+def test_a_batchnorm1d_is_not_folded_without_inputs_to_tell_its_input_rank():
+    """Without example_inputs a BatchNorm1d's input may be 3-D (it then normalises dim 1, not
+    the features) and nothing checks the fold: it is left as it is (it used to be folded,
+    1.2 off on (3, 6, 8) inputs, and a TorchScript export without a check kept that)."""
+    torch.manual_seed(0)
+    model = _random_stats(nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6)))
+    fused = rc.fuse(model)
+    assert isinstance(fused[1], nn.BatchNorm1d) and not fused.rankcut_fuse["folded"]
+    x = torch.randn(3, 6, 8)
+    assert torch.allclose(fused(x), model(x))
+    assert rc.fuse(model, torch.randn(5, 8)).rankcut_fuse["folded"]  # 2-D inputs: folded
+
+
+class _ViewHead(nn.Module):
+    """A conv, then .view of its (channels_last) activation: the forward fails in channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 36, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).view(x.shape[0], -1))
+
+
+def test_a_model_that_cannot_run_channels_last_is_kept_contiguous_or_refused():
+    model, x = _ViewHead().eval(), torch.rand(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="fails in channels_last"):
+        auto = rc.fuse(model, x, memory_format="auto")
+    assert auto.rankcut_fuse["memory_format"] == "contiguous"
+    assert torch.allclose(auto(x), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="memory_format: the model's forward fails in "
+                                         "channels_last .*view"):
+        rc.fuse(model, x, memory_format="channels_last")
+    conv3d, x3 = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Flatten()).eval(), torch.rand(1, 2, 4, 4, 4)
+    assert rc.fuse(conv3d, x3, memory_format="auto").rankcut_fuse["memory_format"] == "contiguous"
+    with pytest.raises(ValueError, match="at most 4 dimensions.*Conv3d"):
+        rc.fuse(conv3d, x3, memory_format="channels_last")
+
+
 class _StandardisedConv(nn.Conv2d):
     """A Conv2d whose forward standardises its weight: a BatchNorm folded into the weight would
     be standardised away."""

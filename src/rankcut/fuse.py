@@ -59,7 +59,13 @@ from ._modes import (
 from .layers import FactorizedLayer, cost_at, input_shape, own_forward_reason
 from .layers.conv import _ConvFactorized
 from .layers.linear import LowRankLinear
-from .profile import MEMORY_FORMATS, compare_latency, layer_input, unit_call_args
+from .profile import (
+    MEMORY_FORMATS,
+    compare_latency,
+    layer_input,
+    suits_channels_last,
+    unit_call_args,
+)
 from .surgery import set_submodule
 
 
@@ -103,17 +109,33 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
     pairs = _layer_bn_pairs(fused, inputs)
     bn1d = {bn: fused.get_submodule(bn) for _, bn in pairs
             if isinstance(fused.get_submodule(bn), nn.BatchNorm1d)}
-    if inputs is not None and bn1d:
-        # a BatchNorm1d normalises dim 1: of a 3-D input, not the features
-        with torch.no_grad():
-            called = unit_call_args(fused, inputs, bn1d)
+    if bn1d:
+        # a BatchNorm1d normalises dim 1: of a 3-D input, not the features (without inputs
+        # the input's rank is unknown, and nothing would check the fold: not folded)
+        called = {}
+        if inputs is not None:
+            with torch.no_grad():
+                called = unit_call_args(fused, inputs, bn1d)
         pairs = [(layer, bn) for layer, bn in pairs
-                 if not (bn in called and called[bn][1][0].ndim != 2)]
+                 if bn not in bn1d or (bn in called and called[bn][1][0].ndim == 2)]
     folded = [_fold(fused, conv, bn) for conv, bn in pairs]
+    if memory_format == "channels_last" and any(
+            t.ndim > 4 for t in itertools.chain(fused.parameters(), fused.buffers())):
+        raise ValueError("memory_format: 'channels_last' takes tensors of at most 4 "
+                         "dimensions, and the model holds one of 5 or more (a Conv3d); pass "
+                         "'contiguous', 'auto' or None")
     if memory_format == "auto":
         memory_format = _faster_format(fused, inputs)
     if memory_format is not None:
         fused.to(memory_format=MEMORY_FORMATS[memory_format])
+    if memory_format == "channels_last" and inputs is not None:
+        try:  # (a .view of a channels_last activation: said as what it is, not a traceback)
+            with torch.no_grad():
+                fused(*inputs)
+        except RuntimeError as err:
+            raise ValueError(f"memory_format: the model's forward fails in channels_last "
+                             f"({str(err).splitlines()[0]}); pass 'auto' or 'contiguous'"
+                             ) from None
     reverted = _revert_unprofitable(fused, inputs, latency_margin if revert_slower else None,
                                     memory_format)
     fused.rankcut_fuse = {"folded": [f for f in folded if f], "reverted": reverted}
@@ -325,9 +347,20 @@ def _input_shapes(model: nn.Module, inputs, dense: dict[str, nn.Module]) -> dict
 
 
 def _faster_format(model: nn.Module, inputs) -> str:
-    """"channels_last" or "contiguous", whichever runs ``model`` faster on ``inputs``."""
+    """"channels_last" or "contiguous", whichever runs ``model`` faster on ``inputs``;
+    "contiguous" where channels_last cannot hold its tensors (5-D ones) or its forward fails in
+    it (a ``.view`` of a channels_last activation: with a warning, as training does)."""
+    if not suits_channels_last(model):
+        return "contiguous"
     plain, cl = (copy.deepcopy(model).to(memory_format=MEMORY_FORMATS[f])
                  for f in ("contiguous", "channels_last"))
+    try:
+        with torch.no_grad():
+            cl(*inputs)
+    except RuntimeError as err:
+        warnings.warn(f"memory_format='auto': the forward fails in channels_last "
+                      f"({str(err).splitlines()[0]}); contiguous", stacklevel=3)
+        return "contiguous"
     # channels_last weights make the convolutions' outputs channels_last from the first on,
     # whatever the input's format: both are timed on the inputs as given
     plain_ms, cl_ms = compare_latency(plain, cl, inputs, warmup=3, repeats=15)

@@ -27,6 +27,7 @@ safetensors file (:func:`model_bytes`).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -236,6 +237,15 @@ def _check_counts(warmup: int, repeats: int) -> None:
 
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def suits_channels_last(*modules: nn.Module | None) -> bool:
+    """A 2-D convolution's weight among ``modules``' parameters, and no parameter or buffer
+    that channels_last cannot take (5-D and up): whether the layout is worth trying on them
+    (the training loop and :func:`rankcut.fuse` ask)."""
+    tensors = [t for m in modules if m is not None
+               for t in itertools.chain(m.parameters(), m.buffers())]
+    return any(t.ndim == 4 for t in tensors) and all(t.ndim <= 4 for t in tensors)
 
 
 def layer_input(module: nn.Module, shape: tuple, batch: int,

@@ -27,7 +27,7 @@ from .._fingerprint import model_fingerprint
 from .._modes import eval_mode, logits_of
 from ..atomic import atomic_path, file_target_problem, folder_target_problem
 from ..layers import FactorizedLayer
-from ..profile import MEMORY_FORMATS
+from ..profile import MEMORY_FORMATS, suits_channels_last
 from . import checkpoint as ckpt
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
@@ -165,13 +165,6 @@ def _inference_copy(teacher: nn.Module) -> nn.Module:
             return copy.deepcopy(teacher)
         except Exception:
             return teacher
-
-
-def _suits_channels_last(*modules: nn.Module | None) -> bool:
-    """A 2-D convolution's weight among ``modules``' parameters, and no tensor channels_last
-    cannot take (5-D and up)."""
-    tensors = [p for m in modules if m is not None for p in _tensors(m)]
-    return any(p.ndim == 4 for p in tensors) and all(p.ndim <= 4 for p in tensors)
 
 
 def check_finetune_options(options: dict[str, Any], *, teacher: bool = False) -> None:
@@ -410,7 +403,7 @@ class _Run:
         # under torchrun "auto" keeps the layout: DDP's gradient buckets take the parameters'
         # strides when the model is wrapped, before the first batch could be probed
         self.layout_pending = (o["memory_format"] == "auto" and not self.env.active
-                               and _suits_channels_last(self.model, self.teacher))
+                               and suits_channels_last(self.model, self.teacher))
         if o["memory_format"] in MEMORY_FORMATS:
             self._set_layout(MEMORY_FORMATS[o["memory_format"]])
         for t in ("transform", "val_transform"):
