@@ -28,9 +28,9 @@ class TargetUnreachable(ValueError):
 
 
 class SlowerThanDense(TargetUnreachable):
-    """A params or MACs target that, with the latency guard on, only plans measured slower
-    than the dense model meet; ``allow_slower=True`` (``--allow-slower``) plans it without the
-    guard."""
+    """A target that, with the latency guard on, only plans measured slower than the dense
+    model meet (a params or MACs target; a latency target whose plans all measured slower than
+    dense); ``allow_slower=True`` (``--allow-slower``) plans it without the guard."""
 
 
 def _damage(c: Candidate) -> float:
