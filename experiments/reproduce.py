@@ -156,10 +156,9 @@ def pinned(s: dict) -> dict:
                                  default=str))
 
 
-def changed_settings(then: dict, s: dict) -> list[str]:
-    """The settings kept as ``then`` that ``s`` changes (a setting added to the config format
-    since is not compared)."""
-    now = pinned(s)
+def changed_settings(then: dict, now: dict) -> list[str]:
+    """The settings kept as ``then`` that ``now`` (:func:`pinned`) changes (a setting added to
+    the config format since is not compared)."""
     return sorted(k for k in then if then[k] != now.get(k))
 
 
@@ -170,7 +169,7 @@ def refuse_changed(folder: Path, name: str, s: dict) -> dict:
     now = pinned(s)
     path = folder / SETTINGS_FILE
     if path.is_file():
-        changed = changed_settings(json.loads(path.read_text()), s)
+        changed = changed_settings(json.loads(path.read_text()), now)
         if changed:
             raise SystemExit(f"run {name!r}: {folder} was made with other settings ({changed} "
                              "differ); move it away to run it afresh, or restore the settings")
@@ -942,23 +941,24 @@ def main() -> int:
                     and result_of(base, keep, other) is None):
                 raise SystemExit(f"run {name!r}: match_params: run {other!r} has not finished "
                                  "and does not run before it; list it first")
+        done = {name: result_of(base, keep, name, s) for name, s in every.items()}
         for name, s in every.items():  # what would refuse a later run, found now
             refuse_changed(base / name, name, s)
             if s["start_from"] is not None:
                 check_start_from(base / name, name, s)
                 other = s["start_from"]
-                if (result_of(base, keep, name, s) is None and not (base / other).is_dir()
+                if (done[name] is None and not (base / other).is_dir()
                         and result_of(base, keep, other) is not None):
                     raise SystemExit(
                         f"run {name!r}: start_from {other!r}: its folder is gone (only its kept "
                         f"result {keep / f'{other}.json'} is left, which holds no model); move "
                         f"that away to run {other!r} again first")
-            if result_of(base, keep, name, s) is not None:
+            if done[name] is not None:
                 check_still_matched(base, keep, name, s)
         root = D.require_data_root()
         # every dataset a run to do reads (its own, a transfer head's), found before the first
         # run (a transfer head's was first opened after its backbone's compression)
-        todo = [s for name, s in every.items() if result_of(base, keep, name, s) is None]
+        todo = [s for name, s in every.items() if done[name] is None]
         needed = sorted({D.dataset_key(s["data"]) for s in todo}
                         | {D.dataset_key(s["transfer"]["data"]) for s in todo if s["transfer"]})
         for key in needed:
@@ -978,10 +978,10 @@ def main() -> int:
                     late_export(base / name, s, root)
                     kept(keep, name, base / name)
                     continue
-                if (done := result_of(base, keep, name, s)) is not None:  # the folder is gone
+                if done[name] is not None:  # kept, its folder gone
                     check_still_matched(base, keep, name, s)
                     print(f"[{name}] finished earlier (its folder is gone; the result kept: "
-                          f"{done})", flush=True)
+                          f"{done[name]})", flush=True)
                     continue
                 pin_settings(base / name, name, s)
                 if s["match_params"]:
@@ -1059,7 +1059,7 @@ def result_of(base: Path, keep: Path | None, name: str, s: dict | None = None) -
     if path is None or not path.is_file():
         return None
     then = json.loads(path.read_text()).get("settings")
-    if s is not None and then is not None and (changed := changed_settings(then, s)):
+    if s is not None and then is not None and (changed := changed_settings(then, pinned(s))):
         raise SystemExit(f"run {name!r}: its kept result {path} was made with other settings "
                          f"({changed} differ); move it away to run it afresh, or restore the "
                          "settings")

@@ -247,14 +247,7 @@ def test_the_guard_refuses_a_plan_measured_slower_than_dense(fake_latency):
     slower than dense (its layers timed alone) measures slower whole, no tighter plan within
     the guard's bound mends it, so the planner refuses it rather than hand over a model slower
     than the original; with a margin that covers the overhead, the same target is planned."""
-    def ms(module):
-        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-        return by_weights(module) + (6.0 * len(convs) if len(convs) > 3 else 0.0)
-
-    fake_latency(ms)
-    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(32, 32, 3, padding=1),
-                                                          nn.ReLU())]).eval()
-    x = torch.rand(2, 32, 8, 8)
+    model, x = _slow_whole(fake_latency), torch.rand(2, 32, 8, 8)
     kw = {"method": "svd", "target": "macs=1.5x", "min_params": 100}
     with pytest.raises(SlowerThanDense, match=r"macs=1\.5x cannot be met no slower than the "
                                               r"dense model at batch 2 on this device: the plan "

@@ -61,6 +61,7 @@ from .layers.conv import _ConvFactorized
 from .layers.linear import LowRankLinear
 from .profile import (
     MEMORY_FORMATS,
+    beyond_channels_last,
     compare_latency,
     layer_input,
     suits_channels_last,
@@ -119,8 +120,7 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
         pairs = [(layer, bn) for layer, bn in pairs
                  if bn not in bn1d or (bn in called and called[bn][1][0].ndim == 2)]
     folded = [_fold(fused, conv, bn) for conv, bn in pairs]
-    if memory_format == "channels_last" and any(
-            t.ndim > 4 for t in itertools.chain(fused.parameters(), fused.buffers())):
+    if memory_format == "channels_last" and beyond_channels_last(fused):
         raise ValueError("memory_format: 'channels_last' takes tensors of at most 4 "
                          "dimensions, and the model holds one of 5 or more (a Conv3d); pass "
                          "'contiguous', 'auto' or None")

@@ -239,13 +239,23 @@ def _check_counts(warmup: int, repeats: int) -> None:
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
+def _tensor_dims(modules) -> list[int]:
+    return [t.ndim for m in modules if m is not None
+            for t in itertools.chain(m.parameters(), m.buffers())]
+
+
+def beyond_channels_last(*modules: nn.Module | None) -> bool:
+    """Whether ``modules`` hold a parameter or buffer that channels_last cannot take (5-D and
+    up: a Conv3d's)."""
+    return any(d > 4 for d in _tensor_dims(modules))
+
+
 def suits_channels_last(*modules: nn.Module | None) -> bool:
-    """A 2-D convolution's weight among ``modules``' parameters, and no parameter or buffer
-    that channels_last cannot take (5-D and up): whether the layout is worth trying on them
-    (the training loop and :func:`rankcut.fuse` ask)."""
-    tensors = [t for m in modules if m is not None
-               for t in itertools.chain(m.parameters(), m.buffers())]
-    return any(t.ndim == 4 for t in tensors) and all(t.ndim <= 4 for t in tensors)
+    """A 2-D convolution's weight among ``modules``' parameters, and nothing
+    :func:`beyond_channels_last`: whether the layout is worth trying on them (the training
+    loop and :func:`rankcut.fuse` ask)."""
+    dims = _tensor_dims(modules)
+    return 4 in dims and all(d <= 4 for d in dims)
 
 
 def layer_input(module: nn.Module, shape: tuple, batch: int,
