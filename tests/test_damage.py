@@ -189,11 +189,17 @@ def test_compress_reestimates_batchnorm_on_examples_drawn_at_random():
     x = torch.cat([torch.full((256, 1, 2, 2), -1.0), torch.full((256, 1, 2, 2), 1.0)])
     x = x + 0.1 * torch.randn_like(x)
     y = torch.cat([torch.zeros(256), torch.ones(256)]).long()
+    # statistics far from the data's (mean about 0, variance about 1.01): a re-estimation that
+    # did not run, or ran on one class (variance about 0.01), leaves them far from the data's
+    model[0].running_mean.fill_(5.0)
+    model[0].running_var.fill_(9.0)
     for data in ((x, y), torch.utils.data.TensorDataset(x, y)):
         result = rc.compress(model, x[:1], method="svd", rank=1, train_data=data,
                              reestimate_bn=True, plan_options={"allow_slower": True,
                                                                "min_params": 1})
+        assert result.stages[-1]["reestimated_bn"] == {"batchnorms": 1}
         assert abs(float(result.model[0].running_var) - float(x.var())) < 0.1
+        assert abs(float(result.model[0].running_mean) - float(x.mean())) < 0.1
 
 
 def test_compress_applies_its_transform_to_the_calibration_inputs_too():

@@ -635,13 +635,22 @@ def test_ranks_are_timed_at_steps_of_8_then_at_most_an_eighth_of_the_rank():
         assert r <= t <= max(r + RANK_STEP - 1, r * 1.125) and t % RANK_STEP == 0
     assert _rounded([9, 300]) == [16, 320]
     # never past the layer's full rank: a 3-channel input's Tucker rank is timed at 3, a
-    # 10-output Linear's SVD rank 9 at 10; CP has no such bound
+    # 10-output Linear's SVD rank 9 at 10; CP's at most at its break-even rank in its form
+    # (from_dense clamps to it): 16 channels 3x3, 2304 / 38 -> 60 (CP-4); 16 -> 24 channels,
+    # 3456 / 46 -> 75 (CP-4), 3456 / 49 -> 70 (CP-3)
     from rankcut.select.latency import _full_ranks
 
     stem, head = nn.Conv2d(3, 16, 3), nn.Linear(64, 10)
     assert _rounded([16, 3], _full_ranks(stem, {"layer": "TuckerConv2d"})) == [16, 3]
     assert _rounded(9, _full_ranks(head, {"layer": "LowRankLinear"})) == 10
     assert _rounded(37, _full_ranks(nn.Conv2d(64, 64, 3), {"layer": "CPConv2d"})) == 40
+    conv = nn.Conv2d(16, 16, 3)
+    assert _rounded(58, _full_ranks(conv, {"layer": "CPConv2d", "form": "cp4"})) == 60
+    wider = nn.Conv2d(16, 24, 3)
+    assert _rounded(66, _full_ranks(wider, {"layer": "CPConv2d", "form": "cp3"})) == 70
+    assert _rounded(66, _full_ranks(wider, {"layer": "CPConv2d", "form": "cp4"})) == 72
+    assert _rounded(58, _full_ranks(conv, {"layer": "CPConv2d", "form": "cp4"})) == \
+        rc.layers.cp_break_even(rc.layers.ConvGeometry.of(conv), "cp4")
 
 
 def test_onnxruntime_engine_times_the_exported_model():

@@ -1,6 +1,8 @@
 """The registry of factorization methods: every registered method works end to end through
 plan, apply, save/load, costs and the planner, from its one declaration."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -127,6 +129,31 @@ def test_cp_ranks_that_cannot_save_anything_are_clamped(net):
     with pytest.warns(UserWarning, match=f"clamped to {most}"):
         layer = rc.layers.CPConv2d.from_dense(net.conv, 10 * most, max_iter=2)
     assert layer.rank == most and count_params(layer) <= count_params(net.conv)
+
+
+def test_energy_rules_read_the_singular_values_each_method_cuts(net):
+    """``Method.spectra``: the energy rule's rank is the energy rank of the matrix each rank
+    truncates (spatial SVD: the (S·kh, T·kw) reshape; Tucker-2: one per mode); CP has none."""
+    W = net.conv.weight.detach()
+    t, s, kh, kw = W.shape
+
+    def energy_rank(M):
+        e = torch.linalg.svdvals(M.double()).pow(2)
+        return int((e.cumsum(0) / e.sum() < 0.9).sum()) + 1
+
+    spatial = W.permute(1, 2, 0, 3).reshape(s * kh, t * kw)
+    assert rc.select.layer_ranks(net.conv, "spatial_svd", "energy=0.9") == (energy_rank(spatial),)
+    assert rc.select.layer_ranks(net.conv, "svd", "energy=0.9") == (energy_rank(W.reshape(t, -1)),)
+    r_out, r_in = energy_rank(W.reshape(t, -1)), energy_rank(W.transpose(0, 1).reshape(s, -1))
+    assert rc.select.layer_ranks(net.conv, "tucker", "energy=0.9") == (
+        min(r_out, r_in * kh * kw), min(r_in, r_out * kh * kw))
+    with pytest.raises(ValueError, match="not defined for CP"):
+        rc.select.layer_ranks(net.conv, "cp3", "energy=0.9")
+    # one matrix a rank, or none
+    with pytest.raises(ValueError, match="spectra gives 2 matrices for 1 rank"):
+        methods.register(dataclasses.replace(methods.get("svd"), name="svd2",
+                                             spectra=("channel", "input")))
+    assert "svd2" not in methods.REGISTRY
 
 
 def test_design_doc_shows_how_to_add_a_method():

@@ -318,6 +318,14 @@ def test_analyze_costs_spectra_and_suggested_ranks(setup, analysis):
     s2 = torch.tensor(a.spectrum, dtype=torch.float64).pow(2)
     assert svd["error"] == pytest.approx(math.sqrt(float(s2[r:].sum() / s2.sum())))
     assert svd["params"] == r * 16 * 9 + 32 * r + 32
+    # Tucker-2's: the truncated HOSVD's, computed here from the kernel's two unfoldings
+    tk = next(s for s in a.suggested if s["rule"] == "energy=0.95" and s["method"] == "tucker")
+    r_out, r_in = tk["ranks"]
+    W = model.a.weight.detach().double()
+    U = torch.linalg.svd(W.reshape(32, -1))[0][:, :r_out]
+    V = torch.linalg.svd(W.transpose(0, 1).reshape(16, -1))[0][:, :r_in]
+    approx = torch.einsum("ta,ua,usij,sb,vb->tvij", U, U, W, V, V)
+    assert tk["error"] == pytest.approx(float((W - approx).norm() / W.norm()), rel=1e-6)
 
 
 def test_analyze_sensitivities_equal_a_direct_call(setup, analysis):

@@ -36,7 +36,7 @@ def test_threshold_follows_the_paper():
     res = evbmf(Y, sigma2=2.0)
     alpha = 80 / 120
     t = tau_bar(alpha)
-    assert res.sigma2 == 2.0
+    assert not math.isclose(evbmf(Y).sigma2, 2.0, rel_tol=0.05)  # so 2.0 is the given one
     assert math.isclose(res.threshold, math.sqrt(120 * 2.0 * (1 + t) * (1 + alpha / t)))
     assert res.rank == int((res.singular_values > res.threshold).sum())
 
@@ -88,7 +88,7 @@ def test_a_pruned_layer_whose_trailing_singular_values_are_zero():
     M = torch.zeros(8, 16, dtype=torch.float64)
     M[:2] = torch.randn(2, 16, generator=g, dtype=torch.float64)
     result = evbmf(M)
-    assert 0 <= result.rank <= 2 and 0 < result.sigma2 < float("inf")
+    assert result.rank == evbmf(M[:2]).rank and 0 < result.sigma2 < float("inf")
 
 
 def test_zero_filters_do_not_change_the_rank_of_the_rest():

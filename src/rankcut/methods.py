@@ -92,6 +92,10 @@ class Method:
     # at once (curves.measured), so their solves batch, data-aware only with calibration data
     grid_fn: Callable | None = None
     n_ranks: int = 1  # how many ranks a plan gives (Tucker-2: (R_out, R_in))
+    # whose singular values its ranks cut, one per rank (rankcut.layers.group_matrices shapes):
+    # what the energy and VBMF rank rules read, and the truncation that a method without a
+    # grid_fn gives its closed-form error by. () for CP: no singular values, those rules refused
+    spectra: tuple[str, ...] = ("channel",)
     forms: tuple[str, ...] = ()  # the first is the default
     kxk_only: bool = False  # needs a spatial kernel larger than 1x1
     data_aware: bool = False  # has a solver that fits the output norm on calibration data
@@ -295,6 +299,9 @@ def register(method: Method) -> Method:
     for name in (method.name, *method.forms):
         if name in taken:
             raise ValueError(f"method {name!r} is already registered")
+    if method.spectra and len(method.spectra) != method.n_ranks:
+        raise ValueError(f"method {method.name!r}: spectra gives {len(method.spectra)} "
+                         f"matrices for {method.n_ranks} rank(s); one a rank, or none")
     REGISTRY[method.name] = method
     return method
 
@@ -404,20 +411,21 @@ register(Method(
 register(Method(
     "spatial_svd", "SVD of the (S·kh, T·kw) reshape: a kh x 1 then a 1 x kw convolution",
     conv=SpatialConv2d, linear=None, solver=dec.svd, curve_fn=curves.spatial_curve,
-    at_fn=curves.from_curve_at, kxk_only=True, auto=True,
+    at_fn=curves.from_curve_at, kxk_only=True, auto=True, spectra=("spatial",),
     choices=MappingProxyType({"solver": dec.SVD_METHODS}),
     paper="Jaderberg, Vedaldi & Zisserman 2014"))
 register(Method(
     "cp", "CP: 1x1, depthwise kh x 1 and 1 x kw (cp4) or kh x kw (cp3), 1x1",
     conv=CPConv2d, linear=None, solver=dec.cp, curve_fn=curves.cp_curve, at_fn=curves.cp_at,
     grid_fn=curves.cp_grid, scoring_options=MappingProxyType(curves.CP_SCORING),
-    forms=("cp4", "cp3"), kxk_only=True, data_aware=True, auto=True,
+    forms=("cp4", "cp3"), kxk_only=True, data_aware=True, auto=True, spectra=(),
     choices=MappingProxyType({"solver": dec.CP_METHODS, "init": dec.CP_INITS}),
     paper="Lebedev et al. 2015; Astrid & Lee 2017"))
 register(Method(
     "tucker", "Tucker-2: 1x1 S->R_in, kh x kw core R_in->R_out, 1x1 R_out->T",
     conv=TuckerConv2d, linear=None, solver=dec.tucker, curve_fn=curves.tucker_curve,
-    at_fn=curves.tucker_at, n_ranks=2, kxk_only=True, data_aware=True, auto=True,
+    at_fn=curves.tucker_at, n_ranks=2, spectra=("channel", "input"), kxk_only=True,
+    data_aware=True, auto=True,
     scoring_options=MappingProxyType(curves.TUCKER_SCORING),
     choices=MappingProxyType({"solver": dec.TUCKER_METHODS}),
     paper="Kim et al. 2016 (ranks from EVBMF, Nakajima et al. 2013)"))

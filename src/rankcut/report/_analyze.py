@@ -14,11 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import decompose as dec
 from .. import methods as registry
 from .._modes import as_inputs, check_module
 from ..calibrate import calibration_batches
-from ..curves import tucker_errors
 from ..defaults import COMPRESS
 from ..layers import group_matrices
 from ..profile import (
@@ -273,21 +271,16 @@ def _suggest(module: nn.Module, rule, method: str, shape, calls: int = 1) -> dic
     if (why := spec.why_not(module)) is not None:
         return {**base, "note": why}
     try:
-        form = "cp4" if spec.forms else None
-        ranks = spec.capped(module, layer_ranks(module, method, rule, form="cp4", input_hw=hw),
-                            form)
-        cost = spec.cost(module, ranks, form, hw if is_conv else (rows,))
+        form = spec.check_form(None)  # its default form
+        ranks = spec.capped(module, layer_ranks(module, method, rule, input_hw=hw), form)
+        shape = hw if is_conv else (rows,)
+        cost = spec.cost(module, ranks, form, shape)
     except ValueError as err:
         return {**base, "note": str(err)}
-    error = None
-    if method in ("svd", "spatial_svd"):
-        matrices = group_matrices(module, "spatial" if method == "spatial_svd" else "channel",
-                                  torch.float64)
-        errors = dec.truncation_errors(matrices)
-        error = float(errors[min(ranks[0], len(errors)) - 1])
-    elif method == "tucker":
-        E = tucker_errors(module)
-        error = float(E[min(ranks[0], E.shape[0]) - 1, min(ranks[1], E.shape[1]) - 1])
+    # the weight-norm error where it has a closed form (from the spectra: SVD, spatial SVD,
+    # Tucker-2); a method with a grid (CP, CUR) must be measured, which the suggestions skip
+    error = (None if spec.grid_fn is not None else
+             float(spec.candidate_at(module, shape, ranks, form).error))
     return {**base, "ranks": list(ranks), "params": cost.params,
             "macs": cost.macs * max(calls, 1), "error": error}
 

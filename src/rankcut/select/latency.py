@@ -476,14 +476,15 @@ def _rounded(ranks, full: tuple[int, ...] | None = None):
 
 
 def _full_ranks(module: nn.Module, config: dict) -> tuple[int, ...] | None:
-    """The full ranks of ``module`` under the factorized layer ``config`` describes (its
-    method's ``max_rank``); None for CP, whose rank has no such bound."""
+    """The most ``module`` holds under the factorized layer ``config`` describes: its method's
+    ``max_rank`` in the config's form (a full factorization; CP's break-even rank, to which
+    ``from_dense`` clamps); None for a layer no method builds."""
     from .. import methods
 
     for spec in methods.REGISTRY.values():
         if config.get("layer") in (getattr(spec.conv, "__name__", None),
                                    getattr(spec.linear, "__name__", None)):
-            return None if spec.name == "cp" else spec.max_rank(module)
+            return spec.max_rank(module, config.get("form"))
     return None
 
 

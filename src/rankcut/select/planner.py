@@ -219,7 +219,7 @@ def _layer_candidates(module, shape, method, rule, with_target, kind, rank_multi
         ranks = None
         if rule is not None:
             try:
-                ranks = layer_ranks(module, spec.name, rule, form=form or "cp4", input_hw=hw)
+                ranks = layer_ranks(module, spec.name, rule, form=form, input_hw=hw)
             except ValueError:
                 if method != "auto":
                     raise

@@ -26,7 +26,6 @@ convolution ranks are per group, and the data-driven rules take the largest over
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 from dataclasses import dataclass
@@ -117,7 +116,7 @@ def _largest_within(budget: float, cost_of, upper: int) -> int:
     return lo
 
 
-def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
+def layer_ranks(module: nn.Module, method: str, rule, *, form: str | None = None,
                 input_hw=None) -> tuple[int, ...]:
     """The ranks ``rule`` gives ``module`` under ``method`` (a method or form name, e.g. "cp3";
     Tucker: (R_out, R_in)). A method that does not apply to ``module`` is a ValueError saying
@@ -125,7 +124,9 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
     rule = parse_rank(rule)
     if not isinstance(module, nn.Conv2d | nn.Linear):
         raise ValueError(f"module: expected a Conv2d or Linear, got {type(module).__name__}")
-    spec, form = methods.resolve(method, form if method == "cp" else None)
+    # (a form's own name, "cp3", says its form; the method's name takes ``form``, its
+    # default form when None)
+    spec, form = methods.resolve(method, form if method in methods.REGISTRY else None)
     if (reason := spec.why_not(module)) is not None:
         raise ValueError(f"module: {reason}")
     method = spec.name
@@ -139,21 +140,20 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str = "cp4",
     kh, kw = module.kernel_size if is_conv else (1, 1)
 
     if rule.kind in ("energy", "vbmf"):
-        if method == "cp":
-            raise ValueError(f"rank: {rule} is not defined for CP (no singular values); use a "
-                             "fixed rank, 'params=F' or 'macs=F'")
-        if method == "tucker":
-            r_out = max(_spectral_rank(M, rule) for M in group_matrices(module, "channel"))
-            r_in = max(_spectral_rank(M, rule) for M in group_matrices(module, "input"))
-            k = kh * kw  # the core holds no more than this ratio of the two ranks
-            return (min(r_out, r_in * k), min(r_in, r_out * k))
-        shape = "spatial" if method == "spatial_svd" else "channel"
-        return (max(_spectral_rank(M, rule) for M in group_matrices(module, shape)),)
+        if not spec.spectra:
+            raise ValueError(f"rank: {rule} is not defined for {spec.name.upper()} (no singular "
+                             "values); use a fixed rank, 'params=F' or 'macs=F'")
+        ranks = tuple(max(_spectral_rank(M, rule) for M in group_matrices(module, matrices))
+                      for matrices in spec.spectra)
+        if len(ranks) == 2:  # (Tucker-2) a core holds no more than kh·kw times one rank
+            k = kh * kw  # in the other
+            ranks = (min(ranks[0], ranks[1] * k), min(ranks[1], ranks[0] * k))
+        return ranks
 
     # params / macs fractions
-    if rule.kind == "params" and method == "cp":
-        dims = (t, s, kh, kw) if form == "cp4" else (t, s, kh * kw)
-        return (max(1, int(rule.value * (math.prod(dims) // sum(dims)))),)
+    if rule.kind == "params" and spec.name == "cp":
+        # seed 000's rule for CP: p times the break-even rank (max_rank), p·floor(prod/sum)
+        return (max(1, int(rule.value * spec.max_rank(module, form)[0])),)
     if input_hw is not None and not (isinstance(input_hw, tuple | list) and len(input_hw) == 2
                                      and all(isinstance(v, int) and v >= 1 for v in input_hw)):
         raise ValueError(f"input_hw: expected (H, W) of the input, got {input_hw!r}")
