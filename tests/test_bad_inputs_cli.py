@@ -61,6 +61,23 @@ def picky():
     return _Picky()
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x, mask):
+        return self.fc(x * mask)
+
+
+def two_inputs():
+    return _TwoInputs()
+
+
+def raises_key_error():
+    return {}["no such layer"]
+
+
 TINY = f"{__name__}:tiny"
 # the tiny model, planned by an explicit rule (the latency guard off: its layers are too small
 # to time meaningfully)
@@ -391,7 +408,63 @@ def _evaluate_images(*folders, flags=()):
     return setup
 
 
+def _export_over_its_weights(tmp):
+    save_file(tiny_state(), tmp / "w.safetensors")
+    return ["export", "--model", TINY, "--input-shape", "3,8,8", "--weights",
+            tmp / "w.safetensors", "--output", tmp / "w.safetensors"]
+
+
+def _export_into_its_compressed_folder(tmp):
+    _write(tmp / "cc" / "plan.json", rc.Plan({"2": rc.LayerPlan("svd", (4,))}).to_json().encode())
+    return ["export", "--model", TINY, "--input-shape", "3,8,8", "--compressed", tmp / "cc",
+            "--output", tmp / "cc" / "model.safetensors"]
+
+
+def _model_asserts_on_the_data(command):
+    def setup(tmp):
+        _write(tmp / "cifar-10-batches-bin/test_batch.bin", cifar_records([3, 1, 2]))
+        return [command, "--model", f"{__name__}:picky", "--data", "cifar10", "--data-dir", tmp,
+                "--quiet", *(["--method", "svd", "--rank", "4", "--allow-slower", "--out",
+                              tmp / "o"] if command == "compress" else [])]
+    return setup
+
+
+def _empty_test_split(tmp):
+    root = _image_tree(tmp, "train")
+    (root / "test" / "a").mkdir(parents=True)
+    return ["compress", "--model", TINY, "--num-classes", 2, "--data", "imagefolder",
+            "--data-dir", root, "--image-size", 8, "--normalization", "none", *PLAN_FLAGS,
+            "--quiet", "--out", tmp / "o"]
+
+
+def _data_aware_plan_without_data(tmp):
+    plan = rc.Plan({"2": rc.LayerPlan("svd", (4,), options={"data_aware": True})})
+    _write(tmp / "p" / "plan.json", plan.to_json().encode())
+    return ["compress", *T, "--plan", tmp / "p" / "plan.json", "--out", tmp / "o"]
+
+
 CLI_CASES = [
+    # outputs that would replace the command's own inputs
+    ("export-over-its-weights", _export_over_its_weights,
+     ["--output", "--weights", "an input of this command"]),
+    ("export-into-its-compressed-folder", _export_into_its_compressed_folder,
+     ["--output", "inside --compressed", "an input of this command"]),
+    # a model's own checks on the data's first example, and a forward of two inputs
+    ("model-asserts-on-the-data", _model_asserts_on_the_data("compress"),
+     ["--data", "(1, 3, 32, 32)", "expected 8 features", "--image-size"]),
+    ("model-asserts-on-the-data-evaluate", _model_asserts_on_the_data("evaluate"),
+     ["AssertionError", "expected 8 features"]),
+    ("model-forward-of-two-inputs", lambda tmp: [
+        "compress", "--model", f"{__name__}:two_inputs", "--input-shape", "8", *PLAN_FLAGS,
+        "--out", tmp / "o"], ["--input-shape", "mask", "Python API"]),
+    # calibration data asked for but not given
+    ("data-aware-plan-without-calibration", _data_aware_plan_without_data,
+     ["--plan", "2 (1 layer(s))", "--synthetic-calib"]),
+    ("imagefolder-with-an-empty-test-split", _empty_test_split,
+     ["--data", "test split of imagefolder", "no examples"]),
+    ("imagefolder-without-data-dir", lambda tmp: ["evaluate", "--model", TINY, "--data",
+                                                  "imagefolder"], ["--data imagefolder",
+                                                                   "--data-dir"]),
     # 1. weights files rankcut cannot read: one clear error naming the file and the formats
     ("weights-text-file", _weights_text, ["w.th", "not a readable torch checkpoint",
                                           "safetensors"]),
@@ -430,7 +503,8 @@ CLI_CASES = [
     ("lr-negative", _compress("--lr", "-0.1"), ["--lr", "-0.1"]),
     ("lr-inf", _compress("--lr", "inf"), ["--lr", "inf"]),
     # sequential fitting needs calibration data (the tiny model has no --data here)
-    ("sequential-without-data", _compress("--sequential"), ["sequential", "calib_data"]),
+    ("sequential-without-data", _compress("--sequential"),
+     ["--sequential", "--data", "--synthetic-calib"]),
     # 7. a plan together with explicit planning flags is a conflict
     ("plan-with-method", _plan_with("--method", "tucker"), ["--plan", "--method"]),
     ("plan-with-target", _plan_with("--target", "macs=3x"), ["--plan", "--target"]),
@@ -625,6 +699,59 @@ def test_cli_refuses_bad_input_up_front(setup, names, capsys, tmp_path, monkeypa
     assert_refused(code, err, *names)
     assert tree(tmp_path) == before  # nothing written, nothing changed, no code run
     assert "top-1" not in out and "wrote" not in out
+
+
+def test_out_that_holds_the_data_root_found_by_default_is_refused(capsys, tmp_path,
+                                                                  monkeypatch):
+    """--overwrite replaces --out whole: a data root found from $RANKCUT_DATA inside it (as
+    an explicit --data-dir inside it) is refused before any work, the data left as it was."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "o" / "data" / "cifar-10-batches-bin" / "test_batch.bin",
+           cifar_records([3, 1, 2]))
+    monkeypatch.setenv("RANKCUT_DATA", str(tmp_path / "o" / "data"))
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "compress", "--model", TINY, "--data", "cifar10", *PLAN_FLAGS,
+                       "--quiet", "--out", tmp_path / "o", "--overwrite")
+    assert_refused(code, err, "--out", "data root", "RANKCUT_DATA")
+    assert tree(tmp_path) == before
+
+
+def test_a_latency_target_is_recognised_in_any_case():
+    """--latency-batch with --allow-slower is refused unless a latency target is asked for
+    (then the plan is timed); the target's spelling is parse_target's, case and all."""
+    from rankcut.cli import UserError, _check_args, _with_config
+
+    base = ["compress", *T, "--allow-slower", "--latency-batch", "2", "--out", "o"]
+    for target in ("LATENCY=0.99", " Latency=2x", "latency=2x"):
+        _check_args(_with_config(build_parser(), [*base, "--target", target]))
+    with pytest.raises(UserError, match="--latency-batch: --allow-slower"):
+        _check_args(_with_config(build_parser(), [*base, "--target", "MACS=2x"]))
+
+
+def test_a_user_model_module_that_does_not_parse_names_the_file_and_line(capsys, tmp_path,
+                                                                         monkeypatch):
+    _write(tmp_path / "broken_model_mod.py", b"def f(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "compress", "--model", "broken_model_mod:f", "--input-shape",
+                       "3,8,8", *PLAN_FLAGS, "--out", tmp_path / "o")
+    assert_refused(code, err, "broken_model_mod:f", "does not parse", "broken_model_mod.py",
+                   "line 1")
+
+
+def test_a_failure_in_the_model_s_own_code_is_one_line_with_exit_code_1(capsys, tmp_path,
+                                                                        monkeypatch):
+    """Not a user error rankcut can name (a KeyError raised by the model's constructor): one
+    line naming its type, exit code 1, no traceback; --debug raises it."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["compress", "--model", f"{__name__}:raises_key_error", "--input-shape", "3,8,8",
+            *PLAN_FLAGS, "--out", tmp_path / "o"]
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("rankcut: error: KeyError: ") and "'no such layer'" in err
+    with pytest.raises(KeyError, match="no such layer"):
+        run(capsys, *argv, "--debug")
+    assert not (tmp_path / "o").exists()
 
 
 def test_out_on_a_read_only_file_system_is_refused_before_any_work(capsys, tmp_path,

@@ -8,10 +8,11 @@ Every subcommand takes ``--config FILE.yaml`` (keys are the long flag names, ``-
 flags given on the command line override the file. The compression flags take their defaults
 from :data:`rankcut.defaults.COMPRESS`, as the API does. User errors (a missing file, an unknown
 model, a bad rank or target, a number out of range, a plan that does not fit, an output path
-that cannot be written) print one line and exit with code 2; ``--debug`` shows the traceback
-instead. Every flag and every output path is checked before any work is done, and an output
-folder is written whole into a temporary sibling and renamed into place at the end, so it never
-holds files of two runs.
+that cannot be written) print one line and exit with code 2; any other failure (in a model's
+own code, or a bug) prints one line naming its type and exits with code 1; ``--debug`` shows
+the traceback instead. Every flag and every output path is checked before any work is done, and
+an output folder is written whole into a temporary sibling and renamed into place at the end,
+so it never holds files of two runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from .defaults import COMPRESS
 
 EXIT_USAGE = 2
+EXIT_ERROR = 1  # anything else: the one line names its type (--debug: the traceback)
 # the file that marks an existing folder as an earlier output of the subcommand (which may then
 # be replaced whole); any other non-empty folder needs --overwrite
 OUTPUT_MARKERS = {"compress": "plan.json", "sweep": "sweep.json", "analyze": "analysis.json",
@@ -600,11 +602,26 @@ def _check_paths(args: argparse.Namespace) -> None:
             if given and _inside(Path(given), Path(out)):
                 raise UserError(f"{_flag(dest)}: {given} lies inside --out {out}, which is "
                                 "replaced whole at the end; keep it elsewhere")
+        if getattr(args, "data", None) and getattr(args, "data_dir", None) is None:
+            from .data import find_data_root
+
+            found = find_data_root(None)  # $RANKCUT_DATA or ../shared/data
+            if found is not None and _inside(found, Path(out)):
+                raise UserError(f"--out: {out} holds the data root {found} (found from "
+                                "$RANKCUT_DATA or the default); it is replaced whole at the "
+                                "end: give a folder beside the data")
     output = getattr(args, "output", None)
     if output is not None:
         problem = file_target_problem(output)
         if problem is not None:
             raise UserError(f"--output: {problem}")
+        for dest in ("compressed", "weights", "config", "latency_table"):
+            given = getattr(args, dest, None)
+            if given and (_inside(Path(output), Path(given)) if Path(given).is_dir()
+                          else Path(os.path.abspath(output)) == Path(os.path.abspath(given))):
+                raise UserError(f"--output: {output} is {'inside ' if Path(given).is_dir() else ''}"
+                                f"{_flag(dest)} {given}, an input of this command; write it "
+                                "elsewhere")
     ckpt = getattr(args, "checkpoint_dir", None)
     if ckpt is not None:
         problem = folder_target_problem(ckpt)
@@ -622,9 +639,10 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UserError("--resume: needs --checkpoint-dir (where the checkpoint is)")
     weights = getattr(args, "weights", None)
     if weights is not None and not Path(weights).is_file():
-        raise UserError(f"--weights: {weights} " + ("is a folder, not" if Path(weights).is_dir()
-                                                    else "not found") + " (a safetensors or "
-                        "torch state-dict file; rankcut never downloads weights)")
+        what = ("is a folder" if Path(weights).is_dir() else "is not a regular file"
+                if Path(weights).exists() else "not found")
+        raise UserError(f"--weights: {weights} {what}; expected a safetensors or torch "
+                        "state-dict file (rankcut never downloads weights)")
     data_dir = getattr(args, "data_dir", None)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir: {data_dir} is not a folder (the data root: holding "
@@ -633,6 +651,12 @@ def _check_paths(args: argparse.Namespace) -> None:
     if compressed is not None and not Path(compressed, "plan.json").is_file():
         raise UserError(f"--compressed: {compressed} is not a folder written by 'rankcut "
                         "compress' (no plan.json in it)")
+
+
+def _has_calibration(args: argparse.Namespace) -> bool:
+    """Whether the command will have calibration examples (real or synthesised)."""
+    return bool((getattr(args, "data", None) and getattr(args, "calib", 0))
+                or getattr(args, "synthetic_calib", 0))
 
 
 def _check_plan(args: argparse.Namespace):
@@ -659,9 +683,17 @@ def _check_plan(args: argparse.Namespace):
         raise UserError("--plan: --schedule multistage plans every round itself; use "
                         "one_shot or layerwise with a plan")
     try:
-        return load_plan(path)
+        plan = load_plan(path)
     except (ValueError, FileNotFoundError) as err:
         raise UserError(f"--plan: {err}") from None
+    from .curves import DATA_AWARE
+
+    aware = [n for n, lp in plan.active.items() if lp.options.get(DATA_AWARE)]
+    if aware and not _has_calibration(args):
+        raise UserError(f"--plan: it fits {', '.join(aware[:3])}{' ...' if len(aware) > 3 else ''}"
+                        f" ({len(aware)} layer(s)) on calibration data: give --data (with "
+                        "--calib above 0) or --synthetic-calib N")
+    return plan
 
 
 def _check_plan_ranks(plan, model) -> None:
@@ -694,6 +726,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
         if dataset_key(args.data) not in NAMES:
             raise UserError(f"--data: unknown dataset {args.data!r}; known: {', '.join(NAMES)}")
+        if dataset_key(args.data) == "imagefolder" and not getattr(args, "data_dir", None):
+            raise UserError("--data imagefolder: needs --data-dir, the folder holding its "
+                            "train/ and test/ class folders")
     _check_normalization(args)
     if getattr(args, "device", None):
         _check_device(args.device)
@@ -702,6 +737,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if getattr(args, "synthetic_calib", 0) and getattr(args, "data", None):
         raise UserError("--synthetic-calib: for a model without data; with --data, --calib "
                         "reads real calibration examples")
+    if getattr(args, "sequential", None) and not _has_calibration(args):
+        raise UserError("--sequential: fits each layer to the inputs it gets on calibration "
+                        "data: give --data (with --calib above 0) or --synthetic-calib N")
     if (getattr(args, "finetune_epochs", None) is not None
             and getattr(args, "finetune_steps", None) is not None):
         raise UserError("--finetune-epochs, --finetune-steps: give one, not both")
@@ -801,9 +839,11 @@ def _check_idle(args: argparse.Namespace) -> None:
                                               else "") + ")")
     timing = [d for d in ("latency_batch", "latency_table", "latency_engine", "speed_slack")
               if d in args.given]
-    latency_asked = (args.target or "").startswith("latency") or (
-        args.command == "sweep" and (args.latency or any(
-            t.startswith("latency") for t in args.targets)))
+    def is_latency(target) -> bool:
+        return target.strip().lower().startswith("latency")  # (parse_target's spelling)
+
+    latency_asked = is_latency(args.target or "") or (
+        args.command == "sweep" and (args.latency or any(map(is_latency, args.targets))))
     if timing and args.allow_slower and not latency_asked:
         raise UserError(f"{_flag(timing[0])}: --allow-slower turns the latency guard off, so "
                         "nothing is timed for the plan; drop one of them")
@@ -890,27 +930,36 @@ class _Context:
 
     def example_inputs(self, model):
         """One input for ``model``: the first test example of --data, else a random one of
-        --input-shape, which ``model`` must accept (else a usage error naming the shape)."""
+        --input-shape, which ``model`` must accept (else a usage error naming the flag)."""
         import torch
 
         from ._modes import model_device
 
         a = self.args
         if a.data:
-            x, _ = self.test_data()[0]
-            return x.unsqueeze(0)
-        if not a.input_shape:
-            raise UserError("--input-shape: give C,H,W of one input (e.g. 3,32,32) or --data")
-        x = torch.rand(1, *_input_shape(a.input_shape))
-        where = model_device(model)
+            test = self.test_data()
+            if len(test) == 0:
+                raise UserError(f"--data: the test split of {a.data} holds no examples")
+            x = test[0][0].unsqueeze(0)
+            flag, what = "--data", (f"the first test example of {a.data}, shape "
+                                    f"{tuple(x.shape)} (--image-size resizes it)")
+        else:
+            if not a.input_shape:
+                raise UserError("--input-shape: give C,H,W of one input (e.g. 3,32,32) or "
+                                "--data")
+            x = torch.rand(1, *_input_shape(a.input_shape))
+            flag, what = "--input-shape", f"a batch of shape {tuple(x.shape)}"
         try:
             with torch.no_grad():
-                model(x.to(where))
+                model(x.to(model_device(model)))
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError too): not the shape
             raise
-        except (RuntimeError, ValueError, AssertionError) as err:  # a model's own shape checks
-            raise UserError(f"--input-shape: the model does not run on a batch of shape "
-                            f"{tuple(x.shape)}: {_one_line(err) or type(err).__name__}") from None
+        # a model's own shape checks (asserts too); a forward that takes more than one input
+        except (RuntimeError, ValueError, AssertionError, TypeError) as err:
+            more = ("; the command line feeds one input a forward, use the Python API for more"
+                    if isinstance(err, TypeError) else "")
+            raise UserError(f"{flag}: the model does not run on {what}: "
+                            f"{_one_line(err) or type(err).__name__}{more}") from None
         return x
 
     def calib_data(self, n: int, model=None, x=None):
@@ -1086,8 +1135,8 @@ def cmd_compress(args) -> int:
         rep.write_markdown(tmp / "report.md")
         plots = R.write_plots(rep, tmp)
     _say(rep.summary() if hasattr(rep, "summary") else rep.to_markdown().split("\n\n")[0])
-    _say(f"wrote {out}/: plan.json, model.safetensors, report.json, report.md, "
-         f"{', '.join(Path(p).name for p in plots)}")
+    _say(f"wrote {out}/: " + ", ".join(["plan.json", "model.safetensors", "report.json",
+                                          "report.md", *(Path(p).name for p in plots)]))
     return 0
 
 
@@ -1370,14 +1419,22 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], debug: bool) -> int:
         text = _one_line(err) or type(err).__name__
         print(f"rankcut: error: {text}", file=sys.stderr)
         return EXIT_USAGE
-    # e.g. inputs of the wrong shape, a loss gone non-finite, an optional package missing
-    except (RuntimeError, ArithmeticError, ImportError) as err:
+    # e.g. inputs of the wrong shape (a model's own assert too), a loss gone non-finite, an
+    # optional package missing, a syntax error in the module of --model module:function
+    except (RuntimeError, ArithmeticError, ImportError, AssertionError, SyntaxError) as err:
         if debug:
             raise
         first = _one_line(err) or type(err).__name__
         print(f"rankcut: error: {type(err).__name__}: {first} (--debug shows the traceback)",
               file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # in the user's code (a model's), or rankcut's
+        if debug:
+            raise
+        first = _one_line(err) or type(err).__name__
+        print(f"rankcut: error: {type(err).__name__}: {first} (--debug shows the traceback; "
+              "unless it comes from your model's code, please report it)", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("rankcut: interrupted", file=sys.stderr)
         return 130

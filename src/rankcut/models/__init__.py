@@ -235,6 +235,9 @@ def _user_model(name: str) -> Callable[..., nn.Module]:
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"model: {name!r}: cannot import {module_name!r} ({e})") from e
+    except SyntaxError as e:  # the user's module itself: where
+        raise ValueError(f"model: {name!r}: {module_name!r} does not parse: {e.msg} "
+                         f"({e.filename}, line {e.lineno})") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"model: {name!r}: {module_name!r} has no attribute {attr!r}")
