@@ -429,6 +429,12 @@ def _model_asserts_on_the_data(command):
     return setup
 
 
+def _plan_data_aware_no(tmp):
+    plan = rc.Plan({"2": rc.LayerPlan("svd", (4,), options={"data_aware": "no"})})
+    _write(tmp / "p" / "plan.json", plan.to_json().encode())
+    return ["compress", *T, "--plan", tmp / "p" / "plan.json", "--out", tmp / "o"]
+
+
 def _empty_test_split(tmp):
     root = _image_tree(tmp, "train")
     (root / "test" / "a").mkdir(parents=True)
@@ -460,6 +466,8 @@ CLI_CASES = [
     # calibration data asked for but not given
     ("data-aware-plan-without-calibration", _data_aware_plan_without_data,
      ["--plan", "2 (1 layer(s))", "--synthetic-calib"]),
+    ("plan-data-aware-not-a-boolean", _plan_data_aware_no,
+     ["--plan", "'2'", "data_aware: expected true or false", "'no'"]),
     ("imagefolder-with-an-empty-test-split", _empty_test_split,
      ["--data", "test split of imagefolder", "no examples"]),
     ("imagefolder-without-data-dir", lambda tmp: ["evaluate", "--model", TINY, "--data",

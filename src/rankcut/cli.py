@@ -688,6 +688,11 @@ def _check_plan(args: argparse.Namespace):
         raise UserError(f"--plan: {err}") from None
     from .curves import DATA_AWARE
 
+    for name, lp in plan.active.items():  # (the options' values before what they ask for)
+        try:
+            lp.spec.check_options(lp.options)
+        except ValueError as err:
+            raise UserError(f"--plan: layer {name!r}: {err}") from None
     aware = [n for n, lp in plan.active.items() if lp.options.get(DATA_AWARE)]
     if aware and not _has_calibration(args):
         raise UserError(f"--plan: it fits {', '.join(aware[:3])}{' ...' if len(aware) > 3 else ''}"

@@ -169,6 +169,9 @@ class Method:
         """Refuse solver options that :attr:`solver` does not take, and values outside an
         option's :attr:`choices` (before any work)."""
         opts = {k: v for k, v in options.items() if k != DATA_AWARE}
+        if not isinstance(options.get(DATA_AWARE, False), bool):  # ("no" would read as true)
+            raise ValueError(f"{DATA_AWARE}: expected true or false, got "
+                             f"{options[DATA_AWARE]!r}")
         if options.get(DATA_AWARE) and not self.data_aware:
             raise ValueError(self._not_data_aware())
         internal = sorted(k for k in opts if k in SET_BY_LAYERS or str(k).startswith("_"))
