@@ -24,7 +24,7 @@ repository root, nothing else running:
 
     .venv/bin/python benchmarks/latency.py [--models resnet20_cifar] [--targets macs=2x]
         [--guard on off] [--batches 1 32] [--engines eager ort] [--table-engine eager|ort]
-        [--json out.jsonl]
+        [--keep-freed-memory] [--json out.jsonl]
 """
 
 import argparse
@@ -39,7 +39,13 @@ import rankcut as rc
 from _common import commit, header
 from rankcut.data import find_data_root
 from rankcut.models import PRETRAINED, create
-from rankcut.profile import compare_latency, count_macs, with_batch
+from rankcut.profile import (
+    allocator,
+    compare_latency,
+    count_macs,
+    keep_freed_memory,
+    with_batch,
+)
 from rankcut.select import LatencyTable, parse_target
 from rankcut.surgery import structure
 
@@ -91,11 +97,17 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="append one JSON line per result to this file")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="rankcut.profile.keep_freed_memory() first: glibc keeps freed "
+                             "memory (no page faults for activations); planned and timed so")
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        parser.error("--keep-freed-memory: the C library here is not glibc")
     for target in args.targets:
         parse_target(target)
     print(f"{header()}, {platform.processor() or ''}"
-          f", {LatencyTable().setting['device']}; planned with a {args.table_engine} latency "
+          f", {LatencyTable().setting['device']}, allocator: {allocator()}; planned with a "
+          f"{args.table_engine} latency "
           f"table; speed-up = dense / compressed (both fused), "
           f"eff = speed-up / MAC reduction", flush=True)
     head = " ".join(f"{e:>14}" for e in args.engines)

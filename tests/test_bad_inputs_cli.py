@@ -724,6 +724,25 @@ def test_out_that_holds_the_data_root_found_by_default_is_refused(capsys, tmp_pa
     assert tree(tmp_path) == before
 
 
+def test_keep_freed_memory_is_applied_and_refused_where_malloc_is_not_glibc(capsys, tmp_path,
+                                                                            monkeypatch):
+    from rankcut import profile
+
+    calls = []
+    monkeypatch.setattr(profile, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "export", "--model", TINY, "--input-shape", "3,8,8",
+                         "--keep-freed-memory", "--output", tmp_path / "m.onnx", "--format",
+                         "torchscript")
+    assert code == 0 and calls == [1] and (tmp_path / "m.onnx").is_file(), err
+    monkeypatch.setattr(profile, "keep_freed_memory", lambda: False)
+    code, _, err = run(capsys, "export", "--model", TINY, "--input-shape", "3,8,8",
+                       "--keep-freed-memory", "--output", tmp_path / "n.pt", "--format",
+                       "torchscript")
+    assert_refused(code, err, "--keep-freed-memory", "not glibc")
+    assert not (tmp_path / "n.pt").exists()
+
+
 def test_a_latency_target_is_recognised_in_any_case():
     """--latency-batch with --allow-slower is refused unless a latency target is asked for
     (then the plan is timed); the target's spelling is parse_target's, case and all."""

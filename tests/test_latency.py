@@ -74,6 +74,31 @@ def test_table_times_a_layer_as_the_sum_of_its_sub_layers_and_keeps_them(fake_la
     assert set(table.entries[primitive_key(conv, (8, 8))]) == {"1", "4"}
 
 
+def test_a_table_records_the_allocator_its_times_were_taken_with(tmp_path, fake_latency,
+                                                                 monkeypatch):
+    """Eager CPU timings hang on malloc (rankcut.profile.keep_freed_memory): a table says
+    which it was measured with, and one of the other is refused; a table written before the
+    allocator was recorded was measured on glibc's defaults."""
+    import rankcut.select.latency as latency
+
+    fake_latency(by_weights)
+    monkeypatch.setattr(latency, "allocator", lambda: "glibc")
+    table = LatencyTable()
+    assert table.setting["allocator"] == "glibc"
+    table.layer_ms(nn.Linear(64, 32), (1,), None, 2)
+    path = table.save(tmp_path / "t.json")
+    data = json.loads(path.read_text())
+    del data["setting"]["allocator"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert LatencyTable.load(tmp_path / "old.json").entries == table.entries
+    monkeypatch.setattr(latency, "allocator", lambda: "glibc, freed memory kept")
+    for old in (path, tmp_path / "old.json"):
+        with pytest.raises(ValueError, match="another setting.*allocator: 'glibc' in the "
+                                             "table, 'glibc, freed memory kept' here"):
+            LatencyTable.load(old)
+    assert latency.cache_path(LatencyTable().setting) != latency.cache_path(table.setting)
+
+
 def test_table_saves_loads_and_refuses_another_setting(tmp_path, fake_latency):
     fake_latency(by_weights)
     table = LatencyTable()

@@ -364,3 +364,25 @@ def test_multihead_attention_projections_are_counted():
     macs = layer_macs(Block().eval(), (x, k, v))
     assert macs["attn"] == 10 * 16 * 16 + 14 * 16 * 8 + 14 * 16 * 12
     assert macs["attn.out_proj"] == 10 * 16 * 16 and macs["fc"] == 10 * 16 * 4
+
+
+def test_keep_freed_memory_is_recorded_as_the_allocator(monkeypatch):
+    """On glibc (this machine's C library) it applies and allocator() says so; elsewhere it
+    leaves the allocator alone and says it did nothing. (The mallopt stays in this process:
+    it changes where memory comes from, not what any computation gives.)"""
+    from rankcut import profile
+
+    monkeypatch.setattr(profile, "_kept", False)  # (restored after the test)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    if profile._glibc() is None:
+        pytest.skip("the C library here is not glibc")
+    assert profile.allocator() == "glibc"
+    assert profile.keep_freed_memory() is True
+    assert profile.allocator() == "glibc, freed memory kept"
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert profile.allocator() == "jemalloc"
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(profile, "_kept", False)
+    monkeypatch.setattr(profile, "_glibc", lambda: None)
+    assert profile.keep_freed_memory() is False and profile._kept is False

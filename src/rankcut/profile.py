@@ -27,6 +27,7 @@ safetensors file (:func:`model_bytes`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 import tempfile
@@ -53,9 +54,11 @@ __all__ = [
     "Latency",
     "LayerProfile",
     "Profile",
+    "allocator",
     "compare_latency",
     "count_macs",
     "count_params",
+    "keep_freed_memory",
     "layer_macs",
     "layer_units",
     "measure_latency",
@@ -156,6 +159,75 @@ class Latency:
     def __str__(self) -> str:
         return (f"{self.median_ms:.3f} ms (IQR {self.q1_ms:.3f}-{self.q3_ms:.3f}, batch "
                 f"{self.batch}, {self.repeats} runs, {self.threads} threads, {self.device})")
+
+
+# ------------------------------------------------------------------------- the C allocator
+# PyTorch takes a CPU tensor's memory from the C library's malloc and gives it back on free.
+# glibc's malloc hands large blocks back to the OS (unmapping them, trimming the heap) and takes
+# them again at the next allocation, a page fault per 4 KB: an eager forward allocates every
+# activation afresh, so a pass can spend more time in the kernel than in its kernels, and a
+# factorized model (more, and wider, intermediate tensors) pays it more than the dense one
+# (ResNet-20 at batch 32, CP-3 at 2x fewer MACs: 38 ms against 15 ms with freed memory kept;
+# docs/benchmarks.md). keep_freed_memory() has glibc keep it.
+KEPT_MMAP_THRESHOLD = 256 << 20  # blocks up to this size from the heap, not mapped afresh
+KEPT_TRIM_THRESHOLD = 1 << 30  # freed memory up to this much kept, not returned to the OS
+_PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
+_kept = False  # set by keep_freed_memory in this process
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation, for this process, instead
+    of returning it to the OS (``mallopt``: blocks up to :data:`KEPT_MMAP_THRESHOLD` from the
+    heap, up to :data:`KEPT_TRIM_THRESHOLD` kept free); what ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` in the environment, or a preloaded jemalloc or tcmalloc, give a
+    deployment. CPU inference in eager PyTorch then takes no page faults for its activations:
+    dense models run faster, and factorized ones far faster (docs/benchmarks.md). The process
+    holds on to its peak memory. Returns whether it was applied: False where the C library is
+    not glibc (the allocator is left as it is). Latency tables record it
+    (:func:`allocator`), so timings taken with and without it are not mixed."""
+    global _kept
+    libc = _glibc()
+    if libc is None:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # (malloc.h)
+    # both: setting one turns glibc's own adjustment of the other off
+    if not (libc.mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)
+            and libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)):
+        return False
+    _kept = True
+    return True
+
+
+def allocator() -> str:
+    """What gives CPU tensors their memory in this process, as timings depend on it: a
+    preloaded ``"jemalloc"``, ``"tcmalloc"`` or ``"mimalloc"``; ``"glibc, freed memory kept"``
+    after :func:`keep_freed_memory` or with ``MALLOC_TRIM_THRESHOLD_`` set; ``"glibc"`` (its
+    defaults); else the C library's name."""
+    import os
+    import platform
+
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in _PRELOADED:
+        if name in preload:
+            return name
+    if _glibc() is not None:
+        return "glibc, freed memory kept" if _kept or os.environ.get(
+            "MALLOC_TRIM_THRESHOLD_") else "glibc"
+    return platform.libc_ver()[0] or platform.system()
 
 
 # What a pass is timed in: PyTorch itself, or the model exported to ONNX (as rc.export writes it)

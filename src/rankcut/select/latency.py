@@ -41,6 +41,7 @@ from ..fuse import fuse
 from ..layers import input_shape, rebuild
 from ..profile import (
     MEMORY_FORMATS,
+    allocator,
     check_engine,
     compare_latency,
     layer_input,
@@ -126,6 +127,9 @@ def device_name(device: torch.device) -> str:
 # Setting keys that name library versions: a table is still loaded where they differ (its times
 # are then approximate), but the machine's cache keeps one file per version.
 _VERSIONS = ("torch", "onnxruntime", "cudnn")
+# what a table written before a setting's key was recorded was measured with: every one so far
+# on glibc's defaults
+_BEFORE_KEYS = {"allocator": "glibc"}
 
 
 def _library_versions(device: torch.device, engine: str) -> dict:
@@ -187,6 +191,8 @@ class LatencyTable:
                         "dtype": _name(dtype),
                         "memory_format": memory_format, "engine": engine,
                         "torch": torch.__version__, **_library_versions(self.device, engine)}
+        if self.device.type == "cpu":  # (eager CPU timings hang on it: profile.allocator)
+            self.setting["allocator"] = allocator()
         self.entries: dict[str, dict[str, float]] = {}  # key -> {str(batch): ms}
         self.measured = 0  # timings taken by this object (not loaded)
         self._chains: dict[tuple, list] = {}
@@ -239,6 +245,7 @@ class LatencyTable:
                         engine=setting.get("engine", "eager"), **data.get("timing", {}))
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"latency table: {path}: a damaged setting ({err!r})") from None
+        setting = {**_BEFORE_KEYS, **setting}  # (a table from before a key was recorded)
         differs = {k: (setting.get(k), v) for k, v in table.setting.items()
                    if k not in _VERSIONS and setting.get(k) != v}
         if differs:
