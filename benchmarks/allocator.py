@@ -37,6 +37,8 @@ def child(args) -> None:
         raise SystemExit("the C library here is not glibc")
     from latency import load  # (benchmarks/latency.py: the same models and weights)
 
+    torch.manual_seed(0)  # (random weights where none are shared: the same in both processes)
+
     for name in args.models:
         model, x1, source = load(name)
         x = x1.expand(args.batch, *x1.shape[1:]).contiguous()
@@ -75,9 +77,11 @@ def main():
           "fused); speed-up of each round", flush=True)
     rows = {}
     for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, "--child", mode, *sys.argv[1:]],
-                             capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
+        done = subprocess.run([sys.executable, __file__, "--child", mode, *sys.argv[1:]],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the {mode} process failed:\n{done.stderr}")
+        for line in done.stdout.splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
                 rows[(r["model"], r["method"], mode)] = r

@@ -724,6 +724,30 @@ def test_out_that_holds_the_data_root_found_by_default_is_refused(capsys, tmp_pa
     assert tree(tmp_path) == before
 
 
+def test_an_input_reached_through_a_symbolic_link_is_still_an_input(capsys, tmp_path,
+                                                                   monkeypatch):
+    """export --output onto its --weights, or --out holding the data root, through a link:
+    refused as written straight (the file or folder it leads to would be replaced)."""
+    monkeypatch.chdir(tmp_path)
+    save_file(tiny_state(), _write(tmp_path / "real" / "w.safetensors", b""))
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "export", "--model", TINY, "--input-shape", "3,8,8", "--weights",
+                       tmp_path / "real" / "w.safetensors", "--output",
+                       tmp_path / "link" / "w.safetensors")
+    assert_refused(code, err, "--output", "--weights", "an input of this command")
+    assert tree(tmp_path) == before
+    _write(tmp_path / "out" / "data" / "cifar-10-batches-bin" / "test_batch.bin",
+           cifar_records([3, 1, 2]))
+    (tmp_path / "out-link").symlink_to(tmp_path / "out")
+    monkeypatch.setenv("RANKCUT_DATA", str(tmp_path / "out-link" / "data"))
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "compress", "--model", TINY, "--data", "cifar10", *PLAN_FLAGS,
+                       "--quiet", "--out", tmp_path / "out", "--overwrite")
+    assert_refused(code, err, "--out", "data root")
+    assert tree(tmp_path) == before
+
+
 def test_keep_freed_memory_is_applied_and_refused_where_malloc_is_not_glibc(capsys, tmp_path,
                                                                             monkeypatch):
     from rankcut import profile

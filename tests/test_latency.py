@@ -96,7 +96,18 @@ def test_a_table_records_the_allocator_its_times_were_taken_with(tmp_path, fake_
         with pytest.raises(ValueError, match="another setting.*allocator: 'glibc' in the "
                                              "table, 'glibc, freed memory kept' here"):
             LatencyTable.load(old)
-    assert latency.cache_path(LatencyTable().setting) != latency.cache_path(table.setting)
+    kept = LatencyTable()
+    assert latency.cache_path(kept.setting) != latency.cache_path(table.setting)
+    # the default allocator's cache file is the one written before the key was recorded
+    old_setting = {k: v for k, v in table.setting.items() if k != "allocator"}
+    assert latency.cache_path(old_setting) == latency.cache_path(table.setting)
+    # a live table of the other allocator is refused for planning, and not written back
+    with pytest.raises(ValueError, match="latency_table: measured with the allocator 'glibc'"):
+        latency.as_table(table, "cpu")
+    assert latency.as_table(kept, "cpu") is kept
+    table.file = tmp_path / "live.json"
+    with pytest.warns(UserWarning, match="not saved.*allocator 'glibc'"):
+        assert table.write_back() is None
 
 
 def test_table_saves_loads_and_refuses_another_setting(tmp_path, fake_latency):

@@ -384,5 +384,18 @@ def test_keep_freed_memory_is_recorded_as_the_allocator(monkeypatch):
     assert profile.allocator() == "jemalloc"
     monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setattr(profile, "_kept", False)
+    # the environment's settings: kept only with both thresholds high (the trim threshold
+    # alone fixes the mmap threshold at its 128 KB default)
+    for env, said in (({"MALLOC_TRIM_THRESHOLD_": "1073741824"}, "tuned by the environment"),
+                      ({"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "1073741824"},
+                       "tuned by the environment"),
+                      ({"MALLOC_TRIM_THRESHOLD_": "1073741824",
+                        "MALLOC_MMAP_THRESHOLD_": "268435456"}, "freed memory kept")):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert profile.allocator() == f"glibc, {said}", env
+        for k in env:
+            monkeypatch.delenv(k)
+    assert profile.allocator() == profile.default_allocator() == "glibc"
     monkeypatch.setattr(profile, "_glibc", lambda: None)
     assert profile.keep_freed_memory() is False and profile._kept is False

@@ -586,7 +586,10 @@ def _check_normalization(args: argparse.Namespace) -> None:
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(folder)))
+    """Whether ``path`` lies in ``folder``, as written or where links lead (either: an input
+    reached through a symbolic link is still the input)."""
+    return any(Path(f(path)).is_relative_to(Path(f(folder)))
+               for f in (os.path.abspath, os.path.realpath))
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -623,7 +626,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         for dest in ("compressed", "weights", "config", "latency_table"):
             given = getattr(args, dest, None)
             if given and (_inside(Path(output), Path(given)) if Path(given).is_dir()
-                          else Path(os.path.abspath(output)) == Path(os.path.abspath(given))):
+                          else any(f(output) == f(given)
+                                   for f in (os.path.abspath, os.path.realpath))):
                 raise UserError(f"--output: {output} is {'inside ' if Path(given).is_dir() else ''}"
                                 f"{_flag(dest)} {given}, an input of this command; write it "
                                 "elsewhere")
@@ -874,8 +878,9 @@ class _Context:
             from .profile import keep_freed_memory
 
             if not keep_freed_memory():
-                raise UserError("--keep-freed-memory: the C library here is not glibc (set "
-                                "its own allocator's options, or preload jemalloc)")
+                raise UserError("--keep-freed-memory: the C library here is not glibc, or it "
+                                "refused the settings (set its allocator's own options, or "
+                                "preload jemalloc)")
         torch.manual_seed(args.seed)
         from .train.distributed import resolve_device
 
@@ -973,7 +978,7 @@ class _Context:
         # a model's own shape checks (asserts too); a forward that takes more than one input
         except (RuntimeError, ValueError, AssertionError, TypeError) as err:
             more = ("; the command line feeds one input a forward, use the Python API for more"
-                    if isinstance(err, TypeError) else "")
+                    if isinstance(err, TypeError) and "positional argument" in str(err) else "")
             raise UserError(f"{flag}: the model does not run on {what}: "
                             f"{_one_line(err) or type(err).__name__}{more}") from None
         return x

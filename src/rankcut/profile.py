@@ -170,6 +170,8 @@ class Latency:
 # (ResNet-20 at batch 32, CP-3 at 2x fewer MACs: 38 ms against 15 ms with freed memory kept;
 # docs/benchmarks.md). keep_freed_memory() has glibc keep it.
 KEPT_MMAP_THRESHOLD = 256 << 20  # blocks up to this size from the heap, not mapped afresh
+# what older glibc takes at most (HEAP_MAX_SIZE / 2 on 64-bit): tried when it refuses the above
+KEPT_MMAP_THRESHOLD_OLD_GLIBC = 32 << 20
 KEPT_TRIM_THRESHOLD = 1 << 30  # freed memory up to this much kept, not returned to the OS
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
 _kept = False  # set by keep_freed_memory in this process
@@ -192,13 +194,14 @@ def _glibc():
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for the next allocation, for this process, instead
     of returning it to the OS (``mallopt``: blocks up to :data:`KEPT_MMAP_THRESHOLD` from the
-    heap, up to :data:`KEPT_TRIM_THRESHOLD` kept free); what ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` in the environment, or a preloaded jemalloc or tcmalloc, give a
-    deployment. CPU inference in eager PyTorch then takes no page faults for its activations:
-    dense models run faster, and factorized ones far faster (docs/benchmarks.md). The process
-    holds on to its peak memory. Returns whether it was applied: False where the C library is
-    not glibc (the allocator is left as it is). Latency tables record it
-    (:func:`allocator`), so timings taken with and without it are not mixed."""
+    heap, 32 MB where an older glibc takes no more, and up to :data:`KEPT_TRIM_THRESHOLD` kept
+    free); what ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment, or
+    a preloaded jemalloc or tcmalloc, give a deployment. CPU inference in eager PyTorch then
+    takes no page faults for its activations: dense models run faster, and factorized ones far
+    faster (docs/benchmarks.md). The process holds on to its peak memory. Call it before
+    building latency tables: they record the allocator (:func:`allocator`), so timings taken
+    with and without it are not mixed. Returns whether it was applied: False where the C
+    library is not glibc or refused the settings (the allocator then left as it was)."""
     global _kept
     libc = _glibc()
     if libc is None:
@@ -206,28 +209,54 @@ def keep_freed_memory() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # (malloc.h)
     # both: setting one turns glibc's own adjustment of the other off
     if not (libc.mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)
-            and libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)):
+            or libc.mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD_OLD_GLIBC)):
+        return False
+    if not libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD):
         return False
     _kept = True
     return True
 
 
+def default_allocator() -> str:
+    """What :func:`allocator` says of this platform's C allocator left as it is."""
+    import platform
+
+    return "glibc" if _glibc() is not None else (platform.libc_ver()[0] or platform.system())
+
+
+def _env_bytes(name: str) -> int | None:
+    import os
+
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
 def allocator() -> str:
     """What gives CPU tensors their memory in this process, as timings depend on it: a
     preloaded ``"jemalloc"``, ``"tcmalloc"`` or ``"mimalloc"``; ``"glibc, freed memory kept"``
-    after :func:`keep_freed_memory` or with ``MALLOC_TRIM_THRESHOLD_`` set; ``"glibc"`` (its
-    defaults); else the C library's name."""
+    after :func:`keep_freed_memory`, or with ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` both at least 32 MB in the environment; ``"glibc, tuned by the
+    environment"`` with other ``MALLOC_*_`` or ``GLIBC_TUNABLES`` malloc settings; else
+    :func:`default_allocator` (``"glibc"``: its defaults)."""
     import os
-    import platform
 
     preload = os.environ.get("LD_PRELOAD", "")
     for name in _PRELOADED:
         if name in preload:
             return name
-    if _glibc() is not None:
-        return "glibc, freed memory kept" if _kept or os.environ.get(
-            "MALLOC_TRIM_THRESHOLD_") else "glibc"
-    return platform.libc_ver()[0] or platform.system()
+    if _glibc() is None:
+        return default_allocator()
+    if _kept:
+        return "glibc, freed memory kept"
+    mmap, trim = _env_bytes("MALLOC_MMAP_THRESHOLD_"), _env_bytes("MALLOC_TRIM_THRESHOLD_")
+    if mmap is not None and trim is not None and min(mmap, trim) >= 32 << 20:
+        return "glibc, freed memory kept"
+    if any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ) or \
+            "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return "glibc, tuned by the environment"
+    return "glibc"
 
 
 # What a pass is timed in: PyTorch itself, or the model exported to ONNX (as rc.export writes it)

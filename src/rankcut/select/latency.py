@@ -44,6 +44,7 @@ from ..profile import (
     allocator,
     check_engine,
     compare_latency,
+    default_allocator,
     layer_input,
     measure_latency,
     with_batch,
@@ -127,9 +128,12 @@ def device_name(device: torch.device) -> str:
 # Setting keys that name library versions: a table is still loaded where they differ (its times
 # are then approximate), but the machine's cache keeps one file per version.
 _VERSIONS = ("torch", "onnxruntime", "cudnn")
-# what a table written before a setting's key was recorded was measured with: every one so far
-# on glibc's defaults
-_BEFORE_KEYS = {"allocator": "glibc"}
+
+
+def _before_keys() -> dict:
+    """What a table written before a setting's key was recorded was measured with: the
+    platform's C allocator as it comes (every table so far)."""
+    return {"allocator": default_allocator()}
 
 
 def _library_versions(device: torch.device, engine: str) -> dict:
@@ -245,7 +249,7 @@ class LatencyTable:
                         engine=setting.get("engine", "eager"), **data.get("timing", {}))
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"latency table: {path}: a damaged setting ({err!r})") from None
-        setting = {**_BEFORE_KEYS, **setting}  # (a table from before a key was recorded)
+        setting = {**_before_keys(), **setting}  # (a table from before a key was recorded)
         differs = {k: (setting.get(k), v) for k, v in table.setting.items()
                    if k not in _VERSIONS and setting.get(k) != v}
         if differs:
@@ -330,6 +334,11 @@ class LatencyTable:
             _cache_warning(f"not saved to {self.file}: it was measured with "
                            f"{self.setting['threads']} threads and torch now runs "
                            f"{torch.get_num_threads()}")
+            return None
+        if self.setting.get("allocator", allocator()) != allocator():
+            _cache_warning(f"not saved to {self.file}: it was measured with the allocator "
+                           f"{self.setting['allocator']!r} and this process now has "
+                           f"{allocator()!r}")
             return None
         try:
             if self.file.is_file():
@@ -535,7 +544,9 @@ def cache_path(setting: dict) -> Path | None:
     root = cache_dir()
     if root is None:
         return None
-    digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+    # (a key at what a table from before it was recorded counts as is left out: the same file)
+    keyed = {k: v for k, v in setting.items() if _before_keys().get(k, ...) != v}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     return root / f"latency-{digest}.json"
 
 
@@ -551,6 +562,11 @@ def as_table(latency_table, device, dtype: torch.dtype = torch.float32) -> Laten
             raise ValueError(f"latency_table: measured with {latency_table.setting['threads']} "
                              f"threads, but torch now runs {torch.get_num_threads()}: its times "
                              "do not hold; plan with a table built at this thread count")
+        if latency_table.setting.get("allocator", allocator()) != allocator():
+            raise ValueError(f"latency_table: measured with the allocator "
+                             f"{latency_table.setting['allocator']!r}, but this process now has "
+                             f"{allocator()!r} (rankcut.profile.keep_freed_memory): its times "
+                             "do not hold; plan with a table built after it")
         if latency_table.engine == "eager" and (latency_table.device.type != device.type
                                                 or latency_table.dtype != dtype):
             raise ValueError(f"latency_table: measured in {_name(latency_table.dtype)} on "
