@@ -1429,6 +1429,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, argv, debug)
 
 
+def _failed(err: BaseException, code: int, more: str = "") -> int:
+    """An error that is not a usage error: one line naming its type; ``code``."""
+    first = _one_line(err) or type(err).__name__
+    print(f"rankcut: error: {type(err).__name__}: {first} (--debug shows the traceback{more})",
+          file=sys.stderr)
+    return code
+
+
 def _run(parser: argparse.ArgumentParser, argv: list[str], debug: bool) -> int:
     try:
         args = _with_config(parser, argv)
@@ -1441,21 +1449,16 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], debug: bool) -> int:
         print(f"rankcut: error: {text}", file=sys.stderr)
         return EXIT_USAGE
     # e.g. inputs of the wrong shape (a model's own assert too), a loss gone non-finite, an
-    # optional package missing, a syntax error in the module of --model module:function
-    except (RuntimeError, ArithmeticError, ImportError, AssertionError, SyntaxError) as err:
+    # optional package missing
+    except (RuntimeError, ArithmeticError, ImportError, AssertionError) as err:
         if debug:
             raise
-        first = _one_line(err) or type(err).__name__
-        print(f"rankcut: error: {type(err).__name__}: {first} (--debug shows the traceback)",
-              file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(err, EXIT_USAGE)
     except Exception as err:  # in the user's code (a model's), or rankcut's
         if debug:
             raise
-        first = _one_line(err) or type(err).__name__
-        print(f"rankcut: error: {type(err).__name__}: {first} (--debug shows the traceback; "
-              "unless it comes from your model's code, please report it)", file=sys.stderr)
-        return EXIT_ERROR
+        return _failed(err, EXIT_ERROR, "; unless it comes from your model's code, please "
+                                        "report it")
     except KeyboardInterrupt:
         print("rankcut: interrupted", file=sys.stderr)
         return 130

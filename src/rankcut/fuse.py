@@ -124,11 +124,12 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
         raise ValueError("memory_format: 'channels_last' takes tensors of at most 4 "
                          "dimensions, and the model holds one of 5 or more (a Conv3d); pass "
                          "'contiguous', 'auto' or None")
-    if memory_format == "auto":
+    asked = memory_format
+    if memory_format == "auto":  # (its channels_last forward tried there)
         memory_format = _faster_format(fused, inputs)
     if memory_format is not None:
         fused.to(memory_format=MEMORY_FORMATS[memory_format])
-    if memory_format == "channels_last" and inputs is not None:
+    if asked == "channels_last" and inputs is not None:
         try:  # (a .view of a channels_last activation: said as what it is, not a traceback)
             with torch.no_grad():
                 fused(*inputs)

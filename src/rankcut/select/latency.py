@@ -335,10 +335,9 @@ class LatencyTable:
                            f"{self.setting['threads']} threads and torch now runs "
                            f"{torch.get_num_threads()}")
             return None
-        if self.setting.get("allocator", allocator()) != allocator():
+        if self.setting.get("allocator", now := allocator()) != now:
             _cache_warning(f"not saved to {self.file}: it was measured with the allocator "
-                           f"{self.setting['allocator']!r} and this process now has "
-                           f"{allocator()!r}")
+                           f"{self.setting['allocator']!r} and this process now has {now!r}")
             return None
         try:
             if self.file.is_file():
@@ -545,7 +544,8 @@ def cache_path(setting: dict) -> Path | None:
     if root is None:
         return None
     # (a key at what a table from before it was recorded counts as is left out: the same file)
-    keyed = {k: v for k, v in setting.items() if _before_keys().get(k, ...) != v}
+    before = _before_keys()
+    keyed = {k: v for k, v in setting.items() if before.get(k, ...) != v}
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     return root / f"latency-{digest}.json"
 
@@ -562,11 +562,11 @@ def as_table(latency_table, device, dtype: torch.dtype = torch.float32) -> Laten
             raise ValueError(f"latency_table: measured with {latency_table.setting['threads']} "
                              f"threads, but torch now runs {torch.get_num_threads()}: its times "
                              "do not hold; plan with a table built at this thread count")
-        if latency_table.setting.get("allocator", allocator()) != allocator():
+        if latency_table.setting.get("allocator", now := allocator()) != now:
             raise ValueError(f"latency_table: measured with the allocator "
                              f"{latency_table.setting['allocator']!r}, but this process now has "
-                             f"{allocator()!r} (rankcut.profile.keep_freed_memory): its times "
-                             "do not hold; plan with a table built after it")
+                             f"{now!r} (rankcut.profile.keep_freed_memory): its times do not "
+                             "hold; plan with a table built after it")
         if latency_table.engine == "eager" and (latency_table.device.type != device.type
                                                 or latency_table.dtype != dtype):
             raise ValueError(f"latency_table: measured in {_name(latency_table.dtype)} on "
