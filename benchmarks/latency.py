@@ -8,7 +8,9 @@ planned model is built with fresh weights (``rankcut.structure``: the time of a 
 depend on the values); it and the dense model go through ``rc.fuse(memory_format="auto")``
 (BatchNorm folded, the faster memory format of each: what a deployment runs). They are then
 timed against each other at that batch, interleaved, median of ``--repeats`` passes after
-warm-up:
+warm-up, ``--rounds`` times over (a cell: the median of the rounds' speed-ups, its efficiency,
+and the rounds' lowest-highest; on a shared machine one reading of a cell can move 20-40%
+from one process to the next, the rounds of one process far less):
 - ``eager``: PyTorch, under no_grad, on this machine's torch threads;
 - ``ort``: the ``rc.export`` ONNX files in ONNX Runtime (CPU, all graph optimisations, as many
   intra-op threads as torch has; ``rankcut.profile``'s ``engine="onnxruntime"``).
@@ -24,12 +26,13 @@ repository root, nothing else running:
 
     .venv/bin/python benchmarks/latency.py [--models resnet20_cifar] [--targets macs=2x]
         [--guard on off] [--batches 1 32] [--engines eager ort] [--table-engine eager|ort]
-        [--keep-freed-memory] [--json out.jsonl]
+        [--rounds 3] [--keep-freed-memory] [--json out.jsonl]
 """
 
 import argparse
 import json
 import platform
+import statistics
 import time
 import warnings
 
@@ -70,16 +73,23 @@ def load(name: str):
 ENGINES = {"eager": "eager", "ort": "onnxruntime"}
 
 
-def timings(dense, small, x, engines, warmup, repeats) -> dict:
-    """{engine: (dense ms, compressed ms)} of the fused models on ``x``
-    (``rankcut.profile.compare_latency``: interleaved medians; ``ort``: both exported to ONNX
-    and run in ONNX Runtime on the CPU)."""
-    out = {}
-    for e in engines:
-        a, b = compare_latency(dense, small, x, warmup=warmup, repeats=repeats,
-                               engine=ENGINES[e])
-        out[e] = (a.median_ms, b.median_ms)
-    return out
+def timings(dense, small, x, engines, warmup, repeats, rounds) -> dict:
+    """{engine: [(dense ms, compressed ms) per round]} of the fused models on ``x``
+    (``rankcut.profile.compare_latency``: interleaved medians, ``rounds`` times over; ``ort``:
+    both exported to ONNX and run in ONNX Runtime on the CPU)."""
+    return {e: [tuple(t.median_ms for t in compare_latency(
+                dense, small, x, warmup=warmup, repeats=repeats, engine=ENGINES[e]))
+                for _ in range(rounds)]
+            for e in engines}
+
+
+def cell(pairs, reduction) -> str:
+    """The median speed-up over the rounds, its efficiency, and the rounds' range when more
+    than one: "1.25x (0.62) 1.18-1.36"."""
+    ups = sorted(a / b for a, b in pairs)
+    up = statistics.median(ups)
+    spread = f" {ups[0]:.2f}-{ups[-1]:.2f}" if len(ups) > 1 else ""
+    return f"{up:.2f}x ({up / reduction:.2f}){spread}"
 
 
 def main():
@@ -96,11 +106,17 @@ def main():
                              "ONNX Runtime)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="time each cell this many times over (each: --repeats interleaved "
+                             "passes after --warmup); the median speed-up is shown, with the "
+                             "rounds' range")
     parser.add_argument("--json", help="append one JSON line per result to this file")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="rankcut.profile.keep_freed_memory() first: glibc keeps freed "
                              "memory (no page faults for activations); planned and timed so")
     args = parser.parse_args()
+    if min(args.rounds, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--rounds and --repeats must be at least 1, --warmup at least 0")
     if args.keep_freed_memory and not keep_freed_memory():
         parser.error("--keep-freed-memory: the C library here is not glibc")
     for target in args.targets:
@@ -110,7 +126,7 @@ def main():
           f"{args.table_engine} latency "
           f"table; speed-up = dense / compressed (both fused), "
           f"eff = speed-up / MAC reduction", flush=True)
-    head = " ".join(f"{e:>14}" for e in args.engines)
+    head = " ".join(f"{e:>24}" for e in args.engines)
     for name in args.models:
         model, x1, source = load(name)
         macs = count_macs(model, x1)
@@ -140,12 +156,12 @@ def main():
                     dense = fused[batch]
                     small = rc.fuse(structure(model, plan), x, memory_format="auto")
                     reduction = macs / count_macs(small, x1)
-                    times = timings(dense, small, x, args.engines, args.warmup, args.repeats)
-                    cells = [f"{a / b:.2f}x ({a / b / reduction:.2f})"
-                             for a, b in (times[e] for e in args.engines)]
+                    times = timings(dense, small, x, args.engines, args.warmup, args.repeats,
+                                    args.rounds)
+                    cells = [cell(times[e], reduction) for e in args.engines]
                     pred_s = "-" if pred is None else f"{1 / pred:.2f}x"
                     print(f"{target:>12} {guard:>5} {batch:>5} {reduction:>6.2f}x {plan_s:>7.1f} "
-                          f"{pred_s:>6} " + " ".join(f"{c:>14}" for c in cells), flush=True)
+                          f"{pred_s:>6} " + " ".join(f"{c:>24}" for c in cells), flush=True)
                     for w in said:
                         if str(w.message).startswith("target: "):
                             text = str(w.message).removeprefix("target: ").split(". ")[0]
