@@ -718,3 +718,39 @@ def test_an_onnxruntime_table_plans_for_onnxruntime_and_says_so(tmp_path):
         LatencyTable("cuda", engine="onnxruntime")
     with pytest.raises(ValueError, match="engine: expected one of"):
         LatencyTable(engine="ort")
+
+
+@pytest.mark.parametrize("first, rounds", [(0.95, 3), (1.08, 3), (0.5, 1), (1.3, 1)])
+def test_a_whole_model_reading_near_its_goal_is_confirmed_by_more_rounds(monkeypatch, first,
+                                                                          rounds):
+    """compare_plan takes three readings when the first lands within CONFIRM_BAND of the goal
+    and keeps the median ratio's; far from it, one reading decides."""
+    import rankcut.select.latency as latency
+    from rankcut.profile import Latency
+
+    ratios = iter([first, 0.7, 1.2, 9.0])  # the rounds after the first: 0.7, then 1.2
+    calls = []
+
+    def fake_pair(first_model, second_model, example_inputs, **kw):
+        calls.append(kw)
+        r = next(ratios)
+        return (Latency(10.0, 10.0, 10.0, 1, 1, 1, "cpu"),
+                Latency(10.0 * r, 10.0 * r, 10.0 * r, 1, 1, 1, "cpu"))
+
+    monkeypatch.setattr(latency, "compare_latency", fake_pair)
+    model, x = convnet(), torch.rand(1, 16, 8, 8)
+    plan = rc.plan(model, x, method="svd", rank=4, allow_slower=True, min_params=100)
+    table = LatencyTable()
+    dense, planned = table.compare_plan(model, plan, x, 2, goal=1.0)
+    assert len(calls) == rounds and table.measured == rounds
+    expected = sorted([first, 0.7, 1.2][:rounds])[rounds // 2]
+    assert (dense, planned) == pytest.approx((10.0, 10.0 * expected))
+    # kept in the table: the same check is not timed again
+    assert table.compare_plan(model, plan, x, 2, goal=1.0) == (dense, planned)
+    assert len(calls) == rounds
+    # without a goal, one reading
+    other = LatencyTable()
+    ratios = iter([0.99, 0.7, 1.2])
+    calls.clear()
+    other.compare_plan(model, plan, x, 2)
+    assert len(calls) == 1

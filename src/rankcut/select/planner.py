@@ -654,7 +654,8 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
     for round_ in range(rounds + 1):
         trial = Plan(dict(result.layers))
         _fill(trial, chosen, choose.layers, options)
-        dense_ms, planned_ms = clock.table.compare_plan(model, trial, clock.inputs, clock.batch)
+        dense_ms, planned_ms = clock.table.compare_plan(model, trial, clock.inputs, clock.batch,
+                                                          goal=goal)
         predicted = clock.ratio(chosen)
         check = {"predicted": predicted, "measured": planned_ms / dense_ms,
                  "ms": [dense_ms, planned_ms]}
