@@ -139,6 +139,27 @@ PLAN_CASES = [
     ("options not a dict", fresh,
      lambda m: rc.plan(m, X, method="cp", rank=4, options=[("cp", {})], **FAST),
      ValueError, "options: expected a dict of solver options per method"),
+    # the model's own forward failing on the example inputs: named, not torch's shape error
+    ("example_inputs of another image size", fresh,
+     lambda m: rc.plan(m, torch.rand(2, 3, 16, 16), target="macs=2x", **FAST), ValueError,
+     r"example_inputs: the model's forward pass fails on them \(\(2, 3, 16, 16\) float32\): "
+     "RuntimeError"),
+    ("integer example_inputs for a float model", fresh,
+     lambda m: rc.plan(m, torch.zeros(2, 3, 8, 8, dtype=torch.long), rank=4, **FAST),
+     ValueError, r"example_inputs: .*\(2, 3, 8, 8\) int64"),
+    ("an empty batch of example_inputs", fresh,
+     lambda m: rc.plan(m, torch.rand(0, 3, 8, 8), target="macs=2x", **FAST), ValueError,
+     r"example_inputs: an empty batch \(shape \(0, 3, 8, 8\)\)"),
+    ("float64 calibration batches for a float32 model", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", calib_data=[torch.rand(4, 3, 8, 8,
+                                                                      dtype=torch.float64)],
+                       **FAST), ValueError, r"calib_data: the model's forward pass fails"),
+    ("min_params as text", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", min_params="1000", **FAST), ValueError,
+     "min_params: expected a number >= 0, got '1000'"),
+    ("min_params NaN", fresh,
+     lambda m: rc.plan(m, X, target="macs=2x", min_params=float("nan"), **FAST), ValueError,
+     "min_params: expected a number >= 0"),
     # a bare layer was planned as layer "" and "replaced" by a child its forward never called
     ("model a bare Linear", lambda: nn.Linear(64, 10),
      lambda m: rc.plan(m, torch.rand(1, 64), rank=4, min_params=0, **FAST), ValueError,
@@ -191,6 +212,21 @@ APPLY_CASES = [
      lambda m: rc.Plan.from_dict({**rc.Plan({}).to_dict(), "layers": {"conv": "svd"}}),
      ValueError, "plan layer 'conv': layer plan: expected a mapping of method, ranks"),
     ("ranks as a float", fresh, lambda m: rc.LayerPlan("svd", 2.5), ValueError, "ranks:"),
+    ("a plan entry set as its JSON form", fresh,
+     lambda m: rc.Plan().__setitem__("conv", {"method": "svd", "ranks": [4]}), ValueError,
+     r"plan\['conv'\]: expected a LayerPlan .*got dict"),
+    ("a plan entry named by a number", fresh,
+     lambda m: rc.Plan({3: rc.LayerPlan("svd", 4)}), ValueError,
+     "plan: a layer's name must be a string"),
+    ("a plan naming a module held at two paths", lambda: nn.Sequential(
+        *(lambda c: [c, nn.ReLU(), c])(nn.Conv2d(16, 16, 3, padding=1))),
+     lambda m: rc.apply(m, rc.Plan({"2": rc.LayerPlan("svd", 4)})), ValueError,
+     "plan layer '2': cannot factorize: the same module is also at 0"),
+    ("a plan naming a layer with tied weights", lambda: (lambda s: (
+        setattr(s[2], "weight", s[0].weight), s)[1])(
+        nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))),
+     lambda m: rc.apply(m, rc.Plan({"0": rc.LayerPlan("svd", 4)})), ValueError,
+     r"plan layer '0': cannot factorize: its parameters are shared with 2 \(tied weights\)"),
     ("ranks as a bool", fresh, lambda m: rc.LayerPlan("svd", (True,)), ValueError, "ranks:"),
     ("options not a mapping", fresh, lambda m: rc.LayerPlan("svd", 4, options=["x"]),
      ValueError, "options: expected a mapping"),
@@ -222,6 +258,25 @@ COMPRESS_CASES = [
     ("rounds 0", fresh,
      lambda m: rc.compress(m, X, target="macs=2x", schedule="multistage", rounds=0),
      ValueError, "rounds"),
+    ("plan given as a file name", fresh,
+     lambda m: rc.compress(m, X, plan="out/plan.json", schedule="layerwise"), ValueError,
+     "plan: expected a rankcut.Plan .*got str"),
+    ("min_accuracy as text", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", schedule="multistage", min_accuracy="90",
+                           val_data=(X, torch.zeros(2, dtype=torch.long))), ValueError,
+     "min_accuracy: expected top-1 in percent"),
+    ("min_accuracy as a fraction", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", schedule="multistage", min_accuracy=0.9,
+                           val_data=(X, torch.zeros(2, dtype=torch.long))), ValueError,
+     r"min_accuracy: expected top-1 in percent.*\(e.g. 90 for 90%\), got 0.9"),
+    ("min_accuracy NaN", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", schedule="multistage",
+                           min_accuracy=float("nan"),
+                           val_data=(X, torch.zeros(2, dtype=torch.long))), ValueError,
+     "min_accuracy: expected top-1 in percent"),
+    ("val_data a bare tensor", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", val_data=X, plan_options=FAST), ValueError,
+     "val_data:"),
     ("min_accuracy without val_data", fresh,
      lambda m: rc.compress(m, X, target="macs=2x", min_accuracy=90.0), ValueError,
      "min_accuracy: needs val_data"),
@@ -266,6 +321,23 @@ def _within_reuse(max_entries):
 # the library's other public helpers: refused before their work (the sensitivity pass, the
 # timing), with a ValueError naming the argument instead of an AttributeError or IndexError
 HELPER_CASES = [
+    ("timing a model name", fresh, lambda m: rc.profile.measure_latency("resnet20", X),
+     ValueError, "model: expected an nn.Module"),
+    ("comparing against a model name", fresh,
+     lambda m: rc.profile.compare_latency(m, "small", X), ValueError,
+     "second: expected an nn.Module"),
+    ("repeats as a float", fresh, lambda m: rc.profile.measure_latency(m, X, repeats=1e3),
+     ValueError, "warmup, repeats: expected ints >= 0 and >= 1, got 10, 1000.0"),
+    ("repeats as text", fresh, lambda m: rc.profile.measure_latency(m, X, repeats="50"),
+     ValueError, "warmup, repeats: expected ints"),
+    ("profile batches None", fresh, lambda m: rc.profile.profile(m, X, batches=None),
+     ValueError, "batches: expected an int or a sequence of ints"),
+    ("timing on inputs the model cannot take", fresh,
+     lambda m: rc.profile.measure_latency(m, torch.rand(2, 3, 16, 16), warmup=0, repeats=1),
+     ValueError, r"example_inputs: the model's forward pass fails on them"),
+    ("fusing on inputs the model cannot take", fresh,
+     lambda m: rc.fuse(m, torch.rand(2, 3, 16, 16), memory_format="auto"), ValueError,
+     r"example_inputs: the model's forward pass fails on them"),
     ("sensitivity of a layer the model lacks", fresh,
      lambda m: rc.select.sensitivity_plan(m, ["nope"], _calib(), total=5), ValueError,
      "names: the model has no module 'nope'"),
@@ -404,3 +476,36 @@ def test_check_tensor_finds_a_non_finite_entry_in_any_slice_it_checks():
     for x in (torch.tensor([0.0, float("inf")]), torch.tensor(float("-inf"))):
         with pytest.raises(ValueError, match="got 1 NaN or infinite"):
             check_tensor(x, "x")
+
+
+def test_numpy_integer_ranks_are_ranks():
+    """A rank computed with NumPy (np.int64) is a rank like an int, in a LayerPlan's ranks
+    and as the whole of them; a bool is not."""
+    import numpy as np
+
+    assert rc.LayerPlan("svd", np.int64(8)).ranks == (8,)
+    assert rc.LayerPlan("tucker", [np.int32(4), np.int64(6)]).ranks == (4, 6)
+    assert all(type(r) is int for r in rc.LayerPlan("tucker", [np.int32(4), 6]).ranks)
+    with pytest.raises(ValueError, match="ranks:"):
+        rc.LayerPlan("svd", (np.bool_(True),))
+
+
+def test_a_path_with_a_tilde_is_under_the_home_folder(tmp_path, monkeypatch):
+    """rc.save / rc.load read "~/out" as the shell does, not as a folder named "~" here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = fresh()
+    small = rc.apply(model, rc.Plan({"conv": rc.LayerPlan("svd", 4)}))
+    rc.save(small, "~/out")
+    assert (tmp_path / "home" / "out").is_dir() and not (tmp_path / "~").exists()
+    again = rc.load(fresh(), "~/out")
+    assert torch.allclose(again(X), small(X))
+
+
+def test_train_data_that_nothing_would_use_is_warned_about():
+    """train_data with no epochs or steps, the layers fitted to calibration data in sequence
+    (no BatchNorm re-estimation then): nothing reads it, and the call says so."""
+    data = (torch.rand(8, 3, 8, 8), torch.zeros(8, dtype=torch.long))
+    with pytest.warns(UserWarning, match="train_data is not used: no epochs, steps"):
+        rc.compress(fresh(), X, target="macs=2x", calib_data=[X], train_data=data,
+                    plan_options=FAST, progress=False)

@@ -231,7 +231,10 @@ class DiffersWhenExported(nn.Module):
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
 def test_failing_forward_leaves_nothing(tmp_path, format):
     dest = tmp_path / "sub" / "model.bin"
-    with pytest.raises(RuntimeError, match="on purpose"):
+    # (the model's forward failing on the example inputs: a ValueError that names them and
+    # quotes the model's own message)
+    with pytest.raises(ValueError, match="example_inputs: the model's forward pass fails on "
+                                         r"them \(\(2, 3\) float32\): RuntimeError: .*on purpose"):
         export(Raises(), dest, format, torch.randn(2, 3), method="trace")
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []

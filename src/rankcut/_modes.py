@@ -22,12 +22,13 @@ def check_module(value, name: str = "model") -> nn.Module:
 
 
 def as_path(value, name: str = "path") -> Path:
-    """``value`` (a str or os.PathLike) as a Path; anything else is an error naming the
-    argument."""
+    """``value`` (a str or os.PathLike) as a Path, a leading ``~`` expanded to the home folder
+    (as a shell would; ``"~/out"`` is not a folder named ``~``); anything else is an error
+    naming the argument."""
     if not isinstance(value, str | os.PathLike):
         raise ValueError(f"{name}: expected a file or folder path (str or os.PathLike), got "
                          f"{type(value).__name__}")
-    return Path(value)
+    return Path(value).expanduser()
 
 
 def logits_of(out, what: str = "model") -> torch.Tensor:
@@ -61,7 +62,29 @@ def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
         raise ValueError(f"example_inputs must be a tensor or a non-empty tuple of tensors "
                          f"(e.g. torch.rand(1, 3, 32, 32)), got {type(example_inputs).__name__}"
                          f": {example_inputs!r:.80}")
+    if inputs[0].ndim and inputs[0].shape[0] == 0:
+        raise ValueError(f"example_inputs: an empty batch (shape {tuple(inputs[0].shape)}); "
+                         "give at least one example")
     return tuple(inputs)
+
+
+@contextlib.contextmanager
+def forward_on(inputs, what: str = "example_inputs") -> Iterator[None]:
+    """Around a model's first forward pass on user-given ``inputs``: where the model cannot
+    take them (a RuntimeError, TypeError, AssertionError or IndexError out of its forward:
+    another image size, an integer tensor for a float model, a missing input), a ValueError
+    naming ``what``, the inputs' shapes and dtypes, and the model's own first line, the error
+    chained. Out of memory is not the inputs' fault and stays as it is."""
+    try:
+        yield
+    except (RuntimeError, TypeError, AssertionError, IndexError) as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            raise
+        given = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                          for x in as_inputs(inputs))
+        said = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what}: the model's forward pass fails on them ({given}): "
+                         f"{type(err).__name__}" + (f": {said}" if said else "")) from err
 
 
 def model_device(model: nn.Module, fallback="cpu") -> torch.device:
@@ -180,7 +203,7 @@ def run_watching_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     layers = [(module, make_hook(name)) for name, module in model.named_modules()
               if isinstance(module, nn.Conv2d | nn.Linear)]
     inputs = on_model_device(model, inputs)
-    with hooked(model, layers):
+    with hooked(model, layers), forward_on(inputs):
         model(*inputs)
 
 

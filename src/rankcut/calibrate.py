@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._modes import hooked, model_device
+from ._modes import forward_on, hooked, model_device
 from .decompose.svd import ridge_of
 
 
@@ -244,7 +244,8 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
     device = _device(model)
     with hooked(model, hooks):
         for x in calibration_inputs(batches, max_batches, allow_empty=True):
-            model(x.to(device))
+            with forward_on(x, "calib_data"):
+                model(x.to(device))
     missing = [n for n in names if n not in counts]
     if missing:
         raise ValueError(f"batches: layers {missing} never ran (no batches, or not on the "
@@ -269,7 +270,7 @@ def forward_order(model: nn.Module, names: Sequence[str], batches: Iterable,
     hooks = [(module, lambda m, args, n=name: seen.append(n))
              for name, module in zip(names, _check_layers(model, names), strict=True)]
     x = next(calibration_inputs(batches, 1))
-    with hooked(model, hooks, pre=True):
+    with hooked(model, hooks, pre=True), forward_on(x, "calib_data"):
         model(x.to(_device(model)))
     order = list(dict.fromkeys(seen))
     missing = [n for n in names if n not in order]

@@ -32,6 +32,7 @@ import inspect
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,9 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
     defaults are :data:`rankcut.defaults.COMPRESS`, shared with the command line.
     """
     check_module(model)
+    if plan is not None and not isinstance(plan, Plan):
+        raise ValueError(f"plan: expected a rankcut.Plan (rankcut.load_plan reads one from a "
+                         f"file), got {type(plan).__name__}")
     if plan is not None and (rank is not None or target is not None):
         raise ValueError("plan: a ready plan cannot be combined with rank= or target= (the plan "
                          "already fixes every layer's method and ranks)")
@@ -280,6 +284,13 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
     if min_accuracy is not None and val_data is None:
         raise ValueError("min_accuracy: needs val_data to measure the accuracy on")
+    if min_accuracy is not None and (
+            isinstance(min_accuracy, bool) or not isinstance(min_accuracy, int | float)
+            or not 1 < min_accuracy <= 100):
+        raise ValueError(f"min_accuracy: expected top-1 in percent, above 1 and at most 100 "
+                         f"(e.g. 90 for 90%), got {min_accuracy!r}")
+    if val_data is not None:
+        as_data(val_data, "val_data")  # (evaluated after planning and fitting: refused now)
     if min_accuracy is not None and schedule != "multistage":
         raise ValueError(f"min_accuracy: the floor of schedule 'multistage''s rounds; schedule "
                          f"{schedule!r} would ignore it")
@@ -302,6 +313,10 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         sequential = calib_data is not None
     if reestimate_bn is None:
         reestimate_bn = train_data is not None and (schedule == "layerwise" or not sequential)
+    if train_data is not None and not tuning and not reestimate_bn:
+        warnings.warn("train_data is not used: no epochs, steps or steps_per_layer to fine-tune "
+                      "with, and no BatchNorm re-estimation (the layers are fitted sequentially "
+                      "to calib_data; reestimate_bn=True asks for it)", stacklevel=2)
     if transform is not None and calib_data is not None:
         calib_data = TransformedBatches(calib_data, transform)
     setup()  # under torchrun: the process group exists before planning needs it

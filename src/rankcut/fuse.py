@@ -52,6 +52,7 @@ from ._modes import (
     check_module,
     compare_outputs,
     eval_mode,
+    forward_on,
     hooked,
     module_paths,
     on_model_device,
@@ -250,7 +251,7 @@ def _sequential_pairs(model: nn.Module, inputs) -> list[tuple[str, str]]:
 
     hooks = [(model.get_submodule(n), record(n, is_bn))
              for pair in pairs for n, is_bn in zip(pair, (False, True), strict=True)]
-    with hooked(model, hooks):
+    with hooked(model, hooks), forward_on(inputs):
         model(*inputs)
     return [(a, b) for a, b in pairs if a in calls and b in calls and calls[a][0] == 1
             and calls[b][0] == 1 and calls[b][1] is calls[a][1]]
@@ -342,7 +343,7 @@ def _input_shapes(model: nn.Module, inputs, dense: dict[str, nn.Module]) -> dict
         return hook
 
     hooks = [(model.get_submodule(n), record(n)) for n in dense]
-    with hooked(model, hooks, pre=True):
+    with hooked(model, hooks, pre=True), forward_on(inputs):
         model(*inputs)
     return shapes
 

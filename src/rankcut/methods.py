@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -150,7 +151,9 @@ class Method:
         return form
 
     def check_ranks(self, ranks) -> tuple[int, ...]:
-        if isinstance(ranks, int | float):
+        """``ranks`` as a tuple of ints (one rank or a sequence; whole floats and NumPy
+        integers taken, bools not); anything else is an error naming the method."""
+        if isinstance(ranks, numbers.Real):
             ranks = (ranks,)
         try:
             ranks = tuple(ranks)
@@ -158,7 +161,7 @@ class Method:
             raise ValueError(f"ranks: method {self.name!r} expects {self.n_ranks} rank(s) >= 1, "
                              f"got {ranks!r}") from None
         if (len(ranks) != self.n_ranks
-                or any(isinstance(r, bool) or not isinstance(r, int | float) for r in ranks)
+                or any(isinstance(r, bool) or not isinstance(r, numbers.Real) for r in ranks)
                 or not all(math.isfinite(r) for r in ranks)
                 or any(int(r) != r or r < 1 for r in ranks)):
             raise ValueError(f"ranks: method {self.name!r} expects {self.n_ranks} rank(s) >= 1, "

@@ -49,7 +49,7 @@ class LayerPlan:
     module_type: str = ""
 
     def __post_init__(self):
-        if isinstance(self.ranks, int):
+        if isinstance(self.ranks, numbers.Integral) and not isinstance(self.ranks, bool):
             self.ranks = (self.ranks,)
         if not isinstance(self.method, str):
             raise ValueError(f"method: expected a name (e.g. 'svd'), got {self.method!r}")
@@ -124,16 +124,22 @@ class Plan(Mapping[str, LayerPlan]):
             if value is not None and not isinstance(value, Mapping):
                 raise ValueError(f"{what}: expected a mapping (or None), got "
                                  f"{type(value).__name__}")
-        self.layers: dict[str, LayerPlan] = dict(layers or {})
+        self.layers: dict[str, LayerPlan] = {}
         self.meta: dict[str, Any] = dict(meta or {})
-        for name, lp in self.layers.items():
-            if not isinstance(lp, LayerPlan):
-                raise ValueError(f"plan[{name!r}]: expected a LayerPlan, got {type(lp).__name__}")
+        for name, lp in (layers or {}).items():
+            self[name] = lp
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self.layers[name]
 
     def __setitem__(self, name: str, lp: LayerPlan) -> None:
+        if not isinstance(name, str):
+            raise ValueError(f"plan: a layer's name must be a string (its path in the model), "
+                             f"got {name!r}")
+        if not isinstance(lp, LayerPlan):
+            raise ValueError(f"plan[{name!r}]: expected a LayerPlan (e.g. LayerPlan('svd', 8)"
+                             f", or LayerPlan.from_dict of a plan file's entry), got "
+                             f"{type(lp).__name__}")
         self.layers[name] = lp
 
     def __iter__(self) -> Iterator[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 import statistics
 import tempfile
 import time
@@ -43,6 +44,7 @@ from ._modes import (
     batch_of,
     check_module,
     eval_mode,
+    forward_on,
     hooked,
     model_device,
     on_model_device,
@@ -333,8 +335,12 @@ def _summary(times: list[float], batch: int, device: str) -> Latency:
 
 
 def _check_counts(warmup: int, repeats: int) -> None:
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"warmup, repeats: expected >= 0 and >= 1, got {warmup}, {repeats}")
+    def whole(n) -> bool:
+        return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+    if not (whole(warmup) and whole(repeats)) or warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup, repeats: expected ints >= 0 and >= 1, got {warmup!r}, "
+                         f"{repeats!r}")
 
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -379,9 +385,10 @@ def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
     untimed passes, then ``repeats`` timed ones, in eval mode under no_grad (modes restored).
     ``engine="onnxruntime"``: the model exported to ONNX and run by ONNX Runtime on the CPU
     (:func:`ort_session`; the export is not timed)."""
+    check_module(model)
     _check_counts(warmup, repeats)
     inputs = as_inputs(example_inputs)
-    with eval_mode(model):
+    with eval_mode(model), forward_on(inputs):
         run, device = _timer(model, inputs, engine)
         for _ in range(warmup):
             run()
@@ -397,6 +404,8 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
     what it receives inside its model, in its memory format), their timed passes interleaved
     (first, second, first, ...), so that a change in the machine's speed affects both alike;
     in ``engine`` (see :func:`measure_latency`)."""
+    check_module(first, "first")
+    check_module(second, "second")
     _check_counts(warmup, repeats)
     inputs = as_inputs(example_inputs)
     other = inputs if second_inputs is None else as_inputs(second_inputs)
@@ -406,10 +415,11 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
         if dev_a != dev_b:  # a CPU time against a GPU's would read as a speed-up
             raise ValueError(f"the two models are on different devices ({dev_a} and {dev_b}); "
                              "put them on one to compare their latency")
-        for _ in range(warmup):
-            run_a()
-            run_b()
-        pairs = [(run_a(), run_b()) for _ in range(repeats)]
+        with forward_on(inputs):
+            for _ in range(warmup):
+                run_a()
+                run_b()
+            pairs = [(run_a(), run_b()) for _ in range(repeats)]
     batch = inputs[0].shape[0] if inputs[0].ndim else 1
     return (_summary([a for a, _ in pairs], batch, dev_a),
             _summary([b for _, b in pairs], batch, dev_b))
@@ -531,6 +541,8 @@ def _unit_of(leaf: str, units: dict[str, nn.Module]) -> str | None:
 def _check_batches(batches) -> tuple[int, ...]:
     if isinstance(batches, int):
         batches = (batches,)
+    if not isinstance(batches, tuple | list | range):
+        raise ValueError(f"batches: expected an int or a sequence of ints >= 1, got {batches!r}")
     batches = tuple(batches)
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise ValueError(f"batches: expected ints >= 1, got {batches!r}")

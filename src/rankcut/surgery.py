@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -75,13 +77,38 @@ def _parent_reads_weight(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def _never_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
+def _sharing(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Where each module is held (``module_paths``: a module at several paths runs at each)
+    and which modules hold each parameter (several: tied weights), by ``id``."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            if name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
+    return module_paths(model), owners
+
+
+def _never_reason(model: nn.Module, name: str, module: nn.Module,
+                  sharing: tuple[dict, dict] | None = None) -> str | None:
     """Why layer ``name`` can never be factorized, whatever ``include`` says (a conv with one
-    input channel per group, a subclass with its own forward, a parent that reads its weight),
-    or None: what target_layers skips and a plan is refused for alike."""
+    input channel per group, a subclass with its own forward, a parent that reads its weight,
+    a module held at several paths, parameters shared with another module), or None: what
+    target_layers skips and a plan is refused for alike. ``sharing``: :func:`_sharing` of the
+    model, when the caller asks about many layers."""
     reason = (conv_skip_reason(module) if isinstance(module, nn.Conv2d)
-              else own_forward_reason(module))
-    return reason or _parent_reads_weight(model, name)
+              else own_forward_reason(module)) or _parent_reads_weight(model, name)
+    if reason is not None:
+        return reason
+    paths, owners = sharing or _sharing(model)
+    if len(paths[id(module)]) > 1:
+        return (f"the same module is also at {', '.join(p for p in paths[id(module)] if p != name)}"
+                ": replacing it at one path would leave the others dense")
+    tied = sorted({o for p in module.parameters(recurse=False) for o in owners[id(p)]}
+                  - set(paths[id(module)]))
+    if tied:
+        return (f"its parameters are shared with {', '.join(tied)} (tied weights): "
+                "factorized, the other would keep them")
+    return None
 
 
 def _weight_size(module: nn.Conv2d | nn.Linear) -> int:
@@ -114,17 +141,15 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
     ``min_params`` parameters; naming a layer exactly in ``include`` overrides these two.
     """
     check_module(model)
+    if (isinstance(min_params, bool) or not isinstance(min_params, numbers.Real)
+            or not math.isfinite(min_params) or min_params < 0):
+        raise ValueError(f"min_params: expected a number >= 0, got {min_params!r}")
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
     if isinstance(model, nn.Conv2d | nn.Linear):
         raise ValueError(_BARE_LAYER.format(type(model).__name__))
     out: dict[str, str | None] = {}
-    paths = module_paths(model)  # a module held at several paths runs at each of them
-    owners: dict[int, list[str]] = {}  # a tensor held by several modules (tied weights)
-    for name, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            if name not in owners.setdefault(id(p), []):
-                owners[id(p)].append(name)
+    sharing = _sharing(model)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear):
             continue
@@ -135,15 +160,7 @@ def target_layers(model: nn.Module, include=None, exclude=None, *,
             out[name] = "not matched by include"
             continue
         forced = name in include
-        reason = _never_reason(model, name, module)
-        if reason is None and len(paths[id(module)]) > 1:
-            reason = (f"the same module is also at {', '.join(paths[id(module)][1:])}: "
-                      "replacing it at one path would leave the others dense")
-        tied = sorted({o for p in module.parameters(recurse=False) for o in owners[id(p)]}
-                      - set(paths[id(module)]))
-        if reason is None and tied:
-            reason = (f"its parameters are shared with {', '.join(tied)} (tied weights): "
-                      "factorized, the other would keep them")
+        reason = _never_reason(model, name, module, sharing)
         params = _layer_size(module)  # (a parametrized layer's computed weight too)
         if reason is None and not forced:
             if isinstance(module, nn.Conv2d) and module.in_channels <= 3:
@@ -195,6 +212,7 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a rankcut.Plan, got {type(plan).__name__}")
     check_module(model)
+    sharing = _sharing(model)
     for name, lp in plan.active.items():
         try:
             module = model.get_submodule(name)
@@ -203,7 +221,7 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
         if lp.module_type and type(module).__name__ != lp.module_type:
             raise ValueError(f"plan layer {name!r}: planned for a {lp.module_type}, the model "
                              f"has a {type(module).__name__}")
-        if reason := _never_reason(model, name, module):
+        if reason := _never_reason(model, name, module, sharing):
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         if (reason := lp.spec.why_not(module)) is not None:
             raise ValueError(f"plan layer {name!r}: {reason}")
