@@ -23,6 +23,15 @@ class Net(nn.Module):
         return self.head(x.flatten(1))
 
 
+class Net2(Net):
+    """Net with layer ``conv`` narrower: the same names, other shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+
 X = torch.rand(2, 3, 8, 8)
 FAST = {"allow_slower": True}
 
@@ -218,6 +227,14 @@ APPLY_CASES = [
     ("a plan entry named by a number", fresh,
      lambda m: rc.Plan({3: rc.LayerPlan("svd", 4)}), ValueError,
      "plan: a layer's name must be a string"),
+    ("a plan made for another model's layer of that name", fresh,
+     lambda m: rc.apply(m, rc.Plan({"conv": rc.plan(Net2(), X, method="svd", rank=4,
+                                                    **FAST)["conv"]})), ValueError,
+     r"plan layer 'conv': planned for a weight of shape \[8, 16, 3, 3\], the model's is "
+     r"\[32, 16, 3, 3\]"),
+    ("a weight shape that is no shape", fresh,
+     lambda m: rc.LayerPlan("svd", 4, predicted={"weight_shape": "32x16"}), ValueError,
+     "predicted: weight_shape: expected a list of sizes"),
     ("a plan naming a module held at two paths", lambda: nn.Sequential(
         *(lambda c: [c, nn.ReLU(), c])(nn.Conv2d(16, 16, 3, padding=1))),
      lambda m: rc.apply(m, rc.Plan({"2": rc.LayerPlan("svd", 4)})), ValueError,

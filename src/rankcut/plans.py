@@ -62,6 +62,13 @@ class LayerPlan:
         if bad is None or bad:  # the printed table formats them as numbers
             raise ValueError(f"predicted: expected a mapping whose params, macs and error are "
                              f"numbers, got {self.predicted!r}")
+        shape = self.predicted.get("weight_shape")
+        if shape is not None and not (
+                isinstance(shape, list | tuple) and shape
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                        for d in shape)):
+            raise ValueError(f"predicted: weight_shape: expected a list of sizes >= 1 (the "
+                             f"planned layer's weight), got {shape!r}")
         if self.method == SKIP:
             self.ranks = tuple(self.ranks)
             return

@@ -111,14 +111,20 @@ def _never_reason(model: nn.Module, name: str, module: nn.Module,
     return None
 
 
-def _weight_size(module: nn.Conv2d | nn.Linear) -> int:
-    """The entries of the weight ``module`` computes with, from its shape: a parametrized
+def weight_shape(module: nn.Conv2d | nn.Linear) -> list[int]:
+    """The shape of the weight ``module`` computes with, from its settings: a parametrized
     weight is not among its own parameters, and computing it would step a training-mode
-    spectral norm's power iteration."""
+    spectral norm's power iteration. (A plan records it per layer, so that a plan applied to
+    another model's layer of the same name is refused.)"""
     if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return module.out_channels * (module.in_channels // module.groups) * kh * kw
-    return module.out_features * module.in_features
+        return [module.out_channels, module.in_channels // module.groups,
+                *module.kernel_size]
+    return [module.out_features, module.in_features]
+
+
+def _weight_size(module: nn.Conv2d | nn.Linear) -> int:
+    """The entries of :func:`weight_shape`."""
+    return math.prod(weight_shape(module))
 
 
 def _layer_size(module: nn.Conv2d | nn.Linear) -> int:
@@ -221,6 +227,12 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
         if lp.module_type and type(module).__name__ != lp.module_type:
             raise ValueError(f"plan layer {name!r}: planned for a {lp.module_type}, the model "
                              f"has a {type(module).__name__}")
+        planned = lp.predicted.get("weight_shape")
+        if (planned is not None and isinstance(module, nn.Conv2d | nn.Linear)
+                and list(planned) != weight_shape(module)):
+            raise ValueError(f"plan layer {name!r}: planned for a weight of shape "
+                             f"{list(planned)}, the model's is {weight_shape(module)} (a plan "
+                             "made for another model?)")
         if reason := _never_reason(model, name, module, sharing):
             raise ValueError(f"plan layer {name!r}: cannot factorize: {reason}")
         if (reason := lp.spec.why_not(module)) is not None:

@@ -56,7 +56,7 @@ from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
 from ..profile import count_params, layer_macs, with_batch
-from ..surgery import check_weights, target_layers
+from ..surgery import check_weights, target_layers, weight_shape
 from . import damage
 from .budget import SlowerThanDense, allocate
 from .cache import CandidateCache, data_fingerprint, model_fingerprint
@@ -947,7 +947,8 @@ def _layer_plan(c: Candidate, module: nn.Module, options: dict) -> LayerPlan:
     if "damage_weight" in extra:
         extra["damage"] = c.error ** 2  # weight · error²: the predicted damage to the network
     return LayerPlan(c.method, c.ranks, form=c.form, options=opts,
-                     predicted={"params": c.params, "macs": c.macs, "error": error, **extra},
+                     predicted={"params": c.params, "macs": c.macs, "error": error, **extra,
+                                "weight_shape": weight_shape(module)},
                      module_type=type(module).__name__,
                      reason=f"{c.describe()}: predicted error {error:.3f}")
 
