@@ -337,7 +337,95 @@ def _within_reuse(max_entries):
 
 # the library's other public helpers: refused before their work (the sensitivity pass, the
 # timing), with a ValueError naming the argument instead of an AttributeError or IndexError
+def _labelled(y=None, x=None):
+    return (X if x is None else x, torch.zeros(2, dtype=torch.long) if y is None else y)
+
+
+def _report(**changes):
+    good = {"schema": "rankcut.report", "version": 1,
+            "totals": {"params": [10, 5], "macs": [10, 5], "model_bytes": [40, 20]}}
+    return {k: v for k, v in {**good, **changes}.items() if v is not ...}
+
+
+def _finetune(m, data=None, **kw):
+    from rankcut.train import finetune
+
+    return finetune(m, _labelled() if data is None else data,
+                    **{"steps": 1, "batch_size": 2, "progress": False, **kw})
+
+
+def _evaluate(m, data=None, **kw):
+    from rankcut.train import evaluate
+
+    return evaluate(m, _labelled() if data is None else data, **kw)
+
+
+UINT8 = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+
 HELPER_CASES = [
+    # training and evaluation (rankcut.train)
+    ("evaluating raw uint8 images", fresh, lambda m: _evaluate(m, _labelled(x=UINT8)),
+     ValueError, r"data: the model's forward pass fails on them \(\(2, 3, 8, 8\) uint8\).*"
+                 "integer inputs"),
+    ("fine-tuning on raw uint8 images", fresh, lambda m: _finetune(m, _labelled(x=UINT8)),
+     ValueError, r"train_data: the model's forward pass fails on them .*uint8"),
+    ("evaluating a result object", fresh,
+     lambda m: _evaluate(object()), ValueError,
+     "model: expected an nn.Module, got object"),
+    ("fine-tuning a result object", fresh, lambda m: _finetune(object()), ValueError,
+     "model: expected an nn.Module"),
+    ("a teacher that is no module", fresh, lambda m: _finetune(m, teacher="resnet56"),
+     ValueError, "teacher: expected an nn.Module"),
+    ("labels as an (N, 1) column", fresh,
+     lambda m: _evaluate(m, _labelled(torch.zeros(2, 1, dtype=torch.long))), ValueError,
+     r"labels: expected one class index per input, a tensor of shape \(2,\), got shape "
+     r"\(2, 1\)"),
+    ("one-hot labels", fresh,
+     lambda m: _finetune(m, _labelled(torch.eye(10)[[0, 1]])), ValueError,
+     r"labels: expected one class index per input.*got shape \(2, 10\)"),
+    ("soft labels", fresh, lambda m: _evaluate(m, _labelled(torch.tensor([0.5, 1.0]))),
+     ValueError, "labels: expected class indices, got fractional values"),
+    ("evaluating on a device the model is not on", fresh,
+     lambda m: _evaluate(m, device="cuda"), ValueError,
+     "device: the model is on cpu, not cuda; move it there first"),
+    ("fine-tuning on a device that does not exist", fresh,
+     lambda m: _finetune(m, device="gpu"), ValueError, "device: expected cpu, cuda"),
+    ("warm-up as long as the run", fresh, lambda m: _finetune(m, steps=3, warmup_steps=3),
+     ValueError, "warmup_steps: 3 is not below the run's 3 steps"),
+    ("a loader's batch size given again", fresh,
+     lambda m: _finetune(m, torch.utils.data.DataLoader(
+         torch.utils.data.TensorDataset(*_labelled()), batch_size=2), batch_size=32),
+     ValueError, "batch_size: train_data is a DataLoader, which batches itself"),
+    ("empty val_data", fresh,
+     lambda m: _finetune(m, val_data=(torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))),
+     ValueError, "val_data: no samples to evaluate on"),
+    # reports read back (rankcut.report)
+    ("a report without totals", fresh,
+     lambda m: rc.report.Report.from_dict(_report(totals=...)), ValueError,
+     "report: field 'totals': expected a JSON object, got nothing"),
+    ("a report's totals without the file size", fresh,
+     lambda m: rc.report.Report.from_dict(_report(totals={"params": [1, 1], "macs": [1, 1]})),
+     ValueError, r"report: totals\['model_bytes'\]: expected \[before, after\] numbers"),
+    ("a report whose plan is text", fresh,
+     lambda m: rc.report.Report.from_dict(_report(plan="x")), ValueError,
+     "report: field 'plan': expected a JSON object or null"),
+    ("a report whose meta is an array", fresh,
+     lambda m: rc.report.Report.from_dict(_report(meta=[1])), ValueError,
+     "report: field 'meta': expected a JSON object, got list"),
+    ("an analysis without rules", fresh,
+     lambda m: rc.report.Analysis.from_dict(
+         {"schema": "rankcut.analysis", "version": 1, "methods": [],
+          "totals": {"params": 1, "macs": 1, "model_bytes": 1}}), ValueError,
+     "analysis: field 'rules': expected a JSON array, got nothing"),
+    ("analyze with labels beyond the outputs", fresh,
+     lambda m: rc.report.analyze(m, X, calib_data=[_labelled(torch.tensor([57, 1]))],
+                                 latency=False), ValueError,
+     "labels: the data has class 57 but the model has 10 outputs"),
+    ("synthetic calibration from one example", lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval(),
+     lambda m: rc.data.synthetic_calibration(m, X[0], n=4, steps=1, progress=False),
+     ValueError, r"example_inputs: the model's forward pass fails on them \(\(2, 8, 8\) "
+                 r"float32\)"),
     ("timing a model name", fresh, lambda m: rc.profile.measure_latency("resnet20", X),
      ValueError, "model: expected an nn.Module"),
     ("comparing against a model name", fresh,
@@ -526,3 +614,36 @@ def test_train_data_that_nothing_would_use_is_warned_about():
     with pytest.warns(UserWarning, match="train_data is not used: no epochs, steps"):
         rc.compress(fresh(), X, target="macs=2x", calib_data=[X], train_data=data,
                     plan_options=FAST, progress=False)
+
+
+def test_an_empty_cifar_file_is_damaged_not_an_empty_split(tmp_path):
+    """A CIFAR binary batch cut off before its first byte read as zero records: the split came
+    out 10,000 images short, silently."""
+    from rankcut.data import read_cifar_binary_batch
+
+    empty = tmp_path / "data_batch_1.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="data_batch_1.bin: the file is empty"):
+        read_cifar_binary_batch(empty, 1)
+
+
+def test_a_data_root_variable_naming_no_folder_is_warned_about(tmp_path, monkeypatch):
+    """$RANKCUT_DATA set to a folder that is not there (a typo) is said, not skipped in
+    silence for another copy of the data."""
+    from rankcut.data import find_data_root
+
+    monkeypatch.setenv("RANKCUT_DATA", str(tmp_path / "no-such-folder"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"\$RANKCUT_DATA=.*no-such-folder.* is not a directory"):
+        assert find_data_root() is None
+    monkeypatch.setenv("RANKCUT_DATA", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_data_root() == tmp_path
+
+
+@pytest.mark.parametrize("option, needs", [("checkpoint_every", "checkpoint_dir"),
+                                           ("eval_every", "val_data")])
+def test_a_finetune_setting_that_would_do_nothing_is_warned_about(option, needs):
+    with pytest.warns(UserWarning, match=f"{option} without {needs}: it does nothing"):
+        _finetune(fresh(), **{option: 5})

@@ -83,8 +83,12 @@ def forward_on(inputs, what: str = "example_inputs") -> Iterator[None]:
         given = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
                           for x in as_inputs(inputs))
         said = (str(err).strip().splitlines() or [""])[0]
+        hint = ("; integer inputs (images as uint8?): a transform to float may be missing"
+                if any(not (x.is_floating_point() or x.is_complex()) for x in as_inputs(inputs))
+                else "")
         raise ValueError(f"{what}: the model's forward pass fails on them ({given}): "
-                         f"{type(err).__name__}" + (f": {said}" if said else "")) from err
+                         f"{type(err).__name__}" + (f": {said}" if said else "") + hint
+                         ) from err
 
 
 def model_device(model: nn.Module, fallback="cpu") -> torch.device:

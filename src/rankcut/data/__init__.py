@@ -20,6 +20,7 @@ current directory (the layout of a rankcut checkout beside its shared data).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,7 +62,12 @@ def find_data_root(path: str | os.PathLike | None = None, *extra: str | os.PathL
         if not root.is_dir():
             raise FileNotFoundError(f"data root {str(root)!r} is not a directory")
         return root
-    candidates = [os.environ.get(ENV_VAR), *extra, Path.cwd().parent / "shared" / "data"]
+    given = os.environ.get(ENV_VAR)
+    if given and not Path(given).is_dir():  # a typo would read another copy of the data
+        warnings.warn(f"${ENV_VAR}={given!r} is not a directory; ignored (looking further: "
+                      f"{', '.join(map(str, extra))}{', ' if extra else ''}../shared/data)",
+                      stacklevel=2)
+    candidates = [given, *extra, Path.cwd().parent / "shared" / "data"]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)

@@ -206,6 +206,9 @@ def read_cifar_binary_batch(path: Path, label_bytes: int, limit: int | None = No
     are not a batch)."""
     record = label_bytes + CIFAR_PIXELS
     raw = _read(path, None if limit is None else limit * record)
+    if not raw and limit != 0:  # (a copy cut off before its first byte: not an empty split)
+        raise ValueError(f"{path}: the file is empty, not a CIFAR binary batch (truncated or "
+                         "damaged: copy it again)")
     if len(raw) % record:
         raise ValueError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte "
                          "CIFAR binary records")

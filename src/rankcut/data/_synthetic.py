@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._modes import hooked, model_device
+from .._modes import check_module, eval_mode, forward_on, hooked, model_device
 
 
 def norm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -67,6 +67,11 @@ def synthetic_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int
                          + (f" of shape {tuple(example_inputs.shape)}, dtype "
                             f"{example_inputs.dtype}"
                             if isinstance(example_inputs, torch.Tensor) else ""))
+    check_module(model)
+    with torch.no_grad(), eval_mode(model), forward_on(example_inputs[:2]):
+        # (a single example (C, H, W) passes the checks above as a batch of C images of H x W:
+        # its shape is found wrong here, named, not deep in the optimisation)
+        model(example_inputs[:2].to(model_device(model, example_inputs.device)))
     if torch.is_inference_mode_enabled():
         raise ValueError("synthetic calibration: the inputs are optimised through the model, "
                          "which torch.inference_mode() forbids; call it outside")

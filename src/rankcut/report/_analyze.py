@@ -32,6 +32,7 @@ from ._common import (
     Document,
     bytes_text,
     check_schema,
+    document_fields,
     int_text,
     jsonable,
     machine_info,
@@ -133,9 +134,11 @@ class Analysis(Document):
             layers = [LayerAnalysis(**layer) for layer in d.get("layers", [])]
         except TypeError as err:
             raise ValueError(f"analysis: a layer entry does not fit ({err})") from None
-        return cls(layers, dict(d["totals"]), list(d["rules"]), list(d["methods"]),
-                   list(d.get("latency", [])), dict(d.get("sensitivity", {})),
-                   dict(d.get("machine", {})), dict(d.get("meta", {})))
+        f = document_fields(d, "analysis", {"totals": dict, "rules": list, "methods": list},
+                            {"latency": list, "sensitivity": dict, "machine": dict,
+                             "meta": dict}, {"params": 0, "macs": 0, "model_bytes": 0})
+        return cls(layers, f["totals"], f["rules"], f["methods"], f["latency"],
+                   f["sensitivity"], f["machine"], f["meta"])
 
     # ---- Markdown --------------------------------------------------------------------------
 

@@ -165,6 +165,36 @@ def check_schema(d: Mapping, schema: str, version: int, what: str) -> None:
                          f"rankcut reads version {version})")
 
 
+def document_fields(d: Mapping, what: str, required: dict[str, type],
+                    optional: dict[str, type], totals: dict[str, int]) -> dict[str, Any]:
+    """The fields of a report-like document's JSON ``d`` (its schema checked first): each of
+    ``required`` (name -> dict or list) present, each of ``optional`` absent (an empty one
+    then), null (for a dict: empty too) or of its type, and ``totals`` holding each named
+    figure as a number (0) or a [before, after] pair of numbers (2); else a ValueError naming
+    the field (a hand-edited or truncated file fails here, not in a later KeyError)."""
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    out = {}
+    for name, kind in {**required, **optional}.items():
+        value = d.get(name)
+        if value is None and name in optional:
+            value = kind()
+        if not isinstance(value, kind):
+            raise ValueError(f"{what}: field {name!r}: expected a JSON "
+                             f"{'object' if kind is dict else 'array'}, got "
+                             + ("nothing" if name not in d else type(value).__name__))
+        out[name] = kind(value)
+    for name, size in totals.items():
+        value = out["totals"].get(name)
+        if not (number(value) if size == 0 else isinstance(value, list) and len(value) == size
+                and all(number(v) for v in value)):
+            raise ValueError(f"{what}: totals[{name!r}]: expected "
+                             + ("a number" if size == 0 else "[before, after] numbers")
+                             + f", got {value!r}")
+    return out
+
+
 def write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see ``rankcut.io.atomic_path``); returns the path."""
     from ..atomic import atomic_path

@@ -28,6 +28,7 @@ from ._common import (
     accuracy_change_text,
     bytes_text,
     check_schema,
+    document_fields,
     int_text,
     jsonable,
     machine_info,
@@ -170,10 +171,14 @@ class Report(Document):
             layers = [LayerRow(**row) for row in d.get("layers", [])]
         except TypeError as err:
             raise ValueError(f"report: a layer entry does not fit ({err})") from None
-        return cls(totals=dict(d["totals"]), layers=layers, latency=list(d.get("latency", [])),
-                   accuracy=dict(d.get("accuracy", {})), machine=dict(d.get("machine", {})),
-                   plan=d.get("plan"), meta=dict(d.get("meta", {})),
-                   timing=dict(d.get("timing", {})))
+        f = document_fields(d, "report", {"totals": dict},
+                            {"latency": list, "accuracy": dict, "machine": dict, "meta": dict,
+                             "timing": dict}, {"params": 2, "macs": 2, "model_bytes": 2})
+        plan = d.get("plan")
+        if plan is not None and not isinstance(plan, Mapping):
+            raise ValueError(f"report: field 'plan': expected a JSON object or null, got "
+                             f"{type(plan).__name__}")
+        return cls(layers=layers, plan=plan, **f)
 
     # ---- Markdown --------------------------------------------------------------------------
 

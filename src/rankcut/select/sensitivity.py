@@ -65,12 +65,18 @@ def _check_total_lam(n: int, total, lam) -> None:
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Iterable, loss_fn: Callable) -> float:
-    """Mean of ``loss_fn(model(x), y)`` over ``(x, y)`` batches, in eval mode."""
+    """Mean of ``loss_fn(model(x), y)`` over ``(x, y)`` batches, in eval mode (with
+    cross-entropy, labels beyond the model's outputs refused by name, not an IndexError)."""
+    from ..train.losses import check_targets
+
     device = model_device(model)
     total, count = 0.0, 0
     with eval_mode(model):
         for x, y in batches:
-            total += float(loss_fn(model(x.to(device)), y.to(device))) * len(x)
+            out, y = model(x.to(device)), y.to(device)
+            if loss_fn is nn.functional.cross_entropy and isinstance(out, torch.Tensor):
+                check_targets(out, y)
+            total += float(loss_fn(out, y)) * len(x)
             count += len(x)
     if count == 0:
         raise ValueError("batches: expected at least one (inputs, targets) batch")

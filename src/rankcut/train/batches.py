@@ -57,6 +57,22 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """A batch on ``device``, its labels as class indices (int64): a tensor of one label per
+    input (float labels only with whole values; a one-hot or an (N, 1) column is refused, as
+    cross-entropy would fail on it or broadcast it silently)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise ValueError(f"a batch must be an (inputs, labels) pair of tensors, got "
+                         f"({type(x).__name__}, {type(y).__name__})")
+    n = x.shape[0] if x.ndim else 1
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"labels: expected one class index per input, a tensor of shape ({n},),"
+                         f" got shape {tuple(y.shape)} (one-hot or (N, 1) labels: take "
+                         "labels.argmax(1) or labels.squeeze(1))")
+    if y.dtype.is_floating_point and not bool((y == y.round()).all()):
+        raise ValueError("labels: expected class indices, got fractional values (soft labels "
+                         "are not taken here)")
+    if y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"labels: expected class indices, got {y.dtype}")
     non_blocking = device.type == "cuda"
     return (x.to(device, non_blocking=non_blocking),
             y.to(device, non_blocking=non_blocking).long())

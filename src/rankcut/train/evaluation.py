@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from .._modes import eval_mode, logits_of, model_device
+from .._modes import check_module, eval_mode, forward_on, logits_of
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
 from .losses import check_targets
@@ -35,15 +37,25 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     DataLoader is used as given: its counts are summed only if it has a DistributedSampler;
     otherwise every process evaluates all of it.
     """
-    model = unwrap(model)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    model = unwrap(check_module(model))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(data, IterableDataset):  # a stream: read in order, in batches
         data = DataLoader(data, batch_size=batch_size)
     data = as_data(data, "data")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    held = None if first is None else first.device  # (a model without tensors runs anywhere)
     if device is None:
-        device = model_device(model)
-    device = torch.device(device)
+        device = held if held is not None else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a device name or torch.device, got {device!r}") \
+            from None
+    if held is not None and (held.type != device.type
+                             or device.index not in (None, held.index)):
+        raise ValueError(f"device: the model is on {held}, not {device}; move it there first "
+                         "(model.to(device)) or leave device=None")
     if isinstance(transform, nn.Module):
         transform = transform.to(device)
     env = dist_util.DistEnv()
@@ -76,7 +88,8 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
             x, y = to_device(*split_batch(batch), device)
             if transform is not None:
                 x = transform(x)
-            logits = logits_of(model(x)).float()
+            with forward_on(x, "data"):
+                logits = logits_of(model(x)).float()
             check_targets(logits, y)  # every batch: a bad label in a later one would count
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices == y[:, None]

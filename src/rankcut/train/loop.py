@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .._fingerprint import model_fingerprint
-from .._modes import eval_mode, logits_of
+from .._modes import available_device, check_module, eval_mode, forward_on, logits_of
 from ..atomic import atomic_path, file_target_problem, folder_target_problem
 from ..layers import FactorizedLayer
 from ..profile import MEMORY_FORMATS, suits_channels_last
@@ -256,6 +256,16 @@ def _check_arguments(o: dict[str, Any]) -> None:
     if o["memory_format"] not in (None, "auto", *MEMORY_FORMATS):
         raise ValueError(f"memory_format: expected None, 'auto', "
                          f"{', '.join(map(repr, MEMORY_FORMATS))}, got {o['memory_format']!r}")
+    if o.get("teacher") is not None:
+        check_module(o["teacher"], "teacher")
+    if o.get("device") is not None:
+        if not isinstance(o["device"], str | torch.device):
+            raise ValueError(f"device: expected a device name (e.g. 'cpu', 'cuda') or a "
+                             f"torch.device, got {o['device']!r}")
+        try:
+            available_device(str(o["device"]))
+        except ValueError as err:
+            raise ValueError(f"device: {err}") from None
 
 
 # How an optimizer computes its update (not what it computes): kept as built when a checkpoint's
@@ -345,6 +355,9 @@ class _Run:
             self.total = int(epochs if epochs is not None else 1) * self.steps_per_epoch
         if self.total < 1:
             raise ValueError(f"nothing to train: {self.total} steps")
+        if o["warmup_steps"] >= self.total:
+            raise ValueError(f"warmup_steps: {o['warmup_steps']} is not below the run's "
+                             f"{self.total} steps: the rate would never reach lr")
 
     def _epoch_batches(self, epoch: int, start: int):
         if self.loader is None:
@@ -622,7 +635,12 @@ class _Run:
         if self.layout is not None and x.ndim == 4:
             x = x.contiguous(memory_format=self.layout)
         with self.autocast():
-            logits = logits_of(self.net(x))
+            # the model failing on the data, named (not where channels_last was asked for:
+            # that forward's failure is the layout's, and stays torch's own)
+            with (contextlib.nullcontext() if o["memory_format"] == "channels_last"
+                  else forward_on(x, "train_data (after transform)"
+                                  if o["transform"] is not None else "train_data")):
+                logits = logits_of(self.net(x))
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
@@ -699,6 +717,11 @@ class _Run:
             self._set_layout(torch.contiguous_format)  # the teacher's copy included
             _restore_layouts(self.layouts)
             self.layout = None
+            # the model cannot take these inputs at all (uint8 images, another size), in
+            # any layout: said as that (by the forward below), not as a layout problem
+            with torch.no_grad(), eval_mode(self.model), self.autocast(), \
+                    forward_on(x[:2], "train_data"):
+                self.model(x[:2])
             warnings.warn(f"memory_format='auto': a forward fails on channels_last "
                           f"inputs ({str(err).splitlines()[0]}); training in its own layout",
                           stacklevel=6)  # finetune's caller
@@ -888,12 +911,31 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
     and teacher stay on the training device. Returns a :class:`TrainResult`.
     """
     opts = {k: v for k, v in locals().items() if k not in ("model", "train_data")}
+    check_module(model)
     _check_arguments(opts)
     # NumPy numbers, accepted, as Python's: they are kept in checkpoints (which load only plain
     # types) and seed Python's random module
     opts = {k: v.item() if isinstance(v, np.generic) else v for k, v in opts.items()}
     if val_data is not None:
         opts["val_data"] = as_data(val_data, "val_data")
+        if not isinstance(opts["val_data"], DataLoader) and len(opts["val_data"]) == 0:
+            raise ValueError("val_data: no samples to evaluate on")
+    # settings that would be ignored: said
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    for name, value, other, given in (
+            ("checkpoint_every", checkpoint_every, "checkpoint_dir", checkpoint_dir),
+            ("eval_every", eval_every, "val_data", val_data),
+            ("val_transform", val_transform, "val_data", val_data)):
+        if value is not None and given is None:  # (a warning: settings shared by runs with
+            # and without it, as a resumed run's reference, are fine)
+            warnings.warn(f"{name} without {other}: it does nothing", stacklevel=2)
+    if isinstance(train_data, DataLoader):
+        own = {"batch_size": train_data.batch_size, "shuffle": None, "num_workers":
+               train_data.num_workers}
+        for name, value, default in (("batch_size", batch_size, 128), ("shuffle", shuffle, True),
+                                     ("num_workers", num_workers, 0)):
+            if value != default and value != own[name]:
+                raise ValueError(f"{name}: train_data is a DataLoader, which batches itself; "
+                                 f"set {name} on the DataLoader, or pass its Dataset")
     return _Run(model, train_data, opts).run()
