@@ -132,7 +132,7 @@ def settings_of(config: dict, name: str) -> dict:
     shared = {k: v for k, v in config.items() if k not in CONFIG_ONLY}
     own = config["runs"][name] or {}
     for where, keys in (("config", shared), (f"run {name!r}", own)):
-        unknown = sorted(set(keys) - set(SETTINGS))
+        unknown = sorted(set(keys) - set(SETTINGS), key=str)  # (YAML reads on: / no: as bools)
         if unknown:
             raise SystemExit(f"{where}: unknown keys {unknown}; known: {', '.join(SETTINGS)}")
     merged = {**SETTINGS, **shared, **own}
@@ -232,6 +232,8 @@ def check(config: dict, name: str, s: dict) -> None:
     if s["model"] not in PRETRAINED and s["weights"] == "pretrained":
         refuse("model", f"no pretrained weights for {s['model']!r} (known: "
                         f"{', '.join(PRETRAINED)}); give weights: FILE")
+    if not isinstance(s["method"], str):
+        refuse("method", f"expected a method's name, got {s['method']!r}")
     if s["method"] != "auto":
         try:
             rc.methods.resolve(s["method"])
@@ -344,6 +346,10 @@ def check(config: dict, name: str, s: dict) -> None:
         if not _positive_number(t["lr"]):
             refuse("transfer", f"lr: expected a number > 0 (YAML reads 5e-3 as a string: write "
                                f"5.0e-3), got {t['lr']!r}")
+        if (t["train_limit"] is not None and isinstance(s["batch_size"], int)
+                and t["train_limit"] < s["batch_size"]):
+            refuse("transfer", f"train_limit: {t['train_limit']} images are fewer than one "
+                               f"batch of {s['batch_size']} (batch_size)")
     # (last: a run missing these is refused for them once all else is right)
     if s["rank"] is None and s["target"] is None and s["match_params"] is None:
         refuse("target", "give a target (e.g. params=32x), a rank rule, or match_params")
@@ -707,6 +713,17 @@ def check_start_from(folder: Path, name: str, s: dict) -> None:
                          f"other {changed}; give this run the same ones")
 
 
+def start_ready(base: Path, name: str, s: dict) -> bool:
+    """Whether run ``name`` of ``base`` can take what its ``start_from`` run made, as things
+    stand: the source's finished model (a run without fine-tuning, :func:`reuse_finished`), or
+    its factorized model before fine-tuning (:func:`reuse_start`; or this run's own copy)."""
+    source = base / s["start_from"]
+    if s["epochs"] is not None or s["steps"] is not None or s["steps_per_layer"]:
+        return ((base / name / "checkpoints" / "start").is_dir()
+                or (source / "checkpoints" / "start" / "model.safetensors").is_file())
+    return (source / "model" / "plan.json").is_file()
+
+
 def reuse_finished(folder: Path, other: str, model: torch.nn.Module, test):
     """Run ``other``'s finished model (its ``model/``), as rc.compress's result would hold it
     (one stage, resumed, measured on ``test``): a run without fine-tuning that only does
@@ -881,6 +898,24 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (a run block copied and
+    not renamed would replace the first in silence; a setting given twice, the last would
+    win); ``<<:`` merges still override as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def command_line(doc: str, only: str, summary: str, extra=None):
     """(arguments, config path, config) of an experiment command on a config of this format
     (reproduce.py, classifier_sweep.py): config, --only, --runs-dir, --threads (applied),
@@ -902,11 +937,18 @@ def command_line(doc: str, only: str, summary: str, extra=None):
     config_path = Path(args.config)
     if not config_path.is_file():
         raise SystemExit(f"{config_path}: no such config file")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads: expected a number of threads >= 1, got {args.threads}")
+    if args.only and len(set(args.only)) < len(args.only):
+        raise SystemExit(f"--only: {sorted({n for n in args.only if args.only.count(n) > 1})} "
+                         "named twice")
     try:
-        config = yaml.safe_load(config_path.read_text())
+        config = yaml.load(config_path.read_text(), Loader=_UniqueKeys)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SystemExit(f"{config_path}: not valid YAML: "
-                         f"{str(err).strip().splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        raise SystemExit(f"{config_path}: not valid YAML"
+                         + (f" (line {mark.line + 1})" if mark is not None else "")
+                         + f": {str(err).strip().splitlines()[0]}") from None
     if not isinstance(config, dict) or not isinstance(config.get("runs"), dict):
         raise SystemExit(f"{config_path}: expected a mapping with a 'runs:' mapping")
     bad = [str(n) for n, run in config["runs"].items() if run is not None
@@ -917,7 +959,7 @@ def command_line(doc: str, only: str, summary: str, extra=None):
     if unnamed:
         raise SystemExit(f"{config_path}: runs {unnamed}: a run's name is text (quote a "
                          "number: '50': ...)")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args, config_path, config
 
@@ -942,11 +984,25 @@ def main() -> int:
                 raise SystemExit(f"run {name!r}: match_params: run {other!r} has not finished "
                                  "and does not run before it; list it first")
         done = {name: result_of(base, keep, name, s) for name, s in every.items()}
+        order = list(every)
+        exports: dict[Path, str] = {}  # two runs exporting to one folder: the last would win
+        for name in config["runs"]:
+            where = settings_of(config, name)["export"]
+            if where and exports.setdefault(Path(where), name) != name:
+                raise SystemExit(f"runs {exports[Path(where)]!r} and {name!r}: both export to "
+                                 f"{where}; give each its own folder (export: null for none)")
         for name, s in every.items():  # what would refuse a later run, found now
             refuse_changed(base / name, name, s)
             if s["start_from"] is not None:
                 check_start_from(base / name, name, s)
                 other = s["start_from"]
+                if other == name:
+                    raise SystemExit(f"run {name!r}: start_from names the run itself")
+                if (done[name] is None and other not in order[:order.index(name)]
+                        and not start_ready(base, name, s)):
+                    raise SystemExit(f"run {name!r}: start_from {other!r} has not made its "
+                                     "model yet and does not run before it: list it first "
+                                     "(--only ... " + f"{other} {name})")
                 if (done[name] is None and not (base / other).is_dir()
                         and result_of(base, keep, other) is not None):
                     raise SystemExit(
@@ -1028,6 +1084,8 @@ def config_keep(config: dict, path: Path) -> Path | None:
     if not isinstance(keep, str) or not keep.strip():
         raise SystemExit(f"{path}: keep: expected a folder (e.g. results/runs/{path.stem}), "
                          f"got {keep!r}")
+    if Path(keep).exists() and not Path(keep).is_dir():
+        raise SystemExit(f"{path}: keep: {keep} is a file, not a folder")
     return Path(keep)
 
 

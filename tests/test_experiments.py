@@ -316,6 +316,12 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
         "normalization-bad": ({"normalization": [[0.5], "x"]}, "normalization"),
         "start-from-list": ({"start_from": ["ok"]}, "start_from: expected the name of a run"),
         "match-list": ({"match_params": ["ok"]}, "match_params: expected the name of a run"),
+        "method-list": ({"method": ["svd", "cp"], "rank": 4},
+                        r"method: expected a method's name, got \['svd', 'cp'\]"),
+        "transfer-limit-below-batch": ({"rank": 4, "transfer": {"data": "mnist",
+                                                                 "train_limit": 100}},
+                                       "transfer: train_limit: 100 images are fewer than one "
+                                       "batch of 128"),
         # refused by rc.compress (or the sensitivity plan) after the model and data were loaded
         # and the runs before it had run
         "no-target": ({"method": "cp", "lr": 0.005}, "target: give a target"),
@@ -356,10 +362,15 @@ def test_a_config_file_that_is_no_config_is_one_line_not_a_traceback(tmp_path, m
     reproduce_ = _reproduce_module()
     files = {"missing.yaml": None, "folder": "dir", "broken.yaml": "runs: [\n",
              "number-run.yaml": "model: resnet20_cifar\nruns: {r: 5}\n",
-             "number-name.yaml": "model: resnet20_cifar\nruns: {50: {rank: 8}}\n"}
+             "number-name.yaml": "model: resnet20_cifar\nruns: {50: {rank: 8}}\n",
+             # a run block copied and not renamed replaced the first in silence
+             "twice.yaml": "model: resnet20_cifar\nruns:\n  a: {rank: 8}\n  a: {rank: 4}\n",
+             "setting-twice.yaml": "model: resnet20_cifar\nruns:\n  a: {rank: 8, rank: 4}\n"}
     words = {"missing.yaml": "no such config file", "folder": "no such config file",
              "broken.yaml": "not valid YAML", "number-run.yaml": "each run is a mapping",
-             "number-name.yaml": r"runs \[50\]: a run's name is text"}
+             "number-name.yaml": r"runs \[50\]: a run's name is text",
+             "twice.yaml": r"not valid YAML \(line 4\): key 'a' given twice",
+             "setting-twice.yaml": r"not valid YAML \(line 3\): key 'rank' given twice"}
     for name, text in files.items():
         path = tmp_path / name
         if text == "dir":
@@ -1240,3 +1251,45 @@ def test_a_dataset_a_run_reads_is_found_before_the_first_run(tmp_path):
     done = reproduce(path, tmp_path / "runs", {**os.environ, "RANKCUT_DATA": str(data)})
     assert done.returncode != 0 and "data: fashion_mnist (train)" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not any((tmp_path / "runs").rglob("result.json"))
+
+
+def test_flags_and_queues_that_could_not_run_are_refused_before_the_first_run(tmp_path,
+                                                                             monkeypatch):
+    """--threads 0 (ignored before) or -1 (torch's traceback), a run named twice in --only, a
+    keep: that is a file, a start_from run that runs later or is the run itself (found only
+    when the run was reached, hours in), two runs exporting to one folder (the last won):
+    each one line, before any run."""
+    import pytest
+
+    reproduce_ = _reproduce_module()
+    config = tmp_path / "c.yaml"
+    config.write_text("model: resnet20_cifar\nruns:\n  a: {rank: 8, method: svd}\n")
+    for flags, words in ((["--threads", "0"], "--threads: expected a number of threads >= 1"),
+                         (["--threads", "-1"], "--threads: expected"),
+                         (["--only", "a", "a"], r"--only: \['a'\] named twice")):
+        monkeypatch.setattr("sys.argv", ["reproduce.py", str(config), *flags])
+        with pytest.raises(SystemExit, match=words):
+            reproduce_.command_line("doc", "only", "summary")
+    (tmp_path / "kept.json").write_text("{}")
+    with pytest.raises(SystemExit, match="keep: .*kept.json is a file, not a folder"):
+        reproduce_.config_keep({"keep": str(tmp_path / "kept.json")}, config)
+
+    def refused(text, words, *only):
+        config.write_text("model: resnet20_cifar\n" + text)
+        monkeypatch.setenv("RANKCUT_DATA", str(tmp_path))
+        monkeypatch.setattr("sys.argv", ["reproduce.py", str(config), "--runs-dir",
+                                         str(tmp_path / "runs"),
+                                         *(["--only", *only] if only else [])])
+        with pytest.raises(SystemExit, match=words):
+            reproduce_.main()
+        assert not (tmp_path / "runs").exists()
+
+    source = "runs:\n  a: {rank: 8, method: svd}\n  b: {rank: 8, method: svd, start_from: a}\n"
+    refused(source, "run 'b': start_from 'a' has not made its model yet and does not run "
+                    r"before it: list it first \(--only ... a b\)", "b", "a")
+    refused(source, "run 'b': start_from 'a' has not made its model yet", "b")
+    refused("runs:\n  a: {rank: 8, method: svd, start_from: a}\n",
+            "run 'a': start_from names the run itself")
+    refused("runs:\n  a: {rank: 8, method: svd, export: out/x}\n"
+            "  b: {rank: 4, method: svd, export: out/x}\n",
+            "runs 'a' and 'b': both export to out/x")
