@@ -267,6 +267,14 @@ def check(config: dict, name: str, s: dict) -> None:
         if unknown:
             refuse(key, f"unknown keys {unknown} for {fn.__module__}.{fn.__name__} (or keys "
                         "the run sets itself: method, rank, target, epochs, ...)")
+    # a key of the run's own given again in the options: one of the two would be dropped in
+    # silence (the options' allow_slower won over the run's, which its settings recorded; the
+    # run's lr won over the options')
+    for key, own in (("plan_options", ("allow_slower",)), ("finetune_options", ("lr",))):
+        twice = sorted(set(s[key]) & set(own))
+        if twice:
+            refuse(key, f"{twice}: the run's own key{'s' if len(twice) > 1 else ''}; set "
+                        f"{'them' if len(twice) > 1 else 'it'} there, not in {key}")
     managed = sorted(set(s["finetune_options"]) & MANAGED_FINETUNE) if isinstance(
         s["finetune_options"], dict) else []
     if managed:
@@ -1043,7 +1051,10 @@ def main() -> int:
                 if s["match_params"]:
                     s["target"] = matched_target(base, keep, name, s)
                 start = time.perf_counter()
-                r = run(name, s, base / name, root, args.device)
+                try:
+                    r = run(name, s, base / name, root, args.device)
+                except ValueError as err:  # rankcut refusing a setting (its errors name it)
+                    raise SystemExit(f"run {name!r}: {err}") from None
                 kept(keep, name, base / name)
                 print(f"[{name}] {r['params_x']:.1f}x params, {r['macs_x']:.2f}x MACs: "
                       f"{r['before_top1']:.2f}% -> {r['after_top1']:.2f}% "
