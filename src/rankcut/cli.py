@@ -103,7 +103,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "the machine's cached table, ~/.cache/rankcut or $RANKCUT_CACHE)")
     g.add_argument("--latency-engine", choices=["eager", "onnxruntime"],
                    help="what the latency table times: PyTorch eager (default) or ONNX Runtime "
-                        "on the CPU, for a model to be deployed there (rankcut export)")
+                        "on the CPU (its plans measured no faster in ONNX Runtime than the "
+                        "default's, often slower: docs/planning.md)")
     g.add_argument("--exclude", nargs="+", help="layer names or glob patterns to leave dense")
     g.add_argument("--min-params", type=int, default=COMPRESS["min_params"],
                    help="leave layers with fewer parameters dense (default "
