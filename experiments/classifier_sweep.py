@@ -320,6 +320,7 @@ def settings_head(s: dict, sw: dict, device: str) -> dict:
             # which calibration images, how the inputs are made, which weights
             "seed": s["seed"], "normalization": s["normalization"],
             "image_size": s["image_size"], "weights": str(s["weights"]),
+            "test_limit": s["test_limit"],
             # (float rounding on another device can move the pivots and ranks near a cut-off)
             "device": device}
 
@@ -329,9 +330,11 @@ def check_points_file(path: Path, s: dict, sw: dict, device: str) -> None:
     (what :func:`sweep_model` would find only when it reached that model)."""
     if not path.is_file():
         return
-    old, _ = read_points(path)
+    old, points = read_points(path)
     now = settings_head(s, sw, device)
     changed = sorted(k for k in now if k in old and old[k] != json.loads(json.dumps(now[k])))
+    changed += sorted({p["label"] for p in points if p["label"] in sw["methods"]  # a refit
+                       and p["fit"] != _fit(sw["methods"][p["label"]])})
     if "calib" in old and old["calib"] > s["calib"]:  # (fewer images than asked: the data's)
         changed.append("calib")
     if changed:

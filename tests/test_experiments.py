@@ -1297,3 +1297,33 @@ def test_flags_and_queues_that_could_not_run_are_refused_before_the_first_run(tm
     refused("runs:\n  a: {rank: 8, method: svd, export: out/x}\n"
             "  b: {rank: 4, method: svd, export: out/x}\n",
             "runs 'a' and 'b': both export to out/x")
+
+
+def test_classifier_sweep_a_points_file_of_other_settings_is_refused_before_any_model(tmp_path):
+    """check_points_file, run for every model before the first is trained or swept, refuses a
+    points file swept with another test_limit or a series fitted otherwise (both were found
+    only when the sweep reached that model, hours into a config of several)."""
+    import pytest
+    import yaml
+
+    sweep_ = _sweep_module()
+    config = yaml.safe_load(SWEEP_CONFIG)
+    name = next(iter(config["runs"]))
+    s, sw = sweep_.settings_of(config, name), sweep_.sweep_settings(config)
+    label, method = next(iter(sw["methods"].items()))
+    head = sweep_.settings_head(s, sw, "cpu")
+    point = {"label": label, "mode": "rule", "ratio": 4, "seed": 0,
+             "fit": sweep_._fit(method)}
+    path = tmp_path / "points.jsonl"
+
+    def write(header, *points):
+        path.write_text("\n".join(json.dumps(r) for r in (header, *points)) + "\n")
+
+    write(head, point)
+    sweep_.check_points_file(path, s, sw, "cpu")  # the same settings: taken
+    write({**head, "test_limit": 100}, point)
+    with pytest.raises(SystemExit, match=r"other settings \(\['test_limit'\] differ\)"):
+        sweep_.check_points_file(path, s, sw, "cpu")
+    write(head, {**point, "fit": {**point["fit"], "options": {"other": 1}}})
+    with pytest.raises(SystemExit, match=rf"other settings \(\['{label}'\] differ\)"):
+        sweep_.check_points_file(path, s, sw, "cpu")
