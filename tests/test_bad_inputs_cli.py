@@ -348,6 +348,14 @@ def _sweep(*extra):
     return setup
 
 
+def _transfer_head(head):
+    def setup(tmp):
+        (tmp / "data").mkdir()
+        return ["transfer", "--model", TINY, "--data", "cifar10", "--data-dir", tmp / "data",
+                "--head", head, "--quiet", "--out", tmp / "t"]
+    return setup
+
+
 def _checkpoint_inside_out(tmp):
     (tmp / "data").mkdir()
     return ["compress", *T, *PLAN_FLAGS, "--data", "cifar10", "--data-dir", tmp / "data",
@@ -673,6 +681,15 @@ CLI_CASES = [
      ["--targets", "macs=0.5x"]),
     ("sweep-bad-method", _sweep("--methods", "svd", "magic"), ["--methods", "magic"]),
     ("sweep-single-target-flag", _sweep("--target", "macs=2x"), ["--target", "--targets"]),
+    # a spectral rank rule and a method without singular values: found after the other
+    # methods' points were planned and fine-tuned, before
+    ("sweep-vbmf-with-cp", _sweep("--rank", "vbmf", "--methods", "svd", "cp"),
+     ["--rank vbmf", "--methods cp", "no singular values"]),
+    ("benchmark-compressed-without-weights", _benchmark(),
+     ["--compressed", "model.safetensors"]),
+    ("benchmark-device-with-onnxruntime", _benchmark("--engine", "onnxruntime", "--device",
+                                                     "cpu"), ["--device", "onnxruntime"]),
+    ("transfer-head-missing", _transfer_head("fc"), ["--head", "no module 'fc'"]),
     # options the layers pass to the solvers themselves are not the user's to set
     ("solver-option-set-by-rankcut", _compress("--solver-option", "svd.cov=5"),
      ["--solver-option", "cov", "sets it itself"]),

@@ -760,6 +760,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--finetune-epochs, --finetune-steps: give one, not both")
     if command in ("export",) and "device" in args.given:
         raise UserError("--device: export writes the model from the CPU; it takes no device")
+    if command == "benchmark" and args.engine == "onnxruntime" and "device" in args.given:
+        raise UserError("--device: --engine onnxruntime times on the CPU; drop --device")
     if command == "benchmark" and args.fused and args.engine == "onnxruntime":
         raise UserError("--fused: --engine onnxruntime always times the fused models (as "
                         "'rankcut export' writes them); drop --fused")
@@ -811,6 +813,17 @@ def _check_args(args: argparse.Namespace) -> None:
             _check_method("--methods", method)
         for target in args.targets:
             _as_user_error("--targets", parse_target, target)
+        if getattr(args, "rank", None):
+            from . import methods as registry
+            from .select import parse_rank
+
+            rule = _as_user_error("--rank", parse_rank, args.rank)
+            bare = [m for m in args.methods if m != "auto"
+                    and not registry.resolve(m)[0].spectra]
+            if rule.kind in ("energy", "vbmf") and bare:
+                raise UserError(f"--rank {args.rank}: not defined for --methods {bare[0]} (no "
+                                "singular values); use a fixed rank, 'params=F' or 'macs=F', "
+                                "or leave it out")
     if command == "analyze":
         from .select import parse_rank
 
@@ -1016,8 +1029,11 @@ class _Context:
             raise UserError(f"--compressed: {folder} is not a folder written by 'rankcut "
                             "compress'")
         model = self.model()
-        return _as_user_error("--compressed", lambda: load(
-            model, folder, verify=not self.args.no_verify)).eval()
+        try:
+            return _as_user_error("--compressed", lambda: load(
+                model, folder, verify=not self.args.no_verify)).eval()
+        except OSError as err:  # (a file missing beside plan.json)
+            raise UserError(f"--compressed: {err}") from None
 
     def finetune_options(self) -> dict:
         a = self.args
@@ -1214,6 +1230,11 @@ def cmd_transfer(args) -> int:
 
     ctx = _Context(args)
     backbone = ctx.subject()
+    if args.head is not None:  # before the data is read (slow for an image folder)
+        try:
+            backbone.get_submodule(args.head)
+        except AttributeError:
+            raise UserError(f"--head: the model has no module {args.head!r}") from None
     train = ctx.dataset("train", train_transform=True, limit=args.train_limit)
     test = ctx.test_data()
     base = _base_dataset(train)
@@ -1268,12 +1289,15 @@ def cmd_sweep(args) -> int:
     train = ctx.dataset("train", train_transform=True) if epochs or steps else None
     calib = ctx.calib_data(args.calib)
     dense = _evaluate(ctx, model, test)
+    model.cpu()  # (moved by the evaluation: planned where it was built, as compress plans)
     from .profile import count_macs, count_params
     from .select import TargetUnreachable
 
     base = {"params": count_params(model), "macs": count_macs(model, x)}
     points, skipped = [], []
-    timer = _SpeedUp(model, x, args.latency_batch or 1) if args.latency else None
+    timer = (_SpeedUp(model, x, args.latency_batch or 1,
+                      getattr(args, "latency_engine", None) or "eager")
+             if args.latency else None)
     extra = f" {'speed-up':>8}" if timer else ""
     _say(f"{'method':>12} {'target':>10} {'params x':>9} {'MACs x':>7} {'top-1 %':>8}{extra}")
     _say(f"{'dense':>12} {'-':>10} {1:9.2f} {1:7.2f} {dense['top1']:8.2f}"
@@ -1348,7 +1372,7 @@ class _SpeedUp:
     """Times compressed models against the dense one on this machine: both fused (the faster
     memory format of each), interleaved, median of 20 runs, at one batch."""
 
-    def __init__(self, model, x, batch: int):
+    def __init__(self, model, x, batch: int, engine: str = "eager"):
         import torch
 
         from ._modes import model_device
@@ -1357,8 +1381,10 @@ class _SpeedUp:
 
         self.x = with_batch(x, batch)
         self.dense = fuse(model, self.x, memory_format="auto")
+        self.engine = engine  # what the plans were made for (--latency-engine)
         self.setting = {"batch": batch, "threads": torch.get_num_threads(),
-                        "device": str(model_device(model))}
+                        "device": str(model_device(model)) if engine == "eager"
+                        else "cpu (onnxruntime)"}
 
     def describe(self) -> str:
         s = self.setting
@@ -1371,7 +1397,7 @@ class _SpeedUp:
 
         small = fuse(small.to(model_device(self.dense)), self.x,
                      memory_format="auto")
-        d, c = compare_latency(self.dense, small, self.x, repeats=20)
+        d, c = compare_latency(self.dense, small, self.x, repeats=20, engine=self.engine)
         return {"speedup": d.median_ms / c.median_ms, "latency_ms": c.median_ms,
                 "dense_latency_ms": d.median_ms}
 
@@ -1384,7 +1410,8 @@ def cmd_analyze(args) -> int:
     from .atomic import atomic_folder
 
     model, x = model.to(ctx.device), x.to(ctx.device)
-    result = R.analyze(model, x, rank_rules=tuple(args.rules), calib_data=calib)
+    result = R.analyze(model, x, rank_rules=tuple(args.rules), calib_data=calib,
+                       max_batches=None)  # (--calib says how many examples: all are used)
     out = Path(args.out)
     with atomic_folder(out) as tmp:
         (tmp / "analysis.json").write_text(json.dumps(result.to_dict(), indent=2))
