@@ -356,6 +356,15 @@ def _transfer_head(head):
     return setup
 
 
+def _checkpoint_held(tmp):
+    """An interrupted run's checkpoint, and the same command again without --resume: its
+    first checkpoint replaced the earlier one, in silence."""
+    (tmp / "data").mkdir()
+    _write(tmp / "ck" / "last.pt", b"an earlier run's checkpoint")
+    return ["compress", *T, *PLAN_FLAGS, "--data", "cifar10", "--data-dir", tmp / "data",
+            "--finetune-steps", 1, "--checkpoint-dir", tmp / "ck", "--out", tmp / "o"]
+
+
 def _checkpoint_inside_out(tmp):
     (tmp / "data").mkdir()
     return ["compress", *T, *PLAN_FLAGS, "--data", "cifar10", "--data-dir", tmp / "data",
@@ -674,6 +683,8 @@ CLI_CASES = [
     ("finetune-without-data", _compress("--finetune-steps", 2), ["--finetune-steps", "--data"]),
     ("resume-without-checkpoint-dir", _compress("--resume"), ["--resume", "--checkpoint-dir"]),
     ("checkpoint-dir-inside-out", _checkpoint_inside_out, ["--checkpoint-dir", "--out"]),
+    ("checkpoint-dir-of-an-earlier-run", _checkpoint_held, ["--checkpoint-dir", "last.pt",
+                                                            "--resume"]),
     ("unknown-dataset", _compress("--data", "imagenet"), ["--data", "imagenet"]),
     ("compressed-not-rankcut", _compressed_not_rankcut, ["--compressed", "plan.json"]),
     # sweep parses all its targets and methods before the first row

@@ -640,6 +640,11 @@ def _check_paths(args: argparse.Namespace) -> None:
         if out is not None and _inside(Path(ckpt), Path(out)):
             raise UserError(f"--checkpoint-dir: {ckpt} lies inside --out {out}, which is "
                             "replaced whole at the end; keep checkpoints elsewhere")
+        held = (next(Path(ckpt).rglob("last.pt"), None) if Path(ckpt).is_dir() else None)
+        if held is not None and not getattr(args, "resume", False):
+            raise UserError(f"--checkpoint-dir: {ckpt} holds an earlier run's checkpoint "
+                            f"({held}), which this run would replace: pass --resume to "
+                            "continue it, or give another folder to start afresh")
     teacher_cache = getattr(args, "teacher_cache", None)
     if teacher_cache:
         problem = folder_target_problem(teacher_cache)
