@@ -330,3 +330,26 @@ def test_multistage_accuracy_floor_is_checked_on_held_out_training_data(weights,
     rest = ctx.dataset("train", train_transform=True)
     assert len(held) == 96 and len(rest) == 50000 - 96
     assert not set(held.indices) & set(rest.indices)
+
+
+def test_transfer_sizes_the_head_by_the_dataset_not_by_the_labels_it_read(capsys, tmp_path):
+    """CIFAR-100 in its binary version without the class-name file: the head was sized from
+    the largest label among the --train-limit examples read (4 classes here), and the test
+    split's labels up to 99 then failed the evaluation after training."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "data" / "cifar-100-binary"
+    folder.mkdir(parents=True)
+
+    def records(labels) -> bytes:  # (coarse label, fine label, 3072 pixels) each
+        return b"".join(bytes([0, y]) + bytes(3 * 32 * 32) for y in labels)
+
+    (folder / "train.bin").write_bytes(records([0, 1, 2, 3, 1, 0, 2, 3]))
+    (folder / "test.bin").write_bytes(records([0, 50, 99, 7]))
+    code, _, err = run(capsys, "transfer", "--model", "resnet20_cifar", "--data", "cifar100",
+                       "--data-dir", tmp_path / "data", "--train-limit", 8,
+                       "--finetune-steps", 1, "--batch-size", 4, "--out", tmp_path / "t",
+                       "--quiet")
+    assert code == 0, err
+    with safe_open(str(tmp_path / "t" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("linear.weight").get_shape()[0] == 100

@@ -1243,8 +1243,17 @@ def cmd_transfer(args) -> int:
     train = ctx.dataset("train", train_transform=True, limit=args.train_limit)
     test = ctx.test_data()
     base = _base_dataset(train)
+    from .data import dataset_key
+    from .data._formats import CIFAR
+
+    # the dataset's own count where it is known (a --train-limit subset may lack the last
+    # classes: a head sized from its labels was too small for the test split)
+    known = {**{k: spec.num_classes for k, spec in CIFAR.items()}, "mnist": 10,
+             "fashion_mnist": 10}
     if getattr(base, "classes", None):
         classes = len(base.classes)
+    elif dataset_key(args.data) in known:
+        classes = known[dataset_key(args.data)]
     else:
         labels = [int(y) for y in getattr(base, "labels", [])]
         if not labels:
