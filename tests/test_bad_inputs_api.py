@@ -390,8 +390,6 @@ HELPER_CASES = [
      "device: the model is on cpu, not cuda; move it there first"),
     ("fine-tuning on a device that does not exist", fresh,
      lambda m: _finetune(m, device="gpu"), ValueError, "device: expected cpu, cuda"),
-    ("warm-up as long as the run", fresh, lambda m: _finetune(m, steps=3, warmup_steps=3),
-     ValueError, "warmup_steps: 3 is not below the run's 3 steps"),
     ("a loader's batch size given again", fresh,
      lambda m: _finetune(m, torch.utils.data.DataLoader(
          torch.utils.data.TensorDataset(*_labelled()), batch_size=2), batch_size=32),
@@ -640,6 +638,11 @@ def test_a_data_root_variable_naming_no_folder_is_warned_about(tmp_path, monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert find_data_root() == tmp_path
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about():
+    with pytest.warns(UserWarning, match="warmup_steps: 3 is not below the run's 3 steps"):
+        _finetune(fresh(), steps=3, warmup_steps=3)
 
 
 @pytest.mark.parametrize("option, needs", [("checkpoint_every", "checkpoint_dir"),

@@ -355,9 +355,10 @@ class _Run:
             self.total = int(epochs if epochs is not None else 1) * self.steps_per_epoch
         if self.total < 1:
             raise ValueError(f"nothing to train: {self.total} steps")
-        if o["warmup_steps"] >= self.total:
-            raise ValueError(f"warmup_steps: {o['warmup_steps']} is not below the run's "
-                             f"{self.total} steps: the rate would never reach lr")
+        if o["warmup_steps"] >= self.total:  # (a warning: layerwise's short per-layer runs
+            # share the final fine-tuning's options)
+            warnings.warn(f"warmup_steps: {o['warmup_steps']} is not below the run's "
+                          f"{self.total} steps: the rate never reaches lr", stacklevel=4)
 
     def _epoch_batches(self, epoch: int, start: int):
         if self.loader is None:
