@@ -606,7 +606,7 @@ def run(name: str, s: dict, folder: Path, root: Path, device: str) -> dict:
         tune["lr"] = s["lr"]
     if s["distill"] and s["teacher_cache"]:
         tune["teacher_cache"] = str(folder.parent / "teacher-outputs")
-    tuning = s["epochs"] is not None or s["steps"] is not None or s["steps_per_layer"]
+    tuning = tunes(s)
     method = "cp by sensitivity" if s["sensitivity"] is not None else s["method"]
     per_layer = f" + {s['steps_per_layer']} per layer" if s["steps_per_layer"] else ""
     print(f"[{name}] {s['model']} dense {dense['top1']:.2f}%; {method} "
@@ -721,12 +721,17 @@ def check_start_from(folder: Path, name: str, s: dict) -> None:
                          f"other {changed}; give this run the same ones")
 
 
+def tunes(s: dict) -> bool:
+    """Whether a run with settings ``s`` fine-tunes (epochs, steps, or steps per layer)."""
+    return s["epochs"] is not None or s["steps"] is not None or bool(s["steps_per_layer"])
+
+
 def start_ready(base: Path, name: str, s: dict) -> bool:
     """Whether run ``name`` of ``base`` can take what its ``start_from`` run made, as things
     stand: the source's finished model (a run without fine-tuning, :func:`reuse_finished`), or
     its factorized model before fine-tuning (:func:`reuse_start`; or this run's own copy)."""
     source = base / s["start_from"]
-    if s["epochs"] is not None or s["steps"] is not None or s["steps_per_layer"]:
+    if tunes(s):
         return ((base / name / "checkpoints" / "start").is_dir()
                 or (source / "checkpoints" / "start" / "model.safetensors").is_file())
     return (source / "model" / "plan.json").is_file()

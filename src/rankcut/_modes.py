@@ -91,11 +91,14 @@ def forward_on(inputs, what: str = "example_inputs") -> Iterator[None]:
                          ) from err
 
 
-def model_device(model: nn.Module, fallback="cpu") -> torch.device:
+def model_device(model: nn.Module, fallback="cpu") -> torch.device | None:
     """Where ``model`` runs: the device of its first parameter, else of its first buffer, else
-    ``fallback`` (a device, or a name): the one way rankcut reads it."""
+    ``fallback`` (a device, or a name; None: None, for a model that holds no tensor and so runs
+    anywhere): the one way rankcut reads it."""
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device(fallback) if first is None else first.device
+    if first is not None:
+        return first.device
+    return None if fallback is None else torch.device(fallback)
 
 
 def available_device(text: str) -> torch.device:

@@ -1246,14 +1246,13 @@ def cmd_transfer(args) -> int:
     from .data import dataset_key
     from .data._formats import CIFAR
 
-    # the dataset's own count where it is known (a --train-limit subset may lack the last
-    # classes: a head sized from its labels was too small for the test split)
-    known = {**{k: spec.num_classes for k, spec in CIFAR.items()}, "mnist": 10,
-             "fashion_mnist": 10}
+    # CIFAR's own count where its class names are not there (a --train-limit subset may lack
+    # the last classes: a head sized from its labels was too small for the test split; the
+    # idx datasets always name their classes)
     if getattr(base, "classes", None):
         classes = len(base.classes)
-    elif dataset_key(args.data) in known:
-        classes = known[dataset_key(args.data)]
+    elif dataset_key(args.data) in CIFAR:
+        classes = CIFAR[dataset_key(args.data)].num_classes
     else:
         labels = [int(y) for y in getattr(base, "labels", [])]
         if not labels:

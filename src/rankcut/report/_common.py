@@ -167,7 +167,8 @@ def check_schema(d: Mapping, schema: str, version: int, what: str) -> None:
 
 def document_fields(d: Mapping, what: str, required: dict[str, type],
                     optional: dict[str, type], totals: dict[str, int]) -> dict[str, Any]:
-    """The fields of a report-like document's JSON ``d`` (its schema checked first): each of
+    """The fields of a report-like document's JSON ``d`` (whose schema the caller has checked
+    with :func:`check_schema`): each of
     ``required`` (name -> dict or list) present, each of ``optional`` absent (an empty one
     then), null (for a dict: empty too) or of its type, and ``totals`` holding each named
     figure as a number (0) or a [before, after] pair of numbers (2); else a ValueError naming

@@ -459,16 +459,19 @@ class LatencyTable:
                 self._deployed[deployed] = fuse(model, x, check=False, memory_format="auto")
             dense = self._deployed[deployed]
             small = fuse(structure(model, plan), x, check=False, memory_format="auto")
+
             def reading() -> list[float]:
                 d, p = compare_latency(dense, small, x, warmup=self.warmup, repeats=repeats,
                                        engine=self.engine)
                 return [d.median_ms, p.median_ms]
 
+            def ratio(r: list[float]) -> float:  # planned / dense
+                return r[1] / max(r[0], 1e-12)
+
             readings = [reading()]
-            ratio = readings[0][1] / max(readings[0][0], 1e-12)
-            if goal is not None and abs(ratio - goal) <= CONFIRM_BAND * goal:
+            if goal is not None and abs(ratio(readings[0]) - goal) <= CONFIRM_BAND * goal:
                 readings += [reading() for _ in range(CONFIRM_ROUNDS - 1)]
-            readings.sort(key=lambda r: r[1] / max(r[0], 1e-12))
+            readings.sort(key=ratio)
             times[str(batch)] = readings[len(readings) // 2]
             self.measured += len(readings)
         return tuple(times[str(batch)])

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from .._modes import check_module, eval_mode, forward_on, logits_of
+from .._modes import check_module, eval_mode, forward_on, logits_of, model_device
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
 from .losses import check_targets
@@ -43,8 +41,7 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
     if isinstance(data, IterableDataset):  # a stream: read in order, in batches
         data = DataLoader(data, batch_size=batch_size)
     data = as_data(data, "data")
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    held = None if first is None else first.device  # (a model without tensors runs anywhere)
+    held = model_device(model, fallback=None)
     if device is None:
         device = held if held is not None else torch.device("cpu")
     try:
