@@ -232,6 +232,22 @@ def _out_not_rankcut(tmp):
     return ["compress", *T, *PLAN_FLAGS, "--out", tmp / "o"]
 
 
+def _transfer_out_a_compress_output(tmp):
+    """Every rankcut save holds a plan.json: a compress output (its report beside) was taken
+    for an earlier transfer output and replaced whole."""
+    for name in ("plan.json", "model.safetensors", "report.json", "report.md"):
+        _write(tmp / "o" / name, b"{}")
+    (tmp / "data").mkdir()
+    return ["transfer", "--model", TINY, "--data", "cifar10", "--data-dir", tmp / "data",
+            "--quiet", "--out", tmp / "o"]
+
+
+def _compress_out_a_transfer_output(tmp):
+    for name in ("plan.json", "model.safetensors", "transfer.json"):
+        _write(tmp / "o" / name, b"{}")
+    return ["compress", *T, *PLAN_FLAGS, "--out", tmp / "o"]
+
+
 def _sweep_out_not_rankcut(tmp):
     _write(tmp / "o" / "notes.txt", b"keep\n")
     (tmp / "data").mkdir()
@@ -274,6 +290,7 @@ def _saved_plan(tmp):
 
 def _plan_inside_out(tmp):
     _write(tmp / "o" / "plan.json", rc.Plan({"2": rc.LayerPlan("svd", (4,))}).to_json().encode())
+    _write(tmp / "o" / "report.json", b"{}")  # an earlier compress output
     return ["compress", *T, "--plan", tmp / "o" / "plan.json", "--out", tmp / "o"]
 
 
@@ -304,7 +321,7 @@ def _plan_rank_too_large(tmp):
 
 
 def _config_inside_out(tmp):
-    _write(tmp / "o" / "plan.json", b"{}")  # an earlier output, holding the run's config
+    _write(tmp / "o" / "report.json", b"{}")  # an earlier output, holding the run's config
     _write(tmp / "o" / "run.yaml", b"method: svd\n")
     return ["compress", *T, *PLAN_FLAGS, "--config", tmp / "o" / "run.yaml", "--out", tmp / "o"]
 
@@ -514,6 +531,10 @@ CLI_CASES = [
     ("out-under-a-file", _out_under_a_file, ["--out", "which is a file"]),
     # 10. a non-empty folder that is no rankcut output needs --overwrite
     ("out-not-a-rankcut-output", _out_not_rankcut, ["--out", "not empty", "--overwrite"]),
+    ("transfer-out-a-compress-output", _transfer_out_a_compress_output,
+     ["--out", "no transfer.json", "--overwrite"]),
+    ("compress-out-a-transfer-output", _compress_out_a_transfer_output,
+     ["--out", "no report.json", "--overwrite"]),
     ("sweep-out-not-a-sweep-output", _sweep_out_not_rankcut,
      ["--out", "no sweep.json", "--overwrite"]),
     # 4. export destinations
@@ -1104,7 +1125,7 @@ def test_load_takes_a_base_whose_weights_are_not_set(saved):
 def test_an_earlier_output_is_replaced_whole(capsys, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "plan.json").write_text("{}")  # an earlier run's output ...
+    (out / "report.json").write_text("{}")  # an earlier run's output ...
     (out / "stale.png").write_bytes(b"old plot")  # ... with a file this run does not write
     code, _, err = run(capsys, "compress", *T, *PLAN_FLAGS, "--out", out)
     assert code == 0, err

@@ -225,7 +225,11 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
     mnist = rc.data.dataset("mnist", "test", root=shared_data, limit=200,
                             transform=rc.data.transforms("mnist", train=False, size=32,
                                                          normalization="resnet20_cifar"))
-    assert f"top-1 {evaluate(moved, mnist)['top1']:.2f}%" in stdout
+    top1 = evaluate(moved, mnist)["top1"]
+    assert f"top-1 {top1:.2f}%" in stdout
+    record = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert record["test"]["top1"] == pytest.approx(top1) and record["num_classes"] == 10
+    assert record["train_examples"] == 256 and record["backbone"] == str(out)
 
 
 def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, tmp_path):

@@ -30,9 +30,11 @@ from .defaults import COMPRESS
 EXIT_USAGE = 2
 EXIT_ERROR = 1  # anything else: the one line names its type (--debug: the traceback)
 # the file that marks an existing folder as an earlier output of the subcommand (which may then
-# be replaced whole); any other non-empty folder needs --overwrite
-OUTPUT_MARKERS = {"compress": "plan.json", "sweep": "sweep.json", "analyze": "analysis.json",
-                  "demo": "plan.json", "transfer": "plan.json"}
+# be replaced whole); any other non-empty folder needs --overwrite. Not plan.json: every rankcut
+# save holds one, and a transfer --out naming a compress output (or the reverse) replaced it.
+# The demo's stays plan.json (its report is written only where rankcut.report is installed)
+OUTPUT_MARKERS = {"compress": "report.json", "sweep": "sweep.json", "analyze": "analysis.json",
+                  "demo": "plan.json", "transfer": "transfer.json"}
 
 
 class UserError(Exception):
@@ -1270,11 +1272,17 @@ def cmd_transfer(args) -> int:
     model = result.model.cpu().eval()
     m = _evaluate(ctx, model, test)
     out = Path(args.out)
+    record = {"command": "rankcut " + " ".join(sys.argv[1:]), "model": args.model,
+              "backbone": args.compressed, "head": args.head, "data": args.data,
+              "num_classes": classes,
+              "train_examples": len(train), "epochs": epochs, "steps": steps,
+              "params": count_params(model), "test": m}
     with atomic_folder(out) as tmp:  # the plan is read off the model's factorized layers
         save(model, tmp)
+        (tmp / OUTPUT_MARKERS["transfer"]).write_text(json.dumps(record, indent=2) + "\n")
     _say(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  on {m['n']} "
          f"{args.data} test examples; backbone {count_params(model):,} params in all")
-    _say(f"wrote {out}/: plan.json, model.safetensors (load with rc.load(create("
+    _say(f"wrote {out}/: plan.json, model.safetensors, transfer.json (load with rc.load(create("
          f"{args.model!r}, num_classes={classes}), {str(out)!r}))")
     return 0
 
