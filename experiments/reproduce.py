@@ -438,6 +438,32 @@ def _datasets(data: str, norm, size, test_limit, root: str, augment: str):
 _DENSE_TOP1: dict[tuple, dict] = {}
 
 
+def check_models(todo: dict, root: Path) -> None:
+    """Build each run's model as the run will (``num_classes`` outputs, its weights file or
+    the pretrained one loaded strictly; a file a ``train:`` recipe has yet to make is not read)
+    and refuse, before the first run, one that fails or whose outputs are not its data's
+    classes: found only when the run was reached, after the runs before it (hours)."""
+    outputs: dict[tuple, int | None] = {}
+    for name, s in todo.items():
+        try:
+            weights = (pretrained_path(s["model"], root) if s["weights"] == "pretrained"
+                       else Path(s["weights"]) if Path(s["weights"]).is_file() else None)
+            key = (s["model"], str(weights), s["num_classes"])
+            if key not in outputs:
+                linears = [m for m in create(s["model"], weights=weights,
+                                             num_classes=s["num_classes"]).modules()
+                           if isinstance(m, torch.nn.Linear)]
+                outputs[key] = linears[-1].out_features if linears else None
+        except (OSError, ValueError, TypeError, RuntimeError) as err:
+            raise SystemExit(f"run {name!r}: model: {err}") from None
+        classes = D.num_classes(s["data"])
+        if None not in (outputs[key], classes) and outputs[key] != classes:
+            raise SystemExit(
+                f"run {name!r}: {s['model']} has {outputs[key]} outputs (num_classes: "
+                f"{s['num_classes']}), but {s['data']} has {classes} classes; set num_classes: "
+                f"{classes}")
+
+
 def dense_top1(model: torch.nn.Module, s: dict, weights: Path, test) -> dict:
     """``evaluate(model, test)`` of the dense model, measured once per process for each model,
     weights file and test data (runs of one config share it)."""
@@ -1036,6 +1062,7 @@ def main() -> int:
                     D.dataset(key, split, root=root, limit=1)
                 except (OSError, ValueError) as err:
                     raise SystemExit(f"data: {err}") from None
+        check_models({name: s for name, s in every.items() if done[name] is None}, root)
         # runs of one model share its layers' SVDs and whitened Grams (the same results, bit for
         # bit; a 4096 x 25,088 layer's are minutes each)
         with rc.decompose.reuse_svds(max_entries=8):

@@ -360,6 +360,39 @@ def test_a_bad_run_is_refused_before_the_first_run_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_model_that_does_not_fit_its_weights_or_data_is_refused_before_the_first_run(
+        tmp_path):
+    """Built as the run builds it: a class count that is not the data's, or a weights file of
+    another model, was found only when the run was reached (after the runs before it)."""
+    import pytest
+    from safetensors.torch import save_file
+
+    from rankcut.models import create
+
+    reproduce_ = _reproduce_module()
+
+    def settings(**own):
+        config = {"model": "resnet20_cifar", "runs": {"r": {"rank": 8, **own}}}
+        return reproduce_.settings_of(config, "r")
+
+    fit = tmp_path / "fit.safetensors"
+    save_file(create("resnet20_cifar", num_classes=100).state_dict(), str(fit))
+    other = tmp_path / "other.safetensors"
+    save_file(create("resnet20_cifar", num_classes=10).state_dict(), str(other))
+    ok = {"a": settings(weights=str(fit), num_classes=100, data="cifar100"),
+          "b": settings(weights=str(tmp_path / "made-later.safetensors"), num_classes=10,
+                        train={"epochs": 1})}  # not made yet: built without weights
+    reproduce_.check_models(ok, tmp_path)
+    with pytest.raises(SystemExit, match=r"run 'c': resnet20_cifar has 100 outputs "
+                                         r"\(num_classes: 100\), but cifar10 has 10 classes"):
+        reproduce_.check_models({"c": settings(weights=str(fit), num_classes=100)}, tmp_path)
+    with pytest.raises(SystemExit, match=r"run 'd': model: weights: .*other.safetensors"):
+        reproduce_.check_models({"d": settings(weights=str(other), num_classes=100,
+                                               data="cifar100")}, tmp_path)
+    with pytest.raises(SystemExit, match=r"run 'e': model: weights: .*not found"):
+        reproduce_.check_models({"e": settings()}, tmp_path)  # no pretrained file under root
+
+
 def test_a_config_file_that_is_no_config_is_one_line_not_a_traceback(tmp_path, monkeypatch):
     import pytest
 

@@ -110,6 +110,9 @@ def test_unknown_name_lists_what_is_known():
 def test_dataset_names_are_spelled_one_way():
     assert [data.dataset_key(n) for n in ("Fashion-MNIST", "cifar10", "MNIST")] == [
         "fashion_mnist", "cifar10", "mnist"]
+    # class counts from the formats alone (an image folder's are its folders, read later)
+    assert [data.num_classes(n) for n in ("Fashion-MNIST", "cifar100", "MNIST", "imagefolder")
+            ] == [10, 100, 10, None]
 
 
 def test_normalization_by_model():

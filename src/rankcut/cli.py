@@ -1245,17 +1245,13 @@ def cmd_transfer(args) -> int:
     train = ctx.dataset("train", train_transform=True, limit=args.train_limit)
     test = ctx.test_data()
     base = _base_dataset(train)
-    from .data import dataset_key
-    from .data._formats import CIFAR
+    from .data import num_classes
 
-    # CIFAR's own count where its class names are not there (a --train-limit subset may lack
-    # the last classes: a head sized from its labels was too small for the test split; the
-    # idx datasets always name their classes)
-    if getattr(base, "classes", None):
-        classes = len(base.classes)
-    elif dataset_key(args.data) in CIFAR:
-        classes = CIFAR[dataset_key(args.data)].num_classes
-    else:
+    # the format's own count where it has one (a --train-limit subset may lack the last
+    # classes: a head sized from its labels was too small for the test split), else an image
+    # folder's class names
+    classes = num_classes(args.data) or len(getattr(base, "classes", None) or [])
+    if not classes:
         labels = [int(y) for y in getattr(base, "labels", [])]
         if not labels:
             raise UserError(f"--data: {args.data} gives no labels to count the classes of")

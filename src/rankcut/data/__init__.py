@@ -34,6 +34,7 @@ from ._datasets import (
     dataset,
     dataset_key,
     loader,
+    num_classes,
     train_val_split,
     with_transform,
 )
@@ -142,6 +143,7 @@ __all__ = [
     "find_data_root",
     "load_conv_kernels",
     "loader",
+    "num_classes",
     "read_cifar10_bin",
     "read_idx",
     "require_data_root",

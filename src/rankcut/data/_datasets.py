@@ -28,6 +28,17 @@ def dataset_key(name: str) -> str:
         raise ValueError(f"name: expected a dataset name (e.g. 'cifar10'), got {name!r}")
     return name.lower().replace("-", "_")
 
+
+def num_classes(name: str) -> int | None:
+    """How many classes dataset ``name`` has (labels 0 .. n - 1), known from its format alone;
+    None for an image folder (counted from its folders when read)."""
+    key = dataset_key(name)
+    if key in _formats.CIFAR:
+        return _formats.CIFAR[key].num_classes
+    if key in _formats.IDX:
+        return len(_formats.IDX[key].classes)
+    return None
+
 # the folders of an image tree that hold its test split, in order of preference
 TEST_FOLDERS = ("test", "val", "validation")
 
