@@ -377,3 +377,55 @@ def test_probing_keeps_user_hooks_and_instance_forwards_as_they_run():
         probed = prefix.run(model, x, original)
     assert torch.allclose(probed, prefix.reference, atol=1e-12)
     assert vars(model.l1)["forward"] is own
+
+
+def test_the_damage_of_whole_models_is_their_outputs_kl_from_the_dense_one(net):
+    cut = rc.apply(net, rc.plan(net, X, method="svd", rank=1, min_params=100,
+                                allow_slower=True))
+    measured = damage.output_damage(net, {"same": copy.deepcopy(net), "cut": cut}, CALIB,
+                                    max_samples=40)
+    assert measured["same"] == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():  # the first 40 calibration inputs: 32 of one batch, 8 of the next
+        x = torch.cat(CALIB)[:40]
+        p, q = torch.log_softmax(net(x).double(), 1), torch.log_softmax(cut(x).double(), 1)
+    assert measured["cut"] == pytest.approx(float((p.exp() * (p - q)).sum(1).mean()))
+    assert measured["cut"] > 0
+
+
+@pytest.mark.parametrize("unweighted_nearer", [True, False])
+def test_compress_keeps_the_plan_whose_applied_model_is_nearer_the_dense_one(
+        net, monkeypatch, unweighted_nearer):
+    """The loss-aware plan is applied beside the unweighted one and the model nearer the dense
+    outputs is kept (the damage weights misjudged VGG-11-BN's Tucker-2 plan at 32x)."""
+    weighted = rc.plan(net, X, method="svd", target="params=2x", calib_data=CALIB,
+                       allow_slower=True, min_params=100)
+    plain = rc.plan(net, X, method="svd", target="params=2x", calib_data=CALIB,
+                    allow_slower=True, min_params=100, loss_aware=False)
+    layers = {n: lp.ranks for n, lp in weighted.active.items()}
+    assert layers != {n: lp.ranks for n, lp in plain.active.items()}
+    seen, real = [], damage.output_damage
+
+    def measured(model, others, calib_data, **kw):  # the real measure, with its verdict forced
+        seen.append(real(model, others, calib_data, **kw))
+        return ({"weighted": 1.0, "unweighted": 0.5} if unweighted_nearer
+                else {"weighted": 0.5, "unweighted": 1.0})
+
+    monkeypatch.setattr(damage, "output_damage", measured)
+    result = rc.compress(net, X, method="svd", target="params=2x", calib_data=CALIB,
+                         plan_options={"allow_slower": True, "min_params": 100},
+                         progress=False)
+    kept = plain if unweighted_nearer else weighted
+    assert {n: lp.ranks for n, lp in result.plan.active.items()} == {
+        n: lp.ranks for n, lp in kept.active.items()}
+    check = result.plan.meta["loss_aware_check"]
+    assert check["kept"] == ("unweighted" if unweighted_nearer else "weighted")
+    assert len(seen) == 1 and set(seen[0]) == {"weighted", "unweighted"}
+    small = rc.apply(net, kept, calib_data=CALIB)
+    with torch.no_grad():
+        assert torch.allclose(result.model(X), small(X), atol=1e-6)
+    # asked for by name (loss_aware given), nothing is compared
+    chosen = rc.compress(net, X, method="svd", target="params=2x", calib_data=CALIB,
+                         plan_options={"allow_slower": True, "min_params": 100,
+                                       "loss_aware": True}, progress=False)
+    assert "loss_aware_check" not in chosen.plan.meta and len(seen) == 1
+    assert {n: lp.ranks for n, lp in chosen.plan.active.items()} == layers

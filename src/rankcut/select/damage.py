@@ -15,6 +15,7 @@ the outputs of the layers before it are the dense run's, reused.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -138,12 +139,7 @@ def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[s
     root) and bounded to [1/4, 4] (one probe measures one point); a layer whose ratio is not
     finite (a failed solve's error) gets 1. ``max_batches``: of the first that many
     calibration batches at most (rankcut.plan's)."""
-    inputs, seen = [], 0
-    for x in calibration_inputs(calib_data, max_batches):
-        inputs.append(x[:max_samples - seen])
-        seen += len(inputs[-1])
-        if seen >= max_samples:
-            break
+    inputs = _first_inputs(calib_data, max_samples, max_batches)
     work = copy.deepcopy(model)
     device = model_device(work)
     kl = dict.fromkeys(probes, 0.0)
@@ -182,6 +178,39 @@ def layer_weights(model: nn.Module, probes: dict[str, nn.Module], errors: dict[s
     # the ratio, so a layer probed where its damage happened to be small is not given away.
     return {name: min(max((raw[name] / mean) ** SHRINK, 1 / MAX_RATIO), MAX_RATIO)
             if name in measured else 1.0 for name in raw}
+
+
+def _first_inputs(calib_data, max_samples: int, max_batches: int | None) -> list[torch.Tensor]:
+    """The first ``max_samples`` calibration inputs (of the first ``max_batches`` batches at
+    most), batch by batch."""
+    inputs, seen = [], 0
+    for x in calibration_inputs(calib_data, max_batches):
+        inputs.append(x[:max_samples - seen])
+        seen += len(inputs[-1])
+        if seen >= max_samples:
+            break
+    return inputs
+
+
+def output_damage(model: nn.Module, others: dict[str, nn.Module], calib_data, *,
+                  max_samples: int = 256, max_batches: int | None = None) -> dict[str, float]:
+    """The damage each of ``others`` (e.g. ``model`` compressed by two plans) does, measured
+    whole: the mean KL divergence between ``model``'s output distribution and each one's on
+    the first ``max_samples`` calibration inputs (of the first ``max_batches`` batches)."""
+    kl = dict.fromkeys(others, 0.0)
+    seen = 0
+    device = model_device(model)
+    with eval_mode(model), contextlib.ExitStack() as stack, torch.no_grad():
+        for other in others.values():
+            stack.enter_context(eval_mode(other))
+        for x in _first_inputs(calib_data, max_samples, max_batches):
+            x = x.to(device)
+            reference = _log_probs(model, x)
+            for key, other in others.items():
+                kl[key] += float(F.kl_div(_log_probs(other, x), reference, log_target=True,
+                                          reduction="sum"))
+            seen += len(x)
+    return {key: max(value / max(seen, 1), 0.0) for key, value in kl.items()}
 
 
 def weighted(cands: list[Candidate], weight: float) -> list[Candidate]:
