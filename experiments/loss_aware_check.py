@@ -17,21 +17,13 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import rankcut as rc
 from rankcut import data as D
 from rankcut.models import create, pretrained_path
 from rankcut.profile import count_params
-from rankcut.select import CandidateCache
+from rankcut.select import CandidateCache, damage
 from rankcut.train import evaluate
-
-
-def mean_kl(dense: torch.nn.Module, small: torch.nn.Module, inputs: torch.Tensor) -> float:
-    """Mean KL(dense ‖ small) of the class distributions over ``inputs``."""
-    with torch.no_grad():
-        p, q = (F.log_softmax(m.eval()(inputs).double(), dim=1) for m in (dense, small))
-    return float(F.kl_div(q, p, log_target=True, reduction="batchmean"))
 
 
 def main() -> None:
@@ -48,7 +40,6 @@ def main() -> None:
     test = D.dataset("cifar10", "test", root=root, transform=tf)
     calib = D.calibration(D.dataset("cifar10", "train", root=root, transform=tf),
                           n=args.calib, seed=0)
-    probe = torch.cat([x for x, _ in calib])[:256]
     x = test[0][0].unsqueeze(0)
     cache = CandidateCache()  # the second plan of a target reuses the first's candidates
     print(f"{args.model} (dense {evaluate(model, test)['top1']:.2f}% on {len(test)} test "
@@ -64,13 +55,13 @@ def main() -> None:
                                                "loss_aware": loss_aware})
             seconds = time.perf_counter() - start
             one_shot = rc.apply(model, result.plan, calib_data=calib, sequential=False)
+            kl = damage.output_damage(model, {"seq": result.model, "one": one_shot}, calib)
             ranks = " ".join(f"{n}:{'x'.join(map(str, lp.ranks))}"
                              for n, lp in result.plan.active.items())
             print(f"{target:>11} {'on' if loss_aware else 'off':>10} "
                   f"{count_params(model) / count_params(result.model):8.1f} "
                   f"{evaluate(result.model, test)['top1']:6.2f} "
-                  f"{mean_kl(model, result.model, probe):8.3f} "
-                  f"{mean_kl(model, one_shot, probe):11.3f} {seconds:5.0f}  {ranks}",
+                  f"{kl['seq']:8.3f} {kl['one']:11.3f} {seconds:5.0f}  {ranks}",
                   flush=True)
 
 
