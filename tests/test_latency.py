@@ -133,6 +133,16 @@ def test_table_saves_loads_and_refuses_another_setting(tmp_path, fake_latency):
         LatencyTable.load(path)
     with pytest.raises(ValueError, match="memory_format"):
         LatencyTable(memory_format="nhwc")
+    # timing counts checked as the profiler checks them: NumPy ints taken (stored as ints,
+    # so the table still saves), bools and floats refused
+    import numpy as np
+
+    counted = LatencyTable(warmup=np.int64(1), repeats=np.int32(4))
+    assert (counted.warmup, counted.repeats) == (1, 4) and type(counted.repeats) is int
+    counted.save(tmp_path / "counted.json")
+    for warmup, repeats in ((1, True), (1, 4.0), (-1, 4)):
+        with pytest.raises(ValueError, match="warmup, repeats: expected ints"):
+            LatencyTable(warmup=warmup, repeats=repeats)
 
 
 def test_the_guard_keeps_a_budgeted_plan_no_slower_than_dense(fake_latency):

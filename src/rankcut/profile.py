@@ -334,7 +334,8 @@ def _summary(times: list[float], batch: int, device: str) -> Latency:
     return Latency(median, q1, q3, len(times), batch, torch.get_num_threads(), device)
 
 
-def _check_counts(warmup: int, repeats: int) -> None:
+def check_counts(warmup: int, repeats: int) -> None:
+    """Refuse timing counts that are not whole numbers (``warmup`` >= 0, ``repeats`` >= 1)."""
     def whole(n) -> bool:
         return isinstance(n, numbers.Integral) and not isinstance(n, bool)
 
@@ -386,7 +387,7 @@ def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
     ``engine="onnxruntime"``: the model exported to ONNX and run by ONNX Runtime on the CPU
     (:func:`ort_session`; the export is not timed)."""
     check_module(model)
-    _check_counts(warmup, repeats)
+    check_counts(warmup, repeats)
     inputs = as_inputs(example_inputs)
     with eval_mode(model), forward_on(inputs):
         run, device = _timer(model, inputs, engine)
@@ -406,7 +407,7 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
     in ``engine`` (see :func:`measure_latency`)."""
     check_module(first, "first")
     check_module(second, "second")
-    _check_counts(warmup, repeats)
+    check_counts(warmup, repeats)
     inputs = as_inputs(example_inputs)
     other = inputs if second_inputs is None else as_inputs(second_inputs)
     with eval_mode(first), eval_mode(second):
@@ -652,7 +653,7 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, batches=(
     inputs = as_inputs(example_inputs)
     batches = _check_batches(batches)
     if latency:
-        _check_counts(warmup, repeats)
+        check_counts(warmup, repeats)
     user_batch = batch_of(inputs)
     one = with_batch(inputs, 1)
     units = layer_units(model)

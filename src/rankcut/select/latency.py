@@ -42,6 +42,7 @@ from ..layers import input_shape, rebuild
 from ..profile import (
     MEMORY_FORMATS,
     allocator,
+    check_counts,
     check_engine,
     compare_latency,
     default_allocator,
@@ -190,14 +191,11 @@ class LatencyTable:
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
                              f"{memory_format!r}")
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1 or \
-                isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup, repeats: expected ints >= 0 and >= 1, got {warmup!r}, "
-                             f"{repeats!r}")
+        check_counts(warmup, repeats)
         self.device = torch.device(device)
         self.memory_format = memory_format
         self.dtype = dtype
-        self.warmup, self.repeats = warmup, repeats
+        self.warmup, self.repeats = int(warmup), int(repeats)  # (NumPy ints: JSON)
         self.engine = engine
         self.setting = {"device": device_name(self.device), "threads": torch.get_num_threads(),
                         "dtype": _name(dtype),
