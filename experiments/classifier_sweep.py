@@ -325,13 +325,26 @@ def settings_head(s: dict, sw: dict, device: str) -> dict:
             "device": device}
 
 
-def check_points_file(path: Path, s: dict, sw: dict, device: str) -> None:
-    """Refuse, before any model is trained or swept, a points file made with other settings
-    (what :func:`sweep_model` would find only when it reached that model)."""
+def finetune_head(sw: dict, device: str) -> dict:
+    """What a ``<run>-finetuned.jsonl`` file's points depend on beyond its sweep's header: the
+    fine-tuned stage's settings (and the device: float16 autocast on CUDA) and the retry's lr
+    (a key of its own: files from before retries compare equal on the rest)."""
+    ft = sw["finetune"]
+    setting = {k: ft[k] for k in ("epochs", "lr", "batch_size", "train_limit", "tolerance",
+                                  "ratios")} | {"device": device}
+    return {"finetune": setting, "retry_lr": RETRY_LR}
+
+
+def check_points_file(path: Path, s: dict, sw: dict, device: str,
+                      finetuned: bool = False) -> None:
+    """Refuse, before any model is trained or swept, a points file (``finetuned``: its
+    fine-tuned stage's, :func:`finetune_model`'s) made with other settings (what
+    :func:`sweep_model` or :func:`finetune_model` would find only when it reached that model,
+    hours into a config)."""
     if not path.is_file():
         return
     old, points = read_points(path)
-    now = settings_head(s, sw, device)
+    now = {**settings_head(s, sw, device), **(finetune_head(sw, device) if finetuned else {})}
     changed = sorted(k for k in now if k in old and old[k] != json.loads(json.dumps(now[k])))
     changed += sorted({p["label"] for p in points if p["label"] in sw["methods"]  # a refit
                        and p["fit"] != _fit(sw["methods"][p["label"]])})
@@ -339,7 +352,7 @@ def check_points_file(path: Path, s: dict, sw: dict, device: str) -> None:
         changed.append("calib")
     if changed:
         raise SystemExit(f"{path}: its points were made with other settings ({changed} "
-                         "differ); move it away to sweep afresh")
+                         f"differ); move it away to {'tune' if finetuned else 'sweep'} afresh")
 
 
 def sweep_model(config: dict, name: str, sw: dict, base: Path, root: Path,
@@ -469,11 +482,7 @@ def finetune_model(run: dict, sw: dict, base: Path,
     ``<run>-finetuned.jsonl``."""
     ft, name, head = sw["finetune"], run["name"], run["head"]
     path = base / f"{name}-finetuned.jsonl"
-    # what the points and the walks depend on (the device: float16 autocast on CUDA)
-    setting = {k: ft[k] for k in ("epochs", "lr", "batch_size", "train_limit", "tolerance",
-                                  "ratios")} | {"device": run["device"]}
-    # (a key of its own: files from before retries compare equal on the rest)
-    ft_head = {**head, "finetune": setting, "retry_lr": RETRY_LR}
+    ft_head = {**head, **finetune_head(sw, run["device"])}
     old, tuned = read_points(path) if path.is_file() else (None, [])
     if old is not None:
         changed = sorted(k for k in ft_head if k in old and old[k] != ft_head[k])
@@ -829,6 +838,9 @@ def main() -> int:
             check_part(create(s["model"], num_classes=s["num_classes"]), s["model"], sw["part"],
                        sw["exclude"])
             check_points_file(base / f"{name}.jsonl", s, sw, args.device)
+            if sw["finetune"] is not None and not args.no_finetune:
+                check_points_file(base / f"{name}-finetuned.jsonl", s, sw, args.device,
+                                  finetuned=True)
         root = D.require_data_root()
         for name in names:
             # each layer's full SVD once for all its points (minutes for a 4096 x 25,088 one)

@@ -1360,3 +1360,14 @@ def test_classifier_sweep_a_points_file_of_other_settings_is_refused_before_any_
     write(head, {**point, "fit": {**point["fit"], "options": {"other": 1}}})
     with pytest.raises(SystemExit, match=rf"other settings \(\['{label}'\] differ\)"):
         sweep_.check_points_file(path, s, sw, "cpu")
+    # the fine-tuned stage's file: its own settings too (found when the stage began, after
+    # the sweep of its model)
+    sw = {**sw, "finetune": sweep_.finetune_settings({"series": [label], "epochs": 1},
+                                                     sw["methods"], [4])}
+    tuned_head = {**head, **sweep_.finetune_head(sw, "cpu")}
+    write(tuned_head, point)
+    sweep_.check_points_file(path, s, sw, "cpu", finetuned=True)
+    changed = {**tuned_head, "finetune": {**tuned_head["finetune"], "epochs": 3}}
+    write(changed, point)
+    with pytest.raises(SystemExit, match=r"\['finetune'\] differ\); move it away to tune"):
+        sweep_.check_points_file(path, s, sw, "cpu", finetuned=True)
