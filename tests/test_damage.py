@@ -429,3 +429,41 @@ def test_compress_keeps_the_plan_whose_applied_model_is_nearer_the_dense_one(
                                        "loss_aware": True}, progress=False)
     assert "loss_aware_check" not in chosen.plan.meta and len(seen) == 1
     assert {n: lp.ranks for n, lp in chosen.plan.active.items()} == layers
+
+
+def test_compress_keeps_the_weighted_plan_where_the_unweighted_one_cannot_be_made(
+        net, monkeypatch):
+    """The second plan is timed afresh by the guard and can be refused: the weighted plan,
+    which passed, is kept (compress used to fail); its warnings are not shown."""
+    import functools
+    import importlib
+    import warnings
+
+    C = importlib.import_module("rankcut.compress")  # (rc.compress is the function)
+
+    real = C.make_plan
+
+    @functools.wraps(real)  # (compress checks plan_options against its signature)
+    def refusing(*args, **kwargs):
+        if kwargs.get("loss_aware") is False:
+            warnings.warn("the discarded plan's warning", stacklevel=2)
+            raise rc.select.SlowerThanDense("target: measured 1.03x the dense model's time")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "make_plan", refusing)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = rc.compress(net, X, method="svd", target="params=2x", calib_data=CALIB,
+                             plan_options={"allow_slower": True, "min_params": 100},
+                             progress=False)
+    check = result.plan.meta["loss_aware_check"]
+    assert check["kept"] == "weighted" and "1.03x" in check["unweighted"]
+    assert not any("discarded" in str(w.message) for w in said)
+    # a latency target's plans are timed against its goal: not compared; nor where the
+    # caller named loss_aware, or gave no target
+    job = C._Job(net, X, {"calib_data": CALIB, "max_batches": None}, None, False, None, {},
+                 False, sequential=True)
+    assert job.checks_weights("params=2x") and not job.checks_weights("latency=2x")
+    assert not job.checks_weights(None)
+    job.plan_kwargs["loss_aware"] = True
+    assert not job.checks_weights("params=2x")

@@ -186,6 +186,18 @@ def _on_first_process(fn) -> None:
     dist.barrier()
 
 
+def _broadcast(fn):
+    """``fn()`` (a picklable value) computed on rank 0 and handed to every process when running
+    distributed, so that all of them take the same decision."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # the planning errors whose kind a distributed run's other processes see too, most specific first
 _ERRORS = (SlowerThanDense, TargetUnreachable, ValueError)
 
@@ -478,6 +490,15 @@ class _Job:
                 "seconds": round(time.perf_counter() - start, 1),
                 **({"stopped": True} if result.stopped else {})}
 
+    def checks_weights(self, target) -> bool:
+        """Whether :meth:`weights_checked` will compare plans: compress plans with loss-aware
+        weights by default (calibration data, a params or MACs target, ``loss_aware`` not
+        given) and fits sequentially. Not for a latency target, whose plans are timed against
+        their goal: the nearer model could be the one that misses it."""
+        return (target is not None and self.plan_kwargs.get("calib_data") is not None
+                and self.plan_kwargs.get("loss_aware") is None and bool(self.sequential)
+                and parse_target(target)[0] != "latency")
+
     def weights_checked(self, plan: Plan, small: nn.Module, target) -> tuple[Plan, nn.Module]:
         """A loss-aware plan (``plan``, applied sequentially: ``small``) against the plan made
         without the damage weights, applied the same way: the one whose applied model's
@@ -486,28 +507,38 @@ class _Job:
         layer at a time at one error each; at deep compression they can send the budget the
         wrong way (VGG-11-BN, Tucker-2 at 32x fewer params: 54.87% top-1 weighted, 78.37%
         unweighted; at 45x and 64x the weighted plans win; the KL of the applied models ranked
-        all three pairs as their top-1 did: docs/planning.md). Only where compress planned
-        with loss-aware weights by default (not ``plan_options={"loss_aware": ...}``) and fits
-        sequentially; ``meta["loss_aware_check"]`` records what was compared."""
-        if ("damage_weights" not in plan.meta or self.plan_kwargs.get("loss_aware") is not None
-                or not self.sequential or "loss_aware_check" in plan.meta):
+        all three pairs as their top-1 did: docs/planning.md). Only where
+        :meth:`checks_weights`; ``meta["loss_aware_check"]`` records what was compared. The
+        unweighted plan's own warnings are shown only if it is kept; where it cannot be made
+        (e.g. the latency guard, timing it afresh, finds it slower than dense) the weighted
+        plan is kept and the reason recorded. Under torchrun every process fits both plans
+        and keeps rank 0's choice."""
+        if ("damage_weights" not in plan.meta or "loss_aware_check" in plan.meta
+                or not self.checks_weights(target)):
             return plan, small
         from .select import damage
 
         record: dict[str, Any] = {"kept": "weighted"}
         x = on_model_device(self.model, self.x)
-        plain = _agreed(lambda: make_plan(self.model, x, target=target,
-                                          **{**self.plan_kwargs, "loss_aware": False}))
-        if _layers(plain) != _layers(plan):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                plain = _agreed(lambda: make_plan(self.model, x, target=target,
+                                                  **{**self.plan_kwargs, "loss_aware": False}))
+            except _ERRORS as err:
+                plain, record["unweighted"] = None, f"not planned: {err}"
+        if plain is not None and _layers(plain) != _layers(plan):
             other = apply(self.model, plain, calib_data=self.plan_kwargs["calib_data"],
                           max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
                           sequential=True)
-            record["damage"] = damage.output_damage(
+            record["damage"] = _broadcast(lambda: damage.output_damage(
                 self.model, {"weighted": small, "unweighted": other},
-                self.plan_kwargs["calib_data"], max_batches=self.plan_kwargs["max_batches"])
+                self.plan_kwargs["calib_data"], max_batches=self.plan_kwargs["max_batches"]))
             if record["damage"]["unweighted"] < record["damage"]["weighted"]:
                 plain.meta["planned_with"] = plan.meta.get("planned_with")
                 plan, small, record["kept"] = plain, other, "unweighted"
+                for w in said:  # (the kept plan's warnings; the discarded one's are dropped)
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         plan.meta["loss_aware_check"] = record
         return plan, small
 
@@ -523,15 +554,22 @@ class _Job:
             stage = {"stage": "one_shot", "layers": list(plan.active), "resumed": True}
         else:
             given = plan
-            if given is None and self.plan_kwargs.get("cache") is None:
-                # (the loss-aware check's second plan then reuses the first's candidates)
-                self.plan_kwargs["cache"] = CandidateCache()
-            plan = self.stored_plan(folder, plan, lambda: self.plan(target), target)
-            small = apply(self.model, plan, calib_data=self.plan_kwargs["calib_data"],
-                          max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
-                          sequential=self.sequential)
-            if given is None:
-                plan, small = self.weights_checked(plan, small, target)
+            # the loss-aware check's second plan reuses the first's candidates (not the input
+            # moments: a wide layer's are GBs), the cache dropped after it
+            own_cache = (given is None and self.checks_weights(target)
+                         and self.plan_kwargs.get("cache") is None)
+            if own_cache:
+                self.plan_kwargs["cache"] = CandidateCache(max_moment_bytes=0)
+            try:
+                plan = self.stored_plan(folder, plan, lambda: self.plan(target), target)
+                small = apply(self.model, plan, calib_data=self.plan_kwargs["calib_data"],
+                              max_batches=self.plan_kwargs["max_batches"],
+                              progress=self.progress, sequential=self.sequential)
+                if given is None:
+                    plan, small = self.weights_checked(plan, small, target)
+            finally:
+                if own_cache:
+                    del self.plan_kwargs["cache"]
             stage = {"stage": "one_shot", "layers": list(plan.active),
                      "reestimated_bn": self.repair_bn(small)}
             if folder is not None:

@@ -199,15 +199,14 @@ def output_damage(model: nn.Module, others: dict[str, nn.Module], calib_data, *,
     the first ``max_samples`` calibration inputs (of the first ``max_batches`` batches)."""
     kl = dict.fromkeys(others, 0.0)
     seen = 0
-    device = model_device(model)
     with eval_mode(model), contextlib.ExitStack() as stack, torch.no_grad():
         for other in others.values():
             stack.enter_context(eval_mode(other))
         for x in _first_inputs(calib_data, max_samples, max_batches):
-            x = x.to(device)
-            reference = _log_probs(model, x)
-            for key, other in others.items():
-                kl[key] += float(F.kl_div(_log_probs(other, x), reference, log_target=True,
+            reference = _log_probs(model, x.to(model_device(model))).cpu()
+            for key, other in others.items():  # (each on its own device)
+                probed = _log_probs(other, x.to(model_device(other))).cpu()
+                kl[key] += float(F.kl_div(probed, reference, log_target=True,
                                           reduction="sum"))
             seen += len(x)
     return {key: max(value / max(seen, 1), 0.0) for key, value in kl.items()}
