@@ -174,11 +174,18 @@ def densify(model: nn.Module) -> nn.Module:
     return out
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several in a torch.distributed group (torchrun)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _on_first_process(fn) -> None:
     """``fn()`` on rank 0 only when running distributed (the others wait for it)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _distributed():
         fn()
         return
     if dist.get_rank() == 0:
@@ -191,7 +198,7 @@ def _broadcast(fn):
     distributed, so that all of them take the same decision."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _distributed():
         return fn()
     box = [fn() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -207,7 +214,7 @@ def _agreed(fn) -> Plan:
     on rank 0 is raised on every process, so none waits forever)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _distributed():
         return fn()
     box: list = [None]
     if dist.get_rank() == 0:
@@ -461,11 +468,14 @@ class _Job:
         count = reestimate_batchnorm(model, batches)
         return {"batchnorms": count} if count else None
 
-    def plan(self, target, model=None) -> Plan:
+    def plan(self, target, model=None, **overrides) -> Plan:
+        """Rank 0's plan of ``model`` (default: the dense one) for ``target``, with the job's
+        planning options (``overrides`` replacing some)."""
         model = model or self.model
         # (a later round's model is where fine-tuning left it, e.g. on the GPU)
         x = on_model_device(model, self.x)
-        return _agreed(lambda: make_plan(model, x, target=target, **self.plan_kwargs))
+        return _agreed(lambda: make_plan(model, x, target=target,
+                                         **{**self.plan_kwargs, **overrides}))
 
     def tune(self, model, epochs=None, steps=None, folder: str | None = None,
              draw: int = 0) -> dict | None:
@@ -519,12 +529,10 @@ class _Job:
         from .select import damage
 
         record: dict[str, Any] = {"kept": "weighted"}
-        x = on_model_device(self.model, self.x)
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             try:
-                plain = _agreed(lambda: make_plan(self.model, x, target=target,
-                                                  **{**self.plan_kwargs, "loss_aware": False}))
+                plain = self.plan(target, loss_aware=False)
             except _ERRORS as err:
                 plain, record["unweighted"] = None, f"not planned: {err}"
         if plain is not None and _layers(plain) != _layers(plan):
