@@ -2,6 +2,7 @@
 benchmark -> export on the pretrained ResNet-20 with the shared CIFAR-10 data."""
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,9 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
     text = json.dumps(report)
     assert f"{direct['top1']:.2f}" in (out / "report.md").read_text()
     assert str(round(direct["top1"], 4))[:5] in text
+    # the command recorded is the one run (main(argv), not this process's sys.argv)
+    assert report["meta"]["command"].startswith("rankcut compress --model resnet20_cifar ")
+    assert shlex.split(report["meta"]["command"])[-2:] == ["--quiet", "--allow-slower"]
 
     code, stdout, _ = run(capsys, "evaluate", "--model", "resnet20_cifar", "--compressed", out,
                           "--data", "cifar10", "--data-dir", shared_data, "--eval-limit", 200)
@@ -230,6 +234,7 @@ def test_compress_end_to_end_on_resnet20(weights, shared_data, capsys, tmp_path)
     record = json.loads((tmp_path / "t" / "transfer.json").read_text())
     assert record["test"]["top1"] == pytest.approx(top1) and record["num_classes"] == 10
     assert record["train_examples"] == 256 and record["backbone"] == str(out)
+    assert shlex.split(record["command"])[:2] == ["rankcut", "transfer"]
 
 
 def test_sweep_and_analyze_write_tables_and_plots(weights, shared_data, capsys, tmp_path):

@@ -52,13 +52,17 @@ def test_prints_the_before_after_table_and_the_methods(result):
 
 def test_writes_non_empty_files(result):
     out = result["out_dir"]
-    names = ["plan.json", "model.safetensors"]
+    names = ["plan.json", "model.safetensors", demo.RECORD]
     if HAS_REPORT:
         names += ["report.json", "report.md"]
         assert list(out.glob("*.png")), "no plot written"
     for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert {f.name for f in result["files"]} >= set(names)
+    record = json.loads((out / demo.RECORD).read_text())  # the numbers printed
+    assert record["top1"] == pytest.approx(result["top1"]) and record["seed"] == 0
+    assert record["params"] == result["params"] and record["macs"] == result["macs"]
+    assert [r["layer"] for r in record["layers"]] == [r["layer"] for r in result["layers"]]
     if HAS_REPORT:
         report = json.loads((out / "report.json").read_text())
         assert report["accuracy"]["original"]["top1"] == pytest.approx(result["top1"][0])
@@ -107,8 +111,17 @@ def test_main_refuses_to_replace_a_folder_that_is_not_a_demo_output(monkeypatch,
         demo.main(["--out", str(tmp_path)])
     assert "not an earlier output" in capsys.readouterr().err
     assert demo.main(["--out", str(tmp_path), "--overwrite"]) == 0
-    (tmp_path / "plan.json").write_text("{}")
+    (tmp_path / "plan.json").write_text("{}")  # any rankcut save (a compress output) has one
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path)])
+    (tmp_path / demo.RECORD).write_text("{}")
     assert demo.main(["--out", str(tmp_path)]) == 0
+
+
+def test_the_cli_knows_the_demo_record_as_its_output_marker():
+    from rankcut.cli import OUTPUT_MARKERS
+
+    assert OUTPUT_MARKERS["demo"] == demo.RECORD
 
 
 def test_missing_scikit_learn_names_the_extra(monkeypatch):

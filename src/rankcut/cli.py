@@ -32,9 +32,9 @@ EXIT_ERROR = 1  # anything else: the one line names its type (--debug: the trace
 # the file that marks an existing folder as an earlier output of the subcommand (which may then
 # be replaced whole); any other non-empty folder needs --overwrite. Not plan.json: every rankcut
 # save holds one, and a transfer --out naming a compress output (or the reverse) replaced it.
-# The demo's stays plan.json (its report is written only where rankcut.report is installed)
+# The demo's is rankcut.demo.RECORD (tests check they agree; not imported: the demo needs torch)
 OUTPUT_MARKERS = {"compress": "report.json", "sweep": "sweep.json", "analyze": "analysis.json",
-                  "demo": "plan.json", "transfer": "transfer.json"}
+                  "demo": "demo.json", "transfer": "transfer.json"}
 
 
 class UserError(Exception):
@@ -1169,7 +1169,7 @@ def cmd_compress(args) -> int:
     done = realized_plan(small, result.plan)  # the ranks built: the report's and the save's
     rep = R.compare(model.cpu(), small.cpu(), x, plan=done, accuracy=accuracy,
                     latency=not args.no_latency,
-                    meta={"model": args.model, "command": "rankcut " + " ".join(sys.argv[1:]),
+                    meta={"model": args.model, "command": _command_line(args),
                           "schedule": args.schedule, "stages": result.stages,
                           "met_target": result.met_target})
     # the whole output set goes into a temporary sibling, renamed into place at the end: the
@@ -1268,7 +1268,7 @@ def cmd_transfer(args) -> int:
     model = result.model.cpu().eval()
     m = _evaluate(ctx, model, test)
     out = Path(args.out)
-    record = {"command": "rankcut " + " ".join(sys.argv[1:]), "model": args.model,
+    record = {"command": _command_line(args), "model": args.model,
               "backbone": args.compressed, "head": args.head, "data": args.data,
               "num_classes": classes,
               "train_examples": len(train), "epochs": epochs, "steps": steps,
@@ -1453,6 +1453,13 @@ COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_ev
             "transfer": cmd_transfer, "demo": cmd_demo}
 
 
+def _command_line(args) -> str:
+    """The command as a shell would take it again: "rankcut compress --model ..."."""
+    import shlex
+
+    return shlex.join(["rankcut", *map(str, args.argv)])
+
+
 def _one_line(text: str) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
@@ -1485,6 +1492,7 @@ def _failed(err: BaseException, code: int, more: str = "") -> int:
 def _run(parser: argparse.ArgumentParser, argv: list[str], debug: bool) -> int:
     try:
         args = _with_config(parser, argv)
+        args.argv = list(argv)  # what the records' "command" says (main(argv) need not be sys.argv)
         _check_args(args)
         return COMMANDS[args.command](args)
     except (UserError, ValueError, OSError) as err:  # OSError: a file missing, not writable...

@@ -16,8 +16,9 @@ Everything runs on the CPU from data that ships with scikit-learn (no download):
 4. before/after: params, MACs, latency at batch 1 (:func:`rankcut.profile.compare_latency`),
    top-1 on the test set (:func:`rankcut.train.evaluate`), and the method chosen per layer;
 5. into ``out_dir``: ``plan.json`` + ``model.safetensors`` (:func:`rankcut.save`; reload with
-   ``rankcut.load(rankcut.demo.build_model(), out_dir)``) and, through :mod:`rankcut.report`,
-   ``report.json``, ``report.md`` and plots.
+   ``rankcut.load(rankcut.demo.build_model(), out_dir)``), ``demo.json`` (the numbers printed,
+   and the folder's mark as a demo output) and, through :mod:`rankcut.report`, ``report.json``,
+   ``report.md`` and plots.
 
 Deterministic given the seed, except for timings (and what the latency guard decides from them).
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -57,6 +59,9 @@ FINETUNE_OPTIONS = {"batch_size": 32, "lr": 0.01}
 # than the defaults keep planning with calibration data to a few seconds
 PLAN_OPTIONS = {"options": {"cp": {"max_iter": 25}, "tucker": {"max_iter": 10}}}
 INSTALL_HINT = "pip install rankcut[demo]"
+# the demo's record (the numbers it prints), written beside the saved model; it marks a folder
+# as an earlier demo output, which the demo may replace (not plan.json: every rankcut save has one)
+RECORD = "demo.json"
 
 
 def load_data(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -232,23 +237,27 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     meta = {"demo": "rankcut.demo", "data": "sklearn digits", "seed": seed, "target": target,
             "method": method, "epochs": epochs, "finetune_epochs": finetune_epochs,
             "allow_slower": needed_slower}
-    with atomic_folder(out) as tmp:  # the folder holds this run's files only, all or none
-        save(small, tmp, plan=plan)
-        rep, written = _report(model, small, x1, plan, test, accuracy, meta, tmp)
-    files = [out / f.name for f in (tmp / "plan.json", tmp / "model.safetensors", *written)]
-    if rep is not None and rep.latency:  # the report timed both models at batch 1
-        entry = rep.latency[0]
-        lat = [entry["original"]["median_ms"], entry["compressed"]["median_ms"]]
-    else:
-        lo, lc = compare_latency(model, small, x1, warmup=10, repeats=100)
-        lat = [lo.median_ms, lc.median_ms]
-    seconds["measure"] = time.perf_counter() - t
-    _say(f"      {seconds['measure']:.1f} s")
-
     params = [n_params, count_params(small)]
     macs = [count_macs(model, x1), count_macs(small, x1)]
     top1 = [before["top1"], after["top1"]]
     layers = _layer_rows(model, small, plan, x1)
+    with atomic_folder(out) as tmp:  # the folder holds this run's files only, all or none
+        save(small, tmp, plan=plan)
+        rep, written = _report(model, small, x1, plan, test, accuracy, meta, tmp)
+        if rep is not None and rep.latency:  # the report timed both models at batch 1
+            entry = rep.latency[0]
+            lat = [entry["original"]["median_ms"], entry["compressed"]["median_ms"]]
+        else:
+            lo, lc = compare_latency(model, small, x1, warmup=10, repeats=100)
+            lat = [lo.median_ms, lc.median_ms]
+        record = {**meta, "test_images": len(test[0]), "top1": top1, "params": params,
+                  "macs": macs, "latency_ms": lat, "layers": layers,
+                  "seconds": {**seconds, "measure": time.perf_counter() - t}}
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    files = [out / f.name for f in (tmp / "plan.json", tmp / "model.safetensors", tmp / RECORD,
+                                    *written)]
+    seconds["measure"] = time.perf_counter() - t
+    _say(f"      {seconds['measure']:.1f} s")
     _say("[4/4] results\n")
     _print_summary(params, macs, lat, top1, len(test[0]), layers)
     guard = plan.meta.get("latency")
@@ -328,7 +337,7 @@ def main(argv=None) -> int:
                         help="replace an existing non-empty --out folder that is not an "
                              "earlier demo output, and everything in it")
     args = parser.parse_args(argv)
-    problem = output_folder_problem(args.out, "plan.json", args.overwrite)
+    problem = output_folder_problem(args.out, RECORD, args.overwrite)
     if problem is not None:  # the folder is replaced whole at the end
         parser.error(f"--out: {problem}")
     run(args.out, target=args.target, method=args.method, epochs=args.epochs,
