@@ -62,3 +62,60 @@ def test_compress_under_torchrun_uses_rank_0s_plan_everywhere(tmp_path):
     states = [torch.load(tmp_path / f"model{r}.pt", weights_only=True) for r in (0, 1)]
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+ERRORS = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+from rankcut.compress import _broadcast, _on_first_process
+from rankcut.select import TargetUnreachable
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+caught = []
+
+
+def fails(err):
+    def fn():
+        if rank != 0:
+            raise AssertionError("called on a rank other than 0")
+        raise err
+    return fn
+
+
+for fn in (fails(TargetUnreachable("params=99x is out of reach")),
+           fails(OSError("disk full\\nsecond line")), lambda: {{"rank": rank}}):
+    try:
+        caught.append(["value", _broadcast(fn)])
+    except Exception as err:
+        caught.append([type(err).__name__, str(err)])
+try:
+    _on_first_process(fails(KeyError("plan.json")))
+except Exception as err:
+    caught.append([type(err).__name__, str(err)])
+open(f"{{sys.argv[1]}}/caught{{rank}}.txt", "w").write(repr(caught))
+dist.destroy_process_group()
+"""
+
+
+def test_an_error_on_rank_0_is_raised_on_every_process(tmp_path):
+    """Rank 0's error reaches the other processes (same kind where it is a planning error) instead
+    of leaving them waiting for a value that never comes."""
+    script = tmp_path / "job.py"
+    script.write_text(ERRORS.format(repo=str(REPO / "src")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", "2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import ast
+
+    rank0, rank1 = (ast.literal_eval((tmp_path / f"caught{r}.txt").read_text()) for r in (0, 1))
+    assert rank0 == [["TargetUnreachable", "params=99x is out of reach"],
+                     ["OSError", "disk full\nsecond line"], ["value", {"rank": 0}],
+                     ["KeyError", "'plan.json'"]]
+    assert rank1 == [["TargetUnreachable", "params=99x is out of reach"],
+                     ["RuntimeError", "rank 0 failed: OSError: disk full\nsecond line"],
+                     ["value", {"rank": 0}],
+                     ["RuntimeError", "rank 0 failed: KeyError: 'plan.json'"]]

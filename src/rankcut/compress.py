@@ -182,53 +182,55 @@ def _distributed() -> bool:
 
 
 def _on_first_process(fn) -> None:
-    """``fn()`` on rank 0 only when running distributed (the others wait for it)."""
-    import torch.distributed as dist
+    """``fn()`` on rank 0 only when running distributed (the others wait for it; an error
+    there is raised on every process, as :func:`_broadcast`'s)."""
+    def done() -> None:
+        fn()
 
-    if not _distributed():
-        fn()
-        return
-    if dist.get_rank() == 0:
-        fn()
-    dist.barrier()
+    _broadcast(done)
+
+
+# the errors whose kind a distributed run's other processes raise too (most specific first);
+# any other error on rank 0 reaches them as a RuntimeError naming it
+_ERRORS = (SlowerThanDense, TargetUnreachable, ValueError)
 
 
 def _broadcast(fn):
     """``fn()`` (a picklable value) computed on rank 0 and handed to every process when running
-    distributed, so that all of them take the same decision."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return fn()
-    box = [fn() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# the planning errors whose kind a distributed run's other processes see too, most specific first
-_ERRORS = (SlowerThanDense, TargetUnreachable, ValueError)
-
-
-def _agreed(fn) -> Plan:
-    """``fn()``'s plan, made on rank 0 only and broadcast when running distributed (an error
-    on rank 0 is raised on every process, so none waits forever)."""
+    distributed, so that all of them take the same decision. An error on rank 0 is raised on
+    every process (rank 0's own, the others' of the same kind where it is one of ``_ERRORS``:
+    a sweep's unreachable target stays one), so none waits forever for a value."""
     import torch.distributed as dist
 
     if not _distributed():
         return fn()
     box: list = [None]
+    failed = None
     if dist.get_rank() == 0:
         try:
-            box = [("plan", fn().to_json())]
-        except ValueError as err:  # (its kind kept: a sweep's unreachable target stays one)
-            kind = next(k for k in _ERRORS if isinstance(err, k))
+            box = [("value", fn())]
+        except Exception as err:  # sent before it is raised here
+            failed = err
+            kind = next((k for k in _ERRORS if isinstance(err, k)), type(err))
             box = [("error", (kind.__name__, str(err)))]
     dist.broadcast_object_list(box, src=0)
+    if failed is not None:
+        raise failed
     kind, payload = box[0]
     if kind == "error":
         name, text = payload
-        raise next(k for k in _ERRORS if k.__name__ == name)(text)
-    return Plan.from_json(payload)
+        known = next((k for k in _ERRORS if k.__name__ == name), None)
+        if known is not None:
+            raise known(text)
+        raise RuntimeError(f"rank 0 failed: {name}: {text}")
+    return payload
+
+
+def _agreed(fn) -> Plan:
+    """``fn()``'s plan, made on rank 0 only and broadcast when running distributed."""
+    if not _distributed():
+        return fn()
+    return Plan.from_json(_broadcast(lambda: fn().to_json()))
 
 
 def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method"], rank=None,
