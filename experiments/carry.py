@@ -13,8 +13,14 @@ optimizer, schedule, random state and step, and the stages of a ``layerwise`` or
 run), the training log, the wall-time record (``wall.json``, so the reported time counts every
 session's share) and a seed-000 sensitivity plan. The teacher's cached outputs stay behind (they
 are rebuilt). Each copy replaces its destination whole (built beside it, then renamed), so an
-interrupted save or restore leaves the previous copy, never a mix of two. A folder of more than
-50 MB is refused: carrying is for small compressed models, not dense ones.
+interrupted save or restore leaves the previous copy, never a mix of two; the hidden leftovers of
+a write a killed run left half done stay behind. A folder of more than 50 MB is refused: carrying
+is for small compressed models, not dense ones. ``save`` refuses to replace a carried copy
+that is further along than the live run (more steps in its training checkpoints: the run was
+started afresh without ``restore``) unless ``--force``; reproduce.py refuses to start afresh a
+run that has a carried copy.
+
+    .venv/bin/python experiments/carry.py save CONFIG RUN --force
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 from pathlib import Path
 
 from rankcut.atomic import atomic_folder
+from rankcut.train import checkpoint
 
 HERE = Path(__file__).resolve().parent
 CARRIED = HERE / "carried"
@@ -39,6 +46,17 @@ def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def progress(folder: Path) -> int:
+    """How far run folder ``folder`` got: the steps of its training checkpoints, summed over
+    the stages of a staged run (each stage keeps its own ``last.pt``)."""
+    return sum(checkpoint.read(p.parent)["step"]
+               for p in (folder / "checkpoints").rglob(checkpoint.FILENAME))
+
+
+# what a write killed half way leaves (rankcut.atomic's hidden siblings): not carried
+LEFTOVERS = shutil.ignore_patterns(".*.tmp", ".*.old")
 
 
 def copy_run(source: Path, target: Path) -> list[str]:
@@ -56,7 +74,7 @@ def copy_run(source: Path, target: Path) -> list[str]:
     with atomic_folder(target) as tmp:
         for k in present:
             if (source / k).is_dir():
-                shutil.copytree(source / k, tmp / k)
+                shutil.copytree(source / k, tmp / k, ignore=LEFTOVERS)
             else:
                 shutil.copy2(source / k, tmp / k)
     return present
@@ -69,6 +87,8 @@ def main(argv=None) -> int:
                                        "folder)")
     parser.add_argument("run")
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--force", action="store_true",
+                        help="save: replace a carried copy even where it is further along")
     args = parser.parse_args(argv)
     stem = Path(args.config).stem
     live = Path(args.runs_dir) / stem / args.run
@@ -76,6 +96,11 @@ def main(argv=None) -> int:
     if args.action == "save":
         if (live / "result.json").is_file():
             raise SystemExit(f"{live}: the run has finished; record its result instead")
+        if kept.is_dir() and not args.force and progress(kept) > progress(live):
+            raise SystemExit(f"{kept}: the carried copy is further along than {live} "
+                             f"({progress(kept)} steps against {progress(live)}: was "
+                             "the run started afresh instead of restored?); --force replaces "
+                             "it")
         copied = copy_run(live, kept)
     else:
         if not kept.is_dir():

@@ -56,6 +56,9 @@ from rankcut.models import PRETRAINED, create, pretrained_path
 from rankcut.profile import count_macs, count_params, speedups
 from rankcut.train import check_finetune_options, evaluate, finetune
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import carry  # (experiments/carry.py: where unfinished runs are carried)
+
 # Every key a config (or a run) may set, with its default.
 SETTINGS = {
     "model": None,            # a rankcut.models name (required)
@@ -755,6 +758,18 @@ def tunes(s: dict) -> bool:
     return s["epochs"] is not None or s["steps"] is not None or bool(s["steps_per_layer"])
 
 
+def refuse_uncarried(base: Path, name: str) -> None:
+    """A run about to start afresh (no checkpoint in its folder) while experiments/carried holds
+    one carried from another machine: refused, so that hours of fine-tuning are not begun again
+    and the carried copy is not later replaced by a shorter one."""
+    carried = carry.CARRIED / base.name / name
+    if carried.is_dir() and not (base / name / "checkpoints").is_dir():
+        raise SystemExit(f"run {name!r}: {carried} holds it, carried from another session; "
+                         f"restore it first (experiments/carry.py restore {base.name} {name}"
+                         f"{'' if base.parent == Path('runs') else f' --runs-dir {base.parent}'}"
+                         f"), or remove that folder to start the run afresh")
+
+
 def start_ready(base: Path, name: str, s: dict) -> bool:
     """Whether run ``name`` of ``base`` can take what its ``start_from`` run made, as things
     stand: the source's finished model (a run without fine-tuning, :func:`reuse_finished`), or
@@ -1035,6 +1050,8 @@ def main() -> int:
                                  f"{where}; give each its own folder (export: null for none)")
         for name, s in every.items():  # what would refuse a later run, found now
             refuse_changed(base / name, name, s)
+            if done[name] is None:
+                refuse_uncarried(base, name)
             if s["start_from"] is not None:
                 check_start_from(base / name, name, s)
                 other = s["start_from"]

@@ -1034,8 +1034,18 @@ def test_a_carried_run_resumes_on_another_machine_where_it_stopped(tmp_path, mon
     assert sorted(p.name for p in kept.rglob("*")) == ["checkpoints", "last.pt", "train.jsonl",
                                                        "wall.json"]
     (kept / "stale.txt").write_text("from an earlier save")  # a save replaces the copy whole
+    # (and leaves behind what a write killed half way left)
+    (run / "checkpoints" / ".last.pt.0123456789ab.tmp").write_bytes(b"half")
     assert carry.main(["save", "configs/cfg.yaml", "long", "--runs-dir", str(here)]) == 0
     assert not (kept / "stale.txt").exists()
+    assert not list(kept.rglob(".*"))
+    # a run started afresh on a machine that did not restore: its shorter copy is refused
+    fresh = tmp_path / "machine3" / "runs"
+    train(fresh / "cfg" / "long", stop=2)
+    with pytest.raises(SystemExit, match="further along"):
+        carry.main(["save", "cfg.yaml", "long", "--runs-dir", str(fresh)])
+    assert (kept / "checkpoints" / "last.pt").read_bytes() == \
+        (run / "checkpoints" / "last.pt").read_bytes()
 
     there = tmp_path / "machine2" / "runs"
     assert carry.main(["restore", "cfg.yaml", "long", "--runs-dir", str(there)]) == 0
@@ -1059,6 +1069,22 @@ def test_a_carried_run_resumes_on_another_machine_where_it_stopped(tmp_path, mon
     monkeypatch.setattr(carry, "LIMIT", 10)
     with pytest.raises(SystemExit, match="over the 0 MB limit"):
         carry.main(["save", "cfg.yaml", "long", "--runs-dir", str(here)])
+
+
+def test_reproduce_refuses_to_start_afresh_a_run_that_was_carried(tmp_path, monkeypatch):
+    reproduce_ = _experiment("reproduce")
+    monkeypatch.setattr(reproduce_.carry, "CARRIED", tmp_path / "carried")
+    base = tmp_path / "runs" / "cfg"
+    reproduce_.refuse_uncarried(base, "long")  # nothing carried: it may start
+    (tmp_path / "carried" / "cfg" / "long" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"carry.py restore cfg long --runs-dir .*runs\)"):
+        reproduce_.refuse_uncarried(base, "long")
+    (base / "long").mkdir(parents=True)  # a folder without checkpoints is no start either
+    with pytest.raises(SystemExit, match="restore it first"):
+        reproduce_.refuse_uncarried(base, "long")
+    (base / "long" / "checkpoints").mkdir()  # restored (or resumed here): it goes on
+    reproduce_.refuse_uncarried(base, "long")
+    reproduce_.refuse_uncarried(base, "other")
 
 
 def _results_rows() -> dict[str, float]:
