@@ -1172,9 +1172,11 @@ def kept(keep: Path | None, name: str, folder: Path) -> None:
 
 def result_of(base: Path, keep: Path | None, name: str, s: dict | None = None) -> Path | None:
     """Run ``name``'s result: its folder's, else the one kept (the folder lost with a machine:
-    the run is finished, not run again), else None (not finished). With ``s``, a kept result
-    made under other settings is refused, as a folder's is (:func:`refuse_changed`)."""
+    the run is finished, not run again), else None (not finished). With ``s``, a result made
+    under other settings is refused, the folder's (:func:`refuse_changed`) or the kept one's."""
     if (base / name / RESULT).is_file():
+        if s is not None:
+            refuse_changed(base / name, name, s)
         return base / name / RESULT
     path = None if keep is None else keep / f"{name}.json"
     if path is None or not path.is_file():

@@ -175,6 +175,9 @@ def test_a_config_keeps_results_in_a_folder_it_names(tmp_path):
     assert json.loads((keep / "r.json").read_text()) == {"a": 1,
                                                           "settings": reproduce_.pinned(s)}
     assert reproduce_.result_of(base, keep, "r", s) == base / "r" / "result.json"
+    # the folder's result of other settings is refused too (the summary leaves it out)
+    with pytest.raises(SystemExit, match=r"was made with other settings \(\['rank'\]"):
+        reproduce_.result_of(base, keep, "r", {**s, "rank": 8})
     shutil.rmtree(base / "r")
     assert reproduce_.result_of(base, keep, "r", s) == keep / "r.json"
     # a kept result of other settings is not this run's: refused as a folder's would be
