@@ -753,6 +753,26 @@ def check_start_from(folder: Path, name: str, s: dict) -> None:
                          f"other {changed}; give this run the same ones")
 
 
+def check_start_source(base: Path, keep: Path | None, name: str, s: dict, earlier: list[str],
+                       finished: bool) -> None:
+    """Before any run starts, refuse a ``start_from`` run that names itself, or that is not
+    ``finished``, holds no copy of the model yet, and whose source has not made its model
+    and is not among the ``earlier`` runs of this invocation, or whose source's folder is gone
+    (its kept result holds no model)."""
+    other = s["start_from"]
+    if other == name:
+        raise SystemExit(f"run {name!r}: start_from names the run itself")
+    if finished or start_ready(base, name, s):
+        return
+    if other not in earlier:
+        raise SystemExit(f"run {name!r}: start_from {other!r} has not made its model yet and "
+                         f"does not run before it: list it first (--only ... {other} {name})")
+    if not (base / other).is_dir() and result_of(base, keep, other) is not None:
+        raise SystemExit(f"run {name!r}: start_from {other!r}: its folder is gone (only its kept "
+                         f"result {keep / f'{other}.json'} is left, which holds no model); move "
+                         f"that away to run {other!r} again first")
+
+
 def tunes(s: dict) -> bool:
     """Whether a run with settings ``s`` fine-tunes (epochs, steps, or steps per layer)."""
     return s["epochs"] is not None or s["steps"] is not None or bool(s["steps_per_layer"])
@@ -1054,20 +1074,8 @@ def main() -> int:
                 refuse_uncarried(base, name)
             if s["start_from"] is not None:
                 check_start_from(base / name, name, s)
-                other = s["start_from"]
-                if other == name:
-                    raise SystemExit(f"run {name!r}: start_from names the run itself")
-                if (done[name] is None and other not in order[:order.index(name)]
-                        and not start_ready(base, name, s)):
-                    raise SystemExit(f"run {name!r}: start_from {other!r} has not made its "
-                                     "model yet and does not run before it: list it first "
-                                     "(--only ... " + f"{other} {name})")
-                if (done[name] is None and not (base / other).is_dir()
-                        and result_of(base, keep, other) is not None):
-                    raise SystemExit(
-                        f"run {name!r}: start_from {other!r}: its folder is gone (only its kept "
-                        f"result {keep / f'{other}.json'} is left, which holds no model); move "
-                        f"that away to run {other!r} again first")
+                check_start_source(base, keep, name, s, order[:order.index(name)],
+                                   done[name] is not None)
             if done[name] is not None:
                 check_still_matched(base, keep, name, s)
         root = D.require_data_root()

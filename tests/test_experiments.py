@@ -466,6 +466,29 @@ def test_a_start_from_run_must_agree_on_what_made_the_model_it_takes(tmp_path):
                                     {**same, "rank": "params=0.5"})
 
 
+def test_a_start_from_run_needs_a_source_that_makes_its_model_or_its_own_copy(tmp_path):
+    """Refused before any run starts: a source that has not made its model and does not run
+    earlier, or whose folder is gone (a kept result holds no model); not refused: a run that
+    holds its own copy of the model (resumed, or carried from another machine)."""
+    reproduce_ = _reproduce_module()
+    base, keep = tmp_path / "runs", tmp_path / "kept"
+    s = {**reproduce_.SETTINGS, "model": "resnet20_cifar", "start_from": "a", "epochs": 2}
+    check = reproduce_.check_start_source
+    with pytest.raises(SystemExit, match="names the run itself"):
+        check(base, keep, "a", {**s, "start_from": "a"}, [], False)
+    with pytest.raises(SystemExit, match="has not made its model yet"):
+        check(base, keep, "b", s, [], False)
+    check(base, keep, "b", s, ["a"], False)  # a runs first in this invocation
+    check(base, keep, "b", s, [], True)  # b finished: nothing to take
+    keep.mkdir()
+    (keep / "a.json").write_text("{}")  # a finished on another machine: only its result left
+    with pytest.raises(SystemExit, match="its folder is gone"):
+        check(base, keep, "b", s, ["a"], False)
+    (base / "b" / "checkpoints" / "start").mkdir(parents=True)  # b's own copy (carried)
+    check(base, keep, "b", s, ["a"], False)
+    check(base, keep, "b", s, [], False)
+
+
 def test_a_start_from_run_may_take_the_model_of_a_match_params_run(tmp_path):
     """The match_params run's settings are kept with its target null (filled in from the
     matched run's result after): a run starting from it, with the same match_params, agrees."""
