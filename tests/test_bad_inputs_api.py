@@ -34,6 +34,7 @@ class Net2(Net):
 
 X = torch.rand(2, 3, 8, 8)
 FAST = {"allow_slower": True}
+LABELLED = (X, torch.zeros(2, dtype=torch.long))
 
 
 def fresh():
@@ -309,6 +310,23 @@ COMPRESS_CASES = [
      lambda m: rc.compress(m, X, target="macs=2x", schedule="layerwise", steps_per_layer=3,
                            plan_options=FAST), ValueError,
      "steps_per_layer: fine-tuning needs train_data"),
+    ("epochs 0", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", epochs=0, train_data=LABELLED,
+                           plan_options=FAST), ValueError, "epochs: expected an int >= 1, got 0"),
+    ("steps not an int", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", steps=2.5, train_data=LABELLED,
+                           plan_options=FAST), ValueError, "steps: expected an int >= 1"),
+    ("epochs and steps", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", epochs=1, steps=3, train_data=LABELLED,
+                           plan_options=FAST), ValueError, "give epochs or steps, not both"),
+    ("steps_per_layer 0", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", schedule="layerwise", steps_per_layer=0,
+                           train_data=LABELLED, plan_options=FAST), ValueError,
+     "steps_per_layer: expected an int >= 1, got 0"),
+    ("resume without a checkpoint_dir", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", epochs=1, train_data=LABELLED,
+                           finetune_options={"resume": True}, plan_options=FAST), ValueError,
+     "finetune_options: resume=True needs checkpoint_dir"),
     ("transfer of a model name", fresh,
      lambda m: rc.transfer("resnet20_cifar", (X, torch.zeros(2, dtype=torch.long)), 3),
      ValueError, "model: expected an nn.Module"),
@@ -488,6 +506,27 @@ HELPER_CASES = [
      lambda m: rc.decompose.tucker(torch.rand(4, 4, 3), 2, modes="01"), ValueError,
      "modes: expected a sequence of mode indices"),
 ]
+
+
+FINETUNE_CASES = ("epochs 0", "steps not an int", "epochs and steps", "steps_per_layer 0",
+                  "resume without a checkpoint_dir")
+
+
+@pytest.mark.parametrize("name", FINETUNE_CASES)
+def test_bad_fine_tuning_arguments_are_refused_before_planning(name, monkeypatch):
+    """compress refuses them before planning and fitting (minutes to hours), not when
+    finetune starts."""
+    import importlib
+
+    compress_module = importlib.import_module("rankcut.compress")  # (rc.compress: the function)
+
+    def planned(*args, **kwargs):
+        raise AssertionError("planned before the arguments were checked")
+
+    monkeypatch.setattr(compress_module, "_Job", planned)  # (what plans, fits and tunes)
+    _, factory, call, error, match = next(c for c in COMPRESS_CASES if c[0] == name)
+    with pytest.raises(error, match=match):
+        call(factory())
 
 
 def test_a_params_rank_rule_needs_no_input_size():

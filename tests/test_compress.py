@@ -240,6 +240,8 @@ def test_models_with_cp_layers_fine_tune_at_the_cp_rate_unless_told(trained):
     assert cp.stages[0]["train"]["lr"] == CP_SGD_LR
     told = rc.compress(model, data[0][:1], finetune_options={**tune, "lr": 0.05}, **kw)
     assert told.stages[0]["train"]["lr"] == 0.05
+    unset = rc.compress(model, data[0][:1], finetune_options={**tune, "lr": None}, **kw)
+    assert unset.stages[0]["train"]["lr"] == CP_SGD_LR  # None: not given, as finetune reads it
     svd = rc.compress(model, data[0][:1], method="svd", rank=4, train_data=data, steps=2,
                       plan_options=PLAN, finetune_options=tune)
     assert svd.stages[0]["train"]["lr"] == rc.train.DEFAULT_LR["sgd"]  # finetune's default
@@ -281,6 +283,41 @@ def test_one_shot_resumes_without_planning_or_fitting_again(trained, tmp_path, m
     for (k, v), w in zip(resumed.model.state_dict().items(), whole.model.state_dict().values(),
                          strict=True):
         assert torch.equal(v, w), k
+
+
+def test_a_checkpoint_dir_under_home_written_as_tilde_resumes(trained, tmp_path, monkeypatch):
+    """"~/run" is the home folder's run for compress's stored plan and start model and for
+    finetune's checkpoint and log alike (before, the stored plan was written under the home
+    folder and looked for in a folder named "~" of the working directory: never resumed)."""
+    model, data = trained
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    opts = {**TUNE, "checkpoint_dir": "~/run", "resume": True, "log": "~/train.jsonl"}
+    first = rc.compress(model, data[0][:1], target="macs=2x", train_data=data, steps=2,
+                        plan_options=PLAN, finetune_options=opts)
+    run = tmp_path / "home" / "run"
+    assert (run / "start" / "plan.json").is_file() and (run / "last.pt").is_file()
+    assert (tmp_path / "home" / "train.jsonl").is_file() and not (tmp_path / "~").exists()
+    again = rc.compress(model, data[0][:1], target="macs=2x", train_data=data, steps=2,
+                        plan_options=PLAN, finetune_options=opts)
+    assert again.stages[0]["resumed"]
+    assert again.plan.to_dict()["layers"] == first.plan.to_dict()["layers"]
+
+
+def test_a_fresh_run_clears_the_stages_an_earlier_run_left(trained, tmp_path):
+    """Without resume, the stages an earlier run left in checkpoint_dir are removed before the
+    run writes any: a later resume of this run must not read them (an earlier layerwise run's
+    finished layer-4 holds a whole model over other layers 1-3). Files of other names stay."""
+    model, data = trained
+    for stale in ("layer-4", "round-2", "start"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "last.pt").write_bytes(b"an earlier run's")
+    (tmp_path / "notes.txt").write_text("mine")
+    rc.compress(model, data[0][:1], target="macs=2x", train_data=data, steps=2,
+                plan_options=PLAN, finetune_options={**TUNE, "checkpoint_dir": tmp_path})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.txt", "start"]
+    assert (tmp_path / "start" / "model.safetensors").is_file()
+    assert not (tmp_path / "start" / "last.pt").exists()
 
 
 def test_resuming_with_another_plan_is_refused(trained, tmp_path):

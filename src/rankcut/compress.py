@@ -9,7 +9,7 @@
   batches). Data-aware layers take their input statistics from the model as compressed and
   fine-tuned so far, and are fitted to their own dense outputs on them (not sequentially
   toward the dense network's: the fine-tuning between layers does that work). Forward order is
-  read on the calibration inputs; a model with several inputs goes in registration order.
+  read on ``example_inputs``; a model with several inputs goes in the plan's order.
 - ``multistage`` (MUSCO): ``rounds`` rounds toward the target along a geometric path
   (round i keeps ``fraction ** (i / rounds)`` of the cost), fine-tuning between rounds. Each round
   folds the model's factorized layers back into dense ones (exactly: a factorized layer's
@@ -31,6 +31,8 @@ import copy
 import inspect
 import json
 import math
+import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ._modes import as_inputs, check_module, on_model_device
+from ._modes import as_inputs, as_path, check_module, on_model_device
 from .calibrate import (
     TransformedBatches,
     calibration_batches,
@@ -65,6 +67,7 @@ from .select import plan as make_plan
 from .surgery import apply, set_submodule
 from .train import DEFAULT_LR, check_finetune_options, evaluate, finetune
 from .train.batches import as_data
+from .train.checkpoint import FILENAME as CHECKPOINT_FILE
 from .train.distributed import setup
 
 SCHEDULES = ("one_shot", "layerwise", "multistage")
@@ -302,6 +305,10 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         check_finetune_options(finetune_options or {}, teacher=distill)
     except ValueError as err:
         raise ValueError(f"finetune_options: {err}") from None
+    check_finetune_options({"epochs": epochs, "steps": steps})  # (one of them, each an int >= 1)
+    if steps_per_layer is not None and (isinstance(steps_per_layer, bool) or not isinstance(
+            steps_per_layer, int | np.integer) or steps_per_layer < 1):
+        raise ValueError(f"steps_per_layer: expected an int >= 1, got {steps_per_layer!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "multistage" and (target is None or plan is not None):
@@ -352,6 +359,7 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
                                            **(plan_options or {})),
                train_data, distill, transform, dict(finetune_options or {}), progress,
                reestimate_bn, sequential, val_data)
+    job.start_afresh()
     if schedule == "one_shot":
         return job.one_shot(plan, target, epochs, steps)
     if schedule == "layerwise":
@@ -397,7 +405,7 @@ class _Job:
         self.sequential = sequential
         self.val_data = val_data
         ckpt = self.finetune_options.get("checkpoint_dir")
-        self.folder = None if ckpt is None else Path(ckpt)
+        self.folder = None if ckpt is None else as_path(ckpt, "checkpoint_dir")
         self.resume = bool(self.finetune_options.get("resume"))
 
     # ---- resuming: what each stage starts from is kept beside its training checkpoint -------
@@ -431,6 +439,25 @@ class _Job:
         if path is not None:
             _on_first_process(lambda: save_plan(plan, path))
         return plan
+
+    def start_afresh(self) -> None:
+        """Without ``resume``: what an earlier run left in ``checkpoint_dir`` under the names
+        compress writes there (the stored plan, ``start/``, the stages' ``layer-<i>/`` and
+        ``round-<i>/``, the final ``last.pt``) is removed before this run writes any, so a
+        later resume of this run never reads the earlier run's stages. Other files are kept."""
+        if self.folder is None or self.resume or not self.folder.is_dir():
+            return
+        ours = {START, PLAN_FILE, CHECKPOINT_FILE}
+
+        def clear() -> None:
+            for path in self.folder.iterdir():
+                if path.is_dir() and (path.name == START
+                                      or re.fullmatch(r"(layer|round)-\d+", path.name)):
+                    shutil.rmtree(path)
+                elif path.is_file() and path.name in ours:
+                    path.unlink()
+
+        _on_first_process(clear)
 
     def checkpointed(self, name: str | None) -> dict:
         """Fine-tuning options whose checkpoints go to the stage's own subfolder ``name`` of
@@ -489,7 +516,7 @@ class _Job:
         options = self.checkpointed(folder)
         if draw:
             options["seed"] = options.get("seed", 0) + draw
-        if "lr" not in options:
+        if options.get("lr") is None:  # (None: the default, as finetune reads it)
             lr = default_lr(model, options.get("optimizer", "sgd"))
             if lr is not None:
                 options["lr"] = lr

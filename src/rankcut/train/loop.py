@@ -24,7 +24,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .._fingerprint import model_fingerprint
-from .._modes import available_device, check_module, eval_mode, forward_on, logits_of
+from .._modes import (
+    as_path,
+    available_device,
+    check_module,
+    eval_mode,
+    forward_on,
+    logits_of,
+)
 from ..atomic import atomic_path, file_target_problem, folder_target_problem
 from ..layers import FactorizedLayer
 from ..profile import MEMORY_FORMATS, suits_channels_last
@@ -182,7 +189,9 @@ def check_finetune_options(options: dict[str, Any], *, teacher: bool = False) ->
 
 def _check_arguments(o: dict[str, Any]) -> None:
     """Refuse settings outside their range before anything is moved, built or trained: a NaN
-    learning rate would otherwise surface as a non-finite loss some steps later."""
+    learning rate would otherwise surface as a non-finite loss some steps later. The paths in
+    ``o`` are expanded in place ("~/run" is the home folder's run, as in a shell, not a folder
+    named "~")."""
     def number(name, low=None, high=None, low_open=False, high_open=False, optional=False):
         value = o[name]
         if value is None and optional:
@@ -231,11 +240,14 @@ def _check_arguments(o: dict[str, Any]) -> None:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS} or a callable, got {kind!r}")
     if o["epochs"] is not None and o["steps"] is not None:
         raise ValueError("give epochs or steps, not both")
+    if o["resume"] and o["checkpoint_dir"] is None:
+        raise ValueError("resume=True needs checkpoint_dir")
     cache = o["teacher_cache"]
     if cache is not None:
         if not isinstance(cache, str | Path) or not str(cache):
             raise ValueError(f"teacher_cache: expected a folder (str or Path) or None, got "
                              f"{cache!r}")
+        o["teacher_cache"] = cache = str(as_path(cache))
         if o["teacher"] is None:
             raise ValueError("teacher_cache: keeps a teacher's outputs; give a teacher")
         problem = folder_target_problem(cache)
@@ -250,6 +262,7 @@ def _check_arguments(o: dict[str, Any]) -> None:
             continue
         if not isinstance(where, str | os.PathLike) or not str(where):
             raise ValueError(f"{name}: expected a path (str or Path) or None, got {where!r}")
+        o[name] = where = str(as_path(where))
         problem = problem_of(where)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
@@ -913,7 +926,7 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
     """
     opts = {k: v for k, v in locals().items() if k not in ("model", "train_data")}
     check_module(model)
-    _check_arguments(opts)
+    _check_arguments(opts)  # (and the paths in it expanded)
     # NumPy numbers, accepted, as Python's: they are kept in checkpoints (which load only plain
     # types) and seed Python's random module
     opts = {k: v.item() if isinstance(v, np.generic) else v for k, v in opts.items()}
@@ -922,8 +935,6 @@ def finetune(model: nn.Module, train_data, *, epochs: int | None = None,
         if not isinstance(opts["val_data"], DataLoader) and len(opts["val_data"]) == 0:
             raise ValueError("val_data: no samples to evaluate on")
     # settings that would be ignored: said
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
     for name, value, other, given in (
             ("checkpoint_every", checkpoint_every, "checkpoint_dir", checkpoint_dir),
             ("eval_every", eval_every, "val_data", val_data),
