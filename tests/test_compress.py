@@ -344,6 +344,11 @@ def test_resuming_with_another_plan_is_refused(trained, tmp_path):
     again = rc.compress(model, x, target="macs=0.5", train_data=data, steps=2,
                         plan_options=PLAN, finetune_options=opts)
     assert again.stages[0]["resumed"]
+    # a planning setting named at its default is no change
+    named = rc.compress(model, x, target="macs=2x", train_data=data, steps=2,
+                        plan_options={**PLAN, "rank_multiple": 1, "latency_margin": 0.0},
+                        finetune_options=opts)
+    assert named.stages[0]["resumed"]
     # other planning settings (layers excluded, min_params): refused, named, not ignored
     for changed in ({**PLAN, "exclude": ["0"]}, {**PLAN, "min_params": 50}):
         with pytest.raises(ValueError, match="was planned with other (exclude|min_params)"):

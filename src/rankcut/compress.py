@@ -117,10 +117,14 @@ def _planned_with(plan_kwargs: dict) -> dict:
     """The planning settings a stored plan was made with, as JSON (what a resumed run compares:
     other excluded layers, another min_params or solver option would go on with the old plan);
     the method, rank and target are checked by :func:`_check_resumed`, the data and objects
-    (a cache, a latency table) are not compared."""
+    (a cache, a latency table) are not compared. A setting not given counts as its default
+    (:func:`rankcut.plan`'s), so naming a default is no change."""
+    defaults = {k: p.default for k, p in inspect.signature(make_plan).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     out = {}
-    for key, value in sorted(plan_kwargs.items()):
-        if key in ("method", "rank", "calib_data", "progress", "cache", "latency_table"):
+    for key, value in sorted({**defaults, **plan_kwargs}.items()):
+        if key in ("method", "rank", "target", "calib_data", "progress", "cache",
+                   "latency_table"):
             continue
         try:
             out[key] = json.loads(json.dumps(value))
@@ -424,6 +428,8 @@ class _Job:
                 _check_resumed(path, stored.meta, self.plan_kwargs["method"], target,
                                self.plan_kwargs["rank"])
                 then, now = stored.meta.get("planned_with"), _planned_with(self.plan_kwargs)
+                if then is not None:  # (a plan stored before defaults were recorded)
+                    then = _planned_with(then)
                 changed = sorted(k for k in {*(then or {}), *now}
                                  if then is not None and then.get(k) != now.get(k))
                 if changed:
