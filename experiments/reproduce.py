@@ -1072,6 +1072,10 @@ def main() -> int:
             refuse_changed(base / name, name, s)
             if done[name] is None:
                 refuse_uncarried(base, name)
+            elif done[name] != base / name / RESULT and (base / name).is_dir():
+                raise SystemExit(f"run {name!r}: {done[name]} says it finished, but {base / name} "
+                                 "holds an unfinished run of it; move one of them away (the "
+                                 "kept result to run it again, the folder to keep the result)")
             if s["start_from"] is not None:
                 check_start_from(base / name, name, s)
                 check_start_source(base, keep, name, s, order[:order.index(name)],
@@ -1106,6 +1110,11 @@ def main() -> int:
                     check_still_matched(base, keep, name, s)
                     print(f"[{name}] finished earlier (its folder is gone; the result kept: "
                           f"{done[name]})", flush=True)
+                    made = json.loads(done[name].read_text()).get("export") or {}
+                    if s["export"] and made.get("folder") != str(s["export"]):
+                        print(f"[{name}] not exported to {s['export']}: the finished model "
+                              "went with the run's folder (run it again to export it)",
+                              flush=True)
                     continue
                 pin_settings(base / name, name, s)
                 if s["match_params"]:

@@ -154,6 +154,10 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "[tiny] finished earlier (its folder is gone" in rerun.stdout
     assert not (tmp_path / "runs" / "tiny" / "tiny").exists()
+    # a folder of an unfinished run beside the kept result that says it finished: refused
+    (tmp_path / "runs" / "tiny" / "tiny" / "checkpoints").mkdir(parents=True)
+    both = reproduce(config, tmp_path / "runs", env)
+    assert both.returncode != 0 and "holds an unfinished run of it" in both.stderr
 
 
 def test_a_config_keeps_results_in_a_folder_it_names(tmp_path):
