@@ -758,6 +758,29 @@ def test_cli_refuses_bad_input_up_front(setup, names, capsys, tmp_path, monkeypa
     assert "top-1" not in out and "wrote" not in out
 
 
+def test_a_path_under_home_written_with_a_tilde_is_checked_where_it_is_written(
+        capsys, tmp_path, monkeypatch):
+    """--flag=~/x (or a config file's value) reaches rankcut unexpanded: the checks must read
+    the same home folder the work would write (before, a checkpoint there was not seen, and a
+    fresh run removed it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "data").mkdir()
+    _write(tmp_path / "home" / "ck" / "last.pt", b"an earlier run's checkpoint")
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "compress", *T, *PLAN_FLAGS, "--data", "cifar10", "--data-dir",
+                       tmp_path / "data", "--finetune-steps", 1, "--checkpoint-dir=~/ck",
+                       "--out", tmp_path / "o")
+    assert_refused(code, err, "--checkpoint-dir", "last.pt", "--resume")
+    assert tree(tmp_path) == before
+    config = tmp_path / "c.yaml"
+    config.write_text("checkpoint-dir: ~/ck\n")
+    code, _, err = run(capsys, "compress", *T, *PLAN_FLAGS, "--data", "cifar10", "--data-dir",
+                       tmp_path / "data", "--finetune-steps", 1, "--config", "~/../c.yaml",
+                       "--out", tmp_path / "o")
+    assert_refused(code, err, "--checkpoint-dir", "last.pt", "--resume")
+
+
 def test_out_that_holds_the_data_root_found_by_default_is_refused(capsys, tmp_path,
                                                                   monkeypatch):
     """--overwrite replaces --out whole: a data root found from $RANKCUT_DATA inside it (as

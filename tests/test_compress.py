@@ -313,9 +313,11 @@ def test_a_fresh_run_clears_the_stages_an_earlier_run_left(trained, tmp_path):
         (tmp_path / stale).mkdir()
         (tmp_path / stale / "last.pt").write_bytes(b"an earlier run's")
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "plan.json").write_text("{}")  # (perhaps the user's: kept)
     rc.compress(model, data[0][:1], target="macs=2x", train_data=data, steps=2,
                 plan_options=PLAN, finetune_options={**TUNE, "checkpoint_dir": tmp_path})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.txt", "start"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.txt", "plan.json",
+                                                          "start"]
     assert (tmp_path / "start" / "model.safetensors").is_file()
     assert not (tmp_path / "start" / "last.pt").exists()
 

@@ -417,7 +417,7 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
         return parser.parse_args(argv)
     defaults = {}
     if known.config:
-        defaults = _read_config(Path(known.config), command, subparser)
+        defaults = _read_config(Path(known.config).expanduser(), command, subparser)
         subparser.set_defaults(**defaults)
         for action in subparser._actions:
             if action.dest in defaults:
@@ -1453,6 +1453,20 @@ COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_ev
             "transfer": cmd_transfer, "demo": cmd_demo}
 
 
+# the flags that name a file or folder
+PATH_DESTS = ("weights", "data_dir", "compressed", "plan", "out", "output", "checkpoint_dir",
+              "teacher_cache", "latency_table")
+
+
+def _expand_paths(args: argparse.Namespace) -> None:
+    """A leading "~" of a path flag is the home folder, as a shell would read it, in the checks
+    and the work alike (a config file's values, and --flag=~/x, reach rankcut unexpanded)."""
+    for dest in PATH_DESTS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, dest, os.path.expanduser(value))
+
+
 def _command_line(args) -> str:
     """The command as a shell would take it again: "rankcut compress --model ..."."""
     import shlex
@@ -1492,6 +1506,7 @@ def _failed(err: BaseException, code: int, more: str = "") -> int:
 def _run(parser: argparse.ArgumentParser, argv: list[str], debug: bool) -> int:
     try:
         args = _with_config(parser, argv)
+        _expand_paths(args)
         args.argv = list(argv)  # what the records' "command" says (main(argv) need not be sys.argv)
         _check_args(args)
         return COMMANDS[args.command](args)

@@ -448,12 +448,13 @@ class _Job:
 
     def start_afresh(self) -> None:
         """Without ``resume``: what an earlier run left in ``checkpoint_dir`` under the names
-        compress writes there (the stored plan, ``start/``, the stages' ``layer-<i>/`` and
-        ``round-<i>/``, the final ``last.pt``) is removed before this run writes any, so a
-        later resume of this run never reads the earlier run's stages. Other files are kept."""
+        compress's stages write there (``start/``, ``layer-<i>/``, ``round-<i>/``, the final
+        ``last.pt``) is removed before this run writes any, so a later resume of this run
+        never reads the earlier run's stages. Other files are kept (a ``plan.json`` there may
+        be the user's; layerwise's own is written over when it plans)."""
         if self.folder is None or self.resume or not self.folder.is_dir():
             return
-        ours = {START, PLAN_FILE, CHECKPOINT_FILE}
+        ours = {CHECKPOINT_FILE}
 
         def clear() -> None:
             for path in self.folder.iterdir():
