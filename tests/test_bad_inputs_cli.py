@@ -357,6 +357,11 @@ def _benchmark(*extra):
     return setup
 
 
+def _weights_with_compressed(tmp):
+    save_file(tiny_state(), str(tmp / "w.safetensors"))
+    return [*_benchmark()(tmp), "--weights", tmp / "w.safetensors"]
+
+
 def _sweep(*extra):
     def setup(tmp):
         (tmp / "data").mkdir()
@@ -722,6 +727,24 @@ CLI_CASES = [
     ("benchmark-device-with-onnxruntime", _benchmark("--engine", "onnxruntime", "--device",
                                                      "cpu"), ["--device", "onnxruntime"]),
     ("transfer-head-missing", _transfer_head("fc"), ["--head", "no module 'fc'"]),
+    # found before the data is read and the model compressed, not after
+    ("transfer-head-a-conv", _transfer_head("0"), ["--head", "'0' is a Conv2d", "nn.Linear"]),
+    ("transfer-head-empty", _transfer_head(""), ["--head", "name of a module"]),
+    ("compress-vbmf-with-cp", _compress_plain("--method", "cp", "--rank", "vbmf"),
+     ["--rank vbmf", "--method cp", "no singular values"]),
+    ("min-accuracy-a-fraction", _compress("--min-accuracy", 0.9, "--schedule", "multistage"),
+     ["--min-accuracy", "above 1", "90 for 90%"]),
+    ("sequential-with-layerwise", _compress("--schedule", "layerwise", "--sequential",
+                                            "--synthetic-calib", 8),
+     ["--sequential", "layerwise"]),
+    ("speed-slack-without-a-budget", _compress_plain("--method", "svd", "--rank", 4,
+                                                     "--speed-slack", 0.2),
+     ["--speed-slack", "MACs --target"]),
+    ("speed-slack-with-a-latency-target", _compress_plain(
+        "--method", "svd", "--target", "latency=1.5x", "--speed-slack", 0.2),
+     ["--speed-slack", "latency target"]),
+    ("weights-with-compressed", _weights_with_compressed,
+     ["--weights", "--compressed holds every weight"]),
     # options the layers pass to the solvers themselves are not the user's to set
     ("solver-option-set-by-rankcut", _compress("--solver-option", "svd.cov=5"),
      ["--solver-option", "cov", "sets it itself"]),

@@ -473,6 +473,16 @@ def _solver_options(items: list[str]) -> dict[str, dict]:
     return _as_user_error("--solver-option", methods.check_solver_options, options)
 
 
+def _check_rank_fits(flag: str, methods: list[str], text: str, rule) -> None:
+    """A rank rule read off singular values (energy, vbmf) with a method that has none (CP)."""
+    from . import methods as registry
+
+    bare = [m for m in methods if m != "auto" and not registry.resolve(m)[0].spectra]
+    if rule.kind in ("energy", "vbmf") and bare:
+        raise UserError(f"--rank {text}: not defined for {flag} {bare[0]} (no singular "
+                        "values); use a fixed rank, 'params=F' or 'macs=F', or leave it out")
+
+
 def _as_user_error(flag: str, fn, *args):
     """``fn(*args)``, a ValueError of it reported as a mistake in ``flag``."""
     try:
@@ -525,8 +535,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if slack is not None and not (math.isfinite(slack) and slack >= 0):
         raise UserError(f"--speed-slack: expected a finite number >= 0, got {slack}")
     accuracy = getattr(args, "min_accuracy", None)
-    if accuracy is not None and not (math.isfinite(accuracy) and 0 <= accuracy <= 100):
-        raise UserError(f"--min-accuracy: expected a top-1 in percent, 0 to 100, got {accuracy}")
+    if accuracy is not None and not (math.isfinite(accuracy) and 1 < accuracy <= 100):
+        raise UserError(f"--min-accuracy: expected a top-1 in percent, above 1 and at most 100 "
+                        f"(e.g. 90 for 90%), got {accuracy:g}")
     split = getattr(args, "val_split", None)
     if split is not None and not (math.isfinite(split) and (
             0 < split < 1 or (split >= 1 and split == int(split)))):
@@ -783,7 +794,9 @@ def _check_args(args: argparse.Namespace) -> None:
         _check_method("--method", args.method)
         args.solver_options = _solver_options(args.solver_option or [])
         if args.rank is not None:
-            _as_user_error("--rank", parse_rank, args.rank)
+            rule = _as_user_error("--rank", parse_rank, args.rank)
+            if command == "compress":
+                _check_rank_fits("--method", [args.method], args.rank, rule)
         if args.target is not None:
             _as_user_error("--target", parse_target, args.target)
         tuning = [f for f in ("finetune_epochs", "finetune_steps", "steps_per_layer")
@@ -804,6 +817,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError("--rounds: only with --schedule multistage")
         if args.steps_per_layer is not None and args.schedule != "layerwise":
             raise UserError("--steps-per-layer: only with --schedule layerwise")
+        if args.sequential is not None and args.schedule == "layerwise":
+            raise UserError(f"--{'' if args.sequential else 'no-'}sequential: --schedule "
+                            "layerwise fits each layer to the model at hand (fine-tuned "
+                            "between layers); drop it")
         args.plan_obj = _check_plan(args)
         if args.schedule == "multistage" and not args.target:
             raise UserError("--schedule multistage: needs --target (it plans a round at a "
@@ -821,16 +838,10 @@ def _check_args(args: argparse.Namespace) -> None:
         for target in args.targets:
             _as_user_error("--targets", parse_target, target)
         if getattr(args, "rank", None):
-            from . import methods as registry
             from .select import parse_rank
 
             rule = _as_user_error("--rank", parse_rank, args.rank)
-            bare = [m for m in args.methods if m != "auto"
-                    and not registry.resolve(m)[0].spectra]
-            if rule.kind in ("energy", "vbmf") and bare:
-                raise UserError(f"--rank {args.rank}: not defined for --methods {bare[0]} (no "
-                                "singular values); use a fixed rank, 'params=F' or 'macs=F', "
-                                "or leave it out")
+            _check_rank_fits("--methods", args.methods, args.rank, rule)
     if command == "analyze":
         from .select import parse_rank
 
@@ -855,6 +866,9 @@ def _check_idle(args: argparse.Namespace) -> None:
             "analyze", "export", "benchmark"):  # (their one input is the first test example)
         raise UserError(f"--eval-limit: {args.command} evaluates nothing (its example input is "
                         "the first test example); drop it")
+    if getattr(args, "weights", None) is not None and getattr(args, "compressed", None):
+        raise UserError("--weights: --compressed holds every weight of the model (the dense "
+                        "model's are replaced when it loads); drop --weights")
     if getattr(args, "no_verify", False) and not getattr(args, "compressed", None):
         raise UserError("--no-verify: only with --compressed (it lets a hand-written plan.json "
                         "load)")
@@ -882,6 +896,11 @@ def _check_idle(args: argparse.Namespace) -> None:
     if timing and args.allow_slower and not latency_asked:
         raise UserError(f"{_flag(timing[0])}: --allow-slower turns the latency guard off, so "
                         "nothing is timed for the plan; drop one of them")
+    budgets = [args.target] if args.command == "compress" else list(args.targets)
+    if "speed_slack" in args.given and not any(t and not is_latency(t) for t in budgets):
+        raise UserError("--speed-slack: spends predicted damage on speed within a params or "
+                        "MACs --target" + ("s" if args.command == "sweep" else "")
+                        + " (a latency target spends all of it on time); give one, or drop it")
 
 
 # ------------------------------------------------------------------------------ shared steps
@@ -1238,10 +1257,12 @@ def cmd_transfer(args) -> int:
     ctx = _Context(args)
     backbone = ctx.subject()
     if args.head is not None:  # before the data is read (slow for an image folder)
+        from .compress import find_head
+
         try:
-            backbone.get_submodule(args.head)
-        except AttributeError:
-            raise UserError(f"--head: the model has no module {args.head!r}") from None
+            find_head(backbone, args.head)
+        except ValueError as err:
+            raise UserError(f"--{err}") from None  # ("head: ...")
     train = ctx.dataset("train", train_transform=True, limit=args.train_limit)
     test = ctx.test_data()
     base = _base_dataset(train)

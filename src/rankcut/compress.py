@@ -332,6 +332,9 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
     if min_accuracy is not None and schedule != "multistage":
         raise ValueError(f"min_accuracy: the floor of schedule 'multistage''s rounds; schedule "
                          f"{schedule!r} would ignore it")
+    if sequential is not None and schedule == "layerwise":
+        raise ValueError("sequential: schedule 'layerwise' fits each layer to the model at hand "
+                         "(fine-tuned between layers); it would ignore it")
     if steps_per_layer is not None and schedule != "layerwise":
         raise ValueError(f"steps_per_layer: fine-tuning after each layer of schedule "
                          f"'layerwise'; schedule {schedule!r} would ignore it")
@@ -696,6 +699,29 @@ class _Job:
         return CompressResult(*accepted, stages)
 
 
+def find_head(model: nn.Module, head: str | None = None) -> str:
+    """The name of ``model``'s classifier that :func:`transfer` replaces: ``head`` checked (a
+    module of ``model`` that is an nn.Linear or a factorized one), or by default its last such
+    module; a ValueError naming ``head`` otherwise."""
+    if head is None:
+        inside = {f"{n}." for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+        linears = [n for n, m in model.named_modules()
+                   if (type(m) is nn.Linear and not any(n.startswith(p) for p in inside))
+                   or isinstance(m, LowRankLinear)]
+        if not linears:
+            raise ValueError("head: the model has no nn.Linear; name the classifier module")
+        return linears[-1]
+    if not isinstance(head, str) or not head:
+        raise ValueError(f"head: expected the name of a module (e.g. 'fc'), got {head!r}")
+    try:
+        old = model.get_submodule(head)
+    except AttributeError:
+        raise ValueError(f"head: the model has no module {head!r}") from None
+    if not isinstance(old, nn.Linear | LowRankLinear):
+        raise ValueError(f"head: {head!r} is a {type(old).__name__}, expected an nn.Linear")
+    return head
+
+
 def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None = None,
              epochs: int | None = None, steps: int | None = None, transform=None,
              **finetune_options):
@@ -713,20 +739,8 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
     if epochs is None and steps is None:
         epochs = 1
     out = copy.deepcopy(model)
-    if head is None:
-        inside = {f"{n}." for n, m in out.named_modules() if isinstance(m, FactorizedLayer)}
-        linears = [n for n, m in out.named_modules()
-                   if (type(m) is nn.Linear and not any(n.startswith(p) for p in inside))
-                   or isinstance(m, LowRankLinear)]
-        if not linears:
-            raise ValueError("head: the model has no nn.Linear; name the classifier module")
-        head = linears[-1]
-    try:
-        old = out.get_submodule(head)
-    except AttributeError:
-        raise ValueError(f"head: the model has no module {head!r}") from None
-    if not isinstance(old, nn.Linear | LowRankLinear):
-        raise ValueError(f"head: {head!r} is a {type(old).__name__}, expected an nn.Linear")
+    head = find_head(out, head)
+    old = out.get_submodule(head)
     ref = old.weight if isinstance(old, nn.Linear) else old.second.weight
     bias = (old.bias if isinstance(old, nn.Linear) else old.second.bias) is not None
     seed = finetune_options.get("seed", 0)
