@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._modes import as_path, as_tensor_tuple, check_module, compare_outputs, eval_mode, model_device
+from ._modes import (
+    as_path,
+    as_tensor_tuple,
+    check_module,
+    compare_outputs,
+    eval_mode,
+    forward_on,
+    model_device,
+    on_model_device,
+)
 from .atomic import atomic_path, file_target_problem
 from .fuse import fuse as fused_copy
 
@@ -92,14 +101,18 @@ def export(
     """
     check_module(model)
     _check_arguments(format, example_inputs, opset, method, check, atol)
-    if not isinstance(fuse, bool):
-        raise ValueError(f"fuse: expected True or False, got {fuse!r}")
+    for name, value in (("fuse", fuse), ("dynamic_batch", dynamic_batch), ("check", check)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected True or False, got {value!r}")
     inputs = as_tensor_tuple(example_inputs, "example_inputs")
     path, opset = as_path(path), int(opset)
     problem = file_target_problem(path, probe=False)
     if problem is not None:
         raise ValueError(f"path: {problem}")
     with eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
+        if inputs:  # inputs the model cannot take: said as theirs, not as the exporter's error
+            with forward_on(inputs):
+                model(*on_model_device(model, inputs))
         with atomic_path(path) as tmp:
             original = model
             if fuse:  # the fused copy is checked against the model, and so is the file

@@ -108,6 +108,9 @@ def fuse(model: nn.Module, example_inputs=None, *, revert_slower: bool = False,
                          "example_inputs (the model is timed on them)")
     inputs = None if example_inputs is None else on_model_device(model, example_inputs)
     fused = copy.deepcopy(model).eval()
+    if inputs is not None:  # inputs the model cannot take: said as theirs, before any work
+        with torch.no_grad(), forward_on(inputs):
+            fused(*inputs)
     pairs = _layer_bn_pairs(fused, inputs)
     bn1d = {bn: fused.get_submodule(bn) for _, bn in pairs
             if isinstance(fused.get_submodule(bn), nn.BatchNorm1d)}
