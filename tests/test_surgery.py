@@ -214,6 +214,24 @@ def test_save_records_realised_ranks_and_layers_the_plan_omits(net, tmp_path):
     assert torch.equal(rc.load(Net().eval(), tmp_path)(x), small(x))
 
 
+class _MyConv(nn.Conv2d):  # a user's subclass that keeps torch's forward
+    pass
+
+
+def test_a_subclass_of_conv2d_saved_without_a_plan_loads_back(tmp_path):
+    """rc.save without a plan records the factorized layer as a "Conv2d"; the model's layer is
+    a subclass of it and fits (before, load refused it: planned for a Conv2d, a _MyConv)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_MyConv(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    small = rc.apply(model, rc.Plan({"0": rc.LayerPlan("svd", (4,))}))
+    rc.save(small, tmp_path)
+    assert rc.load_plan(tmp_path)["0"].module_type == "Conv2d"
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(rc.load(model, tmp_path)(x), small(x))
+    with pytest.raises(ValueError, match="planned for a _MyConv, the model has a Conv2d"):
+        rc.apply(model, rc.Plan({"2": rc.LayerPlan("svd", (4,), module_type="_MyConv")}))
+
+
 def test_save_records_a_skipped_layer_factorized_since_by_hand(net, tmp_path):
     plan = rc.Plan({"proj": rc.LayerPlan("svd", (4,)),
                     "head.4": rc.LayerPlan.skipped("kept dense", "Linear")})

@@ -224,7 +224,8 @@ def _check_plan(model: nn.Module, plan: Plan, weights: bool = True) -> None:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"plan layer {name!r}: the model has no such module") from None
-        if lp.module_type and type(module).__name__ != lp.module_type:
+        # (a subclass of the planned type fits: a plan saved without one says "Conv2d")
+        if lp.module_type and lp.module_type not in {c.__name__ for c in type(module).__mro__}:
             raise ValueError(f"plan layer {name!r}: planned for a {lp.module_type}, the model "
                              f"has a {type(module).__name__}")
         planned = lp.predicted.get("weight_shape")
