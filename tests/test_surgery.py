@@ -232,6 +232,25 @@ def test_a_subclass_of_conv2d_saved_without_a_plan_loads_back(tmp_path):
         rc.apply(model, rc.Plan({"2": rc.LayerPlan("svd", (4,), module_type="_MyConv")}))
 
 
+def test_a_non_finite_buffer_of_the_architecture_itself_loads(tmp_path):
+    """A -inf mask buffer is part of the model (base_model holds it too): loaded, where a NaN
+    weight is refused."""
+    torch.manual_seed(0)
+
+    def masked():
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3))
+        model.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+        return model.eval()
+
+    small = rc.apply(masked(), rc.Plan({"0": rc.LayerPlan("svd", (4,))}))
+    rc.save(small, tmp_path)
+    assert torch.equal(rc.load(masked(), tmp_path).mask, small.mask)
+    small[2].weight.data[0, 0, 0, 0] = float("nan")
+    rc.save(small, tmp_path)
+    with pytest.raises(ValueError, match="tensor '2.weight' holds NaN"):
+        rc.load(masked(), tmp_path)
+
+
 def test_save_records_a_skipped_layer_factorized_since_by_hand(net, tmp_path):
     plan = rc.Plan({"proj": rc.LayerPlan("svd", (4,)),
                     "head.4": rc.LayerPlan.skipped("kept dense", "Linear")})

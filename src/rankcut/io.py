@@ -165,7 +165,8 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
 
     The weights file must match the SHA-256 the plan records. ``save`` always records it, so a
     plan without one was altered and is refused; ``verify=False`` skips the check (for a plan
-    written by hand). A weights file outside the folder and non-finite weights are refused
+    written by hand). A weights file outside the folder and non-finite weights (a tensor that
+    is not already non-finite in ``base_model``, as a -inf mask buffer is) are refused
     either way (ValueError)."""
     check_module(base_model, "base_model")
     folder = as_path(path)
@@ -198,7 +199,10 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
             except WeightsMismatchError as mismatch:
                 err = mismatch
         raise ValueError(f"{weights}: cannot load into the rebuilt model: {err}") from None
-    bad = first_non_finite(model.state_dict())
+    # (a tensor already non-finite in base_model, e.g. a -inf attention mask buffer, is its own)
+    own = {k for k, v in base_model.state_dict().items()
+           if v.is_floating_point() and not bool(v.isfinite().all())}
+    bad = first_non_finite({k: v for k, v in model.state_dict().items() if k not in own})
     if bad is not None:
         raise ValueError(f"{weights}: tensor {bad!r} holds NaN or infinite values; refusing a "
                          "model that cannot compute")
