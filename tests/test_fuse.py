@@ -230,6 +230,32 @@ class _UntraceableReuse(nn.Module):
         return self.tail(self.res(self.stem(x) + self.stem[0](x)))
 
 
+class _UntraceableChildren(nn.Module):
+    """fx cannot trace it; it calls its Sequential's children one by one and reads the conv's
+    output twice: the BatchNorm is fed by the conv's very tensor, each called once, yet the
+    Sequential's own forward never ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            x = x * 1.0
+        h = self.body[0](x)
+        return self.body[1](h) + h
+
+
+def test_the_sequential_fallback_ignores_children_called_one_by_one():
+    model = _randomise_batchnorm(_UntraceableChildren().eval())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="cannot trace"):
+        fused = rc.fuse(model, x, check=False)
+    assert fused.rankcut_fuse["folded"] == []
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
 def test_the_sequential_fallback_folds_only_pairs_seen_feeding_each_other():
     torch.manual_seed(0)
     model = _randomise_batchnorm(_UntraceableReuse().eval())

@@ -228,8 +228,10 @@ def _sequential_pairs(model: nn.Module, inputs) -> list[tuple[str, str]]:
     """Consecutive (layer, BatchNorm) children of the model's Sequentials (ones that run
     nn.Sequential's own forward), each module held once in the model (a module registered twice
     runs twice: folding into it would change both calls), and in one forward on ``inputs``
-    each called once, the BatchNorm on the very tensor the layer returned (a layer also called
-    outside its Sequential, or a Sequential the model enters otherwise, is not folded)."""
+    each called once, the BatchNorm on the very tensor the layer returned, inside the
+    Sequential's one call (a layer also called outside its Sequential, children of a Sequential
+    called one by one from the model's forward, whose output it may read twice, or a
+    Sequential the model enters otherwise, are not folded)."""
     paths = module_paths(model)
     pairs = []
     for name, seq in model.named_modules():
@@ -241,7 +243,7 @@ def _sequential_pairs(model: nn.Module, inputs) -> list[tuple[str, str]]:
             if (first is not None and second is not None and _folds_into(first) is type(second)
                     and len(paths[id(first)]) == 1 and len(paths[id(second)]) == 1):
                 prefix = f"{name}." if name else ""
-                pairs.append((prefix + a, prefix + b))
+                pairs.append((prefix + a, prefix + b, name))
     if not pairs:
         return []
     calls: dict[str, list] = {}  # name: [times called, the layer's output / the BatchNorm's input]
@@ -252,12 +254,17 @@ def _sequential_pairs(model: nn.Module, inputs) -> list[tuple[str, str]]:
             entry[0] += 1
         return hook
 
+    # the Sequential itself called once too: its children called one by one from the model's
+    # own forward (which may read the layer's output elsewhere) are not its forward's pair
     hooks = [(model.get_submodule(n), record(n, is_bn))
-             for pair in pairs for n, is_bn in zip(pair, (False, True), strict=True)]
+             for *pair, _ in pairs for n, is_bn in zip(pair, (False, True), strict=True)]
+    hooks += [(model.get_submodule(seq), record(f"seq:{seq}", False))
+              for seq in {seq for *_, seq in pairs}]
     with hooked(model, hooks), forward_on(inputs):
         model(*inputs)
-    return [(a, b) for a, b in pairs if a in calls and b in calls and calls[a][0] == 1
-            and calls[b][0] == 1 and calls[b][1] is calls[a][1]]
+    return [(a, b) for a, b, seq in pairs if a in calls and b in calls and calls[a][0] == 1
+            and calls[b][0] == 1 and calls[b][1] is calls[a][1]
+            and calls.get(f"seq:{seq}", [0])[0] == 1]
 
 
 # ------------------------------------------------------------------------------ the folding
