@@ -256,6 +256,16 @@ def test_the_sequential_fallback_ignores_children_called_one_by_one():
         assert torch.allclose(fused(x), model(x), atol=1e-5)
 
 
+def test_a_pair_with_a_forward_hook_is_not_folded():
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                                               nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval())
+    model[0].register_forward_hook(lambda m, args, out: out.clamp(max=0.1))
+    x = torch.randn(2, 3, 8, 8)
+    fused = rc.fuse(model, x)  # (outputs checked)
+    assert [f["batchnorm"] for f in fused.rankcut_fuse["folded"]] == ["3"]
+
+
 def test_the_sequential_fallback_folds_only_pairs_seen_feeding_each_other():
     torch.manual_seed(0)
     model = _randomise_batchnorm(_UntraceableReuse().eval())

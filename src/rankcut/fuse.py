@@ -269,8 +269,20 @@ def _sequential_pairs(model: nn.Module, inputs) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------ the folding
 
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether forward hooks of the user's run on ``m`` (or on every module): folding would
+    move what a hook on the layer sees, and drop a hook on the BatchNorm."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(m._forward_hooks or m._forward_pre_hooks
+                or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 def _fold(model: nn.Module, conv_name: str, bn_name: str) -> dict | None:
     conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    if _has_hooks(conv) or _has_hooks(bn):
+        return None  # (the pair stays as it is)
     if isinstance(conv, nn.Linear | LowRankLinear):
         out = conv.out_features
     else:
