@@ -322,6 +322,25 @@ def test_a_fresh_run_clears_the_stages_an_earlier_run_left(trained, tmp_path):
     assert not (tmp_path / "start" / "last.pt").exists()
 
 
+def test_a_given_plan_whose_ranks_the_layers_cap_resumes(trained, tmp_path):
+    """A CP rank past break-even is built at break-even (a warning) and stored so; the same
+    plan given again resumes instead of being refused as another plan."""
+    model, data = trained
+    plan = rc.Plan({"2": rc.LayerPlan("cp", (500,), options={"max_iter": 5})})
+    opts = {**TUNE, "checkpoint_dir": tmp_path, "resume": True}
+    with pytest.warns(UserWarning, match="clamped"):
+        first = rc.compress(model, data[0][:1], plan=plan, train_data=data, steps=2,
+                            finetune_options=opts)
+    assert first.plan["2"].ranks == (500,)  # (as given; the start folder records the built)
+    assert rc.load_plan(tmp_path / "start")["2"].ranks[0] < 500
+    again = rc.compress(model, data[0][:1], plan=plan, train_data=data, steps=2,
+                        finetune_options=opts)
+    assert again.stages[0]["resumed"]
+    with pytest.raises(ValueError, match="another plan"):  # another rank is still refused
+        rc.compress(model, data[0][:1], train_data=data, steps=2, finetune_options=opts,
+                    plan=rc.Plan({"2": rc.LayerPlan("cp", (8,), options={"max_iter": 5})}))
+
+
 def test_resuming_with_another_plan_is_refused(trained, tmp_path):
     model, data = trained
     x = data[0][:1]

@@ -133,8 +133,15 @@ def _planned_with(plan_kwargs: dict) -> dict:
     return out
 
 
-def _layers(plan: Plan) -> dict:
-    return {n: (lp.method, tuple(lp.ranks), lp.form) for n, lp in plan.active.items()}
+def _layers(plan: Plan, model: nn.Module | None = None) -> dict:
+    """Each active layer's (method, ranks, form); with ``model`` (the dense one), the ranks as
+    the built layers have them (capped at the method's largest, as a stored plan records)."""
+    def ranks(name, lp):
+        if model is None:
+            return tuple(lp.ranks)
+        return tuple(lp.spec.capped(model.get_submodule(name), lp.ranks, lp.form))
+
+    return {n: (lp.method, ranks(n, lp), lp.form) for n, lp in plan.active.items()}
 
 
 def default_lr(model: nn.Module, optimizer="sgd") -> float | None:
@@ -424,7 +431,7 @@ class _Job:
         path = None if folder is None else folder / PLAN_FILE
         if path is not None and self.resume and path.is_file():
             stored = load_plan(path)
-            if plan is not None and _layers(plan) != _layers(stored):
+            if plan is not None and _layers(plan, self.model) != _layers(stored, self.model):
                 raise ValueError(f"resume: {path} holds another plan than the one given; "
                                  "resume with the same plan, or use a fresh checkpoint_dir")
             if plan is None:
