@@ -417,21 +417,44 @@ def test_a_run_killed_while_saving_its_start_fits_again_from_the_stored_plan(tra
     assert "weights_sha256" in rc.load_plan(start).meta
 
 
-def test_multistage_returns_its_rounds_when_a_later_target_is_out_of_reach():
+def test_multistage_returns_its_rounds_when_a_later_target_is_out_of_reach(tmp_path,
+                                                                          monkeypatch):
     """The final target beyond the cheapest plan: the rounds done (planned, fitted and
     fine-tuned) are returned, met_target False, the round that could not be planned saying
-    why, instead of an error that threw them away."""
+    why, instead of an error that threw them away. Resumed, the run stops at the same round
+    without planning it again (a latency guard's verdict depends on timings)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 4)).eval()
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
-    result = rc.compress(model, x[:1], method="svd", target="params=0.05",
-                         schedule="multistage", rounds=3, train_data=(x, y), steps=2,
-                         progress=False, plan_options={"allow_slower": True, "min_params": 10},
-                         finetune_options={"batch_size": 16, "progress": False})
+
+    def run():
+        return rc.compress(model, x[:1], method="svd", target="params=0.05",
+                           schedule="multistage", rounds=3, train_data=(x, y), steps=2,
+                           progress=False,
+                           plan_options={"allow_slower": True, "min_params": 10},
+                           finetune_options={"batch_size": 16, "progress": False,
+                                             "checkpoint_dir": tmp_path, "resume": True})
+
+    result = run()
     assert not result.met_target and result.plan.active
     assert "cannot be met" in result.stages[-1]["stopped"]
     assert [s.get("train") is not None for s in result.stages[:-1]] == [True, True]
+    refused = [p.parent.name for p in tmp_path.rglob("refused.json")]
+    assert refused == [f"round-{len(result.stages)}"]
+    compress_module = importlib.import_module("rankcut.compress")
+    planned = compress_module._Job.plan
+    rounds_planned = []
+
+    def counting(job, target, **kw):
+        rounds_planned.append(target)
+        return planned(job, target, **kw)
+
+    monkeypatch.setattr(compress_module._Job, "plan", counting)
+    again = run()
+    assert rounds_planned == []  # the stored plans, and the stored refusal
+    assert again.stages[-1]["stopped"] == result.stages[-1]["stopped"]
+    assert again.stages[-1]["resumed"] and not again.met_target
 
 
 def _small_mlp_run(**finetune_options):

@@ -36,6 +36,7 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ._modes import as_inputs, as_path, check_module, on_model_device
+from .atomic import atomic_path
 from .calibrate import (
     TransformedBatches,
     calibration_batches,
@@ -81,6 +83,16 @@ BN_SAMPLES = 2048
 # With checkpoints, the subfolder of checkpoint_dir that keeps one_shot's factorized model as it
 # was before fine-tuning (rc.save's plan.json + model.safetensors), for resume=True.
 START = "start"
+
+
+# In a multistage round's folder: the round's target refused (so a resumed run stops there too)
+REFUSED_FILE = "refused.json"
+
+
+def _write_refusal(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"stopped": text}) + "\n")
 
 
 def _saved(folder: Path) -> bool:
@@ -675,6 +687,13 @@ class _Job:
             round_target = f"{kind}={keep:.6g}" if keep < 1 else None
             view = densify(current)
             folder = None if self.folder is None else self.folder / f"round-{i}"
+            refused = None if folder is None else folder / REFUSED_FILE
+            if refused is not None and self.resume and accepted is not None and \
+                    refused.is_file():  # (the guard's verdict, from timings, is not redone)
+                stages.append({"stage": f"round {i}", "target": round_target, "layers": [],
+                               "stopped": json.loads(refused.read_text())["stopped"],
+                               "resumed": True})
+                return CompressResult(*accepted, stages, met_target=False)
             try:
                 plan = self.stored_plan(folder, None,
                                         lambda v=view, t=round_target: self.plan(t, model=v),
@@ -685,6 +704,8 @@ class _Job:
                     raise
                 stages.append({"stage": f"round {i}", "target": round_target,
                                "layers": [], "stopped": str(err)})
+                if refused is not None:  # a resumed run ends here too
+                    _on_first_process(partial(_write_refusal, refused, str(err)))
                 return CompressResult(*accepted, stages, met_target=False)
             small = apply(view, plan, calib_data=self.plan_kwargs["calib_data"],
                           max_batches=self.plan_kwargs["max_batches"], progress=self.progress,
