@@ -251,6 +251,27 @@ def test_a_non_finite_buffer_of_the_architecture_itself_loads(tmp_path):
         rc.load(masked(), tmp_path)
 
 
+def test_a_save_does_not_load_into_a_model_that_strides_or_dilates_otherwise(tmp_path):
+    """Same names, types and shapes, another stride: the factorized layer would take the new
+    model's geometry and compute another function; refused, naming the layer."""
+    torch.manual_seed(0)
+
+    def model(stride=1, dilation=1):
+        return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=stride, dilation=dilation),
+                             nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+
+    small = rc.apply(model(), rc.Plan({"0": rc.LayerPlan("svd", (4,))}))
+    rc.save(small, tmp_path)
+    assert rc.load_plan(tmp_path).meta["conv_geometry"]["0"]["stride"] == [1, 1]
+    x = torch.randn(1, 8, 9, 9)
+    assert torch.equal(rc.load(model(), tmp_path)(x), small(x))
+    with pytest.raises(ValueError, match=r"layer '0' was saved from a convolution with stride "
+                                         r"\[1, 1\]; the model's has stride \[2, 2\]"):
+        rc.load(model(stride=2), tmp_path)
+    with pytest.raises(ValueError, match="dilation"):
+        rc.load(model(dilation=2), tmp_path)
+
+
 def test_save_records_a_skipped_layer_factorized_since_by_hand(net, tmp_path):
     plan = rc.Plan({"proj": rc.LayerPlan("svd", (4,)),
                     "head.4": rc.LayerPlan.skipped("kept dense", "Linear")})

@@ -24,7 +24,7 @@ from torch import nn
 from . import methods
 from ._modes import as_path, check_module, model_device
 from .atomic import atomic_path
-from .layers import FactorizedLayer, LowRankLinear
+from .layers import ConvGeometry, FactorizedLayer, LowRankLinear
 from .models import WeightsMismatchError, check_state_dict, first_non_finite
 from .plans import LayerPlan, Plan
 from .surgery import structure
@@ -73,6 +73,33 @@ def realized_plan(model: nn.Module, plan: Plan | None = None) -> Plan:
     return stored
 
 
+def _conv_record(geometry: ConvGeometry) -> dict:
+    """What of a convolution's geometry the layer's weights do not show (a model with the same
+    names and shapes may stride or dilate otherwise), as JSON."""
+    pad = geometry.padding if isinstance(geometry.padding, str) else list(geometry.padding)
+    return {"stride": list(geometry.stride), "padding": pad,
+            "dilation": list(geometry.dilation), "padding_mode": geometry.padding_mode}
+
+
+def _check_geometry(base_model: nn.Module, plan: Plan, where: Path) -> None:
+    """Refuse a ``base_model`` whose convolutions the save's factorized layers were not made
+    from: the plan records each one's geometry (saves before it was recorded: not checked)."""
+    for name, want in (plan.meta.get("conv_geometry") or {}).items():
+        try:
+            module = base_model.get_submodule(name)
+        except AttributeError:
+            continue  # (the plan check names a missing layer)
+        if isinstance(module, nn.Conv2d):
+            have = _conv_record(ConvGeometry.of(module))
+            changed = {k: (want.get(k), v) for k, v in have.items() if want.get(k) != v}
+            if changed:
+                raise ValueError(f"{where}: layer {name!r} was saved from a convolution with "
+                                 + ", ".join(f"{k} {then}" for k, (then, _) in changed.items())
+                                 + "; the model's has "
+                                 + ", ".join(f"{k} {now}" for k, (_, now) in changed.items())
+                                 + " (a plan for another architecture?)")
+
+
 def _dense_type(layer: FactorizedLayer) -> str:
     return "Linear" if isinstance(layer, LowRankLinear) else "Conv2d"
 
@@ -96,6 +123,9 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
                          "inside a model and cannot replace the model itself: save "
                          "nn.Sequential(layer)")
     stored = realized_plan(model, plan)
+    stored.meta["conv_geometry"] = {n: _conv_record(m.geometry) for n, m in model.named_modules()
+                                    if isinstance(m, FactorizedLayer)
+                                    and isinstance(getattr(m, "geometry", None), ConvGeometry)}
     stored.to_json()  # a plan that cannot be written stops the save before any file changes
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp))
@@ -184,6 +214,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
         if _sha256(weights) != expected:
             raise ValueError(f"{weights}: contents do not match {PLAN_FILE} (SHA-256 differs): "
                              "the file was changed or truncated after saving")
+    _check_geometry(base_model, plan, folder / PLAN_FILE)
     try:
         model = structure(base_model, plan)
     except ValueError as err:  # a plan that does not fit base_model: name the file
