@@ -202,6 +202,7 @@ def resnet20(shared_data):
     return model, calib, images, test.labels
 
 
+@pytest.mark.slow  # (about 27 s on a slow 2-core machine; in make test-all)
 def test_pretrained_resnet20_keeps_far_more_with_data_aware_tucker(resnet20):
     """Uniform Tucker-2 at half the MACs of every 3x3 conv but the first, no fine-tuning: every
     layer's output error is lower, and top-1 goes from about 21% (plain) to about 80%; fitted

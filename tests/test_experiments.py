@@ -613,6 +613,7 @@ def swept_once(tmp_path, name: str, text: str, shared_data, *extra):
     return config, env, tmp_path / "runs" / name / "sweep"
 
 
+@pytest.mark.slow  # (six runs of the script, about 80 s on a slow 2-core machine; make test-all)
 def test_classifier_sweep_points_match_the_whole_model_and_resume(resnet20_weights, shared_data,
                                                                  tmp_path):
     # --series sweeps only the series named, in their order; a later run adds the rest
