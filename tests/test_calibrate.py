@@ -249,6 +249,7 @@ def top1(model, images, labels):
         return float((model(images).argmax(1) == labels).float().mean()) * 100
 
 
+@pytest.mark.slow  # (about 16 s on a slow 2-core machine; in make test-all)
 def test_data_aware_svd_keeps_far_more_of_the_pretrained_resnet20(cifar):
     """Uniform channel SVD keeping half the MACs of every 3x3 conv but the first, no fine-tuning
     (METHODS.md: plain keeps about 15%, data-aware about 61%; 256 calibration images)."""

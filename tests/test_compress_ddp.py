@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import rankcut as rc
@@ -49,6 +50,7 @@ torch.save(result.model.state_dict(), f"{{out}}/model{{rank}}.pt")
 """
 
 
+@pytest.mark.slow  # (two processes planning and training, about 17 s; in make test-all)
 def test_compress_under_torchrun_uses_rank_0s_plan_everywhere(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(repo=str(REPO / "src")))

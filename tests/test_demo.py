@@ -138,7 +138,8 @@ def test_rejects_bad_epochs(tmp_path):
         demo.run(tmp_path, finetune_epochs=-1)
 
 
-@pytest.mark.parametrize("refusal", ["slower", "unreachable"])
+@pytest.mark.parametrize("refusal", [pytest.param("slower", marks=pytest.mark.slow),
+                                     "unreachable"])  # ("slower": about 11 s; make test-all)
 def test_plans_again_without_the_guard_only_when_it_refused_a_slower_plan(monkeypatch,
                                                                           tmp_path, refusal):
     """On a machine where the guard refuses the target as slower than dense, the demo plans

@@ -975,6 +975,7 @@ def test_classifier_sweep_settings_are_checked_before_any_work():
             sweep_.sweep_settings({**base, "sweep": {**base["sweep"], **change}})
 
 
+@pytest.mark.slow  # (a run of the script, about 16 s on a slow 2-core machine; make test-all)
 def test_classifier_sweep_refuses_a_part_without_linear_layers_before_any_work(tmp_path):
     config = tmp_path / "p.yaml"
     config.write_text(SWEEP_CONFIG.replace("part: linear", "part: layer1"))
