@@ -110,14 +110,15 @@ def export(
     if problem is not None:
         raise ValueError(f"path: {problem}")
     with eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
-        if inputs:  # inputs the model cannot take: said as theirs, not as the exporter's error
+        # before anything is written: inputs the model cannot take are said as theirs, not as
+        # the exporter's error (fuse says so itself, first thing)
+        original = model
+        if fuse:  # the fused copy is checked against the model, and so is the file
+            model = fused_copy(model, inputs or None, check=check and bool(inputs), atol=atol)
+        elif inputs:
             with forward_on(inputs):
                 model(*on_model_device(model, inputs))
         with atomic_path(path) as tmp:
-            original = model
-            if fuse:  # the fused copy is checked against the model, and so is the file
-                model = fused_copy(model, inputs or None, check=check and bool(inputs),
-                                   atol=atol)
             if format == "onnx":
                 _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol, original)
             else:
