@@ -5,6 +5,7 @@ them in turn, each in its own folder, and picks up where a killed run stopped:
     .venv/bin/python experiments/reproduce.py experiments/configs/mtd_vgg11.yaml
         [--only NAME ...] [--runs-dir runs] [--threads N] [--device cpu|cuda]
         [--summary]                       # only print the table of the finished runs
+        [--replace-exports]               # let an export: replace a model already there
 
 A config is a mapping of settings shared by its runs plus ``runs:``, a mapping from run name to
 the settings it changes (see ``SETTINGS`` for every key and its default); a ``sweep:`` section is
@@ -18,9 +19,11 @@ workers' augmentation draws are not checkpointed: a run resumed mid-epoch then t
 other crops and flips, docs/training.md). A run's ``export: results/NAME`` writes the
 fine-tuned model there with ``rc.save`` (float16 weights when that keeps top-1 on the test
 split within 0.1 point; ``rc.load(rankcut.models.create(MODEL), FOLDER)`` reads it back as
-float32). A config's ``keep: results/runs/NAME`` copies each finished run's result.json there
-as ``RUN.json`` (with its settings), to be committed: a run folder is lost with the machine,
-and a run whose folder is gone but whose copy is kept counts as finished.
+float32); a folder that already holds a saved model is refused before the first run starts
+unless ``--replace-exports`` is given. A config's ``keep: results/runs/NAME`` copies each
+finished run's result.json there as ``RUN.json`` (with its settings), to be committed: a run
+folder is lost with the machine, and a run whose folder is gone but whose copy is kept counts
+as finished.
 
 Data and pretrained weights come from the shared data folder ($RANKCUT_DATA, else
 ../shared/data); nothing is downloaded. CIFAR-10's test split there is images 0..1016.
@@ -880,6 +883,25 @@ def export(small, plan, fresh: torch.nn.Module, folder: Path, test, top1: float)
             "top1_float16": top1_half, "top1_loaded": loaded}
 
 
+def refuse_overwrite(name: str, s: dict, done: Path | None, own_result: Path) -> None:
+    """Refuse, before any run starts, a run that would export (at its end, or as a late export
+    of a finished run whose folder is here) into a folder that already holds a saved model: a
+    results/ folder holds a committed headline, which a rerun of other settings, or of the
+    same ones with another outcome, would silently replace."""
+    if not s["export"] or not (Path(s["export"]) / "plan.json").is_file():
+        return
+    if done is not None:  # finished: only a late export writes, and only from its own folder
+        if done != own_result:
+            return
+        made = json.loads(done.read_text()).get("export") or {}
+        if made.get("folder") == str(Path(s["export"])):
+            return  # exported there already, by this run
+    raise SystemExit(f"run {name!r}: export: {s['export']} already holds a saved model "
+                     f"({Path(s['export']) / 'plan.json'}); exporting would replace it. Give "
+                     "the run another folder, export: null for none, or pass "
+                     "--replace-exports to replace it")
+
+
 def late_export(folder: Path, s: dict, root: Path) -> None:
     """A finished run given ``export:`` after it ran (once its result was known to be the
     headline): its fine-tuned model (``model/``) exported now, as a run exports at its end, and
@@ -1042,8 +1064,13 @@ def command_line(doc: str, only: str, summary: str, extra=None):
 
 
 def main() -> int:
-    args, config_path, config = command_line(__doc__, "run only these runs of the config",
-                                             "print the table of the finished runs and stop")
+    args, config_path, config = command_line(
+        __doc__, "run only these runs of the config",
+        "print the table of the finished runs and stop",
+        lambda parser: parser.add_argument(
+            "--replace-exports", action="store_true",
+            help="let a run's export: overwrite a model already in its folder (else refused "
+                 "before the first run: results/ folders hold committed headline models)"))
     names = args.only or list(config["runs"])
     missing = [n for n in names if n not in config["runs"]]
     if missing:
@@ -1070,6 +1097,8 @@ def main() -> int:
                                  f"{where}; give each its own folder (export: null for none)")
         for name, s in every.items():  # what would refuse a later run, found now
             refuse_changed(base / name, name, s)
+            if not args.replace_exports:
+                refuse_overwrite(name, s, done[name], base / name / RESULT)
             if done[name] is None:
                 refuse_uncarried(base, name)
             elif done[name] != base / name / RESULT and (base / name).is_dir():

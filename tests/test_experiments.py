@@ -1429,3 +1429,36 @@ def test_classifier_sweep_a_points_file_of_other_settings_is_refused_before_any_
     write(changed, point)
     with pytest.raises(SystemExit, match=r"\['finetune'\] differ\); move it away to tune"):
         sweep_.check_points_file(path, s, sw, "cpu", finetuned=True)
+
+
+def test_an_export_into_a_folder_holding_a_model_is_refused_before_the_first_run(tmp_path):
+    """A results/ folder holds a committed headline: a run (or a late export) that would write
+    its model over it is refused before any run starts, unless --replace-exports."""
+    reproduce_ = _reproduce_module()
+    taken = tmp_path / "results" / "headline"
+    taken.mkdir(parents=True)
+    (taken / "plan.json").write_text("{}")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: resnet20_cifar\nruns:\n  first: {{rank: 8, method: svd}}\n"
+                    f"  second: {{rank: 4, method: svd, export: {taken}}}\n")
+    runs = tmp_path / "runs"
+    done = reproduce(path, runs, {**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0 and "run 'second': export:" in done.stderr
+    assert "--replace-exports" in done.stderr and not (runs / "c" / "first").exists()
+    # with the flag the check lets it through (here to the missing data's refusal)
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), str(path),
+                           "--runs-dir", str(runs), "--replace-exports"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RANKCUT_DATA": str(tmp_path)})
+    assert done.returncode != 0 and "export:" not in done.stderr, done.stderr
+    s = {"export": str(taken)}
+    result = runs / "c" / "second" / "result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text(json.dumps({"export": {"folder": str(taken)}}))
+    reproduce_.refuse_overwrite("second", s, result, result)  # its own export: nothing to do
+    result.write_text(json.dumps({}))  # finished, not exported: a late export would write
+    with pytest.raises(SystemExit, match="already holds a saved model"):
+        reproduce_.refuse_overwrite("second", s, result, result)
+    kept = tmp_path / "kept" / "second.json"  # kept only, its folder gone: nothing is written
+    reproduce_.refuse_overwrite("second", s, kept, result)
+    reproduce_.refuse_overwrite("second", {"export": str(tmp_path / "free")}, None, result)
