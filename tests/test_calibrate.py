@@ -425,3 +425,45 @@ def test_moments_weigh_batches_by_their_rows_when_sampled():
     moments, cross, count = paired_moments(model, model, "0", batches)
     assert cross is moments  # (the inputs are the dense ones: one set kept)
     assert torch.allclose(moments[0].diagonal(), exact) and count == 32 + 10
+
+
+def test_sequential_apply_runs_a_slow_cp_layer_as_its_dense_equivalent_in_later_passes(
+        monkeypatch):
+    """A CP layer at a quarter of the dense parameters or more runs slower than its conv on CPUs:
+    the calibration passes of the layers after it run its composed weight instead (the same
+    function, to rounding), and the model returned holds the CP layer itself, on success and
+    when a later layer's fit fails. The fit is the one the CP layer itself would give."""
+    import rankcut.surgery as surgery
+    from rankcut.layers.conv import CPConv2d
+
+    torch.manual_seed(0)
+    model = _Backwards().eval()
+    batches = _correlated_images(3, 2)
+    plan = rc.Plan({"first": rc.LayerPlan("cp", (30,)),  # 30·(6+3+3+16) params of 864
+                    "second": rc.LayerPlan("tucker", (12, 12), options={"data_aware": True}),
+                    "last": rc.LayerPlan("svd", (10,))})
+    calls = []
+    forward = CPConv2d.forward
+    monkeypatch.setattr(CPConv2d, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    small = rc.apply(model, plan, calib_data=batches)
+    assert calls == [] and isinstance(small.first, CPConv2d)  # never run during the fits
+    monkeypatch.setattr(surgery, "STAND_IN_CP_FRACTION", float("inf"))  # the layer itself
+    slow = rc.apply(model, plan, calib_data=batches)
+    assert calls and isinstance(slow.first, CPConv2d)
+    x = torch.cat(_correlated_images(2, 3))
+    assert torch.allclose(small(x), slow(x), rtol=1e-4, atol=1e-5)
+    for a, b in zip(small.state_dict().values(), slow.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    monkeypatch.setattr(surgery, "STAND_IN_CP_FRACTION", 0.25)
+    failing = copy.deepcopy(model)
+    real = surgery.factorize
+
+    def fails_last(module, lp, *args, name=None, **kwargs):
+        if name == "last":
+            raise ValueError("cannot")
+        return real(module, lp, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(surgery, "factorize", fails_last)
+    with pytest.raises(ValueError, match="plan layer 'last': cannot"):
+        rc.apply(failing, plan, calib_data=batches, inplace=True)
+    assert isinstance(failing.first, CPConv2d) and isinstance(failing.last, nn.Linear)

@@ -343,26 +343,66 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
         from tqdm.auto import tqdm
 
         order = tqdm(order, desc="factorizing (sequential)", unit="layer")
-    for name in order:
-        lp = plan.layers[name]
-        aware = bool(lp.options.get(DATA_AWARE))
-        fitted = copy.deepcopy(reference.get_submodule(name))
-        entries = None
-        if aware or not lp.spec.keeps_entries:  # (a plain CUR is W's own: no data needed)
-            moments, cross, count = paired_moments(reference, target, name, calib_data,
-                                                   max_batches=max_batches)
-            if lp.spec.keeps_entries:  # CUR: W' fitted with W's own rows and columns
-                entries = fitted.weight.detach().clone()
-            with torch.no_grad():
-                fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
-            del cross  # consumed (it holds the Cholesky factor now): GBs for a wide layer
-        try:
-            new = factorize(fitted, lp, moments if aware else None, entries=entries,
-                            name=name)
-        except ValueError as err:
-            raise ValueError(f"plan layer {name!r}: {err}") from None
-        set_submodule(target, name, new)
+    standing_in: dict[str, nn.Module] = {}  # name -> the factorized layer a stand-in holds for
+    try:
+        for name in order:
+            new = _fit_in_sequence(reference, target, name, plan.layers[name], calib_data,
+                                   max_batches)
+            stand_in = _calibration_stand_in(new)
+            if stand_in is not None:
+                standing_in[name] = new
+            set_submodule(target, name, new if stand_in is None else stand_in)
+    finally:  # (also when a fit fails: the model holds the factorized layers made so far)
+        for name, new in standing_in.items():
+            set_submodule(target, name, new)
     return target
+
+
+# A CP layer's depthwise stages run far below the dense conv's speed per multiply-add on CPUs:
+# at a quarter of the dense parameters or more it runs slower than the conv it replaces
+# (1.1-1.6x at a quarter, 1.8-3.6x at a half, 4-10x at the full rank of seed 000's rule, on
+# ResNet-56's 16/32/64-channel convs at batch 128, 2-core CPU, 2026-12-03).
+STAND_IN_CP_FRACTION = 0.25
+
+
+def _calibration_stand_in(layer: nn.Module) -> nn.Module | None:
+    """The dense equivalent of a factorized ``layer`` (its composed weight: the same function,
+    to rounding) for the calibration passes of the layers after it, where it runs faster than
+    ``layer``; None where ``layer`` itself is as fast. The later layers' passes run through it
+    once per layer, so a slow factorized layer early in a deep network is run hundreds of
+    times; the model returned holds ``layer`` itself."""
+    from .layers.conv import CPConv2d
+
+    if not isinstance(layer, CPConv2d):
+        return None
+    dense = layer.geometry
+    dense_params = dense.out_channels * dense.in_per_group * math.prod(dense.kernel_size)
+    own = sum(p.numel() for n, p in layer.named_parameters() if not n.endswith("bias"))
+    if own < STAND_IN_CP_FRACTION * dense_params:
+        return None
+    with torch.no_grad():
+        return layer.to_dense()
+
+
+def _fit_in_sequence(reference, target, name, lp, calib_data, max_batches):
+    """Layer ``name`` of ``plan`` factorized, fitted to the inputs it gets in ``target`` (the
+    layers before it already factorized) with ``reference``'s outputs as the target."""
+    aware = bool(lp.options.get(DATA_AWARE))
+    fitted = copy.deepcopy(reference.get_submodule(name))
+    entries = None
+    if aware or not lp.spec.keeps_entries:  # (a plain CUR is W's own: no data needed)
+        moments, cross, count = paired_moments(reference, target, name, calib_data,
+                                               max_batches=max_batches)
+        if lp.spec.keeps_entries:  # CUR: W' fitted with W's own rows and columns
+            entries = fitted.weight.detach().clone()
+        with torch.no_grad():
+            fitted.weight.copy_(corrected_weight(fitted, moments, cross, count))
+        del cross  # consumed (it holds the Cholesky factor now): GBs for a wide layer
+    try:
+        return factorize(fitted, lp, moments if aware else None, entries=entries,
+                         name=name)
+    except ValueError as err:
+        raise ValueError(f"plan layer {name!r}: {err}") from None
 
 
 def structure(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
