@@ -396,6 +396,8 @@ def _evaluate(m, data=None, **kw):
 
 UINT8 = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
 
+_DENSE = rc.curves.Candidate("dense", (), None, 10, 10, 0.0)
+
 HELPER_CASES = [
     # training and evaluation (rankcut.train)
     ("evaluating raw uint8 images", fresh, lambda m: _evaluate(m, _labelled(x=UINT8)),
@@ -511,6 +513,33 @@ HELPER_CASES = [
     ("allocate over a layer without candidates", fresh,
      lambda m: rc.select.allocate({"a": []}, "params", 10), ValueError,
      "frontiers: layer 'a' has no candidate"),
+    ("allocate in a misspelt kind", fresh,
+     lambda m: rc.select.allocate({"a": [_DENSE]}, "Params", 10), ValueError,
+     "kind: expected one of params, macs, latency, got 'Params'"),
+    ("allocate within a NaN budget", fresh,
+     lambda m: rc.select.allocate({"a": [_DENSE]}, "params", float("nan")), ValueError,
+     "budget: expected a finite number"),
+    ("allocate_ranks without a total", fresh,
+     lambda m: rc.select.allocate_ranks([1.0, 2.0], [3, 4], None), ValueError,
+     r"total: expected an int >= the number of layers \(2\), got None"),
+    ("a trial rank of 2.5", fresh,
+     lambda m: rc.select.layer_sensitivities(m, ["conv"], [LABELLED], trial_rank=2.5),
+     ValueError, "trial_rank: expected an int >= 1"),
+    ("the cost at an input size of 8", fresh,
+     lambda m: rc.layers.layer_cost(m.conv, input_hw=8), ValueError,
+     r"input_hw: expected \(H, W\) of the input, got 8"),
+    ("the cost of a config without its rank", fresh,
+     lambda m: rc.layers.layer_cost(m.conv, {"layer": "SVDConv2d"}, input_hw=(8, 8)),
+     ValueError, "config: expected rank, whole numbers >= 1"),
+    ("the cost of a negative rank", fresh,
+     lambda m: rc.layers.layer_cost(m.head, {"layer": "LowRankLinear", "rank": -4}),
+     ValueError, "config: expected rank"),
+    ("the cost of a Tucker config with one rank", fresh,
+     lambda m: rc.layers.layer_cost(m.conv, {"layer": "TuckerConv2d", "ranks": [4]},
+                                    input_hw=(8, 8)),
+     ValueError, r"config: expected ranks \(R_out, R_in\)"),
+    ("a latency table on a 'gpu'", fresh, lambda m: rc.select.LatencyTable("gpu"), ValueError,
+     "device: expected cpu, cuda, cuda:N or mps, got 'gpu'"),
     ("reuse_svds keeping -1", fresh, lambda m: _within_reuse(-1), ValueError, "max_entries"),
     ("truncation errors of nothing", fresh, lambda m: rc.decompose.truncation_errors([]),
      ValueError, "mats: expected a non-empty list"),
@@ -705,3 +734,28 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about():
 def test_a_finetune_setting_that_would_do_nothing_is_warned_about(option, needs):
     with pytest.warns(UserWarning, match=f"{option} without {needs}: it does nothing"):
         _finetune(fresh(), **{option: 5})
+
+
+def test_sensitivity_ranks_refuse_a_layer_they_cannot_factorize_before_any_trial(monkeypatch):
+    """A layer the method cannot factorize at the trial rank (a depthwise conv) is refused
+    before the first layer's trial decomposition, not after it; NumPy integer trial ranks are
+    ranks."""
+    import numpy as np
+
+    import rankcut.select.sensitivity as sensitivity
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10)).eval()
+    trials = []
+    monkeypatch.setattr(sensitivity, "mean_loss", lambda *a, **k: trials.append(1) or 1.0)
+    batches = [LABELLED]
+    with pytest.raises(ValueError, match="plan layer '1'"):
+        rc.select.sensitivity_plan(model, ["0", "1"], batches, total=8)
+    with pytest.raises(ValueError, match="method: 'auto' gives no uniform factorization"):
+        rc.select.sensitivity_plan(model, ["1", "0"], batches, total=8, method="auto")
+    with pytest.raises(ValueError, match="method: expected one of svd"):  # (no uniform rank)
+        rc.select.sensitivity_plan(model, ["0", "1"], batches, total=8, method="auto")
+    assert trials == []
+    plan = rc.select.sensitivity_plan(model, ["0", "3"], batches, total=8,
+                                      trial_rank=np.int64(2))
+    assert len(trials) == 2 and sum(lp.ranks[0] for lp in plan.layers.values()) == 8

@@ -53,6 +53,9 @@ RANK_ALIGN = 8
 TUCKER_SCORING = {"max_iter": 2}
 
 
+COST_KINDS = ("params", "macs", "latency")  # what a candidate's cost() is counted in
+
+
 @dataclass(frozen=True)
 class Candidate:
     method: str  # "dense" or a registry name ("svd", "cur", "spatial_svd", "cp", "tucker")
@@ -70,6 +73,8 @@ class Candidate:
             if self.latency is None:
                 raise ValueError(f"{self.describe()}: not timed")
             return self.latency
+        if kind not in COST_KINDS:  # (a misspelt kind was read as MACs)
+            raise ValueError(f"kind: expected one of {', '.join(COST_KINDS)}, got {kind!r}")
         return self.params if kind == "params" else self.macs
 
     def describe(self) -> str:

@@ -9,6 +9,7 @@ sequence length for a transformer). Bias additions are not MACs.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from torch import nn
@@ -76,6 +77,22 @@ def _conv_cost(geo: ConvGeometry, config: dict | None, input_hw) -> Cost:
     raise ValueError(f"config['layer']: {layer!r} does not replace an nn.Conv2d")
 
 
+def _check_config(config) -> None:
+    """A factorized layer's ``config()`` (hand-made ones too): a mapping with ``layer`` and its
+    rank or ranks, whole numbers >= 1."""
+    if not isinstance(config, dict) or not isinstance(config.get("layer"), str):
+        raise ValueError(f"config: expected a factorized layer's config() (a mapping with "
+                         f"'layer', e.g. {{'layer': 'CPConv2d', 'rank': 64, 'form': 'cp4'}}), "
+                         f"got {config!r}")
+    tucker = config["layer"] == "TuckerConv2d"  # (ranks (R_out, R_in); every other: rank)
+    ranks = config.get("ranks") if tucker else (config["rank"],) if "rank" in config else None
+    if not isinstance(ranks, tuple | list) or len(ranks) != (2 if tucker else 1) or not all(
+            isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1
+            for r in ranks):
+        raise ValueError(f"config: expected {'ranks (R_out, R_in)' if tucker else 'rank'}, "
+                         f"whole numbers >= 1, got {config!r}")
+
+
 def layer_cost(dense: nn.Module, config: dict | None = None, *, input_hw=None,
                rows: int = 1) -> Cost:
     """Cost of ``dense`` (``config=None``) or of its factorized replacement ``config``.
@@ -83,10 +100,16 @@ def layer_cost(dense: nn.Module, config: dict | None = None, *, input_hw=None,
     ``config`` is what a factorized layer's ``config()`` returns (e.g. ``{"layer": "CPConv2d",
     "rank": 64, "form": "cp4"}``). Convolutions need ``input_hw``, the input's (height, width).
     """
+    if config is not None:
+        _check_config(config)
     if isinstance(dense, nn.Conv2d):
         if input_hw is None:
             raise ValueError("input_hw: a convolution's cost needs its input (height, width)")
-        return _conv_cost(ConvGeometry.of(dense), config, tuple(input_hw))
+        if not (isinstance(input_hw, tuple | list) and len(input_hw) == 2 and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                for v in input_hw)):
+            raise ValueError(f"input_hw: expected (H, W) of the input, got {input_hw!r}")
+        return _conv_cost(ConvGeometry.of(dense), config, tuple(int(v) for v in input_hw))
     if isinstance(dense, nn.Linear):
         n, m = dense.in_features, dense.out_features
         bias = m if dense.bias is not None else 0

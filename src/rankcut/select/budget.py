@@ -14,11 +14,12 @@ slower than dense), the frontiers are re-drawn on that score.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import numpy as np
 
-from ..curves import Candidate
+from ..curves import COST_KINDS, Candidate
 
 
 class TargetUnreachable(ValueError):
@@ -69,6 +70,12 @@ def allocate(frontiers: dict[str, list[Candidate]], kind: str, budget: float,
     are then re-drawn on it). ``fixed`` is the cost of everything not being planned. Raises
     ``ValueError`` when even the cheapest choice is over.
     """
+    if kind not in COST_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(COST_KINDS)}, got {kind!r}")
+    for what, value in (("budget", budget), ("fixed", fixed)):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)):
+            raise ValueError(f"{what}: expected a finite number, got {value!r}")
     empty = [n for n, f in frontiers.items() if not f]
     if empty:
         raise ValueError(f"frontiers: layer {empty[0]!r} has no candidate (each layer needs "

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .._fingerprint import code_digest
-from .._modes import as_inputs, run_watching_layers
+from .._modes import as_inputs, available_device, run_watching_layers
 from ..atomic import atomic_path, file_target_problem
 from ..curves import RANK_ALIGN
 from ..fuse import fuse
@@ -184,10 +184,14 @@ class LatencyTable:
                  dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 9,
                  engine: str = "eager"):
         check_engine(engine)
-        if engine == "onnxruntime" and (torch.device(device).type != "cpu"
+        if engine == "onnxruntime" and (str(device).partition(":")[0] != "cpu"
                                         or dtype != torch.float32):
             raise ValueError(f"engine: 'onnxruntime' times float32 models on the CPU, not "
                              f"{_name(dtype)} on {device}")
+        try:  # (a typo, or a GPU this machine lacks: torch's own error, or an assert, later)
+            device = available_device(str(device))
+        except ValueError as err:
+            raise ValueError(f"device: {err}") from None
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
                              f"{memory_format!r}")

@@ -15,6 +15,7 @@ large layers, as the size regulariser of Astrid & Lee does. Every rank is at lea
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from .. import methods
 from .._modes import eval_mode, model_device
 from ..calibrate import check_reusable
 from ..plans import LayerPlan, Plan
-from ..surgery import apply
+from ..surgery import _check_plan, apply
 from .planner import parse_target
 
 
@@ -39,6 +40,8 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
             or sum(sizes) <= 0):  # (a NaN loss: a layer whose trial diverged)
         raise ValueError(f"losses, sizes: expected finite non-negative values with a positive "
                          f"sum, got {list(losses)} and {list(sizes)}")
+    if total is None:
+        raise ValueError(f"total: expected an int >= the number of layers ({n}), got None")
     _check_total_lam(n, total, lam)
     loss_sum, size_sum = float(sum(losses)), float(sum(sizes))
     shares = [(1 - lam) * loss / loss_sum + lam * size / size_sum
@@ -53,6 +56,14 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
     while sum(ranks) > total:  # only when the minimum of 1 overshot: take from the largest
         ranks[ranks.index(max(ranks))] -= 1
     return ranks
+
+
+def _check_trial_rank(rank) -> None:
+    ranks = rank if isinstance(rank, tuple | list) else (rank,)
+    if not ranks or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                            and r >= 1 for r in ranks):
+        raise ValueError(f"trial_rank: expected an int >= 1 (or a tuple of them, the method's "
+                         f"ranks), got {rank!r}")
 
 
 def _check_total_lam(n: int, total, lam) -> None:
@@ -87,10 +98,14 @@ def _uniform(module: nn.Module, method: str, rank, form, options, **fields) -> L
     """``method`` at ``rank`` (every rank of the method; a tuple: the method's ranks, when it
     has as many) for ``module``; a layer the method does not apply to (a Linear under CP) gets
     the registry's fallback, channel SVD, without the method's options."""
-    spec, default_form = methods.variants(method, module)[0]
+    fitting = methods.variants(method, module)
+    if not fitting:  # ("auto" has no uniform rank: a depthwise conv has no method of it)
+        raise ValueError(f"method: {method!r} gives no uniform factorization of this "
+                         f"{type(module).__name__}; name one method (e.g. 'cp', 'tucker')")
+    spec, default_form = fitting[0]
     asked = methods.resolve(method)[0]
     ranks = tuple(rank) if isinstance(rank, tuple | list) and len(rank) == spec.n_ranks else (
-        (rank if isinstance(rank, int) else rank[0]),) * spec.n_ranks
+        (rank if isinstance(rank, numbers.Integral) else rank[0]),) * spec.n_ranks
     return LayerPlan(spec.name, ranks,
                      form=(form or default_form) if spec.forms else None,
                      options=dict(options or {}) if spec is asked else {}, **fields)
@@ -104,6 +119,7 @@ def layer_sensitivities(model: nn.Module, names: Sequence[str], batches: Sequenc
     """Loss on ``batches`` after decomposing each layer alone at ``trial_rank`` (the others
     dense; a tuple: the method's ranks, e.g. Tucker's (R_out, R_in)). Linear layers use SVD
     whatever ``method`` is (a CP of a matrix is its SVD)."""
+    _check_trial_rank(trial_rank)
     losses = {}
     for name in names:
         lp = _uniform(model.get_submodule(name), method, trial_rank, form, options)
@@ -194,6 +210,12 @@ def sensitivity_plan(model: nn.Module, names: Sequence[str], batches: Sequence,
             raise ValueError(f"names: {name!r} is a {type(module).__name__}, not a Conv2d or "
                              "Linear")
     _check_total_lam(len(names), total, lam)
+    _check_trial_rank(trial_rank)
+    # the trial plans themselves (a layer the method cannot factorize at that rank: a 1-channel
+    # input, a depthwise conv, shared or non-finite weights), refused now, not after the trials
+    # of the layers before it
+    _check_plan(model, Plan({name: _uniform(model.get_submodule(name), method, trial_rank, form,
+                                            options) for name in names}))
     check_reusable(batches, "batches")  # read once per layer
     if target is not None and parse_target(target)[0] != "params":
         raise ValueError(f"target: sensitivity ranks take a params target, got {target!r}")
