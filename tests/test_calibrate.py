@@ -467,3 +467,11 @@ def test_sequential_apply_runs_a_slow_cp_layer_as_its_dense_equivalent_in_later_
     with pytest.raises(ValueError, match="plan layer 'last': cannot"):
         rc.apply(failing, plan, calib_data=batches, inplace=True)
     assert isinstance(failing.first, CPConv2d) and isinstance(failing.last, nn.Linear)
+
+
+def test_a_reference_on_another_dtype_is_refused_by_name():
+    model = _Backwards().eval()
+    plan = rc.Plan({"second": rc.LayerPlan("tucker", (8, 8))})
+    with pytest.raises(ValueError, match="reference: it is on cpu in torch.float64, the model"):
+        rc.apply(model, plan, calib_data=_correlated_images(1, 0),
+                 reference=copy.deepcopy(model).double())

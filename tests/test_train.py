@@ -974,3 +974,83 @@ def test_where_a_run_writes_is_checked_before_any_step(option, tmp_path):
         finetune(mlp(), (x, y), steps=2, batch_size=8, progress=False,
                  callback=lambda info: steps.append(info["step"]), **{option: where})
     assert steps == []
+
+
+class AssertsContiguous(ViewHead):
+    """A model whose own check (an assert) refuses channels_last activations."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        assert h.is_contiguous(), "expected a contiguous activation"
+        return self.fc(nn.functional.adaptive_avg_pool2d(h, 2).flatten(1))
+
+
+def test_the_layout_probe_takes_a_models_assert_and_names_a_teacher_that_cannot_run():
+    """memory_format="auto" falls back to the model's own layout when its forward refuses
+    channels_last with an assert (not only a RuntimeError); a teacher that cannot take the
+    inputs in any layout is named as the teacher, not blamed on the layout."""
+    data = images()
+    with pytest.warns(UserWarning, match="channels_last"):
+        result = finetune(AssertsContiguous(), data, steps=2, batch_size=16, progress=False)
+    assert result.steps == 2
+    wrong = nn.Sequential(nn.Conv2d(5, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 4))  # it takes 5 channels
+    with pytest.raises(ValueError, match="teacher: the model's forward pass fails"):
+        finetune(conv_net(), data, steps=1, batch_size=16, teacher=wrong, progress=False)
+    with pytest.raises(ValueError, match="teacher: the model's forward pass fails"):
+        finetune(conv_net(), data, steps=1, batch_size=16, teacher=wrong,
+                 memory_format=None, progress=False)
+
+
+def test_a_float64_model_trains_and_is_evaluated_on_a_float64_loss():
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    assert training_loss(logits, y).dtype == torch.float64
+    assert training_loss(logits, y, logits.flip(0)).dtype == torch.float64
+    assert training_loss(logits.half(), y).dtype == torch.float32  # autocast's: upcast
+    model = mlp().double()
+    x, y = blobs(64)
+    # a loss of float64 logits differs from the float32 one's in its last float32 digits
+    got = evaluate(model, (x.double(), y), batch_size=64)["loss"]
+    with torch.no_grad():
+        want = float(F.cross_entropy(model.eval()(x.double()), y))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_settings_that_refuse_a_run_are_found_before_it_trains():
+    x, y = blobs(64)
+    with pytest.raises(ValueError, match="nesterov: needs a momentum above 0"):
+        finetune(mlp(), (x, y), steps=1, batch_size=16, momentum=0.0, nesterov=True,
+                 progress=False)
+
+
+def test_a_dataset_of_images_that_do_not_batch_is_refused_by_name_without_drawing():
+    """A torchvision dataset without a transform gives PIL images: refused naming the argument
+    (not default_collate's error), and the look at its first example draws no random number
+    the run would have drawn."""
+    from PIL import Image
+
+    class Pictures(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            torch.rand(1), random.random(), np.random.rand()  # noqa: NPY002 (a transform's)
+            return Image.new("RGB", (8, 8)), i % 2
+
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()  # noqa: NPY002
+    with pytest.raises(ValueError, match="train_data: its examples' inputs are Image objects"):
+        finetune(mlp(), Pictures(), steps=1, progress=False)
+    with pytest.raises(ValueError, match="data: its examples' inputs are Image"):
+        evaluate(mlp(), Pictures())
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2][1])  # noqa: NPY002
+
+
+def test_a_4d_buffer_is_put_back_in_its_layout_after_training():
+    data = images()
+    model = conv_net()
+    model[0].register_buffer("blur", torch.rand(8, 3, 3, 3))
+    finetune(model, data, steps=1, batch_size=16, memory_format="channels_last",
+             progress=False)
+    assert model[0].blur.is_contiguous() and model[0].weight.is_contiguous()

@@ -68,6 +68,16 @@ def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
+# what a model's forward raises on inputs it cannot take (its own asserts and indexing too)
+FORWARD_ERRORS = (RuntimeError, TypeError, AssertionError, IndexError)
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of running sums kept on ``device`` (losses, hits, counts): float64, or float32
+    on Apple's GPU, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 @contextlib.contextmanager
 def forward_on(inputs, what: str = "example_inputs") -> Iterator[None]:
     """Around a model's first forward pass on user-given ``inputs``: where the model cannot
@@ -77,7 +87,7 @@ def forward_on(inputs, what: str = "example_inputs") -> Iterator[None]:
     chained. Out of memory is not the inputs' fault and stays as it is."""
     try:
         yield
-    except (RuntimeError, TypeError, AssertionError, IndexError) as err:
+    except FORWARD_ERRORS as err:
         if isinstance(err, torch.cuda.OutOfMemoryError):
             raise
         given = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ._modes import check_module, module_paths
+from ._modes import check_module, model_device, model_dtype, module_paths
 from .calibrate import (
     check_reusable,
     corrected_weight,
@@ -337,6 +337,12 @@ def _apply_sequential(model, plan, inplace, progress, calib_data, max_batches, r
                 raise ValueError(f"reference: its layer {name!r} ({theirs}) is not the "
                                  f"model's ({mine}); reference must be the dense original of "
                                  "the model")
+        # both run on the same inputs, batch by batch: one device and dtype
+        where = [(model_device(m), model_dtype(m)) for m in (reference, model)]
+        if where[0] != where[1]:
+            raise ValueError(f"reference: it is on {where[0][0]} in {where[0][1]}, the model on "
+                             f"{where[1][0]} in {where[1][1]}; move one to the other "
+                             "(reference.to(...))")
     target = model if inplace else copy.deepcopy(model)
     order = forward_order(target, list(plan.active), calib_data)
     if progress:

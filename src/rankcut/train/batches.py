@@ -4,8 +4,11 @@ a DataLoader is used as given, and a pair of tensors is read as a TensorDataset.
 
 from __future__ import annotations
 
+import numbers
+import random
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
@@ -18,7 +21,10 @@ def as_data(data, what: str):
         raise ValueError(f"{what}: an IterableDataset (a stream, not indexable) cannot be "
                          "shuffled or batched by index here; pass DataLoader(data, "
                          "batch_size=...) instead")
-    if isinstance(data, (Dataset, DataLoader)):
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Dataset):
+        _check_first_example(data, what)
         return data
     if (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(t, torch.Tensor) for t in data)):
@@ -28,6 +34,32 @@ def as_data(data, what: str):
         return TensorDataset(data[0], data[1])
     raise ValueError(f"{what}: expected a torch Dataset, a DataLoader or an (inputs, targets) "
                      f"pair of tensors, got {type(data).__name__}")
+
+
+def _check_first_example(data: Dataset, what: str) -> None:
+    """Refuse a dataset whose examples' inputs batching cannot stack (PIL images: a
+    torchvision dataset without a transform), naming ``what``, instead of the collate error
+    of the first batch. A dataset without a length, or an empty one, is left to the reader."""
+    try:
+        if len(data) == 0:
+            return
+    except TypeError:
+        return
+    # (its transform may draw random numbers: the generators are left as they were, so the
+    # run's draws are those it would make without this look)
+    state = random.getstate(), np.random.get_state()  # noqa: NPY002 (what transforms draw from)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            example = data[0]
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])  # noqa: NPY002
+    first = example[0] if isinstance(example, (tuple, list)) and example else example
+    if not isinstance(first, (torch.Tensor, np.ndarray, numbers.Number)):
+        raise ValueError(f"{what}: its examples' inputs are {type(first).__name__} objects, "
+                         "which do not batch; give the dataset a transform to tensors (e.g. "
+                         "torchvision.transforms.v2.Compose([ToImage(), ToDtype(torch.float32, "
+                         "scale=True)]))")
 
 
 def fetch(dataset: Dataset, index_batches: Iterable[Sequence[int]], *, num_workers: int = 0,

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from .._modes import check_module, eval_mode, forward_on, logits_of, model_device
+from .._modes import check_module, eval_mode, forward_on, logits_of, model_device, sum_dtype
 from . import distributed as dist_util
 from .batches import as_data, fetch, split_batch, to_device
-from .losses import check_targets
+from .losses import at_least_float32, check_targets
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -79,21 +79,21 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
         batches = fetch(data, chunks, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     # loss sum, top-1 hits, top-5 hits, samples: summed on the device, read once at the end
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=sum_dtype(device), device=device)
     with eval_mode(model):
         for batch in batches:
             x, y = to_device(*split_batch(batch), device)
             if transform is not None:
                 x = transform(x)
             with forward_on(x, "data"):
-                logits = logits_of(model(x)).float()
+                logits = at_least_float32(logits_of(model(x)))
             check_targets(logits, y)  # every batch: a bad label in a later one would count
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices == y[:, None]
             totals += torch.stack([
-                F.cross_entropy(logits, y, reduction="sum").double(),
-                hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(),
+                hits.any(dim=1).sum(), torch.tensor(float(len(y)), device=device),
+            ]).to(totals.dtype)
     dist_util.all_sum(totals, env)
     loss, top1, top5, n = totals.tolist()
     if n == 0:

@@ -25,12 +25,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .._fingerprint import model_fingerprint
 from .._modes import (
+    FORWARD_ERRORS,
     as_path,
     available_device,
     check_module,
     eval_mode,
     forward_on,
     logits_of,
+    sum_dtype,
 )
 from ..atomic import atomic_path, file_target_problem, folder_target_problem
 from ..layers import FactorizedLayer
@@ -135,25 +137,34 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
-def _tensors(module: nn.Module):
-    return itertools.chain(module.parameters(), module.buffers())
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
 
 
-def _layouts(module: nn.Module | None) -> list[tuple[torch.Tensor, torch.memory_format]]:
+def _layouts(module: nn.Module | None) -> list[tuple]:
     """Each 4-D parameter and buffer of ``module`` with its memory format (what
-    ``module.to(memory_format=...)`` changes), to put back after training."""
+    ``module.to(memory_format=...)`` changes), to put back after training: a parameter
+    itself (``.to`` keeps it and changes its data), a buffer by its module and name (``.to``
+    puts a new tensor in its place)."""
     if module is None:
         return []
-    return [(p, torch.channels_last if not p.is_contiguous()
-             and p.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-            for p in _tensors(module) if p.ndim == 4]
+    params = [(p, None, _format_of(p)) for p in module.parameters() if p.ndim == 4]
+    buffers = [(m, name, _format_of(b)) for m in module.modules()
+               for name, b in m._buffers.items() if b is not None and b.ndim == 4]
+    return params + buffers
 
 
 def _restore_layouts(layouts) -> None:
     with torch.no_grad():
-        for p, fmt in layouts:
-            if not p.is_contiguous(memory_format=fmt):
-                p.data = p.data.contiguous(memory_format=fmt)
+        for owner, name, fmt in layouts:
+            if name is None:  # a parameter
+                if not owner.is_contiguous(memory_format=fmt):
+                    owner.data = owner.data.contiguous(memory_format=fmt)
+            else:
+                b = owner._buffers.get(name)
+                if b is not None and not b.is_contiguous(memory_format=fmt):
+                    owner._buffers[name] = b.contiguous(memory_format=fmt)
 
 
 def _inference_copy(teacher: nn.Module) -> nn.Module:
@@ -419,6 +430,18 @@ class _Run:
         lr = DEFAULT_LR[name] if o["lr"] is None else float(o["lr"])
         wd = DEFAULT_WEIGHT_DECAY[name] if o["weight_decay"] is None else float(o["weight_decay"])
 
+        # what refuses the settings, found before the model moves (a refused run leaves the
+        # caller's model where it was)
+        frozen = _frozen_names(self.model, o["freeze"])
+        if not callable(kind) and o["nesterov"] and not o["momentum"]:
+            raise ValueError("nesterov: needs a momentum above 0 (momentum=0 was given)")
+        amp = o["amp"] if o["amp"] is not None else device.type == "cuda"
+        if amp and device.type == "cuda" and any(
+                p.dtype == torch.float16 for p in self.model.parameters() if p.requires_grad):
+            # (the loss scaler cannot unscale float16 gradients: torch's error, after a step)
+            raise ValueError("amp: mixed precision trains float32 weights, and the model has "
+                             "float16 ones; train it in float32 (model.float()) or pass "
+                             "amp=False to train it in float16 as it is")
         self.model.to(device)
         self.teacher = None
         if o["teacher"] is not None:  # a copy goes to the device: the caller's stays put
@@ -437,7 +460,6 @@ class _Run:
             if isinstance(o[t], nn.Module):
                 o[t] = o[t].to(device)
 
-        frozen = _frozen_names(self.model, o["freeze"])
         named = [(n, p) for n, p in self.model.named_parameters()
                  if p.requires_grad and n not in frozen]
         if not named:
@@ -463,7 +485,6 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_factor(o["lr_schedule"], self.total, o["warmup_steps"]))
 
-        amp = o["amp"] if o["amp"] is not None else device.type == "cuda"
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.autocast = (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if amp \
             else contextlib.nullcontext
@@ -473,7 +494,7 @@ class _Run:
             self.tcache = TeacherCache(o["teacher_cache"], self.teacher, tag=(
                 f"|amp={self.amp_dtype if amp else None}|rank={self.env.rank}"))
         # loss sum, correct, samples, grad-norm sum: accumulated on the device between log lines
-        self.window = torch.zeros(4, dtype=torch.float64, device=device)
+        self.window = torch.zeros(4, dtype=sum_dtype(device), device=device)
         self.window_steps = 0
         self.stopped = False  # by the callback, before the end
         self.epoch_rng = None  # the generators' state as the epoch began (a loader's order)
@@ -678,18 +699,18 @@ class _Run:
         lr = float(self.optimizer.param_groups[0]["lr"])  # (a tensor for some optimizers)
         self.scheduler.step()
         with torch.no_grad():
-            n = y.shape[0]
-            self.window += torch.stack([loss.detach().double() * n,
-                                        (logits.argmax(1) == y).sum().double(),
-                                        torch.tensor(float(n), dtype=torch.float64,
-                                                     device=self.device),
-                                        norm.detach().double()])
+            n, dtype = y.shape[0], self.window.dtype
+            self.window += torch.stack([loss.detach().to(dtype) * n,
+                                        (logits.argmax(1) == y).sum().to(dtype),
+                                        torch.tensor(float(n), dtype=dtype, device=self.device),
+                                        norm.detach().to(dtype)])
         self.window_steps += 1
         self.last_loss = loss.detach()
         return lr
 
     def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.teacher(x), "teacher")
+        with forward_on(x, "teacher"):  # (a teacher that cannot take the inputs: named)
+            return logits_of(self.teacher(x), "teacher")
 
     def _set_layout(self, fmt: torch.memory_format) -> None:
         self.layout = fmt
@@ -727,15 +748,21 @@ class _Run:
                 for module in (self.model, self.teacher):
                     if module is not None:
                         module(x[:2].contiguous(memory_format=torch.channels_last))
-        except RuntimeError as err:
+        except FORWARD_ERRORS as err:  # (a model's own assert too, as forward_on's)
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                raise
             self._set_layout(torch.contiguous_format)  # the teacher's copy included
             _restore_layouts(self.layouts)
             self.layout = None
-            # the model cannot take these inputs at all (uint8 images, another size), in
-            # any layout: said as that (by the forward below), not as a layout problem
-            with torch.no_grad(), eval_mode(self.model), self.autocast(), \
-                    forward_on(x[:2], "train_data"):
-                self.model(x[:2])
+            # the model (or the teacher) cannot take these inputs at all (uint8 images,
+            # another size, another dtype), in any layout: said as that (by the forwards
+            # below), not as a layout problem
+            with torch.no_grad(), eval_mode(self.model), self.autocast():
+                with forward_on(x[:2], "train_data"):
+                    self.model(x[:2])
+                if self.teacher is not None:
+                    with forward_on(x[:2], "teacher"):
+                        self.teacher(x[:2])
             warnings.warn(f"memory_format='auto': a forward fails on channels_last "
                           f"inputs ({str(err).splitlines()[0]}); training in its own layout",
                           stacklevel=6)  # finetune's caller

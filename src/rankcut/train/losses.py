@@ -30,7 +30,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         = T² · mean_i Σ_c p_t[i, c] · (log p_t[i, c] − log p_s[i, c])
 
     The T² factor keeps the gradient's size (which is (p_s − p_t) / T per logit) independent of
-    the temperature, so the same mixing weight works at any T. Computed in float32.
+    the temperature, so the same mixing weight works at any T. Computed in float32 (float64
+    for float64 logits).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match the "
@@ -38,9 +39,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    log_p_s = F.log_softmax(at_least_float32(student_logits) / t, dim=1)
+    log_p_t = F.log_softmax(at_least_float32(teacher_logits) / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` in float32 where they are in a half type (autocast's), else as they are (a
+    float64 model's loss stays float64)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def training_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -48,7 +55,7 @@ def training_loss(logits: torch.Tensor, targets: torch.Tensor,
                   kd_alpha: float = 0.5, kd_temperature: float = 4.0) -> torch.Tensor:
     """``CE(logits, targets)`` with ``label_smoothing``; with a teacher,
     ``(1 − kd_alpha) · CE + kd_alpha · distillation_loss(logits, teacher_logits, T)``."""
-    ce = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(at_least_float32(logits), targets, label_smoothing=label_smoothing)
     if teacher_logits is None:
         return ce
     kd = distillation_loss(logits, teacher_logits, kd_temperature)
