@@ -534,3 +534,35 @@ def test_plots_of_a_nan_layer_or_a_report_without_layers_say_why(tmp_path):
     model = nn.Sequential(nn.LayerNorm(8), nn.GELU())
     report = compare(model, model, torch.randn(1, 8), latency=False)
     assert write_plots(report, tmp_path / "plots") == []  # no layers.png to draw
+
+
+def test_files_and_folders_that_cannot_be_written_or_read_are_named(setup, tmp_path):
+    """A report written onto a folder, read from one, or plotted into a file is a ValueError
+    naming the path (it was os.replace's or mkdir's raw error, naming a hidden temporary file);
+    Markdown with σ₁² is written as UTF-8 whatever the locale."""
+    report = setup[4]
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match=r"path: .*taken is a folder"):
+        report.write_json(tmp_path / "taken")
+    with pytest.raises(ValueError, match="taken: Is a directory"):
+        read_json(tmp_path / "taken")
+    with pytest.raises(ValueError, match="missing.json: No such file"):
+        read_json(tmp_path / "missing.json")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="out_dir: .*a-file is a file, not a folder"):
+        write_plots(report, tmp_path / "a-file")
+    with pytest.raises(ValueError, match="path: .*lies under .*a-file"):
+        plot_layers(report, tmp_path / "a-file" / "layers.png")
+    md = report.write_markdown(tmp_path / "report.md")
+    assert md.read_bytes().decode("utf-8") == report.to_markdown()
+
+
+def test_a_plan_holding_numpy_numbers_is_reported_as_it_saves(setup):
+    import numpy as np
+
+    model, small, x, _, _ = setup
+    plan = rc.Plan({"a": rc.LayerPlan("tucker", (8, 6),
+                                      predicted={"error": np.float32(0.25)})})
+    report = compare(model, small, x, plan=plan, latency=False)
+    row = next(r for r in report.layers if r.name == "a")
+    assert row.predicted == {"error": 0.25} and report.plan == json.loads(plan.to_json())

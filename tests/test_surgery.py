@@ -270,6 +270,19 @@ def test_a_save_does_not_load_into_a_model_that_strides_or_dilates_otherwise(tmp
         rc.load(model(stride=2), tmp_path)
     with pytest.raises(ValueError, match="dilation"):
         rc.load(model(dilation=2), tmp_path)
+    # a hand-edited record (the hash covers the weights only): named, not an AttributeError
+    plan_file = tmp_path / "plan.json"
+    edited = json.loads(plan_file.read_text())
+    edited["meta"]["conv_geometry"]["0"] = None
+    plan_file.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="meta.conv_geometry must map layer names"):
+        rc.load(model(), tmp_path)
+
+
+def test_a_save_under_a_file_is_refused_naming_the_path(net, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="path: .*lies under .*a-file, which is a file"):
+        rc.save(rc.apply(net, full_plan()), tmp_path / "a-file" / "out")
 
 
 def test_save_records_a_skipped_layer_factorized_since_by_hand(net, tmp_path):

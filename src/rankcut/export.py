@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import numbers
 import os
 import warnings
@@ -106,7 +107,7 @@ def export(
             raise ValueError(f"{name}: expected True or False, got {value!r}")
     inputs = as_tensor_tuple(example_inputs, "example_inputs")
     path, opset = as_path(path), int(opset)
-    problem = file_target_problem(path, probe=False)
+    problem = file_target_problem(path)  # (an unwritable folder too: not an exporter's error)
     if problem is not None:
         raise ValueError(f"path: {problem}")
     with eval_mode(model), torch.no_grad(), _expected_warnings_ignored():
@@ -188,7 +189,7 @@ def _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol,
     batch_axes = _batch_axes(input_names, cpu_inputs) | _batch_axes(output_names, expected)
     try:
         torch.onnx.export(
-            cpu_model, cpu_inputs, str(tmp), dynamo=False, opset_version=opset,
+            cpu_model, cpu_inputs, str(tmp), **_TORCHSCRIPT_EXPORTER, opset_version=opset,
             input_names=input_names, output_names=output_names,
             dynamic_axes=batch_axes if dynamic_batch else None,
         )
@@ -204,6 +205,12 @@ def _export_onnx(model, inputs, tmp, opset, dynamic_batch, check, atol,
             ) from dynamo_error
     if check:
         _check_onnx(tmp, dict(zip(input_names, cpu_inputs, strict=True)), expected, atol)
+
+
+# the TorchScript-based exporter: torch.onnx.export's default before torch 2.5 gave it a
+# ``dynamo`` switch (a keyword those versions refuse), named since (2.9 made dynamo the default)
+_TORCHSCRIPT_EXPORTER = ({"dynamo": False} if "dynamo" in inspect.signature(
+    torch.onnx.export).parameters else {})
 
 
 def _batch_axes(names, tensors) -> dict[str, dict[int, str]]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import methods
 from ._modes import as_path, check_module, model_device
-from .atomic import atomic_path
+from .atomic import atomic_path, folder_target_problem
 from .layers import ConvGeometry, FactorizedLayer, LowRankLinear
 from .models import WeightsMismatchError, check_state_dict, first_non_finite
 from .plans import LayerPlan, Plan
@@ -84,7 +84,11 @@ def _conv_record(geometry: ConvGeometry) -> dict:
 def _check_geometry(base_model: nn.Module, plan: Plan, where: Path) -> None:
     """Refuse a ``base_model`` whose convolutions the save's factorized layers were not made
     from: the plan records each one's geometry (saves before it was recorded: not checked)."""
-    for name, want in (plan.meta.get("conv_geometry") or {}).items():
+    records = plan.meta.get("conv_geometry") or {}
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        raise ValueError(f"{where}: meta.conv_geometry must map layer names to their recorded "
+                         f"geometry (as rankcut.save writes it), got {records!r}")
+    for name, want in records.items():
         try:
             module = base_model.get_submodule(name)
         except AttributeError:
@@ -118,6 +122,9 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: a file, not a folder (rankcut.save writes a folder "
                               f"holding {PLAN_FILE} and {WEIGHTS_FILE})")
+    problem = folder_target_problem(folder)  # (unwritable: safetensors' own error otherwise)
+    if problem is not None:
+        raise ValueError(f"path: {problem}")
     if isinstance(model, FactorizedLayer):  # load rebuilds inside a model: never the model
         raise ValueError(f"model: a bare {type(model).__name__}; rankcut.load rebuilds layers "
                          "inside a model and cannot replace the model itself: save "
@@ -148,7 +155,7 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
 
 def _write_plan(text: str, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n")
+        tmp.write_text(text + "\n", encoding="utf-8")
     return path
 
 
@@ -162,7 +169,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise FileNotFoundError(f"{plan_file}: not found (expected a {PLAN_FILE} file or a "
                                 f"rankcut save folder holding {PLAN_FILE} and {WEIGHTS_FILE})")
     try:
-        return Plan.from_json(plan_file.read_text())
+        return Plan.from_json(plan_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{plan_file}: {err} (expected a {PLAN_FILE} file written by rankcut, "
                          "or a rankcut save folder)") from None
@@ -213,7 +220,8 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, verify: bool = True)
                              "wrote the plan yourself (verify=False, or --no-verify)")
         if _sha256(weights) != expected:
             raise ValueError(f"{weights}: contents do not match {PLAN_FILE} (SHA-256 differs): "
-                             "the file was changed or truncated after saving")
+                             "the file was changed or truncated after saving, or a save into "
+                             "this folder was interrupted between its two files (save again)")
     _check_geometry(base_model, plan, folder / PLAN_FILE)
     try:
         model = structure(base_model, plan)

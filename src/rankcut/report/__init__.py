@@ -15,6 +15,7 @@ See docs/reports.md.
 import os
 from pathlib import Path
 
+from ..atomic import folder_target_problem
 from ._analyze import Analysis, LayerAnalysis, analyze, read_analysis
 from ._common import Change, machine_info
 from ._compare import SCHEMA, SCHEMA_VERSION, LayerRow, Report, compare, read_json
@@ -50,6 +51,9 @@ def write_plots(report, out_dir: str | os.PathLike) -> list[Path]:
     data, ``sensitivity.png``.
     """
     out = Path(out_dir)
+    problem = folder_target_problem(out)
+    if problem is not None:
+        raise ValueError(f"out_dir: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(report, Analysis):
         return report.write_plots(out)

@@ -198,11 +198,14 @@ def document_fields(d: Mapping, what: str, required: dict[str, type],
 
 def write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see ``rankcut.io.atomic_path``); returns the path."""
-    from ..atomic import atomic_path
+    from ..atomic import atomic_path, file_target_problem
 
     path = Path(path)
+    problem = file_target_problem(path)  # (a folder there: os.replace's raw error, named
+    if problem is not None:              # after the hidden temporary file)
+        raise ValueError(f"path: {problem}")
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # (σ₁² and … in any locale)
     return path
 
 
@@ -233,9 +236,10 @@ class Document:
         """The document written by :meth:`write_json` at ``path``; errors name the file."""
         path = Path(path)
         try:
-            return cls.from_json(path.read_text())
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:  # (a folder, a missing file: named as the path)
+            text = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise ValueError(f"{path}: {text}") from None
 
 
 def md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -403,6 +404,9 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
 
         data = as_data(data, "data")
     meta = jsonable(dict(meta or {}), "meta")
+    # the plan as it saves (NumPy numbers as JSON numbers; what cannot be saved refused now,
+    # before the timing and evaluation)
+    plan_dict = json.loads(plan.to_json()) if plan is not None else None
     user_batch = batch_size or (int(inputs[0].shape[0]) if inputs[0].ndim else 1)
 
     prof_o = profile(original, inputs, latency=False)
@@ -437,7 +441,7 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
             latency=[{"batch": b, "original": t.get(name, [None, None])[0],
                       "compressed": t.get(name, [None, None])[1]}
                      for b, t in sorted(unit_times.items())],
-            predicted=jsonable(dict(lp.predicted), "plan predicted") if lp else {},
+            predicted=dict(plan_dict["layers"][name].get("predicted", {})) if lp else {},
             **how))
 
     acc = dict(given)
@@ -456,6 +460,6 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
     timing = ({"warmup": warmup, "repeats": repeats, "interleaved": True} if latency else {})
     return Report(totals=totals, layers=rows, latency=whole, accuracy=acc,
                   machine=machine_info(device),
-                  plan=jsonable(plan.to_dict(), "plan") if plan is not None else None,
+                  plan=plan_dict,
                   meta=meta, timing=timing)
 

@@ -29,9 +29,12 @@ def new_figure(width: float, height: float):
 def save_figure(fig, path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from ..atomic import atomic_path
+    from ..atomic import atomic_path, file_target_problem
 
     path = Path(path)
+    problem = file_target_problem(path)
+    if problem is not None:
+        raise ValueError(f"path: {problem}")
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
