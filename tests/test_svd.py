@@ -262,3 +262,27 @@ def test_decompositions_name_a_meta_tensor_and_take_numpy_ranks():
         svd(torch.empty(6, 9, device="meta"), 2)
     X = torch.randn(6, 5, 3, 3, dtype=torch.float64)
     assert tucker(X, np.int64(2), modes=(0, 1)).ranks == tucker(X, 2, modes=(0, 1)).ranks
+
+
+def test_truncation_errors_refuse_what_the_other_functions_refuse():
+    with pytest.raises(ValueError, match=r"mats\[0\]"):
+        truncation_errors([torch.ones(3, 3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match=r"mats\[1\]"):
+        truncation_errors([torch.ones(3, 3), torch.full((2, 2), float("nan"))])
+    with pytest.raises(ValueError, match=r"mats\[0\]: expected a non-empty tensor"):
+        truncation_errors([torch.ones(0, 5)])
+
+
+def test_exact_svd_factors_inside_reuse_svds_are_the_callers_own():
+    """Inside reuse_svds the SVD is cached; the factors returned are copies, so a caller
+    writing into one does not change what later calls get."""
+    from rankcut.decompose import reuse_svds
+
+    W = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    want = svd(W, 4, method="exact")
+    with reuse_svds():
+        first = svd(W, 4, method="exact", balance="right")
+        first.A.mul_(0)
+        first.S.mul_(0)
+        again = svd(W, 4, method="exact")
+    assert torch.equal(again.A, want.A) and torch.equal(again.S, want.S)

@@ -145,3 +145,13 @@ def test_a_near_exact_float32_hooi_history_is_the_factors_error():
     X = X + 1e-6 * X.norm() / X.numel() ** 0.5 * torch.randn_like(X)
     res = tucker(X, (6, 5), modes=(0, 1))
     assert res.errors[-1] > 0 and res.errors[-1] == pytest.approx(res.rel_error, rel=0.05)
+
+
+def test_data_aware_tucker_takes_a_moment_a_rounding_short_of_positive_definite():
+    """A moment the whitening accepts after its jitter (eigenvalues a rounding below zero) is
+    factorized, not a LinAlgError from the channel block's Cholesky."""
+    b = 1 + 10 * 2.0**-23
+    cov = torch.tensor([[1.0, b], [b, 1.0]], dtype=torch.float32)
+    X = torch.randn(4, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    res = tucker(X, (2, 2), modes=(0, 1), cov=cov)
+    assert res.rel_error >= 0 and torch.isfinite(res.core).all()

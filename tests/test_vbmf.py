@@ -129,3 +129,13 @@ def test_noise_with_nearly_dead_filters_stays_rank_zero():
     assert evbmf(W).rank == 0
     W[:8] *= 1e-17
     assert evbmf(W).rank == 0
+
+
+def test_a_given_sigma2_is_kept_for_an_exactly_low_rank_matrix():
+    """The exactly-low-rank special case (a factorized layer made dense again) is for an
+    estimated σ²: a σ² the caller gives far above the signal keeps rank 0 and that σ²."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g)
+    assert evbmf(M).rank == 2  # estimated: both components kept
+    given = evbmf(M, sigma2=1e6)
+    assert given.rank == 0 and given.sigma2 == 1e6

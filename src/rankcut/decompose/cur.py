@@ -234,6 +234,9 @@ def cur(
         if entries.shape != W.shape:
             raise ValueError(f"entries: expected the shape of W {tuple(W.shape)}, got "
                              f"{tuple(entries.shape)}")
+        if entries.device != W.device:  # (the factors are its rows and columns, taken at
+            raise ValueError(f"entries: on {entries.device}, W on {W.device}; put both on "
+                             "one device")  # indices computed on W's device)
         if cov is None:
             raise ValueError("entries: only the data-aware CUR (cov) fits one matrix with "
                              "another's entries")

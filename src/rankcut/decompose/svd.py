@@ -189,7 +189,9 @@ def svd(
 
     if method == "exact":
         U, S_all, Vh = full_svd(W)
-        U, S, Vh = U[:, :rank], S_all[:rank], Vh[:rank]
+        # (copies: inside reuse_svds these are the cache's tensors, which a caller writing
+        # into a factor would otherwise change for every later use)
+        U, S, Vh = U[:, :rank].clone(), S_all[:rank].clone(), Vh[:rank].clone()
         # The discarded singular values give the error without cancellation.
         norm = S_all.norm()
         rel_error = float(S_all[rank:].norm() / norm) if norm > 0 else 0.0
@@ -264,6 +266,14 @@ def regularised_moment(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> t
 def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> torch.Tensor:
     """L (float64, lower triangular) with L Lᵀ = :func:`regularised_moment` of a second moment
     Σ: ||D L||_F is the output norm of a weight difference D on inputs with that moment."""
+    return factorable_moment(cov, ridge, device)[1]
+
+
+def factorable_moment(cov: torch.Tensor, ridge: float = 1e-6,
+                      device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, L): :func:`regularised_moment` of ``cov`` (with the jitter below where rounding
+    left it a hair short of positive definite) and its Cholesky factor, C = L Lᵀ; a matrix
+    beyond that is no second moment, a ValueError."""
     C = regularised_moment(cov, ridge, device)
     L, info = torch.linalg.cholesky_ex(C)
     if bool(info):
@@ -273,12 +283,12 @@ def whitening_factor(cov: torch.Tensor, ridge: float = 1e-6, device=None) -> tor
         n = C.shape[0]
         top = float(torch.linalg.eigvalsh(C)[-1])
         jitter = n * torch.finfo(cov.dtype).eps * max(top, 1e-300)
-        L, info = torch.linalg.cholesky_ex(C + jitter * torch.eye(n, dtype=C.dtype,
-                                                                  device=C.device))
+        C = C + jitter * torch.eye(n, dtype=C.dtype, device=C.device)
+        L, info = torch.linalg.cholesky_ex(C)
     if bool(info):
         raise ValueError("cov: not positive semi-definite (its Cholesky factorization failed "
                          "even with the ridge); pass a second-moment matrix E[x xᵀ]")
-    return L
+    return C, L
 
 
 def whitened_gram(W: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
@@ -360,6 +370,8 @@ def truncation_errors(mats: list[torch.Tensor]) -> torch.Tensor:
             or not all(isinstance(M, torch.Tensor) and M.ndim == 2 for M in mats)):
         raise ValueError(f"mats: expected a non-empty list of 2-D tensors, got "
                          f"{type(mats).__name__}")
+    for i, M in enumerate(mats):  # finite float32/float64, not empty: as every other function
+        check_tensor(M, f"mats[{i}]", ndim=2)
     return tail_errors([_reused("svdvals", [M], lambda M=M: torch.linalg.svdvals(M)).pow(2)
                         for M in mats])
 

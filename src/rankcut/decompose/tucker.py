@@ -48,7 +48,7 @@ from ._checks import (
     resolvable_error,
 )
 from ._tensor import leading_left_singular_vectors, multi_mode_product, unfold
-from .svd import regularised_moment, whitening_factor
+from .svd import factorable_moment
 
 TUCKER_METHODS = ("hooi", "hosvd")
 
@@ -265,8 +265,9 @@ def _prepare(X, cov, ridge) -> _Prepared:
     K = math.prod(X.shape[2:])
     W = X.detach().to(torch.float64).reshape(T, S, K)
     Wm = W.reshape(T, S * K)
-    whitening_factor(cov, ridge)  # only to check that cov is a second moment
-    C = regularised_moment(cov, ridge, device=X.device)  # Σ + ridge = L Lᵀ of the whitening
+    # Σ + ridge = L Lᵀ of the whitening (jittered as the whitening was, where rounding left it
+    # a hair short of positive definite: its blocks below are then factorable too)
+    C = factorable_moment(cov, ridge, device=X.device)[0]
     C4 = C.reshape(S, K, S, K)  # as (channel, position) x (channel, position)
     L_A = torch.linalg.cholesky(torch.einsum("spqp->sq", C4))  # channel block, over positions
     P = torch.einsum("spsq->pq", C4) / S  # position block, over channels

@@ -119,6 +119,7 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
     t_bar = tau_bar(alpha)
     x_bar = (1.0 + t_bar) * (1.0 + alpha / t_bar)
 
+    estimated = sigma2 is None  # (a σ² the caller gives is kept as given)
     if sigma2 is None:
         total = gamma_sq.sum()
         if total == 0:
@@ -150,7 +151,7 @@ def evbmf(M: torch.Tensor, *, sigma2: float | None = None, weakening: float = 0.
     # rows and columns at rounding level (as L counts singular values): dead filters
     zero_rows = int((V.norm(dim=1) <= cut).sum()) if V.numel() else 0
     zero_cols = int((V.norm(dim=0) <= cut).sum()) if V.numel() else 0
-    if rank0 == 0 and 0 < L < min(full_L - zero_rows, Mdim - zero_cols):
+    if estimated and rank0 == 0 and 0 < L < min(full_L - zero_rows, Mdim - zero_cols):
         # exactly low rank beyond what zero rows or columns (pruned filters) explain: a
         # factorized layer made dense again. Its nonzero part holds no noise to estimate, and
         # EVBMF of it alone finds none of it signal; with the zeros in, σ² falls to about 0
