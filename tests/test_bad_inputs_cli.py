@@ -718,6 +718,16 @@ CLI_CASES = [
      ["--targets", "macs=0.5x"]),
     ("sweep-bad-method", _sweep("--methods", "svd", "magic"), ["--methods", "magic"]),
     ("sweep-single-target-flag", _sweep("--target", "macs=2x"), ["--target", "--targets"]),
+    # a repeated list flag: argparse would keep the last only (conv1 compressed after all)
+    ("exclude-twice", _compress("--exclude", "0", "--exclude", "2"),
+     ["--exclude: given 2 times", "after one --exclude"]),
+    ("sweep-methods-twice", _sweep("--methods", "svd", "--methods=tucker"),
+     ["--methods: given 2 times"]),
+    # sweep --latency times its plans: it takes the timing's batch and engine, not the
+    # planning's table and slack, which --allow-slower leaves unread
+    ("sweep-latency-table-with-allow-slower", _sweep("--allow-slower", "--latency",
+                                                    "--latency-table", "t.json"),
+     ["--latency-table", "--allow-slower"]),
     # a spectral rank rule and a method without singular values: found after the other
     # methods' points were planned and fine-tuned, before
     ("sweep-vbmf-with-cp", _sweep("--rank", "vbmf", "--methods", "svd", "cp"),
@@ -1278,3 +1288,23 @@ def test_load_with_the_wrong_model_names_the_keys_and_shapes(saved):
     with pytest.raises(ValueError, match=r"size mismatch: 6.weight \(10, 32\) in the file, "
                                          r"\(5, 32\) in the model"):
         rc.load(tiny(num_classes=5), folder)
+
+
+def test_an_existing_checkpoint_folder_that_cannot_be_written_is_refused_up_front(
+        capsys, tmp_path, monkeypatch):
+    """Checkpoints are written into the folder (not beside it, as --out): an existing one is
+    probed itself, before planning (the parent's probe passed it; the first checkpoint failed
+    after the work). As root nothing is read-only, so the probe's answer is stood in for."""
+    import rankcut.atomic as atomic
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck").mkdir()
+    probe = atomic._not_writable
+    monkeypatch.setattr(atomic, "_not_writable", lambda folder: "Permission denied" if
+                        folder.name == "ck" else probe(folder))
+    (tmp_path / "data").mkdir()
+    code, _, err = run(capsys, "compress", "--model", TINY, "--no-latency", "--quiet",
+                       *PLAN_FLAGS, "--finetune-steps", 1,
+                       "--data", "cifar10", "--data-dir", tmp_path / "data",
+                       "--checkpoint-dir", tmp_path / "ck", "--out", tmp_path / "o")
+    assert_refused(code, err, "--checkpoint-dir", "cannot write in", "Permission denied")

@@ -123,6 +123,13 @@ def _not_writable(folder: Path) -> str | None:
     return None
 
 
+def not_writable_problem(folder: str | os.PathLike) -> str | None:
+    """Why nothing can be written into the existing ``folder`` (a folder written into, not
+    replaced: a checkpoint folder), or None."""
+    problem = _not_writable(Path(folder))
+    return None if problem is None else f"cannot write in {folder}: {problem}"
+
+
 def file_target_problem(path: str | os.PathLike, probe: bool = True) -> str | None:
     """Why a file cannot be written at ``path`` (a folder is there, a regular file sits where a
     parent folder should be, or, with ``probe``, the folder it goes into is not writable), or

@@ -607,7 +607,12 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    from .atomic import file_target_problem, folder_target_problem, output_folder_problem
+    from .atomic import (
+        file_target_problem,
+        folder_target_problem,
+        not_writable_problem,
+        output_folder_problem,
+    )
 
     out = getattr(args, "out", None)
     if out is not None:
@@ -648,6 +653,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     ckpt = getattr(args, "checkpoint_dir", None)
     if ckpt is not None:
         problem = folder_target_problem(ckpt)
+        if problem is None and Path(ckpt).is_dir():  # written into, not replaced: probe it
+            problem = not_writable_problem(ckpt)
         if problem is not None:
             raise UserError(f"--checkpoint-dir: {problem}")
         if out is not None and _inside(Path(ckpt), Path(out)):
@@ -661,6 +668,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     teacher_cache = getattr(args, "teacher_cache", None)
     if teacher_cache:
         problem = folder_target_problem(teacher_cache)
+        if problem is None and Path(teacher_cache).is_dir():
+            problem = not_writable_problem(teacher_cache)
         if problem is not None:
             raise UserError(f"--teacher-cache: {problem}")
     if getattr(args, "resume", False) and ckpt is None:
@@ -752,6 +761,11 @@ def _check_args(args: argparse.Namespace) -> None:
     targets parsed, conflicting flags refused, output paths writable."""
     _check_numbers(args)
     command = args.command
+    for flag in LIST_FLAGS:  # argparse keeps only the last of a repeated list flag
+        uses = [a for a in getattr(args, "argv", []) if a == flag or a.startswith(flag + "=")]
+        if len(uses) > 1:
+            raise UserError(f"{flag}: given {len(uses)} times, and only the last would count; "
+                            f"list every value after one {flag}")
     if getattr(args, "input_shape", None):
         _input_shape(args.input_shape)
     if getattr(args, "data", None):
@@ -892,7 +906,9 @@ def _check_idle(args: argparse.Namespace) -> None:
         return target.strip().lower().startswith("latency")  # (parse_target's spelling)
 
     latency_asked = is_latency(args.target or "") or (
-        args.command == "sweep" and (args.latency or any(map(is_latency, args.targets))))
+        args.command == "sweep" and any(map(is_latency, args.targets)))
+    if args.command == "sweep" and args.latency:  # (it times the plans made: batch, engine)
+        timing = [d for d in timing if d not in ("latency_batch", "latency_engine")]
     if timing and args.allow_slower and not latency_asked:
         raise UserError(f"{_flag(timing[0])}: --allow-slower turns the latency guard off, so "
                         "nothing is timed for the plan; drop one of them")
@@ -1476,7 +1492,9 @@ COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_ev
 
 # the flags that name a file or folder
 PATH_DESTS = ("weights", "data_dir", "compressed", "plan", "out", "output", "checkpoint_dir",
-              "teacher_cache", "latency_table")
+              "teacher_cache", "latency_table", "config")
+# the flags that take a list (nargs="+" without "extend"): each given once
+LIST_FLAGS = ("--exclude", "--rules", "--batches", "--targets", "--methods")
 
 
 def _expand_paths(args: argparse.Namespace) -> None:
