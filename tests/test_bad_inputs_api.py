@@ -251,6 +251,18 @@ APPLY_CASES = [
 ]
 
 COMPRESS_CASES = [
+    ("distill as the text 'no'", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", distill="no"), ValueError,
+     "distill: expected True, False or None, got 'no'"),
+    ("sequential as 1", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", sequential=1), ValueError,
+     "sequential: expected True, False or None"),
+    ("a transform that is a name", fresh,
+     lambda m: rc.compress(m, X, target="macs=2x", transform="normalize"), ValueError,
+     "transform: expected a callable"),
+    ("transfer given its own freeze", fresh,
+     lambda m: rc.transfer(m, LABELLED, 3, epochs=1, freeze=["stem"]), ValueError,
+     "freeze: transfer trains the new head alone"),
     ("finetune_options typo", fresh,
      lambda m: rc.compress(m, X, target="macs=2x", finetune_options={"lrr": 0.1}), ValueError,
      r"finetune_options: unknown keys \['lrr'\]"),

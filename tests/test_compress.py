@@ -1,6 +1,7 @@
 """rankcut.compress schedules (one_shot, layerwise, multistage) and rankcut.transfer."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -341,6 +342,36 @@ def test_a_given_plan_whose_ranks_the_layers_cap_resumes(trained, tmp_path):
                     plan=rc.Plan({"2": rc.LayerPlan("cp", (8,), options={"max_iter": 5})}))
 
 
+def test_a_given_tucker_plan_whose_core_caps_a_rank_resumes(trained, tmp_path):
+    """Tucker-2 at (32, 1) on a 3x3 conv holds a core of at most 1·9 output ranks: built at
+    (9, 1) (a warning) and stored so; the same plan given again resumes (it was refused as
+    another plan, the core's bound not being among the caps)."""
+    model, data = trained
+    plan = rc.Plan({"2": rc.LayerPlan("tucker", (32, 1))})
+    opts = {**TUNE, "checkpoint_dir": tmp_path, "resume": True}
+    with pytest.warns(UserWarning, match="core sizes"):
+        rc.compress(model, data[0][:1], plan=plan, train_data=data, steps=2,
+                    finetune_options=opts)
+    assert rc.load_plan(tmp_path / "start")["2"].ranks == (9, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = rc.compress(model, data[0][:1], plan=plan, train_data=data, steps=2,
+                            finetune_options=opts)
+    assert again.stages[0]["resumed"]
+
+
+def test_a_checkpoint_dir_of_another_models_run_is_refused_by_name(trained, tmp_path):
+    model, data = trained
+    opts = {**TUNE, "checkpoint_dir": tmp_path, "resume": True}
+    rc.compress(model, data[0][:1], method="svd", rank=2, train_data=data, steps=1,
+                plan_options=PLAN, finetune_options=opts)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="resume: .*was planned for another model"):
+        rc.compress(other, data[0][:1], method="svd", rank=2, train_data=data, steps=1,
+                    plan_options=PLAN, finetune_options=opts)
+
+
 def test_resuming_with_another_plan_is_refused(trained, tmp_path):
     model, data = trained
     x = data[0][:1]
@@ -552,8 +583,11 @@ def test_layerwise_layers_train_on_other_batches_than_the_layers_before():
             return len(self.x)
 
         def __getitem__(self, i):
-            self.read.append(i)
             return self.x[i], self.y[i]
+
+        def __getitems__(self, indices):  # (the DataLoader's batch reads: not the checks')
+            self.read.extend(indices)
+            return [self[i] for i in indices]
 
     model, (x, y) = net().eval(), task(64)
     data = Seen(x, y)

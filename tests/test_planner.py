@@ -65,8 +65,10 @@ def one_layer(kernel):
 def test_auto_picks_cp_where_cp_is_exact_and_tucker_where_tucker_is():
     """Budgets just above the exact form's cost, where no other form is exact.
 
-    A rank-4 CP-4 kernel (48, 40, 3, 3) costs 424 params as CP-4; exact Tucker-2 (4, 4) needs
-    544 and exact spatial SVD (rank 4) 1104, so at 2.6% of the dense 17,328 only CP is exact.
+    A rank-4 CP-4 kernel (48, 40, 3, 3) costs 424 params as CP-4 (436 as CP-3, exact too);
+    exact Tucker-2 (4, 4) needs 544 and exact spatial SVD (rank 4) 1104, so at 2.48% of the
+    dense 17,328 (430 params) only CP-4 is exact (at 2.6% CP-3 was as exact, and which of the
+    two had the smaller error at rounding level depended on the machine).
     A Tucker (6, 6) kernel costs 900 as Tucker-2; exact CP or SVD forms cost thousands.
     """
     g = torch.Generator().manual_seed(0)
@@ -77,7 +79,7 @@ def test_auto_picks_cp_where_cp_is_exact_and_tucker_where_tucker_is():
                                               1: torch.randn(40, 6, generator=g)})
     x = torch.rand(1, 40, 16, 16)
     options = {"cp": {"max_iter": 500, "tol": 1e-10}}
-    for kernel, target, expected in [(cp_kernel, "params=0.026", ("cp", "cp4")),
+    for kernel, target, expected in [(cp_kernel, "params=0.0248", ("cp", "cp4")),
                                      (tucker_kernel, "params=0.055", ("tucker", None))]:
         model = one_layer(kernel)
         plan = rc.plan(model, x, target=target, options=options, allow_slower=True)

@@ -66,7 +66,7 @@ from .select import (
     parse_target,
 )
 from .select import plan as make_plan
-from .surgery import apply, set_submodule
+from .surgery import _check_plan, apply, set_submodule
 from .train import DEFAULT_LR, check_finetune_options, evaluate, finetune
 from .train.batches import as_data
 from .train.checkpoint import FILENAME as CHECKPOINT_FILE
@@ -334,6 +334,13 @@ def compress(model: nn.Module, example_inputs, *, method: str = COMPRESS["method
         raise ValueError(f"steps_per_layer: expected an int >= 1, got {steps_per_layer!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    for name, value in (("distill", distill), ("sequential", sequential),
+                        ("reestimate_bn", reestimate_bn)):  # ("no" was read as on)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name}: expected True, False or None, got {value!r}")
+    if transform is not None and not callable(transform):
+        raise ValueError(f"transform: expected a callable applied to each input batch, got "
+                         f"{type(transform).__name__}")
     if schedule == "multistage" and (target is None or plan is not None):
         raise ValueError("schedule 'multistage': needs a target (and plans every round itself; "
                          "no plan=)")
@@ -441,8 +448,15 @@ class _Job:
         at the same ranks: a plan timed on the machine can differ between two calls). A stored
         plan made for another method or ``target`` than ``make`` would use is refused."""
         path = None if folder is None else folder / PLAN_FILE
+        if plan is not None:  # (a layer it names that the model lacks: named, not a traceback)
+            _check_plan(self.model, plan, weights=False)
         if path is not None and self.resume and path.is_file():
             stored = load_plan(path)
+            try:  # a checkpoint_dir of another model's run
+                _check_plan(self.model, stored, weights=False)
+            except ValueError as err:
+                raise ValueError(f"resume: {path} was planned for another model ({err}); "
+                                 "use a fresh checkpoint_dir") from None
             if plan is not None and _layers(plan, self.model) != _layers(stored, self.model):
                 raise ValueError(f"resume: {path} holds another plan than the one given; "
                                  "resume with the same plan, or use a fresh checkpoint_dir")
@@ -771,6 +785,11 @@ def transfer(model: nn.Module, train_data, num_classes: int, *, head: str | None
     old = out.get_submodule(head)
     ref = old.weight if isinstance(old, nn.Linear) else old.second.weight
     bias = (old.bias if isinstance(old, nn.Linear) else old.second.bias) is not None
+    own = sorted(k for k in ("freeze", "freeze_bn_stats", "teacher") if k in finetune_options)
+    if own:  # (a second value of a keyword: Python's TypeError; a teacher of a fresh head)
+        raise ValueError(f"{own[0]}: transfer trains the new head alone, its backbone frozen "
+                         "with its BatchNorm statistics, and distils from no teacher; it takes "
+                         "no " + ", ".join(own))
     seed = finetune_options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not (
             0 <= seed < 2**63):

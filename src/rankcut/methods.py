@@ -218,9 +218,15 @@ class Method:
         return (min(t, s * kh * kw),)
 
     def capped(self, module: nn.Module, ranks, form: str | None = None) -> tuple[int, ...]:
-        """``ranks``, each at most its :meth:`max_rank` (as the built layer clamps them)."""
-        return tuple(min(r, full) for r, full in zip(ranks, self.max_rank(module, form),
-                                                     strict=True))
+        """``ranks``, each at most its :meth:`max_rank`, and a Tucker-2 pair at most what its
+        core holds (each rank at most kh·kw times the other): as the built layer clamps them
+        (``rankcut.decompose.tucker``'s bound, applied until both hold)."""
+        out = [min(r, full) for r, full in zip(ranks, self.max_rank(module, form), strict=True)]
+        if self.conv is TuckerConv2d and isinstance(module, nn.Conv2d):
+            k = math.prod(ConvGeometry.of(module).kernel_size)
+            while out[0] > out[1] * k or out[1] > out[0] * k:
+                out = [min(out[0], out[1] * k), min(out[1], out[0] * k)]
+        return tuple(out)
 
     # ---------------------------------------------------------------------- its layer
     def config(self, module: nn.Module, ranks, form: str | None = None) -> dict:
