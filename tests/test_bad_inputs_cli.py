@@ -617,6 +617,8 @@ CLI_CASES = [
      ["--solver-option", "METHOD.KEY=VALUE"]),
     ("solver-option-unknown-method", _compress("--solver-option", "auto.solver=rx"),
      ["--solver-option", "'auto' is not a method", "cur"]),
+    ("solver-option-of-an-unused-method", _compress("--solver-option", "cur.solver=rx"),
+     ["--solver-option: cur is not among the methods this run uses", "--method svd"]),
     ("solver-option-unknown-value", _compress("--solver-option", "cur.solver=qr"),
      ["--solver-option: cur: ", "solver", "'rx'", "'qr'"]),
     ("solver-option-unknown-key", _compress("--solver-option", "svd.max_iter=5"),

@@ -165,3 +165,17 @@ def test_plans_again_without_the_guard_only_when_it_refused_a_slower_plan(monkey
         res = demo.run(tmp_path / "out", epochs=1, finetune_epochs=0, progress=False)
     assert calls == [False, True] and res["allow_slower"] is True
     assert "planning again with allow_slower=True" in printed.getvalue()
+
+
+def test_main_says_a_bad_flag_in_one_line_before_training(monkeypatch, tmp_path, capsys):
+    """A bad --target or --method is found before the CNN trains (it was compress's ValueError,
+    a traceback, after minutes); --out the current folder is refused (it is replaced whole)."""
+    monkeypatch.setattr(demo, "load_data", lambda seed: pytest.fail("trained before refusing"))
+    for flags, said in ((["--target", "macs=abc"], "target"), (["--method", "magic"], "method")):
+        with pytest.raises(SystemExit) as stop:
+            demo.main(["--out", str(tmp_path / "o"), *flags])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        demo.main(["--out", ".", "--overwrite"])
+    assert "the current folder" in capsys.readouterr().err

@@ -1431,7 +1431,8 @@ def test_classifier_sweep_a_points_file_of_other_settings_is_refused_before_any_
         sweep_.check_points_file(path, s, sw, "cpu", finetuned=True)
 
 
-def test_an_export_into_a_folder_holding_a_model_is_refused_before_the_first_run(tmp_path):
+def test_an_export_into_a_folder_holding_a_model_is_refused_before_the_first_run(tmp_path,
+                                                                                 monkeypatch):
     """A results/ folder holds a committed headline: a run (or a late export) that would write
     its model over it is refused before any run starts, unless --replace-exports."""
     reproduce_ = _reproduce_module()
@@ -1442,15 +1443,20 @@ def test_an_export_into_a_folder_holding_a_model_is_refused_before_the_first_run
     path.write_text(f"model: resnet20_cifar\nruns:\n  first: {{rank: 8, method: svd}}\n"
                     f"  second: {{rank: 4, method: svd, export: {taken}}}\n")
     runs = tmp_path / "runs"
-    done = reproduce(path, runs, {**os.environ, "RANKCUT_DATA": str(tmp_path)})
-    assert done.returncode != 0 and "run 'second': export:" in done.stderr
-    assert "--replace-exports" in done.stderr and not (runs / "c" / "first").exists()
+
+    def main(*flags):  # (in this process: a subprocess's torch import is seconds)
+        monkeypatch.setenv("RANKCUT_DATA", str(tmp_path))
+        monkeypatch.setattr("sys.argv", ["reproduce.py", str(path), "--runs-dir", str(runs),
+                                         *flags])
+        with pytest.raises(SystemExit) as stop:
+            reproduce_.main()
+        return str(stop.value)
+
+    said = main()
+    assert "run 'second': export:" in said and "--replace-exports" in said
+    assert not (runs / "c" / "first").exists()
     # with the flag the check lets it through (here to the missing data's refusal)
-    done = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), str(path),
-                           "--runs-dir", str(runs), "--replace-exports"],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RANKCUT_DATA": str(tmp_path)})
-    assert done.returncode != 0 and "export:" not in done.stderr, done.stderr
+    assert "export:" not in main("--replace-exports")
     s = {"export": str(taken)}
     result = runs / "c" / "second" / "result.json"
     result.parent.mkdir(parents=True)

@@ -1054,3 +1054,22 @@ def test_a_4d_buffer_is_put_back_in_its_layout_after_training():
     finetune(model, data, steps=1, batch_size=16, memory_format="channels_last",
              progress=False)
     assert model[0].blur.is_contiguous() and model[0].weight.is_contiguous()
+
+
+def test_examples_without_class_labels_are_refused_before_any_work():
+    """Unlabelled examples, one-hot labels: refused by name when the data is first taken (for
+    compress, before planning), not at the first training step."""
+    x, y = blobs(32)
+    with pytest.raises(ValueError, match=r"train_data: expected \(input, class label\) "
+                                         "examples, got tuple of 1"):
+        finetune(mlp(), TensorDataset(x), steps=1, batch_size=8, progress=False)
+    onehot = F.one_hot(y, 4)
+    with pytest.raises(ValueError, match="train_data: expected one class index per input"):
+        finetune(mlp(), (x, onehot), steps=1, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="data: expected each example's label to be a class "
+                                         r"index .* of shape \(4,\)"):
+        evaluate(mlp(), TensorDataset(x, onehot))
+    with pytest.raises(ValueError, match="train_data: expected"):  # before planning
+        rc.compress(mlp(), x[:1], method="svd", rank=2, train_data=TensorDataset(x), steps=1,
+                    plan_options={"allow_slower": True})
+    assert evaluate(mlp(), TensorDataset(x, y.float()))["n"] == 32  # whole-valued floats pass

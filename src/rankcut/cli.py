@@ -473,6 +473,29 @@ def _solver_options(items: list[str]) -> dict[str, dict]:
     return _as_user_error("--solver-option", methods.check_solver_options, options)
 
 
+def _check_options_used(args) -> None:
+    """--solver-option for a method this run never uses would be ignored (cur under `auto`,
+    which does not consider CUR): refused, naming the methods it does use."""
+    from . import methods
+
+    asked = [args.method] if args.command == "compress" else list(args.methods)
+    used = set()
+    for name in asked:
+        if name == "auto":
+            used |= {m.name for m in methods.REGISTRY.values() if m.auto}
+        else:  # (a Linear under a conv-only method is factorized by the fallback)
+            try:
+                used |= {methods.resolve(name)[0].name, methods.FALLBACK}
+            except ValueError:
+                return  # (an unknown method: named by its own check)
+    unused = sorted(set(args.solver_options) - used)
+    if unused:
+        flag = "--method" if args.command == "compress" else "--methods"
+        raise UserError(f"--solver-option: {unused[0]} is not among the methods this run uses "
+                        f"({', '.join(sorted(used))}, from {flag} {' '.join(asked)}); its "
+                        "options would be ignored")
+
+
 def _check_rank_fits(flag: str, methods: list[str], text: str, rule) -> None:
     """A rank rule read off singular values (energy, vbmf) with a method that has none (CP)."""
     from . import methods as registry
@@ -807,6 +830,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
         _check_method("--method", args.method)
         args.solver_options = _solver_options(args.solver_option or [])
+        if args.solver_options and getattr(args, "plan", None) is None:
+            _check_options_used(args)
         if args.rank is not None:
             rule = _as_user_error("--rank", parse_rank, args.rank)
             if command == "compress":

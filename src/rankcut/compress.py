@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ._fingerprint import model_fingerprint
 from ._modes import as_inputs, as_path, check_module, on_model_device
 from .atomic import atomic_path
 from .calibrate import (
@@ -125,6 +126,11 @@ def _check_resumed(path: Path, meta: dict, method, target, rank=None) -> None:
                      "resume with the same settings, or use a fresh checkpoint_dir")
 
 
+# what a stored plan records of the dense model it was made for (its weights' SHA-256), which a
+# resumed run compares: a checkpoint_dir of another model's run is not continued
+MODEL_KEY = "planned_for_model"
+
+
 def _planned_with(plan_kwargs: dict) -> dict:
     """The planning settings a stored plan was made with, as JSON (what a resumed run compares:
     other excluded layers, another min_params or solver option would go on with the old plan);
@@ -169,8 +175,10 @@ class CompressResult:
     """``model``: the compressed (and fine-tuned) model; ``plan``: what was applied (the last
     accepted round's for ``multistage``); ``stages``: one entry per stage (what was factorized,
     training figures, validation accuracy); ``met_target``: False when ``multistage`` stopped
-    before the target, or a fine-tuning callback stopped a stage (its ``train`` entry says
-    ``"stopped": true``; the stages after it did not run)."""
+    before the target, a fine-tuning callback stopped a stage (its ``train`` entry says
+    ``"stopped": true``; the stages after it did not run), or a latency target's plan measured
+    slower than its goal (``plan.meta["latency"]``: kept, with a warning, when it still runs
+    faster than dense)."""
 
     model: nn.Module
     plan: Plan
@@ -180,6 +188,14 @@ class CompressResult:
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "stages": self.stages,
                 "met_target": self.met_target}
+
+
+def _latency_met(plan: Plan) -> bool:
+    """False where ``plan`` was made for a latency target and its whole-model timing missed
+    the goal (the planner warns and keeps such a plan when it still runs faster than dense)."""
+    timing = plan.meta.get("latency") or {}
+    goal, ratio = timing.get("goal_ratio"), timing.get("ratio")
+    return goal is None or ratio is None or ratio <= goal
 
 
 def _stopped(stage: dict) -> bool:
@@ -457,6 +473,11 @@ class _Job:
             except ValueError as err:
                 raise ValueError(f"resume: {path} was planned for another model ({err}); "
                                  "use a fresh checkpoint_dir") from None
+            then_model = stored.meta.get(MODEL_KEY)  # (plans stored before it: not compared)
+            if then_model is not None and then_model != model_fingerprint(self.model):
+                raise ValueError(f"resume: {path} was planned for a model with other weights "
+                                 "(another model of the same architecture, or this one "
+                                 "changed since); use a fresh checkpoint_dir")
             if plan is not None and _layers(plan, self.model) != _layers(stored, self.model):
                 raise ValueError(f"resume: {path} holds another plan than the one given; "
                                  "resume with the same plan, or use a fresh checkpoint_dir")
@@ -479,8 +500,15 @@ class _Job:
             plan = make()
             plan.meta["planned_with"] = _planned_with(self.plan_kwargs)
         if path is not None:
-            _on_first_process(lambda: save_plan(plan, path))
+            _on_first_process(lambda: save_plan(self.recorded(plan), path))
         return plan
+
+    def recorded(self, plan: Plan) -> Plan:
+        """A copy of ``plan`` (the caller's is left as given) that records the dense model's
+        fingerprint, as a checkpoint folder stores it (:data:`MODEL_KEY`)."""
+        kept = Plan.from_json(plan.to_json())
+        kept.meta[MODEL_KEY] = model_fingerprint(self.model)
+        return kept
 
     def start_afresh(self) -> None:
         """Without ``resume``: what an earlier run left in ``checkpoint_dir`` under the names
@@ -653,13 +681,14 @@ class _Job:
             stage = {"stage": "one_shot", "layers": list(plan.active),
                      "reestimated_bn": self.repair_bn(small)}
             if folder is not None:
-                _on_first_process(lambda: save(small, folder, plan=plan))
+                _on_first_process(lambda: save(small, folder, plan=self.recorded(plan)))
         stage["seconds"] = round(time.perf_counter() - start, 1)
         if tuning:
             self.validate(small, stage, "val_before")
         stage["train"] = self.tune(small, epochs, steps)
         self.validate(small, stage)
-        return CompressResult(small, plan, [stage], met_target=not _stopped(stage))
+        return CompressResult(small, plan, [stage],
+                              met_target=not _stopped(stage) and _latency_met(plan))
 
     def layerwise(self, plan, target, steps_per_layer, epochs, steps) -> CompressResult:
         plan = self.stored_plan(self.folder, plan, lambda: self.plan(target), target)
@@ -691,7 +720,7 @@ class _Job:
             return CompressResult(small, plan, [*stages, final], met_target=False)
         if final["reestimated_bn"] or "train" in final or "val" in final:
             stages.append(final)
-        return CompressResult(small, plan, stages)
+        return CompressResult(small, plan, stages, met_target=_latency_met(plan))
 
     def multistage(self, target, rounds, epochs, steps, min_accuracy):
         kind, fraction = parse_target(target)
@@ -738,7 +767,7 @@ class _Job:
                     accepted = (small, plan)
                 return CompressResult(*accepted, stages, met_target=False)
             accepted, current = (small, plan), small
-        return CompressResult(*accepted, stages)
+        return CompressResult(*accepted, stages, met_target=_latency_met(accepted[1]))
 
 
 def find_head(model: nn.Module, head: str | None = None) -> str:

@@ -42,7 +42,7 @@ from .atomic import atomic_folder, output_folder_problem
 from .layers import FactorizedLayer
 from .profile import compare_latency, count_macs, count_params, layer_macs
 from .report._common import factor_text
-from .select import SlowerThanDense
+from .select import SlowerThanDense, parse_target
 from .train import evaluate, finetune
 
 # The model: digits upsampled to SIZE x SIZE; conv blocks of these widths, max-pooling after the
@@ -177,6 +177,10 @@ def run(out_dir="rankcut-demo", *, target: str = "macs=3x", method: str = "auto"
     if (isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int)
             or finetune_epochs < 0):
         raise ValueError(f"finetune_epochs: expected an int >= 0, got {finetune_epochs!r}")
+    if target is not None:  # (a bad target or method found now, not after the training)
+        parse_target(target)
+    if method != "auto":
+        methods.resolve(method)
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     out = Path(out_dir)
@@ -340,9 +344,16 @@ def main(argv=None) -> int:
     problem = output_folder_problem(args.out, RECORD, args.overwrite)
     if problem is not None:  # the folder is replaced whole at the end
         parser.error(f"--out: {problem}")
-    run(args.out, target=args.target, method=args.method, epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs, seed=args.seed, progress=not args.quiet,
-        allow_slower=args.allow_slower)
+    here, out = Path.cwd().resolve(), Path(args.out).resolve()
+    if out == here or out in here.parents:  # (replaced whole: the folder the shell stands in)
+        parser.error(f"--out: {args.out} is the current folder or holds it; give a folder "
+                     "of its own")
+    try:
+        run(args.out, target=args.target, method=args.method, epochs=args.epochs,
+            finetune_epochs=args.finetune_epochs, seed=args.seed, progress=not args.quiet,
+            allow_slower=args.allow_slower)
+    except ValueError as err:  # (a bad --target, --method or --epochs: one line, exit 2)
+        parser.error(str(err).strip().splitlines()[0])
     return 0
 
 

@@ -31,6 +31,10 @@ def as_data(data, what: str):
         if len(data[0]) != len(data[1]):
             raise ValueError(f"{what}: inputs and targets differ in length ({len(data[0])} and "
                              f"{len(data[1])})")
+        if data[1].ndim != 1:  # (found now, not at the first step after minutes of planning)
+            raise ValueError(f"{what}: expected one class index per input, targets of shape "
+                             f"({len(data[1])},), got shape {tuple(data[1].shape)} (one-hot or "
+                             "(N, 1) labels: take labels.argmax(1) or labels.squeeze(1))")
         return TensorDataset(data[0], data[1])
     raise ValueError(f"{what}: expected a torch Dataset, a DataLoader or an (inputs, targets) "
                      f"pair of tensors, got {type(data).__name__}")
@@ -54,7 +58,19 @@ def _check_first_example(data: Dataset, what: str) -> None:
         finally:
             random.setstate(state[0])
             np.random.set_state(state[1])  # noqa: NPY002
-    first = example[0] if isinstance(example, (tuple, list)) and example else example
+    if not isinstance(example, (tuple, list)) or len(example) < 2:
+        raise ValueError(f"{what}: expected (input, class label) examples, got "
+                         f"{type(example).__name__}" + (
+                             f" of {len(example)}" if isinstance(example, (tuple, list)) else ""))
+    first, label = example[0], example[1]
+    # (whole-valued floats pass, as to_device takes them; its per-batch checks do the rest)
+    if not ((isinstance(label, numbers.Real) and not isinstance(label, bool)
+             and float(label).is_integer())
+            or (isinstance(label, (torch.Tensor, np.ndarray)) and label.ndim == 0)):
+        raise ValueError(f"{what}: expected each example's label to be a class index (an int "
+                         f"or a 0-d tensor), got {type(label).__name__}"
+                         + (f" of shape {tuple(label.shape)}" if hasattr(label, "shape") else "")
+                         + " (one-hot labels: take their argmax)")
     if not isinstance(first, (torch.Tensor, np.ndarray, numbers.Number)):
         raise ValueError(f"{what}: its examples' inputs are {type(first).__name__} objects, "
                          "which do not batch; give the dataset a transform to tensors (e.g. "
