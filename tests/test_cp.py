@@ -225,3 +225,10 @@ def test_a_near_exact_float32_fit_is_not_stopped_by_rounding(method):
     res = cp(X, 4, method=method)
     assert res.rel_error < 2e-5
     assert res.errors[-1] == pytest.approx(res.rel_error, rel=0.05)
+
+
+def test_cp_many_names_a_cov_that_is_no_sequence():
+    from rankcut.decompose.cp import cp_many
+
+    with pytest.raises(ValueError, match="cov: expected one second moment per tensor"):
+        cp_many([torch.randn(4, 3, 2)], 2, cov=iter([torch.eye(3)]))

@@ -393,7 +393,8 @@ def cp_many(
         check_positive(ridge, "ridge", allow_zero=True)
     if max_work is not None:
         check_positive(max_work, "max_work")
-    if cov is not None and (isinstance(cov, torch.Tensor) or len(cov) != len(tensors)):
+    if cov is not None and (isinstance(cov, torch.Tensor) or not isinstance(cov, Sequence)
+                            or len(cov) != len(tensors)):
         raise ValueError(f"{cov_name}: expected one second moment per tensor "
                          f"({len(tensors)}), got {type(cov).__name__}")
     fitted = list(tensors)
