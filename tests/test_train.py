@@ -1073,3 +1073,28 @@ def test_examples_without_class_labels_are_refused_before_any_work():
         rc.compress(mlp(), x[:1], method="svd", rank=2, train_data=TensorDataset(x), steps=1,
                     plan_options={"allow_slower": True})
     assert evaluate(mlp(), TensorDataset(x, y.float()))["n"] == 32  # whole-valued floats pass
+
+
+def test_a_module_transform_is_moved_as_a_copy_not_the_callers():
+    """finetune and evaluate run a Module transform on the training device: a copy is moved,
+    so the caller's stays where it was (compress applies it to CPU calibration batches of a
+    later round or layer too; a moved one failed there on a GPU)."""
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k", torch.tensor(1.0))
+            self.moved = False
+
+        def forward(self, x):
+            return x * self.k
+
+        def to(self, *args, **kwargs):
+            self.moved = True
+            return super().to(*args, **kwargs)
+
+    x, y = blobs(32)
+    scale = Scale()
+    finetune(mlp(), (x, y), steps=1, batch_size=8, transform=scale, progress=False)
+    evaluate(mlp(), (x, y), transform=scale)
+    assert not scale.moved

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,8 +55,8 @@ def evaluate(model: nn.Module, data, *, device=None, transform=None, batch_size:
                              or device.index not in (None, held.index)):
         raise ValueError(f"device: the model is on {held}, not {device}; move it there first "
                          "(model.to(device)) or leave device=None")
-    if isinstance(transform, nn.Module):
-        transform = transform.to(device)
+    if isinstance(transform, nn.Module):  # (a copy: the caller's stays where it is, for the
+        transform = copy.deepcopy(transform).to(device)  # calibration batches it may also see)
     env = dist_util.DistEnv()
     # a loader is used as given: its counts are summed over the processes only when it shards
     # the data itself (a DistributedSampler); an unsharded one is read whole by every process

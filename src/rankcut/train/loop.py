@@ -458,7 +458,9 @@ class _Run:
             self._set_layout(MEMORY_FORMATS[o["memory_format"]])
         for t in ("transform", "val_transform"):
             if isinstance(o[t], nn.Module):
-                o[t] = o[t].to(device)
+                # a copy: the caller's stays where it is (compress applies it to the CPU
+                # calibration batches of a later round or layer too)
+                o[t] = copy.deepcopy(o[t]).to(device)
 
         named = [(n, p) for n, p in self.model.named_parameters()
                  if p.requires_grad and n not in frozen]
