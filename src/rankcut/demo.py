@@ -353,7 +353,7 @@ def main(argv=None) -> int:
             finetune_epochs=args.finetune_epochs, seed=args.seed, progress=not args.quiet,
             allow_slower=args.allow_slower)
     except ValueError as err:  # (a bad --target, --method or --epochs: one line, exit 2)
-        parser.error(str(err).strip().splitlines()[0])
+        parser.error((str(err).strip().splitlines() or [type(err).__name__])[0])
     return 0
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import methods
 from ._modes import as_path, check_module, model_device
-from .atomic import atomic_path, folder_target_problem
+from .atomic import atomic_path, folder_target_problem, not_writable_problem
 from .layers import ConvGeometry, FactorizedLayer, LowRankLinear
 from .models import WeightsMismatchError, check_state_dict, first_non_finite
 from .plans import LayerPlan, Plan
@@ -122,7 +122,9 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: a file, not a folder (rankcut.save writes a folder "
                               f"holding {PLAN_FILE} and {WEIGHTS_FILE})")
-    problem = folder_target_problem(folder)  # (unwritable: safetensors' own error otherwise)
+    # (written into, not replaced: an existing folder is probed itself; unwritable, it was
+    # safetensors' own error)
+    problem = not_writable_problem(folder) if folder.is_dir() else folder_target_problem(folder)
     if problem is not None:
         raise ValueError(f"path: {problem}")
     if isinstance(model, FactorizedLayer):  # load rebuilds inside a model: never the model

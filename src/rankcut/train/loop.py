@@ -433,11 +433,15 @@ class _Run:
         # what refuses the settings, found before the model moves (a refused run leaves the
         # caller's model where it was)
         frozen = _frozen_names(self.model, o["freeze"])
-        if not callable(kind) and o["nesterov"] and not o["momentum"]:
+        # (Module.to keeps the Parameter objects: these are the ones trained after the move)
+        named = [(n, p) for n, p in self.model.named_parameters()
+                 if p.requires_grad and n not in frozen]
+        if not named:
+            raise ValueError("freeze: every parameter is frozen; nothing to train")
+        if kind == "sgd" and o["nesterov"] and not o["momentum"]:
             raise ValueError("nesterov: needs a momentum above 0 (momentum=0 was given)")
         amp = o["amp"] if o["amp"] is not None else device.type == "cuda"
-        if amp and device.type == "cuda" and any(
-                p.dtype == torch.float16 for p in self.model.parameters() if p.requires_grad):
+        if amp and device.type == "cuda" and any(p.dtype == torch.float16 for _, p in named):
             # (the loss scaler cannot unscale float16 gradients: torch's error, after a step)
             raise ValueError("amp: mixed precision trains float32 weights, and the model has "
                              "float16 ones; train it in float32 (model.float()) or pass "
@@ -462,10 +466,6 @@ class _Run:
                 # calibration batches of a later round or layer too)
                 o[t] = copy.deepcopy(o[t]).to(device)
 
-        named = [(n, p) for n, p in self.model.named_parameters()
-                 if p.requires_grad and n not in frozen]
-        if not named:
-            raise ValueError("freeze: every parameter is frozen; nothing to train")
         for n, p in self.model.named_parameters():
             if n in frozen:
                 p.requires_grad_(False)
