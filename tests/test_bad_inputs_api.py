@@ -426,11 +426,11 @@ HELPER_CASES = [
      ValueError, "teacher: expected an nn.Module"),
     ("labels as an (N, 1) column", fresh,
      lambda m: _evaluate(m, _labelled(torch.zeros(2, 1, dtype=torch.long))), ValueError,
-     r"labels: expected one class index per input, a tensor of shape \(2,\), got shape "
+     r"data: expected one class index per input, targets of shape \(2,\), got shape "
      r"\(2, 1\)"),
     ("one-hot labels", fresh,
      lambda m: _finetune(m, _labelled(torch.eye(10)[[0, 1]])), ValueError,
-     r"labels: expected one class index per input.*got shape \(2, 10\)"),
+     r"train_data: expected one class index per input.*got shape \(2, 10\)"),
     ("soft labels", fresh, lambda m: _evaluate(m, _labelled(torch.tensor([0.5, 1.0]))),
      ValueError, "labels: expected class indices, got fractional values"),
     ("evaluating on a device the model is not on", fresh,

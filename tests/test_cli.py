@@ -115,13 +115,19 @@ def test_solver_options_reach_the_plan(capsys, tmp_path):
     config.write_text("solver-option: [cur.solver=rx]\n")
     code, _, err = run(capsys, "compress", "--config", config, "--model", "resnet20_cifar",
                        "--input-shape", "3,32,32", "--method", "cur", "--rank", "8",
-                       "--solver-option", "cur.seed=3", "cp.tol=1e-5", "--no-latency",
+                       "--solver-option", "cur.seed=3", "svd.solver=exact", "--no-latency",
                        "--allow-slower",
                        "--quiet", "--out", tmp_path / "o")
     assert code == 0, err
     plan = rc.load_plan(tmp_path / "o" / "plan.json")
     cur = [lp for lp in plan.layers.values() if lp.method == "cur"]
     assert len(cur) > 10 and all(lp.options == {"solver": "rx", "seed": 3} for lp in cur)
+    # an option of a method the run never uses would be ignored: refused (CP under --method cur)
+    code, _, err = run(capsys, "compress", "--model", "resnet20_cifar", "--input-shape",
+                       "3,32,32", "--method", "cur", "--rank", "8", "--solver-option",
+                       "cp.tol=1e-5", "--no-latency", "--allow-slower", "--quiet", "--out",
+                       tmp_path / "o2")
+    assert code == 2 and "cp is not among the methods this run uses" in err
     from rankcut.cli import _solver_options
 
     # YAML 1.1 reads 1e-5 as text; the option is a number, checked before any work
