@@ -123,9 +123,12 @@ def _not_writable(folder: Path) -> str | None:
     return None
 
 
-def not_writable_problem(folder: str | os.PathLike) -> str | None:
-    """Why nothing can be written into the existing ``folder`` (a folder written into, not
-    replaced: a checkpoint folder), or None."""
+def written_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``folder`` (a folder written into, not replaced: a
+    checkpoint folder, a save folder): an existing one is probed itself, a new one as
+    :func:`folder_target_problem` would be made; or None."""
+    if not Path(folder).is_dir():
+        return folder_target_problem(folder)
     problem = _not_writable(Path(folder))
     return None if problem is None else f"cannot write in {folder}: {problem}"
 

@@ -632,9 +632,8 @@ def _inside(path: Path, folder: Path) -> bool:
 def _check_paths(args: argparse.Namespace) -> None:
     from .atomic import (
         file_target_problem,
-        folder_target_problem,
-        not_writable_problem,
         output_folder_problem,
+        written_folder_problem,
     )
 
     out = getattr(args, "out", None)
@@ -675,9 +674,7 @@ def _check_paths(args: argparse.Namespace) -> None:
                                 "elsewhere")
     ckpt = getattr(args, "checkpoint_dir", None)
     if ckpt is not None:
-        problem = folder_target_problem(ckpt)
-        if problem is None and Path(ckpt).is_dir():  # written into, not replaced: probe it
-            problem = not_writable_problem(ckpt)
+        problem = written_folder_problem(ckpt)  # (written into, not replaced)
         if problem is not None:
             raise UserError(f"--checkpoint-dir: {problem}")
         if out is not None and _inside(Path(ckpt), Path(out)):
@@ -690,9 +687,7 @@ def _check_paths(args: argparse.Namespace) -> None:
                             "continue it, or give another folder to start afresh")
     teacher_cache = getattr(args, "teacher_cache", None)
     if teacher_cache:
-        problem = folder_target_problem(teacher_cache)
-        if problem is None and Path(teacher_cache).is_dir():
-            problem = not_writable_problem(teacher_cache)
+        problem = written_folder_problem(teacher_cache)
         if problem is not None:
             raise UserError(f"--teacher-cache: {problem}")
     if getattr(args, "resume", False) and ckpt is None:

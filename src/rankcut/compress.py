@@ -36,7 +36,7 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -477,7 +477,7 @@ class _Job:
                 raise ValueError(f"resume: {path} was planned for another model ({err}); "
                                  "use a fresh checkpoint_dir") from None
             then_model = stored.meta.get(MODEL_KEY)  # (plans stored before it: not compared)
-            if then_model is not None and then_model != model_fingerprint(self.model):
+            if then_model is not None and then_model != self.fingerprint:
                 raise ValueError(f"resume: {path} was planned for a model with other weights "
                                  "(another model of the same architecture, or this one "
                                  "changed since); use a fresh checkpoint_dir")
@@ -510,8 +510,14 @@ class _Job:
         """A copy of ``plan`` (the caller's is left as given) that records the dense model's
         fingerprint, as a checkpoint folder stores it (:data:`MODEL_KEY`)."""
         kept = Plan.from_json(plan.to_json())
-        kept.meta[MODEL_KEY] = model_fingerprint(self.model)
+        kept.meta[MODEL_KEY] = self.fingerprint
         return kept
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The dense model's fingerprint (its weights' SHA-256), once per call of compress: the
+        model is not changed by it, and every stage's stored plan records it."""
+        return model_fingerprint(self.model)
 
     def start_afresh(self) -> None:
         """Without ``resume``: what an earlier run left in ``checkpoint_dir`` under the names

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import methods
 from ._modes import as_path, check_module, model_device
-from .atomic import atomic_path, folder_target_problem, not_writable_problem
+from .atomic import atomic_path, written_folder_problem
 from .layers import ConvGeometry, FactorizedLayer, LowRankLinear
 from .models import WeightsMismatchError, check_state_dict, first_non_finite
 from .plans import LayerPlan, Plan
@@ -124,7 +124,7 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None) ->
                               f"holding {PLAN_FILE} and {WEIGHTS_FILE})")
     # (written into, not replaced: an existing folder is probed itself; unwritable, it was
     # safetensors' own error)
-    problem = not_writable_problem(folder) if folder.is_dir() else folder_target_problem(folder)
+    problem = written_folder_problem(folder)
     if problem is not None:
         raise ValueError(f"path: {problem}")
     if isinstance(model, FactorizedLayer):  # load rebuilds inside a model: never the model

@@ -15,7 +15,7 @@ See docs/reports.md.
 import os
 from pathlib import Path
 
-from ..atomic import folder_target_problem, not_writable_problem
+from ..atomic import written_folder_problem
 from ._analyze import Analysis, LayerAnalysis, analyze, read_analysis
 from ._common import Change, machine_info
 from ._compare import SCHEMA, SCHEMA_VERSION, LayerRow, Report, compare, read_json
@@ -51,7 +51,7 @@ def write_plots(report, out_dir: str | os.PathLike) -> list[Path]:
     data, ``sensitivity.png``.
     """
     out = Path(out_dir)
-    problem = not_writable_problem(out) if out.is_dir() else folder_target_problem(out)
+    problem = written_folder_problem(out)
     if problem is not None:
         raise ValueError(f"out_dir: {problem}")
     out.mkdir(parents=True, exist_ok=True)
