@@ -522,6 +522,12 @@ HELPER_CASES = [
     ("input_hw a number", fresh,
      lambda m: rc.select.layer_ranks(m.conv, "svd", "macs=0.5", input_hw=8), ValueError,
      r"input_hw: expected \(H, W\)"),
+    ("input_hw with a bool", fresh,  # (True would have read as a height of 1)
+     lambda m: rc.select.layer_ranks(m.conv, "svd", "macs=0.5", input_hw=(True, 8)), ValueError,
+     r"input_hw: expected \(H, W\)"),
+    ("a trial rank of ()", fresh,
+     lambda m: rc.select.layer_sensitivities(m, ["conv"], [LABELLED], trial_rank=()),
+     ValueError, "trial_rank: expected an int >= 1"),
     ("allocate over a layer without candidates", fresh,
      lambda m: rc.select.allocate({"a": []}, "params", 10), ValueError,
      "frontiers: layer 'a' has no candidate"),

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from . import methods
+from .decompose._checks import are_counts
 
 SCHEMA = "rankcut.plan"
 SCHEMA_VERSION = 1
@@ -63,10 +64,7 @@ class LayerPlan:
             raise ValueError(f"predicted: expected a mapping whose params, macs and error are "
                              f"numbers, got {self.predicted!r}")
         shape = self.predicted.get("weight_shape")
-        if shape is not None and not (
-                isinstance(shape, list | tuple) and shape
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
-                        for d in shape)):
+        if shape is not None and not are_counts(shape):
             raise ValueError(f"predicted: weight_shape: expected a list of sizes >= 1 (the "
                              f"planned layer's weight), got {shape!r}")
         if self.method == SKIP:

@@ -7,6 +7,7 @@ argument, the value received and what is accepted (scikit-learn's habit). Intern
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Sequence
@@ -51,6 +52,18 @@ def check_tensor(x, name: str, *, ndim: int | None = None, min_ndim: int | None 
         n_bad = sum(int((~torch.isfinite(part)).sum()) for part in parts)
         raise ValueError(f"{name}: expected finite entries, got {n_bad} NaN or infinite entries")
     return x
+
+
+def is_count(value) -> bool:
+    """A whole number >= 1: an int or a NumPy integer, never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def are_counts(values, n: int | None = None) -> bool:
+    """A non-empty tuple or list of whole numbers >= 1 (exactly ``n`` of them where given): a
+    rank tuple, an (H, W) size, a weight's shape."""
+    return (isinstance(values, tuple | list) and len(values) >= 1
+            and (n is None or len(values) == n) and all(is_count(v) for v in values))
 
 
 def check_rank(rank, name: str = "rank") -> int:

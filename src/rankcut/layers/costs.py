@@ -9,11 +9,11 @@ sequence length for a transformer). Bias additions are not MACs.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 from torch import nn
 
+from ..decompose._checks import are_counts
 from .base import ConvGeometry
 
 
@@ -86,9 +86,7 @@ def _check_config(config) -> None:
                          f"got {config!r}")
     tucker = config["layer"] == "TuckerConv2d"  # (ranks (R_out, R_in); every other: rank)
     ranks = config.get("ranks") if tucker else (config["rank"],) if "rank" in config else None
-    if not isinstance(ranks, tuple | list) or len(ranks) != (2 if tucker else 1) or not all(
-            isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1
-            for r in ranks):
+    if not are_counts(ranks, 2 if tucker else 1):
         raise ValueError(f"config: expected {'ranks (R_out, R_in)' if tucker else 'rank'}, "
                          f"whole numbers >= 1, got {config!r}")
 
@@ -105,9 +103,7 @@ def layer_cost(dense: nn.Module, config: dict | None = None, *, input_hw=None,
     if isinstance(dense, nn.Conv2d):
         if input_hw is None:
             raise ValueError("input_hw: a convolution's cost needs its input (height, width)")
-        if not (isinstance(input_hw, tuple | list) and len(input_hw) == 2 and all(
-                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-                for v in input_hw)):
+        if not are_counts(input_hw, 2):
             raise ValueError(f"input_hw: expected (H, W) of the input, got {input_hw!r}")
         return _conv_cost(ConvGeometry.of(dense), config, tuple(int(v) for v in input_hw))
     if isinstance(dense, nn.Linear):

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import decompose as dec
 from .. import methods
+from ..decompose._checks import are_counts
 from ..layers import group_matrices, layer_cost
 
 KINDS = ("fixed", "params", "macs", "energy", "vbmf")
@@ -154,8 +155,7 @@ def layer_ranks(module: nn.Module, method: str, rule, *, form: str | None = None
     if rule.kind == "params" and spec.name == "cp":
         # seed 000's rule for CP: p times the break-even rank (max_rank), p·floor(prod/sum)
         return (max(1, int(rule.value * spec.max_rank(module, form)[0])),)
-    if input_hw is not None and not (isinstance(input_hw, tuple | list) and len(input_hw) == 2
-                                     and all(isinstance(v, int) and v >= 1 for v in input_hw)):
+    if input_hw is not None and not are_counts(input_hw, 2):
         raise ValueError(f"input_hw: expected (H, W) of the input, got {input_hw!r}")
     if rule.kind == "macs" and is_conv and input_hw is None:
         raise ValueError("input_hw: the 'macs=' rule needs the convolution's input size")

@@ -24,6 +24,7 @@ from torch import nn
 from .. import methods
 from .._modes import eval_mode, model_device
 from ..calibrate import check_reusable
+from ..decompose._checks import are_counts, is_count
 from ..plans import LayerPlan, Plan
 from ..surgery import _check_plan, apply
 from .planner import parse_target
@@ -59,9 +60,7 @@ def allocate_ranks(losses: Sequence[float], sizes: Sequence[float], total: int,
 
 
 def _check_trial_rank(rank) -> None:
-    ranks = rank if isinstance(rank, tuple | list) else (rank,)
-    if not ranks or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
-                            and r >= 1 for r in ranks):
+    if not (is_count(rank) or are_counts(rank)):
         raise ValueError(f"trial_rank: expected an int >= 1 (or a tuple of them, the method's "
                          f"ranks), got {rank!r}")
 
