@@ -195,6 +195,17 @@ def test_tucker_curve_keeps_the_frontier_of_aligned_rank_pairs_beside_the_full_o
     assert on_grid - full  # the full frontier alone would miss them
 
 
+def test_of_candidates_of_equal_cost_the_front_keeps_the_lowest_error_alone():
+    """A pair at the same cost as a better one is beaten (the sort's tie-break by error was
+    lost in the costs' rounding: error * 1e-30 beside costs of thousands)."""
+    from rankcut.curves import _front
+
+    cost = torch.tensor([5000.0, 5000.0, 9000.0, 7000.0], dtype=torch.float64)
+    error = torch.tensor([0.5, 0.2, 0.1, 0.3], dtype=torch.float64)
+    assert _front(cost, error, torch.arange(4)).tolist() == [1, 2]
+    assert _front(cost, error, torch.tensor([0, 3, 2])).tolist() == [0, 3, 2]
+
+
 def test_a_rank_is_aligned_at_a_multiple_of_8_or_at_its_modes_full_size():
     from rankcut.curves import RANK_ALIGN, aligned, aligned_ranks
 

@@ -129,7 +129,8 @@ def from_curve_at(method, module, shape, ranks, form=None, options=None) -> Cand
 # -------------------------------------------------------------------------------- Tucker-2
 
 def tucker_errors(module: nn.Conv2d) -> torch.Tensor:
-    """E[r_T-1, r_S-1] = relative error of truncated HOSVD at (r_T, r_S), all groups alike."""
+    """E[r_T-1, r_S-1] = relative error of truncated HOSVD at (r_T, r_S), all groups alike; on
+    the CPU whatever the layer's device (a small table, indexed beside the CPU cost grids)."""
     kept = None
     total = 0.0
     for W in weight_blocks(module, torch.float64):
@@ -142,7 +143,7 @@ def tucker_errors(module: nn.Conv2d) -> torch.Tensor:
         energy = core.pow(2).sum((2, 3)).cumsum(0).cumsum(1)
         kept = energy if kept is None else kept + energy
         total += float(W.pow(2).sum())
-    return ((total - kept) / max(total, 1e-300)).clamp_min(0).sqrt()
+    return ((total - kept) / max(total, 1e-300)).clamp_min(0).sqrt().cpu()
 
 
 def _core_bound(module: nn.Conv2d) -> int:
@@ -206,8 +207,10 @@ def aligned_ranks(n: int) -> torch.Tensor:
 
 
 def _front(cost: torch.Tensor, error: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
-    """The indices in ``among`` not beaten on both ``cost`` and ``error`` by another of them."""
-    order = among[torch.argsort(cost[among] * (1 + 1e-12) + error[among] * 1e-30, stable=True)]
+    """The indices in ``among`` not beaten on both ``cost`` and ``error`` by another of them
+    (of equal costs, the lowest error only)."""
+    by_error = among[torch.argsort(error[among], stable=True)]  # then by cost: a lexical sort
+    order = by_error[torch.argsort(cost[by_error], stable=True)]
     best = torch.cummin(error[order], 0).values
     improves = torch.cat([torch.tensor([True]), best[1:] < best[:-1] - 1e-12])
     return order[improves & (error[order] <= best + 1e-15)]
