@@ -1,5 +1,6 @@
 """rankcut.compress schedules (one_shot, layerwise, multistage) and rankcut.transfer."""
 
+import copy
 import importlib
 import warnings
 
@@ -8,10 +9,13 @@ import torch
 from torch import nn
 
 import rankcut as rc
+from rankcut import methods
 from rankcut.compress import CP_SGD_LR, densify
 from rankcut.layers import FactorizedLayer
-from rankcut.profile import count_macs
+from rankcut.profile import count_macs, count_params
 from rankcut.train import evaluate
+
+from .conftest import DEVICES
 
 PLAN = {"min_params": 100, "allow_slower": True, "options": {"cp": {"max_iter": 5}}}
 TUNE = {"batch_size": 32, "lr": 0.05, "progress": False}
@@ -56,6 +60,26 @@ def test_one_shot_plans_applies_and_fine_tunes_with_the_original_untouched(train
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     untuned = rc.apply(model, result.plan)
     assert evaluate(result.model, data)["loss"] < evaluate(untuned, data)["loss"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_with_data_plans_fits_tunes_and_fuses_on_the_models_device(trained, device):
+    """The whole flow on the model's own device (CUDA where there is one): every method's
+    candidates scored (Tucker-2's error table among them), calibrated, fitted, fine-tuned and
+    fused, the outputs as the unfused model's."""
+    model, (x, y) = trained
+    model, x, y = copy.deepcopy(model).to(device), x.to(device), y.to(device)
+    for name in ("tucker", "svd", "cp"):  # each curve, data-free, on the layer's device
+        assert methods.get(name).candidates(model[2], (8, 8), None, {"max_iter": 3}, "macs")
+    result = rc.compress(model, x[:1], method="auto", target="params=2x", calib_data=x[:64],
+                         train_data=(x, y), steps=5, plan_options=PLAN, finetune_options=TUNE)
+    assert factorized(result.model) and {p.device.type for p in
+                                         result.model.parameters()} == {torch.device(device).type}
+    assert count_params(result.model) <= count_params(model) / 2
+    fused = rc.fuse(result.model, x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x[:16]), result.model.eval()(x[:16]), atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_layerwise_factorizes_one_layer_at_a_time_and_tunes_after_the_last(trained):
