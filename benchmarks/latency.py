@@ -13,7 +13,11 @@ and the rounds' lowest-highest; on a shared machine one reading of a cell can mo
 from one process to the next, the rounds of one process far less):
 - ``eager``: PyTorch, under no_grad, on this machine's torch threads;
 - ``ort``: the ``rc.export`` ONNX files in ONNX Runtime (CPU, all graph optimisations, as many
-  intra-op threads as torch has; ``rankcut.profile``'s ``engine="onnxruntime"``).
+  intra-op threads as torch has; ``rankcut.profile``'s ``engine="onnxruntime"``);
+- ``compile``: both fused models through ``torch.compile`` (default mode, one compilation per
+  model and batch, paid in the warm-up), then timed as ``eager``.
+``--device cuda`` plans (its latency table timed there), fuses and times on the GPU (passes
+synchronised; ``ort`` is CPU-only and refused there).
 ``--table-engine ort`` plans with an ONNX Runtime latency table (plans made for ORT deployment).
 speed-up = dense time / compressed time; eff = speed-up / MAC reduction (1.0: the time falls as
 fast as the MACs); ``pred`` = the planner's predicted time ratio (dense / planned) from its
@@ -25,8 +29,9 @@ torchvision's ResNet-18, ResNet-50 and MobileNetV2 at 224x224 with random weight
 repository root, nothing else running:
 
     .venv/bin/python benchmarks/latency.py [--models resnet20_cifar] [--targets macs=2x]
-        [--guard on off] [--batches 1 32] [--engines eager ort] [--table-engine eager|ort]
-        [--rounds 3] [--keep-freed-memory] [--json out.jsonl]
+        [--guard on off] [--batches 1 32] [--engines eager ort compile]
+        [--table-engine eager|ort] [--device cpu|cuda] [--rounds 3] [--keep-freed-memory]
+        [--json out.jsonl]
 """
 
 import argparse
@@ -40,6 +45,7 @@ import torch
 
 import rankcut as rc
 from _common import commit, header
+from rankcut._modes import available_device
 from rankcut.data import find_data_root
 from rankcut.models import PRETRAINED, create
 from rankcut.profile import (
@@ -56,31 +62,42 @@ TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2"]
 TARGETS = ["macs=2x", "macs=4x", "latency=1.5x", "latency=2x"]
 
 
-def load(name: str):
-    """(model in eval mode, one 3xHxW input, where its weights came from)."""
+def load(name: str, device: str):
+    """(model in eval mode, one 3xHxW input, where its weights came from), on ``device``."""
     if name in PRETRAINED:
         root = find_data_root()
         path = None if root is None else root / PRETRAINED[name]
         if path is not None and path.exists():
-            return create(name, weights=path).eval(), torch.rand(1, 3, 32, 32), "pretrained"
-        return create(name).eval(), torch.rand(1, 3, 32, 32), "random"
-    import torchvision
+            model, x, source = create(name, weights=path), torch.rand(1, 3, 32, 32), "pretrained"
+        else:
+            model, x, source = create(name), torch.rand(1, 3, 32, 32), "random"
+    else:
+        import torchvision
 
-    return getattr(torchvision.models, name)(weights=None).eval(), torch.rand(1, 3, 224, 224), \
-        "random"
+        model = getattr(torchvision.models, name)(weights=None)
+        x, source = torch.rand(1, 3, 224, 224), "random"
+    return model.eval().to(device), x.to(device), source
 
 
-ENGINES = {"eager": "eager", "ort": "onnxruntime"}
+# benchmark engine: rankcut.profile engine (``compile``: eager timing of torch.compile'd models)
+ENGINES = {"eager": "eager", "ort": "onnxruntime", "compile": "eager"}
 
 
 def timings(dense, small, x, engines, warmup, repeats, rounds) -> dict:
     """{engine: [(dense ms, compressed ms) per round]} of the fused models on ``x``
     (``rankcut.profile.compare_latency``: interleaved medians, ``rounds`` times over; ``ort``:
-    both exported to ONNX and run in ONNX Runtime on the CPU)."""
-    return {e: [tuple(t.median_ms for t in compare_latency(
-                dense, small, x, warmup=warmup, repeats=repeats, engine=ENGINES[e]))
-                for _ in range(rounds)]
-            for e in engines}
+    both exported to ONNX and run in ONNX Runtime on the CPU; ``compile``: both through
+    ``torch.compile`` once, compiled in the first round's warm-up)."""
+    out = {}
+    for e in engines:
+        a, b = dense, small
+        if e == "compile":  # (dynamo's cache forgotten: the cells' models share forward code,
+            torch._dynamo.reset()  # past its recompile limit it would run them eager, silently)
+            a, b = torch.compile(dense), torch.compile(small)
+        out[e] = [tuple(t.median_ms for t in compare_latency(
+                      a, b, x, warmup=warmup, repeats=repeats, engine=ENGINES[e]))
+                  for _ in range(rounds)]
+    return out
 
 
 def cell(pairs, reduction) -> str:
@@ -101,7 +118,10 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--engines", nargs="+", default=["eager", "ort"],
                         choices=list(ENGINES))
-    parser.add_argument("--table-engine", default="eager", choices=list(ENGINES),
+    parser.add_argument("--device", default="cpu",
+                        help="where to plan and time (cpu, cuda, cuda:N; ort runs on the CPU "
+                             "and is refused elsewhere)")
+    parser.add_argument("--table-engine", default="eager", choices=["eager", "ort"],
                         help="what the planner's latency table times (ort: plans made for "
                              "ONNX Runtime)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -117,20 +137,27 @@ def main():
     args = parser.parse_args()
     if min(args.rounds, args.repeats) < 1 or args.warmup < 0:
         parser.error("--rounds and --repeats must be at least 1, --warmup at least 0")
+    if args.device != "cpu" and "ort" in [*args.engines, args.table_engine]:
+        parser.error(f"ort runs on the CPU: drop it from --engines / --table-engine with "
+                     f"--device {args.device}")
+    try:
+        device = available_device(args.device)
+    except ValueError as err:
+        parser.error(f"--device: {err}")
     if args.keep_freed_memory and not keep_freed_memory():
         parser.error("--keep-freed-memory: the C library here is not glibc")
     for target in args.targets:
         parse_target(target)
     print(f"{header()}, {platform.processor() or ''}"
-          f", {LatencyTable().setting['device']}, allocator: {allocator()}; planned with a "
+          f", {LatencyTable(device).setting['device']}, allocator: {allocator()}; planned with a "
           f"{args.table_engine} latency "
           f"table; speed-up = dense / compressed (both fused), "
           f"eff = speed-up / MAC reduction", flush=True)
     head = " ".join(f"{e:>24}" for e in args.engines)
     for name in args.models:
-        model, x1, source = load(name)
+        model, x1, source = load(name, device)
         macs = count_macs(model, x1)
-        table, fused = LatencyTable(engine=ENGINES[args.table_engine]), {}
+        table, fused = LatencyTable(device, engine=ENGINES[args.table_engine]), {}
         print(f"\n{name} ({source} weights, input {tuple(x1.shape[1:])}), {macs:,} MACs",
               flush=True)
         print(f"{'target':>12} {'guard':>5} {'batch':>5} {'MACs x':>7} {'plan s':>7} "
@@ -154,7 +181,7 @@ def main():
                     if batch not in fused:  # the faster format at this batch, chosen once
                         fused[batch] = rc.fuse(model, x, memory_format="auto")
                     dense = fused[batch]
-                    small = rc.fuse(structure(model, plan), x, memory_format="auto")
+                    small = rc.fuse(structure(model, plan).to(device), x, memory_format="auto")
                     reduction = macs / count_macs(small, x1)
                     times = timings(dense, small, x, args.engines, args.warmup, args.repeats,
                                     args.rounds)
@@ -171,6 +198,7 @@ def main():
                             f.write(json.dumps({
                                 "model": name, "target": target, "guard": guard,
                                 "batch": batch, "table_engine": args.table_engine,
+                                "device": LatencyTable(device).setting["device"],
                                 "macs_reduction": reduction, "plan_s": plan_s,
                                 "latency": lat, "ms": times, "commit": commit(),
                                 "date": time.strftime("%Y-%m-%d")}) + "\n")
