@@ -221,6 +221,38 @@ def test_randomized_svd_draws_its_test_matrix_on_the_cpu(device):
     assert cpu.rel_error == pytest.approx(exact.rel_error, rel=1e-6)
 
 
+@pytest.mark.parametrize("balance", ["sqrt", "left", "right"])
+def test_exact_and_randomized_svd_give_the_same_factors_signs_included(balance):
+    """A singular pair is defined up to a common sign, which each solver (LAPACK, cuSOLVER, the
+    range finder) chose its own way: on an H200 the randomized factors of one matrix had
+    columns of the opposite sign on CUDA. One convention (each left vector's largest entry
+    positive) gives one answer, which the two CPU solvers show."""
+    g = torch.Generator().manual_seed(1)
+    W = (torch.randn(300, 40, generator=g, dtype=torch.float64)
+         * torch.exp(-torch.arange(40, dtype=torch.float64) / 4)) @ torch.randn(
+        40, 200, generator=g, dtype=torch.float64)
+    exact = svd(W, 8, method="exact", balance=balance)
+    for seed in range(4):
+        fast = svd(W, 8, method="randomized", balance=balance, seed=seed, oversample=20)
+        torch.testing.assert_close(fast.A, exact.A, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(fast.B, exact.B, rtol=1e-6, atol=1e-8)
+    U = exact.A / exact.A.norm(dim=0)
+    assert bool((U.gather(0, U.abs().argmax(0, keepdim=True)) > 0).all())
+
+
+def test_data_aware_svd_gives_the_same_factors_from_its_tall_and_wide_paths():
+    """Σ-whitened SVD takes the SVD of W L for tall W and the eigenvectors of W Σ Wᵀ for wide
+    W; with the sign convention both give the same factors of the same matrix."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 30, generator=g, dtype=torch.float64)
+    cov = X.T @ X / 500
+    W = torch.randn(20, 30, generator=g, dtype=torch.float64)
+    wide = svd(W, 5, cov=cov)  # 20 < 30: the Gram's eigenvectors
+    tall = svd(torch.cat([W, torch.zeros(20, 30, dtype=torch.float64)]), 5, cov=cov)
+    torch.testing.assert_close(tall.A[:20], wide.A, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(tall.B, wide.B, rtol=1e-6, atol=1e-9)
+
+
 def test_randomized_svd_reports_its_error_exactly_in_float32():
     """||W||² - Σ s² in float32 lost most of its digits near zero error (17x too high at 4e-5);
     the residual is now summed directly in float64."""

@@ -123,7 +123,20 @@ def full_svd(W: torch.Tensor):
     return _reused("svd", [W], lambda: torch.linalg.svd(W, full_matrices=False))
 
 
+def canonical_signs(U: torch.Tensor) -> torch.Tensor:
+    """±1 per column of ``U``: the sign that makes the column's largest-magnitude entry
+    positive. A singular pair (u, v) is only defined up to a common sign, which LAPACK,
+    cuSOLVER and the randomized range finder each choose their own way; multiplying u and v by
+    this sign gives one answer on every device and solver (as scikit-learn's svd_flip)."""
+    if U.numel() == 0:
+        return U.new_ones(U.shape[-1])
+    pick = U.gather(0, U.abs().argmax(0, keepdim=True))[0]
+    return torch.where(pick < 0, -1.0, 1.0).to(U.dtype)
+
+
 def _split_singular_values(U, S, Vh, balance):
+    sign = canonical_signs(U)
+    U, Vh = U * sign, sign[:, None] * Vh
     if balance == "sqrt":
         root = S.sqrt()
         return U * root, root[:, None] * Vh
@@ -333,6 +346,7 @@ def _wide_whitened_svd(W, rank, cov, ridge, balance) -> SVDResult:
     total = float(s2.sum())
     rel_error = math.sqrt(float(s2[rank:].sum()) / total) if total > 0 else 0.0
     U, S = vecs[:, :rank], s2[:rank].sqrt()
+    U = U * canonical_signs(U)
     # A = U a, B = a⁻¹ Uᵀ W with a = √S, S or 1 as the balance puts the singular values (a
     # zero singular value has Uᵀ W = 0: its row of B is 0)
     a = {"sqrt": S.sqrt(), "left": S, "right": torch.ones_like(S)}[balance]
