@@ -241,6 +241,35 @@ def test_solver_choices_are_checked_before_any_work(name):
             spec.check_options({key: "nope"})
 
 
+def test_a_ridge_of_zero_is_refused_before_any_work_exactly_where_the_solver_refuses_it():
+    """check_options took ridge=0 for every method; SVD, CUR and Tucker-2 then refused it when
+    they ran on calibration data (after the planning it followed). CP-ALS takes it."""
+    from rankcut import decompose as dec
+
+    W, X = torch.randn(6, 5), torch.randn(4, 5, 3, 3)
+    calls = {"svd": lambda: dec.svd(W, 2, cov=torch.eye(5), ridge=0.0),
+             "cur": lambda: dec.cur(W, 2, cov=torch.eye(5), ridge=0.0),
+             "tucker": lambda: dec.tucker(X, (2, 2), (0, 1), cov=torch.eye(45), ridge=0.0),
+             "cp": lambda: dec.cp(X, 2, ridge=0.0)}
+    solver_refuses = {}
+    for solver, call in calls.items():
+        try:
+            call()
+            solver_refuses[solver] = False
+        except ValueError as err:
+            assert "ridge" in str(err)
+            solver_refuses[solver] = True
+    assert solver_refuses == {"svd": True, "cur": True, "tucker": True, "cp": False}
+    for name in methods.names():
+        spec = methods.get(name)
+        if solver_refuses[spec.solver.__name__]:
+            with pytest.raises(ValueError, match="ridge: expected a number > 0, got 0"):
+                spec.check_options({"ridge": 0})
+        else:
+            spec.check_options({"ridge": 0})
+        spec.check_options({"ridge": 1e-3})
+
+
 def test_the_cur_grid_stays_within_the_layers_full_rank():
     """Rounded to multiples of 8, the top of a 13-rank layer's grid was 16: solved at 13 with a
     clamp warning and priced above the dense layer."""

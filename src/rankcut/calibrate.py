@@ -230,8 +230,10 @@ def input_second_moments(model: nn.Module, names: Sequence[str], batches: Iterab
         def hook(module, args, output):
             x = args[0].detach()
             parts = layer_rows(module, x, sampled_rows(module, x, generator))
-            acc = sums.setdefault(name, [torch.zeros(p.shape[1], p.shape[1], dtype=p.dtype,
-                                                     device=p.device) for p in parts])
+            if name not in sums:  # (setdefault built d x d zeros at every batch, then dropped them)
+                sums[name] = [torch.zeros(p.shape[1], p.shape[1], dtype=p.dtype, device=p.device)
+                              for p in parts]
+            acc = sums[name]
             rows = row_count(module, x)[0]
             scale = rows / parts[0].shape[0]  # 1 unless sampled: each batch by its rows
             for a, p in zip(acc, parts, strict=True):

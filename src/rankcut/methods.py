@@ -66,11 +66,12 @@ DATA_AWARE = curves.DATA_AWARE
 
 
 # The solvers' numeric options (rankcut.decompose): (type, lower bound, bound excluded),
-# checked with the others before any work (the solvers check them again when they run)
+# checked with the others before any work (the solvers check them again when they run); a
+# method's ``zero_ok`` names those its solver also takes at 0
 NUMBER_OPTIONS = MappingProxyType({
     "max_iter": (int, 1, False), "n_iter": (int, 0, False), "oversample": (int, 0, False),
     "n_cols": (int, 1, False), "n_rows": (int, 1, False), "tol": (float, 0, False),
-    "ridge": (float, 0, False), "max_work": (float, 0, True)})
+    "ridge": (float, 0, True), "max_work": (float, 0, True)})
 
 # The solvers' arguments that the layers pass themselves (the data's moments, the kept entries,
 # the modes a Tucker-2 factorizes), never a user's option
@@ -112,6 +113,9 @@ class Method:
     scoring_options: Mapping = field(default_factory=dict)
     # the values a solver option may take (option -> choices), checked before any work
     choices: Mapping = field(default_factory=dict)
+    # NUMBER_OPTIONS its solver takes at 0 too (CP-ALS without a ridge; SVD, CUR and Tucker-2
+    # need one to invert the data's moment, and refused 0 only when they ran)
+    zero_ok: frozenset = frozenset()
     paper: str = ""
 
     # ------------------------------------------------------------------ what it applies to
@@ -189,6 +193,7 @@ class Method:
             v = opts.get(key)
             if v is None:
                 continue
+            strict = strict and key not in self.zero_ok
             fits = (not isinstance(v, bool) and isinstance(v, int if kind is int else int | float)
                     and math.isfinite(v) and (v > low if strict else v >= low))
             if not fits:
@@ -432,7 +437,7 @@ register(Method(
     grid_fn=curves.cp_grid, scoring_options=MappingProxyType(curves.CP_SCORING),
     forms=("cp4", "cp3"), kxk_only=True, data_aware=True, auto=True, spectra=(),
     choices=MappingProxyType({"solver": dec.CP_METHODS, "init": dec.CP_INITS}),
-    paper="Lebedev et al. 2015; Astrid & Lee 2017"))
+    zero_ok=frozenset({"ridge"}), paper="Lebedev et al. 2015; Astrid & Lee 2017"))
 register(Method(
     "tucker", "Tucker-2: 1x1 S->R_in, kh x kw core R_in->R_out, 1x1 R_out->T",
     conv=TuckerConv2d, linear=None, solver=dec.tucker, curve_fn=curves.tucker_curve,
