@@ -1,6 +1,7 @@
 """Latency: measurement, the latency table, the planner's guard against plans slower than
 dense, and latency targets."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -764,3 +765,23 @@ def test_a_whole_model_reading_near_its_goal_is_confirmed_by_more_rounds(monkeyp
     calls.clear()
     other.compare_plan(model, plan, x, 2)
     assert len(calls) == 1
+
+
+def test_a_parametrized_layer_is_timed_and_planned_as_its_plain_twin(fake_latency):
+    """A spectral-normed Conv2d holds its parametrization as a child module: the latency table
+    took it for a factorized layer and asked it for ``in_features`` (AttributeError out of
+    rc.plan with the guard on)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    fake_latency(by_weights)
+    plain, x = convnet(), torch.rand(2, 16, 16, 16)
+    normed = copy.deepcopy(plain)
+    for module in normed.modules():
+        if isinstance(module, nn.Conv2d):
+            spectral_norm(module)
+    opts = {"options": {"cp": {"max_iter": 10}}, "min_params": 100}
+    ours, theirs = (rc.plan(m, x, target="macs=3x", **opts) for m in (plain, normed))
+    assert {n: (lp.method, lp.ranks) for n, lp in theirs.active.items()} == {
+        n: (lp.method, lp.ranks) for n, lp in ours.active.items()}
+    assert theirs.meta["latency"]["predicted_ratio"] == pytest.approx(
+        ours.meta["latency"]["predicted_ratio"])

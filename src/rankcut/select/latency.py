@@ -101,7 +101,9 @@ def primitive_key(module: nn.Module, shape: tuple) -> str:
 def _leaves(layer: nn.Module, shape: tuple) -> list[tuple[str, nn.Module, tuple]]:
     """(key, primitive, input shape) of every Conv2d/Linear that ``layer`` (a Conv2d, a Linear or
     a factorized layer built on the meta device) runs, in order, for an input of ``shape``."""
-    if isinstance(layer, nn.Conv2d | nn.Linear) and not list(layer.children()):
+    # (a parametrized one, spectral-normed say, holds its parametrizations as children)
+    if isinstance(layer, nn.Conv2d | nn.Linear) and all(
+            n == "parametrizations" for n, _ in layer.named_children()):
         return [(primitive_key(layer, shape), layer, shape)]
     if hasattr(layer, "geometry"):  # a factorized convolution
         x = torch.empty(1, layer.geometry.in_channels, *shape, device="meta")
