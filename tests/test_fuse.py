@@ -436,6 +436,28 @@ def test_the_check_allows_half_precision_rounding_and_matching_infinities():
     rc.fuse(Masked().eval(), torch.randn(4, 8))  # the same infinities in both: passes
 
 
+def test_a_model_with_a_dict_output_is_fused_and_checked():
+    """A model whose output is a dict (torchvision's segmentation models: {"out", "aux"}):
+    the check refused it with a TypeError (a tensor or a tuple of tensors expected)."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _randomise_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.body(x)
+            return {"out": y, "aux": [self.head(y.mean((2, 3))), None]}
+
+    model, x = TwoHeads().eval(), torch.randn(2, 3, 10, 10)
+    fused = rc.fuse(model, x)
+    assert isinstance(fused.body[1], nn.Identity)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    torch.testing.assert_close(got["out"], want["out"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["aux"][0], want["aux"][0], rtol=1e-4, atol=1e-5)
+
+
 class _UntraceableShared(nn.Module):
     """fx cannot trace it (control flow on a value); one ReLU instance twice in a Sequential,
     and one convolution twice."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -233,6 +233,23 @@ def as_tensor_tuple(value, name: str) -> tuple[torch.Tensor, ...]:
     if isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
         return tuple(value)
     raise TypeError(f"{name}: expected a tensor or a tuple of tensors, got {type(value).__name__}")
+
+
+def output_tensors(value, name: str) -> tuple[torch.Tensor, ...]:
+    """The tensors of a model's output in order: a tensor, or tuples, lists and mappings of
+    them, nested (a mapping's values in its own order, as torch.onnx flattens them; None
+    skipped): what two models' outputs are compared by (a torchvision segmentation model
+    returns a dict)."""
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, tuple | list):
+        return tuple(t for v in value for t in output_tensors(v, name))
+    raise TypeError(f"{name}: expected tensors (alone, or in tuples, lists or dicts), got "
+                    f"{type(value).__name__}")
 
 
 def compare_outputs(what: str, actual, expected, atol: float) -> None:

@@ -47,7 +47,6 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ._modes import (
-    as_tensor_tuple,
     batch_of,
     check_module,
     compare_outputs,
@@ -56,6 +55,7 @@ from ._modes import (
     hooked,
     module_paths,
     on_model_device,
+    output_tensors,
 )
 from .layers import FactorizedLayer, cost_at, input_shape, own_forward_reason
 from .layers.conv import _ConvFactorized
@@ -402,6 +402,6 @@ def _format_of(module: nn.Module) -> str:
 
 def _check_outputs(model: nn.Module, fused: nn.Module, inputs, atol: float) -> None:
     with eval_mode(model), torch.no_grad():
-        expected = as_tensor_tuple(model(*inputs), "model output")
-        actual = as_tensor_tuple(fused(*inputs), "fused model output")
+        expected = output_tensors(model(*inputs), "model output")
+        actual = output_tensors(fused(*inputs), "fused model output")
     compare_outputs("the fused model", actual, expected, atol)
