@@ -416,8 +416,13 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
         if dev_a != dev_b:  # a CPU time against a GPU's would read as a speed-up
             raise ValueError(f"the two models are on different devices ({dev_a} and {dev_b}); "
                              "put them on one to compare their latency")
+        # the first pass of each, untimed, names the inputs it fails on
         with forward_on(inputs):
-            for _ in range(warmup):
+            run_a()
+        with forward_on(other, "example_inputs" if second_inputs is None else "second_inputs"):
+            run_b()
+        with forward_on(inputs):
+            for _ in range(warmup - 1):
                 run_a()
                 run_b()
             pairs = [(run_a(), run_b()) for _ in range(repeats)]
