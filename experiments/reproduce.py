@@ -8,7 +8,8 @@ them in turn, each in its own folder, and picks up where a killed run stopped:
         [--replace-exports]               # let an export: replace a model already there
 
 A config is a mapping of settings shared by its runs plus ``runs:``, a mapping from run name to
-the settings it changes (see ``SETTINGS`` for every key and its default); a ``sweep:`` section is
+the settings it changes (see ``SETTINGS`` for every key and its default; a mapping such as
+``plan_options`` changes the keys it names); a ``sweep:`` section is
 experiments/classifier_sweep.py's. Each run is one
 ``rankcut.compress`` call: plan (stored), apply (stored, before fine-tuning), fine-tune with
 checkpoints every ``checkpoint_every`` steps, ``resume=True``; then top-1 on the test split
@@ -134,14 +135,20 @@ CACHE = rc.select.CandidateCache.cached(max_entries=2, max_moment_bytes=MOMENT_L
 
 
 def settings_of(config: dict, name: str) -> dict:
-    """The settings of run ``name``: the config's shared keys, then the run's own."""
+    """The settings of run ``name``: the config's shared keys, then the run's own; a setting
+    that is a mapping in both (``plan_options``, ``finetune_options``, ``transfer``,
+    ``sensitivity``) takes the run's keys over the shared ones, the others kept (it replaced
+    the shared mapping whole, silently dropping what the run did not repeat)."""
     shared = {k: v for k, v in config.items() if k not in CONFIG_ONLY}
     own = config["runs"][name] or {}
     for where, keys in (("config", shared), (f"run {name!r}", own)):
         unknown = sorted(set(keys) - set(SETTINGS), key=str)  # (YAML reads on: / no: as bools)
         if unknown:
             raise SystemExit(f"{where}: unknown keys {unknown}; known: {', '.join(SETTINGS)}")
-    merged = {**SETTINGS, **shared, **own}
+    merged = {**SETTINGS, **shared}
+    for key, value in own.items():
+        both = isinstance(value, dict) and isinstance(merged[key], dict)
+        merged[key] = {**merged[key], **value} if both else value
     if not merged["model"]:
         raise SystemExit(f"run {name!r}: no model")
     return merged

@@ -160,6 +160,20 @@ def test_a_run_is_measured_exported_and_not_run_twice(resnet20_weights, shared_d
     assert both.returncode != 0 and "holds an unfinished run of it" in both.stderr
 
 
+def test_a_runs_mapping_setting_changes_the_keys_it_names_the_shared_ones_kept():
+    """A run's plan_options replaced the config's whole: the shared latency_batch was dropped
+    from the run that only added rank_multiple (and nothing said so)."""
+    reproduce_ = _reproduce_module()
+    config = {"model": "resnet20_cifar", "plan_options": {"latency_batch": 32, "loss_aware": True},
+              "finetune_options": {"lr": 1e-3},
+              "runs": {"r": {"plan_options": {"rank_multiple": 8, "loss_aware": False},
+                             "epochs": 2}, "plain": None}}
+    s = reproduce_.settings_of(config, "r")
+    assert s["plan_options"] == {"latency_batch": 32, "loss_aware": False, "rank_multiple": 8}
+    assert s["finetune_options"] == {"lr": 1e-3} and s["epochs"] == 2
+    assert reproduce_.settings_of(config, "plain")["plan_options"] == config["plan_options"]
+    assert config["plan_options"] == {"latency_batch": 32, "loss_aware": True}  # not changed
+
 def test_a_config_keeps_results_in_a_folder_it_names(tmp_path):
     """keep: a folder (text); anything else is refused by name; a kept copy is read when the
     run folder is gone, the folder's own result first."""
