@@ -108,6 +108,26 @@ def test_config_file_values_and_flags_overriding_them(capsys, tmp_path):
     assert code == 0, err
 
 
+def test_an_on_off_flag_a_config_file_turns_on_the_command_line_turns_off(tmp_path):
+    """allow_slower, quiet, resume, overwrite... were store_true flags: once a config file
+    set one, no command line could turn it off again."""
+    from rankcut.cli import _with_config, build_parser
+
+    config = tmp_path / "c.yaml"
+    config.write_text("allow_slower: true\nquiet: true\nresume: true\noverwrite: true\n"
+                      "keep_freed_memory: true\n")
+    base = ["compress", "--config", str(config), "--model", "resnet20_cifar", "--out", "o"]
+    on = _with_config(build_parser(), base)
+    assert (on.allow_slower, on.quiet, on.resume, on.overwrite, on.keep_freed_memory) == (
+        True, True, True, True, True)
+    off = _with_config(build_parser(), [*base, "--no-allow-slower", "--no-quiet", "--no-resume",
+                                        "--no-overwrite", "--no-keep-freed-memory"])
+    assert (off.allow_slower, off.quiet, off.resume, off.overwrite, off.keep_freed_memory) == (
+        False, False, False, False, False)
+    plain = _with_config(build_parser(), ["compress", *base[3:]])
+    assert (plain.allow_slower, plain.quiet, plain.resume) == (False, False, False)
+
+
 def test_solver_options_reach_the_plan(capsys, tmp_path):
     # --solver-option picks CUR's algorithm (RX: actual rows only); from a config file too,
     # where the command line's flag adds to the file's list (action "extend")

@@ -89,7 +89,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "the dense outputs as target (default: on with calibration data)")
     g.add_argument("--rank-multiple", type=int, default=COMPRESS["rank_multiple"],
                    help=f"round ranks to a multiple (default {COMPRESS['rank_multiple']})")
-    g.add_argument("--allow-slower", action="store_true", default=COMPRESS["allow_slower"],
+    g.add_argument("--allow-slower", action=argparse.BooleanOptionalAction,
+                   default=COMPRESS["allow_slower"],
                    help="do not keep the plan no slower than dense on this machine (no timing)")
     g.add_argument("--speed-slack", type=float, default=COMPRESS["speed_slack"],
                    help="with a params/MACs target, the share of extra predicted damage the "
@@ -118,13 +119,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="YAML file of flag values (command-line flags override it)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--threads", type=int, help="torch.set_num_threads")
-    g.add_argument("--keep-freed-memory", action="store_true",
+    g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=False,
                    help="have glibc's malloc keep freed memory instead of returning it to the "
                         "OS (rankcut.profile.keep_freed_memory): CPU inference takes no page "
                         "faults for its activations, factorized models gain most; time and "
                         "plan with it as the model will be deployed")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32],
                    help="batch sizes (each >= 1)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per batch size (>= 1)")
-    p.add_argument("--fused", action="store_true",
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
                    help="also time both models fused as 'rankcut export' writes them "
                         "(BatchNorm folded, factorizations that save nothing made dense), each "
                         "in the memory format that runs it faster")
@@ -235,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["svd", "tucker", "auto"],
                    help="the methods to sweep (default svd tucker auto); sweep takes these, "
                         "not --method")
-    p.add_argument("--latency", action="store_true",
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=False,
                    help="also time every plan against the dense model on this machine (both "
                         "fused, at --latency-batch, default 1) and plot top-1 against speed-up "
                         "(sweep_latency.png)")
@@ -272,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _out_args(p: argparse.ArgumentParser, help: str, default: str | None = None,
               overwrite_help: str | None = None) -> None:
     p.add_argument("--out", required=default is None, default=default, help=help)
-    p.add_argument("--overwrite", action="store_true",
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help=overwrite_help or "replace an existing non-empty --out folder that is "
                         "not an earlier output of this command, and everything in it (an "
                         "earlier output is replaced whole without it)")
@@ -301,7 +303,7 @@ def _finetune_args(p: argparse.ArgumentParser, distill: bool = True) -> None:
     g.add_argument("--optimizer", default=COMPRESS["optimizer"], choices=["sgd", "adamw"],
                    help=f"default {COMPRESS['optimizer']}")
     g.add_argument("--checkpoint-dir", help="checkpoints here; rerun with --resume to continue")
-    g.add_argument("--resume", action="store_true")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
 
 
 # ------------------------------------------------------------------------------------ config
