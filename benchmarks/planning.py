@@ -27,7 +27,7 @@ root, one heavy job at a time:
 
     .venv/bin/python benchmarks/planning.py [--models resnet20_cifar] [--targets macs=3x]
         [--rows auto auto+data] [--guard off on] [--calib 1024] [--json out.jsonl]
-        [--plan-only] [--batch 32]
+        [--plan-only] [--batch 32] [--share-candidates]
 """
 
 import argparse
@@ -65,7 +65,8 @@ def uniform_fraction(model, x, kind, keep):
     return (total * keep - (total - planned)) / planned
 
 
-def make_plan(model, x, row, target, calib, guard, rank_multiple=None, synthetic=None):
+def make_plan(model, x, row, target, calib, guard, rank_multiple=None, synthetic=None,
+              cache=None):
     """The row's plan and the calibration data to apply it with (``synthetic``: the
     ``auto+synthetic`` row's)."""
     if row == "tucker vbmf":
@@ -80,7 +81,7 @@ def make_plan(model, x, row, target, calib, guard, rank_multiple=None, synthetic
     data = {"auto+data": calib, "auto+synthetic": synthetic}.get(row)
     extra = {} if rank_multiple is None else {"rank_multiple": rank_multiple}
     return rc.plan(model, x, method="auto", target=target, calib_data=data,
-                   allow_slower=not guard, **extra), data
+                   allow_slower=not guard, cache=cache, **extra), data
 
 
 def main():
@@ -99,6 +100,11 @@ def main():
     parser.add_argument("--json", help="append one JSON line per result to this file")
     parser.add_argument("--plan-only", action="store_true",
                         help="time rc.plan only: no apply, no accuracy")
+    parser.add_argument("--share-candidates", action="store_true",
+                        help="the auto rows of a model share one rc.select.CandidateCache (in "
+                             "memory), as a sweep of targets does: each setting's first plan "
+                             "scores the candidates, later ones reuse them (plan s then "
+                             "counts the reuse)")
     parser.add_argument("--summarise", metavar="JSONL",
                         help="only print the damage rank correlation of a --json file's rows")
     args = parser.parse_args()
@@ -127,6 +133,7 @@ def main():
         print(f"\n{name}: {dense:.2f}% top-1, {macs // len(x):,} MACs per image, {params:,} params",
               flush=True)
         scored, synthetic = [], None
+        cache = rc.select.CandidateCache(max_entries=8) if args.share_candidates else None
         print(f"{'target':>10} {'row':>15} {'guard':>5} {'MACs x':>7} {'params x':>8} "
               f"{'top-1 %':>8} {'plan s':>7} {'apply s':>7}", flush=True)
         for i, target in enumerate(args.targets):
@@ -144,7 +151,7 @@ def main():
                         start = time.perf_counter()
                     try:
                         plan, data = make_plan(model, x, row, target, calib, guard == "on",
-                                               args.rank_multiple, synthetic)
+                                               args.rank_multiple, synthetic, cache)
                     except ValueError as err:
                         print(f"{label:>10} {row:>15} {guard:>5}  not reachable: {err}",
                               flush=True)
