@@ -162,6 +162,40 @@ def test_torchscript_round_trip(tmp_path, method, device):
         np.testing.assert_allclose(out, eager(model, batch), atol=1e-5, rtol=0)
 
 
+class TwoHeads(nn.Module):
+    """A dict output, as torchvision's segmentation models give ({"out", "aux"})."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.body(x)
+        return {"out": y, "aux": self.head(y.mean((2, 3)))}
+
+
+@pytest.mark.parametrize(("format", "method"), [("onnx", "script"), ("torchscript", "script"),
+                                                ("torchscript", "trace")])
+def test_a_model_with_a_dict_output_exports_and_is_checked(tmp_path, format, method):
+    """Its outputs were refused by the check (TypeError: a tensor or a tuple of tensors
+    expected); trace also needs strict=False for a dict. The file's outputs are the dict's
+    tensors in order."""
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), torch.randn(2, 3, 10, 10)
+    path = export(model, tmp_path / f"m.{format}", format, x, method=method)
+    with torch.no_grad():
+        want = model(x)
+    if format == "onnx":
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"input_0": x.numpy()})
+    else:
+        out = load_torchscript(path)(x)
+        got = [out["out"].detach().numpy(), out["aux"].detach().numpy()]
+    np.testing.assert_allclose(got[0], want["out"].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[1], want["aux"].numpy(), atol=1e-5, rtol=0)
+
+
 def test_factorized_module_scripts(tmp_path):
     model, x = FactorizedConv(), torch.randn(2, 4, 9, 7)
     path = export(model, tmp_path / "cp.pt", "torchscript", x, method="script")
