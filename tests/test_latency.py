@@ -785,3 +785,23 @@ def test_a_parametrized_layer_is_timed_and_planned_as_its_plain_twin(fake_latenc
         n: (lp.method, lp.ranks) for n, lp in ours.active.items()}
     assert theirs.meta["latency"]["predicted_ratio"] == pytest.approx(
         ours.meta["latency"]["predicted_ratio"])
+
+
+def test_planning_and_applying_leave_a_spectral_normed_models_state_as_it_was(fake_latency):
+    """Reading a spectral-normed weight in train mode runs a power iteration: rc.plan and
+    rc.apply moved the model's u and v vectors (each read of the weight, several per layer)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    fake_latency(by_weights)
+    model, x = convnet(), torch.rand(2, 16, 16, 16)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            spectral_norm(module)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = rc.plan(model, x, method="svd", target="params=2x", min_params=100)
+    copy_ = rc.apply(model, plan)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert model.training and copy_.training
+    assert [lp.method for lp in plan.active.values()] == ["svd"] * len(plan.active)

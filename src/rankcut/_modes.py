@@ -5,6 +5,7 @@ profiling, planning and calibration watch layers)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -158,6 +159,28 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def batch_of(inputs: tuple[torch.Tensor, ...]) -> int:
     """The batch size of positional inputs: the first tensor's leading dimension (1 if 0-d)."""
     return int(inputs[0].shape[0]) if inputs[0].ndim else 1
+
+
+def leaves_parametrizations_as_they_were(fn: Callable) -> Callable:
+    """Decorate ``fn(model, ...)``, a function that reads ``model``'s weights, so that the
+    buffers of its parametrizations are as they were when it returns: reading a spectral-normed
+    layer's weight in train mode runs a power iteration that moves its ``u`` and ``v``
+    (``rc.plan`` and ``rc.apply`` read every planned weight several times)."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        kept = []
+        if isinstance(model, nn.Module):
+            for module in model.modules():
+                found = getattr(module, "parametrizations", None)
+                if isinstance(found, nn.ModuleDict):
+                    kept += [(b, b.detach().clone()) for b in found.buffers()]
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for buffer, value in kept:
+                    buffer.copy_(value)
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -20,7 +20,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ._modes import check_module, model_device, model_dtype, module_paths
+from ._modes import (
+    check_module,
+    leaves_parametrizations_as_they_were,
+    model_device,
+    model_dtype,
+    module_paths,
+)
 from .calibrate import (
     check_reusable,
     corrected_weight,
@@ -277,6 +283,7 @@ def _replace(model: nn.Module, plan: Plan, make: Callable, inplace: bool,
     return target
 
 
+@leaves_parametrizations_as_they_were
 def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
           calib_data=None, max_batches: int | None = None, sequential: bool | None = None,
           reference: nn.Module | None = None) -> nn.Module:

@@ -44,6 +44,7 @@ from .._modes import (
     as_inputs,
     batch_of,
     check_module,
+    leaves_parametrizations_as_they_were,
     model_device,
     model_dtype,
     run_watching_layers,
@@ -280,6 +281,7 @@ def _measure(layers: dict[str, _Layer], pending: dict[str, list[tuple]], options
             layers[name].cands.append(c)
 
 
+@leaves_parametrizations_as_they_were
 def plan(model: nn.Module, example_inputs, method: str = "auto", rank=None, target=None, *,
          calib_data=None, max_batches: int | None = None, include=None, exclude=None,
          min_params: int = COMPRESS["min_params"], rank_multiple: int = 1,
