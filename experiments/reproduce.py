@@ -1305,6 +1305,16 @@ def _plot_ratios(ax, rows: list[dict]) -> None:
         ax.axhline(dense, ls="--", lw=1, color="grey")
         ax.axhline(dense - 1, ls=":", lw=1, color="grey")
     ax.set_xscale("log")
+    # the ratios themselves as ticks, not powers of ten (a log axis printed 2x10^1)
+    ticks = []
+    for t in sorted({round(r["params_x"]) for r in rows}):
+        if not ticks or t > 1.25 * ticks[-1]:  # (CP's 9x beside 8x: one label)
+            ticks.append(t)
+    if len(ticks) <= 12:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(ticks, labels=[f"{t}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("fewer parameters (x)")
     ax.set_ylabel("top-1 % after fine-tuning")
     ax.set_title("dense dashed, 1 point below dotted")
