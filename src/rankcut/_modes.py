@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def check_module(value, name: str = "model") -> nn.Module:
@@ -171,9 +172,8 @@ def leaves_parametrizations_as_they_were(fn: Callable) -> Callable:
         kept = []
         if isinstance(model, nn.Module):
             for module in model.modules():
-                found = getattr(module, "parametrizations", None)
-                if isinstance(found, nn.ModuleDict):
-                    kept += [(b, b.detach().clone()) for b in found.buffers()]
+                if parametrize.is_parametrized(module):
+                    kept += [(b, b.detach().clone()) for b in module.parametrizations.buffers()]
         try:
             return fn(model, *args, **kwargs)
         finally:
