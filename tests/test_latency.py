@@ -767,18 +767,23 @@ def test_a_whole_model_reading_near_its_goal_is_confirmed_by_more_rounds(monkeyp
     assert len(calls) == 1
 
 
+def spectral_normed(model: nn.Module) -> nn.Module:
+    """``model`` with a spectral norm on each of its convolutions (in place)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            spectral_norm(module)
+    return model
+
+
 def test_a_parametrized_layer_is_timed_and_planned_as_its_plain_twin(fake_latency):
     """A spectral-normed Conv2d holds its parametrization as a child module: the latency table
     took it for a factorized layer and asked it for ``in_features`` (AttributeError out of
     rc.plan with the guard on)."""
-    from torch.nn.utils.parametrizations import spectral_norm
-
     fake_latency(by_weights)
     plain, x = convnet(), torch.rand(2, 16, 16, 16)
-    normed = copy.deepcopy(plain)
-    for module in normed.modules():
-        if isinstance(module, nn.Conv2d):
-            spectral_norm(module)
+    normed = spectral_normed(copy.deepcopy(plain))
     opts = {"options": {"cp": {"max_iter": 10}}, "min_params": 100}
     ours, theirs = (rc.plan(m, x, target="macs=3x", **opts) for m in (plain, normed))
     assert {n: (lp.method, lp.ranks) for n, lp in theirs.active.items()} == {
@@ -790,14 +795,8 @@ def test_a_parametrized_layer_is_timed_and_planned_as_its_plain_twin(fake_latenc
 def test_planning_and_applying_leave_a_spectral_normed_models_state_as_it_was(fake_latency):
     """Reading a spectral-normed weight in train mode runs a power iteration: rc.plan and
     rc.apply moved the model's u and v vectors (each read of the weight, several per layer)."""
-    from torch.nn.utils.parametrizations import spectral_norm
-
     fake_latency(by_weights)
-    model, x = convnet(), torch.rand(2, 16, 16, 16)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            spectral_norm(module)
-    model.train()
+    model, x = spectral_normed(convnet()).train(), torch.rand(2, 16, 16, 16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     plan = rc.plan(model, x, method="svd", target="params=2x", min_params=100)
     copy_ = rc.apply(model, plan)
