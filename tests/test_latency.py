@@ -626,6 +626,36 @@ def test_where_no_price_of_time_reaches_the_limit_the_guard_gives_way():
     assert {x.method for x in fastest.values()} == {"tucker"}
 
 
+def test_speed_slack_searches_past_prices_whose_plans_are_no_faster():
+    """The speed slack's search raises the price of time while the damage stays within its
+    bound, whatever the time of the plans on the way: a small price whose plan is a hair
+    slower (the budget filled with other candidates) used to end it, so the faster plans at
+    higher prices, within the bound, were never reached (VGG-11-BN at 4x fewer MACs, batch 1:
+    the slack bought nothing). Of the plans within the bound the fastest is kept."""
+    from types import SimpleNamespace
+
+    from rankcut.curves import Candidate
+    from rankcut.select.planner import _Chooser
+
+    def plan(error, time):
+        return {"a": Candidate("svd", (1,), None, 1, 1, error, latency=time)}
+
+    base, slower, faster, fastest = (plan(1.0, 0.55), plan(1.0, 0.56), plan(1.02, 0.45),
+                                     plan(1.5, 0.30))
+
+    def at(price):  # the allocation at each price of time
+        return (base if price < 1e-3 else slower if price < 0.5 else faster if price < 5
+                else fastest)
+
+    clock = SimpleNamespace(ratio=lambda chosen: chosen["a"].latency)
+    choose = _Chooser({}, "macs", limit=1.0, clock=clock, slack=0.1)
+    assert choose._faster(base, at, 0.0) is faster  # (fastest: 2.25x the damage, beyond 1.1)
+    assert choose.speed["ratio_before"] == 0.55 and choose.speed["ratio"] == 0.45
+    # nothing faster within the bound: the plan stands
+    choose = _Chooser({}, "macs", limit=1.0, clock=clock, slack=0.01)
+    assert choose._faster(base, at, 0.0) is base
+
+
 def test_speed_slack_buys_predicted_speed_with_a_bounded_share_of_damage(fake_latency):
     """Time by weights, ranks timed at their multiple of RANK_STEP: the plan for the same MACs
     target with speed_slack is predicted faster than the most accurate one, at most

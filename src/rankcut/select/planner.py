@@ -891,20 +891,29 @@ class _Chooser:
     def _faster(self, base, at, price: float) -> dict:
         """The fastest plan (by the table) at a higher price of time than ``price`` whose
         predicted damage is at most (1 + slack) times ``base``'s: speed bought with a bounded
-        share of accuracy (``self.speed`` records the trade)."""
+        share of accuracy (``self.speed`` records the trade). The price is raised while the
+        damage stays within that bound, then bisected on the bound; every plan tried within it
+        competes (the fastest, then the least damage), so a price whose plan is no faster
+        (a budget filled with slower candidates) does not end the search below the prices
+        that buy speed."""
         bound = (1 + self.slack) * _damage(base) + 1e-12
         best = base
 
-        def fits(trial):
-            return _damage(trial) <= bound and self._time(trial) <= self._time(best)
+        def within(trial) -> bool:  # and the fastest plan within the bound kept
+            nonlocal best
+            if _damage(trial) > bound:
+                return False
+            if (self._time(trial), _damage(trial)) < (self._time(best), _damage(best)):
+                best = trial
+            return True
 
         lo, hi = price, max(2 * price, 1e-3)
-        while fits(trial := at(hi)) and hi < 1e8:
-            best, lo, hi = trial, hi, hi * 4
+        while within(at(hi)) and hi < 1e8:
+            lo, hi = hi, hi * 4
         for _ in range(20):  # bisection on the price of time, geometric once above zero
             mid = (lo + hi) / 2 if lo == 0 else math.sqrt(lo * hi)
-            if fits(trial := at(mid)):
-                best, lo = trial, mid
+            if within(at(mid)):
+                lo = mid
             else:
                 hi = mid
         self.speed = {"slack": self.slack, "damage_before": _damage(base),
