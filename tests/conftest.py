@@ -62,12 +62,14 @@ def fake_latency(monkeypatch):
     import rankcut.select.latency as latency
     from rankcut.profile import Latency
 
-    def install(ms):
+    def install(ms, faults=None):
+        """``faults(module)``: the page faults a pass each timing reports (else None)."""
         def fake(module, example_inputs, *, warmup=0, repeats=1, engine="eager"):
             x = example_inputs if isinstance(example_inputs, torch.Tensor) else \
                 example_inputs[0]
             v = float(ms(module))
-            return Latency(v, v, v, repeats, x.shape[0], torch.get_num_threads(), "cpu")
+            return Latency(v, v, v, repeats, x.shape[0], torch.get_num_threads(), "cpu",
+                           None if faults is None else float(faults(module)))
         def fake_pair(first, second, example_inputs, **kw):
             return fake(first, example_inputs), fake(second, example_inputs)
 

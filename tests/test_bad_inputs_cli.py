@@ -1114,6 +1114,35 @@ def _edit_plan(folder, **meta):
     (folder / "plan.json").write_text(json.dumps(doc))
 
 
+def test_benchmark_notes_page_faults_the_compressed_model_pays_glibc(saved, capsys,
+                                                                    monkeypatch):
+    """`rankcut benchmark` adds one note when a compressed model's pass took far more page
+    faults than the original's under glibc's default malloc (what removes them), none when
+    the counts are alike."""
+    from rankcut import profile
+
+    folder, _ = saved
+    counts = {"dense_faults": 10.0, "compressed_faults": 10.0 + profile.NOTABLE_FAULTS}
+
+    def fake_speedups(dense, small, x, batches, **kw):
+        return [{"batch": b, "form": form, "engine": "eager", "dense_ms": 2.0,
+                 "compressed_ms": 3.0, "speedup": 2 / 3, **counts}
+                for b in batches for form in ("plain", "fused")]
+
+    monkeypatch.setattr(profile, "speedups", fake_speedups)
+    monkeypatch.setattr(profile, "allocator", lambda: "glibc")
+    argv = ["benchmark", "--model", TINY, "--input-shape", "3,8,8", "--compressed", folder,
+            "--batches", 1, 4, "--repeats", 1, "--device", "cpu"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: plain at batch 1, the compressed "
+                                                   "model took 1,034 page faults a pass"), out
+    counts["compressed_faults"] = 10.0
+    code, out, err = run(capsys, *argv)
+    assert code == 0 and "speed-up" in out and "note:" not in out, err
+
+
 def test_load_refuses_a_plan_without_its_weights_hash(saved, capsys):
     """Item 9: rankcut always records the hash, so its absence means the folder was altered;
     verify=False / --no-verify load a hand-written plan."""

@@ -761,6 +761,71 @@ def test_an_onnxruntime_table_plans_for_onnxruntime_and_says_so(tmp_path):
         LatencyTable(engine="ort")
 
 
+def test_a_refusal_names_the_page_faults_glibc_costs_the_planned_model(fake_latency,
+                                                                      monkeypatch):
+    """A plan refused as slower whose whole-model timing took far more page faults a pass than
+    the dense model's (glibc's malloc handing freed memory back to the OS: a factorized model
+    has more intermediate tensors) says so and names what removes them; not under another
+    allocator, nor with the counts alike. The counts go into the plan's checks."""
+    from rankcut import profile
+
+    def convs(m):
+        return sum(isinstance(c, nn.Conv2d) for c in m.modules())
+
+    model, x = convnet(), torch.rand(1, 16, 16, 16)
+    fake_latency(lambda m: 9.0 * convs(m), faults=lambda m: 3000.0 * convs(m))
+    monkeypatch.setattr(profile, "allocator", lambda: "glibc")
+    with pytest.raises(SlowerThanDense, match=r"allow_slower=True.*Timed whole, the compressed "
+                                              r"model took [0-9,]+ page faults a pass against "
+                                              r"[0-9,]+ for the original.*keep_freed_memory"):
+        rc.plan(model, x, method="svd", target="macs=2x", min_params=100,
+                latency_table=LatencyTable())
+    monkeypatch.setattr(profile, "allocator", lambda: "jemalloc")
+    with pytest.raises(SlowerThanDense) as refused:
+        rc.plan(model, x, method="svd", target="macs=2x", min_params=100,
+                latency_table=LatencyTable())
+    assert "page faults" not in str(refused.value)
+    monkeypatch.setattr(profile, "allocator", lambda: "glibc")
+    fake_latency(lambda m: 9.0 * convs(m), faults=lambda m: 3000.0)  # both alike
+    with pytest.raises(SlowerThanDense) as refused:
+        rc.plan(model, x, method="svd", target="macs=2x", min_params=100,
+                latency_table=LatencyTable())
+    assert "page faults" not in str(refused.value)
+    # a plan that passes keeps the counts with its check
+    fake_latency(lambda m: 9.0 / max(convs(m), 1), faults=lambda m: 10.0 * convs(m))
+    plan = rc.plan(model, x, method="svd", target="macs=2x", min_params=100,
+                   latency_table=LatencyTable())
+    check = plan.meta["latency"]["checks"][-1]
+    assert check["page_faults"] == [10.0 * convs(model), 10.0 * convs(rc.apply(model, plan))]
+
+
+def test_compare_plan_keeps_the_page_faults_of_its_reading_in_this_process(monkeypatch,
+                                                                           tmp_path):
+    """The (dense, planned) page faults a pass of the reading compare_plan kept, for this
+    process only: a table read back from its file has the times, not the counts."""
+    import rankcut.select.latency as latency
+    from rankcut.profile import Latency
+
+    def fake_pair(first_model, second_model, example_inputs, **kw):
+        return (Latency(10.0, 10.0, 10.0, 1, 1, 1, "cpu", 120.0),
+                Latency(8.0, 8.0, 8.0, 1, 1, 1, "cpu", 4500.0))
+
+    monkeypatch.setattr(latency, "compare_latency", fake_pair)
+    model, x = convnet(), torch.rand(1, 16, 8, 8)
+    plan = rc.plan(model, x, method="svd", rank=4, allow_slower=True, min_params=100)
+    other = rc.plan(model, x, method="svd", rank=2, allow_slower=True, min_params=100)
+    table = LatencyTable()
+    assert table.plan_page_faults(model, plan, x, 2) is None  # not timed yet
+    assert table.compare_plan(model, plan, x, 2) == (10.0, 8.0)
+    assert table.plan_page_faults(model, plan, x, 2) == (120.0, 4500.0)
+    assert table.plan_page_faults(model, plan, x, 1) is None  # another batch
+    assert table.plan_page_faults(model, other, x, 2) is None  # another plan
+    table.save(tmp_path / "t.json")
+    again = LatencyTable.load(tmp_path / "t.json")
+    assert again.compare_plan(model, plan, x, 2) == (10.0, 8.0)
+    assert again.plan_page_faults(model, plan, x, 2) is None
+
+
 @pytest.mark.parametrize("first, rounds", [(0.95, 3), (1.08, 3), (0.5, 1), (1.3, 1)])
 def test_a_whole_model_reading_near_its_goal_is_confirmed_by_more_rounds(monkeypatch, first,
                                                                           rounds):

@@ -401,3 +401,58 @@ def test_keep_freed_memory_is_recorded_as_the_allocator(monkeypatch):
     assert profile.allocator() == profile.default_allocator() == "glibc"
     monkeypatch.setattr(profile, "_glibc", lambda: None)
     assert profile.keep_freed_memory() is False and profile._kept is False
+
+
+class _TouchesPages(nn.Module):
+    """Maps ``pages`` fresh pages of memory and writes one byte in each (huge pages refused),
+    every pass: that many page faults a pass, whatever the C allocator does."""
+
+    def __init__(self, pages: int):
+        super().__init__()
+        self.pages = pages
+
+    def forward(self, x):
+        import mmap
+
+        size = self.pages * mmap.PAGESIZE
+        with mmap.mmap(-1, size) as memory:
+            memory.madvise(mmap.MADV_NOHUGEPAGE)
+            for offset in range(0, size, mmap.PAGESIZE):
+                memory[offset] = 1
+        return x
+
+
+def test_latencies_count_the_page_faults_of_a_pass_and_tell_two_models_apart():
+    """measure_latency and compare_latency report the process's minor page faults per timed
+    pass; in an interleaved comparison each model gets its own."""
+    import mmap
+
+    from rankcut.profile import compare_latency, measure_latency, page_faults
+
+    if page_faults() is None or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        pytest.skip("no page-fault count or madvise on this platform")
+    x, pages = torch.rand(2, 4), 512
+    quiet, faulting = compare_latency(nn.Identity(), _TouchesPages(pages), x, warmup=1,
+                                      repeats=4)
+    assert faulting.page_faults >= 0.9 * pages, faulting
+    assert quiet.page_faults < 0.1 * pages, quiet
+    alone = measure_latency(_TouchesPages(pages), x, warmup=1, repeats=3)
+    assert alone.page_faults >= 0.9 * pages and alone.to_dict()["page_faults"] == \
+        alone.page_faults
+
+
+def test_allocator_advice_speaks_only_of_a_cpu_pass_under_glibcs_defaults(monkeypatch):
+    """The note on page faults: where the compressed model's pass takes NOTABLE_FAULTS or more
+    faults than the original's, on the CPU, under glibc's default malloc; silent otherwise."""
+    from rankcut import profile
+
+    notable = profile.NOTABLE_FAULTS
+    monkeypatch.setattr(profile, "allocator", lambda: "glibc")
+    said = profile.allocator_advice(100, 100 + notable)
+    assert said is not None and "page faults a pass against 100 for the original" in said
+    assert "keep_freed_memory" in said and "MALLOC_MMAP_THRESHOLD_" in said
+    for quiet in [(100, 99 + notable), (None, 5000), (100, None), (5000, 100)]:
+        assert profile.allocator_advice(*quiet) is None, quiet
+    assert profile.allocator_advice(100, 100 + notable, device="cuda:0") is None
+    monkeypatch.setattr(profile, "allocator", lambda: "glibc, freed memory kept")
+    assert profile.allocator_advice(100, 100 + notable) is None

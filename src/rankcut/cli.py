@@ -1254,7 +1254,7 @@ def cmd_evaluate(args) -> int:
 def cmd_benchmark(args) -> int:
     import torch
 
-    from .profile import speedups
+    from .profile import allocator_advice, speedups
 
     ctx = _Context(args)
     model = ctx.model().to(ctx.device)
@@ -1268,10 +1268,17 @@ def cmd_benchmark(args) -> int:
              " (fused: as export writes them, each in its faster memory format)" if args.fused
              else "") + ":")
     _say(f"{'':6} {'batch':>6} {'original ms':>12} {'compressed ms':>14} {'speed-up':>9}")
+    advice = None
     for row in speedups(model, small, x.to(ctx.device), args.batches, fused=args.fused,
                         repeats=args.repeats, engine=args.engine):
         _say(f"{row['form']:6} {row['batch']:>6} {row['dense_ms']:12.3f} "
              f"{row['compressed_ms']:14.3f} {row['speedup']:8.2f}x")
+        if advice is None and not ort:  # (the first row that pays the allocator: one note)
+            said = allocator_advice(row["dense_faults"], row["compressed_faults"],
+                                    device=str(ctx.device))
+            advice = said and f"note: {row['form']} at batch {row['batch']}, {said}"
+    if advice:
+        _say(advice)
     return 0
 
 

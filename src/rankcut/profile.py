@@ -57,6 +57,7 @@ __all__ = [
     "LayerProfile",
     "Profile",
     "allocator",
+    "allocator_advice",
     "compare_latency",
     "count_macs",
     "count_params",
@@ -65,6 +66,7 @@ __all__ = [
     "layer_units",
     "measure_latency",
     "model_bytes",
+    "page_faults",
     "param_bytes",
     "profile",
     "with_batch",
@@ -140,7 +142,9 @@ def count_macs(model: nn.Module, example_inputs) -> int:
 
 @dataclass(frozen=True)
 class Latency:
-    """Wall-clock time of one forward pass: median and quartiles over ``repeats`` timed passes."""
+    """Wall-clock time of one forward pass: median and quartiles over ``repeats`` timed passes;
+    ``page_faults``: the process's minor page faults per timed pass (memory the OS mapped in
+    afresh, :func:`page_faults`; None where the platform does not count them)."""
 
     median_ms: float
     q1_ms: float
@@ -149,6 +153,7 @@ class Latency:
     batch: int
     threads: int
     device: str
+    page_faults: float | None = None
 
     @property
     def spread_ms(self) -> float:
@@ -217,6 +222,47 @@ def keep_freed_memory() -> bool:
         return False
     _kept = True
     return True
+
+
+def page_faults() -> int | None:
+    """This process's minor page faults so far (``getrusage``: pages the OS mapped in on first
+    touch, every thread's), or None where the platform does not count them (no ``resource``
+    module: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# A compressed model whose pass takes this many more page faults than its original's (4 MB at
+# 4 KB pages) is paying the allocator, not its kernels: allocator_advice says so
+NOTABLE_FAULTS = 1024
+
+
+def allocator_advice(original_faults: float | None, compressed_faults: float | None,
+                     device: str = "cpu") -> str | None:
+    """Where a compressed model, timed on the CPU in eager PyTorch under glibc's default malloc,
+    took at least :data:`NOTABLE_FAULTS` more page faults a pass than its original (per-pass
+    counts, :attr:`Latency.page_faults`): a sentence saying so and what removes that cost;
+    else None (counts unknown, another device or engine, another allocator, or no such gap)."""
+    if original_faults is None or compressed_faults is None or device != "cpu" or \
+            allocator() != "glibc":
+        return None
+    extra = compressed_faults - original_faults
+    if extra < NOTABLE_FAULTS:
+        return None
+    import resource
+
+    mb = extra * resource.getpagesize() / 2**20
+    return (f"the compressed model took {compressed_faults:,.0f} page faults a pass against "
+            f"{original_faults:,.0f} for the original ({mb:,.0f} MB more memory mapped in "
+            f"afresh every pass): glibc's malloc gives freed memory back to the OS and faults "
+            f"it in again at the next allocation, and a factorized model has more intermediate "
+            f"tensors. Keeping freed memory removes that cost: "
+            f"rankcut.profile.keep_freed_memory() (--keep-freed-memory) in this process, "
+            f"MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 or a preloaded "
+            f"jemalloc in a deployment (docs/benchmarks.md, 'The C allocator')")
 
 
 def default_allocator() -> str:
@@ -326,12 +372,13 @@ def _timer(model: nn.Module, inputs: tuple[torch.Tensor, ...], engine: str = "ea
     return run, str(device)
 
 
-def _summary(times: list[float], batch: int, device: str) -> Latency:
+def _summary(times: list[float], batch: int, device: str,
+             faults: float | None = None) -> Latency:
     # (inclusive: quartiles within the runs' range; the default extrapolates past it, below
     # zero for two runs; the median is the same either way)
     q1, median, q3 = (statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1
                       else times * 3)
-    return Latency(median, q1, q3, len(times), batch, torch.get_num_threads(), device)
+    return Latency(median, q1, q3, len(times), batch, torch.get_num_threads(), device, faults)
 
 
 def check_counts(warmup: int, repeats: int) -> None:
@@ -393,8 +440,10 @@ def measure_latency(model: nn.Module, example_inputs, *, warmup: int = 10,
         run, device = _timer(model, inputs, engine)
         for _ in range(warmup):
             run()
+        before = page_faults()
         times = [run() for _ in range(repeats)]
-    return _summary(times, inputs[0].shape[0] if inputs[0].ndim else 1, device)
+        faults = None if before is None else (page_faults() - before) / repeats
+    return _summary(times, inputs[0].shape[0] if inputs[0].ndim else 1, device, faults)
 
 
 @torch.no_grad()
@@ -425,10 +474,21 @@ def compare_latency(first: nn.Module, second: nn.Module, example_inputs, *, warm
             for _ in range(warmup - 1):
                 run_a()
                 run_b()
-            pairs = [(run_a(), run_b()) for _ in range(repeats)]
+            faults = [0, 0] if page_faults() is not None else None
+
+            def counted(run, which: int) -> float:  # (the count outside the timed span)
+                if faults is None:
+                    return run()
+                before = page_faults()
+                ms = run()
+                faults[which] += page_faults() - before
+                return ms
+
+            pairs = [(counted(run_a, 0), counted(run_b, 1)) for _ in range(repeats)]
     batch = inputs[0].shape[0] if inputs[0].ndim else 1
-    return (_summary([a for a, _ in pairs], batch, dev_a),
-            _summary([b for _, b in pairs], batch, dev_b))
+    per_pass = (None, None) if faults is None else (faults[0] / repeats, faults[1] / repeats)
+    return (_summary([a for a, _ in pairs], batch, dev_a, per_pass[0]),
+            _summary([b for _, b in pairs], batch, dev_b, per_pass[1]))
 
 
 def speedups(dense: nn.Module, small: nn.Module, example_inputs, batches=(1, 32), *,
@@ -436,8 +496,10 @@ def speedups(dense: nn.Module, small: nn.Module, example_inputs, batches=(1, 32)
     """``dense`` against ``small`` at each batch size (``example_inputs`` repeated to it): the
     models as they are ("plain") and, with ``fused``, both as :func:`rankcut.export` deploys them
     (:func:`rankcut.fuse`, each in the memory format that runs it faster at that batch).
-    One row per batch and form: dense and compressed medians (interleaved runs) and the speed-up
-    (dense time / compressed time, above 1 when the compressed model is faster). ``engine``: see
+    One row per batch and form: dense and compressed medians (interleaved runs), the speed-up
+    (dense time / compressed time, above 1 when the compressed model is faster), and each one's
+    page faults a pass (``dense_faults``, ``compressed_faults``: :attr:`Latency.page_faults`;
+    :func:`allocator_advice` reads them). ``engine``: see
     :func:`measure_latency` (ONNX Runtime: fused only, as :func:`rankcut.export` writes the file;
     ONNX Runtime chooses its own layouts)."""
     from .fuse import fuse
@@ -455,7 +517,8 @@ def speedups(dense: nn.Module, small: nn.Module, example_inputs, batches=(1, 32)
             a, b = compare_latency(a_model, b_model, x, repeats=repeats, engine=engine)
             rows.append({"batch": batch, "form": form, "engine": engine,
                          "dense_ms": a.median_ms, "compressed_ms": b.median_ms,
-                         "speedup": a.median_ms / b.median_ms})
+                         "speedup": a.median_ms / b.median_ms,
+                         "dense_faults": a.page_faults, "compressed_faults": b.page_faults})
     return rows
 
 

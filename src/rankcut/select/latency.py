@@ -218,6 +218,9 @@ class LatencyTable:
         self.chains: dict[str, list[str]] = {}
         self._new_chains = 0
         self._deployed: dict[tuple, nn.Module] = {}  # dense models fused for compare_plan
+        # compare_plan's page faults a pass, (dense, planned), as entries: this process's only
+        # (they depend on its allocator's state), never saved
+        self._faults: dict[str, dict[str, tuple]] = {}
         self.file: Path | None = None  # where rc.plan writes it back (at(), cached())
         self._in_cache = False
 
@@ -449,10 +452,7 @@ class LatencyTable:
         ratio's kept. Kept in the table per model, input shape and plan, so a plan checked
         once is not timed again."""
         inputs = as_inputs(example_inputs)
-        layers = json.dumps({n: [lp.method, list(lp.ranks), lp.form]
-                             for n, lp in sorted(plan.active.items())})
-        digest = hashlib.sha1(layers.encode()).hexdigest()[:16]
-        key = _model_key(f"deployed plan {digest}", model, inputs)
+        key = _plan_key(model, plan, inputs)
         times = self.entries.setdefault(key, {})
         if str(batch) not in times:
             # each in its faster format, as deployed (and as benchmarks/latency.py times them):
@@ -464,9 +464,12 @@ class LatencyTable:
             dense = self._deployed[deployed]
             small = fuse(structure(model, plan), x, check=False, memory_format="auto")
 
+            faults = {}
+
             def reading() -> list[float]:
                 d, p = compare_latency(dense, small, x, warmup=self.warmup, repeats=repeats,
                                        engine=self.engine)
+                faults[d.median_ms, p.median_ms] = (d.page_faults, p.page_faults)
                 return [d.median_ms, p.median_ms]
 
             def ratio(r: list[float]) -> float:  # planned / dense
@@ -477,8 +480,26 @@ class LatencyTable:
                 readings += [reading() for _ in range(CONFIRM_ROUNDS - 1)]
             readings.sort(key=ratio)
             times[str(batch)] = readings[len(readings) // 2]
+            self._faults.setdefault(key, {})[str(batch)] = faults[tuple(times[str(batch)])]
             self.measured += len(readings)
         return tuple(times[str(batch)])
+
+    def plan_page_faults(self, model: nn.Module, plan, example_inputs,
+                         batch: int) -> tuple[float, float] | None:
+        """(dense, planned) page faults a pass (``rankcut.profile.page_faults``) of the reading
+        :meth:`compare_plan` kept for ``plan`` at ``batch``, where this process took it and the
+        platform counts them; else None (a reading loaded from the table's file, say)."""
+        counts = self._faults.get(_plan_key(model, plan, as_inputs(example_inputs)), {})
+        pair = counts.get(str(batch))
+        return None if pair is None or None in pair else pair
+
+
+def _plan_key(model: nn.Module, plan, inputs: tuple) -> str:
+    """The entry of ``plan`` applied to ``model``, deployed, on ``inputs``' shapes."""
+    layers = json.dumps({n: [lp.method, list(lp.ranks), lp.form]
+                         for n, lp in sorted(plan.active.items())})
+    digest = hashlib.sha1(layers.encode()).hexdigest()[:16]
+    return _model_key(f"deployed plan {digest}", model, inputs)
 
 
 def _model_key(what: str, model: nn.Module, inputs: tuple) -> str:

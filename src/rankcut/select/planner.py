@@ -56,7 +56,7 @@ from ..defaults import COMPRESS
 from ..layers import cost_at, input_shape
 from ..methods import DATA_AWARE
 from ..plans import LayerPlan, Plan
-from ..profile import count_params, layer_macs, with_batch
+from ..profile import allocator_advice, count_params, layer_macs, with_batch
 from ..surgery import check_weights, target_layers, weight_shape
 from . import damage
 from .budget import SlowerThanDense, allocate
@@ -594,6 +594,10 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
         return
     measured = checks[-1]["measured"]
     where = f"batch {clock.batch} on this device"
+    faults = checks[-1].get("page_faults")  # (an eager CPU pass paying glibc's malloc: said)
+    advice = (allocator_advice(*faults, device=str(clock.table.device))
+              if faults and clock.table.engine == "eager" else None)
+    also = "" if advice is None else f". Timed whole, {advice}"
     if choose.kind == "latency":  # its re-aimed plans all measured slower than dense
         raise SlowerThanDense(
             f"target: {target} cannot be met on this device at batch {clock.batch}: the plan "
@@ -601,7 +605,8 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
             f"{checks[-1]['predicted']:.2f}; {len(checks)} plan{'s' if len(checks) > 1 else ''}"
             f" timed): slower than the dense model, not faster. Pass allow_slower=True (on the "
             f"command line --allow-slower) to keep it anyway, plan with example_inputs of the "
-            f"batch the model will run at (or latency_batch), or compress by params or MACs")
+            f"batch the model will run at (or latency_batch), or compress by params or MACs"
+            f"{also}")
     # (given way at an aim below the limit, the plan may be predicted within the limit itself)
     if choose.cost and not choose.cost["met"] and clock.ratio(chosen) > limit:
         why = (f"the plan that meets it is predicted at {clock.ratio(chosen):.2f} of the dense "
@@ -621,7 +626,7 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
         f"Pass allow_slower=True (on the command line --allow-slower) to plan without the "
         f"guard (the most accurate plan for the target, not timed), plan with example_inputs "
         f"of the batch the model will run at (or latency_batch), or ask for a smaller "
-        f"reduction")
+        f"reduction{also}")
 
 
 def _checked(choose, chosen, budget, kind, fraction, clock, model, result, options,
@@ -661,6 +666,9 @@ def _checked(choose, chosen, budget, kind, fraction, clock, model, result, optio
         predicted = clock.ratio(chosen)
         check = {"predicted": predicted, "measured": planned_ms / dense_ms,
                  "ms": [dense_ms, planned_ms]}
+        faults = clock.table.plan_page_faults(model, trial, clock.inputs, clock.batch)
+        if faults is not None:
+            check["page_faults"] = list(faults)
         checks.append(check)
         state = (chosen, budget, choose.limit, dict(choose.cost), dict(choose.speed), check)
         states.append(state)
