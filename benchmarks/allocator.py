@@ -84,6 +84,9 @@ def main():
                              "adjusts its thresholds to blocks under 32 MB only)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 1 <= args.grown_mb <= 31:
+        parser.error("--grown-mb: expected 1 to 31 (glibc's own thresholds follow freed blocks "
+                     "under 32 MB only)")
     if args.child:
         return child(args)
     from _common import header
