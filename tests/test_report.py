@@ -566,3 +566,39 @@ def test_a_plan_holding_numpy_numbers_is_reported_as_it_saves(setup):
     report = compare(model, small, x, plan=plan, latency=False)
     row = next(r for r in report.layers if r.name == "a")
     assert row.predicted == {"error": 0.25} and report.plan == json.loads(plan.to_json())
+
+
+def test_a_report_notes_the_page_faults_a_compressed_pass_pays_glibc(monkeypatch, tmp_path):
+    """Where the compressed model's whole pass took far more page faults than the original's
+    under glibc's default malloc, the report says so once (the first such batch), in its
+    Markdown headline and its JSON, and records the allocator with the machine; with the counts
+    alike, no note."""
+    import sys
+
+    from rankcut import profile
+    from rankcut.profile import Latency
+
+    faults = {"original": 50.0, "compressed": 50.0 + profile.NOTABLE_FAULTS}
+
+    def fake_pair(a, b, inputs, **kw):
+        batch = (inputs if isinstance(inputs, torch.Tensor) else inputs[0]).shape[0]
+        return (Latency(1.0, 1.0, 1.0, 1, batch, 1, "cpu", faults["original"]),
+                Latency(2.0, 2.0, 2.0, 1, batch, 1, "cpu", faults["compressed"]))
+
+    monkeypatch.setattr(sys.modules["rankcut.report._compare"], "compare_latency", fake_pair)
+    monkeypatch.setattr(profile, "allocator", lambda: "glibc")
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    small = rc.apply(model, rc.Plan({"2": rc.LayerPlan("svd", (4,))}))
+    x = torch.rand(4, 3, 12, 12)
+    report = compare(model, small, x, warmup=0, repeats=1)
+    note = report.timing["allocator_note"]
+    assert note.startswith("at batch 1, the compressed model took 1,074 page faults a pass "
+                           "against 50 for the original"), note
+    assert report.machine["allocator"] == "glibc"
+    text = report.to_markdown()
+    assert f"- note: {note}" in text
+    assert "allocator_note" not in text  # (not repeated among the timing settings)
+    again = Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again.to_markdown() == text
+    faults["compressed"] = 60.0
+    assert "allocator_note" not in compare(model, small, x, warmup=0, repeats=1).timing

@@ -127,8 +127,11 @@ def _cpu_name() -> str:
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Where the numbers were measured: versions, threads, device (and its name), date (UTC)."""
+    """Where the numbers were measured: versions, threads, device (and its name), date (UTC);
+    on the CPU the C allocator too (``rankcut.profile.allocator``: eager CPU timings hang on
+    it)."""
     from .. import __version__
+    from ..profile import allocator
 
     device = torch.device(device)
     if device.type == "cuda":
@@ -145,6 +148,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "device_name": name,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        **({"allocator": allocator()} if device.type == "cpu" else {}),
     }
 
 

@@ -16,6 +16,7 @@ from ..io import layer_plan_of
 from ..layers import FactorizedLayer
 from ..plans import Plan
 from ..profile import (
+    allocator_advice,
     compare_latency,
     layer_units,
     measure_latency,
@@ -207,6 +208,8 @@ class Report(Document):
                   f"{_machine_line(self.machine)}.", ""]
         lines += ["## Headline", "", self._headline_table(), ""]
         lines += [f"- {text}" for text in self.headline()]
+        if self.timing.get("allocator_note"):
+            lines.append(f"- note: {self.timing['allocator_note']}")
         if (ratios := self._predicted_ratios()) is not None:
             said = [f"{kind} {Change(kind, kind, ratio, 1.0).short}"
                     for kind, ratio in zip(("params", "macs"), ratios, strict=True)]
@@ -222,7 +225,8 @@ class Report(Document):
             lines += [f"- `{name}`: {reason}" for name, reason in notes] + [""]
         lines += ["## Machine", "", *(f"- {k}: {v}" for k, v in self.machine.items())]
         if self.timing:
-            lines.append("- latency: " + ", ".join(f"{k} {v}" for k, v in self.timing.items()))
+            lines.append("- latency: " + ", ".join(f"{k} {v}" for k, v in self.timing.items()
+                                                   if k != "allocator_note"))
         if self.meta:
             lines += ["", "## Meta", "", *(f"- {k}: {v}" for k, v in self.meta.items()
                                            if k != "title")]
@@ -458,6 +462,12 @@ def compare(original: nn.Module, compressed: nn.Module, example_inputs, *, plan:
               # the units' own (a weight tied between two counted once, as params counts it)
               "unit_params": [prof_o.layer_params, prof_c.layer_params]}
     timing = ({"warmup": warmup, "repeats": repeats, "interleaved": True} if latency else {})
+    for entry in whole:  # (said once: the first batch whose compressed pass pays the allocator)
+        advice = allocator_advice(entry["original"]["page_faults"],
+                                  entry["compressed"]["page_faults"], device=device)
+        if advice is not None:
+            timing["allocator_note"] = f"at batch {entry['batch']}, {advice}"
+            break
     return Report(totals=totals, layers=rows, latency=whole, accuracy=acc,
                   machine=machine_info(device),
                   plan=plan_dict,
