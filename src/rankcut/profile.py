@@ -245,8 +245,15 @@ def allocator_advice(original_faults: float | None, compressed_faults: float | N
     """Where a compressed model, timed on the CPU in eager PyTorch under glibc's default malloc,
     took at least :data:`NOTABLE_FAULTS` more page faults a pass than its original (per-pass
     counts, :attr:`Latency.page_faults`): a sentence saying so and what removes that cost;
-    else None (counts unknown, another device or engine, another allocator, or no such gap)."""
-    if original_faults is None or compressed_faults is None or device != "cpu" or \
+    else None (counts unknown, another device or engine, another allocator, or no such gap).
+    A count that is not a number >= 0 (or None) is refused with a ValueError."""
+    for name, count in (("original_faults", original_faults),
+                        ("compressed_faults", compressed_faults)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Real)
+                                  or not count >= 0 or count == float("inf")):
+            raise ValueError(f"{name}: expected a count of page faults >= 0 or None, got "
+                             f"{count!r}")
+    if original_faults is None or compressed_faults is None or str(device) != "cpu" or \
             allocator() != "glibc":
         return None
     extra = compressed_faults - original_faults
