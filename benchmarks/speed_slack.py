@@ -28,6 +28,7 @@ from latency import cell, load, timings
 from rankcut.models import normalizer
 from rankcut.profile import count_macs, with_batch
 from rankcut.select import LatencyTable, parse_target
+from rankcut.select.budget import TargetUnreachable
 from rankcut.surgery import structure
 from rankcut.train import evaluate
 
@@ -71,7 +72,7 @@ def main():
                             plan = rc.plan(model, x, method="auto", target=target,
                                            calib_data=data, speed_slack=slack,
                                            latency_table=table, cache=cache)
-                    except ValueError as err:  # (the guard's refusal: slower than dense)
+                    except TargetUnreachable as err:  # (the guard's refusal: slower than dense)
                         print(f"{name:>15} {target:>8} {setting:>5} {slack:>5.2f}  no plan: "
                               f"{str(err).split(': ', 1)[-1][:160]}", flush=True)
                         continue
