@@ -840,8 +840,8 @@ def test_a_whole_model_reading_near_its_goal_is_confirmed_by_more_rounds(monkeyp
     def fake_pair(first_model, second_model, example_inputs, **kw):
         calls.append(kw)
         r = next(ratios)
-        return (Latency(10.0, 10.0, 10.0, 1, 1, 1, "cpu"),
-                Latency(10.0 * r, 10.0 * r, 10.0 * r, 1, 1, 1, "cpu"))
+        return (Latency(10.0, 10.0, 10.0, 1, 1, 1, "cpu", 5.0),
+                Latency(10.0 * r, 10.0 * r, 10.0 * r, 1, 1, 1, "cpu", 100.0 * r))
 
     monkeypatch.setattr(latency, "compare_latency", fake_pair)
     model, x = convnet(), torch.rand(1, 16, 8, 8)
@@ -851,6 +851,8 @@ def test_a_whole_model_reading_near_its_goal_is_confirmed_by_more_rounds(monkeyp
     assert len(calls) == rounds and table.measured == rounds
     expected = sorted([first, 0.7, 1.2][:rounds])[rounds // 2]
     assert (dense, planned) == pytest.approx((10.0, 10.0 * expected))
+    # the page faults kept are the kept reading's (the median ratio's), not the first's or last's
+    assert table.plan_page_faults(model, plan, x, 2) == pytest.approx((5.0, 100.0 * expected))
     # kept in the table: the same check is not timed again
     assert table.compare_plan(model, plan, x, 2, goal=1.0) == (dense, planned)
     assert len(calls) == rounds

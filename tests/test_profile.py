@@ -454,5 +454,7 @@ def test_allocator_advice_speaks_only_of_a_cpu_pass_under_glibcs_defaults(monkey
     for quiet in [(100, 99 + notable), (None, 5000), (100, None), (5000, 100)]:
         assert profile.allocator_advice(*quiet) is None, quiet
     assert profile.allocator_advice(100, 100 + notable, device="cuda:0") is None
+    assert profile.allocator_advice(100, 100 + notable, engine="onnxruntime") is None
+    assert profile.allocator_advice(100, 100 + notable, device=torch.device("cpu")) == said
     monkeypatch.setattr(profile, "allocator", lambda: "glibc, freed memory kept")
     assert profile.allocator_advice(100, 100 + notable) is None

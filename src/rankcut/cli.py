@@ -1273,9 +1273,9 @@ def cmd_benchmark(args) -> int:
                         repeats=args.repeats, engine=args.engine):
         _say(f"{row['form']:6} {row['batch']:>6} {row['dense_ms']:12.3f} "
              f"{row['compressed_ms']:14.3f} {row['speedup']:8.2f}x")
-        if advice is None and not ort:  # (the first row that pays the allocator: one note)
+        if advice is None:  # (the first row that pays the allocator: one note)
             said = allocator_advice(row["dense_faults"], row["compressed_faults"],
-                                    device=str(ctx.device))
+                                    device=ctx.device, engine=row["engine"])
             advice = said and f"note: {row['form']} at batch {row['batch']}, {said}"
     if advice:
         _say(advice)

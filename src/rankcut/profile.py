@@ -241,8 +241,9 @@ NOTABLE_FAULTS = 1024
 
 
 def allocator_advice(original_faults: float | None, compressed_faults: float | None,
-                     device: str = "cpu") -> str | None:
-    """Where a compressed model, timed on the CPU in eager PyTorch under glibc's default malloc,
+                     device: str | torch.device = "cpu", engine: str = "eager") -> str | None:
+    """Where a compressed model, timed on the CPU (``device``) in eager PyTorch (``engine``, as
+    :func:`measure_latency` takes it) under glibc's default malloc,
     took at least :data:`NOTABLE_FAULTS` more page faults a pass than its original (per-pass
     counts, :attr:`Latency.page_faults`): a sentence saying so and what removes that cost;
     else None (counts unknown, another device or engine, another allocator, or no such gap).
@@ -254,7 +255,7 @@ def allocator_advice(original_faults: float | None, compressed_faults: float | N
             raise ValueError(f"{name}: expected a count of page faults >= 0 or None, got "
                              f"{count!r}")
     if original_faults is None or compressed_faults is None or str(device) != "cpu" or \
-            allocator() != "glibc":
+            check_engine(engine) != "eager" or allocator() != "glibc":
         return None
     extra = compressed_faults - original_faults
     if extra < NOTABLE_FAULTS:

@@ -464,23 +464,20 @@ class LatencyTable:
             dense = self._deployed[deployed]
             small = fuse(structure(model, plan), x, check=False, memory_format="auto")
 
-            faults = {}
-
-            def reading() -> list[float]:
+            def reading() -> tuple[list[float], tuple]:  # (ms, page faults), each (d, p)
                 d, p = compare_latency(dense, small, x, warmup=self.warmup, repeats=repeats,
                                        engine=self.engine)
-                faults[d.median_ms, p.median_ms] = (d.page_faults, p.page_faults)
-                return [d.median_ms, p.median_ms]
+                return [d.median_ms, p.median_ms], (d.page_faults, p.page_faults)
 
-            def ratio(r: list[float]) -> float:  # planned / dense
-                return r[1] / max(r[0], 1e-12)
+            def ratio(r: tuple[list[float], tuple]) -> float:  # planned / dense
+                return r[0][1] / max(r[0][0], 1e-12)
 
             readings = [reading()]
             if goal is not None and abs(ratio(readings[0]) - goal) <= CONFIRM_BAND * goal:
                 readings += [reading() for _ in range(CONFIRM_ROUNDS - 1)]
             readings.sort(key=ratio)
-            times[str(batch)] = readings[len(readings) // 2]
-            self._faults.setdefault(key, {})[str(batch)] = faults[tuple(times[str(batch)])]
+            times[str(batch)], faults = readings[len(readings) // 2]
+            self._faults.setdefault(key, {})[str(batch)] = faults
             self.measured += len(readings)
         return tuple(times[str(batch)])
 

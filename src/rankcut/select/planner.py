@@ -595,8 +595,8 @@ def _refuse_slower(target, limit, choose, chosen, checks, clock) -> None:
     measured = checks[-1]["measured"]
     where = f"batch {clock.batch} on this device"
     faults = checks[-1].get("page_faults")  # (an eager CPU pass paying glibc's malloc: said)
-    advice = (allocator_advice(*faults, device=str(clock.table.device))
-              if faults and clock.table.engine == "eager" else None)
+    advice = (allocator_advice(*faults, device=clock.table.device, engine=clock.table.engine)
+              if faults else None)
     also = "" if advice is None else f". Timed whole, {advice}"
     if choose.kind == "latency":  # its re-aimed plans all measured slower than dense
         raise SlowerThanDense(
