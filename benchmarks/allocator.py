@@ -6,7 +6,8 @@ with more and wider intermediate tensors (a factorized one) pays more of it.
 ``rankcut.profile.keep_freed_memory()`` has glibc keep freed memory instead. This script times
 dense and compressed models under each of ``--modes``, each in a fresh process (the setting is
 process-wide, and glibc adapts its thresholds as a process runs):
-- ``glibc``: its defaults, in a process that has freed no large block yet;
+- ``glibc``: its defaults, as the process left them after loading and planning (which may
+  already have freed blocks that raised its thresholds: no clean slate);
 - ``grown``: its defaults, after one block of ``--grown-mb`` MB was allocated and freed first:
   glibc then serves blocks up to that size from its heap and keeps up to twice it free (its
   own adjustment of the mmap and trim thresholds, which only rises, up to 32 MB), as in any
