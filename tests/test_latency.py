@@ -762,7 +762,7 @@ def test_an_onnxruntime_table_plans_for_onnxruntime_and_says_so(tmp_path):
 
 
 def test_a_refusal_names_the_page_faults_glibc_costs_the_planned_model(fake_latency,
-                                                                      monkeypatch):
+                                                                      monkeypatch, tmp_path):
     """A plan refused as slower whose whole-model timing took far more page faults a pass than
     the dense model's (glibc's malloc handing freed memory back to the OS: a factorized model
     has more intermediate tensors) says so and names what removes them; not under another
@@ -775,11 +775,17 @@ def test_a_refusal_names_the_page_faults_glibc_costs_the_planned_model(fake_late
     model, x = convnet(), torch.rand(1, 16, 16, 16)
     fake_latency(lambda m: 9.0 * convs(m), faults=lambda m: 3000.0 * convs(m))
     monkeypatch.setattr(profile, "allocator", lambda: "glibc")
-    with pytest.raises(SlowerThanDense, match=r"allow_slower=True.*Timed whole, the compressed "
-                                              r"model took [0-9,]+ page faults a pass against "
-                                              r"[0-9,]+ for the original.*keep_freed_memory"):
+    said = (r"allow_slower=True.*Timed whole, the compressed model took [0-9,]+ page faults a "
+            r"pass against [0-9,]+ for the original.*keep_freed_memory")
+    with pytest.raises(SlowerThanDense, match=said):
         rc.plan(model, x, method="svd", target="macs=2x", min_params=100,
-                latency_table=LatencyTable())
+                latency_table=LatencyTable.at(tmp_path / "t.json"))
+    # planned again from the table's file (no timing taken): still said
+    fake_latency(lambda m: pytest.fail("timed again"))
+    with pytest.raises(SlowerThanDense, match=said):
+        rc.plan(model, x, method="svd", target="macs=2x", min_params=100,
+                latency_table=LatencyTable.at(tmp_path / "t.json"))
+    fake_latency(lambda m: 9.0 * convs(m), faults=lambda m: 3000.0 * convs(m))
     monkeypatch.setattr(profile, "allocator", lambda: "jemalloc")
     with pytest.raises(SlowerThanDense) as refused:
         rc.plan(model, x, method="svd", target="macs=2x", min_params=100,
@@ -799,10 +805,11 @@ def test_a_refusal_names_the_page_faults_glibc_costs_the_planned_model(fake_late
     assert check["page_faults"] == [10.0 * convs(model), 10.0 * convs(rc.apply(model, plan))]
 
 
-def test_compare_plan_keeps_the_page_faults_of_its_reading_in_this_process(monkeypatch,
-                                                                           tmp_path):
-    """The (dense, planned) page faults a pass of the reading compare_plan kept, for this
-    process only: a table read back from its file has the times, not the counts."""
+def test_compare_plan_keeps_the_page_faults_of_its_reading_with_its_times(monkeypatch,
+                                                                          tmp_path):
+    """The (dense, planned) page faults a pass of the reading compare_plan kept, saved with the
+    times they explain (a table read back from its file has both, and merges them with its
+    file's), for eager CPU tables only; damaged counts in a file are refused by name."""
     import rankcut.select.latency as latency
     from rankcut.profile import Latency
 
@@ -823,7 +830,29 @@ def test_compare_plan_keeps_the_page_faults_of_its_reading_in_this_process(monke
     table.save(tmp_path / "t.json")
     again = LatencyTable.load(tmp_path / "t.json")
     assert again.compare_plan(model, plan, x, 2) == (10.0, 8.0)
-    assert again.plan_page_faults(model, plan, x, 2) is None
+    assert again.plan_page_faults(model, plan, x, 2) == (120.0, 4500.0)
+    # written back next to another process's counts: both kept
+    other_table = LatencyTable.at(tmp_path / "t.json")
+    other_table.compare_plan(model, other, x, 2)
+    assert other_table.write_back() is not None
+    both = LatencyTable.load(tmp_path / "t.json")
+    assert both.plan_page_faults(model, plan, x, 2) == (120.0, 4500.0)
+    assert both.plan_page_faults(model, other, x, 2) == (120.0, 4500.0)
+    # another engine times another process's memory: no counts kept
+    ort = LatencyTable(engine="onnxruntime")
+    assert ort.compare_plan(model, plan, x, 2) == (10.0, 8.0)
+    assert ort.plan_page_faults(model, plan, x, 2) is None
+    data = json.loads((tmp_path / "t.json").read_text())
+    key = next(iter(data["page_faults"]))
+    for damaged in ({"2": [1.0]}, {"2": [1.0, -3]}, {"2": "many"}, [1, 2]):
+        data["page_faults"][key] = damaged
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="a damaged page-fault count"):
+            LatencyTable.load(tmp_path / "bad.json")
+    data["page_faults"] = "none"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="a damaged page-fault count 'page_faults'"):
+        LatencyTable.load(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize("first, rounds", [(0.95, 3), (1.08, 3), (0.5, 1), (1.3, 1)])

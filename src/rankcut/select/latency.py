@@ -218,9 +218,11 @@ class LatencyTable:
         self.chains: dict[str, list[str]] = {}
         self._new_chains = 0
         self._deployed: dict[tuple, nn.Module] = {}  # dense models fused for compare_plan
-        # compare_plan's page faults a pass, (dense, planned), as entries: this process's only
-        # (they depend on its allocator's state), never saved
-        self._faults: dict[str, dict[str, tuple]] = {}
+        # compare_plan's page faults a pass, (dense, planned), per plan entry and batch: with
+        # its times in the file, as they explain them (glibc's malloc; profile.allocator_advice
+        # reads them), so a refusal read back from the table still says why. Eager CPU only:
+        # elsewhere the host's faults are not the timed pass's cost
+        self.page_faults: dict[str, dict[str, list[float]]] = {}
         self.file: Path | None = None  # where rc.plan writes it back (at(), cached())
         self._in_cache = False
 
@@ -229,7 +231,8 @@ class LatencyTable:
         return {"format": FORMAT_VERSION, "setting": self.setting, "code": code_digest(),
                 "timing": {"warmup": self.warmup, "repeats": self.repeats},
                 "entries": dict(sorted(self.entries.items())),
-                "chains": dict(sorted(self.chains.items()))}
+                "chains": dict(sorted(self.chains.items())),
+                "page_faults": dict(sorted(self.page_faults.items()))}
 
     def save(self, path) -> Path:
         """Write the table to ``path`` as JSON (atomically: a reader never sees half a file)."""
@@ -277,6 +280,14 @@ class LatencyTable:
             raise ValueError(f"latency table: {path}: a damaged entry {bad!r} (expected "
                              "{batch: milliseconds})")
         table.entries = {k: dict(v) for k, v in data["entries"].items()}
+        faults = data.get("page_faults", {})  # (tables written before they were kept: none)
+        bad = next((k for k, v in faults.items() if not _pairs_ok(v)), None) \
+            if isinstance(faults, dict) else "page_faults"
+        if bad is not None:
+            raise ValueError(f"latency table: {path}: a damaged page-fault count {bad!r} "
+                             "(expected {batch: [dense, planned]})")
+        table.page_faults = {k: {b: list(v) for b, v in pairs.items()}
+                             for k, pairs in faults.items()}
         chains = data.get("chains", {})  # tables written before chains were kept have none
         if data.get("code") != code_digest():
             # written by other rankcut code: a primitive's time holds, but which primitives a
@@ -284,6 +295,7 @@ class LatencyTable:
             chains = {}
             table.entries = {k: v for k, v in table.entries.items()
                              if k.startswith(PRIMITIVE_KINDS)}
+            table.page_faults = {}  # (whole-model readings, dropped with them)
         if isinstance(chains, dict):
             table.chains = {k: list(v) for k, v in chains.items() if isinstance(v, list)
                             and all(isinstance(key, str) for key in v)}
@@ -359,6 +371,8 @@ class LatencyTable:
                 there = LatencyTable.load(self.file, self.device)
                 for key, times in there.entries.items():
                     self.entries[key] = {**times, **self.entries.get(key, {})}
+                for key, pairs in there.page_faults.items():
+                    self.page_faults[key] = {**pairs, **self.page_faults.get(key, {})}
                 self.chains = {**there.chains, **self.chains}
         except ValueError:  # damaged, or another setting: replaced by this table
             pass
@@ -477,18 +491,20 @@ class LatencyTable:
                 readings += [reading() for _ in range(CONFIRM_ROUNDS - 1)]
             readings.sort(key=ratio)
             times[str(batch)], faults = readings[len(readings) // 2]
-            self._faults.setdefault(key, {})[str(batch)] = faults
+            if self.device.type == "cpu" and self.engine == "eager" and None not in faults:
+                self.page_faults.setdefault(key, {})[str(batch)] = list(faults)
             self.measured += len(readings)
         return tuple(times[str(batch)])
 
     def plan_page_faults(self, model: nn.Module, plan, example_inputs,
                          batch: int) -> tuple[float, float] | None:
         """(dense, planned) page faults a pass (``rankcut.profile.page_faults``) of the reading
-        :meth:`compare_plan` kept for ``plan`` at ``batch``, where this process took it and the
-        platform counts them; else None (a reading loaded from the table's file, say)."""
-        counts = self._faults.get(_plan_key(model, plan, as_inputs(example_inputs)), {})
+        :meth:`compare_plan` kept for ``plan`` at ``batch`` (taken in this process, or read
+        back from the table's file), where the platform counts them and the table times eager
+        PyTorch on the CPU; else None."""
+        counts = self.page_faults.get(_plan_key(model, plan, as_inputs(example_inputs)), {})
         pair = counts.get(str(batch))
-        return None if pair is None or None in pair else pair
+        return None if pair is None else tuple(pair)
 
 
 def _plan_key(model: nn.Module, plan, inputs: tuple) -> str:
@@ -510,17 +526,28 @@ def _model_key(what: str, model: nn.Module, inputs: tuple) -> str:
             f"{structure_} @{shapes}")
 
 
+def _amount(v) -> bool:
+    """Whether ``v`` is a finite number >= 0 (a time in ms, a count)."""
+    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) \
+        and v >= 0
+
+
+def _pair(v) -> bool:
+    """Whether ``v`` is a (dense, planned) pair of amounts, as JSON keeps it: a list."""
+    return isinstance(v, list) and len(v) == 2 and all(map(_amount, v))
+
+
 def _times_ok(times) -> bool:
     """Whether a table entry is {batch: time}: a time in ms, or a (dense, planned) pair of
     them (a deployed plan's)."""
-    def ms(v) -> bool:
-        return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) \
-            and v >= 0
-
     return isinstance(times, dict) and all(
-        isinstance(b, str) and (ms(v) or (isinstance(v, list) and len(v) == 2
-                                          and all(ms(u) for u in v)))
-        for b, v in times.items())
+        isinstance(b, str) and (_amount(v) or _pair(v)) for b, v in times.items())
+
+
+def _pairs_ok(pairs) -> bool:
+    """Whether ``pairs`` is {batch: [dense, planned]} (page faults a pass)."""
+    return isinstance(pairs, dict) and all(
+        isinstance(b, str) and _pair(v) for b, v in pairs.items())
 
 
 def _rounded(ranks, full: tuple[int, ...] | None = None):
