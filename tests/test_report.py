@@ -597,8 +597,10 @@ def test_a_report_notes_the_page_faults_a_compressed_pass_pays_glibc(monkeypatch
     assert report.machine["allocator"] == "glibc"
     text = report.to_markdown()
     assert f"- note: {note}" in text
+    assert report.summary().splitlines() == [*report.headline(), f"note: {note}"]  # (printed)
     assert "allocator_note" not in text  # (not repeated among the timing settings)
     again = Report.from_dict(json.loads(json.dumps(report.to_dict())))
     assert again.to_markdown() == text
     faults["compressed"] = 60.0
-    assert "allocator_note" not in compare(model, small, x, warmup=0, repeats=1).timing
+    quiet = compare(model, small, x, warmup=0, repeats=1)
+    assert "allocator_note" not in quiet.timing and "note" not in quiet.summary()

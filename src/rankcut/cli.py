@@ -1236,7 +1236,7 @@ def cmd_compress(args) -> int:
         rep.write_json(tmp / "report.json")
         rep.write_markdown(tmp / "report.md")
         plots = R.write_plots(rep, tmp)
-    _say(rep.summary() if hasattr(rep, "summary") else rep.to_markdown().split("\n\n")[0])
+    _say(rep.summary())
     _say(f"wrote {out}/: " + ", ".join(["plan.json", "model.safetensors", "report.json",
                                           "report.md", *(Path(p).name for p in plots)]))
     return 0

@@ -152,8 +152,10 @@ class Report(Document):
         return [c.text for c in self.changes()] + self.accuracy_texts()
 
     def summary(self) -> str:
-        """The headline, one change per line (what a command prints)."""
-        return "\n".join(self.headline())
+        """The headline, one change per line, and the allocator's note where there is one
+        (what a command prints)."""
+        note = self.timing.get("allocator_note")
+        return "\n".join([*self.headline(), *([f"note: {note}"] if note else [])])
 
     # ---- JSON ------------------------------------------------------------------------------
 
