@@ -27,11 +27,58 @@ def test_measure_latency_reports_median_quartiles_and_setting():
     lat = measure_latency(model, torch.randn(4, 8, 16, 16), warmup=1, repeats=7)
     assert lat.repeats == 7 and lat.batch == 4 and lat.device == "cpu"
     assert lat.threads == torch.get_num_threads()
-    assert 0 < lat.q1_ms <= lat.median_ms <= lat.q3_ms
+    assert 0 < lat.min_ms <= lat.q1_ms <= lat.median_ms <= lat.q3_ms
     assert lat.to_dict()["median_ms"] == lat.median_ms
     assert model.training  # the mode is restored
     with pytest.raises(ValueError, match="repeats"):
         measure_latency(model, torch.randn(1, 8, 8, 8), repeats=0)
+
+
+def test_a_slow_kernel_is_timed_by_its_fastest_of_three_runs(monkeypatch):
+    """A primitive slower than RUNS_MS / repeats is timed by the fastest of the 3 runs after
+    one untimed (the first runs of a fresh kernel still map in its output: their median took
+    that in); a faster one gets more runs and their median."""
+    import rankcut.select.latency as latency
+    from rankcut.profile import Latency
+
+    calls = []
+
+    def fake(module, x, *, warmup=0, repeats=1, engine="eager"):
+        calls.append((warmup, repeats))
+        median = 40.0 if module.out_channels == 4 else 0.001  # (ms: a slow kernel, a fast one)
+        return Latency(median, median, median, repeats, x.shape[0], 1, "cpu", None,
+                       0.6 * median)
+
+    monkeypatch.setattr(latency, "measure_latency", fake)
+    table = LatencyTable()
+    assert table.layer_ms(nn.Conv2d(8, 4, 3), (8, 8), None, 1) == pytest.approx(24.0)
+    assert calls == [(1, 3)]
+    assert table.layer_ms(nn.Conv2d(8, 5, 3), (8, 8), None, 1) == 0.001  # its median
+    assert len(calls) == 3 and calls[-1][1] > table.repeats
+
+
+def test_dense_layers_timed_slower_than_their_model_are_timed_again(monkeypatch):
+    """Where a model's dense layers, as the table keeps them, take longer than the whole model
+    (readings from different moments of the machine), the layers and the model are timed again
+    and each kept at its faster reading; where they agree, nothing is timed again."""
+    import rankcut.select.latency as latency
+    from rankcut.profile import Latency
+
+    readings = {"conv": iter([10.0, 1.0, 20.0]), "model": iter([5.0, 6.0])}
+
+    def fake(module, x, *, warmup=0, repeats=1, engine="eager"):
+        ms = next(readings["conv" if isinstance(module, nn.Conv2d) else "model"])
+        return Latency(ms, ms, ms, repeats, 1, 1, "cpu", None, ms)
+
+    monkeypatch.setattr(latency, "measure_latency", fake)
+    model, x = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval(), \
+        torch.rand(1, 8, 8, 8)
+    table = LatencyTable()
+    times, model_ms = table.dense_ms(model, x, {"0": (model[0], (8, 8))}, 1)
+    assert times == {"0": 1.0} and model_ms == 5.0  # (10 > 5: both again; 1.0, min(5, 6))
+    assert table.measured == 4
+    assert table.dense_ms(model, x, {"0": (model[0], (8, 8))}, 1) == ({"0": 1.0}, 5.0)
+    assert table.measured == 4  # agreeing now: kept
 
 
 def test_compare_latency_orders_a_large_and_a_tiny_layer():
@@ -541,7 +588,7 @@ def test_a_table_of_other_rankcut_code_keeps_its_primitives_only(tmp_path, fake_
     model, x = convnet(), torch.rand(2, 16, 16, 16)
     conv = model[0]
     table.layer_ms(conv, (16, 16), {"layer": "TuckerConv2d", "ranks": [8, 8]}, 2)
-    table.model_rest_ms(model, x, 0.0, 2)
+    table.model_ms(model, x, 2)
     path = table.save(tmp_path / "t.json")
     assert LatencyTable.load(path).chains == table.chains
     monkeypatch.setattr(latency, "code_digest", lambda: "other code")

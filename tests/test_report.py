@@ -458,6 +458,7 @@ def test_latency_quartiles_lie_within_the_runs():
     lat = _summary([1.0, 2.0], 1, "cpu")
     assert (lat.q1_ms, lat.median_ms, lat.q3_ms) == (1.25, 1.5, 1.75)
     assert 1.0 <= _summary([1.0, 2.0, 10.0], 1, "cpu").q1_ms
+    assert _summary([3.0, 1.0, 10.0], 1, "cpu").min_ms == 1.0  # (the fastest run)
 
 
 def test_a_tucker_trial_takes_the_rules_pair_of_ranks():

@@ -144,7 +144,8 @@ def count_macs(model: nn.Module, example_inputs) -> int:
 class Latency:
     """Wall-clock time of one forward pass: median and quartiles over ``repeats`` timed passes;
     ``page_faults``: the process's minor page faults per timed pass (memory the OS mapped in
-    afresh, :func:`page_faults`; None where the platform does not count them)."""
+    afresh, :func:`page_faults`; None where the platform does not count them); ``min_ms``: the
+    fastest timed pass (None where not recorded)."""
 
     median_ms: float
     q1_ms: float
@@ -154,6 +155,7 @@ class Latency:
     threads: int
     device: str
     page_faults: float | None = None
+    min_ms: float | None = None
 
     @property
     def spread_ms(self) -> float:
@@ -386,7 +388,8 @@ def _summary(times: list[float], batch: int, device: str,
     # zero for two runs; the median is the same either way)
     q1, median, q3 = (statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1
                       else times * 3)
-    return Latency(median, q1, q3, len(times), batch, torch.get_num_threads(), device, faults)
+    return Latency(median, q1, q3, len(times), batch, torch.get_num_threads(), device, faults,
+                   min(times))
 
 
 def check_counts(warmup: int, repeats: int) -> None:

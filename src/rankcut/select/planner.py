@@ -750,9 +750,11 @@ class _Clock:
                  layers: dict[str, _Layer], kind, progress: bool = False):
         self.table, self.inputs, self.batch = table, inputs, batch
         self.taken = table.measured  # timings the table held before this plan
-        dense_ms = {n: self._ms(layer, None) for n, layer in layers.items()}
+        dense_ms, model_ms = table.dense_ms(
+            model, inputs, {n: (layer.module, layer.shape) for n, layer in layers.items()},
+            batch)
         layers_ms = math.fsum(dense_ms.values())
-        self.model_ms = table.model_rest_ms(model, inputs, layers_ms, batch) + layers_ms
+        self.model_ms = max(model_ms, layers_ms)  # (the rest of the model: at least 0)
         self.rest = 1 - layers_ms / self.model_ms
         for name, layer in _steps(layers.items(), progress, "planning: timing candidates"):
             layer.dense = self._priced(layer.dense, dense_ms[name], dense_ms[name])
