@@ -71,13 +71,15 @@ def test_dense_layers_timed_slower_than_their_model_are_timed_again(monkeypatch)
         return Latency(ms, ms, ms, repeats, 1, 1, "cpu", None, ms)
 
     monkeypatch.setattr(latency, "measure_latency", fake)
-    model, x = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval(), \
-        torch.rand(1, 8, 8, 8)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.rand(1, 8, 8, 8)
+    layers = {"0": (model[0], (8, 8)), "2": (model[2], (8, 8))}  # (one primitive: one timing)
     table = LatencyTable()
-    times, model_ms = table.dense_ms(model, x, {"0": (model[0], (8, 8))}, 1)
-    assert times == {"0": 1.0} and model_ms == 5.0  # (10 > 5: both again; 1.0, min(5, 6))
+    times, model_ms = table.dense_ms(model, x, layers, 1)
+    assert times == {"0": 1.0, "2": 1.0} and model_ms == 5.0  # (20 > 5: again; min(5, 6))
     assert table.measured == 4
-    assert table.dense_ms(model, x, {"0": (model[0], (8, 8))}, 1) == ({"0": 1.0}, 5.0)
+    assert table.dense_ms(model, x, layers, 1) == ({"0": 1.0, "2": 1.0}, 5.0)
     assert table.measured == 4  # agreeing now: kept
 
 
