@@ -599,6 +599,36 @@ def test_a_table_of_other_rankcut_code_keeps_its_primitives_only(tmp_path, fake_
         k for k in table.entries if k.startswith(("conv ", "linear "))} != set(table.entries)
 
 
+def test_a_table_timed_another_way_keeps_no_times(tmp_path, fake_latency):
+    """Times taken by another timing method (a table written before slow kernels were timed by
+    their fastest run) are not mixed with this method's: none is kept, the chains are; a
+    damaged timing setting is refused by name."""
+    import json
+
+    from rankcut.select.latency import TIMING_METHOD
+
+    fake_latency(by_weights)
+    table = LatencyTable()
+    conv = convnet()[0]
+    table.layer_ms(conv, (16, 16), {"layer": "TuckerConv2d", "ranks": [8, 8]}, 2)
+    path = table.save(tmp_path / "t.json")
+    data = json.loads(path.read_text())
+    assert data["timing"]["method"] == TIMING_METHOD
+    assert LatencyTable.load(path).entries == table.entries
+    for old in (TIMING_METHOD - 1, None):
+        if old is None:
+            del data["timing"]["method"]  # (tables written before the method was recorded)
+        else:
+            data["timing"]["method"] = old
+        path.write_text(json.dumps(data))
+        again = LatencyTable.load(path)
+        assert again.entries == {} and again.chains == table.chains
+    data["timing"] = [3, 9]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="a damaged setting"):
+        LatencyTable.load(path)
+
+
 def test_primitives_that_pad_differently_are_timed_apart():
     zeros, reflect = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1,
                                                               padding_mode="reflect")

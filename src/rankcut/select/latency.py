@@ -53,6 +53,10 @@ from ..profile import (
 from ..surgery import structure
 
 FORMAT_VERSION = 1
+# How a primitive is timed; a table whose times were taken another way keeps none of them (its
+# times and these would not compare). 2: a slow kernel by the fastest of its 3 runs, not their
+# median (2026-12-04)
+TIMING_METHOD = 2
 # Ranks are timed rounded up to a multiple of this. Convolution kernels work on blocks of
 # channels: on the 2-core x86 CPU we measured (channels_last, oneDNN) a 1x1 or 3x1 conv with
 # 29..32 or 37..40 output channels takes the time of 32 or 40 within noise, and steps between.
@@ -230,7 +234,8 @@ class LatencyTable:
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
         return {"format": FORMAT_VERSION, "setting": self.setting, "code": code_digest(),
-                "timing": {"warmup": self.warmup, "repeats": self.repeats},
+                "timing": {"warmup": self.warmup, "repeats": self.repeats,
+                           "method": TIMING_METHOD},
                 "entries": dict(sorted(self.entries.items())),
                 "chains": dict(sorted(self.chains.items())),
                 "page_faults": dict(sorted(self.page_faults.items()))}
@@ -260,12 +265,16 @@ class LatencyTable:
             raise ValueError(f"latency table: {path} is not a rankcut latency table (format "
                              f"{FORMAT_VERSION})")
         setting = data["setting"]
+        timing = data.get("timing", {})
+        if not isinstance(timing, dict):
+            raise ValueError(f"latency table: {path}: a damaged setting (timing: {timing!r})")
         if setting.get("engine") == "onnxruntime":  # timed on the CPU, whatever runs the model
             device = "cpu"
         try:
             table = cls(device, memory_format=setting["memory_format"],
                         dtype=getattr(torch, setting["dtype"]),
-                        engine=setting.get("engine", "eager"), **data.get("timing", {}))
+                        engine=setting.get("engine", "eager"),
+                        **{k: v for k, v in timing.items() if k != "method"})
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"latency table: {path}: a damaged setting ({err!r})") from None
         setting = {**_before_keys(), **setting}  # (a table from before a key was recorded)
@@ -290,6 +299,8 @@ class LatencyTable:
         table.page_faults = {k: {b: list(v) for b, v in pairs.items()}
                              for k, pairs in faults.items()}
         chains = data.get("chains", {})  # tables written before chains were kept have none
+        if timing.get("method", 1) != TIMING_METHOD:  # timed another way: dropped, not mixed
+            table.entries, table.page_faults = {}, {}
         if data.get("code") != code_digest():
             # written by other rankcut code: a primitive's time holds, but which primitives a
             # factorized layer runs, and what a fused model runs besides its layers, may not
