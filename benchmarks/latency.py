@@ -32,6 +32,10 @@ repository root, nothing else running:
         [--guard on off] [--batches 1 32] [--engines eager ort compile]
         [--table-engine eager|ort] [--device cpu|cuda] [--rounds 3] [--keep-freed-memory]
         [--json out.jsonl]
+
+``--json``: one line per cell with the plan's ``meta["latency"]`` (the planner's own
+whole-model checks, with their page faults), every round's (dense, compressed) ms per engine and
+the memory format ``rc.fuse`` chose for each model (``formats``).
 """
 
 import argparse
@@ -200,6 +204,8 @@ def main():
                                 "batch": batch, "table_engine": args.table_engine,
                                 "device": LatencyTable(device).setting["device"],
                                 "macs_reduction": reduction, "plan_s": plan_s,
+                                "formats": [m.rankcut_fuse.get("memory_format")
+                                            for m in (dense, small)],
                                 "latency": lat, "ms": times, "commit": commit(),
                                 "date": time.strftime("%Y-%m-%d")}) + "\n")
 
