@@ -401,12 +401,19 @@ class LatencyTable:
             return None
 
     # ------------------------------------------------------------------ lookups
+    def _kept(self, key: str, batch: int, again: bool, measure) -> float:
+        """The entry ``key``'s time at ``batch``: ``measure()`` where it has none (or
+        ``again``: timed afresh even where kept, the faster of the two readings kept)."""
+        times, b = self.entries.setdefault(key, {}), str(batch)
+        if again or b not in times:
+            new = measure()
+            times[b] = min(times[b], new) if b in times else new
+            self.measured += 1
+        return times[b]
+
     def _time(self, key: str, module: nn.Module, shape: tuple, batch: int,
               again: bool = False) -> float:
-        """``again``: timed afresh even where kept, the faster of the two readings kept."""
-        times = self.entries.setdefault(key, {})
-        kept = times.pop(str(batch), None) if again else None
-        if str(batch) not in times:
+        def measure() -> float:
             prim = _materialise(module).to(self.device, self.dtype)
             if isinstance(prim, nn.Conv2d):
                 prim = prim.to(memory_format=MEMORY_FORMATS[self.memory_format])
@@ -415,17 +422,14 @@ class LatencyTable:
             first = reading.median_ms
             if first * self.repeats > RUNS_MS:  # a slow kernel: the fastest of 3 runs tells
                 # its time (the first runs after the untimed one may still map in its output)
-                times[str(batch)] = first if reading.min_ms is None else reading.min_ms
-            else:  # small kernels (tens of microseconds) get more runs, about RUNS_MS of them:
-                # their medians are otherwise at the mercy of a few noisy runs
-                repeats = max(self.repeats, min(200, int(RUNS_MS / max(first, 1e-3))))
-                times[str(batch)] = measure_latency(prim, x, warmup=max(0, self.warmup - 1),
-                                                    repeats=repeats,
-                                                    engine=self.engine).median_ms
-            if kept is not None:
-                times[str(batch)] = min(kept, times[str(batch)])
-            self.measured += 1
-        return times[str(batch)]
+                return first if reading.min_ms is None else reading.min_ms
+            # small kernels (tens of microseconds) get more runs, about RUNS_MS of them: their
+            # medians are otherwise at the mercy of a few noisy runs
+            repeats = max(self.repeats, min(200, int(RUNS_MS / max(first, 1e-3))))
+            return measure_latency(prim, x, warmup=max(0, self.warmup - 1), repeats=repeats,
+                                   engine=self.engine).median_ms
+
+        return self._kept(key, batch, again, measure)
 
     def layer_ms(self, module: nn.Module, shape: tuple, config: dict | None,
                  batch: int, again: bool = False) -> float:
@@ -485,19 +489,15 @@ class LatencyTable:
         format), kept in the table per model and input shape. ``again``: timed afresh, the
         faster of that and the kept reading kept."""
         inputs = as_inputs(example_inputs)
-        times = self.entries.setdefault(_model_key("model", model, inputs), {})
-        kept = times.pop(str(batch), None) if again else None
-        if str(batch) not in times:
+
+        def measure() -> float:
             x = with_batch(inputs, batch)
             # (with the inputs: a model fx cannot trace is folded only where seen in a forward)
             dense = fuse(model, x, check=False, memory_format=self.memory_format)
-            times[str(batch)] = measure_latency(dense, x, warmup=self.warmup,
-                                                repeats=self.repeats,
-                                                engine=self.engine).median_ms
-            if kept is not None:
-                times[str(batch)] = min(kept, times[str(batch)])
-            self.measured += 1
-        return times[str(batch)]
+            return measure_latency(dense, x, warmup=self.warmup, repeats=self.repeats,
+                                   engine=self.engine).median_ms
+
+        return self._kept(_model_key("model", model, inputs), batch, again, measure)
 
     def compare_plan(self, model: nn.Module, plan, example_inputs, batch: int,
                      repeats: int = 15, goal: float | None = None) -> tuple[float, float]:

@@ -765,9 +765,8 @@ class _Clock:
             layer.cands = [self._priced(c, self._ms(layer, c), dense_ms[name])
                            for group in groups.values() for c in pareto(group, kind)]
 
-    def _ms(self, layer: _Layer, c: Candidate | None) -> float:
-        config = None if c is None else methods.get(c.method).config(layer.module, c.ranks,
-                                                                      c.form)
+    def _ms(self, layer: _Layer, c: Candidate) -> float:
+        config = methods.get(c.method).config(layer.module, c.ranks, c.form)
         return self.table.layer_ms(layer.module, layer.shape, config, self.batch)
 
     def _priced(self, c: Candidate, ms: float, dense: float) -> Candidate:
